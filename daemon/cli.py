@@ -1,0 +1,63 @@
+"""The `anomalyd` command line.
+
+Each command group lives in its own module under `daemon/commands/` and registers its subcommands here; the
+heavy imports (torch, SQLAlchemy) happen only when a command runs, so `anomalyd --help` stays fast.
+Exit status: 0 success, 1 runtime failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# Modules that define `register(subparsers)`; each subcommand sets `func` via set_defaults.
+COMMAND_MODULES = (
+    "daemon.commands.model_commands",  # predict, train, eval, weights
+    "daemon.commands.run_commands",  # run, db
+    "daemon.commands.ops_commands",  # defects, label, models, retrain, calibrate
+)
+
+
+class UsageError(Exception):
+    """A bad argument value: reported with exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomalyd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # command group not built in this version
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        parser.error(str(exc))  # exits 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # runtime failure: one clear line, traceback with -v
+        logging.getLogger("anomalyd").debug("traceback", exc_info=True)
+        print(f"anomalyd: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

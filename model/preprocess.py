@@ -1,0 +1,147 @@
+"""Image decoding and the model's input transform.
+
+Two transforms produce the model input (B,3,S,S), normalised with OpenAI CLIP's mean/std:
+- `reference_transform`: the official PIL path (bicubic resize of the decoded image in its own mode, then RGB).
+  This is the parity path.
+- `fast_transform`: OpenCV's bicubic resize on an RGB uint8 array. Faster and usable off the main thread; it
+  differs slightly from PIL (PIL antialiases when downscaling): see tests/model/test_preprocess.py for the size
+  of that difference.
+
+`decode_image` turns bytes or a file into an RGB uint8 array and raises `ImageDecodeError` naming the input for
+anything unusable (empty, truncated, not an image, absurd size); 16-bit, grayscale and RGBA inputs are converted.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PIXELS = 100_000_000  # larger than any industrial camera; beyond it decoding is refused, not attempted
+MIN_SIDE = 8
+
+
+class ImageDecodeError(ValueError):
+    """An input that cannot be turned into an image; the message names the input and the reason."""
+
+
+def _check_size(width: int, height: int, name: str) -> None:
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise ImageDecodeError(f"{name}: image is {width}x{height}, smaller than {MIN_SIDE}x{MIN_SIDE}")
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(f"{name}: image is {width}x{height}, more than {MAX_PIXELS} pixels")
+
+
+def _to_rgb8(array: np.ndarray, name: str) -> np.ndarray:
+    """Any decoded array (gray, gray+alpha, RGB, RGBA; 8/16-bit or float) → contiguous RGB uint8 (H,W,3)."""
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)  # keep the top byte: the same as PIL's 16→8-bit reduction
+    elif array.dtype in (np.float32, np.float64):
+        finite = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+        array = (np.clip(finite, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif array.dtype == np.int32:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        raise ImageDecodeError(f"{name}: unsupported pixel type {array.dtype}")
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] in (1, 2):  # gray, gray + alpha
+        array = np.repeat(array[:, :, :1], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:  # RGBA: alpha dropped, as PIL's convert("RGB") does
+        array = array[:, :, :3]
+    elif not (array.ndim == 3 and array.shape[2] == 3):
+        raise ImageDecodeError(f"{name}: unsupported channel layout {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def open_pil(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image with PIL, raising ImageDecodeError on any problem."""
+    name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        if isinstance(source, bytes):
+            if not source:
+                raise ImageDecodeError(f"{name}: empty input (0 bytes)")
+            image = Image.open(io.BytesIO(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ImageDecodeError(f"{name}: no such file")
+            if path.stat().st_size == 0:
+                raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+            image = Image.open(path)
+        _check_size(image.width, image.height, name)
+        image.load()  # decode now: truncated files fail here rather than later
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{name}: image too large ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"{name}: not a readable image ({exc})") from exc
+    return image
+
+
+def pil_to_rgb8(image: Image.Image, name: str = "<image>") -> np.ndarray:
+    """PIL image of any mode → RGB uint8 array."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return _to_rgb8(np.asarray(image).astype(np.uint16) if image.mode != "I" else np.asarray(image), name)
+    if image.mode == "F":
+        return _to_rgb8(np.asarray(image) / 255.0, name)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    return _to_rgb8(np.asarray(image), name)
+
+
+def decode_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Decode a file or encoded bytes into an RGB uint8 array (H,W,3)."""
+    name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    image = open_pil(source, name)
+    return pil_to_rgb8(image, name)
+
+
+def _normalise(chw: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(OPENAI_MEAN, dtype=chw.dtype).view(3, 1, 1)
+    std = torch.tensor(OPENAI_STD, dtype=chw.dtype).view(3, 1, 1)
+    return (chw - mean) / std
+
+
+def reference_transform(image: Image.Image, size: int) -> torch.Tensor:
+    """The official preprocessing: PIL bicubic resize to size x size (no aspect kept), RGB, [0,1], normalise."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = Image.fromarray(pil_to_rgb8(image))
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    rgb = np.asarray(resized.convert("RGB"), dtype=np.float32) / 255.0
+    return _normalise(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+
+
+def fast_transform(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """OpenCV bicubic resize of an RGB uint8 array (area interpolation when shrinking a lot), then normalise."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    shrink = max(height, width) / size
+    interpolation = cv2.INTER_AREA if shrink >= 2.0 else cv2.INTER_CUBIC
+    resized = cv2.resize(rgb, (size, size), interpolation=interpolation)
+    tensor = torch.from_numpy(resized).permute(2, 0, 1).float().div_(255.0)
+    return _normalise(tensor)
+
+
+def mask_transform(mask: Image.Image | np.ndarray, size: int) -> torch.Tensor:
+    """The official mask transform: >0 → 255 (L mode), bilinear resize to size, to [0,1], threshold 0.5 → {0,1}."""
+    array = np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask)
+    if array.ndim == 3:
+        array = array.max(axis=2)
+    binary = Image.fromarray((array > 0).astype(np.uint8) * 255, mode="L")
+    resized = np.asarray(binary.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy((resized > 0.5).astype(np.float32))
+
+
+def load_reference(path: str | Path, size: int) -> torch.Tensor:
+    """File → model input through the reference (PIL) path."""
+    return reference_transform(open_pil(path), size)
