@@ -143,7 +143,7 @@ class Postgres(_Server):
         initdb = find_binary("initdb", ("/usr/lib/postgresql/*/bin/initdb",))
         if initdb is None:
             raise FileNotFoundError("PostgreSQL is not installed (apt-get install postgresql)")
-        return str(Path(initdb).parent)
+        return str(Path(initdb).resolve().parent)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,63 @@
+"""The database adapter: ORM models, engine/session factory, Alembic migrations, repository functions.
+
+Typical use::
+
+    engine = make_engine(url); upgrade(engine); sessions = make_session_factory(engine)
+    saved = save_inspection(sessions, Inspection(...), alert=builder)
+"""
+
+from adapters.db.engine import make_engine, make_session_factory, ping
+from adapters.db.migrate import current_revision, head_revision, upgrade
+from adapters.db.models import (
+    Base,
+    Inspection,
+    Label,
+    ModelVersion,
+    OutboxMessage,
+    RejectedFrame,
+    TrainingRun,
+    utcnow,
+)
+from adapters.db.repository import (
+    InspectionFilter,
+    SavedInspection,
+    add_label,
+    add_outbox_attempts,
+    count_pending_outbox,
+    inspection_by_frame_id,
+    latest_label,
+    list_inspections,
+    mark_outbox_sent,
+    pending_outbox,
+    record_rejected,
+    save_inspection,
+)
+
+__all__ = [
+    "Base",
+    "Inspection",
+    "InspectionFilter",
+    "Label",
+    "ModelVersion",
+    "OutboxMessage",
+    "RejectedFrame",
+    "SavedInspection",
+    "TrainingRun",
+    "add_label",
+    "add_outbox_attempts",
+    "count_pending_outbox",
+    "current_revision",
+    "head_revision",
+    "inspection_by_frame_id",
+    "latest_label",
+    "list_inspections",
+    "make_engine",
+    "make_session_factory",
+    "mark_outbox_sent",
+    "pending_outbox",
+    "ping",
+    "record_rejected",
+    "save_inspection",
+    "upgrade",
+    "utcnow",
+]

@@ -1,0 +1,279 @@
+"""MQTT: availability and status (retained), per-frame inspection messages, and the outbox relay for alerts.
+
+Alerts are rows in the `outbox` table until the broker acknowledges them: a relay thread publishes unsent rows
+at QoS 1 and marks a row sent only when its PUBACK arrives (paho's `on_publish` with the message id). After a
+reconnect, everything not yet acknowledged is published again (consumers dedupe on the alert `id`), so neither
+a broker outage nor a daemon restart loses an alert. The client connects asynchronously and reconnects with
+back-off, so an absent broker never blocks or stops inspection.
+
+paho-mqtt 2 callbacks run on paho's network thread while it holds its own locks; they only set flags and push
+message ids onto a queue, and all bookkeeping happens on the relay thread (no lock ordering to get wrong).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.db.repository import add_outbox_attempts, count_pending_outbox, mark_outbox_sent, pending_outbox
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MqttSettings:
+    """What the publisher needs (built from the daemon's [mqtt] config section)."""
+
+    host: str = "localhost"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    prefix: str = "anomalyd"
+    client_id: str = ""
+    keepalive: int = 30
+    alert_qos: int = 1
+    inspection_qos: int = 0
+    tls: bool = False
+    tls_ca_certs: str | None = None
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_insecure: bool = False
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+    max_inflight: int = 100
+
+
+@dataclass
+class MqttState:
+    connected: bool = False
+    last_error: str | None = None
+    connected_since: float | None = None
+    alerts_published: int = 0
+    inspections_published: int = 0
+    inspections_dropped: int = 0
+    retained: dict[str, str] = field(default_factory=dict)
+
+
+class MqttPublisher:
+    """One paho client plus the outbox relay thread. `start()` never blocks on the broker."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        sessions: sessionmaker[Session],
+        *,
+        on_alerts_sent: Callable[[int], None] | None = None,
+        poll_interval_s: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.on_alerts_sent = on_alerts_sent
+        self.poll_interval_s = poll_interval_s
+        self.state = MqttState()
+        self.available_topic = f"{settings.prefix}/available"
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._inflight: dict[int, str] = {}  # mid → outbox id; relay thread only
+        self._connection_epoch = 0  # bumped by on_connect; the relay resets in-flight state when it changes
+        self._seen_epoch = 0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._idle = threading.Event()  # set by the relay when nothing is pending or in flight
+        self._thread: threading.Thread | None = None
+        self.crashed: BaseException | None = None
+        self._client = self._make_client()
+
+    # --- client -------------------------------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
+        client.enable_logger(logging.getLogger("paho.mqtt"))
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.tls:
+            client.tls_set(ca_certs=s.tls_ca_certs, certfile=s.tls_certfile, keyfile=s.tls_keyfile,
+                           cert_reqs=ssl.CERT_NONE if s.tls_insecure else ssl.CERT_REQUIRED)
+            client.tls_insecure_set(s.tls_insecure)
+        client.will_set(self.available_topic, "offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=max(1, int(s.reconnect_min_s)), max_delay=max(1, int(s.reconnect_max_s)))
+        client.max_inflight_messages_set(s.max_inflight)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_connect_fail = self._on_connect_fail
+        return client
+
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.state.last_error = f"broker refused the connection: {reason_code}"
+            log.warning("MQTT %s:%s refused the connection: %s", self.settings.host, self.settings.port, reason_code)
+            return
+        log.info("MQTT connected to %s:%s", self.settings.host, self.settings.port)
+        self.state.connected = True
+        self.state.connected_since = time.time()
+        self.state.last_error = None
+        client.publish(self.available_topic, "online", qos=1, retain=True)
+        for topic, payload in list(self.state.retained.items()):
+            client.publish(topic, payload, qos=1, retain=True)
+        self._connection_epoch += 1
+        self._wake.set()
+
+    def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
+        was_connected = self.state.connected
+        self.state.connected = False
+        if not self._stopping.is_set() and was_connected:
+            self.state.last_error = f"disconnected: {reason_code}"
+            log.warning("MQTT disconnected from %s:%s (%s); alerts wait in the outbox, reconnecting",
+                        self.settings.host, self.settings.port, reason_code)
+
+    def _on_connect_fail(self, _client: Any, _userdata: Any) -> None:
+        message = f"broker {self.settings.host}:{self.settings.port} unreachable"
+        if self.state.last_error != message:
+            log.warning("MQTT %s; inspection goes on, alerts wait in the outbox", message)
+        self.state.last_error = message
+
+    def _on_publish(self, _client: Any, _userdata: Any, mid: int, reason_code: Any, _props: Any) -> None:
+        if not getattr(reason_code, "is_failure", False):
+            self._acks.put(mid)
+            self._wake.set()
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        try:
+            self._client.connect_async(s.host, s.port, keepalive=s.keepalive)
+        except (OSError, socket.gaierror, ValueError) as exc:  # bad host name etc.: keep trying in the loop
+            self.state.last_error = f"cannot connect to {s.host}:{s.port}: {exc}"
+            log.warning("MQTT %s", self.state.last_error)
+        self._client.loop_start()
+        self._thread = threading.Thread(target=self._run_relay, name="mqtt-outbox-relay", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every outbox row is acknowledged (True) or `timeout` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._idle.clear()
+            self._wake.set()
+            if self._idle.wait(min(0.2, max(0.0, deadline - time.monotonic()))) and self.pending() == 0:
+                return True
+            if self.crashed is not None:
+                return False
+        return self.pending() == 0
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Publish `stopped` (retained), disconnect cleanly (no Last Will), stop the threads."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.state.connected:
+            info = self._client.publish(self.available_topic, "stopped", qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.state.connected = False
+
+    # --- publishing ---------------------------------------------------------------------------------------------
+
+    def publish_retained(self, topic: str, payload: str) -> None:
+        """A retained QoS1 message, re-sent after each reconnect (status topics)."""
+        self.state.retained[topic] = payload
+        if self.state.connected:
+            self._client.publish(topic, payload, qos=1, retain=True)
+
+    def publish_status(self, line: str, source: str, status: str) -> None:
+        self.publish_retained(f"{self.settings.prefix}/{line}/{source}/status", status)
+
+    def publish_event(self, topic: str, payload: str | bytes) -> bool:
+        """A fire-and-forget message (per-frame inspections); dropped (and counted) while disconnected."""
+        if not self.state.connected:
+            self.state.inspections_dropped += 1
+            return False
+        info = self._client.publish(topic, payload, qos=self.settings.inspection_qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self.state.inspections_dropped += 1
+            return False
+        self.state.inspections_published += 1
+        return True
+
+    def notify(self) -> None:
+        """Outbox rows were committed: wake the relay."""
+        self._wake.set()
+
+    def pending(self) -> int:
+        with self.sessions() as session:
+            return count_pending_outbox(session)
+
+    # --- relay --------------------------------------------------------------------------------------------------
+
+    def _run_relay(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
+                self._relay_once()
+        except BaseException as exc:
+            self.crashed = exc
+            log.exception("MQTT outbox relay crashed")
+            raise
+
+    def _relay_once(self) -> None:
+        self._confirm_acks()
+        if self._seen_epoch != self._connection_epoch:
+            # New connection: anything unacknowledged from before is published again (dedupe on id downstream).
+            self._seen_epoch = self._connection_epoch
+            self._inflight.clear()
+        if not self.state.connected:
+            return
+        room = self.settings.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        with self.sessions() as session, session.begin():
+            rows = pending_outbox(session, limit=room, exclude=set(self._inflight.values()))
+            published = []
+            for row in rows:
+                info = self._client.publish(row.topic, row.payload, qos=row.qos)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                self._inflight[info.mid] = row.id
+                published.append(row.id)
+            add_outbox_attempts(session, published)
+        if not rows and not self._inflight:
+            self._idle.set()
+
+    def _confirm_acks(self) -> None:
+        done: list[str] = []
+        while True:
+            try:
+                mid = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            outbox_id = self._inflight.pop(mid, None)
+            if outbox_id is not None:
+                done.append(outbox_id)
+        if done:
+            with self.sessions() as session, session.begin():
+                marked = mark_outbox_sent(session, done)
+            self.state.alerts_published += marked
+            if self.on_alerts_sent is not None and marked:
+                self.on_alerts_sent(marked)
+        if not self._inflight and self.state.connected:
+            with self.sessions() as session:
+                if count_pending_outbox(session) == 0:
+                    self._idle.set()

@@ -1,0 +1,427 @@
+"""Common machinery of the frame sources: the `Frame`, the per-source bounded `FrameQueue`, status and counters,
+the `FrameSource` thread base class, `max_fps` throttling and capped exponential backoff.
+
+See the package docstring (`adapters/sources/__init__.py`) for the contract between sources and the pipeline.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["camera", "rtsp", "http", "video", "folder", "redis", "mqtt"]
+QueuePolicy = Literal["latest", "all"]
+KINDS: tuple[str, ...] = ("camera", "rtsp", "http", "video", "folder", "redis", "mqtt")
+LIVE_KINDS: frozenset[str] = frozenset({"camera", "rtsp", "http"})
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Frame:
+    """One frame on its way from a source to the pipeline.
+
+    Exactly one of `data` (encoded bytes, decoded later off the model thread) and `image` (RGB uint8 HxWx3) is
+    normally set. When a source could not even read the input (e.g. a file it has no permission to read) both are
+    None and `meta["error"]` says why: the pipeline records a rejected row with that reason.
+    """
+
+    frame_id: str
+    source_id: str
+    captured_at: datetime
+    data: bytes | None = None
+    image: np.ndarray | None = None
+    name: str = ""
+    meta: dict = field(default_factory=dict)
+    on_done: Callable[[bool], None] | None = None
+    _done_called: bool = field(default=False, init=False, repr=False, compare=False)
+
+    @property
+    def line(self) -> str:
+        return str(self.meta.get("line", ""))
+
+    def done(self, ok: bool) -> None:
+        """Call `on_done(ok)` once (later calls are ignored); a failing callback is logged, never raised.
+
+        ok=True: the result (inspection or rejected row) is committed, the source may acknowledge/move/delete.
+        ok=False: not processed; the source leaves the input to be retried/redelivered.
+        """
+        if self._done_called:
+            return
+        self._done_called = True
+        if self.on_done is None:
+            return
+        try:
+            self.on_done(ok)
+        except Exception:
+            log.exception("on_done(%s) failed for frame %s (%s)", ok, self.frame_id, self.name)
+
+
+class SourceStatus(str, Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DISABLED = "disabled"
+
+
+class SourceCounters:
+    """Thread-safe counters of one source (plain int attributes; `snapshot()` for a consistent dict).
+
+    frames_in: frames put into the source's queue; frames_dropped: frames discarded by the `latest` policy
+    (queue full); frames_skipped: live frames read but not emitted because of `max_fps`; errors: read/decode/
+    connection errors; reconnects: reconnection attempts after a failure.
+    """
+
+    NAMES: tuple[str, ...] = ("frames_in", "frames_dropped", "frames_skipped", "errors", "reconnects")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.frames_in = 0
+        self.frames_dropped = 0
+        self.frames_skipped = 0
+        self.errors = 0
+        self.reconnects = 0
+
+    def incr(self, name: str, n: int = 1) -> None:
+        if name not in self.NAMES:
+            raise AttributeError(f"no counter {name!r}")
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {name: getattr(self, name) for name in self.NAMES}
+
+    def __repr__(self) -> str:
+        return f"SourceCounters({self.snapshot()})"
+
+
+class FrameQueue:
+    """A bounded queue of frames, one per source.
+
+    policy "latest": when full, `put` drops the OLDEST queued frame (counted in `dropped` and the counters'
+    frames_dropped) and calls its `done(True)` so that e.g. a Redis entry is acknowledged rather than redelivered
+    forever. policy "all": never drops; `put` blocks until there is room (back-pressure) or `timeout` passes and
+    then returns False (the frame was NOT queued). After `close()`, `put` returns False and `get` drains what is
+    left, then returns None.
+    """
+
+    def __init__(self, maxsize: int, policy: QueuePolicy = "all", counters: SourceCounters | None = None) -> None:
+        if maxsize < 1:
+            raise ValueError(f"queue size must be >= 1, got {maxsize}")
+        if policy not in ("latest", "all"):
+            raise ValueError(f"queue policy must be 'latest' or 'all', got {policy!r}")
+        self.maxsize = maxsize
+        self.policy: QueuePolicy = policy
+        self.counters = counters
+        self.dropped = 0
+        self._items: collections.deque[Frame] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, frame: Frame, timeout: float | None = None) -> bool:
+        dropped: Frame | None = None
+        with self._cond:
+            if self._closed:
+                return False
+            if len(self._items) >= self.maxsize:
+                if self.policy == "latest":
+                    dropped = self._items.popleft()
+                    self.dropped += 1
+                else:
+                    deadline = None if timeout is None else time.monotonic() + timeout
+                    while len(self._items) >= self.maxsize and not self._closed:
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            return False
+                        self._cond.wait(remaining)
+                    if self._closed:
+                        return False
+            self._items.append(frame)
+            self._cond.notify_all()
+        if dropped is not None:
+            if self.counters is not None:
+                self.counters.incr("frames_dropped")
+            dropped.done(True)
+        return True
+
+    def get(self, timeout: float | None = None) -> Frame | None:
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._items:
+                if self._closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            frame = self._items.popleft()
+            self._cond.notify_all()
+            return frame
+
+    def drain(self) -> list[Frame]:
+        """Remove and return everything queued (e.g. to `done(False)` them at shutdown)."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return items
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        with self._cond:
+            self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def qsize(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    __len__ = qsize
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One `[[sources]]` table; kind-specific keys end up in `options`."""
+
+    id: str
+    kind: str
+    uri: str = ""
+    line: str = "default"
+    max_fps: float | None = None
+    policy: QueuePolicy | None = None  # None: "latest" for live streams, "all" otherwise
+    class_name: str | None = None
+    threshold: float | None = None
+    enabled: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, spec: SourceSpec | Mapping[str, Any] | Any) -> SourceSpec:
+        """From a SourceSpec, a plain mapping, or any object with `model_dump()` (a pydantic model).
+
+        Keys other than the known fields are kind-specific options (as is the content of an `options` table).
+        """
+        if isinstance(spec, SourceSpec):
+            return spec
+        if hasattr(spec, "model_dump"):
+            spec = spec.model_dump()
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"a source spec must be a mapping or SourceSpec, got {type(spec).__name__}")
+        known = {f.name for f in fields(cls)} - {"options"}
+        values = {k: v for k, v in spec.items() if k in known}
+        options = dict(spec.get("options") or {})
+        options.update({k: v for k, v in spec.items() if k not in known and k != "options" and v is not None})
+        for required in ("id", "kind"):
+            if not values.get(required):
+                raise ValueError(f"source spec {dict(spec)!r} has no {required!r}")
+        kind = str(values["kind"]).lower()
+        if kind not in KINDS:
+            raise ValueError(f"source {values['id']!r}: unknown kind {values['kind']!r}; expected one of {', '.join(KINDS)}")
+        values["kind"] = kind
+        values["id"] = str(values["id"])
+        if values.get("policy") is not None and values["policy"] not in ("latest", "all"):
+            raise ValueError(f"source {values['id']!r}: policy must be 'latest' or 'all', got {values['policy']!r}")
+        if values.get("max_fps") is not None and float(values["max_fps"]) < 0:
+            raise ValueError(f"source {values['id']!r}: max_fps must be >= 0, got {values['max_fps']!r}")
+        if values.get("line") is None:
+            values.pop("line", None)
+        if values.get("enabled") is None:
+            values.pop("enabled", None)
+        return cls(**values, options=options)
+
+    @property
+    def effective_policy(self) -> QueuePolicy:
+        if self.policy is not None:
+            return self.policy
+        return "latest" if self.kind in LIVE_KINDS else "all"
+
+    def option(self, name: str, default: Any = None) -> Any:
+        value = self.options.get(name)
+        return default if value is None else value
+
+
+class Throttle:
+    """`max_fps` pacing: at most one frame per 1/max_fps seconds (0/None = unlimited). `clock` is injectable."""
+
+    def __init__(self, max_fps: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = 1.0 / max_fps if max_fps else 0.0
+        self._clock = clock
+        self._next: float | None = None
+
+    def delay(self) -> float:
+        """Seconds until the next frame may go out (0 = now)."""
+        if self.interval <= 0 or self._next is None:
+            return 0.0
+        return max(0.0, self._next - self._clock())
+
+    def ready(self) -> bool:
+        return self.delay() <= 0.0
+
+    def mark(self) -> None:
+        """A frame went out now: the next may go out one interval later (never a catch-up burst)."""
+        if self.interval > 0:
+            self._next = self._clock() + self.interval
+
+
+class Backoff:
+    """Capped exponential backoff: initial, initial*factor, ... up to `maximum`; `reset()` after a success."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0) -> None:
+        if initial <= 0 or maximum < initial or factor < 1:
+            raise ValueError(f"bad backoff: initial={initial} maximum={maximum} factor={factor}")
+        self.initial, self.maximum, self.factor = initial, maximum, factor
+        self.current = 0.0  # the last delay handed out
+        self._next = initial
+
+    def next(self) -> float:
+        self.current = self._next
+        self._next = min(self._next * self.factor, self.maximum)
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0
+        self._next = self.initial
+
+
+class FrameSource(ABC):
+    """A source of frames running in its own thread; frames go into `queue`, which the pipeline reads.
+
+    Subclasses implement `_run()` (loop until `self._stop_event` is set), emitting with `self._emit(frame)`
+    and reporting with `self._set_status(...)`.
+    """
+
+    def __init__(self, spec: SourceSpec, *, queue_size: int = 16,
+                 on_status: Callable[[FrameSource, SourceStatus], None] | None = None) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.kind = spec.kind
+        self.line = spec.line
+        self.class_name = spec.class_name
+        self.threshold = spec.threshold
+        self.max_fps = spec.max_fps
+        self.counters = SourceCounters()
+        self.queue = FrameQueue(queue_size, spec.effective_policy, self.counters)
+        self.on_status = on_status
+        self.status = SourceStatus.OFFLINE if spec.enabled else SourceStatus.DISABLED
+        self.last_error: str | None = None
+        self._throttle = Throttle(spec.max_fps)
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.log = logging.getLogger(f"{type(self).__module__}.{self.id}")
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.spec.enabled:
+            self._set_status(SourceStatus.DISABLED, force=True)
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop_event.clear()
+        self.queue.reopen()
+        self._thread = threading.Thread(target=self._thread_main, name=f"source-{self.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop reading, wait up to `timeout` for the thread; queued frames stay in `queue` for the pipeline."""
+        self._stop_event.set()
+        self._on_stop()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                self.log.warning("source %s did not stop within %.1fs", self.id, timeout)
+        if self.status is not SourceStatus.DISABLED:
+            self._set_status(SourceStatus.OFFLINE)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _thread_main(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # a bug in a source must not vanish silently
+            self.counters.incr("errors")
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.log.exception("source %s crashed", self.id)
+        finally:
+            if self.status is not SourceStatus.DISABLED:
+                self._set_status(SourceStatus.OFFLINE)
+
+    @abstractmethod
+    def _run(self) -> None: ...
+
+    def _on_stop(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """Hook: unblock whatever `_run` waits on (called from `stop`, before joining)."""
+
+    # -- helpers for subclasses ------------------------------------------------------------------------------
+    def _set_status(self, status: SourceStatus, *, force: bool = False) -> None:
+        if status is self.status and not force:
+            return
+        self.status = status
+        self.log.info("source %s is %s", self.id, status.value)
+        if self.on_status is not None:
+            try:
+                self.on_status(self, status)
+            except Exception:
+                self.log.exception("on_status callback failed for source %s", self.id)
+
+    def _error(self, message: str) -> None:
+        self.counters.incr("errors")
+        self.last_error = message
+        self.log.warning("source %s: %s", self.id, message)
+
+    def _base_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"line": self.line, "kind": self.kind}
+        if self.class_name is not None:
+            meta["class_name"] = self.class_name
+        if self.threshold is not None:
+            meta["threshold"] = self.threshold
+        return meta
+
+    def _wait_throttle(self) -> bool:
+        """Sleep until max_fps allows the next frame; False if stopping meanwhile."""
+        delay = self._throttle.delay()
+        while delay > 0:
+            if self._stop_event.wait(delay):
+                return False
+            delay = self._throttle.delay()
+        return not self._stop_event.is_set()
+
+    def _emit(self, frame: Frame, *, throttle: bool = True) -> bool:
+        """Queue a frame after waiting for max_fps (unless `throttle=False`: the caller paced it), blocking under
+        policy "all" until there is room or the source stops.
+
+        Returns False (after calling `frame.done(False)`) when the source stopped before the frame was queued.
+        """
+        if throttle and not self._wait_throttle():
+            frame.done(False)
+            return False
+        self._throttle.mark()
+        while True:
+            if self.queue.put(frame, timeout=0.2):
+                self.counters.incr("frames_in")
+                return True
+            if self._stop_event.is_set() or self.queue.closed:
+                frame.done(False)
+                return False

@@ -1,0 +1,197 @@
+"""Folder source: image files dropped into a directory (an "inbox").
+
+Polling (no inotify/watchdog dependency, works on network shares): every `poll_interval_s` the directory is
+listed; a file is emitted once its size and mtime have not changed for `settle_s` (so partially written files are
+not read early); dotfiles, `*.part`, `*.tmp`, `*.crdownload`, `*.done` and the `processed/` folder are ignored.
+Files already present at start are processed; oldest mtime first. Unreadable files are still emitted (with
+`meta["error"]`) so the pipeline records a rejected row; nothing is skipped silently.
+
+After the frame's result is committed (`on_done(True)`) the file is moved to `<dir>/processed/<relative path>`
+(`after = "move"`, default), deleted (`"delete"`) or renamed to `<name>.done` in place (`"mark"`); with
+`on_done(False)` it stays and is retried after `retry_s`. The frame_id hashes (source id, relative path, size,
+mtime_ns), so a file re-read after a crash between commit and move gets the same frame_id and the DB dedupes it.
+
+Options: `recursive` (false), `after` (move|delete|mark), `processed_dir` ("processed", relative to the inbox or
+absolute), `settle_s` (1.0), `poll_interval_s` (0.5), `retry_s` (10), `create` (true: create a missing inbox),
+`ignore` (extra glob patterns to ignore).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from adapters.sources.base import Frame, FrameSource, SourceSpec, SourceStatus
+
+IGNORED_PATTERNS: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.crdownload", "*.done", "*~")
+AFTER_ACTIONS = ("move", "delete", "mark")
+
+
+def folder_frame_id(source_id: str, relative_path: str, size: int, mtime_ns: int) -> str:
+    """Stable across restarts: the same unmoved, unchanged file always gets the same id."""
+    digest = hashlib.sha1(f"{source_id}\0{relative_path}\0{size}\0{mtime_ns}".encode()).hexdigest()[:20]
+    return f"{source_id}:{digest}"
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    stable_since: float
+
+
+class FolderSource(FrameSource):
+    def __init__(self, spec: SourceSpec, **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        if not spec.uri:
+            raise ValueError(f"folder source {spec.id!r} needs uri = the directory to watch")
+        self.directory = Path(spec.uri).expanduser()
+        self.recursive = bool(spec.option("recursive", False))
+        self.after = str(spec.option("after", "move"))
+        if self.after not in AFTER_ACTIONS:
+            raise ValueError(f"folder source {spec.id!r}: after must be one of {AFTER_ACTIONS}, got {self.after!r}")
+        processed = Path(str(spec.option("processed_dir", "processed")))
+        self.processed_dir = processed if processed.is_absolute() else self.directory / processed
+        self.settle_s = float(spec.option("settle_s", 1.0))
+        self.poll_interval_s = float(spec.option("poll_interval_s", 0.5))
+        self.retry_s = float(spec.option("retry_s", 10.0))
+        self.create = bool(spec.option("create", True))
+        self.ignore = IGNORED_PATTERNS + tuple(spec.option("ignore", ()))
+        self._seen: dict[str, _Seen] = {}
+        self._in_flight: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # -- scanning --------------------------------------------------------------------------------------------
+    def _ignored(self, name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pattern) for pattern in self.ignore)
+
+    def _list_files(self) -> list[tuple[str, os.stat_result]]:
+        found: list[tuple[str, os.stat_result]] = []
+        processed = self.processed_dir.resolve() if self.after == "move" else None
+        stack = [self.directory]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                if folder == self.directory:
+                    raise
+                continue
+            for entry in entries:
+                if self._ignored(entry.name):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if self.recursive and (processed is None or Path(entry.path).resolve() != processed):
+                            stack.append(Path(entry.path))
+                        continue
+                    if not entry.is_file():
+                        continue
+                    st = entry.stat()
+                except FileNotFoundError:  # vanished between listing and stat
+                    continue
+                found.append((os.path.relpath(entry.path, self.directory), st))
+        return found
+
+    def _ready_files(self) -> list[tuple[str, os.stat_result]]:
+        """Files whose size+mtime were stable for settle_s, not in flight, not waiting for a retry; oldest first."""
+        now = time.monotonic()
+        listed = self._list_files()
+        ready = []
+        current = set()
+        with self._lock:
+            for rel, st in listed:
+                current.add(rel)
+                seen = self._seen.get(rel)
+                if seen is None or seen.size != st.st_size or seen.mtime_ns != st.st_mtime_ns:
+                    self._seen[rel] = _Seen(st.st_size, st.st_mtime_ns, now)
+                    if self.settle_s > 0:
+                        continue
+                elif now - seen.stable_since < self.settle_s:
+                    continue
+                if rel in self._in_flight or self._retry_at.get(rel, 0.0) > now:
+                    continue
+                ready.append((rel, st))
+            for rel in set(self._seen) - current:
+                del self._seen[rel]
+                self._retry_at.pop(rel, None)
+        ready.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
+        return ready
+
+    # -- frames ----------------------------------------------------------------------------------------------
+    def _make_frame(self, rel: str, st: os.stat_result) -> Frame:
+        path = self.directory / rel
+        meta = self._base_meta()
+        meta.update(path=str(path), relative_path=rel, size=st.st_size)
+        data: bytes | None = None
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            meta["error"] = f"cannot read {path}: {exc.strerror or exc}"
+            self._error(meta["error"])
+        frame = Frame(
+            frame_id=folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns),
+            source_id=self.id,
+            captured_at=datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc),
+            data=data,
+            name=str(path),
+            meta=meta,
+        )
+        frame.on_done = lambda ok, rel=rel, frame_id=frame.frame_id: self._finish(rel, frame_id, ok)
+        return frame
+
+    def _finish(self, rel: str, frame_id: str, ok: bool) -> None:
+        """Runs on the pipeline's thread once the frame's result is committed (ok) or given up (not ok)."""
+        path = self.directory / rel
+        try:
+            if ok:
+                self._dispose(path, rel, frame_id)
+        except OSError as exc:
+            self._error(f"cannot {self.after} {path} after processing: {exc}")
+            ok = False
+        finally:
+            with self._lock:
+                self._in_flight.discard(rel)
+                if not ok:
+                    self._retry_at[rel] = time.monotonic() + self.retry_s
+
+    def _dispose(self, path: Path, rel: str, frame_id: str) -> None:
+        if not path.exists():
+            return
+        if self.after == "delete":
+            path.unlink()
+        elif self.after == "mark":
+            path.rename(path.with_name(path.name + ".done"))
+        else:
+            target = self.processed_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # a same-named earlier file: keep both
+                target = target.with_name(f"{target.stem}.{frame_id.rsplit(':', 1)[-1][:8]}{target.suffix}")
+            os.replace(path, target)
+
+    # -- thread ----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                if self.create:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                ready = self._ready_files()
+            except OSError as exc:
+                self._error(f"cannot list {self.directory}: {exc}")
+                self._set_status(SourceStatus.OFFLINE)
+                self._stop_event.wait(max(self.poll_interval_s, 1.0))
+                continue
+            self._set_status(SourceStatus.ONLINE)
+            for rel, st in ready:
+                with self._lock:
+                    self._in_flight.add(rel)
+                if not self._emit(self._make_frame(rel, st)):
+                    return
+            self._stop_event.wait(self.poll_interval_s)

@@ -1,0 +1,194 @@
+"""MQTT image source (`kind = "mqtt"`): each message on the subscribed topic(s) is one encoded image.
+
+uri: `mqtt://[user[:password]@]host[:port]/topic/with/+/wildcards` (`mqtts://` for TLS; a literal `#` wildcard
+may be written as is or as `%23`). paho-mqtt 2 with MQTT v5, QoS 1 and a persistent session: a stable client id
+(`client_id` option, default `anomalyd-<hostname>-<source id>`), clean_start=False and a session expiry
+(`session_expiry_s`, default 7 days), so the broker queues messages while the daemon is away. Messages are
+acknowledged (PUBACK, manual ack) only in `on_done(True)`, after the result is committed: a message in flight when
+the daemon dies is redelivered by the broker on the next connection. The broker never has more than
+`receive_maximum` (default: the queue size) unacknowledged messages in flight to us, which bounds memory.
+
+frame_id: the MQTT v5 user property `frame_id` if the publisher set one, else
+`"<source>:<topic>:<sha1(payload)[:16]>"` (a redelivered message keeps its id; the DB dedupes).
+Options: `topics` (a list, instead of / in addition to the uri's topic), `client_id`, `qos` (1),
+`session_expiry_s`, `receive_maximum`, `keepalive` (30), `username`/`password` (else from the uri), `tls`,
+`backoff_initial_s` (1), `backoff_max_s` (30).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from adapters.sources.base import Frame, FrameSource, SourceSpec, SourceStatus, utc_now
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    host: str
+    port: int
+    topics: tuple[str, ...]
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_mqtt_uri(uri: str) -> MqttTarget:
+    """`mqtt://user:pw@host:1883/a/+/b` → host, port, topic. Done by hand: `#` is a URL fragment to urllib."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"MQTT source uri {uri!r} must look like mqtt://host:port/topic")
+    authority, _, topic = rest.partition("/")
+    username = password = None
+    if "@" in authority:
+        credentials, _, authority = authority.rpartition("@")
+        username, _, password = credentials.partition(":")
+        username, password = unquote(username), (unquote(password) if password else None)
+    host, _, port = authority.partition(":")
+    tls = scheme in ("mqtts", "ssl")
+    if not host:
+        raise ValueError(f"MQTT source uri {uri!r} has no host")
+    try:
+        port_number = int(port) if port else (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError(f"MQTT source uri {uri!r}: bad port {port!r}") from None
+    topic = topic.replace("%23", "#").replace("%2B", "+").replace("%2b", "+")
+    return MqttTarget(host, port_number, (topic,) if topic else (), tls, username, password)
+
+
+def mqtt_frame_id(source_id: str, topic: str, payload: bytes) -> str:
+    return f"{source_id}:{topic}:{hashlib.sha1(payload).hexdigest()[:16]}"
+
+
+class MqttImageSource(FrameSource):
+    def __init__(self, spec: SourceSpec, *, mqtt_username: str | None = None, mqtt_password: Any = None,
+                 **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        target = parse_mqtt_uri(str(spec.uri))
+        topics = target.topics + tuple(spec.option("topics", ()))
+        if not topics:
+            raise ValueError(f"mqtt source {spec.id!r}: no topic in uri {spec.uri!r} and no `topics` option")
+        self.target = target
+        self.topics = topics
+        self.qos = int(spec.option("qos", 1))
+        self.client_id = str(spec.option("client_id") or f"anomalyd-{socket.gethostname()}-{spec.id}")
+        self.session_expiry_s = int(spec.option("session_expiry_s", 7 * 24 * 3600))
+        self.receive_maximum = int(spec.option("receive_maximum", self.queue.maxsize))
+        self.keepalive = int(spec.option("keepalive", 30))
+        password = spec.option("password") or target.password or mqtt_password
+        self.username = spec.option("username") or target.username or mqtt_username
+        self.password = password.get_secret_value() if hasattr(password, "get_secret_value") else password
+        self.tls = bool(spec.option("tls", target.tls))
+        self.backoff_initial_s = float(spec.option("backoff_initial_s", 1.0))
+        self.backoff_max_s = float(spec.option("backoff_max_s", 30.0))
+        self._inbox: collections.deque[Frame] = collections.deque()
+        self._inbox_ready = threading.Condition()
+        self._client: mqtt.Client | None = None
+        self._connection = 0  # incremented per connection: a PUBACK mid is only valid on its own connection
+        self._ever_connected = False
+
+    # -- paho callbacks (paho's network thread) --------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._error(f"MQTT broker {self.target.host}:{self.target.port} refused the connection: {reason_code}")
+            return
+        if self._ever_connected:
+            self.counters.incr("reconnects")
+        self._ever_connected = True
+        self._connection += 1
+        for topic in self.topics:
+            client.subscribe(topic, qos=self.qos)
+        self.log.info("connected to %s:%s as %s (session present: %s)", self.target.host, self.target.port,
+                      self.client_id, flags.session_present)
+        self._set_status(SourceStatus.ONLINE)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata) -> None:
+        self.counters.incr("reconnects")
+        self._error(f"cannot connect to MQTT broker {self.target.host}:{self.target.port}")
+        self._set_status(SourceStatus.OFFLINE)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
+        if not self._stop_event.is_set():
+            self._error(f"disconnected from MQTT broker {self.target.host}:{self.target.port}: {reason_code}")
+        self._set_status(SourceStatus.OFFLINE)
+
+    def _on_message(self, client: mqtt.Client, userdata, message: mqtt.MQTTMessage) -> None:
+        frame_id = None
+        content_type = None
+        props = getattr(message, "properties", None)
+        if props is not None:
+            for key, value in getattr(props, "UserProperty", None) or []:
+                if key == "frame_id" and value:
+                    frame_id = value
+            content_type = getattr(props, "ContentType", None)
+        payload = bytes(message.payload)
+        meta = self._base_meta()
+        meta.update(topic=message.topic, qos=message.qos, retain=bool(message.retain), mid=message.mid,
+                    content_type=content_type or "application/octet-stream")
+        frame = Frame(frame_id=frame_id or mqtt_frame_id(self.id, message.topic, payload), source_id=self.id,
+                      captured_at=utc_now(), data=payload, name=f"mqtt:{message.topic}", meta=meta)
+        connection, mid, qos = self._connection, message.mid, message.qos
+        frame.on_done = lambda ok: self._finish(ok, connection, mid, qos)
+        with self._inbox_ready:
+            self._inbox.append(frame)
+            self._inbox_ready.notify()
+
+    def _finish(self, ok: bool, connection: int, mid: int, qos: int) -> None:
+        """PUBACK after the commit. Not on a later connection (the mid may belong to another message there): the
+        broker redelivers the message on reconnection instead and the DB dedupes it."""
+        client = self._client
+        if not ok or qos == 0 or client is None or connection != self._connection or not client.is_connected():
+            return
+        client.ack(mid, qos)
+
+    # -- thread ----------------------------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=mqtt.MQTTProtocolVersion.MQTTv5, manual_ack=True)
+        if self.username:
+            client.username_pw_set(self.username, self.password)
+        if self.tls:
+            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        client.reconnect_delay_set(min_delay=max(1, int(self.backoff_initial_s)), max_delay=int(self.backoff_max_s))
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _run(self) -> None:
+        client = self._client = self._make_client()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = max(1, min(self.receive_maximum, 65535))
+        client.connect_async(self.target.host, self.target.port, keepalive=self.keepalive, clean_start=False,
+                             properties=props)
+        client.loop_start()
+        try:
+            while not self._stop_event.is_set():
+                with self._inbox_ready:
+                    if not self._inbox:
+                        self._inbox_ready.wait(0.2)
+                    frame = self._inbox.popleft() if self._inbox else None
+                if frame is not None and not self._emit(frame):
+                    break
+        finally:
+            client.disconnect()
+            client.loop_stop()
+            # Unacknowledged messages left in the inbox are redelivered by the broker next time.
+            with self._inbox_ready:
+                self._inbox.clear()
+
+    def _on_stop(self) -> None:
+        with self._inbox_ready:
+            self._inbox_ready.notify_all()

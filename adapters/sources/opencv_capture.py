@@ -1,0 +1,208 @@
+"""OpenCV capture sources: `camera` (device index or /dev/video*), `rtsp` / `http` streams and `video` files.
+
+A grabber thread reads frames (BGR → RGB) and emits them. Live streams (camera/rtsp/http, policy `latest`) are
+read continuously so the stream's buffer never lags; frames beyond `max_fps` are grabbed but not decoded
+(counted as frames_skipped), and the queue keeps the freshest. Video files (policy `all`) emit every frame in
+order; at the end the source goes offline and `finished` is set, or starts over with `loop = true`.
+
+Robustness: open/read timeouts are passed to the backend (CAP_PROP_OPEN_TIMEOUT_MSEC / CAP_PROP_READ_TIMEOUT_MSEC,
+honoured by FFmpeg), and a watchdog in the source thread abandons a grabber that made no progress for
+`watchdog_s` (a backend call that hangs despite the timeouts): the stuck thread is left to die on its own and a
+fresh one is started. Failures mark the source offline and reconnect with capped exponential backoff
+(counters.reconnects).
+
+frame_id: `"<source>:<uuid4>"` for live frames, `"<source>:<file name>:<frame index>"` for files (with
+`#<pass>` after the name for passes after the first when looping), so a replayed file dedupes in the DB.
+
+Options: `loop` (false), `open_timeout_ms` (10000), `read_timeout_ms` (5000), `watchdog_s` (derived from the
+timeouts), `backoff_initial_s` (0.5), `backoff_max_s` (30), `width`/`height`/`fps` (camera settings),
+`backend` (an OpenCV API name such as "FFMPEG" or "V4L2").
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from adapters.sources.base import Backoff, Frame, FrameSource, SourceSpec, SourceStatus, Throttle, utc_now
+
+
+@dataclass
+class _Grabber:
+    generation: int
+    thread: threading.Thread
+    progress_at: float  # monotonic time of the last sign of life (open started, frame read)
+    phase: str = "opening"  # opening | reading | waiting (throttle, back-pressure) | ended | failed
+    error: str | None = None
+
+
+class OpenCVCaptureSource(FrameSource):
+    def __init__(self, spec: SourceSpec, **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        if spec.uri in ("", None):
+            raise ValueError(f"{spec.kind} source {spec.id!r} needs a uri")
+        self.is_file = spec.kind == "video"
+        self.loop = bool(spec.option("loop", False))
+        self.open_timeout_ms = int(spec.option("open_timeout_ms", 10000))
+        self.read_timeout_ms = int(spec.option("read_timeout_ms", 5000))
+        default_watchdog = max(self.open_timeout_ms, self.read_timeout_ms) / 1000.0 + 5.0
+        self.watchdog_s = float(spec.option("watchdog_s", default_watchdog))
+        self.backoff = Backoff(float(spec.option("backoff_initial_s", 0.5)), float(spec.option("backoff_max_s", 30.0)))
+        self.finished = threading.Event()
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._grabber: _Grabber | None = None
+        self._pass = 0
+        self._frame_index = 0  # next frame index of the current pass (files): survives reconnects
+        self._live_throttle = Throttle(spec.max_fps)
+
+    # -- opening ---------------------------------------------------------------------------------------------
+    def _target(self) -> tuple[int | str, int]:
+        uri = str(self.spec.uri)
+        backend_name = self.spec.option("backend")
+        api = getattr(cv2, f"CAP_{str(backend_name).upper()}") if backend_name else cv2.CAP_ANY
+        if self.kind == "camera":
+            if uri.isdigit():
+                return int(uri), api
+            if api == cv2.CAP_ANY and uri.startswith("/dev/video"):
+                api = cv2.CAP_V4L2
+        if self.kind in ("rtsp", "http", "video") and api == cv2.CAP_ANY:
+            api = cv2.CAP_FFMPEG
+        return uri, api
+
+    def _open(self) -> cv2.VideoCapture:
+        target, api = self._target()
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.open_timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                  self.read_timeout_ms]
+        cap = cv2.VideoCapture(target, api, params)
+        if not cap.isOpened():
+            cap.release()
+            if self.is_file and not os.path.exists(str(target)):
+                raise OSError(f"video file {target} does not exist")
+            raise OSError(f"cannot open {self.kind} {target!r}")
+        if self.kind == "camera":
+            for option, prop in (("width", cv2.CAP_PROP_FRAME_WIDTH), ("height", cv2.CAP_PROP_FRAME_HEIGHT),
+                                 ("fps", cv2.CAP_PROP_FPS)):
+                if self.spec.option(option):
+                    cap.set(prop, float(self.spec.option(option)))
+        if self.is_file and self._frame_index:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, self._frame_index)  # resume after a reconnect
+        return cap
+
+    # -- grabber thread --------------------------------------------------------------------------------------
+    def _current(self, grabber: _Grabber) -> bool:
+        return grabber.generation == self._generation and not self._stop_event.is_set()
+
+    def _grab_loop(self, grabber: _Grabber) -> None:
+        cap: cv2.VideoCapture | None = None
+        try:
+            cap = self._open()
+            if not self._current(grabber):
+                return
+            grabber.phase = "reading"
+            grabber.progress_at = time.monotonic()
+            self._set_status(SourceStatus.ONLINE)
+            self.backoff.reset()
+            while self._current(grabber):
+                if self.is_file:
+                    ok, bgr = cap.read()
+                    if not ok:
+                        grabber.phase = "ended"
+                        return
+                else:
+                    if not cap.grab():
+                        raise OSError(f"read from {self.kind} {self.spec.uri!r} failed or timed out")
+                    grabber.progress_at = time.monotonic()
+                    if not self._live_throttle.ready():
+                        self.counters.incr("frames_skipped")
+                        continue
+                    ok, bgr = cap.retrieve()
+                    if not ok:
+                        raise OSError(f"cannot decode a frame from {self.kind} {self.spec.uri!r}")
+                    self._live_throttle.mark()
+                if not self._current(grabber):
+                    return
+                grabber.phase = "waiting"
+                if self._emit(self._make_frame(bgr), throttle=self.is_file) and self.is_file:
+                    self._frame_index += 1
+                grabber.progress_at, grabber.phase = time.monotonic(), "reading"
+        except Exception as exc:
+            grabber.phase = "failed"
+            grabber.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else str(exc)
+        finally:
+            if cap is not None:
+                cap.release()
+
+    def _make_frame(self, bgr: np.ndarray) -> Frame:
+        if bgr.ndim == 2:
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_GRAY2RGB)
+        else:
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB if bgr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        meta = self._base_meta()
+        if self.is_file:
+            index = self._frame_index
+            name = os.path.basename(str(self.spec.uri))
+            pass_tag = f"#{self._pass}" if self._pass else ""
+            frame_id = f"{self.id}:{name}{pass_tag}:{index}"
+            meta.update(frame_index=index, loop_pass=self._pass)
+            label = f"{self.spec.uri}[{index}]"
+        else:
+            frame_id = f"{self.id}:{uuid.uuid4().hex}"
+            label = f"{self.spec.uri}@{frame_id.rsplit(':', 1)[-1][:8]}"
+        return Frame(frame_id=frame_id, source_id=self.id, captured_at=utc_now(), image=rgb, name=label, meta=meta)
+
+    # -- supervisor (the source thread) ----------------------------------------------------------------------
+    def _start_grabber(self) -> _Grabber:
+        with self._lock:
+            self._generation += 1
+            grabber = _Grabber(self._generation, None, time.monotonic())  # type: ignore[arg-type]
+            grabber.thread = threading.Thread(target=self._grab_loop, args=(grabber,),
+                                              name=f"grabber-{self.id}-{grabber.generation}", daemon=True)
+            self._grabber = grabber
+        grabber.thread.start()
+        return grabber
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop_event.is_set():
+            if attempt:
+                self.counters.incr("reconnects")
+            attempt += 1
+            grabber = self._start_grabber()
+            while grabber.thread.is_alive() and not self._stop_event.is_set():
+                grabber.thread.join(0.2)
+                if grabber.phase not in ("opening", "reading"):
+                    continue  # waiting on max_fps or a full queue is not being stuck
+                limit = self.watchdog_s if grabber.phase == "reading" else self.watchdog_s + self.open_timeout_ms / 1000
+                if time.monotonic() - grabber.progress_at > limit:
+                    grabber.phase = "failed"
+                    grabber.error = f"no progress for {limit:.1f}s (watchdog)"
+                    with self._lock:
+                        self._generation += 1  # the stuck thread exits and releases its capture when it wakes
+                    break
+            if self._stop_event.is_set():
+                break
+            if grabber.phase == "ended":
+                if self.loop:
+                    self._pass += 1
+                    self._frame_index = 0
+                    attempt = 0
+                    continue
+                self.finished.set()
+                self.log.info("video %s finished after %d frames", self.spec.uri, self._frame_index)
+                return
+            self._error(grabber.error or "capture stopped")
+            self._set_status(SourceStatus.OFFLINE)
+            self._stop_event.wait(self.backoff.next())
+
+    def stop(self, timeout: float = 5.0) -> None:
+        super().stop(timeout)
+        grabber = self._grabber
+        if grabber is not None and grabber.thread.is_alive():
+            grabber.thread.join(max(0.1, min(timeout, 1.0)))

@@ -1,0 +1,203 @@
+"""Pipeline throughput and latency with a constant-output detector (no model cost): where does the time go?
+
+Phase 1 (throughput): N 640x480 JPEGs already in a folder inbox, the full daemon (Service: folder source,
+SQLite, artifacts, MQTT to a local Mosquitto when one is installed) runs until all are committed; frames/s.
+Phase 2 (latency): frames fed at a steady rate (half the measured throughput) into the pipeline; p50/p99 from
+the frame's creation to its committed row. 10% of the frames are anomalous (alerts through the outbox).
+
+    python bench/bench_pipeline.py [--frames 1000] [--image-size 518] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
+from daemon.config import load_config
+from daemon.service import Service
+
+
+@dataclass
+class _Prediction:
+    scores: torch.Tensor
+    maps: torch.Tensor
+
+
+class MarkerDetector:
+    """Constant output, except frames whose top-left pixel is bright (10% of them) score 0.9."""
+
+    name = "constant"
+    version = "bench"
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+        self.device = torch.device("cpu")
+
+    def predict(self, images: torch.Tensor, class_names=None) -> _Prediction:
+        flagged = images[:, 0, 0, 0] > 1.0
+        scores = torch.where(flagged, 0.9, 0.1).float()
+        maps = torch.full((images.shape[0], self.image_size, self.image_size), 0.1)
+        maps[flagged, : self.image_size // 8, : self.image_size // 8] = 0.9
+        return _Prediction(scores, maps)
+
+
+def make_jpegs(count: int, rng: np.random.Generator) -> list[bytes]:
+    base = (rng.random((480, 640, 3)) * 120).astype(np.uint8)
+    frames = []
+    for index in range(count):
+        image = np.roll(base, index * 7, axis=1)
+        image[:16, :16] = 255 if index % 10 == 0 else 0
+        _ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        frames.append(jpeg.tobytes())
+    return frames
+
+
+def config_text(root: Path, args, mqtt_port: int | None) -> str:
+    mqtt = f'host = "127.0.0.1"\nport = {mqtt_port}' if mqtt_port else "enabled = false"
+    return f"""
+[runtime]
+max_batch_size = {args.batch}
+max_batch_delay_ms = 10
+queue_size = 64
+decode_threads = {args.decode_threads}
+persist_threads = {args.persist_threads}
+[[sources]]
+id = "bench"
+kind = "folder"
+uri = "inbox"
+threshold = 0.5
+settle_s = 0.0
+poll_interval_s = 0.05
+after = "delete"
+[mqtt]
+{mqtt}
+[database]
+url = "sqlite:///var/bench.db"
+[storage]
+dir = "var/artifacts"
+[api]
+enabled = false
+"""
+
+
+class _PacedSource:
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self.id, self.line, self.class_name, self.threshold = "paced", "bench", None, 0.5
+        self.counters = SourceCounters()
+        self.queue = FrameQueue(10_000, "all", self.counters)
+        self.status = SourceStatus.ONLINE
+        self.on_status = None
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+def report_stages(pipeline, wall: float, frames: int) -> None:
+    print("  where the time goes (seconds summed over threads, per frame):")
+    for stage, (seconds, count) in sorted(pipeline.stage_times.snapshot().items()):
+        print(f"    {stage:12s} {1000 * seconds / max(count, 1):7.2f} ms/frame   total {seconds:7.2f} s")
+    print(f"    model worker {pipeline.worker.batches} batches, mean size {frames / max(pipeline.worker.batches, 1):.1f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=518)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--persist-threads", type=int, default=2)
+    parser.add_argument("--no-mqtt", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    jpegs = make_jpegs(args.frames, rng)
+    broker = None
+    if not args.no_mqtt:
+        try:
+            from tests.services import Mosquitto
+
+            broker = Mosquitto()
+            broker.start()
+        except Exception as exc:  # no broker: the outbox keeps the alerts
+            print(f"(no MQTT broker: {exc})")
+            broker = None
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "inbox").mkdir()
+        (root / "config.toml").write_text(config_text(root, args, broker.port if broker else None))
+        for index, data in enumerate(jpegs):
+            (root / "inbox" / f"{index:06d}.jpg").write_bytes(data)
+        settings = load_config(root / "config.toml", environ={})
+        service = Service(settings, detector=MarkerDetector(args.image_size))
+        started = time.monotonic()
+        service.start()
+        while service.pipeline.processed + service.pipeline.rejected < args.frames:
+            time.sleep(0.01)
+        wall = time.monotonic() - started
+        flushed_at = time.monotonic()
+        if service.publisher is not None:
+            service.publisher.flush(60)
+        publish_wait = time.monotonic() - flushed_at
+        throughput = args.frames / wall
+        print(f"throughput: {args.frames} frames 640x480 JPEG, model input {args.image_size}px, batch {args.batch}: "
+              f"{wall:.2f} s, {throughput:.1f} frames/s (incl. start-up); outbox flushed {publish_wait:.2f} s later")
+        report_stages(service.pipeline, wall, args.frames)
+        service.stop()
+
+        # Phase 2: steady rate, latency from frame creation to committed row.
+        rate = max(1.0, throughput * 0.5)
+        count = min(args.frames, int(rate * 5))
+        (root / "paced").mkdir()
+        settings = load_config(root / "config.toml", environ={}, overrides={
+            "sources": [], "database": {"url": "sqlite:///var/paced.db"}, "mqtt": {"enabled": False}})
+        source = _PacedSource()
+        service = Service(settings, detector=MarkerDetector(args.image_size), sources=[source])
+        service.start()
+        latencies: list[float] = []
+        lock = threading.Lock()
+        created: dict[str, float] = {}
+
+        def on_result(row, _created) -> None:
+            with lock:
+                latencies.append(time.monotonic() - created[row.frame_id])
+
+        service.pipeline.on_result = on_result
+        next_at = time.monotonic()
+        for index in range(count):
+            frame_id = f"paced-{index}"
+            created[frame_id] = time.monotonic()
+            source.queue.put(Frame(frame_id=frame_id, source_id="paced", captured_at=datetime.now(timezone.utc),
+                                   data=jpegs[index % len(jpegs)], name=frame_id, meta={"line": "bench"}))
+            next_at += 1.0 / rate
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        while len(latencies) < count:
+            time.sleep(0.01)
+        service.stop()
+        p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+        print(f"latency at {rate:.0f} frames/s ({count} frames): p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+              "(frame created → row committed)")
+    if broker is not None:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

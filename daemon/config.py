@@ -1,0 +1,451 @@
+"""The daemon's configuration: `config.toml` plus `ANOMALYD_<SECTION>__<KEY>` environment overrides.
+
+`load_config(path)` reads the TOML file, layers the environment on top (the environment wins), validates every
+section with pydantic (unknown keys are errors that name the key), resolves relative paths against the config
+file's directory and reads secrets given as files (`password_file = "/run/secrets/mqtt"`). Secrets are
+`SecretStr`, so they never show up in logs or reprs.
+
+Environment values are parsed as JSON when they look like JSON (lists, tables, numbers, booleans), e.g.
+`ANOMALYD_RUNTIME__MAX_BATCH_SIZE=16` or `ANOMALYD_SOURCES='[{"id": "cam1", "kind": "folder", "uri": "in"}]'`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "ANOMALYD_"
+ENV_DELIMITER = "__"
+
+
+class ConfigError(ValueError):
+    """An unusable configuration; the message names the file and every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{key}: cannot read secret file {path}: {exc.strerror or exc}") from exc
+
+
+class ModelConfig(_Section):
+    name: Literal["anomalyclip", "adaclip", "clip", "winclip"] = "anomalyclip"
+    backbone: str = "ViT-L-14-336"
+    backbone_config: str | None = None
+    prompts: str | None = None
+    layers: list[int] = Field(default_factory=lambda: [24])
+    image_size: int = Field(518, ge=32, le=4096)
+    class_name: str | None = None
+    reference_preprocessing: bool = False
+
+
+class RuntimeConfig(_Section):
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_batch_delay_ms: float = Field(20.0, ge=0, le=60_000)
+    queue_size: int = Field(64, ge=1)
+    decode_threads: int = Field(2, ge=1, le=64)
+    persist_threads: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=1, le=64, description="model worker threads (one per device)")
+    shutdown_grace_s: float = Field(20.0, gt=0)
+
+
+SourceKind = Literal["camera", "rtsp", "http", "video", "folder", "redis", "mqtt"]
+
+# Kind-specific keys a [[sources]] entry may carry next to the common ones (see adapters/sources/*); they are
+# moved into `options`. Anything else is an unknown key.
+SOURCE_OPTION_KEYS = frozenset({
+    "after", "backend", "backoff_initial_s", "backoff_max_s", "block_ms", "claim_idle_ms", "client_id",
+    "consumer", "count", "create", "group", "ignore", "keepalive", "loop", "open_timeout_ms", "password",
+    "poll_interval_s", "processed_dir", "qos", "read_timeout_ms", "receive_maximum", "recursive", "retry_s",
+    "session_expiry_s", "settle_s", "stream", "tls", "topics", "url", "username", "watchdog_s",
+})
+
+
+class SourceConfig(_Section):
+    """One `[[sources]]` entry; kind-specific options may sit next to the common keys or in an `options` table."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: SourceKind
+    uri: str = ""
+    line: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    max_fps: float | None = Field(None, ge=0)
+    policy: Literal["latest", "all"] | None = None
+    class_name: str | None = None
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    pixel_threshold: float | None = Field(None, ge=0.0, le=1.0, description="map threshold; default threshold")
+    enabled: bool = True
+    queue_size: int | None = Field(None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        options = dict(data.get("options") or {})
+        for key in [key for key in data if key in SOURCE_OPTION_KEYS and key not in cls.model_fields]:
+            options[key] = data.pop(key)
+        if options:
+            data["options"] = options
+        return data
+
+    @property
+    def map_threshold(self) -> float:
+        return self.threshold if self.pixel_threshold is None else self.pixel_threshold
+
+    def source_spec(self, base_dir: Path) -> dict[str, Any]:
+        """The mapping `adapters.sources.build_source` takes; a relative folder/video path is made absolute."""
+        uri = self.uri
+        if self.kind in ("folder", "video") and uri and "://" not in uri and not Path(uri).expanduser().is_absolute():
+            uri = str(base_dir / uri)
+        return {"id": self.id, "kind": self.kind, "uri": uri, "line": self.line, "max_fps": self.max_fps,
+                "policy": self.policy, "class_name": self.class_name, "threshold": self.threshold,
+                "enabled": self.enabled, "options": dict(self.options)}
+
+
+class TlsConfig(_Section):
+    enabled: bool = False
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    insecure: bool = False
+
+
+class MqttConfig(_Section):
+    enabled: bool = True
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: str | None = None
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    prefix: str = Field("anomalyd", min_length=1)
+    qos: Literal[0, 1, 2] = 1
+    inspection_qos: Literal[0, 1, 2] = 0
+    publish_inspections: bool = True
+    client_id: str | None = None
+    keepalive: int = Field(30, ge=5)
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    max_inflight: int = Field(100, ge=1)
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_flag(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
+class DatabaseConfig(_Section):
+    url: SecretStr = SecretStr("sqlite:///var/anomalyd.db")
+    url_file: str | None = None
+    echo: bool = False
+    pool_size: int = Field(5, ge=1)
+
+
+class StorageConfig(_Section):
+    dir: str = "var/artifacts"
+    retention_days: int | None = Field(90, ge=1)
+    save_frames: bool = True
+    jpeg_quality: int = Field(90, ge=10, le=100)
+
+
+class ApiToken(_Section):
+    name: str = Field(min_length=1)
+    role: Literal["viewer", "operator", "admin"] = "viewer"
+    token: SecretStr | None = None
+    token_file: str | None = None
+    token_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ApiToken:
+        if self.token is None and self.token_sha256 is None and self.token_file is None:
+            raise ValueError(f"api token {self.name!r}: give token, token_file or token_sha256")
+        return self
+
+    def matches(self, presented: str) -> bool:
+        """Constant-time comparison of a presented bearer token with this one."""
+        import hmac
+
+        digest = hashlib.sha256(presented.encode()).hexdigest()
+        if self.token_sha256 is not None:
+            return hmac.compare_digest(digest, self.token_sha256.lower())
+        assert self.token is not None
+        return hmac.compare_digest(digest, hashlib.sha256(self.token.get_secret_value().encode()).hexdigest())
+
+
+class ApiConfig(_Section):
+    enabled: bool = True
+    bind: str = Field("127.0.0.1:8080", pattern=r"^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
+    tokens: list[ApiToken] = Field(default_factory=list)
+    auth_health: bool = False
+    auth_metrics: bool = False
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.bind.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class RetrainingConfig(_Section):
+    enabled: bool = False
+    schedule: str = "0 3 * * *"
+    min_new_labels: int = Field(50, ge=1)
+    promotion: Literal["manual", "auto"] = "manual"
+    epochs: int = Field(15, ge=1)
+    output_dir: str = "var/models"
+
+
+class RedisConfig(_Section):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    url_file: str | None = None
+    stream: str = "anomalyd:frames"
+    group: str = "anomalyd-workers"
+    consumer: str | None = None
+    maxlen: int | None = Field(10_000, ge=1)
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with `load_config`, which also resolves paths and secret files."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        case_sensitive=False,
+        validate_assignment=True,
+    )
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    retraining: RetrainingConfig = Field(default_factory=RetrainingConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True, description="the config file's directory")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_ids(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        seen: set[str] = set()
+        for source in sources:
+            if source.id in seen:
+                raise ValueError(f"duplicate source id {source.id!r}")
+            seen.add(source.id)
+        return sources
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_config merges file and environment itself (so errors can say where a key came from);
+        # the init values are the merged result.
+        return (init_settings,)
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the config, made absolute against the config file's directory."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def database_url(self) -> str:
+        """The database URL with a relative SQLite path made absolute against the config directory."""
+        return resolve_sqlite_url(self.database.url.get_secret_value(), self.base_dir)
+
+    def source(self, source_id: str) -> SourceConfig:
+        for source in self.sources:
+            if source.id == source_id:
+                return source
+        raise KeyError(f"no source {source_id!r} in the configuration")
+
+
+def resolve_sqlite_url(url: str, base_dir: Path) -> str:
+    """`sqlite:///var/x.db` (relative) → `sqlite:////abs/base/var/x.db`; other URLs unchanged."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url == "sqlite://" or url.startswith("sqlite:///:memory:"):
+        return url
+    path_part, sep, query = url[len(prefix):].partition("?")
+    if not path_part or path_part.startswith("/"):
+        return url
+    absolute = (base_dir / path_part).resolve()
+    return f"{prefix}{absolute}{sep}{query}"
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+
+def _parse_env_value(raw: str) -> Any:
+    text = raw.strip()
+    if text[:1] in "[{" or text in ("true", "false", "null") or _looks_numeric(text):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`ANOMALYD_MQTT__HOST=x` → {"mqtt": {"host": "x"}}; keys are lower-cased."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in ("ANOMALYD_CONFIG", "ANOMALYD_SHARED_DIR"):
+            continue
+        parts = [part.lower() for part in name[len(ENV_PREFIX):].split(ENV_DELIMITER)]
+        if not all(parts):
+            continue
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            node[parts[-1]] = _parse_env_value(raw)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """('mqtt', 'hots') → "[mqtt].hots"; ('sources', 0, 'kind') → "[[sources]][0].kind"."""
+    if not loc:
+        return "(top level)"
+    head, *rest = loc
+    if head == "sources":
+        text = "[[sources]]"
+    elif head == "api" and rest[:1] == ["tokens"]:
+        text, rest = "[[api.tokens]]", rest[1:]
+    elif rest:
+        text = f"[{head}]"
+    else:
+        return str(head)
+    for part in rest:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for error in exc.errors():
+        where = _location(tuple(error["loc"]))
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key {where}")
+        else:
+            value = error.get("input")
+            shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+            lines.append(f"{origin}: {where}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _resolve_secret_files(data: dict[str, Any], base_dir: Path) -> None:
+    """`<key>_file` entries → the secret they point at (a value given directly wins over the file)."""
+    pairs = (("mqtt", "password"), ("database", "url"), ("redis", "url"))
+    for section, key in pairs:
+        table = data.get(section)
+        if isinstance(table, dict) and table.get(f"{key}_file") and table.get(key) is None:
+            table[key] = _read_secret_file(table[f"{key}_file"], base_dir, f"[{section}].{key}_file")
+    api = data.get("api")
+    if isinstance(api, dict):
+        for index, token in enumerate(api.get("tokens") or []):
+            if isinstance(token, dict) and token.get("token_file") and token.get("token") is None:
+                token["token"] = _read_secret_file(token["token_file"], base_dir, f"[[api.tokens]][{index}].token_file")
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read `path` (TOML; None = defaults only), apply environment overrides and `overrides`, validate.
+
+    Raises ConfigError naming the file and each bad key.
+    """
+    environ = os.environ if environ is None else environ
+    origin = "defaults"
+    data: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path).expanduser()
+        origin = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such configuration file") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        base_dir = path.resolve().parent
+    env = _env_overrides(environ)
+    if env:
+        origin = f"{origin} + environment" if path is not None else "environment"
+    data = _deep_merge(data, env)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    if "base_dir" in data:
+        raise ConfigError(f"{origin}: unknown key base_dir")
+    try:
+        _resolve_secret_files(data, base_dir)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from exc
+    try:
+        return Settings(**data, base_dir=base_dir)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origin)) from None

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the daemon (one registry per service, so tests can run several in a process).
+
+Names (the contract's list): frames in/dropped/rejected per source, queue depth, batch size, queue / inference /
+end-to-end latency histograms, alerts published / pending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _CallbackCollector(Collector):
+    """Values read at scrape time from the running objects (source counters, queue sizes, outbox)."""
+
+    def __init__(self, read: Callable[[], Iterable]) -> None:
+        self._read = read
+
+    def collect(self):
+        yield from self._read()
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.frames_in = Counter("anomalyd_frames_in", "Frames taken from the sources by the pipeline",
+                                 ["source"], registry=r)
+        self.frames_rejected = Counter("anomalyd_frames_rejected", "Frames that could not be decoded",
+                                       ["source"], registry=r)
+        self.frames_failed = Counter("anomalyd_frames_failed", "Frames left unprocessed after an internal error",
+                                     ["source", "stage"], registry=r)
+        self.inspections = Counter("anomalyd_inspections", "Inspections written", ["source", "result"], registry=r)
+        self.queue_depth = Gauge("anomalyd_queue_depth", "Items waiting in a pipeline queue", ["queue"], registry=r)
+        self.batch_size = Histogram("anomalyd_batch_size", "Frames per model batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_latency = Histogram("anomalyd_queue_latency_seconds",
+                                       "From capture to the start of the model batch", buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self.inference_latency = Histogram("anomalyd_inference_latency_seconds", "Model time per batch",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_latency = Histogram("anomalyd_decode_latency_seconds", "Decode + preprocess per frame",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.persist_latency = Histogram("anomalyd_persist_latency_seconds",
+                                         "Post-processing, artifacts and database per frame",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end_latency = Histogram("anomalyd_end_to_end_latency_seconds",
+                                            "From capture to the committed result", buckets=LATENCY_BUCKETS,
+                                            registry=r)
+        self.alerts_published = Counter("anomalyd_alerts_published", "Alerts acknowledged by the broker",
+                                        registry=r)
+        self.alerts_pending = Gauge("anomalyd_alerts_pending", "Alerts in the outbox not yet acknowledged",
+                                    registry=r)
+        self.model_swaps = Counter("anomalyd_model_swaps", "Detector swaps applied", registry=r)
+
+    def add_source_collector(self, sources: Callable[[], Iterable]) -> None:
+        """Per-source counters kept by the sources themselves (frames captured, dropped by policy)."""
+
+        def read():
+            captured = CounterMetricFamily("anomalyd_source_frames", "Frames produced by a source", labels=["source"])
+            dropped = CounterMetricFamily("anomalyd_frames_dropped", "Frames dropped by a source's queue policy",
+                                          labels=["source"])
+            online = GaugeMetricFamily("anomalyd_source_online", "1 when the source is online", labels=["source"])
+            for source in sources():
+                counts = _source_counts(source)
+                captured.add_metric([source.id], counts.get("frames", 0))
+                dropped.add_metric([source.id], counts.get("dropped", 0))
+                online.add_metric([source.id], 1.0 if _status_text(source) == "online" else 0.0)
+            yield captured
+            yield dropped
+            yield online
+
+        self.registry.register(_CallbackCollector(read))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _status_text(source) -> str:
+    status = getattr(source, "status", "")
+    return str(getattr(status, "value", status))
+
+
+def _source_counts(source) -> dict[str, float]:
+    """Frames produced and dropped, whatever shape the source's counters have."""
+    counters = getattr(source, "counters", None)
+    if counters is None:
+        return {}
+    if not isinstance(counters, dict):
+        counters = {k: v for k, v in vars(counters).items() if isinstance(v, int | float)}
+    frames = counters.get("frames", counters.get("captured", counters.get("frames_in", 0)))
+    queue = getattr(source, "queue", None)
+    dropped = counters.get("dropped", counters.get("frames_dropped", getattr(queue, "dropped", 0)))
+    return {"frames": float(frames or 0), "dropped": float(dropped or 0)}

@@ -1,0 +1,444 @@
+"""The inspection pipeline: sources → decode pool → DynamicBatcher → model worker → result writers.
+
+    source queues ──(fair round-robin intake)──► decode/preprocess threads ──► DynamicBatcher
+        ──► ModelWorker (detector.predict) ──► results queue ──► writer threads:
+            map at frame size, regions, artifacts (files first), one DB transaction (inspection + outbox alert),
+            per-frame MQTT message, frame.done(True)
+
+Every frame ends in exactly one of: an inspection row (done(True)), a rejected_frames row (done(True)), or
+done(False) (left to the source for redelivery: internal error or shutdown before it was processed).
+A crashed thread is logged and recorded in `errors` (readiness fails); nothing restarts silently.
+
+Inject any detector with `.name`, `.version`, `.image_size` and `.predict(images, class_names)` returning an
+object with `.scores` (B,) and `.maps` (B,S,S) tensors; the daemon builds it with `model.create_detector`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.db.models import Inspection
+from adapters.db.repository import inspection_by_frame_id, record_rejected, save_inspection
+from adapters.storage import ArtifactStore
+from daemon.batcher import DynamicBatcher
+from daemon.metrics import Metrics
+from daemon.results import alert_payload, extract_regions, inspection_payload, map_to_frame, topic
+from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame, SourceSettings
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class PipelineOptions:
+    max_batch_size: int = 8
+    max_batch_delay_s: float = 0.02
+    queue_size: int = 64  # batcher and results queue bound
+    decode_threads: int = 2
+    persist_threads: int = 1
+    min_region_area: int = 1
+    mqtt_prefix: str = "anomalyd"
+    alert_qos: int = 1
+    publish_inspections: bool = True
+    reference_preprocessing: bool = False
+
+
+class StageTimes:
+    """Cumulative seconds per stage (for the bench and logs)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            self.counts[stage] = self.counts.get(stage, 0) + 1
+
+    def snapshot(self) -> dict[str, tuple[float, int]]:
+        with self._lock:
+            return {stage: (self.seconds[stage], self.counts[stage]) for stage in self.seconds}
+
+
+def _default_transform(rgb: np.ndarray, size: int):
+    from model.preprocess import fast_transform
+
+    return fast_transform(rgb, size)
+
+
+def _reference_transform(rgb: np.ndarray, size: int):
+    from PIL import Image
+
+    from model.preprocess import reference_transform
+
+    return reference_transform(Image.fromarray(rgb), size)
+
+
+class Pipeline:
+    """Wires sources to the detector and the result writers. `start()`, then `stop(timeout)` to drain."""
+
+    def __init__(
+        self,
+        detector: DetectorLike,
+        sources: Sequence[Any],
+        sessions: sessionmaker[Session],
+        store: ArtifactStore,
+        *,
+        publisher: Any | None = None,  # adapters.mqtt.MqttPublisher
+        source_settings: dict[str, SourceSettings] | None = None,
+        options: PipelineOptions | None = None,
+        metrics: Metrics | None = None,
+        on_result: Callable[[Inspection, bool], None] | None = None,  # (row, created) after commit; tests/bench
+    ) -> None:
+        self.options = options or PipelineOptions()
+        self.sources = list(sources)
+        self.sessions = sessions
+        self.store = store
+        self.publisher = publisher
+        self.metrics = metrics or Metrics()
+        self.on_result = on_result
+        self.source_settings = dict(source_settings or {})
+        for source in self.sources:
+            self.source_settings.setdefault(source.id, SourceSettings(
+                id=source.id, line=getattr(source, "line", "default") or "default",
+                threshold=getattr(source, "threshold", None) or 0.5,
+                class_name=getattr(source, "class_name", None)))
+        self.transform = _reference_transform if self.options.reference_preprocessing else _default_transform
+        self.stage_times = StageTimes()
+        self.errors: list[str] = []
+        self.batcher: DynamicBatcher[PreparedFrame] = DynamicBatcher(
+            self.options.max_batch_size, self.options.max_batch_delay_s, maxsize=self.options.queue_size)
+        self.worker = ModelWorker(detector, self.batcher, self._to_writers, transform=self.transform,
+                                  on_failure=self._model_failed, on_batch=self._batch_done)
+        self._results: queue.Queue[Any] = queue.Queue(maxsize=self.options.queue_size)
+        self._decoders = ThreadPoolExecutor(self.options.decode_threads, thread_name_prefix="decode")
+        # Bounds frames between intake and batcher, so back-pressure reaches the source queues.
+        self._decode_slots = threading.BoundedSemaphore(self.options.decode_threads * 2)
+        self._intake_thread: threading.Thread | None = None
+        self._writer_threads: list[threading.Thread] = []
+        self._draining = threading.Event()
+        self._abort = threading.Event()
+        self._started = False
+        self.processed = 0
+        self.rejected = 0
+        self.failed = 0
+        self._count_lock = threading.Lock()
+
+    # --- public -------------------------------------------------------------------------------------------------
+
+    @property
+    def detector(self) -> DetectorLike:
+        return self.worker.detector
+
+    def swap_detector(self, detector: DetectorLike) -> threading.Event:
+        """Replace the detector between two batches (no frame dropped); the event is set once in use."""
+        event = self.worker.swap_detector(detector)
+        self.metrics.model_swaps.inc()
+        return event
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.worker.start()
+        for index in range(self.options.persist_threads):
+            thread = threading.Thread(target=self._guard(self._write_loop, f"writer-{index}"),
+                                      name=f"writer-{index}", daemon=True)
+            thread.start()
+            self._writer_threads.append(thread)
+        self._intake_thread = threading.Thread(target=self._guard(self._intake_loop, "intake"), name="intake",
+                                               daemon=True)
+        self._intake_thread.start()
+
+    def healthy(self) -> tuple[bool, list[str]]:
+        """False with reasons when a pipeline thread crashed or died."""
+        problems = list(self.errors)
+        if self.worker.crashed is not None:
+            problems.append(f"model worker crashed: {self.worker.crashed!r}")
+        if self._started and not self._draining.is_set():
+            if not self.worker.alive:
+                problems.append("model worker is not running")
+            if self._intake_thread is not None and not self._intake_thread.is_alive():
+                problems.append("intake thread is not running")
+            if any(not thread.is_alive() for thread in self._writer_threads):
+                problems.append("a writer thread is not running")
+        return (not problems, problems)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Drain: take what the (already stopped) sources queued, finish the batch in flight, write all results.
+
+        Returns True when everything was drained within `timeout`; otherwise frames still in source queues are
+        handed back with done(False) (the source redelivers them) and False is returned.
+        """
+        if not self._started:
+            return True
+        deadline = time.monotonic() + timeout
+        self._draining.set()
+        drained = True
+        if self._intake_thread is not None:
+            self._intake_thread.join(max(0.0, deadline - time.monotonic() - min(2.0, timeout / 4)))
+            if self._intake_thread.is_alive():
+                drained = False
+                self._abort.set()
+                self._intake_thread.join(1.0)
+        self._decoders.shutdown(wait=True)
+        self.batcher.close()
+        if not self.worker.join(max(0.1, deadline - time.monotonic())):
+            drained = False
+            log.warning("model worker still busy at the end of the drain")
+        for _ in self._writer_threads:
+            self._results.put(_STOP)
+        for thread in self._writer_threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+            if thread.is_alive():
+                drained = False
+        for source in self.sources:
+            for frame in source.queue.drain():
+                frame.done(False)
+                drained = False
+        return drained
+
+    # --- threads ------------------------------------------------------------------------------------------------
+
+    def _guard(self, target: Callable[[], None], name: str) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                self.errors.append(f"{name} crashed: {exc!r}")
+                log.exception("pipeline thread %s crashed", name)
+        return run
+
+    def _intake_loop(self) -> None:
+        """Fair round-robin over the source queues."""
+        single = len(self.sources) == 1
+        while not self._abort.is_set():
+            took = False
+            for source in self.sources:
+                frame = source.queue.get(timeout=0.05 if single else 0)
+                if frame is None:
+                    continue
+                took = True
+                self._submit(frame, source)
+                if self._abort.is_set():
+                    break
+            if not took:
+                if self._draining.is_set() and all(len(source.queue) == 0 for source in self.sources):
+                    return
+                if not single:
+                    time.sleep(0.002)
+        self._update_depth()
+
+    def _submit(self, frame: Any, source: Any) -> None:
+        settings = self.source_settings.get(frame.source_id) or self.source_settings[source.id]
+        self.metrics.frames_in.labels(settings.id).inc()
+        t_in = time.monotonic()
+        self._decode_slots.acquire()
+        try:
+            self._decoders.submit(self._prepare, frame, settings, t_in)
+        except RuntimeError:  # executor shut down: give the frame back
+            self._decode_slots.release()
+            frame.done(False)
+
+    def _prepare(self, frame: Any, settings: SourceSettings, t_in: float) -> None:
+        from model.preprocess import ImageDecodeError, decode_image
+
+        try:
+            started = time.monotonic()
+            try:
+                if frame.image is not None:
+                    rgb = _as_rgb8(frame.image, frame.name or frame.frame_id)
+                elif frame.data is not None:
+                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id)
+                else:
+                    raise ImageDecodeError(str(frame.meta.get("error") or "frame carries no image data"))
+            except ImageDecodeError as exc:
+                self._reject(frame, settings, str(exc))
+                return
+            size = int(self.worker.detector.image_size)
+            tensor = self.transform(rgb, size)
+            decoded = time.monotonic()
+            self.stage_times.add("decode", decoded - started)
+            self.metrics.decode_latency.observe(decoded - started)
+            item = PreparedFrame(frame, settings, rgb, tensor, size, t_in,
+                                 timings={"decoded_at": decoded, "intake_wait_s": started - t_in})
+            self.batcher.put(item)
+            self._update_depth()
+        except Exception as exc:
+            log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
+            self._fail([frame], settings.id, "decode", exc)
+        finally:
+            self._decode_slots.release()
+
+    def _to_writers(self, scored: ScoredFrame) -> None:
+        self._results.put(scored)
+        self._update_depth()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._results.get()
+            if item is _STOP:
+                return
+            try:
+                self._write(item)
+            except Exception as exc:
+                log.exception("cannot store the result of frame %s", item.prepared.frame.frame_id)
+                self._fail([item.prepared.frame], item.prepared.source.id, "persist", exc)
+
+    # --- results ------------------------------------------------------------------------------------------------
+
+    def _write(self, scored: ScoredFrame) -> None:
+        started = time.monotonic()
+        prepared = scored.prepared
+        frame, settings = prepared.frame, prepared.source
+        with self.sessions() as session:
+            existing = inspection_by_frame_id(session, frame.frame_id)
+        if existing is not None:  # redelivered after a commit: ack, no second row or alert
+            log.info("frame %s already inspected (#%d); acknowledging", frame.frame_id, existing.id)
+            frame.done(True)
+            if self.on_result is not None:
+                self.on_result(existing, False)
+            return
+        rgb = prepared.rgb
+        height, width = rgb.shape[:2]
+        threshold = float(settings.threshold)
+        frame_map = map_to_frame(scored.anomaly_map, width, height)
+        mask, regions = extract_regions(frame_map, settings.pixel_threshold, min_area=self.options.min_region_area)
+        is_anomalous = bool(scored.score >= threshold)
+        key = uuid.uuid4().hex
+        captured_at = _utc(frame.captured_at)
+        t_post = time.monotonic()
+        paths = self.store.write(key, captured_at, rgb=rgb, anomaly_map=frame_map, mask=mask,
+                                 frame_bytes=frame.data)
+        t_artifacts = time.monotonic()
+        region_dicts = [region.as_dict() for region in regions]
+        inspection = Inspection(
+            uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line, frame_name=frame.name or None,
+            captured_at=captured_at, processed_at=datetime.now(timezone.utc), model_version=scored.model_version,
+            score=float(scored.score), threshold=threshold, is_anomalous=is_anomalous, regions=region_dicts,
+            mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame, width=width, height=height,
+        )
+
+        def build_alert(row: Inspection) -> tuple[str, dict[str, Any], int] | None:
+            if not row.is_anomalous:
+                return None
+            payload = alert_payload(
+                inspection_id=row.id, frame_id=row.frame_id, captured_at=captured_at, source=row.source,
+                line=row.line, score=row.score or 0.0, threshold=threshold, model_version=row.model_version,
+                regions=region_dicts)
+            return topic(self.options.mqtt_prefix, row.line, row.source, "anomaly"), payload, self.options.alert_qos
+
+        saved = save_inspection(self.sessions, inspection, build_alert)
+        t_db = time.monotonic()
+        if not saved.created:
+            self.store.delete(paths)
+        frame.done(True)
+        row = saved.inspection
+        if saved.created:
+            if saved.alert is not None and self.publisher is not None:
+                self.publisher.notify()
+            if self.publisher is not None and self.options.publish_inspections:
+                import json
+
+                self.publisher.publish_event(
+                    topic(self.options.mqtt_prefix, row.line, row.source, "inspection"),
+                    json.dumps(inspection_payload(
+                        inspection_id=row.id, frame_id=row.frame_id, captured_at=captured_at, source=row.source,
+                        line=row.line, score=row.score or 0.0, is_anomalous=row.is_anomalous,
+                        model_version=row.model_version), separators=(",", ":")))
+        done = time.monotonic()
+        self.stage_times.add("postprocess", t_post - started)
+        self.stage_times.add("artifacts", t_artifacts - t_post)
+        self.stage_times.add("database", t_db - t_artifacts)
+        self.stage_times.add("publish", done - t_db)
+        self.stage_times.add("queue", prepared.timings.get("intake_wait_s", 0.0)
+                             + max(0.0, prepared.timings.get("scored_at", done) - prepared.timings["decoded_at"]
+                                   - prepared.timings.get("model_s", 0.0)))
+        self.stage_times.add("model", prepared.timings.get("model_s", 0.0))
+        self.metrics.persist_latency.observe(done - started)
+        self.metrics.end_to_end_latency.observe(max(0.0, (datetime.now(timezone.utc) - captured_at).total_seconds()))
+        self.metrics.inspections.labels(settings.id, "anomalous" if row.is_anomalous else "normal").inc()
+        with self._count_lock:
+            self.processed += 1
+        if self.on_result is not None:
+            self.on_result(row, saved.created)
+
+    def _reject(self, frame: Any, settings: SourceSettings, reason: str) -> None:
+        with self.sessions() as session:
+            existing = inspection_by_frame_id(session, frame.frame_id)
+        if existing is not None:  # e.g. a file re-listed after it was inspected and moved: not a bad frame
+            log.info("frame %s already inspected (#%d); ignoring the failed re-read: %s",
+                     frame.frame_id, existing.id, reason)
+            frame.done(True)
+            return
+        log.warning("rejected frame %s from %s: %s", frame.name or frame.frame_id, settings.id, reason)
+        try:
+            record_rejected(self.sessions, source=settings.id, frame_id=frame.frame_id, name=frame.name or None,
+                            reason=reason)
+        except Exception as exc:
+            log.exception("cannot record the rejected frame %s", frame.frame_id)
+            self._fail([frame], settings.id, "reject", exc)
+            return
+        self.metrics.frames_rejected.labels(settings.id).inc()
+        with self._count_lock:
+            self.rejected += 1
+        frame.done(True)
+
+    def _model_failed(self, items: list[PreparedFrame], exc: BaseException) -> None:
+        for item in items:
+            self._fail([item.frame], item.source.id, "model", exc)
+
+    def _fail(self, frames: list[Any], source_id: str, stage: str, exc: BaseException) -> None:
+        for frame in frames:
+            self.metrics.frames_failed.labels(source_id, stage).inc()
+            with self._count_lock:
+                self.failed += 1
+            frame.done(False)
+
+    def _batch_done(self, size: int, queue_wait: float, inference: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.queue_latency.observe(queue_wait)
+        self.metrics.inference_latency.observe(inference)
+        self._update_depth()
+
+    def _update_depth(self) -> None:
+        self.metrics.queue_depth.labels("batcher").set(len(self.batcher))
+        self.metrics.queue_depth.labels("results").set(self._results.qsize())
+        for source in self.sources:
+            self.metrics.queue_depth.labels(f"source:{source.id}").set(len(source.queue))
+
+
+def _utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+def _as_rgb8(image: np.ndarray, name: str) -> np.ndarray:
+    """An already-decoded frame (cameras, video) as RGB uint8 (H,W,3); gray and RGBA are converted."""
+    from model.preprocess import ImageDecodeError
+
+    array = np.asarray(image)
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise ImageDecodeError(f"{name}: unsupported pixel type {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return np.ascontiguousarray(array[:, :, :3])
+    raise ImageDecodeError(f"{name}: unsupported image shape {array.shape}")

@@ -1,0 +1,111 @@
+"""From a model output to what is stored and published: map at frame size, mask, regions, payloads.
+
+Regions are the 8-connected components of the thresholded anomaly map (at the frame's size), each with its
+bounding box, area in pixels and peak map value. The MQTT payloads follow the interface contract exactly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Region:
+    x: int
+    y: int
+    w: int
+    h: int
+    area: int
+    peak: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"x": self.x, "y": self.y, "w": self.w, "h": self.h, "area": self.area, "peak": round(self.peak, 6)}
+
+
+def map_to_frame(anomaly_map: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A model-space (S,S) map resized (bilinear) to the frame's (height, width), float32."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    if anomaly_map.shape == (height, width):
+        return anomaly_map
+    return cv2.resize(anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def threshold_mask(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels at or above `threshold` (bool)."""
+    return np.asarray(anomaly_map) >= threshold
+
+
+def extract_regions(
+    anomaly_map: np.ndarray, threshold: float, *, min_area: int = 1, max_regions: int = 50
+) -> tuple[np.ndarray, list[Region]]:
+    """Connected components (8-connectivity) of `anomaly_map >= threshold`.
+
+    Returns the binary mask (bool, same shape) and the regions, largest peak first, at most `max_regions`;
+    components smaller than `min_area` pixels are dropped from the list and the mask.
+    """
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    mask = threshold_mask(anomaly_map, threshold)
+    if not mask.any():
+        return mask, []
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    regions: list[Region] = []
+    small: list[int] = []
+    for index in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[index])
+        if area < min_area:
+            small.append(index)
+            continue
+        window = anomaly_map[y:y + h, x:x + w]
+        peak = float(window[labels[y:y + h, x:x + w] == index].max())
+        regions.append(Region(x=x, y=y, w=w, h=h, area=area, peak=peak))
+    if small:
+        mask &= ~np.isin(labels, small)
+    regions.sort(key=lambda region: (-region.peak, -region.area))
+    return mask, regions[:max_regions]
+
+
+def rfc3339(when: datetime) -> str:
+    """UTC, millisecond precision, `Z` suffix."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def topic(prefix: str, line: str, source: str, kind: str) -> str:
+    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly)."""
+    return f"{prefix}/{line}/{source}/{kind}"
+
+
+def inspection_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
+                       score: float, is_anomalous: bool, model_version: str) -> dict[str, Any]:
+    """The contract's per-frame message on `<prefix>/<line>/<source>/inspection`."""
+    return {
+        "id": inspection_id, "frame_id": frame_id, "ts": rfc3339(captured_at), "source": source, "line": line,
+        "score": round(float(score), 6), "is_anomalous": bool(is_anomalous), "model_version": model_version,
+    }
+
+
+def alert_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
+                  score: float, threshold: float, model_version: str, regions: list[dict[str, Any]],
+                  alert_id: str | None = None) -> dict[str, Any]:
+    """The contract's alert on `<prefix>/<line>/<source>/anomaly`; `id` is what consumers dedupe on."""
+    return {
+        "id": alert_id or str(uuid.uuid4()),
+        "inspection_id": inspection_id,
+        "frame_id": frame_id,
+        "ts": rfc3339(captured_at),
+        "source": source,
+        "line": line,
+        "score": round(float(score), 6),
+        "threshold": float(threshold),
+        "model_version": model_version,
+        "regions": regions,
+        "mask_url": f"/api/inspections/{inspection_id}/mask.png",
+        "heatmap_url": f"/api/inspections/{inspection_id}/heatmap.jpg",
+    }

@@ -1,0 +1,397 @@
+"""The daemon's lifecycle: build and start everything, serve until SIGTERM/SIGINT, drain and shut down.
+
+Start order: database (migrations), artifact store, MQTT publisher (asynchronous: an absent broker does not
+block), detector, pipeline, sources, HTTP server. Stop order (bounded by `runtime.shutdown_grace_s`): sources
+stop reading → the pipeline drains what they queued and finishes the batch in flight → the outbox is flushed
+while the broker is reachable → source statuses `offline` and `stopped` on `<prefix>/available` → HTTP server.
+
+Readiness: model loaded, database reachable, every pipeline thread alive; the broker state is reported, not
+required (alerts wait in the outbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from daemon.config import Settings
+from daemon.metrics import Metrics
+from daemon.pipeline import Pipeline, PipelineOptions
+from daemon.worker import SourceSettings
+
+log = logging.getLogger("anomalyd.service")
+
+ROLES = ("all", "worker", "capture")
+
+
+def build_detector(settings: Settings) -> Any:
+    """The detector from [model] + [runtime] (imports torch and the model code only here)."""
+    from model import create_detector
+
+    m, r = settings.model, settings.runtime
+    return create_detector(
+        m.name, backbone=_maybe_path(settings, m.backbone), backbone_config=_maybe_path(settings, m.backbone_config),
+        prompts=_maybe_path(settings, m.prompts), layers=tuple(m.layers), image_size=m.image_size,
+        device=r.device, dtype=r.dtype, class_name=m.class_name,
+    )
+
+
+def _maybe_path(settings: Settings, value: str | None) -> str | None:
+    """A config value that may be a file relative to the config file (else returned as is, e.g. a model name)."""
+    if value is None:
+        return None
+    candidate = settings.resolve(value)
+    return str(candidate) if candidate.exists() else value
+
+
+def mqtt_settings(settings: Settings, client_id: str | None = None) -> Any:
+    from adapters.mqtt import MqttSettings
+
+    m = settings.mqtt
+    password = m.password.get_secret_value() if m.password is not None else None
+    return MqttSettings(
+        host=m.host, port=m.port, username=m.username, password=password, prefix=m.prefix,
+        client_id=client_id or m.client_id or f"anomalyd-{socket.gethostname()}", keepalive=m.keepalive,
+        alert_qos=m.qos, inspection_qos=m.inspection_qos, tls=m.tls.enabled,
+        tls_ca_certs=str(settings.resolve(m.tls.ca_certs)) if m.tls.ca_certs else None,
+        tls_certfile=str(settings.resolve(m.tls.certfile)) if m.tls.certfile else None,
+        tls_keyfile=str(settings.resolve(m.tls.keyfile)) if m.tls.keyfile else None,
+        tls_insecure=m.tls.insecure, reconnect_min_s=m.reconnect_min_s, reconnect_max_s=m.reconnect_max_s,
+        max_inflight=m.max_inflight,
+    )
+
+
+class _ApiServer:
+    """uvicorn in a thread on a socket we bind ourselves (port 0 → any free port, known before serving)."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # the service owns the signals
+        self.thread = threading.Thread(target=self._serve, name="http", daemon=True)
+        self.crashed: BaseException | None = None
+
+    def _serve(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException as exc:
+            self.crashed = exc
+            log.exception("HTTP server crashed")
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+
+class Service:
+    """The whole daemon in one object (tests run it in-process).
+
+    detector: an already built Detector (tests, bench); or detector_factory(settings) → Detector; default
+    `build_detector`. sources: prebuilt FrameSource objects instead of the [[sources]] entries. routers: extra
+    FastAPI routers (the operator API).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        detector: Any | None = None,
+        detector_factory: Callable[[Settings], Any] | None = None,
+        role: str = "all",
+        sources: Sequence[Any] | None = None,
+        routers: Sequence[Any] = (),
+        serve_http: bool | None = None,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        self.settings = settings
+        self.role = role
+        self._detector = detector
+        self._detector_factory = detector_factory or build_detector
+        self._given_sources = list(sources) if sources is not None else None
+        self._routers = list(routers)
+        self.serve_http = settings.api.enabled if serve_http is None else serve_http
+        self.metrics = Metrics()
+        self.engine = None
+        self.sessions = None
+        self.store = None
+        self.publisher = None
+        self.pipeline: Pipeline | None = None
+        self.sources: list[Any] = []
+        self.api: _ApiServer | None = None
+        self.http_port: int | None = None
+        self._stop_requested = threading.Event()
+        self._stopped = False
+        self._capture_threads: list[threading.Thread] = []
+        self._errors: list[str] = []
+
+    # --- start --------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from adapters.db import make_engine, make_session_factory, upgrade
+        from adapters.storage import ArtifactStore, cleanup_stale_tmp
+
+        s = self.settings
+        if self.role != "capture":
+            self.engine = make_engine(s.database_url, echo=s.database.echo, pool_size=s.database.pool_size)
+            upgrade(self.engine)
+            self.sessions = make_session_factory(self.engine)
+            self.store = ArtifactStore(s.resolve(s.storage.dir), save_frames=s.storage.save_frames,
+                                       jpeg_quality=s.storage.jpeg_quality)
+            cleanup_stale_tmp(self.store.root)
+            log.info("database %s ready; artifacts under %s", self.engine.url.render_as_string(hide_password=True),
+                     self.store.root)
+        if s.mqtt.enabled and self.sessions is not None:
+            from adapters.mqtt import MqttPublisher
+
+            self.publisher = MqttPublisher(mqtt_settings(s), self.sessions,
+                                           on_alerts_sent=self.metrics.alerts_published.inc)
+            self.publisher.start()
+        self.sources = self._build_sources()
+        self.metrics.add_source_collector(lambda: self.sources)
+        if self.role == "capture":
+            self._start_capture_forwarding()
+        else:
+            detector = self._detector if self._detector is not None else self._detector_factory(s)
+            self._detector = detector
+            log.info("model %s version %s (input %d px) loaded", getattr(detector, "name", "?"),
+                     getattr(detector, "version", "?"), int(detector.image_size))
+            self.pipeline = Pipeline(
+                detector, self.sources, self.sessions, self.store, publisher=self.publisher,
+                source_settings=self._source_settings(), metrics=self.metrics,
+                options=PipelineOptions(
+                    max_batch_size=s.runtime.max_batch_size, max_batch_delay_s=s.runtime.max_batch_delay_ms / 1000,
+                    queue_size=s.runtime.queue_size, decode_threads=s.runtime.decode_threads,
+                    persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
+                    publish_inspections=s.mqtt.publish_inspections,
+                    reference_preprocessing=s.model.reference_preprocessing),
+            )
+            self.pipeline.start()
+        for source in self.sources:
+            source.start()
+            if self.publisher is not None and str(_status(source)) == "disabled":
+                self.publisher.publish_status(source.line, source.id, "disabled")
+        if self.serve_http:
+            self._start_http()
+        log.info("anomalyd running (role %s, %d sources)", self.role, len(self.sources))
+
+    def _source_settings(self) -> dict[str, SourceSettings]:
+        return {
+            cfg.id: SourceSettings(id=cfg.id, line=cfg.line, threshold=cfg.threshold,
+                                   map_threshold=cfg.pixel_threshold, class_name=cfg.class_name or
+                                   self.settings.model.class_name)
+            for cfg in self.settings.sources
+        }
+
+    def _build_sources(self) -> list[Any]:
+        if self._given_sources is not None:
+            for source in self._given_sources:
+                if self.publisher is not None and getattr(source, "on_status", None) is None:
+                    source.on_status = self._on_source_status
+            return self._given_sources
+        from adapters.sources import build_source
+
+        s = self.settings
+        built = []
+        for cfg in s.sources:
+            if self.role == "capture" and cfg.kind == "redis":
+                continue  # capture hosts feed the stream; they do not read it
+            mqtt_password = s.mqtt.password.get_secret_value() if s.mqtt.password else None
+            built.append(build_source(
+                cfg.source_spec(s.base_dir), queue_size=cfg.queue_size or s.runtime.queue_size,
+                redis_url=s.redis.url.get_secret_value(), redis_stream=s.redis.stream, redis_group=s.redis.group,
+                consumer_name=s.redis.consumer, mqtt_username=s.mqtt.username, mqtt_password=mqtt_password,
+                on_status=self._on_source_status if self.publisher is not None else None,
+            ))
+        return built
+
+    def _on_source_status(self, source: Any, status: Any) -> None:
+        if self.publisher is not None:
+            self.publisher.publish_status(source.line, source.id, str(getattr(status, "value", status)))
+
+    def _start_capture_forwarding(self) -> None:
+        """--role capture: frames go to the Redis stream that GPU workers read."""
+        from adapters.sources.redis_stream import RedisFrameWriter
+
+        s = self.settings
+        writer = RedisFrameWriter(s.redis.url.get_secret_value(), s.redis.stream, maxlen=s.redis.maxlen)
+
+        def forward(source: Any) -> None:
+            while not self._stop_requested.is_set() or len(source.queue):
+                frame = source.queue.get(timeout=0.2)
+                if frame is None:
+                    continue
+                try:
+                    writer.append_frame(frame)
+                except ValueError as exc:
+                    log.warning("cannot forward frame %s: %s", frame.name or frame.frame_id, exc)
+                    frame.done(True)
+                except Exception:
+                    log.exception("cannot forward frame %s to Redis", frame.frame_id)
+                    frame.done(False)
+                    time.sleep(1.0)
+                else:
+                    frame.done(True)
+                    self.metrics.frames_in.labels(source.id).inc()
+
+        for source in self.sources:
+            thread = threading.Thread(target=forward, args=(source,), name=f"forward-{source.id}", daemon=True)
+            thread.start()
+            self._capture_threads.append(thread)
+
+    def _start_http(self) -> None:
+        from daemon.app import AppState, create_app
+
+        state = AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
+                         sessions=self.sessions, store=self.store, service=self)
+        host, port = self.settings.api.host_port
+        self.api = _ApiServer(create_app(state, self._routers), host, port)
+        self.api.start()
+        self.http_port = self.api.port
+        log.info("HTTP API on http://%s:%d", host if ":" not in host else f"[{host}]", self.api.port)
+
+    # --- health -------------------------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        details: dict[str, Any] = {"role": self.role}
+        ok = True
+        if self.role != "capture":
+            details["model"] = {"loaded": self.pipeline is not None,
+                                "name": getattr(self._current_detector(), "name", None),
+                                "version": getattr(self._current_detector(), "version", None)}
+            ok &= self.pipeline is not None
+            try:
+                from adapters.db import count_pending_outbox, ping
+
+                ping(self.engine)
+                with self.sessions() as session:
+                    pending = count_pending_outbox(session)
+                details["database"] = {"reachable": True, "outbox_pending": pending}
+                self.metrics.alerts_pending.set(pending)
+            except Exception as exc:
+                ok = False
+                details["database"] = {"reachable": False, "error": str(exc).splitlines()[0][:300]}
+        if self.pipeline is not None:
+            healthy, problems = self.pipeline.healthy()
+            ok &= healthy
+            details["pipeline"] = {"healthy": healthy, "problems": problems, "processed": self.pipeline.processed,
+                                   "rejected": self.pipeline.rejected, "failed": self.pipeline.failed}
+        if self.publisher is not None:
+            state = self.publisher.state
+            details["mqtt"] = {"connected": state.connected, "error": state.last_error,
+                               "alerts_published": state.alerts_published}
+            if not state.connected:
+                details["mqtt"]["note"] = "broker unreachable: inspection continues, alerts wait in the outbox"
+            if self.publisher.crashed is not None:
+                ok = False
+                details["mqtt"]["relay_crashed"] = repr(self.publisher.crashed)
+        else:
+            details["mqtt"] = {"enabled": False}
+        details["sources"] = {source.id: str(_status(source)) for source in self.sources}
+        if self.api is not None and self.api.crashed is not None:
+            ok = False
+        if self._stop_requested.is_set():
+            ok = False
+            details["stopping"] = True
+        return bool(ok), details
+
+    def _current_detector(self) -> Any:
+        return self.pipeline.detector if self.pipeline is not None else self._detector
+
+    def swap_detector(self, detector: Any) -> threading.Event:
+        """Use a new detector from the next batch on (retraining/activation)."""
+        if self.pipeline is None:
+            raise RuntimeError("no pipeline in this role")
+        return self.pipeline.swap_detector(detector)
+
+    # --- stop ---------------------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def run(self, install_signals: bool = True) -> int:
+        """Start, then block until SIGTERM/SIGINT (or `request_stop()`), then stop. Returns the exit status."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self._stop_requested.set())
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        while not self._stop_requested.wait(1.0):
+            _, details = self.readiness()
+            problems = (details.get("pipeline") or {}).get("problems")
+            if problems and problems != self._errors:
+                self._errors = list(problems)
+                log.error("pipeline unhealthy: %s", "; ".join(problems))
+        log.info("stopping (grace %.0fs)", self.settings.runtime.shutdown_grace_s)
+        self.stop()  # frames not drained in time were handed back to their sources: still a clean exit
+        return 0
+
+    def stop(self) -> bool:
+        """Drain and shut down within runtime.shutdown_grace_s; True when nothing was left behind."""
+        if self._stopped:
+            return True
+        self._stopped = True
+        self._stop_requested.set()
+        grace = self.settings.runtime.shutdown_grace_s
+        deadline = time.monotonic() + grace
+        clean = True
+        per_source = max(0.5, min(5.0, grace / 4 / max(1, len(self.sources))))
+        for source in self.sources:
+            try:
+                source.stop(timeout=per_source)
+            except Exception:
+                log.exception("source %s failed to stop", source.id)
+        for thread in self._capture_threads:
+            thread.join(max(0.1, deadline - time.monotonic() - 1))
+        if self.pipeline is not None:
+            # Keep a quarter of the grace (at most 5 s) for the outbox flush and the goodbye messages.
+            reserve = min(5.0, grace / 4)
+            clean &= self.pipeline.stop(max(0.5, deadline - time.monotonic() - reserve))
+            log.info("pipeline drained: %d inspected, %d rejected, %d left for redelivery",
+                     self.pipeline.processed, self.pipeline.rejected, self.pipeline.failed)
+        if self.publisher is not None:
+            if self.publisher.state.connected:
+                flushed = self.publisher.flush(max(0.2, deadline - time.monotonic() - 1.0))
+                if not flushed:
+                    log.warning("%d alerts still in the outbox; they are published after the next start",
+                                self.publisher.pending())
+            else:
+                log.warning("MQTT broker unreachable at shutdown; %d alerts wait in the outbox",
+                            self.publisher.pending())
+            for source in self.sources:
+                if str(_status(source)) != "disabled":
+                    self.publisher.publish_status(source.line, source.id, "offline")
+            self.publisher.stop(timeout=max(0.2, min(2.0, deadline - time.monotonic())))
+        if self.api is not None:
+            self.api.stop(timeout=max(0.2, min(3.0, deadline - time.monotonic())))
+        if self.engine is not None:
+            self.engine.dispose()
+        log.info("anomalyd stopped")
+        return clean
+
+
+def _status(source: Any) -> str:
+    status = getattr(source, "status", "")
+    return str(getattr(status, "value", status))

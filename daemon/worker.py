@@ -1,0 +1,184 @@
+"""The model worker: one thread per device taking batches from the DynamicBatcher and running the detector.
+
+Items arrive decoded and preprocessed (`PreparedFrame.tensor`, made off this thread); the worker only stacks,
+predicts and hands `ScoredFrame`s to the sink (post-processing runs on other threads, so the model never waits on
+disk or database). `swap_detector(new)` takes effect between two batches: no frame is dropped or scored by a
+half-swapped model; frames prepared for another input size are re-transformed from their RGB array.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from daemon.batcher import DynamicBatcher
+
+log = logging.getLogger(__name__)
+
+
+class DetectorLike(Protocol):
+    name: str
+    version: str
+    image_size: int
+
+    def predict(self, images: Any, class_names: list[str] | None = None) -> Any: ...
+
+
+@dataclass
+class SourceSettings:
+    """Per-source post-processing settings (from the [[sources]] entry)."""
+
+    id: str
+    line: str = "default"
+    threshold: float = 0.5
+    map_threshold: float | None = None  # None: the image threshold
+    class_name: str | None = None
+
+    @property
+    def pixel_threshold(self) -> float:
+        return self.threshold if self.map_threshold is None else self.map_threshold
+
+
+@dataclass
+class PreparedFrame:
+    """A decoded frame on its way to the model."""
+
+    frame: Any  # adapters.sources.base.Frame
+    source: SourceSettings
+    rgb: np.ndarray  # RGB uint8 (H,W,3) at the frame's own size
+    tensor: Any  # torch.Tensor (3,S,S), normalised
+    size: int  # S the tensor was made for
+    t_in: float  # monotonic time the pipeline took the frame
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ScoredFrame:
+    prepared: PreparedFrame
+    score: float
+    anomaly_map: np.ndarray  # (S,S) float32 in model input space
+    model_version: str
+    model_name: str
+
+
+class ModelWorker:
+    """Runs `detector.predict` on batches; `sink(scored)` receives each result, `on_failure(items, exc)`
+    receives the frames of a batch the model failed on."""
+
+    def __init__(
+        self,
+        detector: DetectorLike,
+        batcher: DynamicBatcher[PreparedFrame],
+        sink: Callable[[ScoredFrame], None],
+        *,
+        transform: Callable[[np.ndarray, int], Any],
+        on_failure: Callable[[list[PreparedFrame], BaseException], None] | None = None,
+        on_batch: Callable[[int, float, float], None] | None = None,  # (size, queue_wait_s, inference_s)
+        name: str = "model-worker",
+    ) -> None:
+        self.detector = detector
+        self.batcher = batcher
+        self.sink = sink
+        self.transform = transform
+        self.on_failure = on_failure
+        self.on_batch = on_batch
+        self.name = name
+        self._pending: tuple[DetectorLike, threading.Event] | None = None
+        self._swap_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.crashed: BaseException | None = None
+        self.batches = 0
+        self.frames = 0
+        self.model_seconds = 0.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def swap_detector(self, detector: DetectorLike) -> threading.Event:
+        """Use `detector` from the next batch on; the returned event is set once it is in use."""
+        applied = threading.Event()
+        with self._swap_lock:
+            if self._pending is not None:
+                self._pending[1].set()  # superseded: the newer one wins
+            self._pending = (detector, applied)
+        if not self.alive:
+            self._apply_swap()
+        return applied
+
+    def _apply_swap(self) -> None:
+        with self._swap_lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            old = self.detector
+            self.detector = pending[0]
+            log.info("model swapped: %s %s -> %s %s", getattr(old, "name", "?"), getattr(old, "version", "?"),
+                     getattr(self.detector, "name", "?"), getattr(self.detector, "version", "?"))
+            pending[1].set()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self.batcher.get_batch(timeout=0.2)
+                self._apply_swap()
+                if not batch:
+                    if self.batcher.closed and len(self.batcher) == 0:
+                        return
+                    continue
+                self._process(batch)
+        except BaseException as exc:
+            self.crashed = exc
+            log.exception("%s crashed", self.name)
+            raise
+
+    def _process(self, batch: list[PreparedFrame]) -> None:
+        import torch
+
+        detector = self.detector
+        size = int(detector.image_size)
+        started = time.monotonic()
+        queue_wait = started - min(item.timings.get("decoded_at", item.t_in) for item in batch)
+        try:
+            tensors = [item.tensor if item.size == size else self.transform(item.rgb, size) for item in batch]
+            images = torch.stack(tensors)
+            names = [item.source.class_name for item in batch]
+            with torch.inference_mode():
+                prediction = detector.predict(images, class_names=names if any(names) else None)
+            scores = prediction.scores.detach().float().cpu().numpy().reshape(-1)
+            maps = prediction.maps.detach().float().cpu().numpy()
+            if scores.shape[0] != len(batch) or maps.shape[0] != len(batch):
+                raise RuntimeError(f"detector returned {scores.shape[0]} scores / {maps.shape[0]} maps "
+                                   f"for a batch of {len(batch)}")
+        except Exception as exc:
+            log.exception("model failed on a batch of %d frames", len(batch))
+            if self.on_failure is not None:
+                self.on_failure(batch, exc)
+            return
+        elapsed = time.monotonic() - started
+        self.batches += 1
+        self.frames += len(batch)
+        self.model_seconds += elapsed
+        if self.on_batch is not None:
+            self.on_batch(len(batch), queue_wait, elapsed)
+        version = str(getattr(detector, "version", "unknown"))
+        name = str(getattr(detector, "name", "unknown"))
+        for index, item in enumerate(batch):
+            item.timings["model_s"] = elapsed / len(batch)
+            item.timings["scored_at"] = time.monotonic()
+            self.sink(ScoredFrame(item, float(scores[index]), maps[index], version, name))

@@ -1,0 +1,333 @@
+"""Labelled inspection images for training and evaluating the detectors.
+
+Where the samples come from:
+- `load_meta`: the AnomalyCLIP/AdaCLIP `meta.json` format,
+  `{"train"|"test": {cls: [{"img_path", "mask_path", "cls_name", "specie_name", "anomaly"}]}}`, paths relative
+  to the dataset root. VisA, MPDD, BTAD, etc. are normally given this way: the official AnomalyCLIP and AdaCLIP
+  repositories ship a generator script per dataset that writes the meta.json.
+- `scan_folder`: plain layouts without a meta.json:
+  (a) MVTec-style `root/<category>/test/<defect>/*.png` with masks at
+      `root/<category>/ground_truth/<defect>/<stem>_mask.png`; root may also be one category folder. BTAD's layout
+      (`<category>/test/ok|ko`, masks `<category>/ground_truth/ko/<stem>.png|.bmp`) reads the same way.
+  (b) a plain folder `root/good/`, `root/<defect>/`, optional masks `root/ground_truth/<defect>/<stem>[_mask].png`;
+      the category is root's name.
+- `discover`: meta.json when given or present in root, else `scan_folder`.
+
+`InspectionDataset` turns samples into model inputs with the same semantics as the official loader: normals get an
+all-zero mask; anomalous images without a pixel annotation (image-level labels only) also get a zero mask, but are
+marked `has_mask=False` so that training uses only the global loss for them and pixel metrics leave them out.
+A sample that cannot be read comes back as an error item, and `collate_samples` moves those into the batch's
+`errors`, so one bad file never stops a training or evaluation run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from model.preprocess import (
+    ImageDecodeError,
+    decode_image,
+    fast_transform,
+    mask_transform,
+    open_pil,
+    reference_transform,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+# Folder names that hold defect-free images: MVTec/VisA/MPDD use "good", BTAD uses "ok".
+NORMAL_FOLDER_NAMES = frozenset({"good", "ok"})
+TRANSFORMS = ("reference", "fast")
+TransformName = Literal["reference", "fast"]
+
+
+class DatasetError(ValueError):
+    """A dataset description that cannot be used (missing root, malformed meta.json, unknown split, no images)."""
+
+
+class SampleError(ValueError):
+    """One sample that cannot be used (unreadable image or mask); the message names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image. `has_mask` is False for anomalous images that carry only an image-level label."""
+
+    path: Path
+    category: str
+    defect: str  # "good" for normals
+    label: int  # 0 normal, 1 anomalous
+    mask_path: Path | None
+    has_mask: bool
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+# --------------------------------------------------------------------------------------------- meta.json
+
+
+def load_meta(
+    root: str | Path, meta: str | Path | Mapping[str, Any] | None = None, split: str = "test"
+) -> list[Sample]:
+    """Samples of one split of an AnomalyCLIP/AdaCLIP meta.json (default `root/meta.json`), in file order.
+
+    `meta` may be a path (relative paths are taken from the current directory) or the already parsed dict.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root is not a directory")
+    if isinstance(meta, Mapping):
+        source, document = "<meta dict>", meta
+    else:
+        meta_path = Path(meta) if meta is not None else root / "meta.json"
+        source = str(meta_path)
+        try:
+            document = json.loads(meta_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise DatasetError(f"{meta_path}: meta.json not found") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"{meta_path}: not a readable meta.json ({exc})") from exc
+    if not isinstance(document, Mapping):
+        raise DatasetError(f"{source}: expected an object with splits at the top level")
+    if split not in document:
+        available = ", ".join(sorted(str(key) for key in document)) or "none"
+        raise DatasetError(f"{source}: no split {split!r}; available splits: {available}")
+    classes = document[split]
+    if not isinstance(classes, Mapping):
+        raise DatasetError(f"{source}: split {split!r} must map class names to lists of items")
+    samples: list[Sample] = []
+    for class_name, items in classes.items():
+        if not isinstance(items, list):
+            raise DatasetError(f"{source}: {split}/{class_name} must be a list of items")
+        for index, item in enumerate(items):
+            samples.append(
+                _meta_item(root, item, f"{source}: {split}/{class_name}[{index}]", str(class_name))
+            )
+    return samples
+
+
+def _meta_item(root: Path, item: Any, where: str, class_name: str) -> Sample:
+    if not isinstance(item, Mapping):
+        raise DatasetError(f"{where}: expected an object, got {type(item).__name__}")
+    missing = [key for key in ("img_path", "anomaly") if key not in item]
+    if missing:
+        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}")
+    try:
+        label = int(item["anomaly"])
+    except (TypeError, ValueError):
+        label = -1
+    if label not in (0, 1) or isinstance(item["anomaly"], str):
+        raise DatasetError(f"{where}: 'anomaly' must be 0 or 1, got {item['anomaly']!r}")
+    if not item["img_path"]:
+        raise DatasetError(f"{where}: empty 'img_path'")
+    category = str(item.get("cls_name") or class_name)
+    if label == 0:
+        return Sample(root / item["img_path"], category, "good", 0, None, True)
+    defect = str(item.get("specie_name") or "anomaly")
+    mask_name = item.get("mask_path") or ""
+    mask_path = root / mask_name if mask_name else None
+    # The official loader treats an empty mask_path or one naming a directory as "no pixel annotation".
+    if mask_path is None or mask_path.is_dir():
+        return Sample(root / item["img_path"], category, defect, 1, None, False)
+    # A named mask file that is missing is reported when the sample is loaded, not silently dropped.
+    return Sample(root / item["img_path"], category, defect, 1, mask_path, True)
+
+
+# --------------------------------------------------------------------------------------------- folders
+
+
+def scan_folder(root: str | Path, split: str = "test") -> list[Sample]:
+    """Samples from a folder layout without meta.json (see the module docstring), sorted by category, defect, name.
+
+    `split` picks `<category>/<split>/` in MVTec-style layouts (e.g. "train" for MVTec's `train/good`).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root is not a directory")
+    if (root / split).is_dir():  # root is one MVTec-style category
+        samples = _scan_category(root / split, root / "ground_truth", root.name)
+    else:
+        category_dirs = sorted(d for d in root.iterdir() if d.is_dir() and (d / split).is_dir())
+        if category_dirs:
+            samples = []
+            for category_dir in category_dirs:
+                samples += _scan_category(
+                    category_dir / split, category_dir / "ground_truth", category_dir.name
+                )
+        else:  # plain folder: root/good, root/<defect>, root/ground_truth/<defect>
+            samples = _scan_category(root, root / "ground_truth", root.name)
+    if not samples:
+        raise DatasetError(
+            f"{root}: no images found; expected <category>/{split}/<defect>/<image> (MVTec/BTAD style), "
+            f"{split}/<defect>/<image> inside one category, or good/ and <defect>/ folders of images"
+        )
+    return samples
+
+
+def _scan_category(images_dir: Path, masks_dir: Path, category: str) -> list[Sample]:
+    samples: list[Sample] = []
+    unmatched = 0
+    for defect_dir in sorted(d for d in images_dir.iterdir() if d.is_dir() and d.name != "ground_truth"):
+        images = sorted(p for p in defect_dir.iterdir() if is_image_file(p))
+        if defect_dir.name.lower() in NORMAL_FOLDER_NAMES:
+            samples += [Sample(p, category, "good", 0, None, True) for p in images]
+            continue
+        for image in images:
+            mask = _find_mask(masks_dir / defect_dir.name, image.stem)
+            unmatched += mask is None
+            samples.append(Sample(image, category, defect_dir.name, 1, mask, mask is not None))
+    if unmatched:
+        log.warning(
+            "%s: %d anomalous image(s) have no mask under %s; they count as image-level labels only",
+            category,
+            unmatched,
+            masks_dir,
+        )
+    return samples
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    if not folder.is_dir():
+        return None
+    for name in (f"{stem}_mask", stem):
+        for candidate in sorted(folder.glob(f"{name}.*")):
+            if is_image_file(candidate):
+                return candidate
+    return None
+
+
+def discover(
+    root: str | Path, meta: str | Path | Mapping[str, Any] | None = None, split: str = "test"
+) -> list[Sample]:
+    """meta.json when given or present in root, else a folder scan; raises DatasetError when nothing is found."""
+    root = Path(root)
+    if meta is not None or (root / "meta.json").is_file():
+        samples = load_meta(root, meta, split)
+    else:
+        samples = scan_folder(root, split)
+    if not samples:
+        raise DatasetError(f"{root}: split {split!r} has no samples")
+    return samples
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def check_transform(transform: str, image_size: int) -> None:
+    """Raise ValueError for an unknown transform name or a non-positive image size."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+
+
+def load_image(path: Path, image_size: int, transform: TransformName = "reference") -> torch.Tensor:
+    """A file → normalised model input (3,S,S); raises SampleError naming the file."""
+    try:
+        if transform == "reference":
+            return reference_transform(open_pil(path), image_size)
+        return fast_transform(decode_image(path), image_size)
+    except ImageDecodeError as exc:
+        raise SampleError(str(exc)) from exc
+
+
+def load_mask(sample: Sample, image_size: int) -> torch.Tensor:
+    """The sample's mask at the model size, float {0,1} (S,S): zeros for normals and image-level-only samples."""
+    if sample.label == 0 or not sample.has_mask or sample.mask_path is None:
+        return torch.zeros(image_size, image_size, dtype=torch.float32)
+    if not sample.mask_path.is_file():
+        raise SampleError(f"{sample.mask_path}: mask file of {sample.path} does not exist")
+    try:
+        return mask_transform(open_pil(sample.mask_path), image_size)
+    except ImageDecodeError as exc:
+        raise SampleError(f"mask of {sample.path}: {exc}") from exc
+
+
+def load_sample(
+    sample: Sample, image_size: int = 518, transform: TransformName = "reference"
+) -> dict[str, Any]:
+    """One sample as a dataset item (see InspectionDataset); raises SampleError when it cannot be used."""
+    check_transform(transform, image_size)
+    image = load_image(sample.path, image_size, transform)
+    mask = load_mask(sample, image_size)
+    return {
+        "image": image,
+        "mask": mask,
+        "label": int(sample.label),
+        "has_mask": bool(sample.has_mask),
+        "category": sample.category,
+        "defect": sample.defect,
+        "path": str(sample.path),
+    }
+
+
+def error_item(path: str | Path, message: str, image_size: int | None = None) -> dict[str, Any]:
+    """The item a dataset returns for a sample it cannot load (collate_samples moves it into `errors`)."""
+    item: dict[str, Any] = {"error": message, "path": str(path)}
+    if image_size is not None:
+        item["image_size"] = image_size  # lets an all-bad batch still have (0,3,S,S) images
+    return item
+
+
+class InspectionDataset(Dataset):
+    """Samples → `{"image": (3,S,S), "mask": (S,S) float {0,1}, "label", "has_mask", "category", "defect", "path"}`.
+
+    An unusable sample yields `{"error": message naming the file, "path": ...}` instead of raising: use
+    `collate_samples` as the DataLoader's collate_fn.
+    """
+
+    def __init__(
+        self, samples: Sequence[Sample], image_size: int = 518, transform: TransformName = "reference"
+    ):
+        check_transform(transform, image_size)
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        try:
+            return load_sample(sample, self.image_size, self.transform)
+        except SampleError as exc:
+            return error_item(sample.path, str(exc), self.image_size)
+
+
+def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack the good items of a batch; error items go to `errors` as (path, message).
+
+    Returns `image` (B,3,S,S), `mask` (B,S,S), `label` int64 (B,), `has_mask` bool (B,), and lists `category`,
+    `defect`, `path`, `errors`. An all-bad batch has B = 0.
+    """
+    good = [item for item in batch if "error" not in item]
+    errors = [(str(item.get("path", "?")), str(item["error"])) for item in batch if "error" in item]
+    if good:
+        images = torch.stack([item["image"] for item in good])
+        masks = torch.stack([item["mask"] for item in good])
+    else:
+        size = next((int(item["image_size"]) for item in batch if "image_size" in item), 0)
+        images = torch.zeros(0, 3, size, size)
+        masks = torch.zeros(0, size, size)
+    return {
+        "image": images,
+        "mask": masks,
+        "label": torch.tensor([int(item["label"]) for item in good], dtype=torch.int64),
+        "has_mask": torch.tensor([bool(item["has_mask"]) for item in good], dtype=torch.bool),
+        "category": [item["category"] for item in good],
+        "defect": [item.get("defect", "") for item in good],
+        "path": [item["path"] for item in good],
+        "errors": errors,
+    }

@@ -1,0 +1,139 @@
+"""Database on SQLite and PostgreSQL: migrations, idempotent results, alert in the same transaction, outbox."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import create_engine, func, inspect, select, text
+
+from adapters.db import (
+    Inspection,
+    InspectionFilter,
+    OutboxMessage,
+    RejectedFrame,
+    add_label,
+    count_pending_outbox,
+    current_revision,
+    head_revision,
+    list_inspections,
+    make_engine,
+    make_session_factory,
+    mark_outbox_sent,
+    pending_outbox,
+    record_rejected,
+    save_inspection,
+    upgrade,
+)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
+def engine(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/sub/test.db"
+    else:
+        url = create_pg_database(request.getfixturevalue("postgres").url)
+    engine = make_engine(url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def create_pg_database(server_url: str) -> str:
+    """A fresh database on the test server (by SQL: Postgres.create_database needs a createdb binary)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def make_inspection(frame_id: str, score: float = 0.9, anomalous: bool = True, source: str = "cam") -> Inspection:
+    return Inspection(frame_id=frame_id, source=source, line="l1", captured_at=datetime.now(timezone.utc),
+                      model_version="v1", score=score, threshold=0.5, is_anomalous=anomalous,
+                      regions=[{"x": 1, "y": 2, "w": 3, "h": 4, "area": 12, "peak": score}], mask_path="m.png")
+
+
+def alert_builder(row: Inspection):
+    if not row.is_anomalous:
+        return None
+    return "anomalyd/l1/cam/anomaly", {"id": str(uuid.uuid4()), "inspection_id": row.id}, 1
+
+
+def test_migrations_create_tables_and_reach_head(engine):
+    assert current_revision(engine) == head_revision()
+    names = set(inspect(engine).get_table_names())
+    assert {"inspections", "labels", "model_versions", "training_runs", "outbox", "rejected_frames"} <= names
+    indexes = {ix["name"] for ix in inspect(engine).get_indexes("inspections")}
+    assert {"ix_inspections_source_captured_at", "ix_inspections_score",
+            "ix_inspections_is_anomalous_captured_at"} <= indexes
+    upgrade(engine)  # idempotent
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert connection.execute(text("PRAGMA busy_timeout")).scalar() > 0
+
+
+def test_save_is_idempotent_on_frame_id(engine):
+    sessions = make_session_factory(engine)
+    first = save_inspection(sessions, make_inspection("f1"), alert_builder)
+    again = save_inspection(sessions, make_inspection("f1", score=0.1), alert_builder)
+    assert first.created and not again.created
+    assert again.inspection.id == first.inspection.id and again.inspection.score == pytest.approx(0.9)
+    assert again.alert is not None and again.alert.id == first.alert.id
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 1
+        assert session.scalar(select(func.count()).select_from(OutboxMessage)) == 1
+        stored = session.get(Inspection, first.inspection.id)
+        assert stored.regions[0]["area"] == 12 and stored.captured_at.tzinfo is not None
+
+
+def test_alert_is_in_the_same_transaction(engine):
+    sessions = make_session_factory(engine)
+
+    def broken_builder(row):
+        raise RuntimeError("payload failed")
+
+    with pytest.raises(RuntimeError):
+        save_inspection(sessions, make_inspection("f2"), broken_builder)
+    with sessions() as session:  # the inspection was rolled back with the alert
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 0
+    saved = save_inspection(sessions, make_inspection("f3", score=0.2, anomalous=False), alert_builder)
+    assert saved.created and saved.alert is None
+
+
+def test_outbox_pending_and_sent(engine):
+    sessions = make_session_factory(engine)
+    ids = [save_inspection(sessions, make_inspection(f"o{i}"), alert_builder).alert.id for i in range(3)]
+    with sessions() as session, session.begin():
+        pending = pending_outbox(session, limit=10)
+        assert [row.id for row in pending] == ids  # oldest first
+        assert [row.id for row in pending_outbox(session, exclude=[ids[0]])] == ids[1:]
+        assert mark_outbox_sent(session, ids[:2]) == 2
+        assert mark_outbox_sent(session, ids[:1]) == 0  # already sent
+    with sessions() as session:
+        assert count_pending_outbox(session) == 1
+
+
+def test_rejected_frames_and_queries(engine):
+    sessions = make_session_factory(engine)
+    row, created = record_rejected(sessions, source="cam", frame_id="bad1", name="x.png", reason="empty file")
+    again, created_again = record_rejected(sessions, source="cam", frame_id="bad1", name="x.png", reason="empty")
+    assert created and not created_again and again.id == row.id
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(RejectedFrame)) == 1
+    for i, score in enumerate([0.1, 0.7, 0.95]):
+        save_inspection(sessions, make_inspection(f"q{i}", score=score, anomalous=score >= 0.5,
+                                                  source="a" if i else "b"))
+    with sessions() as session, session.begin():
+        newest = list_inspections(session, limit=2)
+        assert [r.frame_id for r in newest] == ["q2", "q1"]
+        assert [r.frame_id for r in list_inspections(session, limit=2, before_id=newest[-1].id)] == ["q0"]
+        assert [r.frame_id for r in list_inspections(session, InspectionFilter(source="a", min_score=0.8))] == ["q2"]
+        assert [r.frame_id for r in list_inspections(session, InspectionFilter(anomalous=False))] == ["q0"]
+        add_label(session, newest[0].id, "normal", author="op")
+    with sessions() as session:
+        assert [r.frame_id for r in list_inspections(session, InspectionFilter(label="normal"))] == ["q2"]
+        assert {r.frame_id for r in list_inspections(session, InspectionFilter(label="none"))} == {"q0", "q1"}

@@ -1,0 +1,132 @@
+"""OpenCV capture source: video files (every frame, in order, RGB; loop), unreachable streams (offline,
+capped reconnect backoff, prompt stop)."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from adapters.sources import build_source
+from tests.services import free_port
+
+N_FRAMES = 8
+
+
+def red_level(i: int) -> int:
+    return 20 + 25 * i
+
+
+@pytest.fixture
+def video_path(tmp_path):
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    assert writer.isOpened()
+    for i in range(N_FRAMES):
+        bgr = np.zeros((48, 64, 3), np.uint8)
+        bgr[..., 2] = red_level(i)  # red in BGR order
+        bgr[..., 0] = 200  # blue
+        writer.write(bgr)
+    writer.release()
+    return path
+
+
+def wait_until(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_video_file_emits_every_frame_in_order_as_rgb(video_path):
+    statuses = []
+    source = build_source({"id": "vid", "kind": "video", "uri": str(video_path), "line": "L2"}, queue_size=2,
+                          on_status=lambda s, st: statuses.append(st.value))
+    assert source.queue.policy == "all"
+    source.start()
+    try:
+        frames = [source.queue.get(timeout=20) for _ in range(N_FRAMES)]  # queue of 2: back-pressure, no drops
+        assert all(f is not None for f in frames)
+        assert source.finished.wait(20)
+    finally:
+        source.stop()
+    assert [f.frame_id for f in frames] == [f"vid:clip.avi:{i}" for i in range(N_FRAMES)]
+    for i, frame in enumerate(frames):
+        assert frame.image.shape == (48, 64, 3) and frame.image.dtype == np.uint8
+        red, _, blue = frame.image.reshape(-1, 3).mean(axis=0)
+        assert abs(red - red_level(i)) < 8 and abs(blue - 200) < 8  # RGB order
+        assert frame.meta["line"] == "L2" and frame.meta["frame_index"] == i
+    assert source.queue.get(timeout=0) is None
+    assert source.counters.frames_in == N_FRAMES and source.counters.frames_dropped == 0
+    assert statuses[0] == "online" and statuses[-1] == "offline"
+    assert source.status.value == "offline"
+
+
+def test_video_loop_gives_new_ids_per_pass(video_path):
+    source = build_source({"id": "vid", "kind": "video", "uri": str(video_path), "loop": True}, queue_size=4)
+    source.start()
+    try:
+        ids = [source.queue.get(timeout=20).frame_id for _ in range(N_FRAMES + 2)]
+    finally:
+        source.stop()
+    assert ids[N_FRAMES - 1] == f"vid:clip.avi:{N_FRAMES - 1}"
+    assert ids[N_FRAMES:] == ["vid:clip.avi#1:0", "vid:clip.avi#1:1"]
+    assert not source.finished.is_set()
+
+
+def test_unreachable_rtsp_goes_offline_and_reconnects_with_capped_backoff():
+    url = f"rtsp://127.0.0.1:{free_port()}/x"
+    source = build_source({"id": "cam", "kind": "rtsp", "uri": url, "backoff_initial_s": 0.05,
+                           "backoff_max_s": 0.2, "open_timeout_ms": 2000})
+    assert source.queue.policy == "latest"
+    source.start()
+    try:
+        assert wait_until(lambda: source.counters.reconnects >= 4), source.counters
+        assert source.status.value == "offline"
+        assert source.counters.errors >= 4 and "cannot open rtsp" in source.last_error
+        assert source.backoff.current == 0.2  # 0.05, 0.1, 0.2, 0.2: capped
+    finally:
+        source.stop(timeout=5)
+    assert not source.running
+    assert source.queue.get(timeout=0) is None
+
+
+def test_missing_video_file_is_an_error_not_a_crash(tmp_path):
+    source = build_source({"id": "vid", "kind": "video", "uri": str(tmp_path / "nope.avi"),
+                           "backoff_initial_s": 0.05, "backoff_max_s": 0.1})
+    source.start()
+    try:
+        assert wait_until(lambda: source.counters.errors >= 2)
+        assert "does not exist" in source.last_error and "nope.avi" in source.last_error
+    finally:
+        source.stop()
+    assert not source.running
+
+
+def test_watchdog_replaces_a_stuck_grabber(video_path, monkeypatch):
+    """A backend call that hangs despite the timeouts: the source goes offline and starts a fresh grabber."""
+    from adapters.sources import opencv_capture
+
+    hang = [True]
+    real_open = opencv_capture.OpenCVCaptureSource._open
+
+    def open_or_hang(self):
+        if hang[0]:
+            hang[0] = False
+            time.sleep(3)  # stuck (longer than the watchdog below)
+        return real_open(self)
+
+    monkeypatch.setattr(opencv_capture.OpenCVCaptureSource, "_open", open_or_hang)
+    source = build_source({"id": "vid", "kind": "video", "uri": str(video_path), "watchdog_s": 0.3,
+                           "open_timeout_ms": 200, "backoff_initial_s": 0.05})
+    source.start()
+    try:
+        first = source.queue.get(timeout=20)
+        assert first is not None and first.frame_id == "vid:clip.avi:0"
+        assert source.counters.reconnects == 1 and "watchdog" in source.last_error
+    finally:
+        source.stop()
