@@ -84,7 +84,7 @@ def download(url: str, target: Path, *, timeout: float = 60.0, progress: bool = 
 
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - fixed https URLs
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as tmp, tqdm(
                 total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress

@@ -2,22 +2,32 @@
 
 `create_app(state)` builds the app around an `AppState` (stored as `app.state.anomalyd`), which the
 routers reach through the `get_state` dependency. `require_role("viewer"|"operator"|"admin")` is the Bearer-token
-dependency (`[[api.tokens]]`): missing/unknown token → 401, insufficient role → 403.
+dependency (`[[api.tokens]]`): missing/unknown token → 401, insufficient role → 403. Tokens are compared as
+SHA-256 digests in constant time (`ApiToken.matches`), every configured token checked whatever matches first.
+
+The operator UI (plain HTML/JS/CSS from `daemon/static/`, no build step) is served at `/`; the OpenAPI schema
+at `/openapi.json` (also `/api/openapi.json`) with interactive docs at `/docs`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon.metrics import Metrics
 
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Declares the Bearer scheme in the OpenAPI schema (the docs' "Authorize" button); checking is ours (401, not 403).
+_bearer = HTTPBearer(auto_error=False, description="a token from [[api.tokens]]")
 
 
 @dataclass
@@ -43,17 +53,19 @@ def _token_role(state: AppState, request: Request) -> tuple[str, str] | None:
     if scheme.lower() != "bearer" or not presented.strip():
         return None
     tokens = getattr(getattr(state.settings, "api", None), "tokens", None) or []
-    for token in tokens:
-        if token.matches(presented.strip()):
-            return token.name, token.role
-    return None
+    found = None
+    for token in tokens:  # no early exit: the time taken does not tell which token matched
+        if token.matches(presented.strip()) and found is None:
+            found = token.name, token.role
+    return found
 
 
 def require_role(role: str) -> Callable[..., str]:
     """A dependency: the caller's token name, after checking its role is at least `role`."""
     needed = ROLE_RANK[role]
 
-    def check(request: Request, state: AppState = Depends(get_state)) -> str:
+    def check(request: Request, state: AppState = Depends(get_state),
+              _credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> str:
         found = _token_role(state, request)
         if found is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or unknown bearer token",
@@ -100,12 +112,27 @@ def metrics(state: AppState = Depends(get_state)) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(state: AppState, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """The FastAPI app: health and metrics, plus `routers` (the operator API, the UI)."""
-    app = FastAPI(title="anomalyd", version="0.1.0", docs_url="/api/docs", openapi_url="/api/openapi.json")
+def create_app(state: AppState, routers: Sequence[APIRouter] = (), *, ui: bool = True) -> FastAPI:
+    """The FastAPI app: health and metrics, plus `routers` (the operator API) and, with `ui`, the web UI at `/`."""
+    app = FastAPI(title="anomalyd", version="0.1.0", docs_url="/docs", openapi_url="/openapi.json",
+                  description="Industrial inspection daemon: history, artifacts, labels, models. "
+                              "Send `Authorization: Bearer <token>`; roles viewer < operator < admin.")
     app.state.anomalyd = state
     app.include_router(health_router)
     app.include_router(metrics_router)
     for router in routers:
         app.include_router(router)
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi_alias() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    if ui and STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def index() -> FileResponse:
+            # The page itself holds no data: everything it shows comes from the token-protected API.
+            return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
     return app

@@ -221,12 +221,52 @@ class ApiConfig(_Section):
 
 
 class RetrainingConfig(_Section):
+    """Prompt retraining from operator labels (daemon/retraining.py).
+
+    schedule: a 5-field cron expression in the host's local time ("0 3 * * *") or an interval ("6h", "30m",
+    "every 2d"). A scheduled run starts only with at least `min_new_labels` labels since the last completed run.
+    The candidate is compared with the active model on a held-out part of the labelled frames by `rule` on
+    `metric` (not_worse: candidate >= active - tolerance; better: candidate > active + tolerance; always);
+    promotion "auto" activates a passing candidate at once (hot swap), "manual" leaves it for the operator.
+    """
+
     enabled: bool = False
     schedule: str = "0 3 * * *"
     min_new_labels: int = Field(50, ge=1)
     promotion: Literal["manual", "auto"] = "manual"
+    rule: Literal["not_worse", "better", "always"] = "not_worse"
+    metric: str = "image_auroc"
+    tolerance: float = Field(0.0, ge=0.0, le=1.0)
+    holdout_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     epochs: int = Field(15, ge=1)
-    output_dir: str = "var/models"
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    image_size: int | None = Field(None, ge=32, le=4096, description="default: [model].image_size")
+    min_anomalous: int = Field(10, ge=0, description="fewer labelled defects: add synthetic ones on normals")
+    synthetic: Literal["auto", "on", "off"] = "auto"
+    seed: int = 111
+    nice: int = Field(10, ge=0, le=19, description="niceness of the training process")
+    threads: int | None = Field(None, ge=1, description="torch threads of the training process")
+    device: str | None = Field(None, description="default: [runtime].device")
+    timeout_s: float = Field(6 * 3600.0, gt=0)
+    output_dir: str | None = Field(None, description="model version files; default <[storage].dir>/models")
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        from daemon.retraining import parse_schedule
+
+        parse_schedule(value)  # raises ValueError naming the problem
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        from daemon.retraining import COMPARABLE_METRICS
+
+        if value not in COMPARABLE_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(COMPARABLE_METRICS)}")
+        return value
 
 
 class RedisConfig(_Section):

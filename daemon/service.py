@@ -143,6 +143,9 @@ class Service:
         self._stopped = False
         self._capture_threads: list[threading.Thread] = []
         self._errors: list[str] = []
+        self.models: Any = None  # daemon.models.ModelWatcher: hot-swaps to the registry's active version
+        self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
+        self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
 
     # --- start --------------------------------------------------------------------------------------------------
 
@@ -172,6 +175,10 @@ class Service:
             self._start_capture_forwarding()
         else:
             detector = self._detector if self._detector is not None else self._detector_factory(s)
+            if self.sessions is not None:
+                from daemon.models import startup_detector
+
+                detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
             self._detector = detector
             log.info("model %s version %s (input %d px) loaded", getattr(detector, "name", "?"),
                      getattr(detector, "version", "?"), int(detector.image_size))
@@ -186,6 +193,7 @@ class Service:
                     reference_preprocessing=s.model.reference_preprocessing),
             )
             self.pipeline.start()
+            self._start_model_management()
         for source in self.sources:
             source.start()
             if self.publisher is not None and str(_status(source)) == "disabled":
@@ -193,6 +201,30 @@ class Service:
         if self.serve_http:
             self._start_http()
         log.info("anomalyd running (role %s, %d sources)", self.role, len(self.sources))
+
+    def _start_model_management(self) -> None:
+        """The active-model watcher, the retrainer and (when enabled) the retraining scheduler."""
+        from daemon.models import ModelWatcher
+        from daemon.retraining import Retrainer, RetrainingScheduler
+
+        self.models = ModelWatcher(self.settings, self.sessions, current=self._current_detector,
+                                   swap=self.swap_detector)
+        self.models.start()
+        self.retrainer = Retrainer(self.settings, self.sessions, on_activated=self.models.check)
+        interrupted = self.retrainer.recover_interrupted()
+        if interrupted:
+            log.warning("%d retraining run(s) interrupted by the last stop marked failed", interrupted)
+        if self.settings.retraining.enabled:
+            self.retraining = RetrainingScheduler(self.retrainer)
+            self.retraining.start()
+
+    def _stop_model_management(self) -> None:
+        if self.retraining is not None:
+            self.retraining.stop()
+        elif self.retrainer is not None:
+            self.retrainer.cancel()
+        if self.models is not None:
+            self.models.stop()
 
     def _source_settings(self) -> dict[str, SourceSettings]:
         return {
@@ -279,6 +311,8 @@ class Service:
                                 "name": getattr(self._current_detector(), "name", None),
                                 "version": getattr(self._current_detector(), "version", None)}
             ok &= self.pipeline is not None
+            if self.models is not None and self.models.last_error:
+                details["model"]["error"] = self.models.last_error  # still inspecting with the previous one
             try:
                 from adapters.db import count_pending_outbox, ping
 
@@ -357,6 +391,10 @@ class Service:
         grace = self.settings.runtime.shutdown_grace_s
         deadline = time.monotonic() + grace
         clean = True
+        try:
+            self._stop_model_management()
+        except Exception:
+            log.exception("cannot stop the model watcher / retraining")
         per_source = max(0.5, min(5.0, grace / 4 / max(1, len(self.sources))))
         for source in self.sources:
             try:

@@ -4,6 +4,9 @@ Public entry points: `create_detector` (by model name), `load_backbone`, the `An
 checkpoints (`load_prompts`, `save_prompts`), and the preprocessing transforms in `model.preprocess`.
 """
 
+# Models register themselves with the factory when imported.
+from model import adaclip as _adaclip  # noqa: F401
+from model import baselines as _baselines  # noqa: F401
 from model._backbone import BackboneError, ClipBackbone, load_backbone
 from model.anomalyclip import AnomalyCLIP, PromptLearner
 from model.checkpoints import CheckpointError, PromptCheckpoint, load_prompts, save_official, save_prompts
@@ -17,6 +20,13 @@ from model.factory import (
     resolve_device,
     resolve_dtype,
 )
+from model.fewshot import (
+    FewShotDetector,
+    ReferenceBank,
+    ReferencesError,
+    calibrate_threshold,
+    with_references,
+)
 
 __all__ = [
     "AnomalyCLIP",
@@ -24,10 +34,14 @@ __all__ = [
     "CheckpointError",
     "ClipBackbone",
     "Detector",
+    "FewShotDetector",
     "Prediction",
     "PromptCheckpoint",
     "PromptLearner",
+    "ReferenceBank",
+    "ReferencesError",
     "build_anomalyclip",
+    "calibrate_threshold",
     "create_detector",
     "list_models",
     "load_backbone",
@@ -37,4 +51,5 @@ __all__ = [
     "resolve_dtype",
     "save_official",
     "save_prompts",
+    "with_references",
 ]

@@ -63,7 +63,7 @@ class ClipBackbone:
 
     @property
     def base_grid(self) -> int:
-        return int(round((self.clip.visual.positional_embedding.shape[0] - 1) ** 0.5))
+        return round((self.clip.visual.positional_embedding.shape[0] - 1) ** 0.5)
 
 
 def resize_position_embedding(pos: torch.Tensor, grid: int, mode: str = "bilinear") -> torch.Tensor:
@@ -71,7 +71,7 @@ def resize_position_embedding(pos: torch.Tensor, grid: int, mode: str = "bilinea
 
     AnomalyCLIP uses bilinear (align_corners False) — not open_clip's bicubic; AdaCLIP uses bicubic.
     """
-    side = int(round((pos.shape[0] - 1) ** 0.5))
+    side = round((pos.shape[0] - 1) ** 0.5)
     if side == grid:
         return pos
     cls_row, table = pos[:1], pos[1:]

@@ -15,7 +15,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from model._backbone import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, ClipBackbone, describe_state_mismatch, load_backbone
+from model._backbone import (
+    DEFAULT_BACKBONE,
+    DEFAULT_PRETRAINED,
+    ClipBackbone,
+    describe_state_mismatch,
+    load_backbone,
+)
 from model.anomalyclip import AnomalyCLIP
 from model.checkpoints import CheckpointError, PromptCheckpoint, load_prompts
 
@@ -169,8 +175,15 @@ def create_detector(
     **options: Any,
 ) -> Detector:
     """Build a detector by model name. Options: backbone, backbone_config, pretrained, prompts, layers,
-    image_size, class_name, references (model-specific ones are ignored by models that do not use them)."""
+    image_size, class_name, hsf, references (+ references_cache: where the reference bank is kept); options a
+    model does not use are ignored by it."""
     if name not in MODEL_REGISTRY:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}")
     options = {k: v for k, v in options.items() if v is not None}
-    return MODEL_REGISTRY[name](device=resolve_device(device), dtype=resolve_dtype(dtype), **options)
+    detector = MODEL_REGISTRY[name](device=resolve_device(device), dtype=resolve_dtype(dtype), **options)
+    if options.get("references") is not None:
+        # Few-shot normal references (WinCLIP+ style) work on top of any model.
+        from model.fewshot import with_references
+
+        detector = with_references(detector, options["references"], cache_path=options.get("references_cache"))
+    return detector

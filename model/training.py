@@ -1,9 +1,12 @@
-"""Prompt learning for AnomalyCLIP: the training loop around the model and its glocal loss.
+"""Training the learned parts of a detector: one loop, with a small adapter per model.
 
-Only the prompt learner trains (Adam, lr 1e-3, betas (0.5, 0.999), no weight decay, no schedule, batch 8,
-15 epochs, seed 111, as the official train.py). Each epoch ends with the prompts written to the output file and
-a resume file beside it (`<output>.resume.pt`: optimizer state, epoch, history), so an interrupted run continues
-where it stopped with `resume=True`.
+- AnomalyCLIP: only the prompt learner trains (Adam, lr 1e-3, betas (0.5, 0.999), no weight decay, no schedule,
+  batch 8, 15 epochs, seed 111, as the official train.py), glocal loss.
+- AdaCLIP: prompts, dynamic generators and heads (AdamW lr 0.01, betas (0.5, 0.999), weight decay 0.01, 5 epochs),
+  its focal + dice loss; real batches (the official code trains at batch 1).
+
+Each epoch ends with the weights written to the output file and a resume file beside it (`<output>.resume.pt`:
+optimizer state, epoch, history), so an interrupted run continues where it stopped with `resume=True`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from model.anomalyclip import AnomalyCLIP
 from model.checkpoints import save_prompts
 from model.losses import glocal_loss
+
+if TYPE_CHECKING:
+    from model.adaclip import AdaCLIP
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,17 @@ class TrainingConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     seed: int = 111
     local_weight: float = 4.0
+    weight_decay: float = 0.0
     num_workers: int = 0
+
+    @classmethod
+    def for_model(cls, name: str, **overrides: Any) -> TrainingConfig:
+        """The official settings of each model, with overrides (None values ignored)."""
+        defaults: dict[str, Any] = {}
+        if name == "adaclip":
+            defaults = {"epochs": 5, "batch_size": 8, "learning_rate": 0.01, "weight_decay": 0.01}
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**defaults)
 
 
 @dataclass
@@ -55,6 +71,90 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
+@dataclass
+class StepLoss:
+    total: torch.Tensor
+    image: float
+    local: float
+
+
+class _AnomalyCLIPTarget:
+    """How to train AnomalyCLIP: its prompt learner, Adam, the glocal loss, the prompts file formats."""
+
+    def __init__(self, model: AnomalyCLIP, config: TrainingConfig) -> None:
+        self.model, self.config = model, config
+        self.module = model.prompt_learner
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.module.parameters(), lr=self.config.learning_rate, betas=self.config.betas,
+                                weight_decay=self.config.weight_decay)
+
+    def loss(self, batch: Mapping[str, Any], device: torch.device) -> StepLoss:
+        images = batch["image"].to(device)
+        output = self.model(images, with_probabilities=bool(batch["has_mask"].any()))
+        loss = glocal_loss(output.image_logits, batch["label"].to(device), output.probabilities,
+                           batch["mask"].to(device), local_weight=self.config.local_weight,
+                           has_mask=batch["has_mask"].to(device))
+        return StepLoss(loss.total, loss.image.item(), loss.local.item())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_prompt_state(dict(state))
+
+    def save(self, output: Path, metadata: Mapping[str, Any]) -> None:
+        save_prompts(output, self.module.state_dict(), metadata)
+
+    def finish_epoch(self) -> None:
+        self.model.invalidate_text_cache()
+
+
+class _AdaCLIPTarget:
+    """How to train AdaCLIP: its learned modules, AdamW, its loss; class names come from the batch's categories."""
+
+    def __init__(self, model: AdaCLIP, config: TrainingConfig) -> None:
+        self.model, self.config = model, config
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        from model.adaclip import build_optimizer
+
+        return build_optimizer(self.model, lr=self.config.learning_rate, betas=self.config.betas,
+                               weight_decay=self.config.weight_decay)
+
+    def loss(self, batch: Mapping[str, Any], device: torch.device) -> StepLoss:
+        from model.adaclip import adaclip_loss
+
+        output = self.model(batch["image"].to(device), list(batch["category"]))
+        loss = adaclip_loss(self.model, output, batch["label"].to(device), batch["mask"].to(device),
+                            has_mask=batch["has_mask"].to(device))
+        return StepLoss(loss.total, float(loss.classification), float(loss.segmentation))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.model.learned_state_dict()
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_learned_state(dict(state))
+
+    def save(self, output: Path, metadata: Mapping[str, Any]) -> None:
+        from model.adaclip import save_adaclip
+
+        save_adaclip(self.model, output, class_names=metadata.get("class_names", ()), metadata=metadata)
+
+    def finish_epoch(self) -> None:
+        pass
+
+
+def _target(model: Any, config: TrainingConfig):
+    if isinstance(model, AnomalyCLIP):
+        return _AnomalyCLIPTarget(model, config)
+    from model.adaclip import AdaCLIP
+
+    if isinstance(model, AdaCLIP):
+        return _AdaCLIPTarget(model, config)
+    raise TypeError(f"no training is defined for {type(model).__name__}")
+
+
 def resume_path(output: Path) -> Path:
     return output.with_name(output.name + ".resume.pt")
 
@@ -66,7 +166,7 @@ def _collate(batch):
 
 
 def train_prompts(
-    model: AnomalyCLIP,
+    model: AnomalyCLIP | AdaCLIP,
     dataset: Dataset,
     output: str | Path,
     *,
@@ -77,7 +177,7 @@ def train_prompts(
     metadata: Mapping[str, Any] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> list[EpochStats]:
-    """Train `model.prompt_learner` on `dataset` (items as `model.datasets.InspectionDataset` gives them).
+    """Train the learned parts of `model` on `dataset` (items as `model.datasets.InspectionDataset` gives them).
 
     Bad samples are reported in the epoch stats and skipped; images without a pixel mask train the global loss only.
     Returns the stats of every epoch (those of earlier runs included when resuming).
@@ -89,13 +189,14 @@ def train_prompts(
     device = torch.device(device)
     seed_everything(config.seed)
     model.to(device)
-    optimizer = torch.optim.Adam(model.prompt_learner.parameters(), lr=config.learning_rate, betas=config.betas)
+    target = _target(model, config)
+    optimizer = target.optimizer()
     history: list[EpochStats] = []
     start_epoch = 0
     state_file = resume_path(output)
     if resume and state_file.is_file():
         state = torch.load(state_file, map_location=device, weights_only=True)
-        model.load_prompt_state(state["prompt_learner"])
+        target.load_state(state["weights"])
         optimizer.load_state_dict(state["optimizer"])
         history = [EpochStats(**{**item, "skipped": [tuple(s) for s in item["skipped"]]}) for item in state["history"]]
         start_epoch = int(state["epoch"])
@@ -118,23 +219,18 @@ def train_prompts(
             skipped.extend(batch["errors"])
             if batch["image"].shape[0] == 0:
                 continue
-            images = batch["image"].to(device)
-            output_ = model(images, with_probabilities=bool(batch["has_mask"].any()))
-            loss = glocal_loss(
-                output_.image_logits, batch["label"].to(device), output_.probabilities, batch["mask"].to(device),
-                local_weight=config.local_weight, has_mask=batch["has_mask"].to(device),
-            )
+            loss = target.loss(batch, device)
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
             optimizer.step()
-            count = images.shape[0]
+            count = batch["image"].shape[0]
             seen += count
             totals["loss"] += loss.total.item() * count
-            totals["image"] += loss.image.item() * count
-            totals["local"] += loss.local.item() * count
-            bar.set_postfix(loss=f"{loss.total.item():.4f}", image=f"{loss.image.item():.4f}")
+            totals["image"] += loss.image * count
+            totals["local"] += loss.local * count
+            bar.set_postfix(loss=f"{loss.total.item():.4f}", image=f"{loss.image:.4f}")
         model.eval()
-        model.invalidate_text_cache()
+        target.finish_epoch()
         stats = EpochStats(
             epoch=epoch + 1,
             loss=totals["loss"] / seen if seen else math.nan,
@@ -146,9 +242,9 @@ def train_prompts(
         history.append(stats)
         meta = dict(metadata or {})
         meta.update({"epochs_done": epoch + 1, "history": [asdict(h) | {"skipped": len(h.skipped)} for h in history]})
-        save_prompts(output, model.prompt_learner.state_dict(), meta)
+        target.save(output, meta)
         torch.save(
-            {"epoch": epoch + 1, "prompt_learner": model.prompt_learner.state_dict(),
+            {"epoch": epoch + 1, "weights": target.state(),
              "optimizer": optimizer.state_dict(), "history": [asdict(h) for h in history]},
             state_file,
         )

@@ -65,6 +65,9 @@ class FolderSource(FrameSource):
         self.ignore = IGNORED_PATTERNS + tuple(spec.option("ignore", ()))
         self._seen: dict[str, _Seen] = {}
         self._in_flight: set[str] = set()
+        # path -> frame_id of files already finished: a listing taken just before the file was moved must not
+        # emit it again (the entry goes once the path is no longer listed).
+        self._completed: dict[str, str] = {}
         self._retry_at: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -118,10 +121,14 @@ class FolderSource(FrameSource):
                     continue
                 if rel in self._in_flight or self._retry_at.get(rel, 0.0) > now:
                     continue
+                if self._completed.get(rel) == folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns):
+                    continue
                 ready.append((rel, st))
             for rel in set(self._seen) - current:
                 del self._seen[rel]
                 self._retry_at.pop(rel, None)
+            for rel in set(self._completed) - current:
+                del self._completed[rel]
         ready.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
         return ready
 
@@ -159,7 +166,9 @@ class FolderSource(FrameSource):
         finally:
             with self._lock:
                 self._in_flight.discard(rel)
-                if not ok:
+                if ok:
+                    self._completed[rel] = frame_id
+                else:
                     self._retry_at[rel] = time.monotonic() + self.retry_s
 
     def _dispose(self, path: Path, rel: str, frame_id: str) -> None:

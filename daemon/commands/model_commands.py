@@ -15,7 +15,8 @@ from daemon.cli import UsageError
 
 log = logging.getLogger("anomalyd")
 
-MODEL_NAMES = ("anomalyclip", "adaclip", "clip", "winclip")
+MODEL_NAMES = ("anomalyclip", "adaclip", "clip", "clip-ac", "winclip")
+TRAINABLE_MODELS = ("anomalyclip", "adaclip")
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -39,8 +40,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
                        help="open_clip model name, or a file with an OpenAI-layout CLIP state dict (default %(default)s)")
     group.add_argument("--backbone-config", type=Path, help="open_clip model config JSON for a local backbone file")
     group.add_argument("--pretrained", default="openai", help="open_clip pretrained tag for a named backbone")
-    group.add_argument("--prompts", help="learned prompts: official .pth, anomalyd .safetensors, or a released "
-                       "name (anomalyclip-visa, anomalyclip-mvtec) fetched with `anomalyd weights fetch`")
+    group.add_argument("--prompts", action="append",
+                       help="learned weights: official .pth, anomalyd .safetensors, or a released name "
+                       "(anomalyclip-visa, anomalyclip-mvtec) fetched with `anomalyd weights fetch`; with several "
+                       "--model, give MODEL=FILE once per model")
     group.add_argument("--layers", type=parse_layers, default=(24,), help="vision blocks to tap, e.g. 6,12,18,24")
     group.add_argument("--image-size", type=int, default=518, help="model input side in pixels (default 518)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -53,6 +56,19 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
                        help="the official PIL preprocessing (parity path) instead of the faster OpenCV one")
 
 
+def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
+    """The --prompts value meant for model `name`: a MODEL=FILE entry for it, else a plain FILE entry."""
+    plain = None
+    for value in values or ():
+        model, sep, path = value.partition("=")
+        if sep and model in MODEL_NAMES:
+            if model == name:
+                return path
+        elif plain is None:
+            plain = value
+    return plain
+
+
 def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from adapters.weights import resolve_prompts
 
@@ -62,7 +78,7 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "backbone": args.backbone,
         "backbone_config": args.backbone_config,
         "pretrained": args.pretrained,
-        "prompts": resolve_prompts(args.prompts),
+        "prompts": resolve_prompts(prompts_for(args.prompts, name)),
         "layers": args.layers,
         "image_size": args.image_size,
         "device": args.device,
@@ -184,13 +200,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from torch.utils.data import ConcatDataset
 
-    from model import build_anomalyclip, load_backbone, load_prompts
+    from model import build_anomalyclip, load_backbone, load_prompts, resolve_device
     from model.datasets import InspectionDataset, discover
     from model.synthetic import SyntheticAnomalies
     from model.training import TrainingConfig, train_prompts
 
-    if args.model != "anomalyclip":
-        return _train_other(args)
+    if args.model not in TRAINABLE_MODELS:
+        raise UsageError(f"--model {args.model} is training-free: nothing to train (trainable: {', '.join(TRAINABLE_MODELS)})")
     samples = discover(args.data, args.meta, split=args.split)
     normals = [s for s in samples if s.label == 0]
     anomalous = [s for s in samples if s.label == 1]
@@ -203,42 +219,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     if use_synthetic:
         if not normals:
             raise UsageError(f"{args.data}: --synthetic needs normal images")
-        datasets.append(SyntheticAnomalies(normals, image_size=args.image_size, seed=args.seed))
+        category = normals[0].category if len({s.category for s in normals}) == 1 else "object"
+        datasets.append(SyntheticAnomalies(normals, image_size=args.image_size, seed=args.seed, category=category))
     dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     if use_synthetic and len(datasets) > 1:
         dataset.set_epoch = datasets[-1].set_epoch  # type: ignore[attr-defined]
 
-    backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained)
-    start = load_prompts(args.init_prompts) if args.init_prompts else None
-    model = build_anomalyclip(backbone, start, layers=args.layers, image_size=args.image_size)
-    config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                            num_workers=args.workers)
-    metadata = {"model": "anomalyclip", "backbone": backbone.name, "layers": list(args.layers),
-                "image_size": args.image_size, "training_data": str(args.data), "split": args.split,
-                "synthetic": use_synthetic, "config": vars(config) | {"betas": list(config.betas)}}
-    from model import resolve_device
+    config = TrainingConfig.for_model(args.model, epochs=args.epochs, batch_size=args.batch_size,
+                                      learning_rate=args.lr, seed=args.seed, num_workers=args.workers)
+    if args.model == "anomalyclip":
+        backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained)
+        start = load_prompts(args.init_prompts) if args.init_prompts else None
+        model = build_anomalyclip(backbone, start, layers=args.layers, image_size=args.image_size)
+    else:
+        from model.adaclip import build_adaclip, load_adaclip_checkpoint
 
+        # AdaCLIP's released weights were trained on a tower built with nn.GELU; new training keeps that.
+        backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained,
+                                 quick_gelu=False)
+        start = load_adaclip_checkpoint(args.init_prompts) if args.init_prompts else None
+        model = build_adaclip(backbone, start, image_size=args.image_size)
+    metadata = {"model": args.model, "backbone": backbone.name, "layers": list(args.layers),
+                "image_size": args.image_size, "training_data": str(args.data), "split": args.split,
+                "synthetic": use_synthetic, "class_names": sorted({s.category for s in samples}),
+                "config": vars(config) | {"betas": list(config.betas)}}
     history = train_prompts(model, dataset, args.output, config=config, device=resolve_device(args.device),
                             resume=args.resume, progress=sys.stderr.isatty(), metadata=metadata,
                             on_epoch=lambda s: print(f"epoch {s.epoch}/{config.epochs}: loss {s.loss:.4f} "
                                                      f"(image {s.image_loss:.4f}, local {s.local_loss:.4f}), "
                                                      f"{s.samples} images, {len(s.skipped)} skipped", flush=True))
     skipped = {path for stats in history for path, _ in stats.skipped}
-    print(f"prompts written to {args.output} after {len(history)} epochs; {len(skipped)} bad samples skipped")
+    print(f"weights written to {args.output} after {len(history)} epochs; {len(skipped)} bad samples skipped")
     return 0
-
-
-def _train_other(args: argparse.Namespace) -> int:
-    import importlib
-
-    try:
-        module = importlib.import_module(f"model.{args.model}")
-    except ModuleNotFoundError:
-        module = None
-    trainer = getattr(module, "train_from_cli", None)
-    if trainer is None:
-        raise UsageError(f"--model {args.model} has no training (training-free or not built in this version)")
-    return int(trainer(args) or 0)
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -329,9 +341,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- weights
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
-    from adapters.weights import RELEASED_PROMPTS, fetch_backbone, fetch_prompts
+    from adapters.weights import (
+        RELEASED_PROMPTS,
+        fetch_backbone,
+        fetch_prompts,
+        open_clip_cache,
+        prompts_path,
+    )
 
     names = args.prompts or list(RELEASED_PROMPTS)
+    if args.if_missing:
+        backbone_cached = open_clip_cache().is_dir() and any(p.is_file() for p in open_clip_cache().rglob("*"))
+        if backbone_cached and all(prompts_path(name).is_file() for name in names):
+            print("weights already in the cache (anomalyd weights fetch --force downloads them again)")
+            return 0
     if not args.skip_backbone:
         print(f"fetching the CLIP backbone {args.backbone}/openai through open_clip ...", flush=True)
         print(f"backbone ready in {fetch_backbone(args.backbone)}")
@@ -359,14 +382,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--split", default="test", help="meta.json split (the paper trains on the test split of "
                        "an auxiliary dataset; default %(default)s)")
     train.add_argument("--output", required=True, type=Path, help="prompts file (.safetensors, or .pth = official)")
-    train.add_argument("--epochs", type=int, default=15)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--epochs", type=int, help="default: the model's official setting (AnomalyCLIP 15, AdaCLIP 5)")
+    train.add_argument("--batch-size", type=int, help="default 8")
+    train.add_argument("--lr", type=float, help="default: AnomalyCLIP 1e-3 (Adam), AdaCLIP 0.01 (AdamW)")
     train.add_argument("--seed", type=int, default=111)
     train.add_argument("--workers", type=int, default=0, help="data loader processes")
     train.add_argument("--synthetic", choices=("auto", "on", "off"), default="auto",
                        help="synthetic defects on normal images (auto: when the data has no anomalies)")
-    train.add_argument("--init-prompts", type=Path, help="start from these prompts instead of random ones")
+    train.add_argument("--init-prompts", type=Path, help="start from these weights instead of a fresh init")
     train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                        help="continue from OUTPUT.resume.pt when present (default on)")
     add_model_options(train)
@@ -394,4 +417,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fetch.add_argument("--prompts", action="append", help="released prompt names (default: all)")
     fetch.add_argument("--skip-backbone", action="store_true")
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
+    fetch.add_argument("--if-missing", action="store_true", help="do nothing when everything is already cached")
     fetch.set_defaults(func=cmd_weights_fetch)

@@ -60,7 +60,7 @@ def test_anomaly_maps(outputs, golden_dir):
 
 
 def test_batch_equals_single_images(outputs, golden_dir):
-    name, model, out, maps = outputs
+    _, model, out, maps = outputs
     images = golden.expected(golden_dir)["inputs/images"]
     with torch.no_grad():
         for index in (0, 3):

@@ -9,8 +9,16 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from model import BackboneError, CheckpointError, build_anomalyclip, create_detector, load_backbone, load_prompts
-from model import save_official, save_prompts
+from model import (
+    BackboneError,
+    CheckpointError,
+    build_anomalyclip,
+    create_detector,
+    load_backbone,
+    load_prompts,
+    save_official,
+    save_prompts,
+)
 from model._backbone import resize_position_embedding
 from model.gaussian import gaussian_blur
 from tests.model import golden
@@ -66,7 +74,7 @@ def test_wrong_prompt_shapes_are_named(golden_dir, tmp_path):
 def test_unreadable_checkpoints(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth"):
+    with pytest.raises(CheckpointError, match=r"junk\.pth"):
         load_prompts(junk)
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {}}, other)

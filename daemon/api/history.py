@@ -1,0 +1,335 @@
+"""Queries and writes over the inspection history, shared by the HTTP API and the operator CLI (no FastAPI here).
+
+Pagination is keyset ("seek") pagination: the opaque cursor encodes the sort key and the id of the last row
+returned, and the next page is the rows strictly after that (key, id) pair in the chosen order. Rows inserted
+while a client pages (new frames arrive at the head) therefore never shift or repeat a page.
+
+Label masks uploaded by operators are validated as PNG images and stored under the artifact store with a
+server-chosen name (`labels/YYYY/MM/DD/<uuid>_label.png`); the client's file name never reaches the filesystem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import Integer, and_, cast, func, or_, select
+from sqlalchemy.orm import Session
+
+from adapters.db import Inspection, InspectionFilter, Label, ModelVersion, RejectedFrame, add_label
+
+SORTS = ("time_desc", "time_asc", "score_desc", "score_asc")
+LABELS = ("normal", "anomalous")
+# The artifact names the API serves, and the row attribute holding each one's stored path.
+ARTIFACTS = {"mask.png": "mask_path", "heatmap.jpg": "heatmap_path", "frame.jpg": "frame_path"}
+LABEL_MASK_ARTIFACT = "label_mask.png"
+MAX_MASK_BYTES = 20 * 1024 * 1024
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Score sort puts rows without a score (model errors) last in descending order: they sort as -1.
+_NO_SCORE = -1.0
+
+
+class HistoryError(ValueError):
+    """A bad query or label value (the API answers 400/422, the CLI exits 2)."""
+
+
+class NotFound(LookupError):
+    """No such inspection (404)."""
+
+
+# --- cursor ------------------------------------------------------------------------------------------------------
+
+
+def encode_cursor(sort: str, row: Inspection) -> str:
+    key: Any = row.captured_at.isoformat() if sort.startswith("time") else (
+        _NO_SCORE if row.score is None else float(row.score))
+    raw = json.dumps({"s": sort, "k": key, "i": row.id}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, sort: str) -> tuple[Any, int]:
+    """(sort key, id) of the last row of the previous page; HistoryError when malformed or from another sort."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        if not isinstance(data, dict) or data.get("s") != sort or not isinstance(data.get("i"), int):
+            raise ValueError("cursor was issued for another sort order" if isinstance(data, dict) else "not an object")
+        key = data["k"]
+        if sort.startswith("time"):
+            parsed = datetime.fromisoformat(key)
+            key = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        else:
+            key = float(key)
+    except (ValueError, TypeError, KeyError, UnicodeError, binascii.Error) as exc:
+        raise HistoryError(f"invalid cursor {cursor[:40]!r}: {exc}") from None
+    return key, data["i"]
+
+
+# --- listing -----------------------------------------------------------------------------------------------------
+
+
+def _latest_label_subquery() -> Any:
+    return (
+        select(Label.label)
+        .where(Label.inspection_id == Inspection.id)
+        .order_by(Label.created_at.desc(), Label.id.desc())
+        .limit(1)
+        .correlate(Inspection)
+        .scalar_subquery()
+    )
+
+
+def filter_clauses(filters: InspectionFilter) -> list[Any]:
+    """WHERE clauses for `filters` (same meaning as adapters.db.list_inspections)."""
+    clauses: list[Any] = []
+    if filters.source is not None:
+        clauses.append(Inspection.source == filters.source)
+    if filters.line is not None:
+        clauses.append(Inspection.line == filters.line)
+    if filters.after is not None:
+        clauses.append(Inspection.captured_at >= filters.after)
+    if filters.before is not None:
+        clauses.append(Inspection.captured_at < filters.before)
+    if filters.min_score is not None:
+        clauses.append(Inspection.score >= filters.min_score)
+    if filters.max_score is not None:
+        clauses.append(Inspection.score <= filters.max_score)
+    if filters.anomalous is not None:
+        clauses.append(Inspection.is_anomalous.is_(filters.anomalous))
+    if filters.label is not None:
+        if filters.label not in (*LABELS, "none"):
+            raise HistoryError(f"label filter must be normal, anomalous or none, not {filters.label!r}")
+        newest = _latest_label_subquery()
+        clauses.append(newest.is_(None) if filters.label == "none" else newest == filters.label)
+    return clauses
+
+
+@dataclass
+class Page:
+    rows: list[Inspection]
+    labels: dict[int, Label]  # latest label per inspection id on this page
+    next_cursor: str | None
+
+
+def list_page(
+    session: Session, filters: InspectionFilter, *, sort: str = "time_desc", limit: int = 50, cursor: str | None = None
+) -> Page:
+    """One page of inspections in `sort` order, starting after `cursor`."""
+    if sort not in SORTS:
+        raise HistoryError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}")
+    if not 1 <= limit <= 1000:
+        raise HistoryError(f"limit must be between 1 and 1000, not {limit}")
+    key_column = Inspection.captured_at if sort.startswith("time") else func.coalesce(Inspection.score, _NO_SCORE)
+    descending = sort.endswith("desc")
+    query = select(Inspection).where(*filter_clauses(filters))
+    if cursor:
+        key, last_id = decode_cursor(cursor, sort)
+        if descending:
+            query = query.where(or_(key_column < key, and_(key_column == key, Inspection.id < last_id)))
+        else:
+            query = query.where(or_(key_column > key, and_(key_column == key, Inspection.id > last_id)))
+    order = (key_column.desc(), Inspection.id.desc()) if descending else (key_column.asc(), Inspection.id.asc())
+    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows=rows, labels=latest_labels(session, [row.id for row in rows]),
+                next_cursor=encode_cursor(sort, rows[-1]) if more and rows else None)
+
+
+def latest_labels(session: Session, inspection_ids: Sequence[int]) -> dict[int, Label]:
+    if not inspection_ids:
+        return {}
+    found: dict[int, Label] = {}
+    labels = session.scalars(
+        select(Label).where(Label.inspection_id.in_(list(inspection_ids))).order_by(Label.created_at, Label.id))
+    for label in labels:
+        found[label.inspection_id] = label  # later rows overwrite: the newest wins
+    return found
+
+
+def get_inspection(session: Session, inspection_id: int) -> Inspection:
+    row = session.get(Inspection, inspection_id)
+    if row is None:
+        raise NotFound(f"no inspection {inspection_id}")
+    return row
+
+
+# --- serialisation -----------------------------------------------------------------------------------------------
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if when is not None else None
+
+
+def label_dict(label: Label | None) -> dict[str, Any] | None:
+    if label is None:
+        return None
+    return {"id": label.id, "label": label.label, "author": label.author, "created_at": _iso(label.created_at),
+            "mask_url": f"/api/inspections/{label.inspection_id}/{LABEL_MASK_ARTIFACT}" if label.mask_path else None}
+
+
+def inspection_dict(row: Inspection, label: Label | None = None) -> dict[str, Any]:
+    """The API/CLI JSON form of an inspection (artifact URLs, never filesystem paths)."""
+    base = f"/api/inspections/{row.id}"
+    return {
+        "id": row.id, "uuid": row.uuid, "frame_id": row.frame_id, "source": row.source, "line": row.line,
+        "frame_name": row.frame_name, "captured_at": _iso(row.captured_at), "processed_at": _iso(row.processed_at),
+        "model_version": row.model_version, "score": row.score, "threshold": row.threshold,
+        "is_anomalous": bool(row.is_anomalous), "regions": row.regions or [], "width": row.width,
+        "height": row.height, "error": row.error, "label": label_dict(label),
+        "mask_url": f"{base}/mask.png" if row.mask_path else None,
+        "heatmap_url": f"{base}/heatmap.jpg" if row.heatmap_path else None,
+        "frame_url": f"{base}/frame.jpg" if row.frame_path else None,
+    }
+
+
+def inspection_detail(session: Session, row: Inspection) -> dict[str, Any]:
+    labels = list(session.scalars(
+        select(Label).where(Label.inspection_id == row.id).order_by(Label.created_at, Label.id)))
+    item = inspection_dict(row, labels[-1] if labels else None)
+    item["labels"] = [label_dict(label) for label in labels]
+    item["meta"] = row.meta
+    return item
+
+
+def model_dict(row: ModelVersion) -> dict[str, Any]:
+    return {"version": row.version, "kind": row.kind, "status": row.status, "metrics": row.metrics,
+            "prompts_path": row.prompts_path, "created_at": _iso(row.created_at),
+            "activated_at": _iso(row.activated_at), "notes": row.notes}
+
+
+def list_models(session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())))
+
+
+# --- labelling ---------------------------------------------------------------------------------------------------
+
+
+def validate_mask_png(data: bytes, name: str = "mask") -> tuple[int, int]:
+    """(width, height) of a PNG mask; HistoryError naming `name` when it is not a decodable PNG image."""
+    import cv2
+    import numpy as np
+
+    if not data:
+        raise HistoryError(f"{name}: empty file")
+    if len(data) > MAX_MASK_BYTES:
+        raise HistoryError(f"{name}: {len(data)} bytes, more than the {MAX_MASK_BYTES} allowed")
+    if not data.startswith(_PNG_SIGNATURE):
+        raise HistoryError(f"{name}: not a PNG file")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise HistoryError(f"{name}: not a decodable PNG image (truncated or corrupt)")
+    return int(image.shape[1]), int(image.shape[0])
+
+
+def store_label_mask(store: Any, data: bytes, when: datetime | None = None) -> str:
+    """Write an already validated mask PNG under a server-chosen name; returns its store-relative path."""
+    import os
+
+    when = when or datetime.now(timezone.utc)
+    relative = f"labels/{when.astimezone(timezone.utc):%Y/%m/%d}/{uuid.uuid4().hex}_label.png"
+    target = store.path(relative)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return relative
+
+
+def apply_label(
+    sessions: Any, store: Any, inspection_id: int, label: str, *, author: str | None = None,
+    mask: bytes | None = None, mask_name: str = "mask",
+) -> Label:
+    """Record operator feedback (optionally with a mask PNG) for an inspection; returns the stored label row.
+
+    The mask file is written before the row commits (a row never points at a missing file); if the commit
+    fails the file is removed (the retention sweep removes any left by a crash).
+    """
+    if label not in LABELS:
+        raise HistoryError(f"label must be 'normal' or 'anomalous', not {label!r}")
+    if mask is not None:
+        validate_mask_png(mask, mask_name)
+        if store is None:
+            raise HistoryError("no artifact store configured to keep the mask")
+    mask_path = None
+    with sessions() as session:
+        try:
+            with session.begin():
+                get_inspection(session, inspection_id)
+                if mask is not None:
+                    mask_path = store_label_mask(store, mask)
+                row = add_label(session, inspection_id, label, author=author, mask_path=mask_path)
+        except BaseException:
+            if mask_path is not None:
+                store.path(mask_path).unlink(missing_ok=True)
+            raise
+    return row
+
+
+# --- statistics --------------------------------------------------------------------------------------------------
+
+
+def stats(session: Session, *, after: datetime | None = None, before: datetime | None = None) -> dict[str, Any]:
+    """Counts over [after, before) (default: the last 24 hours): per source, labels, rejected frames."""
+    before = before or datetime.now(timezone.utc)
+    after = after or before - timedelta(hours=24)
+    window = (Inspection.captured_at >= after, Inspection.captured_at < before)
+    per_source = session.execute(
+        select(Inspection.source, Inspection.line, func.count(Inspection.id),
+               func.sum(cast(Inspection.is_anomalous, Integer)), func.max(Inspection.captured_at),
+               func.avg(Inspection.score))
+        .where(*window).group_by(Inspection.source, Inspection.line).order_by(Inspection.source, Inspection.line)
+    ).all()
+    rejected = dict(session.execute(
+        select(RejectedFrame.source, func.count(RejectedFrame.id))
+        .where(RejectedFrame.created_at >= after, RejectedFrame.created_at < before).group_by(RejectedFrame.source)
+    ).all())
+    labels = dict(session.execute(
+        select(Label.label, func.count(Label.id))
+        .where(Label.created_at >= after, Label.created_at < before).group_by(Label.label)
+    ).all())
+    sources = []
+    for source, line, count, anomalous, last, mean_score in per_source:
+        anomalous = int(anomalous or 0)
+        sources.append({"source": source, "line": line, "inspections": int(count), "anomalous": anomalous,
+                        "anomalous_rate": anomalous / count if count else 0.0,
+                        "mean_score": float(mean_score) if mean_score is not None else None,
+                        "last_captured_at": _iso(last), "rejected": int(rejected.get(source, 0))})
+    for source, count in rejected.items():
+        if not any(item["source"] == source for item in sources):
+            sources.append({"source": source, "line": None, "inspections": 0, "anomalous": 0,
+                            "anomalous_rate": 0.0, "mean_score": None, "last_captured_at": None,
+                            "rejected": int(count)})
+    total = sum(item["inspections"] for item in sources)
+    total_anomalous = sum(item["anomalous"] for item in sources)
+    return {
+        "after": _iso(after), "before": _iso(before), "sources": sources,
+        "total": {"inspections": total, "anomalous": total_anomalous,
+                  "anomalous_rate": total_anomalous / total if total else 0.0,
+                  "rejected": int(sum(rejected.values()))},
+        "labels": {name: int(labels.get(name, 0)) for name in LABELS},
+    }
+
+
+# --- time arguments ----------------------------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_when(value: str, *, now: datetime | None = None, name: str = "time") -> datetime:
+    """An RFC 3339 / ISO 8601 time (naive = UTC), or a duration ago: `30m`, `24h`, `7d`, `2w`."""
+    text = value.strip()
+    if text[:-1].replace(".", "", 1).isdigit() and text[-1:].lower() in _UNITS:
+        return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(text[:-1]) * _UNITS[text[-1].lower()])
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise HistoryError(f"{name} {value!r}: expected an ISO time like 2024-05-01T08:00:00Z or a duration "
+                           "like 30m, 24h, 7d") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

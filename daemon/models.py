@@ -1,0 +1,308 @@
+"""Model versions: the registry (`model_versions`), activation and rollback, and the daemon's active-model watcher.
+
+A version is a detector kind plus its learned-weights file (`<models dir>/<version>.safetensors`, the models dir
+being `[retraining].output_dir`, default `<[storage].dir>/models`); its status is candidate | active | retired and
+exactly one version is active. `activate_version(sessions, version)` only changes the database (the version
+becomes active with `activated_at` now, the previous one retired); every running daemon sharing that database
+notices through its `ModelWatcher`, which polls the active version, builds its detector off the inspection path
+and swaps it into the worker between two batches, so no frame is dropped and each row carries the version that
+scored it. Rollback is activating an older version (`rollback` picks the previously active one).
+
+At start (`startup_detector`) the configured model is registered on first use: its prompts are copied into the
+models dir under its version name, and it becomes active when nothing is active yet or when the configured prompts
+are new to the registry (editing [model].prompts is a deliberate choice); otherwise the registry's active version
+is what the daemon runs, so a promotion survives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.db.models import ModelVersion, utcnow
+from adapters.db.repository import active_model_version
+
+log = logging.getLogger("anomalyd.models")
+
+STATUSES = ("candidate", "active", "retired")
+VERSION_SUFFIX = ".safetensors"
+
+
+class ModelVersionError(ValueError):
+    """A version that cannot be registered or activated; the message names it and why."""
+
+
+class UnknownVersionError(ModelVersionError):
+    """No such version in the registry."""
+
+
+# --- paths -------------------------------------------------------------------------------------------------------
+
+
+def models_dir(settings: Any) -> Path:
+    """Where version files live: `[retraining].output_dir`, default `<[storage].dir>/models` (created)."""
+    configured = getattr(settings.retraining, "output_dir", None)
+    path = settings.resolve(configured) if configured else settings.resolve(settings.storage.dir) / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def version_file(settings: Any, version: str) -> Path:
+    return models_dir(settings) / f"{version}{VERSION_SUFFIX}"
+
+
+def _config_path(settings: Any, value: str | None) -> str | None:
+    """A [model] value that may be a file relative to the config file (else as is, e.g. an open_clip name)."""
+    if value is None:
+        return None
+    candidate = settings.resolve(value)
+    return str(candidate) if candidate.exists() else value
+
+
+# --- registry ----------------------------------------------------------------------------------------------------
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    """Every version, newest first."""
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())))
+
+
+def get_version(session: Session, version: str) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion).where(ModelVersion.version == version)).one_or_none()
+
+
+def register_version(
+    session: Session,
+    *,
+    version: str,
+    kind: str,
+    prompts_path: str | Path | None,
+    metrics: dict[str, Any] | None = None,
+    status: str = "candidate",
+    notes: str | None = None,
+) -> ModelVersion:
+    """Add a version (not active: use `activate_version`); the caller's session owns the transaction."""
+    if status not in ("candidate", "retired"):
+        raise ModelVersionError(f"a version is registered as candidate or retired, not {status!r}")
+    if not version or "/" in version or version.startswith("."):
+        raise ModelVersionError(f"model version name {version!r} is not usable as a file name")
+    if get_version(session, version) is not None:
+        raise ModelVersionError(f"model version {version!r} is already registered")
+    row = ModelVersion(version=version, kind=kind, prompts_path=str(prompts_path) if prompts_path else None,
+                       metrics=metrics, status=status, notes=notes)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _make_active(session: Session, row: ModelVersion) -> None:
+    session.execute(update(ModelVersion).where(ModelVersion.status == "active", ModelVersion.id != row.id)
+                    .values(status="retired"))
+    row.status = "active"
+    row.activated_at = utcnow()
+
+
+def activate_version(sessions: sessionmaker[Session], version: str) -> ModelVersion:
+    """Make `version` the active one (the previously active version is retired) and record `activated_at`.
+
+    Running daemons hot-swap to it within their watcher's poll interval. Raises UnknownVersionError for a
+    version not in the registry, ModelVersionError when its weights file is gone.
+    """
+    with sessions() as session, session.begin():
+        row = get_version(session, version)
+        if row is None:
+            known = ", ".join(v.version for v in list_versions(session)[:10]) or "none"
+            raise UnknownVersionError(f"no model version {version!r} (known: {known})")
+        if row.prompts_path and not Path(row.prompts_path).is_file():
+            raise ModelVersionError(f"model version {version!r}: its weights file {row.prompts_path} is missing")
+        if row.status != "active":
+            _make_active(session, row)
+            log.info("model version %s activated", version)
+        return row
+
+
+def rollback(sessions: sessionmaker[Session]) -> ModelVersion:
+    """Activate the version that was active before the current one."""
+    with sessions() as session:
+        current = active_model_version(session)
+        previous = session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.status != "active", ModelVersion.activated_at.is_not(None))
+            .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
+        ).first()
+    if previous is None:
+        where = f" than {current.version!r}" if current is not None else ""
+        raise ModelVersionError(f"no earlier active model version{where} to roll back to")
+    return activate_version(sessions, previous.version)
+
+
+# --- detectors ---------------------------------------------------------------------------------------------------
+
+
+def _shared_backbone(current: Any) -> Any:
+    """The loaded CLIP backbone of the running AnomalyCLIP detector (versions differ only in prompts)."""
+    from model import ClipBackbone
+
+    backbone = getattr(getattr(current, "model", None), "backbone", None)
+    return backbone if isinstance(backbone, ClipBackbone) else None
+
+
+def build_version_detector(settings: Any, row: ModelVersion, current: Any = None) -> Any:
+    """The detector of a registered version with the [model]/[runtime] settings; shares `current`'s backbone."""
+    from model import create_detector
+
+    m, r = settings.model, settings.runtime
+    backbone: Any = _config_path(settings, m.backbone)
+    if row.kind == "anomalyclip" and getattr(current, "name", None) == "anomalyclip":
+        backbone = _shared_backbone(current) or backbone
+    if row.prompts_path and not Path(row.prompts_path).is_file():
+        raise ModelVersionError(f"model version {row.version!r}: its weights file {row.prompts_path} is missing")
+    detector = create_detector(
+        row.kind, backbone=backbone, backbone_config=_config_path(settings, m.backbone_config),
+        prompts=row.prompts_path, layers=tuple(m.layers), image_size=m.image_size, device=r.device, dtype=r.dtype,
+        class_name=m.class_name,
+    )
+    if str(detector.version) != row.version:  # rows must carry the registry's name for the version
+        detector.version = row.version
+    _warm_up(detector)
+    return detector
+
+
+def _warm_up(detector: Any) -> None:
+    """Compute AnomalyCLIP's cached text features now, not on the first batch after the swap."""
+    model = getattr(detector, "model", None)
+    if model is not None and hasattr(model, "text_features"):
+        import torch
+
+        with torch.inference_mode():
+            model.text_features()
+
+
+def _copy_prompts(source: str, target: Path, version: str) -> Path:
+    """The configured prompts (official .pth or ours) as the version's file, tagged with its version name."""
+    from model import load_prompts, save_prompts
+
+    checkpoint = load_prompts(source)
+    metadata = dict(checkpoint.metadata)
+    metadata.update(version=version, source=str(source))
+    return save_prompts(target, checkpoint.state, metadata)
+
+
+def startup_detector(
+    settings: Any,
+    sessions: sessionmaker[Session],
+    detector: Any,
+    build: Callable[[Any, ModelVersion, Any], Any] = build_version_detector,
+) -> Any:
+    """Register the configured model on first use and return the detector the daemon should start with."""
+    version, kind = str(detector.version), str(getattr(detector, "name", "unknown"))
+    with sessions() as session, session.begin():
+        row = get_version(session, version)
+        new = row is None
+        if new:
+            prompts = _config_path(settings, settings.model.prompts)
+            path: Path | str | None = None
+            if prompts and Path(prompts).is_file():
+                path = _copy_prompts(prompts, version_file(settings, version), version) if kind == "anomalyclip" \
+                    else prompts
+            row = register_version(session, version=version, kind=kind, prompts_path=path,
+                                   notes="the configured model ([model] section)")
+            log.info("registered the configured model as version %s", version)
+        active = active_model_version(session)
+        if active is None or new:
+            if active is not None:
+                log.info("[model] names a new model: version %s replaces %s as the active one", version,
+                         active.version)
+            _make_active(session, row)
+            return detector
+        if active.version == version:
+            return detector
+        wanted = active
+    try:
+        chosen = build(settings, wanted, detector)
+    except Exception as exc:
+        log.error("cannot load the active model version %s (%s); running the configured %s instead",
+                  wanted.version, exc, version)
+        return detector
+    log.info("running the registry's active model version %s (the configured model is %s)", wanted.version, version)
+    return chosen
+
+
+class ModelWatcher:
+    """Polls the active version; when it differs from the running detector, builds it and swaps it in.
+
+    `current()` returns the detector in use, `swap(detector)` installs one (returns an Event set once in use).
+    A version that fails to load is logged once and retried only after the active version changes again.
+    """
+
+    def __init__(
+        self,
+        settings: Any,
+        sessions: sessionmaker[Session],
+        *,
+        current: Callable[[], Any],
+        swap: Callable[[Any], threading.Event],
+        build: Callable[[Any, ModelVersion, Any], Any] = build_version_detector,
+        poll_s: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.current = current
+        self.swap = swap
+        self.build = build
+        self.poll_s = poll_s
+        self.last_error: str | None = None
+        self.swaps = 0
+        self._failed: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="model-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception as exc:  # e.g. the database briefly unreachable: try again next poll
+                self.last_error = f"cannot check the active model version: {exc}"
+                log.warning("%s", self.last_error)
+
+    def check(self, wait_s: float = 60.0) -> bool:
+        """Swap to the registry's active version if it is not the one running; True when swapped."""
+        with self._lock:
+            with self.sessions() as session:
+                row = active_model_version(session)
+            current = self.current()
+            if row is None or row.version == str(getattr(current, "version", "")):
+                self._failed = None
+                return False
+            if row.version == self._failed:
+                return False
+            try:
+                detector = self.build(self.settings, row, current)
+            except Exception as exc:
+                self._failed = row.version
+                self.last_error = f"cannot load model version {row.version}: {exc}"
+                log.error("%s; still running %s", self.last_error, getattr(current, "version", "?"))
+                return False
+            in_use = self.swap(detector)
+            if not in_use.wait(wait_s):
+                log.warning("model version %s not in use after %.0fs (no batch yet?)", row.version, wait_s)
+            self.swaps += 1
+            self.last_error = None
+            log.info("now inspecting with model version %s", row.version)
+            return True

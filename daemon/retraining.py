@@ -1,0 +1,675 @@
+"""Prompt retraining from operator labels: schedule, training set, training job, evaluation, promotion.
+
+A run (`Retrainer.run`):
+1. a `training_runs` row (status running, the parameters);
+2. the training set: every labelled inspection whose frame artifact is still stored (the latest label wins);
+   image-level labels train the global loss, a label's mask (when the operator drew one) the local loss too;
+   with fewer than `min_anomalous` labelled defects, synthetic anomalies are made on the normal frames;
+3. a held-out part (`holdout_fraction`), assigned by a hash of each inspection's uuid so a frame stays on the
+   same side across runs (the active model, trained by an earlier run, never saw the held-out frames);
+4. training in a separate, niced process (`python -m daemon.retraining_job SPEC`), fine-tuning the active
+   version's prompts, so inspection keeps its CPU/GPU priority and a crash there cannot take the daemon down;
+   the same process evaluates the candidate and the active model on the held-out frames (with synthetic defects on
+   held-out normals when the held-out part has no labelled defect, so image AUROC is defined);
+5. the decision (`promotion_decision`: rule not_worse | better | always on `metric` with `tolerance`); the
+   candidate is registered in `model_versions` with both models' metrics; with promotion "auto" a passing
+   candidate is activated (the watcher hot-swaps it), a failing one is retired; with "manual" a passing one stays
+   a candidate for the operator;
+6. the run row gets status succeeded | failed | cancelled, the metrics, the promotion and the job's log tail.
+
+`RetrainingScheduler` runs in the daemon: at each due time of `[retraining].schedule` (cron or interval) it starts
+a run when at least `min_new_labels` labels arrived since the last completed run. `request_retrain(state)` is the
+operator API's entry (a run now, in the background, whatever the label count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.db.models import Inspection, Label, ModelVersion, TrainingRun, utcnow
+from adapters.db.repository import active_model_version
+from daemon import models as registry
+
+log = logging.getLogger("anomalyd.retraining")
+
+# The same names as model.metrics.METRIC_NAMES (not imported: config validation must not load sklearn).
+COMPARABLE_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
+                      "aupro", "aupro_anomalyclip")
+RULES = ("not_worse", "better", "always")
+LOG_TAIL_CHARS = 20_000
+
+
+class RetrainError(RuntimeError):
+    """A run that cannot go on (no labelled frames, the job failed); recorded on the run row."""
+
+
+class RetrainBusyError(RetrainError):
+    """Another retraining run is in progress."""
+
+
+# --- schedule ----------------------------------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_INTERVAL = re.compile(r"^(?:every\s+)?(\d+(?:\.\d+)?)\s*(s|m|h|d)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A 5-field cron expression (host local time) or a fixed interval."""
+
+    text: str
+    interval_s: float | None = None  # None: cron
+
+    def next_after(self, when: datetime) -> datetime:
+        """The first due time strictly after `when` (aware datetime)."""
+        if self.interval_s is not None:
+            return when + timedelta(seconds=self.interval_s)
+        from croniter import croniter
+
+        local = when.astimezone()
+        return croniter(self.text, local).get_next(datetime).astimezone(timezone.utc)
+
+    def describe(self) -> str:
+        if self.interval_s is not None:
+            return f"every {self.interval_s:g} s"
+        return f"cron '{self.text}' (local time)"
+
+
+def parse_schedule(text: str) -> Schedule:
+    """"0 3 * * *" (cron) or "6h" / "30m" / "every 2d" / "90s" (interval); ValueError names what is wrong."""
+    value = str(text).strip()
+    match = _INTERVAL.match(value)
+    if match:
+        seconds = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        if seconds <= 0:
+            raise ValueError(f"schedule {text!r}: the interval must be positive")
+        return Schedule(value, seconds)
+    from croniter import croniter
+
+    if len(value.split()) != 5 or not croniter.is_valid(value):
+        raise ValueError(f"schedule {text!r} is neither a 5-field cron expression (e.g. '0 3 * * *') "
+                         f"nor an interval (e.g. '6h', '30m', 'every 2d')")
+    return Schedule(value)
+
+
+# --- training data -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelledFrame:
+    inspection_id: int
+    uuid: str
+    frame: Path
+    label: int  # 0 normal, 1 anomalous
+    mask: Path | None  # the operator's mask (anomalous only)
+    category: str
+
+    def as_job_item(self) -> dict[str, Any]:
+        return {"inspection_id": self.inspection_id, "path": str(self.frame), "label": self.label,
+                "mask": str(self.mask) if self.mask else None, "category": self.category}
+
+
+def _artifact(root: Path, relative: str | None) -> Path | None:
+    if not relative:
+        return None
+    path = Path(relative)
+    return path if path.is_absolute() else root / path
+
+
+def collect_labelled_frames(session: Session, artifacts_root: Path) -> tuple[list[LabelledFrame], list[str]]:
+    """Labelled inspections with their stored frame (latest label per inspection), by inspection id.
+
+    Returns (frames, problems): a labelled row whose frame file is gone is a problem (named), not a silent drop.
+    """
+    newest = (select(Label.inspection_id, func.max(Label.id).label("label_id"))
+              .group_by(Label.inspection_id).subquery())
+    rows = session.execute(
+        select(Inspection, Label).join(newest, newest.c.inspection_id == Inspection.id)
+        .join(Label, Label.id == newest.c.label_id).order_by(Inspection.id)
+    ).all()
+    frames: list[LabelledFrame] = []
+    problems: list[str] = []
+    for inspection, label in rows:
+        frame = _artifact(artifacts_root, inspection.frame_path)
+        if frame is None or not frame.is_file():
+            problems.append(f"inspection {inspection.id}: frame file {frame or '(not stored)'} is missing")
+            continue
+        mask = _artifact(artifacts_root, label.mask_path) if label.label == "anomalous" else None
+        if mask is not None and not mask.is_file():
+            problems.append(f"inspection {inspection.id}: label mask {mask} is missing; image-level label used")
+            mask = None
+        frames.append(LabelledFrame(inspection.id, inspection.uuid, frame, int(label.label == "anomalous"), mask,
+                                    inspection.source))
+    return frames, problems
+
+
+def _hash_fraction(key: str) -> float:
+    return int(hashlib.sha1(f"holdout:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def split_holdout(frames: list[LabelledFrame], fraction: float) -> tuple[list[LabelledFrame], list[LabelledFrame]]:
+    """(train, holdout), per class by a hash of the inspection uuid: stable as labels are added.
+
+    Each class with at least two frames gives at least one to each side; a single-frame class trains.
+    """
+    train: list[LabelledFrame] = []
+    holdout: list[LabelledFrame] = []
+    for label in (0, 1):
+        members = sorted((f for f in frames if f.label == label), key=lambda f: _hash_fraction(f.uuid))
+        held = [f for f in members if _hash_fraction(f.uuid) < fraction]
+        if len(members) >= 2:
+            if not held:
+                held = members[:1]
+            if len(held) == len(members):
+                held = held[:-1]
+        else:
+            held = []
+        held_ids = {f.inspection_id for f in held}
+        holdout += held
+        train += [f for f in members if f.inspection_id not in held_ids]
+    return sorted(train, key=lambda f: f.inspection_id), sorted(holdout, key=lambda f: f.inspection_id)
+
+
+def last_completed_run(session: Session) -> TrainingRun | None:
+    return session.scalars(select(TrainingRun).where(TrainingRun.status == "succeeded")
+                           .order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc())).first()
+
+
+def new_labels_since_last_run(session: Session) -> int:
+    """Labels recorded after the start of the last completed run (all labels when there was none)."""
+    last = last_completed_run(session)
+    query = select(func.count()).select_from(Label)
+    if last is not None:
+        query = query.where(Label.created_at > last.started_at)
+    return int(session.scalar(query) or 0)
+
+
+# --- decision ----------------------------------------------------------------------------------------------------
+
+
+def promotion_decision(candidate: dict[str, Any] | None, active: dict[str, Any] | None, *, rule: str, metric: str,
+                       tolerance: float) -> tuple[bool, str]:
+    """(passes, reason) of the candidate against the active model's held-out metrics."""
+    if rule not in RULES:
+        raise ValueError(f"promotion rule {rule!r} is not one of {', '.join(RULES)}")
+    if rule == "always":
+        return True, "rule 'always'"
+    cand = _number((candidate or {}).get(metric))
+    if cand is None:
+        return False, f"the candidate's {metric} is undefined on the held-out frames"
+    act = _number((active or {}).get(metric))
+    if act is None:
+        return False, f"the active model's {metric} could not be measured; only rule 'always' promotes"
+    if rule == "not_worse":
+        passes = cand >= act - tolerance
+        return passes, f"{metric} {cand:.4f} vs active {act:.4f} (not_worse, tolerance {tolerance:g})"
+    passes = cand > act + tolerance
+    return passes, f"{metric} {cand:.4f} vs active {act:.4f} (better, tolerance {tolerance:g})"
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+# --- a run -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrainOutcome:
+    run_id: int
+    status: str  # succeeded | failed | cancelled
+    candidate_version: str | None = None
+    promoted: bool = False
+    passes: bool = False
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class Retrainer:
+    """Runs retraining for one database and artifact store (the daemon's, or the CLI's for `retrain --now`).
+
+    `on_activated()` is called after a promotion (the daemon checks its watcher at once instead of at the next
+    poll). One run at a time per database: a run row still `running` (and younger than `timeout_s`) blocks others.
+    """
+
+    def __init__(self, settings: Any, sessions: sessionmaker[Session], *,
+                 on_activated: Callable[[], Any] | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.on_activated = on_activated
+        self.config = settings.retraining
+        self.artifacts_root = settings.resolve(settings.storage.dir)
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._cancelled = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_outcome: RetrainOutcome | None = None
+
+    # -- bookkeeping --
+
+    def recover_interrupted(self) -> int:
+        """Mark runs this host left `running` (a daemon stopped mid-run) as failed; returns how many."""
+        host = socket.gethostname()
+        with self.sessions() as session, session.begin():
+            rows = [row for row in session.scalars(select(TrainingRun).where(TrainingRun.status == "running"))
+                    if (row.params or {}).get("host") in (host, None)]
+            for row in rows:
+                row.status, row.finished_at = "failed", utcnow()
+                row.log = (row.log or "") + "\ninterrupted: the daemon stopped during this run"
+        return len(rows)
+
+    def _begin(self, trigger: str) -> int:
+        """The run row, or RetrainBusyError when another run is in progress."""
+        stale_before = utcnow() - timedelta(seconds=self.config.timeout_s + 600)
+        with self.sessions() as session, session.begin():
+            running = session.scalars(select(TrainingRun).where(TrainingRun.status == "running",
+                                                                TrainingRun.started_at > stale_before)).first()
+            if running is not None:
+                raise RetrainBusyError(f"retraining run #{running.id} is in progress since "
+                                       f"{running.started_at:%Y-%m-%d %H:%M:%S} UTC")
+            params = self.config.model_dump() | {"trigger": trigger, "host": socket.gethostname(),
+                                                 "image_size": self._image_size(), "device": self._device()}
+            row = TrainingRun(status="running", params=params)
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def _finish(self, run_id: int, outcome: RetrainOutcome, log_text: str) -> None:
+        with self.sessions() as session, session.begin():
+            row = session.get(TrainingRun, run_id)
+            row.status, row.finished_at = outcome.status, utcnow()
+            row.metrics = _plain(outcome.metrics) or None
+            row.candidate_version, row.promoted = outcome.candidate_version, outcome.promoted
+            row.log = log_text[-LOG_TAIL_CHARS:]
+
+    def _image_size(self) -> int:
+        return int(self.config.image_size or self.settings.model.image_size)
+
+    def _device(self) -> str:
+        return str(self.config.device or self.settings.runtime.device)
+
+    # -- public --
+
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
+
+    def start_in_background(self, trigger: str = "api") -> int:
+        """Start a run in a thread and return its run id (RetrainBusyError when one is in progress)."""
+        if not self._lock.acquire(blocking=False):
+            raise RetrainBusyError("a retraining run of this daemon is in progress")
+        try:
+            run_id = self._begin(trigger)
+        except BaseException:
+            self._lock.release()
+            raise
+
+        def work() -> None:
+            try:
+                self._run_locked(run_id, None)
+            except Exception:
+                log.exception("retraining run #%d failed", run_id)
+            finally:
+                self._lock.release()
+
+        self._thread = threading.Thread(target=work, name=f"retrain-{run_id}", daemon=True)
+        self._thread.start()
+        return run_id
+
+    def run(self, trigger: str = "manual", progress: ProgressCallback | None = None) -> RetrainOutcome:
+        """A whole run in the calling thread (the scheduler's, or `anomalyd retrain --now`)."""
+        if not self._lock.acquire(blocking=False):
+            raise RetrainBusyError("a retraining run of this daemon is in progress")
+        try:
+            return self._run_locked(self._begin(trigger), progress)
+        finally:
+            self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a background run; True when none is left running."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def cancel(self, timeout: float = 10.0) -> None:
+        """Stop a run in progress (daemon shutdown): the training process is terminated, the run `cancelled`."""
+        self._cancelled.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.wait(timeout)
+
+    # -- the run --
+
+    def _run_locked(self, run_id: int, progress: ProgressCallback | None) -> RetrainOutcome:
+        self._cancelled.clear()
+        lines: list[str] = []
+
+        def note(message: str) -> None:
+            log.info("retraining run #%d: %s", run_id, message)
+            lines.append(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} {message}")
+
+        run_dir = registry.models_dir(self.settings) / "runs" / str(run_id)
+        outcome = RetrainOutcome(run_id, "failed")
+        job_log = ""
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            spec, counts = self._prepare(run_id, run_dir, note)
+            outcome.metrics["data"] = counts
+            rc, job_log = self._run_job(run_dir, spec, progress, note)
+            if self._cancelled.is_set():
+                outcome.status, outcome.reason = "cancelled", "cancelled (daemon stopping)"
+                note(outcome.reason)
+                return outcome
+            if rc != 0:
+                raise RetrainError(f"the training process exited with status {rc}: {_last_line(job_log)}")
+            result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+            self._decide(spec, result, outcome, note)
+            shutil.rmtree(run_dir / "work", ignore_errors=True)
+        except Exception as exc:
+            outcome.status, outcome.reason = "failed", str(exc)
+            note(f"failed: {exc}")
+            if not isinstance(exc, RetrainError):
+                log.exception("retraining run #%d", run_id)
+        finally:
+            text = "\n".join(lines)
+            if job_log:
+                text += "\n--- training process ---\n" + job_log[-(LOG_TAIL_CHARS - len(text) - 40):]
+            self._finish(run_id, outcome, text)
+            self.last_outcome = outcome
+        return outcome
+
+    def _prepare(self, run_id: int, run_dir: Path, note: Callable[[str], None]) -> tuple[dict[str, Any], dict]:
+        cfg, m = self.config, self.settings.model
+        with self.sessions() as session:
+            frames, problems = collect_labelled_frames(session, self.artifacts_root)
+            active = active_model_version(session)
+        for problem in problems[:50]:
+            note(f"skipped: {problem}")
+        if len(problems) > 50:
+            note(f"... and {len(problems) - 50} more labelled rows without a stored frame")
+        if len(frames) < 2:
+            raise RetrainError(f"{len(frames)} labelled frame(s) available: need at least 2 (one to train, one to "
+                               "evaluate); label inspections first")
+        if m.name != "anomalyclip":
+            raise RetrainError(f"retraining learns AnomalyCLIP prompts; [model].name is {m.name!r}")
+        train, holdout = split_holdout(frames, cfg.holdout_fraction)
+        n_anomalous = sum(f.label for f in train)
+        synthetic = cfg.synthetic == "on" or (cfg.synthetic == "auto" and n_anomalous < cfg.min_anomalous)
+        if synthetic and not any(f.label == 0 for f in train):
+            synthetic = False
+        if n_anomalous == 0 and not synthetic:
+            raise RetrainError("no labelled defects among the training frames and synthetic anomalies are off")
+        counts = {"labelled": len(frames), "missing_frames": len(problems), "train": len(train),
+                  "train_anomalous": n_anomalous, "train_with_mask": sum(f.mask is not None for f in train),
+                  "holdout": len(holdout), "holdout_anomalous": sum(f.label for f in holdout),
+                  "synthetic_train": synthetic}
+        note(f"{len(train)} training frames ({n_anomalous} defects, {counts['train_with_mask']} with masks"
+             f"{', plus synthetic defects on normals' if synthetic else ''}), {len(holdout)} held out")
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        version = f"anomalyclip-{stamp}-r{run_id}"
+        active_spec = None
+        init_prompts = None
+        if active is not None:
+            active_spec = {"version": active.version, "kind": active.kind, "prompts": active.prompts_path}
+            if active.kind == "anomalyclip" and active.prompts_path and Path(active.prompts_path).is_file():
+                init_prompts = active.prompts_path
+        threads = cfg.threads or max(1, (os.cpu_count() or 2) // 2)
+        spec = {
+            "run_id": run_id, "version": version,
+            "output": str(run_dir / "work" / "prompts.safetensors"), "result": str(run_dir / "result.json"),
+            "model": {"backbone": registry._config_path(self.settings, m.backbone),
+                      "backbone_config": registry._config_path(self.settings, m.backbone_config),
+                      "layers": list(m.layers), "image_size": self._image_size(), "init_prompts": init_prompts,
+                      "transform": "reference" if m.reference_preprocessing else "fast"},
+            "active": active_spec,
+            "train": [f.as_job_item() for f in train], "holdout": [f.as_job_item() for f in holdout],
+            "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
+                         "seed": cfg.seed},
+            "synthetic": synthetic, "device": self._device(), "nice": cfg.nice, "threads": threads,
+        }
+        (run_dir / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        return spec, counts
+
+    def _run_job(self, run_dir: Path, spec: dict[str, Any], progress: ProgressCallback | None,
+                 note: Callable[[str], None]) -> tuple[int, str]:
+        """The training process: niced, its own session (signals to the daemon's group do not reach it)."""
+        if self._cancelled.is_set():
+            return -1, ""
+        log_path = run_dir / "job.log"
+        command = [sys.executable, "-m", "daemon.retraining_job", str(run_dir / "job.json")]
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        deadline = time.monotonic() + self.config.timeout_s
+        note(f"training {spec['version']} ({spec['training']['epochs']} epochs, {spec['model']['image_size']} px, "
+             f"device {spec['device']}, nice {spec['nice']})")
+        with open(log_path, "wb") as log_file:
+            self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
+                                             env=env, start_new_session=True)
+            timer = threading.Timer(self.config.timeout_s, self._kill_job)
+            timer.daemon = True
+            timer.start()
+            try:
+                assert self._process.stdout is not None
+                for raw in self._process.stdout:
+                    event = _parse_event(raw)
+                    if event is None:
+                        continue
+                    if event.get("event") == "epoch":
+                        note(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f}")
+                    if progress is not None:
+                        progress(event)
+                rc = self._process.wait()
+            finally:
+                timer.cancel()
+                self._process = None
+        job_log = log_path.read_text(encoding="utf-8", errors="replace")
+        if time.monotonic() > deadline:
+            raise RetrainError(f"the training process ran past [retraining].timeout_s = {self.config.timeout_s:g}")
+        return rc, job_log
+
+    def _kill_job(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            log.error("retraining job past its timeout: killing it")
+            process.kill()
+
+    def _decide(self, spec: dict[str, Any], result: dict[str, Any], outcome: RetrainOutcome,
+                note: Callable[[str], None]) -> None:
+        cfg = self.config
+        candidate, active = result.get("candidate"), result.get("active")
+        if result.get("active_error"):
+            note(f"the active model could not be evaluated: {result['active_error']}")
+        passes, reason = promotion_decision(candidate, active, rule=cfg.rule, metric=cfg.metric,
+                                            tolerance=cfg.tolerance)
+        version = spec["version"]
+        target = registry.version_file(self.settings, version)
+        shutil.move(spec["output"], target)
+        metrics = {"holdout": candidate, "active_holdout": active,
+                   "active_version": (spec.get("active") or {}).get("version"), "rule": cfg.rule,
+                   "metric": cfg.metric, "tolerance": cfg.tolerance, "passes": passes, "reason": reason,
+                   "run_id": spec["run_id"], "data": outcome.metrics.get("data"),
+                   "synthetic_holdout": result.get("synthetic_holdout"), "history": result.get("history")}
+        promote = passes and cfg.promotion == "auto"
+        status = "candidate" if passes else "retired"
+        with self.sessions() as session, session.begin():
+            registry.register_version(session, version=version, kind="anomalyclip", prompts_path=target,
+                                      metrics=_plain(metrics), status=status,
+                                      notes=f"run #{spec['run_id']}: {'passes' if passes else 'rejected'}: {reason}")
+        outcome.candidate_version, outcome.passes, outcome.reason = version, passes, reason
+        outcome.metrics.update(metrics)
+        outcome.status = "succeeded"
+        if promote:
+            registry.activate_version(self.sessions, version)
+            outcome.promoted = True
+            note(f"{version} promoted: {reason}")
+            if self.on_activated is not None:
+                try:
+                    self.on_activated()
+                except Exception:
+                    log.exception("hot swap after the promotion of %s failed (the watcher retries)", version)
+        elif passes:
+            note(f"{version} passes ({reason}); promotion is manual: activate it with "
+                 f"`anomalyd models activate {version}`")
+        else:
+            note(f"{version} rejected: {reason}")
+
+
+def _parse_event(raw: bytes) -> dict[str, Any] | None:
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text.startswith("{"):
+        return None
+    with contextlib.suppress(json.JSONDecodeError):
+        event = json.loads(text)
+        return event if isinstance(event, dict) else None
+    return None
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "(no output)"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None (JSON columns on PostgreSQL reject NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --- scheduler ---------------------------------------------------------------------------------------------------
+
+
+class RetrainingScheduler:
+    """The daemon's thread: at each due time, a run when enough new labels arrived."""
+
+    def __init__(self, retrainer: Retrainer, schedule: Schedule | None = None, *,
+                 now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        self.retrainer = retrainer
+        self.schedule = schedule or parse_schedule(retrainer.config.schedule)
+        self.min_new_labels = retrainer.config.min_new_labels
+        self.now = now
+        self.next_due: datetime | None = None
+        self.last_decision: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.next_due = self.schedule.next_after(self.now())
+        log.info("retraining scheduled %s; next check %s", self.schedule.describe(), self.next_due.isoformat())
+        self._thread = threading.Thread(target=self._loop, name="retrain-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.retrainer.cancel(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            assert self.next_due is not None
+            wait = (self.next_due - self.now()).total_seconds()
+            if wait > 0:
+                self._stop.wait(min(wait, 60.0))
+                continue
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduled retraining failed")
+            self.next_due = self.schedule.next_after(self.now())
+
+    def tick(self) -> RetrainOutcome | None:
+        """One due time: a run when at least `min_new_labels` labels arrived since the last completed run."""
+        with self.retrainer.sessions() as session:
+            new = new_labels_since_last_run(session)
+        if new < self.min_new_labels:
+            self.last_decision = f"skipped: {new} new labels, {self.min_new_labels} needed"
+            log.info("scheduled retraining %s", self.last_decision)
+            return None
+        if self.retrainer.running:
+            self.last_decision = "skipped: a run is in progress"
+            return None
+        self.last_decision = f"started: {new} new labels"
+        try:
+            return self.retrainer.run(trigger="schedule")
+        except RetrainBusyError as exc:
+            self.last_decision = f"skipped: {exc}"
+            return None
+
+
+def request_retrain(state: Any) -> dict[str, Any]:
+    """The operator API's `POST /api/retrain`: start a run now in the background, whatever the label count.
+
+    `state` is the API's AppState (`.service`, `.sessions`, `.settings`). Returns {"run_id", "status": "running"};
+    raises RetrainBusyError when a run is in progress (HTTP 409).
+    """
+    retrainer = getattr(getattr(state, "service", None), "retrainer", None)
+    if retrainer is None:  # an API without the daemon around it (tests, a separate API process)
+        extra = getattr(state, "extra", None)
+        retrainer = extra.get("retrainer") if isinstance(extra, dict) else None
+        if retrainer is None:
+            retrainer = Retrainer(state.settings, state.sessions)
+            if isinstance(extra, dict):
+                extra["retrainer"] = retrainer
+    run_id = retrainer.start_in_background(trigger="api")
+    return {"run_id": run_id, "status": "running"}
+
+
+def run_summary(row: TrainingRun) -> dict[str, Any]:
+    """A training run as the API/CLI show it."""
+    return {"id": row.id, "status": row.status, "started_at": row.started_at, "finished_at": row.finished_at,
+            "candidate_version": row.candidate_version, "promoted": row.promoted,
+            "trigger": (row.params or {}).get("trigger"), "metrics": row.metrics}
+
+
+def training_runs(session: Session, limit: int = 20) -> list[TrainingRun]:
+    return list(session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)))
+
+
+__all__ = [
+    "COMPARABLE_METRICS", "LabelledFrame", "ModelVersion", "RetrainBusyError", "RetrainError", "RetrainOutcome",
+    "Retrainer", "RetrainingScheduler", "Schedule", "collect_labelled_frames", "last_completed_run",
+    "new_labels_since_last_run", "parse_schedule", "promotion_decision", "request_retrain", "run_summary",
+    "split_holdout", "training_runs",
+]
