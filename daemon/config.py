@@ -328,6 +328,24 @@ class Settings(BaseSettings):
         path = Path(path).expanduser()
         return path if path.is_absolute() else (self.base_dir / path)
 
+    def resolve_model_value(self, value: str | None) -> str | None:
+        """A [model] value that may be a file relative to the config file, else as is (e.g. an open_clip name)."""
+        if value is None:
+            return None
+        candidate = self.resolve(value)
+        return str(candidate) if candidate.exists() else value
+
+    def prompts_file(self) -> str | None:
+        """[model].prompts as a file: a path, a released name fetched into the cache, or for AnomalyCLIP by
+        default the released prompts (WeightsError says how to fetch them when they are missing)."""
+        from adapters.weights import DEFAULT_PROMPTS, resolve_prompts
+
+        value = self.model.prompts
+        if value is None and self.model.name == "anomalyclip":
+            value = DEFAULT_PROMPTS
+        resolved = resolve_prompts(self.resolve_model_value(value))
+        return str(resolved) if resolved is not None else None
+
     @property
     def database_url(self) -> str:
         """The database URL with a relative SQLite path made absolute against the config directory."""

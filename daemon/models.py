@@ -57,14 +57,6 @@ def version_file(settings: Any, version: str) -> Path:
     return models_dir(settings) / f"{version}{VERSION_SUFFIX}"
 
 
-def _config_path(settings: Any, value: str | None) -> str | None:
-    """A [model] value that may be a file relative to the config file (else as is, e.g. an open_clip name)."""
-    if value is None:
-        return None
-    candidate = settings.resolve(value)
-    return str(candidate) if candidate.exists() else value
-
-
 # --- registry ----------------------------------------------------------------------------------------------------
 
 
@@ -158,13 +150,13 @@ def build_version_detector(settings: Any, row: ModelVersion, current: Any = None
     from model import create_detector
 
     m, r = settings.model, settings.runtime
-    backbone: Any = _config_path(settings, m.backbone)
+    backbone: Any = settings.resolve_model_value(m.backbone)
     if row.kind == "anomalyclip" and getattr(current, "name", None) == "anomalyclip":
         backbone = _shared_backbone(current) or backbone
     if row.prompts_path and not Path(row.prompts_path).is_file():
         raise ModelVersionError(f"model version {row.version!r}: its weights file {row.prompts_path} is missing")
     detector = create_detector(
-        row.kind, backbone=backbone, backbone_config=_config_path(settings, m.backbone_config),
+        row.kind, backbone=backbone, backbone_config=settings.resolve_model_value(m.backbone_config),
         prompts=row.prompts_path, layers=tuple(m.layers), image_size=m.image_size, device=r.device, dtype=r.dtype,
         class_name=m.class_name,
     )
@@ -206,7 +198,7 @@ def startup_detector(
         row = get_version(session, version)
         new = row is None
         if new:
-            prompts = _config_path(settings, settings.model.prompts)
+            prompts = settings.prompts_file()
             path: Path | str | None = None
             if prompts and Path(prompts).is_file():
                 path = _copy_prompts(prompts, version_file(settings, version), version) if kind == "anomalyclip" \

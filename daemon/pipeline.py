@@ -15,6 +15,7 @@ object with `.scores` (B,) and `.maps` (B,S,S) tensors; the daemon builds it wit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -244,7 +245,13 @@ class Pipeline:
         self._update_depth()
 
     def _submit(self, frame: Any, source: Any) -> None:
-        settings = self.source_settings.get(frame.source_id) or self.source_settings[source.id]
+        settings = self.source_settings.get(frame.source_id)
+        if settings is None:
+            # A frame relayed by another host (Redis Streams scale-out) keeps the capture source's id and line;
+            # threshold and class come from the source that delivered it.
+            via = self.source_settings[source.id]
+            settings = dataclasses.replace(via, id=str(frame.source_id or via.id),
+                                           line=str(frame.meta.get("line") or via.line))
         self.metrics.frames_in.labels(settings.id).inc()
         t_in = time.monotonic()
         self._decode_slots.acquire()

@@ -453,8 +453,8 @@ class Retrainer:
         spec = {
             "run_id": run_id, "version": version,
             "output": str(run_dir / "work" / "prompts.safetensors"), "result": str(run_dir / "result.json"),
-            "model": {"backbone": registry._config_path(self.settings, m.backbone),
-                      "backbone_config": registry._config_path(self.settings, m.backbone_config),
+            "model": {"backbone": self.settings.resolve_model_value(m.backbone),
+                      "backbone_config": self.settings.resolve_model_value(m.backbone_config),
                       "layers": list(m.layers), "image_size": self._image_size(), "init_prompts": init_prompts,
                       "transform": "reference" if m.reference_preprocessing else "fast"},
             "active": active_spec,

@@ -12,6 +12,7 @@ required (alerts wait in the outbox).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -35,18 +36,11 @@ def build_detector(settings: Settings) -> Any:
 
     m, r = settings.model, settings.runtime
     return create_detector(
-        m.name, backbone=_maybe_path(settings, m.backbone), backbone_config=_maybe_path(settings, m.backbone_config),
-        prompts=_maybe_path(settings, m.prompts), layers=tuple(m.layers), image_size=m.image_size,
+        m.name, backbone=settings.resolve_model_value(m.backbone),
+        backbone_config=settings.resolve_model_value(m.backbone_config),
+        prompts=settings.prompts_file(), layers=tuple(m.layers), image_size=m.image_size,
         device=r.device, dtype=r.dtype, class_name=m.class_name,
     )
-
-
-def _maybe_path(settings: Settings, value: str | None) -> str | None:
-    """A config value that may be a file relative to the config file (else returned as is, e.g. a model name)."""
-    if value is None:
-        return None
-    candidate = settings.resolve(value)
-    return str(candidate) if candidate.exists() else value
 
 
 def mqtt_settings(settings: Settings, client_id: str | None = None) -> Any:
@@ -56,7 +50,7 @@ def mqtt_settings(settings: Settings, client_id: str | None = None) -> Any:
     password = m.password.get_secret_value() if m.password is not None else None
     return MqttSettings(
         host=m.host, port=m.port, username=m.username, password=password, prefix=m.prefix,
-        client_id=client_id or m.client_id or f"anomalyd-{socket.gethostname()}", keepalive=m.keepalive,
+        client_id=client_id or m.client_id or f"anomalyd-{socket.gethostname()}-{os.getpid()}", keepalive=m.keepalive,
         alert_qos=m.qos, inspection_qos=m.inspection_qos, tls=m.tls.enabled,
         tls_ca_certs=str(settings.resolve(m.tls.ca_certs)) if m.tls.ca_certs else None,
         tls_certfile=str(settings.resolve(m.tls.certfile)) if m.tls.certfile else None,

@@ -203,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model import build_anomalyclip, load_backbone, load_prompts, resolve_device
     from model.datasets import InspectionDataset, discover
     from model.synthetic import SyntheticAnomalies
-    from model.training import TrainingConfig, train_prompts
+    from model.training import TrainingConfig, seed_everything, train_prompts
 
     if args.model not in TRAINABLE_MODELS:
         raise UsageError(f"--model {args.model} is training-free: nothing to train (trainable: {', '.join(TRAINABLE_MODELS)})")
@@ -227,6 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainingConfig.for_model(args.model, epochs=args.epochs, batch_size=args.batch_size,
                                       learning_rate=args.lr, seed=args.seed, num_workers=args.workers)
+    seed_everything(config.seed)  # the fresh weights' random init is part of a reproducible run
     if args.model == "anomalyclip":
         backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained)
         start = load_prompts(args.init_prompts) if args.init_prompts else None

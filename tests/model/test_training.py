@@ -11,7 +11,7 @@ from model import build_anomalyclip, load_prompts
 from model.datasets import collate_samples, discover
 from model.losses import glocal_loss
 from model.synthetic import SyntheticAnomalies
-from model.training import TrainingConfig, train_prompts
+from model.training import TrainingConfig, seed_everything, train_prompts
 from tests.model import golden
 
 SIZE = 224  # small input keeps CPU training to seconds
@@ -20,7 +20,7 @@ SIZE = 224  # small input keeps CPU training to seconds
 @pytest.fixture(scope="module")
 def plate_normals(samples_dir):
     normals = [s for s in discover(samples_dir) if s.category == "metal_plate" and s.label == 0]
-    assert len(normals) >= 36
+    assert len(normals) >= 80
     return normals
 
 
@@ -32,25 +32,28 @@ def _pixel_auroc(model, batch) -> float:
 
 @pytest.mark.slow
 def test_training_on_synthetic_defects_lowers_loss_and_raises_pixel_auroc(golden_dir, plate_normals, tmp_path):
-    train = SyntheticAnomalies(plate_normals[:24], image_size=SIZE, p_anomaly=0.7, seed=1)
-    held_out = SyntheticAnomalies(plate_normals[24:36], image_size=SIZE, p_anomaly=1.0, seed=2)
+    # Random weights give weak patch features: a linear probe on them reaches ~0.65 held-out pixel AUROC, and it
+    # takes ~60 training images for prompts to generalise (with 24 the held-out AUROC barely moves).
+    train = SyntheticAnomalies(plate_normals[:60], image_size=SIZE, p_anomaly=0.7, seed=1)
+    held_out = SyntheticAnomalies(plate_normals[60:80], image_size=SIZE, p_anomaly=1.0, seed=2)
     batch = collate_samples([held_out[i] for i in range(len(held_out))])
     torch.manual_seed(0)
     model = build_anomalyclip(golden.tiny_backbone(golden_dir), None, layers=(6, 12, 18, 24), image_size=SIZE)
     before = _pixel_auroc(model, batch)
     history = train_prompts(model, train, tmp_path / "p.safetensors", progress=False, resume=False,
-                            config=TrainingConfig(epochs=4, batch_size=8, learning_rate=1e-2))
+                            config=TrainingConfig(epochs=3, batch_size=8))  # the official Adam lr 1e-3
     after = _pixel_auroc(model, batch)
     assert history[-1].loss < history[0].loss
-    assert after > before + 0.05, (before, after)
+    assert after > before + 0.1, (before, after)  # measured: 0.41 → 0.69
     saved = load_prompts(tmp_path / "p.safetensors")
-    assert saved.metadata["epochs_done"] == 4
+    assert saved.metadata["epochs_done"] == 3
     for key, value in model.prompt_learner.state_dict().items():
         assert torch.equal(saved.state[key], value.cpu()), key
 
 
 def _small_run(golden_dir, normals, output, epochs, resume=True):
     data = SyntheticAnomalies(normals[:8], image_size=112, p_anomaly=0.5, seed=3)
+    seed_everything(5)  # before the learner's random init, as `anomalyd train` does
     model = build_anomalyclip(golden.tiny_backbone(golden_dir), None, layers=(24,), image_size=112)
     history = train_prompts(model, data, output, progress=False, resume=resume,
                             config=TrainingConfig(epochs=epochs, batch_size=4, seed=5))
