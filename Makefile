@@ -1,7 +1,7 @@
 # anomalyd: `make run` starts the daemon on config.toml, `make test` runs the whole test suite.
 # Both set up everything first (scripts/setup.sh): system packages, a virtual environment, the project.
 VENV ?= $(HOME)/.cache/anomalyd/venv
-export ANOMALYD_VENV := $(VENV)
+export VENV
 ANOMALYD := $(VENV)/bin/anomalyd
 PYTEST_ARGS ?=
 

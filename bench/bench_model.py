@@ -5,6 +5,7 @@ in the same process. Reports images/s and the speed-up ratio; checks both paths 
     python bench/bench_model.py                         # randomly initialised ViT-L-14-336 at 518 px
     python bench/bench_model.py --backbone tiny         # the tiny golden CLIP (fast, for CPU-only machines)
     python bench/bench_model.py --dtypes float32 bfloat16 --batch-sizes 1 16   # on a GPU
+    python bench/bench_model.py --backbone tiny --models all   # also time AdaCLIP, CLIP, CLIP-AC, WinCLIP
 
 No weights are downloaded: ViT-L-14-336 is built with random weights (speed does not depend on the values).
 """
@@ -70,6 +71,35 @@ def naive_predict(model, image: torch.Tensor) -> tuple[float, np.ndarray]:
     return score, gaussian_filter(total.numpy(), sigma=4)
 
 
+def build_bench_detector(name: str, backbone, image_size: int, layers, device: torch.device):
+    """A detector of each model around the one loaded backbone, with fresh (untrained) learned parts."""
+    from model import create_detector
+    from model.factory import AnomalyCLIPDetector
+
+    if name == "anomalyclip":
+        return AnomalyCLIPDetector(build_anomalyclip(backbone, None, layers=layers, image_size=image_size),
+                                   device=device, dtype=torch.float32, version="bench")
+    if name == "adaclip":
+        from model.adaclip import AdaCLIPDetector, build_adaclip
+
+        return AdaCLIPDetector(build_adaclip(backbone, None, image_size=image_size), device=device,
+                               dtype=torch.float32, version="bench", class_name="object")
+    return create_detector(name, backbone=backbone, image_size=image_size, device=device)
+
+
+def time_models(names, backbone, args, layers, device, sync, results) -> None:
+    """images/s of each model's predict at each batch size and dtype, relative to AnomalyCLIP's."""
+    images = torch.randn(max(args.batch_sizes), 3, args.image_size, args.image_size, device=device)
+    for name in names:
+        detector = build_bench_detector(name, backbone, args.image_size, layers, device)
+        for batch in args.batch_sizes:
+            seconds = timed(lambda b=batch, d=detector: d.predict(images[:b], class_names=["object"] * b), 1, sync)
+            ips = batch / seconds
+            print(f"model {name:11s} float32 batch {batch:3d}: {ips:8.2f} images/s")
+            results.setdefault("models", []).append({"model": name, "batch": batch, "images_per_s": ips})
+        del detector
+
+
 def timed(fn, repeats: int, sync) -> float:
     fn()  # warm-up
     sync()
@@ -91,6 +121,8 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--models", nargs="*", default=[],
+                        help="also time these models' predict (anomalyclip adaclip clip clip-ac winclip, or 'all')")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -126,6 +158,9 @@ def main() -> None:
                 ratio = ips / naive_ips
                 print(f"anomalyd {dtype_name:9s} batch {batch:3d}: {ips:8.2f} images/s  ({ratio:5.1f}x naive)")
                 results["runs"].append({"dtype": dtype_name, "batch": batch, "images_per_s": ips, "vs_naive": ratio})
+        if args.models:
+            names = ["anomalyclip", "adaclip", "clip", "clip-ac", "winclip"] if args.models == ["all"] else args.models
+            time_models(names, backbone, args, layers, device, sync, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     assert math.isfinite(score)

@@ -6,6 +6,10 @@ Phase 2 (latency): frames fed at a steady rate (half the measured throughput) in
 the frame's creation to its committed row. 10% of the frames are anomalous (alerts through the outbox).
 
     python bench/bench_pipeline.py [--frames 1000] [--image-size 518] [--batch 8]
+    python bench/bench_pipeline.py --detector tiny --frames 160 --batch 16   # (b): the tiny CLIP from ../shared
+
+With `--detector tiny` the model's own time on the same frames (preprocessed tensors, batches of --batch, no
+pipeline) is measured first in the same process, and the pipeline's overhead is reported against it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,30 @@ class MarkerDetector:
         maps = torch.full((images.shape[0], self.image_size, self.image_size), 0.1)
         maps[flagged, : self.image_size // 8, : self.image_size // 8] = 0.9
         return _Prediction(scores, maps)
+
+
+TINY = Path(__file__).resolve().parents[2] / "shared" / "golden" / "anomalyclip"
+
+
+def tiny_detector(image_size: int):
+    """AnomalyCLIP on the tiny golden CLIP with the golden prompts (random weights: the cost is real)."""
+    from model import create_detector
+
+    return create_detector("anomalyclip", backbone=TINY / "tiny_clip_openai_fp16.safetensors",
+                           backbone_config=TINY / "tiny-clip-24L.json",
+                           prompts=TINY / "prompts_official_format.pth", image_size=image_size, device="cpu")
+
+
+def model_only_seconds(detector, jpegs: list[bytes], batch: int) -> float:
+    """The model's own time for these frames: preprocessed tensors in batches, no pipeline around it."""
+    from model.preprocess import decode_image, fast_transform
+
+    tensors = [fast_transform(decode_image(data), detector.image_size) for data in jpegs]
+    detector.predict(torch.stack(tensors[:batch]))  # warm-up
+    started = time.monotonic()
+    for index in range(0, len(tensors), batch):
+        detector.predict(torch.stack(tensors[index : index + batch]))
+    return time.monotonic() - started
 
 
 def make_jpegs(count: int, rng: np.random.Generator) -> list[bytes]:
@@ -124,11 +152,21 @@ def main() -> int:
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--persist-threads", type=int, default=2)
     parser.add_argument("--no-mqtt", action="store_true")
+    parser.add_argument("--detector", choices=("constant", "tiny"), default="constant",
+                        help="constant: the pipeline's own cost; tiny: the tiny CLIP, to see what the pipeline adds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     jpegs = make_jpegs(args.frames, rng)
+    model_seconds = None
+    if args.detector == "tiny":
+        make_detector = lambda: tiny_detector(args.image_size)  # noqa: E731
+        model_seconds = model_only_seconds(make_detector(), jpegs, args.batch)
+        print(f"model alone: {args.frames} frames in {model_seconds:.2f} s "
+              f"({args.frames / model_seconds:.1f} frames/s, batch {args.batch})")
+    else:
+        torch.set_num_threads(1)  # the constant detector needs no torch threads: leave the cores to the pipeline
+        make_detector = lambda: MarkerDetector(args.image_size)  # noqa: E731
     broker = None
     if not args.no_mqtt:
         try:
@@ -139,63 +177,70 @@ def main() -> int:
         except Exception as exc:  # no broker: the outbox keeps the alerts
             print(f"(no MQTT broker: {exc})")
             broker = None
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "inbox").mkdir()
-        (root / "config.toml").write_text(config_text(root, args, broker.port if broker else None))
-        for index, data in enumerate(jpegs):
-            (root / "inbox" / f"{index:06d}.jpg").write_bytes(data)
-        settings = load_config(root / "config.toml", environ={})
-        service = Service(settings, detector=MarkerDetector(args.image_size))
-        started = time.monotonic()
-        service.start()
-        while service.pipeline.processed + service.pipeline.rejected < args.frames:
-            time.sleep(0.01)
-        wall = time.monotonic() - started
-        flushed_at = time.monotonic()
-        if service.publisher is not None:
-            service.publisher.flush(60)
-        publish_wait = time.monotonic() - flushed_at
-        throughput = args.frames / wall
-        print(f"throughput: {args.frames} frames 640x480 JPEG, model input {args.image_size}px, batch {args.batch}: "
-              f"{wall:.2f} s, {throughput:.1f} frames/s (incl. start-up); outbox flushed {publish_wait:.2f} s later")
-        report_stages(service.pipeline, wall, args.frames)
-        service.stop()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            (root / "inbox").mkdir()
+            (root / "config.toml").write_text(config_text(root, args, broker.port if broker else None))
+            for index, data in enumerate(jpegs):
+                (root / "inbox" / f"{index:06d}.jpg").write_bytes(data)
+            settings = load_config(root / "config.toml", environ={})
+            service = Service(settings, detector=make_detector())
+            started = time.monotonic()
+            service.start()
+            while service.pipeline.processed + service.pipeline.rejected < args.frames:
+                time.sleep(0.01)
+            wall = time.monotonic() - started
+            flushed_at = time.monotonic()
+            if service.publisher is not None:
+                service.publisher.flush(60)
+            publish_wait = time.monotonic() - flushed_at
+            throughput = args.frames / wall
+            print(f"throughput: {args.frames} frames 640x480 JPEG, model input {args.image_size}px, batch {args.batch}: "
+                  f"{wall:.2f} s, {throughput:.1f} frames/s (incl. start-up); outbox flushed {publish_wait:.2f} s later")
+            report_stages(service.pipeline, wall, args.frames)
+            if model_seconds is not None:
+                print(f"  pipeline adds {100 * (wall / model_seconds - 1):.1f}% over the model's own time "
+                      f"({wall:.2f} s vs {model_seconds:.2f} s; start-up included)")
+            service.stop()
+            if model_seconds is not None:
+                return 0  # latency at a steady rate is the constant detector's phase
 
-        # Phase 2: steady rate, latency from frame creation to committed row.
-        rate = max(1.0, throughput * 0.5)
-        count = min(args.frames, int(rate * 5))
-        (root / "paced").mkdir()
-        settings = load_config(root / "config.toml", environ={}, overrides={
-            "sources": [], "database": {"url": "sqlite:///var/paced.db"}, "mqtt": {"enabled": False}})
-        source = _PacedSource()
-        service = Service(settings, detector=MarkerDetector(args.image_size), sources=[source])
-        service.start()
-        latencies: list[float] = []
-        lock = threading.Lock()
-        created: dict[str, float] = {}
+            # Phase 2: steady rate, latency from frame creation to committed row.
+            rate = max(1.0, throughput * 0.5)
+            count = min(args.frames, int(rate * 5))
+            (root / "paced").mkdir()
+            settings = load_config(root / "config.toml", environ={}, overrides={
+                "sources": [], "database": {"url": "sqlite:///var/paced.db"}, "mqtt": {"enabled": False}})
+            source = _PacedSource()
+            service = Service(settings, detector=MarkerDetector(args.image_size), sources=[source])
+            service.start()
+            latencies: list[float] = []
+            lock = threading.Lock()
+            created: dict[str, float] = {}
 
-        def on_result(row, _created) -> None:
-            with lock:
-                latencies.append(time.monotonic() - created[row.frame_id])
+            def on_result(row, _created) -> None:
+                with lock:
+                    latencies.append(time.monotonic() - created[row.frame_id])
 
-        service.pipeline.on_result = on_result
-        next_at = time.monotonic()
-        for index in range(count):
-            frame_id = f"paced-{index}"
-            created[frame_id] = time.monotonic()
-            source.queue.put(Frame(frame_id=frame_id, source_id="paced", captured_at=datetime.now(timezone.utc),
-                                   data=jpegs[index % len(jpegs)], name=frame_id, meta={"line": "bench"}))
-            next_at += 1.0 / rate
-            time.sleep(max(0.0, next_at - time.monotonic()))
-        while len(latencies) < count:
-            time.sleep(0.01)
-        service.stop()
-        p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-        print(f"latency at {rate:.0f} frames/s ({count} frames): p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-              "(frame created → row committed)")
-    if broker is not None:
-        broker.close()
+            service.pipeline.on_result = on_result
+            next_at = time.monotonic()
+            for index in range(count):
+                frame_id = f"paced-{index}"
+                created[frame_id] = time.monotonic()
+                source.queue.put(Frame(frame_id=frame_id, source_id="paced", captured_at=datetime.now(timezone.utc),
+                                       data=jpegs[index % len(jpegs)], name=frame_id, meta={"line": "bench"}))
+                next_at += 1.0 / rate
+                time.sleep(max(0.0, next_at - time.monotonic()))
+            while len(latencies) < count:
+                time.sleep(0.01)
+            service.stop()
+            p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+            print(f"latency at {rate:.0f} frames/s ({count} frames): p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+                  "(frame created → row committed)")
+    finally:
+        if broker is not None:
+            broker.close()
     return 0
 
 

@@ -392,10 +392,20 @@ def _looks_numeric(text: str) -> bool:
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`ANOMALYD_MQTT__HOST=x` → {"mqtt": {"host": "x"}}; keys are lower-cased."""
+    """`ANOMALYD_MQTT__HOST=x` → {"mqtt": {"host": "x"}}; keys are lower-cased.
+
+    Only `ANOMALYD_<SECTION>__<KEY>` (and `ANOMALYD_<SECTION>` with a JSON value) names are configuration; other `ANOMALYD_*` variables belong to other parts
+    of the tool (ANOMALYD_CACHE: the weights cache) and are left alone, unless they look like a section with a
+    single underscore (`ANOMALYD_MQTT_HOST`), which is reported as an unknown key rather than silently ignored.
+    """
+    sections = tuple(Settings.model_fields)
+    section_prefixes = tuple(f"{name}_" for name in sections)
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.upper().startswith(ENV_PREFIX) or name.upper() in ("ANOMALYD_CONFIG", "ANOMALYD_SHARED_DIR"):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        if ENV_DELIMITER not in rest and rest not in sections and not rest.startswith(section_prefixes):
             continue
         parts = [part.lower() for part in name[len(ENV_PREFIX):].split(ENV_DELIMITER)]
         if not all(parts):

@@ -198,7 +198,10 @@ def startup_detector(
         row = get_version(session, version)
         new = row is None
         if new:
-            prompts = settings.prompts_file()
+            try:
+                prompts = settings.prompts_file()
+            except Exception:  # e.g. released prompts not fetched: the detector in hand was built without them
+                prompts = None
             path: Path | str | None = None
             if prompts and Path(prompts).is_file():
                 path = _copy_prompts(prompts, version_file(settings, version), version) if kind == "anomalyclip" \

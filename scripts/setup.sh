@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV=${ANOMALYD_VENV:-$HOME/.cache/anomalyd/venv}
+VENV=${VENV:-$HOME/.cache/anomalyd/venv}
 PYTHON=${PYTHON:-python3}
 want_test=0
 [[ "${1:-}" == "--test" ]] && want_test=1

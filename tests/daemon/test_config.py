@@ -99,3 +99,14 @@ def test_missing_file_and_bad_toml(tmp_path):
         load_config(tmp_path / "absent.toml", environ={})
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[mqtt\n"), environ={})
+
+
+def test_other_anomalyd_variables_are_not_configuration(tmp_path):
+    """ANOMALYD_CACHE and friends configure other parts of the tool; only <SECTION>__<KEY> names are config."""
+    from daemon.config import ConfigError, load_config
+
+    settings = load_config(None, environ={"ANOMALYD_CACHE": "/tmp/x", "ANOMALYD_CONFIG": "c.toml",
+                                          "ANOMALYD_MQTT__PORT": "1999"})
+    assert settings.mqtt.port == 1999
+    with pytest.raises(ConfigError, match="mqtt_host"):
+        load_config(None, environ={"ANOMALYD_MQTT_HOST": "broker"})
