@@ -120,6 +120,12 @@ def reference_transform(image: Image.Image, size: int) -> torch.Tensor:
     return _normalise(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
 
 
+# (x/255 - mean)/std as one multiply-subtract per channel plane: the fast path's normalisation, written straight
+# into a CHW array (5x cheaper than permuting and normalising a tensor).
+_FAST_SCALE = [1.0 / (255.0 * s) for s in OPENAI_STD]
+_FAST_OFFSET = [m / s for m, s in zip(OPENAI_MEAN, OPENAI_STD, strict=True)]
+
+
 def fast_transform(rgb: np.ndarray, size: int) -> torch.Tensor:
     """OpenCV bicubic resize of an RGB uint8 array (area interpolation when shrinking a lot), then normalise."""
     import cv2
@@ -128,8 +134,11 @@ def fast_transform(rgb: np.ndarray, size: int) -> torch.Tensor:
     shrink = max(height, width) / size
     interpolation = cv2.INTER_AREA if shrink >= 2.0 else cv2.INTER_CUBIC
     resized = cv2.resize(rgb, (size, size), interpolation=interpolation)
-    tensor = torch.from_numpy(resized).permute(2, 0, 1).float().div_(255.0)
-    return _normalise(tensor)
+    out = np.empty((3, size, size), dtype=np.float32)
+    for channel, plane in enumerate(cv2.split(resized)):
+        np.multiply(plane, _FAST_SCALE[channel], out=out[channel], dtype=np.float32)
+        out[channel] -= _FAST_OFFSET[channel]
+    return torch.from_numpy(out)
 
 
 def mask_transform(mask: Image.Image | np.ndarray, size: int) -> torch.Tensor:
