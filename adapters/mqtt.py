@@ -99,7 +99,10 @@ class MqttPublisher:
     def _make_client(self) -> mqtt.Client:
         s = self.settings
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
-        client.enable_logger(logging.getLogger("paho.mqtt"))
+        if log.isEnabledFor(logging.DEBUG):
+            # paho logs every failed reconnect as an ERROR; our own log says the broker is unreachable (with
+            # backoff), so paho's lines only come through when debugging.
+            client.enable_logger(logging.getLogger("paho.mqtt"))
         if s.username:
             client.username_pw_set(s.username, s.password)
         if s.tls:
