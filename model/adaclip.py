@@ -37,7 +37,7 @@ from model._backbone import (
     resize_position_embedding,
 )
 from model._transformer import embed_patches, standard_block
-from model.checkpoints import CheckpointError
+from model.checkpoints import CheckpointError, read_safetensors
 from model.factory import Prediction, file_digest, register_model
 from model.gaussian import gaussian_blur
 from model.losses import dice_loss, focal_loss
@@ -530,20 +530,7 @@ def load_adaclip_checkpoint(path: str | Path) -> AdaCLIPCheckpoint:
         raise CheckpointError(f"AdaCLIP checkpoint {path} does not exist")
     metadata: dict[str, Any]
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-        try:
-            metadata = json.loads(header.get("anomalyd", "{}"))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from exc
-        if metadata.get("format") not in (None, FORMAT_NAME):
-            raise CheckpointError(f"{path}: format {metadata.get('format')!r} is not {FORMAT_NAME!r}")
+        tensors, metadata = read_safetensors(path, FORMAT_NAME)
         kind = "anomalyd"
     else:
         try:

@@ -52,23 +52,32 @@ class PromptCheckpoint:
             raise CheckpointError(f"{where}: not an AnomalyCLIP prompt checkpoint (missing {exc})") from exc
 
 
+def read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and the "anomalyd" JSON metadata of an anomalyd safetensors file whose format must be expected_format."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        metadata = json.loads(header.get("anomalyd", "{}"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from exc
+    if metadata.get("format") not in (None, expected_format):
+        raise CheckpointError(f"{path}: format {metadata.get('format')!r} is not {expected_format!r}")
+    return tensors, metadata
+
+
 def load_prompts(path: str | Path) -> PromptCheckpoint:
     """Read an official `.pth` or an anomalyd `.safetensors` prompt checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"prompts file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-        metadata = json.loads(header.get("anomalyd", "{}"))
-        if metadata.get("format") not in (None, FORMAT_NAME):
-            raise CheckpointError(f"{path}: format {metadata.get('format')!r} is not {FORMAT_NAME!r}")
+        tensors, metadata = read_safetensors(path, FORMAT_NAME)
         state = {k[len(_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PREFIX)}
         if not state:
             raise CheckpointError(f"{path}: no {_PREFIX}* tensors: not an anomalyd prompt checkpoint")

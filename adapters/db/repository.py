@@ -147,36 +147,40 @@ def latest_label(session: Session, inspection_id: int) -> Label | None:
     ).first()
 
 
+def latest_label_subquery() -> Any:
+    """The label of an inspection's newest label row, as a correlated scalar subquery (None when unlabelled)."""
+    return (
+        select(Label.label)
+        .where(Label.inspection_id == Inspection.id)
+        .order_by(Label.created_at.desc(), Label.id.desc())
+        .limit(1)
+        .correlate(Inspection)
+        .scalar_subquery()
+    )
+
+
+def inspection_filter_clauses(filters: InspectionFilter) -> list[Any]:
+    """WHERE clauses for `filters`: the one definition of the history filters (API, CLI, this module)."""
+    if filters.label is not None and filters.label not in ("normal", "anomalous", "none"):
+        raise ValueError(f"label filter must be normal, anomalous or none, not {filters.label!r}")
+    checks = [
+        (filters.source, lambda v: Inspection.source == v),
+        (filters.line, lambda v: Inspection.line == v),
+        (filters.after, lambda v: Inspection.captured_at >= v),
+        (filters.before, lambda v: Inspection.captured_at < v),
+        (filters.min_score, lambda v: Inspection.score >= v),
+        (filters.max_score, lambda v: Inspection.score <= v),
+        (filters.anomalous, lambda v: Inspection.is_anomalous.is_(v)),
+        (filters.label, lambda v: latest_label_subquery().is_(None) if v == "none" else latest_label_subquery() == v),
+    ]
+    return [clause(value) for value, clause in checks if value is not None]
+
+
 def list_inspections(
     session: Session, filters: InspectionFilter | None = None, limit: int = 50, before_id: int | None = None
 ) -> list[Inspection]:
     """Newest first (by id, which follows insertion); `before_id` is the keyset cursor (id of the last row seen)."""
-    filters = filters or InspectionFilter()
-    query = select(Inspection)
-    if filters.source is not None:
-        query = query.where(Inspection.source == filters.source)
-    if filters.line is not None:
-        query = query.where(Inspection.line == filters.line)
-    if filters.after is not None:
-        query = query.where(Inspection.captured_at >= filters.after)
-    if filters.before is not None:
-        query = query.where(Inspection.captured_at < filters.before)
-    if filters.min_score is not None:
-        query = query.where(Inspection.score >= filters.min_score)
-    if filters.max_score is not None:
-        query = query.where(Inspection.score <= filters.max_score)
-    if filters.anomalous is not None:
-        query = query.where(Inspection.is_anomalous.is_(filters.anomalous))
-    if filters.label is not None:
-        newest = (
-            select(Label.label)
-            .where(Label.inspection_id == Inspection.id)
-            .order_by(Label.created_at.desc(), Label.id.desc())
-            .limit(1)
-            .correlate(Inspection)
-            .scalar_subquery()
-        )
-        query = query.where(newest.is_(None) if filters.label == "none" else newest == filters.label)
+    query = select(Inspection).where(*inspection_filter_clauses(filters or InspectionFilter()))
     if before_id is not None:
         query = query.where(Inspection.id < before_id)
     return list(session.scalars(query.order_by(Inspection.id.desc()).limit(limit)))

@@ -23,6 +23,7 @@ from sqlalchemy import Integer, and_, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from adapters.db import Inspection, InspectionFilter, Label, ModelVersion, RejectedFrame, add_label
+from adapters.db.repository import inspection_filter_clauses
 
 SORTS = ("time_desc", "time_asc", "score_desc", "score_asc")
 LABELS = ("normal", "anomalous")
@@ -74,40 +75,12 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, int]:
 # --- listing -----------------------------------------------------------------------------------------------------
 
 
-def _latest_label_subquery() -> Any:
-    return (
-        select(Label.label)
-        .where(Label.inspection_id == Inspection.id)
-        .order_by(Label.created_at.desc(), Label.id.desc())
-        .limit(1)
-        .correlate(Inspection)
-        .scalar_subquery()
-    )
-
-
 def filter_clauses(filters: InspectionFilter) -> list[Any]:
-    """WHERE clauses for `filters` (same meaning as adapters.db.list_inspections)."""
-    clauses: list[Any] = []
-    if filters.source is not None:
-        clauses.append(Inspection.source == filters.source)
-    if filters.line is not None:
-        clauses.append(Inspection.line == filters.line)
-    if filters.after is not None:
-        clauses.append(Inspection.captured_at >= filters.after)
-    if filters.before is not None:
-        clauses.append(Inspection.captured_at < filters.before)
-    if filters.min_score is not None:
-        clauses.append(Inspection.score >= filters.min_score)
-    if filters.max_score is not None:
-        clauses.append(Inspection.score <= filters.max_score)
-    if filters.anomalous is not None:
-        clauses.append(Inspection.is_anomalous.is_(filters.anomalous))
-    if filters.label is not None:
-        if filters.label not in (*LABELS, "none"):
-            raise HistoryError(f"label filter must be normal, anomalous or none, not {filters.label!r}")
-        newest = _latest_label_subquery()
-        clauses.append(newest.is_(None) if filters.label == "none" else newest == filters.label)
-    return clauses
+    """WHERE clauses for `filters` (the repository's definition; bad values become HistoryError)."""
+    try:
+        return inspection_filter_clauses(filters)
+    except ValueError as exc:
+        raise HistoryError(str(exc)) from None
 
 
 @dataclass

@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from adapters.sources import Frame, build_source
+from adapters.sources import build_source
 from adapters.sources.folder import FolderSource
+from tests.waiting import take
 
 
 def png_bytes(value: int) -> bytes:
@@ -32,13 +33,6 @@ def folder_source(inbox: pathlib.Path, **options) -> FolderSource:
     return build_source(spec, queue_size=16)
 
 
-def take(source, n: int, timeout: float = 20) -> list[Frame]:
-    frames = []
-    for _ in range(n):
-        frame = source.queue.get(timeout=timeout)
-        assert frame is not None, f"only {len(frames)} of {n} frames arrived"
-        frames.append(frame)
-    return frames
 
 
 def test_files_become_frames_in_mtime_order_and_are_moved(tmp_path):

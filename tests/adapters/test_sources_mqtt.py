@@ -10,19 +10,13 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from adapters.sources import Frame, build_source
+from adapters.sources import build_source
 from adapters.sources.mqtt_images import mqtt_frame_id, parse_mqtt_uri
+from tests.waiting import take
 
 pytestmark = pytest.mark.services
 
 
-def take(source, n: int, timeout: float = 20) -> list[Frame]:
-    frames = []
-    for _ in range(n):
-        frame = source.queue.get(timeout=timeout)
-        assert frame is not None, f"only {len(frames)} of {n} frames arrived"
-        frames.append(frame)
-    return frames
 
 
 class Publisher:

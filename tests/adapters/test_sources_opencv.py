@@ -11,6 +11,7 @@ import pytest
 
 from adapters.sources import build_source
 from tests.services import free_port
+from tests.waiting import wait_until
 
 N_FRAMES = 8
 
@@ -33,13 +34,6 @@ def video_path(tmp_path):
     return path
 
 
-def wait_until(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_video_file_emits_every_frame_in_order_as_rgb(video_path):

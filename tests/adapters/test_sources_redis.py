@@ -12,26 +12,13 @@ import redis
 
 from adapters.sources import Frame, build_source
 from adapters.sources.redis_stream import RedisFrameWriter
+from tests.waiting import take, wait_until
 
 pytestmark = pytest.mark.services
 
 
-def wait_until(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
-def take(source, n: int, timeout: float = 20) -> list[Frame]:
-    frames = []
-    for _ in range(n):
-        frame = source.queue.get(timeout=timeout)
-        assert frame is not None, f"{source.id}: only {len(frames)} of {n} frames arrived"
-        frames.append(frame)
-    return frames
 
 
 @pytest.fixture

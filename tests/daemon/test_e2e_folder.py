@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -26,6 +25,7 @@ from daemon.config import load_config
 from daemon.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.daemon.test_pipeline import BrightnessDetector
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.services, pytest.mark.shared]
 
@@ -88,13 +88,6 @@ def bad_files(inbox: Path) -> tuple[set[str], set[str]]:
     return {"bad_16bit.png", "bad_gray.png", "bad_rgba.png"}, {"bad_corrupt.jpg", "bad_empty.png"}
 
 
-def wait_until(predicate, timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_folder_to_database_artifacts_and_alerts(tmp_path, samples_dir, mosquitto):
@@ -110,7 +103,7 @@ def test_folder_to_database_artifacts_and_alerts(tmp_path, samples_dir, mosquitt
     service.start()
     try:
         total = len(samples) + len(valid_bad) + len(rejected_bad)
-        assert wait_until(lambda: service.pipeline.processed + service.pipeline.rejected >= total), \
+        assert wait_until(lambda: service.pipeline.processed + service.pipeline.rejected >= total, 120), \
             f"{service.pipeline.processed} + {service.pipeline.rejected} of {total}"
         ready = httpx.get(f"http://127.0.0.1:{service.http_port}/api/health/ready", timeout=5)
         assert ready.status_code == 200 and ready.json()["details"]["mqtt"]["connected"] is True

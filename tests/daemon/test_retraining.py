@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,6 +43,7 @@ from daemon.retraining import (
     split_holdout,
 )
 from model.datasets import load_meta
+from tests.waiting import wait_until
 
 FRAME_SIDE = 160
 
@@ -336,13 +336,6 @@ def test_busy_runs_are_refused(tmp_path, golden_dir):
         engine.dispose()
 
 
-def wait_for(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_daemon_stop_cancels_a_run_in_progress(tmp_path, golden_dir, samples_dir):
@@ -357,7 +350,7 @@ def test_daemon_stop_cancels_a_run_in_progress(tmp_path, golden_dir, samples_dir
     try:
         run_id = request_retrain(SimpleNamespace(service=service, settings=settings, sessions=service.sessions))[
             "run_id"]
-        assert wait_for(lambda: service.retrainer._process is not None, 30)
+        assert wait_until(lambda: service.retrainer._process is not None, 30)
         process = service.retrainer._process
     finally:
         service.stop()
