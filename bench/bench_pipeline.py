@@ -7,6 +7,7 @@ the frame's creation to its committed row. 10% of the frames are anomalous (aler
 
     python bench/bench_pipeline.py [--frames 1000] [--image-size 518] [--batch 8]
     python bench/bench_pipeline.py --detector tiny --frames 160 --batch 16   # (b): the tiny CLIP from ../shared
+    python bench/bench_pipeline.py --source redis      # frames from a Redis Stream consumer group instead
 
 With `--detector tiny` the model's own time on the same frames (preprocessed tensors, batches of --batch, no
 pipeline) is measured first in the same process, and the pipeline's overhead is reported against it.
@@ -94,7 +95,30 @@ def make_jpegs(count: int, rng: np.random.Generator) -> list[bytes]:
     return frames
 
 
-def config_text(root: Path, args, mqtt_port: int | None) -> str:
+def source_text(args, redis_url: str | None) -> str:
+    if args.source == "redis":
+        return f"""[[sources]]
+id = "bench"
+kind = "redis"
+threshold = 0.5
+block_ms = 50
+[redis]
+url = "{redis_url}"
+stream = "bench:frames"
+group = "bench"
+"""
+    return """[[sources]]
+id = "bench"
+kind = "folder"
+uri = "inbox"
+threshold = 0.5
+settle_s = 0.0
+poll_interval_s = 0.05
+after = "delete"
+"""
+
+
+def config_text(root: Path, args, mqtt_port: int | None, redis_url: str | None = None) -> str:
     mqtt = f'host = "127.0.0.1"\nport = {mqtt_port}' if mqtt_port else "enabled = false"
     return f"""
 [runtime]
@@ -103,14 +127,7 @@ max_batch_delay_ms = 10
 queue_size = 64
 decode_threads = {args.decode_threads}
 persist_threads = {args.persist_threads}
-[[sources]]
-id = "bench"
-kind = "folder"
-uri = "inbox"
-threshold = 0.5
-settle_s = 0.0
-poll_interval_s = 0.05
-after = "delete"
+{source_text(args, redis_url)}
 [mqtt]
 {mqtt}
 [database]
@@ -152,6 +169,8 @@ def main() -> int:
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--persist-threads", type=int, default=2)
     parser.add_argument("--no-mqtt", action="store_true")
+    parser.add_argument("--source", choices=("folder", "redis"), default="folder",
+                        help="where the frames come from (redis: a local redis-server, frames XADDed beforehand)")
     parser.add_argument("--detector", choices=("constant", "tiny"), default="constant",
                         help="constant: the pipeline's own cost; tiny: the tiny CLIP, to see what the pipeline adds")
     args = parser.parse_args()
@@ -181,30 +200,51 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             (root / "inbox").mkdir()
-            (root / "config.toml").write_text(config_text(root, args, broker.port if broker else None))
-            for index, data in enumerate(jpegs):
-                (root / "inbox" / f"{index:06d}.jpg").write_bytes(data)
+            redis_server = None
+            if args.source == "redis":
+                from adapters.sources.redis_stream import RedisFrameWriter
+                from tests.services import Redis
+
+                redis_server = Redis()
+                redis_server.start()
+                writer = RedisFrameWriter(redis_server.url, "bench:frames")
+                for index, data in enumerate(jpegs):
+                    writer.append(data, frame_id=f"bench-{index}", source="bench", line="bench",
+                                  content_type="image/jpeg")
+            else:
+                for index, data in enumerate(jpegs):
+                    (root / "inbox" / f"{index:06d}.jpg").write_bytes(data)
+            (root / "config.toml").write_text(config_text(root, args, broker.port if broker else None,
+                                                          redis_server.url if redis_server else None))
             settings = load_config(root / "config.toml", environ={})
             service = Service(settings, detector=make_detector())
             started = time.monotonic()
             service.start()
+            first_done = None
             while service.pipeline.processed + service.pipeline.rejected < args.frames:
+                if first_done is None and service.pipeline.processed:
+                    first_done = (time.monotonic(), service.pipeline.processed)
                 time.sleep(0.01)
             wall = time.monotonic() - started
+            if first_done is not None and time.monotonic() > first_done[0]:
+                steady = (args.frames - first_done[1]) / (time.monotonic() - first_done[0])
+                print(f"steady state (first committed row to last): {steady:.1f} frames/s")
             flushed_at = time.monotonic()
             if service.publisher is not None:
                 service.publisher.flush(60)
             publish_wait = time.monotonic() - flushed_at
             throughput = args.frames / wall
-            print(f"throughput: {args.frames} frames 640x480 JPEG, model input {args.image_size}px, batch {args.batch}: "
+            print(f"throughput ({args.source} source): {args.frames} frames 640x480 JPEG, model input {args.image_size}px, batch {args.batch}: "
                   f"{wall:.2f} s, {throughput:.1f} frames/s (incl. start-up); outbox flushed {publish_wait:.2f} s later")
             report_stages(service.pipeline, wall, args.frames)
             if model_seconds is not None:
                 print(f"  pipeline adds {100 * (wall / model_seconds - 1):.1f}% over the model's own time "
                       f"({wall:.2f} s vs {model_seconds:.2f} s; start-up included)")
             service.stop()
-            if model_seconds is not None:
-                return 0  # latency at a steady rate is the constant detector's phase
+            if redis_server is not None:
+                redis_server.close()
+            if model_seconds is not None or redis_server is not None:
+                return 0  # the steady-rate latency phase below feeds frames in memory: once, from the folder run
 
             # Phase 2: steady rate, latency from frame creation to committed row.
             rate = max(1.0, throughput * 0.5)
