@@ -405,21 +405,10 @@ def create_clip(
 
 
 @register_model("clip-ac")
-def create_clip_ac(
-    *,
-    backbone: str | Path | ClipBackbone = DEFAULT_BACKBONE,
-    backbone_config: str | Path | None = None,
-    pretrained: str | None = DEFAULT_PRETRAINED,
-    image_size: int = 518,
-    class_name: str | None = None,
-    device: torch.device,
-    dtype: torch.dtype,
-    sigma: float = 4.0,
-    **_: Any,
-) -> Detector:
-    """CLIP with WinCLIP's compositional prompt ensemble."""
-    return _build_clip(True, "clip-ac", backbone=backbone, backbone_config=backbone_config, pretrained=pretrained,
-                       image_size=image_size, class_name=class_name, device=device, dtype=dtype, sigma=sigma)
+def create_clip_ac(**options: Any) -> Detector:
+    """CLIP with WinCLIP's compositional prompt ensemble (`clip` with prompt_ensemble=True)."""
+    options.pop("prompt_ensemble", None)
+    return create_clip(prompt_ensemble=True, **options)
 
 
 @register_model("winclip")

@@ -13,10 +13,12 @@ restored if the edit did not give the expected value).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,22 @@ def _usage(message: str) -> Exception:
     return UsageError(message)
 
 
-def _database(settings: Any) -> tuple[Any, Any]:
-    """(engine, session factory) on the configured database, migrated to the current schema."""
+@contextlib.contextmanager
+def _database(settings: Any) -> Iterator[Any]:
+    """A session factory on the configured database (migrated to the current schema); the engine is disposed after."""
     from adapters.db import make_engine, make_session_factory, upgrade
 
     engine = make_engine(settings.database_url)
-    upgrade(engine)
-    return engine, make_session_factory(engine)
+    try:
+        upgrade(engine)
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def _print_json(items: Any) -> None:
+    json.dump(items, sys.stdout, indent=2)
+    sys.stdout.write("\n")
 
 
 def _store(settings: Any) -> Any:
@@ -64,16 +75,11 @@ def cmd_defects(args: argparse.Namespace) -> int:
         raise _usage(f"--limit must be between 1 and 1000, not {args.limit}")
     filters = InspectionFilter(source=args.source, line=args.line, after=after, before=before,
                                min_score=args.min_score, anomalous=None if args.all else True, label=args.label)
-    engine, sessions = _database(settings)
-    try:
-        with sessions() as session:
-            page = history.list_page(session, filters, sort=args.sort, limit=args.limit)
-            items = [history.inspection_dict(row, page.labels.get(row.id)) for row in page.rows]
-    finally:
-        engine.dispose()
+    with _database(settings) as sessions, sessions() as session:
+        page = history.list_page(session, filters, sort=args.sort, limit=args.limit)
+        items = [history.inspection_dict(row, page.labels.get(row.id)) for row in page.rows]
     if args.json:
-        json.dump(items, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(items)
         return 0
     _print_table(items)
     return 0
@@ -108,16 +114,12 @@ def cmd_label(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise _usage(f"--mask {args.mask}: cannot read: {exc.strerror or exc}") from None
     author = args.author or f"cli:{_user()}"
-    engine, sessions = _database(settings)
-    try:
-        row = history.apply_label(sessions, _store(settings) if mask is not None else None, args.inspection_id,
-                                  args.label, author=author, mask=mask, mask_name=f"--mask {args.mask}")
-    except history.NotFound as exc:
-        raise _usage(str(exc)) from None
-    except history.HistoryError as exc:
-        raise _usage(str(exc)) from None
-    finally:
-        engine.dispose()
+    with _database(settings) as sessions:
+        try:
+            row = history.apply_label(sessions, _store(settings) if mask is not None else None, args.inspection_id,
+                                      args.label, author=author, mask=mask, mask_name=f"--mask {args.mask}")
+        except (history.NotFound, history.HistoryError) as exc:
+            raise _usage(str(exc)) from None
     extra = f" with mask {row.mask_path}" if row.mask_path else ""
     print(f"inspection {args.inspection_id} labelled {row.label} by {author}{extra} (label id {row.id})")
     return 0
@@ -137,15 +139,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from daemon.api import history
 
     settings = _load(args)
-    engine, sessions = _database(settings)
-    try:
-        with sessions() as session:
-            items = [history.model_dict(row) for row in history.list_models(session)]
-    finally:
-        engine.dispose()
+    with _database(settings) as sessions, sessions() as session:
+        items = [history.model_dict(row) for row in history.list_models(session)]
     if args.json:
-        json.dump(items, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(items)
         return 0
     if not items:
         print("(no model versions recorded)")
@@ -165,15 +162,13 @@ def cmd_models_activate(args: argparse.Namespace) -> int:
         from daemon.models import activate_version
     except ImportError as exc:
         raise RuntimeError(f"model activation is not available in this build ({exc})") from None
-    engine, sessions = _database(settings)
-    try:
-        activate_version(sessions, args.version)
-    except (LookupError, ValueError) as exc:
-        if isinstance(exc, LookupError) or type(exc).__name__ == "UnknownVersionError":
-            raise _usage(str(exc).strip("'\"")) from None
-        raise
-    finally:
-        engine.dispose()
+    with _database(settings) as sessions:
+        try:
+            activate_version(sessions, args.version)
+        except (LookupError, ValueError) as exc:
+            if isinstance(exc, LookupError) or type(exc).__name__ == "UnknownVersionError":
+                raise _usage(str(exc).strip("'\"")) from None
+            raise
     print(f"model version {args.version} is now active (running daemons switch to it within their model watcher's poll interval)")
     return 0
 
