@@ -42,14 +42,14 @@ GREEN = (0, 255, 0)
 
 
 # --------------------------------------------------------------------------------------------- report
-def _plain(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """JSON-ready copy: numpy scalars/arrays to Python, nan/inf to None."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -141,7 +141,7 @@ def write_report(
     }
     _atomic_write(
         report_dir / "metrics.json",
-        json.dumps(_plain(document), indent=2, allow_nan=False, ensure_ascii=False) + "\n",
+        json.dumps(jsonable(document), indent=2, allow_nan=False, ensure_ascii=False) + "\n",
     )
 
     lines = ["# Evaluation", ""]

@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.models import Inspection, Label, ModelVersion, TrainingRun, utcnow
 from adapters.db.repository import active_model_version
+from adapters.report import jsonable
 from daemon import models as registry
 
 log = logging.getLogger("anomalyd.retraining")
@@ -308,7 +309,7 @@ class Retrainer:
         with self.sessions() as session, session.begin():
             row = session.get(TrainingRun, run_id)
             row.status, row.finished_at = outcome.status, utcnow()
-            row.metrics = _plain(outcome.metrics) or None
+            row.metrics = jsonable(outcome.metrics) or None
             row.candidate_version, row.promoted = outcome.candidate_version, outcome.promoted
             row.log = log_text[-LOG_TAIL_CHARS:]
 
@@ -530,7 +531,7 @@ class Retrainer:
         status = "candidate" if passes else "retired"
         with self.sessions() as session, session.begin():
             registry.register_version(session, version=version, kind="anomalyclip", prompts_path=target,
-                                      metrics=_plain(metrics), status=status,
+                                      metrics=jsonable(metrics), status=status,
                                       notes=f"run #{spec['run_id']}: {'passes' if passes else 'rejected'}: {reason}")
         outcome.candidate_version, outcome.passes, outcome.reason = version, passes, reason
         outcome.metrics.update(metrics)
@@ -564,17 +565,6 @@ def _parse_event(raw: bytes) -> dict[str, Any] | None:
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else "(no output)"
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe: NaN/inf become None (JSON columns on PostgreSQL reject NaN)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # --- scheduler ---------------------------------------------------------------------------------------------------

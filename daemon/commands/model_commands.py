@@ -330,9 +330,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             markdown = write_report(tmp, results, models=infos)
     if args.json:
-        from adapters.report import _plain
+        from adapters.report import jsonable
 
-        print(json.dumps(_plain({n: {"per_category": r[0], "mean": r[1]} for n, r in results.items()}), indent=2))
+        print(json.dumps(jsonable({n: {"per_category": r[0], "mean": r[1]} for n, r in results.items()}), indent=2))
     else:
         print(markdown)
     if skipped:
