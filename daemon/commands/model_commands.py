@@ -149,10 +149,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         Path(args.overlays).mkdir(parents=True, exist_ok=True)
     batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
     for batch_files in tqdm(batches, desc="predict", unit="batch", disable=args.json or not sys.stderr.isatty()):
-        tensors, sizes, good = [], [], []
+        tensors, sizes, good, decoded = [], [], [], []
         for path in batch_files:
             try:
-                tensor, original, _ = _load_input(path, size, args.reference_preprocessing)
+                tensor, original, rgb = _load_input(path, size, args.reference_preprocessing)
             except ImageDecodeError as exc:
                 errors.append((str(path), str(exc)))
                 print(f"anomalyd: skipped {exc}", file=sys.stderr)
@@ -160,6 +160,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             tensors.append(tensor)
             sizes.append(original)
             good.append(path)
+            decoded.append(rgb)
         if not tensors:
             continue
         prediction = detector.predict(torch.stack(tensors), class_names=class_names * len(tensors) if class_names else None)
@@ -175,7 +176,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"path": str(path), "score": score, "map_max": float(amap.max())}))
             if args.overlays:
-                rgb = decode_image(path)
+                rgb = decoded[index] if decoded[index] is not None else decode_image(path)
                 write_overlay(Path(args.overlays) / f"{len(paths) - 1:05d}_{path.stem}.jpg", rgb, maps[-1])
     arrays: dict[str, Any] = {
         "scores": np.asarray(scores, dtype=np.float32),
