@@ -130,9 +130,10 @@ def fetch_backbone(name: str = BACKBONE_NAME, tag: str = BACKBONE_TAG) -> Path:
     try:
         backbone = load_backbone(name, pretrained=tag, cache_dir=str(target))
     except BackboneError as exc:
+        reason = str(exc.__cause__ or exc).rstrip(".")
         raise WeightsError(
-            f"could not fetch {name}/{tag} through open_clip: {exc}. Offline, copy OpenAI's ViT-L-14-336px.pt "
-            f"to a local path and pass it with --backbone (or [model].backbone in config.toml)"
+            f"could not download {name}/{tag} through open_clip ({reason}). Without internet, copy OpenAI's "
+            f"ViT-L-14-336px.pt to this machine and pass its path with --backbone (or [model].backbone in config.toml)"
         ) from exc
     sizes = (backbone.vision_width, backbone.vision_layers, backbone.patch_size, backbone.text_width)
     if name == BACKBONE_NAME and sizes != (1024, 24, 14, 768):
