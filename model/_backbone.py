@@ -204,19 +204,20 @@ def load_backbone(
             )
         if cfg is not None:
             clip = _clip_from_config(cfg, quick_gelu)
-            gelu = bool(cfg.get("quick_gelu", False))
+            gelu = bool(cfg.get("quick_gelu", False) if quick_gelu is None else quick_gelu)
         else:
+            # open_clip's configs (e.g. ViT-L-14-336) build nn.GELU; OpenAI's weights were trained with QuickGELU,
+            # so it is forced for them unless the caller asks otherwise (AdaCLIP's released weights: nn.GELU).
+            gelu = bool(quick_gelu) if quick_gelu is not None else pretrained == "openai"
             try:
                 clip = open_clip.create_model(
-                    backbone, pretrained=pretrained, cache_dir=cache_dir, force_quick_gelu=bool(quick_gelu),
-                    precision="fp32",
+                    backbone, pretrained=pretrained, cache_dir=cache_dir, force_quick_gelu=gelu, precision="fp32",
                 )
             except Exception as exc:
                 raise BackboneError(
                     f"could not load open_clip backbone {backbone!r} with pretrained={pretrained!r}: {exc}. "
                     "Run `anomalyd weights fetch` while online, or pass --backbone with a local state-dict file."
                 ) from exc
-            gelu = bool(quick_gelu) or pretrained == "openai"
         name = backbone if not pretrained else f"{backbone}/{pretrained}"
     if not hasattr(clip, "visual") or not hasattr(clip.visual, "conv1") or not hasattr(clip, "token_embedding"):
         raise BackboneError(f"{backbone}: only CLIP models with a ViT image tower and the classic text tower work")

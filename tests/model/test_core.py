@@ -130,3 +130,20 @@ def test_detector_predicts_batches(golden_dir):
     assert prediction.scores.shape == (2,) and prediction.maps.shape == (2, 518, 518)
     torch.testing.assert_close(prediction.scores, golden.expected(golden_dir)["L24/image_scores"][:2], atol=1e-5, rtol=0)
     assert detector.version.startswith("anomalyclip-")
+
+
+def test_openai_weights_get_quickgelu_and_adaclip_can_ask_for_gelu(golden_dir, monkeypatch):
+    """open_clip's ViT-L-14-336 config builds nn.GELU; OpenAI's weights need QuickGELU, AdaCLIP's nn.GELU."""
+    import open_clip
+
+    calls = []
+    tiny = json.loads(golden.backbone_files(golden_dir)[1].read_text())
+
+    def fake_create_model(name, *, pretrained, cache_dir, force_quick_gelu, precision):
+        calls.append((name, pretrained, force_quick_gelu))
+        return open_clip.model.CLIP(**{**tiny, "quick_gelu": force_quick_gelu})
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    assert load_backbone("ViT-L-14-336", pretrained="openai").quick_gelu
+    assert not load_backbone("ViT-L-14-336", pretrained="openai", quick_gelu=False).quick_gelu
+    assert calls == [("ViT-L-14-336", "openai", True), ("ViT-L-14-336", "openai", False)]
