@@ -153,6 +153,17 @@ class Postgres(_Server):
         return [*self.as_user, f"{self.bindir}/postgres", "-D", str(self.data), "-p", str(self.port),
                 "-h", "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off", "-c", "full_page_writes=off"]
 
+    def stop(self) -> None:
+        """A fast shutdown through pg_ctl (terminating the runuser wrapper would leave postmaster.pid behind)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        subprocess.run([*self.as_user, f"{self.bindir}/pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w"],
+                       capture_output=True, timeout=60)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            super().stop()
+
     def create_database(self, name: str) -> str:
         """A fresh database on this server; returns its SQLAlchemy URL."""
         subprocess.run([*self.as_user, f"{self.bindir}/createdb", "-h", "127.0.0.1", "-p", str(self.port),
