@@ -331,3 +331,55 @@ def collate_samples(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "path": [item["path"] for item in good],
         "errors": errors,
     }
+
+
+class MosaicDataset(Dataset):
+    """AdaCLIP's 2x2 same-category mosaic augmentation around an `InspectionDataset`.
+
+    With probability `probability` (deterministic per seed, epoch and index) an item becomes a 2x2 tiling of itself
+    and three random images of its category, each shrunk to half size (masks with nearest neighbour). The tile is
+    anomalous if any of its four parts is, and has a pixel mask only if every anomalous part has one. The official
+    code builds the mosaic from the raw images before the resize; shrinking the already resized images is the same up
+    to resampling detail and keeps this a wrapper.
+    """
+
+    def __init__(self, base: InspectionDataset, probability: float = 0.2, seed: int = 111) -> None:
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"mosaic probability {probability} is not in [0, 1]")
+        self.base, self.probability, self.seed, self.epoch = base, probability, seed, 0
+        self._by_category: dict[str, list[int]] = {}
+        for index, sample in enumerate(base.samples):
+            self._by_category.setdefault(sample.category, []).append(index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import numpy as np
+        import torch.nn.functional as F
+
+        item = self.base[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        if "error" in item or rng.random() >= self.probability:
+            return item
+        peers = self._by_category[self.base.samples[index].category]
+        parts = [item] + [self.base[int(i)] for i in rng.choice(peers, size=3)]
+        if any("error" in part for part in parts):
+            return item  # a bad peer: keep the plain image rather than drop a good one
+        half = self.base.image_size // 2
+        size = self.base.image_size
+        images = F.interpolate(torch.stack([p["image"] for p in parts]), size=(half, half), mode="bilinear",
+                               antialias=True, align_corners=False)
+        masks = F.interpolate(torch.stack([p["mask"] for p in parts])[:, None], size=(half, half), mode="nearest")[:, 0]
+        image = torch.zeros(3, size, size)
+        mask = torch.zeros(size, size)
+        for tile, (row, col) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            image[:, row * half : (row + 1) * half, col * half : (col + 1) * half] = images[tile]
+            mask[row * half : (row + 1) * half, col * half : (col + 1) * half] = masks[tile]
+        label = int(any(int(p["label"]) for p in parts))
+        has_mask = all(bool(p["has_mask"]) or int(p["label"]) == 0 for p in parts)
+        return {**item, "image": image, "mask": mask, "label": label, "has_mask": has_mask,
+                "path": f"mosaic:{item['path']}"}

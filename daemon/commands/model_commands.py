@@ -217,14 +217,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     log.info("training data: %d normal, %d anomalous images (%d with masks)%s", len(normals), len(anomalous),
              sum(s.has_mask for s in anomalous), ", plus synthetic defects on the normals" if use_synthetic else "")
     datasets = [InspectionDataset(samples, image_size=args.image_size)] if anomalous else []
+    if datasets and args.mosaic:
+        from model.datasets import MosaicDataset
+
+        datasets[0] = MosaicDataset(datasets[0], probability=args.mosaic, seed=args.seed)
     if use_synthetic:
         if not normals:
             raise UsageError(f"{args.data}: --synthetic needs normal images")
         category = normals[0].category if len({s.category for s in normals}) == 1 else "object"
         datasets.append(SyntheticAnomalies(normals, image_size=args.image_size, seed=args.seed, category=category))
     dataset = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
-    if use_synthetic and len(datasets) > 1:
-        dataset.set_epoch = datasets[-1].set_epoch  # type: ignore[attr-defined]
+    if len(datasets) > 1:  # epoch-dependent augmentations (synthetic defects, mosaics) see every new epoch
+        dataset.set_epoch = lambda epoch: [d.set_epoch(epoch) for d in datasets if hasattr(d, "set_epoch")]  # type: ignore[attr-defined]
 
     config = TrainingConfig.for_model(args.model, epochs=args.epochs, batch_size=args.batch_size,
                                       learning_rate=args.lr, seed=args.seed, num_workers=args.workers)
@@ -391,6 +395,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--workers", type=int, default=0, help="data loader processes")
     train.add_argument("--synthetic", choices=("auto", "on", "off"), default="auto",
                        help="synthetic defects on normal images (auto: when the data has no anomalies)")
+    train.add_argument("--mosaic", type=float, default=0.0, metavar="P",
+                       help="2x2 same-category mosaics with probability P (AdaCLIP's recipe uses 0.2 on MVTec AD)")
     train.add_argument("--init-prompts", type=Path, help="start from these weights instead of a fresh init")
     train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                        help="continue from OUTPUT.resume.pt when present (default on)")
