@@ -78,7 +78,6 @@ class RuntimeConfig(_Section):
     queue_size: int = Field(64, ge=1)
     decode_threads: int = Field(2, ge=1, le=64)
     persist_threads: int = Field(1, ge=1, le=64)
-    workers: int = Field(1, ge=1, le=64, description="model worker threads (one per device)")
     shutdown_grace_s: float = Field(20.0, gt=0)
 
 
@@ -178,7 +177,7 @@ class DatabaseConfig(_Section):
 
 class StorageConfig(_Section):
     dir: str = "var/artifacts"
-    retention_days: int | None = Field(90, ge=1)
+    retention_days: int | None = Field(90, ge=0, description="0 (or unset in code) = keep forever")
     save_frames: bool = True
     jpeg_quality: int = Field(90, ge=10, le=100)
 

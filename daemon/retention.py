@@ -70,7 +70,7 @@ class RetentionJob:
 
     @classmethod
     def from_settings(cls, settings: Any, sessions: Any, store: Any, **kwargs: Any) -> RetentionJob:
-        return cls(sessions, store, settings.storage.retention_days, **kwargs)
+        return cls(sessions, store, settings.storage.retention_days or None, **kwargs)  # 0: keep forever
 
     # --- one pass ------------------------------------------------------------------------------------------------
 

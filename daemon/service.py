@@ -28,6 +28,7 @@ from daemon.worker import SourceSettings
 log = logging.getLogger("anomalyd.service")
 
 ROLES = ("all", "worker", "capture")
+RETENTION_INTERVAL_S = 3600.0
 
 
 def build_detector(settings: Settings) -> Any:
@@ -140,6 +141,7 @@ class Service:
         self.models: Any = None  # daemon.models.ModelWatcher: hot-swaps to the registry's active version
         self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
         self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
+        self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
 
     # --- start --------------------------------------------------------------------------------------------------
 
@@ -187,7 +189,7 @@ class Service:
                     reference_preprocessing=s.model.reference_preprocessing),
             )
             self.pipeline.start()
-            self._start_model_management()
+            self._start_background_jobs()
         for source in self.sources:
             source.start()
             if self.publisher is not None and str(_status(source)) == "disabled":
@@ -196,8 +198,8 @@ class Service:
             self._start_http()
         log.info("anomalyd running (role %s, %d sources)", self.role, len(self.sources))
 
-    def _start_model_management(self) -> None:
-        """The active-model watcher, the retrainer and (when enabled) the retraining scheduler."""
+    def _start_background_jobs(self) -> None:
+        """The active-model watcher, the retrainer, the retraining scheduler (when enabled) and retention."""
         from daemon.models import ModelWatcher
         from daemon.retraining import Retrainer, RetrainingScheduler
 
@@ -211,8 +213,15 @@ class Service:
         if self.settings.retraining.enabled:
             self.retraining = RetrainingScheduler(self.retrainer)
             self.retraining.start()
+        if self.settings.storage.retention_days:  # 0 = keep forever
+            from daemon.retention import RetentionJob
 
-    def _stop_model_management(self) -> None:
+            self.retention = RetentionJob.from_settings(self.settings, self.sessions, self.store)
+            self.retention.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
+
+    def _stop_background_jobs(self) -> None:
+        if self.retention is not None:
+            self.retention.stop()
         if self.retraining is not None:
             self.retraining.stop()
         elif self.retrainer is not None:
@@ -386,9 +395,9 @@ class Service:
         deadline = time.monotonic() + grace
         clean = True
         try:
-            self._stop_model_management()
+            self._stop_background_jobs()
         except Exception:
-            log.exception("cannot stop the model watcher / retraining")
+            log.exception("cannot stop the model watcher / retraining / retention")
         per_source = max(0.5, min(5.0, grace / 4 / max(1, len(self.sources))))
         for source in self.sources:
             try:

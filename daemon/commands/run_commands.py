@@ -37,32 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
     factory = _import_factory(args.detector_factory) if args.detector_factory else None
     service = Service(settings, role=args.role, detector_factory=factory, routers=routers())
-    retention = _start_retention(settings) if args.role != "capture" else None
-    try:
-        return service.run()
-    finally:
-        if retention is not None:
-            job, engine = retention
-            job.stop()
-            engine.dispose()
-
-
-RETENTION_INTERVAL_S = 3600.0
-
-
-def _start_retention(settings):
-    """The hourly retention job on its own engine (first run a minute in, after the service's migrations)."""
-    if settings.storage.retention_days is None:
-        return None
-    from adapters.db import make_engine, make_session_factory
-    from adapters.storage import ArtifactStore
-    from daemon.retention import RetentionJob
-
-    engine = make_engine(settings.database_url, pool_size=1)
-    store = ArtifactStore(settings.resolve(settings.storage.dir))
-    job = RetentionJob.from_settings(settings, make_session_factory(engine), store)
-    job.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
-    return job, engine
+    return service.run()
 
 
 def _import_factory(spec: str):

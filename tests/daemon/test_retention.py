@@ -145,3 +145,24 @@ def test_background_thread_runs_and_stops(db):
         time.sleep(0.02)
     job.stop()
     assert job.last_result is not None and job.last_result.inspections_deleted == 1
+
+
+def test_the_daemon_runs_retention_when_configured(tmp_path):
+    from daemon.config import load_config
+    from daemon.service import Service
+    from tests.daemon.test_pipeline import ConstantDetector
+
+    config = tmp_path / "config.toml"
+    for days, expected in ((7, True), (0, False)):
+        keep = f"retention_days = {days}"
+        config.write_text(f"[mqtt]\nenabled = false\n[api]\nenabled = false\n[storage]\ndir = \"art\"\n{keep}\n")
+        service = Service(load_config(config, environ={}), detector=ConstantDetector(), sources=[])
+        service.start()
+        try:
+            assert (service.retention is not None) is expected
+            if expected:
+                assert service.retention.retention_days == 7
+        finally:
+            service.stop()
+        if expected:
+            assert service.retention._stop.is_set()
