@@ -25,6 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.repository import add_outbox_attempts, count_pending_outbox, mark_outbox_sent, pending_outbox
@@ -88,6 +89,9 @@ class MqttPublisher:
         self._connection_epoch = 0  # bumped by on_connect; the relay resets in-flight state when it changes
         self._seen_epoch = 0
         self._wake = threading.Event()
+        # Set when the outbox may hold rows to send (notify, flush, reconnect, periodic poll). Other wakes (the
+        # PUBACKs and the per-frame QoS 0 sends paho also reports) need no database query.
+        self._check_outbox = threading.Event()
         self._stopping = threading.Event()
         self._idle = threading.Event()  # set by the relay when nothing is pending or in flight
         self._thread: threading.Thread | None = None
@@ -132,6 +136,7 @@ class MqttPublisher:
         for topic, payload in list(self.state.retained.items()):
             client.publish(topic, payload, qos=1, retain=True)
         self._connection_epoch += 1
+        self._check_outbox.set()
         self._wake.set()
 
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
@@ -171,6 +176,7 @@ class MqttPublisher:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._idle.clear()
+            self._check_outbox.set()
             self._wake.set()
             if self._idle.wait(min(0.2, max(0.0, deadline - time.monotonic()))) and self.pending() == 0:
                 return True
@@ -217,6 +223,7 @@ class MqttPublisher:
 
     def notify(self) -> None:
         """Outbox rows were committed: wake the relay."""
+        self._check_outbox.set()
         self._wake.set()
 
     def pending(self) -> int:
@@ -227,23 +234,40 @@ class MqttPublisher:
 
     def _run_relay(self) -> None:
         try:
+            failing_since: float | None = None
             while not self._stopping.is_set():
-                self._wake.wait(self.poll_interval_s)
+                if not self._wake.wait(self.poll_interval_s):
+                    self._check_outbox.set()  # periodic poll: rows written by other processes
                 self._wake.clear()
-                self._relay_once()
+                try:
+                    self._relay_once()
+                except SQLAlchemyError as exc:
+                    # Database unreachable: the alerts are safe in the outbox; retry until it is back.
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning("MQTT outbox relay cannot read the outbox (%s); retrying",
+                                    str(exc).splitlines()[0][:300])
+                    self._check_outbox.set()
+                    self._stopping.wait(min(5.0, 0.5 + time.monotonic() - failing_since))
+                else:
+                    if failing_since is not None:
+                        log.info("MQTT outbox relay reads the outbox again")
+                        failing_since = None
         except BaseException as exc:
             self.crashed = exc
             log.exception("MQTT outbox relay crashed")
             raise
 
     def _relay_once(self) -> None:
-        self._confirm_acks()
+        if self._confirm_acks():
+            self._check_outbox.set()  # room in flight again, and flush() waits for the count
         if self._seen_epoch != self._connection_epoch:
             # New connection: anything unacknowledged from before is published again (dedupe on id downstream).
             self._seen_epoch = self._connection_epoch
             self._inflight.clear()
-        if not self.state.connected:
+        if not self.state.connected or not self._check_outbox.is_set():
             return
+        self._check_outbox.clear()
         room = self.settings.max_inflight - len(self._inflight)
         if room <= 0:
             return
@@ -260,7 +284,8 @@ class MqttPublisher:
         if not rows and not self._inflight:
             self._idle.set()
 
-    def _confirm_acks(self) -> None:
+    def _confirm_acks(self) -> bool:
+        """Mark acknowledged alerts sent; True when any of ours was acknowledged."""
         done: list[str] = []
         while True:
             try:
@@ -270,13 +295,11 @@ class MqttPublisher:
             outbox_id = self._inflight.pop(mid, None)
             if outbox_id is not None:
                 done.append(outbox_id)
-        if done:
-            with self.sessions() as session, session.begin():
-                marked = mark_outbox_sent(session, done)
-            self.state.alerts_published += marked
-            if self.on_alerts_sent is not None and marked:
-                self.on_alerts_sent(marked)
-        if not self._inflight and self.state.connected:
-            with self.sessions() as session:
-                if count_pending_outbox(session) == 0:
-                    self._idle.set()
+        if not done:
+            return False
+        with self.sessions() as session, session.begin():
+            marked = mark_outbox_sent(session, done)
+        self.state.alerts_published += marked
+        if self.on_alerts_sent is not None and marked:
+            self.on_alerts_sent(marked)
+        return True

@@ -134,6 +134,7 @@ persist_threads = {args.persist_threads}
 url = "sqlite:///var/bench.db"
 [storage]
 dir = "var/artifacts"
+artifacts = "{args.artifacts}"
 [api]
 enabled = false
 """
@@ -169,6 +170,8 @@ def main() -> int:
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--persist-threads", type=int, default=2)
     parser.add_argument("--no-mqtt", action="store_true")
+    parser.add_argument("--artifacts", choices=("all", "anomalous"), default="all",
+                        help="[storage].artifacts: mask + heatmap for every frame, or for anomalous ones only")
     parser.add_argument("--source", choices=("folder", "redis"), default="folder",
                         help="where the frames come from (redis: a local redis-server, frames XADDed beforehand)")
     parser.add_argument("--detector", choices=("constant", "tiny"), default="constant",

@@ -179,6 +179,9 @@ class StorageConfig(_Section):
     dir: str = "var/artifacts"
     retention_days: int | None = Field(90, ge=0, description="0 (or unset in code) = keep forever")
     save_frames: bool = True
+    # "anomalous": mask and heatmap files only for frames at or above their threshold (fast lines; normal rows
+    # then show the frame alone). "all": for every frame.
+    artifacts: Literal["all", "anomalous"] = "all"
     jpeg_quality: int = Field(90, ge=10, le=100)
 
 

@@ -16,6 +16,7 @@ object with `.scores` (B,) and `.maps` (B,S,S) tensors; the daemon builds it wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -31,7 +32,14 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.models import Inspection
-from adapters.db.repository import inspection_by_frame_id, record_rejected, save_inspection
+from adapters.db.repository import (
+    SavedInspection,
+    inspection_by_frame_id,
+    inspections_by_frame_ids,
+    record_rejected,
+    save_inspection,
+    save_inspections,
+)
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
 from daemon.metrics import Metrics
@@ -50,11 +58,23 @@ class PipelineOptions:
     queue_size: int = 64  # batcher and results queue bound
     decode_threads: int = 2
     persist_threads: int = 1
+    persist_batch: int = 32  # results stored per transaction, at most
     min_region_area: int = 1
     mqtt_prefix: str = "anomalyd"
     alert_qos: int = 1
     publish_inspections: bool = True
     reference_preprocessing: bool = False
+
+
+@dataclass
+class _Rendered:
+    """A scored frame with its artifacts written and its row's values, waiting for the batch's commit."""
+
+    scored: ScoredFrame
+    values: dict[str, Any]
+    build_alert: Callable[[Inspection], tuple[str, dict[str, Any], int] | None]
+    paths: Any  # adapters.storage.ArtifactPaths
+    started: float
 
 
 class StageTimes:
@@ -296,48 +316,106 @@ class Pipeline:
         self._update_depth()
 
     def _write_loop(self) -> None:
+        """Takes what the results queue holds (up to `persist_batch`) and stores it with one transaction."""
         while True:
             item = self._results.get()
             if item is _STOP:
                 return
+            batch = [item]
+            stop_after = False
+            while len(batch) < self.options.persist_batch:
+                try:
+                    more = self._results.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop_after = True
+                    break
+                batch.append(more)
             try:
-                self._write(item)
-            except Exception as exc:
-                log.exception("cannot store the result of frame %s", item.prepared.frame.frame_id)
-                self._fail([item.prepared.frame], item.prepared.source.id, "persist", exc)
+                self._write_batch(batch)
+            except Exception as exc:  # after-commit trouble (a callback, the broker client): keep writing
+                log.exception("cannot finish a batch of %d results", len(batch))
+                for scored in batch:
+                    if not scored.prepared.frame.finished:
+                        self._fail([scored.prepared.frame], scored.prepared.source.id, "persist", exc)
+            if stop_after:
+                return
 
     # --- results ------------------------------------------------------------------------------------------------
 
-    def _write(self, scored: ScoredFrame) -> None:
+    def _write_batch(self, batch: list[ScoredFrame]) -> None:
+        """Artifacts (files first), then every inspection + alert of the batch in one transaction, then acks.
+
+        If the batch transaction fails, each result is retried in its own, so one bad row (or a frame_id another
+        writer just took) cannot hold back the rest; what still fails goes back to its source.
+        """
+        try:
+            with self.sessions() as session:
+                known = inspections_by_frame_ids(session, [scored.prepared.frame.frame_id for scored in batch])
+        except Exception as exc:
+            log.exception("cannot look up %d results in the database", len(batch))
+            for scored in batch:
+                self._fail([scored.prepared.frame], scored.prepared.source.id, "persist", exc)
+            return
+        rendered: list[_Rendered] = []
+        for scored in batch:
+            frame = scored.prepared.frame
+            existing = known.get(frame.frame_id)
+            if existing is not None:  # redelivered after a commit: ack, no second row or alert
+                log.info("frame %s already inspected (#%d); acknowledging", frame.frame_id, existing.id)
+                frame.done(True)
+                if self.on_result is not None:
+                    self.on_result(existing, False)
+                continue
+            try:
+                rendered.append(self._render(scored))
+            except Exception as exc:
+                log.exception("cannot write the artifacts of frame %s", frame.frame_id)
+                self._fail([frame], scored.prepared.source.id, "persist", exc)
+        if not rendered:
+            return
+        t_db = time.monotonic()
+        try:
+            saved = save_inspections(self.sessions, [(Inspection(**r.values), r.build_alert) for r in rendered])
+        except Exception as exc:
+            log.warning("storing %d result(s) failed (%s); retrying them one by one", len(rendered),
+                        str(exc).splitlines()[0][:200])
+            for r in rendered:
+                try:
+                    self._finish(r, save_inspection(self.sessions, Inspection(**r.values), r.build_alert),
+                                 time.monotonic() - t_db)
+                except Exception as single:
+                    self._not_saved(r, single)
+            return
+        db_share = (time.monotonic() - t_db) / len(rendered)
+        for r, result in zip(rendered, saved, strict=True):
+            self._finish(r, result, db_share)
+
+    def _render(self, scored: ScoredFrame) -> _Rendered:
+        """Map at frame size, regions and artifact files; the row's values (not yet stored)."""
         started = time.monotonic()
         prepared = scored.prepared
         frame, settings = prepared.frame, prepared.source
-        with self.sessions() as session:
-            existing = inspection_by_frame_id(session, frame.frame_id)
-        if existing is not None:  # redelivered after a commit: ack, no second row or alert
-            log.info("frame %s already inspected (#%d); acknowledging", frame.frame_id, existing.id)
-            frame.done(True)
-            if self.on_result is not None:
-                self.on_result(existing, False)
-            return
         rgb = prepared.rgb
         height, width = rgb.shape[:2]
         threshold = float(settings.threshold)
         frame_map = map_to_frame(scored.anomaly_map, width, height)
         mask, regions = extract_regions(frame_map, settings.pixel_threshold, min_area=self.options.min_region_area)
-        is_anomalous = bool(scored.score >= threshold)
         key = uuid.uuid4().hex
         captured_at = _utc(frame.captured_at)
         t_post = time.monotonic()
+        is_anomalous = bool(scored.score >= threshold)
         paths = self.store.write(key, captured_at, rgb=rgb, anomaly_map=frame_map, mask=mask,
-                                 frame_bytes=frame.data)
+                                 frame_bytes=frame.data, anomalous=is_anomalous)
         t_artifacts = time.monotonic()
         region_dicts = [region.as_dict() for region in regions]
-        inspection = Inspection(
+        values = dict(
             uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line, frame_name=frame.name or None,
             captured_at=captured_at, processed_at=datetime.now(timezone.utc), model_version=scored.model_version,
-            score=float(scored.score), threshold=threshold, is_anomalous=is_anomalous, regions=region_dicts,
-            mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame, width=width, height=height,
+            score=float(scored.score), threshold=threshold, is_anomalous=is_anomalous,
+            regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame,
+            width=width, height=height,
         )
 
         def build_alert(row: Inspection) -> tuple[str, dict[str, Any], int] | None:
@@ -349,35 +427,45 @@ class Pipeline:
                 regions=region_dicts)
             return topic(self.options.mqtt_prefix, row.line, row.source, "anomaly"), payload, self.options.alert_qos
 
-        saved = save_inspection(self.sessions, inspection, build_alert)
-        t_db = time.monotonic()
+        self.stage_times.add("postprocess", t_post - started)
+        self.stage_times.add("artifacts", t_artifacts - t_post)
+        return _Rendered(scored, values, build_alert, paths, started)
+
+    def _not_saved(self, r: _Rendered, exc: BaseException) -> None:
+        frame = r.scored.prepared.frame
+        log.error("cannot store the result of frame %s: %s", frame.frame_id, str(exc).splitlines()[0][:300])
+        self.store.delete(r.paths)
+        self._fail([frame], r.scored.prepared.source.id, "persist", exc)
+
+    def _finish(self, r: _Rendered, saved: SavedInspection, db_seconds: float) -> None:
+        """After the commit: acknowledge the frame, wake the outbox relay, publish the per-frame message."""
+        t_publish = time.monotonic()
+        prepared = r.scored.prepared
+        frame, settings = prepared.frame, prepared.source
         if not saved.created:
-            self.store.delete(paths)
+            self.store.delete(r.paths)
         frame.done(True)
         row = saved.inspection
         if saved.created:
             if saved.alert is not None and self.publisher is not None:
                 self.publisher.notify()
             if self.publisher is not None and self.options.publish_inspections:
-                import json
-
                 self.publisher.publish_event(
                     topic(self.options.mqtt_prefix, row.line, row.source, "inspection"),
                     json.dumps(inspection_payload(
-                        inspection_id=row.id, frame_id=row.frame_id, captured_at=captured_at, source=row.source,
-                        line=row.line, score=row.score or 0.0, is_anomalous=row.is_anomalous,
+                        inspection_id=row.id, frame_id=row.frame_id, captured_at=r.values["captured_at"],
+                        source=row.source, line=row.line, score=row.score or 0.0, is_anomalous=row.is_anomalous,
                         model_version=row.model_version), separators=(",", ":")))
         done = time.monotonic()
-        self.stage_times.add("postprocess", t_post - started)
-        self.stage_times.add("artifacts", t_artifacts - t_post)
-        self.stage_times.add("database", t_db - t_artifacts)
-        self.stage_times.add("publish", done - t_db)
+        self.stage_times.add("database", db_seconds)
+        self.stage_times.add("publish", done - t_publish)
         self.stage_times.add("queue", prepared.timings.get("intake_wait_s", 0.0)
-                             + max(0.0, prepared.timings.get("scored_at", done) - prepared.timings["decoded_at"]
+                             + max(0.0, prepared.timings.get("scored_at", r.started) - prepared.timings["decoded_at"]
                                    - prepared.timings.get("model_s", 0.0)))
         self.stage_times.add("model", prepared.timings.get("model_s", 0.0))
-        self.metrics.persist_latency.observe(done - started)
-        self.metrics.end_to_end_latency.observe(max(0.0, (datetime.now(timezone.utc) - captured_at).total_seconds()))
+        self.metrics.persist_latency.observe(done - r.started)
+        self.metrics.end_to_end_latency.observe(
+            max(0.0, (datetime.now(timezone.utc) - r.values["captured_at"]).total_seconds()))
         self.metrics.inspections.labels(settings.id, "anomalous" if row.is_anomalous else "normal").inc()
         with self._count_lock:
             self.processed += 1

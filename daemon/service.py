@@ -155,6 +155,7 @@ class Service:
             upgrade(self.engine)
             self.sessions = make_session_factory(self.engine)
             self.store = ArtifactStore(s.resolve(s.storage.dir), save_frames=s.storage.save_frames,
+                                       artifacts=s.storage.artifacts,
                                        jpeg_quality=s.storage.jpeg_quality)
             cleanup_stale_tmp(self.store.root)
             log.info("database %s ready; artifacts under %s", self.engine.url.render_as_string(hide_password=True),

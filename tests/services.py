@@ -101,6 +101,9 @@ class Mosquitto(_Server):
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
             "max_queued_messages 100000\n"
+            # As root, mosquitto drops to the `mosquitto` user, which cannot write the persistence file in our temp
+            # dir; subscribers' sessions would then not survive a restart.
+            + ("user root\n" if os.geteuid() == 0 else "")
         )
         binary = find_binary("mosquitto")
         if binary is None:

@@ -25,12 +25,14 @@ from adapters.db.repository import (
     add_outbox_attempts,
     count_pending_outbox,
     inspection_by_frame_id,
+    inspections_by_frame_ids,
     latest_label,
     list_inspections,
     mark_outbox_sent,
     pending_outbox,
     record_rejected,
     save_inspection,
+    save_inspections,
 )
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "current_revision",
     "head_revision",
     "inspection_by_frame_id",
+    "inspections_by_frame_ids",
     "latest_label",
     "list_inspections",
     "make_engine",
@@ -58,6 +61,7 @@ __all__ = [
     "ping",
     "record_rejected",
     "save_inspection",
+    "save_inspections",
     "upgrade",
     "utcnow",
 ]

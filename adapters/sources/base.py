@@ -54,6 +54,11 @@ class Frame:
     def line(self) -> str:
         return str(self.meta.get("line", ""))
 
+    @property
+    def finished(self) -> bool:
+        """done() was called."""
+        return self._done_called
+
     def done(self, ok: bool) -> None:
         """Call `on_done(ok)` once (later calls are ignored); a failing callback is logged, never raised.
 

@@ -30,13 +30,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import cv2
+import numpy as np
 import redis
 
 from adapters.sources.base import Backoff, Frame, FrameSource, SourceSpec, SourceStatus, utc_now
 
 DEFAULT_STREAM = "anomalyd:frames"
 DEFAULT_GROUP = "anomalyd"
-_KNOWN_FIELDS = {"data", "frame_id", "source", "line", "ts", "content_type", "class_name"}
+_KNOWN_FIELDS = {"data", "frame_id", "source", "line", "ts", "content_type", "class_name", "error"}
 
 
 def _secret(value: Any) -> Any:
@@ -74,30 +75,45 @@ class RedisFrameWriter:
         self.maxlen = maxlen
         self.client = client or redis.Redis.from_url(_secret(url), socket_connect_timeout=5, socket_timeout=10)
 
-    def append(self, data: bytes, *, frame_id: str, source: str, line: str = "", ts: datetime | str | None = None,
+    def append(self, data: bytes | None, *, frame_id: str, source: str, line: str = "", ts: datetime | str | None = None,
                content_type: str = "image/jpeg", **extra: Any) -> str:
-        """XADD one entry; returns the stream entry id. Extra keyword fields are stored as strings."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
+        """XADD one entry; returns the stream entry id. Extra keyword fields are stored as strings.
+
+        `data=None` with an `error=` field forwards a frame the capture host could not read: the worker records
+        it as a rejected frame with that reason instead of it vanishing on the capture host.
+        """
+        if data is None and not extra.get("error"):
+            raise TypeError(f"frame {frame_id}: no data; give encoded image bytes, or an error= reason")
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"frame {frame_id}: data must be encoded image bytes, got {type(data).__name__}")
-        fields: dict[str, Any] = {"data": bytes(data), "frame_id": frame_id, "source": source, "line": line,
+        fields: dict[str, Any] = {"frame_id": frame_id, "source": source, "line": line,
                                   "ts": _rfc3339(ts), "content_type": content_type}
+        if data is not None:
+            fields["data"] = bytes(data)
         fields.update({k: str(v) for k, v in extra.items() if v is not None})
         entry_id = self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     def append_frame(self, frame: Frame, *, jpeg_quality: int = 95) -> str:
-        """Forward a source's frame: encoded bytes as they are, a decoded RGB image as JPEG."""
+        """Forward a source's frame: encoded bytes as they are, a decoded RGB image as JPEG, an unreadable one as
+        its error (the worker records it in `rejected_frames`)."""
         content_type = frame.meta.get("content_type", "application/octet-stream")
         data = frame.data
-        if data is None:
-            if frame.image is None:
-                raise ValueError(f"frame {frame.frame_id} ({frame.name}) has no data: {frame.meta.get('error')}")
-            ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR),
-                                       [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-            if not ok:
-                raise ValueError(f"cannot JPEG-encode frame {frame.frame_id}")
-            data, content_type = encoded.tobytes(), "image/jpeg"
         extra = {"class_name": frame.meta.get("class_name"), "name": frame.name}
+        if data is None and frame.image is None:
+            extra["error"] = str(frame.meta.get("error") or "the capture source delivered no image data")
+        elif data is None:
+            reason = "the encoder refused it"
+            try:
+                ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR),
+                                           [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+            except cv2.error as exc:  # e.g. a 16-bit or odd-shaped camera frame
+                ok, reason = False, (str(exc).strip().splitlines() or ["OpenCV error"])[-1]
+            if ok:
+                data, content_type = encoded.tobytes(), "image/jpeg"
+            else:
+                extra["error"] = (f"cannot JPEG-encode the captured frame (shape {np.shape(frame.image)}, "
+                                  f"{getattr(frame.image, 'dtype', '?')}): {reason}")
         return self.append(data, frame_id=frame.frame_id, source=frame.source_id, line=frame.line,
                            ts=frame.captured_at, content_type=content_type, **extra)
 
@@ -155,7 +171,7 @@ class RedisStreamSource(FrameSource):
                 meta["ts_error"] = f"bad ts {text('ts')!r} in stream entry {entry_id}; using the arrival time"
         data = fields.get("data")
         if data is None:
-            meta["error"] = f"stream entry {self.stream}/{entry_id} has no 'data' field"
+            meta["error"] = text("error") or f"stream entry {self.stream}/{entry_id} has no 'data' field"
         frame = Frame(frame_id=text("frame_id") or f"{self.stream}:{entry_id}", source_id=text("source") or self.id,
                       captured_at=captured_at, data=data, name=text("name") or f"{self.stream}/{entry_id}",
                       meta=meta)

@@ -24,6 +24,7 @@ from adapters.db import (
     pending_outbox,
     record_rejected,
     save_inspection,
+    save_inspections,
     upgrade,
 )
 
@@ -102,6 +103,32 @@ def test_alert_is_in_the_same_transaction(engine):
         assert session.scalar(select(func.count()).select_from(Inspection)) == 0
     saved = save_inspection(sessions, make_inspection("f3", score=0.2, anomalous=False), alert_builder)
     assert saved.created and saved.alert is None
+
+
+def test_batch_save_matches_single_saves(engine):
+    """One transaction for a writer's batch: new rows with their alerts, known frame_ids left as they were."""
+    sessions = make_session_factory(engine)
+    earlier = save_inspection(sessions, make_inspection("b0"), alert_builder)
+    batch = [make_inspection("b0", score=0.1), make_inspection("b1"), make_inspection("b2", 0.2, anomalous=False),
+             make_inspection("b1", score=0.3)]  # b1 twice: the second is a duplicate of the first
+    saved = save_inspections(sessions, [(row, alert_builder) for row in batch])
+    assert [s.created for s in saved] == [False, True, True, False]
+    assert saved[0].inspection.id == earlier.inspection.id and saved[0].alert.id == earlier.alert.id
+    assert saved[3].inspection.id == saved[1].inspection.id and saved[3].alert.id == saved[1].alert.id
+    assert saved[1].alert.payload and f'"inspection_id":{saved[1].inspection.id}' in saved[1].alert.payload
+    assert saved[2].alert is None
+    with sessions() as session:
+        scores = dict(session.execute(select(Inspection.frame_id, Inspection.score)).all())
+        assert scores == {"b0": pytest.approx(0.9), "b1": pytest.approx(0.9), "b2": pytest.approx(0.2)}
+        assert session.scalar(select(func.count()).select_from(OutboxMessage)) == 2
+
+    def broken_builder(row):
+        raise RuntimeError("payload failed")
+
+    with pytest.raises(RuntimeError):  # all or nothing
+        save_inspections(sessions, [(make_inspection("b3"), alert_builder), (make_inspection("b4"), broken_builder)])
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Inspection)) == 3
 
 
 def test_outbox_pending_and_sent(engine):

@@ -133,6 +133,7 @@ def test_broker_outage_loses_no_alert(sessions):
             publisher.notify()
             assert subscriber.wait_for(lambda: len(subscriber.payloads("/anomaly")) >= 5)
             broker.stop()
+            assert (broker.dir / "mosquitto.db").exists(), "the broker did not persist the subscriber's session"
             assert subscriber.wait_for(lambda: not publisher.state.connected, 10)
             ids += [add_alert(sessions, i) for i in range(5, 25)]  # written during the outage
             publisher.notify()
@@ -164,3 +165,40 @@ def test_pending_outbox_is_published_after_restart(mosquitto, sessions):
     finally:
         restarted.stop()
         subscriber.close()
+
+
+def test_relay_survives_a_database_outage(mosquitto):
+    """PostgreSQL stops while the relay polls the outbox: the relay keeps retrying and publishes afterwards."""
+    from tests.conftest import require
+    from tests.services import Postgres
+
+    try:
+        server = Postgres()
+        server.start()
+    except FileNotFoundError as exc:
+        require(False, str(exc))
+    try:
+        engine = make_engine(server.create_database("relay"))
+        upgrade(engine)
+        sessions = make_session_factory(engine)
+        subscriber = Subscriber(mosquitto.port)
+        publisher = MqttPublisher(settings_for(mosquitto.port), sessions, poll_interval_s=0.1)
+        publisher.start()
+        try:
+            first = add_alert(sessions, 0)
+            publisher.notify()
+            assert subscriber.wait_for(lambda: {p["id"] for p in subscriber.payloads("/anomaly")} == {first})
+            server.stop()
+            time.sleep(1.5)  # several failed polls
+            assert publisher.crashed is None and publisher._thread.is_alive()
+            server.start()
+            later = add_alert(sessions, 1)
+            publisher.notify()
+            assert subscriber.wait_for(lambda: {p["id"] for p in subscriber.payloads("/anomaly")} == {first, later}, 30)
+            assert publisher.flush(10)
+        finally:
+            publisher.stop()
+            subscriber.close()
+            engine.dispose()
+    finally:
+        server.close()

@@ -110,8 +110,9 @@ def db(tmp_path):
     engine.dispose()
 
 
-def make_pipeline(db, tmp_path: Path, source: MemorySource, detector, **options) -> Pipeline:
-    store = ArtifactStore(tmp_path / "artifacts")
+def make_pipeline(db, tmp_path: Path, source: MemorySource, detector, *, artifacts: str = "all",
+                  **options) -> Pipeline:
+    store = ArtifactStore(tmp_path / "artifacts", artifacts=artifacts)
     settings = {source.id: SourceSettings(id=source.id, line=source.line, threshold=0.5)}
     return Pipeline(detector, [source], db, store, source_settings=settings,
                     options=PipelineOptions(max_batch_size=4, max_batch_delay_s=0.01, **options))
@@ -149,6 +150,50 @@ def test_frames_become_rows_artifacts_and_alerts(db, tmp_path):
         assert set(rejected) == {"empty", "junk"}
         assert "empty" in rejected["empty"] and "not a readable image" in rejected["junk"]
     assert max(detector.calls) <= 4
+
+
+def test_anomalous_only_artifacts_keep_frames_for_every_row(db, tmp_path):
+    source = MemorySource()
+    pipeline = make_pipeline(db, tmp_path, source, BrightnessDetector(), artifacts="anomalous")
+    pipeline.start()
+    for i, value in enumerate([20, 240]):
+        source.push(f"f{i}", data=png(value))
+    source.wait_acks(2)
+    assert pipeline.stop(10)
+    with db() as session:
+        rows = {row.frame_id: row for row in session.scalars(select(Inspection))}
+    assert rows["f0"].mask_path is None and rows["f0"].heatmap_path is None and not rows["f0"].is_anomalous
+    assert (tmp_path / "artifacts" / rows["f0"].frame_path).is_file()
+    for path in (rows["f1"].mask_path, rows["f1"].heatmap_path, rows["f1"].frame_path):
+        assert (tmp_path / "artifacts" / path).is_file()
+    files = {p.name for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
+    assert len(files) == 4  # f0: frame; f1: mask, heatmap, frame
+
+
+def test_failed_batch_transaction_falls_back_to_one_per_frame(db, tmp_path, monkeypatch):
+    """A batch whose transaction fails (e.g. another writer took one frame_id) is stored frame by frame."""
+    from sqlalchemy.exc import IntegrityError
+
+    import daemon.pipeline as pipeline_module
+
+    batches: list[int] = []
+
+    def failing(sessions, items):
+        batches.append(len(items))
+        raise IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed: inspections.frame_id"))
+
+    monkeypatch.setattr(pipeline_module, "save_inspections", failing)
+    source = MemorySource()
+    pipeline = make_pipeline(db, tmp_path, source, ConstantDetector(0.9), persist_batch=8)
+    for i in range(6):
+        source.push(f"f{i}", data=png(100))
+    pipeline.start()
+    source.wait_acks(6)
+    assert pipeline.stop(10)
+    assert batches and all(source.acks.values())
+    with db() as session:
+        assert sorted(row.frame_id for row in session.scalars(select(Inspection))) == [f"f{i}" for i in range(6)]
+        assert len(session.scalars(select(OutboxMessage)).all()) == 6
 
 
 def test_redelivered_frame_gives_no_second_row_or_alert(db, tmp_path):
