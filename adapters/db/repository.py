@@ -1,6 +1,6 @@
 """Repository functions: the only place that writes the daemon's rows.
 
-Every function takes a `Session` (the caller owns the transaction) except `save_inspection`, which owns its
+Every function takes a `Session` (the caller owns the transaction) except `save_inspection(s)`, which own their
 transaction because writing a result is exactly one: the inspection row plus, when anomalous, its outbox alert.
 """
 
@@ -47,6 +47,18 @@ def alert_for_inspection(session: Session, inspection_id: int) -> OutboxMessage 
     ).first()
 
 
+def _add_alert(session: Session, inspection: Inspection, alert: AlertBuilder | None) -> OutboxMessage | None:
+    """The outbox row of a flushed inspection's alert (added to the session), or None when it raises none."""
+    built = alert(inspection) if alert is not None else None
+    if built is None:
+        return None
+    topic, payload, qos = built
+    message = OutboxMessage(id=str(payload["id"]), topic=topic, payload=json.dumps(payload, separators=(",", ":")),
+                            qos=qos, inspection_id=inspection.id)
+    session.add(message)
+    return message
+
+
 def save_inspection(
     sessions: sessionmaker[Session], inspection: Inspection, alert: AlertBuilder | None = None
 ) -> SavedInspection:
@@ -63,15 +75,7 @@ def save_inspection(
                     return SavedInspection(existing, alert_for_inspection(session, existing.id), created=False)
                 session.add(inspection)
                 session.flush()  # assigns inspection.id, needed in the alert payload
-                message = None
-                built = alert(inspection) if alert is not None else None
-                if built is not None:
-                    topic, payload, qos = built
-                    message = OutboxMessage(
-                        id=str(payload["id"]), topic=topic, payload=json.dumps(payload, separators=(",", ":")),
-                        qos=qos, inspection_id=inspection.id,
-                    )
-                    session.add(message)
+                message = _add_alert(session, inspection, alert)
             return SavedInspection(inspection, message, created=True)
         except IntegrityError:
             # Another writer committed the same frame_id between our check and insert.
@@ -103,25 +107,12 @@ def save_inspections(
                 known[inspection.frame_id] = inspection
                 added.append((inspection, alert))
         session.flush()  # assigns the ids the alert payloads carry
-        messages: dict[str, OutboxMessage] = {}
-        for inspection, alert in added:
-            built = alert(inspection) if alert is not None else None
-            if built is not None:
-                topic, payload, qos = built
-                messages[inspection.frame_id] = OutboxMessage(
-                    id=str(payload["id"]), topic=topic, payload=json.dumps(payload, separators=(",", ":")),
-                    qos=qos, inspection_id=inspection.id,
-                )
-                session.add(messages[inspection.frame_id])
-        fresh = {id(inspection) for inspection, _ in added}
+        messages = {inspection.frame_id: _add_alert(session, inspection, alert) for inspection, alert in added}
         results = []
         for inspection, _ in items:
-            if id(inspection) in fresh:
-                results.append(SavedInspection(inspection, messages.get(inspection.frame_id), created=True))
-            else:  # recorded before (or twice in this batch): the existing row, nothing written
-                row = known[inspection.frame_id]
-                results.append(SavedInspection(row, messages.get(row.frame_id) if id(row) in fresh
-                                               else alert_for_inspection(session, row.id), created=False))
+            row = known[inspection.frame_id]  # this item's row, or the one recorded before / earlier in the batch
+            alert = messages[row.frame_id] if row.frame_id in messages else alert_for_inspection(session, row.id)
+            results.append(SavedInspection(row, alert, created=row is inspection))
     return results
 
 
