@@ -8,6 +8,8 @@ the frame's creation to its committed row. 10% of the frames are anomalous (aler
     python bench/bench_pipeline.py [--frames 1000] [--image-size 518] [--batch 8]
     python bench/bench_pipeline.py --detector tiny --frames 160 --batch 16   # (b): the tiny CLIP from ../shared
     python bench/bench_pipeline.py --source redis      # frames from a Redis Stream consumer group instead
+    python bench/bench_pipeline.py --artifacts anomalous --stage-costs   # mask/heatmap only for anomalous frames;
+                                                       # first the single-thread cost of each step
 
 With `--detector tiny` the model's own time on the same frames (preprocessed tensors, batches of --batch, no
 pipeline) is measured first in the same process, and the pipeline's overhead is reported against it.
@@ -16,6 +18,7 @@ pipeline) is measured first in the same process, and the pipeline's overhead is 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 import tempfile
@@ -155,6 +158,34 @@ class _PacedSource:
     def stop(self, timeout: float = 5.0) -> None: ...
 
 
+def single_thread_costs(jpegs: list[bytes], image_size: int, threshold: float = 0.5) -> dict[str, float]:
+    """Milliseconds per frame of each step, one thread, nothing else running: the CPU floor of a frame."""
+    from adapters.storage import ArtifactStore
+    from daemon.results import extract_regions, map_to_frame
+    from model.preprocess import decode_image, fast_transform
+
+    seconds: dict[str, float] = {}
+    model_map = np.full((image_size, image_size), 0.1, np.float32)
+    model_map[: image_size // 8, : image_size // 8] = 0.9
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ArtifactStore(tmp)
+        for index, data in enumerate(jpegs):
+            marks = [("start", time.perf_counter())]
+            rgb = decode_image(data)
+            marks.append(("decode", time.perf_counter()))
+            fast_transform(rgb, image_size)
+            marks.append(("resize + normalise", time.perf_counter()))
+            frame_map = map_to_frame(model_map, rgb.shape[1], rgb.shape[0])
+            mask, _regions = extract_regions(frame_map, threshold)
+            marks.append(("map + regions", time.perf_counter()))
+            store.write(f"f{index}", datetime.now(timezone.utc), rgb=rgb, anomaly_map=frame_map, mask=mask,
+                        frame_bytes=data)
+            marks.append(("artifacts (mask, heatmap, frame)", time.perf_counter()))
+            for (_, before), (stage, after) in itertools.pairwise(marks):
+                seconds[stage] = seconds.get(stage, 0.0) + after - before
+    return {stage: 1000 * total / len(jpegs) for stage, total in seconds.items()}
+
+
 def report_stages(pipeline, wall: float, frames: int) -> None:
     print("  where the time goes (seconds summed over threads, per frame):")
     for stage, (seconds, count) in sorted(pipeline.stage_times.snapshot().items()):
@@ -174,12 +205,18 @@ def main() -> int:
                         help="[storage].artifacts: mask + heatmap for every frame, or for anomalous ones only")
     parser.add_argument("--source", choices=("folder", "redis"), default="folder",
                         help="where the frames come from (redis: a local redis-server, frames XADDed beforehand)")
+    parser.add_argument("--stage-costs", action="store_true",
+                        help="first time each step on one thread (the CPU floor of a frame)")
     parser.add_argument("--detector", choices=("constant", "tiny"), default="constant",
                         help="constant: the pipeline's own cost; tiny: the tiny CLIP, to see what the pipeline adds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
     jpegs = make_jpegs(args.frames, rng)
+    if args.stage_costs:
+        costs = single_thread_costs(jpegs[:200], args.image_size)
+        print("single-thread cost per frame: " + ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in costs.items())
+              + f"; total {sum(costs.values()):.2f} ms")
     model_seconds = None
     if args.detector == "tiny":
         make_detector = lambda: tiny_detector(args.image_size)  # noqa: E731

@@ -382,11 +382,13 @@ class Pipeline:
             log.warning("storing %d result(s) failed (%s); retrying them one by one", len(rendered),
                         str(exc).splitlines()[0][:200])
             for r in rendered:
+                t_single = time.monotonic()
                 try:
-                    self._finish(r, save_inspection(self.sessions, Inspection(**r.values), r.build_alert),
-                                 time.monotonic() - t_db)
+                    result = save_inspection(self.sessions, Inspection(**r.values), r.build_alert)
                 except Exception as single:
                     self._not_saved(r, single)
+                    continue
+                self._finish(r, result, time.monotonic() - t_single)
             return
         db_share = (time.monotonic() - t_db) / len(rendered)
         for r, result in zip(rendered, saved, strict=True):
