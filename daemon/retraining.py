@@ -1,4 +1,4 @@
-"""Prompt retraining from operator labels: schedule, training set, training job, evaluation, promotion.
+"""Retraining from operator labels (AnomalyCLIP's prompts, or AdaCLIP's prompts and heads): schedule, training set, training job, evaluation, promotion.
 
 A run (`Retrainer.run`):
 1. a `training_runs` row (status running, the parameters);
@@ -8,7 +8,8 @@ A run (`Retrainer.run`):
 3. a held-out part (`holdout_fraction`), assigned by a hash of each inspection's uuid so a frame stays on the
    same side across runs (the active model, trained by an earlier run, never saw the held-out frames);
 4. training in a separate, niced process (`python -m daemon.retraining_job SPEC`), fine-tuning the active
-   version's prompts, so inspection keeps its CPU/GPU priority and a crash there cannot take the daemon down;
+   version's weights when it is of the same model, so inspection keeps its CPU/GPU priority and a crash there
+   cannot take the daemon down; AdaCLIP's class-aware prompts take each frame's source `class_name`;
    the same process evaluates the candidate and the active model on the held-out frames (with synthetic defects on
    held-out normals when the held-out part has no labelled defect, so image AUROC is defined);
 5. the decision (`promotion_decision`: rule not_worse | better | always on `metric` with `tolerance`); the
@@ -38,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ log = logging.getLogger("anomalyd.retraining")
 COMPARABLE_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
                       "aupro", "aupro_anomalyclip")
 RULES = ("not_worse", "better", "always")
+TRAINABLE = ("anomalyclip", "adaclip")  # [model].name values with learned weights to retrain
 LOG_TAIL_CHARS = 20_000
 
 
@@ -427,8 +429,10 @@ class Retrainer:
         if len(frames) < 2:
             raise RetrainError(f"{len(frames)} labelled frame(s) available: need at least 2 (one to train, one to "
                                "evaluate); label inspections first")
-        if m.name != "anomalyclip":
-            raise RetrainError(f"retraining learns AnomalyCLIP prompts; [model].name is {m.name!r}")
+        if m.name not in TRAINABLE:
+            raise RetrainError(f"[model].name {m.name!r} has nothing to learn; retraining trains "
+                               f"{' or '.join(TRAINABLE)}")
+        frames = self._with_class_names(frames, m.name)
         train, holdout = split_holdout(frames, cfg.holdout_fraction)
         n_anomalous = sum(f.label for f in train)
         synthetic = cfg.synthetic == "on" or (cfg.synthetic == "auto" and n_anomalous < cfg.min_anomalous)
@@ -443,18 +447,18 @@ class Retrainer:
         note(f"{len(train)} training frames ({n_anomalous} defects, {counts['train_with_mask']} with masks"
              f"{', plus synthetic defects on normals' if synthetic else ''}), {len(holdout)} held out")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        version = f"anomalyclip-{stamp}-r{run_id}"
+        version = f"{m.name}-{stamp}-r{run_id}"
         active_spec = None
         init_prompts = None
         if active is not None:
             active_spec = {"version": active.version, "kind": active.kind, "prompts": active.prompts_path}
-            if active.kind == "anomalyclip" and active.prompts_path and Path(active.prompts_path).is_file():
+            if active.kind == m.name and active.prompts_path and Path(active.prompts_path).is_file():
                 init_prompts = active.prompts_path
         threads = cfg.threads or max(1, (os.cpu_count() or 2) // 2)
         spec = {
             "run_id": run_id, "version": version,
             "output": str(run_dir / "work" / "prompts.safetensors"), "result": str(run_dir / "result.json"),
-            "model": {"backbone": self.settings.resolve_model_value(m.backbone),
+            "model": {"kind": m.name, "backbone": self.settings.resolve_model_value(m.backbone),
                       "backbone_config": self.settings.resolve_model_value(m.backbone_config),
                       "layers": list(m.layers), "image_size": self._image_size(), "init_prompts": init_prompts,
                       "transform": "reference" if m.reference_preprocessing else "fast"},
@@ -466,6 +470,22 @@ class Retrainer:
         }
         (run_dir / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
         return spec, counts
+
+    def _with_class_names(self, frames: list[LabelledFrame], kind: str) -> list[LabelledFrame]:
+        """Each frame's category becomes its source's class name ([[sources]].class_name, else [model].class_name).
+
+        AdaCLIP's text prompts name the object, so it cannot train without one; AnomalyCLIP's prompts are
+        object-agnostic and keep the source id as the category when no class is configured.
+        """
+        by_source = {source.id: source.class_name for source in self.settings.sources}
+        default = self.settings.model.class_name
+        named = [replace(f, category=by_source.get(f.category) or default or f.category) for f in frames]
+        if kind == "adaclip":
+            missing = sorted({f.category for f in frames if not (by_source.get(f.category) or default)})
+            if missing:
+                raise RetrainError(f"AdaCLIP needs the object class of each frame: set class_name on source(s) "
+                                   f"{', '.join(missing)} or [model].class_name")
+        return named
 
     def _run_job(self, run_dir: Path, spec: dict[str, Any], progress: ProgressCallback | None,
                  note: Callable[[str], None]) -> tuple[int, str]:
@@ -530,7 +550,7 @@ class Retrainer:
         promote = passes and cfg.promotion == "auto"
         status = "candidate" if passes else "retired"
         with self.sessions() as session, session.begin():
-            registry.register_version(session, version=version, kind="anomalyclip", prompts_path=target,
+            registry.register_version(session, version=version, kind=spec["model"]["kind"], prompts_path=target,
                                       metrics=jsonable(metrics), status=status,
                                       notes=f"run #{spec['run_id']}: {'passes' if passes else 'rejected'}: {reason}")
         outcome.candidate_version, outcome.passes, outcome.reason = version, passes, reason

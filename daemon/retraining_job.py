@@ -1,7 +1,7 @@
 """The retraining process: `python -m daemon.retraining_job JOB.json`, started by `daemon.retraining.Retrainer`.
 
-It lowers its own priority (`nice`), trains AnomalyCLIP prompts on the job's training frames (fine-tuning the
-active version's prompts when there are some), then scores the candidate and the active model on the held-out
+It lowers its own priority (`nice`), trains the job's model (AnomalyCLIP prompts, or AdaCLIP prompts and heads) on
+its training frames (fine-tuning the active version's weights when it is of the same model), then scores the candidate and the active model on the held-out
 frames and writes `result.json`. It touches no database: everything it needs is in the job file, and everything
 it produces is files, so the daemon records the outcome. Progress goes to stdout as JSON lines
 (`{"event": "start"|"epoch"|"evaluated"|"done", ...}`), the log to stderr.
@@ -96,7 +96,7 @@ def evaluate(detector: Any, dataset: Any, batch_size: int) -> dict[str, Any]:
         if batch["image"].shape[0] == 0:
             continue
         with torch.inference_mode():
-            prediction = detector.predict(batch["image"])
+            prediction = detector.predict(batch["image"], list(batch["category"]))
         maps = prediction.maps.float().cpu().numpy()
         masks = [batch["mask"][i].numpy() if batch["has_mask"][i] else None for i in range(maps.shape[0])]
         accumulator.add("holdout", batch["label"].numpy(), prediction.scores.float().cpu().numpy(), maps=maps,
@@ -109,17 +109,38 @@ def evaluate(detector: Any, dataset: Any, batch_size: int) -> dict[str, Any]:
     return metrics
 
 
-def _active_detector(spec: dict[str, Any], backbone: Any, device: Any) -> Any:
+def _build(kind: str, spec_model: dict[str, Any], backbone: Any, weights: str | None) -> Any:
+    """The model to train or evaluate: `weights` (a version's file) loaded, or a fresh start when None."""
+    if kind == "adaclip":
+        from model.adaclip import build_adaclip, load_adaclip_checkpoint
+
+        return build_adaclip(backbone, load_adaclip_checkpoint(weights) if weights else None,
+                             image_size=spec_model["image_size"])
+    from model import build_anomalyclip, load_prompts
+
+    return build_anomalyclip(backbone, load_prompts(weights) if weights else None, layers=spec_model["layers"],
+                             image_size=spec_model["image_size"])
+
+
+def _detector(kind: str, model: Any, device: Any, version: str) -> Any:
     import torch
 
-    from model import build_anomalyclip, create_detector, load_prompts
+    if kind == "adaclip":
+        from model.adaclip import AdaCLIPDetector
+
+        return AdaCLIPDetector(model, device=device, dtype=torch.float32, version=version)
     from model.factory import AnomalyCLIPDetector
 
+    return AnomalyCLIPDetector(model, device=device, dtype=torch.float32, version=version)
+
+
+def _active_detector(spec: dict[str, Any], backbone: Any, device: Any) -> Any:
+    from model import create_detector
+
     active, m = spec["active"], spec["model"]
-    if active["kind"] == "anomalyclip" and active.get("prompts"):
-        model = build_anomalyclip(backbone, load_prompts(active["prompts"]), layers=m["layers"],
-                                  image_size=m["image_size"])
-        return AnomalyCLIPDetector(model, device=device, dtype=torch.float32, version=active["version"])
+    kind = m.get("kind", "anomalyclip")
+    if active["kind"] == kind and active.get("prompts"):  # same model: reuse the loaded backbone
+        return _detector(kind, _build(kind, m, backbone, active["prompts"]), device, active["version"])
     return create_detector(active["kind"], backbone=m["backbone"], backbone_config=m["backbone_config"],
                            prompts=active.get("prompts"), layers=tuple(m["layers"]), image_size=m["image_size"],
                            device=str(device))
@@ -128,22 +149,24 @@ def _active_detector(spec: dict[str, Any], backbone: Any, device: Any) -> Any:
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from model import build_anomalyclip, load_backbone, load_prompts, resolve_device
-    from model.factory import AnomalyCLIPDetector
+    from model import load_backbone, resolve_device
     from model.training import TrainingConfig, train_prompts
 
     m, t = spec["model"], spec["training"]
+    kind = m.get("kind", "anomalyclip")
     torch.set_num_threads(int(spec.get("threads") or 1))
     device = resolve_device(spec.get("device") or "auto")
     emit({"event": "start", "version": spec["version"], "epochs": t["epochs"], "steps": t["epochs"] + 2})
-    backbone = load_backbone(m["backbone"], config=m.get("backbone_config"))
-    init = load_prompts(m["init_prompts"]) if m.get("init_prompts") else None
-    model = build_anomalyclip(backbone, init, layers=m["layers"], image_size=m["image_size"])
-    config = TrainingConfig(epochs=t["epochs"], batch_size=t["batch_size"], learning_rate=t["learning_rate"],
-                            seed=t["seed"])
-    metadata = {"version": spec["version"], "model": "anomalyclip", "backbone": backbone.name,
+    # AdaCLIP's weights are trained on a tower built with nn.GELU (as its released ones were).
+    backbone = load_backbone(m["backbone"], config=m.get("backbone_config"),
+                             **({"quick_gelu": False} if kind == "adaclip" else {}))
+    model = _build(kind, m, backbone, m.get("init_prompts"))
+    config = TrainingConfig.for_model(kind, epochs=t["epochs"], batch_size=t["batch_size"],
+                                      learning_rate=t["learning_rate"], seed=t["seed"])
+    class_names = sorted({str(item.get("category") or "object") for item in spec["train"]})
+    metadata = {"version": spec["version"], "model": kind, "backbone": backbone.name,
                 "layers": list(m["layers"]), "image_size": m["image_size"],
-                "training_data": f"operator labels, retraining run {spec['run_id']}",
+                "training_data": f"operator labels, retraining run {spec['run_id']}", "class_names": class_names,
                 "init_prompts": m.get("init_prompts"), "synthetic": bool(spec.get("synthetic")),
                 "config": {**vars(config), "betas": list(config.betas)}}
 
@@ -157,7 +180,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     history = train_prompts(model, training_set(spec), output, config=config, device=device, resume=False,
                             progress=False, metadata=metadata, on_epoch=on_epoch)
     holdout, synthetic_count = holdout_set(spec)
-    candidate = AnomalyCLIPDetector(model, device=device, dtype=torch.float32, version=spec["version"])
+    candidate = _detector(kind, model, device, spec["version"])
     result: dict[str, Any] = {
         "version": spec["version"], "synthetic_holdout": synthetic_count,
         "history": [{"epoch": h.epoch, "loss": h.loss, "image_loss": h.image_loss, "local_loss": h.local_loss,

@@ -363,3 +363,56 @@ def test_daemon_stop_cancels_a_run_in_progress(tmp_path, golden_dir, samples_dir
             assert len(registry.list_versions(session)) == 1  # only the configured model, no candidate
     finally:
         engine.dispose()
+
+
+def adaclip_environ(golden_dir: Path, class_name: str | None = "hazelnut") -> dict[str, str]:
+    environ = {"ANOMALYD_MODEL__NAME": "adaclip",
+               "ANOMALYD_MODEL__PROMPTS": str(golden_dir.parent / "adaclip" / "adaclip_prompts_official_format.pth")}
+    if class_name:
+        environ["ANOMALYD_MODEL__CLASS_NAME"] = class_name
+    return environ
+
+
+def test_adaclip_retraining_trains_its_prompts_and_heads(tmp_path, golden_dir, samples_dir):
+    from model.adaclip import load_adaclip_checkpoint
+
+    settings = load_config(write_config(tmp_path, golden_dir, 'promotion = "auto"\nrule = "always"'),
+                           environ=adaclip_environ(golden_dir))
+    engine, sessions = open_db(settings)
+    try:
+        initial = register_initial(settings, sessions)
+        assert initial.name == "adaclip"
+        seed_labelled(settings, sessions, samples_dir, normals=6, defects=4)
+        outcome = Retrainer(settings, sessions).run(trigger="test")
+        assert outcome.status == "succeeded", outcome.reason
+        assert outcome.promoted and outcome.candidate_version.startswith("adaclip-")
+        with sessions() as session:
+            row = registry.get_version(session, outcome.candidate_version)
+            assert row.kind == "adaclip" and row.status == "active"
+            assert 0.0 <= row.metrics["holdout"]["image_auroc"] <= 1.0
+            assert row.metrics["active_version"] == initial.version  # the released weights, evaluated alike
+            assert 0.0 <= row.metrics["active_holdout"]["image_auroc"] <= 1.0
+        trained = load_adaclip_checkpoint(registry.version_file(settings, outcome.candidate_version))
+        start = load_adaclip_checkpoint(golden_dir.parent / "adaclip" / "adaclip_prompts_official_format.pth")
+        assert trained.metadata["class_names"] == ["hazelnut"] and trained.metadata["model"] == "adaclip"
+        assert trained.metadata["gelu"] == "gelu"
+        changed = [k for k in start.state if not torch.equal(trained.state[k], start.state[k])]
+        assert changed, "one epoch from the active weights changed nothing"
+        # What the watcher does on promotion: the new version loads and inspects with the source's class.
+        detector = registry.build_version_detector(settings, row)
+        prediction = detector.predict(torch.zeros(2, 3, 112, 112), ["hazelnut", "hazelnut"])
+        assert prediction.scores.shape == (2,) and prediction.maps.shape == (2, 112, 112)
+    finally:
+        engine.dispose()
+
+
+def test_adaclip_retraining_without_a_class_name_says_which_sources(tmp_path, golden_dir, samples_dir):
+    settings = load_config(write_config(tmp_path, golden_dir), environ=adaclip_environ(golden_dir, None))
+    engine, sessions = open_db(settings)
+    try:
+        seed_labelled(settings, sessions, samples_dir, normals=3, defects=2)
+        outcome = Retrainer(settings, sessions).run(trigger="test")
+        assert outcome.status == "failed"
+        assert "class_name on source(s) cam1 or [model].class_name" in outcome.reason
+    finally:
+        engine.dispose()
