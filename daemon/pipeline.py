@@ -95,18 +95,18 @@ class StageTimes:
             return {stage: (self.seconds[stage], self.counts[stage]) for stage in self.seconds}
 
 
-def _default_transform(rgb: np.ndarray, size: int):
-    from model.preprocess import fast_transform
+def _default_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    from model.preprocess import fast_resize
 
-    return fast_transform(rgb, size)
+    return fast_resize(rgb, size)
 
 
-def _reference_transform(rgb: np.ndarray, size: int):
+def _reference_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    from model.preprocess import reference_transform
+    from model.preprocess import reference_resize
 
-    return reference_transform(Image.fromarray(rgb), size)
+    return reference_resize(Image.fromarray(rgb), size)
 
 
 class Pipeline:
@@ -138,7 +138,7 @@ class Pipeline:
                 id=source.id, line=getattr(source, "line", "default") or "default",
                 threshold=getattr(source, "threshold", None) or 0.5,
                 class_name=getattr(source, "class_name", None)))
-        self.transform = _reference_transform if self.options.reference_preprocessing else _default_transform
+        self.transform = _reference_resize if self.options.reference_preprocessing else _default_resize
         self.stage_times = StageTimes()
         self.errors: list[str] = []
         self.batcher: DynamicBatcher[PreparedFrame] = DynamicBatcher(
@@ -297,11 +297,11 @@ class Pipeline:
                 self._reject(frame, settings, str(exc))
                 return
             size = int(self.worker.detector.image_size)
-            tensor = self.transform(rgb, size)
+            pixels = self.transform(rgb, size)
             decoded = time.monotonic()
             self.stage_times.add("decode", decoded - started)
             self.metrics.decode_latency.observe(decoded - started)
-            item = PreparedFrame(frame, settings, rgb, tensor, size, t_in,
+            item = PreparedFrame(frame, settings, rgb, pixels, size, t_in,
                                  timings={"decoded_at": decoded, "intake_wait_s": started - t_in})
             self.batcher.put(item)
             self._update_depth()

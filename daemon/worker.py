@@ -1,7 +1,7 @@
 """The model worker: one thread per device taking batches from the DynamicBatcher and running the detector.
 
-Items arrive decoded and preprocessed (`PreparedFrame.tensor`, made off this thread); the worker only stacks,
-predicts and hands `ScoredFrame`s to the sink (post-processing runs on other threads, so the model never waits on
+Items arrive decoded and resized (`PreparedFrame.pixels`, uint8, made off this thread); the worker stacks them into
+buffers it reuses, normalises the batch on the model's device, predicts and hands `ScoredFrame`s to the sink (post-processing runs on other threads, so the model never waits on
 disk or database). `swap_detector(new)` takes effect between two batches: no frame is dropped or scored by a
 half-swapped model; frames prepared for another input size are re-transformed from their RGB array.
 """
@@ -52,8 +52,8 @@ class PreparedFrame:
     frame: Any  # adapters.sources.base.Frame
     source: SourceSettings
     rgb: np.ndarray  # RGB uint8 (H,W,3) at the frame's own size
-    tensor: Any  # torch.Tensor (3,S,S), normalised
-    size: int  # S the tensor was made for
+    pixels: np.ndarray  # RGB uint8 (S,S,3), resized for the model (normalised by the worker, per batch)
+    size: int  # S the pixels were resized to
     t_in: float  # monotonic time the pipeline took the frame
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -77,7 +77,7 @@ class ModelWorker:
         batcher: DynamicBatcher[PreparedFrame],
         sink: Callable[[ScoredFrame], None],
         *,
-        transform: Callable[[np.ndarray, int], Any],
+        transform: Callable[[np.ndarray, int], np.ndarray],  # (rgb, S) → (S,S,3) uint8, for a new input size
         on_failure: Callable[[list[PreparedFrame], BaseException], None] | None = None,
         on_batch: Callable[[int, float, float], None] | None = None,  # (size, queue_wait_s, inference_s)
         name: str = "model-worker",
@@ -96,6 +96,7 @@ class ModelWorker:
         self.batches = 0
         self.frames = 0
         self.model_seconds = 0.0
+        self._buffers: tuple[Any, np.ndarray, Any] | None = None  # (key, uint8 batch, float batch)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -147,6 +148,25 @@ class ModelWorker:
             log.exception("%s crashed", self.name)
             raise
 
+    def _model_input(self, pixels: list[np.ndarray], detector: DetectorLike) -> Any:
+        """The batch as normalised float input on the detector's device, built in buffers kept across batches:
+        allocating a fresh (B,3,S,S) tensor per batch costs more in page faults than the normalisation itself."""
+        import torch
+
+        from model.preprocess import normalise_pixels
+
+        device = torch.device(getattr(detector, "device", None) or "cpu")
+        count, shape = len(pixels), pixels[0].shape
+        key = (device, shape)
+        if self._buffers is None or self._buffers[0] != key or self._buffers[1].shape[0] < count:
+            capacity = max(count, self.batcher.max_batch_size)
+            self._buffers = (key, np.empty((capacity, *shape), np.uint8),
+                             torch.empty((capacity, shape[2], shape[0], shape[1]), dtype=torch.float32,
+                                         device=device))
+        _, staged, images = self._buffers
+        np.stack(pixels, out=staged[:count])
+        return normalise_pixels(torch.from_numpy(staged[:count]).to(device), out=images[:count])
+
     def _process(self, batch: list[PreparedFrame]) -> None:
         import torch
 
@@ -155,8 +175,8 @@ class ModelWorker:
         started = time.monotonic()
         queue_wait = started - min(item.timings.get("decoded_at", item.t_in) for item in batch)
         try:
-            tensors = [item.tensor if item.size == size else self.transform(item.rgb, size) for item in batch]
-            images = torch.stack(tensors)
+            pixels = [item.pixels if item.size == size else self.transform(item.rgb, size) for item in batch]
+            images = self._model_input(pixels, detector)
             names = [item.source.class_name for item in batch]
             with torch.inference_mode():
                 prediction = detector.predict(images, class_names=names if any(names) else None)

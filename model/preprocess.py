@@ -162,13 +162,33 @@ def _normalise(chw: torch.Tensor) -> torch.Tensor:
     return (chw - mean) / std
 
 
-def reference_transform(image: Image.Image, size: int) -> torch.Tensor:
-    """The official preprocessing: PIL bicubic resize to size x size (no aspect kept), RGB, [0,1], normalise."""
+def reference_resize(image: Image.Image, size: int) -> np.ndarray:
+    """The official resize: PIL bicubic to size x size (no aspect kept) in the image's own mode, then RGB uint8."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         image = Image.fromarray(pil_to_rgb8(image))
-    resized = image.resize((size, size), Image.Resampling.BICUBIC)
-    rgb = np.asarray(resized.convert("RGB"), dtype=np.float32) / 255.0
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC).convert("RGB"))
+
+
+def reference_transform(image: Image.Image, size: int) -> torch.Tensor:
+    """The official preprocessing: `reference_resize`, [0,1], normalise; (3,S,S) float32."""
+    rgb = reference_resize(image, size).astype(np.float32) / 255.0
     return _normalise(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+
+
+def normalise_pixels(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,S,S,3) uint8 RGB → (B,3,S,S) float32 model input, on the pixels' device, into `out` when given.
+
+    The same arithmetic as `reference_transform` (x/255, minus mean, over std, in float32), so
+    `normalise_pixels(reference_resize(...))` equals it bit for bit. The daemon ships uint8 frames to the model's
+    device and normalises whole batches there: 4x less data to move than float input.
+    """
+    chw = pixels.permute(0, 3, 1, 2)
+    if out is None:
+        out = torch.empty(chw.shape, dtype=torch.float32, device=pixels.device)
+    out.copy_(chw).div_(255.0)
+    mean = torch.tensor(OPENAI_MEAN, dtype=torch.float32, device=out.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, dtype=torch.float32, device=out.device).view(1, 3, 1, 1)
+    return out.sub_(mean).div_(std)
 
 
 # (x/255 - mean)/std as one multiply-subtract per channel plane: the fast path's normalisation, written straight
@@ -177,16 +197,21 @@ _FAST_SCALE = [1.0 / (255.0 * s) for s in OPENAI_STD]
 _FAST_OFFSET = [m / s for m, s in zip(OPENAI_MEAN, OPENAI_STD, strict=True)]
 
 
-def fast_transform(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """OpenCV bicubic resize of an RGB uint8 array (area interpolation when shrinking a lot), then normalise."""
+def fast_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """OpenCV bicubic resize of an RGB uint8 array to size x size (area interpolation when shrinking a lot)."""
     import cv2
 
     height, width = rgb.shape[:2]
-    shrink = max(height, width) / size
-    interpolation = cv2.INTER_AREA if shrink >= 2.0 else cv2.INTER_CUBIC
-    resized = cv2.resize(rgb, (size, size), interpolation=interpolation)
+    interpolation = cv2.INTER_AREA if max(height, width) / size >= 2.0 else cv2.INTER_CUBIC
+    return cv2.resize(rgb, (size, size), interpolation=interpolation)
+
+
+def fast_transform(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """`fast_resize`, then normalise; (3,S,S) float32."""
+    import cv2
+
     out = np.empty((3, size, size), dtype=np.float32)
-    for channel, plane in enumerate(cv2.split(resized)):
+    for channel, plane in enumerate(cv2.split(fast_resize(rgb, size))):
         np.multiply(plane, _FAST_SCALE[channel], out=out[channel], dtype=np.float32)
         out[channel] -= _FAST_OFFSET[channel]
     return torch.from_numpy(out)

@@ -248,3 +248,28 @@ def test_model_failure_hands_frames_back(db, tmp_path):
     pipeline.stop(5)
     assert source.acks == {"x": False}
     assert pipeline.healthy()[0] is True and pipeline.failed == 1
+
+
+def test_daemon_reference_path_reproduces_the_golden_scores(db, tmp_path, golden_dir):
+    """Frames through the daemon (decode, resize, batched normalisation in the worker's reused buffers) score as
+    the official code does on the golden inputs."""
+    from model import create_detector
+    from tests.model import golden
+
+    weights, config = golden.backbone_files(golden_dir)
+    detector = create_detector("anomalyclip", backbone=weights, backbone_config=config,
+                               prompts=golden_dir / "prompts_official_format.pth", layers=(6, 12, 18, 24),
+                               device="cpu")
+    names = golden.expected_json(golden_dir)["input_files"]
+    expected = golden.expected(golden_dir)["L6-12-18-24/image_scores"].numpy()
+    source = MemorySource()
+    pipeline = make_pipeline(db, tmp_path, source, detector, reference_preprocessing=True)
+    pipeline.start()
+    for index, name in enumerate(names * 2):  # twice: the second pass reuses the worker's input buffers
+        source.push(f"g{index}", data=(golden_dir / name).read_bytes())
+    source.wait_acks(2 * len(names), timeout=120)
+    assert pipeline.stop(30)
+    with db() as session:
+        scores = {row.frame_id: row.score for row in session.scalars(select(Inspection))}
+    for index in range(2 * len(names)):
+        assert scores[f"g{index}"] == pytest.approx(float(expected[index % len(names)]), abs=1e-5), index
