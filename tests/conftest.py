@@ -76,3 +76,11 @@ def postgres():
     server = _service("Postgres")
     yield server
     server.close()
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL server of the test's own, which it may stop and start (outage tests)."""
+    server = _service("Postgres")
+    yield server
+    server.close()

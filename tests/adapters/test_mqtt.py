@@ -167,38 +167,27 @@ def test_pending_outbox_is_published_after_restart(mosquitto, sessions):
         subscriber.close()
 
 
-def test_relay_survives_a_database_outage(mosquitto):
+def test_relay_survives_a_database_outage(mosquitto, private_postgres):
     """PostgreSQL stops while the relay polls the outbox: the relay keeps retrying and publishes afterwards."""
-    from tests.conftest import require
-    from tests.services import Postgres
-
+    engine = make_engine(private_postgres.create_database("relay"))
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    subscriber = Subscriber(mosquitto.port)
+    publisher = MqttPublisher(settings_for(mosquitto.port), sessions, poll_interval_s=0.1)
+    publisher.start()
     try:
-        server = Postgres()
-        server.start()
-    except FileNotFoundError as exc:
-        require(False, str(exc))
-    try:
-        engine = make_engine(server.create_database("relay"))
-        upgrade(engine)
-        sessions = make_session_factory(engine)
-        subscriber = Subscriber(mosquitto.port)
-        publisher = MqttPublisher(settings_for(mosquitto.port), sessions, poll_interval_s=0.1)
-        publisher.start()
-        try:
-            first = add_alert(sessions, 0)
-            publisher.notify()
-            assert subscriber.wait_for(lambda: {p["id"] for p in subscriber.payloads("/anomaly")} == {first})
-            server.stop()
-            time.sleep(1.5)  # several failed polls
-            assert publisher.crashed is None and publisher._thread.is_alive()
-            server.start()
-            later = add_alert(sessions, 1)
-            publisher.notify()
-            assert subscriber.wait_for(lambda: {p["id"] for p in subscriber.payloads("/anomaly")} == {first, later}, 30)
-            assert publisher.flush(10)
-        finally:
-            publisher.stop()
-            subscriber.close()
-            engine.dispose()
+        first = add_alert(sessions, 0)
+        publisher.notify()
+        assert subscriber.wait_for(lambda: {p["id"] for p in subscriber.payloads("/anomaly")} == {first})
+        private_postgres.stop()
+        time.sleep(1.5)  # several failed polls
+        assert publisher.crashed is None and publisher._thread.is_alive()
+        private_postgres.start()
+        later = add_alert(sessions, 1)
+        publisher.notify()
+        assert subscriber.wait_for(lambda: {p["id"] for p in subscriber.payloads("/anomaly")} == {first, later}, 30)
+        assert publisher.flush(10)
     finally:
-        server.close()
+        publisher.stop()
+        subscriber.close()
+        engine.dispose()

@@ -14,7 +14,6 @@ from sqlalchemy import select
 from adapters.db import Inspection, make_engine, make_session_factory
 from daemon.config import load_config
 from daemon.service import Service
-from tests.conftest import require
 from tests.daemon.test_pipeline import BrightnessDetector
 from tests.waiting import wait_until
 
@@ -39,18 +38,11 @@ def write_frames(inbox: Path, start: int, count: int) -> list[str]:
     return names
 
 
-def test_postgres_restart_loses_no_frame(tmp_path):
-    from tests.services import Postgres
-
-    try:
-        server = Postgres()
-        server.start()
-    except FileNotFoundError as exc:
-        require(False, str(exc))
-    try:
-        url = server.create_database("outage")
-        (tmp_path / "inbox").mkdir()
-        (tmp_path / "config.toml").write_text(f"""
+def test_postgres_restart_loses_no_frame(tmp_path, private_postgres):
+    server = private_postgres
+    url = server.create_database("outage")
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "config.toml").write_text(f"""
 [runtime]
 max_batch_size = 4
 max_batch_delay_ms = 10
@@ -73,31 +65,29 @@ save_frames = false
 [api]
 enabled = false
 """)
-        inbox = tmp_path / "inbox"
-        names = write_frames(inbox, 0, 30)
-        service = Service(load_config(tmp_path / "config.toml", environ={}), detector=SlowDetector(image_size=32))
-        service.start()
-        try:
-            assert wait_until(lambda: service.pipeline.processed >= 5, 30)
-            server.stop()
-            names += write_frames(inbox, 30, 20)  # arrive while the database is down
-            assert wait_until(lambda: service.pipeline.failed > 0, 30), "no write failed during the outage"
-            ready, details = service.readiness()
-            assert not ready and details["database"]["reachable"] is False
-            server.start()
-            processed = inbox / "processed"
-            assert wait_until(lambda: processed.is_dir() and len(list(processed.iterdir())) == len(names), 60), \
-                f"{len(list(processed.iterdir())) if processed.is_dir() else 0} of {len(names)} files processed"
-            assert service.readiness()[0]
-        finally:
-            service.stop()
-        engine = make_engine(url)
-        try:
-            with make_session_factory(engine)() as session:
-                rows = session.scalars(select(Inspection)).all()
-        finally:
-            engine.dispose()
-        stored = sorted(Path(row.frame_name).name for row in rows)
-        assert stored == sorted(names)  # every frame, exactly once
+    inbox = tmp_path / "inbox"
+    names = write_frames(inbox, 0, 30)
+    service = Service(load_config(tmp_path / "config.toml", environ={}), detector=SlowDetector(image_size=32))
+    service.start()
+    try:
+        assert wait_until(lambda: service.pipeline.processed >= 5, 30)
+        server.stop()
+        names += write_frames(inbox, 30, 20)  # arrive while the database is down
+        assert wait_until(lambda: service.pipeline.failed > 0, 30), "no write failed during the outage"
+        ready, details = service.readiness()
+        assert not ready and details["database"]["reachable"] is False
+        server.start()
+        processed = inbox / "processed"
+        assert wait_until(lambda: processed.is_dir() and len(list(processed.iterdir())) == len(names), 60), \
+            f"{len(list(processed.iterdir())) if processed.is_dir() else 0} of {len(names)} files processed"
+        assert service.readiness()[0]
     finally:
-        server.close()
+        service.stop()
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = session.scalars(select(Inspection)).all()
+    finally:
+        engine.dispose()
+    stored = sorted(Path(row.frame_name).name for row in rows)
+    assert stored == sorted(names)  # every frame, exactly once
