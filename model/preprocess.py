@@ -83,6 +83,8 @@ def open_pil(source: str | Path | bytes, name: str | None = None) -> Image.Image
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{name}: image too large ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:  # PIL's own message names a BytesIO object, not the input
+        raise ImageDecodeError(f"{name}: not a readable image (no known image format, or a damaged header)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{name}: not a readable image ({exc})") from exc
     return image

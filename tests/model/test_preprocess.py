@@ -60,3 +60,9 @@ def test_cmyk_jpeg_goes_through_pil():
     data = encoded.getvalue()
     assert _decode_jpeg(data, "x") is None
     assert decode_image(data).shape == (16, 24, 3)
+
+
+def test_unknown_format_error_names_the_input_not_a_buffer():
+    with pytest.raises(ImageDecodeError) as error:
+        decode_image(b"not an image at all", "cam2/0001.jpg")
+    assert str(error.value).startswith("cam2/0001.jpg: not a readable image") and "BytesIO" not in str(error.value)
