@@ -84,3 +84,14 @@ def private_postgres():
     server = _service("Postgres")
     yield server
     server.close()
+
+
+@pytest.fixture
+def sqlite_sessions(tmp_path):
+    """A migrated SQLite database of the test's own; yields its session factory."""
+    from adapters.db import make_engine, make_session_factory, upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path}/test.db")
+    upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()

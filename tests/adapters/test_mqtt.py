@@ -64,11 +64,8 @@ class Subscriber:
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path}/m.db")
-    upgrade(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
+def sessions(sqlite_sessions):
+    return sqlite_sessions
 
 
 def settings_for(port: int) -> MqttSettings:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from adapters.db import Inspection, OutboxMessage, RejectedFrame, make_engine, make_session_factory, upgrade
+from adapters.db import Inspection, OutboxMessage, RejectedFrame
 from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
 from adapters.storage import ArtifactStore
 from daemon.pipeline import Pipeline, PipelineOptions
@@ -103,11 +103,8 @@ def png(value: int, size=(48, 40)) -> bytes:
 
 
 @pytest.fixture
-def db(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path}/p.db")
-    upgrade(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
+def db(sqlite_sessions):
+    return sqlite_sessions
 
 
 def make_pipeline(db, tmp_path: Path, source: MemorySource, detector, *, artifacts: str = "all",
