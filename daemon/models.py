@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.models import ModelVersion, utcnow
@@ -36,6 +37,10 @@ VERSION_SUFFIX = ".safetensors"
 
 class ModelVersionError(ValueError):
     """A version that cannot be registered or activated; the message names it and why."""
+
+
+class VersionExistsError(ModelVersionError):
+    """A version name that is already in the registry."""
 
 
 class UnknownVersionError(ModelVersionError):
@@ -85,7 +90,7 @@ def register_version(
     if not version or "/" in version or version.startswith("."):
         raise ModelVersionError(f"model version name {version!r} is not usable as a file name")
     if get_version(session, version) is not None:
-        raise ModelVersionError(f"model version {version!r} is already registered")
+        raise VersionExistsError(f"model version {version!r} is already registered")
     row = ModelVersion(version=version, kind=kind, prompts_path=str(prompts_path) if prompts_path else None,
                        metrics=metrics, status=status, notes=notes)
     session.add(row)
@@ -186,14 +191,10 @@ def _copy_prompts(source: str, target: Path, version: str) -> Path:
     return save_prompts(target, checkpoint.state, metadata)
 
 
-def startup_detector(
-    settings: Any,
-    sessions: sessionmaker[Session],
-    detector: Any,
-    build: Callable[[Any, ModelVersion, Any], Any] = build_version_detector,
-) -> Any:
-    """Register the configured model on first use and return the detector the daemon should start with."""
-    version, kind = str(detector.version), str(getattr(detector, "name", "unknown"))
+def _register_configured(settings: Any, sessions: sessionmaker[Session], version: str,
+                         kind: str) -> ModelVersion | None:
+    """Register the configured model if new; the registry's active version to run instead, or None for the
+    configured one."""
     with sessions() as session, session.begin():
         row = get_version(session, version)
         new = row is None
@@ -215,10 +216,25 @@ def startup_detector(
                 log.info("[model] names a new model: version %s replaces %s as the active one", version,
                          active.version)
             _make_active(session, row)
-            return detector
-        if active.version == version:
-            return detector
-        wanted = active
+            return None
+        return None if active.version == version else active
+
+
+def startup_detector(
+    settings: Any,
+    sessions: sessionmaker[Session],
+    detector: Any,
+    build: Callable[[Any, ModelVersion, Any], Any] = build_version_detector,
+) -> Any:
+    """Register the configured model on first use and return the detector the daemon should start with."""
+    version, kind = str(detector.version), str(getattr(detector, "name", "unknown"))
+    try:
+        wanted = _register_configured(settings, sessions, version, kind)
+    except (VersionExistsError, IntegrityError):
+        # Another worker sharing this database registered the same version between our read and our insert.
+        wanted = _register_configured(settings, sessions, version, kind)
+    if wanted is None:
+        return detector
     try:
         chosen = build(settings, wanted, detector)
     except Exception as exc:

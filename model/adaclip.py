@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -603,7 +604,7 @@ def save_adaclip(model: AdaCLIP, path: str | Path, *, class_names: Sequence[str]
     meta.update(model_metadata(model, class_names))
     meta.update(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.safetensors")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")  # one per writer: workers may race
     save_file({OFFICIAL_PREFIX + k: v for k, v in _cpu(model.learned_state_dict()).items()}, str(tmp),
               metadata={"anomalyd": json.dumps(meta, default=str)})
     tmp.replace(path)

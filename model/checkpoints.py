@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ def save_prompts(path: str | Path, state: Mapping[str, torch.Tensor], metadata: 
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     meta.update(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.safetensors")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")  # one per writer: workers may race
     save_file({_PREFIX + k: v for k, v in _contiguous(state).items()}, str(tmp),
               metadata={"anomalyd": json.dumps(meta, default=str)})
     tmp.replace(path)

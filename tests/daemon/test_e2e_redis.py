@@ -144,7 +144,8 @@ def test_killed_worker_loses_no_frame_and_duplicates_none(tmp_path, golden_dir, 
         # Kill the victim while both are working and the victim holds unacknowledged entries.
         deadline = time.monotonic() + 180
         while True:
-            assert victim.poll() is None and survivor.poll() is None, (tmp_path / "victim.log").read_text()[-3000:]
+            assert victim.poll() is None and survivor.poll() is None, "\n".join(
+                f"{name}: {(tmp_path / f'{name}.log').read_text()[-1500:]}" for name in ("victim", "survivor"))
             pending = pending_by_consumer(client, stream)
             if pending.get(victim_name, 0) > 0 and pending.get(survivor_name, 0) > 0 and inspected() > 0:
                 break

@@ -197,3 +197,29 @@ def test_startup_runs_the_registrys_active_version(tmp_path, golden_dir):
             assert len(registry.list_versions(session)) == 2
     finally:
         engine.dispose()
+
+
+def test_two_workers_registering_the_same_model_at_once(sessions, tmp_path, golden_dir, monkeypatch):
+    """Two workers start against one database: the other one registers (and activates) the configured version
+    while this one is copying its prompts. This one must start with it, not fail."""
+    from types import SimpleNamespace
+
+    settings = load_config(write_config(tmp_path, golden_dir), environ={})
+    configured = SimpleNamespace(version="anomalyclip-shared", name="anomalyclip")
+    copy = registry._copy_prompts
+    raced = []
+
+    def other_worker_wins(prompts, target, version):
+        if not raced:
+            raced.append(version)
+            with sessions() as session, session.begin():
+                row = registry.register_version(session, version=version, kind="anomalyclip", prompts_path=None)
+                registry._make_active(session, row)
+        return copy(prompts, target, version)
+
+    monkeypatch.setattr(registry, "_copy_prompts", other_worker_wins)
+    assert registry.startup_detector(settings, sessions, configured) is configured
+    assert raced == ["anomalyclip-shared"]
+    with sessions() as session:
+        versions = registry.list_versions(session)
+    assert [(v.version, v.status) for v in versions] == [("anomalyclip-shared", "active")]
