@@ -156,6 +156,23 @@ class Postgres(_Server):
         return [*self.as_user, f"{self.bindir}/postgres", "-D", str(self.data), "-p", str(self.port),
                 "-h", "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off", "-c", "full_page_writes=off"]
 
+    def start(self, timeout: float = 30.0) -> None:
+        """Returns once the server accepts sessions: it listens on its port while still replaying its WAL, and a
+        connection then fails with "the database system is starting up"."""
+        super().start()
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = subprocess.run([f"{self.bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(self.port),
+                                    "-U", "postgres", "-t", "1"], capture_output=True)
+            if ready.returncode == 0:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}\n{self.log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"postgres on port {self.port} not ready after {timeout}s "
+                                   f"({ready.stdout.decode().strip()})")
+            time.sleep(0.05)
+
     def stop(self) -> None:
         """A fast shutdown through pg_ctl (terminating the runuser wrapper would leave postmaster.pid behind)."""
         if self.proc is None or self.proc.poll() is not None:
