@@ -39,6 +39,16 @@ def test_nothing_above_threshold_and_min_area():
     assert [r.area for r in regions] == [9] and mask.sum() == 9 and not mask[0, 0]
 
 
+def test_more_components_than_16_bit_labels_hold():
+    """Isolated pixels on every other row and column: 76,800 components, past the 16-bit label range."""
+    anomaly_map = np.zeros((480, 640), np.float32)
+    anomaly_map[::2, ::2] = np.linspace(0.6, 0.9, 320 * 240, dtype=np.float32).reshape(240, 320)
+    mask, regions = extract_regions(anomaly_map, 0.5, max_regions=3)
+    assert mask.sum() == 76_800
+    assert [(r.x, r.y, r.area) for r in regions] == [(638, 478, 1), (636, 478, 1), (634, 478, 1)]
+    assert regions[0].peak == np.float32(0.9)
+
+
 def test_map_to_frame_resizes_to_frame_shape():
     resized = map_to_frame(np.ones((16, 16), np.float32) * 0.25, width=40, height=30)
     assert resized.shape == (30, 40) and np.allclose(resized, 0.25)
