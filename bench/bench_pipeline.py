@@ -10,6 +10,7 @@ the frame's creation to its committed row. 10% of the frames are anomalous (aler
     python bench/bench_pipeline.py --source redis      # frames from a Redis Stream consumer group instead
     python bench/bench_pipeline.py --artifacts anomalous --stage-costs   # mask/heatmap only for anomalous frames;
                                                        # first the single-thread cost of each step
+    python bench/bench_pipeline.py --content noise     # noise frames (JPEG's worst case) instead of sample photos
 
 With `--detector tiny` the model's own time on the same frames (preprocessed tensors, batches of --batch, no
 pipeline) is measured in the same process before and after the pipeline run, and the pipeline's overhead is
@@ -88,11 +89,29 @@ def model_only_seconds(detector, jpegs: list[bytes], batch: int) -> float:
     return time.monotonic() - started
 
 
-def make_jpegs(count: int, rng: np.random.Generator) -> list[bytes]:
-    base = (rng.random((480, 640, 3)) * 120).astype(np.uint8)
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "inspection-samples"
+
+
+def sample_images(limit: int = 40) -> list[np.ndarray]:
+    """Inspection-sample photos (not their masks) resized to 640x480 BGR, read from ../shared, never copied."""
+    paths = sorted(path for path in SAMPLES.rglob("*") if path.suffix.lower() in (".png", ".jpg", ".jpeg")
+                   and "ground_truth" not in path.parts and not path.stem.endswith("_mask"))
+    step = max(1, len(paths) // limit)
+    images = [cv2.imread(str(path), cv2.IMREAD_COLOR) for path in paths[::step][:limit]]
+    return [cv2.resize(image, (640, 480), interpolation=cv2.INTER_AREA) for image in images if image is not None]
+
+
+def make_jpegs(count: int, rng: np.random.Generator, content: str = "noise") -> list[bytes]:
+    """640x480 JPEGs (quality 90); every 10th has a white top-left square (the marker detector's anomaly).
+
+    `noise`: uniform noise, the worst case for JPEG (about 200 kB a frame, 2.4 ms to decode here); `samples`:
+    photos of the inspection samples, like real camera frames (about 50 kB, under 1 ms to decode)."""
+    bases = sample_images() if content == "samples" else [(rng.random((480, 640, 3)) * 120).astype(np.uint8)]
+    if not bases:
+        raise SystemExit(f"no sample images under {SAMPLES}: use --content noise")
     frames = []
     for index in range(count):
-        image = np.roll(base, index * 7, axis=1)
+        image = np.roll(bases[index % len(bases)], index * 7, axis=1)
         image[:16, :16] = 255 if index % 10 == 0 else 0
         _ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         frames.append(jpeg.tobytes())
@@ -208,12 +227,17 @@ def main() -> int:
                         help="where the frames come from (redis: a local redis-server, frames XADDed beforehand)")
     parser.add_argument("--stage-costs", action="store_true",
                         help="first time each step on one thread (the CPU floor of a frame)")
+    parser.add_argument("--content", choices=("samples", "noise"), default=None,
+                        help="frame content: inspection-sample photos (default when ../shared is there) or "
+                             "uniform noise (the worst case for JPEG size and decoding)")
     parser.add_argument("--detector", choices=("constant", "tiny"), default="constant",
                         help="constant: the pipeline's own cost; tiny: the tiny CLIP, to see what the pipeline adds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
-    jpegs = make_jpegs(args.frames, rng)
+    content = args.content or ("samples" if SAMPLES.is_dir() else "noise")
+    jpegs = make_jpegs(args.frames, rng, content)
+    print(f"frames: {args.frames} x 640x480 JPEG of {content}, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB")
     if args.stage_costs:
         costs = single_thread_costs(jpegs[:200], args.image_size)
         print("single-thread cost per frame: " + ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in costs.items())

@@ -152,10 +152,13 @@ def _decode_jpeg(data: bytes, name: str) -> np.ndarray | None:
     _check_size(width, height, name)
     import cv2
 
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.shape[:2] != (height, width):
+    # IMREAD_COLOR_RGB (OpenCV >= 4.10) has libjpeg write RGB directly, saving a conversion pass.
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    flags = (cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag) | cv2.IMREAD_IGNORE_ORIENTATION
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if pixels is None or pixels.shape[:2] != (height, width):
         return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return pixels if rgb_flag is not None else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
 
 def _normalise(chw: torch.Tensor) -> torch.Tensor:
