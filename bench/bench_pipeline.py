@@ -311,6 +311,12 @@ def main() -> int:
                 mean = (model_seconds + after) / 2
                 print(f"  pipeline adds {100 * (wall / mean - 1):.1f}% over the model's own time "
                       f"({wall:.2f} s vs {mean:.2f} s, the mean of the runs before and after; start-up included)")
+                # Split in two, both from this run alone: wall time outside the model's batches (start-up, decoding
+                # the first batch, writing the last), and the batches' own slowdown next to the pipeline's threads
+                # (on a CPU, a helper thread taking a core stalls the model's intra-op threads).
+                inside = service.pipeline.stage_times.snapshot().get("model", (0.0, 0))[0]
+                print(f"  of which outside the model's batches: {wall - inside:.2f} s ({100 * (wall - inside) / mean:.1f}%);"
+                      f" the batches themselves: {inside:.2f} s, {100 * (inside / mean - 1):+.1f}% against the model alone")
             if redis_server is not None:
                 redis_server.close()
             if model_seconds is not None or redis_server is not None:
