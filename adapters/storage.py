@@ -73,9 +73,13 @@ class ArtifactStore:
 
     def _write_atomic(self, relative: str, data: bytes) -> None:
         target = self.root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
+        try:
+            handle = open(tmp, "wb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:  # a new day's folder (or one retention just removed)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(tmp, "wb")  # noqa: SIM115
+        with handle:
             handle.write(data)
         os.replace(tmp, target)
 

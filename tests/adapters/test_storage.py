@@ -85,3 +85,5 @@ def test_paths_cannot_escape_and_retention_removes_old_days(tmp_path):
     new = store.write("new", WHEN, rgb=rgb, anomaly_map=anomaly_map, mask=mask)
     assert store.purge_older_than(30, now=WHEN) == 3
     assert not any(store.path(p).exists() for p in old.all()) and all(store.path(p).exists() for p in new.all())
+    late = store.write("late", datetime(2026, 1, 1, tzinfo=timezone.utc), rgb=rgb, anomaly_map=anomaly_map, mask=mask)
+    assert all(store.path(p).is_file() for p in late.all())  # the purged day's folder is made again
