@@ -1,4 +1,5 @@
-"""Retraining from operator labels (AnomalyCLIP's prompts, or AdaCLIP's prompts and heads): schedule, training set, training job, evaluation, promotion.
+"""Retraining from operator labels (AnomalyCLIP's prompts, or AdaCLIP's prompts and heads): schedule, training
+set, training job, evaluation, promotion.
 
 A run (`Retrainer.run`):
 1. a `training_runs` row (status running, the parameters);

@@ -1,10 +1,10 @@
 """The retraining process: `python -m daemon.retraining_job JOB.json`, started by `daemon.retraining.Retrainer`.
 
 It lowers its own priority (`nice`), trains the job's model (AnomalyCLIP prompts, or AdaCLIP prompts and heads) on
-its training frames (fine-tuning the active version's weights when it is of the same model), then scores the candidate and the active model on the held-out
-frames and writes `result.json`. It touches no database: everything it needs is in the job file, and everything
-it produces is files, so the daemon records the outcome. Progress goes to stdout as JSON lines
-(`{"event": "start"|"epoch"|"evaluated"|"done", ...}`), the log to stderr.
+its training frames (fine-tuning the active version's weights when it is of the same model), then scores the
+candidate and the active model on the held-out frames and writes `result.json`. It touches no database:
+everything it needs is in the job file, and everything it produces is files, so the daemon records the outcome.
+Progress goes to stdout as JSON lines (`{"event": "start"|"epoch"|"evaluated"|"done", ...}`), the log to stderr.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The model worker: one thread per device taking batches from the DynamicBatcher and running the detector.
 
 Items arrive decoded and resized (`PreparedFrame.pixels`, uint8, made off this thread); the worker stacks them into
-buffers it reuses, normalises the batch on the model's device, predicts and hands `ScoredFrame`s to the sink (post-processing runs on other threads, so the model never waits on
-disk or database). `swap_detector(new)` takes effect between two batches: no frame is dropped or scored by a
-half-swapped model; frames prepared for another input size are re-transformed from their RGB array.
+buffers it reuses, normalises the batch on the model's device, predicts and hands `ScoredFrame`s to the sink
+(post-processing runs on other threads, so the model never waits on disk or database). `swap_detector(new)` takes
+effect between two batches: no frame is dropped or scored by a half-swapped model; frames prepared for another
+input size are re-transformed from their RGB array.
 """
 
 from __future__ import annotations

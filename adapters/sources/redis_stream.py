@@ -75,8 +75,8 @@ class RedisFrameWriter:
         self.maxlen = maxlen
         self.client = client or redis.Redis.from_url(_secret(url), socket_connect_timeout=5, socket_timeout=10)
 
-    def append(self, data: bytes | None, *, frame_id: str, source: str, line: str = "", ts: datetime | str | None = None,
-               content_type: str = "image/jpeg", **extra: Any) -> str:
+    def append(self, data: bytes | None, *, frame_id: str, source: str, line: str = "",
+               ts: datetime | str | None = None, content_type: str = "image/jpeg", **extra: Any) -> str:
         """XADD one entry; returns the stream entry id. Extra keyword fields are stored as strings.
 
         `data=None` with an `error=` field forwards a frame the capture host could not read: the worker records
@@ -269,7 +269,8 @@ class RedisStreamSource(FrameSource):
                     if not self._claim():
                         return
                     # Walk the whole PEL quickly, then wait a fraction of the idle time before the next sweep.
-                    self._next_claim = now if self._claim_cursor != "0-0" else now + max(self.claim_idle_ms / 2000, 0.05)
+                    sweep_done = self._claim_cursor == "0-0"
+                    self._next_claim = now + max(self.claim_idle_ms / 2000, 0.05) if sweep_done else now
                 if not self._read():
                     return
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
