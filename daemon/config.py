@@ -519,3 +519,49 @@ def load_config(
         return Settings(**data, base_dir=base_dir)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, origin)) from None
+
+
+# --- finding the configuration file ------------------------------------------------------------------------------
+
+CONFIG_ENV = "ANOMALYD_CONFIG"
+LOCAL_CONFIG = Path("config.toml")
+SYSTEM_CONFIG = Path("/etc/anomalyd/config.toml")
+
+
+def config_candidates(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                      cwd: Path | None = None) -> list[tuple[str, Path]]:
+    """Where the configuration is looked for, in order: (how it was chosen, path)."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    found: list[tuple[str, Path]] = []
+    if explicit:
+        found.append(("--config", Path(explicit).expanduser()))
+    if environ.get(CONFIG_ENV):
+        found.append((f"${CONFIG_ENV}", Path(environ[CONFIG_ENV]).expanduser()))
+    found.append(("the current folder", cwd / LOCAL_CONFIG))
+    found.append(("the system config", SYSTEM_CONFIG))
+    return found
+
+
+def find_config(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                cwd: Path | None = None) -> Path | None:
+    """The one rule every command uses: `--config`, else `$ANOMALYD_CONFIG` (both must exist: a named file that
+    is missing is an error), else `./config.toml`, else `/etc/anomalyd/config.toml`, else None (built-in
+    defaults)."""
+    for how, path in config_candidates(explicit, environ, cwd):
+        if how in ("--config", f"${CONFIG_ENV}"):
+            return path  # named explicitly: load_config reports a missing file
+        if path.is_file():
+            return path
+    return None
+
+
+def describe_config_search(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                           cwd: Path | None = None) -> str:
+    """"config: X (from --config)" or "no config file (looked at ./config.toml, /etc/...)"; for error messages."""
+    chosen = find_config(explicit, environ, cwd)
+    candidates = config_candidates(explicit, environ, cwd)
+    if chosen is not None:
+        how = next(how for how, path in candidates if path == chosen)
+        return f"config {chosen} (from {how})"
+    return "no config file (looked at " + ", ".join(str(path) for _, path in candidates) + "; built-in defaults)"
