@@ -348,6 +348,22 @@ class Settings(BaseSettings):
         resolved = resolve_prompts(self.resolve_model_value(value))
         return str(resolved) if resolved is not None else None
 
+    def backbone_file(self) -> str:
+        """[model].backbone as the daemon loads it: a file (relative to the config), or a named open_clip backbone's
+        weights file in the cache `anomalyd weights fetch` filled; never a download (WeightsError names the file,
+        its URL and where to put it)."""
+        from adapters.weights import local_backbone
+
+        value = self.resolve_model_value(self.model.backbone)
+        return local_backbone(value) if value else value
+
+    def check_weights(self) -> None:
+        """WeightsError naming every downloadable file the configured model needs and lacks (none: no error)."""
+        from adapters.weights import ensure_weights, required_weights
+
+        ensure_weights(required_weights(self.model.name, self.resolve_model_value(self.model.backbone),
+                                        self.resolve_model_value(self.model.prompts)))
+
     @property
     def database_url(self) -> str:
         """The database URL with a relative SQLite path made absolute against the config directory."""

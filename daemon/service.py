@@ -36,8 +36,9 @@ def build_detector(settings: Settings) -> Any:
     from model import create_detector
 
     m, r = settings.model, settings.runtime
+    settings.check_weights()  # every missing weights file named at once, with its URL and place
     return create_detector(
-        m.name, backbone=settings.resolve_model_value(m.backbone),
+        m.name, backbone=settings.backbone_file(),
         backbone_config=settings.resolve_model_value(m.backbone_config),
         prompts=settings.prompts_file(), layers=tuple(m.layers), image_size=m.image_size,
         device=r.device, dtype=r.dtype, class_name=m.class_name,

@@ -75,7 +75,7 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     if args.image_size <= 0 or args.image_size % 14:
         raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of the patch size 14")
     return {
-        "backbone": args.backbone,
+        "backbone": _cached_backbone(args.backbone, args.pretrained),
         "backbone_config": args.backbone_config,
         "pretrained": args.pretrained,
         "prompts": resolve_prompts(prompts_for(args.prompts, name)),
@@ -87,6 +87,20 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "hsf": args.hsf if name == "adaclip" else None,
         "references": args.references,
     }
+
+
+def _cached_backbone(backbone: str, pretrained: str | None) -> str:
+    """A named OpenAI backbone already in the weights cache → that file (no network); else the value as given
+    (open_clip downloads a named one on first use)."""
+    from adapters.weights import BACKBONE_TAG, WeightsError, backbone_weights, is_named_backbone
+
+    if pretrained != BACKBONE_TAG or not is_named_backbone(backbone):
+        return backbone
+    try:
+        found = backbone_weights(backbone, pretrained).found()
+    except WeightsError:
+        return backbone
+    return str(found) if found is not None else backbone
 
 
 def build_detector(args: argparse.Namespace, name: str | None = None):
@@ -347,26 +361,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- weights
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    """The weights the configured model needs (or those named on the command line), and nothing else."""
     from adapters.weights import (
         RELEASED_PROMPTS,
+        backbone_weights,
         fetch_backbone,
         fetch_prompts,
-        open_clip_cache,
-        prompts_path,
+        prompts_weights,
+        required_weights,
     )
 
-    names = args.prompts or list(RELEASED_PROMPTS)
-    if args.if_missing:
-        backbone_cached = open_clip_cache().is_dir() and any(p.is_file() for p in open_clip_cache().rglob("*"))
-        if backbone_cached and all(prompts_path(name).is_file() for name in names):
-            print("weights already in the cache (anomalyd weights fetch --force downloads them again)")
-            return 0
-    if not args.skip_backbone:
-        print(f"fetching the CLIP backbone {args.backbone}/openai through open_clip ...", flush=True)
-        print(f"backbone ready in {fetch_backbone(args.backbone)}")
-    for name in names:
-        print(f"fetching released prompts {name} ...", flush=True)
-        print(f"prompts ready: {fetch_prompts(name, force=args.force)}")
+    backbone_config = None
+    if args.backbone or args.prompts:  # named on the command line: exactly these
+        unknown = [name for name in args.prompts or () if name not in RELEASED_PROMPTS]
+        if unknown:
+            raise UsageError(f"--prompts {unknown[0]!r}: not a released name ({', '.join(RELEASED_PROMPTS)})")
+        wanted = ([("backbone", args.backbone)] if args.backbone else []) + [("prompts", n) for n in args.prompts or ()]
+        origin = "the command line"
+    else:
+        from daemon.config import ConfigError, describe_config_search, find_config, load_config
+
+        try:
+            settings = load_config(find_config(args.config))
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        m = settings.model
+        origin = describe_config_search(args.config)
+        needed = required_weights(m.name, settings.resolve_model_value(m.backbone),
+                                  settings.resolve_model_value(m.prompts))
+        wanted = [("prompts", item.path.stem) if item.what.startswith("released prompts") else ("backbone", m.backbone)
+                  for item in needed]
+        backbone_config = settings.resolve_model_value(m.backbone_config)
+    if args.skip_backbone:
+        wanted = [entry for entry in wanted if entry[0] != "backbone"]
+    items = {entry: backbone_weights(entry[1]) if entry[0] == "backbone" else prompts_weights(entry[1])
+             for entry in wanted}
+    if not items:
+        print(f"nothing to download: the model of {origin} uses local weight files only")
+        return 0
+    if args.if_missing and not args.force and all(item.found() for item in items.values()):
+        print("weights already in the cache: " + ", ".join(str(item.found()) for item in items.values())
+              + " (anomalyd weights fetch --force downloads them again)")
+        return 0
+    for (kind, name), item in items.items():
+        print(f"fetching the {item.what} ({origin}) ...", flush=True)
+        if kind == "backbone":
+            path = fetch_backbone(name, force=args.force, progress=sys.stderr.isatty(), config=backbone_config)
+        else:
+            path = fetch_prompts(name, force=args.force, progress=sys.stderr.isatty())
+        print(f"{item.what} ready: {path}")
     return 0
 
 
@@ -420,9 +463,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     weights = subparsers.add_parser("weights", help="download model weights into the cache")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="ACTION")
     weights_sub.required = True
-    fetch = weights_sub.add_parser("fetch", help="the CLIP backbone and the released AnomalyCLIP prompts")
-    fetch.add_argument("--backbone", default="ViT-L-14-336")
-    fetch.add_argument("--prompts", action="append", help="released prompt names (default: all)")
+    fetch = weights_sub.add_parser("fetch", help="the weights the configured model needs (CLIP backbone, "
+                                   "released AnomalyCLIP prompts), into the cache the daemon loads them from")
+    fetch.add_argument("--config", help="configuration file (default: $ANOMALYD_CONFIG, ./config.toml, "
+                       "/etc/anomalyd/config.toml)")
+    fetch.add_argument("--backbone", help="fetch this open_clip backbone instead of the configured one's needs")
+    fetch.add_argument("--prompts", action="append", help="fetch these released prompts (repeatable) instead of the "
+                       "configured one's needs")
     fetch.add_argument("--skip-backbone", action="store_true")
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     fetch.add_argument("--if-missing", action="store_true", help="do nothing when everything is already cached")
