@@ -52,12 +52,19 @@ def _token_role(state: AppState, request: Request) -> tuple[str, str] | None:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         return None
-    tokens = getattr(getattr(state.settings, "api", None), "tokens", None) or []
+    tokens = list(getattr(getattr(state.settings, "api", None), "tokens", None) or [])
+    tokens += _stored_tokens(state.settings)  # first-start admin token, `anomalyd tokens create`
     found = None
     for token in tokens:  # no early exit: the time taken does not tell which token matched
         if token.matches(presented.strip()) and found is None:
             found = token.name, token.role
     return found
+
+
+def _stored_tokens(settings: Any) -> list[Any]:
+    from daemon.tokens import stored_tokens
+
+    return stored_tokens(settings)
 
 
 def require_role(role: str) -> Callable[..., str]:

@@ -213,6 +213,9 @@ class ApiConfig(_Section):
     enabled: bool = True
     bind: str = Field("127.0.0.1:8080", pattern=r"^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
     tokens: list[ApiToken] = Field(default_factory=list)
+    # Tokens made by the first start and `anomalyd tokens create` (hashes only); default: api_tokens.json in the
+    # folder holding [storage].dir (var/ for the shipped config). See daemon/tokens.py.
+    tokens_file: str | None = None
     auth_health: bool = False
     auth_metrics: bool = False
 

@@ -297,6 +297,7 @@ class Service:
 
     def _start_http(self) -> None:
         from daemon.app import AppState, create_app
+        from daemon.tokens import bootstrap_admin_token
 
         state = AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
                          sessions=self.sessions, store=self.store, service=self)
@@ -305,6 +306,7 @@ class Service:
         self.api.start()
         self.http_port = self.api.port
         log.info("HTTP API on http://%s:%d", host if ":" not in host else f"[{host}]", self.api.port)
+        bootstrap_admin_token(self.settings, port=self.api.port)  # no token anywhere: an admin token, logged once
 
     # --- health -------------------------------------------------------------------------------------------------
 

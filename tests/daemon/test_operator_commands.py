@@ -111,7 +111,7 @@ def test_history_commands_import_no_torch_and_print_no_alembic_chatter(tmp_path)
     probe = ("import sys; from daemon.cli import main; code = main(sys.argv[1:]); "
              "print('HEAVY', sorted(m for m in ('torch', 'alembic', 'open_clip') if m in sys.modules)); "
              "sys.exit(code)")
-    for argv in (["defects"], ["models", "list"]):
+    for argv in (["defects"], ["models", "list"], ["tokens", "list"]):
         result = subprocess.run([sys.executable, "-c", probe, *argv, "--config", str(config)], env=env,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
