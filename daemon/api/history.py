@@ -4,7 +4,7 @@ Pagination is keyset ("seek") pagination: the opaque cursor encodes the sort key
 returned, and the next page is the rows strictly after that (key, id) pair in the chosen order. Rows inserted
 while a client pages (new frames arrive at the head) therefore never shift or repeat a page.
 
-Label masks uploaded by operators are validated as PNG images and stored under the artifact store with a
+Label masks uploaded by operators (PNG, BMP or TIFF, the frame's size) are validated and stored as PNG under the artifact store with a
 server-chosen name (`labels/YYYY/MM/DD/<uuid>_label.png`); the client's file name never reaches the filesystem.
 """
 
@@ -201,6 +201,35 @@ def validate_mask_png(data: bytes, name: str = "mask") -> tuple[int, int]:
     return int(image.shape[1]), int(image.shape[0])
 
 
+# Mask formats accepted for labels (what datasets ship: MVTec PNG, KolektorSDD BMP, TIFF); stored as PNG.
+_MASK_SIGNATURES = ((_PNG_SIGNATURE, "PNG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def read_label_mask(data: bytes, name: str = "mask") -> tuple[bytes, int, int]:
+    """A PNG, BMP or TIFF mask → (PNG bytes, width, height); a PNG is kept byte for byte, the others re-encoded.
+    HistoryError naming `name` for anything else."""
+    import cv2
+    import numpy as np
+
+    if not data:
+        raise HistoryError(f"{name}: empty file")
+    if len(data) > MAX_MASK_BYTES:
+        raise HistoryError(f"{name}: {len(data)} bytes, more than the {MAX_MASK_BYTES} allowed")
+    kind = next((kind for signature, kind in _MASK_SIGNATURES if data.startswith(signature)), None)
+    if kind is None:
+        raise HistoryError(f"{name}: not a PNG, BMP or TIFF image")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise HistoryError(f"{name}: not a decodable {kind} image (truncated or corrupt); expected PNG, BMP or TIFF")
+    height, width = int(image.shape[0]), int(image.shape[1])
+    if kind != "PNG":
+        ok, encoded = cv2.imencode(".png", image)
+        if not ok:
+            raise HistoryError(f"{name}: this {kind} image cannot be stored as a PNG mask")
+        data = encoded.tobytes()
+    return data, width, height
+
+
 def store_label_mask(store: Any, data: bytes, when: datetime | None = None) -> str:
     """Write an already validated mask PNG under a server-chosen name; returns its store-relative path."""
     import os
@@ -226,15 +255,20 @@ def apply_label(
     """
     if label not in LABELS:
         raise HistoryError(f"label must be 'normal' or 'anomalous', not {label!r}")
+    size = None
     if mask is not None:
-        validate_mask_png(mask, mask_name)
+        mask, *size = read_label_mask(mask, mask_name)
         if store is None:
             raise HistoryError("no artifact store configured to keep the mask")
     mask_path = None
     with sessions() as session:
         try:
             with session.begin():
-                get_inspection(session, inspection_id)
+                inspection = get_inspection(session, inspection_id)
+                if size and inspection.width and inspection.height and \
+                        tuple(size) != (inspection.width, inspection.height):
+                    raise HistoryError(f"{mask_name}: mask is {size[0]}x{size[1]} but the inspected frame is "
+                                       f"{inspection.width}x{inspection.height}")
                 if mask is not None:
                     mask_path = store_label_mask(store, mask)
                 row = add_label(session, inspection_id, label, author=author, mask_path=mask_path)

@@ -111,13 +111,18 @@ def build_detector(args: argparse.Namespace, name: str | None = None):
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
-    from model.datasets import is_image_file
+    from model.datasets import is_image_file, is_mask_file
 
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            masks = [p for p in found if is_mask_file(p)]
+            if masks:  # pixel labels of a dataset layout (KolektorSDD *_label.bmp, ground_truth/...): not inputs
+                log.info("%s: skipped %d mask file(s) of a known dataset layout, e.g. %s", path, len(masks), masks[0])
+                skip = set(masks)
+                found = [p for p in found if p not in skip]
             if not found:
                 log.warning("%s: no image files found", path)
             files.extend(found)
@@ -128,6 +133,13 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     if not files:
         raise UsageError("no input images")
     return files
+
+
+def overlay_scale(args: argparse.Namespace) -> dict[str, float | None]:
+    """The overlay colour scale: the daemon's fixed 0..1 (a clean part stays blue) or each map's own min..max."""
+    if getattr(args, "overlay_scale", "fixed") == "per-image":
+        return {"vmin": None, "vmax": None}
+    return {"vmin": 0.0, "vmax": 1.0}
 
 
 def _load_input(path: Path, size: int, reference: bool):
@@ -191,7 +203,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(json.dumps({"path": str(path), "score": score, "map_max": float(amap.max())}))
             if args.overlays:
                 rgb = decoded[index] if decoded[index] is not None else decode_image(path)
-                write_overlay(Path(args.overlays) / f"{len(paths) - 1:05d}_{path.stem}.jpg", rgb, maps[-1])
+                write_overlay(Path(args.overlays) / f"{len(paths) - 1:05d}_{path.stem}.jpg", rgb, maps[-1],
+                              **overlay_scale(args))
     arrays: dict[str, Any] = {
         "scores": np.asarray(scores, dtype=np.float32),
         "paths": np.asarray(paths),
@@ -226,8 +239,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     normals = [s for s in samples if s.label == 0]
     anomalous = [s for s in samples if s.label == 1]
     use_synthetic = args.synthetic == "on" or (args.synthetic == "auto" and not anomalous)
+    if not normals:  # a data problem (exit 1): prompts learnt from one class only learn nothing
+        from model.datasets import require_both_classes
+
+        require_both_classes(samples, args.data, "training")
     if not anomalous and not use_synthetic:
-        raise UsageError(f"{args.data}: no anomalous samples; use --synthetic on to train on synthetic defects")
+        from model.datasets import DatasetError
+
+        raise DatasetError(f"{args.data}: found {len(normals)} normal and no anomalous images; training needs "
+                           "anomalous ones too, or --synthetic on to make synthetic defects on the normals")
     log.info("training data: %d normal, %d anomalous images (%d with masks)%s", len(normals), len(anomalous),
              sum(s.has_mask for s in anomalous), ", plus synthetic defects on the normals" if use_synthetic else "")
     datasets = [InspectionDataset(samples, image_size=args.image_size)] if anomalous else []
@@ -291,6 +311,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = [s for s in samples if s.category in wanted]
         if not samples:
             raise UsageError(f"--categories {args.categories}: none of them is in {args.data}")
+    from model.datasets import class_balance, require_both_classes
+
+    # Image-level metrics need both classes: a dataset without one is an error (exit 1), not a table of n/a.
+    require_both_classes(samples, args.data, "evaluation (image AUROC, AP, F1-max)")
+    log.info("evaluation data: %d normal, %d anomalous images", *class_balance(samples))
     by_category: dict[str, list] = defaultdict(list)
     for sample in samples:
         by_category[sample.category].append(sample)
@@ -338,7 +363,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 for rank, index in enumerate(order):
                     target = report_dir / "overlays" / name / category / f"{rank:02d}_{Path(paths[index]).stem}.jpg"
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    write_overlay(target, decode_image(paths[index]), maps[index], masks[index])
+                    write_overlay(target, decode_image(paths[index]), maps[index], masks[index],
+                                  **overlay_scale(args))
             accumulator.compute_category(category)
         results[name] = accumulator.compute()
     if report_dir is not None:
@@ -420,6 +446,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--map-size", choices=("model", "input"), default="model",
                          help="maps in the model input space (parity path) or at each image's own size")
     predict.add_argument("--overlays", help="write heat-map overlay JPEGs into this folder")
+    predict.add_argument("--overlay-scale", choices=("fixed", "per-image"), default="fixed",
+                         help="heat-map colours: fixed 0..1 like the daemon's (default), or each map's min..max")
     predict.add_argument("--json", action="store_true", help="one JSON line per image on stdout")
     predict.add_argument("--batch-size", type=int, default=8)
     add_model_options(predict)
@@ -454,6 +482,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--categories", help="comma-separated subset of categories")
     evaluate.add_argument("--limit", type=int, default=0, help="at most this many images per category")
     evaluate.add_argument("--overlays", type=int, default=8, help="overlays of the top-N scored images per category")
+    evaluate.add_argument("--overlay-scale", choices=("fixed", "per-image"), default="fixed",
+                          help="heat-map colours: fixed 0..1 like the daemon's (default), or each map's min..max")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of Markdown")

@@ -334,7 +334,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _config_argument(label)
     label.add_argument("inspection_id", type=int, metavar="INSPECTION_ID")
     label.add_argument("label", choices=("normal", "anomalous"))
-    label.add_argument("--mask", metavar="PNG", help="defect mask (PNG, non-zero = defect)")
+    label.add_argument("--mask", metavar="FILE", help="defect mask: PNG, BMP or TIFF of the frame's size, "
+                       "non-zero = defect")
     label.add_argument("--author", help="who labels (default cli:<user>)")
     label.set_defaults(func=cmd_label)
 
