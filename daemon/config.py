@@ -60,7 +60,7 @@ def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str
 
 
 class ModelConfig(_Section):
-    name: Literal["anomalyclip", "adaclip", "clip", "winclip"] = "anomalyclip"
+    name: Literal["anomalyclip", "adaclip", "clip", "clip-ac", "winclip"] = "anomalyclip"
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
     prompts: str | None = None
