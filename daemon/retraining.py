@@ -50,10 +50,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.models import Inspection, Label, ModelVersion, TrainingRun, utcnow
 from adapters.db.repository import active_model_version
-from adapters.report import jsonable
 from daemon import models as registry
 
 log = logging.getLogger("anomalyd.retraining")
+
+
+
+def jsonable(value: Any) -> Any:
+    """`adapters.report.jsonable`, imported on use: that module loads torch, and config validation imports this one
+    (the operator commands must not pay for torch)."""
+    from adapters.report import jsonable as convert
+
+    return convert(value)
+
 
 # The same names as model.metrics.METRIC_NAMES (not imported: config validation must not load sklearn).
 COMPARABLE_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
