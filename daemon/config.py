@@ -107,6 +107,12 @@ class SourceConfig(_Section):
     pixel_threshold: float | None = Field(None, ge=0.0, le=1.0, description="map threshold; default threshold")
     enabled: bool = True
     queue_size: int | None = Field(None, ge=1)
+    # Trigger mode (daemon/trigger.py): inspect the next fresh frame when a PLC asks (OPC UA method or MQTT
+    # command) and answer within deadline_ms, else publish the fail-safe result. None: free-running.
+    trigger: Literal["opcua", "mqtt"] | None = None
+    deadline_ms: float | None = Field(None, gt=0, le=600_000)
+    fail_safe: Literal["NG", "no_decision"] = "NG"
+    max_pending_triggers: int = Field(4, ge=1, le=1024)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -161,6 +167,9 @@ class MqttConfig(_Section):
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
     max_inflight: int = Field(100, ge=1)
+    # Command topics (`<prefix>/<line>/<source>/trigger/set`, `<prefix>/models/activate/set`) are subscribed only
+    # when listed here: anyone who may publish on the broker could otherwise trigger or switch models.
+    commands: list[Literal["trigger", "activate"]] = Field(default_factory=list)
 
     @field_validator("tls", mode="before")
     @classmethod
@@ -280,6 +289,73 @@ class RedisConfig(_Section):
     maxlen: int | None = Field(10_000, ge=1)
 
 
+class WebhookConfig(_Section):
+    """One `[[webhooks]]` table: alerts (and trigger results) POSTed as JSON with the outbox's guarantee."""
+
+    url: str = Field(min_length=1)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="default: derived from the url")
+    secret: SecretStr | None = None
+    secret_file: str | None = None
+    sources: list[str] | None = None  # None: every source
+    lines: list[str] | None = None
+    anomalous_only: bool = True
+    timeout_s: float = Field(5.0, gt=0, le=300)
+    # Private, loopback and link-local destinations are refused unless allowed: a webhook must not become a
+    # way to reach the plant's internal services from the config file or the environment.
+    allow_private: bool = False
+    backoff_max_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _safe_destination(self) -> WebhookConfig:
+        from adapters.webhooks import check_destination
+
+        check_destination(self.url, allow_private=self.allow_private)
+        return self
+
+    @property
+    def key(self) -> str:
+        """The name delivery state is stored under (stable across restarts and reordering)."""
+        return self.name or "webhook-" + hashlib.sha256(self.url.encode()).hexdigest()[:10]
+
+
+class OpcUaUser(_Section):
+    name: str = Field(min_length=1)
+    password: SecretStr | None = None
+    password_file: str | None = None
+    password_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    role: Literal["viewer", "operator"] = "operator"
+
+    @model_validator(mode="after")
+    def _one_password(self) -> OpcUaUser:
+        if self.password is None and self.password_sha256 is None:
+            raise ValueError(f"opcua user {self.name!r}: give password, password_file or password_sha256")
+        return self
+
+
+class OpcUaConfig(_Section):
+    """The OPC UA server (adapters/opcua.py), modelled on OPC 40100-1 (Machine Vision) concepts."""
+
+    enabled: bool = False
+    endpoint: str = Field("opc.tcp://127.0.0.1:4840/anomalyd", pattern=r"^opc\.tcp://")
+    namespace: str = "urn:anomalyd:machine-vision"
+    allow_anonymous: bool = False
+    users: list[OpcUaUser] = Field(default_factory=list)
+    certificate: str | None = None  # PEM/DER server certificate; with private_key enables Sign/SignAndEncrypt
+    private_key: str | None = None
+    security: list[Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]] = Field(
+        default_factory=lambda: ["None"])
+
+    @model_validator(mode="after")
+    def _usable(self) -> OpcUaConfig:
+        if self.enabled and not self.allow_anonymous and not self.users:
+            raise ValueError("[opcua] enabled without users and allow_anonymous = false: nobody could connect")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("[opcua] certificate and private_key go together")
+        if any(mode != "None" for mode in self.security) and self.certificate is None:
+            raise ValueError("[opcua] signed/encrypted security needs certificate and private_key")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with `load_config`, which also resolves paths and secret files."""
 
@@ -300,6 +376,8 @@ class Settings(BaseSettings):
     api: ApiConfig = Field(default_factory=ApiConfig)
     retraining: RetrainingConfig = Field(default_factory=RetrainingConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True, description="the config file's directory")
 
     @field_validator("sources")
@@ -310,7 +388,18 @@ class Settings(BaseSettings):
             if source.id in seen:
                 raise ValueError(f"duplicate source id {source.id!r}")
             seen.add(source.id)
+            if source.trigger is None and source.deadline_ms is not None:
+                raise ValueError(f"source {source.id!r}: deadline_ms needs trigger = \"opcua\" or \"mqtt\"")
         return sources
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_webhook_keys(cls, webhooks: list[WebhookConfig]) -> list[WebhookConfig]:
+        keys = [webhook.key for webhook in webhooks]
+        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate webhook name/url: {', '.join(duplicates)}")
+        return webhooks
 
     @classmethod
     def settings_customise_sources(
@@ -440,6 +529,8 @@ def _location(loc: tuple[Any, ...]) -> str:
     head, *rest = loc
     if head == "sources":
         text = "[[sources]]"
+    elif head == "webhooks":
+        text = "[[webhooks]]"
     elif head == "api" and rest[:1] == ["tokens"]:
         text, rest = "[[api.tokens]]", rest[1:]
     elif rest:
@@ -476,6 +567,15 @@ def _resolve_secret_files(data: dict[str, Any], base_dir: Path) -> None:
         for index, token in enumerate(api.get("tokens") or []):
             if isinstance(token, dict) and token.get("token_file") and token.get("token") is None:
                 token["token"] = _read_secret_file(token["token_file"], base_dir, f"[[api.tokens]][{index}].token_file")
+    for index, hook in enumerate(data.get("webhooks") or []):
+        if isinstance(hook, dict) and hook.get("secret_file") and hook.get("secret") is None:
+            hook["secret"] = _read_secret_file(hook["secret_file"], base_dir, f"[[webhooks]][{index}].secret_file")
+    opcua = data.get("opcua")
+    if isinstance(opcua, dict):
+        for index, user in enumerate(opcua.get("users") or []):
+            if isinstance(user, dict) and user.get("password_file") and user.get("password") is None:
+                user["password"] = _read_secret_file(user["password_file"], base_dir,
+                                                     f"[opcua].users[{index}].password_file")
 
 
 def load_config(
