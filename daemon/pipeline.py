@@ -158,6 +158,9 @@ class Pipeline:
         self.rejected = 0
         self.failed = 0
         self._count_lock = threading.Lock()
+        # daemon.trigger.TriggerController (set before start): triggered sources' frames are taken only for a
+        # pending trigger, fresh ones only, and go to the model ahead of the free-running sources.
+        self.triggers: Any | None = None
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -246,10 +249,13 @@ class Pipeline:
 
     def _intake_loop(self) -> None:
         """Fair round-robin over the source queues."""
-        single = len(self.sources) == 1
+        triggers = self.triggers
+        triggered = [s for s in self.sources if triggers is not None and triggers.is_triggered(s.id)]
+        free_running = [s for s in self.sources if s not in triggered]
+        single = len(self.sources) == 1 and not triggered
         while not self._abort.is_set():
-            took = False
-            for source in self.sources:
+            took = any([self._intake_triggered(source) for source in triggered])
+            for source in free_running:
                 frame = source.queue.get(timeout=0.05 if single else 0)
                 if frame is None:
                     continue
@@ -258,13 +264,31 @@ class Pipeline:
                 if self._abort.is_set():
                     break
             if not took:
-                if self._draining.is_set() and all(len(source.queue) == 0 for source in self.sources):
+                if self._draining.is_set() and all(len(source.queue) == 0 for source in free_running):
+                    for source in triggered:  # frames nobody triggered: never to be inspected
+                        for frame in source.queue.drain():
+                            frame.done(True)
                     return
                 if not single:
                     time.sleep(0.002)
         self._update_depth()
 
-    def _submit(self, frame: Any, source: Any) -> None:
+    def _intake_triggered(self, source: Any) -> bool:
+        """A triggered source: with a trigger waiting, frames captured before it are stale (acknowledged, not
+        inspected); the first fresh one is tagged with the trigger and goes ahead of everything else."""
+        request = self.triggers.waiting(source.id)
+        if request is None:
+            return False
+        frame = source.queue.get(timeout=0)
+        if frame is None:
+            return False
+        if not self.triggers.attach(request, frame):
+            frame.done(True)  # captured before the trigger
+            return True
+        self._submit(frame, source, priority=True)
+        return True
+
+    def _submit(self, frame: Any, source: Any, priority: bool = False) -> None:
         settings = self.source_settings.get(frame.source_id)
         if settings is None:
             # A frame relayed by another host (Redis Streams scale-out) keeps the capture source's id and line;
@@ -276,12 +300,12 @@ class Pipeline:
         t_in = time.monotonic()
         self._decode_slots.acquire()
         try:
-            self._decoders.submit(self._prepare, frame, settings, t_in)
+            self._decoders.submit(self._prepare, frame, settings, t_in, priority)
         except RuntimeError:  # executor shut down: give the frame back
             self._decode_slots.release()
             frame.done(False)
 
-    def _prepare(self, frame: Any, settings: SourceSettings, t_in: float) -> None:
+    def _prepare(self, frame: Any, settings: SourceSettings, t_in: float, priority: bool = False) -> None:
         from model.preprocess import ImageDecodeError, decode_image
 
         try:
@@ -303,7 +327,7 @@ class Pipeline:
             self.metrics.decode_latency.observe(decoded - started)
             item = PreparedFrame(frame, settings, rgb, pixels, size, t_in,
                                  timings={"decoded_at": decoded, "intake_wait_s": started - t_in})
-            self.batcher.put(item)
+            self.batcher.put(item, priority=priority)
             self._update_depth()
         except Exception as exc:
             log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
@@ -419,6 +443,8 @@ class Pipeline:
             regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame,
             width=width, height=height,
         )
+        if frame.meta.get("trigger_id"):  # a triggered frame: the part it inspected (OPC UA / MQTT answers)
+            values["meta"] = {"trigger_id": frame.meta["trigger_id"], "part_id": frame.meta.get("part_id")}
 
         def build_alert(row: Inspection) -> tuple[str, dict[str, Any], int] | None:
             if not row.is_anomalous:
@@ -483,6 +509,8 @@ class Pipeline:
             frame.done(True)
             return
         log.warning("rejected frame %s from %s: %s", frame.name or frame.frame_id, settings.id, reason)
+        if self.triggers is not None:
+            self.triggers.frame_failed(frame, f"rejected: {reason}")
         try:
             record_rejected(self.sessions, source=settings.id, frame_id=frame.frame_id, name=frame.name or None,
                             reason=reason)
@@ -501,6 +529,8 @@ class Pipeline:
 
     def _fail(self, frames: list[Any], source_id: str, stage: str, exc: BaseException) -> None:
         for frame in frames:
+            if self.triggers is not None:
+                self.triggers.frame_failed(frame, f"{stage} failed: {exc}")
             self.metrics.frames_failed.labels(source_id, stage).inc()
             with self._count_lock:
                 self.failed += 1

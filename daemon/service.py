@@ -142,6 +142,7 @@ class Service:
         self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
         self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
         self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
+        self.integrations: Any = None  # daemon.integrations.Integrations: triggers, webhooks, OPC UA, commands
 
     # --- start --------------------------------------------------------------------------------------------------
 
@@ -189,9 +190,17 @@ class Service:
                     publish_inspections=s.mqtt.publish_inspections,
                     reference_preprocessing=s.model.reference_preprocessing),
             )
+            from daemon.integrations import Integrations
+
+            self.integrations = Integrations(self)
+            self.pipeline.on_result = self.integrations.on_result
+            self.integrations.attach(self.pipeline)
             self.pipeline.start()
             self._start_background_jobs()
+            self.integrations.start()
         for source in self.sources:
+            if self.publisher is not None:  # retained from the start: a source that never comes up says offline
+                self.publisher.publish_status(source.line, source.id, str(_status(source)))
             source.start()
             if self.publisher is not None and str(_status(source)) == "disabled":
                 self.publisher.publish_status(source.line, source.id, "disabled")
@@ -333,6 +342,8 @@ class Service:
             ok &= healthy
             details["pipeline"] = {"healthy": healthy, "problems": problems, "processed": self.pipeline.processed,
                                    "rejected": self.pipeline.rejected, "failed": self.pipeline.failed}
+        if self.integrations is not None:
+            ok &= self.integrations.readiness(details)
         if self.publisher is not None:
             state = self.publisher.state
             details["mqtt"] = {"connected": state.connected, "error": state.last_error,
@@ -413,6 +424,11 @@ class Service:
             clean &= self.pipeline.stop(max(0.5, deadline - time.monotonic() - reserve))
             log.info("pipeline drained: %d inspected, %d rejected, %d left for redelivery",
                      self.pipeline.processed, self.pipeline.rejected, self.pipeline.failed)
+        if self.integrations is not None:
+            try:
+                self.integrations.stop(deadline - min(3.0, grace / 4))
+            except Exception:
+                log.exception("cannot stop the triggers / webhooks / OPC UA server")
         if self.publisher is not None:
             if self.publisher.state.connected:
                 flushed = self.publisher.flush(max(0.2, deadline - time.monotonic() - 1.0))
