@@ -277,7 +277,7 @@ class Integrations:
     def _refresh_states(self) -> None:
         """System state per source for OPC UA: Disconnected | Error | Busy | Ready (twice a second)."""
         last: dict[str, str] = {}
-        while not self._stopping.wait(0.5):
+        while True:
             try:
                 healthy = self.service.pipeline.healthy()[0] if self.service.pipeline is not None else False
                 for source in self.service.sources:
@@ -290,6 +290,8 @@ class Integrations:
                                        "SystemState": "Ready" if healthy else "Error"})
             except Exception:
                 log.exception("cannot refresh the OPC UA system states")
+            if self._stopping.wait(0.5):
+                return
 
     # --- commands -----------------------------------------------------------------------------------------------
 

@@ -161,6 +161,7 @@ class Pipeline:
         # daemon.trigger.TriggerController (set before start): triggered sources' frames are taken only for a
         # pending trigger, fresh ones only, and go to the model ahead of the free-running sources.
         self.triggers: Any | None = None
+        self._trigger_thread: threading.Thread | None = None
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -187,6 +188,12 @@ class Pipeline:
         self._intake_thread = threading.Thread(target=self._guard(self._intake_loop, "intake"), name="intake",
                                                daemon=True)
         self._intake_thread.start()
+        triggered = [s for s in self.sources if self.triggers is not None and self.triggers.is_triggered(s.id)]
+        if triggered:  # its own thread: back-pressure from free-running sources never delays a trigger
+            self._trigger_thread = threading.Thread(
+                target=self._guard(lambda: self._trigger_intake_loop(triggered), "trigger-intake"),
+                name="trigger-intake", daemon=True)
+            self._trigger_thread.start()
 
     def healthy(self) -> tuple[bool, list[str]]:
         """False with reasons when a pipeline thread crashed or died."""
@@ -198,6 +205,8 @@ class Pipeline:
                 problems.append("model worker is not running")
             if self._intake_thread is not None and not self._intake_thread.is_alive():
                 problems.append("intake thread is not running")
+            if self._trigger_thread is not None and not self._trigger_thread.is_alive():
+                problems.append("trigger intake thread is not running")
             if any(not thread.is_alive() for thread in self._writer_threads):
                 problems.append("a writer thread is not running")
         return (not problems, problems)
@@ -250,11 +259,10 @@ class Pipeline:
     def _intake_loop(self) -> None:
         """Fair round-robin over the source queues."""
         triggers = self.triggers
-        triggered = [s for s in self.sources if triggers is not None and triggers.is_triggered(s.id)]
-        free_running = [s for s in self.sources if s not in triggered]
-        single = len(self.sources) == 1 and not triggered
+        free_running = [s for s in self.sources if triggers is None or not triggers.is_triggered(s.id)]
+        single = len(free_running) == 1
         while not self._abort.is_set():
-            took = any([self._intake_triggered(source) for source in triggered])
+            took = False
             for source in free_running:
                 frame = source.queue.get(timeout=0.05 if single else 0)
                 if frame is None:
@@ -265,30 +273,42 @@ class Pipeline:
                     break
             if not took:
                 if self._draining.is_set() and all(len(source.queue) == 0 for source in free_running):
-                    for source in triggered:  # frames nobody triggered: never to be inspected
-                        for frame in source.queue.drain():
-                            frame.done(True)
+                    if self._trigger_thread is not None:
+                        self._trigger_thread.join(2.0)
                     return
-                if not single:
+                if not free_running:
+                    time.sleep(0.05)
+                elif not single:
                     time.sleep(0.002)
         self._update_depth()
 
-    def _intake_triggered(self, source: Any) -> bool:
-        """A triggered source: with a trigger waiting, frames captured before it are stale (acknowledged, not
-        inspected); the first fresh one is tagged with the trigger and goes ahead of everything else."""
-        request = self.triggers.waiting(source.id)
-        if request is None:
-            return False
-        frame = source.queue.get(timeout=0)
-        if frame is None:
-            return False
-        if not self.triggers.attach(request, frame):
-            frame.done(True)  # captured before the trigger
-            return True
-        self._submit(frame, source, priority=True)
-        return True
+    def _trigger_intake_loop(self, triggered: list[Any]) -> None:
+        """Triggered sources: with a trigger waiting, frames captured before it are stale (acknowledged, not
+        inspected); the first fresh one is tagged with the trigger, decoded on this thread and goes to the model
+        ahead of everything else. Frames nobody triggered are never inspected."""
+        while not self._abort.is_set() and not self._draining.is_set():
+            waiting = [(source, self.triggers.waiting(source.id)) for source in triggered]
+            waiting = [(source, request) for source, request in waiting if request is not None]
+            if not waiting:
+                self.triggers.wait_for_request(0.05)
+                continue
+            for source, request in waiting:
+                frame = source.queue.get(timeout=0.005 if len(waiting) == 1 else 0)
+                if frame is None:
+                    continue
+                if not self.triggers.attach(request, frame):
+                    frame.done(True)  # captured before the trigger
+                    continue
+                settings = self.source_settings[source.id]
+                self.metrics.frames_in.labels(settings.id).inc()
+                self._prepare(frame, settings, time.monotonic(), priority=True)
+            if len(waiting) > 1:
+                time.sleep(0.001)
+        for source in triggered:
+            for frame in source.queue.drain():
+                frame.done(True)
 
-    def _submit(self, frame: Any, source: Any, priority: bool = False) -> None:
+    def _submit(self, frame: Any, source: Any) -> None:
         settings = self.source_settings.get(frame.source_id)
         if settings is None:
             # A frame relayed by another host (Redis Streams scale-out) keeps the capture source's id and line;
@@ -300,7 +320,7 @@ class Pipeline:
         t_in = time.monotonic()
         self._decode_slots.acquire()
         try:
-            self._decoders.submit(self._prepare, frame, settings, t_in, priority)
+            self._decoders.submit(self._prepare, frame, settings, t_in)
         except RuntimeError:  # executor shut down: give the frame back
             self._decode_slots.release()
             frame.done(False)
@@ -333,7 +353,8 @@ class Pipeline:
             log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
             self._fail([frame], settings.id, "decode", exc)
         finally:
-            self._decode_slots.release()
+            if not priority:  # triggered frames are prepared on the trigger thread, without a decode slot
+                self._decode_slots.release()
 
     def _to_writers(self, scored: ScoredFrame) -> None:
         self._results.put(scored)

@@ -200,6 +200,12 @@ class TriggerController:
         with self._cond:
             return state.waiting[0] if state.waiting else None
 
+    def wait_for_request(self, timeout: float) -> bool:
+        """Block until some source has a trigger waiting for a frame (True) or `timeout` passes."""
+        with self._cond:
+            return self._cond.wait_for(lambda: any(state.waiting for state in self._sources.values())
+                                       or self._stopping, timeout)
+
     def attach(self, request: TriggerRequest, frame: Any) -> bool:
         """Tag `frame` for `request` when it was captured after the trigger (True); False: a stale frame."""
         captured = frame.captured_at
