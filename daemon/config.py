@@ -68,6 +68,11 @@ class ModelConfig(_Section):
     image_size: int = Field(518, ge=32, le=4096)
     class_name: str | None = None
     reference_preprocessing: bool = False
+    # Known-good images for every source without its own `references` (see daemon/references.py).
+    references: str | None = None
+    # Target false-reject rate the daemon calibrates both thresholds to, per source and model version, on
+    # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
+    false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
 
 
 class RuntimeConfig(_Section):
@@ -107,6 +112,8 @@ class SourceConfig(_Section):
     pixel_threshold: float | None = Field(None, ge=0.0, le=1.0, description="map threshold; default threshold")
     enabled: bool = True
     queue_size: int | None = Field(None, ge=1)
+    references: str | None = Field(None, description="folder of known-good frames; default [model].references")
+    references_from: Literal["labels"] | None = Field(None, description="labelled-normal frames become references")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

@@ -158,6 +158,10 @@ class Pipeline:
         self.rejected = 0
         self.failed = 0
         self._count_lock = threading.Lock()
+        # Per-source references (daemon/references.py): calibrated (threshold, pixel threshold) per (source id,
+        # model version), and sources that cannot be inspected now (reason), whose frames are rejected.
+        self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
+        self.unavailable: dict[str, str] = {}
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -273,6 +277,10 @@ class Pipeline:
             settings = dataclasses.replace(via, id=str(frame.source_id or via.id),
                                            line=str(frame.meta.get("line") or via.line))
         self.metrics.frames_in.labels(settings.id).inc()
+        unavailable = self.unavailable.get(settings.id)
+        if unavailable is not None:
+            self._reject(frame, settings, unavailable)
+            return
         t_in = time.monotonic()
         self._decode_slots.acquire()
         try:
@@ -401,9 +409,10 @@ class Pipeline:
         frame, settings = prepared.frame, prepared.source
         rgb = prepared.rgb
         height, width = rgb.shape[:2]
-        threshold = float(settings.threshold)
+        threshold, pixel_threshold = self.thresholds.get(
+            (settings.id, scored.model_version), (float(settings.threshold), settings.pixel_threshold))
         frame_map = map_to_frame(scored.anomaly_map, width, height)
-        mask, regions = extract_regions(frame_map, settings.pixel_threshold, min_area=self.options.min_region_area)
+        mask, regions = extract_regions(frame_map, pixel_threshold, min_area=self.options.min_region_area)
         key = uuid.uuid4().hex
         captured_at = _utc(frame.captured_at)
         t_post = time.monotonic()
