@@ -15,7 +15,6 @@ object with `.scores` (B,) and `.maps` (B,S,S) tensors; the daemon builds it wit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import queue
@@ -40,11 +39,12 @@ from adapters.db.repository import (
     save_inspection,
     save_inspections,
 )
+from adapters.sources.base import SourceSettings
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
 from daemon.metrics import Metrics
 from daemon.results import alert_payload, extract_regions, inspection_payload, map_to_frame, topic
-from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame, SourceSettings
+from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,8 @@ class Pipeline:
         self.on_result = on_result
         self.source_settings = dict(source_settings or {})
         for source in self.sources:
-            self.source_settings.setdefault(source.id, SourceSettings(
-                id=source.id, line=getattr(source, "line", "default") or "default",
-                threshold=getattr(source, "threshold", None) or 0.5,
-                class_name=getattr(source, "class_name", None)))
+            if source.id not in self.source_settings:
+                self.source_settings[source.id] = source.spec
         self.transform = _reference_resize if self.options.reference_preprocessing else _default_resize
         self.stage_times = StageTimes()
         self.errors: list[str] = []
@@ -270,8 +268,8 @@ class Pipeline:
             # A frame relayed by another host (Redis Streams scale-out) keeps the capture source's id and line;
             # threshold and class come from the source that delivered it.
             via = self.source_settings[source.id]
-            settings = dataclasses.replace(via, id=str(frame.source_id or via.id),
-                                           line=str(frame.meta.get("line") or via.line))
+            settings = via.model_copy(update={"id": str(frame.source_id or via.id),
+                                              "line": str(frame.meta.get("line") or via.line)})
         self.metrics.frames_in.labels(settings.id).inc()
         t_in = time.monotonic()
         self._decode_slots.acquire()
@@ -403,7 +401,7 @@ class Pipeline:
         height, width = rgb.shape[:2]
         threshold = float(settings.threshold)
         frame_map = map_to_frame(scored.anomaly_map, width, height)
-        mask, regions = extract_regions(frame_map, settings.pixel_threshold, min_area=self.options.min_region_area)
+        mask, regions = extract_regions(frame_map, settings.map_threshold, min_area=self.options.min_region_area)
         key = uuid.uuid4().hex
         captured_at = _utc(frame.captured_at)
         t_post = time.monotonic()

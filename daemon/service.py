@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from adapters.sources.base import SourceSettings
 from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
-from daemon.worker import SourceSettings
 
 log = logging.getLogger("anomalyd.service")
 
@@ -231,12 +231,9 @@ class Service:
             self.models.stop()
 
     def _source_settings(self) -> dict[str, SourceSettings]:
-        return {
-            cfg.id: SourceSettings(id=cfg.id, line=cfg.line, threshold=cfg.threshold,
-                                   map_threshold=cfg.pixel_threshold, class_name=cfg.class_name or
-                                   self.settings.model.class_name)
-            for cfg in self.settings.sources
-        }
+        default_class = self.settings.model.class_name
+        return {cfg.id: cfg if cfg.class_name or not default_class else cfg.model_copy(update={"class_name": default_class})
+                for cfg in self.settings.sources}
 
     def _build_sources(self) -> list[Any]:
         if self._given_sources is not None:
@@ -244,20 +241,20 @@ class Service:
                 if self.publisher is not None and getattr(source, "on_status", None) is None:
                     source.on_status = self._on_source_status
             return self._given_sources
-        from adapters.sources import build_source
+        from adapters.sources import SourceContext, build_source
 
         s = self.settings
         built = []
         for cfg in s.sources:
             if self.role == "capture" and cfg.kind == "redis":
                 continue  # capture hosts feed the stream; they do not read it
-            mqtt_password = s.mqtt.password.get_secret_value() if s.mqtt.password else None
-            built.append(build_source(
-                cfg.source_spec(s.base_dir), queue_size=cfg.queue_size or s.runtime.queue_size,
-                redis_url=s.redis.url.get_secret_value(), redis_stream=s.redis.stream, redis_group=s.redis.group,
-                consumer_name=s.redis.consumer, mqtt_username=s.mqtt.username, mqtt_password=mqtt_password,
+            context = SourceContext(
+                queue_size=cfg.queue_size or s.runtime.queue_size,
                 on_status=self._on_source_status if self.publisher is not None else None,
-            ))
+                redis_url=s.redis.url.get_secret_value(), redis_stream=s.redis.stream, redis_group=s.redis.group,
+                consumer_name=s.redis.consumer, mqtt_username=s.mqtt.username,
+                mqtt_password=s.mqtt.password.get_secret_value() if s.mqtt.password else None)
+            built.append(build_source(cfg.resolved(s.base_dir), context))
         return built
 
     def _on_source_status(self, source: Any, status: Any) -> None:
