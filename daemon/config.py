@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from adapters.mqtt import MqttSettings
 from adapters.sources.base import SourceSettings
 from adapters.sources.registry import validate_source_entry
 
@@ -88,38 +89,6 @@ class RuntimeConfig(_Section):
 # One [[sources]] entry: validated against the settings model its `kind` registered (adapters/sources/registry.py),
 # so each kind's own keys are known and anything else is an unknown key.
 SourceEntry = Annotated[SourceSettings, WrapValidator(lambda value, _handler: validate_source_entry(value))]
-
-
-class TlsConfig(_Section):
-    enabled: bool = False
-    ca_certs: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    insecure: bool = False
-
-
-class MqttConfig(_Section):
-    enabled: bool = True
-    host: str = "localhost"
-    port: int = Field(1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: str | None = None
-    tls: TlsConfig = Field(default_factory=TlsConfig)
-    prefix: str = Field("anomalyd", min_length=1)
-    qos: Literal[0, 1, 2] = 1
-    inspection_qos: Literal[0, 1, 2] = 0
-    publish_inspections: bool = True
-    client_id: str | None = None
-    keepalive: int = Field(30, ge=5)
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
-    max_inflight: int = Field(100, ge=1)
-
-    @field_validator("tls", mode="before")
-    @classmethod
-    def _tls_flag(cls, value: Any) -> Any:
-        return {"enabled": value} if isinstance(value, bool) else value
 
 
 class DatabaseConfig(_Section):
@@ -248,7 +217,7 @@ class Settings(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     sources: list[SourceEntry] = Field(default_factory=list)
-    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
