@@ -123,7 +123,7 @@ SinkFactory = Callable[[Any, SinkContext], "ResultSink | None"]
 @dataclass(frozen=True)
 class SinkKind:
     key: str
-    section: str  # the Settings field the factory gets
+    section: str | None  # the Settings field the factory gets (None: the whole Settings)
     factory: SinkFactory
 
 
@@ -132,8 +132,11 @@ _builtins_loaded = False
 _lock = threading.RLock()
 
 
-def register_sink(key: str, *, section: str, replace: bool = False) -> Callable[[SinkFactory], SinkFactory]:
-    """Decorator: register `factory(section_settings, context) -> ResultSink | None` (None: disabled)."""
+def register_sink(key: str, *, section: str | None, replace: bool = False) -> Callable[[SinkFactory], SinkFactory]:
+    """Decorator: register `factory(section_settings, context) -> ResultSink | None` (None: disabled).
+
+    `section` is the name of the configuration section the factory gets; None: the whole configuration.
+    """
 
     def register(factory: SinkFactory) -> SinkFactory:
         with _lock:
@@ -164,7 +167,7 @@ def build_sinks(settings: Any, context: SinkContext) -> list[ResultSink]:
     """Every registered sink whose section is present in `settings` and enabled (its factory decides)."""
     built = []
     for kind in sink_kinds().values():
-        section = getattr(settings, kind.section, None)
+        section = settings if kind.section is None else getattr(settings, kind.section, None)
         if section is None:
             continue
         sink = kind.factory(section, context)
