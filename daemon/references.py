@@ -192,19 +192,47 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
     if name in MODELS_NEEDING_REFERENCES:
         from model import create_detector
 
-        m, r = settings.model, settings.runtime
+        r = settings.runtime
         references: Any = [str(f) for f in files]
         if len(files) == 1 and files[0].suffix == ".safetensors":
             references = str(files[0])
-        detector = create_detector(
-            name, backbone=settings.resolve_model_value(m.backbone), layers=tuple(m.layers),
-            image_size=m.image_size, device=r.device, dtype=r.dtype, references=references,
-            references_cache=str(cache_path) if cache_path else None)
+        options = reference_model_options(settings)
+        detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
+                                   references_cache=str(cache_path) if cache_path else None, **options)
+        if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
+            detector.distance_scale = normal_distance(
+                detector, files, lambda rest: create_detector(name, device=r.device, dtype=r.dtype,
+                                                              references=[str(f) for f in rest], **options))
         return scaled(detector)
     from model.fewshot import with_references
 
     references = str(files[0]) if len(files) == 1 and files[0].suffix == ".safetensors" else list(files)
     return with_references(scaled(base), references, cache_path=cache_path)
+
+
+def reference_model_options(settings: Any) -> dict[str, Any]:
+    """[model] options for a model built on references only (PatchCore): the keys the config file sets (the
+    [model] defaults are the CLIP models', e.g. backbone ViT-L-14-336 and image size 518)."""
+    m = settings.model
+    given = m.model_fields_set
+    options: dict[str, Any] = {}
+    if "backbone" in given:
+        options["backbone"] = settings.resolve_model_value(m.backbone)
+    if "layers" in given:
+        options["layers"] = tuple(m.layers)
+    if "image_size" in given:
+        options["image_size"] = m.image_size
+    return options
+
+
+def normal_distance(detector: Any, files: Sequence[Path], build: Callable[[Sequence[Path]], Any]) -> float:
+    """A typical raw distance of a normal frame: the image score of the first reference against a bank of the
+    others (1.0 with a single reference or a saved bank)."""
+    images = [f for f in files if f.suffix != ".safetensors"]
+    if len(images) < 2:
+        return 1.0
+    scores, _ = score_files(build(images[1:]), images[:1])
+    return max(float(scores[0]), 1e-6)
 
 
 Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
@@ -480,6 +508,8 @@ class ReferenceManager:
             for held_out in images[:CALIBRATION_HOLDOUTS]:
                 others = [f for f in images if f != held_out]
                 detector = self.builder(self._base, others, None)
+                if getattr(state.detector, "distance_scale", None) is not None:  # one scale for every bank
+                    detector.distance_scale = state.detector.distance_scale
                 s, m = score_files(detector, [held_out], class_name)
                 scores += s
                 maxima += m

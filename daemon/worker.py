@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from adapters.sources.base import SourceSettings
 from daemon.batcher import DynamicBatcher
 
 log = logging.getLogger(__name__)
@@ -29,21 +30,6 @@ class DetectorLike(Protocol):
     image_size: int
 
     def predict(self, images: Any, class_names: list[str] | None = None) -> Any: ...
-
-
-@dataclass
-class SourceSettings:
-    """Per-source post-processing settings (from the [[sources]] entry)."""
-
-    id: str
-    line: str = "default"
-    threshold: float = 0.5
-    map_threshold: float | None = None  # None: the image threshold
-    class_name: str | None = None
-
-    @property
-    def pixel_threshold(self) -> float:
-        return self.threshold if self.map_threshold is None else self.map_threshold
 
 
 @dataclass
