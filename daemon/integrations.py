@@ -69,7 +69,6 @@ class Integrations:
         self.settings = service.settings
         self.metrics = service.metrics
         self.triggers: TriggerController | None = None
-        self.webhooks: Any = None  # adapters.webhooks.WebhookRelay
         self.opcua: Any = None  # adapters.opcua.OpcUaServer
         self.stats: dict[str, SourceStats] = {cfg.id: SourceStats() for cfg in self.settings.sources}
         self._lock = threading.Lock()
@@ -84,8 +83,12 @@ class Integrations:
                                        registry=r)
         self.trigger_latency = Histogram("anomalyd_trigger_latency_seconds", "From the trigger to its answer",
                                          ["source"], buckets=LATENCY_BUCKETS, registry=r)
-        self.webhook_delivered = Counter("anomalyd_webhook_delivered", "Messages a webhook answered with a 2xx",
-                                         ["webhook"], registry=r)
+
+    @property
+    def webhooks(self) -> Any:
+        """The webhook sink's relay (adapters.webhooks.WebhookRelay), or None."""
+        sink = self.service.sinks.get("webhooks")
+        return getattr(sink, "relay", None)
 
     # --- start --------------------------------------------------------------------------------------------------
 
@@ -111,17 +114,6 @@ class Integrations:
     def start(self) -> None:
         """After the pipeline: webhooks, OPC UA, MQTT command topics."""
         s = self.settings
-        sessions = self.service.sessions
-        if s.webhooks and sessions is not None:
-            from adapters.webhooks import WebhookRelay, WebhookTarget
-
-            targets = [WebhookTarget(name=w.key, url=w.url, secret=w.secret.get_secret_value() if w.secret else None,
-                                     sources=w.sources, lines=w.lines, anomalous_only=w.anomalous_only,
-                                     timeout_s=w.timeout_s, allow_private=w.allow_private,
-                                     backoff_max_s=w.backoff_max_s) for w in s.webhooks]
-            self.webhooks = WebhookRelay(targets, sessions,
-                                         on_delivered=lambda name, n: self.webhook_delivered.labels(name).inc(n))
-            self.webhooks.start()
         self.metrics.registry.register(_CallbackCollector(self._collect))
         if s.opcua.enabled and self.service.pipeline is not None:
             self._start_opcua()
@@ -178,8 +170,6 @@ class Integrations:
                 if not is_trigger:  # a triggered row shows up through its answer
                     self.opcua.update(row.source, self._row_values(row, None))
                 self._publish_counters(row.source)
-            if row.is_anomalous and self.webhooks is not None:
-                self.webhooks.notify()
         if self.triggers is not None:
             self.triggers.committed(row)
 
@@ -227,10 +217,7 @@ class Integrations:
             session.add(OutboxMessage(id=payload["id"], topic=topic, payload=json.dumps(payload, separators=(",", ":")),
                                       qos=self.settings.mqtt.qos,
                                       inspection_id=answer.inspection.id if answer.inspection is not None else None))
-        if self.service.publisher is not None:
-            self.service.publisher.notify()
-        if self.webhooks is not None:
-            self.webhooks.notify()
+        self.service.sinks.alerts_committed()  # MQTT and webhooks deliver it from the outbox
         if self.opcua is not None:
             if not answer.late:  # the PLC's answer stays what it was told; the late row still counts
                 self.opcua.update(request.source_id, self._row_values(answer.inspection, answer))
@@ -401,11 +388,6 @@ class Integrations:
 
     def readiness(self, details: dict[str, Any]) -> bool:
         ok = True
-        if self.webhooks is not None:
-            details["webhooks"] = self.webhooks.snapshot()
-            if self.webhooks.crashed is not None:
-                ok = False
-                details["webhooks_relay_crashed"] = repr(self.webhooks.crashed)
         if self.opcua is not None:
             details["opcua"] = {"endpoint": self.settings.opcua.endpoint, "running": self.opcua.alive}
             if not self.opcua.alive:
@@ -422,11 +404,15 @@ class Integrations:
                                            labels=["webhook"])
             up = GaugeMetricFamily("anomalyd_webhook_up", "1 when the webhook's last attempt succeeded",
                                    labels=["webhook"])
+            delivered = CounterMetricFamily("anomalyd_webhook_delivered", "Messages a webhook answered with a 2xx",
+                                            labels=["webhook"])
             for name, state in self.webhooks.state.items():
+                delivered.add_metric([name], state.delivered)
                 pending.add_metric([name], state.pending)
                 failures.add_metric([name], state.failures)
                 up.add_metric([name], 0.0 if state.consecutive_failures else 1.0)
             yield pending
+            yield delivered
             yield failures
             yield up
         if self.triggers is not None:
@@ -448,11 +434,6 @@ class Integrations:
         """After the pipeline drained: flush the webhooks (bounded), stop the servers and threads."""
         self._stopping.set()
         self.stop_triggers()
-        if self.webhooks is not None:
-            remaining = max(0.2, deadline - time.monotonic() - 1.5)
-            if not self.webhooks.flush(remaining):
-                log.warning("webhooks: messages still pending; they are delivered after the next start")
-            self.webhooks.stop(timeout=1.0)
         if self.opcua is not None:
             self.opcua.stop(timeout=max(0.2, min(3.0, deadline - time.monotonic())))
         if self._command_thread is not None:

@@ -1,8 +1,8 @@
 """Webhook delivery state: webhook_endpoints (one per configured webhook) and webhook_deliveries (settled
 outbox rows per webhook); an index on outbox.created_at for the webhook relay's scan.
 
-Revision ID: 0002_webhooks
-Revises: 0001
+Revision ID: 0003_webhooks
+Revises: 0002_source_thresholds
 Create Date: 2026-12-01
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0002_webhooks'
-down_revision = '0001'
+revision = '0003_webhooks'
+down_revision = '0002_source_thresholds'
 branch_labels = None
 depends_on = None
 
