@@ -420,7 +420,7 @@ def _manifest(graph: ExportGraph, export_format: str, opset: int, files: dict[st
         "taps": graph.taps,
         "image_size": size,
         "normalisation": graph.normalisation,
-        "threshold_scale": {"scores": [0.0, 1.0], "maps": [0.0, 1.0],
+        "threshold_scale": {**graph.threshold_scale,
                             "note": "the PyTorch detector's scale: thresholds calibrated on either apply to both"},
         "export_format": export_format,
         "opset": opset,

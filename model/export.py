@@ -31,6 +31,44 @@ from model.preprocess import OPENAI_MEAN, OPENAI_STD
 _EPS = 1e-12
 
 
+def _fp16_round(tensor: torch.Tensor) -> torch.Tensor:
+    # AdaCLIP splices its prompts in with `.half()` (official code); the same rounding keeps parity.
+    return tensor.half().to(tensor.dtype)
+
+
+def _anomalous_probability(features: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """The baselines' scoring: features (B, ..., E), text (B, 2, E) normalised → softmax(scale · cos)[..., 1]."""
+    features = F.normalize(features.float(), dim=-1)
+    shape = features.shape
+    flat = features.reshape(shape[0], -1, shape[-1])
+    logits = scale * torch.einsum("bne,bte->bnt", flat, text)
+    return logits.softmax(dim=-1)[..., 1].reshape(shape[:-1])
+
+
+def _harmonic_mean(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    stacked = torch.stack(list(maps))
+    return len(maps) / (1.0 / stacked.clamp_min(_EPS)).sum(dim=0)
+
+
+def _class_token_ids(class_name: str, context_length: int) -> torch.Tensor:
+    """AdaCLIP's 48 prompt sentences for a class as CLIP token ids (48, context_length)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from model.adaclip import class_prompts
+
+    tokenizer = SimpleTokenizer()
+    sot, eot = tokenizer.encoder["<start_of_text>"], tokenizer.encoder["<end_of_text>"]
+    sentences, _ = class_prompts(class_name)
+    ids = torch.zeros(len(sentences), context_length, dtype=torch.long)
+    for row, sentence in enumerate(sentences):
+        tokens = [sot, *tokenizer.encode(sentence), eot]
+        if len(tokens) > context_length:
+            raise ExportError(f"class name {class_name!r} is too long: prompt {sentence!r} exceeds "
+                              f"{context_length} tokens")
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
 class ExportError(ValueError):
     """A detector or configuration that cannot be exported; the message says which part and why."""
 
@@ -66,6 +104,8 @@ class ExportGraph:
     tolerance: dict[str, float]  # absolute tolerances of the parity gate: {"scores": .., "maps": ..}
     aux: AuxInput | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # What scores and maps mean, for thresholds: probabilities in [0, 1], or unbounded distances (PatchCore).
+    threshold_scale: dict[str, Any] = field(default_factory=lambda: {"scores": [0.0, 1.0], "maps": [0.0, 1.0]})
 
     @property
     def input_names(self) -> list[str]:
@@ -172,8 +212,6 @@ class ClipGraph(nn.Module):
         self.scale = model.logit_scale
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from model.baselines import _anomalous_probability
-
         model = self.model
         tokens = model.run_blocks(embed_patches(model.clip.visual, images, model.vision_pos))
         projected = model.project(tokens)
@@ -199,8 +237,6 @@ class WinCLIPGraph(nn.Module):
             self.register_buffer(f"index_{scale}", index)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from model.baselines import _anomalous_probability, harmonic_mean
-
         model = self.model
         scale = 1.0 / model.temperature
         embedded = embed_patches(model.clip.visual, images, model.vision_pos)
@@ -217,7 +253,7 @@ class WinCLIPGraph(nn.Module):
             sums = (1.0 / window_scores.clamp_min(_EPS)) @ cover
             counts = cover.sum(dim=0)
             per_scale.append(torch.where(counts > 0, counts / sums.clamp_min(_EPS), torch.zeros_like(sums)))
-        maps = gaussian_blur(model.upsample(harmonic_mean(per_scale)), model.sigma)
+        maps = gaussian_blur(model.upsample(_harmonic_mean(per_scale)), model.sigma)
         return image_scores, maps
 
 
@@ -259,8 +295,6 @@ class AdaCLIPGraph(nn.Module):
         self.n_normal = n_normal
 
     def encode_text(self, ids: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
-        from model.adaclip import _fp16_round
-
         model, clip = self.model, self.model.clip
         batch, n_prompts, length = ids.shape
         flat = ids.reshape(-1, length)
@@ -301,7 +335,7 @@ class AdaCLIPGraph(nn.Module):
 
 @register_exporter("adaclip")
 def _adaclip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
-    from model.adaclip import _class_token_ids, class_prompts
+    from model.adaclip import class_prompts
 
     model = detector.model
     if model.use_hsf:
@@ -331,8 +365,6 @@ def _adaclip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
 def adaclip_token_ids(class_name: str, length: int, context_length: int = 77) -> torch.Tensor:
     """AdaCLIP's prompt token ids for a class not in the export, cut to the export's token length (raises when a
     prompt does not fit)."""
-    from model.adaclip import _class_token_ids
-
     ids = _class_token_ids(class_name, context_length)
     if int(ids.argmax(dim=-1).max()) + 1 > length:
         raise ExportError(f"class name {class_name!r} is too long for this export's {length} prompt tokens")
@@ -385,4 +417,63 @@ def _fewshot_graph(detector: Any, class_names: Sequence[str] | None) -> ExportGr
             "n_references": detector.bank.n_references, "digest": detector.bank.digest,
             "layers": list(detector.extractor.layers), "kind": detector.extractor.kind,
             "zero_shot_weight": detector.zero_shot_weight}},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ PatchCore
+class PatchCoreGraph(nn.Module):
+    """PatchCore with its memory bank as a constant. The nearest-neighbour search runs over fixed chunks of bank
+    rows (the bank size is known at export, the number of query patches is not), so memory stays bounded at
+    (B·h·w) x `bank_chunk` distances per step whatever the batch."""
+
+    def __init__(self, detector: Any, bank_chunk: int = 4096) -> None:
+        super().__init__()
+        self.model = detector.model
+        self.bank_chunk = int(bank_chunk)
+
+    def nearest(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bank, norms = self.model.memory_bank, self.model.bank_norms
+        query_norms = flat.pow(2).sum(dim=-1, keepdim=True)
+        best = where = None
+        for start in range(0, bank.shape[0], self.bank_chunk):
+            rows = bank[start : start + self.bank_chunk]
+            squared = norms[start : start + self.bank_chunk].unsqueeze(0) - 2.0 * (flat @ rows.t()) + query_norms
+            value, index = squared.min(dim=1)
+            if best is None:
+                best, where = value, index
+            else:
+                better = value < best
+                best, where = torch.where(better, value, best), torch.where(better, index + start, where)
+        return best.clamp_min(0).sqrt(), where
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from model.patchcore import clip_to_tf
+
+        model = self.model
+        embedding = model.embed(clip_to_tf(images.float()))
+        batch, dim, height, width = embedding.shape
+        flat = model.flatten(embedding)
+        best, where = self.nearest(flat)
+        scores, where = best.reshape(batch, -1), where.reshape(batch, -1)
+        image_scores = model.image_scores(scores, where, flat.reshape(batch, height * width, dim))
+        return image_scores, model.anomaly_maps(scores, (height, width), tuple(images.shape[-2:]))
+
+
+@register_exporter("patchcore")
+def _patchcore_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
+    if detector.bank is None:
+        raise ExportError("patchcore without a memory bank cannot be exported: give it normal references first")
+    detector.model.to("cpu").eval()
+    detector.device = torch.device("cpu")
+    bank = detector.bank
+    return ExportGraph(
+        module=PatchCoreGraph(detector), model="patchcore", version=str(detector.version),
+        image_size=int(detector.image_size), backbone=str(detector.backbone_name),
+        taps=[str(t) for t in detector.model.taps],
+        # Scores are Euclidean distances (not probabilities): the tolerance is relative to their size.
+        tolerance={"scores": 1e-3, "maps": 1e-3},
+        threshold_scale={"scores": "distance >= 0, unbounded", "maps": "distance >= 0, unbounded"},
+        details={"weights": str(detector.weights), "bank_rows": int(bank.rows.shape[0]),
+                 "n_references": bank.n_references, "bank_digest": bank.digest,
+                 "num_neighbors": detector.model.num_neighbors, "sigma": detector.model.sigma},
     )

@@ -261,3 +261,21 @@ def test_check_inputs_include_given_images(samples_dir):
     assert names[:4] == ["noise", "gradient-square", "flat", "strong-noise"] and names[4] == files[0].name
     assert images.shape == (5, 3, SIZE, SIZE)
     assert not torch.equal(images[0], images[3])
+
+
+def test_patchcore_lite0_export_reproduces_pytorch(samples_dir, tmp_path):
+    """PatchCore on the real EfficientNet-Lite0 weights, its memory bank a constant of the graph."""
+    references = sorted((samples_dir / "bottle" / "test" / "good").glob("*.*"))[:2]
+    detector = create_detector("patchcore", references=[str(p) for p in references], image_size=64, device="cpu")
+    manifest = export_detector(detector, tmp_path / "pc")
+    assert manifest["model"] == "patchcore" and manifest["input_names"] == ["images"]
+    assert manifest["details"]["bank_rows"] == detector.bank.rows.shape[0]
+    assert manifest["threshold_scale"]["scores"] == "distance >= 0, unbounded"
+    engine = load_export(tmp_path / "pc", image_size=64)
+    files = sorted(p for p in (samples_dir / "bottle" / "test").rglob("*.*") if "good" not in p.parts)[:3]
+    images = torch.stack([fast_transform(decode_image(f), 64) for f in files])
+    expected, found = detector.predict(images), engine.predict(images)
+    assert float(expected.scores.min()) > 0  # real distances, not a degenerate bank
+    np.testing.assert_allclose(found.scores, expected.scores, atol=manifest["tolerance"]["scores"], rtol=0)
+    np.testing.assert_allclose(found.maps, expected.maps, atol=manifest["tolerance"]["maps"], rtol=0)
+    np.testing.assert_allclose(engine.predict(images[2:]).maps, expected.maps[2:], atol=1e-3, rtol=0)
