@@ -14,46 +14,112 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.repository import add_outbox_attempts, count_pending_outbox, mark_outbox_sent, pending_outbox
+from adapters.timeutil import rfc3339
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class MqttSettings:
-    """What the publisher needs (built from the daemon's [mqtt] config section)."""
+class TlsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    enabled: bool = False
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    insecure: bool = False
+
+
+class MqttSettings(BaseModel):
+    """The `[mqtt]` section: the broker, the topic prefix and the QoS of alerts and per-frame messages."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
     host: str = "localhost"
-    port: int = 1883
+    port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
-    password: str | None = None
-    prefix: str = "anomalyd"
-    client_id: str = ""
-    keepalive: int = 30
-    alert_qos: int = 1
-    inspection_qos: int = 0
-    tls: bool = False
-    tls_ca_certs: str | None = None
-    tls_certfile: str | None = None
-    tls_keyfile: str | None = None
-    tls_insecure: bool = False
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 30.0
-    max_inflight: int = 100
+    password: SecretStr | None = None
+    password_file: str | None = None
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    prefix: str = Field("anomalyd", min_length=1)
+    qos: Literal[0, 1, 2] = Field(1, description="alerts")
+    inspection_qos: Literal[0, 1, 2] = 0
+    publish_inspections: bool = True
+    client_id: str | None = Field(None, description="default: anomalyd-<hostname>-<pid>")
+    keepalive: int = Field(30, ge=5)
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    max_inflight: int = Field(100, ge=1)
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_flag(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    def resolved(self, base_dir: Path) -> MqttSettings:
+        """TLS file paths made absolute against the config file's directory."""
+        tls = self.tls.model_copy(update={
+            name: str(base_dir / Path(value).expanduser()) for name in ("ca_certs", "certfile", "keyfile")
+            if (value := getattr(self.tls, name))})
+        return self.model_copy(update={"tls": tls})
+
+
+# --- the MQTT contract (interfaces.md): topics and payloads ---------------------------------------------------------
+
+
+def topic(prefix: str, line: str, source: str, kind: str) -> str:
+    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly)."""
+    return f"{prefix}/{line}/{source}/{kind}"
+
+
+def inspection_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
+                       score: float, is_anomalous: bool, model_version: str) -> dict[str, Any]:
+    """The contract's per-frame message on `<prefix>/<line>/<source>/inspection`."""
+    return {
+        "id": inspection_id, "frame_id": frame_id, "ts": rfc3339(captured_at), "source": source,
+        "line": line, "score": round(float(score), 6), "is_anomalous": bool(is_anomalous),
+        "model_version": model_version,
+    }
+
+
+def alert_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
+                  score: float, threshold: float, model_version: str, regions: list[dict[str, Any]],
+                  alert_id: str | None = None) -> dict[str, Any]:
+    """The contract's alert on `<prefix>/<line>/<source>/anomaly`; `id` is what consumers dedupe on."""
+    return {
+        "id": alert_id or str(uuid.uuid4()),
+        "inspection_id": inspection_id,
+        "frame_id": frame_id,
+        "ts": rfc3339(captured_at),
+        "source": source,
+        "line": line,
+        "score": round(float(score), 6),
+        "threshold": float(threshold),
+        "model_version": model_version,
+        "regions": regions,
+        "mask_url": f"/api/inspections/{inspection_id}/mask.png",
+        "heatmap_url": f"/api/inspections/{inspection_id}/heatmap.jpg",
+    }
 
 
 @dataclass
@@ -102,17 +168,18 @@ class MqttPublisher:
 
     def _make_client(self) -> mqtt.Client:
         s = self.settings
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
+        client_id = s.client_id or f"anomalyd-{socket.gethostname()}-{os.getpid()}"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if log.isEnabledFor(logging.DEBUG):
             # paho logs every failed reconnect as an ERROR; our own log says the broker is unreachable (with
             # backoff), so paho's lines only come through when debugging.
             client.enable_logger(logging.getLogger("paho.mqtt"))
         if s.username:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:
-            client.tls_set(ca_certs=s.tls_ca_certs, certfile=s.tls_certfile, keyfile=s.tls_keyfile,
-                           cert_reqs=ssl.CERT_NONE if s.tls_insecure else ssl.CERT_REQUIRED)
-            client.tls_insecure_set(s.tls_insecure)
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password is not None else None)
+        if s.tls.enabled:
+            client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
+                           cert_reqs=ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED)
+            client.tls_insecure_set(s.tls.insecure)
         client.will_set(self.available_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, int(s.reconnect_min_s)), max_delay=max(1, int(s.reconnect_max_s)))
         client.max_inflight_messages_set(s.max_inflight)

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,10 +25,15 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    WrapValidator,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from adapters.mqtt import MqttSettings
+from adapters.sources.base import SourceSettings
+from adapters.sources.registry import validate_source_entry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,7 +65,7 @@ def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str
 
 
 class ModelConfig(_Section):
-    name: Literal["anomalyclip", "adaclip", "clip", "winclip"] = "anomalyclip"
+    name: Literal["anomalyclip", "adaclip", "clip", "winclip", "patchcore"] = "anomalyclip"
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
     prompts: str | None = None
@@ -68,6 +73,11 @@ class ModelConfig(_Section):
     image_size: int = Field(518, ge=32, le=4096)
     class_name: str | None = None
     reference_preprocessing: bool = False
+    # Known-good images for every source without its own `references` (see daemon/references.py).
+    references: str | None = None
+    # Target false-reject rate the daemon calibrates both thresholds to, per source and model version, on
+    # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
+    false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
 
 
 class RuntimeConfig(_Section):
@@ -84,91 +94,9 @@ class RuntimeConfig(_Section):
                                    "the parity gate at start and on each model swap, under <[storage].dir>/exports")
 
 
-SourceKind = Literal["camera", "rtsp", "http", "video", "folder", "redis", "mqtt"]
-
-# Kind-specific keys a [[sources]] entry may carry next to the common ones (see adapters/sources/*); they are
-# moved into `options`. Anything else is an unknown key.
-SOURCE_OPTION_KEYS = frozenset({
-    "after", "backend", "backoff_initial_s", "backoff_max_s", "block_ms", "claim_idle_ms", "client_id",
-    "consumer", "count", "create", "group", "ignore", "keepalive", "loop", "open_timeout_ms", "password",
-    "poll_interval_s", "processed_dir", "qos", "read_timeout_ms", "receive_maximum", "recursive", "retry_s",
-    "session_expiry_s", "settle_s", "stream", "tls", "topics", "url", "username", "watchdog_s",
-})
-
-
-class SourceConfig(_Section):
-    """One `[[sources]]` entry; kind-specific options may sit next to the common keys or in an `options` table."""
-
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: SourceKind
-    uri: str = ""
-    line: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    max_fps: float | None = Field(None, ge=0)
-    policy: Literal["latest", "all"] | None = None
-    class_name: str | None = None
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
-    pixel_threshold: float | None = Field(None, ge=0.0, le=1.0, description="map threshold; default threshold")
-    enabled: bool = True
-    queue_size: int | None = Field(None, ge=1)
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _collect_options(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        options = dict(data.get("options") or {})
-        for key in [key for key in data if key in SOURCE_OPTION_KEYS and key not in cls.model_fields]:
-            options[key] = data.pop(key)
-        if options:
-            data["options"] = options
-        return data
-
-    @property
-    def map_threshold(self) -> float:
-        return self.threshold if self.pixel_threshold is None else self.pixel_threshold
-
-    def source_spec(self, base_dir: Path) -> dict[str, Any]:
-        """The mapping `adapters.sources.build_source` takes; a relative folder/video path is made absolute."""
-        uri = self.uri
-        if self.kind in ("folder", "video") and uri and "://" not in uri and not Path(uri).expanduser().is_absolute():
-            uri = str(base_dir / uri)
-        return {"id": self.id, "kind": self.kind, "uri": uri, "line": self.line, "max_fps": self.max_fps,
-                "policy": self.policy, "class_name": self.class_name, "threshold": self.threshold,
-                "enabled": self.enabled, "options": dict(self.options)}
-
-
-class TlsConfig(_Section):
-    enabled: bool = False
-    ca_certs: str | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    insecure: bool = False
-
-
-class MqttConfig(_Section):
-    enabled: bool = True
-    host: str = "localhost"
-    port: int = Field(1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: str | None = None
-    tls: TlsConfig = Field(default_factory=TlsConfig)
-    prefix: str = Field("anomalyd", min_length=1)
-    qos: Literal[0, 1, 2] = 1
-    inspection_qos: Literal[0, 1, 2] = 0
-    publish_inspections: bool = True
-    client_id: str | None = None
-    keepalive: int = Field(30, ge=5)
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
-    max_inflight: int = Field(100, ge=1)
-
-    @field_validator("tls", mode="before")
-    @classmethod
-    def _tls_flag(cls, value: Any) -> Any:
-        return {"enabled": value} if isinstance(value, bool) else value
+# One [[sources]] entry: validated against the settings model its `kind` registered (adapters/sources/registry.py),
+# so each kind's own keys are known and anything else is an unknown key.
+SourceEntry = Annotated[SourceSettings, WrapValidator(lambda value, _handler: validate_source_entry(value))]
 
 
 class DatabaseConfig(_Section):
@@ -296,8 +224,8 @@ class Settings(BaseSettings):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    sources: list[SourceConfig] = Field(default_factory=list)
-    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    sources: list[SourceEntry] = Field(default_factory=list)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
@@ -307,7 +235,7 @@ class Settings(BaseSettings):
 
     @field_validator("sources")
     @classmethod
-    def _unique_source_ids(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+    def _unique_source_ids(cls, sources: list[SourceSettings]) -> list[SourceSettings]:
         seen: set[str] = set()
         for source in sources:
             if source.id in seen:
@@ -356,7 +284,7 @@ class Settings(BaseSettings):
         """The database URL with a relative SQLite path made absolute against the config directory."""
         return resolve_sqlite_url(self.database.url.get_secret_value(), self.base_dir)
 
-    def source(self, source_id: str) -> SourceConfig:
+    def source(self, source_id: str) -> SourceSettings:
         for source in self.sources:
             if source.id == source_id:
                 return source

@@ -15,8 +15,6 @@ object with `.scores` (B,) and `.maps` (B,S,S) tensors; the daemon builds it wit
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import queue
 import threading
@@ -40,11 +38,14 @@ from adapters.db.repository import (
     save_inspection,
     save_inspections,
 )
+from adapters.mqtt import alert_payload, topic
+from adapters.sinks import CommittedInspection, SinkSet
+from adapters.sources.base import SourceSettings
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
 from daemon.metrics import Metrics
-from daemon.results import alert_payload, extract_regions, inspection_payload, map_to_frame, topic
-from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame, SourceSettings
+from daemon.results import extract_regions, map_to_frame
+from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,8 @@ class PipelineOptions:
     persist_threads: int = 1
     persist_batch: int = 32  # results stored per transaction, at most
     min_region_area: int = 1
-    mqtt_prefix: str = "anomalyd"
+    mqtt_prefix: str = "anomalyd"  # the outbox rows' topics ([mqtt] prefix and qos)
     alert_qos: int = 1
-    publish_inspections: bool = True
     reference_preprocessing: bool = False
 
 
@@ -119,7 +119,7 @@ class Pipeline:
         sessions: sessionmaker[Session],
         store: ArtifactStore,
         *,
-        publisher: Any | None = None,  # adapters.mqtt.MqttPublisher
+        sinks: SinkSet | None = None,
         source_settings: dict[str, SourceSettings] | None = None,
         options: PipelineOptions | None = None,
         metrics: Metrics | None = None,
@@ -129,15 +129,13 @@ class Pipeline:
         self.sources = list(sources)
         self.sessions = sessions
         self.store = store
-        self.publisher = publisher
+        self.sinks = sinks if sinks is not None else SinkSet()
         self.metrics = metrics or Metrics()
         self.on_result = on_result
         self.source_settings = dict(source_settings or {})
         for source in self.sources:
-            self.source_settings.setdefault(source.id, SourceSettings(
-                id=source.id, line=getattr(source, "line", "default") or "default",
-                threshold=getattr(source, "threshold", None) or 0.5,
-                class_name=getattr(source, "class_name", None)))
+            if source.id not in self.source_settings:
+                self.source_settings[source.id] = source.spec
         self.transform = _reference_resize if self.options.reference_preprocessing else _default_resize
         self.stage_times = StageTimes()
         self.errors: list[str] = []
@@ -158,6 +156,10 @@ class Pipeline:
         self.rejected = 0
         self.failed = 0
         self._count_lock = threading.Lock()
+        # Per-source references (daemon/references.py): calibrated (threshold, pixel threshold) per (source id,
+        # model version), and sources that cannot be inspected now (reason), whose frames are rejected.
+        self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
+        self.unavailable: dict[str, str] = {}
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -270,9 +272,13 @@ class Pipeline:
             # A frame relayed by another host (Redis Streams scale-out) keeps the capture source's id and line;
             # threshold and class come from the source that delivered it.
             via = self.source_settings[source.id]
-            settings = dataclasses.replace(via, id=str(frame.source_id or via.id),
-                                           line=str(frame.meta.get("line") or via.line))
+            settings = via.model_copy(update={"id": str(frame.source_id or via.id),
+                                              "line": str(frame.meta.get("line") or via.line)})
         self.metrics.frames_in.labels(settings.id).inc()
+        unavailable = self.unavailable.get(settings.id)
+        if unavailable is not None:
+            self._reject(frame, settings, unavailable)
+            return
         t_in = time.monotonic()
         self._decode_slots.acquire()
         try:
@@ -401,9 +407,10 @@ class Pipeline:
         frame, settings = prepared.frame, prepared.source
         rgb = prepared.rgb
         height, width = rgb.shape[:2]
-        threshold = float(settings.threshold)
+        threshold, pixel_threshold = self.thresholds.get(
+            (settings.id, scored.model_version), (float(settings.threshold), settings.map_threshold))
         frame_map = map_to_frame(scored.anomaly_map, width, height)
-        mask, regions = extract_regions(frame_map, settings.pixel_threshold, min_area=self.options.min_region_area)
+        mask, regions = extract_regions(frame_map, pixel_threshold, min_area=self.options.min_region_area)
         key = uuid.uuid4().hex
         captured_at = _utc(frame.captured_at)
         t_post = time.monotonic()
@@ -440,7 +447,7 @@ class Pipeline:
         self._fail([frame], r.scored.prepared.source.id, "persist", exc)
 
     def _finish(self, r: _Rendered, saved: SavedInspection, db_seconds: float) -> None:
-        """After the commit: acknowledge the frame, wake the outbox relay, publish the per-frame message."""
+        """After the commit: acknowledge the frame, then tell the sinks (new alerts in the outbox, the result)."""
         t_publish = time.monotonic()
         prepared = r.scored.prepared
         frame, settings = prepared.frame, prepared.source
@@ -448,16 +455,14 @@ class Pipeline:
             self.store.delete(r.paths)
         frame.done(True)
         row = saved.inspection
-        if saved.created:
-            if saved.alert is not None and self.publisher is not None:
-                self.publisher.notify()
-            if self.publisher is not None and self.options.publish_inspections:
-                self.publisher.publish_event(
-                    topic(self.options.mqtt_prefix, row.line, row.source, "inspection"),
-                    json.dumps(inspection_payload(
-                        inspection_id=row.id, frame_id=row.frame_id, captured_at=r.values["captured_at"],
-                        source=row.source, line=row.line, score=row.score or 0.0, is_anomalous=row.is_anomalous,
-                        model_version=row.model_version), separators=(",", ":")))
+        if saved.created and self.sinks:
+            if saved.alert is not None:
+                self.sinks.alerts_committed()
+            self.sinks.inspection_committed(CommittedInspection(
+                inspection_id=row.id, frame_id=row.frame_id, source=row.source, line=row.line,
+                captured_at=r.values["captured_at"], score=row.score or 0.0, threshold=row.threshold,
+                is_anomalous=row.is_anomalous, model_version=row.model_version, regions=r.values["regions"],
+                frame_name=row.frame_name))
         done = time.monotonic()
         self.stage_times.add("database", db_seconds)
         self.stage_times.add("publish", done - t_publish)
