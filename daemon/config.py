@@ -89,6 +89,9 @@ class RuntimeConfig(_Section):
     decode_threads: int = Field(2, ge=1, le=64)
     persist_threads: int = Field(1, ge=1, le=64)
     shutdown_grace_s: float = Field(20.0, gt=0)
+    engine: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    export_dir: str | None = Field(None, description="a prebuilt export for the engine; default: exported through "
+                                   "the parity gate at start and on each model swap, under <[storage].dir>/exports")
 
 
 # One [[sources]] entry: validated against the settings model its `kind` registered (adapters/sources/registry.py),

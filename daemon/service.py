@@ -180,6 +180,10 @@ class Service:
                 from daemon.models import startup_detector
 
                 detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
+            if s.runtime.engine != "torch":  # ONNX Runtime / OpenVINO: export (parity-checked) and run that
+                from daemon.engines import with_engine
+
+                detector = with_engine(s, detector)
             self._detector = detector
             log.info("model %s version %s (input %d px) loaded", getattr(detector, "name", "?"),
                      getattr(detector, "version", "?"), int(detector.image_size))
