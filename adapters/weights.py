@@ -127,7 +127,7 @@ def fetch_prompts(name: str, *, force: bool = False, progress: bool = True) -> P
 _HF_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 # Models whose backbone is not a CLIP from open_clip (nothing for `weights fetch` to get for them here).
-_NON_CLIP_MODELS = ("patchcore",)
+NON_CLIP_MODELS = ("patchcore",)
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def required_weights(model: str, backbone: str | Path | None, prompts: str | Pat
     """The downloadable files a model configuration needs, and nothing else: the named CLIP backbone (not a
     local file) and released prompts named by the configuration (AnomalyCLIP's default when it names none)."""
     needed: list[WeightFile] = []
-    if backbone and model not in _NON_CLIP_MODELS and is_named_backbone(backbone):
+    if backbone and model not in NON_CLIP_MODELS and is_named_backbone(backbone):
         needed.append(backbone_weights(str(backbone), tag))
     if prompts is None and model == "anomalyclip":
         prompts = DEFAULT_PROMPTS

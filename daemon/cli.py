@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "daemon.commands.ops_commands",  # defects, label, models, retrain, calibrate
     "daemon.commands.token_commands",  # tokens
     "daemon.commands.config_commands",  # config check
+    "daemon.commands.export_commands",  # export
+    "daemon.commands.reference_commands",  # references list|add|remove
 )
 
 

@@ -14,6 +14,7 @@ from adapters.db.models import (
     ModelVersion,
     OutboxMessage,
     RejectedFrame,
+    SourceThreshold,
     TrainingRun,
     utcnow,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "OutboxMessage",
     "RejectedFrame",
     "SavedInspection",
+    "SourceThreshold",
     "TrainingRun",
     "add_label",
     "add_outbox_attempts",

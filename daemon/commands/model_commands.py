@@ -75,7 +75,7 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     if args.image_size <= 0 or args.image_size % 14:
         raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of the patch size 14")
     return {
-        "backbone": _cached_backbone(args.backbone, args.pretrained),
+        "backbone": _cached_backbone(args.backbone, args.pretrained, name),
         "backbone_config": args.backbone_config,
         "pretrained": args.pretrained,
         "prompts": resolve_prompts(prompts_for(args.prompts, name)),
@@ -89,12 +89,18 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     }
 
 
-def _cached_backbone(backbone: str, pretrained: str | None) -> str:
-    """A named OpenAI backbone already in the weights cache → that file (no network); else the value as given
+def _cached_backbone(backbone: str, pretrained: str | None, model: str) -> str:
+    """A named OpenAI CLIP backbone already in the weights cache → that file (no network); else the value as given
     (open_clip downloads a named one on first use)."""
-    from adapters.weights import BACKBONE_TAG, WeightsError, backbone_weights, is_named_backbone
+    from adapters.weights import (
+        BACKBONE_TAG,
+        NON_CLIP_MODELS,
+        WeightsError,
+        backbone_weights,
+        is_named_backbone,
+    )
 
-    if pretrained != BACKBONE_TAG or not is_named_backbone(backbone):
+    if pretrained != BACKBONE_TAG or model in NON_CLIP_MODELS or not is_named_backbone(backbone):
         return backbone
     try:
         found = backbone_weights(backbone, pretrained).found()
@@ -103,10 +109,14 @@ def _cached_backbone(backbone: str, pretrained: str | None) -> str:
     return str(found) if found is not None else backbone
 
 
-def build_detector(args: argparse.Namespace, name: str | None = None):
+def build_detector(args: argparse.Namespace, name: str | None = None, class_names: Sequence[str] | None = None):
     from model import create_detector
 
     name = name or args.model
+    if getattr(args, "engine", "torch") != "torch" or getattr(args, "export", None):
+        from daemon.commands.export_commands import engine_detector_for
+
+        return engine_detector_for(args, name, class_names)
     return create_detector(name, **model_options(args, name))
 
 
@@ -329,7 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty()
     skipped: list[tuple[str, str]] = []
     for name in models:
-        detector = build_detector(args, name)
+        detector = build_detector(args, name, class_names=sorted(by_category))
         infos[name] = {"version": detector.version, "backbone": args.backbone}
         accumulator = MetricAccumulator()
         for category, items in by_category.items():
@@ -440,6 +450,8 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from daemon.commands.export_commands import add_engine_options
+
     predict = subparsers.add_parser("predict", help="score image files or folders")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     predict.add_argument("--output", default="out.npz", help="npz with scores [N], maps [N,H,W], paths [N]")
@@ -451,6 +463,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--json", action="store_true", help="one JSON line per image on stdout")
     predict.add_argument("--batch-size", type=int, default=8)
     add_model_options(predict)
+    add_engine_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     train = subparsers.add_parser("train", help="learn prompts on a labelled dataset (resumable)")
@@ -488,6 +501,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of Markdown")
     add_model_options(evaluate, several_models=True)
+    add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     weights = subparsers.add_parser("weights", help="download model weights into the cache")
