@@ -189,6 +189,7 @@ class Service:
             log.info("model %s version %s (input %d px) loaded", getattr(detector, "name", "?"),
                      getattr(detector, "version", "?"), int(detector.image_size))
             detector = self._route_references(detector)
+            self.metrics.add_model_collector(self._current_detector)
             self.pipeline = Pipeline(
                 detector, self.sources, self.sessions, self.store, sinks=self.sinks,
                 source_settings=self._source_settings(), metrics=self.metrics,
@@ -403,17 +404,24 @@ class Service:
         if install_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self._stop_requested.set())
+        from daemon.systemd import SystemdNotifier
+
+        notifier = SystemdNotifier()  # Type=notify + WatchdogSec under systemd; nothing otherwise
         try:
             self.start()
         except BaseException:
             self.stop()
             raise
+        notifier.ready(f"inspecting {len(self.sources)} source(s)" if self.role != "capture" else "capturing")
         while not self._stop_requested.wait(1.0):
             _, details = self.readiness()
             problems = (details.get("pipeline") or {}).get("problems")
             if problems and problems != self._errors:
                 self._errors = list(problems)
                 log.error("pipeline unhealthy: %s", "; ".join(problems))
+                notifier.status("unhealthy: " + "; ".join(problems))
+            notifier.watchdog(healthy=not problems)
+        notifier.stopping()
         log.info("stopping (grace %.0fs)", self.settings.runtime.shutdown_grace_s)
         self.stop()  # frames not drained in time were handed back to their sources: still a clean exit
         return 0
