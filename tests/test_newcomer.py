@@ -111,6 +111,9 @@ def test_newcomer_day_one(tmp_path, shared_dir, samples_dir):
             time.sleep(0.5)
             items = httpx.get(f"{base}/api/inspections", headers=headers).json()["items"]
         assert all(item["score"] is not None for item in items)
+        # each row keeps the file's final name: where the folder source moved it after processing
+        assert all("/var/inbox/processed/" in item["frame_name"] for item in items)
+        assert all(Path(item["frame_name"]).is_file() for item in items)
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(60) == 0, log_path.read_text()[-3000:]
