@@ -42,6 +42,7 @@ from adapters.db.repository import (
 )
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
+from daemon.dead_letter import DeadLetters
 from daemon.metrics import Metrics
 from daemon.results import alert_payload, extract_regions, inspection_payload, map_to_frame, topic
 from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame, SourceSettings
@@ -64,6 +65,7 @@ class PipelineOptions:
     alert_qos: int = 1
     publish_inspections: bool = True
     reference_preprocessing: bool = False
+    max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
 
 
 @dataclass
@@ -158,6 +160,12 @@ class Pipeline:
         self.rejected = 0
         self.failed = 0
         self._count_lock = threading.Lock()
+        self.metrics.known_sources.update(self.source_settings)
+        self.dead_letters = DeadLetters(
+            self.options.max_attempts,
+            lambda frame, source_id, reason: record_rejected(
+                self.sessions, source=source_id, frame_id=frame.frame_id, name=frame.name or None, reason=reason),
+            on_dead_letter=lambda source_id: self.metrics.dead_lettered.labels(source_id).inc())
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -469,6 +477,7 @@ class Pipeline:
         self.metrics.end_to_end_latency.observe(
             max(0.0, (datetime.now(timezone.utc) - r.values["captured_at"]).total_seconds()))
         self.metrics.inspections.labels(settings.id, "anomalous" if row.is_anomalous else "normal").inc()
+        self.metrics.last_inspected.labels(settings.id).set(time.time())
         with self._count_lock:
             self.processed += 1
         if self.on_result is not None:
@@ -504,7 +513,8 @@ class Pipeline:
             self.metrics.frames_failed.labels(source_id, stage).inc()
             with self._count_lock:
                 self.failed += 1
-            frame.done(False)
+            if not self.dead_letters.failed(frame, source_id, stage, exc):
+                frame.done(False)
 
     def _batch_done(self, size: int, queue_wait: float, inference: float) -> None:
         self.metrics.batch_size.observe(size)
