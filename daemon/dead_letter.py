@@ -3,7 +3,8 @@
 Without this a frame whose result cannot be stored (a value the database refuses, artifacts that cannot be
 written, a detector that fails on it) is handed back to its source, redelivered and fails again without end,
 and with MQTT's receive window a few of them block every valid frame. Attempts are counted per frame_id (the
-source's idempotency key, stable across redeliveries) in a bounded LRU.
+source's idempotency key, stable across redeliveries) in a bounded LRU; a lost database connection does not
+count (`is_transient`: every frame fails the same way during an outage, and none of them is poison).
 
 Giving up means: a `rejected_frames` row whose reason starts with "dead letter", the
 `anomalyd_frames_dead_lettered_total` counter, one error log line, and `frame.done(True)` (acknowledged/moved).
@@ -21,6 +22,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_PREFIX = "dead letter"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure of the infrastructure rather than of the frame: the database unreachable or its connection
+    lost. Such failures do not count towards dead-lettering (the frame would fail the same way as any other)."""
+    from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+
+    if isinstance(exc, (OperationalError, DisconnectionError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 class DeadLetters:
@@ -45,6 +56,8 @@ class DeadLetters:
     def failed(self, frame: Any, source_id: str, stage: str, exc: BaseException) -> bool:
         """One more failed attempt of `frame`. True: it was dead-lettered (recorded and `done(True)` called);
         False: the caller hands it back to its source (`done(False)`)."""
+        if is_transient(exc):
+            return False
         with self._lock:
             attempts = self._attempts.pop(frame.frame_id, 0) + 1
             self._attempts[frame.frame_id] = attempts

@@ -43,6 +43,7 @@ from adapters.db.repository import (
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
 from daemon.dead_letter import DeadLetters
+from daemon.health import OutcomeWindow
 from daemon.metrics import Metrics
 from daemon.results import alert_payload, extract_regions, inspection_payload, map_to_frame, topic
 from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame, SourceSettings
@@ -166,6 +167,7 @@ class Pipeline:
             lambda frame, source_id, reason: record_rejected(
                 self.sessions, source=source_id, frame_id=frame.frame_id, name=frame.name or None, reason=reason),
             on_dead_letter=lambda source_id: self.metrics.dead_lettered.labels(source_id).inc())
+        self.outcomes = OutcomeWindow()  # recent ok/failed frames: readiness fails while most fail
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -205,6 +207,9 @@ class Pipeline:
                 problems.append("intake thread is not running")
             if any(not thread.is_alive() for thread in self._writer_threads):
                 problems.append("a writer thread is not running")
+        failing = self.outcomes.problem()
+        if failing is not None:
+            problems.append(failing)
         return (not problems, problems)
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -478,6 +483,7 @@ class Pipeline:
             max(0.0, (datetime.now(timezone.utc) - r.values["captured_at"]).total_seconds()))
         self.metrics.inspections.labels(settings.id, "anomalous" if row.is_anomalous else "normal").inc()
         self.metrics.last_inspected.labels(settings.id).set(time.time())
+        self.outcomes.add(True)
         with self._count_lock:
             self.processed += 1
         if self.on_result is not None:
@@ -500,6 +506,7 @@ class Pipeline:
             self._fail([frame], settings.id, "reject", exc)
             return
         self.metrics.frames_rejected.labels(settings.id).inc()
+        self.outcomes.add(True)
         with self._count_lock:
             self.rejected += 1
         frame.done(True)
@@ -513,6 +520,7 @@ class Pipeline:
             self.metrics.frames_failed.labels(source_id, stage).inc()
             with self._count_lock:
                 self.failed += 1
+            self.outcomes.add(False)
             if not self.dead_letters.failed(frame, source_id, stage, exc):
                 frame.done(False)
 

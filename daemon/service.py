@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from daemon.config import Settings
+from daemon.health import database_write_problem, source_problem, storage_problem
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
 from daemon.worker import SourceSettings
@@ -328,6 +329,16 @@ class Service:
             except Exception as exc:
                 ok = False
                 details["database"] = {"reachable": False, "error": str(exc).splitlines()[0][:300]}
+            else:
+                write_problem = database_write_problem(self.engine)
+                details["database"]["writable"] = write_problem is None
+                if write_problem is not None:
+                    ok = False
+                    details["database"]["error"] = write_problem
+            if self.store is not None:
+                storage = storage_problem(self.store.root)
+                details["storage"] = {"writable": storage is None, **({"error": storage} if storage else {})}
+                ok &= storage is None
         if self.pipeline is not None:
             healthy, problems = self.pipeline.healthy()
             ok &= healthy
@@ -345,6 +356,16 @@ class Service:
         else:
             details["mqtt"] = {"enabled": False}
         details["sources"] = {source.id: str(_status(source)) for source in self.sources}
+        if not self._stop_requested.is_set():
+            dead = [problem for problem in map(source_problem, self.sources) if problem is not None]
+            if dead:
+                ok = False
+                details["source_problems"] = dead
+        problems = [*(details.get("pipeline", {}).get("problems") or []), *details.get("source_problems", []),
+                    *([details["database"]["error"]] if details.get("database", {}).get("error") else []),
+                    *([details["storage"]["error"]] if details.get("storage", {}).get("error") else [])]
+        if problems:
+            details["causes"] = problems  # every reason it is not ready, in one list
         if self.api is not None and self.api.crashed is not None:
             ok = False
         if self._stop_requested.is_set():

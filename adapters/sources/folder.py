@@ -17,7 +17,7 @@ absolute), `settle_s` (1.0), `poll_interval_s` (0.5), `retry_s` (10), `create` (
 `complete_wait_s` (10: a JPEG/PNG without its end marker is retried until its mtime is this old: a slow writer).
 
 Nothing is skipped without a record: a subfolder (when not recursive) or a special file (FIFO, socket) gets one
-rejected row and is left in place; a file name that is not valid UTF-8 is read and recorded with \xNN escapes.
+rejected row and is left in place; a file name that is not valid UTF-8 is read and recorded with \\xNN escapes.
 """
 
 from __future__ import annotations
