@@ -79,6 +79,9 @@ class RuntimeConfig(_Section):
     decode_threads: int = Field(2, ge=1, le=64)
     persist_threads: int = Field(1, ge=1, le=64)
     shutdown_grace_s: float = Field(20.0, gt=0)
+    max_pixels: int = Field(50_000_000, ge=64)  # per frame, read from its header; larger frames are rejected
+    decode_budget_mb: int = Field(512, ge=16)  # decoded frames in flight, in MiB of RGB pixels
+    max_attempts: int = Field(5, ge=1)  # failures of one frame before it is dead-lettered
 
 
 SourceKind = Literal["camera", "rtsp", "http", "video", "folder", "redis", "mqtt"]
@@ -90,6 +93,7 @@ SOURCE_OPTION_KEYS = frozenset({
     "consumer", "count", "create", "group", "ignore", "keepalive", "loop", "open_timeout_ms", "password",
     "poll_interval_s", "processed_dir", "qos", "read_timeout_ms", "receive_maximum", "recursive", "retry_s",
     "session_expiry_s", "settle_s", "stream", "tls", "topics", "url", "username", "watchdog_s",
+    "max_bytes", "complete_wait_s", "restart_initial_s", "restart_max_s", "max_future_s",
 })
 
 

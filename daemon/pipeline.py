@@ -42,6 +42,7 @@ from adapters.db.repository import (
 )
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
+from daemon.budget import ByteBudget
 from daemon.dead_letter import DeadLetters
 from daemon.health import OutcomeWindow
 from daemon.metrics import Metrics
@@ -67,6 +68,8 @@ class PipelineOptions:
     publish_inspections: bool = True
     reference_preprocessing: bool = False
     max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
+    max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
+    decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
 
 
 @dataclass
@@ -168,6 +171,7 @@ class Pipeline:
                 self.sessions, source=source_id, frame_id=frame.frame_id, name=frame.name or None, reason=reason),
             on_dead_letter=lambda source_id: self.metrics.dead_lettered.labels(source_id).inc())
         self.outcomes = OutcomeWindow()  # recent ok/failed frames: readiness fails while most fail
+        self.decode_budget = ByteBudget(self.options.decode_budget_bytes)
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -295,15 +299,28 @@ class Pipeline:
             frame.done(False)
 
     def _prepare(self, frame: Any, settings: SourceSettings, t_in: float) -> None:
-        from model.preprocess import ImageDecodeError, decode_image
+        from model.preprocess import ImageDecodeError, decode_image, header_size
 
         try:
+            # Bytes of the decoded frame, from its header (nothing decoded yet), held until the frame is done.
+            if frame.image is not None:
+                cost = int(np.asarray(frame.image).nbytes)
+            elif frame.data is not None:
+                declared = header_size(frame.data)
+                cost = 3 * declared[0] * declared[1] if declared is not None else len(frame.data)
+                if self.options.max_pixels is not None and declared is not None \
+                        and declared[0] * declared[1] > self.options.max_pixels:
+                    cost = 0  # refused from the header below, never decoded
+            else:
+                cost = 0
+            self.decode_budget.hold_until_done(frame, self.decode_budget.acquire(cost, self._abort))
             started = time.monotonic()
             try:
                 if frame.image is not None:
                     rgb = _as_rgb8(frame.image, frame.name or frame.frame_id)
                 elif frame.data is not None:
-                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id)
+                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id,
+                                       max_pixels=self.options.max_pixels)
                 else:
                     raise ImageDecodeError(str(frame.meta.get("error") or "frame carries no image data"))
             except ImageDecodeError as exc:

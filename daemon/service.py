@@ -188,7 +188,9 @@ class Service:
                     queue_size=s.runtime.queue_size, decode_threads=s.runtime.decode_threads,
                     persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
                     publish_inspections=s.mqtt.publish_inspections,
-                    reference_preprocessing=s.model.reference_preprocessing),
+                    reference_preprocessing=s.model.reference_preprocessing,
+                    max_pixels=s.runtime.max_pixels, decode_budget_bytes=s.runtime.decode_budget_mb << 20,
+                    max_attempts=s.runtime.max_attempts),
             )
             self.pipeline.start()
             self._start_background_jobs()

@@ -31,6 +31,7 @@ LABELS = ("normal", "anomalous")
 ARTIFACTS = {"mask.png": "mask_path", "heatmap.jpg": "heatmap_path", "frame.jpg": "frame_path"}
 LABEL_MASK_ARTIFACT = "label_mask.png"
 MAX_MASK_BYTES = 20 * 1024 * 1024
+MAX_MASK_PIXELS = 100_000_000  # with no frame size to compare with, still no absurd allocation
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Score sort puts rows without a score (model errors) last in descending order: they sort as -1.
 _NO_SCORE = -1.0
@@ -184,8 +185,13 @@ def list_models(session: Session) -> list[ModelVersion]:
 # --- labelling ---------------------------------------------------------------------------------------------------
 
 
-def validate_mask_png(data: bytes, name: str = "mask") -> tuple[int, int]:
-    """(width, height) of a PNG mask; HistoryError naming `name` when it is not a decodable PNG image."""
+def validate_mask_png(data: bytes, name: str = "mask", expected: tuple[int | None, int | None] | None = None
+                      ) -> tuple[int, int]:
+    """(width, height) of a PNG mask; HistoryError naming `name` when it is not a decodable PNG image, or when
+    its size differs from `expected` (the frame's width, height). The size is read from the PNG header and
+    checked BEFORE decoding: a tiny file declaring 30000x30000 pixels is refused without allocating them."""
+    import struct
+
     import cv2
     import numpy as np
 
@@ -195,6 +201,14 @@ def validate_mask_png(data: bytes, name: str = "mask") -> tuple[int, int]:
         raise HistoryError(f"{name}: {len(data)} bytes, more than the {MAX_MASK_BYTES} allowed")
     if not data.startswith(_PNG_SIGNATURE):
         raise HistoryError(f"{name}: not a PNG file")
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise HistoryError(f"{name}: not a decodable PNG image (no IHDR header)")
+    width, height = struct.unpack(">II", data[16:24])
+    if expected is not None and None not in expected and (width, height) != tuple(expected):
+        raise HistoryError(f"{name}: the mask is {width}x{height} pixels, the frame {expected[0]}x{expected[1]}; "
+                           f"a mask must have the frame's size")
+    if width * height > MAX_MASK_PIXELS:
+        raise HistoryError(f"{name}: the mask is {width}x{height} pixels, more than {MAX_MASK_PIXELS}")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise HistoryError(f"{name}: not a decodable PNG image (truncated or corrupt)")
@@ -226,16 +240,15 @@ def apply_label(
     """
     if label not in LABELS:
         raise HistoryError(f"label must be 'normal' or 'anomalous', not {label!r}")
-    if mask is not None:
-        validate_mask_png(mask, mask_name)
-        if store is None:
-            raise HistoryError("no artifact store configured to keep the mask")
+    if mask is not None and store is None:
+        raise HistoryError("no artifact store configured to keep the mask")
     mask_path = None
     with sessions() as session:
         try:
             with session.begin():
-                get_inspection(session, inspection_id)
+                inspection = get_inspection(session, inspection_id)
                 if mask is not None:
+                    validate_mask_png(mask, mask_name, expected=(inspection.width, inspection.height))
                     mask_path = store_label_mask(store, mask)
                 row = add_label(session, inspection_id, label, author=author, mask_path=mask_path)
         except BaseException:
