@@ -159,15 +159,32 @@ def _jpeg_frame_header(data: bytes) -> tuple[int, int, int, int] | None:
 
 
 def _decode_jpeg(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray | None:
-    """A complete 8-bit gray or YCbCr JPEG decoded by OpenCV (RGB), or None to leave it to PIL (which also
-    gives the clear error for truncated or odd files: OpenCV would fill a truncated JPEG with grey)."""
+    """An 8-bit gray or YCbCr JPEG decoded by libjpeg-turbo (simplejpeg, strict: damaged data raises
+    ImageDecodeError naming libjpeg's warning), or None to leave it to PIL. Without simplejpeg: OpenCV for
+    complete files, PIL for the rest (OpenCV would fill a truncated JPEG with grey)."""
     header = _jpeg_frame_header(data)
     if header is None or header[2] != 8 or header[3] not in (1, 3):
         return None
-    if not data[-64:].rstrip(b"\0").endswith(b"\xff\xd9"):  # no end-of-image marker: truncated
-        return None
+    if not data[-64:].rstrip(b"\0").endswith(b"\xff\xd9") and not _has_simplejpeg():
+        return None  # no end-of-image marker: truncated; PIL says so
     width, height = header[:2]
     _check_size(width, height, name, max_pixels)
+    try:
+        import simplejpeg
+    except ImportError:  # optional: without it, OpenCV below (which ignores libjpeg's corrupt-data warnings)
+        simplejpeg = None
+    if simplejpeg is not None:
+        # libjpeg-turbo in strict mode: its warnings ("Corrupt JPEG data: premature end of data segment",
+        # "N extraneous bytes before marker", a missing end of image) fail the frame instead of yielding grey or
+        # shifted pixels that would be scored as real. Same pixels as OpenCV's decode, the GIL released.
+        try:
+            rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except ValueError as exc:
+            raise ImageDecodeError(f"{name}: not a readable image (damaged JPEG: {exc})") from exc
+        if rgb.shape[:2] != (height, width):
+            raise ImageDecodeError(f"{name}: not a readable image (damaged JPEG: decoded "
+                                   f"{rgb.shape[1]}x{rgb.shape[0]}, header says {width}x{height})")
+        return rgb
     import cv2
 
     # IMREAD_COLOR_RGB (OpenCV >= 4.10) has libjpeg write RGB directly, saving a conversion pass.
@@ -177,6 +194,14 @@ def _decode_jpeg(data: bytes, name: str, max_pixels: int | None = None) -> np.nd
     if pixels is None or pixels.shape[:2] != (height, width):
         return None
     return pixels if rgb_flag is not None else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+
+def _has_simplejpeg() -> bool:
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _normalise(chw: torch.Tensor) -> torch.Tensor:
