@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ LABELS = ("normal", "anomalous")
 ARTIFACTS = {"mask.png": "mask_path", "heatmap.jpg": "heatmap_path", "frame.jpg": "frame_path"}
 LABEL_MASK_ARTIFACT = "label_mask.png"
 MAX_MASK_BYTES = 20 * 1024 * 1024
+MAX_ID = 2**31 - 1  # the id columns are 32-bit integers on PostgreSQL
 MAX_MASK_PIXELS = 100_000_000  # with no frame size to compare with, still no absurd allocation
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Score sort puts rows without a score (model errors) last in descending order: they sort as -1.
@@ -60,15 +62,22 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, int]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        if not isinstance(data, dict) or data.get("s") != sort or not isinstance(data.get("i"), int):
+        if not isinstance(data, dict) or data.get("s") != sort:
             raise ValueError("cursor was issued for another sort order" if isinstance(data, dict) else "not an object")
+        last_id = data.get("i")
+        if not isinstance(last_id, int) or isinstance(last_id, bool) or not -MAX_ID <= last_id <= MAX_ID:
+            raise ValueError("its id is not an inspection id")
         key = data["k"]
         if sort.startswith("time"):
+            if not isinstance(key, str):
+                raise ValueError("its time is not a string")
             parsed = datetime.fromisoformat(key)
-            key = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            key = (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
         else:
+            if not isinstance(key, (int, float)) or isinstance(key, bool) or not math.isfinite(float(key)):
+                raise ValueError("its score is not a number")
             key = float(key)
-    except (ValueError, TypeError, KeyError, UnicodeError, binascii.Error) as exc:
+    except (ValueError, TypeError, KeyError, UnicodeError, OverflowError, binascii.Error) as exc:
         raise HistoryError(f"invalid cursor {cursor[:40]!r}: {exc}") from None
     return key, data["i"]
 
@@ -128,6 +137,8 @@ def latest_labels(session: Session, inspection_ids: Sequence[int]) -> dict[int, 
 
 
 def get_inspection(session: Session, inspection_id: int) -> Inspection:
+    if not -MAX_ID <= inspection_id <= MAX_ID:  # beyond the id column's range: no such row (not a driver error)
+        raise NotFound(f"no inspection {inspection_id}")
     row = session.get(Inspection, inspection_id)
     if row is None:
         raise NotFound(f"no inspection {inspection_id}")
