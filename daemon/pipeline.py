@@ -16,6 +16,7 @@ object with `.scores` (B,) and `.maps` (B,S,S) tensors; the daemon builds it wit
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import queue
@@ -40,6 +41,7 @@ from adapters.db.repository import (
     save_inspection,
     save_inspections,
 )
+from adapters.log_repeats import install as install_repeat_filter
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
 from daemon.budget import ByteBudget
@@ -50,6 +52,7 @@ from daemon.results import alert_payload, extract_regions, inspection_payload, m
 from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame, SourceSettings
 
 log = logging.getLogger(__name__)
+REPEATS = install_repeat_filter(log)  # identical errors (a full disk) logged once a minute, with a count
 
 _STOP = object()
 
@@ -392,6 +395,8 @@ class Pipeline:
         for scored in batch:
             frame = scored.prepared.frame
             existing = known.get(frame.frame_id)
+            if existing is not None and self._conflicting(frame, existing, scored.prepared.source.id):
+                continue
             if existing is not None:  # redelivered after a commit: ack, no second row or alert
                 log.info("frame %s already inspected (#%d); acknowledging", frame.frame_id, existing.id)
                 frame.done(True)
@@ -424,6 +429,30 @@ class Pipeline:
         for r, result in zip(rendered, saved, strict=True):
             self._finish(r, result, db_share)
 
+    def _conflicting(self, frame: Any, existing: Inspection, source_id: str) -> bool:
+        """A frame_id already inspected with DIFFERENT content (a producer reusing ids): recorded as a rejected
+        row naming the conflict and acknowledged (True); a plain redelivery (same content, or unknown): False."""
+        recorded = (existing.meta or {}).get("content_sha1") if isinstance(existing.meta, dict) else None
+        if recorded is None or frame.data is None:
+            return False
+        digest = hashlib.sha1(frame.data).hexdigest()
+        if digest == recorded:
+            return False
+        reason = (f"frame_id conflict: {frame.frame_id!r} was already inspected (#{existing.id}) with different "
+                  f"content (sha1 {recorded[:12]}, now {digest[:12]}); this frame was not inspected")
+        log.warning("%s", reason)
+        try:
+            record_rejected(self.sessions, source=source_id, frame_id=f"{frame.frame_id}#conflict-{digest[:12]}",
+                            name=frame.name or None, reason=reason)
+        except Exception as exc:
+            self._fail([frame], source_id, "persist", exc)
+            return True
+        self.outcomes.add(True)
+        with self._count_lock:
+            self.rejected += 1
+        frame.done(True)
+        return True
+
     def _render(self, scored: ScoredFrame) -> _Rendered:
         """Map at frame size, regions and artifact files; the row's values (not yet stored)."""
         started = time.monotonic()
@@ -448,6 +477,8 @@ class Pipeline:
             score=float(scored.score), threshold=threshold, is_anomalous=is_anomalous,
             regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame,
             width=width, height=height,
+            # the content's hash: a later frame reusing this frame_id with other bytes is a conflict, not a redelivery
+            meta={"content_sha1": hashlib.sha1(frame.data).hexdigest()} if frame.data is not None else None,
         )
 
         def build_alert(row: Inspection) -> tuple[str, dict[str, Any], int] | None:

@@ -30,6 +30,7 @@ log = logging.getLogger("anomalyd.service")
 
 ROLES = ("all", "worker", "capture")
 RETENTION_INTERVAL_S = 3600.0
+ORPHAN_SWEEP_DELAY_S = 5.0  # the first orphan sweep, soon after start (files left by a SIGKILL)
 
 
 def build_detector(settings: Settings) -> Any:
@@ -143,6 +144,7 @@ class Service:
         self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
         self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
         self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
+        self.orphan_sweeper: Any = None  # a RetentionJob that only sweeps orphan files, when retention is off
 
     # --- start --------------------------------------------------------------------------------------------------
 
@@ -222,10 +224,17 @@ class Service:
 
             self.retention = RetentionJob.from_settings(self.settings, self.sessions, self.store)
             self.retention.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
+        else:  # rows kept forever, but files a SIGKILL left without a row are still swept, at start and hourly
+            from daemon.retention import RetentionJob
+
+            self.orphan_sweeper = RetentionJob(self.sessions, self.store, None)
+            self.orphan_sweeper.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=ORPHAN_SWEEP_DELAY_S)
 
     def _stop_background_jobs(self) -> None:
         if self.retention is not None:
             self.retention.stop()
+        if self.orphan_sweeper is not None:
+            self.orphan_sweeper.stop()
         if self.retraining is not None:
             self.retraining.stop()
         elif self.retrainer is not None:

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from adapters.log_repeats import install as install_repeat_filter
+
 log = logging.getLogger(__name__)
 
 SourceKind = Literal["camera", "rtsp", "http", "video", "folder", "redis", "mqtt"]
@@ -335,6 +337,7 @@ class FrameSource(ABC):
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self.log = logging.getLogger(f"{type(self).__module__}.{self.id}")
+        install_repeat_filter(self.log)  # a source failing the same way on every poll: once a minute, counted
         # Supervisor: unexpected exceptions in `_run` seen so far, and the backoff before each restart.
         self.crashes = 0
         self.restart_initial_s = float(spec.option("restart_initial_s", 0.5))

@@ -219,7 +219,8 @@ class FolderSource(FrameSource):
         frame = Frame(
             frame_id=folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns),
             source_id=self.id,
-            captured_at=datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc),
+            captured_at=self._checked_capture_time(datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc),
+                                                   meta),
             data=data,
             name=printable_name(str(path)),
             meta=meta,
