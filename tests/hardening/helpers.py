@@ -10,10 +10,9 @@ from typing import Any
 from sqlalchemy import select
 
 from adapters.db import Inspection, RejectedFrame
-from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
+from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceSettings, SourceStatus
 from adapters.storage import ArtifactStore
 from daemon.pipeline import Pipeline, PipelineOptions
-from daemon.worker import SourceSettings
 
 
 def make_pipeline(sessions, tmp_path: Path, sources: list[Any], detector, **options) -> Pipeline:
