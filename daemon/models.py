@@ -168,6 +168,10 @@ def build_version_detector(settings: Any, row: ModelVersion, current: Any = None
     if str(detector.version) != row.version:  # rows must carry the registry's name for the version
         detector.version = row.version
     _warm_up(detector)
+    if getattr(settings.runtime, "engine", "torch") != "torch":  # the new version is exported and checked first
+        from daemon.engines import with_engine
+
+        return with_engine(settings, detector)
     return detector
 
 

@@ -15,6 +15,7 @@ from adapters.db.models import (
     ModelVersion,
     OutboxMessage,
     RejectedFrame,
+    SourceThreshold,
     TrainingRun,
     utcnow,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "OutboxMessage",
     "RejectedFrame",
     "SavedInspection",
+    "SourceThreshold",
     "TrainingRun",
     "add_label",
     "add_outbox_attempts",

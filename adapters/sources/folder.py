@@ -26,11 +26,39 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
-from adapters.sources.base import Frame, FrameSource, SourceSpec, SourceStatus
+from pydantic import Field, field_validator
+
+from adapters.sources.base import Frame, FrameSource, SourceSettings, SourceStatus, resolve_path_uri
+from adapters.sources.registry import register_source_kind
 
 IGNORED_PATTERNS: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.crdownload", "*.done", "*~")
 AFTER_ACTIONS = ("move", "delete", "mark")
+
+
+class FolderSettings(SourceSettings):
+    """`kind = "folder"`: uri is the directory to watch (relative: to the config file's directory)."""
+
+    kind: Literal["folder"]
+    recursive: bool = Field(False, description="also watch sub-folders")
+    after: str = Field("move", description="after the result is committed: move | delete | mark (rename .done)")
+    processed_dir: str = Field("processed", description="where `move` puts files; relative to the inbox")
+    settle_s: float = Field(1.0, ge=0, description="size and mtime unchanged this long before a file is read")
+    poll_interval_s: float = Field(0.5, gt=0, description="seconds between two listings")
+    retry_s: float = Field(10.0, ge=0, description="a file not processed (done(False)) is retried after this")
+    create: bool = Field(True, description="create a missing inbox")
+    ignore: list[str] = Field(default_factory=list, description="extra glob patterns to ignore")
+
+    @field_validator("after")
+    @classmethod
+    def _known_action(cls, value: str) -> str:
+        if value not in AFTER_ACTIONS:
+            raise ValueError(f"after must be one of {AFTER_ACTIONS}, got {value!r}")
+        return value
+
+    def resolved(self, base_dir: Path) -> FolderSettings:
+        return resolve_path_uri(self, base_dir)  # type: ignore[return-value]
 
 
 def folder_frame_id(source_id: str, relative_path: str, size: int, mtime_ns: int) -> str:
@@ -46,23 +74,25 @@ class _Seen:
     stable_since: float
 
 
+@register_source_kind("folder", settings=FolderSettings)
 class FolderSource(FrameSource):
-    def __init__(self, spec: SourceSpec, **kwargs) -> None:
+    spec: FolderSettings
+
+    def __init__(self, spec: FolderSettings, **kwargs) -> None:
         super().__init__(spec, **kwargs)
+        spec = self.spec
         if not spec.uri:
             raise ValueError(f"folder source {spec.id!r} needs uri = the directory to watch")
         self.directory = Path(spec.uri).expanduser()
-        self.recursive = bool(spec.option("recursive", False))
-        self.after = str(spec.option("after", "move"))
-        if self.after not in AFTER_ACTIONS:
-            raise ValueError(f"folder source {spec.id!r}: after must be one of {AFTER_ACTIONS}, got {self.after!r}")
-        processed = Path(str(spec.option("processed_dir", "processed")))
+        self.recursive = spec.recursive
+        self.after = spec.after
+        processed = Path(spec.processed_dir)
         self.processed_dir = processed if processed.is_absolute() else self.directory / processed
-        self.settle_s = float(spec.option("settle_s", 1.0))
-        self.poll_interval_s = float(spec.option("poll_interval_s", 0.5))
-        self.retry_s = float(spec.option("retry_s", 10.0))
-        self.create = bool(spec.option("create", True))
-        self.ignore = IGNORED_PATTERNS + tuple(spec.option("ignore", ()))
+        self.settle_s = spec.settle_s
+        self.poll_interval_s = spec.poll_interval_s
+        self.retry_s = spec.retry_s
+        self.create = spec.create
+        self.ignore = IGNORED_PATTERNS + tuple(spec.ignore)
         self._seen: dict[str, _Seen] = {}
         self._in_flight: set[str] = set()
         # path -> frame_id of files already finished: a listing taken just before the file was moved must not

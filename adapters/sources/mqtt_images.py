@@ -23,14 +23,34 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from pydantic import Field, SecretStr
 
-from adapters.sources.base import Frame, FrameSource, SourceSpec, SourceStatus, utc_now
+from adapters.sources.base import Frame, FrameSource, SourceSettings, SourceStatus, utc_now
+from adapters.sources.registry import SourceContext, register_source_kind
+
+
+class MqttSourceSettings(SourceSettings):
+    """`kind = "mqtt"`: uri `mqtt://[user[:password]@]host[:port]/topic/+/wildcards` (`mqtts://` for TLS)."""
+
+    kind: Literal["mqtt"]
+    topics: list[str] = Field(default_factory=list, description="more topics besides the uri's")
+    client_id: str | None = Field(None, description="default: anomalyd-<hostname>-<source id> (keep it stable)")
+    qos: Literal[0, 1, 2] = Field(1, description="subscription QoS")
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="the broker keeps our session this long")
+    receive_maximum: int | None = Field(None, ge=1, description="unacknowledged messages in flight; default: "
+                                                                "the queue size")
+    keepalive: int = Field(30, ge=1, description="seconds")
+    username: str | None = Field(None, description="default: from the uri, else [mqtt] username")
+    password: SecretStr | None = Field(None, description="default: from the uri, else [mqtt] password")
+    tls: bool | None = Field(None, description="default: true for mqtts://")
+    backoff_initial_s: float = Field(1.0, gt=0, description="first reconnect delay")
+    backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
 
 
 @dataclass(frozen=True)
@@ -70,32 +90,41 @@ def mqtt_frame_id(source_id: str, topic: str, payload: bytes) -> str:
     return f"{source_id}:{topic}:{hashlib.sha1(payload).hexdigest()[:16]}"
 
 
+@register_source_kind("mqtt", settings=MqttSourceSettings)
 class MqttImageSource(FrameSource):
-    def __init__(self, spec: SourceSpec, *, mqtt_username: str | None = None, mqtt_password: Any = None,
+    spec: MqttSourceSettings
+
+    def __init__(self, spec: MqttSourceSettings, *, mqtt_username: str | None = None, mqtt_password: Any = None,
                  **kwargs) -> None:
         super().__init__(spec, **kwargs)
+        spec = self.spec
         target = parse_mqtt_uri(str(spec.uri))
-        topics = target.topics + tuple(spec.option("topics", ()))
+        topics = target.topics + tuple(spec.topics)
         if not topics:
             raise ValueError(f"mqtt source {spec.id!r}: no topic in uri {spec.uri!r} and no `topics` option")
         self.target = target
         self.topics = topics
-        self.qos = int(spec.option("qos", 1))
-        self.client_id = str(spec.option("client_id") or f"anomalyd-{socket.gethostname()}-{spec.id}")
-        self.session_expiry_s = int(spec.option("session_expiry_s", 7 * 24 * 3600))
-        self.receive_maximum = int(spec.option("receive_maximum", self.queue.maxsize))
-        self.keepalive = int(spec.option("keepalive", 30))
-        password = spec.option("password") or target.password or mqtt_password
-        self.username = spec.option("username") or target.username or mqtt_username
+        self.qos = spec.qos
+        self.client_id = spec.client_id or f"anomalyd-{socket.gethostname()}-{spec.id}"
+        self.session_expiry_s = spec.session_expiry_s
+        self.receive_maximum = spec.receive_maximum or self.queue.maxsize
+        self.keepalive = spec.keepalive
+        password = spec.password or target.password or mqtt_password
+        self.username = spec.username or target.username or mqtt_username
         self.password = password.get_secret_value() if hasattr(password, "get_secret_value") else password
-        self.tls = bool(spec.option("tls", target.tls))
-        self.backoff_initial_s = float(spec.option("backoff_initial_s", 1.0))
-        self.backoff_max_s = float(spec.option("backoff_max_s", 30.0))
+        self.tls = target.tls if spec.tls is None else spec.tls
+        self.backoff_initial_s = spec.backoff_initial_s
+        self.backoff_max_s = spec.backoff_max_s
         self._inbox: collections.deque[Frame] = collections.deque()
         self._inbox_ready = threading.Condition()
         self._client: mqtt.Client | None = None
         self._connection = 0  # incremented per connection: a PUBACK mid is only valid on its own connection
         self._ever_connected = False
+
+    @classmethod
+    def from_context(cls, settings: SourceSettings, context: SourceContext) -> MqttImageSource:
+        return cls(settings, queue_size=context.queue_size, on_status=context.on_status,  # type: ignore[arg-type]
+                   mqtt_username=context.mqtt_username, mqtt_password=context.mqtt_password)
 
     # -- paho callbacks (paho's network thread) --------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:

@@ -114,10 +114,14 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     }
 
 
-def build_detector(args: argparse.Namespace, name: str | None = None):
+def build_detector(args: argparse.Namespace, name: str | None = None, class_names: Sequence[str] | None = None):
     from model import create_detector
 
     name = name or args.model
+    if getattr(args, "engine", "torch") != "torch" or getattr(args, "export", None):
+        from daemon.commands.export_commands import engine_detector_for
+
+        return engine_detector_for(args, name, class_names)
     return create_detector(name, **model_options(args, name))
 
 
@@ -357,8 +361,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     skipped: list[tuple[str, str]] = []
     for name in models:
         if split is None:
-            detector = build_detector(args, name)
-        else:
+            detector = build_detector(args, name, class_names=sorted(by_category))
+        else:  # k-shot: the torch model, given each category's references below
             base = create_detector(name, **{**model_options(args, name), "references": None}, references_later=True)
             detector = base
         infos[name] = {"version": detector.version, "backbone": args.backbone}
@@ -445,6 +449,8 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from daemon.commands.export_commands import add_engine_options
+
     predict = subparsers.add_parser("predict", help="score image files or folders")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     predict.add_argument("--output", default="out.npz", help="npz with scores [N], maps [N,H,W], paths [N]")
@@ -454,6 +460,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--json", action="store_true", help="one JSON line per image on stdout")
     predict.add_argument("--batch-size", type=int, default=8)
     add_model_options(predict)
+    add_engine_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     train = subparsers.add_parser("train", help="learn prompts on a labelled dataset (resumable)")
@@ -493,6 +500,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "the test set (see model/kshot.py); 0 = zero-shot (default)")
     evaluate.add_argument("--seed", type=int, default=0, help="which K references are drawn (with --shots)")
     add_model_options(evaluate, several_models=True)
+    add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     weights = subparsers.add_parser("weights", help="download model weights into the cache")
