@@ -7,8 +7,8 @@ end-to-end latency histograms, alerts published / pending; plus the process (`pr
 
 from __future__ import annotations
 
-import threading
 import platform
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -98,6 +98,13 @@ class Metrics:
                                      ["source"], registry=r)
         self.last_inspected = Gauge("anomalyd_source_last_inspected_timestamp_seconds",
                                     "Unix time of the last inspection written for a source", ["source"], registry=r)
+        # The process itself (CPU, memory, file descriptors, start time; Python version and GC) and what runs.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge("anomalyd_build_info", "anomalyd version and Python version (value 1)",
+                                ["version", "python"], registry=r)
+        self.build_info.labels(package_version(), platform.python_version()).set(1)
         for name in ("frames_in", "frames_rejected", "frames_failed", "inspections", "dead_lettered",
                      "last_inspected"):
             setattr(self, name, _SourceLabelled(getattr(self, name), self.source_label))
@@ -115,13 +122,6 @@ class Metrics:
                 return OTHER_SOURCE
             self._extra_sources.add(source)
         return source
-        # The process itself (CPU, memory, file descriptors, start time; Python version and GC) and what runs.
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
-        self.build_info = Gauge("anomalyd_build_info", "anomalyd version and Python version (value 1)",
-                                ["version", "python"], registry=r)
-        self.build_info.labels(package_version(), platform.python_version()).set(1)
 
     def add_source_collector(self, sources: Callable[[], Iterable]) -> None:
         """Per-source counters kept by the sources themselves (frames captured, dropped by policy)."""
