@@ -14,46 +14,115 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.repository import add_outbox_attempts, count_pending_outbox, mark_outbox_sent, pending_outbox
+from adapters.timeutil import rfc3339
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class MqttSettings:
-    """What the publisher needs (built from the daemon's [mqtt] config section)."""
+class TlsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    enabled: bool = False
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    insecure: bool = False
+
+
+class MqttSettings(BaseModel):
+    """The `[mqtt]` section: the broker, the topic prefix and the QoS of alerts and per-frame messages."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
     host: str = "localhost"
-    port: int = 1883
+    port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
-    password: str | None = None
-    prefix: str = "anomalyd"
-    client_id: str = ""
-    keepalive: int = 30
-    alert_qos: int = 1
-    inspection_qos: int = 0
-    tls: bool = False
-    tls_ca_certs: str | None = None
-    tls_certfile: str | None = None
-    tls_keyfile: str | None = None
-    tls_insecure: bool = False
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 30.0
-    max_inflight: int = 100
+    password: SecretStr | None = None
+    password_file: str | None = None
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    prefix: str = Field("anomalyd", min_length=1)
+    qos: Literal[0, 1, 2] = Field(1, description="alerts")
+    inspection_qos: Literal[0, 1, 2] = 0
+    publish_inspections: bool = True
+    client_id: str | None = Field(None, description="default: anomalyd-<hostname>-<pid>")
+    keepalive: int = Field(30, ge=5)
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    max_inflight: int = Field(100, ge=1)
+    # Command topics (`<prefix>/<line>/<source>/trigger/set`, `<prefix>/models/activate/set`) are subscribed only
+    # when listed here: anyone who may publish on the broker could otherwise trigger or switch models.
+    commands: list[Literal["trigger", "activate"]] = Field(default_factory=list)
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_flag(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    def resolved(self, base_dir: Path) -> MqttSettings:
+        """TLS file paths made absolute against the config file's directory."""
+        tls = self.tls.model_copy(update={
+            name: str(base_dir / Path(value).expanduser()) for name in ("ca_certs", "certfile", "keyfile")
+            if (value := getattr(self.tls, name))})
+        return self.model_copy(update={"tls": tls})
+
+
+# --- the MQTT contract (interfaces.md): topics and payloads ---------------------------------------------------------
+
+
+def topic(prefix: str, line: str, source: str, kind: str) -> str:
+    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly)."""
+    return f"{prefix}/{line}/{source}/{kind}"
+
+
+def inspection_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
+                       score: float, is_anomalous: bool, model_version: str) -> dict[str, Any]:
+    """The contract's per-frame message on `<prefix>/<line>/<source>/inspection`."""
+    return {
+        "id": inspection_id, "frame_id": frame_id, "ts": rfc3339(captured_at), "source": source,
+        "line": line, "score": round(float(score), 6), "is_anomalous": bool(is_anomalous),
+        "model_version": model_version,
+    }
+
+
+def alert_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
+                  score: float, threshold: float, model_version: str, regions: list[dict[str, Any]],
+                  alert_id: str | None = None) -> dict[str, Any]:
+    """The contract's alert on `<prefix>/<line>/<source>/anomaly`; `id` is what consumers dedupe on."""
+    return {
+        "id": alert_id or str(uuid.uuid4()),
+        "inspection_id": inspection_id,
+        "frame_id": frame_id,
+        "ts": rfc3339(captured_at),
+        "source": source,
+        "line": line,
+        "score": round(float(score), 6),
+        "threshold": float(threshold),
+        "model_version": model_version,
+        "regions": regions,
+        "mask_url": f"/api/inspections/{inspection_id}/mask.png",
+        "heatmap_url": f"/api/inspections/{inspection_id}/heatmap.jpg",
+    }
 
 
 @dataclass
@@ -96,23 +165,27 @@ class MqttPublisher:
         self._idle = threading.Event()  # set by the relay when nothing is pending or in flight
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
+        # Command topics (filter → handler(topic, payload)); subscribed on every connect. Handlers run on paho's
+        # network thread: they must only hand the message over (the daemon queues it, bounded).
+        self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
         self._client = self._make_client()
 
     # --- client -------------------------------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
         s = self.settings
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
+        client_id = s.client_id or f"anomalyd-{socket.gethostname()}-{os.getpid()}"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if log.isEnabledFor(logging.DEBUG):
             # paho logs every failed reconnect as an ERROR; our own log says the broker is unreachable (with
             # backoff), so paho's lines only come through when debugging.
             client.enable_logger(logging.getLogger("paho.mqtt"))
         if s.username:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:
-            client.tls_set(ca_certs=s.tls_ca_certs, certfile=s.tls_certfile, keyfile=s.tls_keyfile,
-                           cert_reqs=ssl.CERT_NONE if s.tls_insecure else ssl.CERT_REQUIRED)
-            client.tls_insecure_set(s.tls_insecure)
+            client.username_pw_set(s.username, s.password.get_secret_value() if s.password is not None else None)
+        if s.tls.enabled:
+            client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
+                           cert_reqs=ssl.CERT_NONE if s.tls.insecure else ssl.CERT_REQUIRED)
+            client.tls_insecure_set(s.tls.insecure)
         client.will_set(self.available_topic, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, int(s.reconnect_min_s)), max_delay=max(1, int(s.reconnect_max_s)))
         client.max_inflight_messages_set(s.max_inflight)
@@ -121,6 +194,7 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
         return client
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
@@ -135,6 +209,8 @@ class MqttPublisher:
         client.publish(self.available_topic, "online", qos=1, retain=True)
         for topic, payload in list(self.state.retained.items()):
             client.publish(topic, payload, qos=1, retain=True)
+        for topic_filter in list(self._subscriptions):
+            client.subscribe(topic_filter, qos=1)
         self._connection_epoch += 1
         self._check_outbox.set()
         self._wake.set()
@@ -152,6 +228,26 @@ class MqttPublisher:
         if self.state.last_error != message:
             log.warning("MQTT %s; inspection goes on, alerts wait in the outbox", message)
         self.state.last_error = message
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        for topic_filter, handler in list(self._subscriptions.items()):
+            if mqtt.topic_matches_sub(topic_filter, message.topic):
+                try:
+                    handler(message.topic, bytes(message.payload))
+                except Exception:
+                    log.exception("MQTT command handler failed for %s", message.topic)
+                return
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        """Receive messages on `topic_filter` (QoS 1), now and after every reconnect."""
+        self._subscriptions[topic_filter] = handler
+        if self.state.connected:
+            self._client.subscribe(topic_filter, qos=1)
+
+    def publish_reply(self, topic: str, payload: str) -> None:
+        """A command's answer (QoS 1, not retained, not durable: the asker is connected right now)."""
+        if self.state.connected:
+            self._client.publish(topic, payload, qos=1)
 
     def _on_publish(self, _client: Any, _userdata: Any, mid: int, reason_code: Any, _props: Any) -> None:
         if not getattr(reason_code, "is_failure", False):

@@ -1,14 +1,13 @@
-"""From a model output to what is stored and published: map at frame size, mask, regions, payloads.
+"""From a model output to what is stored: map at frame size, mask, regions (the MQTT payloads are in
+`adapters.mqtt`, with the rest of the MQTT contract).
 
 Regions are the 8-connected components of the thresholded anomaly map (at the frame's size), each with its
-bounding box, area in pixels and peak map value. The MQTT payloads follow the interface contract exactly.
+bounding box, area in pixels and peak map value.
 """
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import cv2
@@ -74,44 +73,3 @@ def extract_regions(
         mask &= ~np.isin(labels, small)
     regions.sort(key=lambda region: (-region.peak, -region.area))
     return mask, regions[:max_regions]
-
-
-def rfc3339(when: datetime) -> str:
-    """UTC, millisecond precision, `Z` suffix."""
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def topic(prefix: str, line: str, source: str, kind: str) -> str:
-    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly)."""
-    return f"{prefix}/{line}/{source}/{kind}"
-
-
-def inspection_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
-                       score: float, is_anomalous: bool, model_version: str) -> dict[str, Any]:
-    """The contract's per-frame message on `<prefix>/<line>/<source>/inspection`."""
-    return {
-        "id": inspection_id, "frame_id": frame_id, "ts": rfc3339(captured_at), "source": source, "line": line,
-        "score": round(float(score), 6), "is_anomalous": bool(is_anomalous), "model_version": model_version,
-    }
-
-
-def alert_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
-                  score: float, threshold: float, model_version: str, regions: list[dict[str, Any]],
-                  alert_id: str | None = None) -> dict[str, Any]:
-    """The contract's alert on `<prefix>/<line>/<source>/anomaly`; `id` is what consumers dedupe on."""
-    return {
-        "id": alert_id or str(uuid.uuid4()),
-        "inspection_id": inspection_id,
-        "frame_id": frame_id,
-        "ts": rfc3339(captured_at),
-        "source": source,
-        "line": line,
-        "score": round(float(score), 6),
-        "threshold": float(threshold),
-        "model_version": model_version,
-        "regions": regions,
-        "mask_url": f"/api/inspections/{inspection_id}/mask.png",
-        "heatmap_url": f"/api/inspections/{inspection_id}/heatmap.jpg",
-    }

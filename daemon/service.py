@@ -1,6 +1,6 @@
 """The daemon's lifecycle: build and start everything, serve until SIGTERM/SIGINT, drain and shut down.
 
-Start order: database (migrations), artifact store, MQTT publisher (asynchronous: an absent broker does not
+Start order: database (migrations), artifact store, result sinks (MQTT; asynchronous: an absent broker does not
 block), detector, pipeline, sources, HTTP server. Stop order (bounded by `runtime.shutdown_grace_s`): sources
 stop reading → the pipeline drains what they queued and finishes the batch in flight → the outbox is flushed
 while the broker is reachable → source statuses `offline` and `stopped` on `<prefix>/available` → HTTP server.
@@ -12,23 +12,29 @@ required (alerts wait in the outbox).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from adapters.sinks import SinkContext, SinkSet, build_sinks
+from adapters.sources.base import FrameSource, SourceSettings, SourceStatus
 from daemon.config import Settings
+from daemon.health import database_write_problem, source_problem, storage_problem
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
-from daemon.worker import SourceSettings
+
+if TYPE_CHECKING:
+    from adapters.mqtt import MqttPublisher
 
 log = logging.getLogger("anomalyd.service")
 
 ROLES = ("all", "worker", "capture")
 RETENTION_INTERVAL_S = 3600.0
+ORPHAN_SWEEP_DELAY_S = 5.0  # the first orphan sweep, soon after start (files left by a SIGKILL)
 
 
 def build_detector(settings: Settings) -> Any:
@@ -36,28 +42,21 @@ def build_detector(settings: Settings) -> Any:
     from model import create_detector
 
     m, r = settings.model, settings.runtime
+    from daemon.references import MODELS_NEEDING_REFERENCES, NeedsReferences
+
+    if m.name in MODELS_NEEDING_REFERENCES:  # its detectors are built per source, on each source's references
+        from daemon.references import reference_model_options
+
+        options = reference_model_options(settings)
+        backbone = Path(str(options.get("backbone", "default"))).stem
+        size = int(options.get("image_size", 256))
+        return NeedsReferences(m.name, f"{m.name}-{backbone}-s{size}", size)
+    settings.check_weights()  # every missing weights file named at once, with its URL and place
     return create_detector(
-        m.name, backbone=settings.resolve_model_value(m.backbone),
+        m.name, backbone=settings.backbone_file(),
         backbone_config=settings.resolve_model_value(m.backbone_config),
         prompts=settings.prompts_file(), layers=tuple(m.layers), image_size=m.image_size,
         device=r.device, dtype=r.dtype, class_name=m.class_name,
-    )
-
-
-def mqtt_settings(settings: Settings, client_id: str | None = None) -> Any:
-    from adapters.mqtt import MqttSettings
-
-    m = settings.mqtt
-    password = m.password.get_secret_value() if m.password is not None else None
-    return MqttSettings(
-        host=m.host, port=m.port, username=m.username, password=password, prefix=m.prefix,
-        client_id=client_id or m.client_id or f"anomalyd-{socket.gethostname()}-{os.getpid()}", keepalive=m.keepalive,
-        alert_qos=m.qos, inspection_qos=m.inspection_qos, tls=m.tls.enabled,
-        tls_ca_certs=str(settings.resolve(m.tls.ca_certs)) if m.tls.ca_certs else None,
-        tls_certfile=str(settings.resolve(m.tls.certfile)) if m.tls.certfile else None,
-        tls_keyfile=str(settings.resolve(m.tls.keyfile)) if m.tls.keyfile else None,
-        tls_insecure=m.tls.insecure, reconnect_min_s=m.reconnect_min_s, reconnect_max_s=m.reconnect_max_s,
-        max_inflight=m.max_inflight,
     )
 
 
@@ -129,7 +128,7 @@ class Service:
         self.engine = None
         self.sessions = None
         self.store = None
-        self.publisher = None
+        self.sinks = SinkSet()
         self.pipeline: Pipeline | None = None
         self.sources: list[Any] = []
         self.api: _ApiServer | None = None
@@ -142,6 +141,17 @@ class Service:
         self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
         self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
         self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
+        self.orphan_sweeper: Any = None  # a RetentionJob that only sweeps orphan files, when retention is off
+        self.integrations: Any = None  # daemon.integrations.Integrations: triggers, webhooks, OPC UA, commands
+        self.references: Any = None  # daemon.references.ReferenceManager: per-source references, calibration
+
+    @property
+    def publisher(self) -> MqttPublisher | None:
+        """The MQTT transport when the MQTT sink is on (statuses, flush in tests)."""
+        from adapters.sinks.mqtt import MqttSink
+
+        sink = self.sinks.get("mqtt")
+        return sink.publisher if isinstance(sink, MqttSink) else None
 
     # --- start --------------------------------------------------------------------------------------------------
 
@@ -160,12 +170,10 @@ class Service:
             cleanup_stale_tmp(self.store.root)
             log.info("database %s ready; artifacts under %s", self.engine.url.render_as_string(hide_password=True),
                      self.store.root)
-        if s.mqtt.enabled and self.sessions is not None:
-            from adapters.mqtt import MqttPublisher
-
-            self.publisher = MqttPublisher(mqtt_settings(s), self.sessions,
-                                           on_alerts_sent=self.metrics.alerts_published.inc)
-            self.publisher.start()
+        if self.sessions is not None:
+            self.sinks = SinkSet(build_sinks(s, SinkContext(sessions=self.sessions, base_dir=s.base_dir,
+                                                            on_alerts_sent=self.metrics.alerts_published.inc)))
+            self.sinks.start()
         self.sources = self._build_sources()
         self.metrics.add_source_collector(lambda: self.sources)
         if self.role == "capture":
@@ -176,25 +184,45 @@ class Service:
                 from daemon.models import startup_detector
 
                 detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
+            if s.runtime.engine != "torch":  # ONNX Runtime / OpenVINO: export (parity-checked) and run that
+                from daemon.engines import with_engine
+
+                detector = with_engine(s, detector)
             self._detector = detector
             log.info("model %s version %s (input %d px) loaded", getattr(detector, "name", "?"),
                      getattr(detector, "version", "?"), int(detector.image_size))
+            detector = self._route_references(detector)
+            self.metrics.add_model_collector(self._current_detector)
             self.pipeline = Pipeline(
-                detector, self.sources, self.sessions, self.store, publisher=self.publisher,
+                detector, self.sources, self.sessions, self.store, sinks=self.sinks,
                 source_settings=self._source_settings(), metrics=self.metrics,
                 options=PipelineOptions(
                     max_batch_size=s.runtime.max_batch_size, max_batch_delay_s=s.runtime.max_batch_delay_ms / 1000,
                     queue_size=s.runtime.queue_size, decode_threads=s.runtime.decode_threads,
                     persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
-                    publish_inspections=s.mqtt.publish_inspections,
-                    reference_preprocessing=s.model.reference_preprocessing),
+                    reference_preprocessing=s.model.reference_preprocessing,
+                    max_pixels=s.runtime.max_pixels, decode_budget_bytes=s.runtime.decode_budget_mb << 20,
+                    max_attempts=s.runtime.max_attempts),
             )
+            if self.references is not None:
+                self.pipeline.thresholds = self.references.thresholds
+                self.pipeline.unavailable = self.references.unavailable
+            from daemon.integrations import Integrations
+
+            self.integrations = Integrations(self)
+            self.pipeline.on_result = self.integrations.on_result
+            self.integrations.attach(self.pipeline)
             self.pipeline.start()
+            if self.references is not None:
+                self.references.start(swap=self.pipeline.swap_detector)
             self._start_background_jobs()
+            self.integrations.start()
         for source in self.sources:
+            # retained from the start: a source that never comes up says offline
+            self.sinks.source_status(source.line, source.id, str(_status(source)))
             source.start()
-            if self.publisher is not None and str(_status(source)) == "disabled":
-                self.publisher.publish_status(source.line, source.id, "disabled")
+            if str(_status(source)) == "disabled":
+                self.sinks.source_status(source.line, source.id, "disabled")
         if self.serve_http:
             self._start_http()
         log.info("anomalyd running (role %s, %d sources)", self.role, len(self.sources))
@@ -219,10 +247,28 @@ class Service:
 
             self.retention = RetentionJob.from_settings(self.settings, self.sessions, self.store)
             self.retention.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
+        else:  # rows kept forever, but files a SIGKILL left without a row are still swept, at start and hourly
+            from daemon.retention import RetentionJob
+
+            self.orphan_sweeper = RetentionJob(self.sessions, self.store, None)
+            self.orphan_sweeper.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=ORPHAN_SWEEP_DELAY_S)
+
+    def _route_references(self, detector: Any) -> Any:
+        """Per-source references and the daemon's 0–1 score scale (daemon/references.py, daemon/scale.py)."""
+        from daemon.references import ReferenceManager
+
+        if self.references is None:
+            ids = [source.id for source in self.sources] or [cfg.id for cfg in self.settings.sources]
+            self.references = ReferenceManager(self.settings, self.sessions, self.store, source_ids=ids)
+        return self.references.route(detector)
 
     def _stop_background_jobs(self) -> None:
+        if self.references is not None:
+            self.references.stop()
         if self.retention is not None:
             self.retention.stop()
+        if self.orphan_sweeper is not None:
+            self.orphan_sweeper.stop()
         if self.retraining is not None:
             self.retraining.stop()
         elif self.retrainer is not None:
@@ -231,38 +277,34 @@ class Service:
             self.models.stop()
 
     def _source_settings(self) -> dict[str, SourceSettings]:
-        return {
-            cfg.id: SourceSettings(id=cfg.id, line=cfg.line, threshold=cfg.threshold,
-                                   map_threshold=cfg.pixel_threshold, class_name=cfg.class_name or
-                                   self.settings.model.class_name)
-            for cfg in self.settings.sources
-        }
+        default_class = self.settings.model.class_name
+        return {cfg.id: cfg if cfg.class_name or not default_class else cfg.model_copy(update={"class_name": default_class})
+                for cfg in self.settings.sources}
 
     def _build_sources(self) -> list[Any]:
         if self._given_sources is not None:
             for source in self._given_sources:
-                if self.publisher is not None and getattr(source, "on_status", None) is None:
+                if self.sinks and getattr(source, "on_status", None) is None:
                     source.on_status = self._on_source_status
             return self._given_sources
-        from adapters.sources import build_source
+        from adapters.sources import SourceContext, build_source
 
         s = self.settings
         built = []
         for cfg in s.sources:
             if self.role == "capture" and cfg.kind == "redis":
                 continue  # capture hosts feed the stream; they do not read it
-            mqtt_password = s.mqtt.password.get_secret_value() if s.mqtt.password else None
-            built.append(build_source(
-                cfg.source_spec(s.base_dir), queue_size=cfg.queue_size or s.runtime.queue_size,
+            context = SourceContext(
+                queue_size=cfg.queue_size or s.runtime.queue_size,
+                on_status=self._on_source_status if self.sinks else None,
                 redis_url=s.redis.url.get_secret_value(), redis_stream=s.redis.stream, redis_group=s.redis.group,
-                consumer_name=s.redis.consumer, mqtt_username=s.mqtt.username, mqtt_password=mqtt_password,
-                on_status=self._on_source_status if self.publisher is not None else None,
-            ))
+                consumer_name=s.redis.consumer, mqtt_username=s.mqtt.username,
+                mqtt_password=s.mqtt.password.get_secret_value() if s.mqtt.password else None)
+            built.append(build_source(cfg.resolved(s.base_dir), context))
         return built
 
-    def _on_source_status(self, source: Any, status: Any) -> None:
-        if self.publisher is not None:
-            self.publisher.publish_status(source.line, source.id, str(getattr(status, "value", status)))
+    def _on_source_status(self, source: FrameSource, status: SourceStatus) -> None:
+        self.sinks.source_status(source.line, source.id, str(getattr(status, "value", status)))
 
     def _start_capture_forwarding(self) -> None:
         """--role capture: frames go to the Redis stream that GPU workers read."""
@@ -296,6 +338,7 @@ class Service:
 
     def _start_http(self) -> None:
         from daemon.app import AppState, create_app
+        from daemon.tokens import bootstrap_admin_token
 
         state = AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
                          sessions=self.sessions, store=self.store, service=self)
@@ -304,6 +347,7 @@ class Service:
         self.api.start()
         self.http_port = self.api.port
         log.info("HTTP API on http://%s:%d", host if ":" not in host else f"[{host}]", self.api.port)
+        bootstrap_admin_token(self.settings, port=self.api.port)  # no token anywhere: an admin token, logged once
 
     # --- health -------------------------------------------------------------------------------------------------
 
@@ -317,6 +361,8 @@ class Service:
             ok &= self.pipeline is not None
             if self.models is not None and self.models.last_error:
                 details["model"]["error"] = self.models.last_error  # still inspecting with the previous one
+            if self.references is not None:  # per-source reference errors do not fail readiness
+                details["references"] = self.references.status()
             try:
                 from adapters.db import count_pending_outbox, ping
 
@@ -328,23 +374,39 @@ class Service:
             except Exception as exc:
                 ok = False
                 details["database"] = {"reachable": False, "error": str(exc).splitlines()[0][:300]}
+            else:
+                write_problem = database_write_problem(self.engine)
+                details["database"]["writable"] = write_problem is None
+                if write_problem is not None:
+                    ok = False
+                    details["database"]["error"] = write_problem
+            if self.store is not None:
+                storage = storage_problem(self.store.root)
+                details["storage"] = {"writable": storage is None, **({"error": storage} if storage else {})}
+                ok &= storage is None
         if self.pipeline is not None:
             healthy, problems = self.pipeline.healthy()
             ok &= healthy
             details["pipeline"] = {"healthy": healthy, "problems": problems, "processed": self.pipeline.processed,
                                    "rejected": self.pipeline.rejected, "failed": self.pipeline.failed}
-        if self.publisher is not None:
-            state = self.publisher.state
-            details["mqtt"] = {"connected": state.connected, "error": state.last_error,
-                               "alerts_published": state.alerts_published}
-            if not state.connected:
-                details["mqtt"]["note"] = "broker unreachable: inspection continues, alerts wait in the outbox"
-            if self.publisher.crashed is not None:
+        if self.integrations is not None:
+            ok &= self.integrations.readiness(details)
+        for sink in self.sinks:
+            details[sink.name] = sink.health()
+            if sink.problem() is not None:
                 ok = False
-                details["mqtt"]["relay_crashed"] = repr(self.publisher.crashed)
-        else:
-            details["mqtt"] = {"enabled": False}
+        details.setdefault("mqtt", {"enabled": False})
         details["sources"] = {source.id: str(_status(source)) for source in self.sources}
+        if not self._stop_requested.is_set():
+            dead = [problem for problem in map(source_problem, self.sources) if problem is not None]
+            if dead:
+                ok = False
+                details["source_problems"] = dead
+        problems = [*(details.get("pipeline", {}).get("problems") or []), *details.get("source_problems", []),
+                    *([details["database"]["error"]] if details.get("database", {}).get("error") else []),
+                    *([details["storage"]["error"]] if details.get("storage", {}).get("error") else [])]
+        if problems:
+            details["causes"] = problems  # every reason it is not ready, in one list
         if self.api is not None and self.api.crashed is not None:
             ok = False
         if self._stop_requested.is_set():
@@ -353,12 +415,15 @@ class Service:
         return bool(ok), details
 
     def _current_detector(self) -> Any:
-        return self.pipeline.detector if self.pipeline is not None else self._detector
+        detector = self.pipeline.detector if self.pipeline is not None else self._detector
+        return getattr(detector, "raw", detector)  # the model itself behind the per-source routing
 
     def swap_detector(self, detector: Any) -> threading.Event:
         """Use a new detector from the next batch on (retraining/activation)."""
         if self.pipeline is None:
             raise RuntimeError("no pipeline in this role")
+        if self.references is not None:
+            detector = self.references.route(detector)
         return self.pipeline.swap_detector(detector)
 
     # --- stop ---------------------------------------------------------------------------------------------------
@@ -371,17 +436,24 @@ class Service:
         if install_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self._stop_requested.set())
+        from daemon.systemd import SystemdNotifier
+
+        notifier = SystemdNotifier()  # Type=notify + WatchdogSec under systemd; nothing otherwise
         try:
             self.start()
         except BaseException:
             self.stop()
             raise
+        notifier.ready(f"inspecting {len(self.sources)} source(s)" if self.role != "capture" else "capturing")
         while not self._stop_requested.wait(1.0):
             _, details = self.readiness()
             problems = (details.get("pipeline") or {}).get("problems")
             if problems and problems != self._errors:
                 self._errors = list(problems)
                 log.error("pipeline unhealthy: %s", "; ".join(problems))
+                notifier.status("unhealthy: " + "; ".join(problems))
+            notifier.watchdog(healthy=not problems)
+        notifier.stopping()
         log.info("stopping (grace %.0fs)", self.settings.runtime.shutdown_grace_s)
         self.stop()  # frames not drained in time were handed back to their sources: still a clean exit
         return 0
@@ -413,19 +485,17 @@ class Service:
             clean &= self.pipeline.stop(max(0.5, deadline - time.monotonic() - reserve))
             log.info("pipeline drained: %d inspected, %d rejected, %d left for redelivery",
                      self.pipeline.processed, self.pipeline.rejected, self.pipeline.failed)
-        if self.publisher is not None:
-            if self.publisher.state.connected:
-                flushed = self.publisher.flush(max(0.2, deadline - time.monotonic() - 1.0))
-                if not flushed:
-                    log.warning("%d alerts still in the outbox; they are published after the next start",
-                                self.publisher.pending())
-            else:
-                log.warning("MQTT broker unreachable at shutdown; %d alerts wait in the outbox",
-                            self.publisher.pending())
+        if self.integrations is not None:
+            try:
+                self.integrations.stop(deadline - min(3.0, grace / 4))
+            except Exception:
+                log.exception("cannot stop the triggers / OPC UA server / MQTT commands")
+        if self.sinks:
+            self.sinks.flush(max(0.2, deadline - time.monotonic() - 1.0))  # each sink logs what is left
             for source in self.sources:
                 if str(_status(source)) != "disabled":
-                    self.publisher.publish_status(source.line, source.id, "offline")
-            self.publisher.stop(timeout=max(0.2, min(2.0, deadline - time.monotonic())))
+                    self.sinks.source_status(source.line, source.id, "offline")
+            self.sinks.stop(timeout=max(0.2, min(2.0, deadline - time.monotonic())))
         if self.api is not None:
             self.api.stop(timeout=max(0.2, min(3.0, deadline - time.monotonic())))
         if self.engine is not None:

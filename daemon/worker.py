@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from adapters.sources.base import SourceSettings
 from daemon.batcher import DynamicBatcher
 
 log = logging.getLogger(__name__)
@@ -29,21 +30,6 @@ class DetectorLike(Protocol):
     image_size: int
 
     def predict(self, images: Any, class_names: list[str] | None = None) -> Any: ...
-
-
-@dataclass
-class SourceSettings:
-    """Per-source post-processing settings (from the [[sources]] entry)."""
-
-    id: str
-    line: str = "default"
-    threshold: float = 0.5
-    map_threshold: float | None = None  # None: the image threshold
-    class_name: str | None = None
-
-    @property
-    def pixel_threshold(self) -> float:
-        return self.threshold if self.map_threshold is None else self.map_threshold
 
 
 @dataclass
@@ -179,8 +165,14 @@ class ModelWorker:
             pixels = [item.pixels if item.size == size else self.transform(item.rgb, size) for item in batch]
             images = self._model_input(pixels, detector)
             names = [item.source.class_name for item in batch]
+            routed = getattr(detector, "predict_routed", None)  # per-source references (daemon/references.py)
+            versions: list[str] | None = None
             with torch.inference_mode():
-                prediction = detector.predict(images, class_names=names if any(names) else None)
+                if routed is not None:
+                    prediction, versions = routed(images, names if any(names) else None,
+                                                  [item.source.id for item in batch])
+                else:
+                    prediction = detector.predict(images, class_names=names if any(names) else None)
             scores = prediction.scores.detach().float().cpu().numpy().reshape(-1)
             maps = prediction.maps.detach().float().cpu().numpy()
             if scores.shape[0] != len(batch) or maps.shape[0] != len(batch):
@@ -202,4 +194,5 @@ class ModelWorker:
         for index, item in enumerate(batch):
             item.timings["model_s"] = elapsed / len(batch)
             item.timings["scored_at"] = time.monotonic()
-            self.sink(ScoredFrame(item, float(scores[index]), maps[index], version, name))
+            self.sink(ScoredFrame(item, float(scores[index]), maps[index], versions[index] if versions else version,
+                                  name))

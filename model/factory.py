@@ -22,24 +22,19 @@ builder is enough for a training-free model: `@register_model("name")` on `creat
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # this module imports no torch: the config lists the model names without loading any model
+    import torch
+    from torch import nn
 
-from model.detector import (  # noqa: F401  (re-exported: the public entry points of earlier releases)
-    DTYPES,
-    Detector,
-    Prediction,
-    file_digest,
-    resolve_device,
-    resolve_dtype,
-)
+    from model.detector import Detector
 
-ModelBuilder = Callable[..., Detector]
+ModelBuilder = Callable[..., "Detector"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +80,7 @@ class ModelFamily:
     needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
     default_weights: str | None = None  # released weights used when the config names none
     versions_share_backbone: bool = False  # versions differ only in learned weights: a swap reuses the backbone
+    clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)
 
     @property
     def trainable(self) -> bool:
@@ -96,6 +92,22 @@ class ModelFamily:
 
 
 MODEL_REGISTRY: dict[str, ModelFamily] = {}
+# Where the built-in families register themselves: imported on first use, so listing names loads no model code.
+BUILTIN_FAMILIES: dict[str, str] = {
+    "anomalyclip": "model.anomalyclip.family",
+    "adaclip": "model.adaclip.family",
+    "clip": "model.baselines",
+    "clip-ac": "model.baselines",
+    "winclip": "model.baselines",
+    "patchcore": "model.patchcore.detector",
+}
+
+
+def _load_builtin(name: str | None = None) -> None:
+    """Import the module of the built-in family `name` (None: of every built-in family) so it registers."""
+    for family, module in BUILTIN_FAMILIES.items():
+        if (name is None or family == name) and family not in MODEL_REGISTRY:
+            importlib.import_module(module)
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -119,11 +131,16 @@ def unregister_model(name: str) -> None:
 
 
 def list_models(*, trainable: bool | None = None) -> list[str]:
-    """Registered family names, sorted; `trainable=True/False` keeps those that do / do not train."""
-    return sorted(n for n, f in MODEL_REGISTRY.items() if trainable is None or f.trainable == trainable)
+    """Family names, sorted; `trainable=True/False` keeps those that do / do not train (that loads them)."""
+    if trainable is None:
+        return sorted(set(BUILTIN_FAMILIES) | set(MODEL_REGISTRY))
+    _load_builtin()
+    return sorted(n for n, f in MODEL_REGISTRY.items() if f.trainable == trainable)
 
 
 def get_family(name: str) -> ModelFamily:
+    if name not in MODEL_REGISTRY:
+        _load_builtin(name)
     try:
         return MODEL_REGISTRY[name]
     except KeyError:
@@ -132,6 +149,7 @@ def get_family(name: str) -> ModelFamily:
 
 def family_of(module: nn.Module) -> ModelFamily:
     """The trainable family whose module class `module` is."""
+    _load_builtin()
     for family in MODEL_REGISTRY.values():
         if family.training is not None and isinstance(module, family.training.model_type):
             return family
@@ -148,10 +166,12 @@ def create_detector(
     """Build a detector by model name. Options: backbone, backbone_config, pretrained, prompts, layers,
     image_size, class_name, hsf, references (+ references_cache: where the reference bank is kept); options a
     model does not use are ignored by it."""
+    from model.detector import resolve_device, resolve_dtype
+
     family = get_family(name)
     options = {k: v for k, v in options.items() if v is not None}
     detector = family.create(device=resolve_device(device), dtype=resolve_dtype(dtype), **options)
-    if options.get("references") is not None:
+    if options.get("references") is not None and not getattr(detector, "uses_references", False):
         # Few-shot normal references (WinCLIP+ style) work on top of any model.
         from model.fewshot import with_references
 
@@ -159,10 +179,14 @@ def create_detector(
     return detector
 
 
-def __getattr__(name: str) -> Any:
-    # AnomalyCLIP's builder and detector lived here before the families got their own packages.
-    if name in ("AnomalyCLIPDetector", "build_anomalyclip"):
-        from model.anomalyclip import family
+_MOVED = {  # names this module offered before the families got their own packages, and where they live now
+    **dict.fromkeys(("DTYPES", "Detector", "Prediction", "file_digest", "resolve_device", "resolve_dtype"),
+                    "model.detector"),
+    **dict.fromkeys(("AnomalyCLIPDetector", "build_anomalyclip"), "model.anomalyclip.family"),
+}
 
-        return getattr(family, name)
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -158,7 +159,8 @@ class OutboxMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     inspection_id: Mapped[int | None] = mapped_column(ForeignKey("inspections.id", ondelete="SET NULL"))
 
-    __table_args__ = (Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),)
+    __table_args__ = (Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),
+                      Index("ix_outbox_created_at", "created_at"))
 
 
 class RejectedFrame(Base):
@@ -177,3 +179,57 @@ class RejectedFrame(Base):
         Index("ix_rejected_frames_source_created_at", "source", "created_at"),
         Index("ix_rejected_frames_frame_id", "frame_id"),
     )
+
+
+class SourceThreshold(Base):
+    """Calibrated thresholds of one source for one model version (daemon/references.py, `anomalyd calibrate`).
+
+    Keyed by version so that activating another version (or another reference set, which is part of the
+    version a source's frames are scored with) never keeps a stale threshold.
+    """
+
+    __tablename__ = "source_thresholds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(255))
+    threshold: Mapped[float] = mapped_column(Float)
+    pixel_threshold: Mapped[float] = mapped_column(Float)
+    false_reject_rate: Mapped[float] = mapped_column(Float)
+    n_frames: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(64))  # leave-one-out references | labelled normals | cli
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("source", "model_version", name="uq_source_thresholds_source_version"),)
+
+
+class WebhookEndpoint(Base):
+    """Delivery state of one configured webhook (by its name): the outbox rows created before `settled_until`
+    are all delivered to it or filtered out; later ones are settled when a `webhook_deliveries` row says so."""
+
+    __tablename__ = "webhook_endpoints"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    settled_until: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    delivered: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_success_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class WebhookDelivery(Base):
+    """One outbox row settled for one webhook: `delivered` (a 2xx came back) or `skipped` (filtered out)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    webhook: Mapped[str] = mapped_column(String(128), primary_key=True)
+    outbox_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # delivered | skipped
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)  # the outbox row's, for pruning
+    settled_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_webhook_deliveries_webhook_created_at", "webhook", "created_at"),)

@@ -12,19 +12,25 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from adapters.sources.registry import SourceContext
+
+from adapters.log_repeats import install as install_repeat_filter
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["camera", "rtsp", "http", "video", "folder", "redis", "mqtt"]
 QueuePolicy = Literal["latest", "all"]
-KINDS: tuple[str, ...] = ("camera", "rtsp", "http", "video", "folder", "redis", "mqtt")
-LIVE_KINDS: frozenset[str] = frozenset({"camera", "rtsp", "http"})
+# Default `max_bytes` of file/message sources: an encoded input above it is refused unread (a rejected row).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
 def utc_now() -> datetime:
@@ -205,64 +211,109 @@ class FrameQueue:
     __len__ = qsize
 
 
-@dataclass(frozen=True)
-class SourceSpec:
-    """One `[[sources]]` table; kind-specific keys end up in `options`."""
+_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
-    id: str
-    kind: str
+
+class SourceSettings(BaseModel):
+    """One `[[sources]]` entry: the keys every kind shares. Each kind subclasses it with its own keys (a `Literal`
+    `kind` and typed, documented fields) and registers the subclass (`adapters.sources.registry`); the daemon's
+    configuration validates each entry against the model its `kind` names, so an unknown key stays an error.
+
+    Kind-specific keys may sit next to the common ones or in an `options` table. `threshold` is the image-score
+    threshold, `pixel_threshold` the anomaly-map one (unset: the image threshold; `map_threshold` is the value in
+    effect).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, pattern=_NAME_PATTERN)
+    kind: str = Field("", description="the registered kind (each kind's subclass makes it a Literal)")
     uri: str = ""
-    line: str = "default"
-    max_fps: float | None = None
-    policy: QueuePolicy | None = None  # None: "latest" for live streams, "all" otherwise
+    line: str = Field("default", min_length=1, pattern=_NAME_PATTERN)
+    max_fps: float | None = Field(None, ge=0, description="0/None = unlimited")
+    policy: QueuePolicy | None = Field(None, description="None: latest for live kinds, all otherwise")
     class_name: str | None = None
-    threshold: float | None = None
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="image score at or above: anomalous")
+    pixel_threshold: float | None = Field(None, ge=0.0, le=1.0, description="map threshold; default threshold")
     enabled: bool = True
-    options: Mapping[str, Any] = field(default_factory=dict)
+    queue_size: int | None = Field(None, ge=1, description="default: [runtime].queue_size")
+    references: str | None = Field(None, description="folder of known-good frames; default [model].references")
+    references_from: Literal["labels"] | None = Field(None, description="labelled-normal frames become references")
+    # Trigger mode (daemon/trigger.py): inspect the next fresh frame when a PLC asks (OPC UA method or MQTT
+    # command) and answer within deadline_ms, else publish the fail-safe result. None: free-running.
+    trigger: Literal["opcua", "mqtt"] | None = None
+    deadline_ms: float | None = Field(None, gt=0, le=600_000)
+    fail_safe: Literal["NG", "no_decision"] = "NG"
+    max_pending_triggers: int = Field(4, ge=1, le=1024)
+    # Poison containment (issue 9): a crashed source loop restarts after a capped exponential backoff; a capture
+    # time more than max_future_s ahead of the clock is clamped to the arrival time.
+    restart_initial_s: float = Field(0.5, gt=0, description="first restart delay after a source loop crashed")
+    restart_max_s: float = Field(30.0, gt=0, description="longest restart delay after repeated crashes")
+    max_future_s: float = Field(300.0, ge=0, description="capture times further ahead are clamped to arrival")
+
+    @model_validator(mode="after")
+    def _deadline_needs_trigger(self) -> SourceSettings:
+        if self.trigger is None and self.deadline_ms is not None:
+            raise ValueError(f"source {self.id!r}: deadline_ms needs trigger = \"opcua\" or \"mqtt\"")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_options(cls, data: Any) -> Any:
+        """An `options` table is the same as its keys written next to the common ones (which win)."""
+        if isinstance(data, Mapping) and "options" in data:
+            data = dict(data)
+            options = data.pop("options") or {}
+            if not isinstance(options, Mapping):
+                raise ValueError("options must be a table")
+            data = {**options, **data}
+        return data
 
     @classmethod
-    def from_mapping(cls, spec: SourceSpec | Mapping[str, Any] | Any) -> SourceSpec:
-        """From a SourceSpec, a plain mapping, or any object with `model_dump()` (a pydantic model).
+    def from_mapping(cls, spec: SourceSettings | Mapping[str, Any] | Any) -> SourceSettings:
+        """The registered kind's settings from a mapping (or a model with `model_dump()`); ValueError if bad."""
+        from adapters.sources.registry import parse_source_settings
 
-        Keys other than the known fields are kind-specific options (as is the content of an `options` table).
-        """
-        if isinstance(spec, SourceSpec):
-            return spec
-        if hasattr(spec, "model_dump"):
-            spec = spec.model_dump()
-        if not isinstance(spec, Mapping):
-            raise TypeError(f"a source spec must be a mapping or SourceSpec, got {type(spec).__name__}")
-        known = {f.name for f in fields(cls)} - {"options"}
-        values = {k: v for k, v in spec.items() if k in known}
-        options = dict(spec.get("options") or {})
-        options.update({k: v for k, v in spec.items() if k not in known and k != "options" and v is not None})
-        for required in ("id", "kind"):
-            if not values.get(required):
-                raise ValueError(f"source spec {dict(spec)!r} has no {required!r}")
-        kind = str(values["kind"]).lower()
-        if kind not in KINDS:
-            raise ValueError(f"source {values['id']!r}: unknown kind {values['kind']!r}; expected one of {', '.join(KINDS)}")
-        values["kind"] = kind
-        values["id"] = str(values["id"])
-        if values.get("policy") is not None and values["policy"] not in ("latest", "all"):
-            raise ValueError(f"source {values['id']!r}: policy must be 'latest' or 'all', got {values['policy']!r}")
-        if values.get("max_fps") is not None and float(values["max_fps"]) < 0:
-            raise ValueError(f"source {values['id']!r}: max_fps must be >= 0, got {values['max_fps']!r}")
-        if values.get("line") is None:
-            values.pop("line", None)
-        if values.get("enabled") is None:
-            values.pop("enabled", None)
-        return cls(**values, options=options)
+        return parse_source_settings(spec)
+
+    @property
+    def map_threshold(self) -> float:
+        """The anomaly-map threshold in effect."""
+        return self.threshold if self.pixel_threshold is None else self.pixel_threshold
+
+    @property
+    def live(self) -> bool:
+        from adapters.sources.registry import source_kind
+
+        return source_kind(self.kind).live
 
     @property
     def effective_policy(self) -> QueuePolicy:
         if self.policy is not None:
             return self.policy
-        return "latest" if self.kind in LIVE_KINDS else "all"
+        return "latest" if self.live else "all"
 
-    def option(self, name: str, default: Any = None) -> Any:
-        value = self.options.get(name)
-        return default if value is None else value
+    @property
+    def options(self) -> dict[str, Any]:
+        """The kind-specific keys this entry sets."""
+        common = SourceSettings.model_fields
+        return {name: getattr(self, name) for name in self.model_fields_set if name not in common}
+
+    def resolved(self, base_dir: Path) -> SourceSettings:
+        """These settings with relative file paths made absolute against the config file's directory."""
+        return self
+
+    def source_spec(self, base_dir: Path) -> dict[str, Any]:
+        """`resolved(base_dir)` as a plain mapping (what `build_source` also takes)."""
+        return self.resolved(base_dir).model_dump()
+
+
+def resolve_path_uri(settings: SourceSettings, base_dir: Path) -> SourceSettings:
+    """For kinds whose uri is a file or folder: a relative uri made absolute against `base_dir`."""
+    uri = settings.uri
+    if uri and "://" not in uri and not Path(uri).expanduser().is_absolute():
+        return settings.model_copy(update={"uri": str(base_dir / uri)})
+    return settings
 
 
 class Throttle:
@@ -315,8 +366,9 @@ class FrameSource(ABC):
     and reporting with `self._set_status(...)`.
     """
 
-    def __init__(self, spec: SourceSpec, *, queue_size: int = 16,
+    def __init__(self, spec: SourceSettings | Mapping[str, Any], *, queue_size: int = 16,
                  on_status: Callable[[FrameSource, SourceStatus], None] | None = None) -> None:
+        spec = SourceSettings.from_mapping(spec)
         self.spec = spec
         self.id = spec.id
         self.kind = spec.kind
@@ -333,6 +385,17 @@ class FrameSource(ABC):
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self.log = logging.getLogger(f"{type(self).__module__}.{self.id}")
+        install_repeat_filter(self.log)  # a source failing the same way on every poll: once a minute, counted
+        # Supervisor: unexpected exceptions in `_run` seen so far, and the backoff before each restart.
+        self.crashes = 0
+        self.restart_initial_s = spec.restart_initial_s
+        self.restart_max_s = spec.restart_max_s
+        self.max_future_s = spec.max_future_s
+
+    @classmethod
+    def from_context(cls, settings: SourceSettings, context: SourceContext) -> FrameSource:
+        """Build from the registry (`build_source`); kinds that need daemon-wide defaults override this."""
+        return cls(settings, queue_size=context.queue_size, on_status=context.on_status)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -363,12 +426,27 @@ class FrameSource(ABC):
         return self._thread is not None and self._thread.is_alive()
 
     def _thread_main(self) -> None:
+        """Runs `_run` under a supervisor: an unexpected exception is recorded (counters, `last_error`,
+        `crashes`, the log) and `_run` starts again after a capped exponential backoff, so no single input or
+        bug stops a source for good. A `_run` that returns (stop requested, end of a video) ends the thread."""
+        backoff = Backoff(self.restart_initial_s, max(self.restart_initial_s, self.restart_max_s))
         try:
-            self._run()
-        except Exception as exc:  # a bug in a source must not vanish silently
-            self.counters.incr("errors")
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self.log.exception("source %s crashed", self.id)
+            while not self._stop_event.is_set():
+                try:
+                    self._run()
+                    return
+                except Exception as exc:  # a bug in a source must not vanish silently, nor stop it for good
+                    self.counters.incr("errors")
+                    self.crashes += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    delay = backoff.next()
+                    self.log.exception("source %s crashed (%d so far); restarting in %.1fs", self.id, self.crashes,
+                                       delay)
+                    if self.status is not SourceStatus.DISABLED:
+                        self._set_status(SourceStatus.OFFLINE)
+                    if self._stop_event.wait(delay):
+                        return
+                    self.counters.incr("reconnects")
         finally:
             if self.status is not SourceStatus.DISABLED:
                 self._set_status(SourceStatus.OFFLINE)
@@ -400,9 +478,32 @@ class FrameSource(ABC):
         meta: dict[str, Any] = {"line": self.line, "kind": self.kind}
         if self.class_name is not None:
             meta["class_name"] = self.class_name
-        if self.threshold is not None:
-            meta["threshold"] = self.threshold
         return meta
+
+    def _checked_capture_time(self, captured_at: datetime, meta: dict[str, Any]) -> datetime:
+        """A producer's capture time, clamped to now when it lies more than `max_future_s` ahead (a wrong clock
+        or a bogus value must not sort first in the history for years); the clamp is noted in `meta`."""
+        now = utc_now()
+        if (captured_at - now).total_seconds() > self.max_future_s:
+            meta["ts_error"] = f"capture time {captured_at.isoformat()} is in the future; using the arrival time"
+            self._error(meta["ts_error"])
+            return now
+        return captured_at
+
+    def _contained_frame(self, build: Callable[[], Frame], *, frame_id: str, name: str,
+                         on_done: Callable[[bool], None] | None = None) -> Frame:
+        """`build()`, or, when turning the input into a frame raised anything, an error frame for the same
+        input (data None, `meta["error"]` naming the exception): the pipeline records it in `rejected_frames` and
+        acknowledges it, so one odd input can neither stop the source nor be retried forever."""
+        try:
+            return build()
+        except Exception as exc:
+            reason = f"cannot turn {name} into a frame: {type(exc).__name__}: {exc}"
+            self._error(reason)
+            meta = self._base_meta()
+            meta["error"] = reason
+            return Frame(frame_id=frame_id, source_id=self.id, captured_at=utc_now(), name=name, meta=meta,
+                         on_done=on_done)
 
     def _wait_throttle(self) -> bool:
         """Sleep until max_fps allows the next frame; False if stopping meanwhile."""

@@ -26,11 +26,45 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
 
-from adapters.sources.base import Backoff, Frame, FrameSource, SourceSpec, SourceStatus, Throttle, utc_now
+from adapters.sources.base import (
+    Backoff,
+    Frame,
+    FrameSource,
+    SourceSettings,
+    SourceStatus,
+    Throttle,
+    resolve_path_uri,
+    utc_now,
+)
+from adapters.sources.registry import register_source_kind
+
+
+class CaptureSettings(SourceSettings):
+    """`kind = "camera"` (uri: device index or /dev/video*), `"rtsp"` / `"http"` (stream URL) or `"video"` (a file;
+    relative: to the config file's directory)."""
+
+    kind: Literal["camera", "rtsp", "http", "video"]
+    loop: bool = Field(False, description="video: start over at the end")
+    open_timeout_ms: int = Field(10000, ge=0, description="backend open timeout")
+    read_timeout_ms: int = Field(5000, ge=0, description="backend read timeout")
+    watchdog_s: float | None = Field(None, gt=0, description="abandon a grabber stuck this long; default: "
+                                                             "the larger timeout + 5 s")
+    backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+    backend: str | None = Field(None, description='an OpenCV API name such as "FFMPEG" or "V4L2"')
+    width: float | None = Field(None, gt=0, description="camera: requested frame width")
+    height: float | None = Field(None, gt=0, description="camera: requested frame height")
+    fps: float | None = Field(None, gt=0, description="camera: requested frame rate")
+
+    def resolved(self, base_dir: Path) -> CaptureSettings:
+        return resolve_path_uri(self, base_dir) if self.kind == "video" else self  # type: ignore[return-value]
 
 
 @dataclass
@@ -42,18 +76,23 @@ class _Grabber:
     error: str | None = None
 
 
+@register_source_kind("video", settings=CaptureSettings)
+@register_source_kind("camera", "rtsp", "http", settings=CaptureSettings, live=True)
 class OpenCVCaptureSource(FrameSource):
-    def __init__(self, spec: SourceSpec, **kwargs) -> None:
+    spec: CaptureSettings
+
+    def __init__(self, spec: CaptureSettings, **kwargs) -> None:
         super().__init__(spec, **kwargs)
+        spec = self.spec
         if spec.uri in ("", None):
             raise ValueError(f"{spec.kind} source {spec.id!r} needs a uri")
         self.is_file = spec.kind == "video"
-        self.loop = bool(spec.option("loop", False))
-        self.open_timeout_ms = int(spec.option("open_timeout_ms", 10000))
-        self.read_timeout_ms = int(spec.option("read_timeout_ms", 5000))
+        self.loop = spec.loop
+        self.open_timeout_ms = spec.open_timeout_ms
+        self.read_timeout_ms = spec.read_timeout_ms
         default_watchdog = max(self.open_timeout_ms, self.read_timeout_ms) / 1000.0 + 5.0
-        self.watchdog_s = float(spec.option("watchdog_s", default_watchdog))
-        self.backoff = Backoff(float(spec.option("backoff_initial_s", 0.5)), float(spec.option("backoff_max_s", 30.0)))
+        self.watchdog_s = spec.watchdog_s if spec.watchdog_s is not None else default_watchdog
+        self.backoff = Backoff(spec.backoff_initial_s, spec.backoff_max_s)
         self.finished = threading.Event()
         self._generation = 0
         self._lock = threading.Lock()
@@ -65,7 +104,7 @@ class OpenCVCaptureSource(FrameSource):
     # -- opening ---------------------------------------------------------------------------------------------
     def _target(self) -> tuple[int | str, int]:
         uri = str(self.spec.uri)
-        backend_name = self.spec.option("backend")
+        backend_name = self.spec.backend
         api = getattr(cv2, f"CAP_{str(backend_name).upper()}") if backend_name else cv2.CAP_ANY
         if self.kind == "camera":
             if uri.isdigit():
@@ -89,8 +128,8 @@ class OpenCVCaptureSource(FrameSource):
         if self.kind == "camera":
             for option, prop in (("width", cv2.CAP_PROP_FRAME_WIDTH), ("height", cv2.CAP_PROP_FRAME_HEIGHT),
                                  ("fps", cv2.CAP_PROP_FPS)):
-                if self.spec.option(option):
-                    cap.set(prop, float(self.spec.option(option)))
+                if getattr(self.spec, option):
+                    cap.set(prop, float(getattr(self.spec, option)))
         if self.is_file and self._frame_index:
             cap.set(cv2.CAP_PROP_POS_FRAMES, self._frame_index)  # resume after a reconnect
         return cap

@@ -27,13 +27,23 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import redis
+from pydantic import Field, SecretStr
 
-from adapters.sources.base import Backoff, Frame, FrameSource, SourceSpec, SourceStatus, utc_now
+from adapters.sources.base import (
+    DEFAULT_MAX_BYTES,
+    Backoff,
+    Frame,
+    FrameSource,
+    SourceSettings,
+    SourceStatus,
+    utc_now,
+)
+from adapters.sources.registry import SourceContext, register_source_kind
 
 DEFAULT_STREAM = "anomalyd:frames"
 DEFAULT_GROUP = "anomalyd"
@@ -121,22 +131,43 @@ class RedisFrameWriter:
         self.client.close()
 
 
+class RedisSourceSettings(SourceSettings):
+    """`kind = "redis"`: frames from a Redis stream (uri: a redis:// URL, else `url` or [redis] url)."""
+
+    kind: Literal["redis"]
+    url: SecretStr | None = Field(None, description="default: the uri when it is a Redis URL, else [redis] url")
+    stream: str | None = Field(None, description="default: [redis] stream")
+    group: str | None = Field(None, description="consumer group; default: [redis] group")
+    consumer: str | None = Field(None, description="consumer name; default: [redis] consumer or <host>-<pid>")
+    claim_idle_ms: int = Field(30000, ge=1, description="claim entries another consumer left pending this long")
+    block_ms: int = Field(500, ge=1, description="XREADGROUP block time")
+    count: int | None = Field(None, ge=1, description="entries per read; default: the queue size")
+    backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
+    backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="an entry's data above this is a rejected frame")
+
+
+@register_source_kind("redis", settings=RedisSourceSettings)
 class RedisStreamSource(FrameSource):
-    def __init__(self, spec: SourceSpec, *, redis_url: Any = None, redis_stream: str | None = None,
+    spec: RedisSourceSettings
+
+    def __init__(self, spec: RedisSourceSettings, *, redis_url: Any = None, redis_stream: str | None = None,
                  redis_group: str | None = None, consumer_name: str | None = None, **kwargs) -> None:
         super().__init__(spec, **kwargs)
-        url = _secret(spec.option("url") or (spec.uri if str(spec.uri).startswith(("redis://", "rediss://", "unix://"))
-                                             else None) or redis_url)
+        spec = self.spec
+        url = _secret(spec.url or (spec.uri if str(spec.uri).startswith(("redis://", "rediss://", "unix://"))
+                                   else None) or redis_url)
         if not url:
             raise ValueError(f"redis source {spec.id!r} needs a Redis url ([redis] url or the source's uri)")
         self.url = str(url)
-        self.stream = str(spec.option("stream") or redis_stream or DEFAULT_STREAM)
-        self.group = str(spec.option("group") or redis_group or DEFAULT_GROUP)
-        self.consumer = str(spec.option("consumer") or consumer_name or default_consumer_name())
-        self.claim_idle_ms = int(spec.option("claim_idle_ms", 30000))
-        self.block_ms = int(spec.option("block_ms", 500))
-        self.count = int(spec.option("count", self.queue.maxsize))
-        self.backoff = Backoff(float(spec.option("backoff_initial_s", 0.5)), float(spec.option("backoff_max_s", 30.0)))
+        self.stream = str(spec.stream or redis_stream or DEFAULT_STREAM)
+        self.group = str(spec.group or redis_group or DEFAULT_GROUP)
+        self.consumer = str(spec.consumer or consumer_name or default_consumer_name())
+        self.claim_idle_ms = spec.claim_idle_ms
+        self.block_ms = spec.block_ms
+        self.count = spec.count or self.queue.maxsize
+        self.max_bytes = spec.max_bytes
+        self.backoff = Backoff(spec.backoff_initial_s, spec.backoff_max_s)
         self.client = redis.Redis.from_url(self.url, socket_connect_timeout=5,
                                            socket_timeout=self.block_ms / 1000 + 10)
         self._in_flight: set[str] = set()
@@ -146,6 +177,12 @@ class RedisStreamSource(FrameSource):
         self._pending_cursor: str | None = "0"
         self._next_claim = 0.0
         self._next_heartbeat = 0.0
+
+    @classmethod
+    def from_context(cls, settings: SourceSettings, context: SourceContext) -> RedisStreamSource:
+        return cls(settings, queue_size=context.queue_size, on_status=context.on_status,  # type: ignore[arg-type]
+                   redis_url=context.redis_url, redis_stream=context.redis_stream, redis_group=context.redis_group,
+                   consumer_name=context.consumer_name)
 
     # -- entries → frames ------------------------------------------------------------------------------------
     def _make_frame(self, entry_id: str, raw: Mapping[bytes, bytes] | None, delivery: str) -> Frame:
@@ -166,12 +203,16 @@ class RedisStreamSource(FrameSource):
         captured_at = utc_now()
         if text("ts"):
             try:
-                captured_at = _parse_ts(text("ts"))
-            except ValueError:
+                captured_at = self._checked_capture_time(_parse_ts(text("ts")), meta)
+            except (ValueError, OverflowError):  # out of datetime's range after the UTC shift: OverflowError
                 meta["ts_error"] = f"bad ts {text('ts')!r} in stream entry {entry_id}; using the arrival time"
         data = fields.get("data")
         if data is None:
             meta["error"] = text("error") or f"stream entry {self.stream}/{entry_id} has no 'data' field"
+        elif len(data) > self.max_bytes:
+            meta["error"] = f"stream entry {self.stream}/{entry_id}: data is {len(data)} bytes, more than " \
+                            f"max_bytes = {self.max_bytes}"
+            data = None
         frame = Frame(frame_id=text("frame_id") or f"{self.stream}:{entry_id}", source_id=text("source") or self.id,
                       captured_at=captured_at, data=data, name=text("name") or f"{self.stream}/{entry_id}",
                       meta=meta)
@@ -200,7 +241,11 @@ class RedisStreamSource(FrameSource):
             if not fields:
                 # Trimmed from the stream (MAXLEN) before anyone processed it: nothing to process, say so loudly.
                 self._error(f"stream entry {self.stream}/{entry_id} was deleted before processing")
-            if not self._emit(self._make_frame(entry_id, fields, delivery)):
+            frame = self._contained_frame(
+                lambda entry_id=entry_id, fields=fields: self._make_frame(entry_id, fields, delivery),
+                frame_id=f"{self.stream}:{entry_id}", name=f"{self.stream}/{entry_id}",
+                on_done=lambda ok, entry_id=entry_id: self._finish(entry_id, ok))
+            if not self._emit(frame):
                 return False
         return True
 

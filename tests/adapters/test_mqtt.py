@@ -14,8 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from adapters.db import Inspection, OutboxMessage, make_engine, make_session_factory, save_inspection, upgrade
-from adapters.mqtt import MqttPublisher, MqttSettings
-from daemon.results import alert_payload, topic
+from adapters.mqtt import MqttPublisher, MqttSettings, alert_payload, topic
 from tests.services import Mosquitto, free_port
 
 pytestmark = pytest.mark.services

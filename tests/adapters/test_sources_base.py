@@ -1,4 +1,4 @@
-"""FrameQueue policies, Frame.done, SourceSpec parsing, max_fps throttling and backoff of adapters.sources."""
+"""FrameQueue policies, Frame.done, SourceSettings parsing, max_fps throttling and backoff of adapters.sources."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from datetime import datetime, timezone
 
 import pytest
 
-from adapters.sources import Backoff, Frame, FrameQueue, SourceCounters, SourceSpec, Throttle, build_source
+from adapters.sources import (
+    Backoff,
+    Frame,
+    FrameQueue,
+    SourceCounters,
+    SourceSettings,
+    Throttle,
+    build_source,
+)
 
 
 def make_frame(i: int, calls: list | None = None) -> Frame:
@@ -74,20 +82,20 @@ def test_frame_done_calls_once_and_swallows_errors():
     failing.done(True)  # logged, not raised
 
 
-def test_source_spec_from_mapping():
-    spec = SourceSpec.from_mapping({"id": "cam1", "kind": "RTSP", "uri": "rtsp://h/x", "line": "L1",
+def test_source_settings_from_mapping():
+    spec = SourceSettings.from_mapping({"id": "cam1", "kind": "RTSP", "uri": "rtsp://h/x", "line": "L1",
                                     "loop": True, "options": {"read_timeout_ms": 100}})
     assert spec.kind == "rtsp" and spec.line == "L1"
     assert spec.options == {"loop": True, "read_timeout_ms": 100}
     assert spec.effective_policy == "latest"
-    assert SourceSpec.from_mapping({"id": "in", "kind": "folder", "uri": "/x"}).effective_policy == "all"
-    assert SourceSpec.from_mapping({"id": "c", "kind": "camera", "uri": "0", "policy": "all"}).effective_policy == "all"
+    assert SourceSettings.from_mapping({"id": "in", "kind": "folder", "uri": "/x"}).effective_policy == "all"
+    assert SourceSettings.from_mapping({"id": "c", "kind": "camera", "uri": "0", "policy": "all"}).effective_policy == "all"
     with pytest.raises(ValueError, match="unknown kind 'webcam'"):
-        SourceSpec.from_mapping({"id": "x", "kind": "webcam"})
+        SourceSettings.from_mapping({"id": "x", "kind": "webcam"})
     with pytest.raises(ValueError, match="policy"):
-        SourceSpec.from_mapping({"id": "x", "kind": "folder", "policy": "newest"})
+        SourceSettings.from_mapping({"id": "x", "kind": "folder", "policy": "newest"})
     with pytest.raises(ValueError, match="no 'id'"):
-        SourceSpec.from_mapping({"kind": "folder"})
+        SourceSettings.from_mapping({"kind": "folder"})
 
 
 def test_build_source_rejects_bad_options(tmp_path):

@@ -14,7 +14,7 @@ import redis
 from sqlalchemy import select
 
 from adapters.db import Inspection, RejectedFrame, make_engine, make_session_factory
-from adapters.sources.base import Frame, SourceSpec, utc_now
+from adapters.sources.base import Frame, SourceSettings, utc_now
 from adapters.sources.redis_stream import RedisFrameWriter, RedisStreamSource
 from daemon.config import load_config
 from daemon.service import Service
@@ -132,8 +132,8 @@ def test_unreadable_capture_frame_reaches_the_worker_as_a_rejection(tmp_path, re
     writer.append_frame(odd)
     writer.close()
 
-    source = RedisStreamSource(SourceSpec(id="frames", kind="redis", uri=redis_server.url,
-                                          options={"stream": stream, "block_ms": 100}))
+    source = RedisStreamSource(SourceSettings.from_mapping(dict(id="frames", kind="redis", uri=redis_server.url,
+                                                                options={"stream": stream, "block_ms": 100})))
     source.start()
     try:
         frames = [source.queue.get(timeout=10) for _ in range(2)]

@@ -15,10 +15,9 @@ import torch
 from sqlalchemy import func, select
 
 from adapters.db import Inspection, OutboxMessage, RejectedFrame
-from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
+from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceSettings, SourceStatus
 from adapters.storage import ArtifactStore
 from daemon.pipeline import Pipeline, PipelineOptions
-from daemon.worker import SourceSettings
 
 
 @dataclass

@@ -6,7 +6,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from daemon.results import alert_payload, extract_regions, inspection_payload, map_to_frame, rfc3339
+from adapters.mqtt import alert_payload, inspection_payload
+from adapters.timeutil import rfc3339
+from daemon.results import extract_regions, map_to_frame
 
 
 def test_two_components_with_boxes_area_and_peak():
