@@ -1,16 +1,27 @@
 """Prometheus metrics of the daemon (one registry per service, so tests can run several in a process).
 
 Names (the contract's list): frames in/dropped/rejected per source, queue depth, batch size, queue / inference /
-end-to-end latency histograms, alerts published / pending.
+end-to-end latency histograms, alerts published / pending; plus the process (`process_*`, `python_*`),
+`anomalyd_build_info` and `anomalyd_model_info`. docs/grafana-dashboard.json charts them.
 """
 
 from __future__ import annotations
 
+import platform
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -87,6 +98,13 @@ class Metrics:
                                      ["source"], registry=r)
         self.last_inspected = Gauge("anomalyd_source_last_inspected_timestamp_seconds",
                                     "Unix time of the last inspection written for a source", ["source"], registry=r)
+        # The process itself (CPU, memory, file descriptors, start time; Python version and GC) and what runs.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge("anomalyd_build_info", "anomalyd version and Python version (value 1)",
+                                ["version", "python"], registry=r)
+        self.build_info.labels(package_version(), platform.python_version()).set(1)
         for name in ("frames_in", "frames_rejected", "frames_failed", "inspections", "dead_lettered",
                      "last_inspected"):
             setattr(self, name, _SourceLabelled(getattr(self, name), self.source_label))
@@ -124,8 +142,31 @@ class Metrics:
 
         self.registry.register(_CallbackCollector(read))
 
+    def add_model_collector(self, detector: Callable[[], object | None]) -> None:
+        """`anomalyd_model_info{model, version, image_size}` = 1 for the detector in use (follows hot swaps)."""
+
+        def read():
+            info = GaugeMetricFamily("anomalyd_model_info", "The model in use (value 1)",
+                                     labels=["model", "version", "image_size"])
+            current = detector()
+            if current is not None:
+                info.add_metric([str(getattr(current, "name", "?")), str(getattr(current, "version", "?")),
+                                 str(getattr(current, "image_size", ""))], 1.0)
+            yield info
+
+        self.registry.register(_CallbackCollector(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("anomalyd")
+    except PackageNotFoundError:  # a checkout without an installed distribution
+        return "0+unknown"
 
 
 def _status_text(source) -> str:

@@ -51,8 +51,9 @@ def build_detector(settings: Settings) -> Any:
         backbone = Path(str(options.get("backbone", "default"))).stem
         size = int(options.get("image_size", 256))
         return NeedsReferences(m.name, f"{m.name}-{backbone}-s{size}", size)
+    settings.check_weights()  # every missing weights file named at once, with its URL and place
     return create_detector(
-        m.name, backbone=settings.resolve_model_value(m.backbone),
+        m.name, backbone=settings.backbone_file(),
         backbone_config=settings.resolve_model_value(m.backbone_config),
         prompts=settings.prompts_file(), layers=tuple(m.layers), image_size=m.image_size,
         device=r.device, dtype=r.dtype, class_name=m.class_name,
@@ -191,6 +192,7 @@ class Service:
             log.info("model %s version %s (input %d px) loaded", getattr(detector, "name", "?"),
                      getattr(detector, "version", "?"), int(detector.image_size))
             detector = self._route_references(detector)
+            self.metrics.add_model_collector(self._current_detector)
             self.pipeline = Pipeline(
                 detector, self.sources, self.sessions, self.store, sinks=self.sinks,
                 source_settings=self._source_settings(), metrics=self.metrics,
@@ -336,6 +338,7 @@ class Service:
 
     def _start_http(self) -> None:
         from daemon.app import AppState, create_app
+        from daemon.tokens import bootstrap_admin_token
 
         state = AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
                          sessions=self.sessions, store=self.store, service=self)
@@ -344,6 +347,7 @@ class Service:
         self.api.start()
         self.http_port = self.api.port
         log.info("HTTP API on http://%s:%d", host if ":" not in host else f"[{host}]", self.api.port)
+        bootstrap_admin_token(self.settings, port=self.api.port)  # no token anywhere: an admin token, logged once
 
     # --- health -------------------------------------------------------------------------------------------------
 
@@ -432,17 +436,24 @@ class Service:
         if install_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self._stop_requested.set())
+        from daemon.systemd import SystemdNotifier
+
+        notifier = SystemdNotifier()  # Type=notify + WatchdogSec under systemd; nothing otherwise
         try:
             self.start()
         except BaseException:
             self.stop()
             raise
+        notifier.ready(f"inspecting {len(self.sources)} source(s)" if self.role != "capture" else "capturing")
         while not self._stop_requested.wait(1.0):
             _, details = self.readiness()
             problems = (details.get("pipeline") or {}).get("problems")
             if problems and problems != self._errors:
                 self._errors = list(problems)
                 log.error("pipeline unhealthy: %s", "; ".join(problems))
+                notifier.status("unhealthy: " + "; ".join(problems))
+            notifier.watchdog(healthy=not problems)
+        notifier.stopping()
         log.info("stopping (grace %.0fs)", self.settings.runtime.shutdown_grace_s)
         self.stop()  # frames not drained in time were handed back to their sources: still a clean exit
         return 0

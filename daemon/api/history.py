@@ -4,7 +4,7 @@ Pagination is keyset ("seek") pagination: the opaque cursor encodes the sort key
 returned, and the next page is the rows strictly after that (key, id) pair in the chosen order. Rows inserted
 while a client pages (new frames arrive at the head) therefore never shift or repeat a page.
 
-Label masks uploaded by operators are validated as PNG images and stored under the artifact store with a
+Label masks uploaded by operators (PNG, BMP or TIFF, the frame's size) are validated and stored as PNG under the artifact store with a
 server-chosen name (`labels/YYYY/MM/DD/<uuid>_label.png`); the client's file name never reaches the filesystem.
 """
 
@@ -196,25 +196,34 @@ def list_models(session: Session) -> list[ModelVersion]:
 # --- labelling ---------------------------------------------------------------------------------------------------
 
 
-def validate_mask_png(data: bytes, name: str = "mask", expected: tuple[int | None, int | None] | None = None
-                      ) -> tuple[int, int]:
-    """(width, height) of a PNG mask; HistoryError naming `name` when it is not a decodable PNG image, or when
-    its size differs from `expected` (the frame's width, height). The size is read from the PNG header and
-    checked BEFORE decoding: a tiny file declaring 30000x30000 pixels is refused without allocating them."""
-    import struct
+# Mask formats accepted for labels (what datasets ship: MVTec PNG, KolektorSDD BMP, TIFF); stored as PNG.
+_MASK_SIGNATURES = ((_PNG_SIGNATURE, "PNG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def read_label_mask(data: bytes, name: str = "mask",
+                    expected: tuple[int | None, int | None] | None = None) -> bytes:
+    """A PNG, BMP or TIFF mask → PNG bytes (a PNG is kept byte for byte, the others re-encoded); HistoryError
+    naming `name` for anything else, or when its size differs from `expected` (the frame's width, height).
+    The size is read from the file's header and checked BEFORE decoding: a tiny file declaring 30000x30000
+    pixels is refused without allocating them."""
+    import io
 
     import cv2
     import numpy as np
+    from PIL import Image
 
     if not data:
         raise HistoryError(f"{name}: empty file")
     if len(data) > MAX_MASK_BYTES:
         raise HistoryError(f"{name}: {len(data)} bytes, more than the {MAX_MASK_BYTES} allowed")
-    if not data.startswith(_PNG_SIGNATURE):
-        raise HistoryError(f"{name}: not a PNG file")
-    if len(data) < 24 or data[12:16] != b"IHDR":
-        raise HistoryError(f"{name}: not a decodable PNG image (no IHDR header)")
-    width, height = struct.unpack(">II", data[16:24])
+    kind = next((kind for signature, kind in _MASK_SIGNATURES if data.startswith(signature)), None)
+    if kind is None:
+        raise HistoryError(f"{name}: not a PNG, BMP or TIFF image")
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # lazy: reads the header only
+            width, height = header.size
+    except Exception as exc:
+        raise HistoryError(f"{name}: not a decodable {kind} image ({exc})") from None
     if expected is not None and None not in expected and (width, height) != tuple(expected):
         raise HistoryError(f"{name}: the mask is {width}x{height} pixels, the frame {expected[0]}x{expected[1]}; "
                            f"a mask must have the frame's size")
@@ -222,8 +231,13 @@ def validate_mask_png(data: bytes, name: str = "mask", expected: tuple[int | Non
         raise HistoryError(f"{name}: the mask is {width}x{height} pixels, more than {MAX_MASK_PIXELS}")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
-        raise HistoryError(f"{name}: not a decodable PNG image (truncated or corrupt)")
-    return int(image.shape[1]), int(image.shape[0])
+        raise HistoryError(f"{name}: not a decodable {kind} image (truncated or corrupt); expected PNG, BMP or TIFF")
+    if kind != "PNG":
+        ok, encoded = cv2.imencode(".png", image)
+        if not ok:
+            raise HistoryError(f"{name}: this {kind} image cannot be stored as a PNG mask")
+        data = encoded.tobytes()
+    return data
 
 
 def store_label_mask(store: Any, data: bytes, when: datetime | None = None) -> str:
@@ -263,7 +277,7 @@ def apply_label(
             with session.begin():
                 inspection = get_inspection(session, inspection_id)
                 if mask is not None:
-                    validate_mask_png(mask, mask_name, expected=(inspection.width, inspection.height))
+                    mask = read_label_mask(mask, mask_name, expected=(inspection.width, inspection.height))
                     mask_path = store_label_mask(store, mask)
                 row = add_label(session, inspection_id, label, author=author, mask_path=mask_path)
         except BaseException:

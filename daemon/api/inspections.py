@@ -122,7 +122,7 @@ _LABEL_BODY = {
                 "type": "object", "required": ["label"],
                 "properties": {"label": {"type": "string", "enum": list(history.LABELS)},
                                "mask": {"type": "string", "format": "binary",
-                                        "description": "optional defect mask, PNG (non-zero = defect)"}}}},
+                                        "description": "optional defect mask, PNG, BMP or TIFF of the frame's size (non-zero = defect)"}}}},
         },
     }
 }
