@@ -11,20 +11,14 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from adapters.opcua import (
-    OpcUaCommandError,
-    OpcUaHandlers,
-    OpcUaServer,
-    OpcUaSettings,
-    OpcUaSource,
-    OpcUaUserEntry,
-)
 from adapters.sinks import CommittedInspection, ResultSink, SinkContext, register_sink
 
 STATES = {"online": "Ready", "offline": "Disconnected", "disabled": "Disconnected"}
 
 
 def _not_ready(*_args: Any) -> Any:
+    from adapters.opcua import OpcUaCommandError
+
     raise OpcUaCommandError("error", "the daemon is still starting")
 
 
@@ -32,6 +26,9 @@ class OpcUaSink(ResultSink):
     name = "opcua"
 
     def __init__(self, settings: Any, context: SinkContext) -> None:
+        # asyncua is imported only when OPC UA is enabled
+        from adapters.opcua import OpcUaHandlers, OpcUaServer, OpcUaSettings, OpcUaSource, OpcUaUserEntry
+
         o = settings.opcua
         users = [OpcUaUserEntry(name=u.name, role=u.role, password_sha256=u.password_sha256 or hashlib.sha256(
             u.password.get_secret_value().encode()).hexdigest()) for u in o.users]
@@ -44,7 +41,7 @@ class OpcUaSink(ResultSink):
         self.handlers = OpcUaHandlers(trigger=_not_ready, select_model=_not_ready, reset_counters=_not_ready)
         self.server = OpcUaServer(server_settings, sources, self.handlers)
 
-    def bind(self, handlers: OpcUaHandlers) -> None:
+    def bind(self, handlers: Any) -> None:
         """The daemon's side of the methods (until then a call is refused: still starting)."""
         self.handlers.trigger = handlers.trigger
         self.handlers.select_model = handlers.select_model
