@@ -50,10 +50,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.models import Inspection, Label, ModelVersion, TrainingRun, utcnow
 from adapters.db.repository import active_model_version
-from adapters.report import jsonable
 from daemon import models as registry
 
 log = logging.getLogger("anomalyd.retraining")
+
+
+
+def jsonable(value: Any) -> Any:
+    """`adapters.report.jsonable`, imported on use: that module loads torch, and config validation imports this one
+    (the operator commands must not pay for torch)."""
+    from adapters.report import jsonable as convert
+
+    return convert(value)
+
 
 # The same names as model.metrics.METRIC_NAMES (not imported: config validation must not load sklearn).
 COMPARABLE_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
@@ -459,7 +468,7 @@ class Retrainer:
         spec = {
             "run_id": run_id, "version": version,
             "output": str(run_dir / "work" / "prompts.safetensors"), "result": str(run_dir / "result.json"),
-            "model": {"kind": m.name, "backbone": self.settings.resolve_model_value(m.backbone),
+            "model": {"kind": m.name, "backbone": self.settings.backbone_file(),
                       "backbone_config": self.settings.resolve_model_value(m.backbone_config),
                       "layers": list(m.layers), "image_size": self._image_size(), "init_prompts": init_prompts,
                       "transform": "reference" if m.reference_preprocessing else "fast"},
