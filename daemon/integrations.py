@@ -1,15 +1,15 @@
-"""Factory integration around the pipeline: trigger mode, webhooks, the OPC UA server and MQTT command topics.
+"""Factory integration around the pipeline: trigger mode, the OPC UA methods and counters, MQTT command topics.
 
-One object the service creates and calls at a few points (start, each committed result, readiness, stop), so the
-wiring stays out of `daemon/service.py`:
+One object the service creates and calls at a few points (attach before the pipeline starts, start, each committed
+result, readiness, stop), so the wiring stays out of `daemon/service.py`:
 
 - `TriggerController` (daemon/trigger.py) for `[[sources]]` with `trigger = "opcua" | "mqtt"`; each answer (the
   real result, the fail-safe on a deadline miss, a late result) becomes an `outbox` row on
-  `<prefix>/<line>/<source>/result`: the MQTT relay and the webhooks deliver it with the outbox's guarantee, and
-  the OPC UA server shows it.
-- `WebhookRelay` (adapters/webhooks.py) for `[[webhooks]]`.
-- `OpcUaServer` (adapters/opcua.py) when `[opcua].enabled`; its values change only from committed results (and
-  answers, which are committed outbox rows), so it never shows a result the database does not have.
+  `<prefix>/<line>/<source>/result` and the sinks are told (`alerts_committed`): the MQTT and webhook sinks
+  deliver it with the outbox's guarantee, and the OPC UA sink's server shows it.
+- The webhook and OPC UA sinks are result sinks (adapters/sinks/webhook.py, adapters/sinks/opcua.py) built by the
+  service with the others; here the OPC UA methods are bound to the daemon and its counters kept (since start or
+  reset; values only from committed rows and answers, so OPC UA never shows a result the database does not have).
 - MQTT commands (`[mqtt].commands`): `<prefix>/<line>/<source>/trigger/set` with a JSON part id (a string, an
   integer, or `{"part_id": ...}`) answered on `.../trigger/status`; `<prefix>/models/activate/set` with
   `{"version": "..."}` (or a JSON string) answered on `<prefix>/models/activate/status`. Commands go through a
