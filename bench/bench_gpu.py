@@ -122,6 +122,7 @@ def main() -> None:
     if args.cpu_smoke:
         args.config, args.image_size, args.batch_sizes, args.device = "tiny", 56, [1, 2], "cpu"
         args.compile_backend, args.naive_images, args.repeats, args.min_seconds = "eager", 1, 1, 0.0
+        args.budget_s = float("inf")  # CI checks that every path runs, however slow the machine
 
     from model.factory import resolve_device
 
