@@ -6,6 +6,7 @@ alerted, few good ones, and the defects' maps stay on the 0–1 scale with regio
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -21,6 +22,7 @@ pytestmark = [pytest.mark.shared]
 
 N_REFERENCES = 16
 N_GOOD, N_DEFECTIVE = 16, 12
+TOKEN = "e2e-operator-token"
 
 
 def _link_all(files: list[Path], folder: Path) -> None:
@@ -45,7 +47,8 @@ def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
         "sources": [{"id": "cubes", "kind": "folder", "uri": str(tmp_path / "inbox"), "line": "dobot",
                      "settle_s": 0.05, "poll_interval_s": 0.05}],
         "mqtt": {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
-        "storage": {"dir": str(tmp_path / "artifacts")}, "api": {"enabled": False},
+        "storage": {"dir": str(tmp_path / "artifacts")},
+        "api": {"enabled": False, "tokens": [{"name": "operator", "role": "operator", "token": TOKEN}]},
     })
     (tmp_path / "inbox").mkdir()
     service = Service(settings, serve_http=False)
@@ -83,5 +86,40 @@ def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
         with service.sessions() as session:
             alerts = session.scalars(select(OutboxMessage)).all()
         assert len(alerts) == sum(alerted_bad) + sum(alerted_good)
+        if os.environ.get("ANOMALYD_WRITE_SCREENSHOT") == "1":  # docs/ui.png: a real detection in the UI
+            worst = max((by_name[f.name] for f in bad_frames), key=lambda row: row.score)
+            label_normal = [by_name[f.name].id for f in good_frames[:6]]
+            _screenshot(service, settings, worst.id, label_normal, [by_name[f.name].id for f in bad_frames[:4]])
     finally:
         service.stop()
+
+
+def _screenshot(service, settings, inspection_id: int, normal_ids: list[int], anomalous_ids: list[int]) -> None:
+    """Label a few frames (so the histogram shows both colours), open the worst defect, save docs/ui.png."""
+    from playwright.sync_api import sync_playwright
+
+    from adapters.db import Label
+    from daemon.api import routers
+    from daemon.app import AppState, create_app
+    from tests.daemon.test_ui_browser import CHROMIUM_ARGS, CHROMIUM_CANDIDATES, REPO, Server
+
+    with service.sessions() as session, session.begin():
+        session.add_all([Label(inspection_id=i, label="normal", author="demo") for i in normal_ids]
+                        + [Label(inspection_id=i, label="anomalous", author="demo") for i in anomalous_ids])
+    state = AppState(settings=settings, metrics=service.metrics, readiness=service.readiness,
+                     sessions=service.sessions, store=service.store, service=service)
+    chromium = next(p for p in CHROMIUM_CANDIDATES if Path(p).is_file())
+    with Server(create_app(state, routers())) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1050})
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.fill("#token", TOKEN)
+        page.click("#login-form button[type=submit]")
+        page.select_option("#filters select[name=sort]", "score_desc")
+        page.click("#apply")
+        page.locator(f'#history tbody tr[data-id="{inspection_id}"]').click()
+        page.wait_for_function("document.querySelector('#heatmap-img').naturalWidth > 0")
+        page.wait_for_selector("#score-histogram rect")
+        page.fill("#heatmap-opacity", "0.55")
+        page.screenshot(path=str(REPO / "docs" / "ui.png"))
+        browser.close()
