@@ -111,7 +111,7 @@ def _screenshot(service, settings, inspection_id: int, normal_ids: list[int], an
     chromium = next(p for p in CHROMIUM_CANDIDATES if Path(p).is_file())
     with Server(create_app(state, routers())) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1050})
+        page = browser.new_page(viewport={"width": 1500, "height": 1250})
         page.goto(f"http://127.0.0.1:{server.port}/")
         page.fill("#token", TOKEN)
         page.click("#login-form button[type=submit]")
