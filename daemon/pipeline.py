@@ -15,6 +15,7 @@ object with `.scores` (B,) and `.maps` (B,S,S) tensors; the daemon builds it wit
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -38,16 +39,21 @@ from adapters.db.repository import (
     save_inspection,
     save_inspections,
 )
+from adapters.log_repeats import install as install_repeat_filter
 from adapters.mqtt import alert_payload, topic
 from adapters.sinks import CommittedInspection, SinkSet
 from adapters.sources.base import SourceSettings
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
+from daemon.budget import ByteBudget
+from daemon.dead_letter import DeadLetters
+from daemon.health import OutcomeWindow
 from daemon.metrics import Metrics
 from daemon.results import extract_regions, map_to_frame
 from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame
 
 log = logging.getLogger(__name__)
+REPEATS = install_repeat_filter(log)  # identical errors (a full disk) logged once a minute, with a count
 
 _STOP = object()
 
@@ -64,6 +70,9 @@ class PipelineOptions:
     mqtt_prefix: str = "anomalyd"  # the outbox rows' topics ([mqtt] prefix and qos)
     alert_qos: int = 1
     reference_preprocessing: bool = False
+    max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
+    max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
+    decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
 
 
 @dataclass
@@ -160,6 +169,18 @@ class Pipeline:
         # model version), and sources that cannot be inspected now (reason), whose frames are rejected.
         self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
         self.unavailable: dict[str, str] = {}
+        # daemon.trigger.TriggerController (set before start): triggered sources' frames are taken only for a
+        # pending trigger, fresh ones only, and go to the model ahead of the free-running sources.
+        self.triggers: Any | None = None
+        self._trigger_thread: threading.Thread | None = None
+        self.metrics.known_sources.update(self.source_settings)
+        self.dead_letters = DeadLetters(
+            self.options.max_attempts,
+            lambda frame, source_id, reason: record_rejected(
+                self.sessions, source=source_id, frame_id=frame.frame_id, name=frame.name or None, reason=reason),
+            on_dead_letter=lambda source_id: self.metrics.dead_lettered.labels(source_id).inc())
+        self.outcomes = OutcomeWindow()  # recent ok/failed frames: readiness fails while most fail
+        self.decode_budget = ByteBudget(self.options.decode_budget_bytes)
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -186,6 +207,12 @@ class Pipeline:
         self._intake_thread = threading.Thread(target=self._guard(self._intake_loop, "intake"), name="intake",
                                                daemon=True)
         self._intake_thread.start()
+        triggered = [s for s in self.sources if self.triggers is not None and self.triggers.is_triggered(s.id)]
+        if triggered:  # its own thread: back-pressure from free-running sources never delays a trigger
+            self._trigger_thread = threading.Thread(
+                target=self._guard(lambda: self._trigger_intake_loop(triggered), "trigger-intake"),
+                name="trigger-intake", daemon=True)
+            self._trigger_thread.start()
 
     def healthy(self) -> tuple[bool, list[str]]:
         """False with reasons when a pipeline thread crashed or died."""
@@ -197,8 +224,13 @@ class Pipeline:
                 problems.append("model worker is not running")
             if self._intake_thread is not None and not self._intake_thread.is_alive():
                 problems.append("intake thread is not running")
+            if self._trigger_thread is not None and not self._trigger_thread.is_alive():
+                problems.append("trigger intake thread is not running")
             if any(not thread.is_alive() for thread in self._writer_threads):
                 problems.append("a writer thread is not running")
+        failing = self.outcomes.problem()
+        if failing is not None:
+            problems.append(failing)
         return (not problems, problems)
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -248,10 +280,12 @@ class Pipeline:
 
     def _intake_loop(self) -> None:
         """Fair round-robin over the source queues."""
-        single = len(self.sources) == 1
+        triggers = self.triggers
+        free_running = [s for s in self.sources if triggers is None or not triggers.is_triggered(s.id)]
+        single = len(free_running) == 1
         while not self._abort.is_set():
             took = False
-            for source in self.sources:
+            for source in free_running:
                 frame = source.queue.get(timeout=0.05 if single else 0)
                 if frame is None:
                     continue
@@ -260,11 +294,41 @@ class Pipeline:
                 if self._abort.is_set():
                     break
             if not took:
-                if self._draining.is_set() and all(len(source.queue) == 0 for source in self.sources):
+                if self._draining.is_set() and all(len(source.queue) == 0 for source in free_running):
+                    if self._trigger_thread is not None:
+                        self._trigger_thread.join(2.0)
                     return
-                if not single:
+                if not free_running:
+                    time.sleep(0.05)
+                elif not single:
                     time.sleep(0.002)
         self._update_depth()
+
+    def _trigger_intake_loop(self, triggered: list[Any]) -> None:
+        """Triggered sources: with a trigger waiting, frames captured before it are stale (acknowledged, not
+        inspected); the first fresh one is tagged with the trigger, decoded on this thread and goes to the model
+        ahead of everything else. Frames nobody triggered are never inspected."""
+        while not self._abort.is_set() and not self._draining.is_set():
+            waiting = [(source, self.triggers.waiting(source.id)) for source in triggered]
+            waiting = [(source, request) for source, request in waiting if request is not None]
+            if not waiting:
+                self.triggers.wait_for_request(0.05)
+                continue
+            for source, request in waiting:
+                frame = source.queue.get(timeout=0.005 if len(waiting) == 1 else 0)
+                if frame is None:
+                    continue
+                if not self.triggers.attach(request, frame):
+                    frame.done(True)  # captured before the trigger
+                    continue
+                settings = self.source_settings[source.id]
+                self.metrics.frames_in.labels(settings.id).inc()
+                self._prepare(frame, settings, time.monotonic(), priority=True)
+            if len(waiting) > 1:
+                time.sleep(0.001)
+        for source in triggered:
+            for frame in source.queue.drain():
+                frame.done(True)
 
     def _submit(self, frame: Any, source: Any) -> None:
         settings = self.source_settings.get(frame.source_id)
@@ -287,16 +351,29 @@ class Pipeline:
             self._decode_slots.release()
             frame.done(False)
 
-    def _prepare(self, frame: Any, settings: SourceSettings, t_in: float) -> None:
-        from model.preprocess import ImageDecodeError, decode_image
+    def _prepare(self, frame: Any, settings: SourceSettings, t_in: float, priority: bool = False) -> None:
+        from model.preprocess import ImageDecodeError, decode_image, header_size
 
         try:
+            # Bytes of the decoded frame, from its header (nothing decoded yet), held until the frame is done.
+            if frame.image is not None:
+                cost = int(np.asarray(frame.image).nbytes)
+            elif frame.data is not None:
+                declared = header_size(frame.data)
+                cost = 3 * declared[0] * declared[1] if declared is not None else len(frame.data)
+                if self.options.max_pixels is not None and declared is not None \
+                        and declared[0] * declared[1] > self.options.max_pixels:
+                    cost = 0  # refused from the header below, never decoded
+            else:
+                cost = 0
+            self.decode_budget.hold_until_done(frame, self.decode_budget.acquire(cost, self._abort))
             started = time.monotonic()
             try:
                 if frame.image is not None:
                     rgb = _as_rgb8(frame.image, frame.name or frame.frame_id)
                 elif frame.data is not None:
-                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id)
+                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id,
+                                       max_pixels=self.options.max_pixels)
                 else:
                     raise ImageDecodeError(str(frame.meta.get("error") or "frame carries no image data"))
             except ImageDecodeError as exc:
@@ -309,13 +386,14 @@ class Pipeline:
             self.metrics.decode_latency.observe(decoded - started)
             item = PreparedFrame(frame, settings, rgb, pixels, size, t_in,
                                  timings={"decoded_at": decoded, "intake_wait_s": started - t_in})
-            self.batcher.put(item)
+            self.batcher.put(item, priority=priority)
             self._update_depth()
         except Exception as exc:
             log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
             self._fail([frame], settings.id, "decode", exc)
         finally:
-            self._decode_slots.release()
+            if not priority:  # triggered frames are prepared on the trigger thread, without a decode slot
+                self._decode_slots.release()
 
     def _to_writers(self, scored: ScoredFrame) -> None:
         self._results.put(scored)
@@ -368,6 +446,8 @@ class Pipeline:
         for scored in batch:
             frame = scored.prepared.frame
             existing = known.get(frame.frame_id)
+            if existing is not None and self._conflicting(frame, existing, scored.prepared.source.id):
+                continue
             if existing is not None:  # redelivered after a commit: ack, no second row or alert
                 log.info("frame %s already inspected (#%d); acknowledging", frame.frame_id, existing.id)
                 frame.done(True)
@@ -400,6 +480,30 @@ class Pipeline:
         for r, result in zip(rendered, saved, strict=True):
             self._finish(r, result, db_share)
 
+    def _conflicting(self, frame: Any, existing: Inspection, source_id: str) -> bool:
+        """A frame_id already inspected with DIFFERENT content (a producer reusing ids): recorded as a rejected
+        row naming the conflict and acknowledged (True); a plain redelivery (same content, or unknown): False."""
+        recorded = (existing.meta or {}).get("content_sha1") if isinstance(existing.meta, dict) else None
+        if recorded is None or frame.data is None:
+            return False
+        digest = hashlib.sha1(frame.data).hexdigest()
+        if digest == recorded:
+            return False
+        reason = (f"frame_id conflict: {frame.frame_id!r} was already inspected (#{existing.id}) with different "
+                  f"content (sha1 {recorded[:12]}, now {digest[:12]}); this frame was not inspected")
+        log.warning("%s", reason)
+        try:
+            record_rejected(self.sessions, source=source_id, frame_id=f"{frame.frame_id}#conflict-{digest[:12]}",
+                            name=frame.name or None, reason=reason)
+        except Exception as exc:
+            self._fail([frame], source_id, "persist", exc)
+            return True
+        self.outcomes.add(True)
+        with self._count_lock:
+            self.rejected += 1
+        frame.done(True)
+        return True
+
     def _render(self, scored: ScoredFrame) -> _Rendered:
         """Map at frame size, regions and artifact files; the row's values (not yet stored)."""
         started = time.monotonic()
@@ -420,12 +524,17 @@ class Pipeline:
         t_artifacts = time.monotonic()
         region_dicts = [region.as_dict() for region in regions]
         values = dict(
-            uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line, frame_name=frame.name or None,
+            uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line,
+            frame_name=frame.meta.get("stored_name") or frame.name or None,  # where a folder source moves it
             captured_at=captured_at, processed_at=datetime.now(timezone.utc), model_version=scored.model_version,
             score=float(scored.score), threshold=threshold, is_anomalous=is_anomalous,
             regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame,
             width=width, height=height,
+            # the content's hash: a later frame reusing this frame_id with other bytes is a conflict, not a redelivery
+            meta={"content_sha1": hashlib.sha1(frame.data).hexdigest()} if frame.data is not None else None,
         )
+        if frame.meta.get("trigger_id"):  # a triggered frame: the part it inspected (OPC UA / MQTT answers)
+            values["meta"] = {"trigger_id": frame.meta["trigger_id"], "part_id": frame.meta.get("part_id")}
 
         def build_alert(row: Inspection) -> tuple[str, dict[str, Any], int] | None:
             if not row.is_anomalous:
@@ -474,6 +583,8 @@ class Pipeline:
         self.metrics.end_to_end_latency.observe(
             max(0.0, (datetime.now(timezone.utc) - r.values["captured_at"]).total_seconds()))
         self.metrics.inspections.labels(settings.id, "anomalous" if row.is_anomalous else "normal").inc()
+        self.metrics.last_inspected.labels(settings.id).set(time.time())
+        self.outcomes.add(True)
         with self._count_lock:
             self.processed += 1
         if self.on_result is not None:
@@ -488,6 +599,8 @@ class Pipeline:
             frame.done(True)
             return
         log.warning("rejected frame %s from %s: %s", frame.name or frame.frame_id, settings.id, reason)
+        if self.triggers is not None:
+            self.triggers.frame_failed(frame, f"rejected: {reason}")
         try:
             record_rejected(self.sessions, source=settings.id, frame_id=frame.frame_id, name=frame.name or None,
                             reason=reason)
@@ -496,6 +609,7 @@ class Pipeline:
             self._fail([frame], settings.id, "reject", exc)
             return
         self.metrics.frames_rejected.labels(settings.id).inc()
+        self.outcomes.add(True)
         with self._count_lock:
             self.rejected += 1
         frame.done(True)
@@ -506,10 +620,14 @@ class Pipeline:
 
     def _fail(self, frames: list[Any], source_id: str, stage: str, exc: BaseException) -> None:
         for frame in frames:
+            if self.triggers is not None:
+                self.triggers.frame_failed(frame, f"{stage} failed: {exc}")
             self.metrics.frames_failed.labels(source_id, stage).inc()
             with self._count_lock:
                 self.failed += 1
-            frame.done(False)
+            self.outcomes.add(False)
+            if not self.dead_letters.failed(frame, source_id, stage, exc):
+                frame.done(False)
 
     def _batch_done(self, size: int, queue_wait: float, inference: float) -> None:
         self.metrics.batch_size.observe(size)
