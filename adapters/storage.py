@@ -79,9 +79,14 @@ class ArtifactStore:
         except FileNotFoundError:  # a new day's folder (or one retention just removed)
             target.parent.mkdir(parents=True, exist_ok=True)
             handle = open(tmp, "wb")  # noqa: SIM115
-        with handle:
-            handle.write(data)
-        os.replace(tmp, target)
+        try:
+            with handle:
+                handle.write(data)
+            os.replace(tmp, target)
+        except BaseException:  # a full disk: no .tmp left behind per failed write
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def _encode(self, ext: str, image: np.ndarray, params: list[int] | None = None) -> bytes:
         ok, buffer = cv2.imencode(ext, image, params or [])

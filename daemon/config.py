@@ -65,7 +65,7 @@ def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str
 
 
 class ModelConfig(_Section):
-    name: Literal["anomalyclip", "adaclip", "clip", "winclip", "patchcore"] = "anomalyclip"
+    name: str = "anomalyclip"  # a registered model family (model.list_models(); listing them loads no torch)
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
     prompts: str | None = None
@@ -79,6 +79,15 @@ class ModelConfig(_Section):
     # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
     false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
 
+    @field_validator("name")
+    @classmethod
+    def _registered_model(cls, value: str) -> str:
+        from model.factory import list_models
+
+        if value not in list_models():
+            raise ValueError(f"unknown model {value!r}: expected one of {', '.join(list_models())}")
+        return value
+
 
 class RuntimeConfig(_Section):
     device: str = "auto"
@@ -89,6 +98,9 @@ class RuntimeConfig(_Section):
     decode_threads: int = Field(2, ge=1, le=64)
     persist_threads: int = Field(1, ge=1, le=64)
     shutdown_grace_s: float = Field(20.0, gt=0)
+    max_pixels: int = Field(50_000_000, ge=64)  # per frame, read from its header; larger frames are rejected
+    decode_budget_mb: int = Field(512, ge=16)  # decoded frames in flight, in MiB of RGB pixels
+    max_attempts: int = Field(5, ge=1)  # failures of one frame before it is dead-lettered
     engine: Literal["torch", "onnxruntime", "openvino"] = "torch"
     export_dir: str | None = Field(None, description="a prebuilt export for the engine; default: exported through "
                                    "the parity gate at start and on each model swap, under <[storage].dir>/exports")
@@ -144,6 +156,9 @@ class ApiConfig(_Section):
     enabled: bool = True
     bind: str = Field("127.0.0.1:8080", pattern=r"^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
     tokens: list[ApiToken] = Field(default_factory=list)
+    # Tokens made by the first start and `anomalyd tokens create` (hashes only); default: api_tokens.json in the
+    # folder holding [storage].dir (var/ for the shipped config). See daemon/tokens.py.
+    tokens_file: str | None = None
     auth_health: bool = False
     auth_metrics: bool = False
 
@@ -348,15 +363,34 @@ class Settings(BaseSettings):
         return str(candidate) if candidate.exists() else value
 
     def prompts_file(self) -> str | None:
-        """[model].prompts as a file: a path, a released name fetched into the cache, or for AnomalyCLIP by
-        default the released prompts (WeightsError says how to fetch them when they are missing)."""
-        from adapters.weights import DEFAULT_PROMPTS, resolve_prompts
+        """[model].prompts as a file: a path, a released name fetched into the cache, or by default the family's
+        released weights (AnomalyCLIP's; WeightsError says how to fetch them when they are missing)."""
+        from adapters.weights import resolve_prompts
+        from model.factory import get_family
 
         value = self.model.prompts
-        if value is None and self.model.name == "anomalyclip":
-            value = DEFAULT_PROMPTS
+        if value is None:
+            value = get_family(self.model.name).default_weights
         resolved = resolve_prompts(self.resolve_model_value(value))
         return str(resolved) if resolved is not None else None
+
+    def backbone_file(self) -> str:
+        """[model].backbone as the daemon loads it: a file (relative to the config), or a named open_clip backbone's
+        weights file in the cache `anomalyd weights fetch` filled; never a download (WeightsError names the file,
+        its URL and where to put it)."""
+        from adapters.weights import NON_CLIP_MODELS, local_backbone
+
+        value = self.resolve_model_value(self.model.backbone)
+        if not value or self.model.name in NON_CLIP_MODELS:  # e.g. PatchCore's CNN: not from open_clip's cache
+            return value
+        return local_backbone(value)
+
+    def check_weights(self) -> None:
+        """WeightsError naming every downloadable file the configured model needs and lacks (none: no error)."""
+        from adapters.weights import ensure_weights, required_weights
+
+        ensure_weights(required_weights(self.model.name, self.resolve_model_value(self.model.backbone),
+                                        self.resolve_model_value(self.model.prompts)))
 
     @property
     def database_url(self) -> str:
@@ -540,3 +574,49 @@ def load_config(
         return Settings(**data, base_dir=base_dir)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, origin)) from None
+
+
+# --- finding the configuration file ------------------------------------------------------------------------------
+
+CONFIG_ENV = "ANOMALYD_CONFIG"
+LOCAL_CONFIG = Path("config.toml")
+SYSTEM_CONFIG = Path("/etc/anomalyd/config.toml")
+
+
+def config_candidates(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                      cwd: Path | None = None) -> list[tuple[str, Path]]:
+    """Where the configuration is looked for, in order: (how it was chosen, path)."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    found: list[tuple[str, Path]] = []
+    if explicit:
+        found.append(("--config", Path(explicit).expanduser()))
+    if environ.get(CONFIG_ENV):
+        found.append((f"${CONFIG_ENV}", Path(environ[CONFIG_ENV]).expanduser()))
+    found.append(("the current folder", cwd / LOCAL_CONFIG))
+    found.append(("the system config", SYSTEM_CONFIG))
+    return found
+
+
+def find_config(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                cwd: Path | None = None) -> Path | None:
+    """The one rule every command uses: `--config`, else `$ANOMALYD_CONFIG` (both must exist: a named file that
+    is missing is an error), else `./config.toml`, else `/etc/anomalyd/config.toml`, else None (built-in
+    defaults)."""
+    for how, path in config_candidates(explicit, environ, cwd):
+        if how in ("--config", f"${CONFIG_ENV}"):
+            return path  # named explicitly: load_config reports a missing file
+        if path.is_file():
+            return path
+    return None
+
+
+def describe_config_search(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                           cwd: Path | None = None) -> str:
+    """"config: X (from --config)" or "no config file (looked at ./config.toml, /etc/...)"; for error messages."""
+    chosen = find_config(explicit, environ, cwd)
+    candidates = config_candidates(explicit, environ, cwd)
+    if chosen is not None:
+        how = next(how for how, path in candidates if path == chosen)
+        return f"config {chosen} (from {how})"
+    return "no config file (looked at " + ", ".join(str(path) for _, path in candidates) + "; built-in defaults)"

@@ -15,6 +15,7 @@ object with `.scores` (B,) and `.maps` (B,S,S) tensors; the daemon builds it wit
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -38,16 +39,21 @@ from adapters.db.repository import (
     save_inspection,
     save_inspections,
 )
+from adapters.log_repeats import install as install_repeat_filter
 from adapters.mqtt import alert_payload, topic
 from adapters.sinks import CommittedInspection, SinkSet
 from adapters.sources.base import SourceSettings
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
+from daemon.budget import ByteBudget
+from daemon.dead_letter import DeadLetters
+from daemon.health import OutcomeWindow
 from daemon.metrics import Metrics
 from daemon.results import extract_regions, map_to_frame
 from daemon.worker import DetectorLike, ModelWorker, PreparedFrame, ScoredFrame
 
 log = logging.getLogger(__name__)
+REPEATS = install_repeat_filter(log)  # identical errors (a full disk) logged once a minute, with a count
 
 _STOP = object()
 
@@ -64,6 +70,9 @@ class PipelineOptions:
     mqtt_prefix: str = "anomalyd"  # the outbox rows' topics ([mqtt] prefix and qos)
     alert_qos: int = 1
     reference_preprocessing: bool = False
+    max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
+    max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
+    decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
 
 
 @dataclass
@@ -164,6 +173,14 @@ class Pipeline:
         # pending trigger, fresh ones only, and go to the model ahead of the free-running sources.
         self.triggers: Any | None = None
         self._trigger_thread: threading.Thread | None = None
+        self.metrics.known_sources.update(self.source_settings)
+        self.dead_letters = DeadLetters(
+            self.options.max_attempts,
+            lambda frame, source_id, reason: record_rejected(
+                self.sessions, source=source_id, frame_id=frame.frame_id, name=frame.name or None, reason=reason),
+            on_dead_letter=lambda source_id: self.metrics.dead_lettered.labels(source_id).inc())
+        self.outcomes = OutcomeWindow()  # recent ok/failed frames: readiness fails while most fail
+        self.decode_budget = ByteBudget(self.options.decode_budget_bytes)
 
     # --- public -------------------------------------------------------------------------------------------------
 
@@ -211,6 +228,9 @@ class Pipeline:
                 problems.append("trigger intake thread is not running")
             if any(not thread.is_alive() for thread in self._writer_threads):
                 problems.append("a writer thread is not running")
+        failing = self.outcomes.problem()
+        if failing is not None:
+            problems.append(failing)
         return (not problems, problems)
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -332,15 +352,28 @@ class Pipeline:
             frame.done(False)
 
     def _prepare(self, frame: Any, settings: SourceSettings, t_in: float, priority: bool = False) -> None:
-        from model.preprocess import ImageDecodeError, decode_image
+        from model.preprocess import ImageDecodeError, decode_image, header_size
 
         try:
+            # Bytes of the decoded frame, from its header (nothing decoded yet), held until the frame is done.
+            if frame.image is not None:
+                cost = int(np.asarray(frame.image).nbytes)
+            elif frame.data is not None:
+                declared = header_size(frame.data)
+                cost = 3 * declared[0] * declared[1] if declared is not None else len(frame.data)
+                if self.options.max_pixels is not None and declared is not None \
+                        and declared[0] * declared[1] > self.options.max_pixels:
+                    cost = 0  # refused from the header below, never decoded
+            else:
+                cost = 0
+            self.decode_budget.hold_until_done(frame, self.decode_budget.acquire(cost, self._abort))
             started = time.monotonic()
             try:
                 if frame.image is not None:
                     rgb = _as_rgb8(frame.image, frame.name or frame.frame_id)
                 elif frame.data is not None:
-                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id)
+                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id,
+                                       max_pixels=self.options.max_pixels)
                 else:
                     raise ImageDecodeError(str(frame.meta.get("error") or "frame carries no image data"))
             except ImageDecodeError as exc:
@@ -413,6 +446,8 @@ class Pipeline:
         for scored in batch:
             frame = scored.prepared.frame
             existing = known.get(frame.frame_id)
+            if existing is not None and self._conflicting(frame, existing, scored.prepared.source.id):
+                continue
             if existing is not None:  # redelivered after a commit: ack, no second row or alert
                 log.info("frame %s already inspected (#%d); acknowledging", frame.frame_id, existing.id)
                 frame.done(True)
@@ -445,6 +480,30 @@ class Pipeline:
         for r, result in zip(rendered, saved, strict=True):
             self._finish(r, result, db_share)
 
+    def _conflicting(self, frame: Any, existing: Inspection, source_id: str) -> bool:
+        """A frame_id already inspected with DIFFERENT content (a producer reusing ids): recorded as a rejected
+        row naming the conflict and acknowledged (True); a plain redelivery (same content, or unknown): False."""
+        recorded = (existing.meta or {}).get("content_sha1") if isinstance(existing.meta, dict) else None
+        if recorded is None or frame.data is None:
+            return False
+        digest = hashlib.sha1(frame.data).hexdigest()
+        if digest == recorded:
+            return False
+        reason = (f"frame_id conflict: {frame.frame_id!r} was already inspected (#{existing.id}) with different "
+                  f"content (sha1 {recorded[:12]}, now {digest[:12]}); this frame was not inspected")
+        log.warning("%s", reason)
+        try:
+            record_rejected(self.sessions, source=source_id, frame_id=f"{frame.frame_id}#conflict-{digest[:12]}",
+                            name=frame.name or None, reason=reason)
+        except Exception as exc:
+            self._fail([frame], source_id, "persist", exc)
+            return True
+        self.outcomes.add(True)
+        with self._count_lock:
+            self.rejected += 1
+        frame.done(True)
+        return True
+
     def _render(self, scored: ScoredFrame) -> _Rendered:
         """Map at frame size, regions and artifact files; the row's values (not yet stored)."""
         started = time.monotonic()
@@ -465,11 +524,14 @@ class Pipeline:
         t_artifacts = time.monotonic()
         region_dicts = [region.as_dict() for region in regions]
         values = dict(
-            uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line, frame_name=frame.name or None,
+            uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line,
+            frame_name=frame.meta.get("stored_name") or frame.name or None,  # where a folder source moves it
             captured_at=captured_at, processed_at=datetime.now(timezone.utc), model_version=scored.model_version,
             score=float(scored.score), threshold=threshold, is_anomalous=is_anomalous,
             regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame,
             width=width, height=height,
+            # the content's hash: a later frame reusing this frame_id with other bytes is a conflict, not a redelivery
+            meta={"content_sha1": hashlib.sha1(frame.data).hexdigest()} if frame.data is not None else None,
         )
         if frame.meta.get("trigger_id"):  # a triggered frame: the part it inspected (OPC UA / MQTT answers)
             values["meta"] = {"trigger_id": frame.meta["trigger_id"], "part_id": frame.meta.get("part_id")}
@@ -521,6 +583,8 @@ class Pipeline:
         self.metrics.end_to_end_latency.observe(
             max(0.0, (datetime.now(timezone.utc) - r.values["captured_at"]).total_seconds()))
         self.metrics.inspections.labels(settings.id, "anomalous" if row.is_anomalous else "normal").inc()
+        self.metrics.last_inspected.labels(settings.id).set(time.time())
+        self.outcomes.add(True)
         with self._count_lock:
             self.processed += 1
         if self.on_result is not None:
@@ -545,6 +609,7 @@ class Pipeline:
             self._fail([frame], settings.id, "reject", exc)
             return
         self.metrics.frames_rejected.labels(settings.id).inc()
+        self.outcomes.add(True)
         with self._count_lock:
             self.rejected += 1
         frame.done(True)
@@ -560,7 +625,9 @@ class Pipeline:
             self.metrics.frames_failed.labels(source_id, stage).inc()
             with self._count_lock:
                 self.failed += 1
-            frame.done(False)
+            self.outcomes.add(False)
+            if not self.dead_letters.failed(frame, source_id, stage, exc):
+                frame.done(False)
 
     def _batch_done(self, size: int, queue_wait: float, inference: float) -> None:
         self.metrics.batch_size.observe(size)

@@ -26,7 +26,10 @@ _MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before year 1 in UTC
+        raise HTTPException(422, f"time {value.isoformat()} is out of range in UTC") from None
 
 
 def sessions_of(state: AppState) -> Any:
@@ -119,7 +122,7 @@ _LABEL_BODY = {
                 "type": "object", "required": ["label"],
                 "properties": {"label": {"type": "string", "enum": list(history.LABELS)},
                                "mask": {"type": "string", "format": "binary",
-                                        "description": "optional defect mask, PNG (non-zero = defect)"}}}},
+                                        "description": "optional defect mask, PNG, BMP or TIFF of the frame's size (non-zero = defect)"}}}},
         },
     }
 }

@@ -17,7 +17,10 @@ router = APIRouter(prefix="/api", tags=["stats"])
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before year 1 in UTC
+        raise HTTPException(422, f"time {value.isoformat()} is out of range in UTC") from None
 
 
 @router.get("/stats", summary="Counts over [after, before); default the last 24 hours")
@@ -31,4 +34,7 @@ def get_stats(
     if after is not None and before is not None and after >= before:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "after must be earlier than before")
     with sessions_of(state)() as session:
-        return history.stats(session, after=after, before=before)
+        try:
+            return history.stats(session, after=after, before=before)
+        except OverflowError:  # the default window (24 h before `before`) starts before year 1
+            raise HTTPException(422, "the time window is out of range") from None

@@ -15,10 +15,30 @@ from daemon.cli import UsageError
 
 log = logging.getLogger("anomalyd")
 
-MODEL_NAMES = ("anomalyclip", "adaclip", "clip", "clip-ac", "winclip", "patchcore")
-# The CLIP models' CLI defaults; patchcore takes its own (Lite0, taps 4,10, 256 px) unless these are changed.
+
+class _RegisteredModels:
+    """The --model choices, read from the model-family registry when first needed (so the CLI starts without
+    importing torch, and a family registered at run time is a valid choice)."""
+
+    def _names(self) -> list[str]:
+        from model.factory import list_models
+
+        return list_models()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+MODEL_NAMES = _RegisteredModels()
+# The CLIP models' CLI defaults; a family with its own backbones (`clip_backbone=False`, e.g. patchcore) takes its
+# own defaults unless these are changed.
 CLIP_CLI_DEFAULTS = {"backbone": "ViT-L-14-336", "layers": (24,), "image_size": 518}
-TRAINABLE_MODELS = ("anomalyclip", "adaclip")
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -77,8 +97,9 @@ def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
     return plain
 
 
-def patchcore_options(args: argparse.Namespace) -> dict[str, Any]:
-    """PatchCore's options: the CLIP defaults of --backbone/--layers/--image-size mean "patchcore's default"."""
+def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of a family with its own backbones (PatchCore): the CLIP defaults of --backbone/--layers/
+    --image-size mean "the family's default"."""
     explicit = {key: getattr(args, key) for key, default in CLIP_CLI_DEFAULTS.items() if getattr(args, key) != default}
     return {
         "backbone": explicit.get("backbone"),
@@ -94,13 +115,14 @@ def patchcore_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from adapters.weights import resolve_prompts
+    from model.factory import get_family
 
-    if name == "patchcore":
-        return patchcore_options(args)
+    if not get_family(name).clip_backbone:
+        return own_backbone_options(args)
     if args.image_size <= 0 or args.image_size % 14:
         raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of the patch size 14")
     return {
-        "backbone": args.backbone,
+        "backbone": _cached_backbone(args.backbone, args.pretrained, name),
         "backbone_config": args.backbone_config,
         "pretrained": args.pretrained,
         "prompts": resolve_prompts(prompts_for(args.prompts, name)),
@@ -109,9 +131,29 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "class_name": args.class_name,
-        "hsf": args.hsf if name == "adaclip" else None,
+        "hsf": args.hsf,  # only the families with hybrid semantic fusion (AdaCLIP) read it
         "references": args.references,
     }
+
+
+def _cached_backbone(backbone: str, pretrained: str | None, model: str) -> str:
+    """A named OpenAI CLIP backbone already in the weights cache → that file (no network); else the value as given
+    (open_clip downloads a named one on first use)."""
+    from adapters.weights import (
+        BACKBONE_TAG,
+        NON_CLIP_MODELS,
+        WeightsError,
+        backbone_weights,
+        is_named_backbone,
+    )
+
+    if pretrained != BACKBONE_TAG or model in NON_CLIP_MODELS or not is_named_backbone(backbone):
+        return backbone
+    try:
+        found = backbone_weights(backbone, pretrained).found()
+    except WeightsError:
+        return backbone
+    return str(found) if found is not None else backbone
 
 
 def build_detector(args: argparse.Namespace, name: str | None = None, class_names: Sequence[str] | None = None):
@@ -126,13 +168,18 @@ def build_detector(args: argparse.Namespace, name: str | None = None, class_name
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
-    from model.datasets import is_image_file
+    from model.datasets import is_image_file, is_mask_file
 
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            masks = [p for p in found if is_mask_file(p)]
+            if masks:  # pixel labels of a dataset layout (KolektorSDD *_label.bmp, ground_truth/...): not inputs
+                log.info("%s: skipped %d mask file(s) of a known dataset layout, e.g. %s", path, len(masks), masks[0])
+                skip = set(masks)
+                found = [p for p in found if p not in skip]
             if not found:
                 log.warning("%s: no image files found", path)
             files.extend(found)
@@ -143,6 +190,13 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     if not files:
         raise UsageError("no input images")
     return files
+
+
+def overlay_scale(args: argparse.Namespace) -> dict[str, float | None]:
+    """The overlay colour scale: the daemon's fixed 0..1 (a clean part stays blue) or each map's own min..max."""
+    if getattr(args, "overlay_scale", "fixed") == "per-image":
+        return {"vmin": None, "vmax": None}
+    return {"vmin": 0.0, "vmax": 1.0}
 
 
 def _load_input(path: Path, size: int, reference: bool):
@@ -206,7 +260,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(json.dumps({"path": str(path), "score": score, "map_max": float(amap.max())}))
             if args.overlays:
                 rgb = decoded[index] if decoded[index] is not None else decode_image(path)
-                write_overlay(Path(args.overlays) / f"{len(paths) - 1:05d}_{path.stem}.jpg", rgb, maps[-1])
+                write_overlay(Path(args.overlays) / f"{len(paths) - 1:05d}_{path.stem}.jpg", rgb, maps[-1],
+                              **overlay_scale(args))
     arrays: dict[str, Any] = {
         "scores": np.asarray(scores, dtype=np.float32),
         "paths": np.asarray(paths),
@@ -230,19 +285,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from torch.utils.data import ConcatDataset
 
-    from model import build_anomalyclip, load_backbone, load_prompts, resolve_device
+    from model import get_family, list_models, load_backbone, resolve_device
     from model.datasets import InspectionDataset, discover
     from model.synthetic import SyntheticAnomalies
     from model.training import TrainingConfig, seed_everything, train_prompts
 
-    if args.model not in TRAINABLE_MODELS:
-        raise UsageError(f"--model {args.model} is training-free: nothing to train (trainable: {', '.join(TRAINABLE_MODELS)})")
+    family = get_family(args.model)
+    if not family.trainable:
+        raise UsageError(f"--model {args.model} is training-free: nothing to train (trainable: "
+                         f"{', '.join(list_models(trainable=True))})")
     samples = discover(args.data, args.meta, split=args.split)
     normals = [s for s in samples if s.label == 0]
     anomalous = [s for s in samples if s.label == 1]
     use_synthetic = args.synthetic == "on" or (args.synthetic == "auto" and not anomalous)
+    if not normals:  # a data problem (exit 1): prompts learnt from one class only learn nothing
+        from model.datasets import require_both_classes
+
+        require_both_classes(samples, args.data, "training")
     if not anomalous and not use_synthetic:
-        raise UsageError(f"{args.data}: no anomalous samples; use --synthetic on to train on synthetic defects")
+        from model.datasets import DatasetError
+
+        raise DatasetError(f"{args.data}: found {len(normals)} normal and no anomalous images; training needs "
+                           "anomalous ones too, or --synthetic on to make synthetic defects on the normals")
     log.info("training data: %d normal, %d anomalous images (%d with masks)%s", len(normals), len(anomalous),
              sum(s.has_mask for s in anomalous), ", plus synthetic defects on the normals" if use_synthetic else "")
     datasets = [InspectionDataset(samples, image_size=args.image_size)] if anomalous else []
@@ -262,18 +326,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainingConfig.for_model(args.model, epochs=args.epochs, batch_size=args.batch_size,
                                       learning_rate=args.lr, seed=args.seed, num_workers=args.workers)
     seed_everything(config.seed)  # the fresh weights' random init is part of a reproducible run
-    if args.model == "anomalyclip":
-        backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained)
-        start = load_prompts(args.init_prompts) if args.init_prompts else None
-        model = build_anomalyclip(backbone, start, layers=args.layers, image_size=args.image_size)
-    else:
-        from model.adaclip import build_adaclip, load_adaclip_checkpoint
-
-        # AdaCLIP's released weights were trained on a tower built with nn.GELU; new training keeps that.
-        backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained,
-                                 quick_gelu=False)
-        start = load_adaclip_checkpoint(args.init_prompts) if args.init_prompts else None
-        model = build_adaclip(backbone, start, image_size=args.image_size)
+    # The family's activation: AdaCLIP's released weights were trained on a tower built with nn.GELU, and new
+    # training keeps that.
+    backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained,
+                             **family.backbone_options())
+    model = family.training.build(backbone, args.init_prompts, layers=args.layers, image_size=args.image_size)
     metadata = {"model": args.model, "backbone": backbone.name, "layers": list(args.layers),
                 "image_size": args.image_size, "training_data": str(args.data), "split": args.split,
                 "synthetic": use_synthetic, "class_names": sorted({s.category for s in samples}),
@@ -344,6 +401,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = [s for s in samples if s.category in wanted]
         if not samples:
             raise UsageError(f"--categories {args.categories}: none of them is in {args.data}")
+    from model.datasets import class_balance, require_both_classes
+
+    # Image-level metrics need both classes: a dataset without one is an error (exit 1), not a table of n/a.
+    require_both_classes(samples, args.data, "evaluation (image AUROC, AP, F1-max)")
+    log.info("evaluation data: %d normal, %d anomalous images", *class_balance(samples))
     by_category: dict[str, list] = defaultdict(list)
     for sample in samples:
         by_category[sample.category].append(sample)
@@ -402,7 +464,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 for rank, index in enumerate(order):
                     target = report_dir / "overlays" / name / category / f"{rank:02d}_{Path(paths[index]).stem}.jpg"
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    write_overlay(target, decode_image(paths[index]), maps[index], masks[index])
+                    write_overlay(target, decode_image(paths[index]), maps[index], masks[index],
+                                  **overlay_scale(args))
             accumulator.compute_category(category)
         results[name] = accumulator.compute()
     if report_dir is not None:
@@ -425,26 +488,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- weights
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    """The weights the configured model needs (or those named on the command line), and nothing else."""
     from adapters.weights import (
         RELEASED_PROMPTS,
+        backbone_weights,
         fetch_backbone,
         fetch_prompts,
-        open_clip_cache,
-        prompts_path,
+        prompts_weights,
+        required_weights,
     )
 
-    names = args.prompts or list(RELEASED_PROMPTS)
-    if args.if_missing:
-        backbone_cached = open_clip_cache().is_dir() and any(p.is_file() for p in open_clip_cache().rglob("*"))
-        if backbone_cached and all(prompts_path(name).is_file() for name in names):
-            print("weights already in the cache (anomalyd weights fetch --force downloads them again)")
-            return 0
-    if not args.skip_backbone:
-        print(f"fetching the CLIP backbone {args.backbone}/openai through open_clip ...", flush=True)
-        print(f"backbone ready in {fetch_backbone(args.backbone)}")
-    for name in names:
-        print(f"fetching released prompts {name} ...", flush=True)
-        print(f"prompts ready: {fetch_prompts(name, force=args.force)}")
+    backbone_config = None
+    if args.backbone or args.prompts:  # named on the command line: exactly these
+        unknown = [name for name in args.prompts or () if name not in RELEASED_PROMPTS]
+        if unknown:
+            raise UsageError(f"--prompts {unknown[0]!r}: not a released name ({', '.join(RELEASED_PROMPTS)})")
+        wanted = ([("backbone", args.backbone)] if args.backbone else []) + [("prompts", n) for n in args.prompts or ()]
+        origin = "the command line"
+    else:
+        from daemon.config import ConfigError, describe_config_search, find_config, load_config
+
+        try:
+            settings = load_config(find_config(args.config))
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        m = settings.model
+        origin = describe_config_search(args.config)
+        needed = required_weights(m.name, settings.resolve_model_value(m.backbone),
+                                  settings.resolve_model_value(m.prompts))
+        wanted = [("prompts", item.path.stem) if item.what.startswith("released prompts") else ("backbone", m.backbone)
+                  for item in needed]
+        backbone_config = settings.resolve_model_value(m.backbone_config)
+    if args.skip_backbone:
+        wanted = [entry for entry in wanted if entry[0] != "backbone"]
+    items = {entry: backbone_weights(entry[1]) if entry[0] == "backbone" else prompts_weights(entry[1])
+             for entry in wanted}
+    if not items:
+        print(f"nothing to download: the model of {origin} uses local weight files only")
+        return 0
+    if args.if_missing and not args.force and all(item.found() for item in items.values()):
+        print("weights already in the cache: " + ", ".join(str(item.found()) for item in items.values())
+              + " (anomalyd weights fetch --force downloads them again)")
+        return 0
+    for (kind, name), item in items.items():
+        print(f"fetching the {item.what} ({origin}) ...", flush=True)
+        if kind == "backbone":
+            path = fetch_backbone(name, force=args.force, progress=sys.stderr.isatty(), config=backbone_config)
+        else:
+            path = fetch_prompts(name, force=args.force, progress=sys.stderr.isatty())
+        print(f"{item.what} ready: {path}")
     return 0
 
 
@@ -457,6 +549,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--map-size", choices=("model", "input"), default="model",
                          help="maps in the model input space (parity path) or at each image's own size")
     predict.add_argument("--overlays", help="write heat-map overlay JPEGs into this folder")
+    predict.add_argument("--overlay-scale", choices=("fixed", "per-image"), default="fixed",
+                         help="heat-map colours: fixed 0..1 like the daemon's (default), or each map's min..max")
     predict.add_argument("--json", action="store_true", help="one JSON line per image on stdout")
     predict.add_argument("--batch-size", type=int, default=8)
     add_model_options(predict)
@@ -492,6 +586,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--categories", help="comma-separated subset of categories")
     evaluate.add_argument("--limit", type=int, default=0, help="at most this many images per category")
     evaluate.add_argument("--overlays", type=int, default=8, help="overlays of the top-N scored images per category")
+    evaluate.add_argument("--overlay-scale", choices=("fixed", "per-image"), default="fixed",
+                          help="heat-map colours: fixed 0..1 like the daemon's (default), or each map's min..max")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of Markdown")
@@ -506,9 +602,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     weights = subparsers.add_parser("weights", help="download model weights into the cache")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="ACTION")
     weights_sub.required = True
-    fetch = weights_sub.add_parser("fetch", help="the CLIP backbone and the released AnomalyCLIP prompts")
-    fetch.add_argument("--backbone", default="ViT-L-14-336")
-    fetch.add_argument("--prompts", action="append", help="released prompt names (default: all)")
+    fetch = weights_sub.add_parser("fetch", help="the weights the configured model needs (CLIP backbone, "
+                                   "released AnomalyCLIP prompts), into the cache the daemon loads them from")
+    fetch.add_argument("--config", help="configuration file (default: $ANOMALYD_CONFIG, ./config.toml, "
+                       "/etc/anomalyd/config.toml)")
+    fetch.add_argument("--backbone", help="fetch this open_clip backbone instead of the configured one's needs")
+    fetch.add_argument("--prompts", action="append", help="fetch these released prompts (repeatable) instead of the "
+                       "configured one's needs")
     fetch.add_argument("--skip-backbone", action="store_true")
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     fetch.add_argument("--if-missing", action="store_true", help="do nothing when everything is already cached")
