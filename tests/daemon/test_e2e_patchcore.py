@@ -101,7 +101,7 @@ def _screenshot(service, settings, inspection_id: int, normal_ids: list[int], an
     from adapters.db import Label
     from daemon.api import routers
     from daemon.app import AppState, create_app
-    from tests.daemon.test_ui_browser import CHROMIUM_ARGS, CHROMIUM_CANDIDATES, REPO, Server
+    from tests.daemon.test_ui_browser import CHROMIUM_ARGS, CHROMIUM_CANDIDATES, REPO, Server, wait_js
 
     with service.sessions() as session, session.begin():
         session.add_all([Label(inspection_id=i, label="normal", author="demo") for i in normal_ids]
@@ -118,8 +118,8 @@ def _screenshot(service, settings, inspection_id: int, normal_ids: list[int], an
         page.select_option("#filters select[name=sort]", "score_desc")
         page.click("#apply")
         page.locator(f'#history tbody tr[data-id="{inspection_id}"]').click()
-        page.wait_for_function("document.querySelector('#heatmap-img').naturalWidth > 0")
-        page.wait_for_selector("#score-histogram rect")
+        wait_js(page, "document.querySelector('#heatmap-img').naturalWidth > 0")  # the UI's CSP forbids eval
+        page.locator("#score-histogram rect").first.wait_for()
         page.fill("#heatmap-opacity", "0.55")
         page.screenshot(path=str(REPO / "docs" / "ui.png"))
         browser.close()
