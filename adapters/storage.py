@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from model.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,7 @@ class ArtifactStore:
         return path
 
     def _write_atomic(self, relative: str, data: bytes) -> None:
-        target = self.root / relative
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            handle = open(tmp, "wb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:  # a new day's folder (or one retention just removed)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(tmp, "wb")  # noqa: SIM115
-        with handle:
-            handle.write(data)
-        os.replace(tmp, target)
+        atomic_write_bytes(self.root / relative, data)  # makes a new day's folder (or one retention just removed)
 
     def _encode(self, ext: str, image: np.ndarray, params: list[int] | None = None) -> bytes:
         ok, buffer = cv2.imencode(ext, image, params or [])

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db.models import Inspection
 from adapters.db.repository import (
     SavedInspection,
     inspection_by_frame_id,
@@ -38,6 +37,7 @@ from adapters.db.repository import (
     save_inspection,
     save_inspections,
 )
+from adapters.db.tables import Inspection
 from adapters.mqtt import alert_payload, topic
 from adapters.sinks import CommittedInspection, SinkSet
 from adapters.sources.base import SourceSettings

@@ -32,7 +32,7 @@ from adapters.db import Inspection, Label, RejectedFrame
 
 log = logging.getLogger("anomalyd.retention")
 
-# Names the server gives artifact files (adapters.storage and daemon.api.history); nothing else is ever removed.
+# Names the server gives artifact files (adapters.storage and adapters.db.history); nothing else is ever removed.
 ARTIFACT_SUFFIXES = ("_mask.png", "_heatmap.jpg", "_frame.jpg", "_label.png")
 
 

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -43,15 +42,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db.models import Inspection, Label, ModelVersion, TrainingRun, utcnow
 from adapters.db.repository import active_model_version
+from adapters.db.tables import Inspection, Label, ModelVersion, TrainingRun, utcnow
 from adapters.report import jsonable
-from daemon import models as registry
+from adapters.timeutil import duration_seconds
+from daemon import versions as registry
+
+if TYPE_CHECKING:
+    from daemon.app import AppState
+    from daemon.config import Settings
 
 log = logging.getLogger("anomalyd.retraining")
 
@@ -72,10 +76,6 @@ class RetrainBusyError(RetrainError):
 
 
 # --- schedule ----------------------------------------------------------------------------------------------------
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_INTERVAL = re.compile(r"^(?:every\s+)?(\d+(?:\.\d+)?)\s*(s|m|h|d)$", re.IGNORECASE)
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -102,9 +102,8 @@ class Schedule:
 def parse_schedule(text: str) -> Schedule:
     """"0 3 * * *" (cron) or "6h" / "30m" / "every 2d" / "90s" (interval); ValueError names what is wrong."""
     value = str(text).strip()
-    match = _INTERVAL.match(value)
-    if match:
-        seconds = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    seconds = duration_seconds(value, units="smhd", allow_every=True)
+    if seconds is not None:
         if seconds <= 0:
             raise ValueError(f"schedule {text!r}: the interval must be positive")
         return Schedule(value, seconds)
@@ -266,7 +265,7 @@ class Retrainer:
     poll). One run at a time per database: a run row still `running` (and younger than `timeout_s`) blocks others.
     """
 
-    def __init__(self, settings: Any, sessions: sessionmaker[Session], *,
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
                  on_activated: Callable[[], Any] | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -649,21 +648,16 @@ class RetrainingScheduler:
             return None
 
 
-def request_retrain(state: Any) -> dict[str, Any]:
+def request_retrain(state: AppState) -> dict[str, Any]:
     """The operator API's `POST /api/retrain`: start a run now in the background, whatever the label count.
 
-    `state` is the API's AppState (`.service`, `.sessions`, `.settings`). Returns {"run_id", "status": "running"};
-    raises RetrainBusyError when a run is in progress (HTTP 409).
+    Uses `state.retrainer` (the daemon's); an API without the daemon around it (tests, a separate API process)
+    gets one made on first use. Returns {"run_id", "status": "running"}; raises RetrainBusyError when a run is in
+    progress (HTTP 409).
     """
-    retrainer = getattr(getattr(state, "service", None), "retrainer", None)
-    if retrainer is None:  # an API without the daemon around it (tests, a separate API process)
-        extra = getattr(state, "extra", None)
-        retrainer = extra.get("retrainer") if isinstance(extra, dict) else None
-        if retrainer is None:
-            retrainer = Retrainer(state.settings, state.sessions)
-            if isinstance(extra, dict):
-                extra["retrainer"] = retrainer
-    run_id = retrainer.start_in_background(trigger="api")
+    if state.retrainer is None:
+        state.retrainer = Retrainer(state.settings, state.sessions)
+    run_id = state.retrainer.start_in_background(trigger="api")
     return {"run_id": run_id, "status": "running"}
 
 

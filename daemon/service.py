@@ -124,7 +124,7 @@ class Service:
         self._stopped = False
         self._capture_threads: list[threading.Thread] = []
         self._errors: list[str] = []
-        self.models: Any = None  # daemon.models.ModelWatcher: hot-swaps to the registry's active version
+        self.models: Any = None  # daemon.versions.ModelWatcher: hot-swaps to the registry's active version
         self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
         self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
         self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
@@ -165,7 +165,7 @@ class Service:
         else:
             detector = self._detector if self._detector is not None else self._detector_factory(s)
             if self.sessions is not None:
-                from daemon.models import startup_detector
+                from daemon.versions import startup_detector
 
                 detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
             self._detector = detector
@@ -192,8 +192,8 @@ class Service:
 
     def _start_background_jobs(self) -> None:
         """The active-model watcher, the retrainer, the retraining scheduler (when enabled) and retention."""
-        from daemon.models import ModelWatcher
         from daemon.retraining import Retrainer, RetrainingScheduler
+        from daemon.versions import ModelWatcher
 
         self.models = ModelWatcher(self.settings, self.sessions, current=self._current_detector,
                                    swap=self.swap_detector)
@@ -285,7 +285,7 @@ class Service:
         from daemon.app import AppState, create_app
 
         state = AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
-                         sessions=self.sessions, store=self.store, service=self)
+                         sessions=self.sessions, store=self.store, retrainer=self.retrainer)
         host, port = self.settings.api.host_port
         self.api = _ApiServer(create_app(state, self._routers), host, port)
         self.api.start()

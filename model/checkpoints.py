@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from model.atomic import atomic_path
 
 FORMAT_NAME = "anomalyd-prompts"
 FORMAT_VERSION = 1
@@ -101,10 +102,8 @@ def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_official(path: str | Path, state: Mapping[str, torch.Tensor]) -> Path:
     """Write the official `{"prompt_learner": state_dict}` file (readable by the official test.py)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"prompt_learner": _contiguous(state)}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"prompt_learner": _contiguous(state)}, tmp)
     return path
 
 
@@ -117,9 +116,7 @@ def save_prompts(path: str | Path, state: Mapping[str, torch.Tensor], metadata: 
 
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     meta.update(metadata or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")  # one per writer: workers may race
-    save_file({_PREFIX + k: v for k, v in _contiguous(state).items()}, str(tmp),
-              metadata={"anomalyd": json.dumps(meta, default=str)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({_PREFIX + k: v for k, v in _contiguous(state).items()}, str(tmp),
+                  metadata={"anomalyd": json.dumps(meta, default=str)})
     return path

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from model._backbone import ClipBackbone, resize_position_embedding
 from model._transformer import embed_patches, standard_block
+from model.atomic import atomic_path
 from model.factory import Detector, Prediction
 from model.gaussian import gaussian_blur
 from model.preprocess import decode_image, fast_transform
@@ -154,11 +155,9 @@ class ReferenceBank:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer_{i}": f.detach().to("cpu", torch.float16).contiguous() for i, f in enumerate(self.features)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=dict(self.metadata))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=dict(self.metadata))
         return path
 
     @classmethod

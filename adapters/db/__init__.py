@@ -8,16 +8,6 @@ Typical use::
 
 from adapters.db.engine import make_engine, make_session_factory, ping
 from adapters.db.migrate import current_revision, head_revision, upgrade
-from adapters.db.models import (
-    Base,
-    Inspection,
-    Label,
-    ModelVersion,
-    OutboxMessage,
-    RejectedFrame,
-    TrainingRun,
-    utcnow,
-)
 from adapters.db.repository import (
     InspectionFilter,
     SavedInspection,
@@ -33,6 +23,16 @@ from adapters.db.repository import (
     record_rejected,
     save_inspection,
     save_inspections,
+)
+from adapters.db.tables import (
+    Base,
+    Inspection,
+    Label,
+    ModelVersion,
+    OutboxMessage,
+    RejectedFrame,
+    TrainingRun,
+    utcnow,
 )
 
 __all__ = [

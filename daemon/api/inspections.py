@@ -13,9 +13,9 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db import InspectionFilter
-from daemon.api import history
+from adapters.db import InspectionFilter, history
 from daemon.app import AppState, get_state, require_role
 
 router = APIRouter(prefix="/api/inspections", tags=["inspections"])
@@ -29,7 +29,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
-def sessions_of(state: AppState) -> Any:
+def sessions_of(state: AppState) -> sessionmaker[Session]:
     if state.sessions is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no database in this role")
     return state.sessions

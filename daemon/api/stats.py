@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
-from daemon.api import history
+from adapters.db import history
 from daemon.api.inspections import sessions_of
 from daemon.app import AppState, get_state, require_role
 
