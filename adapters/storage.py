@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
@@ -134,24 +134,6 @@ class ArtifactStore:
         for relative in paths.all():
             with contextlib.suppress(OSError):
                 (self.root / relative).unlink()
-
-    def purge_older_than(self, days: int, now: datetime | None = None) -> int:
-        """Delete day folders older than `days` (retention); returns the number of files removed."""
-        cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
-        removed = 0
-        for day_dir in sorted(self.root.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]")):
-            try:
-                day = datetime.strptime("/".join(day_dir.parts[-3:]), "%Y/%m/%d").replace(tzinfo=timezone.utc)
-            except ValueError:
-                continue
-            if day + timedelta(days=1) <= cutoff:
-                for file in day_dir.iterdir():
-                    with contextlib.suppress(OSError):
-                        file.unlink()
-                        removed += 1
-                with contextlib.suppress(OSError):
-                    day_dir.rmdir()
-        return removed
 
 
 def cleanup_stale_tmp(root: Path, older_than_s: float = 3600) -> None:

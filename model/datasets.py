@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model.preprocess import (
+    IMAGE_SUFFIXES,
     ImageDecodeError,
     decode_image,
     fast_transform,
@@ -43,7 +44,6 @@ from model.preprocess import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 # Folder names that hold defect-free images: MVTec/VisA/MPDD use "good", BTAD uses "ok".
 NORMAL_FOLDER_NAMES = frozenset({"good", "ok"})
 TRANSFORMS = ("reference", "fast")
@@ -71,7 +71,7 @@ class Sample:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 # --------------------------------------------------------------------------------------------- meta.json

@@ -33,11 +33,10 @@ from model._transformer import embed_patches, standard_block
 from model.atomic import atomic_path
 from model.factory import Detector, Prediction
 from model.gaussian import gaussian_blur
-from model.preprocess import decode_image, fast_transform
+from model.preprocess import IMAGE_SUFFIXES, decode_image, fast_transform
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 BANK_SUFFIX = ".safetensors"
 FEATURE_KINDS = ("proj", "raw")
 MAX_REFERENCES = 16

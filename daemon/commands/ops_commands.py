@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from adapters.storage import ArtifactStore
     from daemon.config import Settings
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _usage(message: str) -> Exception:
@@ -178,6 +177,8 @@ def cmd_models_activate(args: argparse.Namespace) -> int:
 
 
 def _good_images(directory: Path) -> list[Path]:
+    from model.preprocess import IMAGE_SUFFIXES
+
     if not directory.is_dir():
         raise _usage(f"--good {directory}: not a directory")
     files = sorted(path for path in directory.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
