@@ -29,7 +29,10 @@ from daemon.metrics import Metrics
 from daemon.versions import VersionRegistry
 
 if TYPE_CHECKING:
+    from adapters.sources.base import FrameSource
+    from daemon.references import ReferenceManager
     from daemon.retraining import Retrainer
+    from daemon.worker import DetectorLike
 
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -42,7 +45,8 @@ class AppState:
     """What the HTTP layer may use. `readiness()` returns (ready, details).
 
     `versions` (the model-version registry) is made from `sessions` when not given; `retrainer` is the daemon's
-    (an API without the daemon around it makes one on the first `POST /api/retrain`).
+    (an API without the daemon around it makes one on the first `POST /api/retrain`). `sources`, `references`
+    and `current_detector()` are the running daemon's (empty / None in an API without the daemon around it).
     """
 
     settings: Settings
@@ -52,6 +56,9 @@ class AppState:
     store: ArtifactStore | None = None
     retrainer: Retrainer | None = None
     versions: VersionRegistry | None = None
+    sources: Sequence[FrameSource] = ()
+    references: ReferenceManager | None = None
+    current_detector: Callable[[], DetectorLike | None] = lambda: None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "daemon.commands.model_commands",  # predict, train, eval, weights
     "daemon.commands.run_commands",  # run, db
     "daemon.commands.ops_commands",  # defects, label, models, retrain, calibrate
+    "daemon.commands.reference_commands",  # references list|add|remove
 )
 
 

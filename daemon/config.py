@@ -65,7 +65,7 @@ def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str
 
 
 class ModelConfig(_Section):
-    name: Literal["anomalyclip", "adaclip", "clip", "winclip"] = "anomalyclip"
+    name: Literal["anomalyclip", "adaclip", "clip", "winclip", "patchcore"] = "anomalyclip"
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
     prompts: str | None = None
@@ -73,6 +73,11 @@ class ModelConfig(_Section):
     image_size: int = Field(518, ge=32, le=4096)
     class_name: str | None = None
     reference_preprocessing: bool = False
+    # Known-good images for every source without its own `references` (see daemon/references.py).
+    references: str | None = None
+    # Target false-reject rate the daemon calibrates both thresholds to, per source and model version, on
+    # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
+    false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
 
 
 class RuntimeConfig(_Section):

@@ -75,6 +75,8 @@ class Intake:
         self._thread: threading.Thread | None = None
         self._draining = threading.Event()
         self._abort = threading.Event()
+        # Sources that cannot be inspected now (id → reason; daemon/references.py): their frames are rejected.
+        self.unavailable: dict[str, str] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._guard(self._loop, "intake"), name="intake", daemon=True)
@@ -128,6 +130,10 @@ class Intake:
             settings = via.model_copy(update={"id": str(frame.source_id or via.id),
                                               "line": str(frame.meta.get("line") or via.line)})
         self.metrics.frames_in.labels(settings.id).inc()
+        unavailable = self.unavailable.get(settings.id)
+        if unavailable is not None:
+            self.reject(frame, settings, unavailable)
+            return
         t_in = time.monotonic()
         self._decode_slots.acquire()
         try:

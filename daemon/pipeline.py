@@ -102,6 +102,25 @@ class Pipeline:
         return self.outcomes.failed
 
     @property
+    def thresholds(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """Per-source references (daemon/references.py): calibrated (threshold, pixel threshold) per (source id,
+        model version); the result writer uses them instead of the configured ones."""
+        return self.writer.thresholds
+
+    @thresholds.setter
+    def thresholds(self, thresholds: dict[tuple[str, str], tuple[float, float]]) -> None:
+        self.writer.thresholds = thresholds
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Sources that cannot be inspected now (id → reason): the intake rejects their frames."""
+        return self.intake.unavailable
+
+    @unavailable.setter
+    def unavailable(self, unavailable: dict[str, str]) -> None:
+        self.intake.unavailable = unavailable
+
+    @property
     def on_result(self) -> Callable[[Inspection, bool], None] | None:
         return self.writer.on_result
 

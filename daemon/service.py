@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.sinks import SinkContext, SinkSet, build_sinks
@@ -27,6 +28,7 @@ from daemon.pipeline import Pipeline, PipelineOptions
 
 if TYPE_CHECKING:
     from adapters.mqtt import MqttPublisher
+    from daemon.app import AppState
 
 log = logging.getLogger("anomalyd.service")
 
@@ -39,6 +41,15 @@ def build_detector(settings: Settings) -> Any:
     from model import create_detector
 
     m, r = settings.model, settings.runtime
+    from daemon.references import MODELS_NEEDING_REFERENCES, NeedsReferences
+
+    if m.name in MODELS_NEEDING_REFERENCES:  # its detectors are built per source, on each source's references
+        from daemon.references import reference_model_options
+
+        options = reference_model_options(settings)
+        backbone = Path(str(options.get("backbone", "default"))).stem
+        size = int(options.get("image_size", 256))
+        return NeedsReferences(m.name, f"{m.name}-{backbone}-s{size}", size)
     return create_detector(
         m.name, backbone=settings.resolve_model_value(m.backbone),
         backbone_config=settings.resolve_model_value(m.backbone_config),
@@ -128,6 +139,7 @@ class Service:
         self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
         self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
         self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
+        self.references: Any = None  # daemon.references.ReferenceManager: per-source references, calibration
 
     @property
     def publisher(self) -> MqttPublisher | None:
@@ -171,6 +183,7 @@ class Service:
             self._detector = detector
             log.info("model %s version %s (input %d px) loaded", getattr(detector, "name", "?"),
                      getattr(detector, "version", "?"), int(detector.image_size))
+            detector = self._route_references(detector)
             self.pipeline = Pipeline(
                 detector, self.sources, self.sessions, self.store, sinks=self.sinks,
                 source_settings=self._source_settings(), metrics=self.metrics,
@@ -180,7 +193,12 @@ class Service:
                     persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
                     reference_preprocessing=s.model.reference_preprocessing),
             )
+            if self.references is not None:
+                self.pipeline.thresholds = self.references.thresholds
+                self.pipeline.unavailable = self.references.unavailable
             self.pipeline.start()
+            if self.references is not None:
+                self.references.start(swap=self.pipeline.swap_detector)
             self._start_background_jobs()
         for source in self.sources:
             source.start()
@@ -211,7 +229,18 @@ class Service:
             self.retention = RetentionJob.from_settings(self.settings, self.sessions, self.store)
             self.retention.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
 
+    def _route_references(self, detector: Any) -> Any:
+        """Per-source references and the daemon's 0–1 score scale (daemon/references.py, daemon/scale.py)."""
+        from daemon.references import ReferenceManager
+
+        if self.references is None:
+            ids = [source.id for source in self.sources] or [cfg.id for cfg in self.settings.sources]
+            self.references = ReferenceManager(self.settings, self.sessions, self.store, source_ids=ids)
+        return self.references.route(detector)
+
     def _stop_background_jobs(self) -> None:
+        if self.references is not None:
+            self.references.stop()
         if self.retention is not None:
             self.retention.stop()
         if self.retraining is not None:
@@ -281,13 +310,20 @@ class Service:
             thread.start()
             self._capture_threads.append(thread)
 
-    def _start_http(self) -> None:
-        from daemon.app import AppState, create_app
+    def app_state(self) -> AppState:
+        """What the HTTP API may use of this daemon."""
+        from daemon.app import AppState
 
-        state = AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
-                         sessions=self.sessions, store=self.store, retrainer=self.retrainer)
+        return AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
+                        sessions=self.sessions, store=self.store, retrainer=self.retrainer, sources=self.sources,
+                        references=self.references,
+                        current_detector=lambda: self.pipeline.detector if self.pipeline is not None else None)
+
+    def _start_http(self) -> None:
+        from daemon.app import create_app
+
         host, port = self.settings.api.host_port
-        self.api = _ApiServer(create_app(state, self._routers), host, port)
+        self.api = _ApiServer(create_app(self.app_state(), self._routers), host, port)
         self.api.start()
         self.http_port = self.api.port
         log.info("HTTP API on http://%s:%d", host if ":" not in host else f"[{host}]", self.api.port)
@@ -304,6 +340,8 @@ class Service:
             ok &= self.pipeline is not None
             if self.models is not None and self.models.last_error:
                 details["model"]["error"] = self.models.last_error  # still inspecting with the previous one
+            if self.references is not None:  # per-source reference errors do not fail readiness
+                details["references"] = self.references.status()
             try:
                 from adapters.db import count_pending_outbox, ping
 
@@ -334,12 +372,15 @@ class Service:
         return bool(ok), details
 
     def _current_detector(self) -> Any:
-        return self.pipeline.detector if self.pipeline is not None else self._detector
+        detector = self.pipeline.detector if self.pipeline is not None else self._detector
+        return getattr(detector, "raw", detector)  # the model itself behind the per-source routing
 
     def swap_detector(self, detector: Any) -> threading.Event:
         """Use a new detector from the next batch on (retraining/activation)."""
         if self.pipeline is None:
             raise RuntimeError("no pipeline in this role")
+        if self.references is not None:
+            detector = self.references.route(detector)
         return self.pipeline.swap_detector(detector)
 
     # --- stop ---------------------------------------------------------------------------------------------------

@@ -143,8 +143,14 @@ class ModelWorker:
             pixels = [item.pixels if item.size == size else self.transform(item.rgb, size) for item in batch]
             images = self._model_input(pixels, detector)
             names = [item.source.class_name for item in batch]
+            routed = getattr(detector, "predict_routed", None)  # per-source references (daemon/references.py)
+            versions: list[str] | None = None
             with torch.inference_mode():
-                prediction = detector.predict(images, class_names=names if any(names) else None)
+                if routed is not None:
+                    prediction, versions = routed(images, names if any(names) else None,
+                                                  [item.source.id for item in batch])
+                else:
+                    prediction = detector.predict(images, class_names=names if any(names) else None)
             scores = prediction.scores.detach().float().cpu().numpy().reshape(-1)
             maps = prediction.maps.detach().float().cpu().numpy()
             if scores.shape[0] != len(batch) or maps.shape[0] != len(batch):
@@ -167,5 +173,5 @@ class ModelWorker:
             item.timings["model_s"] = elapsed / len(batch)
             item.timings["scored_at"] = time.monotonic()
             item.score, item.anomaly_map = float(scores[index]), maps[index]
-            item.model_version, item.model_name = version, name
+            item.model_version, item.model_name = versions[index] if versions else version, name
             self.sink(item)

@@ -83,6 +83,9 @@ class ResultWriter:
         self.on_result = on_result
         self._guard = guard
         self.results: queue.Queue[Any] = queue.Queue(maxsize=options.queue_size)
+        # Calibrated (threshold, pixel threshold) per (source id, model version) from per-source references
+        # (daemon/references.py); the configured ones otherwise.
+        self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -188,9 +191,10 @@ class ResultWriter:
         rgb = record.rgb
         assert rgb is not None and record.anomaly_map is not None  # set by intake and worker
         height, width = rgb.shape[:2]
-        threshold = float(settings.threshold)
+        threshold, pixel_threshold = self.thresholds.get(
+            (settings.id, record.model_version), (float(settings.threshold), settings.map_threshold))
         frame_map = map_to_frame(record.anomaly_map, width, height)
-        mask, regions = extract_regions(frame_map, settings.map_threshold, min_area=self.options.min_region_area)
+        mask, regions = extract_regions(frame_map, pixel_threshold, min_area=self.options.min_region_area)
         key = uuid.uuid4().hex
         captured_at = as_utc(frame.captured_at)
         t_post = time.monotonic()

@@ -7,6 +7,7 @@ checkpoints (`load_prompts`, `save_prompts`), and the preprocessing transforms i
 # Models register themselves with the factory when imported.
 from model import adaclip as _adaclip  # noqa: F401
 from model import baselines as _baselines  # noqa: F401
+from model import patchcore as _patchcore  # noqa: F401
 from model._backbone import BackboneError, ClipBackbone, load_backbone
 from model.anomalyclip import AnomalyCLIP, PromptLearner
 from model.checkpoints import CheckpointError, PromptCheckpoint, load_prompts, save_official, save_prompts

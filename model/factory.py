@@ -181,7 +181,7 @@ def create_detector(
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}")
     options = {k: v for k, v in options.items() if v is not None}
     detector = MODEL_REGISTRY[name](device=resolve_device(device), dtype=resolve_dtype(dtype), **options)
-    if options.get("references") is not None:
+    if options.get("references") is not None and not getattr(detector, "uses_references", False):
         # Few-shot normal references (WinCLIP+ style) work on top of any model.
         from model.fewshot import with_references
 

@@ -44,6 +44,7 @@ __all__ = [
     "OutboxMessage",
     "RejectedFrame",
     "SavedInspection",
+    "SourceThreshold",
     "TrainingRun",
     "add_label",
     "add_outbox_attempts",

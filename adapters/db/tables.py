@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -177,3 +178,25 @@ class RejectedFrame(Base):
         Index("ix_rejected_frames_source_created_at", "source", "created_at"),
         Index("ix_rejected_frames_frame_id", "frame_id"),
     )
+
+
+class SourceThreshold(Base):
+    """Calibrated thresholds of one source for one model version (daemon/references.py, `anomalyd calibrate`).
+
+    Keyed by version so that activating another version (or another reference set, which is part of the
+    version a source's frames are scored with) never keeps a stale threshold.
+    """
+
+    __tablename__ = "source_thresholds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(255))
+    threshold: Mapped[float] = mapped_column(Float)
+    pixel_threshold: Mapped[float] = mapped_column(Float)
+    false_reject_rate: Mapped[float] = mapped_column(Float)
+    n_frames: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(64))  # leave-one-out references | labelled normals | cli
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("source", "model_version", name="uq_source_thresholds_source_version"),)

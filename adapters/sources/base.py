@@ -233,6 +233,8 @@ class SourceSettings(BaseModel):
     pixel_threshold: float | None = Field(None, ge=0.0, le=1.0, description="map threshold; default threshold")
     enabled: bool = True
     queue_size: int | None = Field(None, ge=1, description="default: [runtime].queue_size")
+    references: str | None = Field(None, description="folder of known-good frames; default [model].references")
+    references_from: Literal["labels"] | None = Field(None, description="labelled-normal frames become references")
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ def routers() -> list[Any]:
     from daemon.api.events import router as events_router
     from daemon.api.inspections import router as inspections_router
     from daemon.api.model_versions import router as models_router
+    from daemon.api.references import router as references_router
     from daemon.api.stats import router as stats_router
 
-    return [inspections_router, models_router, stats_router, events_router]
+    return [inspections_router, models_router, stats_router, events_router, references_router]

@@ -208,6 +208,10 @@ def _load_tensors(files: list[Path], size: int, reference: bool) -> tuple[Any, l
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if getattr(args, "false_reject_rate", None) is not None:  # both thresholds, per source and model version
+        from daemon.commands.reference_commands import calibrate_false_reject_rate
+
+        return calibrate_false_reject_rate(args)
     settings = _load(args)
     try:
         source = settings.source(args.source)
@@ -357,6 +361,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate_parser.add_argument("--quantile", type=float, default=0.99, help="score quantile (default 0.99)")
     calibrate_parser.add_argument("--margin", type=float, default=0.0, help="added to the quantile/max")
     calibrate_parser.add_argument("--write", action="store_true", help="write the threshold into the config file")
+    calibrate_parser.add_argument("--false-reject-rate", type=float, default=None, metavar="RATE",
+                                  help="set both thresholds (image and pixel) for this false-reject rate (e.g. "
+                                       "0.005), stored in the database for the source and the model version")
     calibrate_parser.add_argument("--json", action="store_true")
     calibrate_parser.add_argument("--detector-factory", metavar="MODULE:CALLABLE", default=None,
                                   help=argparse.SUPPRESS)  # a callable(settings) -> Detector (tests, plugins)

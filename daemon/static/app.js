@@ -134,6 +134,7 @@ async function openDetail(id) {
   if (item.error) facts.push(["error", item.error]);
   $("#detail-facts").replaceChildren(...facts.flatMap(([key, value]) => [el("dt", {}, key), el("dd", {}, value)]));
   renderLabels(item);
+  document.dispatchEvent(new CustomEvent("anomalyd:detail", { detail: item }));  // references.js
   $("#label-status").textContent = "";
   $("#mask-file").value = "";
 

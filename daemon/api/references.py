@@ -1,0 +1,122 @@
+"""`/api/sources/{id}/references` (normal references of a source) and `/api/sources/{id}/scores` (its histogram).
+
+GET lists the reference files (viewer); POST `{"inspection_ids": [..]}` copies those inspections' frames into the
+source's reference folder under server-chosen names (operator; a frame that was found or labelled anomalous is
+added with a warning); DELETE `?name=ref-..` removes files of that folder (operator). The running daemon rebuilds
+the source's bank from the new files and swaps it in between two batches (daemon/references.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from adapters.db import Inspection
+from adapters.db.repository import latest_label_subquery
+from daemon import references as refs
+from daemon.api.inspections import sessions_of
+from daemon.app import AppState, get_state, require_role
+
+router = APIRouter(prefix="/api/sources", tags=["references"])
+
+
+class AddReferences(BaseModel):
+    inspection_ids: list[int] = Field(min_length=1, max_length=refs.MAX_REFERENCES)
+
+
+def _source_ids(state: AppState) -> list[str]:
+    ids = [source.id for source in state.sources]
+    return ids + [cfg.id for cfg in state.settings.sources if cfg.id not in ids]
+
+
+def _known(state: AppState, source_id: str) -> str:
+    if source_id not in _source_ids(state):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no source {source_id!r} "
+                            f"(known: {', '.join(_source_ids(state)) or 'none'})")
+    return source_id
+
+
+def _manager(state: AppState) -> refs.ReferenceManager | None:
+    return state.references
+
+
+@router.get("/{source_id}/references", summary="The normal reference images of a source")
+def list_references(source_id: str, state: AppState = Depends(get_state),
+                    _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
+    _known(state, source_id)
+    manager = _manager(state)
+    info = manager.states[source_id].as_dict() if manager is not None and source_id in manager.states else None
+    return {"source": source_id, "folder": str(refs.own_reference_dir(state.settings, source_id)),
+            "items": refs.list_references(state.settings, source_id, state.sessions, state.store), "bank": info}
+
+
+@router.post("/{source_id}/references", status_code=status.HTTP_201_CREATED,
+             summary="Use the frames of inspections as normal references of their source (operator)")
+async def add_references(source_id: str, body: AddReferences, state: AppState = Depends(get_state),
+                         _: str = Depends(require_role("operator"))) -> dict[str, Any]:
+    _known(state, source_id)
+    if state.store is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no artifact store in this role")
+    try:
+        added, warnings = await run_in_threadpool(refs.add_references, state.settings, sessions_of(state),
+                                                  state.store, source_id, body.inspection_ids)
+    except LookupError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    manager = _manager(state)
+    if manager is not None:
+        manager.wake()
+    return {"source": source_id, "added": added, "warnings": warnings}
+
+
+@router.delete("/{source_id}/references", summary="Remove reference images of a source by name (operator)")
+def remove_references(source_id: str, name: list[str] = Query(..., min_length=1),
+                      state: AppState = Depends(get_state),
+                      _: str = Depends(require_role("operator"))) -> dict[str, Any]:
+    _known(state, source_id)
+    removed = []
+    for item in name:
+        try:
+            refs.remove_reference(state.settings, source_id, item)
+        except LookupError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        removed.append(item)
+    manager = _manager(state)
+    if manager is not None:
+        manager.wake()
+    return {"source": source_id, "removed": removed}
+
+
+@router.get("/{source_id}/scores", summary="Recent scores of a source with labels and thresholds (histogram)")
+def recent_scores(source_id: str, limit: int = Query(500, ge=1, le=5000), state: AppState = Depends(get_state),
+                  _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
+    _known(state, source_id)
+    label = latest_label_subquery()
+    with sessions_of(state)() as session:
+        rows = session.execute(
+            select(Inspection.score, Inspection.threshold, Inspection.model_version, label)
+            .where(Inspection.source == source_id, Inspection.score.is_not(None))
+            .order_by(Inspection.id.desc()).limit(limit)).all()
+    cfg = next((c for c in state.settings.sources if c.id == source_id), None)
+    threshold = cfg.threshold if cfg is not None else 0.5
+    pixel = cfg.map_threshold if cfg is not None else threshold
+    version, calibrated = None, False
+    detector = state.current_detector()
+    if detector is not None:
+        version = detector.version_for(source_id) if hasattr(detector, "version_for") else str(detector.version)
+    elif rows:
+        version = rows[0][2]
+    if version is not None and state.sessions is not None:
+        stored = refs.load_thresholds(state.sessions).get((source_id, version))
+        if stored is not None:
+            (threshold, pixel), calibrated = stored, True
+    return {"source": source_id, "model_version": version, "threshold": threshold, "pixel_threshold": pixel,
+            "calibrated": calibrated,
+            "items": [{"score": score, "label": lab, "threshold": thr} for score, thr, _, lab in rows]}

