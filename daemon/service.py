@@ -27,8 +27,15 @@ from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
 
 if TYPE_CHECKING:
+    from fastapi import APIRouter
+
     from adapters.mqtt import MqttPublisher
     from daemon.app import AppState
+    from daemon.references import ReferenceManager
+    from daemon.retention import RetentionJob
+    from daemon.retraining import Retrainer, RetrainingScheduler
+    from daemon.versions import ModelWatcher
+    from daemon.worker import DetectorLike
 
 log = logging.getLogger("anomalyd.service")
 
@@ -36,7 +43,7 @@ ROLES = ("all", "worker", "capture")
 RETENTION_INTERVAL_S = 3600.0
 
 
-def build_detector(settings: Settings) -> Any:
+def build_detector(settings: Settings) -> DetectorLike:
     """The detector from [model] + [runtime] (imports torch and the model code only here)."""
     from model import create_detector
 
@@ -106,11 +113,11 @@ class Service:
         self,
         settings: Settings,
         *,
-        detector: Any | None = None,
-        detector_factory: Callable[[Settings], Any] | None = None,
+        detector: DetectorLike | None = None,
+        detector_factory: Callable[[Settings], DetectorLike] | None = None,
         role: str = "all",
-        sources: Sequence[Any] | None = None,
-        routers: Sequence[Any] = (),
+        sources: Sequence[FrameSource] | None = None,
+        routers: Sequence[APIRouter] = (),
         serve_http: bool | None = None,
     ) -> None:
         if role not in ROLES:
@@ -128,18 +135,18 @@ class Service:
         self.store = None
         self.sinks = SinkSet()
         self.pipeline: Pipeline | None = None
-        self.sources: list[Any] = []
+        self.sources: list[FrameSource] = []
         self.api: _ApiServer | None = None
         self.http_port: int | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
         self._capture_threads: list[threading.Thread] = []
         self._errors: list[str] = []
-        self.models: Any = None  # daemon.versions.ModelWatcher: hot-swaps to the registry's active version
-        self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
-        self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
-        self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
-        self.references: Any = None  # daemon.references.ReferenceManager: per-source references, calibration
+        self.models: ModelWatcher | None = None  # hot-swaps to the registry's active version
+        self.retrainer: Retrainer | None = None  # runs from the API / the scheduler
+        self.retraining: RetrainingScheduler | None = None  # when [retraining].enabled
+        self.retention: RetentionJob | None = None  # when [storage].retention_days is set
+        self.references: ReferenceManager | None = None  # per-source references, calibration
 
     @property
     def publisher(self) -> MqttPublisher | None:
@@ -255,7 +262,7 @@ class Service:
         return {cfg.id: cfg if cfg.class_name or not default_class else cfg.model_copy(update={"class_name": default_class})
                 for cfg in self.settings.sources}
 
-    def _build_sources(self) -> list[Any]:
+    def _build_sources(self) -> list[FrameSource]:
         if self._given_sources is not None:
             for source in self._given_sources:
                 if self.sinks and getattr(source, "on_status", None) is None:
@@ -287,7 +294,7 @@ class Service:
         s = self.settings
         writer = RedisFrameWriter(s.redis.url.get_secret_value(), s.redis.stream, maxlen=s.redis.maxlen)
 
-        def forward(source: Any) -> None:
+        def forward(source: FrameSource) -> None:
             while not self._stop_requested.is_set() or len(source.queue):
                 frame = source.queue.get(timeout=0.2)
                 if frame is None:
@@ -371,11 +378,11 @@ class Service:
             details["stopping"] = True
         return bool(ok), details
 
-    def _current_detector(self) -> Any:
+    def _current_detector(self) -> DetectorLike | None:
         detector = self.pipeline.detector if self.pipeline is not None else self._detector
         return getattr(detector, "raw", detector)  # the model itself behind the per-source routing
 
-    def swap_detector(self, detector: Any) -> threading.Event:
+    def swap_detector(self, detector: DetectorLike) -> threading.Event:
         """Use a new detector from the next batch on (retraining/activation)."""
         if self.pipeline is None:
             raise RuntimeError("no pipeline in this role")
@@ -449,6 +456,6 @@ class Service:
         return clean
 
 
-def _status(source: Any) -> str:
+def _status(source: FrameSource) -> str:
     status = getattr(source, "status", "")
     return str(getattr(status, "value", status))

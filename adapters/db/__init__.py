@@ -31,6 +31,7 @@ from adapters.db.tables import (
     ModelVersion,
     OutboxMessage,
     RejectedFrame,
+    SourceThreshold,
     TrainingRun,
     utcnow,
 )

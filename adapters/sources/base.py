@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,16 +21,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapters.timeutil import utc_now  # noqa: F401 - the sources' clock (Frame.captured_at), re-exported
+
 if TYPE_CHECKING:
     from adapters.sources.registry import SourceContext
 
 log = logging.getLogger(__name__)
 
 QueuePolicy = Literal["latest", "all"]
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass

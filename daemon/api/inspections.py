@@ -7,7 +7,7 @@ refuses anything outside the store; the URL only picks one of a fixed set of art
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db import InspectionFilter, history
+from adapters.timeutil import as_utc
 from daemon.app import AppState, get_state, require_role
 
 router = APIRouter(prefix="/api/inspections", tags=["inspections"])
@@ -23,10 +24,6 @@ router = APIRouter(prefix="/api/inspections", tags=["inspections"])
 _MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def sessions_of(state: AppState) -> sessionmaker[Session]:
@@ -51,7 +48,7 @@ def list_inspections(
     state: AppState = Depends(get_state),
     _: str = Depends(require_role("viewer")),
 ) -> dict[str, Any]:
-    filters = InspectionFilter(source=source, line=line, after=_utc(after), before=_utc(before),
+    filters = InspectionFilter(source=source, line=line, after=as_utc(after), before=as_utc(before),
                                min_score=min_score, max_score=max_score, anomalous=anomalous, label=label)
     try:
         with sessions_of(state)() as session:

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from adapters.db import history
+from adapters.timeutil import as_utc
 from daemon.api.inspections import sessions_of
 from daemon.app import AppState, get_state, require_role
 
 router = APIRouter(prefix="/api", tags=["stats"])
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 @router.get("/stats", summary="Counts over [after, before); default the last 24 hours")
@@ -27,7 +24,7 @@ def get_stats(
     state: AppState = Depends(get_state),
     _: str = Depends(require_role("viewer")),
 ) -> dict[str, Any]:
-    after, before = _utc(after), _utc(before)
+    after, before = as_utc(after), as_utc(before)
     if after is not None and before is not None and after >= before:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "after must be earlier than before")
     with sessions_of(state)() as session:

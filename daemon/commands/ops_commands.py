@@ -343,16 +343,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     activate.add_argument("version", metavar="VERSION")
     activate.set_defaults(func=cmd_models_activate)
 
-    # `anomalyd retrain` belongs to the retraining component; registered here unless its module already was.
-    if "retrain" not in subparsers.choices:
-        try:
-            from daemon.commands.retrain_commands import register as register_retrain
-        except ModuleNotFoundError as exc:
-            if exc.name != "daemon.commands.retrain_commands":
-                raise
-        else:
-            register_retrain(subparsers)
-
     calibrate_parser = subparsers.add_parser("calibrate", help="per-source threshold from known-good frames")
     _config_argument(calibrate_parser)
     calibrate_parser.add_argument("--source", required=True, help="the [[sources]] id")
