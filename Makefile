@@ -13,9 +13,10 @@ setup:
 setup-test:
 	@scripts/setup.sh --test
 
-## The daemon on the shipped config (first run downloads the CLIP weights and the released prompts).
+## The daemon on the shipped config (first run downloads the weights config.toml needs; offline, the error says
+## which files to copy where).
 run: setup
-	$(ANOMALYD) weights fetch --if-missing
+	$(ANOMALYD) weights fetch --if-missing --config config.toml
 	$(ANOMALYD) run --config config.toml
 
 ## The daemon on the shipped config with the tiny test CLIP from ../shared (offline machines, demos).

@@ -70,6 +70,9 @@ class MqttSettings(BaseModel):
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
     max_inflight: int = Field(100, ge=1)
+    # Command topics (`<prefix>/<line>/<source>/trigger/set`, `<prefix>/models/activate/set`) are subscribed only
+    # when listed here: anyone who may publish on the broker could otherwise trigger or switch models.
+    commands: list[Literal["trigger", "activate"]] = Field(default_factory=list)
 
     @field_validator("tls", mode="before")
     @classmethod
@@ -162,6 +165,9 @@ class MqttPublisher:
         self._idle = threading.Event()  # set by the relay when nothing is pending or in flight
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
+        # Command topics (filter → handler(topic, payload)); subscribed on every connect. Handlers run on paho's
+        # network thread: they must only hand the message over (the daemon queues it, bounded).
+        self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
         self._client = self._make_client()
 
     # --- client -------------------------------------------------------------------------------------------------
@@ -188,6 +194,7 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
         return client
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
@@ -202,6 +209,8 @@ class MqttPublisher:
         client.publish(self.available_topic, "online", qos=1, retain=True)
         for topic, payload in list(self.state.retained.items()):
             client.publish(topic, payload, qos=1, retain=True)
+        for topic_filter in list(self._subscriptions):
+            client.subscribe(topic_filter, qos=1)
         self._connection_epoch += 1
         self._check_outbox.set()
         self._wake.set()
@@ -219,6 +228,26 @@ class MqttPublisher:
         if self.state.last_error != message:
             log.warning("MQTT %s; inspection goes on, alerts wait in the outbox", message)
         self.state.last_error = message
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        for topic_filter, handler in list(self._subscriptions.items()):
+            if mqtt.topic_matches_sub(topic_filter, message.topic):
+                try:
+                    handler(message.topic, bytes(message.payload))
+                except Exception:
+                    log.exception("MQTT command handler failed for %s", message.topic)
+                return
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        """Receive messages on `topic_filter` (QoS 1), now and after every reconnect."""
+        self._subscriptions[topic_filter] = handler
+        if self.state.connected:
+            self._client.subscribe(topic_filter, qos=1)
+
+    def publish_reply(self, topic: str, payload: str) -> None:
+        """A command's answer (QoS 1, not retained, not durable: the asker is connected right now)."""
+        if self.state.connected:
+            self._client.publish(topic, payload, qos=1)
 
     def _on_publish(self, _client: Any, _userdata: Any, mid: int, reason_code: Any, _props: Any) -> None:
         if not getattr(reason_code, "is_failure", False):

@@ -120,25 +120,154 @@ def fetch_prompts(name: str, *, force: bool = False, progress: bool = True) -> P
     return target
 
 
-def fetch_backbone(name: str = BACKBONE_NAME, tag: str = BACKBONE_TAG) -> Path:
-    """Download the CLIP weights through open_clip into our cache and check the tower sizes."""
+# --- the files a configured model needs -----------------------------------------------------------------------
+
+# open_clip's Hugging Face weight files: its default PyTorch file (every open_clip repo has it), then the
+# safetensors copy some repos add. Both load the same (read_state_dict).
+_HF_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+# Models whose backbone is not a CLIP from open_clip (nothing for `weights fetch` to get for them here).
+NON_CLIP_MODELS = ("patchcore",)
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file a configured model needs: where it comes from (download candidates, first first) and where it goes.
+
+    `path` is where `weights fetch` puts the first candidate and where a user copying the file by hand puts it;
+    `accepted` are all the places the daemon loads it from (one per candidate file name)."""
+
+    what: str
+    urls: tuple[str, ...]
+    path: Path
+    accepted: tuple[Path, ...]
+
+    def found(self) -> Path | None:
+        return next((path for path in self.accepted if path.is_file()), None)
+
+
+def backbone_sources(name: str, tag: str = BACKBONE_TAG) -> list[tuple[str, str]]:
+    """(URL, file name) candidates for open_clip's `name`/`tag` weights, from open_clip's own pretrained table:
+    the Hugging Face files, then the original URL when it has one."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise WeightsError(f"open_clip has no pretrained weights {name}/{tag} (tags for {name}: {tags}); set "
+                           f"[model].backbone to an open_clip name or to a local weights file")
+    sources: list[tuple[str, str]] = []
+    hub = str(cfg.get("hf_hub") or "")
+    if hub:
+        repo, filename = os.path.split(hub)  # "org/repo/" (default file names) or "org/repo/file"
+        names = (filename,) if filename and filename not in _HF_WEIGHTS else _HF_WEIGHTS
+        sources += [(f"https://huggingface.co/{repo}/resolve/main/{item}", item) for item in names]
+    if cfg.get("url"):
+        sources.append((str(cfg["url"]), os.path.basename(str(cfg["url"]))))
+    return sources
+
+
+def backbone_dir(name: str, tag: str = BACKBONE_TAG) -> Path:
+    return open_clip_cache() / name / tag
+
+
+def is_named_backbone(value: str | Path) -> bool:
+    """An open_clip model name rather than a weights file."""
+    path = Path(value).expanduser()
+    return not path.exists() and path.suffix not in _WEIGHT_SUFFIXES and "/" not in str(value)
+
+
+def backbone_weights(name: str, tag: str = BACKBONE_TAG) -> WeightFile:
+    sources = backbone_sources(name, tag)
+    folder = backbone_dir(name, tag)
+    return WeightFile(what=f"CLIP backbone {name}/{tag}", urls=tuple(url for url, _ in sources),
+                      path=folder / sources[0][1], accepted=tuple(folder / filename for _, filename in sources))
+
+
+def prompts_weights(name: str) -> WeightFile:
+    target = prompts_path(name)
+    return WeightFile(what=f"released prompts {name}", urls=(RELEASED_PROMPTS[name].url,), path=target,
+                      accepted=(target,))
+
+
+def required_weights(model: str, backbone: str | Path | None, prompts: str | Path | None,
+                     tag: str = BACKBONE_TAG) -> list[WeightFile]:
+    """The downloadable files a model configuration needs, and nothing else: the named CLIP backbone (not a
+    local file) and released prompts named by the configuration (AnomalyCLIP's default when it names none)."""
+    needed: list[WeightFile] = []
+    if backbone and model not in NON_CLIP_MODELS and is_named_backbone(backbone):
+        needed.append(backbone_weights(str(backbone), tag))
+    if prompts is None and model == "anomalyclip":
+        prompts = DEFAULT_PROMPTS
+    if prompts is not None and str(prompts) in RELEASED_PROMPTS and not Path(prompts).expanduser().exists():
+        needed.append(prompts_weights(str(prompts)))
+    return needed
+
+
+def missing_weights_message(missing: list[WeightFile]) -> str:
+    lines = ["model weights are missing (this machine cannot download them, or `anomalyd weights fetch` has not "
+             "run yet):"]
+    for item in missing:
+        lines.append(f"  - {item.what}: download {item.urls[0]}")
+        lines.append(f"    and put it at {item.path}")
+        if len(item.urls) > 1:
+            alternatives = "; ".join(f"{url} -> {path}" for url, path in zip(item.urls[1:], item.accepted[1:],
+                                                                             strict=False))
+            lines.append(f"    (or: {alternatives})")
+    lines.append("Then start again (`make run` fetches them itself where there is internet). To try anomalyd "
+                 "without these weights, `make demo` runs the shipped config on the tiny test CLIP from ../shared.")
+    return "\n".join(lines)
+
+
+def ensure_weights(needed: list[WeightFile]) -> None:
+    """Raise WeightsError naming each missing file, its URL and where to put it."""
+    missing = [item for item in needed if item.found() is None]
+    if missing:
+        raise WeightsError(missing_weights_message(missing))
+
+
+def local_backbone(value: str | Path, tag: str = BACKBONE_TAG) -> str:
+    """A [model].backbone value → what the daemon loads: a file as is, a named open_clip backbone → its weights
+    file in the cache that `anomalyd weights fetch` filled (never a download: WeightsError when it is missing)."""
+    if not is_named_backbone(value):
+        return str(value)
+    item = backbone_weights(str(value), tag)
+    found = item.found()
+    if found is None:
+        raise WeightsError(missing_weights_message([item]))
+    return str(found)
+
+
+def fetch_weight_file(item: WeightFile, *, force: bool = False, progress: bool = True) -> Path:
+    """Download the first candidate URL that answers into its place (nothing when one is already there)."""
+    found = item.found()
+    if found is not None and not force:
+        return found
+    failures = []
+    for url, target in zip(item.urls, item.accepted, strict=False):
+        try:
+            return download(url, target, progress=progress)
+        except WeightsError as exc:
+            failures.append(str(exc.__cause__ or exc))
+    raise WeightsError(f"could not download {item.what} ({'; '.join(failures)}).\n"
+                       + missing_weights_message([item]))
+
+
+def fetch_backbone(name: str = BACKBONE_NAME, tag: str = BACKBONE_TAG, *, force: bool = False,
+                   progress: bool = True, config: str | Path | None = None) -> Path:
+    """Download the CLIP weights file into the cache (where the daemon loads it from) and check the towers."""
     from model import load_backbone
     from model._backbone import BackboneError
 
-    target = open_clip_cache()
-    target.mkdir(parents=True, exist_ok=True)
+    path = fetch_weight_file(backbone_weights(name, tag), force=force, progress=progress)
     try:
-        backbone = load_backbone(name, pretrained=tag, cache_dir=str(target))
+        backbone = load_backbone(path, config=config)
     except BackboneError as exc:
-        reason = str(exc.__cause__ or exc).rstrip(".")
-        raise WeightsError(
-            f"could not download {name}/{tag} through open_clip ({reason}). Without internet, copy OpenAI's "
-            f"ViT-L-14-336px.pt to this machine and pass its path with --backbone (or [model].backbone in config.toml)"
-        ) from exc
+        raise WeightsError(f"{path} was downloaded for {name}/{tag} but does not load: {exc}") from exc
     sizes = (backbone.vision_width, backbone.vision_layers, backbone.patch_size, backbone.text_width)
     if name == BACKBONE_NAME and sizes != (1024, 24, 14, 768):
         raise WeightsError(f"{name}/{tag}: unexpected tower sizes {sizes}, expected (1024, 24, 14, 768)")
-    return target
+    return path
 
 
 def clear_partial_downloads() -> None:
@@ -149,10 +278,14 @@ def clear_partial_downloads() -> None:
 __all__ = [
     "DEFAULT_PROMPTS",
     "RELEASED_PROMPTS",
+    "WeightFile",
     "WeightsError",
     "cache_dir",
     "download",
+    "ensure_weights",
     "fetch_backbone",
     "fetch_prompts",
+    "local_backbone",
+    "required_weights",
     "resolve_prompts",
 ]

@@ -75,12 +75,19 @@ def _token_role(state: AppState, request: Request) -> tuple[str, str] | None:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         return None
-    tokens = getattr(getattr(state.settings, "api", None), "tokens", None) or []
+    tokens = list(getattr(getattr(state.settings, "api", None), "tokens", None) or [])
+    tokens += _stored_tokens(state.settings)  # first-start admin token, `anomalyd tokens create`
     found = None
     for token in tokens:  # no early exit: the time taken does not tell which token matched
         if token.matches(presented.strip()) and found is None:
             found = token.name, token.role
     return found
+
+
+def _stored_tokens(settings: Any) -> list[Any]:
+    from daemon.tokens import stored_tokens
+
+    return stored_tokens(settings)
 
 
 def require_role(role: str) -> Callable[..., str]:
@@ -135,12 +142,35 @@ def metrics(state: AppState = Depends(get_state)) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+DOCS_ASSETS = "/docs/assets"
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from assets the daemon serves itself (the `swagger-ui-bundle` package), so the docs work
+    on a line network without internet; FastAPI's default would load them from a CDN."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="anomalyd API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+
+
 def create_app(state: AppState, routers: Sequence[APIRouter] = (), *, ui: bool = True) -> FastAPI:
     """The FastAPI app: health and metrics, plus `routers` (the operator API) and, with `ui`, the web UI at `/`."""
-    app = FastAPI(title="anomalyd", version="0.1.0", docs_url="/docs", openapi_url="/openapi.json",
+    app = FastAPI(title="anomalyd", version="0.1.0", docs_url=None, openapi_url="/openapi.json",
                   description="Industrial inspection daemon: history, artifacts, labels, models. "
                               "Send `Authorization: Bearer <token>`; roles viewer < operator < admin.")
     app.state.anomalyd = state
+    from daemon.api.guards import BodyLimit, SecurityHeaders
+
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyLimit)
     app.include_router(health_router)
     app.include_router(metrics_router)
     for router in routers:
@@ -149,6 +179,8 @@ def create_app(state: AppState, routers: Sequence[APIRouter] = (), *, ui: bool =
     @app.get("/api/openapi.json", include_in_schema=False)
     def openapi_alias() -> JSONResponse:
         return JSONResponse(app.openapi())
+
+    _mount_docs(app)
 
     if ui and STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -3,6 +3,10 @@
 The delay is measured from when the batch's first item was *put*, so an item never waits in the batcher longer
 than the delay (plus the time the consumer was busy). The queue is bounded: `put` blocks (back-pressure) or times
 out. The clock is injectable for tests.
+
+Priority items (`put(item, priority=True)`: frames a PLC triggered and waits for) skip the queue: the next batch
+is made of them alone and is handed out at once, without waiting for the batch to fill. They do not count
+against `maxsize` (their callers bound them), so back-pressure from free-running sources never delays them.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class DynamicBatcher(Generic[T]):
         self.maxsize = max(maxsize, max_batch_size)
         self._clock = clock
         self._items: deque[tuple[float, T]] = deque()
+        self._urgent: deque[T] = deque()
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -44,14 +49,24 @@ class DynamicBatcher(Generic[T]):
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._items)
+            return len(self._items) + len(self._urgent)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def put(self, item: T, timeout: float | None = None) -> bool:
-        """Add an item; blocks while full. False on timeout; BatcherClosed after `close()`."""
+    def put(self, item: T, timeout: float | None = None, *, priority: bool = False) -> bool:
+        """Add an item; blocks while full. False on timeout; BatcherClosed after `close()`.
+
+        priority=True: never blocks; the item goes out in the next batch, ahead of everything else.
+        """
+        if priority:
+            with self._lock:
+                if self._closed:
+                    raise BatcherClosed("batcher is closed")
+                self._urgent.append(item)
+                self._not_empty.notify()
+                return True
         with self._not_full:
             end = None if timeout is None else time.monotonic() + timeout
             while len(self._items) >= self.maxsize and not self._closed:
@@ -71,19 +86,22 @@ class DynamicBatcher(Generic[T]):
         is closed (a closed batcher still hands out what it holds)."""
         with self._not_empty:
             end = None if timeout is None else time.monotonic() + timeout
-            while not self._items:
+            while not self._items and not self._urgent:
                 if self._closed:
                     return []
                 remaining = None if end is None else end - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return []
                 self._not_empty.wait(remaining)
-            deadline = self._items[0][0] + self.max_batch_delay_s
-            while len(self._items) < self.max_batch_size and not self._closed:
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    break
-                self._not_empty.wait(remaining)
+            if not self._urgent:
+                deadline = self._items[0][0] + self.max_batch_delay_s
+                while len(self._items) < self.max_batch_size and not self._closed and not self._urgent:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        break
+                    self._not_empty.wait(remaining)
+            if self._urgent:
+                return [self._urgent.popleft() for _ in range(min(self.max_batch_size, len(self._urgent)))]
             count = min(self.max_batch_size, len(self._items))
             batch = [self._items.popleft()[1] for _ in range(count)]
             self._not_full.notify(count)

@@ -19,6 +19,9 @@ COMMAND_MODULES = (
     "daemon.commands.run_commands",  # run, db
     "daemon.commands.ops_commands",  # defects, label, models, calibrate
     "daemon.commands.retrain_commands",  # retrain
+    "daemon.commands.token_commands",  # tokens
+    "daemon.commands.config_commands",  # config check
+    "daemon.commands.export_commands",  # export
     "daemon.commands.reference_commands",  # references list|add|remove
 )
 
@@ -41,9 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_config_option(argv: Sequence[str]) -> tuple[list[str], str | None]:
+    """`--config X` / `--config=X` taken out wherever it stands (before or after the command and its action),
+    so every command finds its configuration the same way (`daemon.config.find_config`)."""
+    rest: list[str] = []
+    config = None
+    items = list(argv)
+    index = 0
+    while index < len(items):
+        item = items[index]
+        if item == "--":
+            rest.extend(items[index:])
+            break
+        if item == "--config" and index + 1 < len(items):
+            config, index = items[index + 1], index + 2
+            continue
+        if item.startswith("--config="):
+            config, index = item.split("=", 1)[1], index + 1
+            continue
+        rest.append(item)
+        index += 1
+    return rest, config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv, config = split_config_option(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if config is not None or not hasattr(args, "config"):
+        args.config = config
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

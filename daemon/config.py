@@ -65,7 +65,7 @@ def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str
 
 
 class ModelConfig(_Section):
-    name: Literal["anomalyclip", "adaclip", "clip", "winclip", "patchcore"] = "anomalyclip"
+    name: Literal["anomalyclip", "adaclip", "clip", "clip-ac", "winclip", "patchcore"] = "anomalyclip"
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
     prompts: str | None = None
@@ -89,6 +89,12 @@ class RuntimeConfig(_Section):
     decode_threads: int = Field(2, ge=1, le=64)
     persist_threads: int = Field(1, ge=1, le=64)
     shutdown_grace_s: float = Field(20.0, gt=0)
+    max_pixels: int = Field(50_000_000, ge=64)  # per frame, read from its header; larger frames are rejected
+    decode_budget_mb: int = Field(512, ge=16)  # decoded frames in flight, in MiB of RGB pixels
+    max_attempts: int = Field(5, ge=1)  # failures of one frame before it is dead-lettered
+    engine: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    export_dir: str | None = Field(None, description="a prebuilt export for the engine; default: exported through "
+                                   "the parity gate at start and on each model swap, under <[storage].dir>/exports")
 
 
 # One [[sources]] entry: validated against the settings model its `kind` registered (adapters/sources/registry.py),
@@ -141,6 +147,9 @@ class ApiConfig(_Section):
     enabled: bool = True
     bind: str = Field("127.0.0.1:8080", pattern=r"^[^\s:]*:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
     tokens: list[ApiToken] = Field(default_factory=list)
+    # Tokens made by the first start and `anomalyd tokens create` (hashes only); default: api_tokens.json in the
+    # folder holding [storage].dir (var/ for the shipped config). See daemon/tokens.py.
+    tokens_file: str | None = None
     auth_health: bool = False
     auth_metrics: bool = False
 
@@ -208,6 +217,74 @@ class RedisConfig(_Section):
     maxlen: int | None = Field(10_000, ge=1)
 
 
+class WebhookConfig(_Section):
+    """One `[[webhooks]]` table: alerts (and trigger answers) POSTed as JSON with the outbox's guarantee
+    (adapters/sinks/webhook.py)."""
+
+    url: str = Field(min_length=1)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="default: derived from the url")
+    secret: SecretStr | None = None
+    secret_file: str | None = None
+    sources: list[str] | None = None  # None: every source
+    lines: list[str] | None = None
+    anomalous_only: bool = True
+    timeout_s: float = Field(5.0, gt=0, le=300)
+    # Private, loopback and link-local destinations are refused unless allowed: a webhook must not become a
+    # way to reach the plant's internal services from the config file or the environment.
+    allow_private: bool = False
+    backoff_max_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _safe_destination(self) -> WebhookConfig:
+        from adapters.webhooks import check_destination
+
+        check_destination(self.url, allow_private=self.allow_private)
+        return self
+
+    @property
+    def key(self) -> str:
+        """The name delivery state is stored under (stable across restarts and reordering)."""
+        return self.name or "webhook-" + hashlib.sha256(self.url.encode()).hexdigest()[:10]
+
+
+class OpcUaUser(_Section):
+    name: str = Field(min_length=1)
+    password: SecretStr | None = None
+    password_file: str | None = None
+    password_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    role: Literal["viewer", "operator"] = "operator"
+
+    @model_validator(mode="after")
+    def _one_password(self) -> OpcUaUser:
+        if self.password is None and self.password_sha256 is None:
+            raise ValueError(f"opcua user {self.name!r}: give password, password_file or password_sha256")
+        return self
+
+
+class OpcUaConfig(_Section):
+    """The OPC UA server (adapters/opcua.py), modelled on OPC 40100-1 (Machine Vision) concepts."""
+
+    enabled: bool = False
+    endpoint: str = Field("opc.tcp://127.0.0.1:4840/anomalyd", pattern=r"^opc\.tcp://")
+    namespace: str = "urn:anomalyd:machine-vision"
+    allow_anonymous: bool = False
+    users: list[OpcUaUser] = Field(default_factory=list)
+    certificate: str | None = None  # PEM/DER server certificate; with private_key enables Sign/SignAndEncrypt
+    private_key: str | None = None
+    security: list[Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]] = Field(
+        default_factory=lambda: ["None"])
+
+    @model_validator(mode="after")
+    def _usable(self) -> OpcUaConfig:
+        if self.enabled and not self.allow_anonymous and not self.users:
+            raise ValueError("[opcua] enabled without users and allow_anonymous = false: nobody could connect")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("[opcua] certificate and private_key go together")
+        if any(mode != "None" for mode in self.security) and self.certificate is None:
+            raise ValueError("[opcua] signed/encrypted security needs certificate and private_key")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with `load_config`, which also resolves paths and secret files."""
 
@@ -228,6 +305,8 @@ class Settings(BaseSettings):
     api: ApiConfig = Field(default_factory=ApiConfig)
     retraining: RetrainingConfig = Field(default_factory=RetrainingConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True, description="the config file's directory")
 
     @field_validator("sources")
@@ -239,6 +318,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"duplicate source id {source.id!r}")
             seen.add(source.id)
         return sources
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_webhook_keys(cls, webhooks: list[WebhookConfig]) -> list[WebhookConfig]:
+        keys = [webhook.key for webhook in webhooks]
+        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate webhook name/url: {', '.join(duplicates)}")
+        return webhooks
 
     @classmethod
     def settings_customise_sources(
@@ -275,6 +363,24 @@ class Settings(BaseSettings):
             value = DEFAULT_PROMPTS
         resolved = resolve_prompts(self.resolve_model_value(value))
         return str(resolved) if resolved is not None else None
+
+    def backbone_file(self) -> str:
+        """[model].backbone as the daemon loads it: a file (relative to the config), or a named open_clip backbone's
+        weights file in the cache `anomalyd weights fetch` filled; never a download (WeightsError names the file,
+        its URL and where to put it)."""
+        from adapters.weights import NON_CLIP_MODELS, local_backbone
+
+        value = self.resolve_model_value(self.model.backbone)
+        if not value or self.model.name in NON_CLIP_MODELS:  # e.g. PatchCore's CNN: not from open_clip's cache
+            return value
+        return local_backbone(value)
+
+    def check_weights(self) -> None:
+        """WeightsError naming every downloadable file the configured model needs and lacks (none: no error)."""
+        from adapters.weights import ensure_weights, required_weights
+
+        ensure_weights(required_weights(self.model.name, self.resolve_model_value(self.model.backbone),
+                                        self.resolve_model_value(self.model.prompts)))
 
     @property
     def database_url(self) -> str:
@@ -368,6 +474,8 @@ def _location(loc: tuple[Any, ...]) -> str:
     head, *rest = loc
     if head == "sources":
         text = "[[sources]]"
+    elif head == "webhooks":
+        text = "[[webhooks]]"
     elif head == "api" and rest[:1] == ["tokens"]:
         text, rest = "[[api.tokens]]", rest[1:]
     elif rest:
@@ -404,6 +512,15 @@ def _resolve_secret_files(data: dict[str, Any], base_dir: Path) -> None:
         for index, token in enumerate(api.get("tokens") or []):
             if isinstance(token, dict) and token.get("token_file") and token.get("token") is None:
                 token["token"] = _read_secret_file(token["token_file"], base_dir, f"[[api.tokens]][{index}].token_file")
+    for index, hook in enumerate(data.get("webhooks") or []):
+        if isinstance(hook, dict) and hook.get("secret_file") and hook.get("secret") is None:
+            hook["secret"] = _read_secret_file(hook["secret_file"], base_dir, f"[[webhooks]][{index}].secret_file")
+    opcua = data.get("opcua")
+    if isinstance(opcua, dict):
+        for index, user in enumerate(opcua.get("users") or []):
+            if isinstance(user, dict) and user.get("password_file") and user.get("password") is None:
+                user["password"] = _read_secret_file(user["password_file"], base_dir,
+                                                     f"[opcua].users[{index}].password_file")
 
 
 def load_config(
@@ -447,3 +564,49 @@ def load_config(
         return Settings(**data, base_dir=base_dir)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, origin)) from None
+
+
+# --- finding the configuration file ------------------------------------------------------------------------------
+
+CONFIG_ENV = "ANOMALYD_CONFIG"
+LOCAL_CONFIG = Path("config.toml")
+SYSTEM_CONFIG = Path("/etc/anomalyd/config.toml")
+
+
+def config_candidates(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                      cwd: Path | None = None) -> list[tuple[str, Path]]:
+    """Where the configuration is looked for, in order: (how it was chosen, path)."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    found: list[tuple[str, Path]] = []
+    if explicit:
+        found.append(("--config", Path(explicit).expanduser()))
+    if environ.get(CONFIG_ENV):
+        found.append((f"${CONFIG_ENV}", Path(environ[CONFIG_ENV]).expanduser()))
+    found.append(("the current folder", cwd / LOCAL_CONFIG))
+    found.append(("the system config", SYSTEM_CONFIG))
+    return found
+
+
+def find_config(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                cwd: Path | None = None) -> Path | None:
+    """The one rule every command uses: `--config`, else `$ANOMALYD_CONFIG` (both must exist: a named file that
+    is missing is an error), else `./config.toml`, else `/etc/anomalyd/config.toml`, else None (built-in
+    defaults)."""
+    for how, path in config_candidates(explicit, environ, cwd):
+        if how in ("--config", f"${CONFIG_ENV}"):
+            return path  # named explicitly: load_config reports a missing file
+        if path.is_file():
+            return path
+    return None
+
+
+def describe_config_search(explicit: str | Path | None = None, environ: Mapping[str, str] | None = None,
+                           cwd: Path | None = None) -> str:
+    """"config: X (from --config)" or "no config file (looked at ./config.toml, /etc/...)"; for error messages."""
+    chosen = find_config(explicit, environ, cwd)
+    candidates = config_candidates(explicit, environ, cwd)
+    if chosen is not None:
+        how = next(how for how, path in candidates if path == chosen)
+        return f"config {chosen} (from {how})"
+    return "no config file (looked at " + ", ".join(str(path) for _, path in candidates) + "; built-in defaults)"

@@ -3,7 +3,12 @@
 Each frame becomes a `FrameRecord` with its source's post-processing settings, its RGB array and the pixels resized
 for the model, made on the decode threads so the model worker never decodes. A frame that cannot be decoded goes to
 `reject(frame, settings, reason)` (a rejected row); an internal error hands it back to its source. The number of
-frames between intake and batcher is bounded, so back-pressure reaches the source queues.
+frames between intake and batcher is bounded, and so are the decoded bytes in flight (`ByteBudget`, from each
+frame's header before decoding), so back-pressure reaches the source queues.
+
+Triggered sources (`triggers`, daemon/trigger.py) have their own intake thread: with a trigger waiting, frames
+captured before it are stale (acknowledged, not inspected); the first fresh one is tagged with the trigger, decoded
+on that thread and goes to the model ahead of everything else. Frames nobody triggered are never inspected.
 """
 
 from __future__ import annotations
@@ -13,13 +18,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from adapters.sources.base import Frame, FrameSource, SourceSettings
 from daemon.batcher import DynamicBatcher
+from daemon.budget import ByteBudget
 from daemon.metrics import Metrics
 from daemon.record import FrameRecord, Outcomes, StageTimes
+
+if TYPE_CHECKING:
+    from daemon.trigger import TriggerController
 
 log = logging.getLogger("daemon.pipeline")
 
@@ -56,6 +66,8 @@ class Intake:
         metrics: Metrics,
         stage_times: StageTimes,
         decode_threads: int = 2,
+        max_pixels: int | None = None,
+        decode_budget_bytes: int = 1 << 30,
         on_queued: Callable[[], None] = lambda: None,
         guard: Callable[[Callable[[], None], str], Callable[[], None]] = lambda target, _name: target,
     ) -> None:
@@ -72,7 +84,11 @@ class Intake:
         self._guard = guard
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         self._decode_slots = threading.BoundedSemaphore(decode_threads * 2)
+        self.max_pixels = max_pixels
+        self.decode_budget = ByteBudget(decode_budget_bytes)
+        self.triggers: TriggerController | None = None  # set before start
         self._thread: threading.Thread | None = None
+        self._trigger_thread: threading.Thread | None = None
         self._draining = threading.Event()
         self._abort = threading.Event()
         # Sources that cannot be inspected now (id → reason; daemon/references.py): their frames are rejected.
@@ -81,10 +97,20 @@ class Intake:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._guard(self._loop, "intake"), name="intake", daemon=True)
         self._thread.start()
+        triggered = [s for s in self.sources if self.triggers is not None and self.triggers.is_triggered(s.id)]
+        if triggered:  # its own thread: back-pressure from free-running sources never delays a trigger
+            self._trigger_thread = threading.Thread(
+                target=self._guard(lambda: self._trigger_loop(triggered), "trigger-intake"),
+                name="trigger-intake", daemon=True)
+            self._trigger_thread.start()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def problems(self) -> list[str]:
+        problems = []
+        if self._thread is not None and not self._thread.is_alive():
+            problems.append("intake thread is not running")
+        if self._trigger_thread is not None and not self._trigger_thread.is_alive():
+            problems.append("trigger intake thread is not running")
+        return problems
 
     def drain(self, timeout: float) -> bool:
         """Take what the (stopped) sources queued and prepare it; True when the intake finished within `timeout`
@@ -102,11 +128,13 @@ class Intake:
         return finished
 
     def _loop(self) -> None:
-        """Fair round-robin over the source queues."""
-        single = len(self.sources) == 1
+        """Fair round-robin over the free-running sources' queues."""
+        triggers = self.triggers
+        free_running = [s for s in self.sources if triggers is None or not triggers.is_triggered(s.id)]
+        single = len(free_running) == 1
         while not self._abort.is_set():
             took = False
-            for source in self.sources:
+            for source in free_running:
                 frame = source.queue.get(timeout=0.05 if single else 0)
                 if frame is None:
                     continue
@@ -115,11 +143,41 @@ class Intake:
                 if self._abort.is_set():
                     break
             if not took:
-                if self._draining.is_set() and all(len(source.queue) == 0 for source in self.sources):
+                if self._draining.is_set() and all(len(source.queue) == 0 for source in free_running):
+                    if self._trigger_thread is not None:
+                        self._trigger_thread.join(2.0)
                     return
-                if not single:
+                if not free_running:
+                    time.sleep(0.05)
+                elif not single:
                     time.sleep(0.002)
         self.on_queued()
+
+    def _trigger_loop(self, triggered: list[FrameSource]) -> None:
+        """Triggered sources: only a fresh frame for a waiting trigger is inspected, first in line."""
+        triggers = self.triggers
+        assert triggers is not None
+        while not self._abort.is_set() and not self._draining.is_set():
+            waiting = [(source, triggers.waiting(source.id)) for source in triggered]
+            waiting = [(source, request) for source, request in waiting if request is not None]
+            if not waiting:
+                triggers.wait_for_request(0.05)
+                continue
+            for source, request in waiting:
+                frame = source.queue.get(timeout=0.005 if len(waiting) == 1 else 0)
+                if frame is None:
+                    continue
+                if not triggers.attach(request, frame):
+                    frame.done(True)  # captured before the trigger
+                    continue
+                settings = self.source_settings[source.id]
+                self.metrics.frames_in.labels(settings.id).inc()
+                self._prepare(frame, settings, time.monotonic(), priority=True)
+            if len(waiting) > 1:
+                time.sleep(0.001)
+        for source in triggered:
+            for frame in source.queue.drain():
+                frame.done(True)
 
     def _submit(self, frame: Frame, source: FrameSource) -> None:
         settings = self.source_settings.get(frame.source_id)
@@ -142,16 +200,28 @@ class Intake:
             self._decode_slots.release()
             frame.done(False)
 
-    def _prepare(self, frame: Frame, settings: SourceSettings, t_in: float) -> None:
-        from model.preprocess import ImageDecodeError, decode_image
+    def _prepare(self, frame: Frame, settings: SourceSettings, t_in: float, priority: bool = False) -> None:
+        from model.preprocess import ImageDecodeError, decode_image, header_size
 
         try:
+            # Bytes of the decoded frame, from its header (nothing decoded yet), held until the frame is done.
+            if frame.image is not None:
+                cost = int(np.asarray(frame.image).nbytes)
+            elif frame.data is not None:
+                declared = header_size(frame.data)
+                cost = 3 * declared[0] * declared[1] if declared is not None else len(frame.data)
+                if self.max_pixels is not None and declared is not None \
+                        and declared[0] * declared[1] > self.max_pixels:
+                    cost = 0  # refused from the header below, never decoded
+            else:
+                cost = 0
+            self.decode_budget.hold_until_done(frame, self.decode_budget.acquire(cost, self._abort))
             started = time.monotonic()
             try:
                 if frame.image is not None:
                     rgb = as_rgb8(frame.image, frame.name or frame.frame_id)
                 elif frame.data is not None:
-                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id)
+                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id, max_pixels=self.max_pixels)
                 else:
                     raise ImageDecodeError(str(frame.meta.get("error") or "frame carries no image data"))
             except ImageDecodeError as exc:
@@ -164,13 +234,14 @@ class Intake:
             self.metrics.decode_latency.observe(decoded - started)
             record = FrameRecord(frame, settings, t_in, rgb=rgb, pixels=pixels, size=size,
                                  timings={"decoded_at": decoded, "intake_wait_s": started - t_in})
-            self.batcher.put(record)
+            self.batcher.put(record, priority=priority)
             self.on_queued()
-        except Exception:
+        except Exception as exc:
             log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
-            self.outcomes.fail([frame], settings.id, "decode")
+            self.outcomes.fail([frame], settings.id, "decode", exc)
         finally:
-            self._decode_slots.release()
+            if not priority:  # triggered frames are prepared on the trigger thread, without a decode slot
+                self._decode_slots.release()
 
 
 def as_rgb8(image: np.ndarray, name: str) -> np.ndarray:

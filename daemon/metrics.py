@@ -1,14 +1,27 @@
 """Prometheus metrics of the daemon (one registry per service, so tests can run several in a process).
 
 Names (the contract's list): frames in/dropped/rejected per source, queue depth, batch size, queue / inference /
-end-to-end latency histograms, alerts published / pending.
+end-to-end latency histograms, alerts published / pending; plus the process (`process_*`, `python_*`),
+`anomalyd_build_info` and `anomalyd_model_info`. docs/grafana-dashboard.json charts them.
 """
 
 from __future__ import annotations
 
+import platform
+import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -26,10 +39,32 @@ class _CallbackCollector(Collector):
         yield from self._read()
 
 
+OTHER_SOURCE = "other"
+MAX_EXTRA_SOURCES = 32  # distinct unconfigured source ids (relayed capture hosts) that may become a label
+
+
+class _SourceLabelled:
+    """A labelled metric whose first label is a source id, mapped through `Metrics.source_label` so that ids
+    decided by inputs (a producer's `source` field) cannot grow the label set without bound."""
+
+    def __init__(self, metric: Any, label_of: Callable[[str], str]) -> None:
+        self._metric = metric
+        self._label_of = label_of
+
+    def labels(self, source: str, *rest: str) -> Any:
+        return self._metric.labels(self._label_of(source), *rest)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metric, name)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.known_sources: set[str] = set()  # configured ids: always their own label
+        self._extra_sources: set[str] = set()
+        self._labels_lock = threading.Lock()
         self.frames_in = Counter("anomalyd_frames_in", "Frames taken from the sources by the pipeline",
                                  ["source"], registry=r)
         self.frames_rejected = Counter("anomalyd_frames_rejected", "Frames that could not be decoded",
@@ -58,6 +93,35 @@ class Metrics:
         self.alerts_pending = Gauge("anomalyd_alerts_pending", "Alerts in the outbox not yet acknowledged",
                                     registry=r)
         self.model_swaps = Counter("anomalyd_model_swaps", "Detector swaps applied", registry=r)
+        self.dead_lettered = Counter("anomalyd_frames_dead_lettered",
+                                     "Frames given up after failing max_attempts times (recorded as rejected)",
+                                     ["source"], registry=r)
+        self.last_inspected = Gauge("anomalyd_source_last_inspected_timestamp_seconds",
+                                    "Unix time of the last inspection written for a source", ["source"], registry=r)
+        # The process itself (CPU, memory, file descriptors, start time; Python version and GC) and what runs.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge("anomalyd_build_info", "anomalyd version and Python version (value 1)",
+                                ["version", "python"], registry=r)
+        self.build_info.labels(package_version(), platform.python_version()).set(1)
+        for name in ("frames_in", "frames_rejected", "frames_failed", "inspections", "dead_lettered",
+                     "last_inspected"):
+            setattr(self, name, _SourceLabelled(getattr(self, name), self.source_label))
+
+    def source_label(self, source: str) -> str:
+        """The label for a source id: configured ids as they are; up to MAX_EXTRA_SOURCES other short printable
+        ids (capture hosts relayed through Redis) as they are; anything else "other"."""
+        source = str(source)
+        if source in self.known_sources or source in self._extra_sources:
+            return source
+        if len(source) > 64 or not source.isprintable():
+            return OTHER_SOURCE
+        with self._labels_lock:
+            if len(self._extra_sources) >= MAX_EXTRA_SOURCES:
+                return OTHER_SOURCE
+            self._extra_sources.add(source)
+        return source
 
     def add_source_collector(self, sources: Callable[[], Iterable]) -> None:
         """Per-source counters kept by the sources themselves (frames captured, dropped by policy)."""
@@ -78,8 +142,31 @@ class Metrics:
 
         self.registry.register(_CallbackCollector(read))
 
+    def add_model_collector(self, detector: Callable[[], object | None]) -> None:
+        """`anomalyd_model_info{model, version, image_size}` = 1 for the detector in use (follows hot swaps)."""
+
+        def read():
+            info = GaugeMetricFamily("anomalyd_model_info", "The model in use (value 1)",
+                                     labels=["model", "version", "image_size"])
+            current = detector()
+            if current is not None:
+                info.add_metric([str(getattr(current, "name", "?")), str(getattr(current, "version", "?")),
+                                 str(getattr(current, "image_size", ""))], 1.0)
+            yield info
+
+        self.registry.register(_CallbackCollector(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("anomalyd")
+    except PackageNotFoundError:  # a checkout without an installed distribution
+        return "0+unknown"
 
 
 def _status_text(source) -> str:

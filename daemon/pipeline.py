@@ -22,21 +22,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from adapters.db.repository import record_rejected
 from adapters.db.tables import Inspection
+from adapters.log_repeats import install as install_repeat_filter
 from adapters.sinks import SinkSet
 from adapters.sources.base import FrameSource, SourceSettings
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
+from daemon.budget import ByteBudget
+from daemon.dead_letter import DeadLetters
 from daemon.intake import Intake, default_resize, reference_resize
 from daemon.metrics import Metrics
 from daemon.record import FrameRecord, Outcomes, PipelineOptions, StageTimes
 from daemon.worker import DetectorLike, ModelWorker
 from daemon.writer import ResultWriter
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)  # also the intake's and the writer's logger
+REPEATS = install_repeat_filter(log)  # identical errors (a full disk) logged once a minute, with a count
+
+if TYPE_CHECKING:
+    from daemon.trigger import TriggerController
 
 __all__ = ["FrameRecord", "Pipeline", "PipelineOptions", "StageTimes"]
 
@@ -66,7 +75,13 @@ class Pipeline:
                 self.source_settings[source.id] = source.spec
         self.transform = reference_resize if self.options.reference_preprocessing else default_resize
         self.stage_times = StageTimes()
-        self.outcomes = Outcomes(self.metrics)
+        self.metrics.known_sources.update(self.source_settings)
+        dead_letters = DeadLetters(
+            self.options.max_attempts,
+            lambda frame, source_id, reason: record_rejected(
+                sessions, source=source_id, frame_id=frame.frame_id, name=frame.name or None, reason=reason),
+            on_dead_letter=lambda source_id: self.metrics.dead_lettered.labels(source_id).inc())
+        self.outcomes = Outcomes(self.metrics, dead_letters)
         self.errors: list[str] = []
         self.batcher: DynamicBatcher[FrameRecord] = DynamicBatcher(
             self.options.max_batch_size, self.options.max_batch_delay_s, maxsize=self.options.queue_size)
@@ -79,6 +94,7 @@ class Pipeline:
                              input_size=lambda: int(self.worker.detector.image_size), transform=self.transform,
                              reject=self.writer.reject, outcomes=self.outcomes, metrics=self.metrics,
                              stage_times=self.stage_times, decode_threads=self.options.decode_threads,
+                             max_pixels=self.options.max_pixels, decode_budget_bytes=self.options.decode_budget_bytes,
                              on_queued=self._update_depth, guard=self._guard)
         self._draining = threading.Event()
         self._started = False
@@ -121,6 +137,25 @@ class Pipeline:
         self.intake.unavailable = unavailable
 
     @property
+    def triggers(self) -> TriggerController | None:
+        """daemon.trigger.TriggerController (set before start): triggered sources' frames are taken only for a
+        pending trigger, fresh ones only, and go to the model ahead of the free-running sources."""
+        return self.intake.triggers
+
+    @triggers.setter
+    def triggers(self, triggers: TriggerController | None) -> None:
+        self.intake.triggers = triggers
+        self.outcomes.triggers = triggers
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        return self.outcomes.dead_letters
+
+    @property
+    def decode_budget(self) -> ByteBudget:
+        return self.intake.decode_budget
+
+    @property
     def on_result(self) -> Callable[[Inspection, bool], None] | None:
         return self.writer.on_result
 
@@ -150,10 +185,12 @@ class Pipeline:
         if self._started and not self._draining.is_set():
             if not self.worker.alive:
                 problems.append("model worker is not running")
-            if not self.intake.alive:
-                problems.append("intake thread is not running")
+            problems.extend(self.intake.problems())
             if not self.writer.alive:
                 problems.append("a writer thread is not running")
+        failing = self.outcomes.window.problem()
+        if failing is not None:
+            problems.append(failing)
         return (not problems, problems)
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -195,7 +232,7 @@ class Pipeline:
 
     def _model_failed(self, records: list[FrameRecord], exc: BaseException) -> None:
         for record in records:
-            self.outcomes.fail([record.frame], record.source.id, "model")
+            self.outcomes.fail([record.frame], record.source.id, "model", exc)
 
     def _batch_done(self, size: int, queue_wait: float, inference: float) -> None:
         self.metrics.batch_size.observe(size)

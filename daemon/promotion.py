@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.report import jsonable
 from daemon import versions as registry
 
 if TYPE_CHECKING:
@@ -26,6 +25,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("anomalyd.retraining")
 
 RULES = ("not_worse", "better", "always")
+
+
+def jsonable(value: Any) -> Any:
+    """`adapters.report.jsonable`, imported on use: that module loads torch, and config validation imports
+    retraining (the operator commands must not pay for torch)."""
+    from adapters.report import jsonable as convert
+
+    return convert(value)
 
 
 def promotion_decision(candidate: dict[str, Any] | None, active: dict[str, Any] | None, *, rule: str, metric: str,

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from adapters.sources.base import Frame, SourceSettings
+from daemon.dead_letter import DeadLetters
+from daemon.health import OutcomeWindow
 from daemon.metrics import Metrics
+
+if TYPE_CHECKING:
+    from daemon.trigger import TriggerController
 
 
 @dataclass
@@ -31,6 +37,9 @@ class PipelineOptions:
     mqtt_prefix: str = "anomalyd"  # the outbox rows' topics ([mqtt] prefix and qos)
     alert_qos: int = 1
     reference_preprocessing: bool = False
+    max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
+    max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
+    decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
 
 
 @dataclass
@@ -72,27 +81,38 @@ class StageTimes:
 
 class Outcomes:
     """How frames ended: inspected, rejected (a rejected_frames row) or failed (done(False): the source redelivers
-    it). Every frame ends in exactly one of them."""
+    it, or dead-lettered after `max_attempts`). Every frame ends in exactly one of them. `window` keeps the recent
+    ones for readiness; `triggers` (daemon.trigger.TriggerController, when set) is told about failed frames so a
+    trigger gets its fail-safe answer."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, dead_letters: DeadLetters, window: OutcomeWindow | None = None) -> None:
         self.metrics = metrics
+        self.dead_letters = dead_letters
+        self.window = window or OutcomeWindow()
+        self.triggers: TriggerController | None = None
         self._lock = threading.Lock()
         self.processed = 0
         self.rejected = 0
         self.failed = 0
 
     def inspected(self) -> None:
+        self.window.add(True)
         with self._lock:
             self.processed += 1
 
     def was_rejected(self) -> None:
+        self.window.add(True)
         with self._lock:
             self.rejected += 1
 
-    def fail(self, frames: list[Frame], source_id: str, stage: str) -> None:
-        """Hand the frames back to their source (done(False)), counted per stage."""
+    def fail(self, frames: list[Frame], source_id: str, stage: str, exc: BaseException) -> None:
+        """Hand the frames back to their source (done(False)) or dead-letter them, counted per stage."""
         for frame in frames:
+            if self.triggers is not None:
+                self.triggers.frame_failed(frame, f"{stage} failed: {exc}")
             self.metrics.frames_failed.labels(source_id, stage).inc()
             with self._lock:
                 self.failed += 1
-            frame.done(False)
+            self.window.add(False)
+            if not self.dead_letters.failed(frame, source_id, stage, exc):
+                frame.done(False)

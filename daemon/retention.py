@@ -83,7 +83,9 @@ class RetentionJob:
 
     def run_once(self, now: datetime | None = None) -> RetentionResult:
         result = RetentionResult()
-        if self.retention_days is None:
+        if self.retention_days is None:  # keep rows forever; still remove files a crash left without a row
+            result.orphans_deleted = self.sweep_orphans(now)
+            self.last_result = result
             return result
         now = now or datetime.now(timezone.utc)
         cutoff = now - timedelta(days=self.retention_days)
@@ -194,7 +196,7 @@ class RetentionJob:
 
     def start(self, interval_s: float = 3600.0, initial_delay_s: float = 60.0) -> None:
         """Run every `interval_s` in a daemon thread (first run after `initial_delay_s`); errors are logged."""
-        if self._thread is not None or self.retention_days is None:
+        if self._thread is not None:
             return
         self._stop.clear()
 

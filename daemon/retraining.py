@@ -45,10 +45,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.repository import active_model_version
 from adapters.db.tables import Inspection, Label, ModelVersion, TrainingRun, utcnow
-from adapters.report import jsonable
 from adapters.timeutil import duration_seconds
 from daemon import versions as registry
-from daemon.promotion import Promotion, promotion_decision
+from daemon.promotion import Promotion, jsonable, promotion_decision
 from daemon.retrain_supervisor import JobSupervisor, JobTimeout, ProgressCallback, last_line
 
 if TYPE_CHECKING:
@@ -444,7 +443,7 @@ class TrainingSetBuilder:
         spec = {
             "run_id": run_id, "version": version,
             "output": str(run_dir / "work" / "prompts.safetensors"), "result": str(run_dir / "result.json"),
-            "model": {"kind": m.name, "backbone": self.settings.resolve_model_value(m.backbone),
+            "model": {"kind": m.name, "backbone": self.settings.backbone_file(),
                       "backbone_config": self.settings.resolve_model_value(m.backbone_config),
                       "layers": list(m.layers), "image_size": self.image_size(), "init_prompts": init_prompts,
                       "transform": "reference" if m.reference_preprocessing else "fast"},

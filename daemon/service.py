@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.sinks import SinkContext, SinkSet, build_sinks
 from adapters.sources.base import FrameSource, SourceSettings, SourceStatus
 from daemon.config import Settings
+from daemon.health import database_write_problem, source_problem, storage_problem
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from adapters.mqtt import MqttPublisher
     from daemon.app import AppState
+    from daemon.integrations import Integrations
     from daemon.references import ReferenceManager
     from daemon.retention import RetentionJob
     from daemon.retraining import Retrainer, RetrainingScheduler
@@ -41,6 +43,7 @@ log = logging.getLogger("anomalyd.service")
 
 ROLES = ("all", "worker", "capture")
 RETENTION_INTERVAL_S = 3600.0
+ORPHAN_SWEEP_DELAY_S = 5.0  # the first orphan sweep, soon after start (files left by a SIGKILL)
 
 
 def build_detector(settings: Settings) -> DetectorLike:
@@ -57,8 +60,9 @@ def build_detector(settings: Settings) -> DetectorLike:
         backbone = Path(str(options.get("backbone", "default"))).stem
         size = int(options.get("image_size", 256))
         return NeedsReferences(m.name, f"{m.name}-{backbone}-s{size}", size)
+    settings.check_weights()  # every missing weights file named at once, with its URL and place
     return create_detector(
-        m.name, backbone=settings.resolve_model_value(m.backbone),
+        m.name, backbone=settings.backbone_file(),
         backbone_config=settings.resolve_model_value(m.backbone_config),
         prompts=settings.prompts_file(), layers=tuple(m.layers), image_size=m.image_size,
         device=r.device, dtype=r.dtype, class_name=m.class_name,
@@ -146,6 +150,8 @@ class Service:
         self.retrainer: Retrainer | None = None  # runs from the API / the scheduler
         self.retraining: RetrainingScheduler | None = None  # when [retraining].enabled
         self.retention: RetentionJob | None = None  # when [storage].retention_days is set
+        self.orphan_sweeper: RetentionJob | None = None  # only sweeps orphan files, when retention is off
+        self.integrations: Integrations | None = None  # triggers, webhooks, OPC UA, commands
         self.references: ReferenceManager | None = None  # per-source references, calibration
 
     @property
@@ -187,10 +193,15 @@ class Service:
                 from daemon.versions import startup_detector
 
                 detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
+            if s.runtime.engine != "torch":  # ONNX Runtime / OpenVINO: export (parity-checked) and run that
+                from daemon.engines import with_engine
+
+                detector = with_engine(s, detector)
             self._detector = detector
             log.info("model %s version %s (input %d px) loaded", getattr(detector, "name", "?"),
                      getattr(detector, "version", "?"), int(detector.image_size))
             detector = self._route_references(detector)
+            self.metrics.add_model_collector(self._current_detector)
             self.pipeline = Pipeline(
                 detector, self.sources, self.sessions, self.store, sinks=self.sinks,
                 source_settings=self._source_settings(), metrics=self.metrics,
@@ -198,16 +209,26 @@ class Service:
                     max_batch_size=s.runtime.max_batch_size, max_batch_delay_s=s.runtime.max_batch_delay_ms / 1000,
                     queue_size=s.runtime.queue_size, decode_threads=s.runtime.decode_threads,
                     persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
-                    reference_preprocessing=s.model.reference_preprocessing),
+                    reference_preprocessing=s.model.reference_preprocessing,
+                    max_pixels=s.runtime.max_pixels, decode_budget_bytes=s.runtime.decode_budget_mb << 20,
+                    max_attempts=s.runtime.max_attempts),
             )
             if self.references is not None:
                 self.pipeline.thresholds = self.references.thresholds
                 self.pipeline.unavailable = self.references.unavailable
+            from daemon.integrations import Integrations
+
+            self.integrations = Integrations(self)
+            self.pipeline.on_result = self.integrations.on_result
+            self.integrations.attach(self.pipeline)
             self.pipeline.start()
             if self.references is not None:
                 self.references.start(swap=self.pipeline.swap_detector)
             self._start_background_jobs()
+            self.integrations.start()
         for source in self.sources:
+            # retained from the start: a source that never comes up says offline
+            self.sinks.source_status(source.line, source.id, str(_status(source)))
             source.start()
             if str(_status(source)) == "disabled":
                 self.sinks.source_status(source.line, source.id, "disabled")
@@ -235,6 +256,11 @@ class Service:
 
             self.retention = RetentionJob.from_settings(self.settings, self.sessions, self.store)
             self.retention.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
+        else:  # rows kept forever, but files a SIGKILL left without a row are still swept, at start and hourly
+            from daemon.retention import RetentionJob
+
+            self.orphan_sweeper = RetentionJob(self.sessions, self.store, None)
+            self.orphan_sweeper.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=ORPHAN_SWEEP_DELAY_S)
 
     def _route_references(self, detector: Any) -> Any:
         """Per-source references and the daemon's 0–1 score scale (daemon/references.py, daemon/scale.py)."""
@@ -250,6 +276,8 @@ class Service:
             self.references.stop()
         if self.retention is not None:
             self.retention.stop()
+        if self.orphan_sweeper is not None:
+            self.orphan_sweeper.stop()
         if self.retraining is not None:
             self.retraining.stop()
         elif self.retrainer is not None:
@@ -328,12 +356,14 @@ class Service:
 
     def _start_http(self) -> None:
         from daemon.app import create_app
+        from daemon.tokens import bootstrap_admin_token
 
         host, port = self.settings.api.host_port
         self.api = _ApiServer(create_app(self.app_state(), self._routers), host, port)
         self.api.start()
         self.http_port = self.api.port
         log.info("HTTP API on http://%s:%d", host if ":" not in host else f"[{host}]", self.api.port)
+        bootstrap_admin_token(self.settings, port=self.api.port)  # no token anywhere: an admin token, logged once
 
     # --- health -------------------------------------------------------------------------------------------------
 
@@ -360,17 +390,39 @@ class Service:
             except Exception as exc:
                 ok = False
                 details["database"] = {"reachable": False, "error": str(exc).splitlines()[0][:300]}
+            else:
+                write_problem = database_write_problem(self.engine)
+                details["database"]["writable"] = write_problem is None
+                if write_problem is not None:
+                    ok = False
+                    details["database"]["error"] = write_problem
+            if self.store is not None:
+                storage = storage_problem(self.store.root)
+                details["storage"] = {"writable": storage is None, **({"error": storage} if storage else {})}
+                ok &= storage is None
         if self.pipeline is not None:
             healthy, problems = self.pipeline.healthy()
             ok &= healthy
             details["pipeline"] = {"healthy": healthy, "problems": problems, "processed": self.pipeline.processed,
                                    "rejected": self.pipeline.rejected, "failed": self.pipeline.failed}
+        if self.integrations is not None:
+            ok &= self.integrations.readiness(details)
         for sink in self.sinks:
             details[sink.name] = sink.health()
             if sink.problem() is not None:
                 ok = False
         details.setdefault("mqtt", {"enabled": False})
         details["sources"] = {source.id: str(_status(source)) for source in self.sources}
+        if not self._stop_requested.is_set():
+            dead = [problem for problem in map(source_problem, self.sources) if problem is not None]
+            if dead:
+                ok = False
+                details["source_problems"] = dead
+        problems = [*(details.get("pipeline", {}).get("problems") or []), *details.get("source_problems", []),
+                    *([details["database"]["error"]] if details.get("database", {}).get("error") else []),
+                    *([details["storage"]["error"]] if details.get("storage", {}).get("error") else [])]
+        if problems:
+            details["causes"] = problems  # every reason it is not ready, in one list
         if self.api is not None and self.api.crashed is not None:
             ok = False
         if self._stop_requested.is_set():
@@ -400,17 +452,24 @@ class Service:
         if install_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self._stop_requested.set())
+        from daemon.systemd import SystemdNotifier
+
+        notifier = SystemdNotifier()  # Type=notify + WatchdogSec under systemd; nothing otherwise
         try:
             self.start()
         except BaseException:
             self.stop()
             raise
+        notifier.ready(f"inspecting {len(self.sources)} source(s)" if self.role != "capture" else "capturing")
         while not self._stop_requested.wait(1.0):
             _, details = self.readiness()
             problems = (details.get("pipeline") or {}).get("problems")
             if problems and problems != self._errors:
                 self._errors = list(problems)
                 log.error("pipeline unhealthy: %s", "; ".join(problems))
+                notifier.status("unhealthy: " + "; ".join(problems))
+            notifier.watchdog(healthy=not problems)
+        notifier.stopping()
         log.info("stopping (grace %.0fs)", self.settings.runtime.shutdown_grace_s)
         self.stop()  # frames not drained in time were handed back to their sources: still a clean exit
         return 0
@@ -442,6 +501,11 @@ class Service:
             clean &= self.pipeline.stop(max(0.5, deadline - time.monotonic() - reserve))
             log.info("pipeline drained: %d inspected, %d rejected, %d left for redelivery",
                      self.pipeline.processed, self.pipeline.rejected, self.pipeline.failed)
+        if self.integrations is not None:
+            try:
+                self.integrations.stop(deadline - min(3.0, grace / 4))
+            except Exception:
+                log.exception("cannot stop the triggers / OPC UA server / MQTT commands")
         if self.sinks:
             self.sinks.flush(max(0.2, deadline - time.monotonic() - 1.0))  # each sink logs what is left
             for source in self.sources:

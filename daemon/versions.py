@@ -172,9 +172,10 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
     from model import create_detector
 
     m, r = settings.model, settings.runtime
-    backbone: Any = settings.resolve_model_value(m.backbone)
+    backbone: Any = None
     if row.kind == "anomalyclip" and getattr(current, "name", None) == "anomalyclip":
-        backbone = _shared_backbone(current) or backbone
+        backbone = _shared_backbone(current)
+    backbone = backbone or settings.backbone_file()
     if row.prompts_path and not Path(row.prompts_path).is_file():
         raise ModelVersionError(f"model version {row.version!r}: its weights file {row.prompts_path} is missing")
     detector = create_detector(
@@ -185,6 +186,10 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
     if str(detector.version) != row.version:  # rows must carry the registry's name for the version
         detector.version = row.version
     _warm_up(detector)
+    if getattr(settings.runtime, "engine", "torch") != "torch":  # the new version is exported and checked first
+        from daemon.engines import with_engine
+
+        return with_engine(settings, detector)
     return detector
 
 

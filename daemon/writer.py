@@ -9,6 +9,7 @@ acknowledged without a second row or alert. Rejected frames (undecodable input) 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -130,11 +131,11 @@ class ResultWriter:
                 batch.append(more)
             try:
                 self._write_batch(batch)
-            except Exception:  # after-commit trouble (a callback, a sink): keep writing
+            except Exception as exc:  # after-commit trouble (a callback, a sink): keep writing
                 log.exception("cannot finish a batch of %d results", len(batch))
                 for record in batch:
                     if not record.frame.finished:
-                        self.outcomes.fail([record.frame], record.source.id, "persist")
+                        self.outcomes.fail([record.frame], record.source.id, "persist", exc)
             if stop_after:
                 return
 
@@ -143,15 +144,17 @@ class ResultWriter:
         try:
             with self.sessions() as session:
                 known = inspections_by_frame_ids(session, [record.frame.frame_id for record in batch])
-        except Exception:
+        except Exception as exc:
             log.exception("cannot look up %d results in the database", len(batch))
             for record in batch:
-                self.outcomes.fail([record.frame], record.source.id, "persist")
+                self.outcomes.fail([record.frame], record.source.id, "persist", exc)
             return
         rendered: list[_Rendered] = []
         for record in batch:
             frame = record.frame
             existing = known.get(frame.frame_id)
+            if existing is not None and self._conflicting(frame, existing, record.source.id):
+                continue
             if existing is not None:  # redelivered after a commit: ack, no second row or alert
                 log.info("frame %s already inspected (#%d); acknowledging", frame.frame_id, existing.id)
                 frame.done(True)
@@ -160,9 +163,9 @@ class ResultWriter:
                 continue
             try:
                 rendered.append(self._render(record))
-            except Exception:
+            except Exception as exc:
                 log.exception("cannot write the artifacts of frame %s", frame.frame_id)
-                self.outcomes.fail([frame], record.source.id, "persist")
+                self.outcomes.fail([frame], record.source.id, "persist", exc)
         if not rendered:
             return
         t_db = time.monotonic()
@@ -183,6 +186,28 @@ class ResultWriter:
         db_share = (time.monotonic() - t_db) / len(rendered)
         for r, result in zip(rendered, saved, strict=True):
             self._finish(r, result, db_share)
+
+    def _conflicting(self, frame: Frame, existing: Inspection, source_id: str) -> bool:
+        """A frame_id already inspected with DIFFERENT content (a producer reusing ids): recorded as a rejected
+        row naming the conflict and acknowledged (True); a plain redelivery (same content, or unknown): False."""
+        recorded = (existing.meta or {}).get("content_sha1") if isinstance(existing.meta, dict) else None
+        if recorded is None or frame.data is None:
+            return False
+        digest = hashlib.sha1(frame.data).hexdigest()
+        if digest == recorded:
+            return False
+        reason = (f"frame_id conflict: {frame.frame_id!r} was already inspected (#{existing.id}) with different "
+                  f"content (sha1 {recorded[:12]}, now {digest[:12]}); this frame was not inspected")
+        log.warning("%s", reason)
+        try:
+            record_rejected(self.sessions, source=source_id, frame_id=f"{frame.frame_id}#conflict-{digest[:12]}",
+                            name=frame.name or None, reason=reason)
+        except Exception as exc:
+            self.outcomes.fail([frame], source_id, "persist", exc)
+            return True
+        self.outcomes.was_rejected()
+        frame.done(True)
+        return True
 
     def _render(self, record: FrameRecord) -> _Rendered:
         """Map at frame size, regions and artifact files; the row's values (not yet stored)."""
@@ -209,7 +234,11 @@ class ResultWriter:
             score=float(record.score), threshold=threshold, is_anomalous=is_anomalous,
             regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame,
             width=width, height=height,
+            # the content's hash: a later frame reusing this frame_id with other bytes is a conflict, not a redelivery
+            meta={"content_sha1": hashlib.sha1(frame.data).hexdigest()} if frame.data is not None else None,
         )
+        if frame.meta.get("trigger_id"):  # a triggered frame: the part it inspected (OPC UA / MQTT answers)
+            values["meta"] = {"trigger_id": frame.meta["trigger_id"], "part_id": frame.meta.get("part_id")}
 
         def build_alert(row: Inspection) -> tuple[str, dict[str, Any], int] | None:
             if not row.is_anomalous:
@@ -228,7 +257,7 @@ class ResultWriter:
         frame = r.record.frame
         log.error("cannot store the result of frame %s: %s", frame.frame_id, str(exc).splitlines()[0][:300])
         self.store.delete(r.paths)
-        self.outcomes.fail([frame], r.record.source.id, "persist")
+        self.outcomes.fail([frame], r.record.source.id, "persist", exc)
 
     def _finish(self, r: _Rendered, saved: SavedInspection, db_seconds: float) -> None:
         """After the commit: acknowledge the frame, then tell the sinks (new alerts in the outbox, the result)."""
@@ -258,6 +287,7 @@ class ResultWriter:
         self.metrics.end_to_end_latency.observe(
             max(0.0, (datetime.now(timezone.utc) - r.values["captured_at"]).total_seconds()))
         self.metrics.inspections.labels(settings.id, "anomalous" if row.is_anomalous else "normal").inc()
+        self.metrics.last_inspected.labels(settings.id).set(time.time())
         self.outcomes.inspected()
         if self.on_result is not None:
             self.on_result(row, saved.created)
@@ -272,12 +302,14 @@ class ResultWriter:
             frame.done(True)
             return
         log.warning("rejected frame %s from %s: %s", frame.name or frame.frame_id, settings.id, reason)
+        if self.outcomes.triggers is not None:
+            self.outcomes.triggers.frame_failed(frame, f"rejected: {reason}")
         try:
             record_rejected(self.sessions, source=settings.id, frame_id=frame.frame_id, name=frame.name or None,
                             reason=reason)
-        except Exception:
+        except Exception as exc:
             log.exception("cannot record the rejected frame %s", frame.frame_id)
-            self.outcomes.fail([frame], settings.id, "reject")
+            self.outcomes.fail([frame], settings.id, "reject", exc)
             return
         self.metrics.frames_rejected.labels(settings.id).inc()
         self.outcomes.was_rejected()

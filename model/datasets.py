@@ -11,6 +11,10 @@ Where the samples come from:
       (`<category>/test/ok|ko`, masks `<category>/ground_truth/ko/<stem>.png|.bmp`) reads the same way.
   (b) a plain folder `root/good/`, `root/<defect>/`, optional masks `root/ground_truth/<defect>/<stem>[_mask].png`;
       the category is root's name.
+  (c) several such folders: `root/<class>/good/`, `root/<class>/<defect>/` (masks in `root/<class>/ground_truth/`).
+  (d) KolektorSDD: `root/kosNN/PartN.jpg` with its pixel label `PartN_label.bmp` beside it (root may also be one
+      `kosNN` folder); a part is anomalous iff its label has a non-zero pixel. The category is root's name.
+  Masks may be PNG, BMP or TIFF (any format the decoders read); a mask must have its image's size.
 - `discover`: meta.json when given or present in root, else `scan_folder`.
 
 `InspectionDataset` turns samples into model inputs with the same semantics as the official loader: normals get an
@@ -157,22 +161,139 @@ def scan_folder(root: str | Path, split: str = "test") -> list[Sample]:
         raise DatasetError(f"{root}: dataset root is not a directory")
     if (root / split).is_dir():  # root is one MVTec-style category
         samples = _scan_category(root / split, root / "ground_truth", root.name)
+    elif _is_kolektor_folder(root) or any(_is_kolektor_folder(d) for d in _subdirs(root)):
+        samples = scan_kolektor(root)
     else:
-        category_dirs = sorted(d for d in root.iterdir() if d.is_dir() and (d / split).is_dir())
+        category_dirs = [d for d in _subdirs(root) if (d / split).is_dir()]
+        class_dirs = [d for d in _subdirs(root) if _has_normal_folder(d)]
         if category_dirs:
             samples = []
             for category_dir in category_dirs:
                 samples += _scan_category(
                     category_dir / split, category_dir / "ground_truth", category_dir.name
                 )
+        elif class_dirs and not _has_normal_folder(root):  # root/<class>/{good,<defect>}
+            samples = []
+            for class_dir in class_dirs:
+                samples += _scan_category(class_dir, class_dir / "ground_truth", class_dir.name)
         else:  # plain folder: root/good, root/<defect>, root/ground_truth/<defect>
             samples = _scan_category(root, root / "ground_truth", root.name)
     if not samples:
-        raise DatasetError(
-            f"{root}: no images found; expected <category>/{split}/<defect>/<image> (MVTec/BTAD style), "
-            f"{split}/<defect>/<image> inside one category, or good/ and <defect>/ folders of images"
-        )
+        raise DatasetError(f"{root}: no images found in a known dataset layout ({describe_folder(root)}); expected "
+                           + expected_layouts(split))
     return samples
+
+
+def expected_layouts(split: str = "test") -> str:
+    return (f"a meta.json (AnomalyCLIP/AdaCLIP format), <category>/{split}/<defect>/<image> with masks in "
+            f"<category>/ground_truth/<defect>/ (MVTec AD, BTAD), {split}/<defect>/<image> inside one category, "
+            "good/ and <defect>/ folders of images (or <class>/good/ and <class>/<defect>/), or KolektorSDD's "
+            "kosNN/PartN.jpg with PartN_label.bmp")
+
+
+def describe_folder(root: Path) -> str:
+    """What a folder holds, for error messages: its subfolders and how many images sit where."""
+    subdirs = _subdirs(root)
+    direct = sum(1 for p in root.iterdir() if is_image_file(p))
+    deeper = sum(1 for p in root.rglob("*") if is_image_file(p)) - direct
+    names = ", ".join(d.name for d in subdirs[:8]) + (" ..." if len(subdirs) > 8 else "")
+    folders = f"{len(subdirs)} folder(s) ({names})" if subdirs else "no folders"
+    return f"found {folders}, {direct} image(s) directly inside and {deeper} in subfolders"
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _has_normal_folder(path: Path) -> bool:
+    return any(d.name.lower() in NORMAL_FOLDER_NAMES for d in _subdirs(path))
+
+
+# --------------------------------------------------------------------------------------------- KolektorSDD
+
+KOLEKTOR_LABEL_SUFFIX = "_label"
+
+
+def _is_kolektor_folder(path: Path) -> bool:
+    """A folder of images each with a `<stem>_label.<ext>` pixel label beside it (KolektorSDD's kosNN)."""
+    files = [p for p in path.iterdir() if is_image_file(p)]
+    labels = {p.stem[: -len(KOLEKTOR_LABEL_SUFFIX)] for p in files if p.stem.endswith(KOLEKTOR_LABEL_SUFFIX)}
+    return bool(labels) and any(p.stem in labels for p in files)
+
+
+def _mask_has_defect(path: Path) -> bool:
+    import numpy as np
+
+    try:
+        return bool(np.asarray(open_pil(path).convert("L")).any())
+    except ImageDecodeError as exc:
+        raise DatasetError(f"KolektorSDD label {path}: {exc}") from exc
+
+
+def scan_kolektor(root: str | Path) -> list[Sample]:
+    """KolektorSDD: every `PartN.<ext>` with its `PartN_label.<ext>`; anomalous iff the label has a non-zero pixel.
+
+    Parts without a label file are reported and left out (their ground truth is unknown)."""
+    root = Path(root)
+    folders = [root] if _is_kolektor_folder(root) else [d for d in _subdirs(root) if _is_kolektor_folder(d)]
+    samples: list[Sample] = []
+    unlabelled: list[str] = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if is_image_file(p))
+        labels = {p.stem[: -len(KOLEKTOR_LABEL_SUFFIX)]: p for p in files if p.stem.endswith(KOLEKTOR_LABEL_SUFFIX)}
+        for image in files:
+            if image.stem.endswith(KOLEKTOR_LABEL_SUFFIX):
+                continue
+            label = labels.get(image.stem)
+            if label is None:
+                unlabelled.append(str(image))
+                continue
+            if _mask_has_defect(label):
+                samples.append(Sample(image, root.name, "defect", 1, label, True))
+            else:
+                samples.append(Sample(image, root.name, "good", 0, None, True))
+    if unlabelled:
+        log.warning("%s: %d KolektorSDD part(s) without a _label file left out, e.g. %s", root, len(unlabelled),
+                    unlabelled[0])
+    return samples
+
+
+def is_mask_file(path: str | Path) -> bool:
+    """A pixel label of a known dataset layout rather than an image to score: KolektorSDD's `*_label.*` next to
+    its part, MVTec-style `*_mask.*` or anything under a `ground_truth` folder, KolektorSDD2's `*_GT.*`."""
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    if "ground_truth" in path.parts[:-1]:
+        return True
+    for suffix in (KOLEKTOR_LABEL_SUFFIX, "_GT", "_mask"):
+        if path.stem.endswith(suffix):
+            partner = path.stem[: -len(suffix)]
+            if any(path.with_name(partner + ext).is_file() for ext in _SIBLING_EXTENSIONS):
+                return True
+    return False
+
+
+_SIBLING_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".JPG", ".PNG", ".BMP")
+
+
+def class_balance(samples: Sequence[Sample]) -> tuple[int, int]:
+    """(normal, anomalous) image counts."""
+    anomalous = sum(1 for sample in samples if sample.label == 1)
+    return len(samples) - anomalous, anomalous
+
+
+def require_both_classes(samples: Sequence[Sample], root: str | Path, purpose: str) -> None:
+    """DatasetError when the samples lack normal or anomalous images (image AUROC/AP, training need both)."""
+    normal, anomalous = class_balance(samples)
+    if normal and anomalous:
+        return
+    categories = sorted({sample.category for sample in samples})
+    missing = "normal (defect-free)" if not normal else "anomalous"
+    raise DatasetError(
+        f"{root}: found {normal} normal and {anomalous} anomalous image(s) in {len(categories)} "
+        f"categor{'y' if len(categories) == 1 else 'ies'} ({', '.join(categories[:6])}); {purpose} needs "
+        f"{missing} images too. Expected layouts: {expected_layouts()}")
 
 
 def _scan_category(images_dir: Path, masks_dir: Path, category: str) -> list[Sample]:
@@ -249,9 +370,25 @@ def load_mask(sample: Sample, image_size: int) -> torch.Tensor:
     if not sample.mask_path.is_file():
         raise SampleError(f"{sample.mask_path}: mask file of {sample.path} does not exist")
     try:
-        return mask_transform(open_pil(sample.mask_path), image_size)
+        mask = open_pil(sample.mask_path)
     except ImageDecodeError as exc:
         raise SampleError(f"mask of {sample.path}: {exc}") from exc
+    image_size_wh = _image_size(sample.path)
+    if image_size_wh is not None and mask.size != image_size_wh:
+        raise SampleError(f"{sample.mask_path}: mask is {mask.width}x{mask.height} but its image {sample.path} is "
+                          f"{image_size_wh[0]}x{image_size_wh[1]}")
+    return mask_transform(mask, image_size)
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the image header only; None when unreadable (the image load reports that)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def load_sample(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,27 @@ class ImageDecodeError(ValueError):
     """An input that cannot be turned into an image; the message names the input and the reason."""
 
 
-def _check_size(width: int, height: int, name: str) -> None:
+def _check_size(width: int, height: int, name: str, max_pixels: int | None = None) -> None:
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     if width < MIN_SIDE or height < MIN_SIDE:
         raise ImageDecodeError(f"{name}: image is {width}x{height}, smaller than {MIN_SIDE}x{MIN_SIDE}")
-    if width * height > MAX_PIXELS:
-        raise ImageDecodeError(f"{name}: image is {width}x{height}, more than {MAX_PIXELS} pixels")
+    if width * height > limit:
+        raise ImageDecodeError(f"{name}: image is {width}x{height}, more than {limit} pixels")
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the encoded image's header declares it, read without decoding any pixel (JPEG's frame
+    header, else PIL's lazy open, which reads only the header of PNG, TIFF, WebP, BMP, ...); None if unknown."""
+    header = _jpeg_frame_header(data)
+    if header is not None:
+        return header[0], header[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header is read here
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Exception:  # not an image PIL knows: the decoder gives the clear error later
+        return None
 
 
 def _to_rgb8(array: np.ndarray, name: str) -> np.ndarray:
@@ -64,8 +81,9 @@ def _to_rgb8(array: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def open_pil(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """Open and fully decode an image with PIL, raising ImageDecodeError on any problem."""
+def open_pil(source: str | Path | bytes, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image with PIL, raising ImageDecodeError on any problem. The pixel limit is
+    checked on the header, before any pixel is decoded."""
     name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         if isinstance(source, bytes):
@@ -79,7 +97,7 @@ def open_pil(source: str | Path | bytes, name: str | None = None) -> Image.Image
             if path.stat().st_size == 0:
                 raise ImageDecodeError(f"{name}: empty file (0 bytes)")
             image = Image.open(path)
-        _check_size(image.width, image.height, name)
+        _check_size(image.width, image.height, name, max_pixels)
         image.load()  # decode now: truncated files fail here rather than later
     except ImageDecodeError:
         raise
@@ -103,7 +121,7 @@ def pil_to_rgb8(image: Image.Image, name: str = "<image>") -> np.ndarray:
     return _to_rgb8(np.asarray(image), name)
 
 
-def decode_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+def decode_image(source: str | Path | bytes, name: str | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Decode a file or encoded bytes into an RGB uint8 array (H,W,3).
 
     Complete 8-bit gray/RGB JPEGs go through OpenCV's libjpeg-turbo, which gives PIL's pixels exactly (checked on
@@ -111,10 +129,10 @@ def decode_image(source: str | Path | bytes, name: str | None = None) -> np.ndar
     """
     name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     if isinstance(source, bytes):
-        rgb = _decode_jpeg(source, name)
+        rgb = _decode_jpeg(source, name, max_pixels)
         if rgb is not None:
             return rgb
-    image = open_pil(source, name)
+    image = open_pil(source, name, max_pixels)
     return pil_to_rgb8(image, name)
 
 
@@ -142,16 +160,33 @@ def _jpeg_frame_header(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
-def _decode_jpeg(data: bytes, name: str) -> np.ndarray | None:
-    """A complete 8-bit gray or YCbCr JPEG decoded by OpenCV (RGB), or None to leave it to PIL (which also
-    gives the clear error for truncated or odd files: OpenCV would fill a truncated JPEG with grey)."""
+def _decode_jpeg(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray | None:
+    """An 8-bit gray or YCbCr JPEG decoded by libjpeg-turbo (simplejpeg, strict: damaged data raises
+    ImageDecodeError naming libjpeg's warning), or None to leave it to PIL. Without simplejpeg: OpenCV for
+    complete files, PIL for the rest (OpenCV would fill a truncated JPEG with grey)."""
     header = _jpeg_frame_header(data)
     if header is None or header[2] != 8 or header[3] not in (1, 3):
         return None
-    if not data[-64:].rstrip(b"\0").endswith(b"\xff\xd9"):  # no end-of-image marker: truncated
-        return None
+    if not data[-64:].rstrip(b"\0").endswith(b"\xff\xd9") and not _has_simplejpeg():
+        return None  # no end-of-image marker: truncated; PIL says so
     width, height = header[:2]
-    _check_size(width, height, name)
+    _check_size(width, height, name, max_pixels)
+    try:
+        import simplejpeg
+    except ImportError:  # optional: without it, OpenCV below (which ignores libjpeg's corrupt-data warnings)
+        simplejpeg = None
+    if simplejpeg is not None:
+        # libjpeg-turbo in strict mode: its warnings ("Corrupt JPEG data: premature end of data segment",
+        # "N extraneous bytes before marker", a missing end of image) fail the frame instead of yielding grey or
+        # shifted pixels that would be scored as real. Same pixels as OpenCV's decode, the GIL released.
+        try:
+            rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except ValueError as exc:
+            raise ImageDecodeError(f"{name}: not a readable image (damaged JPEG: {exc})") from exc
+        if rgb.shape[:2] != (height, width):
+            raise ImageDecodeError(f"{name}: not a readable image (damaged JPEG: decoded "
+                                   f"{rgb.shape[1]}x{rgb.shape[0]}, header says {width}x{height})")
+        return rgb
     import cv2
 
     # IMREAD_COLOR_RGB (OpenCV >= 4.10) has libjpeg write RGB directly, saving a conversion pass.
@@ -161,6 +196,14 @@ def _decode_jpeg(data: bytes, name: str) -> np.ndarray | None:
     if pixels is None or pixels.shape[:2] != (height, width):
         return None
     return pixels if rgb_flag is not None else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+
+def _has_simplejpeg() -> bool:
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _normalise(chw: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ apt_install() {
 if command -v apt-get >/dev/null; then
   apt_install python3-venv
   if [[ $want_test -eq 1 ]]; then
-    apt_install mosquitto redis-server postgresql chromium
+    apt_install mosquitto redis-server postgresql chromium systemd  # systemd: systemd-analyze verify of deploy/anomalyd.service
   fi
 fi
 

@@ -4,7 +4,7 @@ Pagination is keyset ("seek") pagination: the opaque cursor encodes the sort key
 returned, and the next page is the rows strictly after that (key, id) pair in the chosen order. Rows inserted
 while a client pages (new frames arrive at the head) therefore never shift or repeat a page.
 
-Label masks uploaded by operators are validated as PNG images and stored under the artifact store with a
+Label masks uploaded by operators (PNG, BMP or TIFF, the frame's size) are validated and stored as PNG under the artifact store with a
 server-chosen name (`labels/YYYY/MM/DD/<uuid>_label.png`); the client's file name never reaches the filesystem.
 """
 
@@ -13,20 +13,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Integer, and_, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from adapters.db.repository import InspectionFilter, add_label, inspection_filter_clauses
 from adapters.db.tables import Inspection, Label, ModelVersion, RejectedFrame
-from adapters.storage import ArtifactStore
-from adapters.timeutil import duration_seconds, parse_rfc3339, rfc3339, utc_now
-from model.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from adapters.storage import ArtifactStore
+
+from adapters.timeutil import duration_seconds, rfc3339, utc_now
 
 SORTS = ("time_desc", "time_asc", "score_desc", "score_asc")
 LABELS = ("normal", "anomalous")
@@ -34,6 +37,8 @@ LABELS = ("normal", "anomalous")
 ARTIFACTS = {"mask.png": "mask_path", "heatmap.jpg": "heatmap_path", "frame.jpg": "frame_path"}
 LABEL_MASK_ARTIFACT = "label_mask.png"
 MAX_MASK_BYTES = 20 * 1024 * 1024
+MAX_ID = 2**31 - 1  # the id columns are 32-bit integers on PostgreSQL
+MAX_MASK_PIXELS = 100_000_000  # with no frame size to compare with, still no absurd allocation
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Score sort puts rows without a score (model errors) last in descending order: they sort as -1.
 _NO_SCORE = -1.0
@@ -62,15 +67,22 @@ def decode_cursor(cursor: str, sort: str) -> tuple[Any, int]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        if not isinstance(data, dict) or data.get("s") != sort or not isinstance(data.get("i"), int):
+        if not isinstance(data, dict) or data.get("s") != sort:
             raise ValueError("cursor was issued for another sort order" if isinstance(data, dict) else "not an object")
+        last_id = data.get("i")
+        if not isinstance(last_id, int) or isinstance(last_id, bool) or not -MAX_ID <= last_id <= MAX_ID:
+            raise ValueError("its id is not an inspection id")
         key = data["k"]
         if sort.startswith("time"):
+            if not isinstance(key, str):
+                raise ValueError("its time is not a string")
             parsed = datetime.fromisoformat(key)
-            key = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            key = (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
         else:
+            if not isinstance(key, (int, float)) or isinstance(key, bool) or not math.isfinite(float(key)):
+                raise ValueError("its score is not a number")
             key = float(key)
-    except (ValueError, TypeError, KeyError, UnicodeError, binascii.Error) as exc:
+    except (ValueError, TypeError, KeyError, UnicodeError, OverflowError, binascii.Error) as exc:
         raise HistoryError(f"invalid cursor {cursor[:40]!r}: {exc}") from None
     return key, data["i"]
 
@@ -130,6 +142,8 @@ def latest_labels(session: Session, inspection_ids: Sequence[int]) -> dict[int, 
 
 
 def get_inspection(session: Session, inspection_id: int) -> Inspection:
+    if not -MAX_ID <= inspection_id <= MAX_ID:  # beyond the id column's range: no such row (not a driver error)
+        raise NotFound(f"no inspection {inspection_id}")
     row = session.get(Inspection, inspection_id)
     if row is None:
         raise NotFound(f"no inspection {inspection_id}")
@@ -188,25 +202,53 @@ def list_versions(session: Session) -> list[ModelVersion]:
 # --- labelling ---------------------------------------------------------------------------------------------------
 
 
-def validate_mask_png(data: bytes, name: str = "mask") -> tuple[int, int]:
-    """(width, height) of a PNG mask; HistoryError naming `name` when it is not a decodable PNG image."""
+# Mask formats accepted for labels (what datasets ship: MVTec PNG, KolektorSDD BMP, TIFF); stored as PNG.
+_MASK_SIGNATURES = ((_PNG_SIGNATURE, "PNG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def read_label_mask(data: bytes, name: str = "mask",
+                    expected: tuple[int | None, int | None] | None = None) -> bytes:
+    """A PNG, BMP or TIFF mask → PNG bytes (a PNG is kept byte for byte, the others re-encoded); HistoryError
+    naming `name` for anything else, or when its size differs from `expected` (the frame's width, height).
+    The size is read from the file's header and checked BEFORE decoding: a tiny file declaring 30000x30000
+    pixels is refused without allocating them."""
+    import io
+
     import cv2
     import numpy as np
+    from PIL import Image
 
     if not data:
         raise HistoryError(f"{name}: empty file")
     if len(data) > MAX_MASK_BYTES:
         raise HistoryError(f"{name}: {len(data)} bytes, more than the {MAX_MASK_BYTES} allowed")
-    if not data.startswith(_PNG_SIGNATURE):
-        raise HistoryError(f"{name}: not a PNG file")
+    kind = next((kind for signature, kind in _MASK_SIGNATURES if data.startswith(signature)), None)
+    if kind is None:
+        raise HistoryError(f"{name}: not a PNG, BMP or TIFF image")
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # lazy: reads the header only
+            width, height = header.size
+    except Exception as exc:
+        raise HistoryError(f"{name}: not a decodable {kind} image ({exc})") from None
+    if expected is not None and None not in expected and (width, height) != tuple(expected):
+        raise HistoryError(f"{name}: the mask is {width}x{height} pixels, the frame {expected[0]}x{expected[1]}; "
+                           f"a mask must have the frame's size")
+    if width * height > MAX_MASK_PIXELS:
+        raise HistoryError(f"{name}: the mask is {width}x{height} pixels, more than {MAX_MASK_PIXELS}")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
-        raise HistoryError(f"{name}: not a decodable PNG image (truncated or corrupt)")
-    return int(image.shape[1]), int(image.shape[0])
+        raise HistoryError(f"{name}: not a decodable {kind} image (truncated or corrupt); expected PNG, BMP or TIFF")
+    if kind != "PNG":
+        ok, encoded = cv2.imencode(".png", image)
+        if not ok:
+            raise HistoryError(f"{name}: this {kind} image cannot be stored as a PNG mask")
+        data = encoded.tobytes()
+    return data
 
 
 def store_label_mask(store: ArtifactStore, data: bytes, when: datetime | None = None) -> str:
     """Write an already validated mask PNG under a server-chosen name; returns its store-relative path."""
+    from model.atomic import atomic_write_bytes  # on use: `model` loads torch, the history commands must not
     when = when or datetime.now(timezone.utc)
     relative = f"labels/{when.astimezone(timezone.utc):%Y/%m/%d}/{uuid.uuid4().hex}_label.png"
     atomic_write_bytes(store.path(relative), data)
@@ -224,16 +266,15 @@ def apply_label(
     """
     if label not in LABELS:
         raise HistoryError(f"label must be 'normal' or 'anomalous', not {label!r}")
-    if mask is not None:
-        validate_mask_png(mask, mask_name)
-        if store is None:
-            raise HistoryError("no artifact store configured to keep the mask")
+    if mask is not None and store is None:
+        raise HistoryError("no artifact store configured to keep the mask")
     mask_path = None
     with sessions() as session:
         try:
             with session.begin():
-                get_inspection(session, inspection_id)
+                inspection = get_inspection(session, inspection_id)
                 if mask is not None:
+                    mask = read_label_mask(mask, mask_name, expected=(inspection.width, inspection.height))
                     mask_path = store_label_mask(store, mask)
                 row = add_label(session, inspection_id, label, author=author, mask_path=mask_path)
         except BaseException:
@@ -296,8 +337,9 @@ def parse_when(value: str, *, now: datetime | None = None, name: str = "time") -
     seconds = duration_seconds(text)
     if seconds is not None:
         return (now or utc_now()) - timedelta(seconds=seconds)
-    try:
-        return parse_rfc3339(text.replace("z", "Z"))
+    try:  # the offset is kept (converting 0001-01-01T00:00+14:00 to UTC would overflow)
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise HistoryError(f"{name} {value!r}: expected an ISO time like 2024-05-01T08:00:00Z or a duration "
                            "like 30m, 24h, 7d") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

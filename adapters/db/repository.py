@@ -6,6 +6,7 @@ transaction because writing a result is exactly one: the inspection row plus, wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,16 +30,72 @@ class SavedInspection:
     created: bool  # False: the frame_id was already recorded; `inspection` is the existing row
 
 
+# --- values that fit their columns ------------------------------------------------------------------------------
+# Inputs decide these strings (file names, topics, producers' ids): a value the database refuses (too long for
+# its column on PostgreSQL, a NUL byte, an undecodable file name) would make its frame fail and be retried forever.
+
+
+def clean_text(value: str | None) -> str | None:
+    """Text any database takes: lone surrogates (undecodable file names) escaped, NUL bytes dropped."""
+    if value is None:
+        return None
+    value = str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        try:  # the original bytes of an undecodable file name, shown as \xNN escapes
+            value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value.replace("\0", "")
+
+
+def fit_text(value: str | None, limit: int) -> str | None:
+    """`clean_text`, cut to `limit` characters (for descriptive columns: line, model version)."""
+    value = clean_text(value)
+    return value if value is None or len(value) <= limit else value[: limit - 1] + "…"
+
+
+def fit_key(value: str | None, limit: int) -> str | None:
+    """An identifying value (frame_id, source) that fits `limit` characters and stays distinct and stable: an
+    over-long or unclean one becomes its first characters + "~" + a hash of the whole value."""
+    if value is None:
+        return None
+    cleaned = clean_text(value)
+    if cleaned == value and len(value) <= limit:
+        return value
+    digest = hashlib.sha1(str(value).encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{cleaned[: limit - len(digest) - 1]}~{digest}"
+
+
+def column_limit(column: Any) -> int:
+    return int(getattr(column.property.columns[0].type, "length", None) or 1_000_000)
+
+
+def fit_inspection(inspection: Inspection) -> Inspection:
+    """Fit the row's strings to their columns (in place); see `fit_key` / `fit_text`."""
+    inspection.frame_id = fit_key(inspection.frame_id, column_limit(Inspection.frame_id))
+    inspection.source = fit_key(inspection.source, column_limit(Inspection.source))
+    inspection.line = fit_text(inspection.line, column_limit(Inspection.line))
+    inspection.model_version = fit_text(inspection.model_version, column_limit(Inspection.model_version))
+    for name in ("frame_name", "error", "mask_path", "heatmap_path", "frame_path"):
+        setattr(inspection, name, clean_text(getattr(inspection, name)))
+    return inspection
+
+
 def inspection_by_frame_id(session: Session, frame_id: str) -> Inspection | None:
+    frame_id = fit_key(frame_id, column_limit(Inspection.frame_id))
     return session.scalars(select(Inspection).where(Inspection.frame_id == frame_id)).one_or_none()
 
 
 def inspections_by_frame_ids(session: Session, frame_ids: Sequence[str]) -> dict[str, Inspection]:
-    """The rows already recorded for these frame_ids, by frame_id."""
+    """The rows already recorded for these frame_ids, by the frame_id asked for."""
     if not frame_ids:
         return {}
-    rows = session.scalars(select(Inspection).where(Inspection.frame_id.in_(list(frame_ids))))
-    return {row.frame_id: row for row in rows}
+    limit = column_limit(Inspection.frame_id)
+    asked = {fit_key(frame_id, limit): frame_id for frame_id in frame_ids}
+    rows = session.scalars(select(Inspection).where(Inspection.frame_id.in_(list(asked))))
+    return {asked.get(row.frame_id, row.frame_id): row for row in rows}
 
 
 def alert_for_inspection(session: Session, inspection_id: int) -> OutboxMessage | None:
@@ -67,6 +124,7 @@ def save_inspection(
     A frame_id already present (a redelivered frame, or a concurrent writer winning the race) returns the
     existing row with created=False and writes nothing.
     """
+    fit_inspection(inspection)
     with sessions() as session:
         try:
             with session.begin():
@@ -97,6 +155,8 @@ def save_inspections(
     """
     if len(items) == 1:
         return [save_inspection(sessions, *items[0])]
+    for inspection, _ in items:
+        fit_inspection(inspection)
     with sessions() as session, session.begin():
         frame_ids = [inspection.frame_id for inspection, _ in items]
         known = inspections_by_frame_ids(session, frame_ids)
@@ -120,6 +180,9 @@ def record_rejected(
     sessions: sessionmaker[Session], *, source: str, frame_id: str | None, name: str | None, reason: str
 ) -> tuple[RejectedFrame, bool]:
     """A rejected frame row; a redelivered frame_id already rejected for this source is not recorded twice."""
+    source = fit_key(source, column_limit(RejectedFrame.source))
+    frame_id = fit_key(frame_id, column_limit(RejectedFrame.frame_id))
+    name, reason = clean_text(name), clean_text(reason)
     with sessions() as session, session.begin():
         if frame_id is not None:
             existing = session.scalars(

@@ -160,7 +160,8 @@ class OutboxMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     inspection_id: Mapped[int | None] = mapped_column(ForeignKey("inspections.id", ondelete="SET NULL"))
 
-    __table_args__ = (Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),)
+    __table_args__ = (Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),
+                      Index("ix_outbox_created_at", "created_at"))
 
 
 class RejectedFrame(Base):
@@ -201,3 +202,35 @@ class SourceThreshold(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("source", "model_version", name="uq_source_thresholds_source_version"),)
+
+
+class WebhookEndpoint(Base):
+    """Delivery state of one configured webhook (by its name): the outbox rows created before `settled_until`
+    are all delivered to it or filtered out; later ones are settled when a `webhook_deliveries` row says so."""
+
+    __tablename__ = "webhook_endpoints"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    settled_until: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    delivered: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_success_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class WebhookDelivery(Base):
+    """One outbox row settled for one webhook: `delivered` (a 2xx came back) or `skipped` (filtered out)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    webhook: Mapped[str] = mapped_column(String(128), primary_key=True)
+    outbox_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # delivered | skipped
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)  # the outbox row's, for pruning
+    settled_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_webhook_deliveries_webhook_created_at", "webhook", "created_at"),)

@@ -21,14 +21,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from adapters.timeutil import utc_now  # noqa: F401 - the sources' clock (Frame.captured_at), re-exported
+from adapters.timeutil import utc_now
 
 if TYPE_CHECKING:
     from adapters.sources.registry import SourceContext
 
+from adapters.log_repeats import install as install_repeat_filter
+
 log = logging.getLogger(__name__)
 
 QueuePolicy = Literal["latest", "all"]
+# Default `max_bytes` of file/message sources: an encoded input above it is refused unread (a rejected row).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -233,6 +237,23 @@ class SourceSettings(BaseModel):
     queue_size: int | None = Field(None, ge=1, description="default: [runtime].queue_size")
     references: str | None = Field(None, description="folder of known-good frames; default [model].references")
     references_from: Literal["labels"] | None = Field(None, description="labelled-normal frames become references")
+    # Trigger mode (daemon/trigger.py): inspect the next fresh frame when a PLC asks (OPC UA method or MQTT
+    # command) and answer within deadline_ms, else publish the fail-safe result. None: free-running.
+    trigger: Literal["opcua", "mqtt"] | None = None
+    deadline_ms: float | None = Field(None, gt=0, le=600_000)
+    fail_safe: Literal["NG", "no_decision"] = "NG"
+    max_pending_triggers: int = Field(4, ge=1, le=1024)
+    # Poison containment (issue 9): a crashed source loop restarts after a capped exponential backoff; a capture
+    # time more than max_future_s ahead of the clock is clamped to the arrival time.
+    restart_initial_s: float = Field(0.5, gt=0, description="first restart delay after a source loop crashed")
+    restart_max_s: float = Field(30.0, gt=0, description="longest restart delay after repeated crashes")
+    max_future_s: float = Field(300.0, ge=0, description="capture times further ahead are clamped to arrival")
+
+    @model_validator(mode="after")
+    def _deadline_needs_trigger(self) -> SourceSettings:
+        if self.trigger is None and self.deadline_ms is not None:
+            raise ValueError(f"source {self.id!r}: deadline_ms needs trigger = \"opcua\" or \"mqtt\"")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -362,6 +383,12 @@ class FrameSource(ABC):
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self.log = logging.getLogger(f"{type(self).__module__}.{self.id}")
+        install_repeat_filter(self.log)  # a source failing the same way on every poll: once a minute, counted
+        # Supervisor: unexpected exceptions in `_run` seen so far, and the backoff before each restart.
+        self.crashes = 0
+        self.restart_initial_s = spec.restart_initial_s
+        self.restart_max_s = spec.restart_max_s
+        self.max_future_s = spec.max_future_s
 
     @classmethod
     def from_context(cls, settings: SourceSettings, context: SourceContext) -> FrameSource:
@@ -397,12 +424,27 @@ class FrameSource(ABC):
         return self._thread is not None and self._thread.is_alive()
 
     def _thread_main(self) -> None:
+        """Runs `_run` under a supervisor: an unexpected exception is recorded (counters, `last_error`,
+        `crashes`, the log) and `_run` starts again after a capped exponential backoff, so no single input or
+        bug stops a source for good. A `_run` that returns (stop requested, end of a video) ends the thread."""
+        backoff = Backoff(self.restart_initial_s, max(self.restart_initial_s, self.restart_max_s))
         try:
-            self._run()
-        except Exception as exc:  # a bug in a source must not vanish silently
-            self.counters.incr("errors")
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self.log.exception("source %s crashed", self.id)
+            while not self._stop_event.is_set():
+                try:
+                    self._run()
+                    return
+                except Exception as exc:  # a bug in a source must not vanish silently, nor stop it for good
+                    self.counters.incr("errors")
+                    self.crashes += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    delay = backoff.next()
+                    self.log.exception("source %s crashed (%d so far); restarting in %.1fs", self.id, self.crashes,
+                                       delay)
+                    if self.status is not SourceStatus.DISABLED:
+                        self._set_status(SourceStatus.OFFLINE)
+                    if self._stop_event.wait(delay):
+                        return
+                    self.counters.incr("reconnects")
         finally:
             if self.status is not SourceStatus.DISABLED:
                 self._set_status(SourceStatus.OFFLINE)
@@ -435,6 +477,31 @@ class FrameSource(ABC):
         if self.class_name is not None:
             meta["class_name"] = self.class_name
         return meta
+
+    def _checked_capture_time(self, captured_at: datetime, meta: dict[str, Any]) -> datetime:
+        """A producer's capture time, clamped to now when it lies more than `max_future_s` ahead (a wrong clock
+        or a bogus value must not sort first in the history for years); the clamp is noted in `meta`."""
+        now = utc_now()
+        if (captured_at - now).total_seconds() > self.max_future_s:
+            meta["ts_error"] = f"capture time {captured_at.isoformat()} is in the future; using the arrival time"
+            self._error(meta["ts_error"])
+            return now
+        return captured_at
+
+    def _contained_frame(self, build: Callable[[], Frame], *, frame_id: str, name: str,
+                         on_done: Callable[[bool], None] | None = None) -> Frame:
+        """`build()`, or, when turning the input into a frame raised anything, an error frame for the same
+        input (data None, `meta["error"]` naming the exception): the pipeline records it in `rejected_frames` and
+        acknowledges it, so one odd input can neither stop the source nor be retried forever."""
+        try:
+            return build()
+        except Exception as exc:
+            reason = f"cannot turn {name} into a frame: {type(exc).__name__}: {exc}"
+            self._error(reason)
+            meta = self._base_meta()
+            meta["error"] = reason
+            return Frame(frame_id=frame_id, source_id=self.id, captured_at=utc_now(), name=name, meta=meta,
+                         on_done=on_done)
 
     def _wait_throttle(self) -> bool:
         """Sleep until max_fps allows the next frame; False if stopping meanwhile."""

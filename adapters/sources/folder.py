@@ -13,7 +13,11 @@ mtime_ns), so a file re-read after a crash between commit and move gets the same
 
 Options: `recursive` (false), `after` (move|delete|mark), `processed_dir` ("processed", relative to the inbox or
 absolute), `settle_s` (1.0), `poll_interval_s` (0.5), `retry_s` (10), `create` (true: create a missing inbox),
-`ignore` (extra glob patterns to ignore).
+`ignore` (extra glob patterns to ignore), `max_bytes` (256 MiB: a bigger file is a rejected frame, never read),
+`complete_wait_s` (10: a JPEG/PNG without its end marker is retried until its mtime is this old: a slow writer).
+
+Nothing is skipped without a record: a subfolder (when not recursive) or a special file (FIFO, socket) gets one
+rejected row and is left in place; a file name that is not valid UTF-8 is read and recorded with \\xNN escapes.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from adapters.sources.base import Frame, FrameSource, SourceSettings, SourceStatus, resolve_path_uri
+from adapters.sources.base import (
+    DEFAULT_MAX_BYTES,
+    Frame,
+    FrameSource,
+    SourceSettings,
+    SourceStatus,
+    resolve_path_uri,
+    utc_now,
+)
 from adapters.sources.registry import register_source_kind
 
 IGNORED_PATTERNS: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.crdownload", "*.done", "*~")
@@ -49,6 +61,9 @@ class FolderSettings(SourceSettings):
     retry_s: float = Field(10.0, ge=0, description="a file not processed (done(False)) is retried after this")
     create: bool = Field(True, description="create a missing inbox")
     ignore: list[str] = Field(default_factory=list, description="extra glob patterns to ignore")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="a bigger file is a rejected frame, never read")
+    complete_wait_s: float = Field(10.0, ge=0, description="a JPEG/PNG without its end marker is retried until "
+                                                           "its mtime is this old (a slow writer)")
 
     @field_validator("after")
     @classmethod
@@ -62,9 +77,36 @@ class FolderSettings(SourceSettings):
 
 
 def folder_frame_id(source_id: str, relative_path: str, size: int, mtime_ns: int) -> str:
-    """Stable across restarts: the same unmoved, unchanged file always gets the same id."""
-    digest = hashlib.sha1(f"{source_id}\0{relative_path}\0{size}\0{mtime_ns}".encode()).hexdigest()[:20]
-    return f"{source_id}:{digest}"
+    """Stable across restarts: the same unmoved, unchanged file always gets the same id.
+
+    A file name that is not valid UTF-8 reaches Python with lone surrogates (os.fsdecode): `surrogatepass` hashes
+    it as is (valid names hash to the same bytes as before)."""
+    key = f"{source_id}\0{relative_path}\0{size}\0{mtime_ns}".encode("utf-8", "surrogatepass")
+    return f"{source_id}:{hashlib.sha1(key).hexdigest()[:20]}"
+
+
+def printable_name(name: str) -> str:
+    """A file name that may hold undecodable bytes (lone surrogates), as text any database and log can take."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if _has_surrogates(name) \
+        else name
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def looks_complete(data: bytes) -> bool:
+    """False when the bytes are a JPEG without its end-of-image marker or a PNG without its IEND chunk: most
+    likely a file still being written. Other formats: True (their decoder decides)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return data.rstrip(b"\0").endswith(b"\xff\xd9")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data.endswith(b"IEND\xaeB`\x82")
+    return True
 
 
 @dataclass
@@ -93,12 +135,21 @@ class FolderSource(FrameSource):
         self.retry_s = spec.retry_s
         self.create = spec.create
         self.ignore = IGNORED_PATTERNS + tuple(spec.ignore)
+        # Inputs bigger than this are refused unread (a rejected row), so a huge file cannot exhaust memory.
+        self.max_bytes = spec.max_bytes
+        # A JPEG/PNG without its end marker whose mtime is younger than this is a writer still at work: it is
+        # retried, not rejected. Older ones are emitted (and rejected as truncated).
+        self.complete_wait_s = spec.complete_wait_s
+        # Directories (when not recursive) and special files (FIFOs, sockets) already recorded, by path.
+        self._noted: set[str] = set()
         self._seen: dict[str, _Seen] = {}
         self._in_flight: set[str] = set()
         # path -> frame_id of files already finished: a listing taken just before the file was moved must not
         # emit it again (the entry goes once the path is no longer listed).
         self._completed: dict[str, str] = {}
         self._retry_at: dict[str, float] = {}
+        self._pending_notes: list[Frame] = []
+        self._listed_other: set[str] = set()
         self._lock = threading.Lock()
 
     # -- scanning --------------------------------------------------------------------------------------------
@@ -107,6 +158,7 @@ class FolderSource(FrameSource):
 
     def _list_files(self) -> list[tuple[str, os.stat_result]]:
         found: list[tuple[str, os.stat_result]] = []
+        self._listed_other = set()
         processed = self.processed_dir.resolve() if self.after == "move" else None
         stack = [self.directory]
         while stack:
@@ -122,10 +174,15 @@ class FolderSource(FrameSource):
                     continue
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        if self.recursive and (processed is None or Path(entry.path).resolve() != processed):
+                        is_processed = processed is not None and Path(entry.path).resolve() == processed
+                        if self.recursive and not is_processed:
                             stack.append(Path(entry.path))
+                        elif not is_processed:
+                            self._note(entry.path, "is a folder and this source is not recursive "
+                                                   "(set recursive = true to read subfolders)")
                         continue
                     if not entry.is_file():
+                        self._note(entry.path, "is not a regular file (a FIFO, socket, device or broken link)")
                         continue
                     st = entry.stat()
                 except FileNotFoundError:  # vanished between listing and stat
@@ -159,30 +216,65 @@ class FolderSource(FrameSource):
                 self._retry_at.pop(rel, None)
             for rel in set(self._completed) - current:
                 del self._completed[rel]
+            self._noted.intersection_update(self._listed_other)
         ready.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
         return ready
 
+    def _note(self, path: str, reason: str) -> None:
+        """Record (once per path while it exists) an inbox entry that is not read: a rejected row, not silence."""
+        self._listed_other.add(path)
+        if path in self._noted:
+            return
+        self._noted.add(path)
+        name = printable_name(path)
+        meta = self._base_meta()
+        meta.update(path=name, error=f"{name} {reason}; left in place")
+        self._error(meta["error"])
+        key = f"{self.id}\0note\0{path}".encode("utf-8", "surrogatepass")
+        self._pending_notes.append(Frame(frame_id=f"{self.id}:{hashlib.sha1(key).hexdigest()[:20]}",
+                                         source_id=self.id, captured_at=utc_now(), name=name, meta=meta))
+
     # -- frames ----------------------------------------------------------------------------------------------
-    def _make_frame(self, rel: str, st: os.stat_result) -> Frame:
+    def _make_frame(self, rel: str, st: os.stat_result) -> Frame | None:
+        """The file's frame; None when it looks half-written and young enough that its writer may still be
+        at work (it is looked at again shortly)."""
         path = self.directory / rel
         meta = self._base_meta()
-        meta.update(path=str(path), relative_path=rel, size=st.st_size)
+        meta.update(path=printable_name(str(path)), relative_path=printable_name(rel), size=st.st_size)
         data: bytes | None = None
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            meta["error"] = f"cannot read {path}: {exc.strerror or exc}"
+        if st.st_size > self.max_bytes:
+            meta["error"] = f"file is {st.st_size} bytes, more than max_bytes = {self.max_bytes}; not read"
             self._error(meta["error"])
+        else:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                meta["error"] = f"cannot read {printable_name(str(path))}: {exc.strerror or exc}"
+                self._error(meta["error"])
+            else:
+                if len(data) > self.max_bytes:
+                    meta["error"] = f"file grew past max_bytes = {self.max_bytes} while being read"
+                    data = None
+                elif not looks_complete(data) and time.time() - st.st_mtime < self.complete_wait_s:
+                    return None  # a slow writer: look again once it has written more (or stopped for good)
         frame = Frame(
             frame_id=folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns),
             source_id=self.id,
-            captured_at=datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc),
+            captured_at=self._checked_capture_time(datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc),
+                                                   meta),
             data=data,
-            name=str(path),
+            name=printable_name(str(path)),
             meta=meta,
         )
         frame.on_done = lambda ok, rel=rel, frame_id=frame.frame_id: self._finish(rel, frame_id, ok)
         return frame
+
+    def _frame_or_error(self, rel: str, st: os.stat_result) -> Frame | None:
+        """`_make_frame`, contained: whatever it raises becomes a rejected (and moved) input, never a crash."""
+        frame_id = folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns)
+        return self._contained_frame(
+            lambda: self._make_frame(rel, st), frame_id=frame_id, name=printable_name(str(self.directory / rel)),
+            on_done=lambda ok: self._finish(rel, frame_id, ok))
 
     def _finish(self, rel: str, frame_id: str, ok: bool) -> None:
         """Runs on the pipeline's thread once the frame's result is committed (ok) or given up (not ok)."""
@@ -228,9 +320,19 @@ class FolderSource(FrameSource):
                 self._stop_event.wait(max(self.poll_interval_s, 1.0))
                 continue
             self._set_status(SourceStatus.ONLINE)
+            notes, self._pending_notes = self._pending_notes, []
+            for note in notes:
+                if not self._emit(note, throttle=False):
+                    return
             for rel, st in ready:
                 with self._lock:
                     self._in_flight.add(rel)
-                if not self._emit(self._make_frame(rel, st)):
+                frame = self._frame_or_error(rel, st)
+                if frame is None:
+                    with self._lock:
+                        self._in_flight.discard(rel)
+                        self._retry_at[rel] = time.monotonic() + min(self.retry_s, max(self.settle_s, 0.2))
+                    continue
+                if not self._emit(frame):
                     return
             self._stop_event.wait(self.poll_interval_s)

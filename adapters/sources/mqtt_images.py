@@ -8,11 +8,13 @@ acknowledged (PUBACK, manual ack) only in `on_done(True)`, after the result is c
 the daemon dies is redelivered by the broker on the next connection. The broker never has more than
 `receive_maximum` (default: the queue size) unacknowledged messages in flight to us, which bounds memory.
 
-frame_id: the MQTT v5 user property `frame_id` if the publisher set one, else
-`"<source>:<topic>:<sha1(payload)[:16]>"` (a redelivered message keeps its id; the DB dedupes).
+frame_id: the MQTT v5 user property `frame_id` if the publisher set one (recommended: the producer knows its
+captures), else `"<source>:<topic>:<sha1(payload)[:16]>"` (a redelivered message keeps its id; the DB dedupes);
+a further new message with the same bytes gets `":<arrival time ns>"` appended, so distinct captures with
+identical payloads never merge into one row.
 Options: `topics` (a list, instead of / in addition to the uri's topic), `client_id`, `qos` (1),
 `session_expiry_s`, `receive_maximum`, `keepalive` (30), `username`/`password` (else from the uri), `tls`,
-`backoff_initial_s` (1), `backoff_max_s` (30).
+`backoff_initial_s` (1), `backoff_max_s` (30), `max_bytes` (256 MiB: a bigger payload is a rejected frame).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -31,8 +34,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import Field, SecretStr
 
-from adapters.sources.base import Frame, FrameSource, SourceSettings, SourceStatus, utc_now
+from adapters.sources.base import DEFAULT_MAX_BYTES, Frame, FrameSource, SourceSettings, SourceStatus, utc_now
 from adapters.sources.registry import SourceContext, register_source_kind
+
+RECENT_IDS = 4096  # payload-hash ids remembered to tell a redelivery from a new message with identical bytes
 
 
 class MqttSourceSettings(SourceSettings):
@@ -51,6 +56,7 @@ class MqttSourceSettings(SourceSettings):
     tls: bool | None = Field(None, description="default: true for mqtts://")
     backoff_initial_s: float = Field(1.0, gt=0, description="first reconnect delay")
     backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="a payload above this is a rejected frame")
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,11 @@ class MqttImageSource(FrameSource):
         self._client: mqtt.Client | None = None
         self._connection = 0  # incremented per connection: a PUBACK mid is only valid on its own connection
         self._ever_connected = False
+        self.max_bytes = spec.max_bytes
+        # Payload-hash ids handed out recently, and the id given to each (connection, mid) in flight.
+        self._ids_lock = threading.Lock()
+        self._recent_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._ids_by_mid: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
 
     @classmethod
     def from_context(cls, settings: SourceSettings, context: SourceContext) -> MqttImageSource:
@@ -152,6 +163,34 @@ class MqttImageSource(FrameSource):
         self._set_status(SourceStatus.OFFLINE)
 
     def _on_message(self, client: mqtt.Client, userdata, message: mqtt.MQTTMessage) -> None:
+        connection, mid, qos = self._connection, message.mid, message.qos
+        # Contained: an exception here would end paho's network thread (no more messages, no acks).
+        frame = self._contained_frame(
+            lambda: self._make_frame(message), frame_id=f"{self.id}:mqtt:{connection}:{mid}:{utc_now().timestamp()}",
+            name="mqtt message", on_done=lambda ok: self._finish(ok, connection, mid, qos))
+        with self._inbox_ready:
+            self._inbox.append(frame)
+            self._inbox_ready.notify()
+
+    def _arrival_frame_id(self, message: mqtt.MQTTMessage, payload: bytes) -> str:
+        """Without a producer's frame_id: the payload's hash for the first message with these bytes (a broker
+        redelivery keeps it, so the DB dedupes), plus the arrival time for a further, distinct message with
+        identical bytes (two captures never merge into one row silently)."""
+        base = mqtt_frame_id(self.id, message.topic, payload)
+        with self._ids_lock:
+            key = (self._connection, message.mid)
+            if message.dup and key in self._ids_by_mid:  # the broker resending what we already hold
+                return self._ids_by_mid[key]
+            frame_id = base if base not in self._recent_ids else f"{base}:{time.time_ns()}"
+            self._recent_ids[base] = None
+            self._ids_by_mid[key] = frame_id
+            while len(self._recent_ids) > RECENT_IDS:
+                self._recent_ids.popitem(last=False)
+            while len(self._ids_by_mid) > RECENT_IDS:
+                self._ids_by_mid.popitem(last=False)
+        return frame_id
+
+    def _make_frame(self, message: mqtt.MQTTMessage) -> Frame:
         frame_id = None
         content_type = None
         props = getattr(message, "properties", None)
@@ -164,13 +203,14 @@ class MqttImageSource(FrameSource):
         meta = self._base_meta()
         meta.update(topic=message.topic, qos=message.qos, retain=bool(message.retain), mid=message.mid,
                     content_type=content_type or "application/octet-stream")
-        frame = Frame(frame_id=frame_id or mqtt_frame_id(self.id, message.topic, payload), source_id=self.id,
-                      captured_at=utc_now(), data=payload, name=f"mqtt:{message.topic}", meta=meta)
+        if len(payload) > self.max_bytes:
+            meta["error"] = f"payload is {len(payload)} bytes, more than max_bytes = {self.max_bytes}"
+        frame = Frame(frame_id=frame_id or self._arrival_frame_id(message, payload), source_id=self.id,
+                      captured_at=utc_now(), data=None if "error" in meta else payload,
+                      name=f"mqtt:{message.topic}", meta=meta)
         connection, mid, qos = self._connection, message.mid, message.qos
         frame.on_done = lambda ok: self._finish(ok, connection, mid, qos)
-        with self._inbox_ready:
-            self._inbox.append(frame)
-            self._inbox_ready.notify()
+        return frame
 
     def _finish(self, ok: bool, connection: int, mid: int, qos: int) -> None:
         """PUBACK after the commit. Not on a later connection (the mid may belong to another message there): the

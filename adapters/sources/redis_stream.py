@@ -34,7 +34,15 @@ import numpy as np
 import redis
 from pydantic import Field, SecretStr
 
-from adapters.sources.base import Backoff, Frame, FrameSource, SourceSettings, SourceStatus, utc_now
+from adapters.sources.base import (
+    DEFAULT_MAX_BYTES,
+    Backoff,
+    Frame,
+    FrameSource,
+    SourceSettings,
+    SourceStatus,
+    utc_now,
+)
 from adapters.sources.registry import SourceContext, register_source_kind
 from adapters.timeutil import parse_rfc3339, rfc3339
 
@@ -130,6 +138,7 @@ class RedisSourceSettings(SourceSettings):
     count: int | None = Field(None, ge=1, description="entries per read; default: the queue size")
     backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
     backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="an entry's data above this is a rejected frame")
 
 
 @register_source_kind("redis", settings=RedisSourceSettings)
@@ -151,6 +160,7 @@ class RedisStreamSource(FrameSource):
         self.claim_idle_ms = spec.claim_idle_ms
         self.block_ms = spec.block_ms
         self.count = spec.count or self.queue.maxsize
+        self.max_bytes = spec.max_bytes
         self.backoff = Backoff(spec.backoff_initial_s, spec.backoff_max_s)
         self.client = redis.Redis.from_url(self.url, socket_connect_timeout=5,
                                            socket_timeout=self.block_ms / 1000 + 10)
@@ -187,12 +197,16 @@ class RedisStreamSource(FrameSource):
         captured_at = utc_now()
         if text("ts"):
             try:
-                captured_at = parse_rfc3339(text("ts"))
-            except ValueError:
+                captured_at = self._checked_capture_time(parse_rfc3339(text("ts")), meta)
+            except (ValueError, OverflowError):  # out of datetime's range after the UTC shift: OverflowError
                 meta["ts_error"] = f"bad ts {text('ts')!r} in stream entry {entry_id}; using the arrival time"
         data = fields.get("data")
         if data is None:
             meta["error"] = text("error") or f"stream entry {self.stream}/{entry_id} has no 'data' field"
+        elif len(data) > self.max_bytes:
+            meta["error"] = f"stream entry {self.stream}/{entry_id}: data is {len(data)} bytes, more than " \
+                            f"max_bytes = {self.max_bytes}"
+            data = None
         frame = Frame(frame_id=text("frame_id") or f"{self.stream}:{entry_id}", source_id=text("source") or self.id,
                       captured_at=captured_at, data=data, name=text("name") or f"{self.stream}/{entry_id}",
                       meta=meta)
@@ -221,7 +235,11 @@ class RedisStreamSource(FrameSource):
             if not fields:
                 # Trimmed from the stream (MAXLEN) before anyone processed it: nothing to process, say so loudly.
                 self._error(f"stream entry {self.stream}/{entry_id} was deleted before processing")
-            if not self._emit(self._make_frame(entry_id, fields, delivery)):
+            frame = self._contained_frame(
+                lambda entry_id=entry_id, fields=fields: self._make_frame(entry_id, fields, delivery),
+                frame_id=f"{self.stream}:{entry_id}", name=f"{self.stream}/{entry_id}",
+                on_done=lambda ok, entry_id=entry_id: self._finish(entry_id, ok))
+            if not self._emit(frame):
                 return False
         return True
 

@@ -16,13 +16,14 @@ import json
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db import Inspection, history
+from adapters.db.history import MAX_ID
 from daemon.api.inspections import sessions_of
 from daemon.app import AppState, get_state, require_role
 
@@ -54,7 +55,8 @@ def _fetch(sessions: sessionmaker[Session], above: int, alerts_only: bool, sent:
 async def events(
     request: Request,
     kind: Literal["alerts", "all"] = "alerts",
-    after_id: int | None = Query(None, ge=0, description="start after this inspection id (default: now)"),
+    after_id: int | None = Query(None, ge=0, le=MAX_ID,
+                                 description="start after this inspection id (default: now)"),
     max_events: int | None = Query(None, ge=1, description="close the stream after this many events"),
     last_event_id: str | None = Header(None),
     state: AppState = Depends(get_state),
@@ -63,6 +65,8 @@ async def events(
     sessions = sessions_of(state)
     if last_event_id and last_event_id.strip().isdigit():
         after_id = int(last_event_id.strip())
+        if after_id > MAX_ID:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"Last-Event-ID {after_id} is not an inspection id")
     start = after_id if after_id is not None else await run_in_threadpool(_max_id, sessions)
     poll_s = float(state.extra.get("events_poll_s", 1.0))
     event_name = "alert" if kind == "alerts" else "inspection"

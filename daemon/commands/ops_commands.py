@@ -18,7 +18,6 @@ import getpass
 import json
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,17 +37,11 @@ def _usage(message: str) -> Exception:
     return UsageError(message)
 
 
-@contextlib.contextmanager
-def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """A session factory on the configured database (migrated to the current schema); the engine is disposed after."""
-    from adapters.db import make_engine, make_session_factory, upgrade
+def _database(settings: Settings, config: str | None = None) -> contextlib.AbstractContextManager[sessionmaker[Session]]:
+    """A session factory on the configured database, which must exist (only `run` and `db upgrade` create one)."""
+    from daemon.commands.database import existing_database
 
-    engine = make_engine(settings.database_url)
-    try:
-        upgrade(engine)
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
+    return existing_database(settings, config)
 
 
 def _print_json(items: Any) -> None:
@@ -79,7 +72,7 @@ def cmd_defects(args: argparse.Namespace) -> int:
         raise _usage(f"--limit must be between 1 and 1000, not {args.limit}")
     filters = InspectionFilter(source=args.source, line=args.line, after=after, before=before,
                                min_score=args.min_score, anomalous=None if args.all else True, label=args.label)
-    with _database(settings) as sessions, sessions() as session:
+    with _database(settings, args.config) as sessions, sessions() as session:
         page = history.list_page(session, filters, sort=args.sort, limit=args.limit)
         items = [history.inspection_dict(row, page.labels.get(row.id)) for row in page.rows]
     if args.json:
@@ -118,11 +111,13 @@ def cmd_label(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise _usage(f"--mask {args.mask}: cannot read: {exc.strerror or exc}") from None
     author = args.author or f"cli:{_user()}"
-    with _database(settings) as sessions:
+    with _database(settings, args.config) as sessions:
         try:
             row = history.apply_label(sessions, _store(settings) if mask is not None else None, args.inspection_id,
                                       args.label, author=author, mask=mask, mask_name=f"--mask {args.mask}")
-        except (history.NotFound, history.HistoryError) as exc:
+        except history.NotFound as exc:  # a runtime failure (exit 1), not a usage error
+            raise RuntimeError(str(exc)) from None
+        except history.HistoryError as exc:
             raise _usage(str(exc)) from None
     extra = f" with mask {row.mask_path}" if row.mask_path else ""
     print(f"inspection {args.inspection_id} labelled {row.label} by {author}{extra} (label id {row.id})")
@@ -143,7 +138,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from adapters.db import history
 
     settings = _load(args)
-    with _database(settings) as sessions, sessions() as session:
+    with _database(settings, args.config) as sessions, sessions() as session:
         items = [history.model_dict(row) for row in history.list_versions(session)]
     if args.json:
         _print_json(items)
@@ -164,7 +159,7 @@ def cmd_models_activate(args: argparse.Namespace) -> int:
     settings = _load(args)
     from daemon.versions import UnknownVersionError, VersionRegistry
 
-    with _database(settings) as sessions:
+    with _database(settings, args.config) as sessions:
         try:
             VersionRegistry(sessions).activate(args.version)
         except UnknownVersionError as exc:
@@ -327,7 +322,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _config_argument(label)
     label.add_argument("inspection_id", type=int, metavar="INSPECTION_ID")
     label.add_argument("label", choices=("normal", "anomalous"))
-    label.add_argument("--mask", metavar="PNG", help="defect mask (PNG, non-zero = defect)")
+    label.add_argument("--mask", metavar="FILE", help="defect mask: PNG, BMP or TIFF of the frame's size, "
+                       "non-zero = defect")
     label.add_argument("--author", help="who labels (default cli:<user>)")
     label.set_defaults(func=cmd_label)
 

@@ -11,34 +11,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = "config.toml"
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    """--config, else $ANOMALYD_CONFIG, else ./config.toml when present, else the built-in defaults."""
+    """The configuration found by `daemon.config.find_config` (the same rule for every command)."""
     from daemon.cli import UsageError
-    from daemon.config import ConfigError, load_config
+    from daemon.config import ConfigError, find_config, load_config
 
-    chosen = args.config or os.environ.get("ANOMALYD_CONFIG")
-    path = Path(chosen) if chosen else (Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).is_file() else None)
     try:
-        return load_config(path)
+        return load_config(find_config(args.config))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
 
 
-def _sessions(settings: Any) -> Any:
-    from adapters.db import make_engine, make_session_factory, upgrade
+def _sessions(settings: Any, config: str | None = None) -> Any:
+    """Sessions on the configured database, which must exist (only `run` and `db upgrade` create one)."""
+    from daemon.commands.database import existing_database
 
-    engine = make_engine(settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size)
-    upgrade(engine)
-    return make_session_factory(engine)
+    with existing_database(settings, config) as sessions:
+        return sessions  # the engine stays usable after dispose(): it reconnects on demand
 
 
 def _status(settings: Any, sessions: Any) -> dict[str, Any]:
@@ -87,7 +83,7 @@ def _print_status(status: dict[str, Any]) -> None:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    sessions = _sessions(settings)
+    sessions = _sessions(settings, args.config)
     if not args.now:
         status = _status(settings, sessions)
         if args.json:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 log = logging.getLogger("anomalyd")
@@ -13,11 +12,11 @@ DEFAULT_CONFIG = "config.toml"
 
 
 def _config_path(value: str | None) -> Path | None:
-    """--config, else $ANOMALYD_CONFIG, else ./config.toml when present (None: built-in defaults)."""
-    chosen = value or os.environ.get("ANOMALYD_CONFIG")
-    if chosen:
-        return Path(chosen)
-    return Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).is_file() else None
+    """The config file every command uses (`daemon.config.find_config`: --config, $ANOMALYD_CONFIG,
+    ./config.toml, /etc/anomalyd/config.toml; None: built-in defaults)."""
+    from daemon.config import find_config
+
+    return find_config(value)
 
 
 def _load(args: argparse.Namespace):
@@ -25,7 +24,7 @@ def _load(args: argparse.Namespace):
     from daemon.config import ConfigError, load_config
 
     try:
-        return load_config(_config_path(args.config))
+        return load_config(_config_path(getattr(args, "config", None)))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
 

@@ -343,11 +343,13 @@ def _create_patchcore(
     references_cache: str | Path | None = None,
     augment: str = "none",
     max_bank_rows: int | None = DEFAULT_MAX_BANK_ROWS,
+    references_later: bool = False,
     device: torch.device,
     dtype: torch.dtype,
     **_: Any,
 ) -> PatchCoreDetector:
-    if references is None:
+    """`references_later=True`: no bank yet, the caller gives one (`set_references`, `load_references`)."""
+    if references is None and not references_later:
         raise _references_error()(
             "patchcore needs normal references: pass references= (a folder of known-good images, a list of "
             "image files, or a saved bank .safetensors); it has no zero-shot mode"
@@ -355,6 +357,8 @@ def _create_patchcore(
     detector = build_patchcore(backbone=str(backbone), weights=weights, taps=taps or layers,
                                image_size=int(image_size), device=device, dtype=dtype, augment=augment,
                                max_bank_rows=max_bank_rows)
+    if references is None:
+        return detector
     if isinstance(references, torch.Tensor):
         detector.set_references(references)
     else:

@@ -126,7 +126,7 @@ def test_label_with_mask_and_label_filter(config, sessions, capsys, tmp_path):
     code, _, err = run(capsys, "label", str(b), "anomalous", "--mask", str(bad), "--config", str(config))
     assert code == 2 and "bad.png" in err and "PNG" in err
     code, _, err = run(capsys, "label", "9999", "normal", "--config", str(config))
-    assert code == 2 and "9999" in err
+    assert code == 1 and "9999" in err  # a runtime failure (no such inspection), not a usage error
     code, _, _ = run(capsys, "label", str(b), "maybe", "--config", str(config))
     assert code == 2
     with sessions() as session:

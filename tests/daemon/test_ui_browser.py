@@ -122,6 +122,13 @@ def chromium_path() -> str:
     return path
 
 
+def wait_js(page, expression: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"still false after {timeout}s: {expression}"
+        time.sleep(0.05)
+
+
 def test_ui_filter_open_label_live(chromium_path, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -145,6 +152,9 @@ def test_ui_filter_open_label_live(chromium_path, tmp_path):
         try:
             page = context.new_page()
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            # the UI must work under its Content-Security-Policy: a violation is an error
+            page.on("console", lambda message: errors.append(message.text)
+                    if "Content Security Policy" in message.text else None)
             page.goto(f"http://127.0.0.1:{server.port}/")
 
             # the token is asked for once, then kept in localStorage
@@ -173,9 +183,10 @@ def test_ui_filter_open_label_live(chromium_path, tmp_path):
             rows.first.click()
             expect(page.locator("#detail")).to_be_visible()
             expect(page.locator("#detail-title")).to_contain_text(f"#{target}")
-            page.wait_for_function("document.querySelector('#frame-img').naturalWidth === 320")
-            page.wait_for_function("document.querySelector('#heatmap-img').naturalWidth === 320")
-            page.wait_for_function("document.querySelector('#mask-canvas').width === 320")
+            # polled from here: Playwright's wait_for_function evaluates a string, which the UI's CSP forbids
+            wait_js(page, "document.querySelector('#frame-img').naturalWidth === 320")
+            wait_js(page, "document.querySelector('#heatmap-img').naturalWidth === 320")
+            wait_js(page, "document.querySelector('#mask-canvas').width === 320")
             expect(page.locator("#regions rect")).to_have_count(1)
             page.fill("#heatmap-opacity", "0.3")
             assert page.evaluate("document.querySelector('#heatmap-img').style.opacity") == "0.3"

@@ -1,0 +1,417 @@
+"""Webhooks: outbox messages (alerts, trigger results) POSTed as JSON to configured URLs, with the outbox's
+delivery guarantee.
+
+Every message a sink must see is an `outbox` row written in the same transaction as its inspection (or, for a
+trigger's fail-safe answer, on its own). The MQTT relay marks rows sent when the broker acknowledges them; this
+relay keeps its own state per webhook in the database, so a receiver outage or a daemon restart loses nothing:
+
+- `webhook_endpoints.settled_until`: every outbox row created before it is delivered to the webhook or filtered
+  out. A webhook seen for the first time starts at its registration (it gets messages from then on).
+- `webhook_deliveries`: the rows after that cursor already settled (delivered on a 2xx, or skipped by the
+  filters). The relay scans rows from the cursor that have no delivery row, oldest first, and POSTs them one by
+  one; a failure stops that webhook (order is kept) and retries with capped exponential backoff. The cursor moves
+  up to the oldest unsettled row, and never nearer than `SETTLE_MARGIN` to now (a row committed late by another
+  writer with an older `created_at` is still found), and delivery rows behind it are pruned.
+
+A delivery is recorded only after the 2xx, so a crash between the two sends that message again: receivers
+deduplicate on the payload `id` (the `X-Anomalyd-Id` header), as MQTT consumers do.
+
+Each POST carries `X-Anomalyd-Signature: sha256=<hex HMAC-SHA256 of the raw body with the shared secret>` (when
+a secret is configured), `X-Anomalyd-Id`, `X-Anomalyd-Event` (`anomaly` | `result`) and `X-Anomalyd-Timestamp`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import and_, delete, exists, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.db.tables import OutboxMessage, WebhookDelivery, WebhookEndpoint, utcnow
+
+log = logging.getLogger(__name__)
+
+SETTLE_MARGIN = timedelta(seconds=60)
+SIGNATURE_HEADER = "X-Anomalyd-Signature"
+
+
+class WebhookConfigError(ValueError):
+    """A webhook URL that is unusable or not allowed."""
+
+
+def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (address.is_private or address.is_loopback or address.is_link_local or address.is_reserved
+            or address.is_multicast or address.is_unspecified)
+
+
+def check_destination(url: str, *, allow_private: bool, resolve: bool = True) -> None:
+    """Raise WebhookConfigError unless `url` is http(s) with a host that is public or explicitly allowed.
+
+    A name is resolved (when `resolve`): each address it resolves to must be allowed. A name that does not
+    resolve now is accepted (DNS may be down at start); the relay checks again before each connection.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise WebhookConfigError(f"webhook url {url!r}: scheme must be http or https, not {parts.scheme or 'none'!r}")
+    host = parts.hostname
+    if not host:
+        raise WebhookConfigError(f"webhook url {url!r} has no host")
+    if parts.username or parts.password:
+        raise WebhookConfigError(f"webhook url {url!r}: credentials in the url; use a secret (HMAC) instead")
+    if allow_private:
+        return
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        if host == "localhost" or host.endswith(".localhost"):
+            addresses = [ipaddress.ip_address("127.0.0.1")]
+        elif resolve:
+            addresses = _resolve(host)
+        else:
+            addresses = []
+    blocked = [str(address) for address in addresses if _is_private(address)]
+    if blocked:
+        raise WebhookConfigError(
+            f"webhook url {url!r} points at a private/loopback address ({', '.join(blocked)}); "
+            "set allow_private = true on this [[webhooks]] entry to allow it")
+
+
+def _resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header's value for `body`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, header: str) -> bool:
+    """Receivers' check (constant time)."""
+    return hmac.compare_digest(sign(secret, body), header or "")
+
+
+@dataclass
+class WebhookTarget:
+    """One `[[webhooks]]` entry, as the relay needs it."""
+
+    name: str
+    url: str
+    secret: str | None = None
+    sources: Sequence[str] | None = None
+    lines: Sequence[str] | None = None
+    anomalous_only: bool = True
+    timeout_s: float = 5.0
+    allow_private: bool = False
+    backoff_min_s: float = 0.5
+    backoff_max_s: float = 60.0
+
+    def wants(self, payload: dict[str, Any], event: str) -> bool:
+        if self.sources is not None and payload.get("source") not in self.sources:
+            return False
+        if self.lines is not None and payload.get("line") not in self.lines:
+            return False
+        return not self.anomalous_only or is_alarm(payload, event)
+
+
+def is_alarm(payload: dict[str, Any], event: str) -> bool:
+    """An alert, or a trigger result that is not OK (NG or a fail-safe answer)."""
+    if event == "anomaly":
+        return True
+    if "result" in payload:
+        return payload["result"] != "OK"
+    return bool(payload.get("is_anomalous"))
+
+
+@dataclass
+class WebhookState:
+    """What /metrics and readiness show per webhook (relay thread writes, readers copy)."""
+
+    delivered: int = 0  # this process
+    failures: int = 0  # failed attempts, this process
+    skipped: int = 0
+    pending: int = 0  # rows waiting (counted at the last scan, capped by the batch size)
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_success: float | None = None  # wall clock
+    next_attempt: float = 0.0  # monotonic
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class WebhookRelay:
+    """One thread delivering the outbox to every webhook target; `start()` never blocks on a receiver."""
+
+    def __init__(
+        self,
+        targets: Sequence[WebhookTarget],
+        sessions: sessionmaker[Session],
+        *,
+        poll_interval_s: float = 0.5,
+        batch: int = 50,
+        on_delivered: Callable[[str, int], None] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.targets = list(targets)
+        self.sessions = sessions
+        self.poll_interval_s = poll_interval_s
+        self.batch = batch
+        self.on_delivered = on_delivered
+        self.state: dict[str, WebhookState] = {target.name: WebhookState() for target in self.targets}
+        self._clients = {target.name: httpx.Client(timeout=target.timeout_s, follow_redirects=False,
+                                                   transport=transport) for target in self.targets}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        # flush(): a request number, and the highest request a whole idle pass started after (no stale "idle")
+        self._flush_requested = 0
+        self._idle_for = 0
+        self._thread: threading.Thread | None = None
+        self.crashed: BaseException | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._register()
+        self._thread = threading.Thread(target=self._run, name="webhook-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for client in self._clients.values():
+            client.close()
+
+    def notify(self) -> None:
+        """Outbox rows were committed: deliver them now (a backing-off webhook still waits its turn)."""
+        self._wake.set()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until no webhook has anything pending (True) or `timeout` passes (False)."""
+        deadline = time.monotonic() + timeout
+        self._flush_requested += 1
+        wanted = self._flush_requested
+        self._wake.set()
+        while time.monotonic() < deadline:
+            if self._idle_for >= wanted:
+                return True
+            if self.crashed is not None or self._thread is None or not self._thread.is_alive():
+                return False
+            time.sleep(0.02)
+        return self._idle_for >= wanted
+
+    def _register(self) -> None:
+        """A row per target; a new target (or one whose url changed) starts from now."""
+        now = utcnow()
+        with self.sessions() as session, session.begin():
+            for target in self.targets:
+                row = session.get(WebhookEndpoint, target.name)
+                if row is None:
+                    session.add(WebhookEndpoint(name=target.name, url=target.url, registered_at=now,
+                                                settled_until=now, delivered=0, failures=0))
+                    log.info("webhook %s (%s) registered: alerts from now on are delivered to it",
+                             target.name, _redact(target.url))
+                elif row.url != target.url:
+                    log.warning("webhook %s: url changed from %s to %s; delivering from now on",
+                                target.name, _redact(row.url), _redact(target.url))
+                    row.url, row.registered_at, row.settled_until = target.url, now, now
+                    session.execute(delete(WebhookDelivery).where(WebhookDelivery.webhook == target.name))
+
+    # --- relay --------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            failing_since: float | None = None
+            while not self._stopping.is_set():
+                requested = self._flush_requested
+                try:
+                    more_now, waiting = self._pass()
+                except SQLAlchemyError as exc:
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning("webhook relay cannot read the outbox (%s); retrying",
+                                    str(exc).splitlines()[0][:300])
+                    self._stopping.wait(min(5.0, 0.5 + time.monotonic() - failing_since))
+                    continue
+                if failing_since is not None:
+                    log.info("webhook relay reads the outbox again")
+                    failing_since = None
+                if more_now:
+                    continue
+                if not waiting:
+                    self._idle_for = requested
+                self._wake.wait(self._sleep_time())
+                self._wake.clear()
+        except BaseException as exc:
+            self.crashed = exc
+            log.exception("webhook relay crashed")
+            raise
+
+    def _sleep_time(self) -> float:
+        now = time.monotonic()
+        waits = [state.next_attempt - now for state in self.state.values() if state.next_attempt > now]
+        return max(0.01, min([self.poll_interval_s, *waits]))
+
+    def _pass(self) -> tuple[bool, bool]:
+        """One round over the targets: (a target has more to send right now, a target waits for a retry)."""
+        more_now = waiting = False
+        for target in self.targets:
+            if self._stopping.is_set():
+                break
+            state = self.state[target.name]
+            if state.next_attempt <= time.monotonic():
+                more_now |= self._deliver(target, state)
+            waiting |= state.next_attempt > time.monotonic()
+        return more_now, waiting
+
+    def _deliver(self, target: WebhookTarget, state: WebhookState) -> bool:
+        with self.sessions() as session:
+            endpoint = session.get(WebhookEndpoint, target.name)
+            if endpoint is None:  # registered at start; recreated if someone deleted it
+                self._register()
+                return True
+            settled_until = endpoint.settled_until
+            settled = exists().where(and_(WebhookDelivery.webhook == target.name,
+                                          WebhookDelivery.outbox_id == OutboxMessage.id))
+            rows = session.scalars(
+                select(OutboxMessage).where(OutboxMessage.created_at >= settled_until, ~settled)
+                .order_by(OutboxMessage.created_at, OutboxMessage.id).limit(self.batch)).all()
+            messages = [(row.id, row.topic, row.payload, row.created_at) for row in rows]
+        state.pending = len(messages)
+        oldest_unsettled: datetime | None = None
+        for index, (outbox_id, topic, payload_text, created_at) in enumerate(messages):
+            if self._stopping.is_set():
+                oldest_unsettled = created_at
+                break
+            event = topic.rsplit("/", 1)[-1]
+            try:
+                payload = json.loads(payload_text)
+            except ValueError:
+                payload = {}
+            if not isinstance(payload, dict) or not target.wants(payload, event):
+                self._settle(target.name, outbox_id, created_at, "skipped", 0)
+                state.skipped += 1
+                state.pending = len(messages) - index - 1
+                continue
+            error = self._post(target, outbox_id, event, payload_text.encode())
+            if error is not None:
+                self._failed(target, state, error)
+                oldest_unsettled = created_at
+                break
+            self._settle(target.name, outbox_id, created_at, "delivered", state.consecutive_failures + 1)
+            state.delivered += 1
+            state.consecutive_failures = 0
+            state.last_error = None
+            state.last_success = time.time()
+            state.pending = len(messages) - index - 1
+            if self.on_delivered is not None:
+                self.on_delivered(target.name, 1)
+        self._advance(target.name, oldest_unsettled, settled_until)
+        return len(messages) >= self.batch and oldest_unsettled is None
+
+    def _post(self, target: WebhookTarget, outbox_id: str, event: str, body: bytes) -> str | None:
+        """None on a 2xx, else what went wrong."""
+        if not target.allow_private:
+            host = urlsplit(target.url).hostname or ""
+            try:
+                check_destination(target.url, allow_private=False)
+            except WebhookConfigError as exc:
+                return f"refused: {host} resolves to a private address ({exc})"
+        headers = {"Content-Type": "application/json", "User-Agent": "anomalyd-webhook/1",
+                   "X-Anomalyd-Id": outbox_id, "X-Anomalyd-Event": event,
+                   "X-Anomalyd-Timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if target.secret:
+            headers[SIGNATURE_HEADER] = sign(target.secret, body)
+        try:
+            response = self._clients[target.name].post(target.url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+        if 200 <= response.status_code < 300:
+            return None
+        return f"HTTP {response.status_code}"
+
+    def _failed(self, target: WebhookTarget, state: WebhookState, error: str) -> None:
+        state.failures += 1
+        state.consecutive_failures += 1
+        delay = min(target.backoff_max_s, target.backoff_min_s * 2 ** min(state.consecutive_failures - 1, 20))
+        state.next_attempt = time.monotonic() + delay
+        if state.last_error != error or state.consecutive_failures in (1, 10, 100):
+            log.warning("webhook %s (%s): %s; retrying in %.1fs (attempt %d), alerts wait in the outbox",
+                        target.name, _redact(target.url), error, delay, state.consecutive_failures)
+        state.last_error = error
+        with self.sessions() as session, session.begin():
+            endpoint = session.get(WebhookEndpoint, target.name)
+            if endpoint is not None:
+                endpoint.failures += 1
+                endpoint.last_error = error
+                endpoint.last_attempt_at = utcnow()
+
+    def _settle(self, name: str, outbox_id: str, created_at: datetime, status: str, attempts: int) -> None:
+        with self.sessions() as session, session.begin():
+            session.add(WebhookDelivery(webhook=name, outbox_id=outbox_id, status=status, created_at=created_at,
+                                        attempts=attempts))
+            if status == "delivered":
+                endpoint = session.get(WebhookEndpoint, name)
+                if endpoint is not None:
+                    now = utcnow()
+                    endpoint.delivered += 1
+                    endpoint.last_attempt_at = endpoint.last_success_at = now
+
+    def _advance(self, name: str, oldest_unsettled: datetime | None, settled_until: datetime) -> None:
+        """Move the cursor to the oldest unsettled row, never nearer than SETTLE_MARGIN to now; prune behind."""
+        limit = utcnow() - SETTLE_MARGIN
+        target = limit if oldest_unsettled is None else min(limit, _aware(oldest_unsettled))
+        if target <= _aware(settled_until):
+            return
+        with self.sessions() as session, session.begin():
+            endpoint = session.get(WebhookEndpoint, name)
+            if endpoint is None:
+                return
+            endpoint.settled_until = target
+            session.execute(delete(WebhookDelivery).where(WebhookDelivery.webhook == name,
+                                                          WebhookDelivery.created_at < target))
+
+    # --- state --------------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per webhook: url (without query), delivered/failed counts, pending, last error and success."""
+        out: dict[str, dict[str, Any]] = {}
+        for target in self.targets:
+            state = self.state[target.name]
+            out[target.name] = {
+                "url": _redact(target.url), "delivered": state.delivered, "failures": state.failures,
+                "skipped": state.skipped, "pending": state.pending,
+                "consecutive_failures": state.consecutive_failures, "last_error": state.last_error,
+                "last_success": (datetime.fromtimestamp(state.last_success, timezone.utc).isoformat()
+                                 if state.last_success else None),
+            }
+        return out
+
+
+def _aware(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
+
+
+def _redact(url: str) -> str:
+    """Scheme, host, port and path only (a query may carry a token)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"
