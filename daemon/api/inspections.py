@@ -24,7 +24,8 @@ router = APIRouter(prefix="/api/inspections", tags=["inspections"])
 _MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def utc_query_time(value: datetime | None) -> datetime | None:
+    """A query-string time as aware UTC (naive = UTC); 422 when it is out of range in UTC."""
     try:
         return as_utc(value)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before year 1 in UTC
@@ -53,7 +54,7 @@ def list_inspections(
     state: AppState = Depends(get_state),
     _: str = Depends(require_role("viewer")),
 ) -> dict[str, Any]:
-    filters = InspectionFilter(source=source, line=line, after=_utc(after), before=_utc(before),
+    filters = InspectionFilter(source=source, line=line, after=utc_query_time(after), before=utc_query_time(before),
                                min_score=min_score, max_score=max_score, anomalous=anomalous, label=label)
     try:
         with sessions_of(state)() as session:
