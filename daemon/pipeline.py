@@ -106,6 +106,14 @@ class Pipeline:
         return self.worker.detector
 
     @property
+    def store(self) -> ArtifactStore:
+        return self.writer.store
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        return self.writer.sessions
+
+    @property
     def processed(self) -> int:
         return self.outcomes.processed
 
