@@ -7,7 +7,6 @@ Typical use::
 """
 
 from adapters.db.engine import make_engine, make_session_factory, ping
-from adapters.db.migrate import current_revision, head_revision, upgrade
 from adapters.db.repository import (
     InspectionFilter,
     SavedInspection,
