@@ -179,10 +179,13 @@ class OpcUaServer:
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the server; raises (naming the endpoint) when it cannot listen."""
+    def start(self, timeout: float | None = 30.0) -> None:
+        """Start the server; raises (naming the endpoint) when it cannot listen within `timeout`. None: do not
+        wait (building the address space takes seconds of CPU); `started`/`start_error` tell the outcome."""
         self._thread = threading.Thread(target=self._run, name="opcua-server", daemon=True)
         self._thread.start()
+        if timeout is None:
+            return
         if not self._started.wait(timeout):
             raise RuntimeError(f"OPC UA server on {self.settings.endpoint} did not start within {timeout:.0f}s")
         if self._start_error is not None:
@@ -194,6 +197,15 @@ class OpcUaServer:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def started(self) -> bool:
+        """Listening (False while starting, or when the start failed: see `start_error`)."""
+        return self._started.is_set() and self._start_error is None
+
+    @property
+    def start_error(self) -> BaseException | None:
+        return self._start_error
 
     @property
     def alive(self) -> bool:
@@ -220,6 +232,7 @@ class OpcUaServer:
             if not self._started.is_set():
                 self._start_error = exc
                 self._started.set()
+                log.error("OPC UA server on %s cannot start: %s", self.settings.endpoint, exc)
             else:
                 self.crashed = exc
                 log.exception("OPC UA server crashed")

@@ -122,6 +122,7 @@ def main() -> None:
     if args.cpu_smoke:
         args.config, args.image_size, args.batch_sizes, args.device = "tiny", 56, [1, 2], "cpu"
         args.compile_backend, args.naive_images, args.repeats, args.min_seconds = "eager", 1, 1, 0.0
+        args.budget_s = float("inf")  # CI checks that every path runs, however slow the machine
 
     from model.factory import resolve_device
 
@@ -163,6 +164,8 @@ def main() -> None:
                 return torch.autocast(device.type, dtype=d, enabled=d != torch.float32)
 
             for mode in [m for m in args.modes if m in ("eager", "compile")]:
+                if mode == "compile" and args.cpu_smoke and dtype != torch.float32:
+                    continue  # the smoke run compiles once: each dtype would trace the model again
                 predict = model.predict
                 if mode == "compile":
                     predict = torch.compile(model.predict, backend=args.compile_backend, dynamic=False)

@@ -65,7 +65,7 @@ def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str
 
 
 class ModelConfig(_Section):
-    name: Literal["anomalyclip", "adaclip", "clip", "clip-ac", "winclip", "patchcore"] = "anomalyclip"
+    name: str = "anomalyclip"  # a registered model family (model.list_models(); listing them loads no torch)
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
     prompts: str | None = None
@@ -78,6 +78,15 @@ class ModelConfig(_Section):
     # Target false-reject rate the daemon calibrates both thresholds to, per source and model version, on
     # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
     false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _registered_model(cls, value: str) -> str:
+        from model.factory import list_models
+
+        if value not in list_models():
+            raise ValueError(f"unknown model {value!r}: expected one of {', '.join(list_models())}")
+        return value
 
 
 class RuntimeConfig(_Section):
@@ -354,13 +363,14 @@ class Settings(BaseSettings):
         return str(candidate) if candidate.exists() else value
 
     def prompts_file(self) -> str | None:
-        """[model].prompts as a file: a path, a released name fetched into the cache, or for AnomalyCLIP by
-        default the released prompts (WeightsError says how to fetch them when they are missing)."""
-        from adapters.weights import DEFAULT_PROMPTS, resolve_prompts
+        """[model].prompts as a file: a path, a released name fetched into the cache, or by default the family's
+        released weights (AnomalyCLIP's; WeightsError says how to fetch them when they are missing)."""
+        from adapters.weights import resolve_prompts
+        from model.factory import get_family
 
         value = self.model.prompts
-        if value is None and self.model.name == "anomalyclip":
-            value = DEFAULT_PROMPTS
+        if value is None:
+            value = get_family(self.model.name).default_weights
         resolved = resolve_prompts(self.resolve_model_value(value))
         return str(resolved) if resolved is not None else None
 

@@ -1,15 +1,15 @@
-"""Factory integration around the pipeline: trigger mode, webhooks, the OPC UA server and MQTT command topics.
+"""Factory integration around the pipeline: trigger mode, the OPC UA methods and counters, MQTT command topics.
 
-One object the service creates and calls at a few points (start, each committed result, readiness, stop), so the
-wiring stays out of `daemon/service.py`:
+One object the service creates and calls at a few points (attach before the pipeline starts, start, each committed
+result, readiness, stop), so the wiring stays out of `daemon/service.py`:
 
 - `TriggerController` (daemon/trigger.py) for `[[sources]]` with `trigger = "opcua" | "mqtt"`; each answer (the
   real result, the fail-safe on a deadline miss, a late result) becomes an `outbox` row on
-  `<prefix>/<line>/<source>/result`: the MQTT relay and the webhooks deliver it with the outbox's guarantee, and
-  the OPC UA server shows it.
-- `WebhookRelay` (adapters/webhooks.py) for `[[webhooks]]`.
-- `OpcUaServer` (adapters/opcua.py) when `[opcua].enabled`; its values change only from committed results (and
-  answers, which are committed outbox rows), so it never shows a result the database does not have.
+  `<prefix>/<line>/<source>/result` and the sinks are told (`alerts_committed`): the MQTT and webhook sinks
+  deliver it with the outbox's guarantee, and the OPC UA sink's server shows it.
+- The webhook and OPC UA sinks are result sinks (adapters/sinks/webhook.py, adapters/sinks/opcua.py) built by the
+  service with the others; here the OPC UA methods are bound to the daemon and its counters kept (since start or
+  reset; values only from committed rows and answers, so OPC UA never shows a result the database does not have).
 - MQTT commands (`[mqtt].commands`): `<prefix>/<line>/<source>/trigger/set` with a JSON part id (a string, an
   integer, or `{"part_id": ...}`) answered on `.../trigger/status`; `<prefix>/models/activate/set` with
   `{"version": "..."}` (or a JSON string) answered on `<prefix>/models/activate/status`. Commands go through a
@@ -22,7 +22,6 @@ import json
 import logging
 import queue
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timezone
@@ -69,7 +68,6 @@ class Integrations:
         self.settings = service.settings
         self.metrics = service.metrics
         self.triggers: TriggerController | None = None
-        self.opcua: Any = None  # adapters.opcua.OpcUaServer
         self.stats: dict[str, SourceStats] = {cfg.id: SourceStats() for cfg in self.settings.sources}
         self._lock = threading.Lock()
         self._commands: queue.Queue[tuple[str, str, bytes]] = queue.Queue(maxsize=COMMAND_QUEUE_SIZE)
@@ -83,6 +81,12 @@ class Integrations:
                                        registry=r)
         self.trigger_latency = Histogram("anomalyd_trigger_latency_seconds", "From the trigger to its answer",
                                          ["source"], buckets=LATENCY_BUCKETS, registry=r)
+
+    @property
+    def opcua(self) -> Any:
+        """The OPC UA sink's server (adapters.opcua.OpcUaServer), or None."""
+        sink = self.service.sinks.get("opcua")
+        return getattr(sink, "server", None)
 
     @property
     def webhooks(self) -> Any:
@@ -115,8 +119,15 @@ class Integrations:
         """After the pipeline: webhooks, OPC UA, MQTT command topics."""
         s = self.settings
         self.metrics.registry.register(_CallbackCollector(self._collect))
-        if s.opcua.enabled and self.service.pipeline is not None:
-            self._start_opcua()
+        sink = self.service.sinks.get("opcua")
+        if sink is not None:
+            from adapters.opcua import OpcUaHandlers
+
+            sink.bind(OpcUaHandlers(trigger=self._opcua_trigger, select_model=self._opcua_select_model,
+                                    reset_counters=self.reset_counters))
+            if self.service.pipeline is not None:
+                detector = self.service.pipeline.detector
+                self.opcua.update("", {"ActiveModelVersion": str(getattr(detector, "version", ""))})
         publisher = self.service.publisher
         if publisher is not None and s.mqtt.commands:
             prefix = s.mqtt.prefix
@@ -130,25 +141,6 @@ class Integrations:
         if self.opcua is not None:
             self._status_thread = threading.Thread(target=self._refresh_states, name="opcua-states", daemon=True)
             self._status_thread.start()
-
-    def _start_opcua(self) -> None:
-        import hashlib
-
-        from adapters.opcua import OpcUaHandlers, OpcUaServer, OpcUaSettings, OpcUaSource, OpcUaUserEntry
-
-        o = self.settings.opcua
-        users = [OpcUaUserEntry(name=u.name, role=u.role, password_sha256=u.password_sha256 or hashlib.sha256(
-            u.password.get_secret_value().encode()).hexdigest()) for u in o.users]
-        settings = OpcUaSettings(
-            endpoint=o.endpoint, namespace=o.namespace, allow_anonymous=o.allow_anonymous, users=users,
-            certificate=str(self.settings.resolve(o.certificate)) if o.certificate else None,
-            private_key=str(self.settings.resolve(o.private_key)) if o.private_key else None, security=o.security)
-        sources = [OpcUaSource(cfg.id, cfg.line, cfg.trigger) for cfg in self.settings.sources]
-        self.opcua = OpcUaServer(settings, sources, OpcUaHandlers(
-            trigger=self._opcua_trigger, select_model=self._opcua_select_model, reset_counters=self.reset_counters))
-        self.opcua.start()
-        detector = self.service.pipeline.detector
-        self.opcua.update("", {"ActiveModelVersion": str(getattr(detector, "version", ""))})
 
     # --- committed results ----------------------------------------------------------------------------------------
 
@@ -165,10 +157,7 @@ class Integrations:
                 if row.processed_at is not None and row.captured_at is not None:
                     stats.add_time(max(0.0, (_aware(row.processed_at) - _aware(row.captured_at)).total_seconds()
                                        * 1000))
-            if self.opcua is not None:
-                is_trigger = isinstance(row.meta, dict) and row.meta.get("trigger_id")
-                if not is_trigger:  # a triggered row shows up through its answer
-                    self.opcua.update(row.source, self._row_values(row, None))
+            if self.opcua is not None:  # the sink shows the row itself; a triggered one through its answer
                 self._publish_counters(row.source)
         if self.triggers is not None:
             self.triggers.committed(row)
@@ -388,10 +377,6 @@ class Integrations:
 
     def readiness(self, details: dict[str, Any]) -> bool:
         ok = True
-        if self.opcua is not None:
-            details["opcua"] = {"endpoint": self.settings.opcua.endpoint, "running": self.opcua.alive}
-            if not self.opcua.alive:
-                ok = False
         if self.triggers is not None:
             details["triggers"] = {source_id: self.triggers.counts(source_id) for source_id in self.triggers.source_ids}
         return ok
@@ -434,8 +419,6 @@ class Integrations:
         """After the pipeline drained: flush the webhooks (bounded), stop the servers and threads."""
         self._stopping.set()
         self.stop_triggers()
-        if self.opcua is not None:
-            self.opcua.stop(timeout=max(0.2, min(3.0, deadline - time.monotonic())))
         if self._command_thread is not None:
             self._command_thread.join(1.0)
 

@@ -39,13 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from daemon.scale import scaled
+from daemon.scale import scale_outputs, scaled
 from model.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger("anomalyd.references")
 
 MAX_REFERENCES = 16
 CALIBRATION_HOLDOUTS = 8
+# PatchCore's distance scale when it cannot be measured (one reference, a saved bank): a typical leave-one-out
+# image score of EfficientNet-Lite0 at 256 px on the shared samples (cubes: 15-27).
+DEFAULT_DISTANCE_SCALE = 20.0
 LABELLED_NORMALS_FOR_CALIBRATION = 32
 REFERENCE_PREFIX = "ref-"
 MODELS_NEEDING_REFERENCES = frozenset({"patchcore"})
@@ -200,9 +203,9 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
-            detector.distance_scale = normal_distance(
-                detector, files, lambda rest: create_detector(name, device=r.device, dtype=r.dtype,
-                                                              references=[str(f) for f in rest], **options))
+            raw = patchcore_leave_one_out(detector, [f for f in files if f.suffix != ".safetensors"])
+            detector.leave_one_out = raw  # raw (image scores, map maxima), for the calibration
+            detector.distance_scale = float(np.median(raw[0])) if raw[0] else DEFAULT_DISTANCE_SCALE
         return scaled(detector)
     from model.fewshot import with_references
 
@@ -225,14 +228,36 @@ def reference_model_options(settings: Any) -> dict[str, Any]:
     return options
 
 
-def normal_distance(detector: Any, files: Sequence[Path], build: Callable[[Sequence[Path]], Any]) -> float:
-    """A typical raw distance of a normal frame: the image score of the first reference against a bank of the
-    others (1.0 with a single reference or a saved bank)."""
-    images = [f for f in files if f.suffix != ".safetensors"]
-    if len(images) < 2:
-        return 1.0
-    scores, _ = score_files(build(images[1:]), images[:1])
-    return max(float(scores[0]), 1e-6)
+def patchcore_leave_one_out(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS
+                            ) -> tuple[list[float], list[float]]:
+    """Raw PatchCore (image score, map maximum) of up to `limit` references, each against a bank of the other
+    references' patches (no coreset): one embedding pass over the references instead of a bank per held-out one.
+    Empty with fewer than two references."""
+    import torch
+
+    from model.patchcore import clip_to_tf
+    from model.preprocess import decode_image, fast_transform
+
+    if len(files) < 2:
+        return [], []
+    model, size = detector.model, int(detector.image_size)
+    saved = (model.memory_bank, model.bank_norms)
+    scores: list[float] = []
+    maxima: list[float] = []
+    try:
+        with torch.inference_mode():
+            embeddings = [model.embed(clip_to_tf(fast_transform(decode_image(f), size)[None].to(detector.device)
+                                                 .float())).float() for f in files]
+            flats = [model.flatten(e) for e in embeddings]
+            for held_out in range(min(limit, len(files))):
+                model.set_memory_bank(torch.cat([f for j, f in enumerate(flats) if j != held_out]))
+                patch, where, flat = model.patch_scores(embeddings[held_out])
+                scores.append(float(model.image_scores(patch, where, flat)[0]))
+                grid = tuple(embeddings[held_out].shape[-2:])
+                maxima.append(float(model.anomaly_maps(patch, grid, (size, size)).amax()))
+    finally:
+        model.memory_bank, model.bank_norms = saved
+    return scores, maxima
 
 
 Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
@@ -319,13 +344,30 @@ class SourceState:
                 "error": self.error, "image_shape": list(self.shape) if self.shape else None}
 
 
+def upper_bound(values: Sequence[float], false_reject_rate: float) -> float:
+    """A 0–1 threshold that known-good values exceed with probability `false_reject_rate`.
+
+    A few dozen frames cannot show a 0.5 % quantile, so besides the empirical (1 - rate) quantile this takes a
+    Student-t prediction bound on the values' logits, mean + t(1 - rate, n - 1) · sd · sqrt(1 + 1/n) (normal
+    logits, n frames), and returns the larger of the two (the empirical quantile alone with under 3 frames)."""
+    from scipy import stats
+
+    data = np.clip(np.asarray(values, np.float64), 1e-6, 1 - 1e-6)
+    empirical = float(np.quantile(data, 1.0 - false_reject_rate))
+    if data.size < 3:
+        return empirical
+    logits = np.log(data / (1 - data))
+    spread = float(logits.std(ddof=1)) * np.sqrt(1 + 1 / data.size)
+    bound = float(logits.mean() + stats.t.ppf(1.0 - false_reject_rate, data.size - 1) * spread)
+    return max(empirical, float(1 / (1 + np.exp(-bound))))
+
+
 def quantile_thresholds(scores: Sequence[float], map_maxima: Sequence[float], false_reject_rate: float
                         ) -> tuple[float, float]:
-    """(image threshold, pixel threshold): the (1 - rate) quantiles of known-good scores and map maxima."""
-    q = 1.0 - float(false_reject_rate)
-    image = float(np.quantile(np.asarray(scores, np.float64), q))
-    pixel = float(np.quantile(np.asarray(map_maxima, np.float64), q))
-    # Just above the quantile: a known-good frame scoring exactly the threshold is not alerted.
+    """(image threshold, pixel threshold) for known-good image scores and map maxima (see `upper_bound`)."""
+    image = upper_bound(scores, false_reject_rate)
+    pixel = upper_bound(map_maxima, false_reject_rate)
+    # Just above the bound: a known-good frame scoring exactly the threshold is not alerted.
     return min(1.0, image + 1e-6), min(1.0, pixel + 1e-6)
 
 
@@ -504,7 +546,16 @@ class ReferenceManager:
         scores: list[float] = []
         maxima: list[float] = []
         methods = []
-        if len(images) >= 2:
+        precomputed = getattr(state.detector, "leave_one_out", None)
+        if precomputed and precomputed[0]:  # PatchCore: raw leave-one-out scores from the build, put on scale
+            import torch
+
+            raw_scores, raw_maxima = (torch.tensor(v, dtype=torch.float32) for v in precomputed)
+            s, m = scale_outputs(state.detector, raw_scores, raw_maxima)
+            scores += s.tolist()
+            maxima += m.tolist()
+            methods.append(f"leave-one-out on {len(raw_scores)} references")
+        elif len(images) >= 2:
             for held_out in images[:CALIBRATION_HOLDOUTS]:
                 others = [f for f in images if f != held_out]
                 detector = self.builder(self._base, others, None)

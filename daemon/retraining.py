@@ -59,7 +59,6 @@ log = logging.getLogger("anomalyd.retraining")
 # The same names as model.metrics.METRIC_NAMES (not imported: config validation must not load sklearn).
 COMPARABLE_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
                       "aupro", "aupro_anomalyclip")
-TRAINABLE = ("anomalyclip", "adaclip")  # [model].name values with learned weights to retrain
 LOG_TAIL_CHARS = 20_000
 
 
@@ -414,9 +413,11 @@ class TrainingSetBuilder:
         if len(frames) < 2:
             raise RetrainError(f"{len(frames)} labelled frame(s) available: need at least 2 (one to train, one to "
                                "evaluate); label inspections first")
-        if m.name not in TRAINABLE:
+        from model.factory import get_family, list_models
+
+        if not get_family(m.name).trainable:
             raise RetrainError(f"[model].name {m.name!r} has nothing to learn; retraining trains "
-                               f"{' or '.join(TRAINABLE)}")
+                               f"{' or '.join(list_models(trainable=True))}")
         frames = self._with_class_names(frames, m.name)
         train, holdout = split_holdout(frames, cfg.holdout_fraction)
         n_anomalous = sum(f.label for f in train)
@@ -459,16 +460,18 @@ class TrainingSetBuilder:
     def _with_class_names(self, frames: list[LabelledFrame], kind: str) -> list[LabelledFrame]:
         """Each frame's category becomes its source's class name ([[sources]].class_name, else [model].class_name).
 
-        AdaCLIP's text prompts name the object, so it cannot train without one; AnomalyCLIP's prompts are
-        object-agnostic and keep the source id as the category when no class is configured.
+        A family whose text prompts name the object (`needs_class_name`, e.g. AdaCLIP) cannot train without one;
+        others (AnomalyCLIP's object-agnostic prompts) keep the source id as the category when none is configured.
         """
         by_source = {source.id: source.class_name for source in self.settings.sources}
         default = self.settings.model.class_name
+        from model.factory import get_family
+
         named = [replace(f, category=by_source.get(f.category) or default or f.category) for f in frames]
-        if kind == "adaclip":
+        if get_family(kind).needs_class_name:
             missing = sorted({f.category for f in frames if not (by_source.get(f.category) or default)})
             if missing:
-                raise RetrainError(f"AdaCLIP needs the object class of each frame: set class_name on source(s) "
+                raise RetrainError(f"{kind} needs the object class of each frame: set class_name on source(s) "
                                    f"{', '.join(missing)} or [model].class_name")
         return named
 

@@ -113,27 +113,18 @@ def evaluate(detector: Any, dataset: Any, batch_size: int) -> dict[str, Any]:
 
 def _build(kind: str, spec_model: dict[str, Any], backbone: Any, weights: str | None) -> Any:
     """The model to train or evaluate: `weights` (a version's file) loaded, or a fresh start when None."""
-    if kind == "adaclip":
-        from model.adaclip import build_adaclip, load_adaclip_checkpoint
+    from model.factory import get_family
 
-        return build_adaclip(backbone, load_adaclip_checkpoint(weights) if weights else None,
-                             image_size=spec_model["image_size"])
-    from model import build_anomalyclip, load_prompts
-
-    return build_anomalyclip(backbone, load_prompts(weights) if weights else None, layers=spec_model["layers"],
-                             image_size=spec_model["image_size"])
+    return get_family(kind).training.build(backbone, weights, layers=spec_model["layers"],
+                                           image_size=spec_model["image_size"])
 
 
 def _detector(kind: str, model: Any, device: Any, version: str) -> Any:
     import torch
 
-    if kind == "adaclip":
-        from model.adaclip import AdaCLIPDetector
+    from model.factory import get_family
 
-        return AdaCLIPDetector(model, device=device, dtype=torch.float32, version=version)
-    from model.factory import AnomalyCLIPDetector
-
-    return AnomalyCLIPDetector(model, device=device, dtype=torch.float32, version=version)
+    return get_family(kind).wrap(model, device=device, dtype=torch.float32, version=version)
 
 
 def _active_detector(spec: dict[str, Any], backbone: Any, device: Any) -> Any:
@@ -151,7 +142,7 @@ def _active_detector(spec: dict[str, Any], backbone: Any, device: Any) -> Any:
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from model import load_backbone, resolve_device
+    from model import get_family, load_backbone, resolve_device
     from model.training import TrainingConfig, train_prompts
 
     m, t = spec["model"], spec["training"]
@@ -159,9 +150,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(spec.get("threads") or 1))
     device = resolve_device(spec.get("device") or "auto")
     emit({"event": "start", "version": spec["version"], "epochs": t["epochs"], "steps": t["epochs"] + 2})
-    # AdaCLIP's weights are trained on a tower built with nn.GELU (as its released ones were).
-    backbone = load_backbone(m["backbone"], config=m.get("backbone_config"),
-                             **({"quick_gelu": False} if kind == "adaclip" else {}))
+    # The family's activation (AdaCLIP's weights are trained on a tower built with nn.GELU, as its released ones).
+    backbone = load_backbone(m["backbone"], config=m.get("backbone_config"), **get_family(kind).backbone_options())
     model = _build(kind, m, backbone, m.get("init_prompts"))
     config = TrainingConfig.for_model(kind, epochs=t["epochs"], batch_size=t["batch_size"],
                                       learning_rate=t["learning_rate"], seed=t["seed"])

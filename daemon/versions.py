@@ -160,7 +160,7 @@ class VersionRegistry:
 
 
 def _shared_backbone(current: Any) -> Any:
-    """The loaded CLIP backbone of the running AnomalyCLIP detector (versions differ only in prompts)."""
+    """The loaded CLIP backbone of the running detector (for families whose versions differ only in weights)."""
     from model import ClipBackbone
 
     backbone = getattr(getattr(current, "model", None), "backbone", None)
@@ -169,11 +169,11 @@ def _shared_backbone(current: Any) -> Any:
 
 def build_version_detector(settings: Settings, row: ModelVersion, current: Any = None) -> Any:
     """The detector of a registered version with the [model]/[runtime] settings; shares `current`'s backbone."""
-    from model import create_detector
+    from model import create_detector, get_family
 
     m, r = settings.model, settings.runtime
     backbone: Any = None
-    if row.kind == "anomalyclip" and getattr(current, "name", None) == "anomalyclip":
+    if get_family(row.kind).versions_share_backbone and getattr(current, "name", None) == row.kind:
         backbone = _shared_backbone(current)
     backbone = backbone or settings.backbone_file()
     if row.prompts_path and not Path(row.prompts_path).is_file():
@@ -203,14 +203,15 @@ def _warm_up(detector: Any) -> None:
             model.text_features()
 
 
-def _copy_prompts(source: str, target: Path, version: str) -> Path:
-    """The configured prompts (official .pth or ours) as the version's file, tagged with its version name."""
-    from model import load_prompts, save_prompts
+def _copy_prompts(source: str, target: Path, version: str, kind: str) -> Path | str:
+    """The configured weights as the version's own file, tagged with its version name, when the family's
+    checkpoint format imports them (AnomalyCLIP's prompts); else the configured file itself."""
+    from model import get_family
 
-    checkpoint = load_prompts(source)
-    metadata = dict(checkpoint.metadata)
-    metadata.update(version=version, source=str(source))
-    return save_prompts(target, checkpoint.state, metadata)
+    checkpoint = get_family(kind).checkpoint
+    if checkpoint is None or checkpoint.import_weights is None:
+        return source
+    return checkpoint.import_weights(source, target, version)
 
 
 def _register_configured(settings: Settings, sessions: sessionmaker[Session], version: str,
@@ -227,8 +228,7 @@ def _register_configured(settings: Settings, sessions: sessionmaker[Session], ve
                 prompts = None
             path: Path | str | None = None
             if prompts and Path(prompts).is_file():
-                path = _copy_prompts(prompts, version_file(settings, version), version) if kind == "anomalyclip" \
-                    else prompts
+                path = _copy_prompts(prompts, version_file(settings, version), version, kind)
             row = register_version(session, version=version, kind=kind, prompts_path=path,
                                    notes="the configured model ([model] section)")
             log.info("registered the configured model as version %s", version)

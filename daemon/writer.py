@@ -229,7 +229,8 @@ class ResultWriter:
         t_artifacts = time.monotonic()
         region_dicts = [region.as_dict() for region in regions]
         values = dict(
-            uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line, frame_name=frame.name or None,
+            uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line,
+            frame_name=frame.meta.get("stored_name") or frame.name or None,  # where a folder source moves it
             captured_at=captured_at, processed_at=datetime.now(timezone.utc), model_version=record.model_version,
             score=float(record.score), threshold=threshold, is_anomalous=is_anomalous,
             regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame,

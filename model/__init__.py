@@ -1,56 +1,42 @@
-"""anomalyd's model package: zero-shot anomaly detectors on frozen CLIP backbones, in pure PyTorch.
+"""anomalyd's model package: anomaly detectors on frozen backbones, in pure PyTorch.
 
-Public entry points: `create_detector` (by model name), `load_backbone`, the `AnomalyCLIP` module, prompt
-checkpoints (`load_prompts`, `save_prompts`), and the preprocessing transforms in `model.preprocess`.
+Public entry points: `create_detector` (by model name), `list_models`, `get_family` and the registration
+functions of the model-family registry (`model.factory`, which says how to add a family), the `Detector`
+contract (`model.detector`), `load_backbone`, the `AnomalyCLIP` module, prompt checkpoints (`load_prompts`,
+`save_prompts`), and the preprocessing transforms in `model.preprocess`.
+
+The names below are imported on first use, so `import model.factory` (e.g. to list the model names while
+validating a config) loads neither torch nor any family; the built-in families register when first asked for.
 """
 
-# Models register themselves with the factory when imported.
-from model import adaclip as _adaclip  # noqa: F401
-from model import baselines as _baselines  # noqa: F401
-from model import patchcore as _patchcore  # noqa: F401
-from model._backbone import BackboneError, ClipBackbone, load_backbone
-from model.anomalyclip import AnomalyCLIP, PromptLearner
-from model.checkpoints import CheckpointError, PromptCheckpoint, load_prompts, save_official, save_prompts
-from model.factory import (
-    Detector,
-    Prediction,
-    build_anomalyclip,
-    create_detector,
-    list_models,
-    register_model,
-    resolve_device,
-    resolve_dtype,
-)
-from model.fewshot import (
-    FewShotDetector,
-    ReferenceBank,
-    ReferencesError,
-    calibrate_threshold,
-    with_references,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AnomalyCLIP",
-    "BackboneError",
-    "CheckpointError",
-    "ClipBackbone",
-    "Detector",
-    "FewShotDetector",
-    "Prediction",
-    "PromptCheckpoint",
-    "PromptLearner",
-    "ReferenceBank",
-    "ReferencesError",
-    "build_anomalyclip",
-    "calibrate_threshold",
-    "create_detector",
-    "list_models",
-    "load_backbone",
-    "load_prompts",
-    "register_model",
-    "resolve_device",
-    "resolve_dtype",
-    "save_official",
-    "save_prompts",
-    "with_references",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "model._backbone": ("BackboneError", "ClipBackbone", "load_backbone"),
+    "model.anomalyclip": ("AnomalyCLIP", "PromptCheckpoint", "PromptLearner", "build_anomalyclip", "load_prompts",
+                          "save_official", "save_prompts"),
+    "model.checkpoints": ("CheckpointError",),
+    "model.detector": ("Detector", "Prediction", "TorchDetector", "resolve_device", "resolve_dtype"),
+    "model.factory": ("CheckpointFormat", "ModelFamily", "TrainingSpec", "create_detector", "get_family",
+                      "list_models", "register_family", "register_model"),
+    "model.fewshot": ("FewShotDetector", "ReferenceBank", "ReferencesError", "calibrate_threshold",
+                      "with_references"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

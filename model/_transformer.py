@@ -7,10 +7,17 @@ fused kernels never materialise it). Tensors are batch-first (B, N, C).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def fp16_round(tensor: torch.Tensor) -> torch.Tensor:
+    """The official AnomalyCLIP and AdaCLIP code splice prompts in with `.half()`; keeping that rounding makes
+    float32 runs match theirs."""
+    return tensor.half().to(tensor.dtype)
 
 
 def split_qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,6 +75,34 @@ def embed_patches(visual: nn.Module, images: torch.Tensor, pos: torch.Tensor) ->
     return visual.ln_pre(x)
 
 
+def forward_blocks(
+    blocks: Sequence[nn.Module],
+    state: Any,
+    *,
+    taps: Sequence[int] = (),
+    step: Callable[[int, nn.Module, Any], Any] | None = None,
+    tap: Callable[[int, Any], torch.Tensor] | None = None,
+    stop_early: bool = False,
+) -> tuple[Any, list[torch.Tensor]]:
+    """Run `state` through the blocks and keep intermediates, in the spirit of timm's `forward_intermediates`.
+
+    Blocks are 1-indexed. `step(index, block, state)` runs one block (default: `standard_block` on a tensor);
+    `tap(index, state)` is what is kept after a block listed in `taps` (default: the state itself). With
+    `stop_early` the pass ends after the last tapped block. Returns the last state and the kept tensors in the
+    order of `taps`.
+    """
+    wanted = set(taps)
+    last = max(wanted) if stop_early and wanted else None
+    tapped: dict[int, torch.Tensor] = {}
+    for index, block in enumerate(blocks, start=1):
+        state = step(index, block, state) if step is not None else standard_block(block, state)
+        if index in wanted:
+            tapped[index] = tap(index, state) if tap is not None else state
+        if last is not None and index >= last:
+            break
+    return state, [tapped[t] for t in taps]
+
+
 def encode_image_dpam(
     visual: nn.Module,
     images: torch.Tensor,
@@ -81,46 +116,16 @@ def encode_image_dpam(
     dpam_start - 1. Returns the ori stream after the last block (B, N, C) and, per tap, the vv stream (or the
     ordinary stream for taps before dpam_start) after that block, CLS included.
     """
-    x = embed_patches(visual, images, pos)
-    tapped: dict[int, torch.Tensor] = {}
-    vv: torch.Tensor | None = None
-    wanted = set(taps)
-    for index, block in enumerate(visual.transformer.resblocks, start=1):
+
+    def step(index: int, block: nn.Module, state: tuple[torch.Tensor, torch.Tensor | None]):
+        x, vv = state
         if index < dpam_start:
-            x = standard_block(block, x)
-            if index in wanted:
-                tapped[index] = x
-        else:
-            x, vv = dual_path_block(block, x, x if vv is None else vv)
-            if index in wanted:
-                tapped[index] = vv
-    return x, [tapped[t] for t in taps]
+            return standard_block(block, x), None
+        return dual_path_block(block, x, x if vv is None else vv)
 
+    def tap(index: int, state: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        return state[0] if index < dpam_start else state[1]
 
-def encode_text_deep(
-    clip: nn.Module,
-    prompt_embeddings: torch.Tensor,
-    token_ids: torch.Tensor,
-    deep_prompts: Sequence[torch.Tensor] = (),
-    *,
-    deep_prompt_cast: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Text features (B, E) for prompt embeddings (B, L, C) with deep prompts overwriting tokens 1..n.
-
-    Before text block i (0-indexed, 1 <= i <= len(deep_prompts)) the n positions after SOS are replaced by
-    deep_prompts[i - 1] (shared by every prompt). The feature is ln_final at the EOT position (argmax of the token
-    ids) projected by text_projection; not normalised.
-    """
-    x = prompt_embeddings + clip.positional_embedding.to(prompt_embeddings.dtype)
-    mask = clip.attn_mask.to(dtype=x.dtype, device=x.device) if clip.attn_mask is not None else None
-    for index, block in enumerate(clip.transformer.resblocks):
-        if 1 <= index <= len(deep_prompts):
-            ctx = deep_prompts[index - 1]
-            if deep_prompt_cast is not None:
-                ctx = deep_prompt_cast(ctx)
-            ctx = ctx.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], ctx, x[:, 1 + ctx.shape[1]:]], dim=1)
-        x = standard_block(block, x, mask)
-    x = clip.ln_final(x)
-    eot = token_ids.argmax(dim=-1)
-    return x[torch.arange(x.shape[0], device=x.device), eot] @ clip.text_projection
+    (x, _), tapped = forward_blocks(visual.transformer.resblocks, (embed_patches(visual, images, pos), None),
+                                    taps=taps, step=step, tap=tap)
+    return x, tapped

@@ -19,13 +19,11 @@ Deviations from the papers are listed in docs/models.md.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,8 +36,10 @@ from model._backbone import (
     load_backbone,
     resize_position_embedding,
 )
-from model._transformer import embed_patches, standard_block
-from model.factory import Detector, Prediction, file_digest, register_model
+from model._text import encode_text, tokenize, used_length
+from model._transformer import embed_patches, forward_blocks
+from model.detector import Detector, TorchDetector, file_digest
+from model.factory import ModelFamily, register_family
 from model.gaussian import gaussian_blur
 
 DEFAULT_CLASS_NAME = "object"
@@ -137,15 +137,9 @@ def encode_text_causal(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     pool = getattr(clip, "text_pool_type", "argmax")
     if pool != "argmax" or clip.attn_mask is None:
         return clip.encode_text(tokens)
-    eot = tokens.argmax(dim=-1)
-    length = int(eot.max()) + 1
-    x = clip.token_embedding(tokens[:, :length]) + clip.positional_embedding[:length].to(torch.float32)
-    mask = clip.attn_mask[:length, :length].to(device=x.device, dtype=x.dtype)
-    for block in clip.transformer.resblocks:
-        x = standard_block(block, x, mask)
-    x = clip.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
-    projection = clip.text_projection
-    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+    tokens = tokens[:, : used_length(tokens)]
+    x = clip.token_embedding(tokens) + clip.positional_embedding[: tokens.shape[1]].to(torch.float32)
+    return encode_text(clip, x, tokens)
 
 
 class _ZeroShotClip(nn.Module):
@@ -179,7 +173,7 @@ class _ZeroShotClip(nn.Module):
         # Text features are computed once per class, in float32 whatever the inference autocast.
         with torch.autocast(device.type, enabled=False):
             for prompts in prompt_ensemble(class_name, self.ensemble):
-                tokens = open_clip.tokenize(prompts).to(device)
+                tokens = tokenize(prompts, truncate=True).to(device)
                 rows.append(encode_text_causal(self.clip, tokens).float().mean(dim=0))
         features = F.normalize(torch.stack(rows), dim=-1)
         self._text_cache[class_name] = features
@@ -197,9 +191,7 @@ class _ZeroShotClip(nn.Module):
             )
 
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
-        for block in self.clip.visual.transformer.resblocks:
-            tokens = standard_block(block, tokens)
-        return tokens
+        return forward_blocks(self.clip.visual.transformer.resblocks, tokens)[0]
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual
@@ -312,24 +304,15 @@ class WinCLIP(_ZeroShotClip):
         return image_scores.float(), maps.float()
 
 
-class BaselineDetector:
+class BaselineDetector(TorchDetector):
     """A training-free model behind the Detector protocol: device placement, autocast, class names per image."""
 
     def __init__(self, model: ClipZeroShot | WinCLIP, *, name: str, device: torch.device, dtype: torch.dtype,
                  version: str, class_name: str | None = None) -> None:
-        self.model = model.to(device).eval()
+        super().__init__(model, device=device, dtype=dtype, version=version)
         self.backbone = model.backbone
         self.name = name
-        self.device = device
-        self.dtype = dtype
-        self.version = version
-        self.image_size = model.image_size
         self.class_name = class_name or DEFAULT_CLASS_NAME
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _class_names(self, batch: int, class_names: Sequence[str] | None) -> list[str]:
         if class_names is None:
@@ -340,15 +323,14 @@ class BaselineDetector:
             raise ValueError(f"{len(class_names)} class names for a batch of {batch} images")
         return [name or self.class_name for name in class_names]
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Prediction:
-        images = images.to(self.device, non_blocking=True)
+    def _before_autocast(self, images: torch.Tensor, class_names: Sequence[str] | None) -> list[str]:
         names = self._class_names(images.shape[0], class_names)
         for name in set(names):  # text features in float32, outside autocast
             self.model.class_text_features(name)
-        with self._autocast():
-            scores, maps = self.model.predict(images, names)
-        return Prediction(scores=scores.float(), maps=maps.float())
+        return names
+
+    def _predict(self, images: torch.Tensor, class_names: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.predict(images, class_names)
 
 
 @functools.lru_cache(maxsize=8)
@@ -384,7 +366,6 @@ def _build_clip(ensemble: bool, name: str, *, backbone: str | Path | ClipBackbon
     return BaselineDetector(model, name=name, device=device, dtype=dtype, version=version, class_name=class_name)
 
 
-@register_model("clip")
 def create_clip(
     *,
     backbone: str | Path | ClipBackbone = DEFAULT_BACKBONE,
@@ -404,14 +385,12 @@ def create_clip(
                        class_name=class_name, device=device, dtype=dtype, sigma=sigma)
 
 
-@register_model("clip-ac")
 def create_clip_ac(**options: Any) -> Detector:
     """CLIP with WinCLIP's compositional prompt ensemble (`clip` with prompt_ensemble=True)."""
     options.pop("prompt_ensemble", None)
     return create_clip(prompt_ensemble=True, **options)
 
 
-@register_model("winclip")
 def create_winclip(
     *,
     backbone: str | Path | ClipBackbone = DEFAULT_BACKBONE,
@@ -433,3 +412,11 @@ def create_winclip(
     version = f"winclip-{backbone_tag(backbone, loaded)}-{image_size}-w{scale_tag}"
     return BaselineDetector(model, name="winclip", device=device, dtype=dtype, version=version,
                             class_name=class_name)
+
+
+register_family(ModelFamily(name="clip", create=create_clip,
+                            summary="CLIP zero-shot: two prompts per class (training-free)"))
+register_family(ModelFamily(name="clip-ac", create=create_clip_ac,
+                            summary="CLIP with WinCLIP's compositional prompt ensemble (training-free)"))
+register_family(ModelFamily(name="winclip", create=create_winclip,
+                            summary="WinCLIP (CVPR 2023) zero-shot: sliding-window CLIP embeddings (training-free)"))

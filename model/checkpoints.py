@@ -1,11 +1,7 @@
-"""Prompt checkpoints: the official AnomalyCLIP `.pth` format and the project's own safetensors format.
+"""What the families' checkpoint formats share: the error type, and reading/writing anomalyd safetensors files
+(tensors plus JSON metadata under "anomalyd" in the header, with a format name and version).
 
-- Official: `torch.save({"prompt_learner": state_dict})` with the keys of `PromptLearner` (ctx_pos, ctx_neg,
-  compound_prompts_text.N, compound_prompt_projections.N.*, token_prefix_*, token_suffix_*, tokenized_prompts_*).
-  Read with `weights_only=True`.
-- anomalyd: a safetensors file with the same tensors (`prompt_learner.` prefix, leaving room for other models'
-  parts) and JSON metadata in the header under "anomalyd": model, backbone, taps, image size, training data,
-  metrics, created time.
+Each family's own format lives with it (`model.anomalyclip.checkpoint`, `model.adaclip.checkpoint`).
 """
 
 from __future__ import annotations
@@ -13,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +16,9 @@ import torch
 
 from model.atomic import atomic_path
 
-FORMAT_NAME = "anomalyd-prompts"
-FORMAT_VERSION = 1
-_PREFIX = "prompt_learner."
-
 
 class CheckpointError(ValueError):
-    """A prompt checkpoint that cannot be read or does not fit; the message names the file and the problem."""
-
-
-@dataclass
-class PromptCheckpoint:
-    state: dict[str, torch.Tensor]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    format: str = "anomalyd"  # or "official"
-    path: Path | None = None
-
-    @property
-    def learner_shape(self) -> dict[str, int]:
-        """n_ctx, depth, deep_length and width of the learner these tensors belong to."""
-        try:
-            ctx = self.state["ctx_pos"]
-            deep = sorted(k for k in self.state if k.startswith("compound_prompts_text."))
-            return {
-                "n_ctx": int(ctx.shape[2]),
-                "depth": len(deep) + 1,
-                "deep_length": int(self.state[deep[0]].shape[0]) if deep else 4,
-                "width": int(ctx.shape[-1]),
-            }
-        except (KeyError, IndexError) as exc:
-            where = self.path or "checkpoint"
-            raise CheckpointError(f"{where}: not an AnomalyCLIP prompt checkpoint (missing {exc})") from exc
+    """A checkpoint that cannot be read or does not fit; the message names the file and the problem."""
 
 
 def read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -73,50 +40,34 @@ def read_safetensors(path: Path, expected_format: str) -> tuple[dict[str, torch.
     return tensors, metadata
 
 
-def load_prompts(path: str | Path) -> PromptCheckpoint:
-    """Read an official `.pth` or an anomalyd `.safetensors` prompt checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"prompts file {path} does not exist")
-    if path.suffix == ".safetensors":
-        tensors, metadata = read_safetensors(path, FORMAT_NAME)
-        state = {k[len(_PREFIX):]: v for k, v in tensors.items() if k.startswith(_PREFIX)}
-        if not state:
-            raise CheckpointError(f"{path}: no {_PREFIX}* tensors: not an anomalyd prompt checkpoint")
-        return PromptCheckpoint(state=state, metadata=metadata, format="anomalyd", path=path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
-    if not isinstance(obj, Mapping) or "prompt_learner" not in obj:
-        keys = list(obj)[:5] if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"{path}: expected the official format {{'prompt_learner': ...}}, found {keys}")
-    state = {k: v for k, v in obj["prompt_learner"].items() if isinstance(v, torch.Tensor)}
-    return PromptCheckpoint(state=state, metadata={"source": str(path)}, format="official", path=path)
-
-
-def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-
-def save_official(path: str | Path, state: Mapping[str, torch.Tensor]) -> Path:
-    """Write the official `{"prompt_learner": state_dict}` file (readable by the official test.py)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save({"prompt_learner": _contiguous(state)}, tmp)
-    return path
-
-
-def save_prompts(path: str | Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write the anomalyd format: `.safetensors` (any other suffix writes the official format)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return save_official(path, state)
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], format_name: str, format_version: int,
+                      metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write an anomalyd safetensors file atomically: tensors (made contiguous on the CPU) and the JSON metadata
+    (format, format_version, created, then `metadata`)."""
     from safetensors.torch import save_file
 
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path = Path(path)
+    meta = {"format": format_name, "format_version": format_version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     meta.update(metadata or {})
-    with atomic_path(path) as tmp:
-        save_file({_PREFIX + k: v for k, v in _contiguous(state).items()}, str(tmp),
+    with atomic_path(path) as tmp:  # one temporary name per writer: workers may race
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"anomalyd": json.dumps(meta, default=str)})
     return path
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """`torch.save` to a temporary file beside `path`, then rename (readers never see half a file)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def __getattr__(name: str) -> Any:
+    # AnomalyCLIP's prompt format lived here before the families got their own packages.
+    if name in ("PromptCheckpoint", "load_prompts", "save_prompts", "save_official", "FORMAT_NAME"):
+        from model.anomalyclip import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,170 +1,159 @@
-"""The one way to build a detector: `create_detector(name, ...)`, with a registry of model builders.
+"""The model-family registry and the one way to build a detector: `create_detector(name, ...)`.
 
-Every detector implements the `Detector` protocol: `predict(images) -> Prediction` on a batch of preprocessed
-images (B, 3, S, S). Further models (AdaCLIP, the CLIP/WinCLIP baselines) register here with `register_model`.
+Each family (anomalyclip, adaclip, the clip/clip-ac/winclip baselines, ...) lives in its own module or subpackage
+and registers a `ModelFamily` here that declares everything the rest of anomalyd asks of it, so training,
+retraining, the CLI and the config never switch on a model name:
+
+- `create`: the builder, `create(device=, dtype=, **options) -> Detector` (options a family does not use are
+  ignored by it, so it must accept `**_`);
+- `checkpoint`: its weights file format (`load`, `save`, and `import_weights` for the version registry);
+- `training`: whether and how it trains (`TrainingSpec`: fresh/loaded module, training target with optimiser and
+  loss, the official optimiser defaults);
+- `default_taps`, `activation`, `needs_class_name`, `default_weights`, `versions_share_backbone`.
+
+Adding a family: write `model/<family>/` (module, detector on `model.detector.TorchDetector`, checkpoint I/O,
+training target), then in its `family.py`
+
+    register_family(ModelFamily(name="myfamily", create=create_myfamily, training=TrainingSpec(...), ...))
+
+and import it from `model/__init__.py` (a test or plug-in may register one at run time the same way). A bare
+builder is enough for a training-free model: `@register_model("name")` on `create(device=, dtype=, **options)`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # this module imports no torch: the config lists the model names without loading any model
+    import torch
+    from torch import nn
 
-from model._backbone import (
-    DEFAULT_BACKBONE,
-    DEFAULT_PRETRAINED,
-    ClipBackbone,
-    describe_state_mismatch,
-    load_backbone,
-)
-from model.anomalyclip import AnomalyCLIP
-from model.checkpoints import CheckpointError, PromptCheckpoint, load_prompts
+    from model.detector import Detector
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ModelBuilder = Callable[..., "Detector"]
 
 
-@dataclass
-class Prediction:
-    scores: torch.Tensor  # (B,) float32 image anomaly scores
-    maps: torch.Tensor  # (B, S, S) float32 anomaly maps in model input space
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A family's weights file: read it, write a module's learned weights, and bring configured weights into the
+    version registry (`import_weights(source, target, version) -> file`; None: the file is used where it is)."""
+
+    load: Callable[[str | Path], Any]
+    save: Callable[[nn.Module, str | Path, Mapping[str, Any]], Path]
+    import_weights: Callable[[str | Path, Path, str], Path] | None = None
 
 
-@runtime_checkable
-class Detector(Protocol):
+@dataclass(frozen=True)
+class TrainingSpec:
+    """How a family trains.
+
+    build(backbone, weights, *, layers, image_size): the module to train, from a weights file or fresh (None);
+    target(module, config): the training target (optimiser, loss, state, save; see `model.training`);
+    model_type: the module class (to find the family of a module handed to `train_prompts`);
+    defaults: `TrainingConfig` values of the official recipe (epochs, learning_rate, weight_decay, ...).
+    """
+
+    build: Callable[..., nn.Module]
+    target: Callable[[Any, Any], Any]
+    model_type: type
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything anomalyd asks of a model family (see the module docstring)."""
+
     name: str
-    version: str
-    image_size: int
-    device: torch.device
+    create: ModelBuilder
+    summary: str = ""
+    # wrap(module, *, device, dtype, version): a trained module behind the Detector protocol (retraining's eval).
+    wrap: Callable[..., Detector] | None = None
+    checkpoint: CheckpointFormat | None = None
+    training: TrainingSpec | None = None
+    default_taps: Callable[[int], tuple[int, ...]] | None = None  # vision blocks for a tower of n blocks
+    # The backbone activation its weights need: "gelu" (nn.GELU), "quick_gelu", or None (the backbone's own).
+    activation: str | None = None
+    needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
+    default_weights: str | None = None  # released weights used when the config names none
+    versions_share_backbone: bool = False  # versions differ only in learned weights: a swap reuses the backbone
+    clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)
 
-    def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Prediction: ...
+    @property
+    def trainable(self) -> bool:
+        return self.training is not None
 
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not valid: expected auto, cpu, cuda or cuda:N") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    def backbone_options(self) -> dict[str, Any]:
+        """`load_backbone` keyword arguments for this family's activation."""
+        return {} if self.activation is None else {"quick_gelu": self.activation == "quick_gelu"}
 
 
-def file_digest(path: str | Path, length: int = 12) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:length]
+MODEL_REGISTRY: dict[str, ModelFamily] = {}
+# Where the built-in families register themselves: imported on first use, so listing names loads no model code.
+BUILTIN_FAMILIES: dict[str, str] = {
+    "anomalyclip": "model.anomalyclip.family",
+    "adaclip": "model.adaclip.family",
+    "clip": "model.baselines",
+    "clip-ac": "model.baselines",
+    "winclip": "model.baselines",
+    "patchcore": "model.patchcore.detector",
+}
 
 
-class AnomalyCLIPDetector:
-    """AnomalyCLIP behind the Detector protocol: device placement, autocast, fixed output dtype."""
-
-    name = "anomalyclip"
-
-    def __init__(self, model: AnomalyCLIP, *, device: torch.device, dtype: torch.dtype, version: str) -> None:
-        self.model = model.to(device).eval()
-        self.device = device
-        self.dtype = dtype
-        self.version = version
-        self.image_size = model.image_size
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Prediction:
-        images = images.to(self.device, non_blocking=True)
-        with self._autocast():
-            scores, maps = self.model.predict(images)
-        return Prediction(scores=scores.float(), maps=maps.float())
+def _load_builtin(name: str | None = None) -> None:
+    """Import the module of the built-in family `name` (None: of every built-in family) so it registers."""
+    for family, module in BUILTIN_FAMILIES.items():
+        if (name is None or family == name) and family not in MODEL_REGISTRY:
+            importlib.import_module(module)
 
 
-ModelBuilder = Callable[..., Detector]
-MODEL_REGISTRY: dict[str, ModelBuilder] = {}
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Register (or replace) a family under its name."""
+    MODEL_REGISTRY[family.name] = family
+    return family
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+def register_model(name: str, **spec: Any) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator registering a builder as the family `name` (timm style); `spec`: further `ModelFamily` fields."""
+
     def decorator(builder: ModelBuilder) -> ModelBuilder:
-        MODEL_REGISTRY[name] = builder
+        register_family(ModelFamily(name=name, create=builder, **spec))
         return builder
 
     return decorator
 
 
-def list_models() -> list[str]:
-    return sorted(MODEL_REGISTRY)
+def unregister_model(name: str) -> None:
+    MODEL_REGISTRY.pop(name, None)
 
 
-def build_anomalyclip(
-    backbone: ClipBackbone,
-    prompts: PromptCheckpoint | None,
-    *,
-    layers: Sequence[int] = (24,),
-    image_size: int = 518,
-) -> AnomalyCLIP:
-    """An AnomalyCLIP sized for the prompts (n_ctx, depth, deep length) with the prompts loaded; random prompts
-    (official init) when `prompts` is None, e.g. to start training."""
-    shape = prompts.learner_shape if prompts is not None else {}
-    if shape and shape["width"] != backbone.text_width:
-        raise CheckpointError(
-            f"{prompts.path}: prompts have width {shape['width']} but backbone {backbone.name} has text width "
-            f"{backbone.text_width}: they belong to another backbone"
-        )
-    model = AnomalyCLIP(
-        backbone, layers=layers, image_size=image_size,
-        n_ctx=shape.get("n_ctx", 12), depth=shape.get("depth", 9), deep_length=shape.get("deep_length", 4),
-    )
-    if prompts is not None:
-        mismatch = describe_state_mismatch(model.prompt_learner, prompts.state)
-        if mismatch:
-            raise CheckpointError(f"{prompts.path}: prompt checkpoint does not fit AnomalyCLIP: {mismatch}")
-        model.load_prompt_state(prompts.state)
-    return model.eval()
+def list_models(*, trainable: bool | None = None) -> list[str]:
+    """Family names, sorted; `trainable=True/False` keeps those that do / do not train (that loads them)."""
+    if trainable is None:
+        return sorted(set(BUILTIN_FAMILIES) | set(MODEL_REGISTRY))
+    _load_builtin()
+    return sorted(n for n, f in MODEL_REGISTRY.items() if f.trainable == trainable)
 
 
-@register_model("anomalyclip")
-def _create_anomalyclip(
-    *,
-    backbone: str | Path | ClipBackbone = DEFAULT_BACKBONE,
-    backbone_config: str | Path | None = None,
-    pretrained: str | None = DEFAULT_PRETRAINED,
-    prompts: str | Path | PromptCheckpoint | None = None,
-    layers: Sequence[int] = (24,),
-    image_size: int = 518,
-    device: torch.device,
-    dtype: torch.dtype,
-    **_: Any,
-) -> Detector:
-    if prompts is None:
-        raise CheckpointError(
-            "AnomalyCLIP needs learned prompts: pass --prompts FILE (train one with `anomalyd train`, or get the "
-            "released ones with `anomalyd weights fetch`), or choose a training-free model with --model"
-        )
-    checkpoint = prompts if isinstance(prompts, PromptCheckpoint) else load_prompts(prompts)
-    if not isinstance(backbone, ClipBackbone):
-        backbone = load_backbone(backbone, config=backbone_config, pretrained=pretrained)
-    model = build_anomalyclip(backbone, checkpoint, layers=layers, image_size=image_size)
-    digest = file_digest(checkpoint.path) if checkpoint.path is not None else "memory"
-    version = checkpoint.metadata.get("version") or f"anomalyclip-{digest}"
-    return AnomalyCLIPDetector(model, device=device, dtype=dtype, version=str(version))
+def get_family(name: str) -> ModelFamily:
+    if name not in MODEL_REGISTRY:
+        _load_builtin(name)
+    try:
+        return MODEL_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}") from None
+
+
+def family_of(module: nn.Module) -> ModelFamily:
+    """The trainable family whose module class `module` is."""
+    _load_builtin()
+    for family in MODEL_REGISTRY.values():
+        if family.training is not None and isinstance(module, family.training.model_type):
+            return family
+    raise TypeError(f"no training is defined for {type(module).__name__}")
 
 
 def create_detector(
@@ -177,13 +166,27 @@ def create_detector(
     """Build a detector by model name. Options: backbone, backbone_config, pretrained, prompts, layers,
     image_size, class_name, hsf, references (+ references_cache: where the reference bank is kept); options a
     model does not use are ignored by it."""
-    if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}")
+    from model.detector import resolve_device, resolve_dtype
+
+    family = get_family(name)
     options = {k: v for k, v in options.items() if v is not None}
-    detector = MODEL_REGISTRY[name](device=resolve_device(device), dtype=resolve_dtype(dtype), **options)
+    detector = family.create(device=resolve_device(device), dtype=resolve_dtype(dtype), **options)
     if options.get("references") is not None and not getattr(detector, "uses_references", False):
         # Few-shot normal references (WinCLIP+ style) work on top of any model.
         from model.fewshot import with_references
 
         detector = with_references(detector, options["references"], cache_path=options.get("references_cache"))
     return detector
+
+
+_MOVED = {  # names this module offered before the families got their own packages, and where they live now
+    **dict.fromkeys(("DTYPES", "Detector", "Prediction", "file_digest", "resolve_device", "resolve_dtype"),
+                    "model.detector"),
+    **dict.fromkeys(("AnomalyCLIPDetector", "build_anomalyclip"), "model.anomalyclip.family"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,6 @@ turns scores of known-good images into an alert threshold.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -29,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from model._backbone import ClipBackbone, resize_position_embedding
-from model._transformer import embed_patches, standard_block
+from model._transformer import embed_patches, forward_blocks
 from model.atomic import atomic_path
-from model.factory import Detector, Prediction
+from model.detector import Detector, Prediction, autocast
 from model.gaussian import gaussian_blur
 from model.preprocess import IMAGE_SUFFIXES, decode_image, fast_transform
 
@@ -97,18 +96,16 @@ class PatchFeatureExtractor:
         images = images.to(device)
         if self._pos.device != device:
             self._pos = self._pos.to(device)
-        x = embed_patches(visual, images, self._pos)
-        wanted, features = set(self.layers), {}
-        for index, block in enumerate(visual.transformer.resblocks, start=1):
-            x = standard_block(block, x)
-            if index in wanted:
-                tokens = x[:, 1:]
-                if self.kind == "proj":
-                    tokens = visual.ln_post(tokens) @ visual.proj
-                features[index] = F.normalize(tokens.float(), dim=-1)
-            if index >= max(self.layers):
-                break
-        return [features[layer] for layer in self.layers]
+
+        def patch_features(_: int, x: torch.Tensor) -> torch.Tensor:
+            tokens = x[:, 1:]
+            if self.kind == "proj":
+                tokens = visual.ln_post(tokens) @ visual.proj
+            return F.normalize(tokens.float(), dim=-1)
+
+        _, features = forward_blocks(visual.transformer.resblocks, embed_patches(visual, images, self._pos),
+                                     taps=self.layers, tap=patch_features, stop_early=True)
+        return features
 
 
 @dataclass
@@ -335,16 +332,11 @@ class FewShotDetector:
         self.version = f"{base.version}+ref-{bank.digest or 'bank'}-k{bank.n_references}"
         extractor.backbone.clip.to(self.device)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     @torch.no_grad()
     def few_shot_maps(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, S) few-shot maps in [0, 1] (before blurring, values are (1 - max cos) / 2)."""
         images = images.to(self.device, non_blocking=True)
-        with self._autocast():
+        with autocast(self.device, self.dtype):
             queries = self.extractor(images)
         distances = self.bank.distances([q.float() for q in queries])
         grid = self.extractor.grid

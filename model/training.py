@@ -1,9 +1,6 @@
-"""Training the learned parts of a detector: one loop, with a small adapter per model.
-
-- AnomalyCLIP: only the prompt learner trains (Adam, lr 1e-3, betas (0.5, 0.999), no weight decay, no schedule,
-  batch 8, 15 epochs, seed 111, as the official train.py), glocal loss.
-- AdaCLIP: prompts, dynamic generators and heads (AdamW lr 0.01, betas (0.5, 0.999), weight decay 0.01, 5 epochs),
-  its focal + dice loss; real batches (the official code trains at batch 1).
+"""Training the learned parts of a detector: one loop; each trainable family registers its training target
+(optimiser, loss, weights I/O) and its official defaults (`model.factory.TrainingSpec`), e.g.
+`model.anomalyclip.training`, `model.adaclip.training`.
 
 Each epoch ends with the weights written to the output file and a resume file beside it (`<output>.resume.pt`:
 optimizer state, epoch, history), so an interrupted run continues where it stopped with `resume=True`.
@@ -17,18 +14,12 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from model.anomalyclip import AnomalyCLIP
-from model.checkpoints import save_prompts
-from model.losses import glocal_loss
-
-if TYPE_CHECKING:
-    from model.adaclip import AdaCLIP
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +37,12 @@ class TrainingConfig:
 
     @classmethod
     def for_model(cls, name: str, **overrides: Any) -> TrainingConfig:
-        """The official settings of each model, with overrides (None values ignored)."""
-        defaults: dict[str, Any] = {}
-        if name == "adaclip":
-            defaults = {"epochs": 5, "batch_size": 8, "learning_rate": 0.01, "weight_decay": 0.01}
+        """The official settings of each model (its family's training defaults), with overrides (None values
+        ignored)."""
+        from model.factory import get_family
+
+        training = get_family(name).training
+        defaults: dict[str, Any] = dict(training.defaults) if training is not None else {}
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**defaults)
 
@@ -78,81 +71,22 @@ class StepLoss:
     local: float
 
 
-class _AnomalyCLIPTarget:
-    """How to train AnomalyCLIP: its prompt learner, Adam, the glocal loss, the prompts file formats."""
+class TrainingTarget(Protocol):
+    """What a family's training target offers the loop (see e.g. `model.anomalyclip.training`)."""
 
-    def __init__(self, model: AnomalyCLIP, config: TrainingConfig) -> None:
-        self.model, self.config = model, config
-        self.module = model.prompt_learner
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.module.parameters(), lr=self.config.learning_rate, betas=self.config.betas,
-                                weight_decay=self.config.weight_decay)
-
-    def loss(self, batch: Mapping[str, Any], device: torch.device) -> StepLoss:
-        images = batch["image"].to(device)
-        output = self.model(images, with_probabilities=bool(batch["has_mask"].any()))
-        loss = glocal_loss(output.image_logits, batch["label"].to(device), output.probabilities,
-                           batch["mask"].to(device), local_weight=self.config.local_weight,
-                           has_mask=batch["has_mask"].to(device))
-        return StepLoss(loss.total, loss.image.item(), loss.local.item())
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.model.load_prompt_state(dict(state))
-
-    def save(self, output: Path, metadata: Mapping[str, Any]) -> None:
-        save_prompts(output, self.module.state_dict(), metadata)
-
-    def finish_epoch(self) -> None:
-        self.model.invalidate_text_cache()
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    def loss(self, batch: Mapping[str, Any], device: torch.device) -> StepLoss: ...
+    def state(self) -> dict[str, torch.Tensor]: ...
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None: ...
+    def save(self, output: Path, metadata: Mapping[str, Any]) -> None: ...
+    def finish_epoch(self) -> None: ...
 
 
-class _AdaCLIPTarget:
-    """How to train AdaCLIP: its learned modules, AdamW, its loss; class names come from the batch's categories."""
+def _target(model: nn.Module, config: TrainingConfig) -> TrainingTarget:
+    from model.factory import family_of
 
-    def __init__(self, model: AdaCLIP, config: TrainingConfig) -> None:
-        self.model, self.config = model, config
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        from model.adaclip import build_optimizer
-
-        return build_optimizer(self.model, lr=self.config.learning_rate, betas=self.config.betas,
-                               weight_decay=self.config.weight_decay)
-
-    def loss(self, batch: Mapping[str, Any], device: torch.device) -> StepLoss:
-        from model.adaclip import adaclip_loss
-
-        output = self.model(batch["image"].to(device), list(batch["category"]))
-        loss = adaclip_loss(self.model, output, batch["label"].to(device), batch["mask"].to(device),
-                            has_mask=batch["has_mask"].to(device))
-        return StepLoss(loss.total, float(loss.classification), float(loss.segmentation))
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return self.model.learned_state_dict()
-
-    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.model.load_learned_state(dict(state))
-
-    def save(self, output: Path, metadata: Mapping[str, Any]) -> None:
-        from model.adaclip import save_adaclip
-
-        save_adaclip(self.model, output, class_names=metadata.get("class_names", ()), metadata=metadata)
-
-    def finish_epoch(self) -> None:
-        pass
-
-
-def _target(model: Any, config: TrainingConfig):
-    if isinstance(model, AnomalyCLIP):
-        return _AnomalyCLIPTarget(model, config)
-    from model.adaclip import AdaCLIP
-
-    if isinstance(model, AdaCLIP):
-        return _AdaCLIPTarget(model, config)
-    raise TypeError(f"no training is defined for {type(model).__name__}")
+    family = family_of(model)
+    return family.training.target(model, config)
 
 
 def resume_path(output: Path) -> Path:
@@ -166,7 +100,7 @@ def _collate(batch):
 
 
 def train_prompts(
-    model: AnomalyCLIP | AdaCLIP,
+    model: nn.Module,
     dataset: Dataset,
     output: str | Path,
     *,

@@ -213,6 +213,7 @@ def read_label_mask(data: bytes, name: str = "mask",
     The size is read from the file's header and checked BEFORE decoding: a tiny file declaring 30000x30000
     pixels is refused without allocating them."""
     import io
+    import struct
 
     import cv2
     import numpy as np
@@ -225,11 +226,18 @@ def read_label_mask(data: bytes, name: str = "mask",
     kind = next((kind for signature, kind in _MASK_SIGNATURES if data.startswith(signature)), None)
     if kind is None:
         raise HistoryError(f"{name}: not a PNG, BMP or TIFF image")
-    try:
-        with Image.open(io.BytesIO(data)) as header:  # lazy: reads the header only
-            width, height = header.size
-    except Exception as exc:
-        raise HistoryError(f"{name}: not a decodable {kind} image ({exc})") from None
+    if kind == "PNG":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise HistoryError(f"{name}: not a decodable PNG image (no IHDR header)")
+        width, height = struct.unpack(">II", data[16:24])
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # lazy: reads the header only
+                width, height = header.size
+        except Image.DecompressionBombError:
+            raise HistoryError(f"{name}: the mask declares more than {MAX_MASK_PIXELS} pixels") from None
+        except Exception as exc:
+            raise HistoryError(f"{name}: not a decodable {kind} image ({exc})") from None
     if expected is not None and None not in expected and (width, height) != tuple(expected):
         raise HistoryError(f"{name}: the mask is {width}x{height} pixels, the frame {expected[0]}x{expected[1]}; "
                            f"a mask must have the frame's size")

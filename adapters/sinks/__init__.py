@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
-BUILTIN_SINK_MODULES: tuple[str, ...] = ("adapters.sinks.mqtt", "adapters.sinks.webhook")
+BUILTIN_SINK_MODULES: tuple[str, ...] = ("adapters.sinks.mqtt", "adapters.sinks.webhook", "adapters.sinks.opcua")
 
 
 @dataclass(frozen=True)

@@ -257,8 +257,12 @@ class FolderSource(FrameSource):
                     data = None
                 elif not looks_complete(data) and time.time() - st.st_mtime < self.complete_wait_s:
                     return None  # a slow writer: look again once it has written more (or stopped for good)
+        frame_id = folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns)
+        # The row keeps the name the file will have once processed (the result commits before the move).
+        final = self._final_path(path, rel, frame_id)
+        meta["stored_name"] = printable_name(str(final))
         frame = Frame(
-            frame_id=folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns),
+            frame_id=frame_id,
             source_id=self.id,
             captured_at=self._checked_capture_time(datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc),
                                                    meta),
@@ -266,8 +270,20 @@ class FolderSource(FrameSource):
             name=printable_name(str(path)),
             meta=meta,
         )
-        frame.on_done = lambda ok, rel=rel, frame_id=frame.frame_id: self._finish(rel, frame_id, ok)
+        frame.on_done = lambda ok, rel=rel, frame_id=frame_id, final=final: self._finish(rel, frame_id, ok, final)
         return frame
+
+    def _final_path(self, path: Path, rel: str, frame_id: str) -> Path:
+        """Where the file ends up after processing: processed_dir/rel for `move` (a same-named earlier file kept,
+        this one renamed), path + ".done" for `mark`, the inbox path (gone) for `delete`."""
+        if self.after == "delete":
+            return path
+        if self.after == "mark":
+            return path.with_name(path.name + ".done")
+        target = self.processed_dir / rel
+        if target.exists():  # a same-named earlier file: keep both
+            target = target.with_name(f"{target.stem}.{frame_id.rsplit(':', 1)[-1][:8]}{target.suffix}")
+        return target
 
     def _frame_or_error(self, rel: str, st: os.stat_result) -> Frame | None:
         """`_make_frame`, contained: whatever it raises becomes a rejected (and moved) input, never a crash."""
@@ -276,12 +292,12 @@ class FolderSource(FrameSource):
             lambda: self._make_frame(rel, st), frame_id=frame_id, name=printable_name(str(self.directory / rel)),
             on_done=lambda ok: self._finish(rel, frame_id, ok))
 
-    def _finish(self, rel: str, frame_id: str, ok: bool) -> None:
+    def _finish(self, rel: str, frame_id: str, ok: bool, final: Path | None = None) -> None:
         """Runs on the pipeline's thread once the frame's result is committed (ok) or given up (not ok)."""
         path = self.directory / rel
         try:
             if ok:
-                self._dispose(path, rel, frame_id)
+                self._dispose(path, rel, frame_id, final)
         except OSError as exc:
             self._error(f"cannot {self.after} {path} after processing: {exc}")
             ok = False
@@ -293,7 +309,7 @@ class FolderSource(FrameSource):
                 else:
                     self._retry_at[rel] = time.monotonic() + self.retry_s
 
-    def _dispose(self, path: Path, rel: str, frame_id: str) -> None:
+    def _dispose(self, path: Path, rel: str, frame_id: str, final: Path | None = None) -> None:
         if not path.exists():
             return
         if self.after == "delete":
@@ -301,10 +317,8 @@ class FolderSource(FrameSource):
         elif self.after == "mark":
             path.rename(path.with_name(path.name + ".done"))
         else:
-            target = self.processed_dir / rel
+            target = final if final is not None and not final.exists() else self._final_path(path, rel, frame_id)
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():  # a same-named earlier file: keep both
-                target = target.with_name(f"{target.stem}.{frame_id.rsplit(':', 1)[-1][:8]}{target.suffix}")
             os.replace(path, target)
 
     # -- thread ----------------------------------------------------------------------------------------------

@@ -15,10 +15,30 @@ from daemon.cli import UsageError
 
 log = logging.getLogger("anomalyd")
 
-MODEL_NAMES = ("anomalyclip", "adaclip", "clip", "clip-ac", "winclip", "patchcore")
-# The CLIP models' CLI defaults; patchcore takes its own (Lite0, taps 4,10, 256 px) unless these are changed.
+
+class _RegisteredModels:
+    """The --model choices, read from the model-family registry when first needed (so the CLI starts without
+    importing torch, and a family registered at run time is a valid choice)."""
+
+    def _names(self) -> list[str]:
+        from model.factory import list_models
+
+        return list_models()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+MODEL_NAMES = _RegisteredModels()
+# The CLIP models' CLI defaults; a family with its own backbones (`clip_backbone=False`, e.g. patchcore) takes its
+# own defaults unless these are changed.
 CLIP_CLI_DEFAULTS = {"backbone": "ViT-L-14-336", "layers": (24,), "image_size": 518}
-TRAINABLE_MODELS = ("anomalyclip", "adaclip")
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -77,8 +97,9 @@ def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
     return plain
 
 
-def patchcore_options(args: argparse.Namespace) -> dict[str, Any]:
-    """PatchCore's options: the CLIP defaults of --backbone/--layers/--image-size mean "patchcore's default"."""
+def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of a family with its own backbones (PatchCore): the CLIP defaults of --backbone/--layers/
+    --image-size mean "the family's default"."""
     explicit = {key: getattr(args, key) for key, default in CLIP_CLI_DEFAULTS.items() if getattr(args, key) != default}
     return {
         "backbone": explicit.get("backbone"),
@@ -94,9 +115,10 @@ def patchcore_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from adapters.weights import resolve_prompts
+    from model.factory import get_family
 
-    if name == "patchcore":
-        return patchcore_options(args)
+    if not get_family(name).clip_backbone:
+        return own_backbone_options(args)
     if args.image_size <= 0 or args.image_size % 14:
         raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of the patch size 14")
     return {
@@ -109,7 +131,7 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "class_name": args.class_name,
-        "hsf": args.hsf if name == "adaclip" else None,
+        "hsf": args.hsf,  # only the families with hybrid semantic fusion (AdaCLIP) read it
         "references": args.references,
     }
 
@@ -263,13 +285,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from torch.utils.data import ConcatDataset
 
-    from model import build_anomalyclip, load_backbone, load_prompts, resolve_device
+    from model import get_family, list_models, load_backbone, resolve_device
     from model.datasets import InspectionDataset, discover
     from model.synthetic import SyntheticAnomalies
     from model.training import TrainingConfig, seed_everything, train_prompts
 
-    if args.model not in TRAINABLE_MODELS:
-        raise UsageError(f"--model {args.model} is training-free: nothing to train (trainable: {', '.join(TRAINABLE_MODELS)})")
+    family = get_family(args.model)
+    if not family.trainable:
+        raise UsageError(f"--model {args.model} is training-free: nothing to train (trainable: "
+                         f"{', '.join(list_models(trainable=True))})")
     samples = discover(args.data, args.meta, split=args.split)
     normals = [s for s in samples if s.label == 0]
     anomalous = [s for s in samples if s.label == 1]
@@ -302,18 +326,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainingConfig.for_model(args.model, epochs=args.epochs, batch_size=args.batch_size,
                                       learning_rate=args.lr, seed=args.seed, num_workers=args.workers)
     seed_everything(config.seed)  # the fresh weights' random init is part of a reproducible run
-    if args.model == "anomalyclip":
-        backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained)
-        start = load_prompts(args.init_prompts) if args.init_prompts else None
-        model = build_anomalyclip(backbone, start, layers=args.layers, image_size=args.image_size)
-    else:
-        from model.adaclip import build_adaclip, load_adaclip_checkpoint
-
-        # AdaCLIP's released weights were trained on a tower built with nn.GELU; new training keeps that.
-        backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained,
-                                 quick_gelu=False)
-        start = load_adaclip_checkpoint(args.init_prompts) if args.init_prompts else None
-        model = build_adaclip(backbone, start, image_size=args.image_size)
+    # The family's activation: AdaCLIP's released weights were trained on a tower built with nn.GELU, and new
+    # training keeps that.
+    backbone = load_backbone(args.backbone, config=args.backbone_config, pretrained=args.pretrained,
+                             **family.backbone_options())
+    model = family.training.build(backbone, args.init_prompts, layers=args.layers, image_size=args.image_size)
     metadata = {"model": args.model, "backbone": backbone.name, "layers": list(args.layers),
                 "image_size": args.image_size, "training_data": str(args.data), "split": args.split,
                 "synthetic": use_synthetic, "class_names": sorted({s.category for s in samples}),

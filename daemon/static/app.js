@@ -109,14 +109,18 @@ function renderHistory(items) {
   body.replaceChildren(...items.map((item) => {
     const row = el("tr", { "data-id": item.id, onclick: () => openDetail(item.id) },
       el("td", {}, String(item.id)), el("td", {}, utcText(item.captured_at)), el("td", {}, item.source),
+      el("td", { class: "file-cell", title: item.frame_name || item.frame_id }, fileName(item.frame_name || item.frame_id)),
       el("td", {}, item.line), el("td", {}, score(item.score)),
       el("td", { class: item.is_anomalous ? "anomalous-yes" : "anomalous-no" }, item.is_anomalous ? "anomalous" : "normal"),
       el("td", { class: "label-cell" }, labelPill(item.label)));
     if (state.selected === item.id) row.classList.add("selected");
     return row;
   }));
-  if (!items.length) body.append(el("tr", {}, el("td", { colspan: "7", class: "hint" }, "No inspections match these filters.")));
+  if (!items.length) body.append(el("tr", {}, el("td", { colspan: "8", class: "hint" }, "No inspections match these filters.")));
 }
+
+// The file name of a stored frame path (folder sources keep where the file went after processing).
+function fileName(path) { return String(path || "").split(/[\\/]/).pop(); }
 
 // --- detail --------------------------------------------------------------------------------------------------
 

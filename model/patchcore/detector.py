@@ -331,7 +331,7 @@ def build_patchcore(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | N
                              device=torch.device(device), dtype=dtype, augment=augment, max_bank_rows=max_bank_rows)
 
 
-@register_model(NAME)
+@register_model(NAME, clip_backbone=False)  # its own backbones, taps and input size
 def _create_patchcore(
     *,
     backbone: str = DEFAULT_BACKBONE,

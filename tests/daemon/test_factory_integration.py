@@ -262,6 +262,8 @@ def test_opcua_browse_trigger_read_result_and_counters_equal_the_db(tmp_path):
     press = LiveSource("press", value=230)
     service = start_service(config, SlowDetector(0.0, image_size=32), [press, MemorySource("belt", "l1")])
     url = f"opc.tcp://127.0.0.1:{port}/anomalyd"
+    server = service.sinks.get("opcua").server
+    assert wait_until(lambda: server.started, 120), server.start_error
 
     async def session(user: str | None, password: str | None):
         client = Client(url, timeout=10)

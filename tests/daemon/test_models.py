@@ -209,13 +209,13 @@ def test_two_workers_registering_the_same_model_at_once(sessions, tmp_path, gold
     copy = registry._copy_prompts
     raced = []
 
-    def other_worker_wins(prompts, target, version):
+    def other_worker_wins(prompts, target, version, kind):
         if not raced:
             raced.append(version)
             with sessions() as session, session.begin():
                 row = registry.register_version(session, version=version, kind="anomalyclip", prompts_path=None)
                 registry._make_active(session, row)
-        return copy(prompts, target, version)
+        return copy(prompts, target, version, kind)
 
     monkeypatch.setattr(registry, "_copy_prompts", other_worker_wins)
     assert registry.startup_detector(settings, sessions, configured) is configured

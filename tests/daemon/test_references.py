@@ -122,13 +122,20 @@ def test_daemon_builds_banks_per_source_rejects_bad_ones_and_swaps_rebuilds(tmp_
     mixed = tmp_path / "refs-mixed"
     _write(mixed / "a.png", _texture(1))
     _write(mixed / "b.png", cv2.cvtColor(_texture(2, size=96), cv2.COLOR_BGR2GRAY))
+    foreign = tmp_path / "other-model.safetensors"  # a bank saved for another backbone
+    from safetensors.torch import save_file
+
+    save_file({"layer_0": torch.zeros(4, 8, dtype=torch.float16)}, str(foreign),
+              metadata={"format": "anomalyd-reference-bank/1", "backbone": "ViT-B-16", "image_size": "224",
+                        "layers": "6,12", "kind": "proj", "n_references": "1", "digest": "x"})
     settings = _settings(tmp_path, [
         {"id": "good", "references": str(refs)},
         {"id": "empty", "references": str(tmp_path / "refs-empty")},
         {"id": "mixed", "references": str(mixed)},
+        {"id": "foreign", "references": str(foreign)},
         {"id": "plain"},
     ])
-    for source in ("good", "empty", "mixed", "plain"):
+    for source in ("good", "empty", "mixed", "foreign", "plain"):
         (tmp_path / source).mkdir()
     service = _service(settings, backbone)
     service.start()
@@ -137,6 +144,8 @@ def test_daemon_builds_banks_per_source_rejects_bad_ones_and_swaps_rebuilds(tmp_
         assert manager.states["good"].version and "+ref-" in manager.states["good"].version
         assert "refs-empty" in manager.unavailable["empty"] and "holds no images" in manager.unavailable["empty"]
         assert "b.png" in manager.unavailable["mixed"] and "96x96 with 1 channel" in manager.unavailable["mixed"]
+        assert "other-model.safetensors" in manager.unavailable["foreign"]
+        assert "'ViT-B-16'" in manager.unavailable["foreign"]  # names the bank's backbone and the detector's
         assert "plain" not in manager.unavailable and manager.states["plain"].detector is None
         # Auto-calibration from the three references (leave-one-out), stored for the source and its version.
         with service.sessions() as session:

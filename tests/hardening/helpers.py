@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+import model.preprocess  # noqa: F401 - imported here, not by the first frame's decode thread (seconds, cold)
 from adapters.db import Inspection, RejectedFrame
 from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceSettings, SourceStatus
 from adapters.storage import ArtifactStore

@@ -14,33 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from model._backbone import ClipBackbone, resize_position_embedding
-from model._transformer import encode_image_dpam, encode_text_deep
+from model._text import encode_text, tokenize
+from model._transformer import encode_image_dpam, fp16_round
 from model.gaussian import gaussian_blur
 
 TEMPERATURE = 0.07
 NORMAL_TEMPLATE = "{ctx} object."
 ANOMALOUS_TEMPLATE = "{ctx} damaged object."
 PROJECTION_WIDTH = 896  # width of the official (unused) compound prompt projections
-
-
-def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
-    """CLIP BPE token ids (len(texts), context_length), int64, with SOT/EOT; raises if a text is too long."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tokenizer = SimpleTokenizer()
-    sot, eot = tokenizer.encoder["<start_of_text>"], tokenizer.encoder["<end_of_text>"]
-    result = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids = [sot, *tokenizer.encode(text), eot]
-        if len(ids) > context_length:
-            raise ValueError(f"prompt {text!r} is longer than the context length {context_length}")
-        result[row, : len(ids)] = torch.tensor(ids)
-    return result
-
-
-def _fp16_round(tensor: torch.Tensor) -> torch.Tensor:
-    # The official code casts deep prompts with .half() before splicing them in; keep that rounding for parity.
-    return tensor.half().to(tensor.dtype)
 
 
 class PromptLearner(nn.Module):
@@ -138,7 +119,16 @@ class AnomalyCLIP(nn.Module):
     def encode_text(self) -> torch.Tensor:
         """Normalised text features (2, E): row 0 normal, row 1 anomalous. Differentiable w.r.t. the prompts."""
         embeddings, token_ids, deep = self.prompt_learner()
-        features = encode_text_deep(self.clip, embeddings, token_ids, deep, deep_prompt_cast=_fp16_round).float()
+        x = embeddings + self.clip.positional_embedding.to(embeddings.dtype)
+
+        def splice_deep_prompts(index: int, x: torch.Tensor) -> torch.Tensor:
+            # Before text block i (1 <= i <= len(deep)) the n positions after SOS become deep[i - 1].
+            if not 1 <= index <= len(deep):
+                return x
+            ctx = fp16_round(deep[index - 1]).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            return torch.cat([x[:, :1], ctx, x[:, 1 + ctx.shape[1]:]], dim=1)
+
+        features = encode_text(self.clip, x, token_ids, before_block=splice_deep_prompts).float()
         return features / features.norm(dim=-1, keepdim=True)
 
     def text_features(self) -> torch.Tensor:

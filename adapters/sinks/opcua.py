@@ -1,0 +1,83 @@
+"""The OPC UA sink: the OPC UA server (adapters/opcua.py) as a result sink. Committed results become each
+source's `LastResult`, status changes its `SystemState`; the daemon binds the methods (trigger, model selection,
+counter reset) and adds what only it knows (trigger answers, counters, Busy) through `server.update`.
+
+Configured by `[opcua]` (`daemon.config.OpcUaConfig`, off by default); it reads `[[sources]]` for the address
+space, so it registers for the whole configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from adapters.sinks import CommittedInspection, ResultSink, SinkContext, register_sink
+
+STATES = {"online": "Ready", "offline": "Disconnected", "disabled": "Disconnected"}
+
+
+def _not_ready(*_args: Any) -> Any:
+    from adapters.opcua import OpcUaCommandError
+
+    raise OpcUaCommandError("error", "the daemon is still starting")
+
+
+class OpcUaSink(ResultSink):
+    name = "opcua"
+
+    def __init__(self, settings: Any, context: SinkContext) -> None:
+        # asyncua is imported only when OPC UA is enabled
+        from adapters.opcua import OpcUaHandlers, OpcUaServer, OpcUaSettings, OpcUaSource, OpcUaUserEntry
+
+        o = settings.opcua
+        users = [OpcUaUserEntry(name=u.name, role=u.role, password_sha256=u.password_sha256 or hashlib.sha256(
+            u.password.get_secret_value().encode()).hexdigest()) for u in o.users]
+        resolve = settings.resolve if hasattr(settings, "resolve") else (lambda p: context.base_dir / p)
+        server_settings = OpcUaSettings(
+            endpoint=o.endpoint, namespace=o.namespace, allow_anonymous=o.allow_anonymous, users=users,
+            certificate=str(resolve(o.certificate)) if o.certificate else None,
+            private_key=str(resolve(o.private_key)) if o.private_key else None, security=o.security)
+        sources = [OpcUaSource(cfg.id, cfg.line, getattr(cfg, "trigger", None)) for cfg in settings.sources]
+        self.handlers = OpcUaHandlers(trigger=_not_ready, select_model=_not_ready, reset_counters=_not_ready)
+        self.server = OpcUaServer(server_settings, sources, self.handlers)
+
+    def bind(self, handlers: Any) -> None:
+        """The daemon's side of the methods (until then a call is refused: still starting)."""
+        self.handlers.trigger = handlers.trigger
+        self.handlers.select_model = handlers.select_model
+        self.handlers.reset_counters = handlers.reset_counters
+
+    def start(self) -> None:
+        self.server.start(timeout=None)  # building the address space takes seconds: never block the daemon
+
+    def inspection_committed(self, result: CommittedInspection) -> None:
+        self.server.update(result.source, {
+            "LastResult.InspectionId": result.inspection_id, "LastResult.PartId": "",
+            "LastResult.Result": "NG" if result.is_anomalous else "OK", "LastResult.IsOk": not result.is_anomalous,
+            "LastResult.Score": result.score, "LastResult.Threshold": result.threshold,
+            "LastResult.RegionCount": len(result.regions or []), "LastResult.ModelVersion": result.model_version,
+            "LastResult.Timestamp": result.captured_at, "LastResult.TriggerId": "", "LastResult.FailSafe": False,
+            "LastResult.Late": False})
+
+    def source_status(self, line: str, source_id: str, status: str) -> None:
+        self.server.update(source_id, {"SystemState": STATES.get(status, "Error")})
+
+    def health(self) -> dict[str, Any]:
+        return {"endpoint": self.server.settings.endpoint, "running": self.server.started,
+                "error": repr(self.server.start_error) if self.server.start_error else None}
+
+    def problem(self) -> str | None:
+        if self.server.start_error is not None:
+            return f"OPC UA server cannot start: {self.server.start_error}"
+        if self.server.crashed is not None:
+            return f"OPC UA server crashed: {self.server.crashed!r}"
+        return None
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.server.stop(timeout)
+
+
+@register_sink("opcua", section=None)
+def build_opcua_sink(settings: Any, context: SinkContext) -> OpcUaSink | None:
+    opcua = getattr(settings, "opcua", None)
+    return OpcUaSink(settings, context) if opcua is not None and opcua.enabled else None
