@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from adapters.db import Inspection
 from adapters.export import ExportedDetector, read_manifest
-from daemon import models as registry
+from daemon import versions as registry
 from daemon.config import load_config
 from daemon.service import Service, build_detector
 from model.preprocess import fast_transform
