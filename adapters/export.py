@@ -144,6 +144,8 @@ class ExportedDetector:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.class_name = manifest.get("default_class")
+        # The tapped blocks: the daemon's score scale divides AnomalyCLIP's summed maps by their number.
+        self.layers = tuple(manifest.get("taps") or ())
         self.aux_name = manifest["input_names"][1] if len(manifest["input_names"]) > 1 else None
         self.per_class: dict[str, np.ndarray] = {}
         if self.aux_name is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from model.atomic import atomic_write_text
 from model.metrics import METRIC_LABELS, METRIC_NAMES, image_metrics, pixel_curves
 
 # Column headers of the Markdown tables, in the papers' order.
@@ -99,12 +99,6 @@ def _model_order(results: Mapping[str, Any], models: Sequence[str] | Mapping[str
     return order
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def write_report(
     report_dir: str | Path,
     results: Mapping[str, tuple[Mapping[str, Mapping[str, Any]], Mapping[str, Any]]],
@@ -139,7 +133,7 @@ def write_report(
             for name in order
         },
     }
-    _atomic_write(
+    atomic_write_text(
         report_dir / "metrics.json",
         json.dumps(jsonable(document), indent=2, allow_nan=False, ensure_ascii=False) + "\n",
     )
@@ -162,7 +156,7 @@ def write_report(
         "",
     ]
     markdown = "\n".join(lines)
-    _atomic_write(report_dir / "metrics.md", markdown)
+    atomic_write_text(report_dir / "metrics.md", markdown)
     return markdown
 
 

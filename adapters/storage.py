@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from model.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +73,7 @@ class ArtifactStore:
         return path
 
     def _write_atomic(self, relative: str, data: bytes) -> None:
-        target = self.root / relative
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            handle = open(tmp, "wb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:  # a new day's folder (or one retention just removed)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(tmp, "wb")  # noqa: SIM115
-        try:
-            with handle:
-                handle.write(data)
-            os.replace(tmp, target)
-        except BaseException:  # a full disk: no .tmp left behind per failed write
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        atomic_write_bytes(self.root / relative, data)  # makes a new day's folder (or one retention just removed)
 
     def _encode(self, ext: str, image: np.ndarray, params: list[int] | None = None) -> bytes:
         ok, buffer = cv2.imencode(ext, image, params or [])
@@ -147,24 +134,6 @@ class ArtifactStore:
         for relative in paths.all():
             with contextlib.suppress(OSError):
                 (self.root / relative).unlink()
-
-    def purge_older_than(self, days: int, now: datetime | None = None) -> int:
-        """Delete day folders older than `days` (retention); returns the number of files removed."""
-        cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
-        removed = 0
-        for day_dir in sorted(self.root.glob("[0-9][0-9][0-9][0-9]/[0-9][0-9]/[0-9][0-9]")):
-            try:
-                day = datetime.strptime("/".join(day_dir.parts[-3:]), "%Y/%m/%d").replace(tzinfo=timezone.utc)
-            except ValueError:
-                continue
-            if day + timedelta(days=1) <= cutoff:
-                for file in day_dir.iterdir():
-                    with contextlib.suppress(OSError):
-                        file.unlink()
-                        removed += 1
-                with contextlib.suppress(OSError):
-                    day_dir.rmdir()
-        return removed
 
 
 def cleanup_stale_tmp(root: Path, older_than_s: float = 3600) -> None:

@@ -6,7 +6,7 @@ Naive datetimes are taken as UTC everywhere (SQLite hands them back naive).
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Literal, overload
 
 TimeSpec = Literal["auto", "seconds", "milliseconds", "microseconds"]
@@ -38,21 +38,15 @@ def parse_rfc3339(text: str) -> datetime:
     return as_utc(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
 
 
-# Duration units: the retraining schedule ("6h", "every 2d") and the CLI's --older-than ("90d", "12h").
+# Duration units: the retraining schedule ("6h", "every 2d") and the CLI/API time arguments ("30m" ago, "2w").
 DURATION_UNITS: dict[str, float] = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-_DURATION = re.compile(r"^\s*(?:every\s+)?(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^(every\s+)?(\d+(?:\.\d*)?|\.\d+)\s*([a-z])$", re.IGNORECASE)
 
 
-def parse_duration(text: str, *, units: str = "smhdw") -> timedelta:
-    """`"30m"`, `"6h"`, `"every 2d"`, `"1.5h"` → timedelta; ValueError naming the text if it is not one.
-
-    `units` limits the accepted unit letters (e.g. "hdw" for a retention window).
-    """
-    match = _DURATION.match(text or "")
-    if match is None or match.group(2).lower() not in units:
-        allowed = ", ".join(units)
-        raise ValueError(f"{text!r} is not a duration like 30m, 6h or 2d (units: {allowed})")
-    value = float(match.group(1)) * DURATION_UNITS[match.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"{text!r}: a duration must be positive")
-    return timedelta(seconds=value)
+def duration_seconds(text: str, *, units: str = "smhdw", allow_every: bool = False) -> float | None:
+    """`"30m"`, `"6h"`, `"1.5d"`, `"2w"` (and `"every 2d"` with `allow_every`) → seconds (>= 0); None when the
+    text is not such a duration (the caller says what else it may be). `units` limits the unit letters."""
+    match = _DURATION.match(str(text).strip())
+    if match is None or (match.group(1) and not allow_every) or match.group(3).lower() not in units:
+        return None
+    return float(match.group(2)) * DURATION_UNITS[match.group(3).lower()]

@@ -41,7 +41,7 @@ from sqlalchemy import and_, delete, exists, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db.models import OutboxMessage, WebhookDelivery, WebhookEndpoint, utcnow
+from adapters.db.tables import OutboxMessage, WebhookDelivery, WebhookEndpoint, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -126,8 +126,6 @@ def fetch_prompts(name: str, *, force: bool = False, progress: bool = True) -> P
 # safetensors copy some repos add. Both load the same (read_state_dict).
 _HF_WEIGHTS = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-# Models whose backbone is not a CLIP from open_clip (nothing for `weights fetch` to get for them here).
-NON_CLIP_MODELS = ("patchcore",)
 
 
 @dataclass(frozen=True)
@@ -194,11 +192,14 @@ def required_weights(model: str, backbone: str | Path | None, prompts: str | Pat
                      tag: str = BACKBONE_TAG) -> list[WeightFile]:
     """The downloadable files a model configuration needs, and nothing else: the named CLIP backbone (not a
     local file) and released prompts named by the configuration (AnomalyCLIP's default when it names none)."""
+    from model.factory import get_family
+
+    family = get_family(model)  # a family without a CLIP backbone (PatchCore's CNNs) needs nothing from open_clip
     needed: list[WeightFile] = []
-    if backbone and model not in NON_CLIP_MODELS and is_named_backbone(backbone):
+    if backbone and family.clip_backbone and is_named_backbone(backbone):
         needed.append(backbone_weights(str(backbone), tag))
-    if prompts is None and model == "anomalyclip":
-        prompts = DEFAULT_PROMPTS
+    if prompts is None:
+        prompts = family.default_weights
     if prompts is not None and str(prompts) in RELEASED_PROMPTS and not Path(prompts).expanduser().exists():
         needed.append(prompts_weights(str(prompts)))
     return needed

@@ -14,15 +14,25 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy.orm import Session, sessionmaker
 
+from adapters.storage import ArtifactStore
+from daemon.config import Settings
 from daemon.metrics import Metrics
+from daemon.versions import VersionRegistry
+
+if TYPE_CHECKING:
+    from adapters.sources.base import FrameSource
+    from daemon.references import ReferenceManager
+    from daemon.retraining import Retrainer
+    from daemon.worker import DetectorLike
 
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -32,15 +42,28 @@ _bearer = HTTPBearer(auto_error=False, description="a token from [[api.tokens]]"
 
 @dataclass
 class AppState:
-    """What the HTTP layer may use. `readiness()` returns (ready, details)."""
+    """What the HTTP layer may use. `readiness()` returns (ready, details).
 
-    settings: Any  # daemon.config.Settings
+    `versions` (the model-version registry) is made from `sessions` when not given; `retrainer` is the daemon's
+    (an API without the daemon around it makes one on the first `POST /api/retrain`). `sources`, `references`
+    and `current_detector()` are the running daemon's (empty / None in an API without the daemon around it).
+    """
+
+    settings: Settings
     metrics: Metrics
     readiness: Callable[[], tuple[bool, dict[str, Any]]]
-    sessions: Any = None  # sqlalchemy sessionmaker
-    store: Any = None  # adapters.storage.ArtifactStore
-    service: Any = None  # daemon.service.Service (pipeline, publisher, swap_detector)
+    sessions: sessionmaker[Session] | None = None
+    store: ArtifactStore | None = None
+    retrainer: Retrainer | None = None
+    versions: VersionRegistry | None = None
+    sources: Sequence[FrameSource] = ()
+    references: ReferenceManager | None = None
+    current_detector: Callable[[], DetectorLike | None] = lambda: None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.versions is None and self.sessions is not None:
+            self.versions = VersionRegistry(self.sessions)
 
 
 def get_state(request: Request) -> AppState:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "daemon.commands.model_commands",  # predict, train, eval, weights
     "daemon.commands.run_commands",  # run, db
-    "daemon.commands.ops_commands",  # defects, label, models, retrain, calibrate
+    "daemon.commands.ops_commands",  # defects, label, models, calibrate
+    "daemon.commands.retrain_commands",  # retrain
     "daemon.commands.token_commands",  # tokens
     "daemon.commands.config_commands",  # config check
     "daemon.commands.export_commands",  # export
@@ -39,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # command group not built in this version
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 

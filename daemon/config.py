@@ -378,10 +378,11 @@ class Settings(BaseSettings):
         """[model].backbone as the daemon loads it: a file (relative to the config), or a named open_clip backbone's
         weights file in the cache `anomalyd weights fetch` filled; never a download (WeightsError names the file,
         its URL and where to put it)."""
-        from adapters.weights import NON_CLIP_MODELS, local_backbone
+        from adapters.weights import local_backbone
+        from model.factory import get_family
 
         value = self.resolve_model_value(self.model.backbone)
-        if not value or self.model.name in NON_CLIP_MODELS:  # e.g. PatchCore's CNN: not from open_clip's cache
+        if not value or not get_family(self.model.name).clip_backbone:  # e.g. PatchCore's CNN: not open_clip's
             return value
         return local_backbone(value)
 

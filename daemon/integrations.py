@@ -298,7 +298,7 @@ class Integrations:
 
     def activate(self, version: str) -> str:
         """Make `version` the active model (all sources); returns it. Raises ValueError naming the problem."""
-        from daemon.models import activate_version
+        from daemon.versions import activate_version
 
         row = activate_version(self.service.sessions, version)
         if self.service.models is not None:
@@ -307,7 +307,7 @@ class Integrations:
 
     def _opcua_select_model(self, version: str) -> str:
         from adapters.opcua import OpcUaCommandError
-        from daemon.models import UnknownVersionError
+        from daemon.versions import UnknownVersionError
 
         try:
             return self.activate(version)

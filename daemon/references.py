@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 
 from daemon.scale import scale_outputs, scaled
+from model.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger("anomalyd.references")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MAX_REFERENCES = 16
 CALIBRATION_HOLDOUTS = 8
 # PatchCore's distance scale when it cannot be measured (one reference, a saved bank): a typical leave-one-out

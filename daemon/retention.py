@@ -24,15 +24,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, exists, func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db import Inspection, Label, RejectedFrame
+from adapters.storage import ArtifactStore
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
 
 log = logging.getLogger("anomalyd.retention")
 
-# Names the server gives artifact files (adapters.storage and daemon.api.history); nothing else is ever removed.
+# Names the server gives artifact files (adapters.storage and adapters.db.history); nothing else is ever removed.
 ARTIFACT_SUFFIXES = ("_mask.png", "_heatmap.jpg", "_frame.jpg", "_label.png")
 
 
@@ -54,7 +59,8 @@ class RetentionJob:
     """Deletes expired inspections and their files; `run_once()` or a background thread via `start()`."""
 
     def __init__(
-        self, sessions: Any, store: Any, retention_days: int | None, *, keep_anomalous: bool = False,
+        self, sessions: sessionmaker[Session], store: ArtifactStore, retention_days: int | None, *,
+        keep_anomalous: bool = False,
         orphan_grace_s: float = 3600.0, batch_size: int = 500,
     ) -> None:
         self.sessions = sessions
@@ -69,7 +75,8 @@ class RetentionJob:
         self.last_error: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any, sessions: Any, store: Any, **kwargs: Any) -> RetentionJob:
+    def from_settings(cls, settings: Settings, sessions: sessionmaker[Session], store: ArtifactStore,
+                      **kwargs: Any) -> RetentionJob:
         return cls(sessions, store, settings.storage.retention_days or None, **kwargs)  # 0: keep forever
 
     # --- one pass ------------------------------------------------------------------------------------------------

@@ -26,48 +26,39 @@ operator API's entry (a run now, in the background, whatever the label count).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db.models import Inspection, Label, ModelVersion, TrainingRun, utcnow
 from adapters.db.repository import active_model_version
-from daemon import models as registry
+from adapters.db.tables import Inspection, Label, ModelVersion, TrainingRun, utcnow
+from adapters.timeutil import duration_seconds
+from daemon import versions as registry
+from daemon.promotion import Promotion, jsonable, promotion_decision
+from daemon.retrain_supervisor import JobSupervisor, JobTimeout, ProgressCallback, last_line
+
+if TYPE_CHECKING:
+    from daemon.app import AppState
+    from daemon.config import Settings
 
 log = logging.getLogger("anomalyd.retraining")
-
-
-
-def jsonable(value: Any) -> Any:
-    """`adapters.report.jsonable`, imported on use: that module loads torch, and config validation imports this one
-    (the operator commands must not pay for torch)."""
-    from adapters.report import jsonable as convert
-
-    return convert(value)
-
 
 # The same names as model.metrics.METRIC_NAMES (not imported: config validation must not load sklearn).
 COMPARABLE_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
                       "aupro", "aupro_anomalyclip")
-RULES = ("not_worse", "better", "always")
 LOG_TAIL_CHARS = 20_000
 
 
@@ -80,10 +71,6 @@ class RetrainBusyError(RetrainError):
 
 
 # --- schedule ----------------------------------------------------------------------------------------------------
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_INTERVAL = re.compile(r"^(?:every\s+)?(\d+(?:\.\d+)?)\s*(s|m|h|d)$", re.IGNORECASE)
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -110,9 +97,8 @@ class Schedule:
 def parse_schedule(text: str) -> Schedule:
     """"0 3 * * *" (cron) or "6h" / "30m" / "every 2d" / "90s" (interval); ValueError names what is wrong."""
     value = str(text).strip()
-    match = _INTERVAL.match(value)
-    if match:
-        seconds = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    seconds = duration_seconds(value, units="smhd", allow_every=True)
+    if seconds is not None:
         if seconds <= 0:
             raise ValueError(f"schedule {text!r}: the interval must be positive")
         return Schedule(value, seconds)
@@ -216,37 +202,6 @@ def new_labels_since_last_run(session: Session) -> int:
     return int(session.scalar(query) or 0)
 
 
-# --- decision ----------------------------------------------------------------------------------------------------
-
-
-def promotion_decision(candidate: dict[str, Any] | None, active: dict[str, Any] | None, *, rule: str, metric: str,
-                       tolerance: float) -> tuple[bool, str]:
-    """(passes, reason) of the candidate against the active model's held-out metrics."""
-    if rule not in RULES:
-        raise ValueError(f"promotion rule {rule!r} is not one of {', '.join(RULES)}")
-    if rule == "always":
-        return True, "rule 'always'"
-    cand = _number((candidate or {}).get(metric))
-    if cand is None:
-        return False, f"the candidate's {metric} is undefined on the held-out frames"
-    act = _number((active or {}).get(metric))
-    if act is None:
-        return False, f"the active model's {metric} could not be measured; only rule 'always' promotes"
-    if rule == "not_worse":
-        passes = cand >= act - tolerance
-        return passes, f"{metric} {cand:.4f} vs active {act:.4f} (not_worse, tolerance {tolerance:g})"
-    passes = cand > act + tolerance
-    return passes, f"{metric} {cand:.4f} vs active {act:.4f} (better, tolerance {tolerance:g})"
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) else number
-
-
 # --- a run -------------------------------------------------------------------------------------------------------
 
 
@@ -264,28 +219,34 @@ class RetrainOutcome:
         return asdict(self)
 
 
-ProgressCallback = Callable[[dict[str, Any]], None]
-
-
 class Retrainer:
     """Runs retraining for one database and artifact store (the daemon's, or the CLI's for `retrain --now`).
+
+    A run has three jobs, each its own object: the training set (`TrainingSetBuilder`, below: labelled frames →
+    the job spec), the training process (`daemon.retrain_supervisor.JobSupervisor`) and the promotion decision
+    (`daemon.promotion.Promotion`); this class keeps the run's bookkeeping (the `training_runs` row, one run at
+    a time) and calls them in order.
 
     `on_activated()` is called after a promotion (the daemon checks its watcher at once instead of at the next
     poll). One run at a time per database: a run row still `running` (and younger than `timeout_s`) blocks others.
     """
 
-    def __init__(self, settings: Any, sessions: sessionmaker[Session], *,
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
                  on_activated: Callable[[], Any] | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
-        self.on_activated = on_activated
         self.config = settings.retraining
-        self.artifacts_root = settings.resolve(settings.storage.dir)
+        self.training_set = TrainingSetBuilder(settings, sessions)
+        self.job = JobSupervisor(self.config.timeout_s)
+        self.promotion = Promotion(settings, sessions, on_activated=on_activated)
         self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
-        self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_outcome: RetrainOutcome | None = None
+
+    @property
+    def _process(self) -> subprocess.Popen | None:
+        """The training process in progress, if any."""
+        return self.job.process
 
     # -- bookkeeping --
 
@@ -310,7 +271,8 @@ class Retrainer:
                 raise RetrainBusyError(f"retraining run #{running.id} is in progress since "
                                        f"{running.started_at:%Y-%m-%d %H:%M:%S} UTC")
             params = self.config.model_dump() | {"trigger": trigger, "host": socket.gethostname(),
-                                                 "image_size": self._image_size(), "device": self._device()}
+                                                 "image_size": self.training_set.image_size(),
+                                                 "device": self.training_set.device()}
             row = TrainingRun(status="running", params=params)
             session.add(row)
             session.flush()
@@ -323,12 +285,6 @@ class Retrainer:
             row.metrics = jsonable(outcome.metrics) or None
             row.candidate_version, row.promoted = outcome.candidate_version, outcome.promoted
             row.log = log_text[-LOG_TAIL_CHARS:]
-
-    def _image_size(self) -> int:
-        return int(self.config.image_size or self.settings.model.image_size)
-
-    def _device(self) -> str:
-        return str(self.config.device or self.settings.runtime.device)
 
     # -- public --
 
@@ -376,20 +332,13 @@ class Retrainer:
 
     def cancel(self, timeout: float = 10.0) -> None:
         """Stop a run in progress (daemon shutdown): the training process is terminated, the run `cancelled`."""
-        self._cancelled.set()
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        self.job.cancel(timeout)
         self.wait(timeout)
 
     # -- the run --
 
     def _run_locked(self, run_id: int, progress: ProgressCallback | None) -> RetrainOutcome:
-        self._cancelled.clear()
+        self.job.cancelled.clear()
         lines: list[str] = []
 
         def note(message: str) -> None:
@@ -401,17 +350,20 @@ class Retrainer:
         job_log = ""
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            spec, counts = self._prepare(run_id, run_dir, note)
+            spec, counts = self.training_set.build(run_id, run_dir, note)
             outcome.metrics["data"] = counts
-            rc, job_log = self._run_job(run_dir, spec, progress, note)
-            if self._cancelled.is_set():
+            try:
+                rc, job_log = self.job.run(run_dir, spec, progress, note)
+            except JobTimeout as exc:
+                raise RetrainError(str(exc)) from None
+            if self.job.cancelled.is_set():
                 outcome.status, outcome.reason = "cancelled", "cancelled (daemon stopping)"
                 note(outcome.reason)
                 return outcome
             if rc != 0:
-                raise RetrainError(f"the training process exited with status {rc}: {_last_line(job_log)}")
+                raise RetrainError(f"the training process exited with status {rc}: {last_line(job_log)}")
             result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-            self._decide(spec, result, outcome, note)
+            self.promotion.decide(spec, result, outcome, note)
             shutil.rmtree(run_dir / "work", ignore_errors=True)
         except Exception as exc:
             outcome.status, outcome.reason = "failed", str(exc)
@@ -425,6 +377,29 @@ class Retrainer:
             self._finish(run_id, outcome, text)
             self.last_outcome = outcome
         return outcome
+
+
+
+class TrainingSetBuilder:
+    """The training set of a run: the labelled frames (with their stored frames and masks), split into train and
+    held-out parts, the synthetic-defect choice and the job spec the training process reads."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.config = settings.retraining
+        self.artifacts_root = settings.resolve(settings.storage.dir)
+
+    def image_size(self) -> int:
+        return int(self.config.image_size or self.settings.model.image_size)
+
+    def device(self) -> str:
+        return str(self.config.device or self.settings.runtime.device)
+
+    def build(self, run_id: int, run_dir: Path, note: Callable[[str], None]) -> tuple[dict[str, Any], dict]:
+        """The job spec (written to `run_dir/job.json`) and the data counts; RetrainError when there is too little
+        to train on."""
+        return self._prepare(run_id, run_dir, note)
 
     def _prepare(self, run_id: int, run_dir: Path, note: Callable[[str], None]) -> tuple[dict[str, Any], dict]:
         cfg, m = self.config, self.settings.model
@@ -471,13 +446,13 @@ class Retrainer:
             "output": str(run_dir / "work" / "prompts.safetensors"), "result": str(run_dir / "result.json"),
             "model": {"kind": m.name, "backbone": self.settings.backbone_file(),
                       "backbone_config": self.settings.resolve_model_value(m.backbone_config),
-                      "layers": list(m.layers), "image_size": self._image_size(), "init_prompts": init_prompts,
+                      "layers": list(m.layers), "image_size": self.image_size(), "init_prompts": init_prompts,
                       "transform": "reference" if m.reference_preprocessing else "fast"},
             "active": active_spec,
             "train": [f.as_job_item() for f in train], "holdout": [f.as_job_item() for f in holdout],
             "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
                          "seed": cfg.seed},
-            "synthetic": synthetic, "device": self._device(), "nice": cfg.nice, "threads": threads,
+            "synthetic": synthetic, "device": self.device(), "nice": cfg.nice, "threads": threads,
         }
         (run_dir / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
         return spec, counts
@@ -499,106 +474,6 @@ class Retrainer:
                 raise RetrainError(f"{kind} needs the object class of each frame: set class_name on source(s) "
                                    f"{', '.join(missing)} or [model].class_name")
         return named
-
-    def _run_job(self, run_dir: Path, spec: dict[str, Any], progress: ProgressCallback | None,
-                 note: Callable[[str], None]) -> tuple[int, str]:
-        """The training process: niced, its own session (signals to the daemon's group do not reach it)."""
-        if self._cancelled.is_set():
-            return -1, ""
-        log_path = run_dir / "job.log"
-        command = [sys.executable, "-m", "daemon.retraining_job", str(run_dir / "job.json")]
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        deadline = time.monotonic() + self.config.timeout_s
-        note(f"training {spec['version']} ({spec['training']['epochs']} epochs, {spec['model']['image_size']} px, "
-             f"device {spec['device']}, nice {spec['nice']})")
-        with open(log_path, "wb") as log_file:
-            self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
-                                             env=env, start_new_session=True)
-            timer = threading.Timer(self.config.timeout_s, self._kill_job)
-            timer.daemon = True
-            timer.start()
-            try:
-                assert self._process.stdout is not None
-                for raw in self._process.stdout:
-                    event = _parse_event(raw)
-                    if event is None:
-                        continue
-                    if event.get("event") == "epoch":
-                        note(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f}")
-                    if progress is not None:
-                        progress(event)
-                rc = self._process.wait()
-            finally:
-                timer.cancel()
-                self._process = None
-        job_log = log_path.read_text(encoding="utf-8", errors="replace")
-        if time.monotonic() > deadline:
-            raise RetrainError(f"the training process ran past [retraining].timeout_s = {self.config.timeout_s:g}")
-        return rc, job_log
-
-    def _kill_job(self) -> None:
-        process = self._process
-        if process is not None and process.poll() is None:
-            log.error("retraining job past its timeout: killing it")
-            process.kill()
-
-    def _decide(self, spec: dict[str, Any], result: dict[str, Any], outcome: RetrainOutcome,
-                note: Callable[[str], None]) -> None:
-        cfg = self.config
-        candidate, active = result.get("candidate"), result.get("active")
-        if result.get("active_error"):
-            note(f"the active model could not be evaluated: {result['active_error']}")
-        passes, reason = promotion_decision(candidate, active, rule=cfg.rule, metric=cfg.metric,
-                                            tolerance=cfg.tolerance)
-        version = spec["version"]
-        target = registry.version_file(self.settings, version)
-        shutil.move(spec["output"], target)
-        metrics = {"holdout": candidate, "active_holdout": active,
-                   "active_version": (spec.get("active") or {}).get("version"), "rule": cfg.rule,
-                   "metric": cfg.metric, "tolerance": cfg.tolerance, "passes": passes, "reason": reason,
-                   "run_id": spec["run_id"], "data": outcome.metrics.get("data"),
-                   "synthetic_holdout": result.get("synthetic_holdout"), "history": result.get("history")}
-        promote = passes and cfg.promotion == "auto"
-        status = "candidate" if passes else "retired"
-        with self.sessions() as session, session.begin():
-            registry.register_version(session, version=version, kind=spec["model"]["kind"], prompts_path=target,
-                                      metrics=jsonable(metrics), status=status,
-                                      notes=f"run #{spec['run_id']}: {'passes' if passes else 'rejected'}: {reason}")
-        outcome.candidate_version, outcome.passes, outcome.reason = version, passes, reason
-        outcome.metrics.update(metrics)
-        outcome.status = "succeeded"
-        if promote:
-            registry.activate_version(self.sessions, version)
-            outcome.promoted = True
-            note(f"{version} promoted: {reason}")
-            if self.on_activated is not None:
-                try:
-                    self.on_activated()
-                except Exception:
-                    log.exception("hot swap after the promotion of %s failed (the watcher retries)", version)
-        elif passes:
-            note(f"{version} passes ({reason}); promotion is manual: activate it with "
-                 f"`anomalyd models activate {version}`")
-        else:
-            note(f"{version} rejected: {reason}")
-
-
-def _parse_event(raw: bytes) -> dict[str, Any] | None:
-    text = raw.decode("utf-8", errors="replace").strip()
-    if not text.startswith("{"):
-        return None
-    with contextlib.suppress(json.JSONDecodeError):
-        event = json.loads(text)
-        return event if isinstance(event, dict) else None
-    return None
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "(no output)"
-
 
 # --- scheduler ---------------------------------------------------------------------------------------------------
 
@@ -661,21 +536,16 @@ class RetrainingScheduler:
             return None
 
 
-def request_retrain(state: Any) -> dict[str, Any]:
+def request_retrain(state: AppState) -> dict[str, Any]:
     """The operator API's `POST /api/retrain`: start a run now in the background, whatever the label count.
 
-    `state` is the API's AppState (`.service`, `.sessions`, `.settings`). Returns {"run_id", "status": "running"};
-    raises RetrainBusyError when a run is in progress (HTTP 409).
+    Uses `state.retrainer` (the daemon's); an API without the daemon around it (tests, a separate API process)
+    gets one made on first use. Returns {"run_id", "status": "running"}; raises RetrainBusyError when a run is in
+    progress (HTTP 409).
     """
-    retrainer = getattr(getattr(state, "service", None), "retrainer", None)
-    if retrainer is None:  # an API without the daemon around it (tests, a separate API process)
-        extra = getattr(state, "extra", None)
-        retrainer = extra.get("retrainer") if isinstance(extra, dict) else None
-        if retrainer is None:
-            retrainer = Retrainer(state.settings, state.sessions)
-            if isinstance(extra, dict):
-                extra["retrainer"] = retrainer
-    run_id = retrainer.start_in_background(trigger="api")
+    if state.retrainer is None:
+        state.retrainer = Retrainer(state.settings, state.sessions)
+    run_id = state.retrainer.start_in_background(trigger="api")
     return {"run_id": run_id, "status": "running"}
 
 

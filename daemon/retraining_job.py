@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from model.atomic import atomic_write_text
+
 log = logging.getLogger("anomalyd.retraining_job")
 
 
@@ -204,9 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("cannot lower the priority: %s", exc)
     result = run(spec)
     target = Path(spec["result"])
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=_json_default), encoding="utf-8")
-    tmp.replace(target)
+    atomic_write_text(target, json.dumps(result, indent=1, default=_json_default))
     emit({"event": "done"})
     return 0
 

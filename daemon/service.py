@@ -28,7 +28,16 @@ from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
 
 if TYPE_CHECKING:
+    from fastapi import APIRouter
+
     from adapters.mqtt import MqttPublisher
+    from daemon.app import AppState
+    from daemon.integrations import Integrations
+    from daemon.references import ReferenceManager
+    from daemon.retention import RetentionJob
+    from daemon.retraining import Retrainer, RetrainingScheduler
+    from daemon.versions import ModelWatcher
+    from daemon.worker import DetectorLike
 
 log = logging.getLogger("anomalyd.service")
 
@@ -37,7 +46,7 @@ RETENTION_INTERVAL_S = 3600.0
 ORPHAN_SWEEP_DELAY_S = 5.0  # the first orphan sweep, soon after start (files left by a SIGKILL)
 
 
-def build_detector(settings: Settings) -> Any:
+def build_detector(settings: Settings) -> DetectorLike:
     """The detector from [model] + [runtime] (imports torch and the model code only here)."""
     from model import create_detector
 
@@ -108,11 +117,11 @@ class Service:
         self,
         settings: Settings,
         *,
-        detector: Any | None = None,
-        detector_factory: Callable[[Settings], Any] | None = None,
+        detector: DetectorLike | None = None,
+        detector_factory: Callable[[Settings], DetectorLike] | None = None,
         role: str = "all",
-        sources: Sequence[Any] | None = None,
-        routers: Sequence[Any] = (),
+        sources: Sequence[FrameSource] | None = None,
+        routers: Sequence[APIRouter] = (),
         serve_http: bool | None = None,
     ) -> None:
         if role not in ROLES:
@@ -130,20 +139,20 @@ class Service:
         self.store = None
         self.sinks = SinkSet()
         self.pipeline: Pipeline | None = None
-        self.sources: list[Any] = []
+        self.sources: list[FrameSource] = []
         self.api: _ApiServer | None = None
         self.http_port: int | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
         self._capture_threads: list[threading.Thread] = []
         self._errors: list[str] = []
-        self.models: Any = None  # daemon.models.ModelWatcher: hot-swaps to the registry's active version
-        self.retrainer: Any = None  # daemon.retraining.Retrainer: runs from the API / the scheduler
-        self.retraining: Any = None  # daemon.retraining.RetrainingScheduler when [retraining].enabled
-        self.retention: Any = None  # daemon.retention.RetentionJob when [storage].retention_days is set
-        self.orphan_sweeper: Any = None  # a RetentionJob that only sweeps orphan files, when retention is off
-        self.integrations: Any = None  # daemon.integrations.Integrations: triggers, webhooks, OPC UA, commands
-        self.references: Any = None  # daemon.references.ReferenceManager: per-source references, calibration
+        self.models: ModelWatcher | None = None  # hot-swaps to the registry's active version
+        self.retrainer: Retrainer | None = None  # runs from the API / the scheduler
+        self.retraining: RetrainingScheduler | None = None  # when [retraining].enabled
+        self.retention: RetentionJob | None = None  # when [storage].retention_days is set
+        self.orphan_sweeper: RetentionJob | None = None  # only sweeps orphan files, when retention is off
+        self.integrations: Integrations | None = None  # triggers, webhooks, OPC UA, commands
+        self.references: ReferenceManager | None = None  # per-source references, calibration
 
     @property
     def publisher(self) -> MqttPublisher | None:
@@ -181,7 +190,7 @@ class Service:
         else:
             detector = self._detector if self._detector is not None else self._detector_factory(s)
             if self.sessions is not None:
-                from daemon.models import startup_detector
+                from daemon.versions import startup_detector
 
                 detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
             if s.runtime.engine != "torch":  # ONNX Runtime / OpenVINO: export (parity-checked) and run that
@@ -229,8 +238,8 @@ class Service:
 
     def _start_background_jobs(self) -> None:
         """The active-model watcher, the retrainer, the retraining scheduler (when enabled) and retention."""
-        from daemon.models import ModelWatcher
         from daemon.retraining import Retrainer, RetrainingScheduler
+        from daemon.versions import ModelWatcher
 
         self.models = ModelWatcher(self.settings, self.sessions, current=self._current_detector,
                                    swap=self.swap_detector)
@@ -281,7 +290,7 @@ class Service:
         return {cfg.id: cfg if cfg.class_name or not default_class else cfg.model_copy(update={"class_name": default_class})
                 for cfg in self.settings.sources}
 
-    def _build_sources(self) -> list[Any]:
+    def _build_sources(self) -> list[FrameSource]:
         if self._given_sources is not None:
             for source in self._given_sources:
                 if self.sinks and getattr(source, "on_status", None) is None:
@@ -313,7 +322,7 @@ class Service:
         s = self.settings
         writer = RedisFrameWriter(s.redis.url.get_secret_value(), s.redis.stream, maxlen=s.redis.maxlen)
 
-        def forward(source: Any) -> None:
+        def forward(source: FrameSource) -> None:
             while not self._stop_requested.is_set() or len(source.queue):
                 frame = source.queue.get(timeout=0.2)
                 if frame is None:
@@ -336,14 +345,21 @@ class Service:
             thread.start()
             self._capture_threads.append(thread)
 
+    def app_state(self) -> AppState:
+        """What the HTTP API may use of this daemon."""
+        from daemon.app import AppState
+
+        return AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
+                        sessions=self.sessions, store=self.store, retrainer=self.retrainer, sources=self.sources,
+                        references=self.references,
+                        current_detector=lambda: self.pipeline.detector if self.pipeline is not None else None)
+
     def _start_http(self) -> None:
-        from daemon.app import AppState, create_app
+        from daemon.app import create_app
         from daemon.tokens import bootstrap_admin_token
 
-        state = AppState(settings=self.settings, metrics=self.metrics, readiness=self.readiness,
-                         sessions=self.sessions, store=self.store, service=self)
         host, port = self.settings.api.host_port
-        self.api = _ApiServer(create_app(state, self._routers), host, port)
+        self.api = _ApiServer(create_app(self.app_state(), self._routers), host, port)
         self.api.start()
         self.http_port = self.api.port
         log.info("HTTP API on http://%s:%d", host if ":" not in host else f"[{host}]", self.api.port)
@@ -414,11 +430,11 @@ class Service:
             details["stopping"] = True
         return bool(ok), details
 
-    def _current_detector(self) -> Any:
+    def _current_detector(self) -> DetectorLike | None:
         detector = self.pipeline.detector if self.pipeline is not None else self._detector
         return getattr(detector, "raw", detector)  # the model itself behind the per-source routing
 
-    def swap_detector(self, detector: Any) -> threading.Event:
+    def swap_detector(self, detector: DetectorLike) -> threading.Event:
         """Use a new detector from the next batch on (retraining/activation)."""
         if self.pipeline is None:
             raise RuntimeError("no pipeline in this role")
@@ -504,6 +520,6 @@ class Service:
         return clean
 
 
-def _status(source: Any) -> str:
+def _status(source: FrameSource) -> str:
     status = getattr(source, "status", "")
     return str(getattr(status, "value", status))

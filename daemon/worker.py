@@ -1,10 +1,11 @@
 """The model worker: one thread per device taking batches from the DynamicBatcher and running the detector.
 
-Items arrive decoded and resized (`PreparedFrame.pixels`, uint8, made off this thread); the worker stacks them into
-buffers it reuses, normalises the batch on the model's device, predicts and hands `ScoredFrame`s to the sink
-(post-processing runs on other threads, so the model never waits on disk or database). `swap_detector(new)` takes
-effect between two batches: no frame is dropped or scored by a half-swapped model; frames prepared for another
-input size are re-transformed from their RGB array.
+Items (the pipeline's one `FrameRecord` per frame) arrive decoded and resized (`pixels`, uint8, made off this
+thread); the worker stacks them into buffers it reuses, normalises the batch on the model's device, predicts, fills
+each record's score, map and model version and hands it to the sink (post-processing runs on other threads, so the
+model never waits on disk or database). `swap_detector(new)` takes effect between two batches: no frame is dropped
+or scored by a half-swapped model; frames prepared for another input size are re-transformed from their RGB
+array.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from adapters.sources.base import SourceSettings
 from daemon.batcher import DynamicBatcher
+from daemon.record import FrameRecord
 
 log = logging.getLogger(__name__)
 
@@ -32,40 +32,18 @@ class DetectorLike(Protocol):
     def predict(self, images: Any, class_names: list[str] | None = None) -> Any: ...
 
 
-@dataclass
-class PreparedFrame:
-    """A decoded frame on its way to the model."""
-
-    frame: Any  # adapters.sources.base.Frame
-    source: SourceSettings
-    rgb: np.ndarray  # RGB uint8 (H,W,3) at the frame's own size
-    pixels: np.ndarray  # RGB uint8 (S,S,3), resized for the model (normalised by the worker, per batch)
-    size: int  # S the pixels were resized to
-    t_in: float  # monotonic time the pipeline took the frame
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class ScoredFrame:
-    prepared: PreparedFrame
-    score: float
-    anomaly_map: np.ndarray  # (S,S) float32 in model input space
-    model_version: str
-    model_name: str
-
-
 class ModelWorker:
-    """Runs `detector.predict` on batches; `sink(scored)` receives each result, `on_failure(items, exc)`
-    receives the frames of a batch the model failed on."""
+    """Runs `detector.predict` on batches of `FrameRecord`s; `sink(record)` receives each scored record,
+    `on_failure(records, exc)` the records of a batch the model failed on."""
 
     def __init__(
         self,
         detector: DetectorLike,
-        batcher: DynamicBatcher[PreparedFrame],
-        sink: Callable[[ScoredFrame], None],
+        batcher: DynamicBatcher[FrameRecord],
+        sink: Callable[[FrameRecord], None],
         *,
         transform: Callable[[np.ndarray, int], np.ndarray],  # (rgb, S) → (S,S,3) uint8, for a new input size
-        on_failure: Callable[[list[PreparedFrame], BaseException], None] | None = None,
+        on_failure: Callable[[list[FrameRecord], BaseException], None] | None = None,
         on_batch: Callable[[int, float, float], None] | None = None,  # (size, queue_wait_s, inference_s)
         name: str = "model-worker",
     ) -> None:
@@ -154,7 +132,7 @@ class ModelWorker:
         np.stack(pixels, out=staged[:count])
         return normalise_pixels(torch.from_numpy(staged[:count]).to(device), out=images[:count])
 
-    def _process(self, batch: list[PreparedFrame]) -> None:
+    def _process(self, batch: list[FrameRecord]) -> None:
         import torch
 
         detector = self.detector
@@ -194,5 +172,6 @@ class ModelWorker:
         for index, item in enumerate(batch):
             item.timings["model_s"] = elapsed / len(batch)
             item.timings["scored_at"] = time.monotonic()
-            self.sink(ScoredFrame(item, float(scores[index]), maps[index], versions[index] if versions else version,
-                                  name))
+            item.score, item.anomaly_map = float(scores[index]), maps[index]
+            item.model_version, item.model_name = versions[index] if versions else version, name
+            self.sink(item)

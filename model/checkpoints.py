@@ -7,13 +7,14 @@ Each family's own format lives with it (`model.anomalyclip.checkpoint`, `model.a
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from model.atomic import atomic_path
 
 
 class CheckpointError(ValueError):
@@ -49,21 +50,17 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], for
     meta = {"format": format_name, "format_version": format_version,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     meta.update(metadata or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")  # one per writer: workers may race
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"anomalyd": json.dumps(meta, default=str)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # one temporary name per writer: workers may race
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"anomalyd": json.dumps(meta, default=str)})
     return path
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
     """`torch.save` to a temporary file beside `path`, then rename (readers never see half a file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
     return path
 
 

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model.preprocess import (
+    IMAGE_SUFFIXES,
     ImageDecodeError,
     decode_image,
     fast_transform,
@@ -47,7 +48,6 @@ from model.preprocess import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 # Folder names that hold defect-free images: MVTec/VisA/MPDD use "good", BTAD uses "ok".
 NORMAL_FOLDER_NAMES = frozenset({"good", "ok"})
 TRANSFORMS = ("reference", "fast")
@@ -75,7 +75,7 @@ class Sample:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 # --------------------------------------------------------------------------------------------- meta.json
@@ -262,7 +262,7 @@ def is_mask_file(path: str | Path) -> bool:
     """A pixel label of a known dataset layout rather than an image to score: KolektorSDD's `*_label.*` next to
     its part, MVTec-style `*_mask.*` or anything under a `ground_truth` folder, KolektorSDD2's `*_GT.*`."""
     path = Path(path)
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
         return False
     if "ground_truth" in path.parts[:-1]:
         return True

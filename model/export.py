@@ -52,21 +52,14 @@ def _harmonic_mean(maps: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _class_token_ids(class_name: str, context_length: int) -> torch.Tensor:
     """AdaCLIP's 48 prompt sentences for a class as CLIP token ids (48, context_length)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
+    from model._text import tokenize
     from model.adaclip import class_prompts
 
-    tokenizer = SimpleTokenizer()
-    sot, eot = tokenizer.encoder["<start_of_text>"], tokenizer.encoder["<end_of_text>"]
     sentences, _ = class_prompts(class_name)
-    ids = torch.zeros(len(sentences), context_length, dtype=torch.long)
-    for row, sentence in enumerate(sentences):
-        tokens = [sot, *tokenizer.encode(sentence), eot]
-        if len(tokens) > context_length:
-            raise ExportError(f"class name {class_name!r} is too long: prompt {sentence!r} exceeds "
-                              f"{context_length} tokens")
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-    return ids
+    try:
+        return tokenize(sentences, context_length)
+    except ValueError as exc:
+        raise ExportError(f"class name {class_name!r} is too long: {exc}") from exc
 
 
 class ExportError(ValueError):

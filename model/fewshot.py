@@ -29,13 +29,13 @@ import torch.nn.functional as F
 
 from model._backbone import ClipBackbone, resize_position_embedding
 from model._transformer import embed_patches, forward_blocks
+from model.atomic import atomic_path
 from model.detector import Detector, Prediction, autocast
 from model.gaussian import gaussian_blur
-from model.preprocess import decode_image, fast_transform
+from model.preprocess import IMAGE_SUFFIXES, decode_image, fast_transform
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 BANK_SUFFIX = ".safetensors"
 FEATURE_KINDS = ("proj", "raw")
 MAX_REFERENCES = 16
@@ -151,11 +151,9 @@ class ReferenceBank:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer_{i}": f.detach().to("cpu", torch.float16).contiguous() for i, f in enumerate(self.features)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=dict(self.metadata))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=dict(self.metadata))
         return path
 
     @classmethod

@@ -26,6 +26,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 100_000_000  # larger than any industrial camera; beyond it decoding is refused, not attempted
 MIN_SIDE = 8
+# The image files anomalyd reads from folders (datasets, few-shot references, calibration); the one list.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ImageDecodeError(ValueError):

@@ -38,12 +38,20 @@ def fresh_copy(target: Path) -> Path:
     return target
 
 
-def demo_environment(repo: Path) -> dict[str, str]:
-    """The ANOMALYD_* assignments of the Makefile's `demo` recipe, with $(CURDIR) = the copy."""
-    recipe = (repo / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
-    assignments = re.findall(r"(ANOMALYD_[A-Z_]+)=(\S+)", recipe)
-    assert {name for name, _ in assignments} >= {"ANOMALYD_MODEL__BACKBONE", "ANOMALYD_MODEL__PROMPTS"}
-    return {name: value.replace("$(CURDIR)", str(repo)) for name, value in assignments}
+def demo_environment(repo: Path, target: str = "demo") -> dict[str, str]:
+    """The ANOMALYD_* assignments of a Makefile recipe (`make demo`), with $(CURDIR) = the copy."""
+    makefile = (repo / "Makefile").read_text()
+    recipe = makefile.split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+    assignments = re.findall(r"""(ANOMALYD_[A-Z_]+)=('[^']*'|"[^"]*"|\S+)""", recipe)
+    assert any(name.startswith("ANOMALYD_MODEL__") for name, _ in assignments), recipe
+    samples = re.search(r"^DEMO_SAMPLES \?= (\S+)$", makefile, re.M)
+    env = {}
+    for name, value in assignments:
+        value = value.strip("'\"")
+        if samples:
+            value = value.replace("$(DEMO_SAMPLES)", samples.group(1))
+        env[name] = value.replace("$(CURDIR)", str(repo))
+    return env
 
 
 def anomalyd(repo: Path, *argv: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -134,11 +142,11 @@ def test_newcomer_day_one(tmp_path, shared_dir, samples_dir):
 
     # eval on a KolektorSDD-layout folder: parts labelled by their masks, real metrics, exit 0
     kolektor = kolektor_from_samples(samples_dir, tmp_path / "KolektorSDD")
-    tiny = demo_environment(repo)
+    golden = shared_dir / "golden" / "anomalyclip"
     result = anomalyd(repo, "eval", "--data", str(kolektor), "--json", "--image-size", "112",
-                      "--backbone", tiny["ANOMALYD_MODEL__BACKBONE"],
-                      "--backbone-config", tiny["ANOMALYD_MODEL__BACKBONE_CONFIG"],
-                      "--prompts", tiny["ANOMALYD_MODEL__PROMPTS"], cwd=elsewhere, env=base_env)
+                      "--backbone", str(golden / "tiny_clip_openai_fp16.safetensors"),
+                      "--backbone-config", str(golden / "tiny-clip-24L.json"),
+                      "--prompts", str(golden / "prompts_official_format.pth"), cwd=elsewhere, env=base_env)
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)["anomalyclip"]["mean"]
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["pixel_auroc"] <= 1.0

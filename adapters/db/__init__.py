@@ -7,17 +7,6 @@ Typical use::
 """
 
 from adapters.db.engine import make_engine, make_session_factory, ping
-from adapters.db.models import (
-    Base,
-    Inspection,
-    Label,
-    ModelVersion,
-    OutboxMessage,
-    RejectedFrame,
-    SourceThreshold,
-    TrainingRun,
-    utcnow,
-)
 from adapters.db.repository import (
     InspectionFilter,
     SavedInspection,
@@ -33,6 +22,17 @@ from adapters.db.repository import (
     record_rejected,
     save_inspection,
     save_inspections,
+)
+from adapters.db.tables import (
+    Base,
+    Inspection,
+    Label,
+    ModelVersion,
+    OutboxMessage,
+    RejectedFrame,
+    SourceThreshold,
+    TrainingRun,
+    utcnow,
 )
 
 __all__ = [

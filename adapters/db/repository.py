@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db.models import Inspection, Label, ModelVersion, OutboxMessage, RejectedFrame, utcnow
+from adapters.db.tables import Inspection, Label, ModelVersion, OutboxMessage, RejectedFrame, utcnow
 
 # Builds the alert for a flushed inspection (its id is known): (topic, payload dict, qos), or None for no alert.
 AlertBuilder = Callable[[Inspection], "tuple[str, dict[str, Any], int] | None"]

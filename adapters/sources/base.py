@@ -13,13 +13,15 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adapters.timeutil import utc_now
 
 if TYPE_CHECKING:
     from adapters.sources.registry import SourceContext
@@ -31,10 +33,6 @@ log = logging.getLogger(__name__)
 QueuePolicy = Literal["latest", "all"]
 # Default `max_bytes` of file/message sources: an encoded input above it is refused unread (a rejected row).
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass

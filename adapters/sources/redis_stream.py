@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal
 
 import cv2
@@ -44,6 +44,7 @@ from adapters.sources.base import (
     utc_now,
 )
 from adapters.sources.registry import SourceContext, register_source_kind
+from adapters.timeutil import parse_rfc3339, rfc3339
 
 DEFAULT_STREAM = "anomalyd:frames"
 DEFAULT_GROUP = "anomalyd"
@@ -65,14 +66,7 @@ def _rfc3339(ts: datetime | str | None) -> str:
         return ts
     if ts.tzinfo is None:
         raise ValueError(f"timestamp {ts!r} has no timezone; use an aware UTC datetime")
-    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def _parse_ts(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    return rfc3339(ts, "auto")
 
 
 class RedisFrameWriter:
@@ -203,7 +197,7 @@ class RedisStreamSource(FrameSource):
         captured_at = utc_now()
         if text("ts"):
             try:
-                captured_at = self._checked_capture_time(_parse_ts(text("ts")), meta)
+                captured_at = self._checked_capture_time(parse_rfc3339(text("ts")), meta)
             except (ValueError, OverflowError):  # out of datetime's range after the UTC shift: OverflowError
                 meta["ts_error"] = f"bad ts {text('ts')!r} in stream entry {entry_id}; using the arrival time"
         data = fields.get("data")

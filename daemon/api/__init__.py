@@ -1,7 +1,7 @@
 """The operator HTTP API: inspections history, artifacts, labels, models, retraining, stats, live events.
 
 `routers()` returns the FastAPI routers that `daemon.app.create_app` mounts (`anomalyd run` passes them to the
-Service). The queries behind them live in `daemon.api.history`, shared with the operator CLI, which is why this
+Service). The queries behind them live in `adapters.db.history`, shared with the operator CLI, which is why this
 package imports FastAPI only inside `routers()`.
 """
 
@@ -14,7 +14,7 @@ def routers() -> list[Any]:
     """All operator API routers, in the order they are mounted."""
     from daemon.api.events import router as events_router
     from daemon.api.inspections import router as inspections_router
-    from daemon.api.models import router as models_router
+    from daemon.api.model_versions import router as models_router
     from daemon.api.references import router as references_router
     from daemon.api.stats import router as stats_router
 

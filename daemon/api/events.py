@@ -20,10 +20,10 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, s
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db import Inspection
-from daemon.api import history
-from daemon.api.history import MAX_ID
+from adapters.db import Inspection, history
+from adapters.db.history import MAX_ID
 from daemon.api.inspections import sessions_of
 from daemon.app import AppState, get_state, require_role
 
@@ -34,12 +34,12 @@ _BATCH = 200
 _KEEPALIVE_S = 15.0
 
 
-def _max_id(sessions: Any) -> int:
+def _max_id(sessions: sessionmaker[Session]) -> int:
     with sessions() as session:
         return int(session.scalar(select(func.max(Inspection.id))) or 0)
 
 
-def _fetch(sessions: Any, above: int, alerts_only: bool, sent: set[int]) -> list[dict[str, Any]]:
+def _fetch(sessions: sessionmaker[Session], above: int, alerts_only: bool, sent: set[int]) -> list[dict[str, Any]]:
     with sessions() as session:
         query = select(Inspection).where(Inspection.id > above)
         if alerts_only:

@@ -7,15 +7,16 @@ refuses anything outside the store; the URL only picks one of a fixed set of art
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db import InspectionFilter
-from daemon.api import history
+from adapters.db import InspectionFilter, history
+from adapters.timeutil import as_utc
 from daemon.app import AppState, get_state, require_role
 
 router = APIRouter(prefix="/api/inspections", tags=["inspections"])
@@ -23,16 +24,15 @@ router = APIRouter(prefix="/api/inspections", tags=["inspections"])
 _MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
+def utc_query_time(value: datetime | None) -> datetime | None:
+    """A query-string time as aware UTC (naive = UTC); 422 when it is out of range in UTC."""
     try:
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return as_utc(value)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before year 1 in UTC
         raise HTTPException(422, f"time {value.isoformat()} is out of range in UTC") from None
 
 
-def sessions_of(state: AppState) -> Any:
+def sessions_of(state: AppState) -> sessionmaker[Session]:
     if state.sessions is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no database in this role")
     return state.sessions
@@ -54,7 +54,7 @@ def list_inspections(
     state: AppState = Depends(get_state),
     _: str = Depends(require_role("viewer")),
 ) -> dict[str, Any]:
-    filters = InspectionFilter(source=source, line=line, after=_utc(after), before=_utc(before),
+    filters = InspectionFilter(source=source, line=line, after=utc_query_time(after), before=utc_query_time(before),
                                min_score=min_score, max_score=max_score, anomalous=anomalous, label=label)
     try:
         with sessions_of(state)() as session:

@@ -29,8 +29,7 @@ class AddReferences(BaseModel):
 
 
 def _source_ids(state: AppState) -> list[str]:
-    service = state.service
-    ids = [source.id for source in getattr(service, "sources", None) or []]
+    ids = [source.id for source in state.sources]
     return ids + [cfg.id for cfg in state.settings.sources if cfg.id not in ids]
 
 
@@ -41,8 +40,8 @@ def _known(state: AppState, source_id: str) -> str:
     return source_id
 
 
-def _manager(state: AppState) -> Any:
-    return getattr(state.service, "references", None)
+def _manager(state: AppState) -> refs.ReferenceManager | None:
+    return state.references
 
 
 @router.get("/{source_id}/references", summary="The normal reference images of a source")
@@ -109,8 +108,7 @@ def recent_scores(source_id: str, limit: int = Query(500, ge=1, le=5000), state:
     threshold = cfg.threshold if cfg is not None else 0.5
     pixel = cfg.map_threshold if cfg is not None else threshold
     version, calibrated = None, False
-    pipeline = getattr(state.service, "pipeline", None)
-    detector = getattr(pipeline, "detector", None)
+    detector = state.current_detector()
     if detector is not None:
         version = detector.version_for(source_id) if hasattr(detector, "version_for") else str(detector.version)
     elif rows:

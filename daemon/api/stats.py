@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
-from daemon.api import history
-from daemon.api.inspections import sessions_of
+from adapters.db import history
+from daemon.api.inspections import sessions_of, utc_query_time
 from daemon.app import AppState, get_state, require_role
 
 router = APIRouter(prefix="/api", tags=["stats"])
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before year 1 in UTC
-        raise HTTPException(422, f"time {value.isoformat()} is out of range in UTC") from None
 
 
 @router.get("/stats", summary="Counts over [after, before); default the last 24 hours")
@@ -30,7 +21,7 @@ def get_stats(
     state: AppState = Depends(get_state),
     _: str = Depends(require_role("viewer")),
 ) -> dict[str, Any]:
-    after, before = _utc(after), _utc(before)
+    after, before = utc_query_time(after), utc_query_time(before)
     if after is not None and before is not None and after >= before:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "after must be earlier than before")
     with sessions_of(state)() as session:

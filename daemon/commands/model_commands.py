@@ -139,15 +139,10 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
 def _cached_backbone(backbone: str, pretrained: str | None, model: str) -> str:
     """A named OpenAI CLIP backbone already in the weights cache → that file (no network); else the value as given
     (open_clip downloads a named one on first use)."""
-    from adapters.weights import (
-        BACKBONE_TAG,
-        NON_CLIP_MODELS,
-        WeightsError,
-        backbone_weights,
-        is_named_backbone,
-    )
+    from adapters.weights import BACKBONE_TAG, WeightsError, backbone_weights, is_named_backbone
+    from model.factory import get_family
 
-    if pretrained != BACKBONE_TAG or model in NON_CLIP_MODELS or not is_named_backbone(backbone):
+    if pretrained != BACKBONE_TAG or not get_family(model).clip_backbone or not is_named_backbone(backbone):
         return backbone
     try:
         found = backbone_weights(backbone, pretrained).found()

@@ -19,11 +19,16 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.commands.run_commands import _config_path, _import_factory, _load
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from adapters.storage import ArtifactStore
+    from daemon.config import Settings
+
 
 
 def _usage(message: str) -> Exception:
@@ -32,7 +37,7 @@ def _usage(message: str) -> Exception:
     return UsageError(message)
 
 
-def _database(settings: Any, config: str | None = None) -> contextlib.AbstractContextManager[Any]:
+def _database(settings: Settings, config: str | None = None) -> contextlib.AbstractContextManager[sessionmaker[Session]]:
     """A session factory on the configured database, which must exist (only `run` and `db upgrade` create one)."""
     from daemon.commands.database import existing_database
 
@@ -44,7 +49,7 @@ def _print_json(items: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _store(settings: Any) -> Any:
+def _store(settings: Settings) -> ArtifactStore:
     from adapters.storage import ArtifactStore
 
     return ArtifactStore(settings.resolve(settings.storage.dir), save_frames=settings.storage.save_frames,
@@ -55,8 +60,7 @@ def _store(settings: Any) -> Any:
 
 
 def cmd_defects(args: argparse.Namespace) -> int:
-    from adapters.db import InspectionFilter
-    from daemon.api import history
+    from adapters.db import InspectionFilter, history
 
     settings = _load(args)
     try:
@@ -97,7 +101,7 @@ def _print_table(items: list[dict[str, Any]]) -> None:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from daemon.api import history
+    from adapters.db import history
 
     settings = _load(args)
     mask = None
@@ -131,11 +135,11 @@ def _user() -> str:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from daemon.api import history
+    from adapters.db import history
 
     settings = _load(args)
     with _database(settings, args.config) as sessions, sessions() as session:
-        items = [history.model_dict(row) for row in history.list_models(session)]
+        items = [history.model_dict(row) for row in history.list_versions(session)]
     if args.json:
         _print_json(items)
         return 0
@@ -153,17 +157,13 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def cmd_models_activate(args: argparse.Namespace) -> int:
     settings = _load(args)
-    try:
-        from daemon.models import activate_version
-    except ImportError as exc:
-        raise RuntimeError(f"model activation is not available in this build ({exc})") from None
+    from daemon.versions import UnknownVersionError, VersionRegistry
+
     with _database(settings, args.config) as sessions:
         try:
-            activate_version(sessions, args.version)
-        except (LookupError, ValueError) as exc:
-            if isinstance(exc, LookupError) or type(exc).__name__ == "UnknownVersionError":
-                raise _usage(str(exc).strip("'\"")) from None
-            raise
+            VersionRegistry(sessions).activate(args.version)
+        except UnknownVersionError as exc:
+            raise _usage(str(exc)) from None
     print(f"model version {args.version} is now active (running daemons switch to it within their model watcher's poll interval)")
     return 0
 
@@ -172,6 +172,8 @@ def cmd_models_activate(args: argparse.Namespace) -> int:
 
 
 def _good_images(directory: Path) -> list[Path]:
+    from model.preprocess import IMAGE_SUFFIXES
+
     if not directory.is_dir():
         raise _usage(f"--good {directory}: not a directory")
     files = sorted(path for path in directory.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
@@ -221,8 +223,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     images, problems = _load_tensors(files, int(detector.image_size), settings.model.reference_preprocessing)
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
-    threshold = calibrate(detector, images, quantile=args.quantile, margin=args.margin, method=args.method,
-                          class_name=source.class_name or settings.model.class_name)
+    from model.fewshot import calibrate_threshold
+
+    threshold = calibrate_threshold(detector, images, method=args.method, quantile=args.quantile, margin=args.margin,
+                                    class_name=source.class_name or settings.model.class_name)
     threshold = min(1.0, max(0.0, threshold))
     result = {"source": source.id, "threshold": round(threshold, 6), "previous": source.threshold,
               "images": int(images.shape[0]), "skipped": len(problems), "method": args.method,
@@ -244,26 +248,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f'set it in the [[sources]] table with id = "{source.id}":\n  threshold = {result["threshold"]}')
     return 0
-
-
-def calibrate(detector: Any, images: Any, *, quantile: float, margin: float, method: str,
-              class_name: str | None) -> float:
-    """`model.fewshot.calibrate_threshold` when present, else the same rule here (quantile or max, + margin)."""
-    try:
-        from model.fewshot import calibrate_threshold
-    except ImportError:
-        calibrate_threshold = None
-    if calibrate_threshold is not None:
-        return float(calibrate_threshold(detector, images, method=method, quantile=quantile, margin=margin,
-                                         class_name=class_name))
-    import numpy as np
-    import torch
-
-    with torch.no_grad():
-        names = [class_name] * images.shape[0] if class_name else None
-        scores = detector.predict(images, names).scores.detach().float().cpu().numpy()
-    base = float(scores.max()) if method == "max" else float(np.quantile(scores, quantile))
-    return base + margin
 
 
 _HEADER = re.compile(r"^\s*\[")
@@ -354,16 +338,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _config_argument(activate)
     activate.add_argument("version", metavar="VERSION")
     activate.set_defaults(func=cmd_models_activate)
-
-    # `anomalyd retrain` belongs to the retraining component; registered here unless its module already was.
-    if "retrain" not in subparsers.choices:
-        try:
-            from daemon.commands.retrain_commands import register as register_retrain
-        except ModuleNotFoundError as exc:
-            if exc.name != "daemon.commands.retrain_commands":
-                raise
-        else:
-            register_retrain(subparsers)
 
     calibrate_parser = subparsers.add_parser("calibrate", help="per-source threshold from known-good frames")
     _config_argument(calibrate_parser)

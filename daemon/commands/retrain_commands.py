@@ -126,8 +126,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    if "retrain" in subparsers.choices:  # already registered (ops_commands registers it too when loaded first)
-        return
     parser = subparsers.add_parser("retrain", help="retraining schedule and label count, or a run now (--now)",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--now", action="store_true", help="run a retraining now, in the foreground")

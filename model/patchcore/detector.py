@@ -104,12 +104,12 @@ class PatchcoreBank:
         """Write the bank (float32 rows, metadata) atomically."""
         from safetensors.torch import save_file
 
+        from model.atomic import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"memory_bank": self.rows.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
-                  metadata=dict(self.metadata))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"memory_bank": self.rows.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
+                      metadata=dict(self.metadata))
         return path
 
     @classmethod

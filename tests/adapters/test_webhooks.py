@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from adapters.db import OutboxMessage
-from adapters.db.models import WebhookDelivery, WebhookEndpoint
+from adapters.db.tables import WebhookDelivery, WebhookEndpoint
 from adapters.webhooks import (
     SIGNATURE_HEADER,
     WebhookConfigError,

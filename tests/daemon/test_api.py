@@ -516,7 +516,7 @@ class FakeRetrainer:
 def test_admin_requests_retrain(sqlite_env):
     env = sqlite_env
     retrainer = FakeRetrainer()
-    env.state.extra["retrainer"] = retrainer
+    env.state.retrainer = retrainer
     response = env.client.post("/api/retrain", headers=auth("admin"))
     assert response.status_code == 202, response.text
     assert response.json() == {"run_id": 7, "status": "running"} and retrainer.triggers == ["api"]

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from adapters.db import Inspection
 from adapters.export import ExportedDetector, read_manifest
-from daemon import models as registry
+from daemon import versions as registry
 from daemon.config import load_config
 from daemon.service import Service, build_detector
 from model.preprocess import fast_transform
@@ -83,7 +83,7 @@ def test_daemon_runs_on_onnxruntime_and_hot_swaps_a_checked_export(tmp_path, gol
             return list(session.scalars(select(Inspection).order_by(Inspection.id)))
 
     try:
-        detector = service.pipeline.detector
+        detector = getattr(service.pipeline.detector, "raw", service.pipeline.detector)  # under the daemon's routing
         assert isinstance(detector, ExportedDetector) and detector.engine == "onnxruntime"
         exported = tmp_path / "var" / "artifacts" / "exports"
         manifest = read_manifest(next(exported.iterdir()))
@@ -97,7 +97,7 @@ def test_daemon_runs_on_onnxruntime_and_hot_swaps_a_checked_export(tmp_path, gol
                                       prompts_path=_perturbed_prompts(settings, golden_dir, "v2-test"))
         registry.activate_version(service.sessions, "v2-test")
         assert wait_until(lambda: service.pipeline.detector.version == "v2-test", 120)
-        swapped = service.pipeline.detector
+        swapped = getattr(service.pipeline.detector, "raw", service.pipeline.detector)
         assert isinstance(swapped, ExportedDetector)
         assert read_manifest(swapped.folder)["parity"]["max_abs_diff"]["maps"] <= 1e-4
         time.sleep(0.2)

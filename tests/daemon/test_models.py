@@ -17,7 +17,7 @@ import torch
 from sqlalchemy import create_engine, select, text
 
 from adapters.db import Inspection, ModelVersion, RejectedFrame, make_engine, make_session_factory, upgrade
-from daemon import models as registry
+from daemon import versions as registry
 from daemon.config import load_config
 from daemon.service import Service
 from tests.daemon.test_retraining import small_rgb, write_config

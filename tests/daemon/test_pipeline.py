@@ -170,7 +170,7 @@ def test_failed_batch_transaction_falls_back_to_one_per_frame(db, tmp_path, monk
     """A batch whose transaction fails (e.g. another writer took one frame_id) is stored frame by frame."""
     from sqlalchemy.exc import IntegrityError
 
-    import daemon.pipeline as pipeline_module
+    import daemon.writer as pipeline_module  # the result writer stores the batches
 
     batches: list[int] = []
 

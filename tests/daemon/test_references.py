@@ -191,7 +191,7 @@ def test_daemon_builds_banks_per_source_rejects_bad_ones_and_swaps_rebuilds(tmp_
 def test_references_api_cli_and_labels(tmp_path, backbone, capsys):
     from daemon import references as refs
     from daemon.api import routers
-    from daemon.app import AppState, create_app
+    from daemon.app import create_app
     from daemon.cli import main
 
     settings = _settings(tmp_path, [{"id": "cam", "references_from": "labels", "threshold": 0.99},
@@ -208,8 +208,7 @@ def test_references_api_cli_and_labels(tmp_path, backbone, capsys):
         _write(tmp_path / "other" / "o.png", _texture(51))
         assert wait_until(lambda: len(_rows(service)) == 6, timeout=60)
         rows = {Path(row.frame_name).name: row for row in _rows(service)}
-        app = create_app(AppState(settings=settings, metrics=service.metrics, readiness=service.readiness,
-                                  sessions=service.sessions, store=service.store, service=service), routers())
+        app = create_app(service.app_state(), routers())
         client = TestClient(app)
         assert client.get("/api/sources/cam/references").status_code == 401
         listed = client.get("/api/sources/cam/references", headers=auth("viewer")).json()

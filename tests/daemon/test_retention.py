@@ -20,8 +20,8 @@ from adapters.db import (
     make_session_factory,
     upgrade,
 )
+from adapters.db.history import store_label_mask
 from adapters.storage import ArtifactStore
-from daemon.api.history import store_label_mask
 from daemon.retention import RetentionJob
 from tests.adapters.test_db import create_pg_database
 

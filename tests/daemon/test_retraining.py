@@ -29,7 +29,7 @@ from adapters.db import (
     upgrade,
 )
 from adapters.storage import ArtifactStore
-from daemon import models as registry
+from daemon import versions as registry
 from daemon.config import ConfigError, load_config
 from daemon.retraining import (
     COMPARABLE_METRICS,
@@ -300,10 +300,10 @@ def test_retraining_promotes_then_rejects_by_rule(tmp_path, golden_dir, samples_
         # An impossible rule: the candidate is recorded, retired, and the active version stays. Via the API entry.
         impossible = load_config(write_config(tmp_path, golden_dir, 'promotion = "auto"\nrule = "better"\n'
                                               'tolerance = 1.0'), environ={})
-        state = SimpleNamespace(settings=impossible, sessions=sessions, service=None, extra={})
+        state = SimpleNamespace(settings=impossible, sessions=sessions, retrainer=None)
         started = request_retrain(state)
         assert started["status"] == "running"
-        assert state.extra["retrainer"].wait(120)
+        assert state.retrainer.wait(120)  # the retrainer the API made (was state.extra["retrainer"])
         with sessions() as session:
             run = session.get(TrainingRun, started["run_id"])
             assert run.status == "succeeded" and not run.promoted, run.log
@@ -348,7 +348,7 @@ def test_daemon_stop_cancels_a_run_in_progress(tmp_path, golden_dir, samples_dir
     service = Service(settings, sources=[])
     service.start()
     try:
-        run_id = request_retrain(SimpleNamespace(service=service, settings=settings, sessions=service.sessions))[
+        run_id = request_retrain(SimpleNamespace(retrainer=service.retrainer, settings=settings, sessions=service.sessions))[
             "run_id"]
         assert wait_until(lambda: service.retrainer._process is not None, 30)
         process = service.retrainer._process

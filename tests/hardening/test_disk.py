@@ -12,6 +12,7 @@ import pytest
 
 import adapters.storage as storage_module
 import daemon.pipeline as pipeline_module
+import model.atomic as atomic_module
 from adapters.storage import ArtifactStore
 from tests.daemon.test_pipeline import ConstantDetector, png
 from tests.hardening.helpers import RedeliveringSource, make_pipeline
@@ -24,7 +25,7 @@ def full_disk_replace(*args, **kwargs):
 
 def test_case11_a_failed_artifact_write_leaves_no_tmp_file(tmp_path, monkeypatch):
     store = ArtifactStore(tmp_path / "artifacts")
-    monkeypatch.setattr(storage_module.os, "replace", full_disk_replace)
+    monkeypatch.setattr(atomic_module.os, "replace", full_disk_replace)  # the artifact store writes through model.atomic
     rgb = np.zeros((16, 16, 3), np.uint8)
     with pytest.raises(OSError, match="No space left"):
         store.write("k", storage_module.datetime.now(storage_module.timezone.utc), rgb=rgb,
@@ -38,7 +39,7 @@ def test_case11_repeated_identical_errors_are_logged_once_per_interval_with_a_co
     monkeypatch.setattr(pipeline_module.REPEATS, "interval_s", 1.0)
     source = RedeliveringSource(limit=1)
     pipeline = make_pipeline(sqlite_sessions, tmp_path, [source], ConstantDetector(0.1), max_attempts=100)
-    monkeypatch.setattr(storage_module.os, "replace", full_disk_replace)
+    monkeypatch.setattr(atomic_module.os, "replace", full_disk_replace)  # the artifact store writes through model.atomic
     caplog.set_level(logging.WARNING, logger="daemon.pipeline")
     pipeline.start()
     try:

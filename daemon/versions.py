@@ -20,14 +20,18 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db.models import ModelVersion, utcnow
+from adapters.db.history import list_versions
 from adapters.db.repository import active_model_version
+from adapters.db.tables import ModelVersion, utcnow
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
 
 log = logging.getLogger("anomalyd.models")
 
@@ -50,7 +54,7 @@ class UnknownVersionError(ModelVersionError):
 # --- paths -------------------------------------------------------------------------------------------------------
 
 
-def models_dir(settings: Any) -> Path:
+def models_dir(settings: Settings) -> Path:
     """Where version files live: `[retraining].output_dir`, default `<[storage].dir>/models` (created)."""
     configured = getattr(settings.retraining, "output_dir", None)
     path = settings.resolve(configured) if configured else settings.resolve(settings.storage.dir) / "models"
@@ -58,16 +62,11 @@ def models_dir(settings: Any) -> Path:
     return path
 
 
-def version_file(settings: Any, version: str) -> Path:
+def version_file(settings: Settings, version: str) -> Path:
     return models_dir(settings) / f"{version}{VERSION_SUFFIX}"
 
 
 # --- registry ----------------------------------------------------------------------------------------------------
-
-
-def list_versions(session: Session) -> list[ModelVersion]:
-    """Every version, newest first."""
-    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())))
 
 
 def get_version(session: Session, version: str) -> ModelVersion | None:
@@ -139,6 +138,24 @@ def rollback(sessions: sessionmaker[Session]) -> ModelVersion:
     return activate_version(sessions, previous.version)
 
 
+class VersionRegistry:
+    """The model versions of one database, as the HTTP API and the CLI use them."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def list(self) -> list[ModelVersion]:
+        with self.sessions() as session:
+            return list_versions(session)
+
+    def activate(self, version: str) -> ModelVersion:
+        """See `activate_version`: UnknownVersionError / ModelVersionError."""
+        return activate_version(self.sessions, version)
+
+    def rollback(self) -> ModelVersion:
+        return rollback(self.sessions)
+
+
 # --- detectors ---------------------------------------------------------------------------------------------------
 
 
@@ -150,7 +167,7 @@ def _shared_backbone(current: Any) -> Any:
     return backbone if isinstance(backbone, ClipBackbone) else None
 
 
-def build_version_detector(settings: Any, row: ModelVersion, current: Any = None) -> Any:
+def build_version_detector(settings: Settings, row: ModelVersion, current: Any = None) -> Any:
     """The detector of a registered version with the [model]/[runtime] settings; shares `current`'s backbone."""
     from model import create_detector, get_family
 
@@ -197,7 +214,7 @@ def _copy_prompts(source: str, target: Path, version: str, kind: str) -> Path | 
     return checkpoint.import_weights(source, target, version)
 
 
-def _register_configured(settings: Any, sessions: sessionmaker[Session], version: str,
+def _register_configured(settings: Settings, sessions: sessionmaker[Session], version: str,
                          kind: str) -> ModelVersion | None:
     """Register the configured model if new; the registry's active version to run instead, or None for the
     configured one."""

@@ -18,13 +18,18 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Integer, and_, cast, func, or_, select
 from sqlalchemy.orm import Session
 
-from adapters.db import Inspection, InspectionFilter, Label, ModelVersion, RejectedFrame, add_label
-from adapters.db.repository import inspection_filter_clauses
+from adapters.db.repository import InspectionFilter, add_label, inspection_filter_clauses
+from adapters.db.tables import Inspection, Label, ModelVersion, RejectedFrame
+
+if TYPE_CHECKING:
+    from adapters.storage import ArtifactStore
+
+from adapters.timeutil import duration_seconds, rfc3339, utc_now
 
 SORTS = ("time_desc", "time_asc", "score_desc", "score_asc")
 LABELS = ("normal", "anomalous")
@@ -149,7 +154,7 @@ def get_inspection(session: Session, inspection_id: int) -> Inspection:
 
 
 def _iso(when: datetime | None) -> str | None:
-    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if when is not None else None
+    return rfc3339(when, "auto") if when is not None else None
 
 
 def label_dict(label: Label | None) -> dict[str, Any] | None:
@@ -189,7 +194,8 @@ def model_dict(row: ModelVersion) -> dict[str, Any]:
             "activated_at": _iso(row.activated_at), "notes": row.notes}
 
 
-def list_models(session: Session) -> list[ModelVersion]:
+def list_versions(session: Session) -> list[ModelVersion]:
+    """Every model version, newest first."""
     return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())))
 
 
@@ -207,6 +213,7 @@ def read_label_mask(data: bytes, name: str = "mask",
     The size is read from the file's header and checked BEFORE decoding: a tiny file declaring 30000x30000
     pixels is refused without allocating them."""
     import io
+    import struct
 
     import cv2
     import numpy as np
@@ -219,11 +226,18 @@ def read_label_mask(data: bytes, name: str = "mask",
     kind = next((kind for signature, kind in _MASK_SIGNATURES if data.startswith(signature)), None)
     if kind is None:
         raise HistoryError(f"{name}: not a PNG, BMP or TIFF image")
-    try:
-        with Image.open(io.BytesIO(data)) as header:  # lazy: reads the header only
-            width, height = header.size
-    except Exception as exc:
-        raise HistoryError(f"{name}: not a decodable {kind} image ({exc})") from None
+    if kind == "PNG":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise HistoryError(f"{name}: not a decodable PNG image (no IHDR header)")
+        width, height = struct.unpack(">II", data[16:24])
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # lazy: reads the header only
+                width, height = header.size
+        except Image.DecompressionBombError:
+            raise HistoryError(f"{name}: the mask declares more than {MAX_MASK_PIXELS} pixels") from None
+        except Exception as exc:
+            raise HistoryError(f"{name}: not a decodable {kind} image ({exc})") from None
     if expected is not None and None not in expected and (width, height) != tuple(expected):
         raise HistoryError(f"{name}: the mask is {width}x{height} pixels, the frame {expected[0]}x{expected[1]}; "
                            f"a mask must have the frame's size")
@@ -240,21 +254,12 @@ def read_label_mask(data: bytes, name: str = "mask",
     return data
 
 
-def store_label_mask(store: Any, data: bytes, when: datetime | None = None) -> str:
+def store_label_mask(store: ArtifactStore, data: bytes, when: datetime | None = None) -> str:
     """Write an already validated mask PNG under a server-chosen name; returns its store-relative path."""
-    import os
-
+    from model.atomic import atomic_write_bytes  # on use: `model` loads torch, the history commands must not
     when = when or datetime.now(timezone.utc)
     relative = f"labels/{when.astimezone(timezone.utc):%Y/%m/%d}/{uuid.uuid4().hex}_label.png"
-    target = store.path(relative)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(store.path(relative), data)
     return relative
 
 
@@ -334,15 +339,13 @@ def stats(session: Session, *, after: datetime | None = None, before: datetime |
 
 # --- time arguments ----------------------------------------------------------------------------------------------
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_when(value: str, *, now: datetime | None = None, name: str = "time") -> datetime:
     """An RFC 3339 / ISO 8601 time (naive = UTC), or a duration ago: `30m`, `24h`, `7d`, `2w`."""
     text = value.strip()
-    if text[:-1].replace(".", "", 1).isdigit() and text[-1:].lower() in _UNITS:
-        return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(text[:-1]) * _UNITS[text[-1].lower()])
-    try:
+    seconds = duration_seconds(text)
+    if seconds is not None:
+        return (now or utc_now()) - timedelta(seconds=seconds)
+    try:  # the offset is kept (converting 0001-01-01T00:00+14:00 to UTC would overflow)
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise HistoryError(f"{name} {value!r}: expected an ISO time like 2024-05-01T08:00:00Z or a duration "

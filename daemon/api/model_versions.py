@@ -1,0 +1,51 @@
+"""`/api/models` (viewer): model versions with their metrics; activation and retraining (admin).
+
+Activation and retraining are the version registry's (`daemon.versions.VersionRegistry`) and the retrainer's
+(`daemon.retraining.request_retrain`); this module only exposes them over HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+
+from adapters.db import history
+from daemon.api.inspections import sessions_of
+from daemon.app import AppState, get_state, require_role
+from daemon.retraining import RetrainBusyError, request_retrain
+from daemon.versions import ModelVersionError, UnknownVersionError
+
+router = APIRouter(prefix="/api", tags=["models"])
+
+
+@router.get("/models", summary="Model versions (newest first) with their metrics and status")
+def list_models(state: AppState = Depends(get_state), _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
+    with sessions_of(state)() as session:
+        return {"items": [history.model_dict(row) for row in history.list_versions(session)], "next_cursor": None}
+
+
+@router.post("/models/{version}/activate", summary="Make a model version the active one (admin)")
+async def activate(version: str, state: AppState = Depends(get_state),
+                   _: str = Depends(require_role("admin"))) -> JSONResponse:
+    sessions_of(state)
+    assert state.versions is not None  # made from the sessions
+    try:
+        result = await run_in_threadpool(state.versions.activate, version)
+    except UnknownVersionError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except ModelVersionError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    return JSONResponse(history.model_dict(result))
+
+
+@router.post("/retrain", status_code=status.HTTP_202_ACCEPTED, summary="Ask for a retraining run now (admin)")
+async def retrain(state: AppState = Depends(get_state), _: str = Depends(require_role("admin"))) -> JSONResponse:
+    try:
+        result = await run_in_threadpool(request_retrain, state)
+    except RetrainBusyError as exc:  # a run is in progress
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    return JSONResponse(jsonable_encoder(result), status_code=202)

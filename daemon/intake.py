@@ -1,0 +1,262 @@
+"""Intake and preparation: frames from the source queues (fair round-robin) → decode pool → `DynamicBatcher`.
+
+Each frame becomes a `FrameRecord` with its source's post-processing settings, its RGB array and the pixels resized
+for the model, made on the decode threads so the model worker never decodes. A frame that cannot be decoded goes to
+`reject(frame, settings, reason)` (a rejected row); an internal error hands it back to its source. The number of
+frames between intake and batcher is bounded, and so are the decoded bytes in flight (`ByteBudget`, from each
+frame's header before decoding), so back-pressure reaches the source queues.
+
+Triggered sources (`triggers`, daemon/trigger.py) have their own intake thread: with a trigger waiting, frames
+captured before it are stale (acknowledged, not inspected); the first fresh one is tagged with the trigger, decoded
+on that thread and goes to the model ahead of everything else. Frames nobody triggered are never inspected.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from adapters.sources.base import Frame, FrameSource, SourceSettings
+from daemon.batcher import DynamicBatcher
+from daemon.budget import ByteBudget
+from daemon.metrics import Metrics
+from daemon.record import FrameRecord, Outcomes, StageTimes
+
+if TYPE_CHECKING:
+    from daemon.trigger import TriggerController
+
+log = logging.getLogger("daemon.pipeline")
+
+Transform = Callable[[np.ndarray, int], np.ndarray]  # (rgb, S) → (S,S,3) uint8
+
+
+def default_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    from model.preprocess import fast_resize
+
+    return fast_resize(rgb, size)
+
+
+def reference_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    from model.preprocess import reference_resize as resize
+
+    return resize(Image.fromarray(rgb), size)
+
+
+class Intake:
+    """The intake thread and the decode pool. `start()`; `drain(timeout)` at shutdown (sources already stopped)."""
+
+    def __init__(
+        self,
+        sources: Sequence[FrameSource],
+        source_settings: dict[str, SourceSettings],
+        batcher: DynamicBatcher[FrameRecord],
+        *,
+        input_size: Callable[[], int],  # the current detector's input size (it may be swapped)
+        transform: Transform,
+        reject: Callable[[Frame, SourceSettings, str], None],
+        outcomes: Outcomes,
+        metrics: Metrics,
+        stage_times: StageTimes,
+        decode_threads: int = 2,
+        max_pixels: int | None = None,
+        decode_budget_bytes: int = 1 << 30,
+        on_queued: Callable[[], None] = lambda: None,
+        guard: Callable[[Callable[[], None], str], Callable[[], None]] = lambda target, _name: target,
+    ) -> None:
+        self.sources = list(sources)
+        self.source_settings = source_settings
+        self.batcher = batcher
+        self.input_size = input_size
+        self.transform = transform
+        self.reject = reject
+        self.outcomes = outcomes
+        self.metrics = metrics
+        self.stage_times = stage_times
+        self.on_queued = on_queued
+        self._guard = guard
+        self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        self._decode_slots = threading.BoundedSemaphore(decode_threads * 2)
+        self.max_pixels = max_pixels
+        self.decode_budget = ByteBudget(decode_budget_bytes)
+        self.triggers: TriggerController | None = None  # set before start
+        self._thread: threading.Thread | None = None
+        self._trigger_thread: threading.Thread | None = None
+        self._draining = threading.Event()
+        self._abort = threading.Event()
+        # Sources that cannot be inspected now (id → reason; daemon/references.py): their frames are rejected.
+        self.unavailable: dict[str, str] = {}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._guard(self._loop, "intake"), name="intake", daemon=True)
+        self._thread.start()
+        triggered = [s for s in self.sources if self.triggers is not None and self.triggers.is_triggered(s.id)]
+        if triggered:  # its own thread: back-pressure from free-running sources never delays a trigger
+            self._trigger_thread = threading.Thread(
+                target=self._guard(lambda: self._trigger_loop(triggered), "trigger-intake"),
+                name="trigger-intake", daemon=True)
+            self._trigger_thread.start()
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self._thread is not None and not self._thread.is_alive():
+            problems.append("intake thread is not running")
+        if self._trigger_thread is not None and not self._trigger_thread.is_alive():
+            problems.append("trigger intake thread is not running")
+        return problems
+
+    def drain(self, timeout: float) -> bool:
+        """Take what the (stopped) sources queued and prepare it; True when the intake finished within `timeout`
+        (else it is aborted and what is still queued stays in the source queues). The decode pool is shut down
+        after its last frame went to the batcher."""
+        self._draining.set()
+        finished = True
+        if self._thread is not None:
+            self._thread.join(max(0.0, timeout))
+            if self._thread.is_alive():
+                finished = False
+                self._abort.set()
+                self._thread.join(1.0)
+        self._decoders.shutdown(wait=True)
+        return finished
+
+    def _loop(self) -> None:
+        """Fair round-robin over the free-running sources' queues."""
+        triggers = self.triggers
+        free_running = [s for s in self.sources if triggers is None or not triggers.is_triggered(s.id)]
+        single = len(free_running) == 1
+        while not self._abort.is_set():
+            took = False
+            for source in free_running:
+                frame = source.queue.get(timeout=0.05 if single else 0)
+                if frame is None:
+                    continue
+                took = True
+                self._submit(frame, source)
+                if self._abort.is_set():
+                    break
+            if not took:
+                if self._draining.is_set() and all(len(source.queue) == 0 for source in free_running):
+                    if self._trigger_thread is not None:
+                        self._trigger_thread.join(2.0)
+                    return
+                if not free_running:
+                    time.sleep(0.05)
+                elif not single:
+                    time.sleep(0.002)
+        self.on_queued()
+
+    def _trigger_loop(self, triggered: list[FrameSource]) -> None:
+        """Triggered sources: only a fresh frame for a waiting trigger is inspected, first in line."""
+        triggers = self.triggers
+        assert triggers is not None
+        while not self._abort.is_set() and not self._draining.is_set():
+            waiting = [(source, triggers.waiting(source.id)) for source in triggered]
+            waiting = [(source, request) for source, request in waiting if request is not None]
+            if not waiting:
+                triggers.wait_for_request(0.05)
+                continue
+            for source, request in waiting:
+                frame = source.queue.get(timeout=0.005 if len(waiting) == 1 else 0)
+                if frame is None:
+                    continue
+                if not triggers.attach(request, frame):
+                    frame.done(True)  # captured before the trigger
+                    continue
+                settings = self.source_settings[source.id]
+                self.metrics.frames_in.labels(settings.id).inc()
+                self._prepare(frame, settings, time.monotonic(), priority=True)
+            if len(waiting) > 1:
+                time.sleep(0.001)
+        for source in triggered:
+            for frame in source.queue.drain():
+                frame.done(True)
+
+    def _submit(self, frame: Frame, source: FrameSource) -> None:
+        settings = self.source_settings.get(frame.source_id)
+        if settings is None:
+            # A frame relayed by another host (Redis Streams scale-out) keeps the capture source's id and line;
+            # threshold and class come from the source that delivered it.
+            via = self.source_settings[source.id]
+            settings = via.model_copy(update={"id": str(frame.source_id or via.id),
+                                              "line": str(frame.meta.get("line") or via.line)})
+        self.metrics.frames_in.labels(settings.id).inc()
+        unavailable = self.unavailable.get(settings.id)
+        if unavailable is not None:
+            self.reject(frame, settings, unavailable)
+            return
+        t_in = time.monotonic()
+        self._decode_slots.acquire()
+        try:
+            self._decoders.submit(self._prepare, frame, settings, t_in)
+        except RuntimeError:  # executor shut down: give the frame back
+            self._decode_slots.release()
+            frame.done(False)
+
+    def _prepare(self, frame: Frame, settings: SourceSettings, t_in: float, priority: bool = False) -> None:
+        from model.preprocess import ImageDecodeError, decode_image, header_size
+
+        try:
+            # Bytes of the decoded frame, from its header (nothing decoded yet), held until the frame is done.
+            if frame.image is not None:
+                cost = int(np.asarray(frame.image).nbytes)
+            elif frame.data is not None:
+                declared = header_size(frame.data)
+                cost = 3 * declared[0] * declared[1] if declared is not None else len(frame.data)
+                if self.max_pixels is not None and declared is not None \
+                        and declared[0] * declared[1] > self.max_pixels:
+                    cost = 0  # refused from the header below, never decoded
+            else:
+                cost = 0
+            self.decode_budget.hold_until_done(frame, self.decode_budget.acquire(cost, self._abort))
+            started = time.monotonic()
+            try:
+                if frame.image is not None:
+                    rgb = as_rgb8(frame.image, frame.name or frame.frame_id)
+                elif frame.data is not None:
+                    rgb = decode_image(frame.data, name=frame.name or frame.frame_id, max_pixels=self.max_pixels)
+                else:
+                    raise ImageDecodeError(str(frame.meta.get("error") or "frame carries no image data"))
+            except ImageDecodeError as exc:
+                self.reject(frame, settings, str(exc))
+                return
+            size = int(self.input_size())
+            pixels = self.transform(rgb, size)
+            decoded = time.monotonic()
+            self.stage_times.add("decode", decoded - started)
+            self.metrics.decode_latency.observe(decoded - started)
+            record = FrameRecord(frame, settings, t_in, rgb=rgb, pixels=pixels, size=size,
+                                 timings={"decoded_at": decoded, "intake_wait_s": started - t_in})
+            self.batcher.put(record, priority=priority)
+            self.on_queued()
+        except Exception as exc:
+            log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
+            self.outcomes.fail([frame], settings.id, "decode", exc)
+        finally:
+            if not priority:  # triggered frames are prepared on the trigger thread, without a decode slot
+                self._decode_slots.release()
+
+
+def as_rgb8(image: np.ndarray, name: str) -> np.ndarray:
+    """An already-decoded frame (cameras, video) as RGB uint8 (H,W,3); gray and RGBA are converted."""
+    from model.preprocess import ImageDecodeError
+
+    array = np.asarray(image)
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise ImageDecodeError(f"{name}: unsupported pixel type {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return np.ascontiguousarray(array[:, :, :3])
+    raise ImageDecodeError(f"{name}: unsupported image shape {array.shape}")

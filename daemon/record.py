@@ -1,0 +1,118 @@
+"""What the pipeline's three jobs share: the one frame record they pass along, their options, stage times and the
+frame outcome counts.
+
+    Intake (daemon/intake.py) ──FrameRecord──► ModelWorker (daemon/worker.py) ──FrameRecord──► ResultWriter
+    (daemon/writer.py)
+
+The intake fills the record's first block (decoded RGB, pixels resized for the model), the worker its second
+(score, map, model version), the writer reads it whole.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from adapters.sources.base import Frame, SourceSettings
+from daemon.dead_letter import DeadLetters
+from daemon.health import OutcomeWindow
+from daemon.metrics import Metrics
+
+if TYPE_CHECKING:
+    from daemon.trigger import TriggerController
+
+
+@dataclass
+class PipelineOptions:
+    max_batch_size: int = 8
+    max_batch_delay_s: float = 0.02
+    queue_size: int = 64  # batcher and results queue bound
+    decode_threads: int = 2
+    persist_threads: int = 1
+    persist_batch: int = 32  # results stored per transaction, at most
+    min_region_area: int = 1
+    mqtt_prefix: str = "anomalyd"  # the outbox rows' topics ([mqtt] prefix and qos)
+    alert_qos: int = 1
+    reference_preprocessing: bool = False
+    max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
+    max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
+    decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
+
+
+@dataclass
+class FrameRecord:
+    """One frame on its way from intake to the result writer."""
+
+    frame: Frame
+    source: SourceSettings  # the post-processing settings (threshold, line, class) of the frame's source
+    t_in: float  # monotonic time the pipeline took the frame
+    # -- intake: decoded and prepared --
+    rgb: np.ndarray | None = None  # RGB uint8 (H,W,3) at the frame's own size
+    pixels: np.ndarray | None = None  # RGB uint8 (S,S,3), resized for the model (normalised by the worker)
+    size: int = 0  # S the pixels were resized to
+    timings: dict[str, float] = field(default_factory=dict)
+    # -- model worker: scored --
+    score: float = float("nan")
+    anomaly_map: np.ndarray | None = None  # (S,S) float32 in model input space
+    model_version: str = ""
+    model_name: str = ""
+
+
+class StageTimes:
+    """Cumulative seconds per stage (for the bench and logs)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            self.counts[stage] = self.counts.get(stage, 0) + 1
+
+    def snapshot(self) -> dict[str, tuple[float, int]]:
+        with self._lock:
+            return {stage: (self.seconds[stage], self.counts[stage]) for stage in self.seconds}
+
+
+class Outcomes:
+    """How frames ended: inspected, rejected (a rejected_frames row) or failed (done(False): the source redelivers
+    it, or dead-lettered after `max_attempts`). Every frame ends in exactly one of them. `window` keeps the recent
+    ones for readiness; `triggers` (daemon.trigger.TriggerController, when set) is told about failed frames so a
+    trigger gets its fail-safe answer."""
+
+    def __init__(self, metrics: Metrics, dead_letters: DeadLetters, window: OutcomeWindow | None = None) -> None:
+        self.metrics = metrics
+        self.dead_letters = dead_letters
+        self.window = window or OutcomeWindow()
+        self.triggers: TriggerController | None = None
+        self._lock = threading.Lock()
+        self.processed = 0
+        self.rejected = 0
+        self.failed = 0
+
+    def inspected(self) -> None:
+        self.window.add(True)
+        with self._lock:
+            self.processed += 1
+
+    def was_rejected(self) -> None:
+        self.window.add(True)
+        with self._lock:
+            self.rejected += 1
+
+    def fail(self, frames: list[Frame], source_id: str, stage: str, exc: BaseException) -> None:
+        """Hand the frames back to their source (done(False)) or dead-letter them, counted per stage."""
+        for frame in frames:
+            if self.triggers is not None:
+                self.triggers.frame_failed(frame, f"{stage} failed: {exc}")
+            self.metrics.frames_failed.labels(source_id, stage).inc()
+            with self._lock:
+                self.failed += 1
+            self.window.add(False)
+            if not self.dead_letters.failed(frame, source_id, stage, exc):
+                frame.done(False)
