@@ -183,7 +183,7 @@ def test_mqtt_trigger_round_trip_ahead_of_free_running_and_bad_input(tmp_path, m
         assert ask(json.dumps({"version": "nope"}), "anomalyd/models/activate/set")["error"] == "unknown_version"
 
         # A flood: every command answered, at most max_pending_triggers (2) accepted at a time, the rest busy.
-        press.fps = 2  # slow camera: triggers wait for their fresh frame
+        press.fps = 0.2  # slow camera: the accepted triggers wait for a fresh frame until the flood is over
         count = len(subscriber.payloads("/press/trigger/status"))
         for index in range(30):
             subscriber.client.publish("anomalyd/l1/press/trigger/set", json.dumps(f"F-{index}"), qos=1)
