@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from adapters.mqtt import MqttSettings
+from adapters.mqtt_settings import MqttSettings
 from adapters.sources.base import SourceSettings
 from adapters.sources.registry import validate_source_entry
 

@@ -18,12 +18,13 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters.timeutil import utc_now
 
 if TYPE_CHECKING:
+    import numpy as np  # annotations only: the settings models here must load without numpy
+
     from adapters.sources.registry import SourceContext
 
 from adapters.log_repeats import install as install_repeat_filter

@@ -26,37 +26,18 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import Field, SecretStr
 
-from adapters.sources.base import DEFAULT_MAX_BYTES, Frame, FrameSource, SourceSettings, SourceStatus, utc_now
+from adapters.sources.base import Frame, FrameSource, SourceSettings, SourceStatus, utc_now
 from adapters.sources.registry import SourceContext, register_source_kind
+from adapters.sources.settings import MqttSourceSettings
 
 RECENT_IDS = 4096  # payload-hash ids remembered to tell a redelivery from a new message with identical bytes
-
-
-class MqttSourceSettings(SourceSettings):
-    """`kind = "mqtt"`: uri `mqtt://[user[:password]@]host[:port]/topic/+/wildcards` (`mqtts://` for TLS)."""
-
-    kind: Literal["mqtt"]
-    topics: list[str] = Field(default_factory=list, description="more topics besides the uri's")
-    client_id: str | None = Field(None, description="default: anomalyd-<hostname>-<source id> (keep it stable)")
-    qos: Literal[0, 1, 2] = Field(1, description="subscription QoS")
-    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, description="the broker keeps our session this long")
-    receive_maximum: int | None = Field(None, ge=1, description="unacknowledged messages in flight; default: "
-                                                                "the queue size")
-    keepalive: int = Field(30, ge=1, description="seconds")
-    username: str | None = Field(None, description="default: from the uri, else [mqtt] username")
-    password: SecretStr | None = Field(None, description="default: from the uri, else [mqtt] password")
-    tls: bool | None = Field(None, description="default: true for mqtts://")
-    backoff_initial_s: float = Field(1.0, gt=0, description="first reconnect delay")
-    backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
-    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="a payload above this is a rejected frame")
 
 
 @dataclass(frozen=True)

@@ -26,45 +26,20 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import Field
 
 from adapters.sources.base import (
     Backoff,
     Frame,
     FrameSource,
-    SourceSettings,
     SourceStatus,
     Throttle,
-    resolve_path_uri,
     utc_now,
 )
 from adapters.sources.registry import register_source_kind
-
-
-class CaptureSettings(SourceSettings):
-    """`kind = "camera"` (uri: device index or /dev/video*), `"rtsp"` / `"http"` (stream URL) or `"video"` (a file;
-    relative: to the config file's directory)."""
-
-    kind: Literal["camera", "rtsp", "http", "video"]
-    loop: bool = Field(False, description="video: start over at the end")
-    open_timeout_ms: int = Field(10000, ge=0, description="backend open timeout")
-    read_timeout_ms: int = Field(5000, ge=0, description="backend read timeout")
-    watchdog_s: float | None = Field(None, gt=0, description="abandon a grabber stuck this long; default: "
-                                                             "the larger timeout + 5 s")
-    backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
-    backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
-    backend: str | None = Field(None, description='an OpenCV API name such as "FFMPEG" or "V4L2"')
-    width: float | None = Field(None, gt=0, description="camera: requested frame width")
-    height: float | None = Field(None, gt=0, description="camera: requested frame height")
-    fps: float | None = Field(None, gt=0, description="camera: requested frame rate")
-
-    def resolved(self, base_dir: Path) -> CaptureSettings:
-        return resolve_path_uri(self, base_dir) if self.kind == "video" else self  # type: ignore[return-value]
+from adapters.sources.settings import CaptureSettings
 
 
 @dataclass

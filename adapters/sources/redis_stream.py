@@ -27,15 +27,13 @@ import threading
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
 import redis
-from pydantic import Field, SecretStr
 
 from adapters.sources.base import (
-    DEFAULT_MAX_BYTES,
     Backoff,
     Frame,
     FrameSource,
@@ -44,6 +42,7 @@ from adapters.sources.base import (
     utc_now,
 )
 from adapters.sources.registry import SourceContext, register_source_kind
+from adapters.sources.settings import RedisSourceSettings
 from adapters.timeutil import parse_rfc3339, rfc3339
 
 DEFAULT_STREAM = "anomalyd:frames"
@@ -123,22 +122,6 @@ class RedisFrameWriter:
 
     def close(self) -> None:
         self.client.close()
-
-
-class RedisSourceSettings(SourceSettings):
-    """`kind = "redis"`: frames from a Redis stream (uri: a redis:// URL, else `url` or [redis] url)."""
-
-    kind: Literal["redis"]
-    url: SecretStr | None = Field(None, description="default: the uri when it is a Redis URL, else [redis] url")
-    stream: str | None = Field(None, description="default: [redis] stream")
-    group: str | None = Field(None, description="consumer group; default: [redis] group")
-    consumer: str | None = Field(None, description="consumer name; default: [redis] consumer or <host>-<pid>")
-    claim_idle_ms: int = Field(30000, ge=1, description="claim entries another consumer left pending this long")
-    block_ms: int = Field(500, ge=1, description="XREADGROUP block time")
-    count: int | None = Field(None, ge=1, description="entries per read; default: the queue size")
-    backoff_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
-    backoff_max_s: float = Field(30.0, gt=0, description="longest reconnect delay")
-    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="an entry's data above this is a rejected frame")
 
 
 @register_source_kind("redis", settings=RedisSourceSettings)

@@ -20,7 +20,8 @@ A source class is built with `cls.from_context(settings, context)`: the default 
 `on_status`; a kind that needs daemon-wide defaults (the `[redis]` URL, the `[mqtt]` credentials) overrides it
 and reads them from the `SourceContext`.
 
-The built-in kinds' modules are imported on the first lookup, so importing `adapters.sources` stays cheap.
+The built-in kinds' modules are imported on the first lookup, so importing `adapters.sources` stays cheap;
+validating an entry of a built-in kind imports only its settings model (`BUILTIN_KIND_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ BUILTIN_KIND_MODULES: tuple[str, ...] = (
     "adapters.sources.redis_stream",
     "adapters.sources.mqtt_images",
 )
+# Each built-in kind's settings model ("module:class"), in registration order: validating a `[[sources]]` entry
+# needs only this light model, not the kind's module (which imports cv2/redis/paho), so the configuration loads
+# fast for the operator commands. The module registers the same class when a source is built.
+BUILTIN_KIND_SETTINGS: dict[str, str] = {
+    "camera": "adapters.sources.settings:CaptureSettings",
+    "rtsp": "adapters.sources.settings:CaptureSettings",
+    "http": "adapters.sources.settings:CaptureSettings",
+    "video": "adapters.sources.settings:CaptureSettings",
+    "folder": "adapters.sources.folder:FolderSettings",
+    "redis": "adapters.sources.settings:RedisSourceSettings",
+    "mqtt": "adapters.sources.settings:MqttSourceSettings",
+}
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,22 @@ def source_kinds() -> dict[str, SourceKind]:
     return dict(_kinds)
 
 
+def _settings_models() -> dict[str, type[SourceSettings] | str]:
+    """Every kind's settings model, or its "module:class" when the kind is built in and its module not loaded yet.
+    Registered kinds (plugins, replacements) win over the built-in table."""
+    with _lock:
+        models: dict[str, type[SourceSettings] | str] = {} if _builtins_loaded else dict(BUILTIN_KIND_SETTINGS)
+        models.update({key: kind.settings for key, kind in _kinds.items()})
+    return models
+
+
+def _settings_model(model: type[SourceSettings] | str) -> type[SourceSettings]:
+    if isinstance(model, str):
+        module, _, name = model.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return model
+
+
 def source_kind(key: str) -> SourceKind:
     kinds = source_kinds()
     if key not in kinds:
@@ -137,7 +166,7 @@ def validate_source_entry(value: Any) -> SourceSettings:
     if not isinstance(value, Mapping):
         raise PydanticCustomError("source_entry", "a source must be a table, got {type}",
                                   {"type": type(value).__name__})
-    kinds = source_kinds()
+    kinds = _settings_models()  # no source module imported: the config of a cv2 camera loads without cv2
     kind = value.get("kind")
     if kind is None:
         raise ValidationError.from_exception_data(
@@ -146,7 +175,7 @@ def validate_source_entry(value: Any) -> SourceSettings:
         expected = ", ".join(repr(key) for key in kinds)
         raise ValidationError.from_exception_data("SourceSettings", [InitErrorDetails(
             type="literal_error", loc=("kind",), input=kind, ctx={"expected": expected})])
-    return kinds[kind].settings.model_validate(dict(value))
+    return _settings_model(kinds[kind]).model_validate(dict(value))
 
 
 def parse_source_settings(spec: SourceSettings | Mapping[str, Any] | Any) -> SourceSettings:

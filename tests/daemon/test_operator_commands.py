@@ -107,12 +107,17 @@ def test_history_commands_import_no_torch_and_print_no_alembic_chatter(tmp_path)
     config = write_config(tmp_path / "plant")
     # the shipped config's sections, [retraining] included (its validation once pulled in torch)
     shipped = (ROOT / "config.toml").read_text()
-    config.write_text(shipped.replace('url = "sqlite:///var/anomalyd.db"', 'url = "sqlite:///var/ops.db"'))
+    config.write_text(shipped.replace('url = "sqlite:///var/anomalyd.db"', 'url = "sqlite:///var/ops.db"')
+                      # sources of the kinds whose modules import cv2/redis/paho: validating them must not
+                      + '\n[[sources]]\nid = "cam"\nkind = "rtsp"\nuri = "rtsp://127.0.0.1:1/x"\n'
+                      + '\n[[sources]]\nid = "bus"\nkind = "mqtt"\nuri = "mqtt://127.0.0.1:1/cam/+"\n'
+                      + '\n[[sources]]\nid = "stream"\nkind = "redis"\nuri = "redis://127.0.0.1:1/0"\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "daemon.cli", "db", "upgrade", "--config", str(config)], env=env,
                    check=True, capture_output=True)
     probe = ("import sys; from daemon.cli import main; code = main(sys.argv[1:]); "
-             "print('HEAVY', sorted(m for m in ('torch', 'alembic', 'open_clip') if m in sys.modules)); "
+             "print('HEAVY', sorted(m for m in ('torch', 'alembic', 'open_clip', 'cv2', 'numpy', 'paho', 'redis') "
+             "if m in sys.modules)); "
              "sys.exit(code)")
     for argv in (["defects"], ["models", "list"], ["tokens", "list"]):
         result = subprocess.run([sys.executable, "-c", probe, *argv, "--config", str(config)], env=env,
