@@ -308,9 +308,16 @@ class Service:
                 on_status=self._on_source_status if self.sinks else None,
                 redis_url=s.redis.url.get_secret_value(), redis_stream=s.redis.stream, redis_group=s.redis.group,
                 consumer_name=s.redis.consumer, mqtt_username=s.mqtt.username,
-                mqtt_password=s.mqtt.password.get_secret_value() if s.mqtt.password else None)
+                mqtt_password=s.mqtt.password.get_secret_value() if s.mqtt.password else None,
+                recorded_frame_ids=self._recorded_frame_ids if self.sessions is not None else None)
             built.append(build_source(cfg.resolved(s.base_dir), context))
         return built
+
+    def _recorded_frame_ids(self, source_id: str, prefix: str) -> list[str]:
+        from adapters.db.repository import recorded_frame_ids
+
+        with self.sessions() as session:
+            return recorded_frame_ids(session, source_id, prefix)
 
     def _on_source_status(self, source: FrameSource, status: SourceStatus) -> None:
         self.sinks.source_status(source.line, source.id, str(getattr(status, "value", status)))

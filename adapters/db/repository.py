@@ -98,6 +98,17 @@ def inspections_by_frame_ids(session: Session, frame_ids: Sequence[str]) -> dict
     return {asked.get(row.frame_id, row.frame_id): row for row in rows}
 
 
+def recorded_frame_ids(session: Session, source: str, prefix: str, limit: int = 256) -> list[str]:
+    """The frame_ids of `source` starting with `prefix` already in the database (inspections and rejected
+    frames), the newest rows first, at most `limit` of each: a video source resumes after the last of them."""
+    ids: list[str] = []
+    for table in (Inspection, RejectedFrame):
+        query = (select(table.frame_id).where(table.source == source, table.frame_id.startswith(prefix, autoescape=True))
+                 .order_by(table.id.desc()).limit(limit))
+        ids.extend(frame_id for frame_id in session.scalars(query) if frame_id)
+    return ids
+
+
 def alert_for_inspection(session: Session, inspection_id: int) -> OutboxMessage | None:
     return session.scalars(
         select(OutboxMessage).where(OutboxMessage.inspection_id == inspection_id).order_by(OutboxMessage.created_at)

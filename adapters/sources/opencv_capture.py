@@ -12,7 +12,9 @@ fresh one is started. Failures mark the source offline and reconnect with capped
 (counters.reconnects).
 
 frame_id: `"<source>:<uuid4>"` for live frames, `"<source>:<file name>:<frame index>"` for files (with
-`#<pass>` after the name for passes after the first when looping), so a replayed file dedupes in the DB.
+`#<pass>` after the name for passes after the first when looping), so a replayed file dedupes in the DB. On
+start, a video file resumes after the last of its frame ids the database already holds (the daemon's
+`SourceContext.recorded_frame_ids`), so a restart does not infer the file again.
 
 Options: `loop` (false), `open_timeout_ms` (10000), `read_timeout_ms` (5000), `watchdog_s` (derived from the
 timeouts), `backoff_initial_s` (0.5), `backoff_max_s` (30), `width`/`height`/`fps` (camera settings),
@@ -22,9 +24,11 @@ timeouts), `backoff_initial_s` (0.5), `backoff_max_s` (30), `width`/`height`/`fp
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -38,7 +42,7 @@ from adapters.sources.base import (
     Throttle,
     utc_now,
 )
-from adapters.sources.registry import register_source_kind
+from adapters.sources.registry import SourceContext, register_source_kind
 from adapters.sources.settings import CaptureSettings
 
 
@@ -75,6 +79,41 @@ class OpenCVCaptureSource(FrameSource):
         self._pass = 0
         self._frame_index = 0  # next frame index of the current pass (files): survives reconnects
         self._live_throttle = Throttle(spec.max_fps)
+        # (source id, frame-id prefix) -> recorded frame ids (SourceContext.recorded_frame_ids): files resume there
+        self.recorded_frame_ids: Callable[[str, str], list[str]] | None = None
+        self._resumed = False
+
+    @classmethod
+    def from_context(cls, settings: CaptureSettings, context: SourceContext) -> OpenCVCaptureSource:
+        source = cls(settings, queue_size=context.queue_size, on_status=context.on_status)
+        source.recorded_frame_ids = context.recorded_frame_ids
+        return source
+
+    def _file_name(self) -> str:
+        return os.path.basename(str(self.spec.uri))
+
+    def _resume(self) -> None:
+        """A video file restarts after the last frame already in the database (pass and index from its frame
+        ids), so a restarted daemon does not run the whole file through the model again. A failing lookup is
+        logged and the file starts over (the database still dedupes on frame_id)."""
+        if not self.is_file or self.recorded_frame_ids is None or self._resumed:
+            return
+        self._resumed = True  # once: afterwards (a restarted loop, a reconnect) the position in memory is ahead
+        prefix = f"{self.id}:{self._file_name()}"
+        try:
+            recorded = self.recorded_frame_ids(self.id, prefix)
+        except Exception as exc:
+            self.log.warning("source %s: cannot look up the frames already inspected (%s); starting at frame 0",
+                             self.id, exc)
+            return
+        pattern = re.compile(re.escape(prefix) + r"(?:#(\d+))?:(\d+)")
+        positions = [(int(match[1] or 0), int(match[2])) for frame_id in recorded
+                     if (match := pattern.fullmatch(frame_id))]
+        if positions:
+            self._pass, last = max(positions)
+            self._frame_index = last + 1
+            self.log.info("video %s: resuming after frame %d%s (already inspected)", self.spec.uri, last,
+                          f" of pass {self._pass}" if self._pass else "")
 
     # -- opening ---------------------------------------------------------------------------------------------
     def _target(self) -> tuple[int | str, int]:
@@ -161,7 +200,7 @@ class OpenCVCaptureSource(FrameSource):
         meta = self._base_meta()
         if self.is_file:
             index = self._frame_index
-            name = os.path.basename(str(self.spec.uri))
+            name = self._file_name()
             pass_tag = f"#{self._pass}" if self._pass else ""
             frame_id = f"{self.id}:{name}{pass_tag}:{index}"
             meta.update(frame_index=index, loop_pass=self._pass)
@@ -183,6 +222,7 @@ class OpenCVCaptureSource(FrameSource):
         return grabber
 
     def _run(self) -> None:
+        self._resume()
         attempt = 0
         while not self._stop_event.is_set():
             if attempt:

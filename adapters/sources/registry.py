@@ -72,6 +72,10 @@ class SourceContext:
     consumer_name: str | None = None
     mqtt_username: str | None = None  # [mqtt] credentials: defaults for kind = "mqtt"
     mqtt_password: str | None = None
+    # (source id, frame-id prefix) -> frame ids of that source already in the database starting with the prefix,
+    # newest first (bounded): `video` sources resume after the last inspected frame instead of inferring the
+    # whole file again after a restart. None (tests, capture hosts): start at the first frame.
+    recorded_frame_ids: Callable[[str, str], list[str]] | None = None
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,18 @@ def test_rejected_frames_and_queries(engine):
     with sessions() as session:
         assert [r.frame_id for r in list_inspections(session, InspectionFilter(label="normal"))] == ["q2"]
         assert {r.frame_id for r in list_inspections(session, InspectionFilter(label="none"))} == {"q0", "q1"}
+
+
+def test_recorded_frame_ids_of_a_video_newest_first(engine):
+    from adapters.db.repository import recorded_frame_ids
+
+    sessions = make_session_factory(engine)
+    for frame_id, source in (("vid:a_b.avi:0", "vid"), ("vid:a_b.avi:1", "vid"), ("vid:aXb.avi:9", "vid"),
+                             ("vid:a_b.avi:2", "other"), ("vid:a_b.avi#1:0", "vid")):
+        save_inspection(sessions, make_inspection(frame_id, source=source))
+    record_rejected(sessions, source="vid", frame_id="vid:a_b.avi:5", name="a_b.avi[5]", reason="undecodable")
+    with sessions() as session:
+        # `_` in the prefix is a literal, not a LIKE wildcard; other sources do not count
+        assert recorded_frame_ids(session, "vid", "vid:a_b.avi") == [
+            "vid:a_b.avi#1:0", "vid:a_b.avi:1", "vid:a_b.avi:0", "vid:a_b.avi:5"]
+        assert recorded_frame_ids(session, "vid", "vid:a_b.avi", limit=1) == ["vid:a_b.avi#1:0", "vid:a_b.avi:5"]

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from adapters.sources import build_source
+from adapters.sources import SourceContext, build_source
 from tests.services import free_port
 from tests.waiting import wait_until
 
@@ -124,3 +124,58 @@ def test_watchdog_replaces_a_stuck_grabber(video_path, monkeypatch):
         assert source.counters.reconnects == 1 and "watchdog" in source.last_error
     finally:
         source.stop()
+
+
+def test_video_resumes_after_the_last_recorded_frame(video_path):
+    """A restarted daemon: frames 0-4 are in the database, so the file continues at frame 5."""
+    asked = []
+
+    def recorded(source_id, prefix):
+        asked.append((source_id, prefix))
+        # newest first, in any order; other files of the same source and other sources do not count
+        return ["vid:clip.avi:3", "vid:clip.avi:4", "vid:clip.avi:0", "vid:clip.avi.bak:7"]
+
+    source = build_source({"id": "vid", "kind": "video", "uri": str(video_path)},
+                          SourceContext(queue_size=2, recorded_frame_ids=recorded))
+    source.start()
+    try:
+        frames = [source.queue.get(timeout=20) for _ in range(N_FRAMES - 5)]
+        assert source.finished.wait(20)
+    finally:
+        source.stop()
+    assert asked == [("vid", "vid:clip.avi")]
+    assert [f.frame_id for f in frames] == [f"vid:clip.avi:{i}" for i in range(5, N_FRAMES)]
+    red = frames[0].image.reshape(-1, 3).mean(axis=0)[0]
+    assert abs(red - red_level(5)) < 8  # the pixels of frame 5, not just its id
+    assert source.queue.get(timeout=0) is None and source.counters.frames_in == N_FRAMES - 5
+
+
+def test_video_fully_recorded_finishes_without_frames_and_a_failing_lookup_starts_over(video_path):
+    finished = build_source({"id": "vid", "kind": "video", "uri": str(video_path)},
+                            SourceContext(queue_size=2, recorded_frame_ids=lambda *_: [f"vid:clip.avi:{N_FRAMES - 1}"]))
+    finished.start()
+    try:
+        assert finished.finished.wait(20)
+    finally:
+        finished.stop()
+    assert finished.counters.frames_in == 0 and finished.queue.get(timeout=0) is None
+
+    done = build_source({"id": "vid", "kind": "video", "uri": str(video_path), "loop": True},
+                        SourceContext(queue_size=2, recorded_frame_ids=lambda *_: ["vid:clip.avi#1:1"]))
+    done.start()
+    try:
+        assert done.queue.get(timeout=20).frame_id == "vid:clip.avi#1:2"  # looping: pass 1 continues at frame 2
+    finally:
+        done.stop()
+
+    def broken(*_):
+        raise RuntimeError("database is locked")
+
+    source = build_source({"id": "vid", "kind": "video", "uri": str(video_path)},
+                          SourceContext(queue_size=N_FRAMES, recorded_frame_ids=broken))
+    source.start()
+    try:
+        assert source.finished.wait(20)
+    finally:
+        source.stop()
+    assert source.counters.frames_in == N_FRAMES and source.queue.get(timeout=0).frame_id == "vid:clip.avi:0"
