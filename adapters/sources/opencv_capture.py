@@ -19,6 +19,10 @@ start, a video file resumes after the last of its frame ids the database already
 Options: `loop` (false), `open_timeout_ms` (10000), `read_timeout_ms` (5000), `watchdog_s` (derived from the
 timeouts), `backoff_initial_s` (0.5), `backoff_max_s` (30), `width`/`height`/`fps` (camera settings),
 `backend` (an OpenCV API name such as "FFMPEG" or "V4L2").
+
+OpenCV's and FFmpeg's own stderr messages are silenced (set OPENCV_LOG_LEVEL=WARNING or OPENCV_FFMPEG_LOGLEVEL=24
+to see them again); open/read failures are reported by the source (log, `last_error`, offline status), with any
+password in the uri masked.
 """
 
 from __future__ import annotations
@@ -44,6 +48,26 @@ from adapters.sources.base import (
 )
 from adapters.sources.registry import SourceContext, register_source_kind
 from adapters.sources.settings import CaptureSettings
+
+# OpenCV and FFmpeg print their own messages straight to stderr (`[ WARN:0@0.02] global cap.cpp:212 open ...`,
+# `[tcp @ 0x...] Connection ... failed`), unformatted and without the source's id. Silence both (unless the
+# operator asked for them: OPENCV_LOG_LEVEL / OPENCV_FFMPEG_LOGLEVEL, read when a capture first uses FFmpeg); the
+# source reports each open/read failure itself, in its log, `last_error` and status (see `_open`).
+if "OPENCV_LOG_LEVEL" not in os.environ:
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+
+
+def display_uri(uri: str) -> str:
+    """The uri without its password (rtsp://user:secret@host/ → rtsp://user:***@host/), for logs and statuses."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return uri
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 @dataclass
@@ -138,7 +162,16 @@ class OpenCVCaptureSource(FrameSource):
             cap.release()
             if self.is_file and not os.path.exists(str(target)):
                 raise OSError(f"video file {target} does not exist")
-            raise OSError(f"cannot open {self.kind} {target!r}")
+            backend = self.spec.backend or {cv2.CAP_FFMPEG: "FFMPEG", cv2.CAP_V4L2: "V4L2"}.get(api, "any backend")
+            if self.is_file:
+                why = "not a video OpenCV can read, or no permission to read it"
+            elif self.kind == "camera":
+                why = "no such device, busy, or no permission"
+            else:
+                why = (f"unreachable, refused, wrong path or credentials, or no answer within "
+                       f"open_timeout_ms={self.open_timeout_ms}")
+            shown = target if isinstance(target, int) else display_uri(str(target))
+            raise OSError(f"cannot open {self.kind} {shown!r} with {backend}: {why}")
         if self.kind == "camera":
             for option, prop in (("width", cv2.CAP_PROP_FRAME_WIDTH), ("height", cv2.CAP_PROP_FRAME_HEIGHT),
                                  ("fps", cv2.CAP_PROP_FPS)):
@@ -170,14 +203,15 @@ class OpenCVCaptureSource(FrameSource):
                         return
                 else:
                     if not cap.grab():
-                        raise OSError(f"read from {self.kind} {self.spec.uri!r} failed or timed out")
+                        raise OSError(f"read from {self.kind} {display_uri(str(self.spec.uri))!r} failed or timed "
+                                      f"out (read_timeout_ms={self.read_timeout_ms}): stream ended or connection lost")
                     grabber.progress_at = time.monotonic()
                     if not self._live_throttle.ready():
                         self.counters.incr("frames_skipped")
                         continue
                     ok, bgr = cap.retrieve()
                     if not ok:
-                        raise OSError(f"cannot decode a frame from {self.kind} {self.spec.uri!r}")
+                        raise OSError(f"cannot decode a frame from {self.kind} {display_uri(str(self.spec.uri))!r}")
                     self._live_throttle.mark()
                 if not self._current(grabber):
                     return
@@ -207,7 +241,7 @@ class OpenCVCaptureSource(FrameSource):
             label = f"{self.spec.uri}[{index}]"
         else:
             frame_id = f"{self.id}:{uuid.uuid4().hex}"
-            label = f"{self.spec.uri}@{frame_id.rsplit(':', 1)[-1][:8]}"
+            label = f"{display_uri(str(self.spec.uri))}@{frame_id.rsplit(':', 1)[-1][:8]}"
         return Frame(frame_id=frame_id, source_id=self.id, captured_at=utc_now(), image=rgb, name=label, meta=meta)
 
     # -- supervisor (the source thread) ----------------------------------------------------------------------

@@ -3,7 +3,11 @@ capped reconnect backoff, prompt stop)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,6 +18,7 @@ from tests.services import free_port
 from tests.waiting import wait_until
 
 N_FRAMES = 8
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def red_level(i: int) -> int:
@@ -179,3 +184,48 @@ def test_video_fully_recorded_finishes_without_frames_and_a_failing_lookup_start
     finally:
         source.stop()
     assert source.counters.frames_in == N_FRAMES and source.queue.get(timeout=0).frame_id == "vid:clip.avi:0"
+
+
+def test_opencv_messages_stay_out_of_stderr_and_failures_are_clear_in_log_and_status(tmp_path):
+    """A bad RTSP uri (with a password) and a file that is no video: OpenCV/FFmpeg print nothing raw on stderr
+    (`[ WARN:...]`, `[tcp @ 0x...]`); the source's log line and last_error say what failed, password masked."""
+    garbage = tmp_path / "broken.avi"
+    garbage.write_bytes(b"not a video" * 100)
+    url = f"rtsp://viewer:s3cret@127.0.0.1:{free_port()}/stream"
+    script = f"""
+import logging, sys, time
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="LOG %(name)s %(message)s")
+from adapters.sources import build_source
+sources = [build_source({{"id": "cam", "kind": "rtsp", "uri": {url!r}, "open_timeout_ms": 1000,
+                          "backoff_initial_s": 0.05, "backoff_max_s": 0.1}}),
+           build_source({{"id": "vid", "kind": "video", "uri": {str(garbage)!r},
+                          "backoff_initial_s": 0.05, "backoff_max_s": 0.1}})]
+for source in sources:
+    source.start()
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and not all(s.counters.errors >= 2 for s in sources):
+    time.sleep(0.05)
+for source in sources:
+    source.stop()
+    print("STATUS", source.id, source.status.value, source.last_error)
+"""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OPENCV_")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    stderr_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert stderr_lines and all(line.startswith("LOG ") for line in stderr_lines), result.stderr  # nothing raw
+    assert "s3cret" not in result.stderr + result.stdout
+    shown = url.replace("s3cret", "***")
+    assert f"STATUS cam offline cannot open rtsp '{shown}' with FFMPEG: unreachable" in result.stdout, result.stdout
+    assert f"STATUS vid offline cannot open video '{garbage}' with FFMPEG: not a video" in result.stdout
+    assert f"source cam: cannot open rtsp '{shown}'" in result.stderr
+
+
+def test_display_uri_masks_only_the_password():
+    from adapters.sources.opencv_capture import display_uri
+
+    assert display_uri("rtsp://admin:pw@10.0.0.5:554/live?x=1") == "rtsp://admin:***@10.0.0.5:554/live?x=1"
+    assert display_uri("rtsp://10.0.0.5/live") == "rtsp://10.0.0.5/live"
+    assert display_uri("http://user@cam/mjpg") == "http://user@cam/mjpg"
+    assert display_uri("/videos/a:b@c.avi") == "/videos/a:b@c.avi"
