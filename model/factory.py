@@ -9,7 +9,8 @@ retraining, the CLI and the config never switch on a model name:
 - `checkpoint`: its weights file format (`load`, `save`, and `import_weights` for the version registry);
 - `training`: whether and how it trains (`TrainingSpec`: fresh/loaded module, training target with optimiser and
   loss, the official optimiser defaults);
-- `default_taps`, `activation`, `needs_class_name`, `default_weights`, `versions_share_backbone`.
+- `default_taps`, `activation`, `needs_class_name`, `needs_references`, `default_weights`,
+  `versions_share_backbone`.
 
 Adding a family: write `model/<family>/` (module, detector on `model.detector.TorchDetector`, checkpoint I/O,
 training target), then in its `family.py`
@@ -78,6 +79,8 @@ class ModelFamily:
     # The backbone activation its weights need: "gelu" (nn.GELU), "quick_gelu", or None (the backbone's own).
     activation: str | None = None
     needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
+    # It scores only against normal references (a memory bank): the daemon builds one detector per source.
+    needs_references: bool = False
     default_weights: str | None = None  # released weights used when the config names none
     versions_share_backbone: bool = False  # versions differ only in learned weights: a swap reuses the backbone
     clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)
@@ -145,6 +148,14 @@ def get_family(name: str) -> ModelFamily:
         return MODEL_REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}") from None
+
+
+def needs_references(name: str) -> bool:
+    """Whether the model `name` scores only against normal references (False for a name no family has)."""
+    try:
+        return get_family(name).needs_references
+    except ValueError:
+        return False
 
 
 def family_of(module: nn.Module) -> ModelFamily:

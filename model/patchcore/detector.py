@@ -331,7 +331,7 @@ def build_patchcore(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | N
                              device=torch.device(device), dtype=dtype, augment=augment, max_bank_rows=max_bank_rows)
 
 
-@register_model(NAME, clip_backbone=False)  # its own backbones, taps and input size
+@register_model(NAME, clip_backbone=False, needs_references=True)  # its own backbones, taps and size; a bank
 def _create_patchcore(
     *,
     backbone: str = DEFAULT_BACKBONE,

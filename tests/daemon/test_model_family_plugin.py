@@ -21,7 +21,14 @@ from daemon.config import load_config
 from daemon.service import Service
 from model import create_detector, get_family, list_models
 from model.detector import TorchDetector
-from model.factory import CheckpointFormat, ModelFamily, TrainingSpec, register_family, unregister_model
+from model.factory import (
+    CheckpointFormat,
+    ModelFamily,
+    TrainingSpec,
+    needs_references,
+    register_family,
+    unregister_model,
+)
 from model.training import StepLoss, TrainingConfig, train_prompts
 from tests.waiting import wait_until
 
@@ -103,6 +110,8 @@ def toy_family():
 def test_toy_family_through_create_detector_config_and_cli(toy_family, tmp_path):
     assert TOY in list_models() and get_family(TOY) is toy_family
     assert TOY in list_models(trainable=True)
+    # The daemon asks the registry (not a name list) which models score only against references.
+    assert not needs_references(TOY) and needs_references("patchcore") and not needs_references("no-such-model")
     detector = create_detector(TOY, device="cpu", image_size=IMAGE_SIZE, class_name="ignored")
     images = torch.stack([torch.full((3, IMAGE_SIZE, IMAGE_SIZE), v) for v in (-1.0, 0.0, 2.0)])
     prediction = detector.predict(images)
