@@ -137,6 +137,26 @@ def test_toy_family_through_create_detector_config_and_cli(toy_family, tmp_path)
         parser.parse_args(["--model", "no-such-model"])
 
 
+def test_toy_family_export_graph_comes_from_the_registry(toy_family):
+    from types import SimpleNamespace
+
+    from model.export import ExportError, export_graph, register_exporter
+
+    detector = create_detector(TOY, device="cpu", image_size=IMAGE_SIZE)
+    with pytest.raises(ExportError, match=rf"model '{TOY}' has no export graph \(exportable: .*anomalyclip"):
+        export_graph(detector)
+    asked = []
+
+    @register_exporter(TOY)
+    def toy_graph(built: Any, class_names: Any) -> Any:
+        asked.append((built, list(class_names)))
+        return SimpleNamespace(module=nn.Identity())
+
+    assert get_family(TOY).exporter is toy_graph and get_family(TOY).trainable  # the rest of the family is kept
+    graph = export_graph(detector, ["cube"])
+    assert asked == [(detector, ["cube"])] and isinstance(graph.module, nn.Identity)
+
+
 def test_toy_family_trains_through_the_registry(toy_family, tmp_path):
     config = TrainingConfig.for_model(TOY, batch_size=4)
     assert (config.epochs, config.learning_rate, config.batch_size) == (3, 0.5, 4)
