@@ -6,8 +6,8 @@ engines timed are ones that reproduce PyTorch.
     python bench/bench_engines.py --models anomalyclip-tiny --batch-sizes 1 8 --repeats 3 --json out.json
 
 Models: `anomalyclip-tiny` (AnomalyCLIP on the tiny golden CLIP, 518 px), `clip-tiny` (the CLIP baseline on it),
-`patchcore` (EfficientNet-Lite0 PatchCore at 256 px, when the model is registered; its memory bank is built from
-a few synthetic normals). Reports the ratio of each engine to eager at the same batch size.
+or any registered model name at its family's defaults, e.g. `patchcore` (EfficientNet-Lite0 PatchCore at 256 px;
+a family that needs references gets a memory bank built from a few normals). Reports the ratio of each engine to eager at the same batch size.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "inspection-
 
 def build(name: str):
     """(detector, class names) for a bench model name."""
-    from model import create_detector, list_models
+    from model import create_detector, get_family, list_models
 
     tiny = {"backbone": str(TINY / "tiny_clip_openai_fp16.safetensors"),
             "backbone_config": str(TINY / "tiny-clip-24L.json"), "device": "cpu"}
@@ -35,12 +35,13 @@ def build(name: str):
                                layers=(6, 12, 18, 24), **tiny)
     if name == "clip-tiny":
         return create_detector("clip", image_size=518, class_name="object", **tiny)
-    if name == "patchcore":
-        if "patchcore" not in list_models():
-            raise SystemExit("patchcore is not registered in this version")
+    if name not in list_models():
+        raise SystemExit(f"unknown bench model {name!r} (not registered in this version)")
+    options: dict = {}
+    if get_family(name).needs_references:  # e.g. patchcore: its memory bank from a few normals
         references = sorted((SAMPLES / "bottle" / "test" / "good").glob("*.*"))[:4]
-        return create_detector("patchcore", image_size=256, device="cpu", references=[str(p) for p in references])
-    raise SystemExit(f"unknown bench model {name!r}")
+        options["references"] = [str(p) for p in references]
+    return create_detector(name, device="cpu", **options)  # the family's own defaults (patchcore: 256 px)
 
 
 def timed(fn, repeats: int) -> float:

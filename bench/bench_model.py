@@ -73,17 +73,13 @@ def naive_predict(model, image: torch.Tensor) -> tuple[float, np.ndarray]:
 
 def build_bench_detector(name: str, backbone, image_size: int, layers, device: torch.device):
     """A detector of each model around the one loaded backbone, with fresh (untrained) learned parts."""
-    from model import create_detector
-    from model.factory import AnomalyCLIPDetector
+    from model import create_detector, get_family
 
-    if name == "anomalyclip":
-        return AnomalyCLIPDetector(build_anomalyclip(backbone, None, layers=layers, image_size=image_size),
-                                   device=device, dtype=torch.float32, version="bench")
-    if name == "adaclip":
-        from model.adaclip import AdaCLIPDetector, build_adaclip
-
-        return AdaCLIPDetector(build_adaclip(backbone, None, image_size=image_size), device=device,
-                               dtype=torch.float32, version="bench", class_name="object")
+    family = get_family(name)
+    if family.training is not None and family.wrap is not None:  # the family's fresh start, as retraining builds it
+        module = family.training.build(backbone, None, layers=layers, image_size=image_size)
+        options = {"class_name": "object"} if family.needs_class_name else {}
+        return family.wrap(module, device=device, dtype=torch.float32, version="bench", **options)
     return create_detector(name, backbone=backbone, image_size=image_size, device=device)
 
 
@@ -122,7 +118,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--models", nargs="*", default=[],
-                        help="also time these models' predict (anomalyclip adaclip clip clip-ac winclip, or 'all')")
+                        help="also time these models' predict (e.g. anomalyclip adaclip clip, or 'all' CLIP-backbone ones)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -159,7 +155,11 @@ def main() -> None:
                 print(f"anomalyd {dtype_name:9s} batch {batch:3d}: {ips:8.2f} images/s  ({ratio:5.1f}x naive)")
                 results["runs"].append({"dtype": dtype_name, "batch": batch, "images_per_s": ips, "vs_naive": ratio})
         if args.models:
-            names = ["anomalyclip", "adaclip", "clip", "clip-ac", "winclip"] if args.models == ["all"] else args.models
+            names = args.models
+            if names == ["all"]:  # every registered family that runs on this CLIP backbone
+                from model import get_family, list_models
+
+                names = [name for name in list_models() if get_family(name).clip_backbone]
             time_models(names, backbone, args, layers, device, sync, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from daemon.scale import scale_outputs, scaled
+from model.factory import needs_references
 from model.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger("anomalyd.references")
@@ -51,7 +52,6 @@ CALIBRATION_HOLDOUTS = 8
 DEFAULT_DISTANCE_SCALE = 20.0
 LABELLED_NORMALS_FOR_CALIBRATION = 32
 REFERENCE_PREFIX = "ref-"
-MODELS_NEEDING_REFERENCES = frozenset({"patchcore"})
 
 
 class ReferenceSetupError(ValueError):
@@ -192,7 +192,7 @@ def check_images(files: Sequence[Path], source_id: str) -> tuple[int, int, int] 
 def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path: Path | None) -> Any:
     """A detector for one source: the few-shot wrapper on the (scaled) base, or PatchCore on its own bank."""
     name = str(getattr(base, "name", ""))
-    if name in MODELS_NEEDING_REFERENCES:
+    if needs_references(name):
         from model import create_detector
 
         r = settings.runtime
@@ -460,7 +460,7 @@ class ReferenceManager:
         return RoutedDetector(self._base, per_source)
 
     def _needs_references(self) -> bool:
-        return str(getattr(self._base, "name", "")) in MODELS_NEEDING_REFERENCES
+        return needs_references(str(getattr(self._base, "name", "")))
 
     def _build(self, source_id: str, progress: str = "", retry: bool = True) -> bool:
         """(Re)build one source's detector when its files changed; True when something changed."""

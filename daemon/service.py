@@ -51,9 +51,10 @@ def build_detector(settings: Settings) -> DetectorLike:
     from model import create_detector
 
     m, r = settings.model, settings.runtime
-    from daemon.references import MODELS_NEEDING_REFERENCES, NeedsReferences
+    from daemon.references import NeedsReferences
+    from model.factory import needs_references
 
-    if m.name in MODELS_NEEDING_REFERENCES:  # its detectors are built per source, on each source's references
+    if needs_references(m.name):  # its detectors are built per source, on each source's references
         from daemon.references import reference_model_options
 
         options = reference_model_options(settings)

@@ -39,7 +39,7 @@ from model._backbone import (
 from model._text import encode_text, tokenize, used_length
 from model._transformer import embed_patches, forward_blocks
 from model.detector import Detector, TorchDetector, file_digest
-from model.factory import ModelFamily, register_family
+from model.factory import ModelFamily, imported_later, register_family
 from model.gaussian import gaussian_blur
 
 DEFAULT_CLASS_NAME = "object"
@@ -415,8 +415,11 @@ def create_winclip(
 
 
 register_family(ModelFamily(name="clip", create=create_clip,
-                            summary="CLIP zero-shot: two prompts per class (training-free)"))
+                            summary="CLIP zero-shot: two prompts per class (training-free)",
+                            exporter=imported_later("model.export", "clip_graph")))
 register_family(ModelFamily(name="clip-ac", create=create_clip_ac,
-                            summary="CLIP with WinCLIP's compositional prompt ensemble (training-free)"))
+                            summary="CLIP with WinCLIP's compositional prompt ensemble (training-free)",
+                            exporter=imported_later("model.export", "clip_graph")))
 register_family(ModelFamily(name="winclip", create=create_winclip,
-                            summary="WinCLIP (CVPR 2023) zero-shot: sliding-window CLIP embeddings (training-free)"))
+                            summary="WinCLIP (CVPR 2023) zero-shot: sliding-window CLIP embeddings (training-free)",
+                            exporter=imported_later("model.export", "winclip_graph")))

@@ -9,7 +9,9 @@ in float32 at model resolution, with a dynamic batch axis. What does not depend 
   text pass depends on the image through the dynamic prompts) become a second graph input, and their values per
   class name are shipped beside the graph (`ExportGraph.aux.per_class`).
 
-Each family registers an exporter with `register_exporter(name)`; a family without one (or a configuration whose
+Each family declares its exporter on its registration (`ModelFamily.exporter`, e.g.
+`imported_later("model.export", "anomalyclip_graph")`), or a plug-in adds one with `register_exporter(name)`;
+a family without one (or a configuration whose
 dynamic part a static graph cannot hold, e.g. AdaCLIP's k-means HSF) raises `ExportError` saying which and why.
 Pure PyTorch: writing files and running the engines is `adapters.export`'s job.
 """
@@ -17,7 +19,7 @@ Pure PyTorch: writing files and running the engines is `adapters.export`'s job.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model._transformer import embed_patches, standard_block
+from model.factory import get_family, list_models, register_family
 from model.gaussian import gaussian_blur
 from model.preprocess import OPENAI_MEAN, OPENAI_STD
 
@@ -118,7 +121,6 @@ class ExportGraph:
 
 
 Exporter = Callable[[Any, Sequence[str]], ExportGraph]
-EXPORTERS: dict[str, Exporter] = {}
 
 # Parity tolerances (absolute, float32 ONNX Runtime / OpenVINO vs eager PyTorch on CPU). The graphs are the same
 # float32 arithmetic in another order; scores are softmaxes at temperature 0.07 (x14 on cosine differences), so a
@@ -127,11 +129,18 @@ DEFAULT_TOLERANCE = {"scores": 1e-4, "maps": 1e-4}
 
 
 def register_exporter(name: str) -> Callable[[Exporter], Exporter]:
+    """Decorator setting the export graph of the registered family `name` (`ModelFamily.exporter`)."""
+
     def decorator(exporter: Exporter) -> Exporter:
-        EXPORTERS[name] = exporter
+        register_family(replace(get_family(name), exporter=exporter))
         return exporter
 
     return decorator
+
+
+def exportable_models() -> list[str]:
+    """The model names that have an export graph (this loads every family)."""
+    return [name for name in list_models() if get_family(name).exporter is not None]
 
 
 def export_graph(detector: Any, class_names: Sequence[str] | None = None) -> ExportGraph:
@@ -144,10 +153,13 @@ def export_graph(detector: Any, class_names: Sequence[str] | None = None) -> Exp
     dtype = getattr(detector, "dtype", torch.float32)
     if dtype != torch.float32:
         raise ExportError(f"export runs in float32; the detector was built with {dtype} (use --dtype float32)")
-    exporter = EXPORTERS.get(str(detector.name))
+    try:
+        exporter = get_family(str(detector.name)).exporter
+    except ValueError:  # a detector of no registered family
+        exporter = None
     if exporter is None:
         raise ExportError(
-            f"model {detector.name!r} has no export graph (exportable: {', '.join(sorted(EXPORTERS))})"
+            f"model {detector.name!r} has no export graph (exportable: {', '.join(exportable_models())})"
         )
     names = list(class_names or [getattr(detector, "class_name", None) or "object"])
     graph = exporter(detector, names)
@@ -185,8 +197,7 @@ class AnomalyCLIPGraph(nn.Module):
         return scores, model.anomaly_maps(torch.stack(token_probs, dim=1))
 
 
-@register_exporter("anomalyclip")
-def _anomalyclip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
+def anomalyclip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
     model = _on_cpu(detector)
     return ExportGraph(
         module=AnomalyCLIPGraph(model), model="anomalyclip", version=str(detector.version),
@@ -265,14 +276,11 @@ def _baseline_graph(detector: Any, class_names: Sequence[str], module_type: type
     )
 
 
-@register_exporter("clip")
-@register_exporter("clip-ac")
-def _clip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
+def clip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
     return _baseline_graph(detector, class_names, ClipGraph)
 
 
-@register_exporter("winclip")
-def _winclip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
+def winclip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
     return _baseline_graph(detector, class_names, WinCLIPGraph)
 
 
@@ -326,8 +334,7 @@ class AdaCLIPGraph(nn.Module):
         return output.scores, model.anomaly_maps(output)
 
 
-@register_exporter("adaclip")
-def _adaclip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
+def adaclip_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
     from model.adaclip import class_prompts
 
     model = detector.model
@@ -452,8 +459,7 @@ class PatchCoreGraph(nn.Module):
         return image_scores, model.anomaly_maps(scores, (height, width), tuple(images.shape[-2:]))
 
 
-@register_exporter("patchcore")
-def _patchcore_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
+def patchcore_graph(detector: Any, class_names: Sequence[str]) -> ExportGraph:
     if detector.bank is None:
         raise ExportError("patchcore without a memory bank cannot be exported: give it normal references first")
     detector.model.to("cpu").eval()

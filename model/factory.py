@@ -9,7 +9,10 @@ retraining, the CLI and the config never switch on a model name:
 - `checkpoint`: its weights file format (`load`, `save`, and `import_weights` for the version registry);
 - `training`: whether and how it trains (`TrainingSpec`: fresh/loaded module, training target with optimiser and
   loss, the official optimiser defaults);
-- `default_taps`, `activation`, `needs_class_name`, `default_weights`, `versions_share_backbone`.
+- `exporter`: its export graph (`exporter(detector, class_names) -> model.export.ExportGraph`; None: it cannot be
+  exported);
+- `default_taps`, `activation`, `needs_class_name`, `needs_references`, `default_weights`,
+  `versions_share_backbone`.
 
 Adding a family: write `model/<family>/` (module, detector on `model.detector.TorchDetector`, checkpoint I/O,
 training target), then in its `family.py`
@@ -23,7 +26,7 @@ builder is enough for a training-free model: `@register_model("name")` on `creat
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,10 +77,14 @@ class ModelFamily:
     wrap: Callable[..., Detector] | None = None
     checkpoint: CheckpointFormat | None = None
     training: TrainingSpec | None = None
+    # exporter(detector, class_names): its ExportGraph for ONNX (model.export); None: it has no export graph.
+    exporter: Callable[[Any, Sequence[str]], Any] | None = None
     default_taps: Callable[[int], tuple[int, ...]] | None = None  # vision blocks for a tower of n blocks
     # The backbone activation its weights need: "gelu" (nn.GELU), "quick_gelu", or None (the backbone's own).
     activation: str | None = None
     needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
+    # It scores only against normal references (a memory bank): the daemon builds one detector per source.
+    needs_references: bool = False
     default_weights: str | None = None  # released weights used when the config names none
     versions_share_backbone: bool = False  # versions differ only in learned weights: a swap reuses the backbone
     clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)
@@ -89,6 +96,17 @@ class ModelFamily:
     def backbone_options(self) -> dict[str, Any]:
         """`load_backbone` keyword arguments for this family's activation."""
         return {} if self.activation is None else {"quick_gelu": self.activation == "quick_gelu"}
+
+
+def imported_later(module: str, attribute: str) -> Callable[..., Any]:
+    """A function that imports `module.attribute` on its first call and calls it: a family declares, say, its
+    exporter without loading the export code (or torch) when it registers."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), attribute)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"{module}.{attribute}"
+    return call
 
 
 MODEL_REGISTRY: dict[str, ModelFamily] = {}
@@ -145,6 +163,14 @@ def get_family(name: str) -> ModelFamily:
         return MODEL_REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}") from None
+
+
+def needs_references(name: str) -> bool:
+    """Whether the model `name` scores only against normal references (False for a name no family has)."""
+    try:
+        return get_family(name).needs_references
+    except ValueError:
+        return False
 
 
 def family_of(module: nn.Module) -> ModelFamily:

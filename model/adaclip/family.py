@@ -16,7 +16,7 @@ from model.adaclip.prompts import ClassNameError
 from model.adaclip.training import TRAINING_DEFAULTS, AdaCLIPTarget
 from model.checkpoints import CheckpointError
 from model.detector import TorchDetector, file_digest
-from model.factory import CheckpointFormat, ModelFamily, TrainingSpec, register_family
+from model.factory import CheckpointFormat, ModelFamily, TrainingSpec, imported_later, register_family
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ FAMILY = register_family(ModelFamily(
     checkpoint=CheckpointFormat(load=load_adaclip_checkpoint, save=_save),
     training=TrainingSpec(build=build_for_training, target=AdaCLIPTarget, model_type=AdaCLIP,
                           defaults=TRAINING_DEFAULTS),
+    exporter=imported_later("model.export", "adaclip_graph"),
     default_taps=default_taps,
     # AdaCLIP's released weights were trained on a tower built with nn.GELU; new training keeps that.
     activation="gelu",

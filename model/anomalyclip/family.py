@@ -20,7 +20,7 @@ from model.anomalyclip.model import AnomalyCLIP
 from model.anomalyclip.training import TRAINING_DEFAULTS, AnomalyCLIPTarget
 from model.checkpoints import CheckpointError
 from model.detector import Detector, TorchDetector, file_digest
-from model.factory import CheckpointFormat, ModelFamily, TrainingSpec, register_family
+from model.factory import CheckpointFormat, ModelFamily, TrainingSpec, imported_later, register_family
 
 DEFAULT_LAYERS = (24,)
 
@@ -103,6 +103,7 @@ FAMILY = register_family(ModelFamily(
     checkpoint=CheckpointFormat(load=load_prompts, save=_save, import_weights=import_prompts),
     training=TrainingSpec(build=build_for_training, target=AnomalyCLIPTarget, model_type=AnomalyCLIP,
                           defaults=TRAINING_DEFAULTS),
+    exporter=imported_later("model.export", "anomalyclip_graph"),
     default_taps=lambda n_layers: (n_layers,),
     default_weights="anomalyclip-visa",
     versions_share_backbone=True,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from model.factory import Prediction, register_model
+from model.factory import Prediction, imported_later, register_model
 from model.patchcore.backbone import (
     DEFAULT_BACKBONE,
     LITE_PACKAGES,
@@ -331,7 +331,9 @@ def build_patchcore(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | N
                              device=torch.device(device), dtype=dtype, augment=augment, max_bank_rows=max_bank_rows)
 
 
-@register_model(NAME, clip_backbone=False)  # its own backbones, taps and input size
+# Its own backbones, taps and input size; it scores against a bank of normal references.
+@register_model(NAME, clip_backbone=False, needs_references=True,
+                exporter=imported_later("model.export", "patchcore_graph"))
 def _create_patchcore(
     *,
     backbone: str = DEFAULT_BACKBONE,

@@ -21,7 +21,14 @@ from daemon.config import load_config
 from daemon.service import Service
 from model import create_detector, get_family, list_models
 from model.detector import TorchDetector
-from model.factory import CheckpointFormat, ModelFamily, TrainingSpec, register_family, unregister_model
+from model.factory import (
+    CheckpointFormat,
+    ModelFamily,
+    TrainingSpec,
+    needs_references,
+    register_family,
+    unregister_model,
+)
 from model.training import StepLoss, TrainingConfig, train_prompts
 from tests.waiting import wait_until
 
@@ -103,6 +110,8 @@ def toy_family():
 def test_toy_family_through_create_detector_config_and_cli(toy_family, tmp_path):
     assert TOY in list_models() and get_family(TOY) is toy_family
     assert TOY in list_models(trainable=True)
+    # The daemon asks the registry (not a name list) which models score only against references.
+    assert not needs_references(TOY) and needs_references("patchcore") and not needs_references("no-such-model")
     detector = create_detector(TOY, device="cpu", image_size=IMAGE_SIZE, class_name="ignored")
     images = torch.stack([torch.full((3, IMAGE_SIZE, IMAGE_SIZE), v) for v in (-1.0, 0.0, 2.0)])
     prediction = detector.predict(images)
@@ -126,6 +135,26 @@ def test_toy_family_through_create_detector_config_and_cli(toy_family, tmp_path)
     assert parser.parse_args(["--model", "clip-ac"]).model == "clip-ac"
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "no-such-model"])
+
+
+def test_toy_family_export_graph_comes_from_the_registry(toy_family):
+    from types import SimpleNamespace
+
+    from model.export import ExportError, export_graph, register_exporter
+
+    detector = create_detector(TOY, device="cpu", image_size=IMAGE_SIZE)
+    with pytest.raises(ExportError, match=rf"model '{TOY}' has no export graph \(exportable: .*anomalyclip"):
+        export_graph(detector)
+    asked = []
+
+    @register_exporter(TOY)
+    def toy_graph(built: Any, class_names: Any) -> Any:
+        asked.append((built, list(class_names)))
+        return SimpleNamespace(module=nn.Identity())
+
+    assert get_family(TOY).exporter is toy_graph and get_family(TOY).trainable  # the rest of the family is kept
+    graph = export_graph(detector, ["cube"])
+    assert asked == [(detector, ["cube"])] and isinstance(graph.module, nn.Identity)
 
 
 def test_toy_family_trains_through_the_registry(toy_family, tmp_path):
