@@ -128,6 +128,9 @@ def labelled_normal_frames(sessions: Any, store: Any, source_id: str, limit: int
     return files
 
 
+_CAPPED_LOGGED: set[tuple[str, int]] = set()
+
+
 def reference_files(settings: Any, source_id: str, sessions: Any = None, store: Any = None,
                     max_references: int = MAX_REFERENCES) -> tuple[list[Path], bool]:
     """(files, configured): the source's reference files, and whether references were asked for at all."""
@@ -146,7 +149,10 @@ def reference_files(settings: Any, source_id: str, sessions: Any = None, store: 
         files += labelled_normal_frames(sessions, store, source_id, max_references - len(files))
     configured = bool(own or settings.model.references or from_labels)
     if len(files) > max_references and not any(f.suffix == ".safetensors" for f in files):
-        log.warning("source %s: %d reference images, using the %d newest", source_id, len(files), max_references)
+        # The reference poll re-reads the folders every few seconds: say it once per source and count.
+        level = logging.DEBUG if (source_id, len(files)) in _CAPPED_LOGGED else logging.WARNING
+        _CAPPED_LOGGED.add((source_id, len(files)))
+        log.log(level, "source %s: %d reference images, using the %d newest", source_id, len(files), max_references)
         files = sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)[:max_references]
     return files, configured
 

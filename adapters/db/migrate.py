@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+# Alembic announces each of its plugins at INFO when first imported; the "Running upgrade" lines are what matters.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402 - after the logger level above
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import Engine  # noqa: E402
 
 # `migrations/` sits next to `adapters/` both in a checkout and in site-packages (a top-level package); found by
 # path because an unrelated `migrations` directory in the working directory could shadow the import.
