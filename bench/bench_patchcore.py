@@ -109,6 +109,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per figure")
     parser.add_argument("--references", type=int, default=16)
+    parser.add_argument("--max-bank-rows", type=int, default=None,
+                        help="greedy coreset of the bank to this many rows (default: the detector's default)")
     parser.add_argument("--anomalib-path", help="folder where anomalib 2.7.0 (and kornia) are installed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,7 +119,8 @@ def main() -> int:
     def images(n: int) -> torch.Tensor:
         return torch.nn.functional.interpolate(torch.randn(n, 3, 32, 32), size=256, mode="bilinear")
 
-    detector = build_patchcore(device="cpu")
+    options = {} if args.max_bank_rows is None else {"max_bank_rows": args.max_bank_rows}
+    detector = build_patchcore(device="cpu", **options)
     bank = detector.set_references(images(args.references))
     print(f"patchcore {detector.version}: bank {tuple(bank.rows.shape)}, {args.threads} threads, 256 px")
     model = detector.model
