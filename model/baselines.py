@@ -205,7 +205,7 @@ class _ZeroShotClip(nn.Module):
         return F.interpolate(grid_maps, size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _anomalous_probability(features: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+def anomalous_probability(features: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
     """features (B, ..., E), text (B, 2, E) normalised → softmax(scale * cos)[..., anomalous], (B, ...)."""
     features = F.normalize(features.float(), dim=-1)
     shape = features.shape
@@ -232,8 +232,8 @@ class ClipZeroShot(_ZeroShotClip):
         tokens = self.run_blocks(embed_patches(self.clip.visual, images, self.vision_pos))
         projected = self.project(tokens)
         text = self.text_features(class_names)
-        scores = _anomalous_probability(projected[:, 0], text, self.logit_scale)
-        patch_probs = _anomalous_probability(projected[:, 1:], text, self.logit_scale)
+        scores = anomalous_probability(projected[:, 0], text, self.logit_scale)
+        patch_probs = anomalous_probability(projected[:, 1:], text, self.logit_scale)
         maps = gaussian_blur(self.upsample(patch_probs), self.sigma)
         return scores.float(), maps.float()
 
@@ -283,9 +283,9 @@ class WinCLIP(_ZeroShotClip):
         text = self.text_features(class_names)
         scale = 1.0 / self.temperature
         full = self.project(self.run_blocks(embedded)[:, 0])
-        image_scores = _anomalous_probability(full, text, scale)
+        image_scores = anomalous_probability(full, text, scale)
         window_scores = {
-            k: _anomalous_probability(self.encode_windows(embedded, self.windows(k)), text, scale)
+            k: anomalous_probability(self.encode_windows(embedded, self.windows(k)), text, scale)
             for k in self.scales
         }
         return image_scores, window_scores

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model._transformer import embed_patches, standard_block
+from model.baselines import anomalous_probability, harmonic_mean
 from model.factory import get_family, list_models, register_family
 from model.gaussian import gaussian_blur
 from model.preprocess import OPENAI_MEAN, OPENAI_STD
@@ -39,30 +40,14 @@ def _fp16_round(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.half().to(tensor.dtype)
 
 
-def _anomalous_probability(features: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
-    """The baselines' scoring: features (B, ..., E), text (B, 2, E) normalised → softmax(scale · cos)[..., 1]."""
-    features = F.normalize(features.float(), dim=-1)
-    shape = features.shape
-    flat = features.reshape(shape[0], -1, shape[-1])
-    logits = scale * torch.einsum("bne,bte->bnt", flat, text)
-    return logits.softmax(dim=-1)[..., 1].reshape(shape[:-1])
-
-
-def _harmonic_mean(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    stacked = torch.stack(list(maps))
-    return len(maps) / (1.0 / stacked.clamp_min(_EPS)).sum(dim=0)
-
-
 def _class_token_ids(class_name: str, context_length: int) -> torch.Tensor:
     """AdaCLIP's 48 prompt sentences for a class as CLIP token ids (48, context_length)."""
-    from model._text import tokenize
-    from model.adaclip import class_prompts
+    from model.adaclip.prompts import ClassNameError, class_token_ids
 
-    sentences, _ = class_prompts(class_name)
     try:
-        return tokenize(sentences, context_length)
-    except ValueError as exc:
-        raise ExportError(f"class name {class_name!r} is too long: {exc}") from exc
+        return class_token_ids(class_name, context_length)
+    except ClassNameError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 class ExportError(ValueError):
@@ -219,8 +204,8 @@ class ClipGraph(nn.Module):
         model = self.model
         tokens = model.run_blocks(embed_patches(model.clip.visual, images, model.vision_pos))
         projected = model.project(tokens)
-        scores = _anomalous_probability(projected[:, 0], text, self.scale)
-        patch_probs = _anomalous_probability(projected[:, 1:], text, self.scale)
+        scores = anomalous_probability(projected[:, 0], text, self.scale)
+        patch_probs = anomalous_probability(projected[:, 1:], text, self.scale)
         return scores, gaussian_blur(model.upsample(patch_probs), model.sigma)
 
 
@@ -245,7 +230,7 @@ class WinCLIPGraph(nn.Module):
         scale = 1.0 / model.temperature
         embedded = embed_patches(model.clip.visual, images, model.vision_pos)
         full = model.project(model.run_blocks(embedded)[:, 0])
-        image_scores = _anomalous_probability(full, text, scale)
+        image_scores = anomalous_probability(full, text, scale)
         patches = model.grid * model.grid
         per_scale = [image_scores[:, None].expand(-1, patches)]
         for k in model.scales:
@@ -253,11 +238,11 @@ class WinCLIPGraph(nn.Module):
             batch, width = embedded.shape[0], embedded.shape[2]
             sequences = embedded[:, index].reshape(-1, index.shape[1], width)
             windows = model.project(model.run_blocks(sequences)[:, 0]).reshape(batch, index.shape[0], -1)
-            window_scores = _anomalous_probability(windows, text, scale)
+            window_scores = anomalous_probability(windows, text, scale)
             sums = (1.0 / window_scores.clamp_min(_EPS)) @ cover
             counts = cover.sum(dim=0)
             per_scale.append(torch.where(counts > 0, counts / sums.clamp_min(_EPS), torch.zeros_like(sums)))
-        maps = gaussian_blur(model.upsample(_harmonic_mean(per_scale)), model.sigma)
+        maps = gaussian_blur(model.upsample(harmonic_mean(per_scale)), model.sigma)
         return image_scores, maps
 
 
