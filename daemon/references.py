@@ -231,6 +231,8 @@ def reference_model_options(settings: Any) -> dict[str, Any]:
         options["layers"] = tuple(m.layers)
     if "image_size" in given:
         options["image_size"] = m.image_size
+    if m.max_bank_rows is not None:
+        options["max_bank_rows"] = m.max_bank_rows
     return options
 
 
