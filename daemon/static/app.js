@@ -72,6 +72,28 @@ function signedIn() {
   loadStats();
   loadHistory(true);
   startLive();
+  startRefresh();
+}
+
+// --- refresh: the header stats (and the dashboard while it is shown) every REFRESH ms and soon after a live alert
+
+// localStorage "anomalyd.refreshMs" changes the period (a wall display may want it faster); at least 1 s
+function refreshMs() { return Math.max(1000, Number(localStorage.getItem("anomalyd.refreshMs")) || 15000); }
+
+function refreshNow() {
+  if ($("main").hidden || document.hidden) return;
+  loadStats();
+  if (!$("#view-dashboard").hidden) document.dispatchEvent(new CustomEvent("anomalyd:dashboard"));
+}
+
+function startRefresh() {
+  clearInterval(state.refreshTimer);
+  state.refreshTimer = setInterval(refreshNow, refreshMs());
+}
+
+function refreshSoon() {  // a burst of alerts makes one refresh
+  clearTimeout(state.refreshSoonTimer);
+  state.refreshSoonTimer = setTimeout(refreshNow, 500);
 }
 
 // --- history -------------------------------------------------------------------------------------------------
@@ -110,7 +132,7 @@ function renderHistory(items) {
     const row = el("tr", { "data-id": item.id, onclick: () => openDetail(item.id) },
       el("td", {}, String(item.id)), el("td", {}, utcText(item.captured_at)), el("td", {}, item.source),
       el("td", { class: "file-cell", title: item.frame_name || item.frame_id }, fileName(item.frame_name || item.frame_id)),
-      el("td", {}, item.line), el("td", {}, score(item.score)),
+      el("td", { class: "low" }, item.line), el("td", {}, score(item.score)),
       el("td", { class: item.is_anomalous ? "anomalous-yes" : "anomalous-no" }, item.is_anomalous ? "anomalous" : "normal"),
       el("td", { class: "label-cell" }, labelPill(item.label)));
     if (state.selected === item.id) row.classList.add("selected");
@@ -132,7 +154,7 @@ async function openDetail(id) {
   try { item = await apiJson(`/api/inspections/${id}`); } catch (error) { showError(`Cannot open inspection ${id}: ${error.message}`); return; }
   $("#detail").hidden = false;
   $("#detail-title").textContent = `Inspection #${item.id} · ${item.source} / ${item.line}`;
-  const facts = [["captured", utcText(item.captured_at) + " UTC"], ["score", `${score(item.score)} (threshold ${item.threshold})`],
+  const facts = [["captured", utcText(item.captured_at) + " UTC"], ["score", `${score(item.score)} (threshold ${score(item.threshold)})`],
     ["result", item.is_anomalous ? "anomalous" : "normal"], ["model", item.model_version], ["frame", item.frame_name || item.frame_id],
     ["regions", String(item.regions.length)]];
   if (item.error) facts.push(["error", item.error]);
@@ -288,10 +310,11 @@ async function startLive() {
 function addLiveAlert(item) {
   const row = el("tr", { class: "fresh", "data-id": item.id, onclick: () => { switchView("history"); openDetail(item.id); } },
     el("td", {}, String(item.id)), el("td", {}, utcText(item.captured_at)), el("td", {}, item.source), el("td", {}, item.line),
-    el("td", { class: "anomalous-yes" }, score(item.score)), el("td", {}, String(item.threshold)), el("td", {}, String(item.regions.length)));
+    el("td", { class: "anomalous-yes" }, score(item.score)), el("td", {}, score(item.threshold)), el("td", {}, String(item.regions.length)));
   const body = $("#live tbody");
   body.prepend(row);
   while (body.children.length > 200) body.lastChild.remove();
+  refreshSoon();
   if ($("#view-live").hidden) {
     state.liveCount += 1;
     $("#live-count").textContent = String(state.liveCount);
@@ -309,8 +332,9 @@ async function loadModels() {
   try {
     const data = await apiJson("/api/models");
     $("#models tbody").replaceChildren(...data.items.map((model) => el("tr", {},
-      el("td", {}, model.version), el("td", {}, model.kind), el("td", {}, model.status), el("td", {}, metricsText(model.metrics)),
-      el("td", {}, utcText(model.created_at)), el("td", {}, utcText(model.activated_at)),
+      el("td", {}, model.version), el("td", { class: "low" }, model.kind), el("td", {}, model.status),
+      el("td", { class: "wrap" }, metricsText(model.metrics)),
+      el("td", {}, utcText(model.created_at)), el("td", { class: "low" }, utcText(model.activated_at)),
       el("td", {}, model.status === "active" ? "" : el("button", { type: "button", onclick: () => activate(model.version) }, "Activate")))));
     if (!data.items.length) $("#models tbody").append(el("tr", {}, el("td", { colspan: "7", class: "hint" }, "No model versions recorded yet.")));
   } catch (error) { if (error.message !== "unauthorised") showError(`Cannot load the models: ${error.message}`); }
@@ -337,6 +361,7 @@ function switchView(name) {
   for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== `view-${name}`;
   if (name === "live") { state.liveCount = 0; $("#live-count").hidden = true; }
   if (name === "models") loadModels();
+  if (name === "dashboard") document.dispatchEvent(new CustomEvent("anomalyd:dashboard"));
 }
 
 // --- wiring --------------------------------------------------------------------------------------------------
@@ -351,6 +376,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#signout").addEventListener("click", () => {
     localStorage.removeItem(TOKEN_KEY);
     if (state.liveAbort) state.liveAbort.abort();
+    clearInterval(state.refreshTimer);
     showLogin("");
   });
   $("#filters").addEventListener("submit", (event) => { event.preventDefault(); loadHistory(true); });
@@ -365,5 +391,6 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const button of document.querySelectorAll(".label-btn")) button.addEventListener("click", () => postLabel(button.dataset.label));
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => switchView(tab.dataset.view));
   $("#retrain").addEventListener("click", retrain);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshNow(); });
   if (token()) signedIn(); else showLogin("");
 });
