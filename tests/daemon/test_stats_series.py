@@ -5,6 +5,7 @@ and errors. The buckets are computed in SQL, so both backends must agree with wh
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,40 @@ def test_rows_are_bounded(env, monkeypatch):
     data = get(env, by="source", bucket=900)
     assert data["truncated"] is True
     assert sum(len(group["points"]) for group in data["groups"]) <= 2 + 2  # + the rejected frames' buckets
+
+
+def test_cli_stats_shares_the_query(tmp_path, capsys):
+    """`anomalyd stats` prints the same series as the API (one query, adapters.db.history.series), without torch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from daemon.cli import main
+
+    environment = Env(f"sqlite:///{tmp_path}/cli.db", tmp_path)
+    with environment.sessions() as session, session.begin():
+        for i, (source, line, minutes, score, threshold, anomalous) in enumerate(ROWS):
+            session.add(Inspection(frame_id=f"s{i}", source=source, line=line,
+                                   captured_at=NOW - timedelta(minutes=minutes, seconds=0.4), model_version="v1",
+                                   score=score, threshold=threshold, is_anomalous=anomalous))
+    api = get(environment)
+    environment.close()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path}/cli.db"\n[storage]\ndir = "{tmp_path}/artifacts"\n')
+    assert main(["stats", "--config", str(config), "--until", NOW.isoformat(), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == api
+    assert main(["stats", "--config", str(config), "--until", NOW.isoformat(), "--by", "source",
+                 "--bucket", "15m"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["source", "bucket", "(UTC)", "inspected"]
+    assert "cam1    2026-06-03 11:45  1          1          100.0%  0.910       0.910      0" in table
+    assert table[-1].startswith("total 2026-06-02T12:00:00 – 2026-06-03T12:00:00 UTC: 9 inspected, 4 anomalous")
+    with pytest.raises(SystemExit) as usage:
+        main(["stats", "--config", str(config), "--bucket", "soon"])
+    assert usage.value.code == 2
+    probe = ("import sys; from daemon.cli import main; code = main(sys.argv[1:]); "
+             "print('HEAVY', sorted(m for m in ('torch', 'open_clip', 'cv2') if m in sys.modules)); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe, "stats", "--config", str(config)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert result.returncode == 0 and "HEAVY []" in result.stdout, result.stdout + result.stderr
