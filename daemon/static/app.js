@@ -263,6 +263,7 @@ async function loadStats() {
     const total = stats.total;
     $("#stats").textContent = `last 24 h: ${total.inspections} inspected · ${total.anomalous} anomalous ` +
       `(${(100 * total.anomalous_rate).toFixed(1)} %) · ${total.rejected} rejected · labels ${stats.labels.normal} normal / ${stats.labels.anomalous} anomalous`;
+    $("#stats").title = `counts of ${utcText(stats.after)} – ${utcText(stats.before)} UTC`;
     $("#sources-list").replaceChildren(...stats.sources.map((source) => el("option", { value: source.source })));
   } catch (_) { /* shown by the history call */ }
 }

@@ -75,8 +75,11 @@ function drawScores(svg, group, data) {
   const half = (data.bucket_s * 1000) / 2;
   const at = (point) => time.x(Date.parse(point.t) + half);
   const nodes = [...time.nodes, ...value.nodes];
-  if (points.length > 1) {
-    nodes.push(dashSvg("polyline", { class: "mean", points: points.map((p) => `${at(p)},${value.y(p.mean_score)}`).join(" ") }));
+  if (points.length > 1) {  // broken where three or more buckets in a row have no score (the source was idle)
+    const gap = 4 * 2 * half;
+    const path = points.map((p, i) => (i > 0 && Date.parse(p.t) - Date.parse(points[i - 1].t) < gap ? "L" : "M") +
+      `${at(p)} ${value.y(p.mean_score)}`);
+    nodes.push(dashSvg("path", { class: "mean", d: path.join(" ") }));
   }
   // the thresholds the rows were judged with, where they differ from the one in effect (e.g. before a calibration)
   const applied = group.points.filter((point) => point.max_threshold !== null);
