@@ -82,6 +82,7 @@ function refreshMs() { return Math.max(1000, Number(localStorage.getItem("anomal
 
 function refreshNow() {
   if ($("main").hidden || document.hidden) return;
+  state.lastRefresh = Date.now();
   loadStats();
   if (!$("#view-dashboard").hidden) document.dispatchEvent(new CustomEvent("anomalyd:dashboard"));
 }
@@ -91,9 +92,10 @@ function startRefresh() {
   state.refreshTimer = setInterval(refreshNow, refreshMs());
 }
 
-function refreshSoon() {  // a burst of alerts makes one refresh
-  clearTimeout(state.refreshSoonTimer);
-  state.refreshSoonTimer = setTimeout(refreshNow, 500);
+function refreshSoon() {  // after an alert; a stream of alerts refreshes at most every 5 s (the queries aggregate a day)
+  if (state.refreshSoonTimer) return;
+  const wait = Math.max(500, (state.lastRefresh || 0) + 5000 - Date.now());
+  state.refreshSoonTimer = setTimeout(() => { state.refreshSoonTimer = null; refreshNow(); }, wait);
 }
 
 // --- history -------------------------------------------------------------------------------------------------
@@ -258,6 +260,9 @@ async function postLabel(label) {
 // --- stats, live feed, models ---------------------------------------------------------------------------------
 
 async function loadStats() {
+  // a slow database: no pile-up of the same query; a call meanwhile (a new label) loads once more after it
+  if (state.statsLoading) { state.statsAgain = true; return; }
+  state.statsLoading = true;
   try {
     const stats = await apiJson("/api/stats");
     const total = stats.total;
@@ -265,7 +270,10 @@ async function loadStats() {
       `(${(100 * total.anomalous_rate).toFixed(1)} %) · ${total.rejected} rejected · labels ${stats.labels.normal} normal / ${stats.labels.anomalous} anomalous`;
     $("#stats").title = `counts of ${utcText(stats.after)} – ${utcText(stats.before)} UTC`;
     $("#sources-list").replaceChildren(...stats.sources.map((source) => el("option", { value: source.source })));
-  } catch (_) { /* shown by the history call */ }
+  } catch (_) { /* shown by the history call */ } finally {
+    state.statsLoading = false;
+    if (state.statsAgain) { state.statsAgain = false; loadStats(); }
+  }
 }
 
 async function startLive() {
