@@ -383,18 +383,15 @@ def series(session: Session, *, after: datetime | None = None, before: datetime 
     dialect = session.get_bind().dialect.name
     group = series_group(by).label("grp")
     bucket = _epoch_bucket(Inspection.captured_at, dialect, bucket_s).label("bucket")
+    window = (Inspection.captured_at >= after, Inspection.captured_at < before)
+    # one row per (group, source, bucket): the sources of each group come with the counts, no second scan
     rows = session.execute(
-        select(group, bucket, func.count(Inspection.id), func.sum(cast(Inspection.is_anomalous, Integer)),
-               func.avg(Inspection.score), func.max(Inspection.score), func.min(Inspection.threshold),
-               func.max(Inspection.threshold))
-        .where(Inspection.captured_at >= after, Inspection.captured_at < before)
-        .group_by(group, bucket).order_by(group, bucket).limit(MAX_SERIES_ROWS + 1)).all()
+        select(group, Inspection.source, bucket, func.count(Inspection.id),
+               func.sum(cast(Inspection.is_anomalous, Integer)), func.sum(Inspection.score), func.count(Inspection.score),
+               func.max(Inspection.score), func.min(Inspection.threshold), func.max(Inspection.threshold))
+        .where(*window).group_by(group, Inspection.source, bucket).order_by(group, bucket)
+        .limit(MAX_SERIES_ROWS + 1)).all()
     truncated = len(rows) > MAX_SERIES_ROWS
-    # which sources feed each group, and each source's newest model version in the window (its thresholds)
-    members = session.execute(
-        select(group, Inspection.source, Inspection.model_version, func.max(Inspection.captured_at))
-        .where(Inspection.captured_at >= after, Inspection.captured_at < before)
-        .group_by(group, Inspection.source, Inspection.model_version)).all()
     rejected_bucket = _epoch_bucket(RejectedFrame.created_at, dialect, bucket_s).label("bucket")
     rejected_rows = session.execute(
         select(RejectedFrame.source, rejected_bucket, func.count(RejectedFrame.id))
@@ -403,21 +400,12 @@ def series(session: Session, *, after: datetime | None = None, before: datetime 
     truncated = truncated or len(rejected_rows) > MAX_SERIES_ROWS
 
     groups: dict[str, dict[str, Any]] = {}
+    group_of_source: dict[str, str] = {}
+    score_sums: dict[tuple[str, int], list[float]] = {}  # (group, bucket) → [sum of scores, scored rows]
 
     def group_of(key: str) -> dict[str, Any]:
         return groups.setdefault(key, {"key": key, "sources": [], "model_versions": {}, "inspections": 0,
                                        "anomalous": 0, "rejected": 0, "points": {}})
-
-    newest: dict[str, datetime] = {}
-    group_of_source: dict[str, str] = {}
-    for key, source, version, last in members:
-        entry = group_of(key)
-        if source not in entry["sources"]:
-            entry["sources"].append(source)
-        group_of_source.setdefault(source, key)
-        if source not in newest or last > newest[source]:
-            newest[source] = last
-            entry["model_versions"][source] = version
 
     def point(entry: dict[str, Any], index: int) -> dict[str, Any]:
         return entry["points"].setdefault(int(index), {
@@ -425,15 +413,32 @@ def series(session: Session, *, after: datetime | None = None, before: datetime 
             "anomalous": 0, "defect_rate": 0.0, "mean_score": None, "max_score": None, "min_threshold": None,
             "max_threshold": None, "rejected": 0})
 
-    for key, index, count, anomalous, mean_score, max_score, min_threshold, max_threshold in rows[:MAX_SERIES_ROWS]:
+    for key, source, index, count, anomalous, score_sum, scored, max_score, min_threshold, max_threshold in (
+            rows[:MAX_SERIES_ROWS]):
         entry = group_of(key)
-        anomalous = int(anomalous or 0)
-        point(entry, index).update({
-            "inspections": int(count), "anomalous": anomalous, "defect_rate": anomalous / count if count else 0.0,
-            "mean_score": _float(mean_score), "max_score": _float(max_score),
-            "min_threshold": _float(min_threshold), "max_threshold": _float(max_threshold)})
-        entry["inspections"] += int(count)
+        if source not in group_of_source:
+            group_of_source[source] = key
+            entry["sources"].append(source)
+        anomalous, count = int(anomalous or 0), int(count)
+        item = point(entry, index)
+        item["inspections"] += count
+        item["anomalous"] += anomalous
+        item["defect_rate"] = item["anomalous"] / item["inspections"]
+        sums = score_sums.setdefault((key, int(index)), [0.0, 0])
+        sums[0] += float(score_sum or 0.0)
+        sums[1] += int(scored or 0)
+        item["mean_score"] = sums[0] / sums[1] if sums[1] else None
+        for name, value, pick in (("max_score", max_score, max), ("min_threshold", min_threshold, min),
+                                  ("max_threshold", max_threshold, max)):
+            if value is not None:
+                item[name] = float(value) if item[name] is None else pick(item[name], float(value))
+        entry["inspections"] += count
         entry["anomalous"] += anomalous
+    # each source's newest model version in the window (its thresholds): one index lookup per source
+    for source, key in group_of_source.items():
+        groups[key]["model_versions"][source] = session.scalar(
+            select(Inspection.model_version).where(Inspection.source == source, *window)
+            .order_by(Inspection.captured_at.desc()).limit(1))
     for source, index, count in rejected_rows[:MAX_SERIES_ROWS]:
         entry = group_of(group_of_source.get(source, source))  # no inspection in the window: its own group
         if source not in entry["sources"]:
