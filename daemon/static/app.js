@@ -334,7 +334,8 @@ function addLiveAlert(item) {
 function metricsText(metrics) {
   if (!metrics) return "–";
   return Object.entries(metrics).filter(([, value]) => typeof value !== "object")
-    .map(([key, value]) => `${key} ${typeof value === "number" ? Number(value.toPrecision(4)) : value}`).join(" · ");
+    .map(([key, value]) => `${key} ${typeof value !== "number" ? value
+      : /threshold|score/.test(key) ? value.toFixed(3) : Number(value.toPrecision(4))}`).join(" · ");
 }
 
 async function loadModels() {

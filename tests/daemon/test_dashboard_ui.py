@@ -200,18 +200,22 @@ def test_dashboard_plots_refresh_and_800px(chromium_path, tmp_path):  # noqa: F8
             assert f"{want['inspections']} inspected · {want['anomalous']} anomalous" in stats_text
             with sessions() as session, session.begin():
                 session.add(Inspection(frame_id="live-1", source="cam2", line="line-a", captured_at=NOW,
-                                       model_version="anomalyclip-v1", score=0.93, threshold=0.55, is_anomalous=True))
+                                       model_version="anomalyclip-v1", score=0.93, threshold=0.8067259489874272,
+                                       is_anomalous=True))
             expect(page.locator("#stats")).to_contain_text(
                 f"{want['inspections'] + 1} inspected · {want['anomalous'] + 1} anomalous", timeout=10_000)
             expect(page.locator("#tile-anomalous")).to_have_text(str(want["anomalous"] + 1), timeout=10_000)
             expect(page.locator("#live-count")).to_have_text("1")
+            # scores and thresholds are shown to 3 decimals, not at full float precision
+            page.click(".tab[data-view=live]")
+            expect(page.locator("#live tbody tr").first.locator("td").nth(4)).to_have_text("0.930")
+            expect(page.locator("#live tbody tr").first.locator("td").nth(5)).to_have_text("0.807")
 
             # the periodic refresh: a normal inspection raises no alert, it shows up within the period
             page.evaluate("localStorage.setItem('anomalyd.refreshMs', '1000')")
             page.click("#signout")
             page.fill("#token", TOKENS["operator"])
             page.click("#login-form button[type=submit]")
-            page.click(".tab[data-view=live]")
             with sessions() as session, session.begin():
                 session.add(Inspection(frame_id="quiet-1", source="cam3", line="default", captured_at=NOW,
                                        model_version="anomalyclip-v1", score=0.2, threshold=0.55, is_anomalous=False))
