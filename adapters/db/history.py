@@ -416,8 +416,8 @@ def series(session: Session, *, after: datetime | None = None, before: datetime 
     for key, source, index, count, anomalous, score_sum, scored, max_score, min_threshold, max_threshold in (
             rows[:MAX_SERIES_ROWS]):
         entry = group_of(key)
-        if source not in group_of_source:
-            group_of_source[source] = key
+        group_of_source.setdefault(source, key)  # where its rejected frames go (a source may feed two lines)
+        if source not in entry["sources"]:
             entry["sources"].append(source)
         anomalous, count = int(anomalous or 0), int(count)
         item = point(entry, index)
@@ -435,10 +435,11 @@ def series(session: Session, *, after: datetime | None = None, before: datetime 
         entry["inspections"] += count
         entry["anomalous"] += anomalous
     # each source's newest model version in the window (its thresholds): one index lookup per source
-    for source, key in group_of_source.items():
-        groups[key]["model_versions"][source] = session.scalar(
-            select(Inspection.model_version).where(Inspection.source == source, *window)
-            .order_by(Inspection.captured_at.desc()).limit(1))
+    newest_version = {source: session.scalar(
+        select(Inspection.model_version).where(Inspection.source == source, *window)
+        .order_by(Inspection.captured_at.desc()).limit(1)) for source in group_of_source}
+    for entry in groups.values():
+        entry["model_versions"] = {source: newest_version[source] for source in entry["sources"]}
     for source, index, count in rejected_rows[:MAX_SERIES_ROWS]:
         entry = group_of(group_of_source.get(source, source))  # no inspection in the window: its own group
         if source not in entry["sources"]:

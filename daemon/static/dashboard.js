@@ -75,8 +75,8 @@ function drawScores(svg, group, data) {
   const half = (data.bucket_s * 1000) / 2;
   const at = (point) => time.x(Date.parse(point.t) + half);
   const nodes = [...time.nodes, ...value.nodes];
-  if (points.length > 1) {  // broken where three or more buckets in a row have no score (the source was idle)
-    const gap = 4 * 2 * half;
+  if (points.length > 1) {  // broken where the source was idle: no score for 6 buckets and at least 30 minutes
+    const gap = Math.max(6 * 2 * half, 1800e3);
     const path = points.map((p, i) => (i > 0 && Date.parse(p.t) - Date.parse(points[i - 1].t) < gap ? "L" : "M") +
       `${at(p)} ${value.y(p.mean_score)}`);
     nodes.push(dashSvg("path", { class: "mean", d: path.join(" ") }));

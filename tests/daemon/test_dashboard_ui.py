@@ -184,6 +184,8 @@ def test_dashboard_plots_refresh_and_800px(chromium_path, tmp_path):  # noqa: F8
                 drawn = [float(v) for v in bars.evaluate_all("(nodes) => nodes.map((n) => n.dataset.value)")]
                 assert drawn == pytest.approx(rates), line
             expect(page.locator('#rate-plots svg[data-line="cam3"]')).to_have_count(1)
+            expect(page.locator("#rate-plots figcaption")).to_contain_text([
+                "cam3 · 3 of 18 anomalous", "line-a (cam1, cam2)", "line-b (cam2) · 1 of 3 anomalous"])
             # hourly inspected counts: one bar per hour, summing to the total
             inspected = page.locator("#count-plot rect.inspected")
             expect(inspected).to_have_count(want["hours"])
@@ -192,8 +194,12 @@ def test_dashboard_plots_refresh_and_800px(chromium_path, tmp_path):  # noqa: F8
             assert sum(int(v) for v in page.locator("#count-plot rect.rejected").evaluate_all(
                 "(n) => n.map((x) => x.dataset.count)")) == 2
             page.screenshot(path=str(shots / "dashboard-1400.png"), full_page=True)
-            if os.environ.get("ANOMALYD_WRITE_SCREENSHOT") == "1":
+            if os.environ.get("ANOMALYD_WRITE_SCREENSHOT") == "1":  # the README's picture: the 6 h window
+                page.select_option("#dash-window", "6")
+                wait_js(page, "document.body.dataset.dashboardLoaded === '2'")
                 page.screenshot(path=str(REPO / "docs" / "dashboard.png"), full_page=True)
+                page.select_option("#dash-window", "24")
+                wait_js(page, "document.body.dataset.dashboardLoaded === '3'")
 
             # a new alert: the live feed triggers a refresh of the header stats and the shown dashboard
             stats_text = page.locator("#stats").text_content()

@@ -20,6 +20,7 @@ ROWS = [("cam1", "line-a", 170, 0.20, 0.5, False), ("cam1", "line-a", 150, 0.81,
         ("cam1", "line-a", 1, 0.91, 0.6, True),
         ("cam2", "line-a", 119, 0.10, 0.5, False), ("cam2", "line-a", 61, 0.70, 0.5, True),
         ("cam2", "line-a", 30, 0.60, 0.5, False),  # with cam1's 11:xx rows in line-a's 11:00 bucket
+        ("cam2", "line-b", 200, 0.20, 0.5, False),  # cam2 moved from line-b to line-a
         ("cam3", "default", 30, 0.35, 0.45, False), ("cam3", "default", 29, 0.55, 0.45, True),
         ("cam1", "line-a", 60 * 30, 0.99, 0.5, True)]  # 30 h ago: outside the default 24 h window
 
@@ -57,7 +58,8 @@ def test_defect_rate_per_line_per_hour(env):
     assert data["bucket_s"] == 3600 and data["by"] == "line" and data["truncated"] is False
     groups = {group["key"]: group for group in data["groups"]}
     # cam3 has no line of its own: it is its line; cam4 only has a rejected frame
-    assert sorted(groups) == ["cam3", "cam4", "line-a"]
+    assert sorted(groups) == ["cam3", "cam4", "line-a", "line-b"]
+    assert groups["line-b"]["sources"] == ["cam2"] and groups["line-b"]["points"][0]["t"] == "2026-06-03T08:00:00Z"
     line_a = groups["line-a"]
     assert line_a["sources"] == ["cam1", "cam2"]
     # hours 09:00, 10:00 and 11:00 UTC (each row sits 0.4 s before its minute mark)
@@ -74,7 +76,7 @@ def test_defect_rate_per_line_per_hour(env):
     assert [p["rejected"] for p in line_a["points"]] == [0, 0, 1]
     assert (line_a["inspections"], line_a["anomalous"], line_a["rejected"]) == (9, 3, 1)
     assert groups["cam4"]["inspections"] == 0 and groups["cam4"]["points"][0]["rejected"] == 1
-    assert data["total"] == {"inspections": 11, "anomalous": 4, "anomalous_rate": 4 / 11, "rejected": 2}
+    assert data["total"] == {"inspections": 12, "anomalous": 4, "anomalous_rate": 4 / 12, "rejected": 2}
     # the same totals as /api/stats over the same window
     stats = env.client.get("/api/stats", params={"before": NOW.isoformat()}, headers=auth("viewer")).json()
     assert stats["total"] == data["total"]
@@ -101,7 +103,7 @@ def test_bounds_and_errors(env):
     assert client.get("/api/stats/series").status_code == 401
     week = {"after": (NOW - timedelta(days=7)).isoformat(), "before": NOW.isoformat()}
     assert client.get("/api/stats/series", params={**week, "bucket": 3600}, headers=auth("viewer")).json()[
-        "total"]["inspections"] == 12
+        "total"]["inspections"] == 13
     too_many = client.get("/api/stats/series", params={**week, "bucket": 60}, headers=auth("viewer"))
     assert too_many.status_code == 400 and "more than 2000 buckets" in too_many.text
     assert client.get("/api/stats/series", params={"bucket": 10}, headers=auth("viewer")).status_code == 422
@@ -144,7 +146,7 @@ def test_cli_stats_shares_the_query(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["source", "bucket", "(UTC)", "inspected"]
     assert "cam1    2026-06-03 11:45  1          1          100.0%  0.910       0.910      0" in table
-    assert table[-1].startswith("total 2026-06-02T12:00:00 – 2026-06-03T12:00:00 UTC: 10 inspected, 4 anomalous")
+    assert table[-1].startswith("total 2026-06-02T12:00:00 – 2026-06-03T12:00:00 UTC: 11 inspected, 4 anomalous")
     with pytest.raises(SystemExit) as usage:
         main(["stats", "--config", str(config), "--bucket", "soon"])
     assert usage.value.code == 2
