@@ -75,7 +75,7 @@ function signedIn() {
   startRefresh();
 }
 
-// --- refresh: the header stats (and the dashboard while it is shown) every REFRESH ms and soon after a live alert
+// --- refresh: the header stats (and the dashboard while it is shown) periodically and soon after a live alert
 
 // localStorage "anomalyd.refreshMs" changes the period (a wall display may want it faster); at least 1 s
 function refreshMs() { return Math.max(1000, Number(localStorage.getItem("anomalyd.refreshMs")) || 15000); }

@@ -9,7 +9,7 @@
 const DASH_WINDOWS = { 6: 300, 24: 900, 168: 7200 };
 const SCORE_BOX = { width: 640, height: 170, left: 40, right: 12, top: 14, bottom: 22 };
 const RATE_BOX = { width: 640, height: 140, left: 40, right: 12, top: 14, bottom: 22 };
-const dashState = { loading: false, data: null };
+const dashState = { loading: false, again: false };
 
 function dashSvg(tag, attrs, text) {
   const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
@@ -181,7 +181,7 @@ function renderDashboard(bySource, byLine) {
 }
 
 async function loadDashboard() {
-  if (dashState.loading) return;
+  if (dashState.loading) { dashState.again = true; return; }  // e.g. another window chosen: loaded right after
   dashState.loading = true;
   try {
     const hours = Number($("#dash-window").value) || 24;
@@ -197,6 +197,7 @@ async function loadDashboard() {
     if (error.message !== "unauthorised") showError(`Cannot load the dashboard: ${error.message}`);
   } finally {
     dashState.loading = false;
+    if (dashState.again) { dashState.again = false; loadDashboard(); }
   }
 }
 
