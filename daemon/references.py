@@ -236,36 +236,53 @@ def reference_model_options(settings: Any) -> dict[str, Any]:
     return options
 
 
-def patchcore_leave_one_out(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS
-                            ) -> tuple[list[float], list[float]]:
-    """Raw PatchCore (image score, map maximum) of up to `limit` references, each against a bank of the other
-    references' patches (no coreset): one embedding pass over the references instead of a bank per held-out one.
-    Empty with fewer than two references."""
+def patchcore_embeddings(detector: Any, files: Sequence[Path]) -> list[Any]:
+    """PatchCore patch embeddings (1, D, h, w) of image files through the daemon's preprocessing."""
     import torch
 
     from model.patchcore import clip_to_tf
     from model.preprocess import decode_image, fast_transform
 
-    if len(files) < 2:
+    size = int(detector.image_size)
+    with torch.inference_mode():
+        return [detector.model.embed(clip_to_tf(fast_transform(decode_image(f), size)[None].to(detector.device)
+                                                .float())).float() for f in files]
+
+
+def leave_one_out_scores(model: Any, embeddings: Sequence[Any], image_size: int,
+                         limit: int = CALIBRATION_HOLDOUTS) -> tuple[list[float], list[float]]:
+    """Raw PatchCore (image score, map maximum) of up to `limit` reference embeddings, each against a bank of the
+    other references' patches (no coreset). The model's own bank is restored. Empty with fewer than two."""
+    import torch
+
+    if len(embeddings) < 2:
         return [], []
-    model, size = detector.model, int(detector.image_size)
     saved = (model.memory_bank, model.bank_norms)
     scores: list[float] = []
     maxima: list[float] = []
     try:
         with torch.inference_mode():
-            embeddings = [model.embed(clip_to_tf(fast_transform(decode_image(f), size)[None].to(detector.device)
-                                                 .float())).float() for f in files]
             flats = [model.flatten(e) for e in embeddings]
-            for held_out in range(min(limit, len(files))):
+            for held_out in range(min(limit, len(embeddings))):
                 model.set_memory_bank(torch.cat([f for j, f in enumerate(flats) if j != held_out]))
                 patch, where, flat = model.patch_scores(embeddings[held_out])
                 scores.append(float(model.image_scores(patch, where, flat)[0]))
                 grid = tuple(embeddings[held_out].shape[-2:])
-                maxima.append(float(model.anomaly_maps(patch, grid, (size, size)).amax()))
+                maxima.append(float(model.anomaly_maps(patch, grid, (image_size, image_size)).amax()))
     finally:
         model.memory_bank, model.bank_norms = saved
     return scores, maxima
+
+
+def patchcore_leave_one_out(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS
+                            ) -> tuple[list[float], list[float]]:
+    """Raw PatchCore (image score, map maximum) of up to `limit` references, each against a bank of the other
+    references' patches (no coreset): one embedding pass over the references instead of a bank per held-out one.
+    Empty with fewer than two references."""
+    if len(files) < 2:
+        return [], []
+    return leave_one_out_scores(detector.model, patchcore_embeddings(detector, files), int(detector.image_size),
+                                limit)
 
 
 Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
