@@ -3,8 +3,8 @@
 For each category of a meta.json dataset, K shots and seed, the K references are those of
 `anomalyd eval --shots K --seed S` (model/kshot.py). The live bank is built from them as the daemon builds it, the
 image threshold is calibrated from the references alone with a calibration rule at a target false-reject rate (the
-daemon's rule is `daemon.references.calibrate_patchcore`: the same functions the daemon and `anomalyd calibrate`
-run), and the test set is scored against the live bank on the daemon's 0–1 scale: the realised false-reject rate
+rule "daemon" runs the functions the daemon runs: `daemon.references.patchcore_known_good` and
+`quantile_thresholds`, the bound `anomalyd calibrate` shares; "current" is the rule before it), and the test set is scored against the live bank on the daemon's 0–1 scale: the realised false-reject rate
 is the share of test normals at or above the threshold, the miss rate the share of test anomalies below it (image
 level, as the daemon alerts: score >= threshold). Pooled rows sum the counts over categories, shots and seeds.
 
@@ -126,9 +126,11 @@ def current(detector, case, rate):
 
 @rule("daemon")
 def daemon(detector, case, rate):
-    """The daemon's rule as it stands in daemon/references.py (`calibrate_patchcore`)."""
-    calibration = refs.calibrate_patchcore(detector.model, case["embeddings"], detector.image_size, rate)
-    return calibration.distance_scale, calibration.threshold
+    """The daemon's rule (daemon/references.py): held-out references and their shifted/turned/exposed views
+    (`patchcore_known_good`), d0 = median of the references' own scores, `quantile_thresholds` on the 0-1 scale."""
+    known = refs.patchcore_known_good(detector, case["references"], embeddings=case["embeddings"])
+    d0 = known.distance_scale
+    return d0, refs.quantile_thresholds(_scaled(known.scores, d0), _scaled(known.maxima, d0), rate)[0]
 
 
 def _loo(detector, case, limit: int = refs.CALIBRATION_HOLDOUTS):

@@ -15,8 +15,12 @@ RoutedDetector in between two batches (the worker's `swap_detector`), so no fram
 
 Calibration: after building a source's detector the manager sets both thresholds from the target false-reject
 rate `[model].false_reject_rate` — image threshold = the (1 - rate) quantile of known-good image scores, pixel
-threshold = the same quantile of their maps' maxima — on leave-one-out reference scores (each of up to
-`CALIBRATION_HOLDOUTS` references scored by a bank of the others) plus that source's frames labelled normal.
+threshold = the same quantile of their maps' maxima — on known-good frames the bank has not seen: up to
+`CALIBRATION_HOLDOUTS` references each scored by a bank of the others, for PatchCore also 8 lightly perturbed
+views of each (shifted 2 % each way, turned ±5°, exposed ±5 %: live frames vary like that and the references
+alone understate it; `calibration_views`), plus that source's frames labelled normal. The bound is
+`upper_bound` (the empirical quantile or a Student-t bound on the logits, whichever is higher), shared with
+`anomalyd calibrate --false-reject-rate`, which scores real known-good frames instead.
 They are stored per source **and model version** (table `source_thresholds`; the version a source's frames
 carry includes the reference digest), so a new version or reference set never keeps a stale threshold.
 
@@ -209,9 +213,9 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
-            raw = patchcore_leave_one_out(detector, [f for f in files if f.suffix != ".safetensors"])
-            detector.leave_one_out = raw  # raw (image scores, map maxima), for the calibration
-            detector.distance_scale = float(np.median(raw[0])) if raw[0] else DEFAULT_DISTANCE_SCALE
+            known = patchcore_known_good(detector, [f for f in files if f.suffix != ".safetensors"])
+            detector.known_good = known  # raw scores of held-out references and their views, for the calibration
+            detector.distance_scale = known.distance_scale
         return scaled(detector)
     from model.fewshot import with_references
 
@@ -249,11 +253,59 @@ def patchcore_embeddings(detector: Any, files: Sequence[Path]) -> list[Any]:
                                                 .float())).float() for f in files]
 
 
+# Known-good views for the calibration: live frames of a fixed camera differ from the references by small shifts,
+# turns and exposure changes that the leave-one-out scores of the references alone do not show, so each held-out
+# reference is also scored shifted by CALIBRATION_SHIFT of its size each way along each axis, turned by
+# ±CALIBRATION_DEGREES and CALIBRATION_GAIN brighter and darker (bench/calibration_patchcore.py measures the rule).
+CALIBRATION_SHIFT = 0.02
+CALIBRATION_DEGREES = 5.0
+CALIBRATION_GAIN = 0.05
+
+
+def calibration_views(rgb: np.ndarray, *, shift: float = CALIBRATION_SHIFT, degrees: float = CALIBRATION_DEGREES,
+                      gain: float = CALIBRATION_GAIN) -> list[np.ndarray]:
+    """Lightly perturbed copies of an RGB frame (H, W, 3): 4 shifts, 2 turns (reflected borders), 2 exposures."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    views = []
+    for dx, dy in ((shift, 0.0), (-shift, 0.0), (0.0, shift), (0.0, -shift)):
+        matrix = np.float32([[1, 0, dx * width], [0, 1, dy * height]])
+        views.append(cv2.warpAffine(rgb, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101))
+    for angle in (degrees, -degrees):
+        matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
+        views.append(cv2.warpAffine(rgb, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101))
+    for factor in (1 + gain, 1 - gain):
+        views.append(np.clip(np.rint(rgb.astype(np.float32) * factor), 0, 255).astype(np.uint8))
+    return views
+
+
+@dataclass
+class KnownGoodScores:
+    """Raw PatchCore scores of known-good frames the bank has not seen: held-out references (each against a bank
+    of the others) and their calibration views. `distance_scale` is the median of the held-out references' own
+    image scores (d0 of daemon/scale.py; the views do not move it)."""
+
+    scores: list[float]
+    maxima: list[float]
+    distance_scale: float
+    held_out: int
+    views: int
+
+    def describe(self) -> str:
+        text = f"leave-one-out on {self.held_out} references"
+        return text + (f" and {self.views} shifted/turned/exposed views of them" if self.views else "")
+
+
 def leave_one_out_scores(model: Any, embeddings: Sequence[Any], image_size: int,
-                         limit: int = CALIBRATION_HOLDOUTS) -> tuple[list[float], list[float]]:
+                         limit: int = CALIBRATION_HOLDOUTS, views: Sequence[Any] | None = None
+                         ) -> tuple[list[float], list[float]]:
     """Raw PatchCore (image score, map maximum) of up to `limit` reference embeddings, each against a bank of the
-    other references' patches (no coreset). The model's own bank is restored. Empty with fewer than two."""
+    other references' patches (no coreset), then of `views[i]` (V, 3, S, S daemon-normalised images, views of
+    reference i) against the same bank. The model's own bank is restored. Empty with fewer than two."""
     import torch
+
+    from model.patchcore import clip_to_tf
 
     if len(embeddings) < 2:
         return [], []
@@ -265,13 +317,40 @@ def leave_one_out_scores(model: Any, embeddings: Sequence[Any], image_size: int,
             flats = [model.flatten(e) for e in embeddings]
             for held_out in range(min(limit, len(embeddings))):
                 model.set_memory_bank(torch.cat([f for j, f in enumerate(flats) if j != held_out]))
-                patch, where, flat = model.patch_scores(embeddings[held_out])
-                scores.append(float(model.image_scores(patch, where, flat)[0]))
-                grid = tuple(embeddings[held_out].shape[-2:])
-                maxima.append(float(model.anomaly_maps(patch, grid, (image_size, image_size)).amax()))
+                batches = [embeddings[held_out]]
+                if views is not None and len(views[held_out]):
+                    device = embeddings[held_out].device
+                    batches.append(model.embed(clip_to_tf(views[held_out].to(device).float())).float())
+                for embedding in batches:
+                    patch, where, flat = model.patch_scores(embedding)
+                    scores += model.image_scores(patch, where, flat).tolist()
+                    maps = model.anomaly_maps(patch, tuple(embedding.shape[-2:]), (image_size, image_size))
+                    maxima += maps.flatten(1).amax(1).tolist()
     finally:
         model.memory_bank, model.bank_norms = saved
     return scores, maxima
+
+
+def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS,
+                         embeddings: Sequence[Any] | None = None) -> KnownGoodScores:
+    """Leave-one-out scores of up to `limit` references and of their calibration views (`calibration_views`):
+    one embedding pass over the references instead of a bank per held-out one. `embeddings` (one per file, as
+    `patchcore_embeddings` gives) saves that pass when the caller has them. Empty with fewer than two files."""
+    import torch
+
+    from model.preprocess import decode_image, fast_transform
+
+    if len(files) < 2:
+        return KnownGoodScores([], [], DEFAULT_DISTANCE_SCALE, 0, 0)
+    size = int(detector.image_size)
+    if embeddings is None:
+        embeddings = patchcore_embeddings(detector, files)
+    held_out = min(limit, len(files))
+    own = leave_one_out_scores(detector.model, embeddings, size, limit)[0]
+    views = [torch.stack([fast_transform(v, size) for v in calibration_views(decode_image(f))])
+             for f in files[:held_out]]
+    scores, maxima = leave_one_out_scores(detector.model, embeddings, size, limit, views)
+    return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, sum(len(v) for v in views))
 
 
 def patchcore_leave_one_out(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS
@@ -571,15 +650,15 @@ class ReferenceManager:
         scores: list[float] = []
         maxima: list[float] = []
         methods = []
-        precomputed = getattr(state.detector, "leave_one_out", None)
-        if precomputed and precomputed[0]:  # PatchCore: raw leave-one-out scores from the build, put on scale
+        known = getattr(state.detector, "known_good", None)
+        if known is not None and known.scores:  # PatchCore: raw scores from the build, put on the 0-1 scale
             import torch
 
-            raw_scores, raw_maxima = (torch.tensor(v, dtype=torch.float32) for v in precomputed)
+            raw_scores, raw_maxima = (torch.tensor(v, dtype=torch.float32) for v in (known.scores, known.maxima))
             s, m = scale_outputs(state.detector, raw_scores, raw_maxima)
             scores += s.tolist()
             maxima += m.tolist()
-            methods.append(f"leave-one-out on {len(raw_scores)} references")
+            methods.append(known.describe())
         elif len(images) >= 2:
             for held_out in images[:CALIBRATION_HOLDOUTS]:
                 others = [f for f in images if f != held_out]

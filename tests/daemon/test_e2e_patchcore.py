@@ -59,7 +59,8 @@ def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
         assert version and version.startswith("patchcore-efficientnet-lite0") and f"-k{N_REFERENCES}" in version
         with service.sessions() as session:
             calibration = session.scalars(select(SourceThreshold)).one()
-        assert calibration.model_version == version and calibration.n_frames == 8  # leave-one-out, 8 held out
+        # leave-one-out: 8 references held out, each also seen through 8 calibration views (shifts, turns, exposures)
+        assert calibration.model_version == version and calibration.n_frames == 8 + 8 * 8
         assert 0 < calibration.threshold < 1 and 0 < calibration.pixel_threshold < 1
         _link_all(good_frames + bad_frames, tmp_path / "inbox")
         expected = len(good_frames) + len(bad_frames)
