@@ -123,3 +123,50 @@ def _screenshot(service, settings, inspection_id: int, normal_ids: list[int], an
         page.fill("#heatmap-opacity", "0.55")
         page.screenshot(path=str(REPO / "docs" / "ui.png"))
         browser.close()
+
+
+def test_patchcore_daemon_on_onnxruntime(samples_dir, tmp_path):
+    """`[runtime].engine = "onnxruntime"` with PatchCore: each source's detector (its bank in the graph) is exported
+    through the parity gate and run by ONNX Runtime; the calibration and the 0–1 scale carry over."""
+    from adapters.export import ExportedDetector
+
+    cubes = samples_dir / "cubes" / "test"
+    good = sorted((cubes / "good").glob("*.jpg"))
+    defective = sorted((cubes / "abnormal").glob("*.jpg"))
+    rng = random.Random(13)
+    rng.shuffle(good)
+    rng.shuffle(defective)
+    references, good_frames, bad_frames = good[:8], good[8:12], defective[:4]
+    _link_all(references, tmp_path / "references")
+    settings = load_config(None, environ={}, overrides={
+        "model": {"name": "patchcore", "references": str(tmp_path / "references"), "max_bank_rows": 1024},
+        "runtime": {"device": "cpu", "engine": "onnxruntime", "max_batch_size": 4, "max_batch_delay_ms": 20,
+                    "shutdown_grace_s": 20},
+        "sources": [{"id": "cubes", "kind": "folder", "uri": str(tmp_path / "inbox"), "settle_s": 0.05,
+                     "poll_interval_s": 0.05}],
+        "mqtt": {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
+        "storage": {"dir": str(tmp_path / "artifacts")},
+        "api": {"enabled": False, "tokens": [{"name": "operator", "role": "operator", "token": TOKEN}]},
+    })
+    (tmp_path / "inbox").mkdir()
+    service = Service(settings, serve_http=False)
+    service.start()
+    try:
+        state = service.references.states["cubes"]
+        assert state.version.endswith("-m1024"), state.version  # the coreset bank is part of the version
+        assert isinstance(state.detector.base, ExportedDetector) and state.detector.engine == "onnxruntime"
+        assert state.detector.distance_scale > 0 and len(state.detector.leave_one_out[0]) == 8
+        assert list((tmp_path / "artifacts" / "exports").glob("patchcore-*-onnx/manifest.json"))
+        _link_all(good_frames + bad_frames, tmp_path / "inbox")
+
+        def rows() -> list[Inspection]:
+            with service.sessions() as session:
+                return list(session.scalars(select(Inspection)))
+
+        assert wait_until(lambda: len(rows()) == 8, timeout=180), f"{len(rows())} of 8 inspected"
+        by_name = {Path(row.frame_name).name: row for row in rows()}
+        assert all(row.model_version == state.version and 0.0 <= row.score <= 1.0 for row in by_name.values())
+        assert sum(by_name[f.name].is_anomalous for f in bad_frames) >= 3
+        assert min(by_name[f.name].score for f in bad_frames) > max(by_name[f.name].score for f in good_frames)
+    finally:
+        service.stop()
