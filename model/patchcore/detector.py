@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from model.bank import SavedBank, references_digest
 from model.factory import Prediction, imported_later, register_model
 from model.patchcore.backbone import (
     DEFAULT_BACKBONE,
@@ -86,59 +87,25 @@ def augment_references(images: torch.Tensor, augment: str) -> torch.Tensor:
 
 
 @dataclass
-class PatchcoreBank:
+class PatchcoreBank(SavedBank):
     """Memory-bank rows (M, D) and the metadata that says which model and references built them."""
 
     rows: torch.Tensor
     metadata: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def n_references(self) -> int:
-        return int(self.metadata.get("n_references", "0"))
-
-    @property
-    def digest(self) -> str:
-        return self.metadata.get("digest", "")
-
     def save(self, path: str | Path) -> Path:
         """Write the bank (float32 rows, metadata) atomically."""
-        from safetensors.torch import save_file
-
-        from model.atomic import atomic_path
-
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file({"memory_bank": self.rows.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
-                      metadata=dict(self.metadata))
-        return path
+        return self._write(path, {"memory_bank": self.rows.to(torch.float32)})
 
     @classmethod
     def load(cls, path: str | Path) -> PatchcoreBank:
-        from safetensors import safe_open
-
-        error = _references_error()
-        path = Path(path)
-        if not path.is_file():
-            raise error(f"PatchCore memory bank {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                rows = handle.get_tensor("memory_bank") if "memory_bank" in handle.keys() else None  # noqa: SIM118
-        except Exception as exc:
-            raise error(f"{path}: not a readable PatchCore memory bank ({exc})") from exc
+        metadata, tensors = cls._read(path, "PatchCore memory bank", _references_error())
+        rows = tensors.get("memory_bank")
         if metadata.get("format") != BANK_FORMAT or rows is None or rows.ndim != 2:
-            raise error(
+            raise _references_error()(
                 f"{path}: not a PatchCore memory bank (format {metadata.get('format')!r}; expected {BANK_FORMAT!r})"
             )
         return cls(rows=rows.float(), metadata=metadata)
-
-
-def references_digest(files: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
-    return digest.hexdigest()[:16]
 
 
 def tensor_digest(images: torch.Tensor) -> str:
