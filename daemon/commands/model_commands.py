@@ -353,7 +353,10 @@ def kshot_references(args: argparse.Namespace, samples: list) -> Any:
             train = discover(args.data, args.meta, split="train")
         except DatasetError:
             train = []
-    split = kshot_split(samples, args.shots, args.seed, train_samples=train)
+    try:
+        split = kshot_split(samples, args.shots, args.seed, train_samples=train)
+    except ValueError as exc:  # --shots below 1: a usage error (exit 2) like a K no pool can give
+        raise UsageError(str(exc)) from exc
     for category, reason in split.skipped.items():
         print(f"anomalyd: {category} left out of the {args.shots}-shot evaluation: {reason}", file=sys.stderr)
     if not split.tests:
