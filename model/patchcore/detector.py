@@ -36,6 +36,7 @@ from model.patchcore.backbone import (
     parse_taps,
 )
 from model.patchcore.coreset import greedy_coreset
+from model.patchcore.rotation import rotated_views
 from model.patchcore.torch_model import NUM_NEIGHBORS, PatchcoreModel
 from model.preprocess import OPENAI_MEAN, OPENAI_STD
 
@@ -47,7 +48,7 @@ BANK_FORMAT = "anomalyd-patchcore-bank/1"
 MAX_REFERENCES = 512
 # Above this many bank rows the bank is reduced by the greedy coreset (the neighbour search is linear in it).
 DEFAULT_MAX_BANK_ROWS = 16384
-AUGMENTATIONS = ("none", "flip", "rot90", "d4")
+AUGMENTATIONS = ("none", "flip", "rot90", "d4", "rotate")
 
 
 class PatchcoreReferencesError(ValueError):
@@ -71,7 +72,7 @@ def clip_to_tf(images: torch.Tensor) -> torch.Tensor:
 
 
 def augment_references(images: torch.Tensor, augment: str) -> torch.Tensor:
-    """References plus their flips / quarter turns (AnomalyDINO-style augmentation of the normal set)."""
+    """References plus their flips / quarter turns (AnomalyDINO-style augmentation of the normal set) or small turns."""
     if augment == "none":
         return images
     if augment not in AUGMENTATIONS:
@@ -83,6 +84,8 @@ def augment_references(images: torch.Tensor, augment: str) -> torch.Tensor:
         views += [torch.rot90(images, k, dims=(-2, -1)) for k in (1, 2, 3)]
     if augment == "d4":
         views += [torch.rot90(images, 1, dims=(-2, -1)).flip(-1), torch.rot90(images, 1, dims=(-2, -1)).flip(-2)]
+    if augment == "rotate":  # small turns (±10°, ±20°): parts placed a few degrees off
+        views += rotated_views(images)
     return torch.cat(views)
 
 
