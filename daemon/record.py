@@ -40,6 +40,7 @@ class PipelineOptions:
     max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
     max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
     decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
+    live_share: float = 0.5  # of each batch, for `latest` live sources while a backlog waits (daemon/batcher.py)
 
 
 @dataclass

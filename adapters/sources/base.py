@@ -182,6 +182,22 @@ class FrameQueue:
             self._cond.notify_all()
             return frame
 
+    def get_newest(self, timeout: float | None = None) -> Frame | None:
+        """Like `get`, but the most recently queued frame (a live camera's freshest view); the older ones stay
+        queued (the `latest` policy drops them when newer frames push them out, a drain still takes them)."""
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._items:
+                if self._closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            frame = self._items.pop()
+            self._cond.notify_all()
+            return frame
+
     def drain(self) -> list[Frame]:
         """Remove and return everything queued (e.g. to `done(False)` them at shutdown)."""
         with self._cond:
