@@ -303,7 +303,8 @@ class Intake:
             self.stage_times.add("decode", decoded - started)
             self.metrics.decode_latency.observe(decoded - started)
             record = FrameRecord(frame, settings, t_in, rgb=rgb, pixels=pixels, size=size,
-                                 timings={"decoded_at": decoded, "intake_wait_s": started - t_in})
+                                 timings={"decoded_at": decoded, "intake_wait_s": started - t_in},
+                                 ahead=priority or live)
             self.batcher.put(record, priority=priority, live=live)
             self.on_queued()
         except Exception as exc:

@@ -55,6 +55,7 @@ class FrameRecord:
     pixels: np.ndarray | None = None  # RGB uint8 (S,S,3), resized for the model (normalised by the worker)
     size: int = 0  # S the pixels were resized to
     timings: dict[str, float] = field(default_factory=dict)
+    ahead: bool = False  # a live or triggered frame: batched and written ahead of a file/queue backlog
     # -- model worker: scored --
     score: float = float("nan")
     anomaly_map: np.ndarray | None = None  # (S,S) float32 in model input space
