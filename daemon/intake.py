@@ -188,18 +188,21 @@ class Intake:
         """Live sources, round-robin: each one's newest frame, whenever the batcher's live lane has room for it
         (counting the frames still being decoded), so what is taken goes out in the next batch."""
         single = len(live) == 1
+        first = 0  # the pass starts after the last source served: with little room, every camera gets its turn
         while not self._abort.is_set():
             took = False
-            for source in live:
+            for offset in range(len(live)):
                 with self._live_lock:
                     room = self.batcher.live_room() - self._live_decoding
                 if room <= 0:
                     break
-                frame = source.queue.get_newest(timeout=0.02 if single else 0)
+                index = (first + offset) % len(live)
+                frame = live[index].queue.get_newest(timeout=0.02 if single else 0)
                 if frame is None:
                     continue
                 took = True
-                self._submit(frame, source, live=True)
+                first = (index + 1) % len(live)
+                self._submit(frame, live[index], live=True)
                 if self._abort.is_set():
                     break
             if not took:

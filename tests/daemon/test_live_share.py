@@ -19,13 +19,15 @@ from sqlalchemy import select
 
 from adapters.db import Inspection, RejectedFrame
 from adapters.sources import Frame, FrameSource, SourceSettings, SourceStatus, register_source_kind
-from adapters.sources.base import FrameQueue, utc_now
+from adapters.sources.base import FrameQueue, SourceCounters, utc_now
 from adapters.sources.registry import unregister_source_kind
+from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
 from daemon.budget import ByteBudget
 from daemon.config import load_config
+from daemon.pipeline import Pipeline, PipelineOptions
 from daemon.service import Service
-from tests.daemon.test_pipeline import BrightnessDetector
+from tests.daemon.test_pipeline import BrightnessDetector, MemorySource, png
 from tests.waiting import wait_until
 
 # --- the batcher's two lanes ----------------------------------------------------------------------------------
@@ -229,8 +231,72 @@ line = "l1"
     batch_s = statistics.median(later - earlier for earlier, later in itertools.pairwise(starts))
     ages = sorted((row.processed_at - row.captured_at).total_seconds() for row in during)
     median_age, p90_age = statistics.median(ages), ages[int(0.9 * (len(ages) - 1))]
-    assert median_age <= 2.5 * batch_s + 0.05, (median_age, batch_s, ages)
-    assert p90_age <= 4 * batch_s + 0.1, (p90_age, batch_s, ages)
+    assert median_age <= 3 * batch_s + 0.05, (median_age, batch_s, ages)
+    assert p90_age <= 5 * batch_s + 0.1, (p90_age, batch_s, ages)
     # ... while the backlog keeps most of each batch (the camera's 12 fps ask for about one place per batch).
     mixed = [(cam, file) for _, _, cam, file in detector.batches if cam and file]
     assert mixed and sum(file for _, file in mixed) >= 0.5 * sum(cam + file for cam, file in mixed)
+
+
+class FeedingCamera:
+    """A camera stand-in for the pipeline alone: a `latest` queue kept supplied with fresh frames by a thread."""
+
+    kind = "camera"
+
+    def __init__(self, source_id: str) -> None:
+        self.id, self.line, self.class_name, self.threshold = source_id, "l1", None, 0.5
+        self.counters = SourceCounters()
+        self.queue = FrameQueue(4, "latest", self.counters)
+        self.status = SourceStatus.ONLINE
+        self.on_status = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        count = 0
+        while not self._stop.wait(0.01):
+            count += 1
+            self.queue.put(Frame(frame_id=f"{self.id}:{count}", source_id=self.id, captured_at=utc_now(),
+                                 image=np.full((8, 8, 3), CAMERA_VALUE, np.uint8), meta={"line": self.line}))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+def test_more_cameras_than_live_places_take_turns_and_the_backlog_still_drains(sqlite_sessions, tmp_path):
+    cameras = [FeedingCamera(f"cam{index}") for index in range(3)]
+    backlog = MemorySource("files")
+    settings = {source.id: SourceSettings(id=source.id, line="l1") for source in [*cameras, backlog]}
+    detector = CountingDetector()
+    pipeline = Pipeline(detector, [*cameras, backlog], sqlite_sessions, ArtifactStore(tmp_path / "a", artifacts="anomalous"),
+                        source_settings=settings, options=PipelineOptions(max_batch_size=2, max_batch_delay_s=0.005))
+    for index in range(30):
+        backlog.push(f"file{index}", data=png(40, size=(8, 8)))
+    for camera in cameras:
+        camera.start()
+    pipeline.start()  # one live place per batch of two, three cameras asking for it all the time
+    try:
+        backlog.wait_acks(30, timeout=30)
+    finally:
+        for camera in cameras:
+            camera.stop()
+        pipeline.stop(10)
+    assert all(backlog.acks.values())
+    with sqlite_sessions() as session:
+        files = session.scalars(select(Inspection).where(Inspection.source == "files")).all()
+        last_file = max(row.processed_at for row in files)
+        during = [row.source for row in session.scalars(select(Inspection).where(
+            Inspection.source != "files", Inspection.processed_at <= last_file))]
+    assert len(files) == 30
+    counts = {camera.id: during.count(camera.id) for camera in cameras}
+    assert min(counts.values()) >= max(3, max(counts.values()) / 2), counts  # turns, not first come first served
+    files_seen = cameras_seen = 0
+    for _, _, cam, file in detector.batches:
+        if files_seen == 30:
+            break
+        files_seen, cameras_seen = files_seen + file, cameras_seen + cam
+    assert cameras_seen <= 30 + 3, cameras_seen  # hungry cameras took about half of the places, not more
