@@ -9,7 +9,7 @@ capture time → the row's processed time; the batch time is the median interval
 model is busy. Printed: age p50/p95 in each phase, as multiples of the batch time and of the baseline, the camera's
 inspected frames per second and the backlog's throughput (files/s) while draining.
 
-    python bench/bench_live_share.py [--files 400] [--detector tiny|sleep] [--model-ms 80] [--batch 8] [--fps 10]
+    python bench/bench_live_share.py [--files 400] [--detector tiny|sleep] [--model-ms 80] [--batch 8] [--fps 5]
 
 `--detector tiny`: AnomalyCLIP on the tiny golden CLIP from ../shared/golden/anomalyclip (random weights, real
 cost); `sleep`: a detector that takes --model-ms per batch (the scheduling alone, no model cost).
@@ -172,6 +172,22 @@ enabled = false
     service = Service(settings, detector=detector, sources=[folder, camera], serve_http=False)
     service.start()
     wall_offset = time.time() - time.monotonic()
+    # Where a camera frame's time goes: (phase, capture→intake, intake→decoded, decoded→its batch, the batch)
+    stages: list[tuple[str, float, float, float, float]] = []
+    phase = ["alone"]
+    worker = service.pipeline.worker
+    to_writer = worker.sink
+
+    def sink(record) -> None:
+        if record.frame.source_id == "cam":
+            t = record.timings
+            start = max((b for b in starts if b <= t["scored_at"]), default=t["scored_at"])
+            captured = record.frame.captured_at.timestamp() - wall_offset
+            stages.append((phase[0], record.t_in - captured, t["decoded_at"] - record.t_in,
+                           start - t["decoded_at"], t["scored_at"] - start))
+        to_writer(record)
+
+    worker.sink = sink
 
     def rows(source: str) -> list[Inspection]:
         with service.sessions() as session:
@@ -187,6 +203,11 @@ enabled = false
         print(f"{label:>22}: camera frame age p50 {p50 * 1000:7.0f} ms  p95 {p95 * 1000:7.0f} ms  "
               f"= {p50 / batch_s:4.1f} / {p95 / batch_s:4.1f} batch times ({batch_s * 1000:.0f} ms)  "
               f"camera {len(ages) / seconds:4.1f} frames/s{versus}")
+        mine = [row[1:] for row in stages if row[0] == phase[0]]
+        if mine:
+            names = ("in its source queue", "decode", "waiting for its batch", "its batch")
+            print(" " * 24 + "mean ms: " + ", ".join(f"{name} {statistics.fmean(row[i] for row in mine) * 1000:.0f}"
+                                                     for i, name in enumerate(names)) + ", then the writer")
         return p50
 
     try:
@@ -196,6 +217,7 @@ enabled = false
         time.sleep(args.seconds)
         alone = camera_ages(begin, datetime.now(timezone.utc))
         baseline = report("camera alone", alone, batch_time(starts, t0, time.monotonic()), args.seconds, None)
+        phase[0] = "backlog"
         for path in sorted(staging.iterdir()):
             os.rename(path, inbox / path.name)
         deadline = time.monotonic() + args.timeout
@@ -223,7 +245,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--queue-size", type=int, default=64, help="[runtime].queue_size (the default)")
-    parser.add_argument("--fps", type=float, default=10.0, help="the camera's frame rate")
+    parser.add_argument("--fps", type=float, default=5.0, help="the camera's frame rate")
     parser.add_argument("--seconds", type=float, default=5.0, help="the camera alone (baseline)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for the backlog to drain")

@@ -7,8 +7,9 @@ frames between intake and batcher is bounded, and so are the decoded bytes in fl
 frame's header before decoding), so back-pressure reaches the source queues.
 
 Live sources (queue policy `latest`: cameras, streams) have their own intake thread and decode threads, and the
-batcher's live lane (daemon/batcher.py): their freshest frame is taken (`FrameQueue.get_newest`) only when the
-lane has room for it, i.e. when it will be in the next batch, and goes to the model ahead of a file or queue
+batcher's live lane (daemon/batcher.py): their freshest frame is taken (`FrameQueue.take_newest`) only when the
+lane has room for it, i.e. when it will be in the next batch, and just before that batch is due
+(`DynamicBatcher.live_due_in`, less the recent decode time), and goes to the model ahead of a file or queue
 backlog, which still gets its share of every batch. So a camera's frames are inspected within about one batch
 time of their capture however many files wait, and no backlog frame is dropped: the backlog only waits longer.
 
@@ -99,6 +100,7 @@ class Intake:
         self._live_decoders: ThreadPoolExecutor | None = None  # made when there are live sources
         self._live_decode_threads = decode_threads
         self._live_decoding = 0  # live frames taken, not yet in the batcher
+        self._live_decode_s = 0.01  # recent time from taking a live frame to its place in the batcher
         self._live_lock = threading.Lock()
         self._draining = threading.Event()
         self._abort = threading.Event()
@@ -120,6 +122,7 @@ class Intake:
             self._live_decoders = ThreadPoolExecutor(self._live_decode_threads, thread_name_prefix="live-decode")
             self._live_thread = threading.Thread(target=self._guard(lambda: self._live_loop(live), "live-intake"),
                                                  name="live-intake", daemon=True)
+            self.batcher.live_incoming = lambda: self._live_decoding
             self._live_thread.start()
         triggered = [s for s in self.sources if self.triggers is not None and self.triggers.is_triggered(s.id)]
         if triggered:  # its own thread: back-pressure from free-running sources never delays a trigger
@@ -190,6 +193,11 @@ class Intake:
         single = len(live) == 1
         first = 0  # the pass starts after the last source served: with little room, every camera gets its turn
         while not self._abort.is_set():
+            # Just in time: a frame taken now would wait for the batch in progress; take it when that one is
+            # about to end, so what the model sees was captured a decode before its batch, not a batch earlier.
+            if not self._draining.is_set() \
+                    and not self.batcher.wait_live_due(2 * self._live_decode_s + 0.005, timeout=0.05):
+                continue
             took = False
             for offset in range(len(live)):
                 with self._live_lock:
@@ -197,7 +205,7 @@ class Intake:
                 if room <= 0:
                     break
                 index = (first + offset) % len(live)
-                frame = live[index].queue.get_newest(timeout=0.02 if single else 0)
+                frame = live[index].queue.take_newest(timeout=0.005 if single else 0)
                 if frame is None:
                     continue
                 took = True
@@ -309,6 +317,8 @@ class Intake:
                                  timings={"decoded_at": decoded, "intake_wait_s": started - t_in},
                                  ahead=priority or live)
             self.batcher.put(record, priority=priority, live=live)
+            if live:
+                self._live_decode_s = 0.8 * self._live_decode_s + 0.2 * (time.monotonic() - t_in)
             self.on_queued()
         except Exception as exc:
             log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)

@@ -182,9 +182,9 @@ class FrameQueue:
             self._cond.notify_all()
             return frame
 
-    def get_newest(self, timeout: float | None = None) -> Frame | None:
-        """Like `get`, but the most recently queued frame (a live camera's freshest view); the older ones stay
-        queued (the `latest` policy drops them when newer frames push them out, a drain still takes them)."""
+    def take_newest(self, timeout: float | None = None) -> Frame | None:
+        """Like `get`, but the most recently queued frame (a live camera's freshest view); the older ones still
+        queued are superseded by it: dropped as the `latest` policy drops (counted, `done(True)`)."""
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self._items:
@@ -195,8 +195,15 @@ class FrameQueue:
                     return None
                 self._cond.wait(remaining)
             frame = self._items.pop()
+            superseded = list(self._items)
+            self._items.clear()
+            self.dropped += len(superseded)
             self._cond.notify_all()
-            return frame
+        if superseded and self.counters is not None:
+            self.counters.incr("frames_dropped", len(superseded))
+        for old in superseded:
+            old.done(True)
+        return frame
 
     def drain(self) -> list[Frame]:
         """Remove and return everything queued (e.g. to `done(False)` them at shutdown)."""

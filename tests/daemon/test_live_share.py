@@ -78,12 +78,17 @@ def test_an_idle_lane_earns_no_burst_and_live_fills_batches_without_backlog():
         DynamicBatcher(4, 0.0, live_share=1.0)
 
 
-def test_newest_frame_first_and_priority_budget():
-    queue = FrameQueue(4, "latest")
+def test_newest_frame_supersedes_the_older_ones_and_priority_budget():
+    counters = SourceCounters()
+    queue = FrameQueue(4, "latest", counters)
+    acks: dict[str, bool] = {}
     for index in range(3):
-        queue.put(Frame(frame_id=str(index), source_id="cam", captured_at=utc_now()))
-    assert queue.get_newest(timeout=0).frame_id == "2"
-    assert [frame.frame_id for frame in queue.drain()] == ["0", "1"]  # the older ones are still there
+        queue.put(Frame(frame_id=str(index), source_id="cam", captured_at=utc_now(),
+                        on_done=lambda ok, key=str(index): acks.__setitem__(key, ok)))
+    assert queue.take_newest(timeout=0).frame_id == "2"
+    assert len(queue) == 0 and acks == {"0": True, "1": True}  # superseded: dropped and acknowledged
+    assert counters.frames_dropped == 2 and queue.dropped == 2
+    assert queue.take_newest(timeout=0.01) is None
 
     budget = ByteBudget(100)
     budget.acquire(100)
