@@ -78,6 +78,45 @@ def test_an_idle_lane_earns_no_burst_and_live_fills_batches_without_backlog():
         DynamicBatcher(4, 0.0, live_share=1.0)
 
 
+def test_live_frames_are_due_just_before_the_batch_in_progress_ends():
+    clock = [100.0]
+    batcher = DynamicBatcher(2, max_batch_delay_s=0.0, maxsize=64, clock=lambda: clock[0])
+    assert batcher.live_due_in(0.01) == 0  # no estimate yet: at once
+    for index in range(8):
+        batcher.put(f"file{index}")
+    batcher.get_batch(timeout=1)
+    clock[0] = 101.0  # the consumer comes back one second later with work waiting: batches take 1 s
+    batcher.get_batch(timeout=1)
+    clock[0] = 101.5
+    assert batcher.live_due_in(0.1) == pytest.approx(0.3)  # 0.9 of a batch after the last one, less the lead
+    assert batcher.wait_live_due(0.1, timeout=0.01) is False
+    clock[0] = 101.85
+    assert batcher.live_due_in(0.1) == 0 and batcher.wait_live_due(0.1, timeout=0.01) is True
+    batcher.get_batch(timeout=1)
+    batcher.get_batch(timeout=1)  # the backlog is gone: live frames may come at once, whole batches of them
+    assert len(batcher) == 0 and batcher.live_due_in(0.1) == 0 and batcher.live_room() == 2
+
+
+def test_a_forming_batch_waits_for_a_live_frame_in_decode_up_to_the_batch_delay():
+    batcher = DynamicBatcher(4, max_batch_delay_s=0.3, maxsize=64)
+    for index in range(8):
+        batcher.put(f"file{index}")
+    decoding = [1]
+    batcher.live_incoming = lambda: decoding[0]
+
+    def decoded() -> None:
+        time.sleep(0.1)
+        decoding[0] = 0
+        batcher.put("cam", live=True)
+
+    threading.Thread(target=decoded).start()
+    assert "cam" in batcher.get_batch(timeout=1)  # the batch was full of files, yet it waited for the camera
+    started = time.monotonic()
+    decoding[0] = 1  # a decode that never delivers: the batch leaves after the delay
+    assert batcher.get_batch(timeout=1) == ["file3", "file4", "file5", "file6"]
+    assert 0.25 <= time.monotonic() - started < 1.0
+
+
 def test_newest_frame_supersedes_the_older_ones_and_priority_budget():
     counters = SourceCounters()
     queue = FrameQueue(4, "latest", counters)
