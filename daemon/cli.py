@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "daemon.commands.config_commands",  # config check
     "daemon.commands.export_commands",  # export
     "daemon.commands.reference_commands",  # references list|add|remove
+    "daemon.commands.stats_commands",  # stats
 )
 
 

@@ -78,6 +78,9 @@ class ModelConfig(_Section):
     # Target false-reject rate the daemon calibrates both thresholds to, per source and model version, on
     # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
     false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
+    # PatchCore: memory-bank rows kept per source (a greedy coreset above it; 0 keeps every row). The neighbour
+    # search is linear in it; unset = the family's default (16384: every row of 16 references at 256 px).
+    max_bank_rows: int | None = Field(None, ge=0)
 
     @field_validator("name")
     @classmethod

@@ -194,7 +194,11 @@ class Service:
                 from daemon.versions import startup_detector
 
                 detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
-            if s.runtime.engine != "torch":  # ONNX Runtime / OpenVINO: export (parity-checked) and run that
+            from daemon.references import NeedsReferences
+
+            if s.runtime.engine != "torch" and not isinstance(detector, NeedsReferences):
+                # ONNX Runtime / OpenVINO: export (parity-checked) and run that; a model built on references
+                # only (PatchCore) is exported per source, with its bank (daemon/references.py)
                 from daemon.engines import with_engine
 
                 detector = with_engine(s, detector)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Integer, and_, cast, func, or_, select
+from sqlalchemy import BigInteger, Integer, and_, case, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from adapters.db.repository import InspectionFilter, add_label, inspection_filter_clauses
@@ -335,6 +335,136 @@ def stats(session: Session, *, after: datetime | None = None, before: datetime |
                   "rejected": int(sum(rejected.values()))},
         "labels": {name: int(labels.get(name, 0)) for name in LABELS},
     }
+
+
+# --- time series (the UI's dashboard) -----------------------------------------------------------------------------
+
+SERIES_BY = ("source", "line")
+MIN_BUCKET_S, MAX_BUCKET_S = 60, 7 * 86400
+MAX_SERIES_BUCKETS = 2000  # per group: a week in 5-minute buckets
+MAX_SERIES_ROWS = 50_000  # (group, bucket) rows in one answer; more is cut (`truncated`)
+DEFAULT_LINE = "default"  # a source configured without `line` records this one
+
+
+def _epoch_bucket(column: Any, dialect: str, bucket_s: int) -> Any:
+    """The index of the `bucket_s`-long UTC bucket (counted from the Unix epoch) `column` falls in, in SQL."""
+    if dialect == "sqlite":  # stored as "YYYY-MM-DD HH:MM:SS.ffffff" (UTC)
+        epoch = cast(func.strftime("%s", column), Integer)
+    else:  # PostgreSQL: floor first, a cast of a numeric rounds
+        epoch = cast(func.floor(func.extract("epoch", column)), BigInteger)
+    return epoch // bucket_s
+
+
+def series_group(by: str) -> Any:
+    """The SQL grouping key: the source, or its line (the source itself when it has none configured)."""
+    if by == "source":
+        return Inspection.source
+    return case((Inspection.line == DEFAULT_LINE, Inspection.source), else_=Inspection.line)
+
+
+def series(session: Session, *, after: datetime | None = None, before: datetime | None = None,
+           bucket_s: int = 3600, by: str = "line") -> dict[str, Any]:
+    """Counts and scores over [after, before) (default: the last 24 hours) in `bucket_s`-long UTC buckets per source
+    or per line: inspections, anomalous (defect rate), mean and max score, the thresholds applied, rejected frames.
+
+    Aggregated in SQL; only non-empty buckets are returned, at most MAX_SERIES_BUCKETS per group and
+    MAX_SERIES_ROWS in all (`truncated` says when rows were cut)."""
+    if by not in SERIES_BY:
+        raise HistoryError(f"by must be one of {', '.join(SERIES_BY)}, not {by!r}")
+    if not MIN_BUCKET_S <= bucket_s <= MAX_BUCKET_S:
+        raise HistoryError(f"bucket must be between {MIN_BUCKET_S} and {MAX_BUCKET_S} seconds, not {bucket_s}")
+    before = before or datetime.now(timezone.utc)
+    after = after or before - timedelta(hours=24)
+    if after >= before:
+        raise HistoryError("after must be earlier than before")
+    if math.ceil((before - after).total_seconds() / bucket_s) > MAX_SERIES_BUCKETS:
+        raise HistoryError(f"{(before - after)} in {bucket_s} s buckets is more than {MAX_SERIES_BUCKETS} buckets; "
+                           "choose a larger bucket or a shorter window")
+    dialect = session.get_bind().dialect.name
+    group = series_group(by).label("grp")
+    bucket = _epoch_bucket(Inspection.captured_at, dialect, bucket_s).label("bucket")
+    window = (Inspection.captured_at >= after, Inspection.captured_at < before)
+    # one row per (group, source, bucket): the sources of each group come with the counts, no second scan
+    rows = session.execute(
+        select(group, Inspection.source, bucket, func.count(Inspection.id),
+               func.sum(cast(Inspection.is_anomalous, Integer)), func.sum(Inspection.score), func.count(Inspection.score),
+               func.max(Inspection.score), func.min(Inspection.threshold), func.max(Inspection.threshold))
+        .where(*window).group_by(group, Inspection.source, bucket).order_by(group, bucket)
+        .limit(MAX_SERIES_ROWS + 1)).all()
+    truncated = len(rows) > MAX_SERIES_ROWS
+    rejected_bucket = _epoch_bucket(RejectedFrame.created_at, dialect, bucket_s).label("bucket")
+    rejected_rows = session.execute(
+        select(RejectedFrame.source, rejected_bucket, func.count(RejectedFrame.id))
+        .where(RejectedFrame.created_at >= after, RejectedFrame.created_at < before)
+        .group_by(RejectedFrame.source, rejected_bucket).limit(MAX_SERIES_ROWS + 1)).all()
+    truncated = truncated or len(rejected_rows) > MAX_SERIES_ROWS
+
+    groups: dict[str, dict[str, Any]] = {}
+    group_of_source: dict[str, str] = {}
+    score_sums: dict[tuple[str, int], list[float]] = {}  # (group, bucket) → [sum of scores, scored rows]
+
+    def group_of(key: str) -> dict[str, Any]:
+        return groups.setdefault(key, {"key": key, "sources": [], "model_versions": {}, "inspections": 0,
+                                       "anomalous": 0, "rejected": 0, "points": {}})
+
+    def point(entry: dict[str, Any], index: int) -> dict[str, Any]:
+        return entry["points"].setdefault(int(index), {
+            "t": _iso(datetime.fromtimestamp(int(index) * bucket_s, timezone.utc)), "inspections": 0,
+            "anomalous": 0, "defect_rate": 0.0, "mean_score": None, "max_score": None, "min_threshold": None,
+            "max_threshold": None, "rejected": 0})
+
+    for key, source, index, count, anomalous, score_sum, scored, max_score, min_threshold, max_threshold in (
+            rows[:MAX_SERIES_ROWS]):
+        entry = group_of(key)
+        group_of_source.setdefault(source, key)  # where its rejected frames go (a source may feed two lines)
+        if source not in entry["sources"]:
+            entry["sources"].append(source)
+        anomalous, count = int(anomalous or 0), int(count)
+        item = point(entry, index)
+        item["inspections"] += count
+        item["anomalous"] += anomalous
+        item["defect_rate"] = item["anomalous"] / item["inspections"]
+        sums = score_sums.setdefault((key, int(index)), [0.0, 0])
+        sums[0] += float(score_sum or 0.0)
+        sums[1] += int(scored or 0)
+        item["mean_score"] = sums[0] / sums[1] if sums[1] else None
+        for name, value, pick in (("max_score", max_score, max), ("min_threshold", min_threshold, min),
+                                  ("max_threshold", max_threshold, max)):
+            if value is not None:
+                item[name] = float(value) if item[name] is None else pick(item[name], float(value))
+        entry["inspections"] += count
+        entry["anomalous"] += anomalous
+    # each source's newest model version in the window (its thresholds): one index lookup per source
+    newest_version = {source: session.scalar(
+        select(Inspection.model_version).where(Inspection.source == source, *window)
+        .order_by(Inspection.captured_at.desc()).limit(1)) for source in group_of_source}
+    for entry in groups.values():
+        entry["model_versions"] = {source: newest_version[source] for source in entry["sources"]}
+    for source, index, count in rejected_rows[:MAX_SERIES_ROWS]:
+        entry = group_of(group_of_source.get(source, source))  # no inspection in the window: its own group
+        if source not in entry["sources"]:
+            entry["sources"].append(source)
+        point(entry, index)["rejected"] += int(count)
+        entry["rejected"] += int(count)
+
+    out = []
+    for key in sorted(groups):
+        entry = groups[key]
+        entry["sources"].sort()
+        entry["anomalous_rate"] = entry["anomalous"] / entry["inspections"] if entry["inspections"] else 0.0
+        entry["points"] = [entry["points"][index] for index in sorted(entry["points"])]
+        out.append(entry)
+    total = sum(entry["inspections"] for entry in out)
+    total_anomalous = sum(entry["anomalous"] for entry in out)
+    return {"after": _iso(after), "before": _iso(before), "bucket_s": bucket_s, "by": by, "groups": out,
+            "total": {"inspections": total, "anomalous": total_anomalous,
+                      "anomalous_rate": total_anomalous / total if total else 0.0,
+                      "rejected": sum(entry["rejected"] for entry in out)},
+            "truncated": truncated}
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value is not None else None
 
 
 # --- time arguments ----------------------------------------------------------------------------------------------

@@ -104,19 +104,27 @@ def recent_scores(source_id: str, limit: int = Query(500, ge=1, le=5000), state:
             select(Inspection.score, Inspection.threshold, Inspection.model_version, label)
             .where(Inspection.source == source_id, Inspection.score.is_not(None))
             .order_by(Inspection.id.desc()).limit(limit)).all()
+    effect = thresholds_in_effect(state, source_id, rows[0][2] if rows else None)
+    return {"source": source_id, **effect,
+            "items": [{"score": score, "label": lab, "threshold": thr} for score, thr, _, lab in rows]}
+
+
+def thresholds_in_effect(state: AppState, source_id: str, recorded_version: str | None,
+                         stored: dict[tuple[str, str], tuple[float, float]] | None = None,
+                         fallback: float = 0.5) -> dict[str, Any]:
+    """The image and pixel thresholds a source runs with: calibrated for its model version (the running detector's,
+    else `recorded_version`, the newest one recorded) when stored, else configured, else `fallback`.
+    `stored` is `refs.load_thresholds`' answer when the caller already has it (one query for many sources)."""
     cfg = next((c for c in state.settings.sources if c.id == source_id), None)
-    threshold = cfg.threshold if cfg is not None else 0.5
+    threshold = cfg.threshold if cfg is not None else fallback
     pixel = cfg.map_threshold if cfg is not None else threshold
-    version, calibrated = None, False
+    version, calibrated = recorded_version, False
     detector = state.current_detector()
     if detector is not None:
         version = detector.version_for(source_id) if hasattr(detector, "version_for") else str(detector.version)
-    elif rows:
-        version = rows[0][2]
     if version is not None and state.sessions is not None:
-        stored = refs.load_thresholds(state.sessions).get((source_id, version))
-        if stored is not None:
-            (threshold, pixel), calibrated = stored, True
-    return {"source": source_id, "model_version": version, "threshold": threshold, "pixel_threshold": pixel,
-            "calibrated": calibrated,
-            "items": [{"score": score, "label": lab, "threshold": thr} for score, thr, _, lab in rows]}
+        if stored is None:
+            stored = refs.load_thresholds(state.sessions)
+        if (source_id, version) in stored:
+            (threshold, pixel), calibrated = stored[(source_id, version)], True
+    return {"model_version": version, "threshold": threshold, "pixel_threshold": pixel, "calibrated": calibrated}

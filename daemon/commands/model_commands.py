@@ -82,6 +82,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
                        "efficientnet-liteN backbones use their PyPI package)")
     group.add_argument("--augment", choices=("none", "flip", "rot90", "d4"),
                        help="patchcore: add flipped / rotated copies of the references to the memory bank")
+    group.add_argument("--max-bank-rows", type=int,
+                       help="patchcore: reduce the memory bank to this many rows by greedy coreset (default 16384; "
+                       "0 keeps every row); the neighbour search time is linear in it")
 
 
 def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
@@ -107,6 +110,7 @@ def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
         "taps": getattr(args, "taps", None) or explicit.get("layers"),
         "image_size": explicit.get("image_size"),
         "augment": getattr(args, "augment", None),
+        "max_bank_rows": getattr(args, "max_bank_rows", None),
         "device": args.device,
         "dtype": args.dtype,
         "references": args.references.split(",") if args.references and "," in args.references else args.references,

@@ -72,6 +72,30 @@ function signedIn() {
   loadStats();
   loadHistory(true);
   startLive();
+  startRefresh();
+}
+
+// --- refresh: the header stats (and the dashboard while it is shown) periodically and soon after a live alert
+
+// localStorage "anomalyd.refreshMs" changes the period (a wall display may want it faster); at least 1 s
+function refreshMs() { return Math.max(1000, Number(localStorage.getItem("anomalyd.refreshMs")) || 15000); }
+
+function refreshNow() {
+  if ($("main").hidden || document.hidden) return;
+  state.lastRefresh = Date.now();
+  loadStats();
+  if (!$("#view-dashboard").hidden) document.dispatchEvent(new CustomEvent("anomalyd:dashboard"));
+}
+
+function startRefresh() {
+  clearInterval(state.refreshTimer);
+  state.refreshTimer = setInterval(refreshNow, refreshMs());
+}
+
+function refreshSoon() {  // after an alert; a stream of alerts refreshes at most every 5 s (the queries aggregate a day)
+  if (state.refreshSoonTimer) return;
+  const wait = Math.max(500, (state.lastRefresh || 0) + 5000 - Date.now());
+  state.refreshSoonTimer = setTimeout(() => { state.refreshSoonTimer = null; refreshNow(); }, wait);
 }
 
 // --- history -------------------------------------------------------------------------------------------------
@@ -110,7 +134,7 @@ function renderHistory(items) {
     const row = el("tr", { "data-id": item.id, onclick: () => openDetail(item.id) },
       el("td", {}, String(item.id)), el("td", {}, utcText(item.captured_at)), el("td", {}, item.source),
       el("td", { class: "file-cell", title: item.frame_name || item.frame_id }, fileName(item.frame_name || item.frame_id)),
-      el("td", {}, item.line), el("td", {}, score(item.score)),
+      el("td", { class: "low" }, item.line), el("td", {}, score(item.score)),
       el("td", { class: item.is_anomalous ? "anomalous-yes" : "anomalous-no" }, item.is_anomalous ? "anomalous" : "normal"),
       el("td", { class: "label-cell" }, labelPill(item.label)));
     if (state.selected === item.id) row.classList.add("selected");
@@ -132,7 +156,7 @@ async function openDetail(id) {
   try { item = await apiJson(`/api/inspections/${id}`); } catch (error) { showError(`Cannot open inspection ${id}: ${error.message}`); return; }
   $("#detail").hidden = false;
   $("#detail-title").textContent = `Inspection #${item.id} · ${item.source} / ${item.line}`;
-  const facts = [["captured", utcText(item.captured_at) + " UTC"], ["score", `${score(item.score)} (threshold ${item.threshold})`],
+  const facts = [["captured", utcText(item.captured_at) + " UTC"], ["score", `${score(item.score)} (threshold ${score(item.threshold)})`],
     ["result", item.is_anomalous ? "anomalous" : "normal"], ["model", item.model_version], ["frame", item.frame_name || item.frame_id],
     ["regions", String(item.regions.length)]];
   if (item.error) facts.push(["error", item.error]);
@@ -236,13 +260,20 @@ async function postLabel(label) {
 // --- stats, live feed, models ---------------------------------------------------------------------------------
 
 async function loadStats() {
+  // a slow database: no pile-up of the same query; a call meanwhile (a new label) loads once more after it
+  if (state.statsLoading) { state.statsAgain = true; return; }
+  state.statsLoading = true;
   try {
     const stats = await apiJson("/api/stats");
     const total = stats.total;
     $("#stats").textContent = `last 24 h: ${total.inspections} inspected · ${total.anomalous} anomalous ` +
       `(${(100 * total.anomalous_rate).toFixed(1)} %) · ${total.rejected} rejected · labels ${stats.labels.normal} normal / ${stats.labels.anomalous} anomalous`;
+    $("#stats").title = `counts of ${utcText(stats.after)} – ${utcText(stats.before)} UTC`;
     $("#sources-list").replaceChildren(...stats.sources.map((source) => el("option", { value: source.source })));
-  } catch (_) { /* shown by the history call */ }
+  } catch (_) { /* shown by the history call */ } finally {
+    state.statsLoading = false;
+    if (state.statsAgain) { state.statsAgain = false; loadStats(); }
+  }
 }
 
 async function startLive() {
@@ -288,10 +319,11 @@ async function startLive() {
 function addLiveAlert(item) {
   const row = el("tr", { class: "fresh", "data-id": item.id, onclick: () => { switchView("history"); openDetail(item.id); } },
     el("td", {}, String(item.id)), el("td", {}, utcText(item.captured_at)), el("td", {}, item.source), el("td", {}, item.line),
-    el("td", { class: "anomalous-yes" }, score(item.score)), el("td", {}, String(item.threshold)), el("td", {}, String(item.regions.length)));
+    el("td", { class: "anomalous-yes" }, score(item.score)), el("td", {}, score(item.threshold)), el("td", {}, String(item.regions.length)));
   const body = $("#live tbody");
   body.prepend(row);
   while (body.children.length > 200) body.lastChild.remove();
+  refreshSoon();
   if ($("#view-live").hidden) {
     state.liveCount += 1;
     $("#live-count").textContent = String(state.liveCount);
@@ -302,15 +334,17 @@ function addLiveAlert(item) {
 function metricsText(metrics) {
   if (!metrics) return "–";
   return Object.entries(metrics).filter(([, value]) => typeof value !== "object")
-    .map(([key, value]) => `${key} ${typeof value === "number" ? Number(value.toPrecision(4)) : value}`).join(" · ");
+    .map(([key, value]) => `${key} ${typeof value !== "number" ? value
+      : /threshold|score/.test(key) ? value.toFixed(3) : Number(value.toPrecision(4))}`).join(" · ");
 }
 
 async function loadModels() {
   try {
     const data = await apiJson("/api/models");
     $("#models tbody").replaceChildren(...data.items.map((model) => el("tr", {},
-      el("td", {}, model.version), el("td", {}, model.kind), el("td", {}, model.status), el("td", {}, metricsText(model.metrics)),
-      el("td", {}, utcText(model.created_at)), el("td", {}, utcText(model.activated_at)),
+      el("td", {}, model.version), el("td", { class: "low" }, model.kind), el("td", {}, model.status),
+      el("td", { class: "wrap" }, metricsText(model.metrics)),
+      el("td", {}, utcText(model.created_at)), el("td", { class: "low" }, utcText(model.activated_at)),
       el("td", {}, model.status === "active" ? "" : el("button", { type: "button", onclick: () => activate(model.version) }, "Activate")))));
     if (!data.items.length) $("#models tbody").append(el("tr", {}, el("td", { colspan: "7", class: "hint" }, "No model versions recorded yet.")));
   } catch (error) { if (error.message !== "unauthorised") showError(`Cannot load the models: ${error.message}`); }
@@ -337,6 +371,7 @@ function switchView(name) {
   for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== `view-${name}`;
   if (name === "live") { state.liveCount = 0; $("#live-count").hidden = true; }
   if (name === "models") loadModels();
+  if (name === "dashboard") document.dispatchEvent(new CustomEvent("anomalyd:dashboard"));
 }
 
 // --- wiring --------------------------------------------------------------------------------------------------
@@ -351,6 +386,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#signout").addEventListener("click", () => {
     localStorage.removeItem(TOKEN_KEY);
     if (state.liveAbort) state.liveAbort.abort();
+    clearInterval(state.refreshTimer);
     showLogin("");
   });
   $("#filters").addEventListener("submit", (event) => { event.preventDefault(); loadHistory(true); });
@@ -365,5 +401,6 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const button of document.querySelectorAll(".label-btn")) button.addEventListener("click", () => postLabel(button.dataset.label));
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => switchView(tab.dataset.view));
   $("#retrain").addEventListener("click", retrain);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) refreshNow(); });
   if (token()) signedIn(); else showLogin("");
 });

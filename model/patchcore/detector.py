@@ -185,7 +185,13 @@ class PatchCoreDetector:
         base = f"patchcore-{self.backbone_name}-t{taps}-s{self.image_size}"
         if self.bank is None:
             return base
-        return f"{base}+ref-{self.bank.digest or 'bank'}-k{self.bank.n_references}"
+        version = f"{base}+ref-{self.bank.digest or 'bank'}-k{self.bank.n_references}"
+        # Bank options change the scores, so they are part of the version (thresholds are kept per version).
+        if self.bank.metadata.get("augment", "none") != "none":
+            version += f"-{self.bank.metadata['augment']}"
+        if self.bank.rows.shape[0] < int(self.bank.metadata.get("full_rows", self.bank.rows.shape[0])):
+            version += f"-m{self.bank.rows.shape[0]}"
+        return version
 
     # -- references ----------------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor, what: str) -> None:
@@ -227,6 +233,7 @@ class PatchCoreDetector:
             "augment": self.augment,
             "n_references": str(images.shape[0]),
             "full_rows": str(full_rows),
+            "max_bank_rows": str(self.max_bank_rows or 0),
             "digest": digest or tensor_digest(images),
             "sources": json.dumps([Path(s).name for s in sources]),
         }
@@ -277,10 +284,11 @@ class PatchCoreDetector:
             except ValueError as exc:
                 log.info("rebuilding PatchCore bank %s: %s", cache_path, exc)
             else:
-                if cached.digest == digest and cached.metadata.get("augment") == self.augment:
+                if (cached.digest == digest and cached.metadata.get("augment") == self.augment
+                        and cached.metadata.get("max_bank_rows") == str(self.max_bank_rows or 0)):
                     self.set_bank(cached, str(cache_path))
                     return cached
-                log.info("rebuilding PatchCore bank %s: the reference files changed", cache_path)
+                log.info("rebuilding PatchCore bank %s: the reference files or the bank options changed", cache_path)
         images = load_reference_images(files, self.image_size, transform)
         bank = self.build_bank(images, digest=digest, sources=[str(f) for f in files])
         self.set_bank(bank)

@@ -190,6 +190,21 @@ def test_references_folder_bank_saved_reused_and_rebuilt(tmp_path: Path) -> None
     assert torch.allclose(from_bank.predict(images).scores, rebuilt.predict(images).scores)
 
 
+def test_bank_size_option_rebuilds_the_cached_bank_and_names_the_version(tmp_path: Path) -> None:
+    folder = tmp_path / "refs"
+    write_images(folder, 2)
+    cache = tmp_path / "bank.safetensors"
+    full = create_detector("patchcore", references=folder, references_cache=cache, image_size=64, device="cpu")
+    assert full.bank.rows.shape[0] == 128 and not full.version.endswith("-m100")
+    reduced = create_detector("patchcore", references=folder, references_cache=cache, image_size=64, device="cpu",
+                              max_bank_rows=100)
+    # same files, other bank size: the cache is rebuilt, not reused, and the version (thresholds) differs
+    assert reduced.bank.rows.shape[0] == 100 and reduced.version == full.version + "-m100"
+    again = create_detector("patchcore", references=folder, references_cache=cache, image_size=64, device="cpu",
+                            max_bank_rows=0)
+    assert again.bank.rows.shape[0] == 128 and again.version == full.version
+
+
 def test_patchcore_without_references_says_so() -> None:
     with pytest.raises(ReferencesError, match="patchcore needs normal references"):
         create_detector("patchcore", device="cpu")
