@@ -216,7 +216,7 @@ class Service:
                     persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
                     reference_preprocessing=s.model.reference_preprocessing,
                     max_pixels=s.runtime.max_pixels, decode_budget_bytes=s.runtime.decode_budget_mb << 20,
-                    max_attempts=s.runtime.max_attempts),
+                    max_attempts=s.runtime.max_attempts, live_share=s.runtime.live_share),
             )
             if self.references is not None:
                 self.pipeline.thresholds = self.references.thresholds
