@@ -216,11 +216,25 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
             known = patchcore_known_good(detector, [f for f in files if f.suffix != ".safetensors"])
             detector.known_good = known  # raw scores of held-out references and their views, for the calibration
             detector.distance_scale = known.distance_scale
+        if getattr(r, "engine", "torch") != "torch":
+            detector = _on_engine(settings, detector)
         return scaled(detector)
     from model.fewshot import with_references
 
     references = str(files[0]) if len(files) == 1 and files[0].suffix == ".safetensors" else list(files)
     return with_references(scaled(base), references, cache_path=cache_path)
+
+
+def _on_engine(settings: Any, detector: Any) -> Any:
+    """The source's PatchCore detector exported (parity-checked; its bank is in the graph) and run by
+    [runtime].engine, keeping what the calibration and the scale read from the PyTorch one."""
+    from daemon.engines import with_engine
+
+    exported = with_engine(settings, detector)
+    for name in ("known_good", "distance_scale", "bank"):
+        if hasattr(detector, name):
+            setattr(exported, name, getattr(detector, name))
+    return exported
 
 
 def reference_model_options(settings: Any) -> dict[str, Any]:
