@@ -251,6 +251,8 @@ def reference_model_options(settings: Any) -> dict[str, Any]:
         options["image_size"] = m.image_size
     if m.max_bank_rows is not None:
         options["max_bank_rows"] = m.max_bank_rows
+    if m.augment is not None:
+        options["augment"] = m.augment
     return options
 
 
@@ -305,18 +307,38 @@ class KnownGoodScores:
     distance_scale: float
     held_out: int
     views: int
+    own: list[float] = field(default_factory=list)  # the held-out references' own image scores (no views)
 
     def describe(self) -> str:
         text = f"leave-one-out on {self.held_out} references"
         return text + (f" and {self.views} shifted/turned/exposed views of them" if self.views else "")
 
 
+def patchcore_bank_rows(detector: Any, files: Sequence[Path], embeddings: Sequence[Any]) -> list[Any]:
+    """Per reference the memory-bank rows it gives the live bank: its patches, with its augmented views when the
+    detector augments references ([model].augment)."""
+    import torch
+
+    from model.patchcore import augment_references, clip_to_tf
+    from model.preprocess import decode_image, fast_transform
+
+    model, augment = detector.model, str(getattr(detector, "augment", "none"))
+    if augment == "none":
+        return [model.flatten(e) for e in embeddings]
+    size = int(detector.image_size)
+    with torch.inference_mode():
+        return [model.flatten(model.embed(clip_to_tf(augment_references(
+            fast_transform(decode_image(f), size)[None].to(detector.device).float(), augment))).float())
+            for f in files]
+
+
 def leave_one_out_scores(model: Any, embeddings: Sequence[Any], image_size: int,
-                         limit: int = CALIBRATION_HOLDOUTS, views: Sequence[Any] | None = None
-                         ) -> tuple[list[float], list[float]]:
+                         limit: int = CALIBRATION_HOLDOUTS, views: Sequence[Any] | None = None,
+                         bank_rows: Sequence[Any] | None = None) -> tuple[list[float], list[float]]:
     """Raw PatchCore (image score, map maximum) of up to `limit` reference embeddings, each against a bank of the
-    other references' patches (no coreset), then of `views[i]` (V, 3, S, S daemon-normalised images, views of
-    reference i) against the same bank. The model's own bank is restored. Empty with fewer than two."""
+    other references' rows (`bank_rows[j]`, default their patches; no coreset), then of `views[i]` (V, 3, S, S
+    daemon-normalised images, views of reference i) against the same bank. The model's own bank is restored.
+    Empty with fewer than two."""
     import torch
 
     from model.patchcore import clip_to_tf
@@ -328,7 +350,7 @@ def leave_one_out_scores(model: Any, embeddings: Sequence[Any], image_size: int,
     maxima: list[float] = []
     try:
         with torch.inference_mode():
-            flats = [model.flatten(e) for e in embeddings]
+            flats = list(bank_rows) if bank_rows is not None else [model.flatten(e) for e in embeddings]
             for held_out in range(min(limit, len(embeddings))):
                 model.set_memory_bank(torch.cat([f for j, f in enumerate(flats) if j != held_out]))
                 batches = [embeddings[held_out]]
@@ -360,11 +382,13 @@ def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALI
     if embeddings is None:
         embeddings = patchcore_embeddings(detector, files)
     held_out = min(limit, len(files))
-    own = leave_one_out_scores(detector.model, embeddings, size, limit)[0]
+    # the bank holds the other references as the live bank does: with their augmented views
+    rows = patchcore_bank_rows(detector, files, embeddings)
+    own = leave_one_out_scores(detector.model, embeddings, size, limit, bank_rows=rows)[0]
     views = [torch.stack([fast_transform(v, size) for v in calibration_views(decode_image(f))])
              for f in files[:held_out]]
-    scores, maxima = leave_one_out_scores(detector.model, embeddings, size, limit, views)
-    return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, sum(len(v) for v in views))
+    scores, maxima = leave_one_out_scores(detector.model, embeddings, size, limit, views, rows)
+    return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, sum(len(v) for v in views), own)
 
 
 def patchcore_leave_one_out(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS
@@ -374,8 +398,9 @@ def patchcore_leave_one_out(detector: Any, files: Sequence[Path], limit: int = C
     Empty with fewer than two references."""
     if len(files) < 2:
         return [], []
-    return leave_one_out_scores(detector.model, patchcore_embeddings(detector, files), int(detector.image_size),
-                                limit)
+    embeddings = patchcore_embeddings(detector, files)
+    return leave_one_out_scores(detector.model, embeddings, int(detector.image_size), limit,
+                                bank_rows=patchcore_bank_rows(detector, files, embeddings))
 
 
 Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
