@@ -205,7 +205,7 @@ class RetrainingConfig(_Section):
     @field_validator("schedule")
     @classmethod
     def _valid_schedule(cls, value: str) -> str:
-        from daemon.retraining import parse_schedule
+        from daemon.schedule import parse_schedule
 
         parse_schedule(value)  # raises ValueError naming the problem
         return value
@@ -213,7 +213,7 @@ class RetrainingConfig(_Section):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        from daemon.retraining import COMPARABLE_METRICS
+        from daemon.schedule import COMPARABLE_METRICS
 
         if value not in COMPARABLE_METRICS:
             raise ValueError(f"metric must be one of {', '.join(COMPARABLE_METRICS)}")

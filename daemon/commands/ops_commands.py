@@ -60,19 +60,21 @@ def _store(settings: Settings) -> ArtifactStore:
 
 
 def cmd_defects(args: argparse.Namespace) -> int:
-    from adapters.db import InspectionFilter, history
+    from adapters.history_args import HistoryError, parse_when
 
     settings = _load(args)
     try:
-        after = history.parse_when(args.since, name="--since") if args.since else None
-        before = history.parse_when(args.until, name="--until") if args.until else None
-    except history.HistoryError as exc:
+        after = parse_when(args.since, name="--since") if args.since else None
+        before = parse_when(args.until, name="--until") if args.until else None
+    except HistoryError as exc:
         raise _usage(str(exc)) from None
     if args.limit < 1 or args.limit > 1000:
         raise _usage(f"--limit must be between 1 and 1000, not {args.limit}")
-    filters = InspectionFilter(source=args.source, line=args.line, after=after, before=before,
-                               min_score=args.min_score, anomalous=None if args.all else True, label=args.label)
     with _database(settings, args.config) as sessions, sessions() as session:
+        from adapters.db import InspectionFilter, history  # SQLAlchemy: only once there is a database
+
+        filters = InspectionFilter(source=args.source, line=args.line, after=after, before=before,
+                                   min_score=args.min_score, anomalous=None if args.all else True, label=args.label)
         page = history.list_page(session, filters, sort=args.sort, limit=args.limit)
         items = [history.inspection_dict(row, page.labels.get(row.id)) for row in page.rows]
     if args.json:
@@ -101,8 +103,6 @@ def _print_table(items: list[dict[str, Any]]) -> None:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from adapters.db import history
-
     settings = _load(args)
     mask = None
     if args.mask:
@@ -112,6 +112,8 @@ def cmd_label(args: argparse.Namespace) -> int:
             raise _usage(f"--mask {args.mask}: cannot read: {exc.strerror or exc}") from None
     author = args.author or f"cli:{_user()}"
     with _database(settings, args.config) as sessions:
+        from adapters.db import history  # SQLAlchemy: only once there is a database
+
         try:
             row = history.apply_label(sessions, _store(settings) if mask is not None else None, args.inspection_id,
                                       args.label, author=author, mask=mask, mask_name=f"--mask {args.mask}")
@@ -135,10 +137,10 @@ def _user() -> str:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from adapters.db import history
-
     settings = _load(args)
     with _database(settings, args.config) as sessions, sessions() as session:
+        from adapters.db import history  # SQLAlchemy: only once there is a database
+
         items = [history.model_dict(row) for row in history.list_versions(session)]
     if args.json:
         _print_json(items)
