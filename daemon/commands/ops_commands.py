@@ -318,7 +318,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defects.add_argument("--sort", choices=("time_desc", "time_asc", "score_desc", "score_asc"), default="time_desc")
     defects.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50, max 1000)")
     defects.add_argument("--json", action="store_true", help="JSON list instead of a table")
-    defects.set_defaults(func=cmd_defects)
+    defects.set_defaults(func=cmd_defects, short_lived=True)
 
     label = subparsers.add_parser("label", help="record operator feedback on an inspection (used by retraining)")
     _config_argument(label)
@@ -327,7 +327,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     label.add_argument("--mask", metavar="FILE", help="defect mask: PNG, BMP or TIFF of the frame's size, "
                        "non-zero = defect")
     label.add_argument("--author", help="who labels (default cli:<user>)")
-    label.set_defaults(func=cmd_label)
+    label.set_defaults(func=cmd_label, short_lived=True)
 
     models = subparsers.add_parser("models", help="model versions")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION")
@@ -335,11 +335,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = models_sub.add_parser("list", help="versions with status and metrics")
     _config_argument(listing)
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_models_list)
+    listing.set_defaults(func=cmd_models_list, short_lived=True)
     activate = models_sub.add_parser("activate", help="make VERSION the active model")
     _config_argument(activate)
     activate.add_argument("version", metavar="VERSION")
-    activate.set_defaults(func=cmd_models_activate)
+    activate.set_defaults(func=cmd_models_activate, short_lived=True)
 
     calibrate_parser = subparsers.add_parser("calibrate", help="per-source threshold from known-good frames")
     _config_argument(calibrate_parser)

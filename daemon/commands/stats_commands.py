@@ -73,4 +73,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--bucket", default="1h", help="bucket length: seconds or a duration (15m, 1h, 1d; "
                                                       "default 1h)")
     stats.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
-    stats.set_defaults(func=cmd_stats)
+    stats.set_defaults(func=cmd_stats, short_lived=True)
