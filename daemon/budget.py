@@ -1,6 +1,7 @@
 """A budget of bytes for decoded frames in flight: decode waits while frames already decoded (in the batcher,
 the model, the writers) hold it, so memory is bounded in bytes, not only in frames: eight tiny PNGs declaring
-10000x9999 pixels each cannot all be decoded at once."""
+10000x9999 pixels each cannot all be decoded at once. Priority frames (live cameras, triggers) go first: while
+one waits, the bytes freed are not taken by a backlog frame."""
 
 from __future__ import annotations
 
@@ -16,14 +17,24 @@ class ByteBudget:
         self.used = 0
         self.peak = 0
         self._cond = threading.Condition()
+        self._priority_waiting = 0
 
-    def acquire(self, nbytes: int, abort: threading.Event | None = None) -> int:
+    def acquire(self, nbytes: int, abort: threading.Event | None = None, *, priority: bool = False) -> int:
         """Wait until `nbytes` fit (a frame larger than the whole budget waits until nothing else is held);
-        returns the amount to `release` later. With `abort` set it stops waiting (shutdown) and takes it anyway."""
+        returns the amount to `release` later. With `abort` set it stops waiting (shutdown) and takes it anyway.
+        priority=True: served before the waiters without it."""
         nbytes = max(0, min(int(nbytes), self.capacity))
         with self._cond:
-            while self.used + nbytes > self.capacity and not (abort is not None and abort.is_set()):
-                self._cond.wait(0.1)
+            if priority:
+                self._priority_waiting += 1
+            try:
+                while (self.used + nbytes > self.capacity or (not priority and self._priority_waiting)) \
+                        and not (abort is not None and abort.is_set()):
+                    self._cond.wait(0.1)
+            finally:
+                if priority:
+                    self._priority_waiting -= 1
+                    self._cond.notify_all()
             self.used += nbytes
             self.peak = max(self.peak, self.used)
         return nbytes

@@ -104,6 +104,9 @@ class RuntimeConfig(_Section):
     max_pixels: int = Field(50_000_000, ge=64)  # per frame, read from its header; larger frames are rejected
     decode_budget_mb: int = Field(512, ge=16)  # decoded frames in flight, in MiB of RGB pixels
     max_attempts: int = Field(5, ge=1)  # failures of one frame before it is dead-lettered
+    # Of each batch, the places `latest` live sources (cameras) get while a file/queue backlog waits; the rest
+    # goes to the backlog, so neither starves (daemon/batcher.py).
+    live_share: float = Field(0.5, gt=0, lt=1)
     engine: Literal["torch", "onnxruntime", "openvino"] = "torch"
     export_dir: str | None = Field(None, description="a prebuilt export for the engine; default: exported through "
                                    "the parity gate at start and on each model swap, under <[storage].dir>/exports")

@@ -6,6 +6,13 @@ for the model, made on the decode threads so the model worker never decodes. A f
 frames between intake and batcher is bounded, and so are the decoded bytes in flight (`ByteBudget`, from each
 frame's header before decoding), so back-pressure reaches the source queues.
 
+Live sources (queue policy `latest`: cameras, streams) have their own intake thread and decode threads, and the
+batcher's live lane (daemon/batcher.py): their freshest frame is taken (`FrameQueue.take_newest`) only when the
+lane has room for it, i.e. when it will be in the next batch, and just before that batch is due
+(`DynamicBatcher.live_due_in`, less the recent decode time), and goes to the model ahead of a file or queue
+backlog, which still gets its share of every batch. So a camera's frames are inspected within about one batch
+time of their capture however many files wait, and no backlog frame is dropped: the backlog only waits longer.
+
 Triggered sources (`triggers`, daemon/trigger.py) have their own intake thread: with a trigger waiting, frames
 captured before it are stale (acknowledged, not inspected); the first fresh one is tagged with the trigger, decoded
 on that thread and goes to the model ahead of everything else. Frames nobody triggered are never inspected.
@@ -89,14 +96,34 @@ class Intake:
         self.triggers: TriggerController | None = None  # set before start
         self._thread: threading.Thread | None = None
         self._trigger_thread: threading.Thread | None = None
+        self._live_thread: threading.Thread | None = None
+        self._live_decoders: ThreadPoolExecutor | None = None  # made when there are live sources
+        self._live_decode_threads = decode_threads
+        self._live_decoding = 0  # live frames taken, not yet in the batcher
+        self._live_decode_s = 0.01  # recent time from taking a live frame to its place in the batcher
+        self._live_lock = threading.Lock()
         self._draining = threading.Event()
         self._abort = threading.Event()
         # Sources that cannot be inspected now (id → reason; daemon/references.py): their frames are rejected.
         self.unavailable: dict[str, str] = {}
 
+    def _is_triggered(self, source: FrameSource) -> bool:
+        return self.triggers is not None and self.triggers.is_triggered(source.id)
+
+    def _live_sources(self) -> list[FrameSource]:
+        """Free-running sources whose queue keeps the newest frames (`latest`): inspected ahead of backlogs."""
+        return [s for s in self.sources if not self._is_triggered(s) and getattr(s.queue, "policy", "all") == "latest"]
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._guard(self._loop, "intake"), name="intake", daemon=True)
         self._thread.start()
+        live = self._live_sources()
+        if live:  # its own thread and decoders: a backlog waiting for the batcher never holds a camera frame back
+            self._live_decoders = ThreadPoolExecutor(self._live_decode_threads, thread_name_prefix="live-decode")
+            self._live_thread = threading.Thread(target=self._guard(lambda: self._live_loop(live), "live-intake"),
+                                                 name="live-intake", daemon=True)
+            self.batcher.live_incoming = lambda: self._live_decoding
+            self._live_thread.start()
         triggered = [s for s in self.sources if self.triggers is not None and self.triggers.is_triggered(s.id)]
         if triggered:  # its own thread: back-pressure from free-running sources never delays a trigger
             self._trigger_thread = threading.Thread(
@@ -110,6 +137,8 @@ class Intake:
             problems.append("intake thread is not running")
         if self._trigger_thread is not None and not self._trigger_thread.is_alive():
             problems.append("trigger intake thread is not running")
+        if self._live_thread is not None and not self._live_thread.is_alive():
+            problems.append("live intake thread is not running")
         return problems
 
     def drain(self, timeout: float) -> bool:
@@ -118,19 +147,24 @@ class Intake:
         after its last frame went to the batcher."""
         self._draining.set()
         finished = True
-        if self._thread is not None:
-            self._thread.join(max(0.0, timeout))
-            if self._thread.is_alive():
+        deadline = time.monotonic() + timeout
+        for thread in (self._thread, self._live_thread):
+            if thread is None:
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
                 finished = False
                 self._abort.set()
-                self._thread.join(1.0)
+                thread.join(1.0)
         self._decoders.shutdown(wait=True)
+        if self._live_decoders is not None:
+            self._live_decoders.shutdown(wait=True)
         return finished
 
     def _loop(self) -> None:
-        """Fair round-robin over the free-running sources' queues."""
-        triggers = self.triggers
-        free_running = [s for s in self.sources if triggers is None or not triggers.is_triggered(s.id)]
+        """Fair round-robin over the free-running sources' queues (the live ones have `_live_loop`)."""
+        live = self._live_sources()
+        free_running = [s for s in self.sources if not self._is_triggered(s) and s not in live]
         single = len(free_running) == 1
         while not self._abort.is_set():
             took = False
@@ -152,6 +186,38 @@ class Intake:
                 elif not single:
                     time.sleep(0.002)
         self.on_queued()
+
+    def _live_loop(self, live: list[FrameSource]) -> None:
+        """Live sources, round-robin: each one's newest frame, whenever the batcher's live lane has room for it
+        (counting the frames still being decoded), so what is taken goes out in the next batch."""
+        single = len(live) == 1
+        first = 0  # the pass starts after the last source served: with little room, every camera gets its turn
+        while not self._abort.is_set():
+            # Just in time: a frame taken now would wait for the batch in progress; take it when that one is
+            # about to end, so what the model sees was captured a decode before its batch, not a batch earlier.
+            if not self._draining.is_set() \
+                    and not self.batcher.wait_live_due(2 * self._live_decode_s + 0.005, timeout=0.05):
+                continue
+            took = False
+            for offset in range(len(live)):
+                with self._live_lock:
+                    room = self.batcher.live_room() - self._live_decoding
+                if room <= 0:
+                    break
+                index = (first + offset) % len(live)
+                frame = live[index].queue.take_newest(timeout=0.005 if single else 0)
+                if frame is None:
+                    continue
+                took = True
+                first = (index + 1) % len(live)
+                self._submit(frame, live[index], live=True)
+                if self._abort.is_set():
+                    break
+            if not took:
+                if self._draining.is_set() and self._live_decoding == 0 \
+                        and all(len(source.queue) == 0 for source in live):
+                    return
+                time.sleep(0.002)
 
     def _trigger_loop(self, triggered: list[FrameSource]) -> None:
         """Triggered sources: only a fresh frame for a waiting trigger is inspected, first in line."""
@@ -179,7 +245,7 @@ class Intake:
             for frame in source.queue.drain():
                 frame.done(True)
 
-    def _submit(self, frame: Frame, source: FrameSource) -> None:
+    def _submit(self, frame: Frame, source: FrameSource, live: bool = False) -> None:
         settings = self.source_settings.get(frame.source_id)
         if settings is None:
             # A frame relayed by another host (Redis Streams scale-out) keeps the capture source's id and line;
@@ -193,6 +259,15 @@ class Intake:
             self.reject(frame, settings, unavailable)
             return
         t_in = time.monotonic()
+        if live and self._live_decoders is not None:
+            with self._live_lock:
+                self._live_decoding += 1
+            try:
+                self._live_decoders.submit(self._prepare, frame, settings, t_in, live=True)
+            except RuntimeError:  # executor shut down: give the frame back
+                self._live_done_decoding()
+                frame.done(False)
+            return
         self._decode_slots.acquire()
         try:
             self._decoders.submit(self._prepare, frame, settings, t_in)
@@ -200,7 +275,12 @@ class Intake:
             self._decode_slots.release()
             frame.done(False)
 
-    def _prepare(self, frame: Frame, settings: SourceSettings, t_in: float, priority: bool = False) -> None:
+    def _live_done_decoding(self) -> None:
+        with self._live_lock:
+            self._live_decoding -= 1
+
+    def _prepare(self, frame: Frame, settings: SourceSettings, t_in: float, priority: bool = False,
+                 live: bool = False) -> None:
         from model.preprocess import ImageDecodeError, decode_image, header_size
 
         try:
@@ -215,7 +295,8 @@ class Intake:
                     cost = 0  # refused from the header below, never decoded
             else:
                 cost = 0
-            self.decode_budget.hold_until_done(frame, self.decode_budget.acquire(cost, self._abort))
+            self.decode_budget.hold_until_done(
+                frame, self.decode_budget.acquire(cost, self._abort, priority=priority or live))
             started = time.monotonic()
             try:
                 if frame.image is not None:
@@ -233,14 +314,19 @@ class Intake:
             self.stage_times.add("decode", decoded - started)
             self.metrics.decode_latency.observe(decoded - started)
             record = FrameRecord(frame, settings, t_in, rgb=rgb, pixels=pixels, size=size,
-                                 timings={"decoded_at": decoded, "intake_wait_s": started - t_in})
-            self.batcher.put(record, priority=priority)
+                                 timings={"decoded_at": decoded, "intake_wait_s": started - t_in},
+                                 ahead=priority or live)
+            self.batcher.put(record, priority=priority, live=live)
+            if live:
+                self._live_decode_s = 0.8 * self._live_decode_s + 0.2 * (time.monotonic() - t_in)
             self.on_queued()
         except Exception as exc:
             log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
             self.outcomes.fail([frame], settings.id, "decode", exc)
         finally:
-            if not priority:  # triggered frames are prepared on the trigger thread, without a decode slot
+            if live:
+                self._live_done_decoding()
+            elif not priority:  # triggered frames are prepared on the trigger thread, without a decode slot
                 self._decode_slots.release()
 
 

@@ -84,7 +84,8 @@ class Pipeline:
         self.outcomes = Outcomes(self.metrics, dead_letters)
         self.errors: list[str] = []
         self.batcher: DynamicBatcher[FrameRecord] = DynamicBatcher(
-            self.options.max_batch_size, self.options.max_batch_delay_s, maxsize=self.options.queue_size)
+            self.options.max_batch_size, self.options.max_batch_delay_s, maxsize=self.options.queue_size,
+            live_share=self.options.live_share)
         self.writer = ResultWriter(sessions, store, sinks if sinks is not None else SinkSet(), options=self.options,
                                    outcomes=self.outcomes, metrics=self.metrics, stage_times=self.stage_times,
                                    on_result=on_result, guard=self._guard)

@@ -40,6 +40,7 @@ class PipelineOptions:
     max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
     max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
     decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
+    live_share: float = 0.5  # of each batch, for `latest` live sources while a backlog waits (daemon/batcher.py)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class FrameRecord:
     pixels: np.ndarray | None = None  # RGB uint8 (S,S,3), resized for the model (normalised by the worker)
     size: int = 0  # S the pixels were resized to
     timings: dict[str, float] = field(default_factory=dict)
+    ahead: bool = False  # a live or triggered frame: batched and written ahead of a file/queue backlog
     # -- model worker: scored --
     score: float = float("nan")
     anomaly_map: np.ndarray | None = None  # (S,S) float32 in model input space

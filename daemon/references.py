@@ -212,11 +212,25 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
             raw = patchcore_leave_one_out(detector, [f for f in files if f.suffix != ".safetensors"])
             detector.leave_one_out = raw  # raw (image scores, map maxima), for the calibration
             detector.distance_scale = float(np.median(raw[0])) if raw[0] else DEFAULT_DISTANCE_SCALE
+        if getattr(r, "engine", "torch") != "torch":
+            detector = _on_engine(settings, detector)
         return scaled(detector)
     from model.fewshot import with_references
 
     references = str(files[0]) if len(files) == 1 and files[0].suffix == ".safetensors" else list(files)
     return with_references(scaled(base), references, cache_path=cache_path)
+
+
+def _on_engine(settings: Any, detector: Any) -> Any:
+    """The source's PatchCore detector exported (parity-checked; its bank is in the graph) and run by
+    [runtime].engine, keeping what the calibration and the scale read from the PyTorch one."""
+    from daemon.engines import with_engine
+
+    exported = with_engine(settings, detector)
+    for name in ("leave_one_out", "distance_scale", "bank"):
+        if hasattr(detector, name):
+            setattr(exported, name, getattr(detector, name))
+    return exported
 
 
 def reference_model_options(settings: Any) -> dict[str, Any]:

@@ -194,7 +194,11 @@ class Service:
                 from daemon.versions import startup_detector
 
                 detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
-            if s.runtime.engine != "torch":  # ONNX Runtime / OpenVINO: export (parity-checked) and run that
+            from daemon.references import NeedsReferences
+
+            if s.runtime.engine != "torch" and not isinstance(detector, NeedsReferences):
+                # ONNX Runtime / OpenVINO: export (parity-checked) and run that; a model built on references
+                # only (PatchCore) is exported per source, with its bank (daemon/references.py)
                 from daemon.engines import with_engine
 
                 detector = with_engine(s, detector)
@@ -212,7 +216,7 @@ class Service:
                     persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
                     reference_preprocessing=s.model.reference_preprocessing,
                     max_pixels=s.runtime.max_pixels, decode_budget_bytes=s.runtime.decode_budget_mb << 20,
-                    max_attempts=s.runtime.max_attempts),
+                    max_attempts=s.runtime.max_attempts, live_share=s.runtime.live_share),
             )
             if self.references is not None:
                 self.pipeline.thresholds = self.references.thresholds

@@ -1,6 +1,9 @@
 """The result writer: scored `FrameRecord`s → map at frame size, regions, artifact files (first), one database
 transaction per batch (inspections + outbox alerts), then `frame.done(True)` and the result sinks.
 
+Results of live and triggered frames (`record.ahead`) are taken from the results queue before a backlog's, so a
+camera frame does not wait behind a file backlog here either (see daemon/batcher.py).
+
 Writer threads take what the results queue holds (up to `persist_batch`) and store it in one transaction. If that
 fails, each result is retried in its own, so one bad row (or a frame_id another writer just took) cannot hold back
 the rest; what still fails goes back to its source. A frame already stored (redelivered after a commit) is
@@ -10,6 +13,7 @@ acknowledged without a second row or alert. Rejected frames (undecodable input) 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import queue
 import threading
@@ -58,6 +62,28 @@ class _Rendered:
     started: float
 
 
+class ResultsQueue:
+    """The bounded queue from the model worker to the writer threads: `ahead` records first, then the others in
+    arrival order; the stop marker after everything."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue(maxsize)
+        self._order = itertools.count()
+
+    def put(self, item: Any) -> None:
+        lane = 2 if item is _STOP else 0 if getattr(item, "ahead", False) else 1
+        self._queue.put((lane, next(self._order), item))
+
+    def get(self) -> Any:
+        return self._queue.get()[2]
+
+    def get_nowait(self) -> Any:
+        return self._queue.get_nowait()[2]
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+
 class ResultWriter:
     """`put(record)` from the model worker; `start()`, then `stop(timeout)` once the worker has finished."""
 
@@ -83,7 +109,7 @@ class ResultWriter:
         self.stage_times = stage_times
         self.on_result = on_result
         self._guard = guard
-        self.results: queue.Queue[Any] = queue.Queue(maxsize=options.queue_size)
+        self.results = ResultsQueue(options.queue_size)
         # Calibrated (threshold, pixel threshold) per (source id, model version) from per-source references
         # (daemon/references.py); the configured ones otherwise.
         self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}

@@ -16,7 +16,6 @@ turns scores of known-good images into an alert threshold.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from model._backbone import ClipBackbone, resize_position_embedding
 from model._transformer import embed_patches, forward_blocks
-from model.atomic import atomic_path
+from model.bank import SavedBank, references_digest
 from model.detector import Detector, Prediction, autocast
 from model.gaussian import gaussian_blur
 from model.preprocess import IMAGE_SUFFIXES, decode_image, fast_transform
@@ -109,19 +108,11 @@ class PatchFeatureExtractor:
 
 
 @dataclass
-class ReferenceBank:
+class ReferenceBank(SavedBank):
     """Per tapped block, (M, D) normalised reference patch features; metadata as saved."""
 
     features: list[torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def n_references(self) -> int:
-        return int(self.metadata.get("n_references", "0"))
-
-    @property
-    def digest(self) -> str:
-        return self.metadata.get("digest", "")
 
     @classmethod
     @torch.no_grad()
@@ -148,28 +139,13 @@ class ReferenceBank:
 
     def save(self, path: str | Path) -> Path:
         """Write the bank (float16 features, metadata) atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {f"layer_{i}": f.detach().to("cpu", torch.float16).contiguous() for i, f in enumerate(self.features)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=dict(self.metadata))
-        return path
+        return self._write(path, {f"layer_{i}": f.to(torch.float16) for i, f in enumerate(self.features)})
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceBank:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ReferencesError(f"reference bank {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                keys = sorted(handle.keys(), key=lambda k: int(k.split("_")[-1]))
-                features = [handle.get_tensor(k).float() for k in keys]
-        except Exception as exc:
-            raise ReferencesError(f"{path}: not a readable reference bank ({exc})") from exc
+        metadata, tensors = cls._read(path, "reference bank", ReferencesError)
+        layers = sorted((k for k in tensors if k.removeprefix("layer_").isdigit()), key=lambda k: int(k[6:]))
+        features = [tensors[k].float() for k in layers]
         if metadata.get("format") != BANK_FORMAT or not features:
             raise ReferencesError(f"{path}: not an anomalyd reference bank (format {metadata.get('format')!r})")
         return cls(features=features, metadata=metadata)
@@ -232,15 +208,6 @@ def reference_files(references: str | Path | Sequence[str | Path]) -> list[Path]
         if not file.is_file():
             raise ReferencesError(f"reference image {file} does not exist")
     return files
-
-
-def references_digest(files: Sequence[Path]) -> str:
-    """A digest of the reference set: the names and contents of the files, in order."""
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
-    return digest.hexdigest()[:16]
 
 
 def load_reference_images(files: Sequence[Path], image_size: int,

@@ -182,6 +182,29 @@ class FrameQueue:
             self._cond.notify_all()
             return frame
 
+    def take_newest(self, timeout: float | None = None) -> Frame | None:
+        """Like `get`, but the most recently queued frame (a live camera's freshest view); the older ones still
+        queued are superseded by it: dropped as the `latest` policy drops (counted, `done(True)`)."""
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._items:
+                if self._closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            frame = self._items.pop()
+            superseded = list(self._items)
+            self._items.clear()
+            self.dropped += len(superseded)
+            self._cond.notify_all()
+        if superseded and self.counters is not None:
+            self.counters.incr("frames_dropped", len(superseded))
+        for old in superseded:
+            old.done(True)
+        return frame
+
     def drain(self) -> list[Frame]:
         """Remove and return everything queued (e.g. to `done(False)` them at shutdown)."""
         with self._cond:

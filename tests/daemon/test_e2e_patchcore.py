@@ -31,25 +31,36 @@ def _link_all(files: list[Path], folder: Path) -> None:
         (folder / file.name).symlink_to(file.resolve())
 
 
-def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
+def _cubes(samples_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The cubes set's good and defective frames, in a fixed shuffled order."""
     cubes = samples_dir / "cubes" / "test"
     good = sorted((cubes / "good").glob("*.jpg"))
     defective = sorted((cubes / "abnormal").glob("*.jpg"))
     rng = random.Random(13)
     rng.shuffle(good)
     rng.shuffle(defective)
-    references, good_frames, bad_frames = good[:N_REFERENCES], good[N_REFERENCES:N_REFERENCES + N_GOOD], \
-        defective[:N_DEFECTIVE]
-    _link_all(references, tmp_path / "references")
-    settings = load_config(None, environ={}, overrides={
-        "model": {"name": "patchcore", "references": str(tmp_path / "references")},
-        "runtime": {"device": "cpu", "max_batch_size": 8, "max_batch_delay_ms": 20, "shutdown_grace_s": 20},
+    return good, defective
+
+
+def _settings(tmp_path: Path, *, model: dict, runtime: dict):
+    """PatchCore on the references linked under tmp_path, a folder source on tmp_path/inbox, SQLite, no MQTT."""
+    return load_config(None, environ={}, overrides={
+        "model": {"name": "patchcore", "references": str(tmp_path / "references"), **model},
+        "runtime": {"device": "cpu", "max_batch_delay_ms": 20, "shutdown_grace_s": 20, **runtime},
         "sources": [{"id": "cubes", "kind": "folder", "uri": str(tmp_path / "inbox"), "line": "dobot",
                      "settle_s": 0.05, "poll_interval_s": 0.05}],
         "mqtt": {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
         "storage": {"dir": str(tmp_path / "artifacts")},
         "api": {"enabled": False, "tokens": [{"name": "operator", "role": "operator", "token": TOKEN}]},
     })
+
+
+def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
+    good, defective = _cubes(samples_dir)
+    references, good_frames, bad_frames = good[:N_REFERENCES], good[N_REFERENCES:N_REFERENCES + N_GOOD], \
+        defective[:N_DEFECTIVE]
+    _link_all(references, tmp_path / "references")
+    settings = _settings(tmp_path, model={}, runtime={"max_batch_size": 8})
     (tmp_path / "inbox").mkdir()
     service = Service(settings, serve_http=False)
     service.start()
@@ -123,3 +134,36 @@ def _screenshot(service, settings, inspection_id: int, normal_ids: list[int], an
         page.fill("#heatmap-opacity", "0.55")
         page.screenshot(path=str(REPO / "docs" / "ui.png"))
         browser.close()
+
+
+def test_patchcore_daemon_on_onnxruntime(samples_dir, tmp_path):
+    """`[runtime].engine = "onnxruntime"` with PatchCore: each source's detector (its bank in the graph) is exported
+    through the parity gate and run by ONNX Runtime; the calibration and the 0–1 scale carry over."""
+    from adapters.export import ExportedDetector
+
+    good, defective = _cubes(samples_dir)
+    references, good_frames, bad_frames = good[:8], good[8:12], defective[:4]
+    _link_all(references, tmp_path / "references")
+    settings = _settings(tmp_path, model={"max_bank_rows": 1024}, runtime={"engine": "onnxruntime", "max_batch_size": 4})
+    (tmp_path / "inbox").mkdir()
+    service = Service(settings, serve_http=False)
+    service.start()
+    try:
+        state = service.references.states["cubes"]
+        assert state.version.endswith("-m1024"), state.version  # the coreset bank is part of the version
+        assert isinstance(state.detector.base, ExportedDetector) and state.detector.engine == "onnxruntime"
+        assert state.detector.distance_scale > 0 and len(state.detector.leave_one_out[0]) == 8
+        assert list((tmp_path / "artifacts" / "exports").glob("patchcore-*-onnx/manifest.json"))
+        _link_all(good_frames + bad_frames, tmp_path / "inbox")
+
+        def rows() -> list[Inspection]:
+            with service.sessions() as session:
+                return list(session.scalars(select(Inspection)))
+
+        assert wait_until(lambda: len(rows()) == 8, timeout=180), f"{len(rows())} of 8 inspected"
+        by_name = {Path(row.frame_name).name: row for row in rows()}
+        assert all(row.model_version == state.version and 0.0 <= row.score <= 1.0 for row in by_name.values())
+        assert sum(by_name[f.name].is_anomalous for f in bad_frames) >= 3
+        assert min(by_name[f.name].score for f in bad_frames) > max(by_name[f.name].score for f in good_frames)
+    finally:
+        service.stop()
