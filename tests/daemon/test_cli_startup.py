@@ -23,8 +23,10 @@ from daemon import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Never needed to read the history, label, list models and tokens, or say that there is no database.
+# Never needed to read the history, label, list models and tokens, or say that there is no database (pydantic-settings:
+# daemon.config validates with plain pydantic models).
 HEAVY = ("torch", "torchvision", "open_clip", "numpy", "cv2", "PIL", "sklearn", "fastapi", "starlette", "uvicorn",
+         "pydantic_settings", "dotenv",
          "alembic", "croniter", "prometheus_client", "paho", "redis", "asyncua", "httpx", "daemon.retraining",
          "daemon.service", "daemon.pipeline", "daemon.commands.model_commands", "daemon.commands.export_commands",
          "daemon.commands.reference_commands", "daemon.commands.config_commands")
@@ -158,3 +160,20 @@ def test_command_named():
     assert cli.command_named(["--help", "defects"]) is None  # top-level help lists every command
     assert cli.command_named(["defect"]) is None  # a typo gets the whole parser's "invalid choice" message
     assert cli.command_named([]) is None
+
+
+def test_config_sections_keep_their_case_insensitive_names(tmp_path):
+    """Settings is a plain pydantic model now (no pydantic-settings import): section names still match
+    case-insensitively, as with pydantic-settings, and an unknown key is still an error naming it."""
+    from daemon.config import ConfigError, load_config
+
+    path = tmp_path / "config.toml"
+    path.write_text('[MQTT]\nhost = "broker.plant"\n[Runtime]\nmax_batch_size = 3\n')
+    settings = load_config(path, environ={})
+    assert settings.mqtt.host == "broker.plant" and settings.runtime.max_batch_size == 3
+    path.write_text('[mqtt]\nhots = "x"\n')
+    with pytest.raises(ConfigError, match=r"unknown key \[mqtt\]\.hots"):
+        load_config(path, environ={})
+    path.write_text('BASE_DIR = "/elsewhere"\n')
+    with pytest.raises(ConfigError, match="unknown key BASE_DIR"):
+        load_config(path, environ={})
