@@ -111,14 +111,13 @@ def _screenshot(service, settings, inspection_id: int, normal_ids: list[int], an
 
     from adapters.db import Label
     from daemon.api import routers
-    from daemon.app import AppState, create_app
+    from daemon.app import create_app
     from tests.daemon.test_ui_browser import CHROMIUM_ARGS, CHROMIUM_CANDIDATES, REPO, Server, wait_js
 
     with service.sessions() as session, session.begin():
         session.add_all([Label(inspection_id=i, label="normal", author="demo") for i in normal_ids]
                         + [Label(inspection_id=i, label="anomalous", author="demo") for i in anomalous_ids])
-    state = AppState(settings=settings, metrics=service.metrics, readiness=service.readiness,
-                     sessions=service.sessions, store=service.store, service=service)
+    state = service.app_state()
     chromium = next(p for p in CHROMIUM_CANDIDATES if Path(p).is_file())
     with Server(create_app(state, routers())) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
