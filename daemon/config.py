@@ -80,6 +80,9 @@ class ModelConfig(_Section):
     # PatchCore: memory-bank rows kept per source (a greedy coreset above it; 0 keeps every row). The neighbour
     # search is linear in it; unset = the family's default (16384: every row of 16 references at 256 px).
     max_bank_rows: int | None = Field(None, ge=0)
+    # PatchCore: augmented copies of the references in the bank ("rotate": turned ±10°/±20°, for parts placed at
+    # slightly different angles; "flip", "rot90", "d4"); unset = none (the parity configuration).
+    augment: Literal["none", "flip", "rot90", "d4", "rotate"] | None = None
 
     @field_validator("name")
     @classmethod

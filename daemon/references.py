@@ -247,6 +247,8 @@ def reference_model_options(settings: Any) -> dict[str, Any]:
         options["image_size"] = m.image_size
     if m.max_bank_rows is not None:
         options["max_bank_rows"] = m.max_bank_rows
+    if m.augment is not None:
+        options["augment"] = m.augment
     return options
 
 
@@ -257,20 +259,23 @@ def patchcore_leave_one_out(detector: Any, files: Sequence[Path], limit: int = C
     Empty with fewer than two references."""
     import torch
 
-    from model.patchcore import clip_to_tf
+    from model.patchcore import augment_references, clip_to_tf
     from model.preprocess import decode_image, fast_transform
 
     if len(files) < 2:
         return [], []
     model, size = detector.model, int(detector.image_size)
+    augment = str(getattr(detector, "augment", "none"))
     saved = (model.memory_bank, model.bank_norms)
     scores: list[float] = []
     maxima: list[float] = []
     try:
         with torch.inference_mode():
-            embeddings = [model.embed(clip_to_tf(fast_transform(decode_image(f), size)[None].to(detector.device)
-                                                 .float())).float() for f in files]
-            flats = [model.flatten(e) for e in embeddings]
+            images = [fast_transform(decode_image(f), size)[None].to(detector.device).float() for f in files]
+            embeddings = [model.embed(clip_to_tf(image)).float() for image in images]
+            # the bank holds the other references as the live bank does: with their augmented views
+            flats = [model.flatten(model.embed(clip_to_tf(augment_references(image, augment))).float())
+                     if augment != "none" else model.flatten(e) for image, e in zip(images, embeddings, strict=True)]
             for held_out in range(min(limit, len(files))):
                 model.set_memory_bank(torch.cat([f for j, f in enumerate(flats) if j != held_out]))
                 patch, where, flat = model.patch_scores(embeddings[held_out])
