@@ -15,20 +15,33 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 
 class NoDatabaseError(RuntimeError):
     """The configured database does not exist or holds no anomalyd schema (exit status 1)."""
 
 
+# SQLAlchemy's URL syntax (sqlalchemy.engine.url._parse_url), so that telling "there is no database file" needs no
+# SQLAlchemy import (a third of a second); a URL this does not match goes to SQLAlchemy's own parser.
+_URL = re.compile(r"""(?P<name>[\w\+]+)://(?:(?P<username>[^:/]*)(?::(?P<password>[^@]*))?@)?"""
+                  r"""(?:(?:\[(?P<ipv6host>[^/\?]+)\]|(?P<ipv4host>[^/:\?]+))?(?::(?P<port>[^/\?]*))?)?"""
+                  r"""(?:/(?P<database>[^\?]*))?(?:\?(?P<query>.*))?""")
+
+
 def sqlite_file(url: str) -> Path | None:
     """The file of a file-backed SQLite URL, else None (in-memory, other databases)."""
-    from sqlalchemy.engine import make_url
+    match = _URL.match(url)
+    if match is None:
+        from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
+        parsed = make_url(url)
+        backend, database = parsed.get_backend_name(), parsed.database
+    else:
+        backend = match.group("name").split("+")[0]
+        database = None if match.group("database") is None else unquote(match.group("database"))
+    if backend != "sqlite":
         return None
-    database = parsed.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return Path(database).expanduser()
@@ -78,7 +91,6 @@ def _quiet_upgrade(engine: Any) -> None:
 @contextlib.contextmanager
 def existing_database(settings: Any, config: str | None = None) -> Iterator[Any]:
     """A session factory on the configured database, which must already exist; the engine is disposed after."""
-    from adapters.db.engine import make_engine, make_session_factory
     from daemon.config import describe_config_search
 
     url = settings.database_url
@@ -87,6 +99,9 @@ def existing_database(settings: Any, config: str | None = None) -> Iterator[Any]
             "the right configuration with --config or $ANOMALYD_CONFIG")
     if path is not None and not path.is_file():
         raise NoDatabaseError(f"no database at {path} ({describe_config_search(config)}); {hint}")
+    # SQLAlchemy only now that there is a database to open
+    from adapters.db.engine import make_engine, make_session_factory
+
     engine = make_engine(url, echo=settings.database.echo, pool_size=settings.database.pool_size)
     try:
         if _schema_revision(engine) is None:
