@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,42 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.db import Inspection
 from adapters.sources import build_source
-from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
 from daemon.config import load_config
 from daemon.service import Service
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "golden" / "anomalyclip"
 
 
-class Camera:
-    """A live source: a frame every 1/fps s into a `latest` queue (the newest kept, the oldest dropped)."""
-
-    kind = "camera"
-
-    def __init__(self, source_id: str, fps: float, queue_size: int, shape=(480, 640, 3)) -> None:
-        self.id, self.line, self.class_name, self.threshold = source_id, "l1", None, 0.5
-        self.fps = fps
-        self.counters = SourceCounters()
-        self.queue = FrameQueue(queue_size, "latest", self.counters)
-        self.status = SourceStatus.ONLINE
-        self.on_status = None
-        self.last_error = None
-        self._stop = threading.Event()
-        self.image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
-
-    def start(self) -> None:
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        n = 0
-        while not self._stop.wait(1 / self.fps):
-            n += 1
-            self.queue.put(Frame(frame_id=f"{self.id}-{time.time_ns()}-{n}", source_id=self.id,
-                                 captured_at=datetime.now(timezone.utc), image=self.image, meta={"line": self.line}))
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self.status = SourceStatus.OFFLINE
+# The live camera of the trigger bench (bench/ is on sys.path when a bench runs as a script).
+from bench_trigger import Camera  # noqa: E402
 
 
 @dataclass

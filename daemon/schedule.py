@@ -1,14 +1,12 @@
 """The retraining schedule (`[retraining].schedule`) and the metrics a candidate can be compared on.
 
 A light module: loading the configuration validates the schedule and the metric, and every operator command loads
-the configuration, so nothing here imports SQLAlchemy (daemon.retraining does) or croniter for the common cron
-expressions (plain numbers, `*`, ranges, steps and lists: checked here; anything else is left to croniter).
-`daemon.retraining` re-exports these names.
+the configuration, so nothing here imports SQLAlchemy (daemon.retraining does); croniter (a few tens of ms) is
+imported only to check a cron expression. `daemon.retraining` re-exports these names.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -49,7 +47,7 @@ def parse_schedule(text: str) -> Schedule:
         if seconds <= 0:
             raise ValueError(f"schedule {text!r}: the interval must be positive")
         return Schedule(value, seconds)
-    if len(value.split()) != 5 or not (plain_cron_is_valid(value) or _croniter_is_valid(value)):
+    if len(value.split()) != 5 or not _croniter_is_valid(value):
         raise ValueError(f"schedule {text!r} is neither a 5-field cron expression (e.g. '0 3 * * *') "
                          f"nor an interval (e.g. '6h', '30m', 'every 2d')")
     return Schedule(value)
@@ -59,34 +57,3 @@ def _croniter_is_valid(value: str) -> bool:
     from croniter import croniter
 
     return bool(croniter.is_valid(value))
-
-
-# minute, hour, day of month, month, day of week: the values a plain field may name
-_FIELD_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 6))
-_ITEM = re.compile(r"^(?:\*|(?P<low>0|[1-9]\d?)(?:-(?P<high>0|[1-9]\d?))?)(?:/(?P<step>[1-9]\d?))?$")
-
-
-def plain_cron_is_valid(value: str) -> bool:
-    """True only for a 5-field expression of numbers in range, `*`, `a-b` ranges (a <= b), `/n` steps on `*` or
-    a range, and comma lists of those, which croniter accepts too (tests/daemon/test_schedule.py checks that);
-    False means "not decided here" (names, `L`, `#`, `?`, a bare `a/n`, ...): ask croniter."""
-    fields = value.split()
-    if len(fields) != 5:
-        return False
-    for field, (lowest, highest) in zip(fields, _FIELD_RANGES, strict=True):
-        for item in field.split(","):
-            match = _ITEM.match(item)
-            if match is None:
-                return False
-            low, high, step = match.group("low"), match.group("high"), match.group("step")
-            if low is None:  # `*` or `*/n`
-                if step is not None and int(step) > highest - lowest + 1:
-                    return False
-                continue
-            if not lowest <= int(low) <= highest:
-                return False
-            if high is not None and not int(low) <= int(high) <= highest:
-                return False
-            if step is not None and (high is None or int(step) > int(high) - int(low) + 1):
-                return False
-    return True

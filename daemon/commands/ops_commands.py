@@ -59,15 +59,21 @@ def _store(settings: Settings) -> ArtifactStore:
 # --- defects -----------------------------------------------------------------------------------------------------
 
 
-def cmd_defects(args: argparse.Namespace) -> int:
+def _time_window(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(after, before) from --since / --until (RFC 3339 or a duration back from now); a bad value is a usage error."""
     from adapters.history_args import HistoryError, parse_when
 
-    settings = _load(args)
     try:
         after = parse_when(args.since, name="--since") if args.since else None
         before = parse_when(args.until, name="--until") if args.until else None
     except HistoryError as exc:
         raise _usage(str(exc)) from None
+    return after, before
+
+
+def cmd_defects(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    after, before = _time_window(args)
     if args.limit < 1 or args.limit > 1000:
         raise _usage(f"--limit must be between 1 and 1000, not {args.limit}")
     with _database(settings, args.config) as sessions, sessions() as session:

@@ -7,20 +7,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from daemon.commands.ops_commands import _config_argument, _database, _print_json, _usage
+from daemon.commands.ops_commands import _config_argument, _database, _print_json, _time_window, _usage
 from daemon.commands.run_commands import _load
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from adapters.history_args import HistoryError, parse_when
     from adapters.timeutil import duration_seconds
 
     settings = _load(args)
-    try:
-        after = parse_when(args.since, name="--since") if args.since else None
-        before = parse_when(args.until, name="--until") if args.until else None
-    except HistoryError as exc:
-        raise _usage(str(exc)) from None
+    after, before = _time_window(args)
     seconds = duration_seconds(args.bucket) if not args.bucket.isdigit() else float(args.bucket)
     if seconds is None or seconds != int(seconds):
         raise _usage(f"--bucket {args.bucket!r}: expected seconds or a duration like 15m, 1h, 1d")

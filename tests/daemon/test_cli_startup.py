@@ -1,7 +1,7 @@
 """What the operator commands load (their start-up time is in bench/bench_cli.py, not asserted here).
 
 Each one runs in a fresh interpreter, the way an operator runs it, and the test asserts on `sys.modules` and the
-output: no torch, numpy, OpenCV, PIL, FastAPI, uvicorn, Alembic, croniter or retraining code; no SQLAlchemy on
+output: no torch, numpy, OpenCV, PIL, FastAPI, uvicorn, Alembic or retraining code; no SQLAlchemy on
 the "no database at ..." path; only the command's own module of `daemon/commands/`; no Alembic log lines. And the
 parser built for one command parses, helps and fails exactly like the whole one.
 """
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # daemon.config validates with plain pydantic models).
 HEAVY = ("torch", "torchvision", "open_clip", "numpy", "cv2", "PIL", "sklearn", "fastapi", "starlette", "uvicorn",
          "pydantic_settings", "dotenv",
-         "alembic", "croniter", "prometheus_client", "paho", "redis", "asyncua", "httpx", "daemon.retraining",
+         "alembic", "prometheus_client", "paho", "redis", "asyncua", "httpx", "daemon.retraining",
          "daemon.service", "daemon.pipeline", "daemon.commands.model_commands", "daemon.commands.export_commands",
          "daemon.commands.reference_commands", "daemon.commands.config_commands")
 
@@ -63,7 +63,7 @@ def probe(argvs: list[list[str]], cwd: Path, watched: tuple[str, ...]) -> list[d
 
 @pytest.fixture
 def plant(tmp_path) -> Path:
-    """A config with the shipped sections (its [retraining] cron schedule once pulled in SQLAlchemy and croniter)
+    """A config with the shipped sections (its [retraining] cron schedule once pulled in SQLAlchemy)
     and a migrated database holding one inspection."""
     config = tmp_path / "plant" / "config.toml"
     config.parent.mkdir()
