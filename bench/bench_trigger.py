@@ -38,15 +38,15 @@ TINY = Path(__file__).resolve().parents[2] / "shared" / "golden" / "anomalyclip"
 
 
 class Camera:
-    """A live source: a frame every 1/fps s into a `latest` queue of 2."""
+    """A live source: a frame every 1/fps s into a `latest` queue (the newest kept, the oldest dropped)."""
 
     kind = "camera"
 
-    def __init__(self, source_id: str, fps: float, shape=(480, 640, 3)) -> None:
+    def __init__(self, source_id: str, fps: float, queue_size: int = 2, shape=(480, 640, 3)) -> None:
         self.id, self.line, self.class_name, self.threshold = source_id, "l1", None, 0.5
         self.fps = fps
         self.counters = SourceCounters()
-        self.queue = FrameQueue(2, "latest", self.counters)
+        self.queue = FrameQueue(queue_size, "latest", self.counters)
         self.status = SourceStatus.ONLINE
         self.on_status = None
         self.last_error = None

@@ -114,6 +114,11 @@ class DynamicBatcher(Generic[T]):
                     return due_in <= 0
                 self._forming_started.wait(min(due_in, remaining))
 
+    def wait_handout(self, timeout: float) -> None:
+        """Wait until a batch starts being formed or is handed out (the live lane may have room again)."""
+        with self._lock:
+            self._forming_started.wait(timeout)
+
     def _live_due_in(self, lead_s: float) -> float:
         if not self._items or self._forming or self._handed_out_at is None or self._busy_interval is None:
             return 0.0  # no backlog competing (live frames may fill whole batches), a batch forming, no estimate
@@ -170,6 +175,7 @@ class DynamicBatcher(Generic[T]):
             return batch
 
     def _handed_out(self, busy: bool) -> None:
+        self._forming_started.notify_all()
         now = self._clock()
         if busy and self._handed_out_at is not None:  # the consumer came back with work waiting: a batch's time
             interval = now - self._handed_out_at

@@ -8,6 +8,7 @@ Exit status: 0 success, 1 runtime failure, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -26,12 +27,27 @@ COMMAND_MODULES = (
     "daemon.commands.stats_commands",  # stats
 )
 
+# The module that registers each command: a command line that names one builds only that module's parser (the
+# same parsing, help and messages for it) instead of importing and building all of them.
+# tests/daemon/test_cli_startup.py checks this table against what the modules register.
+COMMAND_OWNERS = {
+    "predict": "daemon.commands.model_commands", "train": "daemon.commands.model_commands",
+    "eval": "daemon.commands.model_commands", "weights": "daemon.commands.model_commands",
+    "run": "daemon.commands.run_commands", "db": "daemon.commands.run_commands",
+    "defects": "daemon.commands.ops_commands", "label": "daemon.commands.ops_commands",
+    "models": "daemon.commands.ops_commands", "calibrate": "daemon.commands.ops_commands",
+    "retrain": "daemon.commands.retrain_commands", "tokens": "daemon.commands.token_commands",
+    "config": "daemon.commands.config_commands", "export": "daemon.commands.export_commands",
+    "references": "daemon.commands.reference_commands", "stats": "daemon.commands.stats_commands",
+}
+
 
 class UsageError(Exception):
     """A bad argument value: reported with exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `command` (a key of COMMAND_OWNERS), only the module owning it is registered."""
     parser = argparse.ArgumentParser(
         prog="anomalyd",
         description="Zero-shot anomaly detection for industrial inspection: the daemon, and its model and operator tools.",
@@ -40,9 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug log output, and the traceback of a failure")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for module_name in COMMAND_MODULES:
+    for module_name in (COMMAND_OWNERS[command],) if command in COMMAND_OWNERS else COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
+
+
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command a command line names, when nothing but -v/--verbose stands before it (else None: anything
+    else there, e.g. --help or a typo, gets the whole parser and its messages)."""
+    for item in argv:
+        if item == "--verbose" or (item.startswith("-v") and set(item[1:]) == {"v"}):
+            continue
+        return item if item in COMMAND_OWNERS else None
+    return None
 
 
 def split_config_option(argv: Sequence[str]) -> tuple[list[str], str | None]:
@@ -69,9 +95,25 @@ def split_config_option(argv: Sequence[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    # Start-up allocates some 60k long-lived objects (SQLAlchemy, pydantic, the config models) and the cyclic garbage
+    # collector would walk them again and again: about a quarter of an operator command's CPU time. It stays off
+    # while the parser is built and, for the short-lived commands (`set_defaults(short_lived=True)`: they exit
+    # within a second), for the whole command; every other command runs with it on.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _main(argv, gc_was_enabled)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _main(argv: Sequence[str] | None, gc_was_enabled: bool) -> int:
     argv, config = split_config_option(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_named(argv))
     args = parser.parse_args(argv)
+    if gc_was_enabled and not getattr(args, "short_lived", False):
+        gc.enable()
     if config is not None or not hasattr(args, "config"):
         args.config = config
     level = logging.DEBUG if args.verbose else logging.INFO

@@ -29,7 +29,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters.mqtt_settings import MqttSettings
 from adapters.sources.base import SourceSettings
@@ -211,7 +210,7 @@ class RetrainingConfig(_Section):
     @field_validator("schedule")
     @classmethod
     def _valid_schedule(cls, value: str) -> str:
-        from daemon.retraining import parse_schedule
+        from daemon.schedule import parse_schedule
 
         parse_schedule(value)  # raises ValueError naming the problem
         return value
@@ -219,7 +218,7 @@ class RetrainingConfig(_Section):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        from daemon.retraining import COMPARABLE_METRICS
+        from daemon.schedule import COMPARABLE_METRICS
 
         if value not in COMPARABLE_METRICS:
             raise ValueError(f"metric must be one of {', '.join(COMPARABLE_METRICS)}")
@@ -303,16 +302,17 @@ class OpcUaConfig(_Section):
         return self
 
 
-class Settings(BaseSettings):
-    """The whole configuration. Build it with `load_config`, which also resolves paths and secret files."""
+class Settings(BaseModel):
+    """The whole configuration. Build it with `load_config`, which also resolves paths and secret files.
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter=ENV_DELIMITER,
-        extra="forbid",
-        case_sensitive=False,
-        validate_assignment=True,
-    )
+    A plain pydantic model: `load_config` merges the file and the environment itself (so that errors say where a
+    key came from). It was a pydantic-settings `BaseSettings` whose only source was that merged result; importing
+    pydantic-settings took more than half of `anomalyd tokens list`. What it did with that source is kept:
+    defaults are validated, and section names are matched case-insensitively (`_section_names`).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True,
+                              arbitrary_types_allowed=True)
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -345,19 +345,6 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"duplicate webhook name/url: {', '.join(duplicates)}")
         return webhooks
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # load_config merges file and environment itself (so errors can say where a key came from);
-        # the init values are the merged result.
-        return (init_settings,)
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the config, made absolute against the config file's directory."""
@@ -543,6 +530,17 @@ def _resolve_secret_files(data: dict[str, Any], base_dir: Path) -> None:
                                                      f"[opcua].users[{index}].password_file")
 
 
+def _section_names(data: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys matched to the sections case-insensitively (`[MQTT]` is `[mqtt]`), as pydantic-settings did;
+    when two spellings of one section are given, the first one wins, as there."""
+    named: dict[str, Any] = {}
+    for key, value in data.items():
+        lowered = key.lower() if isinstance(key, str) else key
+        section = lowered if lowered in Settings.model_fields and lowered != "base_dir" else key
+        named.setdefault(section, value)
+    return named
+
+
 def load_config(
     path: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
@@ -581,7 +579,7 @@ def load_config(
     except ValueError as exc:
         raise ConfigError(f"{origin}: {exc}") from exc
     try:
-        return Settings(**data, base_dir=base_dir)
+        return Settings(**_section_names(data), base_dir=base_dir)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, origin)) from None
 

@@ -203,6 +203,7 @@ class Intake:
                 with self._live_lock:
                     room = self.batcher.live_room() - self._live_decoding
                 if room <= 0:
+                    self.batcher.wait_handout(0.05)  # the lane is full: wait for the next batch to take it
                     break
                 index = (first + offset) % len(live)
                 frame = live[index].queue.take_newest(timeout=0.005 if single else 0)
@@ -283,6 +284,7 @@ class Intake:
                  live: bool = False) -> None:
         from model.preprocess import ImageDecodeError, decode_image, header_size
 
+        in_live_decode = live  # counted in _live_decoding until it is in the batcher's live lane
         try:
             # Bytes of the decoded frame, from its header (nothing decoded yet), held until the frame is done.
             if frame.image is not None:
@@ -316,16 +318,22 @@ class Intake:
             record = FrameRecord(frame, settings, t_in, rgb=rgb, pixels=pixels, size=size,
                                  timings={"decoded_at": decoded, "intake_wait_s": started - t_in},
                                  ahead=priority or live)
-            self.batcher.put(record, priority=priority, live=live)
             if live:
+                with self._live_lock:  # out of decode and into the lane at once: the lane's room stays exact
+                    self._live_decoding -= 1
+                    in_live_decode = False
+                    self.batcher.put(record, live=True)
                 self._live_decode_s = 0.8 * self._live_decode_s + 0.2 * (time.monotonic() - t_in)
+            else:
+                self.batcher.put(record, priority=priority)
             self.on_queued()
         except Exception as exc:
             log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
             self.outcomes.fail([frame], settings.id, "decode", exc)
         finally:
             if live:
-                self._live_done_decoding()
+                if in_live_decode:
+                    self._live_done_decoding()
             elif not priority:  # triggered frames are prepared on the trigger thread, without a decode slot
                 self._decode_slots.release()
 

@@ -45,10 +45,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.repository import active_model_version
 from adapters.db.tables import Inspection, Label, ModelVersion, TrainingRun, utcnow
-from adapters.timeutil import duration_seconds
 from daemon import versions as registry
 from daemon.promotion import Promotion, jsonable, promotion_decision
 from daemon.retrain_supervisor import JobSupervisor, JobTimeout, ProgressCallback, last_line
+from daemon.schedule import COMPARABLE_METRICS, Schedule, parse_schedule
 
 if TYPE_CHECKING:
     from daemon.app import AppState
@@ -56,9 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("anomalyd.retraining")
 
-# The same names as model.metrics.METRIC_NAMES (not imported: config validation must not load sklearn).
-COMPARABLE_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max",
-                      "aupro", "aupro_anomalyclip")
 LOG_TAIL_CHARS = 20_000
 
 
@@ -72,42 +69,8 @@ class RetrainBusyError(RetrainError):
 
 # --- schedule ----------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Schedule:
-    """A 5-field cron expression (host local time) or a fixed interval."""
-
-    text: str
-    interval_s: float | None = None  # None: cron
-
-    def next_after(self, when: datetime) -> datetime:
-        """The first due time strictly after `when` (aware datetime)."""
-        if self.interval_s is not None:
-            return when + timedelta(seconds=self.interval_s)
-        from croniter import croniter
-
-        local = when.astimezone()
-        return croniter(self.text, local).get_next(datetime).astimezone(timezone.utc)
-
-    def describe(self) -> str:
-        if self.interval_s is not None:
-            return f"every {self.interval_s:g} s"
-        return f"cron '{self.text}' (local time)"
-
-
-def parse_schedule(text: str) -> Schedule:
-    """"0 3 * * *" (cron) or "6h" / "30m" / "every 2d" / "90s" (interval); ValueError names what is wrong."""
-    value = str(text).strip()
-    seconds = duration_seconds(value, units="smhd", allow_every=True)
-    if seconds is not None:
-        if seconds <= 0:
-            raise ValueError(f"schedule {text!r}: the interval must be positive")
-        return Schedule(value, seconds)
-    from croniter import croniter
-
-    if len(value.split()) != 5 or not croniter.is_valid(value):
-        raise ValueError(f"schedule {text!r} is neither a 5-field cron expression (e.g. '0 3 * * *') "
-                         f"nor an interval (e.g. '6h', '30m', 'every 2d')")
-    return Schedule(value)
+# Schedule, parse_schedule, COMPARABLE_METRICS: in daemon.schedule (config validation imports them without
+# SQLAlchemy); re-exported here.
 
 
 # --- training data -----------------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ from adapters.db.tables import Inspection, Label, ModelVersion, RejectedFrame
 if TYPE_CHECKING:
     from adapters.storage import ArtifactStore
 
-from adapters.timeutil import duration_seconds, rfc3339, utc_now
+# HistoryError and parse_when are used from here by the API and the CLI (defined apart: no SQLAlchemy there)
+from adapters.history_args import HistoryError, parse_when  # noqa: F401
+from adapters.timeutil import rfc3339
 
 SORTS = ("time_desc", "time_asc", "score_desc", "score_asc")
 LABELS = ("normal", "anomalous")
@@ -42,10 +44,6 @@ MAX_MASK_PIXELS = 100_000_000  # with no frame size to compare with, still no ab
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Score sort puts rows without a score (model errors) last in descending order: they sort as -1.
 _NO_SCORE = -1.0
-
-
-class HistoryError(ValueError):
-    """A bad query or label value (the API answers 400/422, the CLI exits 2)."""
 
 
 class NotFound(LookupError):
@@ -465,19 +463,3 @@ def series(session: Session, *, after: datetime | None = None, before: datetime 
 
 def _float(value: Any) -> float | None:
     return float(value) if value is not None else None
-
-
-# --- time arguments ----------------------------------------------------------------------------------------------
-
-def parse_when(value: str, *, now: datetime | None = None, name: str = "time") -> datetime:
-    """An RFC 3339 / ISO 8601 time (naive = UTC), or a duration ago: `30m`, `24h`, `7d`, `2w`."""
-    text = value.strip()
-    seconds = duration_seconds(text)
-    if seconds is not None:
-        return (now or utc_now()) - timedelta(seconds=seconds)
-    try:  # the offset is kept (converting 0001-01-01T00:00+14:00 to UTC would overflow)
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise HistoryError(f"{name} {value!r}: expected an ISO time like 2024-05-01T08:00:00Z or a duration "
-                           "like 30m, 24h, 7d") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)

@@ -168,16 +168,22 @@ class FrameQueue:
             dropped.done(True)
         return True
 
+    def _wait_for_items(self, timeout: float | None) -> bool:
+        """Under `_cond`: wait until a frame is queued; False when the queue closed empty or `timeout` passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._items:
+            if self._closed:
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._cond.wait(remaining)
+        return True
+
     def get(self, timeout: float | None = None) -> Frame | None:
         with self._cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._items:
-                if self._closed:
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
+            if not self._wait_for_items(timeout):
+                return None
             frame = self._items.popleft()
             self._cond.notify_all()
             return frame
@@ -186,14 +192,8 @@ class FrameQueue:
         """Like `get`, but the most recently queued frame (a live camera's freshest view); the older ones still
         queued are superseded by it: dropped as the `latest` policy drops (counted, `done(True)`)."""
         with self._cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not self._items:
-                if self._closed:
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
+            if not self._wait_for_items(timeout):
+                return None
             frame = self._items.pop()
             superseded = list(self._items)
             self._items.clear()

@@ -59,20 +59,28 @@ def _store(settings: Settings) -> ArtifactStore:
 # --- defects -----------------------------------------------------------------------------------------------------
 
 
-def cmd_defects(args: argparse.Namespace) -> int:
-    from adapters.db import InspectionFilter, history
+def _time_window(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(after, before) from --since / --until (RFC 3339 or a duration back from now); a bad value is a usage error."""
+    from adapters.history_args import HistoryError, parse_when
 
-    settings = _load(args)
     try:
-        after = history.parse_when(args.since, name="--since") if args.since else None
-        before = history.parse_when(args.until, name="--until") if args.until else None
-    except history.HistoryError as exc:
+        after = parse_when(args.since, name="--since") if args.since else None
+        before = parse_when(args.until, name="--until") if args.until else None
+    except HistoryError as exc:
         raise _usage(str(exc)) from None
+    return after, before
+
+
+def cmd_defects(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    after, before = _time_window(args)
     if args.limit < 1 or args.limit > 1000:
         raise _usage(f"--limit must be between 1 and 1000, not {args.limit}")
-    filters = InspectionFilter(source=args.source, line=args.line, after=after, before=before,
-                               min_score=args.min_score, anomalous=None if args.all else True, label=args.label)
     with _database(settings, args.config) as sessions, sessions() as session:
+        from adapters.db import InspectionFilter, history  # SQLAlchemy: only once there is a database
+
+        filters = InspectionFilter(source=args.source, line=args.line, after=after, before=before,
+                                   min_score=args.min_score, anomalous=None if args.all else True, label=args.label)
         page = history.list_page(session, filters, sort=args.sort, limit=args.limit)
         items = [history.inspection_dict(row, page.labels.get(row.id)) for row in page.rows]
     if args.json:
@@ -101,8 +109,6 @@ def _print_table(items: list[dict[str, Any]]) -> None:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from adapters.db import history
-
     settings = _load(args)
     mask = None
     if args.mask:
@@ -112,6 +118,8 @@ def cmd_label(args: argparse.Namespace) -> int:
             raise _usage(f"--mask {args.mask}: cannot read: {exc.strerror or exc}") from None
     author = args.author or f"cli:{_user()}"
     with _database(settings, args.config) as sessions:
+        from adapters.db import history  # SQLAlchemy: only once there is a database
+
         try:
             row = history.apply_label(sessions, _store(settings) if mask is not None else None, args.inspection_id,
                                       args.label, author=author, mask=mask, mask_name=f"--mask {args.mask}")
@@ -135,10 +143,10 @@ def _user() -> str:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from adapters.db import history
-
     settings = _load(args)
     with _database(settings, args.config) as sessions, sessions() as session:
+        from adapters.db import history  # SQLAlchemy: only once there is a database
+
         items = [history.model_dict(row) for row in history.list_versions(session)]
     if args.json:
         _print_json(items)
@@ -316,7 +324,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defects.add_argument("--sort", choices=("time_desc", "time_asc", "score_desc", "score_asc"), default="time_desc")
     defects.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50, max 1000)")
     defects.add_argument("--json", action="store_true", help="JSON list instead of a table")
-    defects.set_defaults(func=cmd_defects)
+    defects.set_defaults(func=cmd_defects, short_lived=True)
 
     label = subparsers.add_parser("label", help="record operator feedback on an inspection (used by retraining)")
     _config_argument(label)
@@ -325,7 +333,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     label.add_argument("--mask", metavar="FILE", help="defect mask: PNG, BMP or TIFF of the frame's size, "
                        "non-zero = defect")
     label.add_argument("--author", help="who labels (default cli:<user>)")
-    label.set_defaults(func=cmd_label)
+    label.set_defaults(func=cmd_label, short_lived=True)
 
     models = subparsers.add_parser("models", help="model versions")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION")
@@ -333,11 +341,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = models_sub.add_parser("list", help="versions with status and metrics")
     _config_argument(listing)
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_models_list)
+    listing.set_defaults(func=cmd_models_list, short_lived=True)
     activate = models_sub.add_parser("activate", help="make VERSION the active model")
     _config_argument(activate)
     activate.add_argument("version", metavar="VERSION")
-    activate.set_defaults(func=cmd_models_activate)
+    activate.set_defaults(func=cmd_models_activate, short_lived=True)
 
     calibrate_parser = subparsers.add_parser("calibrate", help="per-source threshold from known-good frames")
     _config_argument(calibrate_parser)

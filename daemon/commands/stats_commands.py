@@ -7,24 +7,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from daemon.commands.ops_commands import _config_argument, _database, _print_json, _usage
+from daemon.commands.ops_commands import _config_argument, _database, _print_json, _time_window, _usage
 from daemon.commands.run_commands import _load
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from adapters.db import history
     from adapters.timeutil import duration_seconds
 
     settings = _load(args)
-    try:
-        after = history.parse_when(args.since, name="--since") if args.since else None
-        before = history.parse_when(args.until, name="--until") if args.until else None
-    except history.HistoryError as exc:
-        raise _usage(str(exc)) from None
+    after, before = _time_window(args)
     seconds = duration_seconds(args.bucket) if not args.bucket.isdigit() else float(args.bucket)
     if seconds is None or seconds != int(seconds):
         raise _usage(f"--bucket {args.bucket!r}: expected seconds or a duration like 15m, 1h, 1d")
     with _database(settings, args.config) as sessions, sessions() as session:
+        from adapters.db import history  # SQLAlchemy: only once there is a database
+
         try:
             data = history.series(session, after=after, before=before, bucket_s=int(seconds), by=args.by)
         except history.HistoryError as exc:
@@ -71,4 +68,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--bucket", default="1h", help="bucket length: seconds or a duration (15m, 1h, 1d; "
                                                       "default 1h)")
     stats.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
-    stats.set_defaults(func=cmd_stats)
+    stats.set_defaults(func=cmd_stats, short_lived=True)
