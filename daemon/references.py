@@ -384,23 +384,13 @@ def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALI
     held_out = min(limit, len(files))
     # the bank holds the other references as the live bank does: with their augmented views
     rows = patchcore_bank_rows(detector, files, embeddings)
-    own = leave_one_out_scores(detector.model, embeddings, size, limit, bank_rows=rows)[0]
     views = [torch.stack([fast_transform(v, size) for v in calibration_views(decode_image(f))])
              for f in files[:held_out]]
     scores, maxima = leave_one_out_scores(detector.model, embeddings, size, limit, views, rows)
+    # per held-out reference its own score comes first, then its views' scores
+    firsts = np.cumsum([0] + [1 + len(v) for v in views[:-1]])
+    own = [scores[i] for i in firsts]
     return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, sum(len(v) for v in views), own)
-
-
-def patchcore_leave_one_out(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS
-                            ) -> tuple[list[float], list[float]]:
-    """Raw PatchCore (image score, map maximum) of up to `limit` references, each against a bank of the other
-    references' patches (no coreset): one embedding pass over the references instead of a bank per held-out one.
-    Empty with fewer than two references."""
-    if len(files) < 2:
-        return [], []
-    embeddings = patchcore_embeddings(detector, files)
-    return leave_one_out_scores(detector.model, embeddings, int(detector.image_size), limit,
-                                bank_rows=patchcore_bank_rows(detector, files, embeddings))
 
 
 Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
