@@ -61,6 +61,11 @@ class LiveSource:
             self.queue.put(Frame(frame_id=f"{self.id}-{time.time_ns()}-{self._count}", source_id=self.id,
                                  captured_at=datetime.now(timezone.utc), image=image, meta={"line": self.line}))
 
+    def hold(self) -> None:
+        """No frame after the one already on its way: a trigger accepted from now on stays pending."""
+        count, self.fps = self._count, 1e-4  # the thread sleeps out its current short wait, then ~3 h
+        assert wait_until(lambda: self._count > count, 5)
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self.status = SourceStatus.OFFLINE
@@ -183,7 +188,7 @@ def test_mqtt_trigger_round_trip_ahead_of_free_running_and_bad_input(tmp_path, m
         assert ask(json.dumps({"version": "nope"}), "anomalyd/models/activate/set")["error"] == "unknown_version"
 
         # A flood: every command answered, at most max_pending_triggers (2) accepted at a time, the rest busy.
-        press.fps = 0.2  # slow camera: the accepted triggers wait for a fresh frame until the flood is over
+        press.hold()  # the camera stops: the accepted triggers wait for a fresh frame until the flood is over
         count = len(subscriber.payloads("/press/trigger/status"))
         for index in range(30):
             subscriber.client.publish("anomalyd/l1/press/trigger/set", json.dumps(f"F-{index}"), qos=1)
