@@ -105,8 +105,8 @@ def test_newcomer_day_one(tmp_path, shared_dir, samples_dir):
         assert f"Log in to the UI at http://127.0.0.1:{port}/" in log
         base = f"http://127.0.0.1:{port}"
         headers = {"Authorization": f"Bearer {token}"}
-        assert "anomalyd tokens create" in httpx.get(f"{base}/").text  # the login says where tokens come from
-        assert httpx.get(f"{base}/api/inspections").status_code == 401
+        assert "anomalyd tokens create" in httpx.get(f"{base}/", timeout=30).text  # the login says where tokens come from
+        assert httpx.get(f"{base}/api/inspections", timeout=30).status_code == 401
 
         inbox = repo / "var" / "inbox"
         dropped = [*sorted((samples_dir / "bottle" / "test" / "good").glob("*.png"))[:2],
@@ -117,7 +117,7 @@ def test_newcomer_day_one(tmp_path, shared_dir, samples_dir):
         while len(items) < len(dropped):
             assert daemon.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.5)
-            items = httpx.get(f"{base}/api/inspections", headers=headers).json()["items"]
+            items = httpx.get(f"{base}/api/inspections", headers=headers, timeout=30).json()["items"]
         assert all(item["score"] is not None for item in items)
         # each row keeps the file's final name: where the folder source moved it after processing
         assert all("/var/inbox/processed/" in item["frame_name"] for item in items)

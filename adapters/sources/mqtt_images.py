@@ -106,6 +106,7 @@ class MqttImageSource(FrameSource):
         self._inbox_ready = threading.Condition()
         self._client: mqtt.Client | None = None
         self._connection = 0  # incremented per connection: a PUBACK mid is only valid on its own connection
+        self._subscribe_mid: int | None = None  # the SUBSCRIBE of the current connection (its SUBACK: online)
         self._ever_connected = False
         self.max_bytes = spec.max_bytes
         # Payload-hash ids handed out recently, and the id given to each (connection, mid) in flight.
@@ -127,10 +128,21 @@ class MqttImageSource(FrameSource):
             self.counters.incr("reconnects")
         self._ever_connected = True
         self._connection += 1
-        for topic in self.topics:
-            client.subscribe(topic, qos=self.qos)
+        _, self._subscribe_mid = client.subscribe([(topic, self.qos) for topic in self.topics])
         self.log.info("connected to %s:%s as %s (session present: %s)", self.target.host, self.target.port,
                       self.client_id, flags.session_present)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata, mid, reason_codes, properties) -> None:
+        # Online once the broker has granted the subscriptions (SUBACK), not when SUBSCRIBE is sent: a message
+        # published from then on reaches us.
+        if mid != self._subscribe_mid:
+            return
+        refused = [f"{topic}: {code}" for topic, code in zip(self.topics, reason_codes, strict=False)
+                   if code.is_failure]
+        if refused:
+            self._error(f"MQTT broker {self.target.host}:{self.target.port} refused the subscription "
+                        f"({', '.join(refused)})")
+            return
         self._set_status(SourceStatus.ONLINE)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata) -> None:
@@ -212,6 +224,7 @@ class MqttImageSource(FrameSource):
         client.reconnect_delay_set(min_delay=max(1, int(self.backoff_initial_s)), max_delay=int(self.backoff_max_s))
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client

@@ -35,7 +35,7 @@ class Subscriber:
         self.client.reconnect_delay_set(1, 1)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        assert self.subscribed.wait(10), "subscriber could not subscribe"
+        assert self.subscribed.wait(30), "subscriber could not subscribe"
 
     def _on_message(self, _client, _userdata, message) -> None:
         with self.lock:
@@ -115,7 +115,7 @@ def test_alert_is_published_with_contract_payload_and_marked_sent(mosquitto, ses
         assert publisher.flush(10) and sent_count(sessions) == 1
     finally:
         publisher.stop()
-        assert subscriber.wait_for(lambda: subscriber.texts("anomalyd/available")[-1:] == ["stopped"], 10)
+        assert subscriber.wait_for(lambda: subscriber.texts("anomalyd/available")[-1:] == ["stopped"], 30)
         subscriber.close()
 
 
@@ -130,7 +130,7 @@ def test_broker_outage_loses_no_alert(sessions):
             assert subscriber.wait_for(lambda: len(subscriber.payloads("/anomaly")) >= 5)
             broker.stop()
             assert (broker.dir / "mosquitto.db").exists(), "the broker did not persist the subscriber's session"
-            assert subscriber.wait_for(lambda: not publisher.state.connected, 10)
+            assert subscriber.wait_for(lambda: not publisher.state.connected, 30)
             ids += [add_alert(sessions, i) for i in range(5, 25)]  # written during the outage
             publisher.notify()
             time.sleep(0.5)

@@ -109,14 +109,16 @@ def test_dead_consumers_entries_are_claimed_with_the_same_frame_id(redis_server,
 def test_slow_consumer_keeps_its_entries(redis_server, stream):
     """A live consumer that holds frames longer than claim_idle_ms (slow model) is not robbed by its peers."""
     produce(redis_server, stream, 2)
-    slow = worker(redis_server, stream, "slow", claim_idle_ms=300)
+    # The slow worker refreshes its entries every claim_idle_ms / 3: 1 s leaves its thread 0.67 s of slack on a
+    # busy machine (300 ms left it 0.2 s: a thread that late would lose its entries to the peer).
+    slow = worker(redis_server, stream, "slow", claim_idle_ms=1000)
     slow.start()
     try:
         assert wait_until(lambda: len(slow.queue) == 2)
-        peer = worker(redis_server, stream, "peer", claim_idle_ms=300)
+        peer = worker(redis_server, stream, "peer", claim_idle_ms=1000)
         peer.start()
         try:
-            assert peer.queue.get(timeout=1.5) is None  # 5x claim_idle_ms
+            assert peer.queue.get(timeout=3.0) is None  # 3x claim_idle_ms
         finally:
             peer.stop()
         for frame in take(slow, 2):

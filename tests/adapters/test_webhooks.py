@@ -57,11 +57,11 @@ def test_every_alert_once_across_outage_and_restart_with_valid_signatures(sqlite
     relay = relay_for(sqlite_sessions, target(receiver))
     first = add_alerts(sqlite_sessions, 5)
     relay.notify()
-    assert wait_until(lambda: len(receiver.ids()) == 5, 10)
+    assert wait_until(lambda: len(receiver.ids()) == 5, 30)
     receiver.stop()  # outage: connection refused
     during = add_alerts(sqlite_sessions, 4)
     relay.notify()
-    assert wait_until(lambda: relay.state["plant"].consecutive_failures >= 2, 10)
+    assert wait_until(lambda: relay.state["plant"].consecutive_failures >= 2, 30)
     assert relay.snapshot()["plant"]["last_error"]
     relay.stop()  # the daemon goes down while the receiver is still away
     more = add_alerts(sqlite_sessions, 3)
@@ -95,7 +95,7 @@ def test_http_errors_are_retried_until_2xx(sqlite_sessions):
     try:
         ids = add_alerts(sqlite_sessions, 2)
         relay.notify()
-        assert wait_until(lambda: relay.state["plant"].failures >= 3, 10)
+        assert wait_until(lambda: relay.state["plant"].failures >= 3, 30)
         assert relay.state["plant"].last_error == "HTTP 503"
         assert not relay.flush(0.3)
         receiver.status = 204

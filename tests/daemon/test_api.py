@@ -538,9 +538,9 @@ def test_daemon_serves_api_and_ui(tmp_path):
     service.start()
     try:
         base = f"http://127.0.0.1:{service.http_port}"
-        assert httpx.get(f"{base}/api/inspections", timeout=5).status_code == 401
-        listed = httpx.get(f"{base}/api/inspections", headers=auth("viewer"), timeout=5)
+        assert httpx.get(f"{base}/api/inspections", timeout=30).status_code == 401
+        listed = httpx.get(f"{base}/api/inspections", headers=auth("viewer"), timeout=30)
         assert listed.status_code == 200 and listed.json() == {"items": [], "next_cursor": None}
-        assert "anomalyd" in httpx.get(f"{base}/", timeout=5).text
+        assert "anomalyd" in httpx.get(f"{base}/", timeout=30).text
     finally:
         service.stop()

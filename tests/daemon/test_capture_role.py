@@ -105,7 +105,7 @@ def test_capture_host_forwards_frames_that_a_worker_inspects(tmp_path, redis_ser
     worker.start()
     try:
         assert wait_until(lambda: worker.pipeline.processed + worker.pipeline.rejected >= 7, 30)
-        assert wait_until(lambda: client.xpending(stream, "workers")["pending"] == 0, 10)
+        assert wait_until(lambda: client.xpending(stream, "workers")["pending"] == 0, 30)
     finally:
         worker.stop()
     engine = make_engine(f"sqlite:///{tmp_path}/worker.db")
@@ -136,7 +136,7 @@ def test_unreadable_capture_frame_reaches_the_worker_as_a_rejection(tmp_path, re
                                                                 options={"stream": stream, "block_ms": 100})))
     source.start()
     try:
-        frames = [source.queue.get(timeout=10) for _ in range(2)]
+        frames = [source.queue.get(timeout=30) for _ in range(2)]
     finally:
         source.stop()
     assert [frame.data for frame in frames] == [None, None]

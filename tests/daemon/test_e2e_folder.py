@@ -105,9 +105,9 @@ def test_folder_to_database_artifacts_and_alerts(tmp_path, samples_dir, mosquitt
         total = len(samples) + len(valid_bad) + len(rejected_bad)
         assert wait_until(lambda: service.pipeline.processed + service.pipeline.rejected >= total, 120), \
             f"{service.pipeline.processed} + {service.pipeline.rejected} of {total}"
-        ready = httpx.get(f"http://127.0.0.1:{service.http_port}/api/health/ready", timeout=5)
+        ready = httpx.get(f"http://127.0.0.1:{service.http_port}/api/health/ready", timeout=30)
         assert ready.status_code == 200 and ready.json()["details"]["mqtt"]["connected"] is True
-        metrics = httpx.get(f"http://127.0.0.1:{service.http_port}/metrics", timeout=5).text
+        metrics = httpx.get(f"http://127.0.0.1:{service.http_port}/metrics", timeout=30).text
         assert 'anomalyd_frames_in_total{source="inbox"}' in metrics
         assert "anomalyd_batch_size_bucket" in metrics
         assert service.publisher.flush(30)
@@ -172,7 +172,7 @@ def test_anomalyd_run_subprocess_stops_on_sigterm(tmp_path, samples_dir, mosquit
             process.kill()
     assert process.returncode == 0, output
     assert "HTTP API on http://127.0.0.1:" in output and "anomalyd stopped" in output
-    assert wait_until(lambda: subscriber.texts("anomalyd/available")[-1:] == ["stopped"], 10)
+    assert wait_until(lambda: subscriber.texts("anomalyd/available")[-1:] == ["stopped"], 30)
     subscriber.close()
     engine = make_engine(f"sqlite:///{tmp_path}/var/anomalyd.db")
     with make_session_factory(engine)() as session:

@@ -109,6 +109,14 @@ def pending_by_consumer(client: redis.Redis, stream: str) -> dict[str, int]:
     return {c["name"].decode(): int(c["pending"]) for c in info["consumers"]}
 
 
+def consumers(client: redis.Redis, stream: str) -> set[str]:
+    """The consumers that joined the group (a worker joins with its first read)."""
+    try:
+        return {c["name"].decode() for c in client.xinfo_consumers(stream, GROUP)}
+    except redis.ResponseError:  # no stream or no group yet
+        return set()
+
+
 def test_killed_worker_loses_no_frame_and_duplicates_none(tmp_path, golden_dir, postgres, redis_server, mosquitto):
     db_url = create_database(postgres, f"e2e_{uuid.uuid4().hex[:8]}")
     stream = f"e2e:{uuid.uuid4().hex[:8]}"
@@ -118,13 +126,10 @@ def test_killed_worker_loses_no_frame_and_duplicates_none(tmp_path, golden_dir, 
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert upgrade.returncode == 0, upgrade.stderr  # once, before two workers race to migrate
 
-    writer = RedisFrameWriter(redis_server.url, stream)
     rng = np.random.default_rng(0)
     frame_ids = [f"cam1:{i:04d}" for i in range(N_FRAMES)]
-    for frame_id in frame_ids:
-        _ok, png = cv2.imencode(".png", rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
-        writer.append(png.tobytes(), frame_id=frame_id, source="cam1", line="line1", content_type="image/png")
-    writer.close()
+    frames = [cv2.imencode(".png", rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))[1].tobytes()
+              for _ in frame_ids]
 
     client = redis.Redis.from_url(redis_server.url)
     engine = sa.create_engine(db_url)
@@ -141,6 +146,19 @@ def test_killed_worker_loses_no_frame_and_duplicates_none(tmp_path, golden_dir, 
     victim_name = f"{socket.gethostname()}-{victim.pid}"
     survivor_name = f"{socket.gethostname()}-{survivor.pid}"
     try:
+        # The frames go in once both workers read the stream: one started seconds before the other (a busy CI
+        # machine) would otherwise take every frame alone at max_fps before the other could share them.
+        deadline = time.monotonic() + 180
+        while not {victim_name, survivor_name} <= consumers(client, stream):
+            assert victim.poll() is None and survivor.poll() is None, "\n".join(
+                f"{name}: {(tmp_path / f'{name}.log').read_text()[-1500:]}" for name in ("victim", "survivor"))
+            assert time.monotonic() < deadline, f"workers not both reading: {consumers(client, stream)}"
+            time.sleep(0.05)
+        writer = RedisFrameWriter(redis_server.url, stream)
+        for frame_id, png in zip(frame_ids, frames, strict=True):
+            writer.append(png, frame_id=frame_id, source="cam1", line="line1", content_type="image/png")
+        writer.close()
+
         # Kill the victim while both are working and the victim holds unacknowledged entries.
         deadline = time.monotonic() + 180
         while True:

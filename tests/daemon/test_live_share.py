@@ -98,14 +98,22 @@ def test_live_frames_are_due_just_before_the_batch_in_progress_ends():
 
 
 def test_a_forming_batch_waits_for_a_live_frame_in_decode_up_to_the_batch_delay():
-    batcher = DynamicBatcher(4, max_batch_delay_s=0.3, maxsize=64)
+    # The delay is long against the decode (0.05 s) so that a busy CI machine cannot make the decode miss it.
+    batcher = DynamicBatcher(4, max_batch_delay_s=1.0, maxsize=64)
     for index in range(8):
         batcher.put(f"file{index}")
     decoding = [1]
-    batcher.live_incoming = lambda: decoding[0]
+    asked = threading.Event()
+
+    def incoming() -> int:
+        asked.set()  # the forming batch looks at the decodes in progress: it is waiting from now on
+        return decoding[0]
+
+    batcher.live_incoming = incoming
 
     def decoded() -> None:
-        time.sleep(0.1)
+        asked.wait(10)
+        time.sleep(0.05)
         decoding[0] = 0
         batcher.put("cam", live=True)
 
@@ -114,7 +122,7 @@ def test_a_forming_batch_waits_for_a_live_frame_in_decode_up_to_the_batch_delay(
     started = time.monotonic()
     decoding[0] = 1  # a decode that never delivers: the batch leaves after the delay
     assert batcher.get_batch(timeout=1) == ["file3", "file4", "file5", "file6"]
-    assert 0.25 <= time.monotonic() - started < 1.0
+    assert 0.95 <= time.monotonic() - started < 3.0
 
 
 def test_newest_frame_supersedes_the_older_ones_and_priority_budget():
@@ -137,13 +145,13 @@ def test_newest_frame_supersedes_the_older_ones_and_priority_budget():
     time.sleep(0.05)
     live = threading.Thread(target=lambda: (budget.acquire(60, priority=True), order.append("live")))
     live.start()
-    time.sleep(0.05)
+    assert wait_until(lambda: budget._priority_waiting == 1, 10)  # the live frame waits (a slow machine: not yet)
     budget.release(100)  # room for one of them: the live frame, although the backlog frame waited longer
-    live.join(2)
+    live.join(10)
     time.sleep(0.2)
     assert order == ["live"]
     budget.release(60)
-    backlog.join(2)
+    backlog.join(10)
     assert order == ["live", "backlog"]
 
 

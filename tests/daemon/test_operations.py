@@ -85,7 +85,7 @@ def test_daemon_notifies_systemd_and_exports_what_the_dashboard_charts(tmp_path,
         ready = server.recv(1000).decode()
         assert "READY=1" in ready and "STATUS=inspecting 0 source(s)" in ready
         assert server.recv(1000) == b"WATCHDOG=1"
-        text = httpx.get(f"http://127.0.0.1:{service.http_port}/metrics").text
+        text = httpx.get(f"http://127.0.0.1:{service.http_port}/metrics", timeout=30).text
     finally:
         service.request_stop()
         runner.join(60)

@@ -137,7 +137,7 @@ def test_daemon_runs_a_toy_source_kind_into_rows_and_a_toy_sink(tmp_path, plugin
     try:
         assert wait_until(lambda: service.pipeline.processed >= 6, 60), f"{service.pipeline.processed} of 6"
         sink = plugins[0]
-        assert wait_until(lambda: len(sink.results) >= 6, 10)
+        assert wait_until(lambda: len(sink.results) >= 6, 30)
         assert ("toy", "online") in sink.statuses
     finally:
         service.stop()

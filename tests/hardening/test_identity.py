@@ -31,8 +31,7 @@ def test_case13_identical_mqtt_payloads_are_two_inspections_and_a_producer_id_wi
     source.start()
     publisher = Publisher(mosquitto.port)
     try:
-        wait_online(source)
-        time.sleep(0.5)  # online is set when SUBSCRIBE is sent; give the broker its SUBACK
+        wait_online(source)  # online once the broker granted the subscription (SUBACK)
         same = png(77)
         publisher.publish(f"{prefix}/cam1/image", same)
         publisher.publish(f"{prefix}/cam1/image", same)  # a static scene: a second capture, same bytes

@@ -58,13 +58,15 @@ def test_case8_a_truncated_file_nobody_finishes_is_rejected_after_complete_wait_
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     data = photo_jpeg()
-    (inbox / "abandoned.jpg").write_bytes(data[: len(data) // 2])
     source = build_source({"id": "inbox", "kind": "folder", "uri": str(inbox), "settle_s": 0.05,
-                           "poll_interval_s": 0.05, "complete_wait_s": 1.0}, queue_size=8)
+                           "poll_interval_s": 0.05, "complete_wait_s": 2.0}, queue_size=8)
     pipeline = make_pipeline(sqlite_sessions, tmp_path, [source], BrightnessDetector())
     pipeline.start()
     source.start()
     try:
+        # Written once the daemon runs: complete_wait_s counts from the file's mtime, and a slow start on a busy
+        # machine must not eat the time the check below relies on.
+        (inbox / "abandoned.jpg").write_bytes(data[: len(data) // 2])
         time.sleep(0.5)
         assert pipeline.rejected == 0  # still given time to finish
         assert wait_until(lambda: pipeline.rejected == 1, 20)

@@ -79,7 +79,7 @@ def test_folder_source_survives_random_files(folder_pipeline, sqlite_sessions, i
         written.add(name)
     assert wait_until(lambda: count_rows(sqlite_sessions) == before + len(written), 30), \
         (count_rows(sqlite_sessions) - before, written, source.last_error)
-    assert wait_until(lambda: not set(os.listdir(os.fsencode(inbox))) & written, 10)  # every input moved
+    assert wait_until(lambda: not set(os.listdir(os.fsencode(inbox))) & written, 30)  # every input moved
     assert source.running and source.crashes == 0 and not pipeline.errors
 
 
@@ -114,5 +114,5 @@ def test_redis_source_survives_random_entries(redis_pipeline, sqlite_sessions, r
     client = redis.Redis.from_url(redis_server.url)
     assert wait_until(lambda: count_rows(sqlite_sessions) == before + len(entries), 30), \
         (count_rows(sqlite_sessions) - before, len(entries), source.last_error, pipeline.errors)
-    assert wait_until(lambda: client.xpending(stream, "workers")["pending"] == 0, 10)  # all acknowledged
+    assert wait_until(lambda: client.xpending(stream, "workers")["pending"] == 0, 30)  # all acknowledged
     assert source.running and source.crashes == 0 and not pipeline.errors
