@@ -486,15 +486,34 @@ def test_events_stream_new_alerts(env):
     assert env.client.get("/api/events").status_code == 401
 
 
-def test_events_wait_for_rows_inserted_later(sqlite_env):
+def test_events_wait_for_rows_inserted_later(sqlite_env, monkeypatch):
+    from daemon.api import events as events_api
+
     env = sqlite_env
     env.add()
-    timer = threading.Timer(0.3, lambda: env.add(anomalous=True, score=0.77))
-    timer.start()
+    # The alert is inserted once the stream has taken "now" (a fixed delay raced a slow request on a busy machine:
+    # inserted first, the alert was in the past and the stream waited for ever).
+    now_taken = threading.Event()
+    real_max_id = events_api._max_id
+
+    def max_id(sessions):
+        try:
+            return real_max_id(sessions)
+        finally:
+            now_taken.set()
+
+    monkeypatch.setattr(events_api, "_max_id", max_id)
+
+    def insert_later() -> None:
+        now_taken.wait(60)
+        env.add(anomalous=True, score=0.77)  # after "now": the stream finds it, by its first query or a poll
+
+    inserter = threading.Thread(target=insert_later)
+    inserter.start()
     try:
         events = read_events(env.client, {"max_events": 1}, auth("viewer"))  # default: from now on
     finally:
-        timer.join()
+        inserter.join()
     assert [item["score"] for _, item in events] == [0.77]
 
 

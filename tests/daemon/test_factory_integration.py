@@ -45,6 +45,8 @@ class LiveSource:
         self.last_error = None
         self._stop = threading.Event()
         self._count = 0
+        self._held = False
+        self._lock = threading.Lock()  # a frame is made and queued whole, or not at all once held
 
     def start(self) -> None:
         if not self.up:
@@ -56,15 +58,19 @@ class LiveSource:
 
     def _run(self) -> None:
         while not self._stop.wait(1 / self.fps):
-            self._count += 1
-            image = np.full((24, 32, 3), self.value, np.uint8)
-            self.queue.put(Frame(frame_id=f"{self.id}-{time.time_ns()}-{self._count}", source_id=self.id,
-                                 captured_at=datetime.now(timezone.utc), image=image, meta={"line": self.line}))
+            with self._lock:
+                if self._held:
+                    continue
+                self._count += 1
+                image = np.full((24, 32, 3), self.value, np.uint8)
+                self.queue.put(Frame(frame_id=f"{self.id}-{time.time_ns()}-{self._count}", source_id=self.id,
+                                     captured_at=datetime.now(timezone.utc), image=image, meta={"line": self.line}))
 
     def hold(self) -> None:
-        """No frame after the one already on its way: a trigger accepted from now on stays pending."""
-        count, self.fps = self._count, 1e-4  # the thread sleeps out its current short wait, then ~3 h
-        assert wait_until(lambda: self._count > count, 5)
+        """No frame from now on: a trigger accepted after this stays pending. A frame being made meanwhile is
+        queued before this returns, so its capture time is older than any later trigger (a stale frame)."""
+        with self._lock:
+            self._held = True
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
