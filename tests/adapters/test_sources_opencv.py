@@ -120,7 +120,9 @@ def test_watchdog_replaces_a_stuck_grabber(video_path, monkeypatch):
         return real_open(self)
 
     monkeypatch.setattr(opencv_capture.OpenCVCaptureSource, "_open", open_or_hang)
-    source = build_source({"id": "vid", "kind": "video", "uri": str(video_path), "watchdog_s": 0.3,
+    # watchdog_s leaves the fresh grabber room to open and read on a busy machine (at 0.3 s, a stall that long
+    # there would count as a second stuck grabber); the hang above is still far longer.
+    source = build_source({"id": "vid", "kind": "video", "uri": str(video_path), "watchdog_s": 1.0,
                            "open_timeout_ms": 200, "backoff_initial_s": 0.05})
     source.start()
     try:

@@ -263,8 +263,9 @@ def test_pagination_stable_under_concurrent_inserts(env, sort):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        between = (lambda: inserted.append(env.add(minutes=1000 + len(inserted), score=0.999))) \
-            if sort != "time_asc" else None
+        # A row inserted between pages too (the writer thread alone may not run while a busy machine pages):
+        # the newest capture, after `before` in ascending order.
+        between = lambda: inserted.append(env.add(minutes=1000 + len(inserted), score=0.999))  # noqa: E731
         seen = page_through(env.client, sort, 3, between=between, before=(T0 + timedelta(minutes=99)).isoformat()) \
             if sort == "time_asc" else page_through(env.client, sort, 3, between=between)
     finally:
