@@ -140,7 +140,7 @@ def test_background_thread_runs_and_stops(db):
     add(sessions, store, 400)
     job = RetentionJob(sessions, store, retention_days=30)
     job.start(interval_s=3600, initial_delay_s=0.01)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while job.last_result is None and time.monotonic() < deadline:
         time.sleep(0.02)
     job.stop()
