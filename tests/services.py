@@ -24,7 +24,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -156,7 +156,7 @@ class Postgres(_Server):
         return [*self.as_user, f"{self.bindir}/postgres", "-D", str(self.data), "-p", str(self.port),
                 "-h", "127.0.0.1", "-k", str(self.dir), "-c", "fsync=off", "-c", "full_page_writes=off"]
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Returns once the server accepts sessions: it listens on its port while still replaying its WAL, and a
         connection then fails with "the database system is starting up"."""
         super().start()
