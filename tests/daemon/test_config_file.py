@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.cli import main
 from daemon.config import DatabaseConfig, Settings, load_config
 from daemon.config_file import (
     DATABASE_DEFAULTS,
@@ -21,6 +20,7 @@ from daemon.config_file import (
     database_options,
     read_config_data,
 )
+from tests.daemon.test_ops_cli import run
 
 
 def test_plain_reading_knows_the_validated_sections_keys_and_defaults():
@@ -99,15 +99,6 @@ def test_relative_sqlite_path_and_secret_file_resolve_like_the_validated_config(
     plain = database_options(read_config_data(path, environ={}))
     assert plain == DatabaseOptions(f"sqlite:///{plant / 'var' / 'from-secret.db'}", False, 3)
     assert plain == load_config(path, environ={}).database_options()
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_operator_commands_still_report_every_database_mistake_the_validation_finds(tmp_path, capsys):
