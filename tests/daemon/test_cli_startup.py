@@ -180,3 +180,14 @@ def test_config_sections_keep_their_case_insensitive_names(tmp_path):
     path.write_text('BASE_DIR = "/elsewhere"\n')
     with pytest.raises(ConfigError, match="unknown key BASE_DIR"):
         load_config(path, environ={})
+
+
+def test_python_dash_m_exits_like_the_console_script(tmp_path):
+    """`python -m daemon.cli` once ran a second copy of the module whose UsageError did not catch the commands'
+    (they import `daemon.cli`): a usage error exited 1 instead of 2."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ANOMALYD_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "defects", "--limit", "0"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--limit must be between 1 and 1000" in result.stderr, result.stderr
+    assert result.stderr.startswith("usage: anomalyd")
