@@ -1,5 +1,5 @@
 """Start-up of the operator commands: wall and CPU time (user + sys of the child, from wait4) of each command as an
-operator runs it (`python -m daemon.cli ...`, a fresh interpreter each time), against `python -c pass` measured
+operator runs it (what the `anomalyd` console script runs: `daemon.cli.main()` in a fresh interpreter each time), against `python -c pass` measured
 in the same rounds. The commands run in turns, round after round, so a busy machine slows them alike; each
 figure is the minimum over the rounds. On a shared machine compare the ratios and the CPU times, not the walls.
 
@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# What pip's `anomalyd` script does (`python -m daemon.cli` would load daemon.cli twice: as __main__ and when imported).
+ENTRY_POINT = "import sys; from daemon.cli import main; sys.exit(main())"
 
 # (label, command line after `anomalyd`); {config} is the plant's config file. "no database" runs in an empty folder.
 COMMANDS = [
@@ -98,7 +100,7 @@ def main() -> None:
             config = make_plant(plant, tree)
             env = _env(tree, root / f"pycache{index}" if args.bytecode else None)
             for label, command in COMMANDS:
-                argv = [sys.executable, "-m", "daemon.cli", *(part.format(config=config) for part in command)]
+                argv = [sys.executable, "-c", ENTRY_POINT, *(part.format(config=config) for part in command)]
                 runs.append((tree, label, argv, empty if label == "no database" else plant, env))
         baseline = ("python -c pass", [sys.executable, "-c", "pass"], root, _env(REPO))
         best: dict[tuple[str, str], list[float]] = {}

@@ -132,4 +132,8 @@ def _main(argv: Sequence[str] | None, gc_was_enabled: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m daemon.cli`: run the `daemon.cli` the commands import, so that there is one UsageError class (this
+    # copy's would not catch theirs: a usage error would exit 1 instead of 2)
+    from daemon.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -41,7 +41,15 @@ def _database(settings: Settings, config: str | None = None) -> contextlib.Abstr
     """A session factory on the configured database, which must exist (only `run` and `db upgrade` create one)."""
     from daemon.commands.database import existing_database
 
-    return existing_database(settings, config)
+    return existing_database(settings.database_options(), config)
+
+
+def _history_database(args: argparse.Namespace) -> contextlib.AbstractContextManager[sessionmaker[Session]]:
+    """`_database` for the commands that need nothing but the database (defects, label, models list, stats): the
+    configuration's [database] alone is read, without the validation models, when it plainly can be."""
+    from daemon.commands.database import configured_database, existing_database
+
+    return existing_database(configured_database(args.config), args.config)
 
 
 def _print_json(items: Any) -> None:
@@ -72,11 +80,10 @@ def _time_window(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_defects(args: argparse.Namespace) -> int:
-    settings = _load(args)
     after, before = _time_window(args)
     if args.limit < 1 or args.limit > 1000:
         raise _usage(f"--limit must be between 1 and 1000, not {args.limit}")
-    with _database(settings, args.config) as sessions, sessions() as session:
+    with _history_database(args) as sessions, sessions() as session:
         from adapters.db import InspectionFilter, history  # SQLAlchemy: only once there is a database
 
         filters = InspectionFilter(source=args.source, line=args.line, after=after, before=before,
@@ -109,7 +116,6 @@ def _print_table(items: list[dict[str, Any]]) -> None:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    settings = _load(args)
     mask = None
     if args.mask:
         try:
@@ -117,11 +123,12 @@ def cmd_label(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise _usage(f"--mask {args.mask}: cannot read: {exc.strerror or exc}") from None
     author = args.author or f"cli:{_user()}"
-    with _database(settings, args.config) as sessions:
+    with _history_database(args) as sessions:
         from adapters.db import history  # SQLAlchemy: only once there is a database
 
+        store = _store(_load(args)) if mask is not None else None  # a label mask is kept with the artifacts
         try:
-            row = history.apply_label(sessions, _store(settings) if mask is not None else None, args.inspection_id,
+            row = history.apply_label(sessions, store, args.inspection_id,
                                       args.label, author=author, mask=mask, mask_name=f"--mask {args.mask}")
         except history.NotFound as exc:  # a runtime failure (exit 1), not a usage error
             raise RuntimeError(str(exc)) from None
@@ -143,8 +150,7 @@ def _user() -> str:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    settings = _load(args)
-    with _database(settings, args.config) as sessions, sessions() as session:
+    with _history_database(args) as sessions, sessions() as session:
         from adapters.db import history  # SQLAlchemy: only once there is a database
 
         items = [history.model_dict(row) for row in history.list_versions(session)]

@@ -33,7 +33,7 @@ def _sessions(settings: Any, config: str | None = None) -> Any:
     """Sessions on the configured database, which must exist (only `run` and `db upgrade` create one)."""
     from daemon.commands.database import existing_database
 
-    with existing_database(settings, config) as sessions:
+    with existing_database(settings.database_options(), config) as sessions:
         return sessions  # the engine stays usable after dispose(): it reconnects on demand
 
 

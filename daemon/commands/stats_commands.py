@@ -7,19 +7,23 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from daemon.commands.ops_commands import _config_argument, _database, _print_json, _time_window, _usage
-from daemon.commands.run_commands import _load
+from daemon.commands.ops_commands import (
+    _config_argument,
+    _history_database,
+    _print_json,
+    _time_window,
+    _usage,
+)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from adapters.timeutil import duration_seconds
 
-    settings = _load(args)
     after, before = _time_window(args)
     seconds = duration_seconds(args.bucket) if not args.bucket.isdigit() else float(args.bucket)
     if seconds is None or seconds != int(seconds):
         raise _usage(f"--bucket {args.bucket!r}: expected seconds or a duration like 15m, 1h, 1d")
-    with _database(settings, args.config) as sessions, sessions() as session:
+    with _history_database(args) as sessions, sessions() as session:
         from adapters.db import history  # SQLAlchemy: only once there is a database
 
         try:

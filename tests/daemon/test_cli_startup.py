@@ -1,7 +1,8 @@
 """What the operator commands load (their start-up time is in bench/bench_cli.py, not asserted here).
 
 Each one runs in a fresh interpreter, the way an operator runs it, and the test asserts on `sys.modules` and the
-output: no torch, numpy, OpenCV, PIL, FastAPI, uvicorn, Alembic or retraining code; no SQLAlchemy on
+output: no torch, numpy, OpenCV, PIL, FastAPI, uvicorn, Alembic or retraining code; no pydantic for the history
+commands (they read [database] plainly: daemon.config_file); no SQLAlchemy on
 the "no database at ..." path; only the command's own module of `daemon/commands/`; no Alembic log lines. And the
 parser built for one command parses, helps and fails exactly like the whole one.
 """
@@ -89,10 +90,10 @@ def test_no_database_path_imports_no_sqlalchemy(tmp_path):
     empty.mkdir()
     argvs = [["defects"], ["defects", "--since", "24h", "--json"], ["label", "1", "normal"], ["models", "list"],
              ["stats", "--bucket", "15m"], ["retrain"]]
-    report = probe(argvs, empty, (*HEAVY, "sqlalchemy"))
+    report = probe(argvs, empty, (*HEAVY, "sqlalchemy", "pydantic"))
     for entry in report:
         assert entry["code"] == 1 and "no database at" in entry["err"], entry
-        assert entry["loaded"] == [], entry
+        assert entry["loaded"] == ([] if entry["argv"][0] != "retrain" else ["pydantic"]), entry
     assert list(empty.iterdir()) == []  # and no database was made
 
 
@@ -108,8 +109,10 @@ def test_operator_commands_load_only_what_they_need(plant):
     by_command = {" ".join(entry["argv"][:2]): entry for entry in report}
     for entry in report[:-1]:
         assert entry["code"] == 0, entry
-        assert "sqlalchemy" in entry["loaded"] or entry["argv"][0] == "tokens", entry  # the probe sees imports
-        assert set(entry["loaded"]) <= {"sqlalchemy", "pydantic"}, entry
+        if entry["argv"][0] == "tokens":  # the token commands validate [api] (pydantic) and open no database
+            assert set(entry["loaded"]) <= {"sqlalchemy", "pydantic"}, entry
+        else:  # the history commands read [database] without the validation models (daemon.config_file)
+            assert entry["loaded"] == ["sqlalchemy"], entry  # (the probe sees imports: SQLAlchemy is there)
     assert report[-1]["code"] == 2 and "--limit" in report[-1]["err"]  # a usage error, still nothing heavy
     assert set(report[-1]["loaded"]) <= {"sqlalchemy", "pydantic"}
     assert "cam1" in report[0]["out"] and "0.900" in report[0]["out"]
@@ -177,3 +180,14 @@ def test_config_sections_keep_their_case_insensitive_names(tmp_path):
     path.write_text('BASE_DIR = "/elsewhere"\n')
     with pytest.raises(ConfigError, match="unknown key BASE_DIR"):
         load_config(path, environ={})
+
+
+def test_python_dash_m_exits_like_the_console_script(tmp_path):
+    """`python -m daemon.cli` once ran a second copy of the module whose UsageError did not catch the commands'
+    (they import `daemon.cli`): a usage error exited 1 instead of 2."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ANOMALYD_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "defects", "--limit", "0"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--limit must be between 1 and 1000" in result.stderr, result.stderr
+    assert result.stderr.startswith("usage: anomalyd")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config as config_module
+from daemon import config_file as config_module  # where the config search lives
 from daemon.cli import main, split_config_option
 from daemon.config import find_config
 
