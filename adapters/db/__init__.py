@@ -6,34 +6,19 @@ Typical use::
     saved = save_inspection(sessions, Inspection(...), alert=builder)
 """
 
-from adapters.db.engine import make_engine, make_session_factory, ping
-from adapters.db.repository import (
-    InspectionFilter,
-    SavedInspection,
-    add_label,
-    add_outbox_attempts,
-    count_pending_outbox,
-    inspection_by_frame_id,
-    inspections_by_frame_ids,
-    latest_label,
-    list_inspections,
-    mark_outbox_sent,
-    pending_outbox,
-    record_rejected,
-    save_inspection,
-    save_inspections,
-)
-from adapters.db.tables import (
-    Base,
-    Inspection,
-    Label,
-    ModelVersion,
-    OutboxMessage,
-    RejectedFrame,
-    SourceThreshold,
-    TrainingRun,
-    utcnow,
-)
+# Each name is imported from its module on first use (PEP 562), so that `adapters.db.history` (Core only: the
+# operator commands' reads) does not pull in the ORM models and `sqlalchemy.orm`, nor Alembic.
+_MODULE_OF = {
+    **dict.fromkeys(("make_engine", "make_session_factory", "ping"), "engine"),
+    "InspectionFilter": "queries",
+    **dict.fromkeys(("SavedInspection", "add_label", "add_outbox_attempts", "count_pending_outbox",
+                     "inspection_by_frame_id", "inspections_by_frame_ids", "latest_label", "list_inspections",
+                     "mark_outbox_sent", "pending_outbox", "record_rejected", "save_inspection", "save_inspections"),
+                    "repository"),
+    **dict.fromkeys(("Base", "Inspection", "Label", "ModelVersion", "OutboxMessage", "RejectedFrame",
+                     "SourceThreshold", "TrainingRun", "utcnow"), "tables"),
+    **dict.fromkeys(("current_revision", "head_revision", "upgrade"), "migrate"),
+}
 
 __all__ = [
     "Base",
@@ -67,14 +52,13 @@ __all__ = [
     "utcnow",
 ]
 
-# Alembic is imported on first use of these (it costs a fifth of a second and logs at import), so code that only
-# reads the database, like the operator commands, does without it.
-_MIGRATE_NAMES = ("current_revision", "head_revision", "upgrade")
-
 
 def __getattr__(name: str):
-    if name in _MIGRATE_NAMES:
-        from adapters.db import migrate
+    module_name = _MODULE_OF.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return getattr(migrate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module_name}"), name)
+    globals()[name] = value  # once found, a plain attribute
+    return value

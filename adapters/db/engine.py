@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -37,6 +39,8 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded attributes usable after commit (results are handed to other threads)."""
+    from sqlalchemy.orm import sessionmaker  # here: the operator commands' Core reads do without the ORM
+
     return sessionmaker(engine, expire_on_commit=False)
 
 

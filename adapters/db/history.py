@@ -1,5 +1,8 @@
 """Queries and writes over the inspection history, shared by the HTTP API and the operator CLI (no FastAPI here).
 
+They are SQLAlchemy Core over `adapters.db.schema` and return `Row`s (attribute access, like the ORM objects):
+the API passes its ORM `Session`s, the operator commands a Core `Connection`, and then import no `sqlalchemy.orm`.
+
 Pagination is keyset ("seek") pagination: the opaque cursor encodes the sort key and the id of the last row
 returned, and the next page is the rows strictly after that (key, id) pair in the chosen order. Rows inserted
 while a client pages (new frames arrive at the head) therefore never shift or repeat a page.
@@ -20,13 +23,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, Integer, and_, case, cast, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import BigInteger, Integer, Row, and_, case, cast, func, insert, or_, select
 
-from adapters.db.repository import InspectionFilter, add_label, inspection_filter_clauses
-from adapters.db.tables import Inspection, Label, ModelVersion, RejectedFrame
+from adapters.db.queries import InspectionFilter, inspection_filter_clauses
+from adapters.db.schema import inspections, labels, model_versions, rejected_frames
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+    from sqlalchemy.orm import Session
+
     from adapters.storage import ArtifactStore
 
 # HistoryError and parse_when are used from here by the API and the CLI (defined apart: no SQLAlchemy there)
@@ -50,10 +55,15 @@ class NotFound(LookupError):
     """No such inspection (404)."""
 
 
+def _dialect_name(session: Connection | Session) -> str:
+    bind = session.get_bind() if hasattr(session, "get_bind") else session  # an ORM session, or a Core connection
+    return bind.dialect.name
+
+
 # --- cursor ------------------------------------------------------------------------------------------------------
 
 
-def encode_cursor(sort: str, row: Inspection) -> str:
+def encode_cursor(sort: str, row: Row) -> str:
     key: Any = row.captured_at.isoformat() if sort.startswith("time") else (
         _NO_SCORE if row.score is None else float(row.score))
     raw = json.dumps({"s": sort, "k": key, "i": row.id}, separators=(",", ":")).encode()
@@ -98,51 +108,51 @@ def filter_clauses(filters: InspectionFilter) -> list[Any]:
 
 @dataclass
 class Page:
-    rows: list[Inspection]
-    labels: dict[int, Label]  # latest label per inspection id on this page
+    rows: list[Row]  # of `inspections`
+    labels: dict[int, Row]  # latest label per inspection id on this page
     next_cursor: str | None
 
 
 def list_page(
-    session: Session, filters: InspectionFilter, *, sort: str = "time_desc", limit: int = 50, cursor: str | None = None
+    session: Connection | Session, filters: InspectionFilter, *, sort: str = "time_desc", limit: int = 50, cursor: str | None = None
 ) -> Page:
     """One page of inspections in `sort` order, starting after `cursor`."""
     if sort not in SORTS:
         raise HistoryError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}")
     if not 1 <= limit <= 1000:
         raise HistoryError(f"limit must be between 1 and 1000, not {limit}")
-    key_column = Inspection.captured_at if sort.startswith("time") else func.coalesce(Inspection.score, _NO_SCORE)
+    key_column = inspections.c.captured_at if sort.startswith("time") else func.coalesce(inspections.c.score, _NO_SCORE)
     descending = sort.endswith("desc")
-    query = select(Inspection).where(*filter_clauses(filters))
+    query = select(inspections).where(*filter_clauses(filters))
     if cursor:
         key, last_id = decode_cursor(cursor, sort)
         if descending:
-            query = query.where(or_(key_column < key, and_(key_column == key, Inspection.id < last_id)))
+            query = query.where(or_(key_column < key, and_(key_column == key, inspections.c.id < last_id)))
         else:
-            query = query.where(or_(key_column > key, and_(key_column == key, Inspection.id > last_id)))
-    order = (key_column.desc(), Inspection.id.desc()) if descending else (key_column.asc(), Inspection.id.asc())
-    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
+            query = query.where(or_(key_column > key, and_(key_column == key, inspections.c.id > last_id)))
+    order = (key_column.desc(), inspections.c.id.desc()) if descending else (key_column.asc(), inspections.c.id.asc())
+    rows = list(session.execute(query.order_by(*order).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(rows=rows, labels=latest_labels(session, [row.id for row in rows]),
                 next_cursor=encode_cursor(sort, rows[-1]) if more and rows else None)
 
 
-def latest_labels(session: Session, inspection_ids: Sequence[int]) -> dict[int, Label]:
+def latest_labels(session: Connection | Session, inspection_ids: Sequence[int]) -> dict[int, Row]:
     if not inspection_ids:
         return {}
-    found: dict[int, Label] = {}
-    labels = session.scalars(
-        select(Label).where(Label.inspection_id.in_(list(inspection_ids))).order_by(Label.created_at, Label.id))
-    for label in labels:
+    found: dict[int, Row] = {}
+    rows = session.execute(select(labels).where(labels.c.inspection_id.in_(list(inspection_ids)))
+                           .order_by(labels.c.created_at, labels.c.id))
+    for label in rows:
         found[label.inspection_id] = label  # later rows overwrite: the newest wins
     return found
 
 
-def get_inspection(session: Session, inspection_id: int) -> Inspection:
+def get_inspection(session: Connection | Session, inspection_id: int) -> Row:
     if not -MAX_ID <= inspection_id <= MAX_ID:  # beyond the id column's range: no such row (not a driver error)
         raise NotFound(f"no inspection {inspection_id}")
-    row = session.get(Inspection, inspection_id)
+    row = session.execute(select(inspections).where(inspections.c.id == inspection_id)).first()
     if row is None:
         raise NotFound(f"no inspection {inspection_id}")
     return row
@@ -155,14 +165,14 @@ def _iso(when: datetime | None) -> str | None:
     return rfc3339(when, "auto") if when is not None else None
 
 
-def label_dict(label: Label | None) -> dict[str, Any] | None:
+def label_dict(label: Any | None) -> dict[str, Any] | None:
     if label is None:
         return None
     return {"id": label.id, "label": label.label, "author": label.author, "created_at": _iso(label.created_at),
             "mask_url": f"/api/inspections/{label.inspection_id}/{LABEL_MASK_ARTIFACT}" if label.mask_path else None}
 
 
-def inspection_dict(row: Inspection, label: Label | None = None) -> dict[str, Any]:
+def inspection_dict(row: Any, label: Any | None = None) -> dict[str, Any]:
     """The API/CLI JSON form of an inspection (artifact URLs, never filesystem paths)."""
     base = f"/api/inspections/{row.id}"
     return {
@@ -177,24 +187,25 @@ def inspection_dict(row: Inspection, label: Label | None = None) -> dict[str, An
     }
 
 
-def inspection_detail(session: Session, row: Inspection) -> dict[str, Any]:
-    labels = list(session.scalars(
-        select(Label).where(Label.inspection_id == row.id).order_by(Label.created_at, Label.id)))
-    item = inspection_dict(row, labels[-1] if labels else None)
-    item["labels"] = [label_dict(label) for label in labels]
+def inspection_detail(session: Connection | Session, row: Any) -> dict[str, Any]:
+    found = session.execute(
+        select(labels).where(labels.c.inspection_id == row.id).order_by(labels.c.created_at, labels.c.id)).all()
+    item = inspection_dict(row, found[-1] if found else None)
+    item["labels"] = [label_dict(label) for label in found]
     item["meta"] = row.meta
     return item
 
 
-def model_dict(row: ModelVersion) -> dict[str, Any]:
+def model_dict(row: Any) -> dict[str, Any]:
     return {"version": row.version, "kind": row.kind, "status": row.status, "metrics": row.metrics,
             "prompts_path": row.prompts_path, "created_at": _iso(row.created_at),
             "activated_at": _iso(row.activated_at), "notes": row.notes}
 
 
-def list_versions(session: Session) -> list[ModelVersion]:
+def list_versions(session: Connection | Session) -> list[Row]:
     """Every model version, newest first."""
-    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())))
+    return list(session.execute(select(model_versions)
+                                .order_by(model_versions.c.created_at.desc(), model_versions.c.id.desc())))
 
 
 # --- labelling ---------------------------------------------------------------------------------------------------
@@ -264,7 +275,7 @@ def store_label_mask(store: ArtifactStore, data: bytes, when: datetime | None = 
 def apply_label(
     sessions: Any, store: Any, inspection_id: int, label: str, *, author: str | None = None,
     mask: bytes | None = None, mask_name: str = "mask",
-) -> Label:
+) -> Row:
     """Record operator feedback (optionally with a mask PNG) for an inspection; returns the stored label row.
 
     The mask file is written before the row commits (a row never points at a missing file); if the commit
@@ -282,7 +293,9 @@ def apply_label(
                 if mask is not None:
                     mask = read_label_mask(mask, mask_name, expected=(inspection.width, inspection.height))
                     mask_path = store_label_mask(store, mask)
-                row = add_label(session, inspection_id, label, author=author, mask_path=mask_path)
+                new_id = session.execute(insert(labels).values(
+                    inspection_id=inspection_id, label=label, author=author, mask_path=mask_path)).inserted_primary_key[0]
+                row = session.execute(select(labels).where(labels.c.id == new_id)).one()
         except BaseException:
             if mask_path is not None:
                 store.path(mask_path).unlink(missing_ok=True)
@@ -293,24 +306,24 @@ def apply_label(
 # --- statistics --------------------------------------------------------------------------------------------------
 
 
-def stats(session: Session, *, after: datetime | None = None, before: datetime | None = None) -> dict[str, Any]:
+def stats(session: Connection | Session, *, after: datetime | None = None, before: datetime | None = None) -> dict[str, Any]:
     """Counts over [after, before) (default: the last 24 hours): per source, labels, rejected frames."""
     before = before or datetime.now(timezone.utc)
     after = after or before - timedelta(hours=24)
-    window = (Inspection.captured_at >= after, Inspection.captured_at < before)
+    window = (inspections.c.captured_at >= after, inspections.c.captured_at < before)
     per_source = session.execute(
-        select(Inspection.source, Inspection.line, func.count(Inspection.id),
-               func.sum(cast(Inspection.is_anomalous, Integer)), func.max(Inspection.captured_at),
-               func.avg(Inspection.score))
-        .where(*window).group_by(Inspection.source, Inspection.line).order_by(Inspection.source, Inspection.line)
+        select(inspections.c.source, inspections.c.line, func.count(inspections.c.id),
+               func.sum(cast(inspections.c.is_anomalous, Integer)), func.max(inspections.c.captured_at),
+               func.avg(inspections.c.score))
+        .where(*window).group_by(inspections.c.source, inspections.c.line).order_by(inspections.c.source, inspections.c.line)
     ).all()
     rejected = dict(session.execute(
-        select(RejectedFrame.source, func.count(RejectedFrame.id))
-        .where(RejectedFrame.created_at >= after, RejectedFrame.created_at < before).group_by(RejectedFrame.source)
+        select(rejected_frames.c.source, func.count(rejected_frames.c.id))
+        .where(rejected_frames.c.created_at >= after, rejected_frames.c.created_at < before).group_by(rejected_frames.c.source)
     ).all())
-    labels = dict(session.execute(
-        select(Label.label, func.count(Label.id))
-        .where(Label.created_at >= after, Label.created_at < before).group_by(Label.label)
+    label_counts = dict(session.execute(
+        select(labels.c.label, func.count(labels.c.id))
+        .where(labels.c.created_at >= after, labels.c.created_at < before).group_by(labels.c.label)
     ).all())
     sources = []
     for source, line, count, anomalous, last, mean_score in per_source:
@@ -331,7 +344,7 @@ def stats(session: Session, *, after: datetime | None = None, before: datetime |
         "total": {"inspections": total, "anomalous": total_anomalous,
                   "anomalous_rate": total_anomalous / total if total else 0.0,
                   "rejected": int(sum(rejected.values()))},
-        "labels": {name: int(labels.get(name, 0)) for name in LABELS},
+        "labels": {name: int(label_counts.get(name, 0)) for name in LABELS},
     }
 
 
@@ -356,11 +369,11 @@ def _epoch_bucket(column: Any, dialect: str, bucket_s: int) -> Any:
 def series_group(by: str) -> Any:
     """The SQL grouping key: the source, or its line (the source itself when it has none configured)."""
     if by == "source":
-        return Inspection.source
-    return case((Inspection.line == DEFAULT_LINE, Inspection.source), else_=Inspection.line)
+        return inspections.c.source
+    return case((inspections.c.line == DEFAULT_LINE, inspections.c.source), else_=inspections.c.line)
 
 
-def series(session: Session, *, after: datetime | None = None, before: datetime | None = None,
+def series(session: Connection | Session, *, after: datetime | None = None, before: datetime | None = None,
            bucket_s: int = 3600, by: str = "line") -> dict[str, Any]:
     """Counts and scores over [after, before) (default: the last 24 hours) in `bucket_s`-long UTC buckets per source
     or per line: inspections, anomalous (defect rate), mean and max score, the thresholds applied, rejected frames.
@@ -378,23 +391,23 @@ def series(session: Session, *, after: datetime | None = None, before: datetime 
     if math.ceil((before - after).total_seconds() / bucket_s) > MAX_SERIES_BUCKETS:
         raise HistoryError(f"{(before - after)} in {bucket_s} s buckets is more than {MAX_SERIES_BUCKETS} buckets; "
                            "choose a larger bucket or a shorter window")
-    dialect = session.get_bind().dialect.name
+    dialect = _dialect_name(session)
     group = series_group(by).label("grp")
-    bucket = _epoch_bucket(Inspection.captured_at, dialect, bucket_s).label("bucket")
-    window = (Inspection.captured_at >= after, Inspection.captured_at < before)
+    bucket = _epoch_bucket(inspections.c.captured_at, dialect, bucket_s).label("bucket")
+    window = (inspections.c.captured_at >= after, inspections.c.captured_at < before)
     # one row per (group, source, bucket): the sources of each group come with the counts, no second scan
     rows = session.execute(
-        select(group, Inspection.source, bucket, func.count(Inspection.id),
-               func.sum(cast(Inspection.is_anomalous, Integer)), func.sum(Inspection.score), func.count(Inspection.score),
-               func.max(Inspection.score), func.min(Inspection.threshold), func.max(Inspection.threshold))
-        .where(*window).group_by(group, Inspection.source, bucket).order_by(group, bucket)
+        select(group, inspections.c.source, bucket, func.count(inspections.c.id),
+               func.sum(cast(inspections.c.is_anomalous, Integer)), func.sum(inspections.c.score), func.count(inspections.c.score),
+               func.max(inspections.c.score), func.min(inspections.c.threshold), func.max(inspections.c.threshold))
+        .where(*window).group_by(group, inspections.c.source, bucket).order_by(group, bucket)
         .limit(MAX_SERIES_ROWS + 1)).all()
     truncated = len(rows) > MAX_SERIES_ROWS
-    rejected_bucket = _epoch_bucket(RejectedFrame.created_at, dialect, bucket_s).label("bucket")
+    rejected_bucket = _epoch_bucket(rejected_frames.c.created_at, dialect, bucket_s).label("bucket")
     rejected_rows = session.execute(
-        select(RejectedFrame.source, rejected_bucket, func.count(RejectedFrame.id))
-        .where(RejectedFrame.created_at >= after, RejectedFrame.created_at < before)
-        .group_by(RejectedFrame.source, rejected_bucket).limit(MAX_SERIES_ROWS + 1)).all()
+        select(rejected_frames.c.source, rejected_bucket, func.count(rejected_frames.c.id))
+        .where(rejected_frames.c.created_at >= after, rejected_frames.c.created_at < before)
+        .group_by(rejected_frames.c.source, rejected_bucket).limit(MAX_SERIES_ROWS + 1)).all()
     truncated = truncated or len(rejected_rows) > MAX_SERIES_ROWS
 
     groups: dict[str, dict[str, Any]] = {}
@@ -434,8 +447,8 @@ def series(session: Session, *, after: datetime | None = None, before: datetime 
         entry["anomalous"] += anomalous
     # each source's newest model version in the window (its thresholds): one index lookup per source
     newest_version = {source: session.scalar(
-        select(Inspection.model_version).where(Inspection.source == source, *window)
-        .order_by(Inspection.captured_at.desc()).limit(1)) for source in group_of_source}
+        select(inspections.c.model_version).where(inspections.c.source == source, *window)
+        .order_by(inspections.c.captured_at.desc()).limit(1)) for source in group_of_source}
     for entry in groups.values():
         entry["model_versions"] = {source: newest_version[source] for source in entry["sources"]}
     for source, index, count in rejected_rows[:MAX_SERIES_ROWS]:

@@ -17,6 +17,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from adapters.db.queries import (  # noqa: F401  (the history filters: Core, shared with adapters.db.history)
+    InspectionFilter,
+    inspection_filter_clauses,
+    latest_label_subquery,
+)
 from adapters.db.tables import Inspection, Label, ModelVersion, OutboxMessage, RejectedFrame, utcnow
 
 # Builds the alert for a flushed inspection (its id is known): (topic, payload dict, qos), or None for no alert.
@@ -245,51 +250,10 @@ def add_outbox_attempts(session: Session, ids: Iterable[str]) -> None:
 # --- queries for the operator API and CLI --------------------------------------------------------------------------
 
 
-@dataclass
-class InspectionFilter:
-    source: str | None = None
-    line: str | None = None
-    after: datetime | None = None  # captured_at >= after
-    before: datetime | None = None  # captured_at < before
-    min_score: float | None = None
-    max_score: float | None = None
-    anomalous: bool | None = None
-    label: str | None = None  # latest label: normal | anomalous | "none" (unlabelled)
-
-
 def latest_label(session: Session, inspection_id: int) -> Label | None:
     return session.scalars(
         select(Label).where(Label.inspection_id == inspection_id).order_by(Label.created_at.desc(), Label.id.desc())
     ).first()
-
-
-def latest_label_subquery() -> Any:
-    """The label of an inspection's newest label row, as a correlated scalar subquery (None when unlabelled)."""
-    return (
-        select(Label.label)
-        .where(Label.inspection_id == Inspection.id)
-        .order_by(Label.created_at.desc(), Label.id.desc())
-        .limit(1)
-        .correlate(Inspection)
-        .scalar_subquery()
-    )
-
-
-def inspection_filter_clauses(filters: InspectionFilter) -> list[Any]:
-    """WHERE clauses for `filters`: the one definition of the history filters (API, CLI, this module)."""
-    if filters.label is not None and filters.label not in ("normal", "anomalous", "none"):
-        raise ValueError(f"label filter must be normal, anomalous or none, not {filters.label!r}")
-    checks = [
-        (filters.source, lambda v: Inspection.source == v),
-        (filters.line, lambda v: Inspection.line == v),
-        (filters.after, lambda v: Inspection.captured_at >= v),
-        (filters.before, lambda v: Inspection.captured_at < v),
-        (filters.min_score, lambda v: Inspection.score >= v),
-        (filters.max_score, lambda v: Inspection.score <= v),
-        (filters.anomalous, lambda v: Inspection.is_anomalous.is_(v)),
-        (filters.label, lambda v: latest_label_subquery().is_(None) if v == "none" else latest_label_subquery() == v),
-    ]
-    return [clause(value) for value, clause in checks if value is not None]
 
 
 def list_inspections(

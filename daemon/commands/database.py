@@ -100,9 +100,10 @@ def configured_database(config: str | None) -> DatabaseOptions:
 
 
 @contextlib.contextmanager
-def existing_database(database: DatabaseOptions, config: str | None = None) -> Iterator[Any]:
+def existing_database(database: DatabaseOptions, config: str | None = None, *, orm: bool = True) -> Iterator[Any]:
     """A session factory on the configured database (`configured_database`, or `Settings.database_options()`),
-    which must already exist; the engine is disposed after."""
+    which must already exist; the engine is disposed after. `orm=False`: Core connections instead of ORM sessions
+    (`engine.connect`; enough for `adapters.db.history`, and no `sqlalchemy.orm` import)."""
     from daemon.config_file import describe_config_search
 
     url = database.url
@@ -112,7 +113,7 @@ def existing_database(database: DatabaseOptions, config: str | None = None) -> I
     if path is not None and not path.is_file():
         raise NoDatabaseError(f"no database at {path} ({describe_config_search(config)}); {hint}")
     # SQLAlchemy only now that there is a database to open
-    from adapters.db.engine import make_engine, make_session_factory
+    from adapters.db.engine import make_engine
 
     engine = make_engine(url, echo=database.echo, pool_size=database.pool_size)
     try:
@@ -120,6 +121,11 @@ def existing_database(database: DatabaseOptions, config: str | None = None) -> I
             where = path or engine.url.render_as_string(hide_password=True)
             raise NoDatabaseError(f"{where} holds no anomalyd tables ({describe_config_search(config)}); {hint}")
         _quiet_upgrade(engine)
+        if not orm:
+            yield engine.connect
+            return
+        from adapters.db.engine import make_session_factory
+
         yield make_session_factory(engine)
     finally:
         engine.dispose()

@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 from daemon.commands.run_commands import _config_path, _import_factory, _load
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy import Connection
     from sqlalchemy.orm import Session, sessionmaker
 
     from adapters.storage import ArtifactStore
@@ -44,12 +47,13 @@ def _database(settings: Settings, config: str | None = None) -> contextlib.Abstr
     return existing_database(settings.database_options(), config)
 
 
-def _history_database(args: argparse.Namespace) -> contextlib.AbstractContextManager[sessionmaker[Session]]:
-    """`_database` for the commands that need nothing but the database (defects, label, models list, stats): the
-    configuration's [database] alone is read, without the validation models, when it plainly can be."""
+def _history_database(args: argparse.Namespace) -> contextlib.AbstractContextManager[Callable[[], Connection]]:
+    """`_database` for the commands that need nothing but the history (defects, label, models list, stats): the
+    configuration's [database] alone is read, without the validation models, when it plainly can be, and the
+    connections are Core ones (`adapters.db.history` needs no ORM)."""
     from daemon.commands.database import configured_database, existing_database
 
-    return existing_database(configured_database(args.config), args.config)
+    return existing_database(configured_database(args.config), args.config, orm=False)
 
 
 def _print_json(items: Any) -> None:

@@ -2,7 +2,7 @@
 
 Each one runs in a fresh interpreter, the way an operator runs it, and the test asserts on `sys.modules` and the
 output: no torch, numpy, OpenCV, PIL, FastAPI, uvicorn, Alembic or retraining code; no pydantic for the history
-commands (they read [database] plainly: daemon.config_file); no SQLAlchemy on
+commands (they read [database] plainly: daemon.config_file) and no SQLAlchemy ORM; no SQLAlchemy on
 the "no database at ..." path; only the command's own module of `daemon/commands/`; no Alembic log lines. And the
 parser built for one command parses, helps and fails exactly like the whole one.
 """
@@ -105,16 +105,17 @@ def test_operator_commands_load_only_what_they_need(plant):
              ["stats", "--since", "2024-04-30T00:00:00Z", "--until", "2024-05-02T00:00:00Z", "--json",
               "--config", config],
              ["tokens", "list", "--config", config], ["defects", "--limit", "0", "--config", config]]
-    report = probe(argvs, plant.parent, (*HEAVY, "sqlalchemy", "pydantic"))
+    report = probe(argvs, plant.parent, (*HEAVY, "sqlalchemy", "sqlalchemy.orm", "pydantic"))
     by_command = {" ".join(entry["argv"][:2]): entry for entry in report}
     for entry in report[:-1]:
         assert entry["code"] == 0, entry
         if entry["argv"][0] == "tokens":  # the token commands validate [api] (pydantic) and open no database
             assert set(entry["loaded"]) <= {"sqlalchemy", "pydantic"}, entry
-        else:  # the history commands read [database] without the validation models (daemon.config_file)
+        else:  # the history commands read [database] without the validation models (daemon.config_file) and
+            # the history with SQLAlchemy Core (adapters.db.history), not the ORM
             assert entry["loaded"] == ["sqlalchemy"], entry  # (the probe sees imports: SQLAlchemy is there)
     assert report[-1]["code"] == 2 and "--limit" in report[-1]["err"]  # a usage error, still nothing heavy
-    assert set(report[-1]["loaded"]) <= {"sqlalchemy", "pydantic"}
+    assert set(report[-1]["loaded"]) <= {"sqlalchemy", "sqlalchemy.orm", "pydantic"}
     assert "cam1" in report[0]["out"] and "0.900" in report[0]["out"]
     assert json.loads(by_command["defects --all"]["out"])[0]["label"]["label"] == "normal"
     assert "inspection 1 labelled normal by probe" in report[1]["out"]

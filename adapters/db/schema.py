@@ -1,0 +1,211 @@
+"""The daemon's tables as SQLAlchemy Core `Table`s: what the history queries (`adapters.db.history`) select from.
+
+The ORM classes of `adapters.db.tables` are mapped onto these same tables. Keeping the tables in Core lets the
+operator commands that only read the history (`anomalyd defects`, `label`, `models list`, `stats`) run without
+importing `sqlalchemy.orm` at all: a fifth of their start-up. A test (`tests/adapters/test_schema.py`) compares
+these tables with what the Alembic migrations create.
+
+Times are stored as timezone-aware UTC (`DateTime(timezone=True)`); SQLite keeps them as text without an
+offset, so `UtcDateTime` puts the UTC zone back on the way out.
+"""
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+from adapters.timeutil import utc_now
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+utcnow = utc_now  # the column default (one UTC clock: adapters.timeutil)
+
+
+def _new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class UtcDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend (naive input is taken as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _required(name: str, *args: Any, **kwargs: Any) -> Column:
+    """A NOT NULL column (the ORM's `Mapped[X]`; `Mapped[X | None]` is a plain, nullable `Column`)."""
+    return Column(name, *args, nullable=False, **kwargs)
+
+
+# One scored frame (or a frame that failed in the model: `error` set, no score).
+inspections = Table(
+    "inspections", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _required("uuid", String(36), unique=True, default=_new_uuid),
+    _required("frame_id", String(255), unique=True),
+    _required("source", String(128)),
+    _required("line", String(128)),
+    Column("frame_name", Text),
+    _required("captured_at", UtcDateTime),
+    _required("processed_at", UtcDateTime, default=utcnow),
+    _required("model_version", String(255)),
+    Column("score", Float),
+    _required("threshold", Float),
+    _required("is_anomalous", Boolean, default=False),
+    _required("regions", JSON, default=list),
+    Column("mask_path", Text),
+    Column("heatmap_path", Text),
+    Column("frame_path", Text),
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("error", Text),
+    Column("meta", JSON),
+    Index("ix_inspections_source_captured_at", "source", "captured_at"),
+    Index("ix_inspections_line_captured_at", "line", "captured_at"),
+    Index("ix_inspections_captured_at", "captured_at"),
+    Index("ix_inspections_score", "score"),
+    Index("ix_inspections_is_anomalous_captured_at", "is_anomalous", "captured_at"),
+)
+
+# Operator feedback on an inspection; the latest label wins.
+labels = Table(
+    "labels", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _required("inspection_id", Integer, ForeignKey("inspections.id", ondelete="CASCADE"), index=True),
+    _required("label", String(16)),  # normal | anomalous
+    Column("mask_path", Text),
+    Column("author", String(128)),
+    _required("created_at", UtcDateTime, default=utcnow, index=True),
+)
+
+model_versions = Table(
+    "model_versions", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _required("version", String(255), unique=True),
+    _required("kind", String(32)),  # the model family: anomalyclip | adaclip | patchcore | ...
+    Column("prompts_path", Text),
+    Column("metrics", JSON),
+    _required("status", String(16), default="candidate", index=True),  # candidate | active | retired
+    _required("created_at", UtcDateTime, default=utcnow),
+    Column("activated_at", UtcDateTime),
+    Column("notes", Text),
+)
+
+training_runs = Table(
+    "training_runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _required("started_at", UtcDateTime, default=utcnow),
+    Column("finished_at", UtcDateTime),
+    _required("status", String(16), default="running"),  # running | succeeded | failed | cancelled
+    Column("params", JSON),
+    Column("metrics", JSON),
+    Column("candidate_version", String(255)),
+    _required("promoted", Boolean, default=False),
+    Column("log", Text),
+)
+
+# An MQTT message waiting for the broker's acknowledgement; `id` is the alert id consumers dedupe on.
+outbox = Table(
+    "outbox", metadata,
+    Column("id", String(36), primary_key=True, default=_new_uuid),
+    _required("topic", Text),
+    _required("payload", Text),  # JSON text, published as is
+    _required("qos", Integer, default=1),
+    _required("created_at", UtcDateTime, default=utcnow),
+    Column("sent_at", UtcDateTime),
+    _required("attempts", Integer, default=0),
+    Column("inspection_id", Integer, ForeignKey("inspections.id", ondelete="SET NULL")),
+    Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),
+    Index("ix_outbox_created_at", "created_at"),
+)
+
+# A frame that could not be inspected (undecodable, empty, ...), with the reason.
+rejected_frames = Table(
+    "rejected_frames", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _required("source", String(128)),
+    Column("frame_id", String(255)),
+    Column("name", Text),
+    _required("reason", Text),
+    _required("created_at", UtcDateTime, default=utcnow),
+    Index("ix_rejected_frames_source_created_at", "source", "created_at"),
+    Index("ix_rejected_frames_frame_id", "frame_id"),
+)
+
+# Calibrated thresholds of one source for one model version (daemon/references.py, `anomalyd calibrate`).
+source_thresholds = Table(
+    "source_thresholds", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _required("source", String(128)),
+    _required("model_version", String(255)),
+    _required("threshold", Float),
+    _required("pixel_threshold", Float),
+    _required("false_reject_rate", Float),
+    _required("n_frames", Integer),
+    _required("method", String(64)),  # leave-one-out references | labelled normals | cli
+    _required("created_at", UtcDateTime, default=utcnow),
+    UniqueConstraint("source", "model_version", name="uq_source_thresholds_source_version"),
+)
+
+# Delivery state of one configured webhook (by its name).
+webhook_endpoints = Table(
+    "webhook_endpoints", metadata,
+    Column("name", String(128), primary_key=True),
+    _required("url", Text),
+    _required("registered_at", UtcDateTime, default=utcnow),
+    _required("settled_until", UtcDateTime, default=utcnow),
+    _required("delivered", Integer, default=0),
+    _required("failures", Integer, default=0),
+    Column("last_error", Text),
+    Column("last_attempt_at", UtcDateTime),
+    Column("last_success_at", UtcDateTime),
+)
+
+# One outbox row settled for one webhook: `delivered` (a 2xx came back) or `skipped` (filtered out).
+webhook_deliveries = Table(
+    "webhook_deliveries", metadata,
+    Column("webhook", String(128), primary_key=True),
+    Column("outbox_id", String(36), primary_key=True),
+    _required("status", String(16)),  # delivered | skipped
+    _required("created_at", UtcDateTime),  # the outbox row's, for pruning
+    _required("settled_at", UtcDateTime, default=utcnow),
+    _required("attempts", Integer, default=0),
+    Index("ix_webhook_deliveries_webhook_created_at", "webhook", "created_at"),
+)
