@@ -114,7 +114,8 @@ class Page:
 
 
 def list_page(
-    session: Connection | Session, filters: InspectionFilter, *, sort: str = "time_desc", limit: int = 50, cursor: str | None = None
+    session: Connection | Session, filters: InspectionFilter, *, sort: str = "time_desc", limit: int = 50,
+    cursor: str | None = None,
 ) -> Page:
     """One page of inspections in `sort` order, starting after `cursor`."""
     if sort not in SORTS:
