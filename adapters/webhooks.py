@@ -294,7 +294,7 @@ class WebhookRelay:
                                           WebhookDelivery.outbox_id == OutboxMessage.id))
             rows = session.scalars(
                 select(OutboxMessage).where(OutboxMessage.created_at >= settled_until, ~settled)
-                .order_by(OutboxMessage.created_at, OutboxMessage.id).limit(self.batch)).all()
+                .order_by(OutboxMessage.seq).limit(self.batch)).all()
             messages = [(row.id, row.topic, row.payload, row.created_at) for row in rows]
         state.pending = len(messages)
         oldest_unsettled: datetime | None = None

@@ -116,7 +116,7 @@ def recorded_frame_ids(session: Session, source: str, prefix: str, limit: int = 
 
 def alert_for_inspection(session: Session, inspection_id: int) -> OutboxMessage | None:
     return session.scalars(
-        select(OutboxMessage).where(OutboxMessage.inspection_id == inspection_id).order_by(OutboxMessage.created_at)
+        select(OutboxMessage).where(OutboxMessage.inspection_id == inspection_id).order_by(OutboxMessage.seq)
     ).first()
 
 
@@ -215,12 +215,12 @@ def record_rejected(
 
 
 def pending_outbox(session: Session, limit: int = 100, exclude: Iterable[str] = ()) -> Sequence[OutboxMessage]:
-    """Unsent messages, oldest first, skipping ids already in flight."""
+    """Unsent messages in delivery order (`seq`), skipping ids already in flight."""
     query = select(OutboxMessage).where(OutboxMessage.sent_at.is_(None))
     excluded = list(exclude)
     if excluded:
         query = query.where(OutboxMessage.id.not_in(excluded))
-    return session.scalars(query.order_by(OutboxMessage.created_at, OutboxMessage.id).limit(limit)).all()
+    return session.scalars(query.order_by(OutboxMessage.seq).limit(limit)).all()
 
 
 def count_pending_outbox(session: Session) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Sequence,
     String,
     Table,
     Text,
@@ -141,10 +143,16 @@ training_runs = Table(
     Column("log", Text),
 )
 
-# An MQTT message waiting for the broker's acknowledgement; `id` is the alert id consumers dedupe on.
+# The outbox's delivery order on PostgreSQL (several writers); SQLite numbers rows under its write lock
+# (adapters.db.tables numbers every new row before its INSERT).
+outbox_sequence = Sequence("outbox_seq", metadata=metadata)
+
+# An MQTT message waiting for the broker's acknowledgement; `id` is the alert id consumers dedupe on, `seq` the
+# order every sink delivers in (a timestamp is no order: hundreds of rows share one in a batch's transaction).
 outbox = Table(
     "outbox", metadata,
     Column("id", String(36), primary_key=True, default=_new_uuid),
+    _required("seq", BigInteger),
     _required("topic", Text),
     _required("payload", Text),  # JSON text, published as is
     _required("qos", Integer, default=1),
@@ -154,6 +162,7 @@ outbox = Table(
     Column("inspection_id", Integer, ForeignKey("inspections.id", ondelete="SET NULL")),
     Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),
     Index("ix_outbox_created_at", "created_at"),
+    Index("ix_outbox_seq", "seq", unique=True),
 )
 
 # A frame that could not be inspected (undecodable, empty, ...), with the reason.

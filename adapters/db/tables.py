@@ -11,7 +11,8 @@ types as objects instead of parsing and evaluating each one as a string.
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.orm import DeclarativeBase, Mapped, relationship
+from sqlalchemy import Connection, event, func, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, relationship
 
 from adapters.db import schema
 from adapters.db.schema import NAMING_CONVENTION, UtcDateTime, utcnow  # noqa: F401  (imported from here too)
@@ -102,6 +103,7 @@ class OutboxMessage(Base):
     __table__ = schema.outbox
 
     id: Mapped[str]
+    seq: Mapped[int]  # delivery order: numbered on insert (`next_outbox_seq`)
     topic: Mapped[str]
     payload: Mapped[str]  # JSON text, published as is
     qos: Mapped[int]
@@ -109,6 +111,32 @@ class OutboxMessage(Base):
     sent_at: Mapped[datetime | None]
     attempts: Mapped[int]
     inspection_id: Mapped[int | None]
+
+
+def next_outbox_seq(connection: Connection) -> int:
+    """The next outbox sequence number, in the transaction of `connection`.
+
+    PostgreSQL: the `outbox_seq` sequence (any number of writers). SQLite: one more than the largest number,
+    read once the transaction holds SQLite's write lock (a no-op UPDATE takes it), so that two writers cannot
+    read the same largest number; rows numbered in the same transaction count on from the last one.
+    """
+    if connection.dialect.name == "postgresql":
+        return int(connection.scalar(schema.outbox_sequence.next_value()))
+    transaction = connection.get_transaction()
+    numbered = connection.info.get("outbox_seq")
+    if numbered is not None and numbered[0] is transaction:
+        value = numbered[1] + 1
+    else:
+        connection.execute(text("UPDATE outbox SET seq = seq WHERE 0 = 1"))  # takes the write lock first
+        value = int(connection.scalar(select(func.coalesce(func.max(schema.outbox.c.seq), 0)))) + 1
+    connection.info["outbox_seq"] = (transaction, value)
+    return value
+
+
+@event.listens_for(OutboxMessage, "before_insert")
+def _number_outbox_row(_mapper: Mapper, connection: Connection, row: OutboxMessage) -> None:
+    if row.seq is None:
+        row.seq = next_outbox_seq(connection)
 
 
 class RejectedFrame(Base):
