@@ -102,7 +102,7 @@ def download(url: str, target: Path, *, timeout: float = 60.0, progress: bool = 
 
 
 def check_prompts(path: Path) -> dict[str, int]:
-    from model.checkpoints import load_prompts
+    from model.anomalyclip.checkpoint import load_prompts
 
     shape = load_prompts(path).learner_shape
     if shape != EXPECTED_PROMPT_SHAPE:

@@ -62,12 +62,3 @@ def save_torch(path: str | Path, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return path
-
-
-def __getattr__(name: str) -> Any:
-    # AnomalyCLIP's prompt format lived here before the families got their own packages.
-    if name in ("PromptCheckpoint", "load_prompts", "save_prompts", "save_official", "FORMAT_NAME"):
-        from model.anomalyclip import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

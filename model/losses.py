@@ -6,8 +6,6 @@ pt = Σ onehot·p + 1e-5, mean over all pixels; dice per image (2Σpm + 1)/(Σp 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -31,12 +29,3 @@ def dice_loss(probability: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     m = target.reshape(batch, -1)
     dice = (2 * (p * m).sum(1) + 1) / (p.sum(1) + m.sum(1) + 1)
     return 1 - dice.sum() / batch
-
-
-def __getattr__(name: str) -> Any:
-    # AnomalyCLIP's glocal loss lived here before the families got their own packages.
-    if name in ("GlocalLoss", "glocal_loss"):
-        from model.anomalyclip import loss
-
-        return getattr(loss, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import build_anomalyclip
-from model.losses import glocal_loss
+from model.anomalyclip.loss import glocal_loss
 from model.preprocess import load_reference
 from tests.model import golden
 

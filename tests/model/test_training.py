@@ -8,8 +8,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from model import build_anomalyclip, load_prompts
+from model.anomalyclip.loss import glocal_loss
 from model.datasets import collate_samples, discover
-from model.losses import glocal_loss
 from model.synthetic import SyntheticAnomalies
 from model.training import TrainingConfig, seed_everything, train_prompts
 from tests.model import golden
