@@ -1,12 +1,13 @@
-"""The daemon's configuration: `config.toml` plus `ANOMALYD_<SECTION>__<KEY>` environment overrides.
+"""The daemon's configuration: `Settings`, a pydantic-settings `BaseSettings`, and `load_config`.
 
-`load_config(path)` reads the TOML file, layers the environment on top (the environment wins), validates every
-section with pydantic (unknown keys are errors that name the key), resolves relative paths against the config
-file's directory and reads secrets given as files (`password_file = "/run/secrets/mqtt"`). Secrets are
-`SecretStr`, so they never show up in logs or reprs.
+`load_config(path)` reads, highest precedence first: explicit overrides, the environment
+(`ANOMALYD_<SECTION>__<KEY>`), a `.env` file in the current folder, the TOML file, a secrets directory
+(daemon/config_sources.py); validates every section with pydantic (unknown keys are errors that name the file or
+variable and the key), resolves relative paths against the config file's directory and reads secrets given as files
+(`password_file = "/run/secrets/mqtt"`). Secrets are `SecretStr`, so they never show up in logs or reprs.
 
-Environment values are parsed as JSON when they look like JSON (lists, tables, numbers, booleans), e.g.
-`ANOMALYD_RUNTIME__MAX_BATCH_SIZE=16` or `ANOMALYD_SOURCES='[{"id": "cam1", "kind": "folder", "uri": "in"}]'`.
+Environment values are JSON where the key is a list or a table, e.g. `ANOMALYD_RUNTIME__MAX_BATCH_SIZE=16` or
+`ANOMALYD_SOURCES='[{"id": "cam1", "kind": "folder", "uri": "in"}]'`; `null` is None.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from adapters.mqtt_settings import MqttSettings
 from adapters.sources.base import SourceSettings
 from adapters.sources.registry import validate_source_entry
 
-# Finding and reading the file, the environment and secret files: in config_file (no pydantic there; the
-# operator commands read [database] through it alone). Re-exported: callers import them from here.
+# Finding the file, and the fast read of [database]: in config_file (no pydantic there; the operator commands
+# read [database] through it alone). Re-exported: callers import them from here.
 from daemon.config_file import (  # noqa: F401
     CONFIG_ENV,
     DATABASE_DEFAULTS,
@@ -43,13 +45,12 @@ from daemon.config_file import (  # noqa: F401
     SYSTEM_CONFIG,
     ConfigError,
     DatabaseOptions,
-    _read_secret_file,
     config_candidates,
     describe_config_search,
     find_config,
-    read_config_data,
     resolve_sqlite_url,
 )
+from daemon.config_sources import LoadRequest, build_sources, loading, read_secret_files
 
 
 class _Section(BaseModel):
@@ -296,17 +297,18 @@ class OpcUaConfig(_Section):
         return self
 
 
-class Settings(BaseModel):
-    """The whole configuration. Build it with `load_config`, which also resolves paths and secret files.
+class Settings(BaseSettings):
+    """The whole configuration. Build it with `load_config`, which also finds the file and names the source of
+    each mistake; `Settings()` alone reads the environment, `.env` and the secrets directory, without a file.
 
-    A plain pydantic model: `load_config` merges the file and the environment itself (so that errors say where a
-    key came from). It was a pydantic-settings `BaseSettings` whose only source was that merged result; importing
-    pydantic-settings took more than half of `anomalyd tokens list`. What it did with that source is kept:
-    defaults are validated, and section names are matched case-insensitively (`config_file.section_names`).
+    Sources, highest precedence first: explicit values, the environment, `.env`, the TOML file, the secrets
+    directory (`settings_customise_sources`; daemon/config_sources.py). Section names match case-insensitively.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True,
-                              arbitrary_types_allowed=True)
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True, validate_default=True,
+                                      arbitrary_types_allowed=True, env_prefix=ENV_PREFIX,
+                                      env_nested_delimiter=ENV_DELIMITER, env_parse_none_str="null",
+                                      case_sensitive=False)
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -320,6 +322,26 @@ class Settings(BaseModel):
     webhooks: list[WebhookConfig] = Field(default_factory=list)
     opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True, description="the config file's directory")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return build_sources(settings_cls, init_settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        """`<key>_file` entries read, once every source is merged (a value given directly anywhere wins)."""
+        if not isinstance(data, dict):
+            return data
+        base_dir = data.get("base_dir")
+        return read_secret_files(data, Path(base_dir) if base_dir is not None else Path.cwd())
 
     @field_validator("sources")
     @classmethod
@@ -422,12 +444,16 @@ def _location(loc: tuple[Any, ...]) -> str:
     return text
 
 
-def format_validation_error(exc: ValidationError, origin: str) -> str:
+def format_validation_error(exc: ValidationError, request: LoadRequest) -> str:
     lines = []
     for error in exc.errors():
-        where = _location(tuple(error["loc"]))
+        loc = tuple(error["loc"])
+        where = _location(loc)
+        origin = request.origin_of(loc) if loc else request.origin()
         if error["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key {where}")
+        elif not loc and error["type"] == "value_error":  # a whole-configuration check: its message names the key
+            lines.append(f"{origin}: {error['ctx']['error']}")
         else:
             value = error.get("input")
             shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
@@ -440,12 +466,22 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Read `path` (TOML; None = defaults only), apply environment overrides and `overrides`, validate.
+    """Read `path` (TOML; None = no file), the environment (`environ`, default os.environ), `.env`, the secrets
+    directory and `overrides` (highest precedence), and validate.
 
-    Raises ConfigError naming the file and each bad key.
+    Raises ConfigError naming the file or variable and each bad key.
     """
-    config = read_config_data(path, environ, overrides)
-    try:
-        return Settings(**config.data, base_dir=config.base_dir)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, config.origin)) from None
+    path = Path(path).expanduser() if path is not None else None
+    request = LoadRequest.for_environment(path, environ)
+    values = dict(overrides or {})
+    if "base_dir" in values:
+        raise ConfigError("overrides: unknown key base_dir")
+    base_dir = path.resolve().parent if path is not None else Path.cwd()
+    with loading(request):
+        try:
+            return Settings(**values, base_dir=base_dir)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, request)) from None
+        except SettingsError as exc:  # a value the source could not decode (JSON of a list or table)
+            cause = f": {exc.__cause__}" if exc.__cause__ else ""
+            raise ConfigError(f"{request.origin()}: {exc}{cause}") from None

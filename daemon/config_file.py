@@ -1,18 +1,24 @@
-"""Reading the configuration's sources without validating them: finding the file (`find_config`), the TOML, the
-`ANOMALYD_<SECTION>__<KEY>` environment overrides, secrets given as files, relative SQLite paths.
+"""Finding the configuration file (`find_config`), and the fast read of `[database]` for the history commands.
 
-`daemon.config.load_config` validates the result with pydantic. This module imports no pydantic, so that the
-operator commands that only need the database (`defects`, `label`, `models list`, `stats`) can read `[database]`
-with `database_options` and answer without paying for the validation models (two thirds of a second on a slow
-machine; see bench/bench_cli.py). Anything they cannot read plainly is left to `load_config` and its messages.
+`daemon.config.Settings` reads the configuration with pydantic-settings (overrides, environment, `.env`, the TOML
+file, a secrets directory; see daemon/config_sources.py). This module stays apart from it, and imports no pydantic,
+for what the library cannot do:
+- finding the file: `--config`, `$ANOMALYD_CONFIG`, `./config.toml`, `/etc/anomalyd/config.toml`, a rule of ours;
+- the operator commands that need only the database (`defects`, `label`, `models list`, `stats`) read `[database]`
+  here (`read_config_data` + `database_options`) and answer without importing pydantic and pydantic-settings and
+  building the validation models: two thirds of their start-up (bench/bench_cli.py). It reads the file's
+  `[database]`, the `ANOMALYD_DATABASE*` variables and `url_file`, the same way the sources do; whenever anything
+  else could matter (an unknown section or variable, a value it cannot read plainly, database values in `.env` or
+  the secrets directory) it answers None and `load_config` judges, so every mistake keeps its one message.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,10 @@ else:  # pragma: no cover - Python 3.10
 
 ENV_PREFIX = "ANOMALYD_"
 ENV_DELIMITER = "__"
+DOTENV_FILE = ".env"  # in the current folder, as pydantic-settings reads it
+SECRETS_DIR_ENV = "ANOMALYD_SECRETS_DIR"
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # systemd, with LoadCredential=
+DOCKER_SECRETS = Path("/run/secrets")
 # The top-level sections of `daemon.config.Settings` (a test keeps the two the same).
 SECTIONS = ("model", "runtime", "sources", "mqtt", "database", "storage", "api", "retraining", "redis", "webhooks",
             "opcua")
@@ -33,8 +43,16 @@ DATABASE_DEFAULTS: dict[str, Any] = {"url": "sqlite:///var/anomalyd.db", "url_fi
 
 
 class ConfigError(ValueError):
-    """An unusable configuration; the message names the file and every bad key."""
+    """An unusable configuration; the message names the file or variable and every bad key."""
 
+
+def secrets_dir(environ: Mapping[str, str]) -> Path | None:
+    """The secrets directory: `$ANOMALYD_SECRETS_DIR`, else `$CREDENTIALS_DIRECTORY` (systemd's LoadCredential=),
+    else /run/secrets when it exists (Docker), else None."""
+    for name in (SECRETS_DIR_ENV, CREDENTIALS_ENV):
+        if environ.get(name):
+            return Path(environ[name]).expanduser()
+    return DOCKER_SECRETS if DOCKER_SECRETS.is_dir() else None
 
 
 def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str | None:
@@ -51,7 +69,6 @@ def _read_secret_file(value: str | None, base_dir: Path | None, key: str) -> str
         raise ValueError(f"{key}: cannot read secret file {path}: {exc.strerror or exc}") from exc
 
 
-
 def resolve_sqlite_url(url: str, base_dir: Path) -> str:
     """`sqlite:///var/x.db` (relative) → `sqlite:////abs/base/var/x.db`; other URLs unchanged."""
     prefix = "sqlite:///"
@@ -64,91 +81,8 @@ def resolve_sqlite_url(url: str, base_dir: Path) -> str:
     return f"{prefix}{absolute}{sep}{query}"
 
 
-
-def _parse_env_value(raw: str) -> Any:
-    text = raw.strip()
-    if text[:1] in "[{" or text in ("true", "false", "null") or _looks_numeric(text):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return raw
-    return raw
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`ANOMALYD_MQTT__HOST=x` → {"mqtt": {"host": "x"}}; keys are lower-cased.
-
-    Only `ANOMALYD_<SECTION>__<KEY>` (and `ANOMALYD_<SECTION>` with a JSON value) names are configuration; other `ANOMALYD_*` variables belong to other parts
-    of the tool (ANOMALYD_CACHE: the weights cache) and are left alone, unless they look like a section with a
-    single underscore (`ANOMALYD_MQTT_HOST`), which is reported as an unknown key rather than silently ignored.
-    """
-    sections = (*SECTIONS, "base_dir")  # base_dir: an unknown key, reported as such by load_config
-    section_prefixes = tuple(f"{name}_" for name in sections)
-    tree: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.upper().startswith(ENV_PREFIX):
-            continue
-        rest = name[len(ENV_PREFIX):].lower()
-        if ENV_DELIMITER not in rest and rest not in sections and not rest.startswith(section_prefixes):
-            continue
-        parts = [part.lower() for part in name[len(ENV_PREFIX):].split(ENV_DELIMITER)]
-        if not all(parts):
-            continue
-        node = tree
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                break
-            node = child
-        else:
-            node[parts[-1]] = _parse_env_value(raw)
-    return tree
-
-
-def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(dict(merged[key]), value)
-        else:
-            merged[key] = value
-    return merged
-
-
-
-def _resolve_secret_files(data: dict[str, Any], base_dir: Path) -> None:
-    """`<key>_file` entries → the secret they point at (a value given directly wins over the file)."""
-    pairs = (("mqtt", "password"), ("database", "url"), ("redis", "url"))
-    for section, key in pairs:
-        table = data.get(section)
-        if isinstance(table, dict) and table.get(f"{key}_file") and table.get(key) is None:
-            table[key] = _read_secret_file(table[f"{key}_file"], base_dir, f"[{section}].{key}_file")
-    api = data.get("api")
-    if isinstance(api, dict):
-        for index, token in enumerate(api.get("tokens") or []):
-            if isinstance(token, dict) and token.get("token_file") and token.get("token") is None:
-                token["token"] = _read_secret_file(token["token_file"], base_dir, f"[[api.tokens]][{index}].token_file")
-    for index, hook in enumerate(data.get("webhooks") or []):
-        if isinstance(hook, dict) and hook.get("secret_file") and hook.get("secret") is None:
-            hook["secret"] = _read_secret_file(hook["secret_file"], base_dir, f"[[webhooks]][{index}].secret_file")
-    opcua = data.get("opcua")
-    if isinstance(opcua, dict):
-        for index, user in enumerate(opcua.get("users") or []):
-            if isinstance(user, dict) and user.get("password_file") and user.get("password") is None:
-                user["password"] = _read_secret_file(user["password_file"], base_dir,
-                                                     f"[opcua].users[{index}].password_file")
-
-
 def section_names(data: dict[str, Any]) -> dict[str, Any]:
-    """Top-level keys matched to the sections case-insensitively (`[MQTT]` is `[mqtt]`), as pydantic-settings did;
+    """Top-level keys matched to the sections case-insensitively (`[MQTT]` is `[mqtt]`), as pydantic-settings does;
     when two spellings of one section are given, the first one wins, as there."""
     named: dict[str, Any] = {}
     for key, value in data.items():
@@ -158,10 +92,96 @@ def section_names(data: dict[str, Any]) -> dict[str, Any]:
     return named
 
 
+# --- the fast read of [database] ---------------------------------------------------------------------------------
+
+_UNPLAIN = "<not read plainly>"  # a top-level key no section has: database_options then leaves it to load_config
+
+
+def _variable_parts(names: Iterable[str]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """(name, lower-cased parts after the prefix) of the `ANOMALYD_*` names that are configuration (the sources'
+    rule: `<SECTION>[__<KEY>...]`, or an unknown key: `FOO__X`, `MQTT_HOST`); other names (`ANOMALYD_CACHE`) skip."""
+    for name in names:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = tuple(name[len(ENV_PREFIX):].lower().split(ENV_DELIMITER))
+        head = parts[0]
+        if head in SECTIONS or len(parts) > 1 or head == "base_dir" or head.startswith(
+                tuple(f"{section}_" for section in SECTIONS)):
+            yield name, parts
+
+
+def _database_variables(environ: Mapping[str, str], data: dict[str, Any]) -> None:
+    """The environment's `ANOMALYD_DATABASE` (JSON) and `ANOMALYD_DATABASE__<KEY>` onto data["database"]; anything
+    that is not plainly a [database] value marks `data` unplain."""
+    table: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
+    for name, parts in _variable_parts(environ):
+        raw = environ[name]
+        if parts[0] != "database":
+            if parts[0] not in SECTIONS:
+                data[_UNPLAIN] = name
+            continue
+        if len(parts) == 1:
+            try:
+                table = json.loads(raw)
+            except ValueError:
+                table = None
+            if not isinstance(table, dict):
+                data[_UNPLAIN] = name
+                return
+        elif len(parts) == 2 and raw != "null" and all(parts):
+            keys[parts[1]] = _plain_value(parts[1], raw)
+        else:
+            data[_UNPLAIN] = name
+    if table or keys:
+        base = data.get("database")
+        data["database"] = {**(base if isinstance(base, dict) else {}), **table, **keys}
+
+
+def _plain_value(key: str, raw: str) -> Any:
+    """An environment value as pydantic reads it for [database]'s key, where that is plain; else the text (which
+    database_options does not take)."""
+    if key == "echo" and raw in ("true", "false"):
+        return raw == "true"
+    if key == "pool_size" and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return raw
+
+
+_DOTENV_NAME = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=", re.MULTILINE)
+
+
+def _touches_database(names: Iterable[str]) -> str | None:
+    """The first of `names` (a `.env` file's, a secrets directory's) that sets [database] or is an unknown key."""
+    for name, parts in _variable_parts(names):
+        if parts[0] == "database" or parts[0] not in SECTIONS:
+            return name
+    return None
+
+
+def _other_sources(environ: Mapping[str, str]) -> str | None:
+    """A `.env` or secrets-directory entry the fast read would have to judge, or None."""
+    dotenv = Path(DOTENV_FILE)
+    if dotenv.is_file():
+        try:
+            found = _touches_database(_DOTENV_NAME.findall(dotenv.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            found = str(dotenv)
+        if found:
+            return found
+    directory = secrets_dir(environ)
+    if directory is not None:
+        try:
+            return _touches_database(path.name for path in directory.iterdir())
+        except OSError:
+            return str(directory)
+    return None
+
+
 @dataclass(frozen=True)
 class ConfigData:
-    """The merged, unvalidated configuration: `data` (file, then environment, then overrides, secrets read),
-    the directory relative paths are resolved against, and where it came from (for messages)."""
+    """What the fast read found: the file's tables (section names matched) with `[database]` completed from the
+    environment and its `url_file` read, the directory relative paths resolve against, and the file's name."""
 
     data: dict[str, Any]
     base_dir: Path
@@ -173,8 +193,8 @@ def read_config_data(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> ConfigData:
-    """The TOML file at `path` (None: nothing), the environment and `overrides` merged, secret files read, section
-    names matched; ConfigError when the file cannot be read or parsed or a secret file cannot be read."""
+    """The TOML file at `path` (None: nothing) with [database] from the environment and `overrides`, its url_file
+    read; ConfigError when the file cannot be read or parsed or the secret file cannot be read."""
     environ = os.environ if environ is None else environ
     origin = "defaults"
     data: dict[str, Any] = {}
@@ -191,19 +211,23 @@ def read_config_data(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         base_dir = path.resolve().parent
-    env = _env_overrides(environ)
-    if env:
-        origin = f"{origin} + environment" if path is not None else "environment"
-    data = _deep_merge(data, env)
-    if overrides:
-        data = _deep_merge(data, overrides)
-    if "base_dir" in data:
-        raise ConfigError(f"{origin}: unknown key base_dir")
-    try:
-        _resolve_secret_files(data, base_dir)
-    except ValueError as exc:
-        raise ConfigError(f"{origin}: {exc}") from exc
-    return ConfigData(section_names(data), base_dir, origin)
+    data = section_names(data)
+    _database_variables(environ, data)
+    elsewhere = _other_sources(environ)
+    if elsewhere:
+        data[_UNPLAIN] = elsewhere
+    for key, value in (overrides or {}).items():
+        if key == "database" and isinstance(value, Mapping) and isinstance(data.get("database", {}), dict):
+            data["database"] = {**data.get("database", {}), **value}
+        else:
+            data[key] = value
+    table = data.get("database")
+    if isinstance(table, dict) and table.get("url_file") and table.get("url") is None:
+        try:
+            table["url"] = _read_secret_file(table["url_file"], base_dir, "[database].url_file")
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from exc
+    return ConfigData(data, base_dir, origin)
 
 
 @dataclass(frozen=True)
@@ -217,8 +241,9 @@ class DatabaseOptions:
 
 def database_options(config: ConfigData) -> DatabaseOptions | None:
     """`[database]` read without pydantic, for the commands that need nothing else; None when the configuration is
-    not plainly valid there (an unknown section or key, a value of the wrong type): then `load_config` must judge
-    it, so that every mistake still gets its one message. Other sections are not looked at."""
+    not plainly valid there (an unknown section or key, a value of the wrong type, a value from elsewhere): then
+    `load_config` must judge it, so that every mistake still gets its one message. Other sections are not looked
+    at."""
     if any(not isinstance(key, str) or key not in SECTIONS for key in config.data):
         return None
     table = config.data.get("database", {})
