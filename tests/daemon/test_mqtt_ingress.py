@@ -1,0 +1,119 @@
+"""The MQTT image source in the daemon, against a real Mosquitto: an identical payload is a new frame (before and
+after a restart), only the broker's provable redelivery is deduplicated (logged and counted)."""
+
+from __future__ import annotations
+
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from adapters.db import Inspection
+from adapters.sources import build_source
+from daemon.config import load_config
+from daemon.service import Service
+from tests.adapters.test_sources_mqtt import Publisher, wait_online
+from tests.daemon.test_pipeline import BrightnessDetector
+from tests.waiting import take, wait_until
+
+pytestmark = pytest.mark.services
+
+
+def jpeg(value: int) -> bytes:
+    ok, buffer = cv2.imencode(".jpg", np.full((24, 32, 3), value, np.uint8))
+    assert ok
+    return buffer.tobytes()
+
+
+def mqtt_source_config(tmp_path, mosquitto, topic: str, client_id: str) -> None:
+    (tmp_path / "config.toml").write_text(f"""
+[runtime]
+max_batch_size = 4
+max_batch_delay_ms = 10
+[[sources]]
+id = "cams"
+kind = "mqtt"
+uri = "mqtt://127.0.0.1:{mosquitto.port}/{topic}"
+line = "l1"
+client_id = "{client_id}"
+[mqtt]
+enabled = false
+[database]
+url = "sqlite:///var/anomalyd.db"
+[storage]
+dir = "var/artifacts"
+[api]
+bind = "127.0.0.1:0"
+""")
+
+
+def start(tmp_path) -> Service:
+    service = Service(load_config(tmp_path / "config.toml", environ={}), detector=BrightnessDetector())
+    service.start()
+    return service
+
+
+def inspections(service: Service) -> list[Inspection]:
+    with service.sessions() as session:
+        found = list(session.scalars(select(Inspection).order_by(Inspection.id)))
+        session.expunge_all()
+    return found
+
+
+def test_an_identical_payload_is_inspected_again_within_a_run_and_after_a_restart(tmp_path, mosquitto):
+    topic = f"t{uuid.uuid4().hex[:6]}/cam1/image"
+    mqtt_source_config(tmp_path, mosquitto, topic, f"ingress-{uuid.uuid4().hex[:6]}")
+    payload = jpeg(200)
+    publisher = Publisher(mosquitto.port)
+    service = start(tmp_path)
+    try:
+        wait_online(service.sources[0])
+        publisher.publish(topic, payload)
+        publisher.publish(topic, payload)  # a second capture that happens to have the same bytes
+        assert wait_until(lambda: len(inspections(service)) == 2, 60)
+    finally:
+        service.stop()
+    service = start(tmp_path)  # the restart that used to drop it (same hash id, "already inspected")
+    try:
+        wait_online(service.sources[0])
+        publisher.publish(topic, payload)
+        assert wait_until(lambda: len(inspections(service)) == 3, 60)
+        deduplicated = service.metrics.registry.get_sample_value("anomalyd_frames_deduplicated_total",
+                                                                 {"source": "cams"})
+    finally:
+        service.stop()
+        publisher.close()
+    rows = inspections(service)
+    assert len({row.frame_id for row in rows}) == 3
+    assert all(row.meta.get("content_sha1") == rows[0].meta.get("content_sha1") for row in rows)
+    assert deduplicated in (None, 0.0)
+
+
+def test_the_brokers_redelivery_of_an_unacknowledged_message_keeps_its_frame_id(mosquitto):
+    """Provable: the same packet id, resent with the DUP flag, while this process still holds it unacknowledged."""
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    source = build_source({"id": "mq", "kind": "mqtt", "uri": f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/+/image",
+                           "line": "l1", "client_id": f"redeliver-{prefix}", "backoff_initial_s": 0.2},
+                          queue_size=8)
+    source.start()
+    publisher = Publisher(mosquitto.port)
+    try:
+        wait_online(source)
+        publisher.publish(f"{prefix}/cam1/image", b"same bytes")
+        (first,) = take(source, 1)
+        publisher.close()
+        mosquitto.stop()  # the connection breaks before the PUBACK; the session survives (persistence)
+        mosquitto.start()
+        (again,) = take(source, 1, timeout=60)
+        again.done(True)
+        publisher = Publisher(mosquitto.port)
+        publisher.publish(f"{prefix}/cam1/image", b"same bytes")  # a new message: a new frame
+        (new,) = take(source, 1)
+        new.done(True)
+    finally:
+        publisher.close()
+        source.stop()
+    assert again.meta.get("mqtt_dup") is True and again.frame_id == first.frame_id
+    assert new.frame_id != first.frame_id and "mqtt_dup" not in new.meta
