@@ -7,6 +7,9 @@ may be written as is or as `%23`). paho-mqtt 2 with MQTT v5, QoS 1 and a persist
 acknowledged (PUBACK, manual ack) only in `on_done(True)`, after the result is committed: a message in flight when
 the daemon dies is redelivered by the broker on the next connection. The broker never has more than
 `receive_maximum` (default: the queue size) unacknowledged messages in flight to us, which bounds memory.
+The client id must be unique on the broker: a second daemon with the same source id on the same host would take
+the session over (MQTT v5 "Session taken over"); the source says so once (ERROR, naming the client id) and then
+retries only every `backoff_max_s` instead of kicking the other one off every second. Give each its `client_id`.
 
 frame_id: the MQTT v5 user property `frame_id` if the publisher set one (recommended: the producer knows its
 captures; the DB keeps one row per id, a reused id with other bytes is recorded as a conflict), else
@@ -42,6 +45,8 @@ from adapters.sources.registry import SourceContext, register_source_kind
 from adapters.sources.settings import MqttSourceSettings
 
 UNACKED_IDS = 65535  # at most one per MQTT packet id
+SESSION_TAKEN_OVER = 142  # MQTT v5 DISCONNECT reason code: another client connected with our client id
+SHORT_S, SHORT_IN_A_ROW = 5.0, 3  # connections closed by the broker this soon, this many times: a takeover
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,9 @@ class MqttImageSource(FrameSource):
         self._connection = 0  # incremented per connection: a PUBACK mid is only valid on its own connection
         self._subscribe_mid: int | None = None  # the SUBSCRIBE of the current connection (its SUBACK: online)
         self._ever_connected = False
+        self.takeovers = 0  # times another client with our client id took the session over
+        self._connected_at: float | None = None  # monotonic, while connected
+        self._short_connections = 0  # broker-closed connections in a row that lasted less than SHORT_S
         self.max_bytes = spec.max_bytes
         # The frame_id and payload hash of each packet id received and not acknowledged yet (this process's
         # session, across reconnections): the broker redelivers exactly these, with the DUP flag.
@@ -131,6 +139,7 @@ class MqttImageSource(FrameSource):
         if self._ever_connected:
             self.counters.incr("reconnects")
         self._ever_connected = True
+        self._connected_at = time.monotonic()
         self._connection += 1
         _, self._subscribe_mid = client.subscribe([(topic, self.qos) for topic in self.topics])
         self.log.info("connected to %s:%s as %s (session present: %s)", self.target.host, self.target.port,
@@ -155,9 +164,39 @@ class MqttImageSource(FrameSource):
         self._set_status(SourceStatus.OFFLINE)
 
     def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
-        if not self._stop_event.is_set():
+        lasted = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        self._connected_at = None
+        if self._stop_event.is_set():
+            self._set_status(SourceStatus.OFFLINE)
+            return
+        # Closed by the broker right after it accepted us, again and again (Mosquitto says nothing, other brokers
+        # "Session taken over"): another client uses our client id.
+        self._short_connections = self._short_connections + 1 if lasted is not None and lasted < SHORT_S else 0
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER or self._short_connections >= SHORT_IN_A_ROW:
+            self._taken_over(client, reason_code)
+        else:
+            if self.takeovers and lasted is not None:  # connected for a while: the other client is gone
+                client.reconnect_delay_set(min_delay=max(1, int(self.backoff_initial_s)),
+                                           max_delay=int(self.backoff_max_s))
             self._error(f"disconnected from MQTT broker {self.target.host}:{self.target.port}: {reason_code}")
         self._set_status(SourceStatus.OFFLINE)
+
+    def _taken_over(self, client: mqtt.Client, reason_code: Any) -> None:
+        """Another client connected with our client id (a second daemon with this source id on the host): the
+        broker gave it the session. Said once; from then on we retry only every backoff_max_s, so the two do not
+        kick each other off every second."""
+        self.takeovers += 1
+        self.counters.incr("errors")
+        self.last_error = (f"MQTT client id {self.client_id!r} taken over by another client at "
+                           f"{self.target.host}:{self.target.port} ({self.takeovers}x)")
+        if self.takeovers == 1:
+            self.log.error("source %s: the broker %s:%s keeps closing our connection right after accepting it "
+                           "(%s): probably another client uses the same client id %r and takes the session over "
+                           "(a second daemon with source id %r on this host?); each daemon needs its own "
+                           "`client_id` option. Retrying every %ss", self.id, self.target.host, self.target.port,
+                           reason_code, self.client_id, self.id, self.backoff_max_s)
+        slow = max(1, int(self.backoff_max_s))
+        client.reconnect_delay_set(min_delay=slow, max_delay=slow)
 
     def _on_message(self, client: mqtt.Client, userdata, message: mqtt.MQTTMessage) -> None:
         connection, mid, qos = self._connection, message.mid, message.qos

@@ -3,6 +3,7 @@ after a restart), only the broker's provable redelivery is deduplicated (logged 
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import cv2
@@ -117,3 +118,31 @@ def test_the_brokers_redelivery_of_an_unacknowledged_message_keeps_its_frame_id(
         source.stop()
     assert again.meta.get("mqtt_dup") is True and again.frame_id == first.frame_id
     assert new.frame_id != first.frame_id and "mqtt_dup" not in new.meta
+
+
+def test_two_daemons_with_the_same_source_id_say_so_once_and_stop_fighting(mosquitto, caplog):
+    """Two processes' sources with one default client id (same host, same source id): the broker hands the session
+    back and forth. Each says why once, and the takeovers slow down to one per backoff_max_s."""
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    spec = {"id": f"cam-{prefix}", "kind": "mqtt", "uri": f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/image",
+            "line": "l1", "backoff_initial_s": 1, "backoff_max_s": 3}
+    first, second = build_source(spec, queue_size=8), build_source(spec, queue_size=8)
+    assert first.client_id == second.client_id  # the default: anomalyd-<hostname>-<source id>
+    caplog.set_level("INFO")
+    first.start()
+    try:
+        wait_online(first)
+        second.start()
+        assert wait_until(lambda: first.takeovers >= 1, 30)
+        assert wait_until(lambda: first.takeovers + second.takeovers >= 3, 60)
+        started = first.takeovers + second.takeovers
+        time.sleep(6)  # a measurement window (how often they kick each other off from now on), not a sync
+        fights = first.takeovers + second.takeovers - started
+    finally:
+        first.stop()
+        second.stop()
+    said = [r for r in caplog.records if "takes the session over" in r.getMessage()]
+    assert len(said) <= 2 and said, [r.getMessage() for r in said]  # once per source at most, at least once
+    assert first.client_id in said[0].getMessage() and "client_id" in said[0].getMessage()
+    # Before: about one takeover a second each (paho's 1 s reconnect delay); now one per backoff_max_s (3 s).
+    assert fights <= 6, fights
