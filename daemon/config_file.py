@@ -126,7 +126,7 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
 
 def _resolve_secret_files(data: dict[str, Any], base_dir: Path) -> None:
     """`<key>_file` entries → the secret they point at (a value given directly wins over the file)."""
-    pairs = (("mqtt", "password"), ("database", "url"), ("redis", "url"))
+    pairs = (("mqtt", "password"), ("mqtt", "command_secret"), ("database", "url"), ("redis", "url"))
     for section, key in pairs:
         table = data.get(section)
         if isinstance(table, dict) and table.get(f"{key}_file") and table.get(key) is None:

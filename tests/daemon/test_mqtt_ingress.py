@@ -3,6 +3,7 @@ after a restart), only the broker's provable redelivery is deduplicated (logged 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from adapters.db import Inspection
+from adapters.db import Inspection, ModelVersion
+from adapters.mqtt_commands import sign_command
 from adapters.sources import build_source
-from daemon.config import load_config
+from daemon.config import ConfigError, load_config
 from daemon.service import Service
+from tests.adapters.test_mqtt import Subscriber
 from tests.adapters.test_sources_mqtt import Publisher, wait_online
 from tests.daemon.test_pipeline import BrightnessDetector
 from tests.waiting import take, wait_until
@@ -146,3 +149,68 @@ def test_two_daemons_with_the_same_source_id_say_so_once_and_stop_fighting(mosqu
     assert first.client_id in said[0].getMessage() and "client_id" in said[0].getMessage()
     # Before: about one takeover a second each (paho's 1 s reconnect delay); now one per backoff_max_s (3 s).
     assert fights <= 6, fights
+
+
+def commands_config(tmp_path, mosquitto, extra: str) -> None:
+    (tmp_path / "config.toml").write_text(f"""
+[mqtt]
+host = "127.0.0.1"
+port = {mosquitto.port}
+prefix = "{tmp_path.name[-12:]}"
+commands = ["activate"]
+{extra}
+[database]
+url = "sqlite:///var/anomalyd.db"
+[storage]
+dir = "var/artifacts"
+[api]
+bind = "127.0.0.1:0"
+""")
+
+
+def test_commands_need_a_guard(tmp_path, mosquitto):
+    commands_config(tmp_path, mosquitto, "")
+    with pytest.raises(ConfigError, match="command_secret"):
+        load_config(tmp_path / "config.toml", environ={})
+    commands_config(tmp_path, mosquitto, 'command_guard = "broker"')
+    with pytest.raises(ConfigError, match="username"):
+        load_config(tmp_path / "config.toml", environ={})
+
+
+def test_an_anonymous_client_cannot_activate_a_model_with_the_default_guard(tmp_path, mosquitto):
+    secret = "cmd-secret-1"
+    (tmp_path / "command.key").write_text(secret + "\n")
+    commands_config(tmp_path, mosquitto, 'command_secret_file = "command.key"')
+    service = start(tmp_path)
+    prefix = tmp_path.name[-12:]
+    topic = f"{prefix}/models/activate/set"
+    subscriber = Subscriber(mosquitto.port, f"{prefix}/#")
+    try:
+        with service.sessions() as session, session.begin():
+            session.add_all([ModelVersion(version="v1", kind="anomalyclip", status="active"),
+                             ModelVersion(version="v2", kind="anomalyclip", status="candidate")])
+        assert wait_until(lambda: service.publisher.state.connected, 30)
+
+        def ask(payload: bytes) -> dict:
+            count = len(subscriber.payloads("/models/activate/status"))
+            subscriber.client.publish(topic, payload, qos=1)
+            assert subscriber.wait_for(lambda: len(subscriber.payloads("/models/activate/status")) > count, 30)
+            return subscriber.payloads("/models/activate/status")[-1]
+
+        def status(version: str) -> str:
+            with service.sessions() as session:
+                return session.scalars(select(ModelVersion.status).where(ModelVersion.version == version)).one()
+
+        command = json.dumps({"version": "v2"})
+        assert ask(command.encode())["error"] == "unauthorized"  # what an anonymous client did before
+        assert ask(sign_command("guessed", topic, command))["error"] == "unauthorized"
+        assert ask(sign_command(secret, f"{prefix}/models/other/set", command))["error"] == "unauthorized"
+        assert ask(sign_command(secret, topic, command, ts=int(time.time()) - 3600))["error"] == "unauthorized"
+        assert status("v2") == "candidate"
+        signed = sign_command(secret, topic, command)
+        assert ask(signed) == {"status": "ok", "version": "v2"}
+        assert status("v2") == "active"
+        assert ask(signed)["error"] == "unauthorized"  # a replay
+    finally:
+        subscriber.close()
+        service.stop()
