@@ -30,6 +30,7 @@ SECRETS = {
     "mqtt source password": "srcPw0secretX",
     "redis source password": "redisPw0secretX",
     "rtsp password": "rtspPw0secretX",
+    "rtsp query token": "rtspTok0secretX",
     "webhook path": "whPath0secretX",
     "webhook query": "whQuery0secretX",
     "webhook hmac": "whHmac0secretX",
@@ -64,7 +65,7 @@ line = "l1"
 [[sources]]
 id = "rtsp"
 kind = "rtsp"
-uri = "rtsp://viewer:{s['rtsp password']}@127.0.0.1:{free_port()}/stream1"
+uri = "rtsp://viewer:{s['rtsp password']}@127.0.0.1:{free_port()}/stream1?token={s['rtsp query token']}"
 line = "l1"
 [mqtt]
 host = "127.0.0.1"
