@@ -19,7 +19,8 @@ from daemon.config import ConfigError, load_config
 from daemon.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.adapters.test_sources_mqtt import Publisher, wait_online
-from tests.daemon.test_pipeline import BrightnessDetector
+from tests.daemon.test_pipeline import BrightnessDetector, png
+from tests.hardening.helpers import make_pipeline, rows
 from tests.waiting import take, wait_until
 
 pytestmark = pytest.mark.services
@@ -214,3 +215,33 @@ def test_an_anonymous_client_cannot_activate_a_model_with_the_default_guard(tmp_
     finally:
         subscriber.close()
         service.stop()
+
+
+def test_a_frame_id_already_inspected_is_acknowledged_logged_and_counted(sqlite_sessions, tmp_path, mosquitto, caplog):
+    """A producer resending its frame_id with the same bytes: no second row, but a log line and a count."""
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    source = build_source({"id": "mq", "kind": "mqtt", "uri": f"mqtt://127.0.0.1:{mosquitto.port}/{prefix}/+/image",
+                           "line": "l1", "client_id": f"dedupe-{prefix}"}, queue_size=8)
+    pipeline = make_pipeline(sqlite_sessions, tmp_path, [source], BrightnessDetector())
+    caplog.set_level("INFO")
+    pipeline.start()
+    source.start()
+    publisher = Publisher(mosquitto.port)
+    try:
+        wait_online(source)
+        publisher.publish(f"{prefix}/cam1/image", png(90), frame_id="cam1:7")
+        assert wait_until(lambda: pipeline.processed == 1, 30)
+        publisher.publish(f"{prefix}/cam1/image", png(90), frame_id="cam1:7")
+
+        def deduplicated() -> float | None:
+            return pipeline.metrics.registry.get_sample_value("anomalyd_frames_deduplicated_total", {"source": "mq"})
+
+        assert wait_until(lambda: deduplicated() == 1.0, 30)
+    finally:
+        publisher.close()
+        source.stop()
+        pipeline.stop(10)
+    inspections, rejected = rows(sqlite_sessions)
+    assert list(inspections) == ["cam1:7"] and not rejected
+    assert any("frame cam1:7 already inspected" in r.getMessage() and "redelivery" in r.getMessage()
+               for r in caplog.records)
