@@ -16,6 +16,12 @@ relay keeps its own state per webhook in the database, so a receiver outage or a
 A delivery is recorded only after the 2xx, so a crash between the two sends that message again: receivers
 deduplicate on the payload `id` (the `X-Anomalyd-Id` header), as MQTT consumers do.
 
+Destinations (unless a target has `allow_private`): public internet addresses only (`not is_global` is refused,
+so carrier-grade NAT and its cloud metadata address too); the host is resolved once per POST, checked, and the
+connection goes to that address with the original Host header and TLS SNI (`pinned_destination`), so a DNS answer
+that changes between the check and the connection (rebinding) is never used. Logs and readiness show a target's URL
+as `scheme://host:port` only (`adapters.redact.url_origin`): Slack, Discord and Teams keep the secret in the path.
+
 Each POST carries `X-Anomalyd-Signature: sha256=<hex HMAC-SHA256 of the raw body with the shared secret>` (when
 a secret is configured), `X-Anomalyd-Id`, `X-Anomalyd-Event` (`anomaly` | `result`) and `X-Anomalyd-Timestamp`.
 """
