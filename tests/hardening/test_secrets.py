@@ -36,6 +36,7 @@ SECRETS = {
     "webhook hmac": "whHmac0secretX",
     "api token": "apiTok0secretX",
     "opcua password": "opcPw0secretX",
+    "mqtt command secret": "cmdKey0secretX",
 }
 
 
@@ -73,6 +74,8 @@ port = {mosquitto.port}
 username = "daemon"
 password = "{s['mqtt password']}"
 prefix = "secret-test"
+commands = ["trigger", "activate"]
+command_secret = "{s['mqtt command secret']}"
 [database]
 url = "{database}"
 [storage]
