@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class TlsSettings(BaseModel):
@@ -41,8 +41,27 @@ class MqttSettings(BaseModel):
     reconnect_max_s: float = Field(30.0, gt=0)
     max_inflight: int = Field(100, ge=1)
     # Command topics (`<prefix>/<line>/<source>/trigger/set`, `<prefix>/models/activate/set`) are subscribed only
-    # when listed here: anyone who may publish on the broker could otherwise trigger or switch models.
+    # when listed here: anyone who may publish on the broker could otherwise trigger or switch models. And each
+    # command must pass `command_guard`: "hmac" (default) accepts only commands signed with `command_secret`
+    # (adapters/mqtt_commands.py); "broker" trusts the broker's authentication and ACLs (the daemon must log in
+    # with `username`, and the broker must let only trusted clients publish on the command topics).
     commands: list[Literal["trigger", "activate"]] = Field(default_factory=list)
+    command_guard: Literal["hmac", "broker"] = "hmac"
+    command_secret: SecretStr | None = None
+    command_secret_file: str | None = None
+    command_max_age_s: float = Field(60.0, gt=0, description="signed commands: accepted timestamp skew")
+
+    @model_validator(mode="after")
+    def _guarded_commands(self) -> MqttSettings:
+        if not self.commands:
+            return self
+        if self.command_guard == "hmac" and self.command_secret is None:
+            raise ValueError("[mqtt].commands needs command_secret (or command_secret_file): commands are signed "
+                             "with it (HMAC-SHA256); or command_guard = \"broker\" with broker credentials and ACLs")
+        if self.command_guard == "broker" and not self.username:
+            raise ValueError("[mqtt] command_guard = \"broker\" needs username (and password): an anonymous "
+                             "broker lets anyone publish commands")
+        return self
 
     @field_validator("tls", mode="before")
     @classmethod

@@ -99,6 +99,7 @@ class OpcUaSettings:
     certificate: str | None = None
     private_key: str | None = None
     security: Sequence[str] = ("None",)
+    log_level: str = "WARNING"  # asyncua's loggers: at INFO its server start alone writes about a thousand lines
 
 
 @dataclass
@@ -182,6 +183,7 @@ class OpcUaServer:
     def start(self, timeout: float | None = 30.0) -> None:
         """Start the server; raises (naming the endpoint) when it cannot listen within `timeout`. None: do not
         wait (building the address space takes seconds of CPU); `started`/`start_error` tell the outcome."""
+        logging.getLogger("asyncua").setLevel(self.settings.log_level)
         self._thread = threading.Thread(target=self._run, name="opcua-server", daemon=True)
         self._thread.start()
         if timeout is None:

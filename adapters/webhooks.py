@@ -16,6 +16,12 @@ relay keeps its own state per webhook in the database, so a receiver outage or a
 A delivery is recorded only after the 2xx, so a crash between the two sends that message again: receivers
 deduplicate on the payload `id` (the `X-Anomalyd-Id` header), as MQTT consumers do.
 
+Destinations (unless a target has `allow_private`): public internet addresses only (`not is_global` is refused,
+so carrier-grade NAT and its cloud metadata address too); the host is resolved once per POST, checked, and the
+connection goes to that address with the original Host header and TLS SNI (`pinned_destination`), so a DNS answer
+that changes between the check and the connection (rebinding) is never used. Logs and readiness show a target's URL
+as `scheme://host:port` only (`adapters.redact.url_origin`): Slack, Discord and Teams keep the secret in the path.
+
 Each POST carries `X-Anomalyd-Signature: sha256=<hex HMAC-SHA256 of the raw body with the shared secret>` (when
 a secret is configured), `X-Anomalyd-Id`, `X-Anomalyd-Event` (`anomaly` | `result`) and `X-Anomalyd-Timestamp`.
 """
@@ -34,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 from sqlalchemy import and_, delete, exists, select
@@ -42,6 +48,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.tables import OutboxMessage, WebhookDelivery, WebhookEndpoint, utcnow
+from adapters.redact import url_origin
 
 log = logging.getLogger(__name__)
 
@@ -53,43 +60,91 @@ class WebhookConfigError(ValueError):
     """A webhook URL that is unusable or not allowed."""
 
 
-def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def _is_blocked(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Anything but a public internet address: private, loopback, link-local, carrier-grade NAT (100.64.0.0/10,
+    which holds the 100.100.100.200 cloud metadata address), documentation, reserved, multicast, unspecified."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return (address.is_private or address.is_loopback or address.is_link_local or address.is_reserved
-            or address.is_multicast or address.is_unspecified)
+    return not address.is_global or address.is_multicast
 
 
 def check_destination(url: str, *, allow_private: bool, resolve: bool = True) -> None:
     """Raise WebhookConfigError unless `url` is http(s) with a host that is public or explicitly allowed.
 
     A name is resolved (when `resolve`): each address it resolves to must be allowed. A name that does not
-    resolve now is accepted (DNS may be down at start); the relay checks again before each connection.
+    resolve now is accepted (DNS may be down at start); the relay resolves and checks again before each
+    connection, and connects to the address it checked (`pinned_destination`).
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise WebhookConfigError(f"webhook url {url!r}: scheme must be http or https, not {parts.scheme or 'none'!r}")
-    host = parts.hostname
-    if not host:
-        raise WebhookConfigError(f"webhook url {url!r} has no host")
-    if parts.username or parts.password:
-        raise WebhookConfigError(f"webhook url {url!r}: credentials in the url; use a secret (HMAC) instead")
+    parts = _checked_parts(url)
     if allow_private:
         return
+    host = parts.hostname or ""
+    addresses = _literal_addresses(host)
+    if addresses is None:
+        addresses = _resolve(host) if resolve else []
+    _refuse_blocked(url, addresses)
+
+
+@dataclass(frozen=True)
+class PinnedDestination:
+    """Where a POST goes: the URL with the host replaced by the checked address, and the original host for the
+    Host header and TLS (SNI and certificate check), so that a second DNS answer (rebinding) is never used."""
+
+    url: str
+    host_header: str | None = None
+    sni_hostname: str | None = None
+
+
+def pinned_destination(url: str, *, allow_private: bool) -> PinnedDestination:
+    """Resolve `url`'s host once, check the address (unless `allow_private`), and pin the connection to it."""
+    parts = _checked_parts(url)
+    if allow_private:
+        return PinnedDestination(url)
+    host = parts.hostname or ""
+    addresses = _literal_addresses(host)
+    if addresses is not None:  # an address literal: no DNS involved
+        _refuse_blocked(url, addresses)
+        return PinnedDestination(url)
+    addresses = _resolve(host)
+    if not addresses:
+        raise WebhookConfigError(f"webhook host {host!r} does not resolve")
+    _refuse_blocked(url, addresses)
+    address = addresses[0]
+    literal = f"[{address}]" if address.version == 6 else str(address)
+    netloc = f"{literal}:{parts.port}" if parts.port else literal
+    return PinnedDestination(parts._replace(netloc=netloc).geturl(), host_header=parts.netloc,
+                             sni_hostname=host if parts.scheme == "https" else None)
+
+
+def _checked_parts(url: str) -> SplitResult:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise WebhookConfigError(f"webhook url {url_origin(url)!r}: scheme must be http or https, "
+                                 f"not {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise WebhookConfigError(f"webhook url {url_origin(url)!r} has no host")
+    if parts.username or parts.password:
+        raise WebhookConfigError(f"webhook url {url_origin(url)!r}: credentials in the url; use a secret (HMAC) "
+                                 "instead")
+    return parts
+
+
+def _literal_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The address a literal (or `localhost`) names; None for a name that needs DNS."""
     try:
-        addresses = [ipaddress.ip_address(host)]
+        return [ipaddress.ip_address(host)]
     except ValueError:
         if host == "localhost" or host.endswith(".localhost"):
-            addresses = [ipaddress.ip_address("127.0.0.1")]
-        elif resolve:
-            addresses = _resolve(host)
-        else:
-            addresses = []
-    blocked = [str(address) for address in addresses if _is_private(address)]
+            return [ipaddress.ip_address("127.0.0.1")]
+        return None
+
+
+def _refuse_blocked(url: str, addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+    blocked = [str(address) for address in addresses if _is_blocked(address)]
     if blocked:
         raise WebhookConfigError(
-            f"webhook url {url!r} points at a private/loopback address ({', '.join(blocked)}); "
-            "set allow_private = true on this [[webhooks]] entry to allow it")
+            f"webhook url {url_origin(url)!r} points at a private/loopback/non-public address "
+            f"({', '.join(blocked)}); set allow_private = true on this [[webhooks]] entry to allow it")
 
 
 def _resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -229,10 +284,10 @@ class WebhookRelay:
                     session.add(WebhookEndpoint(name=target.name, url=target.url, registered_at=now,
                                                 settled_until=now, delivered=0, failures=0))
                     log.info("webhook %s (%s) registered: alerts from now on are delivered to it",
-                             target.name, _redact(target.url))
+                             target.name, url_origin(target.url))
                 elif row.url != target.url:
                     log.warning("webhook %s: url changed from %s to %s; delivering from now on",
-                                target.name, _redact(row.url), _redact(target.url))
+                                target.name, url_origin(row.url), url_origin(target.url))
                     row.url, row.registered_at, row.settled_until = target.url, now, now
                     session.execute(delete(WebhookDelivery).where(WebhookDelivery.webhook == target.name))
 
@@ -330,19 +385,21 @@ class WebhookRelay:
 
     def _post(self, target: WebhookTarget, outbox_id: str, event: str, body: bytes) -> str | None:
         """None on a 2xx, else what went wrong."""
-        if not target.allow_private:
-            host = urlsplit(target.url).hostname or ""
-            try:
-                check_destination(target.url, allow_private=False)
-            except WebhookConfigError as exc:
-                return f"refused: {host} resolves to a private address ({exc})"
+        try:
+            destination = pinned_destination(target.url, allow_private=target.allow_private)
+        except WebhookConfigError as exc:
+            return f"refused: {exc}"
         headers = {"Content-Type": "application/json", "User-Agent": "anomalyd-webhook/1",
                    "X-Anomalyd-Id": outbox_id, "X-Anomalyd-Event": event,
                    "X-Anomalyd-Timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if destination.host_header is not None:
+            headers["Host"] = destination.host_header
+        extensions = {"sni_hostname": destination.sni_hostname} if destination.sni_hostname else None
         if target.secret:
             headers[SIGNATURE_HEADER] = sign(target.secret, body)
         try:
-            response = self._clients[target.name].post(target.url, content=body, headers=headers)
+            response = self._clients[target.name].post(destination.url, content=body, headers=headers,
+                                                       extensions=extensions)
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
         if 200 <= response.status_code < 300:
@@ -356,7 +413,7 @@ class WebhookRelay:
         state.next_attempt = time.monotonic() + delay
         if state.last_error != error or state.consecutive_failures in (1, 10, 100):
             log.warning("webhook %s (%s): %s; retrying in %.1fs (attempt %d), alerts wait in the outbox",
-                        target.name, _redact(target.url), error, delay, state.consecutive_failures)
+                        target.name, url_origin(target.url), error, delay, state.consecutive_failures)
         state.last_error = error
         with self.sessions() as session, session.begin():
             endpoint = session.get(WebhookEndpoint, target.name)
@@ -393,12 +450,12 @@ class WebhookRelay:
     # --- state --------------------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Per webhook: url (without query), delivered/failed counts, pending, last error and success."""
+        """Per webhook: url (scheme, host and port only: a path or query may hold its secret), delivered/failed counts, pending, last error and success."""
         out: dict[str, dict[str, Any]] = {}
         for target in self.targets:
             state = self.state[target.name]
             out[target.name] = {
-                "url": _redact(target.url), "delivered": state.delivered, "failures": state.failures,
+                "url": url_origin(target.url), "delivered": state.delivered, "failures": state.failures,
                 "skipped": state.skipped, "pending": state.pending,
                 "consecutive_failures": state.consecutive_failures, "last_error": state.last_error,
                 "last_success": (datetime.fromtimestamp(state.last_success, timezone.utc).isoformat()
@@ -409,9 +466,3 @@ class WebhookRelay:
 
 def _aware(when: datetime) -> datetime:
     return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
-
-
-def _redact(url: str) -> str:
-    """Scheme, host, port and path only (a query may carry a token)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path}"

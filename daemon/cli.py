@@ -118,6 +118,9 @@ def _main(argv: Sequence[str] | None, gc_was_enabled: bool) -> int:
         args.config = config
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs each request's full URL at INFO: a webhook's path or query holds its secret (Slack, Teams).
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

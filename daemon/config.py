@@ -285,6 +285,8 @@ class OpcUaConfig(_Section):
     private_key: str | None = None
     security: list[Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]] = Field(
         default_factory=lambda: ["None"])
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="asyncua's own loggers (at INFO its start alone writes about a thousand lines)")
 
     @model_validator(mode="after")
     def _usable(self) -> OpcUaConfig:

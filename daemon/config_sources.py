@@ -316,7 +316,7 @@ class TomlFile(TomlConfigSettingsSource, _Described):
 
 # --- `<key>_file` secrets -----------------------------------------------------------------------------------------
 
-_SECRET_KEYS = (("mqtt", "password"), ("database", "url"), ("redis", "url"))
+_SECRET_KEYS = (("mqtt", "password"), ("mqtt", "command_secret"), ("database", "url"), ("redis", "url"))
 
 
 def read_secret_files(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:

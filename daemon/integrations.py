@@ -13,7 +13,9 @@ result, readiness, stop), so the wiring stays out of `daemon/service.py`:
 - MQTT commands (`[mqtt].commands`): `<prefix>/<line>/<source>/trigger/set` with a JSON part id (a string, an
   integer, or `{"part_id": ...}`) answered on `.../trigger/status`; `<prefix>/models/activate/set` with
   `{"version": "..."}` (or a JSON string) answered on `<prefix>/models/activate/status`. Commands go through a
-  bounded queue: a flood is answered `busy`, never queued without limit.
+  bounded queue: a flood is answered `busy`, never queued without limit. Each command must pass
+  `[mqtt].command_guard`: signed with `command_secret` (default, adapters/mqtt_commands.py; else answered
+  `unauthorized`), or `"broker"`: the broker's authentication and ACLs decide who may publish.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Integrations:
         self.stats: dict[str, SourceStats] = {cfg.id: SourceStats() for cfg in self.settings.sources}
         self._lock = threading.Lock()
         self._commands: queue.Queue[tuple[str, str, bytes]] = queue.Queue(maxsize=COMMAND_QUEUE_SIZE)
+        self._verifier: Any = None  # adapters.mqtt_commands.CommandVerifier with command_guard = "hmac"
         self._command_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._status_thread: threading.Thread | None = None
@@ -131,13 +134,18 @@ class Integrations:
         publisher = self.service.publisher
         if publisher is not None and s.mqtt.commands:
             prefix = s.mqtt.prefix
+            if s.mqtt.command_guard == "hmac" and s.mqtt.command_secret is not None:
+                from adapters.mqtt_commands import CommandVerifier
+
+                self._verifier = CommandVerifier(s.mqtt.command_secret.get_secret_value(), s.mqtt.command_max_age_s)
             if "trigger" in s.mqtt.commands:
                 publisher.subscribe(f"{prefix}/+/+/trigger/set", self._enqueue_command("trigger"))
             if "activate" in s.mqtt.commands:
                 publisher.subscribe(f"{prefix}/models/activate/set", self._enqueue_command("activate"))
             self._command_thread = threading.Thread(target=self._run_commands, name="mqtt-commands", daemon=True)
             self._command_thread.start()
-            log.info("MQTT command topics enabled: %s", ", ".join(s.mqtt.commands))
+            log.info("MQTT command topics enabled: %s (guard: %s)", ", ".join(s.mqtt.commands),
+                     "signed (HMAC)" if self._verifier is not None else "the broker's ACLs")
         if self.opcua is not None:
             self._status_thread = threading.Thread(target=self._refresh_states, name="opcua-states", daemon=True)
             self._status_thread.start()
@@ -341,6 +349,14 @@ class Integrations:
             self._reply(kind, topic, reply)
 
     def _command(self, kind: str, topic: str, payload: bytes) -> dict[str, Any]:
+        if self._verifier is not None:
+            from adapters.mqtt_commands import CommandRefused
+
+            try:
+                payload = self._verifier.open(topic, payload)
+            except CommandRefused as exc:
+                log.warning("MQTT command %s on %s refused: %s", kind, topic, exc)
+                return {"status": "error", "error": "unauthorized", "message": str(exc)}
         try:
             body = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):

@@ -96,6 +96,9 @@ class Metrics:
         self.dead_lettered = Counter("anomalyd_frames_dead_lettered",
                                      "Frames given up after failing max_attempts times (recorded as rejected)",
                                      ["source"], registry=r)
+        self.frames_deduplicated = Counter("anomalyd_frames_deduplicated",
+                                           "Redelivered frames already inspected: acknowledged, no second row",
+                                           ["source"], registry=r)
         self.last_inspected = Gauge("anomalyd_source_last_inspected_timestamp_seconds",
                                     "Unix time of the last inspection written for a source", ["source"], registry=r)
         # The process itself (CPU, memory, file descriptors, start time; Python version and GC) and what runs.
@@ -106,7 +109,7 @@ class Metrics:
                                 ["version", "python"], registry=r)
         self.build_info.labels(package_version(), platform.python_version()).set(1)
         for name in ("frames_in", "frames_rejected", "frames_failed", "inspections", "dead_lettered",
-                     "last_inspected"):
+                     "frames_deduplicated", "last_inspected"):
             setattr(self, name, _SourceLabelled(getattr(self, name), self.source_label))
 
     def source_label(self, source: str) -> str:

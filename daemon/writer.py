@@ -182,7 +182,9 @@ class ResultWriter:
             if existing is not None and self._conflicting(frame, existing, record.source.id):
                 continue
             if existing is not None:  # redelivered after a commit: ack, no second row or alert
-                log.info("frame %s already inspected (#%d); acknowledging", frame.frame_id, existing.id)
+                log.info("frame %s already inspected (#%d): a redelivery, acknowledged without a second row",
+                         frame.frame_id, existing.id)
+                self.metrics.frames_deduplicated.labels(record.source.id).inc()
                 frame.done(True)
                 if self.on_result is not None:
                     self.on_result(existing, False)

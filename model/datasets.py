@@ -162,10 +162,13 @@ def scan_folder(root: str | Path, split: str = "test") -> list[Sample]:
     if (root / split).is_dir():  # root is one MVTec-style category
         samples = _scan_category(root / split, root / "ground_truth", root.name)
     elif _is_kolektor_folder(root) or any(_is_kolektor_folder(d) for d in _subdirs(root)):
+        _only_test_split(root, split, "KolektorSDD")
         samples = scan_kolektor(root)
     else:
         category_dirs = [d for d in _subdirs(root) if (d / split).is_dir()]
         class_dirs = [d for d in _subdirs(root) if _has_normal_folder(d)]
+        if not category_dirs:
+            _only_test_split(root, split, "this")
         if category_dirs:
             samples = []
             for category_dir in category_dirs:
@@ -182,6 +185,13 @@ def scan_folder(root: str | Path, split: str = "test") -> list[Sample]:
         raise DatasetError(f"{root}: no images found in a known dataset layout ({describe_folder(root)}); expected "
                            + expected_layouts(split))
     return samples
+
+
+def _only_test_split(root: Path, split: str, layout: str) -> None:
+    """A layout without split folders holds test images only: any other split would be those same images (a
+    reference pool drawn from it would leak into the test set)."""
+    if split != "test":
+        raise DatasetError(f"{root}: {layout} layout has no {split!r} split (its images are all test images)")
 
 
 def expected_layouts(split: str = "test") -> str:

@@ -6,7 +6,9 @@ Per category a fixed pool of normal images is set aside as candidate references:
 - otherwise the pool is up to `POOL_SIZE` test normals, and at most half of them (min(16, n // 2)), which then
   leave the test set (so that every category keeps normals to test on).
 The pool is the same for every K and seed (a shuffle of the files sorted by path with a fixed seed); the K
-references are drawn from it with the run's seed. A category whose pool is smaller than K is skipped (reported).
+references are drawn from it with the run's seed. A category whose pool is smaller than K is skipped (reported);
+one whose pool is exactly K gets a note (every seed draws the same references). Pool images never stay in the test
+set, even when a "train" split repeats test images.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class KShotSplit:
     references: dict[str, list[Sample]] = field(default_factory=dict)
     tests: dict[str, list[Sample]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # warnings per category (e.g. pool size equals K)
 
 
 def reference_pool(normals: Sequence[Sample], *, from_train: bool, pool_size: int = POOL_SIZE) -> list[Sample]:
@@ -62,7 +65,10 @@ def kshot_split(test_samples: Sequence[Sample], shots: int, seed: int = 0,
             )
             continue
         references = random.Random(seed).sample(pool, shots)
-        held_out = set() if from_train else {s.path for s in pool}
+        if len(pool) == shots:
+            split.notes[category] = (f"its reference pool has exactly {shots} images: every seed draws the same "
+                                     "references (seeds agree)")
+        held_out = {s.path for s in pool}  # never a test image, even if a "train" split repeats the test images
         remaining = [s for s in items if s.path not in held_out]
         if not any(s.label == 0 for s in remaining) or not any(s.label == 1 for s in remaining):
             split.skipped[category] = "the test set left needs both normal and anomalous images"

@@ -2,7 +2,8 @@
 # Sets up anomalyd on a fresh Debian/Ubuntu machine: system packages (as root, or through sudo), a virtual
 # environment with the project installed editable, and nothing else. Safe to re-run: it skips what is done.
 #   scripts/setup.sh          runtime only (an MQTT broker is optional and not installed)
-#   scripts/setup.sh --test   also the services and browser the test suite starts (Mosquitto, Redis, PostgreSQL, Chromium)
+#   scripts/setup.sh --test   also the services and browser the test suite starts (Mosquitto and its clients, Redis,
+#                             PostgreSQL, Chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +29,8 @@ apt_install() {
 if command -v apt-get >/dev/null; then
   apt_install python3-venv
   if [[ $want_test -eq 1 ]]; then
-    apt_install mosquitto redis-server postgresql chromium systemd  # systemd: systemd-analyze verify of deploy/anomalyd.service
+    # mosquitto-clients: mosquitto_pub/mosquitto_sub, which the docs use; systemd: systemd-analyze verify of the unit
+    apt_install mosquitto mosquitto-clients redis-server postgresql chromium systemd
   fi
 fi
 

@@ -36,7 +36,8 @@ class OpcUaSink(ResultSink):
         server_settings = OpcUaSettings(
             endpoint=o.endpoint, namespace=o.namespace, allow_anonymous=o.allow_anonymous, users=users,
             certificate=str(resolve(o.certificate)) if o.certificate else None,
-            private_key=str(resolve(o.private_key)) if o.private_key else None, security=o.security)
+            private_key=str(resolve(o.private_key)) if o.private_key else None, security=o.security,
+            log_level=getattr(o, "log_level", "WARNING"))
         sources = [OpcUaSource(cfg.id, cfg.line, getattr(cfg, "trigger", None)) for cfg in settings.sources]
         self.handlers = OpcUaHandlers(trigger=_not_ready, select_model=_not_ready, reset_counters=_not_ready)
         self.server = OpcUaServer(server_settings, sources, self.handlers)

@@ -7,11 +7,18 @@ may be written as is or as `%23`). paho-mqtt 2 with MQTT v5, QoS 1 and a persist
 acknowledged (PUBACK, manual ack) only in `on_done(True)`, after the result is committed: a message in flight when
 the daemon dies is redelivered by the broker on the next connection. The broker never has more than
 `receive_maximum` (default: the queue size) unacknowledged messages in flight to us, which bounds memory.
+The client id must be unique on the broker: a second daemon with the same source id on the same host would take
+the session over (MQTT v5 "Session taken over"); the source says so once (ERROR, naming the client id) and then
+retries only every `backoff_max_s` instead of kicking the other one off every second. Give each its `client_id`.
 
 frame_id: the MQTT v5 user property `frame_id` if the publisher set one (recommended: the producer knows its
-captures), else `"<source>:<topic>:<sha1(payload)[:16]>"` (a redelivered message keeps its id; the DB dedupes);
-a further new message with the same bytes gets `":<arrival time ns>"` appended, so distinct captures with
-identical payloads never merge into one row.
+captures; the DB keeps one row per id, a reused id with other bytes is recorded as a conflict), else
+`"<source>:<topic>:<sha1(payload)[:16]>:<arrival time ns>"`: every message is inspected, even one whose bytes equal
+an earlier message's (before or after a restart). Only a provable redelivery gets the id it had: the broker
+resending (DUP flag) a packet id this process received and has not acknowledged yet; the writer then acknowledges it
+without a second row, logs it and counts it (`anomalyd_frames_deduplicated_total`). Without a producer `frame_id`,
+a message committed but not yet acknowledged when the daemon died is inspected again after the restart (at least
+once; its row has `meta.mqtt_dup = true`).
 Options: `topics` (a list, instead of / in addition to the uri's topic), `client_id`, `qos` (1),
 `session_expiry_s`, `receive_maximum`, `keepalive` (30), `username`/`password` (else from the uri), `tls`,
 `backoff_initial_s` (1), `backoff_max_s` (30), `max_bytes` (256 MiB: a bigger payload is a rejected frame).
@@ -37,7 +44,9 @@ from adapters.sources.base import Frame, FrameSource, SourceSettings, SourceStat
 from adapters.sources.registry import SourceContext, register_source_kind
 from adapters.sources.settings import MqttSourceSettings
 
-RECENT_IDS = 4096  # payload-hash ids remembered to tell a redelivery from a new message with identical bytes
+UNACKED_IDS = 65535  # at most one per MQTT packet id
+SESSION_TAKEN_OVER = 142  # MQTT v5 DISCONNECT reason code: another client connected with our client id
+SHORT_S, SHORT_IN_A_ROW = 5.0, 3  # connections closed by the broker this soon, this many times: a takeover
 
 
 @dataclass(frozen=True)
@@ -108,11 +117,14 @@ class MqttImageSource(FrameSource):
         self._connection = 0  # incremented per connection: a PUBACK mid is only valid on its own connection
         self._subscribe_mid: int | None = None  # the SUBSCRIBE of the current connection (its SUBACK: online)
         self._ever_connected = False
+        self.takeovers = 0  # times another client with our client id took the session over
+        self._connected_at: float | None = None  # monotonic, while connected
+        self._short_connections = 0  # broker-closed connections in a row that lasted less than SHORT_S
         self.max_bytes = spec.max_bytes
-        # Payload-hash ids handed out recently, and the id given to each (connection, mid) in flight.
+        # The frame_id and payload hash of each packet id received and not acknowledged yet (this process's
+        # session, across reconnections): the broker redelivers exactly these, with the DUP flag.
         self._ids_lock = threading.Lock()
-        self._recent_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._ids_by_mid: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
+        self._unacked: collections.OrderedDict[int, tuple[str, str]] = collections.OrderedDict()
 
     @classmethod
     def from_context(cls, settings: SourceSettings, context: SourceContext) -> MqttImageSource:
@@ -127,6 +139,7 @@ class MqttImageSource(FrameSource):
         if self._ever_connected:
             self.counters.incr("reconnects")
         self._ever_connected = True
+        self._connected_at = time.monotonic()
         self._connection += 1
         _, self._subscribe_mid = client.subscribe([(topic, self.qos) for topic in self.topics])
         self.log.info("connected to %s:%s as %s (session present: %s)", self.target.host, self.target.port,
@@ -151,9 +164,39 @@ class MqttImageSource(FrameSource):
         self._set_status(SourceStatus.OFFLINE)
 
     def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
-        if not self._stop_event.is_set():
+        lasted = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        self._connected_at = None
+        if self._stop_event.is_set():
+            self._set_status(SourceStatus.OFFLINE)
+            return
+        # Closed by the broker right after it accepted us, again and again (Mosquitto says nothing, other brokers
+        # "Session taken over"): another client uses our client id.
+        self._short_connections = self._short_connections + 1 if lasted is not None and lasted < SHORT_S else 0
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER or self._short_connections >= SHORT_IN_A_ROW:
+            self._taken_over(client, reason_code)
+        else:
+            if self.takeovers and lasted is not None:  # connected for a while: the other client is gone
+                client.reconnect_delay_set(min_delay=max(1, int(self.backoff_initial_s)),
+                                           max_delay=int(self.backoff_max_s))
             self._error(f"disconnected from MQTT broker {self.target.host}:{self.target.port}: {reason_code}")
         self._set_status(SourceStatus.OFFLINE)
+
+    def _taken_over(self, client: mqtt.Client, reason_code: Any) -> None:
+        """Another client connected with our client id (a second daemon with this source id on the host): the
+        broker gave it the session. Said once; from then on we retry only every backoff_max_s, so the two do not
+        kick each other off every second."""
+        self.takeovers += 1
+        self.counters.incr("errors")
+        self.last_error = (f"MQTT client id {self.client_id!r} taken over by another client at "
+                           f"{self.target.host}:{self.target.port} ({self.takeovers}x)")
+        if self.takeovers == 1:
+            self.log.error("source %s: the broker %s:%s keeps closing our connection right after accepting it "
+                           "(%s): probably another client uses the same client id %r and takes the session over "
+                           "(a second daemon with source id %r on this host?); each daemon needs its own "
+                           "`client_id` option. Retrying every %ss", self.id, self.target.host, self.target.port,
+                           reason_code, self.client_id, self.id, self.backoff_max_s)
+        slow = max(1, int(self.backoff_max_s))
+        client.reconnect_delay_set(min_delay=slow, max_delay=slow)
 
     def _on_message(self, client: mqtt.Client, userdata, message: mqtt.MQTTMessage) -> None:
         connection, mid, qos = self._connection, message.mid, message.qos
@@ -166,21 +209,18 @@ class MqttImageSource(FrameSource):
             self._inbox_ready.notify()
 
     def _arrival_frame_id(self, message: mqtt.MQTTMessage, payload: bytes) -> str:
-        """Without a producer's frame_id: the payload's hash for the first message with these bytes (a broker
-        redelivery keeps it, so the DB dedupes), plus the arrival time for a further, distinct message with
-        identical bytes (two captures never merge into one row silently)."""
-        base = mqtt_frame_id(self.id, message.topic, payload)
+        """Without a producer's frame_id: a new id per message (the payload's hash plus the arrival time), except
+        for the broker's redelivery (DUP) of a packet id we hold unacknowledged with the same bytes: its id."""
+        digest = hashlib.sha1(payload).hexdigest()
         with self._ids_lock:
-            key = (self._connection, message.mid)
-            if message.dup and key in self._ids_by_mid:  # the broker resending what we already hold
-                return self._ids_by_mid[key]
-            frame_id = base if base not in self._recent_ids else f"{base}:{time.time_ns()}"
-            self._recent_ids[base] = None
-            self._ids_by_mid[key] = frame_id
-            while len(self._recent_ids) > RECENT_IDS:
-                self._recent_ids.popitem(last=False)
-            while len(self._ids_by_mid) > RECENT_IDS:
-                self._ids_by_mid.popitem(last=False)
+            held = self._unacked.get(message.mid)
+            if message.dup and held is not None and held[1] == digest:
+                return held[0]
+            frame_id = f"{mqtt_frame_id(self.id, message.topic, payload)}:{time.time_ns()}"
+            self._unacked[message.mid] = (frame_id, digest)
+            self._unacked.move_to_end(message.mid)
+            while len(self._unacked) > UNACKED_IDS:
+                self._unacked.popitem(last=False)
         return frame_id
 
     def _make_frame(self, message: mqtt.MQTTMessage) -> Frame:
@@ -196,6 +236,8 @@ class MqttImageSource(FrameSource):
         meta = self._base_meta()
         meta.update(topic=message.topic, qos=message.qos, retain=bool(message.retain), mid=message.mid,
                     content_type=content_type or "application/octet-stream")
+        if message.dup:
+            meta["mqtt_dup"] = True
         if len(payload) > self.max_bytes:
             meta["error"] = f"payload is {len(payload)} bytes, more than max_bytes = {self.max_bytes}"
         frame = Frame(frame_id=frame_id or self._arrival_frame_id(message, payload), source_id=self.id,
@@ -212,6 +254,8 @@ class MqttImageSource(FrameSource):
         if not ok or qos == 0 or client is None or connection != self._connection or not client.is_connected():
             return
         client.ack(mid, qos)
+        with self._ids_lock:  # acknowledged: the broker never resends this packet id's message
+            self._unacked.pop(mid, None)
 
     # -- thread ----------------------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:

@@ -59,15 +59,18 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 
 def display_uri(uri: str) -> str:
-    """The uri without its password (rtsp://user:secret@host/ → rtsp://user:***@host/), for logs and statuses."""
+    """The uri without its password or query (rtsp://user:secret@host/live?token=x → rtsp://user:***@host/live?***),
+    for logs and statuses: a camera's query string often carries an access token."""
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return uri
+    rest, question, _query = rest.partition("?")
+    hidden_query = "?***" if question else ""
     authority, slash, path = rest.partition("/")
     userinfo, at, host = authority.rpartition("@")
     if not at or ":" not in userinfo:
-        return uri
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+        return f"{scheme}://{rest}{hidden_query}"
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}{hidden_query}"
 
 
 @dataclass

@@ -364,6 +364,8 @@ def kshot_references(args: argparse.Namespace, samples: list) -> Any:
         raise UsageError(str(exc)) from exc
     for category, reason in split.skipped.items():
         print(f"anomalyd: {category} left out of the {args.shots}-shot evaluation: {reason}", file=sys.stderr)
+    for category, note in split.notes.items():
+        print(f"anomalyd: warning: {category}: {note}", file=sys.stderr)
     if not split.tests:
         raise UsageError(f"--shots {args.shots}: no category has enough normal images for references")
     return split
@@ -430,7 +432,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:  # k-shot: the torch model, given each category's references below
             base = create_detector(name, **{**model_options(args, name), "references": None}, references_later=True)
             detector = base
-        infos[name] = {"version": detector.version, "backbone": args.backbone}
+        # The backbone the detector runs (PatchCore's own CNN), not the CLIP default of --backbone.
+        infos[name] = {"version": detector.version,
+                       "backbone": getattr(detector, "backbone_name", None) or args.backbone}
         if split is not None:
             infos[name].update(shots=args.shots, seed=args.seed)
         accumulator = MetricAccumulator()

@@ -224,10 +224,11 @@ for source in sources:
     assert f"source cam: cannot open rtsp '{shown}'" in result.stderr
 
 
-def test_display_uri_masks_only_the_password():
+def test_display_uri_masks_the_password_and_the_query():
     from adapters.sources.opencv_capture import display_uri
 
-    assert display_uri("rtsp://admin:pw@10.0.0.5:554/live?x=1") == "rtsp://admin:***@10.0.0.5:554/live?x=1"
+    assert display_uri("rtsp://admin:pw@10.0.0.5:554/live?x=1") == "rtsp://admin:***@10.0.0.5:554/live?***"
+    assert display_uri("http://cam/snapshot.jpg?token=abc") == "http://cam/snapshot.jpg?***"
     assert display_uri("rtsp://10.0.0.5/live") == "rtsp://10.0.0.5/live"
     assert display_uri("http://user@cam/mjpg") == "http://user@cam/mjpg"
     assert display_uri("/videos/a:b@c.avi") == "/videos/a:b@c.avi"

@@ -91,7 +91,9 @@ class SlowDetector(BrightnessDetector):
 
 def write_config(tmp_path: Path, body: str, broker_port: int | None = None) -> Path:
     mqtt = (f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\nclient_id = "f-{tmp_path.name[-8:]}"\n'
-            'commands = ["trigger", "activate"]\n') if broker_port else "[mqtt]\nenabled = false\n"
+            # The commands' own guard (signatures) is tested in test_mqtt_ingress; here the test broker's "ACL".
+            'commands = ["trigger", "activate"]\ncommand_guard = "broker"\nusername = "daemon"\n'
+            ) if broker_port else "[mqtt]\nenabled = false\n"
     config = tmp_path / "config.toml"
     config.write_text(f"""
 [runtime]
