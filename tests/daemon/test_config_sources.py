@@ -92,7 +92,7 @@ FIELDS = {
     "runtime": {"max_batch_size": st.integers(1, 1024), "max_batch_delay_ms": st.floats(0, 60_000),
                 "dtype": st.sampled_from(["float32", "bfloat16", "float16"]), "live_share": st.floats(0.01, 0.99)},
     "mqtt": {"host": TEXT, "port": st.integers(1, 65535), "publish_inspections": st.booleans(),
-             "commands": st.lists(st.sampled_from(["trigger", "activate"]), max_size=2)},
+             "keepalive": st.integers(5, 3600), "command_max_age_s": st.floats(1, 3600)},
     "model": {"layers": st.lists(st.integers(1, 24), min_size=1, max_size=4), "class_name": TEXT,
               "false_reject_rate": st.floats(0, 0.5)},
     "storage": {"save_frames": st.booleans(), "retention_days": st.integers(0, 3650), "dir": TEXT},
