@@ -96,6 +96,10 @@ class Metrics:
         self.dead_lettered = Counter("anomalyd_frames_dead_lettered",
                                      "Frames given up after failing max_attempts times (recorded as rejected)",
                                      ["source"], registry=r)
+        self.resource_faults = Counter("anomalyd_resource_faults",
+                                       "Frame attempts that failed on a missing resource (disk full, database "
+                                       "down, out of memory) and were retried, never given up", ["resource"],
+                                       registry=r)
         self.last_inspected = Gauge("anomalyd_source_last_inspected_timestamp_seconds",
                                     "Unix time of the last inspection written for a source", ["source"], registry=r)
         # The process itself (CPU, memory, file descriptors, start time; Python version and GC) and what runs.
