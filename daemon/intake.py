@@ -235,7 +235,8 @@ class Intake:
                 if frame is None:
                     continue
                 if not triggers.attach(request, frame):
-                    frame.done(True)  # captured before the trigger
+                    triggers.discarded(source.id, frame, f"captured before trigger {request.id}")
+                    frame.done(True)  # stale: not the part the trigger asked about
                     continue
                 settings = self.source_settings[source.id]
                 self.metrics.frames_in.labels(settings.id).inc()
@@ -244,6 +245,7 @@ class Intake:
                 time.sleep(0.001)
         for source in triggered:
             for frame in source.queue.drain():
+                triggers.discarded(source.id, frame, "queued with no trigger waiting at shutdown")
                 frame.done(True)
 
     def _submit(self, frame: Frame, source: FrameSource, live: bool = False) -> None:
