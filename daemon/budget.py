@@ -1,7 +1,13 @@
 """A budget of bytes for decoded frames in flight: decode waits while frames already decoded (in the batcher,
 the model, the writers) hold it, so memory is bounded in bytes, not only in frames: eight tiny PNGs declaring
 10000x9999 pixels each cannot all be decoded at once. Priority frames (live cameras, triggers) go first: while
-one waits, the bytes freed are not taken by a backlog frame."""
+one waits, the bytes freed are not taken by a backlog frame.
+
+A frame is charged its decode's peak (`decode_peak_bytes`, estimated from the header before anything is decoded),
+not only the RGB array it ends as: PIL holds an RGB image in 4 bytes a pixel, hands it to numpy through a copy
+(3 more) and the result is made contiguous (3 more), so a PNG peaks near 10 bytes a pixel. Once decoded, the hold
+shrinks to what the frame keeps (its RGB and model-sized pixels) until the frame is done: the budget bounds the
+decodes' peak, not just the frames at rest."""
 
 from __future__ import annotations
 
@@ -44,13 +50,45 @@ class ByteBudget:
             self.used = max(0, self.used - nbytes)
             self._cond.notify_all()
 
-    def hold_until_done(self, frame: Any, nbytes: int) -> None:
-        """Release `nbytes` when the frame is finished (`frame.done(...)`, called exactly once per frame)."""
+    def hold_until_done(self, frame: Any, nbytes: int) -> Hold:
+        """Release `nbytes` when the frame is finished (`frame.done(...)`, called exactly once per frame); the
+        returned hold can give part of it back earlier (`shrink_to`)."""
         callback = frame.on_done
+        hold = Hold(self, nbytes)
 
         def release_then(ok: bool) -> None:
-            self.release(nbytes)
+            hold.shrink_to(0)
             if callback is not None:
                 callback(ok)
 
         frame.on_done = release_then
+        return hold
+
+
+class Hold:
+    """Bytes of a budget held for one frame; `shrink_to(n)` gives back all but n of them now."""
+
+    def __init__(self, budget: ByteBudget, nbytes: int) -> None:
+        self.budget = budget
+        self.nbytes = nbytes
+        self._lock = threading.Lock()
+
+    def shrink_to(self, nbytes: int) -> None:
+        with self._lock:
+            extra = self.nbytes - max(0, int(nbytes))
+            if extra <= 0:
+                return
+            self.nbytes -= extra
+        self.budget.release(extra)
+
+
+# Peak bytes a pixel while decoding: libjpeg(-turbo) writes RGB directly (OpenCV without IMREAD_COLOR_RGB converts
+# into a second array); PIL's decoders: a 4-byte-a-pixel image, a bytes copy for numpy, the contiguous RGB result.
+JPEG_PEAK_PER_PIXEL = 6
+PIL_PEAK_PER_PIXEL = 10
+
+
+def decode_peak_bytes(data: bytes, width: int, height: int) -> int:
+    """What decoding `data` (declaring width x height) takes at its peak, estimated before decoding."""
+    per_pixel = JPEG_PEAK_PER_PIXEL if data[:3] == b"\xff\xd8\xff" else PIL_PEAK_PER_PIXEL
+    return per_pixel * width * height

@@ -31,7 +31,7 @@ import numpy as np
 
 from adapters.sources.base import Frame, FrameSource, SourceSettings
 from daemon.batcher import DynamicBatcher
-from daemon.budget import ByteBudget
+from daemon.budget import ByteBudget, decode_peak_bytes
 from daemon.metrics import Metrics
 from daemon.record import FrameRecord, Outcomes, StageTimes
 
@@ -288,18 +288,19 @@ class Intake:
 
         in_live_decode = live  # counted in _live_decoding until it is in the batcher's live lane
         try:
-            # Bytes of the decoded frame, from its header (nothing decoded yet), held until the frame is done.
+            # The decode's peak bytes, from the header (nothing decoded yet); after the decode the hold shrinks to
+            # what the frame keeps, held until the frame is done (daemon/budget.py).
             if frame.image is not None:
                 cost = int(np.asarray(frame.image).nbytes)
             elif frame.data is not None:
                 declared = header_size(frame.data)
-                cost = 3 * declared[0] * declared[1] if declared is not None else len(frame.data)
+                cost = decode_peak_bytes(frame.data, *declared) if declared is not None else 3 * len(frame.data)
                 if self.max_pixels is not None and declared is not None \
                         and declared[0] * declared[1] > self.max_pixels:
                     cost = 0  # refused from the header below, never decoded
             else:
                 cost = 0
-            self.decode_budget.hold_until_done(
+            hold = self.decode_budget.hold_until_done(
                 frame, self.decode_budget.acquire(cost, self._abort, priority=priority or live))
             started = time.monotonic()
             try:
@@ -314,6 +315,7 @@ class Intake:
                 return
             size = int(self.input_size())
             pixels = self.transform(rgb, size)
+            hold.shrink_to(rgb.nbytes + np.asarray(pixels).nbytes)
             decoded = time.monotonic()
             self.stage_times.add("decode", decoded - started)
             self.metrics.decode_latency.observe(decoded - started)

@@ -100,3 +100,53 @@ def test_case7_request_bodies_are_capped(sqlite_env):  # noqa: F811
     response = env.client.post(f"/api/inspections/{row}/label", content=chunks(),
                                headers={**auth("operator"), "content-type": "application/json"})
     assert response.status_code == 413
+
+
+def test_the_decode_budget_holds_each_decode_at_its_peak(sqlite_sessions, tmp_path, monkeypatch):
+    """Issue 18 (9a): a frame is charged its decode's peak (about 10 bytes a pixel for a PNG), not the 3 bytes a
+    pixel of its RGB result, so concurrent decodes cannot together pass decode_budget_mb: with room for one peak
+    and a half, two PNGs are never decoded at once; once decoded, a frame keeps only what it holds."""
+    import threading
+
+    import model.preprocess as preprocess
+    from daemon.budget import decode_peak_bytes
+    from tests.daemon.test_pipeline import ConstantDetector
+    from tests.hardening.helpers import RedeliveringSource, make_pipeline
+    from tests.waiting import wait_until
+
+    data = png_declaring(200, 200)
+    peak = decode_peak_bytes(data, 200, 200)
+    assert peak >= 10 * 200 * 200
+    real_decode = preprocess.decode_image
+    lock, another = threading.Lock(), threading.Event()
+    state = {"active": 0, "most": 0, "used": []}
+
+    def decode(*args, **kwargs):
+        with lock:
+            state["active"] += 1
+            state["most"] = max(state["most"], state["active"])
+            if state["active"] > 1:
+                another.set()
+            state["used"].append(pipeline.decode_budget.used)
+        another.wait(1.0)  # a window for a second decode to start, were the budget to let it
+        try:
+            return real_decode(*args, **kwargs)
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    monkeypatch.setattr(preprocess, "decode_image", decode)
+    source = RedeliveringSource()
+    pipeline = make_pipeline(sqlite_sessions, tmp_path, [source], ConstantDetector(0.1), decode_threads=2,
+                             decode_budget_bytes=int(1.5 * peak))
+    pipeline.start()
+    try:
+        for index in range(3):
+            source.push(f"f{index}", data)
+        assert wait_until(lambda: pipeline.processed == 3, 60), (pipeline.processed, pipeline.rejected)
+    finally:
+        pipeline.stop(10)
+    assert state["most"] == 1, state  # never two decodes at once
+    assert all(used >= peak for used in state["used"]), state  # each decode ran holding its peak
+    assert pipeline.decode_budget.peak <= pipeline.decode_budget.capacity
+    assert pipeline.decode_budget.used == 0  # all given back
