@@ -31,7 +31,7 @@ import numpy as np
 
 from adapters.sources.base import Frame, FrameSource, SourceSettings
 from daemon.batcher import DynamicBatcher
-from daemon.budget import ByteBudget, decode_peak_bytes
+from daemon.budget import ByteBudget, frame_peak_bytes, render_bytes
 from daemon.metrics import Metrics
 from daemon.record import FrameRecord, Outcomes, StageTimes
 
@@ -288,13 +288,14 @@ class Intake:
 
         in_live_decode = live  # counted in _live_decoding until it is in the batcher's live lane
         try:
-            # The decode's peak bytes, from the header (nothing decoded yet); after the decode the hold shrinks to
-            # what the frame keeps, held until the frame is done (daemon/budget.py).
+            # The frame's peak bytes, from the header (nothing decoded yet); after the decode the hold shrinks to
+            # what the frame keeps plus its rendering ahead, held until the frame is done (daemon/budget.py).
             if frame.image is not None:
-                cost = int(np.asarray(frame.image).nbytes)
+                height, width = np.asarray(frame.image).shape[:2]
+                cost = int(np.asarray(frame.image).nbytes) + render_bytes(width, height)
             elif frame.data is not None:
                 declared = header_size(frame.data)
-                cost = decode_peak_bytes(frame.data, *declared) if declared is not None else 3 * len(frame.data)
+                cost = frame_peak_bytes(frame.data, *declared) if declared is not None else 3 * len(frame.data)
                 if self.max_pixels is not None and declared is not None \
                         and declared[0] * declared[1] > self.max_pixels:
                     cost = 0  # refused from the header below, never decoded
@@ -315,7 +316,7 @@ class Intake:
                 return
             size = int(self.input_size())
             pixels = self.transform(rgb, size)
-            hold.shrink_to(rgb.nbytes + np.asarray(pixels).nbytes)
+            hold.shrink_to(rgb.nbytes + np.asarray(pixels).nbytes + render_bytes(rgb.shape[1], rgb.shape[0]))
             decoded = time.monotonic()
             self.stage_times.add("decode", decoded - started)
             self.metrics.decode_latency.observe(decoded - started)
