@@ -100,6 +100,11 @@ class RuntimeConfig(_Section):
     max_pixels: int = Field(50_000_000, ge=64)  # per frame, read from its header; larger frames are rejected
     decode_budget_mb: int = Field(512, ge=16)  # decoded frames in flight, in MiB of RGB pixels
     max_attempts: int = Field(5, ge=1)  # failures of one frame before it is dead-lettered
+    # Resource faults (disk full, database down, out of memory) never count towards max_attempts: the frame is
+    # handed back after a pause growing to resource_backoff_s, and readiness names the fault until a frame gets
+    # through or resource_fault_hold_s pass without one failing on it (daemon/health.py ResourceFaults).
+    resource_backoff_s: float = Field(1.0, ge=0, le=60)
+    resource_fault_hold_s: float = Field(30.0, gt=0)
     # Of each batch, the places `latest` live sources (cameras) get while a file/queue backlog waits; the rest
     # goes to the backlog, so neither starves (daemon/batcher.py).
     live_share: float = Field(0.5, gt=0, lt=1)

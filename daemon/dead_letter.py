@@ -3,8 +3,11 @@
 Without this a frame whose result cannot be stored (a value the database refuses, artifacts that cannot be
 written, a detector that fails on it) is handed back to its source, redelivered and fails again without end,
 and with MQTT's receive window a few of them block every valid frame. Attempts are counted per frame_id (the
-source's idempotency key, stable across redeliveries) in a bounded LRU; a lost database connection does not
-count (`is_transient`: every frame fails the same way during an outage, and none of them is poison).
+source's idempotency key, stable across redeliveries) in a bounded LRU. A resource fault does not count
+(`resource_fault`: a full or read-only disk, a quota, the database down or unreachable, memory exhausted): every
+frame fails the same way while it lasts and none of them is poison, so it is waited out (daemon/health.py
+`ResourceFaults`) and the frame retried, however long it takes. Only the input's own faults (undecodable bytes, a
+value the database refuses, a detector failing on this frame) count towards dead-lettering.
 
 Giving up means: a `rejected_frames` row whose reason starts with "dead letter", the
 `anomalyd_frames_dead_lettered_total` counter, one error log line, and `frame.done(True)` (acknowledged/moved).
@@ -14,6 +17,7 @@ When even that row cannot be written (the database is down), the frame goes back
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -24,14 +28,44 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_PREFIX = "dead letter"
 
 
-def is_transient(exc: BaseException) -> bool:
-    """A failure of the infrastructure rather than of the frame: the database unreachable or its connection
-    lost. Such failures do not count towards dead-lettering (the frame would fail the same way as any other)."""
+# errno values that say the machine lacks a resource (space, quota, a writable disk, memory, descriptors), not
+# that the input is bad.
+RESOURCE_ERRNOS: dict[int, str] = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "file system read-only",
+    errno.ENOMEM: "out of memory",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files",
+}
+
+
+def resource_fault(exc: BaseException) -> str | None:
+    """What resource is missing when `exc` is a failure of the infrastructure rather than of the frame, else None:
+    the database unreachable, down, read-only or its connection lost; a disk full, over quota or read-only;
+    memory exhausted (MemoryError, ENOMEM). Follows `raise ... from` / implicit chaining (an OSError wrapped by a
+    library)."""
     from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
-    if isinstance(exc, (OperationalError, DisconnectionError)):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (OperationalError, DisconnectionError)):
+            return "database unavailable"
+        if isinstance(current, DBAPIError) and bool(current.connection_invalidated):
+            return "database connection lost"
+        if isinstance(current, MemoryError):
+            return "out of memory"
+        if isinstance(current, OSError) and current.errno in RESOURCE_ERRNOS:
+            return RESOURCE_ERRNOS[current.errno]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A resource fault (`resource_fault`): it does not count towards dead-lettering."""
+    return resource_fault(exc) is not None
 
 
 class DeadLetters:

@@ -4,6 +4,7 @@ sources that stopped for good. Each check returns a problem string naming its ca
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import tempfile
 import threading
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
+
+log = logging.getLogger(__name__)
 
 
 class OutcomeWindow:
@@ -40,6 +43,60 @@ class OutcomeWindow:
             return (f"{failed} of the last {len(outcomes)} frames failed (more than {self.max_ratio:.0%}); "
                     f"see anomalyd_frames_failed_total and the log")
         return None
+
+
+class ResourceFaults:
+    """Resource faults being waited out (a full disk, the database down, memory exhausted: daemon/dead_letter.py
+    `resource_fault`). A fault starts an episode, logged once at ERROR; readiness names its cause while frames keep
+    failing on it. The episode ends at the first frame that gets through (logged, with its duration) or, with no
+    frame tried, `hold_s` after the last fault: readiness recovers by itself, the direct checks (storage and
+    database writable) still tell. `backoff(...)` is the pause before a failed frame is handed back: growing from
+    `first_pause_s` to `max_pause_s`, so a broker's or a test source's immediate redelivery does not spin."""
+
+    def __init__(self, hold_s: float = 30.0, max_pause_s: float = 1.0, first_pause_s: float = 0.05,
+                 clock=time.monotonic, on_fault=None) -> None:
+        self.hold_s, self.max_pause_s, self.first_pause_s = hold_s, max_pause_s, first_pause_s
+        self._clock = clock
+        self._on_fault = on_fault  # (resource) -> None: the metric
+        self._lock = threading.Lock()
+        self._started: float | None = None
+        self._last: float = 0.0
+        self._cause = ""
+        self._in_a_row = 0
+        self.episodes = 0
+
+    def fault(self, resource: str, stage: str, exc: BaseException) -> float:
+        """One frame failed on a missing resource; returns the pause before it is handed back."""
+        cause = f"{resource} at the {stage} stage: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        now = self._clock()
+        with self._lock:
+            new = self._started is None or now - self._last > self.hold_s
+            if new:
+                self._started, self.episodes, self._in_a_row = now, self.episodes + 1, 0
+            self._last, self._cause = now, cause
+            self._in_a_row += 1
+            pause = min(self.max_pause_s, self.first_pause_s * 2 ** min(self._in_a_row - 1, 20))
+        if self._on_fault is not None:
+            self._on_fault(resource)
+        if new:
+            log.error("resource fault, waiting it out: %s; frames are handed back and retried, none is given up",
+                      cause)
+        return pause
+
+    def recovered(self) -> None:
+        """A frame got through: an episode in progress is over."""
+        with self._lock:
+            if self._started is None:
+                return
+            lasted, cause, self._started = self._clock() - self._started, self._cause, None
+        log.warning("recovered from the resource fault after %.0fs (%s)", lasted, cause)
+
+    def problem(self) -> str | None:
+        with self._lock:
+            if self._started is None or self._clock() - self._last > self.hold_s:
+                return None
+            since = self._clock() - self._started
+            return f"waiting out a resource fault for {since:.0f}s ({self._cause}); frames are retried"
 
 
 def storage_problem(root: str | Path) -> str | None:

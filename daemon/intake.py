@@ -31,7 +31,7 @@ import numpy as np
 
 from adapters.sources.base import Frame, FrameSource, SourceSettings
 from daemon.batcher import DynamicBatcher
-from daemon.budget import ByteBudget
+from daemon.budget import ByteBudget, frame_peak_bytes, render_bytes
 from daemon.metrics import Metrics
 from daemon.record import FrameRecord, Outcomes, StageTimes
 
@@ -235,7 +235,8 @@ class Intake:
                 if frame is None:
                     continue
                 if not triggers.attach(request, frame):
-                    frame.done(True)  # captured before the trigger
+                    triggers.discarded(source.id, frame, f"captured before trigger {request.id}")
+                    frame.done(True)  # stale: not the part the trigger asked about
                     continue
                 settings = self.source_settings[source.id]
                 self.metrics.frames_in.labels(settings.id).inc()
@@ -244,6 +245,7 @@ class Intake:
                 time.sleep(0.001)
         for source in triggered:
             for frame in source.queue.drain():
+                triggers.discarded(source.id, frame, "queued with no trigger waiting at shutdown")
                 frame.done(True)
 
     def _submit(self, frame: Frame, source: FrameSource, live: bool = False) -> None:
@@ -286,18 +288,20 @@ class Intake:
 
         in_live_decode = live  # counted in _live_decoding until it is in the batcher's live lane
         try:
-            # Bytes of the decoded frame, from its header (nothing decoded yet), held until the frame is done.
+            # The frame's peak bytes, from the header (nothing decoded yet); after the decode the hold shrinks to
+            # what the frame keeps plus its rendering ahead, held until the frame is done (daemon/budget.py).
             if frame.image is not None:
-                cost = int(np.asarray(frame.image).nbytes)
+                height, width = np.asarray(frame.image).shape[:2]
+                cost = int(np.asarray(frame.image).nbytes) + render_bytes(width, height)
             elif frame.data is not None:
                 declared = header_size(frame.data)
-                cost = 3 * declared[0] * declared[1] if declared is not None else len(frame.data)
+                cost = frame_peak_bytes(frame.data, *declared) if declared is not None else 3 * len(frame.data)
                 if self.max_pixels is not None and declared is not None \
                         and declared[0] * declared[1] > self.max_pixels:
                     cost = 0  # refused from the header below, never decoded
             else:
                 cost = 0
-            self.decode_budget.hold_until_done(
+            hold = self.decode_budget.hold_until_done(
                 frame, self.decode_budget.acquire(cost, self._abort, priority=priority or live))
             started = time.monotonic()
             try:
@@ -312,6 +316,7 @@ class Intake:
                 return
             size = int(self.input_size())
             pixels = self.transform(rgb, size)
+            hold.shrink_to(rgb.nbytes + np.asarray(pixels).nbytes + render_bytes(rgb.shape[1], rgb.shape[0]))
             decoded = time.monotonic()
             self.stage_times.add("decode", decoded - started)
             self.metrics.decode_latency.observe(decoded - started)

@@ -420,12 +420,16 @@ class Integrations:
             missed = CounterMetricFamily("anomalyd_trigger_deadline_missed", "Triggers answered with the fail-safe "
                                          "because the deadline passed", labels=["source"])
             waiting = GaugeMetricFamily("anomalyd_trigger_pending", "Triggers not yet answered", labels=["source"])
+            stale = CounterMetricFamily("anomalyd_trigger_stale_frames", "Frames of a triggered source discarded "
+                                        "uninspected: captured before the trigger", labels=["source"])
             for source_id in self.triggers.source_ids:
                 counts = self.triggers.counts(source_id)
                 missed.add_metric([source_id], counts["deadline_missed"])
                 waiting.add_metric([source_id], counts["pending"])
+                stale.add_metric([source_id], counts["stale_discarded"])
             yield missed
             yield waiting
+            yield stale
 
     def stop_triggers(self) -> None:
         if self.triggers is not None:

@@ -99,6 +99,10 @@ class Metrics:
         self.frames_deduplicated = Counter("anomalyd_frames_deduplicated",
                                            "Redelivered frames already inspected: acknowledged, no second row",
                                            ["source"], registry=r)
+        self.resource_faults = Counter("anomalyd_resource_faults",
+                                       "Frame attempts that failed on a missing resource (disk full, database "
+                                       "down, out of memory) and were retried, never given up", ["resource"],
+                                       registry=r)
         self.last_inspected = Gauge("anomalyd_source_last_inspected_timestamp_seconds",
                                     "Unix time of the last inspection written for a source", ["source"], registry=r)
         # The process itself (CPU, memory, file descriptors, start time; Python version and GC) and what runs.

@@ -35,6 +35,7 @@ from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
 from daemon.budget import ByteBudget
 from daemon.dead_letter import DeadLetters
+from daemon.health import ResourceFaults
 from daemon.intake import Intake, default_resize, reference_resize
 from daemon.metrics import Metrics
 from daemon.record import FrameRecord, Outcomes, PipelineOptions, StageTimes
@@ -81,7 +82,9 @@ class Pipeline:
             lambda frame, source_id, reason: record_rejected(
                 sessions, source=source_id, frame_id=frame.frame_id, name=frame.name or None, reason=reason),
             on_dead_letter=lambda source_id: self.metrics.dead_lettered.labels(source_id).inc())
-        self.outcomes = Outcomes(self.metrics, dead_letters)
+        self.outcomes = Outcomes(self.metrics, dead_letters, faults=ResourceFaults(
+            hold_s=self.options.resource_fault_hold_s, max_pause_s=self.options.resource_backoff_s,
+            on_fault=lambda resource: self.metrics.resource_faults.labels(resource).inc()))
         self.errors: list[str] = []
         self.batcher: DynamicBatcher[FrameRecord] = DynamicBatcher(
             self.options.max_batch_size, self.options.max_batch_delay_s, maxsize=self.options.queue_size,
@@ -197,9 +200,9 @@ class Pipeline:
             problems.extend(self.intake.problems())
             if not self.writer.alive:
                 problems.append("a writer thread is not running")
-        failing = self.outcomes.window.problem()
-        if failing is not None:
-            problems.append(failing)
+        for problem in (self.outcomes.window.problem(), self.outcomes.faults.problem()):
+            if problem is not None:
+                problems.append(problem)
         return (not problems, problems)
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -212,6 +215,7 @@ class Pipeline:
             return True
         deadline = time.monotonic() + timeout
         self._draining.set()
+        self.outcomes.stopping.set()
         drained = self.intake.drain(deadline - time.monotonic() - min(2.0, timeout / 4))
         self.batcher.close()
         if not self.worker.join(max(0.1, deadline - time.monotonic())):

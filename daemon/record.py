@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from adapters.sources.base import Frame, SourceSettings
-from daemon.dead_letter import DeadLetters
-from daemon.health import OutcomeWindow
+from daemon.dead_letter import DeadLetters, resource_fault
+from daemon.health import OutcomeWindow, ResourceFaults
 from daemon.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ class PipelineOptions:
     alert_qos: int = 1
     reference_preprocessing: bool = False
     max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
+    resource_fault_hold_s: float = 30.0  # readiness names a resource fault this long after the last frame failed on it
+    resource_backoff_s: float = 1.0  # longest pause before a frame failed on a resource fault is handed back
     max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
     decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
     live_share: float = 0.5  # of each batch, for `latest` live sources while a backlog waits (daemon/batcher.py)
@@ -84,14 +86,19 @@ class StageTimes:
 class Outcomes:
     """How frames ended: inspected, rejected (a rejected_frames row) or failed (done(False): the source redelivers
     it, or dead-lettered after `max_attempts`). Every frame ends in exactly one of them. `window` keeps the recent
-    ones for readiness; `triggers` (daemon.trigger.TriggerController, when set) is told about failed frames so a
-    trigger gets its fail-safe answer."""
+    ones for readiness; `faults` the resource faults being waited out (they never count towards dead-lettering
+    nor fill the window); `triggers` (daemon.trigger.TriggerController, when set) is told about failed frames so a
+    trigger gets its fail-safe answer. `stopping` (set at shutdown) cuts a resource-fault pause short."""
 
-    def __init__(self, metrics: Metrics, dead_letters: DeadLetters, window: OutcomeWindow | None = None) -> None:
+    def __init__(self, metrics: Metrics, dead_letters: DeadLetters, window: OutcomeWindow | None = None,
+                 faults: ResourceFaults | None = None) -> None:
         self.metrics = metrics
         self.dead_letters = dead_letters
         self.window = window or OutcomeWindow()
+        self.faults = faults or ResourceFaults(
+            on_fault=lambda resource: metrics.resource_faults.labels(resource).inc())
         self.triggers: TriggerController | None = None
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
         self.processed = 0
         self.rejected = 0
@@ -99,22 +106,30 @@ class Outcomes:
 
     def inspected(self) -> None:
         self.window.add(True)
+        self.faults.recovered()
         with self._lock:
             self.processed += 1
 
     def was_rejected(self) -> None:
         self.window.add(True)
+        self.faults.recovered()
         with self._lock:
             self.rejected += 1
 
     def fail(self, frames: list[Frame], source_id: str, stage: str, exc: BaseException) -> None:
-        """Hand the frames back to their source (done(False)) or dead-letter them, counted per stage."""
+        """Hand the frames back to their source (done(False)) or dead-letter them, counted per stage. A resource
+        fault pauses (backoff) before handing back and never dead-letters."""
+        resource = resource_fault(exc)
         for frame in frames:
             if self.triggers is not None:
                 self.triggers.frame_failed(frame, f"{stage} failed: {exc}")
             self.metrics.frames_failed.labels(source_id, stage).inc()
             with self._lock:
                 self.failed += 1
+            if resource is not None:
+                self.stopping.wait(self.faults.fault(resource, stage, exc))
+                frame.done(False)
+                continue
             self.window.add(False)
             if not self.dead_letters.failed(frame, source_id, stage, exc):
                 frame.done(False)

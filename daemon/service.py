@@ -216,7 +216,9 @@ class Service:
                     persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
                     reference_preprocessing=s.model.reference_preprocessing,
                     max_pixels=s.runtime.max_pixels, decode_budget_bytes=s.runtime.decode_budget_mb << 20,
-                    max_attempts=s.runtime.max_attempts, live_share=s.runtime.live_share),
+                    max_attempts=s.runtime.max_attempts, live_share=s.runtime.live_share,
+                    resource_backoff_s=s.runtime.resource_backoff_s,
+                    resource_fault_hold_s=s.runtime.resource_fault_hold_s),
             )
             if self.references is not None:
                 self.pipeline.thresholds = self.references.thresholds

@@ -31,6 +31,7 @@ log = logging.getLogger("anomalyd.trigger")
 
 PART_ID_MAX = 128
 STALE_FRAME_S = 120.0  # a request whose frame never came back (lost in a failing pipeline) is forgotten
+STALE_LOG_INTERVAL_S = 60.0  # discarded stale frames: one log line per source per interval, with the count
 
 
 class TriggerError(Exception):
@@ -113,6 +114,9 @@ class _SourceTriggers:
     requested: int = 0
     deadline_missed: int = 0
     refused: int = 0
+    stale: int = 0  # frames discarded because they were captured before the trigger waiting for one (or none)
+    stale_unlogged: int = 0  # of those, not yet in a log line
+    stale_logged_at: float = float("-inf")
 
 
 def validate_part_id(part_id: Any) -> str:
@@ -156,7 +160,24 @@ class TriggerController:
         if state is None:
             return {}
         return {"requested": state.requested, "deadline_missed": state.deadline_missed, "refused": state.refused,
-                "pending": self.pending(source_id)}
+                "stale_discarded": state.stale, "pending": self.pending(source_id)}
+
+    def discarded(self, source_id: str, frame: Any, why: str) -> None:
+        """A frame of a triggered source acknowledged without inspection (captured before the trigger waiting, or
+        queued with none waiting at shutdown): counted (`counts()["stale_discarded"]`, the
+        anomalyd_trigger_stale_frames_total metric) and logged, one line per source per STALE_LOG_INTERVAL_S."""
+        state = self._sources.get(source_id)
+        if state is None:
+            return
+        now = time.monotonic()
+        with self._cond:
+            state.stale += 1
+            state.stale_unlogged += 1
+            if now - state.stale_logged_at < STALE_LOG_INTERVAL_S:
+                return
+            count, state.stale_unlogged, state.stale_logged_at = state.stale_unlogged, 0, now
+        log.info("triggered source %s: %d frame(s) discarded uninspected (%s; the last %s, captured %s)",
+                 source_id, count, why, frame.frame_id, frame.captured_at.isoformat())
 
     # --- requests -----------------------------------------------------------------------------------------------
 

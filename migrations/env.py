@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from adapters.db.tables import Base
 
@@ -16,6 +16,12 @@ def run_migrations_online() -> None:
     if engine is None:  # plain `alembic` CLI use with an ini file
         engine = create_engine(config.get_main_option("sqlalchemy.url"))
     with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            # Concurrent upgrades take turns (adapters/db/migrate.py): the lock opens the one transaction the
+            # whole migration runs in, so the version is read after the other upgrade committed.
+            from adapters.db.migrate import MIGRATION_LOCK_KEY
+
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

@@ -1,8 +1,17 @@
-"""Alembic migrations, configured from code (no alembic.ini needed): `upgrade(engine_or_url)`."""
+"""Alembic migrations, configured from code (no alembic.ini needed): `upgrade(engine_or_url)`.
+
+Concurrent upgrades (two workers started together on a fresh database) take turns: on PostgreSQL the migration
+transaction first takes a transaction-level advisory lock (`pg_advisory_xact_lock(MIGRATION_LOCK_KEY)`, in
+migrations/env.py, released at commit or when the connection dies); on SQLite the upgrade holds an exclusive
+`flock` on `<database file>-migrate.lock`. The one that waited then finds the schema at head and does nothing.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Alembic announces each of its plugins at INFO when first imported; the "Running upgrade" lines are what matters.
@@ -27,9 +36,32 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+# "anomalyd" folded into PostgreSQL's 64-bit advisory lock key space; the same in every process.
+MIGRATION_LOCK_KEY = 0x616E6F6D616C7964
+
+
+@contextmanager
+def sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """An exclusive flock beside a SQLite database file for the upgrade's duration (nothing for other databases
+    or in-memory ones: PostgreSQL locks inside the migration transaction)."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    lock_path = Path(database).expanduser().with_name(Path(database).name + "-migrate.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to `revision` (idempotent)."""
-    command.upgrade(alembic_config(engine), revision)
+    """Apply migrations up to `revision` (idempotent; concurrent calls, in any processes, take turns)."""
+    with sqlite_migration_lock(engine):
+        command.upgrade(alembic_config(engine), revision)
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -14,7 +14,16 @@ mtime_ns), so a file re-read after a crash between commit and move gets the same
 Options: `recursive` (false), `after` (move|delete|mark), `processed_dir` ("processed", relative to the inbox or
 absolute), `settle_s` (1.0), `poll_interval_s` (0.5), `retry_s` (10), `create` (true: create a missing inbox),
 `ignore` (extra glob patterns to ignore), `max_bytes` (256 MiB: a bigger file is a rejected frame, never read),
-`complete_wait_s` (10: a JPEG/PNG without its end marker is retried until its mtime is this old: a slow writer).
+`complete_wait_s` (10), `done_marker` (false).
+
+When is a file complete? (1) Its size and mtime held still for `settle_s`; (2) its bytes look whole for its format
+(adapters/sources/completeness.py: JPEG segments walked to the image's own end marker, so an EXIF thumbnail's
+does not count; PNG chunks to IEND; BMP and WebP as long as their headers say; TIFF IFDs and strips within the
+file); (3) with `done_marker = true`, `<name>.done` or `<stem>.done` exists (removed with the file). A file that
+still looks incomplete is looked at again until its mtime is `complete_wait_s` old (at once when its marker
+exists); then it gets a rejected row and stays in place: should it change (its writer resumed), it is read again.
+Writers that rename into place (`.name.tmp`, `name.part`, `name.tmp` → `name`) need nothing: those names are
+ignored until the rename.
 
 Nothing is skipped without a record: a subfolder (when not recursive) or a special file (FIFO, socket) gets one
 rejected row and is left in place; a file name that is not valid UTF-8 is read and recorded with \\xNN escapes.
@@ -43,7 +52,10 @@ from adapters.sources.base import (
     resolve_path_uri,
     utc_now,
 )
+from adapters.sources.completeness import looks_complete, missing_part
 from adapters.sources.registry import register_source_kind
+
+__all__ = ["FolderSettings", "FolderSource", "folder_frame_id", "looks_complete", "printable_name"]
 
 IGNORED_PATTERNS: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.crdownload", "*.done", "*~")
 AFTER_ACTIONS = ("move", "delete", "mark")
@@ -62,8 +74,18 @@ class FolderSettings(SourceSettings):
     create: bool = Field(True, description="create a missing inbox")
     ignore: list[str] = Field(default_factory=list, description="extra glob patterns to ignore")
     max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="a bigger file is a rejected frame, never read")
-    complete_wait_s: float = Field(10.0, ge=0, description="a JPEG/PNG without its end marker is retried until "
-                                                           "its mtime is this old (a slow writer)")
+    complete_wait_s: float = Field(10.0, ge=0, description="a file that looks incomplete (JPEG, PNG, BMP, TIFF, "
+                                   "WebP structure) is retried until its mtime is this old (a slow writer)")
+    done_marker: bool = Field(False, description="read `<name>` only once `<name>.done` (or `<stem>.done`) "
+                                                 "exists; the marker goes with the file")
+
+    @field_validator("done_marker")
+    @classmethod
+    def _marker_and_mark(cls, value: bool, info) -> bool:
+        if value and info.data.get("after") == "mark":
+            raise ValueError('done_marker = true needs after = "move" or "delete": "mark" renames files to '
+                             "<name>.done, the marker's own name")
+        return value
 
     @field_validator("after")
     @classmethod
@@ -97,16 +119,6 @@ def _has_surrogates(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-def looks_complete(data: bytes) -> bool:
-    """False when the bytes are a JPEG without its end-of-image marker or a PNG without its IEND chunk: most
-    likely a file still being written. Other formats: True (their decoder decides)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return data.rstrip(b"\0").endswith(b"\xff\xd9")
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return data.endswith(b"IEND\xaeB`\x82")
-    return True
 
 
 @dataclass
@@ -208,6 +220,8 @@ class FolderSource(FrameSource):
                     continue
                 if rel in self._in_flight or self._retry_at.get(rel, 0.0) > now:
                     continue
+                if self.spec.done_marker and self._marker(rel) is None:
+                    continue  # its writer has not said it is finished
                 if self._completed.get(rel) == folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns):
                     continue
                 ready.append((rel, st))
@@ -242,6 +256,7 @@ class FolderSource(FrameSource):
         meta = self._base_meta()
         meta.update(path=printable_name(str(path)), relative_path=printable_name(rel), size=st.st_size)
         data: bytes | None = None
+        keep = False  # True: the file stays where it is after its (rejected) row is written
         if st.st_size > self.max_bytes:
             meta["error"] = f"file is {st.st_size} bytes, more than max_bytes = {self.max_bytes}; not read"
             self._error(meta["error"])
@@ -255,11 +270,18 @@ class FolderSource(FrameSource):
                 if len(data) > self.max_bytes:
                     meta["error"] = f"file grew past max_bytes = {self.max_bytes} while being read"
                     data = None
-                elif not looks_complete(data) and time.time() - st.st_mtime < self.complete_wait_s:
-                    return None  # a slow writer: look again once it has written more (or stopped for good)
+                elif (missing := missing_part(data)) is not None:
+                    age = time.time() - st.st_mtime
+                    if age < self.complete_wait_s and self._marker(rel) is None:
+                        return None  # a slow writer: look again once it has written more (or stopped for good)
+                    # Rejected but left in place: should its writer resume, the changed file is read again.
+                    meta["error"] = (f"{printable_name(rel)} looks incomplete ({missing}) {age:.0f}s after its last "
+                                     f"change; left in place, read again if it changes")
+                    self._error(meta["error"])
+                    data, keep = None, True
         frame_id = folder_frame_id(self.id, rel, st.st_size, st.st_mtime_ns)
         # The row keeps the name the file will have once processed (the result commits before the move).
-        final = self._final_path(path, rel, frame_id)
+        final = path if keep else self._final_path(path, rel, frame_id)
         meta["stored_name"] = printable_name(str(final))
         frame = Frame(
             frame_id=frame_id,
@@ -270,8 +292,17 @@ class FolderSource(FrameSource):
             name=printable_name(str(path)),
             meta=meta,
         )
-        frame.on_done = lambda ok, rel=rel, frame_id=frame_id, final=final: self._finish(rel, frame_id, ok, final)
+        frame.on_done = lambda ok, rel=rel, frame_id=frame_id, final=final, keep=keep: self._finish(
+            rel, frame_id, ok, final, keep=keep)
         return frame
+
+    def _marker(self, rel: str) -> Path | None:
+        """The `.done` marker a writer leaves beside a finished file: `<name>.done` or `<stem>.done`."""
+        path = self.directory / rel
+        for marker in (path.with_name(path.name + ".done"), path.with_name(path.stem + ".done")):
+            if marker != path and marker.is_file():
+                return marker
+        return None
 
     def _final_path(self, path: Path, rel: str, frame_id: str) -> Path:
         """Where the file ends up after processing: processed_dir/rel for `move` (a same-named earlier file kept,
@@ -292,11 +323,12 @@ class FolderSource(FrameSource):
             lambda: self._make_frame(rel, st), frame_id=frame_id, name=printable_name(str(self.directory / rel)),
             on_done=lambda ok: self._finish(rel, frame_id, ok))
 
-    def _finish(self, rel: str, frame_id: str, ok: bool, final: Path | None = None) -> None:
-        """Runs on the pipeline's thread once the frame's result is committed (ok) or given up (not ok)."""
+    def _finish(self, rel: str, frame_id: str, ok: bool, final: Path | None = None, *, keep: bool = False) -> None:
+        """Runs on the pipeline's thread once the frame's result is committed (ok) or given up (not ok). `keep`:
+        the file stays (an incomplete one: read again once it changes, its size and mtime in a new frame_id)."""
         path = self.directory / rel
         try:
-            if ok:
+            if ok and not keep:
                 self._dispose(path, rel, frame_id, final)
         except OSError as exc:
             self._error(f"cannot {self.after} {path} after processing: {exc}")
@@ -312,6 +344,7 @@ class FolderSource(FrameSource):
     def _dispose(self, path: Path, rel: str, frame_id: str, final: Path | None = None) -> None:
         if not path.exists():
             return
+        marker = self._marker(rel) if self.spec.done_marker else None
         if self.after == "delete":
             path.unlink()
         elif self.after == "mark":
@@ -320,6 +353,8 @@ class FolderSource(FrameSource):
             target = final if final is not None and not final.exists() else self._final_path(path, rel, frame_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
+        if marker is not None:
+            marker.unlink(missing_ok=True)
 
     # -- thread ----------------------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -64,7 +64,8 @@ def test_flood_is_bounded_and_integer_part_ids_are_accepted():
         for _ in range(50):
             with pytest.raises(TriggerError, match="already has 2"):
                 triggers.request("press", "P-x", "opcua")
-        assert triggers.counts("press") == {"requested": 2, "deadline_missed": 0, "refused": 50, "pending": 2}
+        assert triggers.counts("press") == {"requested": 2, "deadline_missed": 0, "refused": 50, "stale_discarded": 0,
+                                            "pending": 2}
     finally:
         triggers.stop()
 
@@ -144,3 +145,33 @@ def test_priority_items_skip_the_queue_and_the_batch_wait():
     assert got == [["urgent-2"]] and time.monotonic() - started < 2.5  # not after the 5 s batch delay
     batcher.close()  # a closed batcher hands out what it holds at once
     assert batcher.get_batch(timeout=0) == ["slow-fill"]
+
+
+def test_stale_frames_of_a_triggered_source_are_counted_and_logged_not_dropped_silently(sqlite_sessions, tmp_path,
+                                                                                      caplog):
+    """Issue 18 (9c): frames captured before the trigger are discarded with a log line and a count."""
+    import logging
+
+    from tests.daemon.test_pipeline import BrightnessDetector, png
+    from tests.hardening.helpers import RedeliveringSource, make_pipeline
+
+    caplog.set_level(logging.INFO, logger="anomalyd.trigger")
+    source = RedeliveringSource("press")
+    pipeline = make_pipeline(sqlite_sessions, tmp_path, [source], BrightnessDetector())
+    triggers, _ = controller()
+    pipeline.triggers = triggers
+    pipeline.start()
+    try:
+        for index in range(3):  # captured while no trigger waits
+            source.push(f"early{index}", png(10 + index))
+        triggers.request("press", "P-1", "opcua")
+        source.push("fresh", png(200))
+        assert wait_until(lambda: pipeline.processed == 1, 30)
+    finally:
+        pipeline.stop(10)
+        triggers.stop()
+    assert source.acked.get("fresh")
+    assert triggers.counts("press")["stale_discarded"] == 3
+    assert all(source.acked.get(f"early{index}") for index in range(3))  # acknowledged, not redelivered
+    lines = [r.getMessage() for r in caplog.records if "discarded uninspected" in r.getMessage()]
+    assert len(lines) == 1 and "captured before trigger" in lines[0], lines  # rate-limited: not one per frame

@@ -100,3 +100,66 @@ def test_case7_request_bodies_are_capped(sqlite_env):  # noqa: F811
     response = env.client.post(f"/api/inspections/{row}/label", content=chunks(),
                                headers={**auth("operator"), "content-type": "application/json"})
     assert response.status_code == 413
+
+
+def test_the_decode_budget_holds_each_decode_at_its_peak(sqlite_sessions, tmp_path, monkeypatch):
+    """Issue 18 (9a): a frame is charged its peak (decode, or RGB plus the writer's rendering), not the 3 bytes a
+    pixel of its RGB result, so concurrent frames cannot together pass decode_budget_mb: with room for one peak
+    and a half, two PNGs are never decoded at once."""
+    import threading
+
+    import model.preprocess as preprocess
+    from daemon.budget import frame_peak_bytes
+    from tests.daemon.test_pipeline import ConstantDetector
+    from tests.hardening.helpers import RedeliveringSource, make_pipeline
+    from tests.waiting import wait_until
+
+    data = png_declaring(200, 200)
+    peak = frame_peak_bytes(data, 200, 200)
+    assert peak >= 19 * 200 * 200  # a PNG's decode (10 B/px), or its RGB (3) plus the writer's rendering (16)
+    real_decode = preprocess.decode_image
+    lock, another = threading.Lock(), threading.Event()
+    state = {"active": 0, "most": 0, "used": []}
+
+    def decode(*args, **kwargs):
+        with lock:
+            state["active"] += 1
+            state["most"] = max(state["most"], state["active"])
+            if state["active"] > 1:
+                another.set()
+            state["used"].append(pipeline.decode_budget.used)
+        another.wait(1.0)  # a window for a second decode to start, were the budget to let it
+        try:
+            return real_decode(*args, **kwargs)
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    monkeypatch.setattr(preprocess, "decode_image", decode)
+    source = RedeliveringSource()
+    pipeline = make_pipeline(sqlite_sessions, tmp_path, [source], ConstantDetector(0.1), decode_threads=2,
+                             decode_budget_bytes=int(1.5 * peak))
+    pipeline.start()
+    try:
+        for index in range(3):
+            source.push(f"f{index}", data)
+        assert wait_until(lambda: pipeline.processed == 3, 60), (pipeline.processed, pipeline.rejected)
+    finally:
+        pipeline.stop(10)
+    assert state["most"] == 1, state  # never two decodes at once
+    assert all(used >= peak for used in state["used"]), state  # each decode ran holding its peak
+    assert pipeline.decode_budget.peak <= pipeline.decode_budget.capacity
+    assert pipeline.decode_budget.used == 0  # all given back
+
+
+def test_peak_memory_with_concurrent_large_pngs_is_bounded_by_the_budget():
+    """Issue 18 (9a): six 3456x3456 PNGs (and six bombs) at once with a 320 MiB budget; the process grew by 505 MiB
+    when frames were charged only their RGB arrays, by about 320 MiB now (allocator slack allowed: 30 %)."""
+    result = subprocess.run([sys.executable, "-m", "tests.hardening.memory_burst", "12000000", "320", "6"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["inspected"] == 6 and figures["rejected"] == 6, figures
+    assert figures["budget_peak_mib"] <= 320
+    assert figures["growth_mib"] < 1.3 * 320, figures

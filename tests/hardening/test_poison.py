@@ -191,8 +191,8 @@ def test_a_frame_failing_to_persist_is_dead_lettered_after_max_attempts(sqlite_s
     source = RedeliveringSource()
     pipeline = make_pipeline(sqlite_sessions, tmp_path, [source], ConstantDetector(0.1), max_attempts=3)
 
-    def broken_write(key, *args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def broken_write(key, *args, **kwargs):  # a fault of this frame (a disk-full is waited out, never counted)
+        raise ValueError("cannot encode this frame's heatmap")
 
     pipeline.store.write = broken_write
     pipeline.start()
@@ -203,5 +203,5 @@ def test_a_frame_failing_to_persist_is_dead_lettered_after_max_attempts(sqlite_s
         pipeline.stop(10)
     assert source.deliveries["doomed"] == 3  # never loops beyond max_attempts
     _, rejected = rows(sqlite_sessions)
-    assert rejected["doomed"].reason.startswith("dead letter: failed 3 times, last at the persist stage: OSError")
+    assert rejected["doomed"].reason.startswith("dead letter: failed 3 times, last at the persist stage: ValueError")
     assert 'anomalyd_frames_dead_lettered_total{source="cam"} 1.0' in pipeline.metrics.render().decode()

@@ -93,7 +93,8 @@ def test_case4_readiness_names_each_cause(tmp_path, postgres):
             (inbox / f"f{i}.png").write_bytes(png(i))
         assert wait_until(lambda: service.pipeline.failed >= 6, 30)
         code, body = ready(service)
-        assert code == 503 and any("frames failed" in c for c in body["details"]["causes"]), body
+        assert code == 503 and any("waiting out a resource fault" in c and "disk full" in c
+                                   for c in body["details"]["causes"]), body
         service.store.write = real_write
 
         # 3. the artifacts folder not writable (gone, a file in its place)
