@@ -16,33 +16,54 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from adapters.mqtt_settings import MqttSettings
 from adapters.sources.base import Frame, SourceSettings
+from daemon.config import RuntimeConfig
 from daemon.dead_letter import DeadLetters, resource_fault
 from daemon.health import OutcomeWindow, ResourceFaults
 from daemon.metrics import Metrics
 
 if TYPE_CHECKING:
+    from daemon.config import Settings
     from daemon.trigger import TriggerController
+
+
+_RUNTIME = RuntimeConfig()  # the defaults are the configuration's (never written twice)
 
 
 @dataclass
 class PipelineOptions:
-    max_batch_size: int = 8
-    max_batch_delay_s: float = 0.02
-    queue_size: int = 64  # batcher and results queue bound
-    decode_threads: int = 2
-    persist_threads: int = 1
+    """The pipeline's settings; the daemon derives them from the configuration (`from_settings`)."""
+
+    max_batch_size: int = _RUNTIME.max_batch_size
+    max_batch_delay_s: float = _RUNTIME.max_batch_delay_ms / 1000
+    queue_size: int = _RUNTIME.queue_size  # batcher and results queue bound
+    decode_threads: int = _RUNTIME.decode_threads
+    persist_threads: int = _RUNTIME.persist_threads
     persist_batch: int = 32  # results stored per transaction, at most
     min_region_area: int = 1
-    mqtt_prefix: str = "anomalyd"  # the outbox rows' topics ([mqtt] prefix and qos)
-    alert_qos: int = 1
+    mqtt_prefix: str = MqttSettings.model_fields["prefix"].default  # the outbox rows' topics ([mqtt] prefix and qos)
+    alert_qos: int = MqttSettings.model_fields["qos"].default
     reference_preprocessing: bool = False
-    max_attempts: int = 5  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
-    resource_fault_hold_s: float = 30.0  # readiness names a resource fault this long after the last frame failed on it
-    resource_backoff_s: float = 1.0  # longest pause before a frame failed on a resource fault is handed back
-    max_pixels: int | None = 50_000_000  # per frame, from its header, before decoding (None: model default)
-    decode_budget_bytes: int = 1 << 30  # decoded frames in flight (RGB bytes), whatever their number
-    live_share: float = 0.5  # of each batch, for `latest` live sources while a backlog waits (daemon/batcher.py)
+    max_attempts: int = _RUNTIME.max_attempts  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
+    # readiness names a resource fault this long after the last frame failed on it
+    resource_fault_hold_s: float = _RUNTIME.resource_fault_hold_s
+    resource_backoff_s: float = _RUNTIME.resource_backoff_s  # longest pause before a resource-faulted frame returns
+    max_pixels: int | None = _RUNTIME.max_pixels  # per frame, from its header, before decoding (None: model default)
+    decode_budget_bytes: int = _RUNTIME.decode_budget_mb << 20  # decoded frames in flight (RGB bytes)
+    live_share: float = _RUNTIME.live_share  # of each batch, for `latest` live sources while a backlog waits
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PipelineOptions:
+        runtime = settings.runtime
+        return cls(
+            max_batch_size=runtime.max_batch_size, max_batch_delay_s=runtime.max_batch_delay_ms / 1000,
+            queue_size=runtime.queue_size, decode_threads=runtime.decode_threads,
+            persist_threads=runtime.persist_threads, mqtt_prefix=settings.mqtt.prefix, alert_qos=settings.mqtt.qos,
+            reference_preprocessing=settings.model.reference_preprocessing, max_pixels=runtime.max_pixels,
+            decode_budget_bytes=runtime.decode_budget_mb << 20, max_attempts=runtime.max_attempts,
+            live_share=runtime.live_share, resource_backoff_s=runtime.resource_backoff_s,
+            resource_fault_hold_s=runtime.resource_fault_hold_s)
 
 
 @dataclass

@@ -210,15 +210,7 @@ class Service:
             self.pipeline = Pipeline(
                 detector, self.sources, self.sessions, self.store, sinks=self.sinks,
                 source_settings=self._source_settings(), metrics=self.metrics,
-                options=PipelineOptions(
-                    max_batch_size=s.runtime.max_batch_size, max_batch_delay_s=s.runtime.max_batch_delay_ms / 1000,
-                    queue_size=s.runtime.queue_size, decode_threads=s.runtime.decode_threads,
-                    persist_threads=s.runtime.persist_threads, mqtt_prefix=s.mqtt.prefix, alert_qos=s.mqtt.qos,
-                    reference_preprocessing=s.model.reference_preprocessing,
-                    max_pixels=s.runtime.max_pixels, decode_budget_bytes=s.runtime.decode_budget_mb << 20,
-                    max_attempts=s.runtime.max_attempts, live_share=s.runtime.live_share,
-                    resource_backoff_s=s.runtime.resource_backoff_s,
-                    resource_fault_hold_s=s.runtime.resource_fault_hold_s),
+                options=PipelineOptions.from_settings(s),
             )
             if self.references is not None:
                 self.pipeline.thresholds = self.references.thresholds

@@ -110,3 +110,12 @@ def test_other_anomalyd_variables_are_not_configuration(tmp_path):
     assert settings.mqtt.port == 1999
     with pytest.raises(ConfigError, match="mqtt_host"):
         load_config(None, environ={"ANOMALYD_MQTT_HOST": "broker"})
+
+
+def test_pipeline_options_default_to_the_configuration_defaults():
+    """One source of truth: the pipeline's own defaults are what an empty config gives (decode budget included)."""
+    from daemon.config import load_config
+    from daemon.record import PipelineOptions
+
+    assert PipelineOptions() == PipelineOptions.from_settings(load_config(None, environ={}))
+    assert PipelineOptions().decode_budget_bytes == 512 << 20
