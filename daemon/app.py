@@ -29,7 +29,7 @@ from daemon.metrics import Metrics
 from daemon.versions import VersionRegistry
 
 if TYPE_CHECKING:
-    from adapters.sources.base import FrameSource
+    from adapters.sources.source import FrameSource
     from daemon.references import ReferenceManager
     from daemon.retraining import Retrainer
     from daemon.worker import DetectorLike

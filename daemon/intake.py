@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adapters.sources.base import Frame, FrameSource, SourceSettings
+from adapters.sources.base import Frame, SourceSettings
+from adapters.sources.source import FrameSource
 from daemon.batcher import DynamicBatcher
 from daemon.budget import ByteBudget, frame_peak_bytes, render_bytes
 from daemon.metrics import Metrics

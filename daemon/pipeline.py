@@ -30,7 +30,8 @@ from adapters.db.repository import record_rejected
 from adapters.db.tables import Inspection
 from adapters.log_repeats import install as install_repeat_filter
 from adapters.sinks import SinkSet
-from adapters.sources.base import FrameSource, SourceSettings
+from adapters.sources.base import SourceSettings
+from adapters.sources.source import FrameSource
 from adapters.storage import ArtifactStore
 from daemon.batcher import DynamicBatcher
 from daemon.budget import ByteBudget

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.sinks import SinkContext, SinkSet, build_sinks
-from adapters.sources.base import FrameSource, SourceSettings, SourceStatus
+from adapters.sources.base import SourceSettings, SourceStatus
+from adapters.sources.source import FrameSource
 from daemon.config import Settings
 from daemon.health import database_write_problem, source_problem, storage_problem
 from daemon.metrics import Metrics

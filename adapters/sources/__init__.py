@@ -45,24 +45,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.sources.base import (
-    Backoff,
-    Frame,
-    FrameQueue,
-    FrameSource,
-    SourceCounters,
-    SourceSettings,
-    SourceStatus,
-    Throttle,
-)
+from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceSettings, SourceStatus
 from adapters.sources.registry import (
     SourceContext,
     SourceKind,
     build_source,
+    parse_source_settings,
+    queue_policy,
     register_source_kind,
     source_kind,
     source_kinds,
 )
+from adapters.sources.source import Backoff, FrameSource, Throttle
 
 __all__ = [
     "Backoff",
@@ -77,6 +71,8 @@ __all__ = [
     "SourceStatus",
     "Throttle",
     "build_source",
+    "parse_source_settings",
+    "queue_policy",
     "register_source_kind",
     "source_kind",
     "source_kinds",

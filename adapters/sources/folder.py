@@ -46,14 +46,14 @@ from pydantic import Field, field_validator
 from adapters.sources.base import (
     DEFAULT_MAX_BYTES,
     Frame,
-    FrameSource,
     SourceSettings,
     SourceStatus,
     resolve_path_uri,
-    utc_now,
 )
 from adapters.sources.completeness import looks_complete, missing_part
 from adapters.sources.registry import register_source_kind
+from adapters.sources.source import FrameSource
+from adapters.timeutil import utc_now
 
 __all__ = ["FolderSettings", "FolderSource", "folder_frame_id", "looks_complete", "printable_name"]
 

@@ -40,9 +40,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from adapters.sources.base import Frame, FrameSource, SourceSettings, SourceStatus, utc_now
+from adapters.sources.base import Frame, SourceSettings, SourceStatus
 from adapters.sources.registry import SourceContext, register_source_kind
 from adapters.sources.settings import MqttSourceSettings
+from adapters.sources.source import FrameSource
+from adapters.timeutil import utc_now
 
 UNACKED_IDS = 65535  # at most one per MQTT packet id
 SESSION_TAKEN_OVER = 142  # MQTT v5 DISCONNECT reason code: another client connected with our client id

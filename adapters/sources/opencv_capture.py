@@ -38,16 +38,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from adapters.sources.base import (
-    Backoff,
-    Frame,
-    FrameSource,
-    SourceStatus,
-    Throttle,
-    utc_now,
-)
+from adapters.sources.base import Frame, SourceStatus
 from adapters.sources.registry import SourceContext, register_source_kind
 from adapters.sources.settings import CaptureSettings
+from adapters.sources.source import Backoff, FrameSource, Throttle
+from adapters.timeutil import utc_now
 
 # OpenCV and FFmpeg print their own messages straight to stderr (`[ WARN:0@0.02] global cap.cpp:212 open ...`,
 # `[tcp @ 0x...] Connection ... failed`), unformatted and without the source's id. Silence both (unless the

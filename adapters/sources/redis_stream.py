@@ -33,17 +33,11 @@ import cv2
 import numpy as np
 import redis
 
-from adapters.sources.base import (
-    Backoff,
-    Frame,
-    FrameSource,
-    SourceSettings,
-    SourceStatus,
-    utc_now,
-)
+from adapters.sources.base import Frame, SourceSettings, SourceStatus
 from adapters.sources.registry import SourceContext, register_source_kind
 from adapters.sources.settings import RedisSourceSettings
-from adapters.timeutil import parse_rfc3339, rfc3339
+from adapters.sources.source import Backoff, FrameSource
+from adapters.timeutil import parse_rfc3339, rfc3339, utc_now
 
 DEFAULT_STREAM = "anomalyd:frames"
 DEFAULT_GROUP = "anomalyd"

@@ -38,7 +38,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from adapters.sources.base import SourceSettings
 
 if TYPE_CHECKING:
-    from adapters.sources.base import FrameSource, SourceStatus
+    from adapters.sources.base import QueuePolicy, SourceStatus
+    from adapters.sources.source import FrameSource
 
 BUILTIN_KIND_MODULES: tuple[str, ...] = (
     "adapters.sources.opencv_capture",  # camera, rtsp, http, video
@@ -157,6 +158,13 @@ def source_kind(key: str) -> SourceKind:
     if key not in kinds:
         raise KeyError(f"unknown source kind {key!r}; expected one of {', '.join(kinds)}")
     return kinds[key]
+
+
+def queue_policy(settings: SourceSettings) -> QueuePolicy:
+    """The entry's queue policy: as set, else `latest` for live kinds (cameras) and `all` for the others."""
+    if settings.policy is not None:
+        return settings.policy
+    return "latest" if source_kind(settings.kind).live else "all"
 
 
 def validate_source_entry(value: Any) -> SourceSettings:

@@ -13,9 +13,10 @@ from adapters.sources import (
     Frame,
     FrameQueue,
     SourceCounters,
-    SourceSettings,
     Throttle,
     build_source,
+    parse_source_settings,
+    queue_policy,
 )
 
 
@@ -83,19 +84,19 @@ def test_frame_done_calls_once_and_swallows_errors():
 
 
 def test_source_settings_from_mapping():
-    spec = SourceSettings.from_mapping({"id": "cam1", "kind": "RTSP", "uri": "rtsp://h/x", "line": "L1",
+    spec = parse_source_settings({"id": "cam1", "kind": "RTSP", "uri": "rtsp://h/x", "line": "L1",
                                     "loop": True, "options": {"read_timeout_ms": 100}})
     assert spec.kind == "rtsp" and spec.line == "L1"
     assert spec.options == {"loop": True, "read_timeout_ms": 100}
-    assert spec.effective_policy == "latest"
-    assert SourceSettings.from_mapping({"id": "in", "kind": "folder", "uri": "/x"}).effective_policy == "all"
-    assert SourceSettings.from_mapping({"id": "c", "kind": "camera", "uri": "0", "policy": "all"}).effective_policy == "all"
+    assert queue_policy(spec) == "latest"
+    assert queue_policy(parse_source_settings({"id": "in", "kind": "folder", "uri": "/x"})) == "all"
+    assert queue_policy(parse_source_settings({"id": "c", "kind": "camera", "uri": "0", "policy": "all"})) == "all"
     with pytest.raises(ValueError, match="unknown kind 'webcam'"):
-        SourceSettings.from_mapping({"id": "x", "kind": "webcam"})
+        parse_source_settings({"id": "x", "kind": "webcam"})
     with pytest.raises(ValueError, match="policy"):
-        SourceSettings.from_mapping({"id": "x", "kind": "folder", "policy": "newest"})
+        parse_source_settings({"id": "x", "kind": "folder", "policy": "newest"})
     with pytest.raises(ValueError, match="no 'id'"):
-        SourceSettings.from_mapping({"kind": "folder"})
+        parse_source_settings({"kind": "folder"})
 
 
 def test_build_source_rejects_bad_options(tmp_path):

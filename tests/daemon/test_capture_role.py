@@ -14,8 +14,10 @@ import redis
 from sqlalchemy import select
 
 from adapters.db import Inspection, RejectedFrame, make_engine, make_session_factory
-from adapters.sources.base import Frame, SourceSettings, utc_now
+from adapters.sources import parse_source_settings
+from adapters.sources.base import Frame
 from adapters.sources.redis_stream import RedisFrameWriter, RedisStreamSource
+from adapters.timeutil import utc_now
 from daemon.config import load_config
 from daemon.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector
@@ -132,7 +134,7 @@ def test_unreadable_capture_frame_reaches_the_worker_as_a_rejection(tmp_path, re
     writer.append_frame(odd)
     writer.close()
 
-    source = RedisStreamSource(SourceSettings.from_mapping(dict(id="frames", kind="redis", uri=redis_server.url,
+    source = RedisStreamSource(parse_source_settings(dict(id="frames", kind="redis", uri=redis_server.url,
                                                                 options={"stream": stream, "block_ms": 100})))
     source.start()
     try:

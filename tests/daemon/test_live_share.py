@@ -19,9 +19,10 @@ from sqlalchemy import select
 
 from adapters.db import Inspection, RejectedFrame
 from adapters.sources import Frame, FrameSource, SourceSettings, SourceStatus, register_source_kind
-from adapters.sources.base import FrameQueue, SourceCounters, utc_now
+from adapters.sources.base import FrameQueue, SourceCounters
 from adapters.sources.registry import unregister_source_kind
 from adapters.storage import ArtifactStore
+from adapters.timeutil import utc_now
 from daemon.batcher import DynamicBatcher
 from daemon.budget import ByteBudget
 from daemon.config import load_config

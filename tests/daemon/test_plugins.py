@@ -19,11 +19,12 @@ from adapters.sources import (
     FrameSource,
     SourceSettings,
     SourceStatus,
+    queue_policy,
     register_source_kind,
     source_kinds,
 )
-from adapters.sources.base import utc_now
 from adapters.sources.registry import unregister_source_kind
+from adapters.timeutil import utc_now
 from daemon.config import ConfigError, load_config
 from daemon.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector
@@ -122,7 +123,7 @@ def test_a_registered_source_kind_is_a_config_kind_with_its_own_keys(tmp_path, p
     settings = load_config(write_config(tmp_path), environ={})
     source = settings.sources[0]
     assert isinstance(source, PatternSettings) and (source.count, source.step) == (6, 50)
-    assert source.effective_policy == "all"  # not registered as live
+    assert queue_policy(source) == "all"  # not registered as live
     with pytest.raises(ConfigError, match=r"unknown key \[\[sources\]\]\[0\]\.colour"):
         load_config(write_config(tmp_path, 'colour = "red"'), environ={})
     bad_step = write_config(tmp_path)
