@@ -43,7 +43,16 @@ from typing import Any
 
 import numpy as np
 
+from daemon.calibration import (  # noqa: F401  (re-exported: the API and commands import them from here)
+    calibrated_bounds,
+    load_thresholds,
+    quantile_thresholds,
+    store_thresholds,
+    stored_threshold,
+    upper_bound,
+)
 from daemon.scale import scale_outputs, scaled
+from daemon.thresholds import ThresholdTable, labelled_anomalous_frames, load_pins
 from model.factory import needs_references
 from model.preprocess import IMAGE_SUFFIXES
 
@@ -477,62 +486,6 @@ class SourceState:
                 "error": self.error, "image_shape": list(self.shape) if self.shape else None}
 
 
-def upper_bound(values: Sequence[float], false_reject_rate: float) -> float:
-    """A 0–1 threshold that known-good values exceed with probability `false_reject_rate`.
-
-    A few dozen frames cannot show a 0.5 % quantile, so besides the empirical (1 - rate) quantile this takes a
-    Student-t prediction bound on the values' logits, mean + t(1 - rate, n - 1) · sd · sqrt(1 + 1/n) (normal
-    logits, n frames), and returns the larger of the two (the empirical quantile alone with under 3 frames)."""
-    from scipy import stats
-
-    data = np.clip(np.asarray(values, np.float64), 1e-6, 1 - 1e-6)
-    empirical = float(np.quantile(data, 1.0 - false_reject_rate))
-    if data.size < 3:
-        return empirical
-    logits = np.log(data / (1 - data))
-    spread = float(logits.std(ddof=1)) * np.sqrt(1 + 1 / data.size)
-    bound = float(logits.mean() + stats.t.ppf(1.0 - false_reject_rate, data.size - 1) * spread)
-    return max(empirical, float(1 / (1 + np.exp(-bound))))
-
-
-def quantile_thresholds(scores: Sequence[float], map_maxima: Sequence[float], false_reject_rate: float
-                        ) -> tuple[float, float]:
-    """(image threshold, pixel threshold) for known-good image scores and map maxima (see `upper_bound`)."""
-    image = upper_bound(scores, false_reject_rate)
-    pixel = upper_bound(map_maxima, false_reject_rate)
-    # Just above the bound: a known-good frame scoring exactly the threshold is not alerted.
-    return min(1.0, image + 1e-6), min(1.0, pixel + 1e-6)
-
-
-def store_thresholds(sessions: Any, *, source: str, model_version: str, threshold: float, pixel_threshold: float,
-                     false_reject_rate: float, n_frames: int, method: str) -> None:
-    """Insert or replace the (source, model version) calibration row."""
-    from sqlalchemy import select
-
-    from adapters.db import SourceThreshold, utcnow
-
-    with sessions() as session, session.begin():
-        row = session.scalars(select(SourceThreshold).where(SourceThreshold.source == source,
-                                                            SourceThreshold.model_version == model_version)
-                              ).one_or_none()
-        if row is None:
-            row = SourceThreshold(source=source, model_version=model_version)
-            session.add(row)
-        row.threshold, row.pixel_threshold = float(threshold), float(pixel_threshold)
-        row.false_reject_rate, row.n_frames, row.method = float(false_reject_rate), int(n_frames), method
-        row.created_at = utcnow()
-
-
-def load_thresholds(sessions: Any) -> dict[tuple[str, str], tuple[float, float]]:
-    from sqlalchemy import select
-
-    from adapters.db import SourceThreshold
-
-    with sessions() as session:
-        return {(row.source, row.model_version): (row.threshold, row.pixel_threshold)
-                for row in session.scalars(select(SourceThreshold))}
-
-
 def score_files(detector: Any, files: Sequence[Path], class_name: str | None = None, batch_size: int = 8
                 ) -> tuple[list[float], list[float]]:
     """(image scores, map maxima) of image files through the daemon's preprocessing."""
@@ -568,7 +521,8 @@ class ReferenceManager:
         self.poll_s = poll_s
         self.max_references = max_references
         self.states: dict[str, SourceState] = {sid: SourceState(sid) for sid in self.source_ids}
-        self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
+        self.thresholds: ThresholdTable = ThresholdTable()  # the result writer reads it; pins answer first
+        self.listeners: list[Any] = []  # told of every threshold change (daemon/thresholds.py)
         self.unavailable: dict[str, str] = {}
         self._base: Any = None
         self._swap: Callable[[Any], Any] | None = None
@@ -665,7 +619,9 @@ class ReferenceManager:
     # --- calibration ------------------------------------------------------------------------------------------
 
     def calibrate(self, source_id: str, *, force: bool = False) -> tuple[float, float] | None:
-        """Both thresholds of a source's detector from known-good frames (see the module docstring)."""
+        """Both thresholds of a source's detector from known-good frames (see the module docstring). A stored
+        calibration of the same model version (the reference digest is part of it) is kept unless `force`: a
+        restart never replaces an operator's `anomalyd calibrate`, and skips the recomputation."""
         rate = float(self.settings.model.false_reject_rate)
         state = self.states[source_id]
         if rate <= 0 or state.detector is None or self.sessions is None:
@@ -673,8 +629,35 @@ class ReferenceManager:
         key = (source_id, str(state.version))
         if key in self.thresholds and not force:
             return self.thresholds[key]
+        if not force:
+            row = stored_threshold(self.sessions, source_id, str(state.version))
+            if row is not None:
+                self.thresholds[key] = (row.threshold, row.pixel_threshold)
+                log.info("source %s: stored calibration of version %s kept (image %.4f, pixel %.4f, by %s)",
+                         source_id, state.version, row.threshold, row.pixel_threshold, row.method)
+                return self.thresholds[key]
         cfg = _configured(self.settings, source_id)
         class_name = (cfg.class_name if cfg is not None else None) or self.settings.model.class_name
+        scores, maxima, methods = self._known_good(state, class_name)
+        if not scores:
+            log.info("source %s: too few known-good frames to calibrate (%d reference); keeping the configured "
+                     "thresholds", source_id, len(state.files))
+            return None
+        from daemon.thresholds import Calibration, apply_calibration
+
+        image, pixel = calibrated_bounds(scores, maxima, rate, what=f"source {source_id}")
+        anomalies = labelled_anomalous_frames(self.sessions, self.store, source_id)
+        anomaly_scores = score_files(state.detector, anomalies, class_name)[0] if anomalies else []
+        configured = (float(cfg.threshold), float(cfg.map_threshold)) if cfg is not None else None
+        applied = apply_calibration(self.sessions, Calibration(
+            source=source_id, model_version=str(state.version), threshold=image.value, pixel_threshold=pixel.value,
+            rule=f"{image.rule}; known-good: {'; '.join(methods)}", false_reject_rate=rate, n_good=len(scores),
+            set_by="daemon"), anomaly_scores=anomaly_scores, configured=configured, listeners=self.listeners)
+        self.thresholds[key] = applied
+        return applied
+
+    def _known_good(self, state: SourceState, class_name: str | None) -> tuple[list[float], list[float], list[str]]:
+        """Scores and map maxima of the known-good frames the source's bank has not seen, and what they are."""
         images = [f for f in state.files if f.suffix != ".safetensors"]
         scores: list[float] = []
         maxima: list[float] = []
@@ -698,32 +681,21 @@ class ReferenceManager:
                 scores += s
                 maxima += m
             methods.append(f"leave-one-out on {min(len(images), CALIBRATION_HOLDOUTS)} references")
-        normals = [f for f in labelled_normal_frames(self.sessions, self.store, source_id,
+        normals = [f for f in labelled_normal_frames(self.sessions, self.store, state.source_id,
                                                      LABELLED_NORMALS_FOR_CALIBRATION) if f not in set(images)]
         if normals:
             s, m = score_files(state.detector, normals, class_name)
             scores += s
             maxima += m
             methods.append(f"{len(normals)} labelled normals")
-        if not scores:
-            log.info("source %s: too few known-good frames to calibrate (%d reference); keeping the configured "
-                     "thresholds", source_id, len(images))
-            return None
-        threshold, pixel = quantile_thresholds(scores, maxima, rate)
-        store_thresholds(self.sessions, source=source_id, model_version=str(state.version), threshold=threshold,
-                         pixel_threshold=pixel, false_reject_rate=rate, n_frames=len(scores),
-                         method="; ".join(methods))
-        self.thresholds[key] = (threshold, pixel)
-        log.info("source %s: thresholds calibrated to a %.2f%% false-reject rate on %d known-good frames "
-                 "(%s): image %.4f, pixel %.4f", source_id, 100 * rate, len(scores), "; ".join(methods),
-                 threshold, pixel)
-        return threshold, pixel
+        return scores, maxima, methods
 
     def refresh_thresholds(self) -> None:
         if self.sessions is None:
             return
         try:
             self.thresholds.update(load_thresholds(self.sessions))
+            self.thresholds.pins = load_pins(self.sessions)
         except Exception as exc:  # database briefly unreachable: keep what we have
             log.warning("cannot read calibrated thresholds: %s", str(exc).splitlines()[0][:200])
 
