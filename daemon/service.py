@@ -274,6 +274,12 @@ class Service:
         if self.references is None:
             ids = [source.id for source in self.sources] or [cfg.id for cfg in self.settings.sources]
             self.references = ReferenceManager(self.settings, self.sessions, self.store, source_ids=ids)
+            if self.publisher is not None:  # every threshold change, retained (daemon/thresholds.py)
+                from daemon.thresholds import mqtt_listener
+
+                lines = {cfg.id: cfg.line for cfg in self.settings.sources}
+                self.references.listeners.append(mqtt_listener(self.publisher, self.settings.mqtt.prefix,
+                                                               lambda source: lines.get(source, "default")))
         return self.references.route(detector)
 
     def _stop_background_jobs(self) -> None:

@@ -346,6 +346,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- eval
+def operating_threshold(detector: Any, references: list, rate: float) -> tuple[float, str, int] | None:
+    """The threshold the daemon's rule derives from these references alone (None: not measured)."""
+    if rate <= 0:
+        return None
+    from daemon.operating_point import daemon_threshold
+
+    return daemon_threshold(detector, [sample.path for sample in references], rate)
+
+
 def kshot_references(args: argparse.Namespace, samples: list) -> Any:
     """The k-shot split (model/kshot.py) of the evaluated samples; training normals, when the dataset has a
     training split, form the reference pool of their category."""
@@ -424,6 +433,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     transform = "reference" if args.reference_preprocessing else "fast"
     show = sys.stderr.isatty()
     skipped: list[tuple[str, str]] = []
+    points: dict[str, dict[str, Any]] = {}  # model → category → operating point (daemon/operating_point.py)
     for name in models:
         if split is None:
             detector = build_detector(args, name, class_names=sorted(by_category))
@@ -435,8 +445,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             infos[name].update(shots=args.shots, seed=args.seed)
         accumulator = MetricAccumulator()
         for category, items in by_category.items():
+            point = None
             if split is not None:
                 detector = with_category_references(base, split.references[category], transform)
+                point = operating_threshold(detector, split.references[category], args.false_reject_rate)
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
@@ -458,6 +470,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if not labels:
                 continue
             accumulator.add(category, labels, scores, maps=maps, masks=masks)
+            if point is not None:
+                from daemon.operating_point import on_daemon_scale, operating_point
+
+                points.setdefault(name, {})[category] = {
+                    **operating_point(point[0], on_daemon_scale(detector, scores), labels), "known_good": point[2]}
             if report_dir is not None:
                 with_masks = [i for i, m in enumerate(masks) if m is not None]
                 plot_curves(report_dir / "curves" / name, category, labels, scores,
@@ -481,9 +498,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         from adapters.report import jsonable
 
-        print(json.dumps(jsonable({n: {"per_category": r[0], "mean": r[1]} for n, r in results.items()}), indent=2))
+        print(json.dumps(jsonable({n: {"per_category": r[0], "mean": r[1],
+                                       **({"operating_point": points[n]} if n in points else {})}
+                                   for n, r in results.items()}), indent=2))
     else:
-        print(markdown)
+        from daemon.operating_point import markdown as point_table
+
+        print(markdown + "".join("\n" + point_table(n, args.false_reject_rate, p) for n, p in points.items()))
     if skipped:
         print(f"{len({p for p, _ in skipped})} bad samples skipped (listed above)", file=sys.stderr)
     return 0
@@ -592,6 +613,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--overlay-scale", choices=("fixed", "per-image"), default="fixed",
                           help="heat-map colours: fixed 0..1 like the daemon's (default), or each map's min..max")
     evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--false-reject-rate", type=float, default=0.005, metavar="RATE",
+                          help="with --shots: report the false-reject and miss rates at the threshold the daemon "
+                          "derives from the references for this target (0: off; default %(default)s)")
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of Markdown")
     evaluate.add_argument("--shots", type=int, default=0,
