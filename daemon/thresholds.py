@@ -234,3 +234,37 @@ def unpin(sessions: Any, source: str, model_version: str, set_by: str,
         raise LookupError(f"source {source} has no pinned threshold")
     return record(sessions, source=source, model_version=model_version, action="unpinned", threshold=pinned[0],
                   pixel_threshold=pinned[1], rule="unpinned by an operator", set_by=set_by, listeners=listeners)
+
+
+def recorded_version(settings: Any, sessions: Any, source_id: str) -> str:
+    """The model version the source's frames were last scored with (else the active/ configured model's name)."""
+    from sqlalchemy import select
+
+    from adapters.db import Inspection
+    from adapters.db.schema import threshold_history as t
+
+    with sessions() as session:
+        version = session.scalars(select(Inspection.model_version).where(Inspection.source == source_id)
+                                  .order_by(Inspection.id.desc()).limit(1)).first()
+        version = version or session.scalars(select(t.c.model_version).where(t.c.source == source_id)
+                                             .order_by(t.c.id.desc()).limit(1)).first()
+    return version or str(settings.model.name)
+
+
+def summary(settings: Any, sessions: Any, source: Any, version: str | None = None) -> dict[str, Any]:
+    """The thresholds a source runs with and their origin: pinned, calibrated for its version, or configured."""
+    from daemon import calibration
+
+    version = version or recorded_version(settings, sessions, source.id)
+    pins = load_pins(sessions)
+    last = history(sessions, source.id, limit=1)
+    out: dict[str, Any] = {"source": source.id, "model_version": version, "last_change": last[0] if last else None}
+    if source.id in pins:
+        image, pixel = pins[source.id]
+        return {**out, "threshold": image, "pixel_threshold": pixel, "origin": "pinned"}
+    row = calibration.stored_threshold(sessions, source.id, version)
+    if row is not None:
+        return {**out, "threshold": row.threshold, "pixel_threshold": row.pixel_threshold, "origin": "calibrated",
+                "rule": row.method, "n_good": row.n_frames}
+    return {**out, "threshold": float(source.threshold), "pixel_threshold": float(source.map_threshold),
+            "origin": "configured"}

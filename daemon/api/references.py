@@ -127,4 +127,8 @@ def thresholds_in_effect(state: AppState, source_id: str, recorded_version: str 
             stored = refs.load_thresholds(state.sessions)
         if (source_id, version) in stored:
             (threshold, pixel), calibrated = stored[(source_id, version)], True
-    return {"model_version": version, "threshold": threshold, "pixel_threshold": pixel, "calibrated": calibrated}
+    pinned = state.references is not None and source_id in state.references.thresholds.pins
+    if pinned:  # an operator's pin wins over every version's calibration (daemon/thresholds.py)
+        threshold, pixel = state.references.thresholds.pins[source_id]
+    return {"model_version": version, "threshold": threshold, "pixel_threshold": pixel, "calibrated": calibrated,
+            "pinned": pinned}

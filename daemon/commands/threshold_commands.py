@@ -167,42 +167,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # --- thresholds ----------------------------------------------------------------------------------------------------
 
 
-def _version(settings: Any, sessions: Any, source_id: str) -> str:
-    """The model version the source's frames were last scored with (else the active/ configured model's name)."""
-    from sqlalchemy import select
-
-    from adapters.db import Inspection
-    from adapters.db.schema import threshold_history as t
-
-    with sessions() as session:
-        version = session.scalars(select(Inspection.model_version).where(Inspection.source == source_id)
-                                  .order_by(Inspection.id.desc()).limit(1)).first()
-        version = version or session.scalars(select(t.c.model_version).where(t.c.source == source_id)
-                                             .order_by(t.c.id.desc()).limit(1)).first()
-    return version or str(settings.model.name)
-
-
-def threshold_summary(settings: Any, sessions: Any, source: Any, version: str | None = None) -> dict[str, Any]:
-    """The thresholds a source runs with and their origin: pinned, calibrated for its version, or configured."""
-    from daemon import calibration, thresholds
-
-    version = version or _version(settings, sessions, source.id)
-    pins = thresholds.load_pins(sessions)
-    last = thresholds.history(sessions, source.id, limit=1)
-    out: dict[str, Any] = {"source": source.id, "model_version": version, "last_change": last[0] if last else None}
-    if source.id in pins:
-        image, pixel = pins[source.id]
-        return {**out, "threshold": image, "pixel_threshold": pixel, "origin": "pinned"}
-    row = calibration.stored_threshold(sessions, source.id, version)
-    if row is not None:
-        return {**out, "threshold": row.threshold, "pixel_threshold": row.pixel_threshold, "origin": "calibrated",
-                "rule": row.method, "n_good": row.n_frames}
-    return {**out, "threshold": float(source.threshold), "pixel_threshold": float(source.map_threshold),
-            "origin": "configured"}
-
-
 def cmd_thresholds(args: argparse.Namespace) -> int:
     from daemon import thresholds
+    from daemon.thresholds import recorded_version, summary
 
     settings = _load(args)
     sources = [_source(settings, args.source)] if args.source else list(settings.sources)
@@ -210,18 +177,18 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
         raise _usage(f"thresholds {args.thresholds_command} needs --source")
     with _database(settings) as sessions:
         if args.thresholds_command == "show":
-            items: Any = [threshold_summary(settings, sessions, s) for s in sources]
+            items: Any = [summary(settings, sessions, s) for s in sources]
         elif args.thresholds_command == "history":
             items = thresholds.history(sessions, args.source, limit=args.limit)
         elif args.thresholds_command == "pin":
             try:
-                items = thresholds.pin(sessions, args.source, _version(settings, sessions, args.source),
+                items = thresholds.pin(sessions, args.source, recorded_version(settings, sessions, args.source),
                                        args.threshold, args.pixel_threshold, set_by=f"cli ({_user()})")
             except ValueError as exc:
                 raise _usage(str(exc)) from None
         else:
             try:
-                items = thresholds.unpin(sessions, args.source, _version(settings, sessions, args.source),
+                items = thresholds.unpin(sessions, args.source, recorded_version(settings, sessions, args.source),
                                          set_by=f"cli ({_user()})")
             except LookupError as exc:
                 raise _usage(str(exc).strip("'\"")) from None

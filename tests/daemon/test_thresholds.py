@@ -11,8 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from daemon.api import routers
+from daemon.app import create_app
 from daemon.cli import main
+from tests.daemon.test_api import auth
 from tests.daemon.test_references import SIZE, _rows, _service, _settings, _texture, _write
 from tests.model.golden import tiny_backbone
 from tests.waiting import wait_until
@@ -168,13 +172,20 @@ def test_labelled_anomalies_hold_the_threshold_and_a_pin_survives_a_restart(tmp_
         assert _inspect(service, tmp_path, "p1.png", 10).threshold == pytest.approx(0.97)
         code, out, _ = _cli(capsys, "thresholds", "show", "--source", "cam", "--config", str(config), "--json")
         assert json.loads(out)[0]["origin"] == "pinned"
-        code, _, err = _cli(capsys, "thresholds", "unpin", "--source", "cam", "--config", str(config))
-        assert code == 0, err
-        service.references.wake()
+        client = TestClient(create_app(service.app_state(), routers()))
+        shown = client.get("/api/sources/cam/thresholds", headers=auth("viewer")).json()
+        assert shown["origin"] == "pinned" and shown["threshold"] == 0.97 and shown["model_version"] == second
+        assert client.delete("/api/sources/cam/thresholds/pin", headers=auth("viewer")).status_code == 403
+        assert client.put("/api/sources/cam/thresholds/pin", json={"threshold": 2}, headers=auth("operator")
+                          ).status_code == 422
+        unpinned = client.delete("/api/sources/cam/thresholds/pin", headers=auth("operator"))
+        assert unpinned.status_code == 200 and unpinned.json()["set_by"] == "api:operator"
+        items = client.get("/api/sources/cam/thresholds/history", headers=auth("viewer")).json()["items"]
+        assert [i["action"] for i in items[:2]] == ["unpinned", "pinned"] and items[1]["set_by"].startswith("cli")
         assert wait_until(lambda: service.references.thresholds.get(("cam", second)) == pytest.approx(held),
                           timeout=30)
         code, _, err = _cli(capsys, "thresholds", "unpin", "--source", "cam", "--config", str(config))
-        assert code == 2 and "no pinned threshold" in err
+        assert code == 2 and "no pinned threshold" in err  # already unpinned through the API
         code, _, err = _cli(capsys, "thresholds", "pin", "--source", "cam", "1.5", "--config", str(config))
         assert code == 2 and "between 0 and 1" in err
     finally:
