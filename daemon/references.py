@@ -65,6 +65,7 @@ CALIBRATION_HOLDOUTS = 8
 DEFAULT_DISTANCE_SCALE = 20.0
 LABELLED_NORMALS_FOR_CALIBRATION = 32
 REFERENCE_PREFIX = "ref-"
+REBUILD_BACKOFF_S = 300.0  # the longest wait between retries of a failed bank build with unchanged files
 
 
 class ReferenceSetupError(ValueError):
@@ -182,26 +183,46 @@ def signature(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(out))
 
 
-def check_images(files: Sequence[Path], source_id: str) -> tuple[int, int, int] | None:
-    """All references readable and of one size and channel count; (height, width, channels) of the set."""
+SIZE_TOLERANCE = 0.10  # frames are resized to the model's input anyway: a few pixels apart is one camera setting
+
+
+def image_shape(path: Path, source_id: str) -> tuple[int, int, int]:
+    """(height, width, channels) of a reference file; ReferenceSetupError when it is not a readable image."""
     import cv2
 
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ReferenceSetupError(f"source {source_id}: reference {path} is not a readable image")
+    return image.shape[0], image.shape[1], 1 if image.ndim == 2 else image.shape[2]
+
+
+def shape_mismatch(shape: tuple[int, int, int], like: tuple[int, int, int]) -> str | None:
+    """Why a reference of `shape` does not go with references of `like` (None when it does): the same channel
+    count, and each side within SIZE_TOLERANCE of theirs."""
+    if shape[2] != like[2]:
+        return f"{shape[2]} channel(s) instead of {like[2]}"
+    for side, (a, b) in (("height", (shape[0], like[0])), ("width", (shape[1], like[1]))):
+        if abs(a - b) > SIZE_TOLERANCE * b:
+            return f"its {side} {a} px is more than {100 * SIZE_TOLERANCE:g} % from {b} px"
+    return None
+
+
+def check_images(files: Sequence[Path], source_id: str) -> tuple[int, int, int] | None:
+    """All references readable, of one channel count and of sizes within SIZE_TOLERANCE of the first one's per
+    side; (height, width, channels) of the first."""
     shape: tuple[int, int, int] | None = None
     first: Path | None = None
     for path in files:
         if path.suffix == ".safetensors":
             continue
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None or image.size == 0:
-            raise ReferenceSetupError(f"source {source_id}: reference {path} is not a readable image")
-        this = (image.shape[0], image.shape[1], 1 if image.ndim == 2 else image.shape[2])
+        this = image_shape(path, source_id)
         if shape is None:
             shape, first = this, path
-        elif this != shape:
+        elif (why := shape_mismatch(this, shape)) is not None:
             raise ReferenceSetupError(
                 f"source {source_id}: reference {path.name} is {this[1]}x{this[0]} with {this[2]} channel(s), "
-                f"but {first.name if first else '?'} is {shape[1]}x{shape[0]} with {shape[2]}: references of one "
-                "source must come from one camera setting")
+                f"but {first.name if first else '?'} is {shape[1]}x{shape[0]} with {shape[2]} ({why}): references "
+                "of one source must come from one camera setting")
     return shape
 
 
@@ -480,10 +501,13 @@ class SourceState:
     built_at: float | None = None
     shape: tuple[int, int, int] | None = None
     base_version: str | None = None
+    failures: int = 0  # failed builds in a row (backoff)
+    retry_at: float = 0.0  # monotonic time of the next retry of a failed build with unchanged files
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source_id, "references": len(self.files), "version": self.version,
-                "error": self.error, "image_shape": list(self.shape) if self.shape else None}
+                "error": self.error, "image_shape": list(self.shape) if self.shape else None,
+                "ready": self.detector is not None or self.error is None}
 
 
 def score_files(detector: Any, files: Sequence[Path], class_name: str | None = None, batch_size: int = 8
@@ -559,6 +583,9 @@ class ReferenceManager:
             return self._failed(state, str(exc), ())
         sig = signature(files)
         base_version = str(getattr(self._base, "version", ""))
+        if state.error is not None and sig == state.signature and state.base_version == base_version \
+                and time.monotonic() < state.retry_at:
+            return False  # a failed build is retried with backoff, not at every poll
         if sig == state.signature and state.built_at is not None and state.error is None \
                 and state.base_version == base_version:
             return False
@@ -589,7 +616,7 @@ class ReferenceManager:
                 return self._build(source_id, progress, retry=False)
             return self._failed(state, str(exc) if str(source_id) in str(exc) else f"source {source_id}: {exc}", sig)
         state.detector, state.version = detector, str(getattr(detector, "version", ""))
-        state.error, state.built_at = None, time.time()
+        state.error, state.built_at, state.failures = None, time.time(), 0
         self.unavailable.pop(source_id, None)
         log.info("source %s: reference bank of %d images ready in %.1f s (version %s)", source_id, len(files),
                  time.monotonic() - started, state.version)
@@ -608,11 +635,20 @@ class ReferenceManager:
         return signature(files) != sig
 
     def _failed(self, state: SourceState, message: str, sig: tuple) -> bool:
+        """A build failed: keep inspecting with the last good bank when there is one, else the source is
+        unavailable (not ready, its frames wait); retried with backoff (REBUILD_BACKOFF_S) or when files change."""
         changed = state.error != message
-        state.signature, state.error, state.detector, state.version = sig, message, None, None
-        state.built_at = time.time()
+        state.signature, state.error, state.built_at = sig, message, time.time()
+        state.failures += 1
+        state.retry_at = time.monotonic() + min(REBUILD_BACKOFF_S, self.poll_s * 2 ** state.failures)
+        if state.detector is not None:  # a rebuild failed: the bank that worked goes on
+            if changed:
+                log.error("%s; source %s keeps inspecting with its last good bank (version %s)", message,
+                          state.source_id, state.version)
+            return False
+        state.version = None
         if changed:
-            log.error("%s; its frames are rejected until this is fixed (other sources go on)", message)
+            log.error("%s; its frames wait in their source until this is fixed (other sources go on)", message)
         self.unavailable[state.source_id] = message
         return changed
 
@@ -652,7 +688,7 @@ class ReferenceManager:
         applied = apply_calibration(self.sessions, Calibration(
             source=source_id, model_version=str(state.version), threshold=image.value, pixel_threshold=pixel.value,
             rule=f"{image.rule}; known-good: {'; '.join(methods)}", false_reject_rate=rate, n_good=len(scores),
-            set_by="daemon"), anomaly_scores=anomaly_scores, configured=configured, listeners=self.listeners)
+            set_by="daemon", method="; ".join(methods)), anomaly_scores=anomaly_scores, configured=configured, listeners=self.listeners)
         self.thresholds[key] = applied
         return applied
 
@@ -791,6 +827,7 @@ def add_references(settings: Any, sessions: Any, store: Any, source_id: str,
             label = latest_label(session, row.id)
             rows.append((row.id, row.frame_path, row.is_anomalous, row.score, row.threshold,
                          label.label if label is not None else None))
+    _check_added_shapes(settings, sessions, store, source_id, [(row[0], store.path(row[1])) for row in rows])
     target.mkdir(parents=True, exist_ok=True)
     for inspection_id, frame_path, is_anomalous, score, threshold, label in rows:
         source_file = store.path(frame_path)
@@ -807,6 +844,30 @@ def add_references(settings: Any, sessions: Any, store: Any, source_id: str,
     for warning in warnings:
         log.warning("source %s: %s", source_id, warning)
     return added, warnings
+
+
+def _check_added_shapes(settings: Any, sessions: Any, store: Any, source_id: str,
+                        frames: Sequence[tuple[int, Path]]) -> None:
+    """ValueError (nothing added) when a frame's size or channels do not go with the source's references (or with
+    the first added frame when it has none): the daemon would refuse the whole bank."""
+    try:
+        existing, _ = reference_files(settings, source_id, sessions, store)
+    except ReferenceSetupError:
+        existing = []
+    like = next((image_shape(f, source_id) for f in existing if f.suffix != ".safetensors"), None)
+    for inspection_id, path in frames:
+        if not path.is_file():
+            continue  # named below, with the inspection
+        try:
+            shape = image_shape(path, source_id)
+        except ReferenceSetupError as exc:
+            raise ValueError(f"inspection {inspection_id}: {exc}") from None
+        if like is None:
+            like = shape
+        elif (why := shape_mismatch(shape, like)) is not None:
+            raise ValueError(f"inspection {inspection_id}: its frame is {shape[1]}x{shape[0]} with {shape[2]} "
+                             f"channel(s), the references of source {source_id} {like[1]}x{like[0]} with "
+                             f"{like[2]} ({why}); nothing added")
 
 
 def remove_reference(settings: Any, source_id: str, name: str) -> Path:

@@ -395,8 +395,12 @@ class Service:
             ok &= self.pipeline is not None
             if self.models is not None and self.models.last_error:
                 details["model"]["error"] = self.models.last_error  # still inspecting with the previous one
-            if self.references is not None:  # per-source reference errors do not fail readiness
+            if self.references is not None:  # a source without a usable bank is not ready (its frames wait)
                 details["references"] = self.references.status()
+                missing = list(self.references.unavailable.values())
+                if missing:
+                    ok = False
+                    details["reference_problems"] = missing
             try:
                 from adapters.db import count_pending_outbox, ping
 
@@ -437,6 +441,7 @@ class Service:
                 ok = False
                 details["source_problems"] = dead
         problems = [*(details.get("pipeline", {}).get("problems") or []), *details.get("source_problems", []),
+                    *details.get("reference_problems", []),
                     *([details["database"]["error"]] if details.get("database", {}).get("error") else []),
                     *([details["storage"]["error"]] if details.get("storage", {}).get("error") else [])]
         if problems:

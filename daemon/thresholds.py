@@ -165,6 +165,7 @@ class Calibration:
     set_by: str
     false_reject_rate: float | None = None
     n_good: int | None = None
+    method: str = ""  # a short name of the known-good frames (the `source_thresholds.method` column, 64 chars)
 
 
 def in_effect(sessions: Any, source: str) -> tuple[float, float] | None:
@@ -209,7 +210,7 @@ def apply_calibration(sessions: Any, calibration: Calibration, *, anomaly_scores
         threshold, pixel, rule, missed_now = c.threshold, c.pixel_threshold, c.rule, new_missed
     store_thresholds(sessions, source=c.source, model_version=c.model_version, threshold=threshold,
                      pixel_threshold=pixel, false_reject_rate=c.false_reject_rate or 0.0, n_frames=c.n_good or 0,
-                     method=f"{c.set_by}: {rule}")
+                     method=(c.method or c.set_by) if threshold == c.threshold else f"kept ({c.set_by})")
     record(sessions, action="applied", threshold=threshold, pixel_threshold=pixel, rule=rule, set_by=c.set_by,
            missed_anomalous=missed_now if n_anomalous else None, **common)
     return threshold, pixel

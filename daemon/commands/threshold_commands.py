@@ -137,7 +137,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             threshold, pixel = apply_calibration(sessions, Calibration(
                 source=source.id, model_version=version, threshold=threshold, pixel_threshold=pixel,
                 rule=f"{rule}; --good {args.good}", set_by=f"anomalyd calibrate ({_user()})",
-                false_reject_rate=rate, n_good=n))
+                false_reject_rate=rate, n_good=n, method=f"anomalyd calibrate --good {args.good}"))
     result = {"source": source.id, "model_version": version, "threshold": round(threshold, 6),
               "pixel_threshold": round(pixel, 6), "false_reject_rate": rate, "images": n, "rule": rule,
               "skipped": skipped, "stored": sessions is not None, "margin": args.margin, "quantile": args.quantile,
