@@ -5,6 +5,7 @@ without a bank is not ready, says why, and its frames wait in the inbox."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -97,3 +98,41 @@ def test_failed_rebuild_keeps_the_last_good_bank_and_a_source_without_one_is_not
         assert client.get("/api/health/ready").status_code == 200
     finally:
         service.stop()
+
+
+def test_config_check_checks_references_as_the_daemon_does(tmp_path, capsys):
+    from daemon.cli import main
+
+    refs = tmp_path / "refs"
+    _write(refs / "a.png", _texture(1))
+    _write(refs / "b.png", cv2.resize(_texture(2), (162, 159)))  # a few pixels apart: one camera setting
+    config = tmp_path / "config.toml"
+    config.write_text(f"""[model]
+name = "patchcore"
+[[sources]]
+id = "cam"
+kind = "folder"
+uri = "inbox"
+references = "{refs}"
+[[sources]]
+id = "bare"
+kind = "folder"
+uri = "inbox2"
+[database]
+url = "sqlite:///var/a.db"
+""")
+
+    def errors() -> list[str]:
+        capsys.readouterr()
+        with contextlib.suppress(SystemExit):
+            main(["config", "check", "--json", "--config", str(config)])
+        import json
+
+        return [f["message"] for f in json.loads(capsys.readouterr().out)["findings"]
+                if f["level"] == "error" and f["message"].startswith("source ")]  # weights: not this test's
+
+    found = errors()
+    assert len(found) == 1 and "source bare: patchcore needs references" in found[0]
+    _write(refs / "c.png", cv2.resize(_texture(3), (120, 160)))  # 25 % narrower: the daemon refuses the set
+    found = errors()
+    assert any("source cam: reference c.png is 120x160" in e and "10 %" in e for e in found)
