@@ -243,7 +243,8 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
-            known = patchcore_known_good(detector, [f for f in files if f.suffix != ".safetensors"])
+            known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
+                                      cache_path)
             detector.known_good = known  # raw scores of held-out references and their views, for the calibration
             detector.distance_scale = known.distance_scale
         if getattr(r, "engine", "torch") != "torch":
@@ -421,6 +422,31 @@ def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALI
     firsts = np.cumsum([0] + [1 + len(v) for v in views[:-1]])
     own = [scores[i] for i in firsts]
     return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, sum(len(v) for v in views), own)
+
+
+def cached_known_good(settings: Any, detector: Any, files: Sequence[Path], bank: Path) -> KnownGoodScores:
+    """`patchcore_known_good`, read back from the source's cache when its key is unchanged (daemon/known_good_cache.py),
+    with the time it took logged."""
+    from daemon import known_good_cache as cache
+
+    started = time.monotonic()
+    parameters = {"shift": CALIBRATION_SHIFT, "degrees": CALIBRATION_DEGREES, "gain": CALIBRATION_GAIN,
+                  "holdouts": CALIBRATION_HOLDOUTS, "files": [f.name for f in files]}
+    key = cache.cache_key(settings, bank.stem, detector, parameters)
+    path = cache.cache_file(bank)
+    stored = cache.load(path, key)
+    if stored is not None:
+        known = KnownGoodScores(stored["scores"], stored["maxima"], stored["distance_scale"], stored["held_out"],
+                                stored["views"], stored["own"])
+        log.info("source %s: known-good scores of %d references read from %s in %.2f s (unchanged)", bank.stem,
+                 len(files), path.name, time.monotonic() - started)
+        return known
+    known = patchcore_known_good(detector, files)
+    cache.save(path, key, {"scores": known.scores, "maxima": known.maxima, "distance_scale": known.distance_scale,
+                           "held_out": known.held_out, "views": known.views, "own": known.own})
+    log.info("source %s: known-good scores of %d references (%s) computed in %.1f s", bank.stem, len(files),
+             known.describe(), time.monotonic() - started)
+    return known
 
 
 Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
