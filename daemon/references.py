@@ -19,14 +19,17 @@ threshold = the same quantile of their maps' maxima — on known-good frames the
 `CALIBRATION_HOLDOUTS` references each scored by a bank of the others, for PatchCore also 8 lightly perturbed
 views of each (shifted 2 % each way, turned ±5°, exposed ±5 %: live frames vary like that and the references
 alone understate it; `calibration_views`), plus that source's frames labelled normal. The bound is
-`upper_bound` (the empirical quantile or a Student-t bound on the logits, whichever is higher), shared with
-`anomalyd calibrate --false-reject-rate`, which scores real known-good frames instead.
-They are stored per source **and model version** (table `source_thresholds`; the version a source's frames
-carry includes the reference digest), so a new version or reference set never keeps a stale threshold.
+daemon/calibration.py's (an order statistic, or an extrapolated tail with a warning when the frames are too few),
+shared with `anomalyd calibrate`, which scores real known-good frames instead. They are stored per source **and model
+version** (table `source_thresholds`; the version a source's frames carry includes the reference digest), so a new
+version or reference set never keeps a stale threshold; a stored one is kept at restart. Every change, pins and the
+labelled-defect guard: daemon/thresholds.py.
 
-Bad input — an empty, missing or unreadable folder, references of mixed size or channel count, a bank of
-another model, `patchcore` without references — is an error naming the value; that source's frames are
-rejected with it (a `rejected_frames` record) while the other sources keep being inspected.
+Bad input — an empty, missing or unreadable folder, references of sizes more than SIZE_TOLERANCE apart per side
+or of mixed channel counts, a bank of another model, `patchcore` without references — is an error naming the
+value. A source with a last good bank keeps inspecting with it (the build is retried with backoff); a source without
+one is unavailable: not ready, with the cause, and its frames go back to their source (inbox, redelivery) while the
+other sources keep being inspected.
 """
 
 from __future__ import annotations
