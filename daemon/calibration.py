@@ -8,10 +8,10 @@ exceed with probability `rate` (the target false-reject rate):
   P(FRR > rate) = P(Binomial(n, rate) <= k - 1). The threshold is the k-th largest score with the largest k that
   keeps that probability <= 1 - `confidence`. Sound at any n, whatever the score distribution.
 - **Too few frames** for that: no order statistic of n frames reaches a `rate` quantile with that confidence, so the
-  threshold is extrapolated: the larger of the maximum and an exponential tail fitted above the upper quartile
-  (q75 + mean excess over q75 · ln(0.25 / rate)), the 0–1 scale's cap 1 included. This is the "maximum plus a
-  documented margin"; it assumes a tail no heavier than exponential, and a WARNING says how many frames the target
-  needs.
+  threshold is extrapolated: the larger of the maximum and an exponential tail fitted above the upper quartile of
+  z = -ln(1 - score) (q75 + mean excess over q75 · ln(0.25 / rate), mapped back to 0–1; for PatchCore z is the
+  distance in units of d0). This is the "maximum plus a documented margin"; it assumes a tail no heavier than
+  exponential, and a WARNING says how many frames the target needs.
 
 `DEFAULT_CONFIDENCE` = 0.5 makes the threshold median-unbiased (its realised false-reject rate is as likely above
 the target as below): a 0.5 % target needs 139 known-good frames, 1 % needs 69; at 0.9 they need 460 and 230.
@@ -75,13 +75,16 @@ def frr_bound(values: Sequence[float], rate: float, confidence: float = DEFAULT_
         return Bound(float(data[k - 1]), f"{k}-th largest of {n} known-good scores (P(FRR > {rate:g}) <= "
                      f"{1 - confidence:g}, distribution-free)", n, needed, False)
     top = float(data[0])
-    tail = top
-    if n >= 4:
-        q = float(np.quantile(data, TAIL_FROM))
-        excess = data[data > q] - q
+    # The tail is fitted on z = -ln(1 - score): the 0–1 scale's 1 - exp(-d / d0) undone for PatchCore (z = d / d0),
+    # unbounded, so the extrapolation never reaches the scale's cap of 1.
+    z = -np.log1p(-np.clip(data, 0.0, 1.0 - 1e-9))
+    tail_z = float(z[0])
+    if n >= 2:
+        q = float(np.quantile(z, TAIL_FROM))
+        excess = z[z > q] - q
         if excess.size:
-            tail = q + float(excess.mean()) * math.log((1.0 - TAIL_FROM) / rate)
-    value = min(1.0, max(top, tail))
+            tail_z = max(tail_z, q + float(excess.mean()) * math.log((1.0 - TAIL_FROM) / rate))
+    value = max(top, float(-np.expm1(-tail_z)))
     return Bound(value, f"max of {n} known-good scores with an exponential-tail margin (+{value - top:.4f}); "
                  f"{needed} frames needed for a distribution-free bound at {rate:g}", n, needed, True)
 

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 
-def daemon_threshold(detector: Any, reference_files: Sequence[Path], rate: float) -> tuple[float, str, int] | None:
-    """(threshold on the daemon's scale, rule, known-good frames) the daemon would set for these references; sets
-    the detector's `distance_scale` (d0) as the daemon does. None for a family eval cannot calibrate so."""
+def daemon_threshold(detector: Any, reference_files: Sequence[Path], rate: float
+                     ) -> tuple[float, str, list[float]] | None:
+    """(threshold on the daemon's scale, rule, the known-good scores it came from) the daemon would set for these
+    references; sets the detector's `distance_scale` (d0) as the daemon does. None for a family eval cannot
+    calibrate so."""
     import torch
 
     from daemon.calibration import calibrated_bounds
@@ -32,7 +34,7 @@ def daemon_threshold(detector: Any, reference_files: Sequence[Path], rate: float
     detector.distance_scale = known.distance_scale
     scores, maxima = scale_outputs(detector, torch.tensor(known.scores), torch.tensor(known.maxima))
     image, _ = calibrated_bounds(scores.tolist(), maxima.tolist(), rate)
-    return image.value, image.rule, image.n
+    return image.value, image.rule, scores.tolist()
 
 
 def on_daemon_scale(detector: Any, raw_scores: Sequence[float]) -> list[float]:
@@ -62,6 +64,14 @@ def pooled(points: dict[str, dict[str, Any]]) -> dict[str, Any]:
     missed = sum(p["missed"] for p in points.values())
     return {"normals": normals, "false_rejects": false_rejects, "frr": false_rejects / normals if normals else None,
             "anomalies": anomalies, "missed": missed, "miss_rate": missed / anomalies if anomalies else None}
+
+
+def write_json(path: Path, rate: float, points: dict[str, dict[str, Any]], scores: dict[str, Any]) -> None:
+    """`operating_point.json` of a report folder: the points, and per model and category the known-good and test
+    scores on the daemon's scale with the labels (to try other rules without scoring again)."""
+    import json
+
+    path.write_text(json.dumps({"false_reject_rate": rate, "points": points, "scores": scores}) + "\n")
 
 
 def markdown(name: str, rate: float, points: dict[str, dict[str, Any]]) -> str:

@@ -35,10 +35,8 @@ other sources keep being inspected.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +52,15 @@ from daemon.calibration import (  # noqa: F401  (re-exported: the API and comman
     stored_threshold,
     upper_bound,
 )
+from daemon.known_good import (
+    CALIBRATION_DEGREES,
+    CALIBRATION_GAIN,
+    CALIBRATION_HOLDOUTS,
+    CALIBRATION_SHIFT,
+    KnownGoodScores,
+    calibration_views,
+    leave_one_out_scores,
+)
 from daemon.scale import scale_outputs, scaled
 from daemon.thresholds import ThresholdTable, labelled_anomalous_frames, load_pins
 from model.factory import needs_references
@@ -62,7 +69,6 @@ from model.preprocess import IMAGE_SUFFIXES
 log = logging.getLogger("anomalyd.references")
 
 MAX_REFERENCES = 16
-CALIBRATION_HOLDOUTS = 8
 # PatchCore's distance scale when it cannot be measured (one reference, a saved bank): a typical leave-one-out
 # image score of EfficientNet-Lite0 at 256 px on the shared samples (cubes: 15-27).
 DEFAULT_DISTANCE_SCALE = 20.0
@@ -303,51 +309,6 @@ def patchcore_embeddings(detector: Any, files: Sequence[Path]) -> list[Any]:
                                                 .float())).float() for f in files]
 
 
-# Known-good views for the calibration: live frames of a fixed camera differ from the references by small shifts,
-# turns and exposure changes that the leave-one-out scores of the references alone do not show, so each held-out
-# reference is also scored shifted by CALIBRATION_SHIFT of its size each way along each axis, turned by
-# ±CALIBRATION_DEGREES and CALIBRATION_GAIN brighter and darker (bench/calibration_patchcore.py measures the rule).
-CALIBRATION_SHIFT = 0.02
-CALIBRATION_DEGREES = 5.0
-CALIBRATION_GAIN = 0.05
-
-
-def calibration_views(rgb: np.ndarray, *, shift: float = CALIBRATION_SHIFT, degrees: float = CALIBRATION_DEGREES,
-                      gain: float = CALIBRATION_GAIN) -> list[np.ndarray]:
-    """Lightly perturbed copies of an RGB frame (H, W, 3): 4 shifts, 2 turns (reflected borders), 2 exposures."""
-    import cv2
-
-    height, width = rgb.shape[:2]
-    views = []
-    for dx, dy in ((shift, 0.0), (-shift, 0.0), (0.0, shift), (0.0, -shift)):
-        matrix = np.float32([[1, 0, dx * width], [0, 1, dy * height]])
-        views.append(cv2.warpAffine(rgb, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101))
-    for angle in (degrees, -degrees):
-        matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
-        views.append(cv2.warpAffine(rgb, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101))
-    for factor in (1 + gain, 1 - gain):
-        views.append(np.clip(np.rint(rgb.astype(np.float32) * factor), 0, 255).astype(np.uint8))
-    return views
-
-
-@dataclass
-class KnownGoodScores:
-    """Raw PatchCore scores of known-good frames the bank has not seen: held-out references (each against a bank
-    of the others) and their calibration views. `distance_scale` is the median of the held-out references' own
-    image scores (d0 of daemon/scale.py; the views do not move it)."""
-
-    scores: list[float]
-    maxima: list[float]
-    distance_scale: float
-    held_out: int
-    views: int
-    own: list[float] = field(default_factory=list)  # the held-out references' own image scores (no views)
-
-    def describe(self) -> str:
-        text = f"leave-one-out on {self.held_out} references"
-        return text + (f" and {self.views} shifted/turned/exposed views of them" if self.views else "")
-
-
 def patchcore_bank_rows(detector: Any, files: Sequence[Path], embeddings: Sequence[Any]) -> list[Any]:
     """Per reference the memory-bank rows it gives the live bank: its patches, with its augmented views when the
     detector augments references ([model].augment)."""
@@ -364,41 +325,6 @@ def patchcore_bank_rows(detector: Any, files: Sequence[Path], embeddings: Sequen
         return [model.flatten(model.embed(clip_to_tf(augment_references(
             fast_transform(decode_image(f), size)[None].to(detector.device).float(), augment))).float())
             for f in files]
-
-
-def leave_one_out_scores(model: Any, embeddings: Sequence[Any], image_size: int,
-                         limit: int = CALIBRATION_HOLDOUTS, views: Sequence[Any] | None = None,
-                         bank_rows: Sequence[Any] | None = None) -> tuple[list[float], list[float]]:
-    """Raw PatchCore (image score, map maximum) of up to `limit` reference embeddings, each against a bank of the
-    other references' rows (`bank_rows[j]`, default their patches; no coreset), then of `views[i]` (V, 3, S, S
-    daemon-normalised images, views of reference i) against the same bank. The model's own bank is restored.
-    Empty with fewer than two."""
-    import torch
-
-    from model.patchcore import clip_to_tf
-
-    if len(embeddings) < 2:
-        return [], []
-    saved = (model.memory_bank, model.bank_norms)
-    scores: list[float] = []
-    maxima: list[float] = []
-    try:
-        with torch.inference_mode():
-            flats = list(bank_rows) if bank_rows is not None else [model.flatten(e) for e in embeddings]
-            for held_out in range(min(limit, len(embeddings))):
-                model.set_memory_bank(torch.cat([f for j, f in enumerate(flats) if j != held_out]))
-                batches = [embeddings[held_out]]
-                if views is not None and len(views[held_out]):
-                    device = embeddings[held_out].device
-                    batches.append(model.embed(clip_to_tf(views[held_out].to(device).float())).float())
-                for embedding in batches:
-                    patch, where, flat = model.patch_scores(embedding)
-                    scores += model.image_scores(patch, where, flat).tolist()
-                    maps = model.anomaly_maps(patch, tuple(embedding.shape[-2:]), (image_size, image_size))
-                    maxima += maps.flatten(1).amax(1).tolist()
-    finally:
-        model.memory_bank, model.bank_norms = saved
-    return scores, maxima
 
 
 def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS,
@@ -808,104 +734,3 @@ class ReferenceManager:
 
     def status(self) -> dict[str, Any]:
         return {sid: st.as_dict() for sid, st in self.states.items()}
-
-
-# --- operator file management (API and CLI) ------------------------------------------------------------------------
-
-
-def list_references(settings: Any, source_id: str, sessions: Any = None, store: Any = None) -> list[dict[str, Any]]:
-    """The reference files of a source: name, folder, size, whether operators may remove it."""
-    try:
-        files, _ = reference_files(settings, source_id, sessions, store, max_references=10_000)
-    except ReferenceSetupError:
-        files = _images_in(own_reference_dir(settings, source_id), required=False, what="references")
-    own = own_reference_dir(settings, source_id).resolve()
-    out = []
-    for path in files:
-        try:
-            size = path.stat().st_size
-        except OSError:
-            continue
-        out.append({"name": path.name, "folder": str(path.parent), "bytes": size,
-                    "removable": path.resolve().parent == own})
-    return out
-
-
-def add_references(settings: Any, sessions: Any, store: Any, source_id: str,
-                   inspection_ids: Sequence[int]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Copy the frames of inspections of `source_id` into its reference folder under server-chosen names.
-
-    Returns (added files, warnings); a frame that was itself found or labelled anomalous is added with a warning.
-    Raises LookupError for an unknown inspection, ValueError for one of another source or without a frame.
-    """
-    from adapters.db import Inspection
-    from adapters.db.repository import latest_label
-
-    target = own_reference_dir(settings, source_id)
-    added, warnings = [], []
-    with sessions() as session:
-        rows = []
-        for inspection_id in inspection_ids:
-            row = session.get(Inspection, int(inspection_id))
-            if row is None:
-                raise LookupError(f"no inspection {inspection_id}")
-            if row.source != source_id:
-                raise ValueError(f"inspection {inspection_id} is from source {row.source!r}, not {source_id!r}")
-            if not row.frame_path:
-                raise ValueError(f"inspection {inspection_id} has no stored frame ([storage].save_frames is off?)")
-            label = latest_label(session, row.id)
-            rows.append((row.id, row.frame_path, row.is_anomalous, row.score, row.threshold,
-                         label.label if label is not None else None))
-    _check_added_shapes(settings, sessions, store, source_id, [(row[0], store.path(row[1])) for row in rows])
-    target.mkdir(parents=True, exist_ok=True)
-    for inspection_id, frame_path, is_anomalous, score, threshold, label in rows:
-        source_file = store.path(frame_path)
-        if not source_file.is_file():
-            raise ValueError(f"inspection {inspection_id}: its frame file {frame_path} is gone (retention?)")
-        if label == "anomalous" or (label is None and is_anomalous):
-            why = "labelled anomalous" if label == "anomalous" else f"scored {score:.3f} >= threshold {threshold:.3f}"
-            warnings.append(f"inspection {inspection_id} was {why}: a defective reference hides that defect")
-        name = f"{REFERENCE_PREFIX}{inspection_id}-{uuid.uuid4().hex[:8]}{source_file.suffix.lower() or '.jpg'}"
-        tmp = target / f".{name}.tmp"
-        shutil.copyfile(source_file, tmp)
-        tmp.replace(target / name)
-        added.append({"name": name, "inspection_id": inspection_id, "folder": str(target)})
-    for warning in warnings:
-        log.warning("source %s: %s", source_id, warning)
-    return added, warnings
-
-
-def _check_added_shapes(settings: Any, sessions: Any, store: Any, source_id: str,
-                        frames: Sequence[tuple[int, Path]]) -> None:
-    """ValueError (nothing added) when a frame's size or channels do not go with the source's references (or with
-    the first added frame when it has none): the daemon would refuse the whole bank."""
-    try:
-        existing, _ = reference_files(settings, source_id, sessions, store)
-    except ReferenceSetupError:
-        existing = []
-    like = next((image_shape(f, source_id) for f in existing if f.suffix != ".safetensors"), None)
-    for inspection_id, path in frames:
-        if not path.is_file():
-            continue  # named below, with the inspection
-        try:
-            shape = image_shape(path, source_id)
-        except ReferenceSetupError as exc:
-            raise ValueError(f"inspection {inspection_id}: {exc}") from None
-        if like is None:
-            like = shape
-        elif (why := shape_mismatch(shape, like)) is not None:
-            raise ValueError(f"inspection {inspection_id}: its frame is {shape[1]}x{shape[0]} with {shape[2]} "
-                             f"channel(s), the references of source {source_id} {like[1]}x{like[0]} with "
-                             f"{like[2]} ({why}); nothing added")
-
-
-def remove_reference(settings: Any, source_id: str, name: str) -> Path:
-    """Delete one reference file of the source's own folder (by its name, never a path)."""
-    if not name or "/" in name or "\\" in name or name.startswith(".") or Path(name).suffix.lower() \
-            not in IMAGE_SUFFIXES:
-        raise ValueError(f"{name!r} is not a reference file name")
-    path = own_reference_dir(settings, source_id) / name
-    if not path.is_file():
-        raise LookupError(f"source {source_id} has no reference {name!r}")
-    path.unlink()
-    return path

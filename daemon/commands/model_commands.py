@@ -346,7 +346,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- eval
-def operating_threshold(detector: Any, references: list, rate: float) -> tuple[float, str, int] | None:
+def operating_threshold(detector: Any, references: list, rate: float) -> tuple[float, str, list[float]] | None:
     """The threshold the daemon's rule derives from these references alone (None: not measured)."""
     if rate <= 0:
         return None
@@ -434,6 +434,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty()
     skipped: list[tuple[str, str]] = []
     points: dict[str, dict[str, Any]] = {}  # model → category → operating point (daemon/operating_point.py)
+    point_scores: dict[str, dict[str, Any]] = {}  # the scores behind them (report folder only)
     for name in models:
         if split is None:
             detector = build_detector(args, name, class_names=sorted(by_category))
@@ -473,8 +474,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if point is not None:
                 from daemon.operating_point import on_daemon_scale, operating_point
 
+                scaled_scores = on_daemon_scale(detector, scores)
                 points.setdefault(name, {})[category] = {
-                    **operating_point(point[0], on_daemon_scale(detector, scores), labels), "known_good": point[2]}
+                    **operating_point(point[0], scaled_scores, labels), "known_good": len(point[2])}
+                point_scores.setdefault(name, {})[category] = {"known_good": point[2], "test": scaled_scores,
+                                                               "labels": [int(v) for v in labels]}
             if report_dir is not None:
                 with_masks = [i for i, m in enumerate(masks) if m is not None]
                 plot_curves(report_dir / "curves" / name, category, labels, scores,
@@ -490,6 +494,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results[name] = accumulator.compute()
     if report_dir is not None:
         markdown = write_report(report_dir, results, models=infos)
+        if points:
+            from daemon.operating_point import write_json
+
+            write_json(report_dir / "operating_point.json", args.false_reject_rate, points, point_scores)
     else:
         import tempfile
 

@@ -26,12 +26,13 @@ def _source(settings: Any, source_id: str) -> Any:
 
 
 def cmd_references_list(args: argparse.Namespace) -> int:
+    from daemon import reference_admin as admin
     from daemon import references as refs
 
     settings = _load(args)
     _source(settings, args.source)
     with _database(settings) as sessions:
-        items = refs.list_references(settings, args.source, sessions, _store(settings))
+        items = admin.list_references(settings, args.source, sessions, _store(settings))
     if args.json:
         print(json.dumps({"source": args.source, "folder": str(refs.own_reference_dir(settings, args.source)),
                           "items": items}))
@@ -44,13 +45,13 @@ def cmd_references_list(args: argparse.Namespace) -> int:
 
 
 def cmd_references_add(args: argparse.Namespace) -> int:
-    from daemon import references as refs
+    from daemon import reference_admin as admin
 
     settings = _load(args)
     _source(settings, args.source)
     with _database(settings) as sessions:
         try:
-            added, warnings = refs.add_references(settings, sessions, _store(settings), args.source, args.inspections)
+            added, warnings = admin.add_references(settings, sessions, _store(settings), args.source, args.inspections)
         except (LookupError, ValueError) as exc:
             raise _usage(str(exc).strip("'\"")) from None
     for warning in warnings:
@@ -64,13 +65,13 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 
 
 def cmd_references_remove(args: argparse.Namespace) -> int:
-    from daemon import references as refs
+    from daemon import reference_admin as admin
 
     settings = _load(args)
     _source(settings, args.source)
     for name in args.names:
         try:
-            path = refs.remove_reference(settings, args.source, name)
+            path = admin.remove_reference(settings, args.source, name)
         except (LookupError, ValueError) as exc:
             raise _usage(str(exc).strip("'\"")) from None
         print(f"removed {path}")
