@@ -501,11 +501,13 @@ class ReferenceManager:
         self.max_references = max_references
         self.states: dict[str, SourceState] = {sid: SourceState(sid) for sid in self.source_ids}
         self.thresholds: ThresholdTable = ThresholdTable()  # the result writer reads it; pins answer first
-        self.listeners: list[Any] = []  # told of every threshold change (daemon/thresholds.py)
+        self.listeners: list[Any] = []  # told of every threshold change (daemon/thresholds.py), once
+        self._history_seen: int | None = None  # the newest threshold_history id announced
         self.unavailable: dict[str, str] = {}
         self._base: Any = None
         self._swap: Callable[[Any], Any] | None = None
         self._lock = threading.RLock()
+        self._announce_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -516,6 +518,8 @@ class ReferenceManager:
         """Per-source detectors for `base` (built now, with a progress line each) behind one RoutedDetector."""
         with self._lock:
             self._base = base
+            if self._history_seen is None and self.sessions is not None:
+                self._announce_changes()  # the baseline: this start's calibrations are announced below
             for index, source_id in enumerate(self.source_ids, start=1):
                 self._build(source_id, progress=f"{index}/{len(self.source_ids)}")
             self.refresh_thresholds()
@@ -643,7 +647,7 @@ class ReferenceManager:
         applied = apply_calibration(self.sessions, Calibration(
             source=source_id, model_version=str(state.version), threshold=image.value, pixel_threshold=pixel.value,
             rule=f"{image.rule}; known-good: {'; '.join(methods)}", false_reject_rate=rate, n_good=len(scores),
-            set_by="daemon", method="; ".join(methods)), anomaly_scores=anomaly_scores, configured=configured, listeners=self.listeners)
+            set_by="daemon", method="; ".join(methods)), anomaly_scores=anomaly_scores, configured=configured)
         self.thresholds[key] = applied
         return applied
 
@@ -687,8 +691,31 @@ class ReferenceManager:
         try:
             self.thresholds.update(load_thresholds(self.sessions))
             self.thresholds.pins = load_pins(self.sessions)
+            self._announce_changes()
         except Exception as exc:  # database briefly unreachable: keep what we have
             log.warning("cannot read calibrated thresholds: %s", str(exc).splitlines()[0][:200])
+
+    def _announce_changes(self) -> None:
+        """Tell the listeners (MQTT) of the history rows written since the last look, by this process or another
+        (an operator's `anomalyd thresholds pin` or `calibrate`): every change is an event, once."""
+        from daemon.thresholds import changes_after, latest_change_id
+
+        with self._announce_lock:  # the API's refresh and the poll's: each row once
+            self._announce_locked(changes_after, latest_change_id)
+
+    def _announce_locked(self, changes_after: Callable[..., Any], latest_change_id: Callable[..., int]) -> None:
+        if self._history_seen is None:  # the first look: what happened before this start was announced then
+            self._history_seen = latest_change_id(self.sessions)
+            return
+        rows = changes_after(self.sessions, self._history_seen)
+        if rows:
+            self._history_seen = max(int(row["id"]) for row in rows)
+        for row in rows:
+            for listener in self.listeners:
+                try:
+                    listener(row)
+                except Exception:
+                    log.exception("threshold listener failed")
 
     # --- watching ---------------------------------------------------------------------------------------------
 

@@ -97,6 +97,25 @@ def history(sessions: Any, source: str | None = None, limit: int = 50) -> list[d
         return [_row_dict(row) for row in session.execute(query)]
 
 
+def changes_after(sessions: Any, after_id: int) -> list[dict[str, Any]]:
+    """History rows with an id above `after_id`, oldest first (changes made by another process: CLI, API)."""
+    from sqlalchemy import select
+
+    from adapters.db.schema import threshold_history as t
+
+    with sessions() as session:
+        return [_row_dict(row) for row in session.execute(select(t).where(t.c.id > after_id).order_by(t.c.id))]
+
+
+def latest_change_id(sessions: Any) -> int:
+    from sqlalchemy import func, select
+
+    from adapters.db.schema import threshold_history as t
+
+    with sessions() as session:
+        return int(session.execute(select(func.max(t.c.id))).scalar() or 0)
+
+
 def load_pins(sessions: Any) -> dict[str, tuple[float, float]]:
     """source → (image, pixel) pinned thresholds: the sources whose newest pin/unpin row is a pin."""
     from sqlalchemy import func, select

@@ -41,13 +41,10 @@ def _source(state: AppState, source_id: str) -> Any:
     return cfg
 
 
-def _after_change(state: AppState, event: dict[str, Any]) -> None:
+def _after_change(state: AppState) -> None:
     manager = state.references
     if manager is not None:
-        for listener in manager.listeners:
-            listener(event)
-        manager.refresh_thresholds()  # from the next frame on, not the next poll
-        manager.wake()
+        manager.refresh_thresholds()  # from the next frame on, not the next poll; announces the change (MQTT)
 
 
 @router.get("/{source_id}/thresholds", summary="The thresholds a source runs with and their origin")
@@ -71,7 +68,7 @@ def pin(source_id: str, body: Pin, state: AppState = Depends(get_state),
     sessions = sessions_of(state)
     version = _version(state, source_id) or thresholds.recorded_version(state.settings, sessions, source_id)
     event = thresholds.pin(sessions, source_id, version, body.threshold, body.pixel_threshold, set_by=f"api:{token}")
-    _after_change(state, event)
+    _after_change(state)
     return event
 
 
@@ -85,5 +82,5 @@ def unpin(source_id: str, state: AppState = Depends(get_state),
         event = thresholds.unpin(sessions, source_id, version, set_by=f"api:{token}")
     except LookupError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
-    _after_change(state, event)
+    _after_change(state)
     return event

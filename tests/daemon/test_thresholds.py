@@ -107,20 +107,20 @@ def test_calibrate_leaves_the_banks_own_files_out_and_a_restart_keeps_it(tmp_pat
     service = _service(settings, backbone)
     service.start()
     try:
-        assert service.references.thresholds[("cam", version)][0] == pytest.approx(calibrated)
+        assert service.references.thresholds[("cam", version)][0] == pytest.approx(calibrated, abs=1e-6)
         row = _inspect(service, tmp_path, "f0.png", 7)
-        assert row.threshold == pytest.approx(calibrated)
+        assert row.threshold == pytest.approx(calibrated, abs=1e-6)
     finally:
         service.stop()
 
     code, out, _ = _cli(capsys, "thresholds", "show", "--config", str(config), "--json")
     shown = json.loads(out)
-    assert code == 0 and shown[0]["origin"] == "calibrated" and shown[0]["threshold"] == pytest.approx(calibrated)
+    assert code == 0 and shown[0]["origin"] == "calibrated" and shown[0]["threshold"] == pytest.approx(calibrated, abs=1e-6)
     code, out, _ = _cli(capsys, "thresholds", "history", "--source", "cam", "--config", str(config), "--json")
     history = json.loads(out)
     assert [(h["action"], h["set_by"].split(" ")[0]) for h in history] == [("applied", "anomalyd"),
                                                                           ("applied", "daemon")]
-    assert history[0]["threshold"] == pytest.approx(calibrated) and history[0]["n_good"] == 6
+    assert history[0]["threshold"] == pytest.approx(calibrated, abs=1e-6) and history[0]["n_good"] == 6
     assert history[1]["threshold"] == pytest.approx(automatic[0]) and history[1]["n_good"] == 3
 
 
@@ -137,6 +137,8 @@ def test_labelled_anomalies_hold_the_threshold_and_a_pin_survives_a_restart(tmp_
     service.start()
     try:
         manager = service.references
+        events: list[dict] = []
+        manager.listeners.append(events.append)  # what the daemon publishes on MQTT .../cam/threshold
         first = manager.states["cam"].version
         held = manager.thresholds[("cam", first)]
         defects = [_inspect(service, tmp_path, f"d{i}.png", 60 + i, defect=True) for i in range(3)]
@@ -163,6 +165,9 @@ def test_labelled_anomalies_hold_the_threshold_and_a_pin_survives_a_restart(tmp_
         manager.wake()
         assert wait_until(lambda: manager.thresholds.get(("cam", second)) == (0.97, 0.97), timeout=30)
         assert _inspect(service, tmp_path, "p0.png", 9, defect=True).threshold == pytest.approx(0.97)
+        # every change an event, once, in order: the recalibration's proposal and kept value, the CLI's pin
+        assert wait_until(lambda: [e["action"] for e in events] == ["proposed", "applied", "pinned"], timeout=30)
+        assert events[2]["threshold"] == 0.97 and events[2]["set_by"].startswith("cli")
     finally:
         service.stop()
 
