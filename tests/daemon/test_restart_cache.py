@@ -87,3 +87,46 @@ def test_a_restart_with_unchanged_references_reads_the_known_good_scores_back(tm
     service, _ = _start(tmp_path, refs)
     service.stop()
     assert any("computed in" in r.getMessage() for r in caplog.records)
+
+
+def test_plain_calibrate_works_for_patchcore_and_its_write_applies(tmp_path, capsys):
+    """`anomalyd calibrate` without --false-reject-rate on a patchcore source (references from the config): the
+    threshold is stored for the version the source runs (so it applies, whatever the stored calibration was) and
+    `--write` puts the same value into the config file."""
+    import json
+
+    from daemon.cli import main
+
+    refs, good = tmp_path / "refs", tmp_path / "good"
+    refs.mkdir()
+    good.mkdir()
+    for index in range(3):
+        assert cv2.imwrite(str(refs / f"ref{index}.png"), _texture(100 + index))
+    for index in range(5):
+        assert cv2.imwrite(str(good / f"good{index}.png"), _texture(200 + index))
+    config = tmp_path / "config.toml"
+    config.write_text(f"""[model]
+name = "patchcore"
+image_size = 64
+[[sources]]
+id = "cam"
+kind = "folder"
+uri = "{tmp_path / 'cam'}"
+references = "{refs}"
+[database]
+url = "sqlite:///{tmp_path}/anomalyd.db"
+[storage]
+dir = "{tmp_path / 'artifacts'}"
+""")
+    assert main(["db", "upgrade", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", "--source", "cam", "--good", str(good), "--method", "max", "--margin", "0.01",
+                 "--write", "--json", "--config", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 5 and result["stored"] and "+ref-" in result["model_version"]
+    assert 0 < result["threshold"] < 1 and result["written"] == str(config)
+    assert f"threshold = {result['threshold']}" in config.read_text()
+    assert main(["thresholds", "show", "--source", "cam", "--json", "--config", str(config)]) == 0
+    shown = json.loads(capsys.readouterr().out)[0]
+    assert shown["origin"] == "calibrated" and shown["threshold"] == pytest.approx(result["threshold"], abs=1e-6)
+    assert shown["model_version"] == result["model_version"]
