@@ -258,9 +258,8 @@ class Intake:
             settings = via.model_copy(update={"id": str(frame.source_id or via.id),
                                               "line": str(frame.meta.get("line") or via.line)})
         self.metrics.frames_in.labels(settings.id).inc()
-        unavailable = self.unavailable.get(settings.id)
-        if unavailable is not None:
-            self.reject(frame, settings, unavailable)
+        if settings.id in self.unavailable:  # no usable reference bank (readiness says why): the frame waits
+            frame.done(False)  # in its source (inbox, redelivery) until the bank is built; never given up
             return
         t_in = time.monotonic()
         if live and self._live_decoders is not None:

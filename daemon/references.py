@@ -19,23 +19,24 @@ threshold = the same quantile of their maps' maxima — on known-good frames the
 `CALIBRATION_HOLDOUTS` references each scored by a bank of the others, for PatchCore also 8 lightly perturbed
 views of each (shifted 2 % each way, turned ±5°, exposed ±5 %: live frames vary like that and the references
 alone understate it; `calibration_views`), plus that source's frames labelled normal. The bound is
-`upper_bound` (the empirical quantile or a Student-t bound on the logits, whichever is higher), shared with
-`anomalyd calibrate --false-reject-rate`, which scores real known-good frames instead.
-They are stored per source **and model version** (table `source_thresholds`; the version a source's frames
-carry includes the reference digest), so a new version or reference set never keeps a stale threshold.
+daemon/calibration.py's (an order statistic, or an extrapolated tail with a warning when the frames are too few),
+shared with `anomalyd calibrate`, which scores real known-good frames instead. They are stored per source **and model
+version** (table `source_thresholds`; the version a source's frames carry includes the reference digest), so a new
+version or reference set never keeps a stale threshold; a stored one is kept at restart. Every change, pins and the
+labelled-defect guard: daemon/thresholds.py.
 
-Bad input — an empty, missing or unreadable folder, references of mixed size or channel count, a bank of
-another model, `patchcore` without references — is an error naming the value; that source's frames are
-rejected with it (a `rejected_frames` record) while the other sources keep being inspected.
+Bad input — an empty, missing or unreadable folder, references of sizes more than SIZE_TOLERANCE apart per side
+or of mixed channel counts, a bank of another model, `patchcore` without references — is an error naming the
+value. A source with a last good bank keeps inspecting with it (the build is retried with backoff); a source without
+one is unavailable: not ready, with the cause, and its frames go back to their source (inbox, redelivery) while the
+other sources keep being inspected.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,19 +44,37 @@ from typing import Any
 
 import numpy as np
 
+from daemon.calibration import (  # noqa: F401  (re-exported: the API and commands import them from here)
+    calibrated_bounds,
+    load_thresholds,
+    quantile_thresholds,
+    store_thresholds,
+    stored_threshold,
+    upper_bound,
+)
+from daemon.known_good import (
+    CALIBRATION_DEGREES,
+    CALIBRATION_GAIN,
+    CALIBRATION_HOLDOUTS,
+    CALIBRATION_SHIFT,
+    KnownGoodScores,
+    calibration_views,
+    leave_one_out_scores,
+)
 from daemon.scale import scale_outputs, scaled
+from daemon.thresholds import ThresholdTable, labelled_anomalous_frames, load_pins
 from model.factory import needs_references
 from model.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger("anomalyd.references")
 
 MAX_REFERENCES = 16
-CALIBRATION_HOLDOUTS = 8
 # PatchCore's distance scale when it cannot be measured (one reference, a saved bank): a typical leave-one-out
 # image score of EfficientNet-Lite0 at 256 px on the shared samples (cubes: 15-27).
 DEFAULT_DISTANCE_SCALE = 20.0
 LABELLED_NORMALS_FOR_CALIBRATION = 32
 REFERENCE_PREFIX = "ref-"
+REBUILD_BACKOFF_S = 300.0  # the longest wait between retries of a failed bank build with unchanged files
 
 
 class ReferenceSetupError(ValueError):
@@ -173,26 +192,46 @@ def signature(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(out))
 
 
-def check_images(files: Sequence[Path], source_id: str) -> tuple[int, int, int] | None:
-    """All references readable and of one size and channel count; (height, width, channels) of the set."""
+SIZE_TOLERANCE = 0.10  # frames are resized to the model's input anyway: a few pixels apart is one camera setting
+
+
+def image_shape(path: Path, source_id: str) -> tuple[int, int, int]:
+    """(height, width, channels) of a reference file; ReferenceSetupError when it is not a readable image."""
     import cv2
 
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ReferenceSetupError(f"source {source_id}: reference {path} is not a readable image")
+    return image.shape[0], image.shape[1], 1 if image.ndim == 2 else image.shape[2]
+
+
+def shape_mismatch(shape: tuple[int, int, int], like: tuple[int, int, int]) -> str | None:
+    """Why a reference of `shape` does not go with references of `like` (None when it does): the same channel
+    count, and each side within SIZE_TOLERANCE of theirs."""
+    if shape[2] != like[2]:
+        return f"{shape[2]} channel(s) instead of {like[2]}"
+    for side, (a, b) in (("height", (shape[0], like[0])), ("width", (shape[1], like[1]))):
+        if abs(a - b) > SIZE_TOLERANCE * b:
+            return f"its {side} {a} px is more than {100 * SIZE_TOLERANCE:g} % from {b} px"
+    return None
+
+
+def check_images(files: Sequence[Path], source_id: str) -> tuple[int, int, int] | None:
+    """All references readable, of one channel count and of sizes within SIZE_TOLERANCE of the first one's per
+    side; (height, width, channels) of the first."""
     shape: tuple[int, int, int] | None = None
     first: Path | None = None
     for path in files:
         if path.suffix == ".safetensors":
             continue
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None or image.size == 0:
-            raise ReferenceSetupError(f"source {source_id}: reference {path} is not a readable image")
-        this = (image.shape[0], image.shape[1], 1 if image.ndim == 2 else image.shape[2])
+        this = image_shape(path, source_id)
         if shape is None:
             shape, first = this, path
-        elif this != shape:
+        elif (why := shape_mismatch(this, shape)) is not None:
             raise ReferenceSetupError(
                 f"source {source_id}: reference {path.name} is {this[1]}x{this[0]} with {this[2]} channel(s), "
-                f"but {first.name if first else '?'} is {shape[1]}x{shape[0]} with {shape[2]}: references of one "
-                "source must come from one camera setting")
+                f"but {first.name if first else '?'} is {shape[1]}x{shape[0]} with {shape[2]} ({why}): references "
+                "of one source must come from one camera setting")
     return shape
 
 
@@ -213,7 +252,8 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
-            known = patchcore_known_good(detector, [f for f in files if f.suffix != ".safetensors"])
+            known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
+                                      cache_path)
             detector.known_good = known  # raw scores of held-out references and their views, for the calibration
             detector.distance_scale = known.distance_scale
         if getattr(r, "engine", "torch") != "torch":
@@ -269,51 +309,6 @@ def patchcore_embeddings(detector: Any, files: Sequence[Path]) -> list[Any]:
                                                 .float())).float() for f in files]
 
 
-# Known-good views for the calibration: live frames of a fixed camera differ from the references by small shifts,
-# turns and exposure changes that the leave-one-out scores of the references alone do not show, so each held-out
-# reference is also scored shifted by CALIBRATION_SHIFT of its size each way along each axis, turned by
-# ±CALIBRATION_DEGREES and CALIBRATION_GAIN brighter and darker (bench/calibration_patchcore.py measures the rule).
-CALIBRATION_SHIFT = 0.02
-CALIBRATION_DEGREES = 5.0
-CALIBRATION_GAIN = 0.05
-
-
-def calibration_views(rgb: np.ndarray, *, shift: float = CALIBRATION_SHIFT, degrees: float = CALIBRATION_DEGREES,
-                      gain: float = CALIBRATION_GAIN) -> list[np.ndarray]:
-    """Lightly perturbed copies of an RGB frame (H, W, 3): 4 shifts, 2 turns (reflected borders), 2 exposures."""
-    import cv2
-
-    height, width = rgb.shape[:2]
-    views = []
-    for dx, dy in ((shift, 0.0), (-shift, 0.0), (0.0, shift), (0.0, -shift)):
-        matrix = np.float32([[1, 0, dx * width], [0, 1, dy * height]])
-        views.append(cv2.warpAffine(rgb, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101))
-    for angle in (degrees, -degrees):
-        matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
-        views.append(cv2.warpAffine(rgb, matrix, (width, height), borderMode=cv2.BORDER_REFLECT_101))
-    for factor in (1 + gain, 1 - gain):
-        views.append(np.clip(np.rint(rgb.astype(np.float32) * factor), 0, 255).astype(np.uint8))
-    return views
-
-
-@dataclass
-class KnownGoodScores:
-    """Raw PatchCore scores of known-good frames the bank has not seen: held-out references (each against a bank
-    of the others) and their calibration views. `distance_scale` is the median of the held-out references' own
-    image scores (d0 of daemon/scale.py; the views do not move it)."""
-
-    scores: list[float]
-    maxima: list[float]
-    distance_scale: float
-    held_out: int
-    views: int
-    own: list[float] = field(default_factory=list)  # the held-out references' own image scores (no views)
-
-    def describe(self) -> str:
-        text = f"leave-one-out on {self.held_out} references"
-        return text + (f" and {self.views} shifted/turned/exposed views of them" if self.views else "")
-
-
 def patchcore_bank_rows(detector: Any, files: Sequence[Path], embeddings: Sequence[Any]) -> list[Any]:
     """Per reference the memory-bank rows it gives the live bank: its patches, with its augmented views when the
     detector augments references ([model].augment)."""
@@ -330,41 +325,6 @@ def patchcore_bank_rows(detector: Any, files: Sequence[Path], embeddings: Sequen
         return [model.flatten(model.embed(clip_to_tf(augment_references(
             fast_transform(decode_image(f), size)[None].to(detector.device).float(), augment))).float())
             for f in files]
-
-
-def leave_one_out_scores(model: Any, embeddings: Sequence[Any], image_size: int,
-                         limit: int = CALIBRATION_HOLDOUTS, views: Sequence[Any] | None = None,
-                         bank_rows: Sequence[Any] | None = None) -> tuple[list[float], list[float]]:
-    """Raw PatchCore (image score, map maximum) of up to `limit` reference embeddings, each against a bank of the
-    other references' rows (`bank_rows[j]`, default their patches; no coreset), then of `views[i]` (V, 3, S, S
-    daemon-normalised images, views of reference i) against the same bank. The model's own bank is restored.
-    Empty with fewer than two."""
-    import torch
-
-    from model.patchcore import clip_to_tf
-
-    if len(embeddings) < 2:
-        return [], []
-    saved = (model.memory_bank, model.bank_norms)
-    scores: list[float] = []
-    maxima: list[float] = []
-    try:
-        with torch.inference_mode():
-            flats = list(bank_rows) if bank_rows is not None else [model.flatten(e) for e in embeddings]
-            for held_out in range(min(limit, len(embeddings))):
-                model.set_memory_bank(torch.cat([f for j, f in enumerate(flats) if j != held_out]))
-                batches = [embeddings[held_out]]
-                if views is not None and len(views[held_out]):
-                    device = embeddings[held_out].device
-                    batches.append(model.embed(clip_to_tf(views[held_out].to(device).float())).float())
-                for embedding in batches:
-                    patch, where, flat = model.patch_scores(embedding)
-                    scores += model.image_scores(patch, where, flat).tolist()
-                    maps = model.anomaly_maps(patch, tuple(embedding.shape[-2:]), (image_size, image_size))
-                    maxima += maps.flatten(1).amax(1).tolist()
-    finally:
-        model.memory_bank, model.bank_norms = saved
-    return scores, maxima
 
 
 def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS,
@@ -391,6 +351,31 @@ def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALI
     firsts = np.cumsum([0] + [1 + len(v) for v in views[:-1]])
     own = [scores[i] for i in firsts]
     return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, sum(len(v) for v in views), own)
+
+
+def cached_known_good(settings: Any, detector: Any, files: Sequence[Path], bank: Path) -> KnownGoodScores:
+    """`patchcore_known_good`, read back from the source's cache when its key is unchanged (daemon/known_good_cache.py),
+    with the time it took logged."""
+    from daemon import known_good_cache as cache
+
+    started = time.monotonic()
+    parameters = {"shift": CALIBRATION_SHIFT, "degrees": CALIBRATION_DEGREES, "gain": CALIBRATION_GAIN,
+                  "holdouts": CALIBRATION_HOLDOUTS, "files": [f.name for f in files]}
+    key = cache.cache_key(settings, bank.stem, detector, parameters)
+    path = cache.cache_file(bank)
+    stored = cache.load(path, key)
+    if stored is not None:
+        known = KnownGoodScores(stored["scores"], stored["maxima"], stored["distance_scale"], stored["held_out"],
+                                stored["views"], stored["own"])
+        log.info("source %s: known-good scores of %d references read from %s in %.2f s (unchanged)", bank.stem,
+                 len(files), path.name, time.monotonic() - started)
+        return known
+    known = patchcore_known_good(detector, files)
+    cache.save(path, key, {"scores": known.scores, "maxima": known.maxima, "distance_scale": known.distance_scale,
+                           "held_out": known.held_out, "views": known.views, "own": known.own})
+    log.info("source %s: known-good scores of %d references (%s) computed in %.1f s", bank.stem, len(files),
+             known.describe(), time.monotonic() - started)
+    return known
 
 
 Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
@@ -471,66 +456,13 @@ class SourceState:
     built_at: float | None = None
     shape: tuple[int, int, int] | None = None
     base_version: str | None = None
+    failures: int = 0  # failed builds in a row (backoff)
+    retry_at: float = 0.0  # monotonic time of the next retry of a failed build with unchanged files
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source_id, "references": len(self.files), "version": self.version,
-                "error": self.error, "image_shape": list(self.shape) if self.shape else None}
-
-
-def upper_bound(values: Sequence[float], false_reject_rate: float) -> float:
-    """A 0–1 threshold that known-good values exceed with probability `false_reject_rate`.
-
-    A few dozen frames cannot show a 0.5 % quantile, so besides the empirical (1 - rate) quantile this takes a
-    Student-t prediction bound on the values' logits, mean + t(1 - rate, n - 1) · sd · sqrt(1 + 1/n) (normal
-    logits, n frames), and returns the larger of the two (the empirical quantile alone with under 3 frames)."""
-    from scipy import stats
-
-    data = np.clip(np.asarray(values, np.float64), 1e-6, 1 - 1e-6)
-    empirical = float(np.quantile(data, 1.0 - false_reject_rate))
-    if data.size < 3:
-        return empirical
-    logits = np.log(data / (1 - data))
-    spread = float(logits.std(ddof=1)) * np.sqrt(1 + 1 / data.size)
-    bound = float(logits.mean() + stats.t.ppf(1.0 - false_reject_rate, data.size - 1) * spread)
-    return max(empirical, float(1 / (1 + np.exp(-bound))))
-
-
-def quantile_thresholds(scores: Sequence[float], map_maxima: Sequence[float], false_reject_rate: float
-                        ) -> tuple[float, float]:
-    """(image threshold, pixel threshold) for known-good image scores and map maxima (see `upper_bound`)."""
-    image = upper_bound(scores, false_reject_rate)
-    pixel = upper_bound(map_maxima, false_reject_rate)
-    # Just above the bound: a known-good frame scoring exactly the threshold is not alerted.
-    return min(1.0, image + 1e-6), min(1.0, pixel + 1e-6)
-
-
-def store_thresholds(sessions: Any, *, source: str, model_version: str, threshold: float, pixel_threshold: float,
-                     false_reject_rate: float, n_frames: int, method: str) -> None:
-    """Insert or replace the (source, model version) calibration row."""
-    from sqlalchemy import select
-
-    from adapters.db import SourceThreshold, utcnow
-
-    with sessions() as session, session.begin():
-        row = session.scalars(select(SourceThreshold).where(SourceThreshold.source == source,
-                                                            SourceThreshold.model_version == model_version)
-                              ).one_or_none()
-        if row is None:
-            row = SourceThreshold(source=source, model_version=model_version)
-            session.add(row)
-        row.threshold, row.pixel_threshold = float(threshold), float(pixel_threshold)
-        row.false_reject_rate, row.n_frames, row.method = float(false_reject_rate), int(n_frames), method
-        row.created_at = utcnow()
-
-
-def load_thresholds(sessions: Any) -> dict[tuple[str, str], tuple[float, float]]:
-    from sqlalchemy import select
-
-    from adapters.db import SourceThreshold
-
-    with sessions() as session:
-        return {(row.source, row.model_version): (row.threshold, row.pixel_threshold)
-                for row in session.scalars(select(SourceThreshold))}
+                "error": self.error, "image_shape": list(self.shape) if self.shape else None,
+                "ready": self.detector is not None or self.error is None}
 
 
 def score_files(detector: Any, files: Sequence[Path], class_name: str | None = None, batch_size: int = 8
@@ -568,11 +500,14 @@ class ReferenceManager:
         self.poll_s = poll_s
         self.max_references = max_references
         self.states: dict[str, SourceState] = {sid: SourceState(sid) for sid in self.source_ids}
-        self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
+        self.thresholds: ThresholdTable = ThresholdTable()  # the result writer reads it; pins answer first
+        self.listeners: list[Any] = []  # told of every threshold change (daemon/thresholds.py), once
+        self._history_seen: int | None = None  # the newest threshold_history id announced
         self.unavailable: dict[str, str] = {}
         self._base: Any = None
         self._swap: Callable[[Any], Any] | None = None
         self._lock = threading.RLock()
+        self._announce_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -583,6 +518,8 @@ class ReferenceManager:
         """Per-source detectors for `base` (built now, with a progress line each) behind one RoutedDetector."""
         with self._lock:
             self._base = base
+            if self._history_seen is None and self.sessions is not None:
+                self._announce_changes()  # the baseline: this start's calibrations are announced below
             for index, source_id in enumerate(self.source_ids, start=1):
                 self._build(source_id, progress=f"{index}/{len(self.source_ids)}")
             self.refresh_thresholds()
@@ -605,6 +542,9 @@ class ReferenceManager:
             return self._failed(state, str(exc), ())
         sig = signature(files)
         base_version = str(getattr(self._base, "version", ""))
+        if state.error is not None and sig == state.signature and state.base_version == base_version \
+                and time.monotonic() < state.retry_at:
+            return False  # a failed build is retried with backoff, not at every poll
         if sig == state.signature and state.built_at is not None and state.error is None \
                 and state.base_version == base_version:
             return False
@@ -635,7 +575,7 @@ class ReferenceManager:
                 return self._build(source_id, progress, retry=False)
             return self._failed(state, str(exc) if str(source_id) in str(exc) else f"source {source_id}: {exc}", sig)
         state.detector, state.version = detector, str(getattr(detector, "version", ""))
-        state.error, state.built_at = None, time.time()
+        state.error, state.built_at, state.failures = None, time.time(), 0
         self.unavailable.pop(source_id, None)
         log.info("source %s: reference bank of %d images ready in %.1f s (version %s)", source_id, len(files),
                  time.monotonic() - started, state.version)
@@ -654,18 +594,29 @@ class ReferenceManager:
         return signature(files) != sig
 
     def _failed(self, state: SourceState, message: str, sig: tuple) -> bool:
+        """A build failed: keep inspecting with the last good bank when there is one, else the source is
+        unavailable (not ready, its frames wait); retried with backoff (REBUILD_BACKOFF_S) or when files change."""
         changed = state.error != message
-        state.signature, state.error, state.detector, state.version = sig, message, None, None
-        state.built_at = time.time()
+        state.signature, state.error, state.built_at = sig, message, time.time()
+        state.failures += 1
+        state.retry_at = time.monotonic() + min(REBUILD_BACKOFF_S, self.poll_s * 2 ** state.failures)
+        if state.detector is not None:  # a rebuild failed: the bank that worked goes on
+            if changed:
+                log.error("%s; source %s keeps inspecting with its last good bank (version %s)", message,
+                          state.source_id, state.version)
+            return False
+        state.version = None
         if changed:
-            log.error("%s; its frames are rejected until this is fixed (other sources go on)", message)
+            log.error("%s; its frames wait in their source until this is fixed (other sources go on)", message)
         self.unavailable[state.source_id] = message
         return changed
 
     # --- calibration ------------------------------------------------------------------------------------------
 
     def calibrate(self, source_id: str, *, force: bool = False) -> tuple[float, float] | None:
-        """Both thresholds of a source's detector from known-good frames (see the module docstring)."""
+        """Both thresholds of a source's detector from known-good frames (see the module docstring). A stored
+        calibration of the same model version (the reference digest is part of it) is kept unless `force`: a
+        restart never replaces an operator's `anomalyd calibrate`, and skips the recomputation."""
         rate = float(self.settings.model.false_reject_rate)
         state = self.states[source_id]
         if rate <= 0 or state.detector is None or self.sessions is None:
@@ -673,8 +624,35 @@ class ReferenceManager:
         key = (source_id, str(state.version))
         if key in self.thresholds and not force:
             return self.thresholds[key]
+        if not force:
+            row = stored_threshold(self.sessions, source_id, str(state.version))
+            if row is not None:
+                self.thresholds[key] = (row.threshold, row.pixel_threshold)
+                log.info("source %s: stored calibration of version %s kept (image %.4f, pixel %.4f, by %s)",
+                         source_id, state.version, row.threshold, row.pixel_threshold, row.method)
+                return self.thresholds[key]
         cfg = _configured(self.settings, source_id)
         class_name = (cfg.class_name if cfg is not None else None) or self.settings.model.class_name
+        scores, maxima, methods = self._known_good(state, class_name)
+        if not scores:
+            log.info("source %s: too few known-good frames to calibrate (%d reference); keeping the configured "
+                     "thresholds", source_id, len(state.files))
+            return None
+        from daemon.thresholds import Calibration, apply_calibration
+
+        image, pixel = calibrated_bounds(scores, maxima, rate, what=f"source {source_id}")
+        anomalies = labelled_anomalous_frames(self.sessions, self.store, source_id)
+        anomaly_scores = score_files(state.detector, anomalies, class_name)[0] if anomalies else []
+        configured = (float(cfg.threshold), float(cfg.map_threshold)) if cfg is not None else None
+        applied = apply_calibration(self.sessions, Calibration(
+            source=source_id, model_version=str(state.version), threshold=image.value, pixel_threshold=pixel.value,
+            rule=f"{image.rule}; known-good: {'; '.join(methods)}", false_reject_rate=rate, n_good=len(scores),
+            set_by="daemon", method="; ".join(methods)), anomaly_scores=anomaly_scores, configured=configured)
+        self.thresholds[key] = applied
+        return applied
+
+    def _known_good(self, state: SourceState, class_name: str | None) -> tuple[list[float], list[float], list[str]]:
+        """Scores and map maxima of the known-good frames the source's bank has not seen, and what they are."""
         images = [f for f in state.files if f.suffix != ".safetensors"]
         scores: list[float] = []
         maxima: list[float] = []
@@ -698,34 +676,46 @@ class ReferenceManager:
                 scores += s
                 maxima += m
             methods.append(f"leave-one-out on {min(len(images), CALIBRATION_HOLDOUTS)} references")
-        normals = [f for f in labelled_normal_frames(self.sessions, self.store, source_id,
+        normals = [f for f in labelled_normal_frames(self.sessions, self.store, state.source_id,
                                                      LABELLED_NORMALS_FOR_CALIBRATION) if f not in set(images)]
         if normals:
             s, m = score_files(state.detector, normals, class_name)
             scores += s
             maxima += m
             methods.append(f"{len(normals)} labelled normals")
-        if not scores:
-            log.info("source %s: too few known-good frames to calibrate (%d reference); keeping the configured "
-                     "thresholds", source_id, len(images))
-            return None
-        threshold, pixel = quantile_thresholds(scores, maxima, rate)
-        store_thresholds(self.sessions, source=source_id, model_version=str(state.version), threshold=threshold,
-                         pixel_threshold=pixel, false_reject_rate=rate, n_frames=len(scores),
-                         method="; ".join(methods))
-        self.thresholds[key] = (threshold, pixel)
-        log.info("source %s: thresholds calibrated to a %.2f%% false-reject rate on %d known-good frames "
-                 "(%s): image %.4f, pixel %.4f", source_id, 100 * rate, len(scores), "; ".join(methods),
-                 threshold, pixel)
-        return threshold, pixel
+        return scores, maxima, methods
 
     def refresh_thresholds(self) -> None:
         if self.sessions is None:
             return
         try:
             self.thresholds.update(load_thresholds(self.sessions))
+            self.thresholds.pins = load_pins(self.sessions)
+            self._announce_changes()
         except Exception as exc:  # database briefly unreachable: keep what we have
             log.warning("cannot read calibrated thresholds: %s", str(exc).splitlines()[0][:200])
+
+    def _announce_changes(self) -> None:
+        """Tell the listeners (MQTT) of the history rows written since the last look, by this process or another
+        (an operator's `anomalyd thresholds pin` or `calibrate`): every change is an event, once."""
+        from daemon.thresholds import changes_after, latest_change_id
+
+        with self._announce_lock:  # the API's refresh and the poll's: each row once
+            self._announce_locked(changes_after, latest_change_id)
+
+    def _announce_locked(self, changes_after: Callable[..., Any], latest_change_id: Callable[..., int]) -> None:
+        if self._history_seen is None:  # the first look: what happened before this start was announced then
+            self._history_seen = latest_change_id(self.sessions)
+            return
+        rows = changes_after(self.sessions, self._history_seen)
+        if rows:
+            self._history_seen = max(int(row["id"]) for row in rows)
+        for row in rows:
+            for listener in self.listeners:
+                try:
+                    listener(row)
+                except Exception:
+                    log.exception("threshold listener failed")
 
     # --- watching ---------------------------------------------------------------------------------------------
 
@@ -771,79 +761,3 @@ class ReferenceManager:
 
     def status(self) -> dict[str, Any]:
         return {sid: st.as_dict() for sid, st in self.states.items()}
-
-
-# --- operator file management (API and CLI) ------------------------------------------------------------------------
-
-
-def list_references(settings: Any, source_id: str, sessions: Any = None, store: Any = None) -> list[dict[str, Any]]:
-    """The reference files of a source: name, folder, size, whether operators may remove it."""
-    try:
-        files, _ = reference_files(settings, source_id, sessions, store, max_references=10_000)
-    except ReferenceSetupError:
-        files = _images_in(own_reference_dir(settings, source_id), required=False, what="references")
-    own = own_reference_dir(settings, source_id).resolve()
-    out = []
-    for path in files:
-        try:
-            size = path.stat().st_size
-        except OSError:
-            continue
-        out.append({"name": path.name, "folder": str(path.parent), "bytes": size,
-                    "removable": path.resolve().parent == own})
-    return out
-
-
-def add_references(settings: Any, sessions: Any, store: Any, source_id: str,
-                   inspection_ids: Sequence[int]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Copy the frames of inspections of `source_id` into its reference folder under server-chosen names.
-
-    Returns (added files, warnings); a frame that was itself found or labelled anomalous is added with a warning.
-    Raises LookupError for an unknown inspection, ValueError for one of another source or without a frame.
-    """
-    from adapters.db import Inspection
-    from adapters.db.repository import latest_label
-
-    target = own_reference_dir(settings, source_id)
-    added, warnings = [], []
-    with sessions() as session:
-        rows = []
-        for inspection_id in inspection_ids:
-            row = session.get(Inspection, int(inspection_id))
-            if row is None:
-                raise LookupError(f"no inspection {inspection_id}")
-            if row.source != source_id:
-                raise ValueError(f"inspection {inspection_id} is from source {row.source!r}, not {source_id!r}")
-            if not row.frame_path:
-                raise ValueError(f"inspection {inspection_id} has no stored frame ([storage].save_frames is off?)")
-            label = latest_label(session, row.id)
-            rows.append((row.id, row.frame_path, row.is_anomalous, row.score, row.threshold,
-                         label.label if label is not None else None))
-    target.mkdir(parents=True, exist_ok=True)
-    for inspection_id, frame_path, is_anomalous, score, threshold, label in rows:
-        source_file = store.path(frame_path)
-        if not source_file.is_file():
-            raise ValueError(f"inspection {inspection_id}: its frame file {frame_path} is gone (retention?)")
-        if label == "anomalous" or (label is None and is_anomalous):
-            why = "labelled anomalous" if label == "anomalous" else f"scored {score:.3f} >= threshold {threshold:.3f}"
-            warnings.append(f"inspection {inspection_id} was {why}: a defective reference hides that defect")
-        name = f"{REFERENCE_PREFIX}{inspection_id}-{uuid.uuid4().hex[:8]}{source_file.suffix.lower() or '.jpg'}"
-        tmp = target / f".{name}.tmp"
-        shutil.copyfile(source_file, tmp)
-        tmp.replace(target / name)
-        added.append({"name": name, "inspection_id": inspection_id, "folder": str(target)})
-    for warning in warnings:
-        log.warning("source %s: %s", source_id, warning)
-    return added, warnings
-
-
-def remove_reference(settings: Any, source_id: str, name: str) -> Path:
-    """Delete one reference file of the source's own folder (by its name, never a path)."""
-    if not name or "/" in name or "\\" in name or name.startswith(".") or Path(name).suffix.lower() \
-            not in IMAGE_SUFFIXES:
-        raise ValueError(f"{name!r} is not a reference file name")
-    path = own_reference_dir(settings, source_id) / name
-    if not path.is_file():
-        raise LookupError(f"source {source_id} has no reference {name!r}")
-    path.unlink()
-    return path

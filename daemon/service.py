@@ -269,6 +269,12 @@ class Service:
         if self.references is None:
             ids = [source.id for source in self.sources] or [cfg.id for cfg in self.settings.sources]
             self.references = ReferenceManager(self.settings, self.sessions, self.store, source_ids=ids)
+            if self.publisher is not None:  # every threshold change, retained (daemon/thresholds.py)
+                from daemon.thresholds import mqtt_listener
+
+                lines = {cfg.id: cfg.line for cfg in self.settings.sources}
+                self.references.listeners.append(mqtt_listener(self.publisher, self.settings.mqtt.prefix,
+                                                               lambda source: lines.get(source, "default")))
         return self.references.route(detector)
 
     def _stop_background_jobs(self) -> None:
@@ -384,8 +390,12 @@ class Service:
             ok &= self.pipeline is not None
             if self.models is not None and self.models.last_error:
                 details["model"]["error"] = self.models.last_error  # still inspecting with the previous one
-            if self.references is not None:  # per-source reference errors do not fail readiness
+            if self.references is not None:  # a source without a usable bank is not ready (its frames wait)
                 details["references"] = self.references.status()
+                missing = list(self.references.unavailable.values())
+                if missing:
+                    ok = False
+                    details["reference_problems"] = missing
             try:
                 from adapters.db import count_pending_outbox, ping
 
@@ -426,6 +436,7 @@ class Service:
                 ok = False
                 details["source_problems"] = dead
         problems = [*(details.get("pipeline", {}).get("problems") or []), *details.get("source_problems", []),
+                    *details.get("reference_problems", []),
                     *([details["database"]["error"]] if details.get("database", {}).get("error") else []),
                     *([details["storage"]["error"]] if details.get("storage", {}).get("error") else [])]
         if problems:

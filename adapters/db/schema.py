@@ -193,6 +193,27 @@ source_thresholds = Table(
     UniqueConstraint("source", "model_version", name="uq_source_thresholds_source_version"),
 )
 
+# Every change of a source's thresholds (daemon/thresholds.py): calibrated, applied, proposed (not applied because
+# it would miss more labelled defects), pinned and unpinned by an operator; the newest pin/unpin row says whether
+# the source is pinned. Migration 0005.
+threshold_history = Table(
+    "threshold_history", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _required("source", String(128)),
+    _required("model_version", String(255)),
+    _required("action", String(16)),  # applied | proposed | kept | pinned | unpinned
+    _required("threshold", Float),
+    Column("pixel_threshold", Float),
+    _required("rule", Text),
+    Column("false_reject_rate", Float),
+    Column("n_good", Integer),
+    Column("n_anomalous", Integer),
+    Column("missed_anomalous", Integer),
+    _required("set_by", String(128)),
+    _required("created_at", UtcDateTime, default=utcnow),
+    Index("ix_threshold_history_source_id", "source", "id"),
+)
+
 # Delivery state of one configured webhook (by its name).
 webhook_endpoints = Table(
     "webhook_endpoints", metadata,

@@ -172,6 +172,26 @@ class SourceThreshold(Base):
     created_at: Mapped[datetime]
 
 
+class ThresholdChange(Base):
+    """One change of a source's thresholds (daemon/thresholds.py): applied, proposed, pinned or unpinned."""
+
+    __table__ = schema.threshold_history
+
+    id: Mapped[int]
+    source: Mapped[str]
+    model_version: Mapped[str]
+    action: Mapped[str]
+    threshold: Mapped[float]
+    pixel_threshold: Mapped[float | None]
+    rule: Mapped[str]
+    false_reject_rate: Mapped[float | None]
+    n_good: Mapped[int | None]
+    n_anomalous: Mapped[int | None]
+    missed_anomalous: Mapped[int | None]
+    set_by: Mapped[str]
+    created_at: Mapped[datetime]
+
+
 class WebhookEndpoint(Base):
     """Delivery state of one configured webhook (by its name): the outbox rows created before `settled_until`
     are all delivered to it or filtered out; later ones are settled when a `webhook_deliveries` row says so."""

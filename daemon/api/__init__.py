@@ -17,5 +17,6 @@ def routers() -> list[Any]:
     from daemon.api.model_versions import router as models_router
     from daemon.api.references import router as references_router
     from daemon.api.stats import router as stats_router
+    from daemon.api.thresholds import router as thresholds_router
 
-    return [inspections_router, models_router, stats_router, events_router, references_router]
+    return [inspections_router, models_router, stats_router, events_router, references_router, thresholds_router]

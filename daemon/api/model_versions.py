@@ -42,8 +42,21 @@ async def activate(version: str, state: AppState = Depends(get_state),
     return JSONResponse(history.model_dict(result))
 
 
+def cannot_learn(model_name: str) -> str | None:
+    """Why retraining `model_name` is refused (a family with nothing to learn), else None."""
+    from model.factory import get_family, list_models
+
+    if get_family(model_name).trainable:
+        return None
+    return (f"[model].name {model_name!r} has nothing to learn (it is built from its references; add or remove "
+            f"references instead); retraining trains {' or '.join(list_models(trainable=True))}")
+
+
 @router.post("/retrain", status_code=status.HTTP_202_ACCEPTED, summary="Ask for a retraining run now (admin)")
 async def retrain(state: AppState = Depends(get_state), _: str = Depends(require_role("admin"))) -> JSONResponse:
+    why = cannot_learn(state.settings.model.name)
+    if why is not None:  # refused up front, not a run that fails at once
+        raise HTTPException(status.HTTP_409_CONFLICT, why)
     try:
         result = await run_in_threadpool(request_retrain, state)
     except RetrainBusyError as exc:  # a run is in progress

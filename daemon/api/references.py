@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from adapters.db import Inspection
 from adapters.db.repository import latest_label_subquery
+from daemon import reference_admin as admin
 from daemon import references as refs
 from daemon.api.inspections import sessions_of
 from daemon.app import AppState, get_state, require_role
@@ -51,7 +52,7 @@ def list_references(source_id: str, state: AppState = Depends(get_state),
     manager = _manager(state)
     info = manager.states[source_id].as_dict() if manager is not None and source_id in manager.states else None
     return {"source": source_id, "folder": str(refs.own_reference_dir(state.settings, source_id)),
-            "items": refs.list_references(state.settings, source_id, state.sessions, state.store), "bank": info}
+            "items": admin.list_references(state.settings, source_id, state.sessions, state.store), "bank": info}
 
 
 @router.post("/{source_id}/references", status_code=status.HTTP_201_CREATED,
@@ -62,7 +63,7 @@ async def add_references(source_id: str, body: AddReferences, state: AppState = 
     if state.store is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no artifact store in this role")
     try:
-        added, warnings = await run_in_threadpool(refs.add_references, state.settings, sessions_of(state),
+        added, warnings = await run_in_threadpool(admin.add_references, state.settings, sessions_of(state),
                                                   state.store, source_id, body.inspection_ids)
     except LookupError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
@@ -82,7 +83,7 @@ def remove_references(source_id: str, name: list[str] = Query(..., min_length=1)
     removed = []
     for item in name:
         try:
-            refs.remove_reference(state.settings, source_id, item)
+            admin.remove_reference(state.settings, source_id, item)
         except LookupError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
         except ValueError as exc:
@@ -127,4 +128,8 @@ def thresholds_in_effect(state: AppState, source_id: str, recorded_version: str 
             stored = refs.load_thresholds(state.sessions)
         if (source_id, version) in stored:
             (threshold, pixel), calibrated = stored[(source_id, version)], True
-    return {"model_version": version, "threshold": threshold, "pixel_threshold": pixel, "calibrated": calibrated}
+    pinned = state.references is not None and source_id in state.references.thresholds.pins
+    if pinned:  # an operator's pin wins over every version's calibration (daemon/thresholds.py)
+        threshold, pixel = state.references.thresholds.pins[source_id]
+    return {"model_version": version, "threshold": threshold, "pixel_threshold": pixel, "calibrated": calibrated,
+            "pinned": pinned}

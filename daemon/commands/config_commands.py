@@ -73,6 +73,7 @@ def check_settings(settings: Any) -> list[tuple[str, str]]:
             findings.append(("error", f"source {source.id}: video file {spec['uri']} does not exist"))
         else:
             findings.append(("ok", f"source {source.id}: {source.kind} {spec['uri'] or ''}".rstrip()))
+    findings += reference_findings(settings)
     database = sqlite_file(settings.database_url)
     if database is not None:
         if database.is_file():
@@ -92,6 +93,31 @@ def check_settings(settings: Any) -> list[tuple[str, str]]:
         findings.append(("ok" if stored else "warning",
                          f"API tokens: {len(stored)} in {tokens_file(settings)}" if stored else
                          "API: no token configured; the first start creates an admin token and prints it in the log"))
+    return findings
+
+
+def reference_findings(settings: Any) -> list[tuple[str, str]]:
+    """Each enabled source's references checked as the daemon checks them before building its bank (folders,
+    readable images, one channel count, sizes within 10 % per side; a model that needs references has some)."""
+    from daemon.references import ReferenceSetupError, check_images, reference_files
+    from model.factory import needs_references
+
+    findings: list[tuple[str, str]] = []
+    for source in settings.sources:
+        if not source.enabled:
+            continue
+        try:
+            files, _ = reference_files(settings, source.id)
+            shape = check_images(files, source.id)
+        except ReferenceSetupError as exc:
+            findings.append(("error", f"{exc}"))
+            continue
+        if not files and needs_references(settings.model.name):
+            findings.append(("error", f"source {source.id}: {settings.model.name} needs references: set "
+                                      "[[sources]].references or [model].references to a folder of known-good images"))
+        elif files:
+            size = f" of {shape[1]}x{shape[0]} px" if shape else ""
+            findings.append(("ok", f"source {source.id}: {len(files)} reference image(s){size}"))
     return findings
 
 

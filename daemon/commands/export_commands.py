@@ -27,8 +27,8 @@ def export_sources(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from daemon.commands.model_commands import model_options
 
     options = model_options(args, name)
-    return {"backbone": options["backbone"], "backbone_config": options["backbone_config"],
-            "prompts": options["prompts"], "references": options["references"]}
+    # families with their own backbone (PatchCore) have no backbone_config / prompts, but weights
+    return {key: options.get(key) for key in ("backbone", "backbone_config", "prompts", "weights", "references")}
 
 
 def _torch_detector(args: argparse.Namespace, name: str) -> Any:

@@ -346,6 +346,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- eval
+def operating_threshold(detector: Any, references: list, rate: float) -> tuple[float, str, list[float]] | None:
+    """The threshold the daemon's rule derives from these references alone (None: not measured)."""
+    if rate <= 0:
+        return None
+    from daemon.operating_point import daemon_threshold
+
+    return daemon_threshold(detector, [sample.path for sample in references], rate)
+
+
 def kshot_references(args: argparse.Namespace, samples: list) -> Any:
     """The k-shot split (model/kshot.py) of the evaluated samples; training normals, when the dataset has a
     training split, form the reference pool of their category."""
@@ -426,6 +435,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     transform = "reference" if args.reference_preprocessing else "fast"
     show = sys.stderr.isatty()
     skipped: list[tuple[str, str]] = []
+    points: dict[str, dict[str, Any]] = {}  # model → category → operating point (daemon/operating_point.py)
+    point_scores: dict[str, dict[str, Any]] = {}  # the scores behind them (report folder only)
     for name in models:
         if split is None:
             detector = build_detector(args, name, class_names=sorted(by_category))
@@ -439,8 +450,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             infos[name].update(shots=args.shots, seed=args.seed)
         accumulator = MetricAccumulator()
         for category, items in by_category.items():
+            point = None
             if split is not None:
                 detector = with_category_references(base, split.references[category], transform)
+                point = operating_threshold(detector, split.references[category], args.false_reject_rate)
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
@@ -462,6 +475,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if not labels:
                 continue
             accumulator.add(category, labels, scores, maps=maps, masks=masks)
+            if point is not None:
+                from daemon.operating_point import on_daemon_scale, operating_point
+
+                scaled_scores = on_daemon_scale(detector, scores)
+                points.setdefault(name, {})[category] = {
+                    **operating_point(point[0], scaled_scores, labels), "known_good": len(point[2])}
+                point_scores.setdefault(name, {})[category] = {"known_good": point[2], "test": scaled_scores,
+                                                               "labels": [int(v) for v in labels]}
             if report_dir is not None:
                 with_masks = [i for i, m in enumerate(masks) if m is not None]
                 plot_curves(report_dir / "curves" / name, category, labels, scores,
@@ -477,6 +498,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results[name] = accumulator.compute()
     if report_dir is not None:
         markdown = write_report(report_dir, results, models=infos)
+        if points:
+            from daemon.operating_point import write_json
+
+            write_json(report_dir / "operating_point.json", args.false_reject_rate, points, point_scores)
     else:
         import tempfile
 
@@ -485,9 +510,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         from adapters.report import jsonable
 
-        print(json.dumps(jsonable({n: {"per_category": r[0], "mean": r[1]} for n, r in results.items()}), indent=2))
+        print(json.dumps(jsonable({n: {"per_category": r[0], "mean": r[1],
+                                       **({"operating_point": points[n]} if n in points else {})}
+                                   for n, r in results.items()}), indent=2))
     else:
-        print(markdown)
+        from daemon.operating_point import markdown as point_table
+
+        print(markdown + "".join("\n" + point_table(n, args.false_reject_rate, p) for n, p in points.items()))
     if skipped:
         print(f"{len({p for p, _ in skipped})} bad samples skipped (listed above)", file=sys.stderr)
     return 0
@@ -596,6 +625,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--overlay-scale", choices=("fixed", "per-image"), default="fixed",
                           help="heat-map colours: fixed 0..1 like the daemon's (default), or each map's min..max")
     evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--false-reject-rate", type=float, default=0.005, metavar="RATE",
+                          help="with --shots: report the false-reject and miss rates at the threshold the daemon "
+                          "derives from the references for this target (0: off; default %(default)s)")
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of Markdown")
     evaluate.add_argument("--shots", type=int, default=0,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.commands.run_commands import _config_path, _import_factory, _load
+from daemon.commands.run_commands import _load
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -221,51 +221,9 @@ def _load_tensors(files: list[Path], size: int, reference: bool) -> tuple[Any, l
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    if getattr(args, "false_reject_rate", None) is not None:  # both thresholds, per source and model version
-        from daemon.commands.reference_commands import calibrate_false_reject_rate
+    from daemon.commands.threshold_commands import cmd_calibrate as calibrate
 
-        return calibrate_false_reject_rate(args)
-    settings = _load(args)
-    try:
-        source = settings.source(args.source)
-    except KeyError as exc:
-        raise _usage(f"--source {args.source!r}: not a [[sources]] id in the configuration "
-                     f"({', '.join(s.id for s in settings.sources) or 'none configured'})") from exc
-    if not 0.0 < args.quantile <= 1.0:
-        raise _usage(f"--quantile must be in (0, 1], not {args.quantile}")
-    files = _good_images(Path(args.good))
-    from daemon.service import build_detector
-
-    factory = _import_factory(args.detector_factory) if args.detector_factory else build_detector
-    detector = factory(settings)
-    images, problems = _load_tensors(files, int(detector.image_size), settings.model.reference_preprocessing)
-    for problem in problems:
-        print(f"skipped {problem}", file=sys.stderr)
-    from model.fewshot import calibrate_threshold
-
-    threshold = calibrate_threshold(detector, images, method=args.method, quantile=args.quantile, margin=args.margin,
-                                    class_name=source.class_name or settings.model.class_name)
-    threshold = min(1.0, max(0.0, threshold))
-    result = {"source": source.id, "threshold": round(threshold, 6), "previous": source.threshold,
-              "images": int(images.shape[0]), "skipped": len(problems), "method": args.method,
-              "quantile": args.quantile, "margin": args.margin, "written": None}
-    if args.write:
-        config = _config_path(args.config)
-        if config is None:
-            raise _usage("--write needs a configuration file (--config)")
-        write_source_threshold(config, source.id, result["threshold"])
-        result["written"] = str(config)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"source {source.id}: threshold {result['threshold']:.4f} from {result['images']} known-good frames "
-          f"({args.method}{f' q={args.quantile}' if args.method == 'quantile' else ''}, margin {args.margin}); "
-          f"was {source.threshold}")
-    if result["written"]:
-        print(f"written to {result['written']}; restart the daemon to use it")
-    else:
-        print(f'set it in the [[sources]] table with id = "{source.id}":\n  threshold = {result["threshold"]}')
-    return 0
+    return calibrate(args)
 
 
 _HEADER = re.compile(r"^\s*\[")
@@ -368,6 +326,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate_parser.add_argument("--false-reject-rate", type=float, default=None, metavar="RATE",
                                   help="set both thresholds (image and pixel) for this false-reject rate (e.g. "
                                        "0.005), stored in the database for the source and the model version")
+    calibrate_parser.add_argument("--confidence", type=float, default=0.5, metavar="P",
+                                  help="with --false-reject-rate: P(realised rate <= target) the bound aims at "
+                                  "(default %(default)s; docs/models.md says how many frames it needs)")
     calibrate_parser.add_argument("--json", action="store_true")
     calibrate_parser.add_argument("--detector-factory", metavar="MODULE:CALLABLE", default=None,
                                   help=argparse.SUPPRESS)  # a callable(settings) -> Detector (tests, plugins)

@@ -1,5 +1,5 @@
-"""`anomalyd references list|add|remove` (a source's normal references) and `anomalyd calibrate
---false-reject-rate R` (both thresholds of a source for the model version it runs, stored in the database).
+"""`anomalyd references list|add|remove` (a source's normal references; `anomalyd calibrate` is in
+daemon/commands/threshold_commands.py).
 
 `references add --source ID INSPECTION_ID...` copies those inspections' frames into the source's reference folder
 under server-chosen names (as `POST /api/sources/{id}/references` does); a running daemon notices the new files,
@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from daemon.commands.ops_commands import _config_argument, _database, _good_images, _store, _usage
-from daemon.commands.run_commands import _import_factory, _load
+from daemon.commands.ops_commands import _config_argument, _database, _store, _usage
+from daemon.commands.run_commands import _load
 
 
 def _source(settings: Any, source_id: str) -> Any:
@@ -27,12 +26,13 @@ def _source(settings: Any, source_id: str) -> Any:
 
 
 def cmd_references_list(args: argparse.Namespace) -> int:
+    from daemon import reference_admin as admin
     from daemon import references as refs
 
     settings = _load(args)
     _source(settings, args.source)
     with _database(settings) as sessions:
-        items = refs.list_references(settings, args.source, sessions, _store(settings))
+        items = admin.list_references(settings, args.source, sessions, _store(settings))
     if args.json:
         print(json.dumps({"source": args.source, "folder": str(refs.own_reference_dir(settings, args.source)),
                           "items": items}))
@@ -45,13 +45,13 @@ def cmd_references_list(args: argparse.Namespace) -> int:
 
 
 def cmd_references_add(args: argparse.Namespace) -> int:
-    from daemon import references as refs
+    from daemon import reference_admin as admin
 
     settings = _load(args)
     _source(settings, args.source)
     with _database(settings) as sessions:
         try:
-            added, warnings = refs.add_references(settings, sessions, _store(settings), args.source, args.inspections)
+            added, warnings = admin.add_references(settings, sessions, _store(settings), args.source, args.inspections)
         except (LookupError, ValueError) as exc:
             raise _usage(str(exc).strip("'\"")) from None
     for warning in warnings:
@@ -65,55 +65,16 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 
 
 def cmd_references_remove(args: argparse.Namespace) -> int:
-    from daemon import references as refs
+    from daemon import reference_admin as admin
 
     settings = _load(args)
     _source(settings, args.source)
     for name in args.names:
         try:
-            path = refs.remove_reference(settings, args.source, name)
+            path = admin.remove_reference(settings, args.source, name)
         except (LookupError, ValueError) as exc:
             raise _usage(str(exc).strip("'\"")) from None
         print(f"removed {path}")
-    return 0
-
-
-def calibrate_false_reject_rate(args: argparse.Namespace) -> int:
-    """Both thresholds from known-good frames at a target false-reject rate, for the version the source runs."""
-    from daemon import references as refs
-    from daemon.service import build_detector
-
-    settings = _load(args)
-    source = _source(settings, args.source)
-    rate = float(args.false_reject_rate)
-    if not 0.0 < rate < 1.0:
-        raise _usage(f"--false-reject-rate must be between 0 and 1 (e.g. 0.005), not {rate}")
-    files = _good_images(Path(args.good))
-    factory = _import_factory(args.detector_factory) if args.detector_factory else build_detector
-    with _database(settings) as sessions:
-        manager = refs.ReferenceManager(settings, sessions, _store(settings), source_ids=[source.id],
-                                        auto_calibrate=False)
-        routed = manager.route(factory(settings))
-        if source.id in routed.per_source:
-            detector = routed.per_source[source.id]
-        elif source.id in manager.unavailable:
-            raise _usage(manager.unavailable[source.id])
-        else:
-            detector = routed.base
-        version = routed.version_for(source.id)
-        scores, maxima = refs.score_files(detector, files, source.class_name or settings.model.class_name)
-        threshold, pixel = refs.quantile_thresholds(scores, maxima, rate)
-        refs.store_thresholds(sessions, source=source.id, model_version=version, threshold=threshold,
-                              pixel_threshold=pixel, false_reject_rate=rate, n_frames=len(scores),
-                              method=f"anomalyd calibrate --good {args.good}")
-    result = {"source": source.id, "model_version": version, "threshold": round(threshold, 6),
-              "pixel_threshold": round(pixel, 6), "false_reject_rate": rate, "images": len(scores)}
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"source {source.id}, model version {version}: threshold {threshold:.4f}, pixel_threshold {pixel:.4f} "
-          f"for a {100 * rate:g}% false-reject rate on {len(scores)} known-good frames; stored in the database "
-          "(running daemons use them within seconds)")
     return 0
 
 

@@ -91,6 +91,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         else:
             _print_status(status)
         return 0
+    from daemon.api.model_versions import cannot_learn
+
+    why = cannot_learn(settings.model.name)
+    if why is not None:
+        from daemon.cli import UsageError
+
+        raise UsageError(why)
     from tqdm.auto import tqdm
 
     from daemon.retraining import Retrainer

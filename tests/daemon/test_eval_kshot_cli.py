@@ -73,3 +73,27 @@ def test_more_shots_than_the_pool_is_a_usage_error_naming_the_pool(samples_dir: 
 def test_patchcore_eval_without_shots_says_it_needs_references(samples_dir: Path, capsys) -> None:
     assert _eval(samples_dir) == 1
     assert "patchcore needs normal references" in capsys.readouterr().err
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_kshot_eval_reports_the_operating_point_of_the_daemons_rule(samples_dir: Path, tmp_path, capsys) -> None:
+    """FRR achieved and miss rate at the threshold the daemon's rule derives from the K references alone."""
+    from daemon.calibration import frr_bound
+
+    report = tmp_path / "report"
+    assert _eval(samples_dir, "--shots", "3", "--seed", "0", "--json", "--report", str(report), "--overlays", "0",
+                 "--false-reject-rate", "0.01") == 0
+    printed = json.loads(capsys.readouterr().out)["patchcore"]
+    point = printed["operating_point"][CATEGORY]
+    saved = json.loads((report / "operating_point.json").read_text())
+    scores = saved["scores"]["patchcore"][CATEGORY]
+    # the daemon's bound on the references' known-good scores (2 held out of 3, each with 8 views)
+    assert len(scores["known_good"]) == point["known_good"] == 3 * 9
+    assert point["threshold"] == pytest.approx(frr_bound(scores["known_good"], 0.01).value + 1e-6)
+    labels, test = np.array(scores["labels"]), np.array(scores["test"])
+    assert (point["normals"], point["anomalies"]) == (int((labels == 0).sum()), int((labels == 1).sum()))
+    assert point["normals"] + point["anomalies"] == printed["per_category"][CATEGORY]["n_images"]
+    assert point["false_rejects"] == int(((test >= point["threshold"]) & (labels == 0)).sum())
+    assert point["missed"] == int(((test < point["threshold"]) & (labels == 1)).sum())
+    assert point["miss_rate"] == pytest.approx(point["missed"] / point["anomalies"])

@@ -157,11 +157,14 @@ def test_daemon_builds_banks_per_source_rejects_bad_ones_and_swaps_rebuilds(tmp_
             _write(tmp_path / source / "f0.png", _texture(7))
             _write(tmp_path / source / "f1.png", _texture(8, defect=True))
         assert wait_until(lambda: len(_rows(service)) >= 4, timeout=60)
+        # The sources without a usable bank: not ready, with the cause; their frames wait in the inbox.
+        ready, details = service.readiness()
+        assert not ready and any("refs-empty" in cause for cause in details["causes"])
+        assert any("b.png" in cause for cause in details["causes"])
         with service.sessions() as session:
-            assert wait_until(lambda: len(session.scalars(select(RejectedFrame)).all()) >= 4, timeout=30)
-            rejected = session.scalars(select(RejectedFrame)).all()
-        assert sorted({r.source for r in rejected}) == ["empty", "mixed"]
-        assert all("refs-empty" in r.reason for r in rejected if r.source == "empty")
+            assert session.scalars(select(RejectedFrame)).all() == []
+        assert all((tmp_path / source / name).is_file() for source in ("empty", "mixed")
+                   for name in ("f0.png", "f1.png"))
         rows = {(row.source, Path(row.frame_name).name): row for row in _rows(service)}
         good_ok, good_bad = rows[("good", "f0.png")], rows[("good", "f1.png")]
         assert good_ok.model_version == manager.states["good"].version
