@@ -415,6 +415,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = kshot_references(args, samples) if args.shots else None
     if split is not None:
         by_category = split.tests
+    mixed = None
+    if args.train_anomalies is not None:  # mixed supervision (model/supervised/evaluation.py)
+        from model.supervised.evaluation import category_detector, mixed_split, operating_point
+
+        if split is None:
+            raise UsageError("--train-anomalies needs --shots K (the normal references the detector trains with)")
+        mixed = mixed_split(split.tests, args.train_anomalies, args.seed)
+        by_category = mixed.tests
+    points: dict[str, dict[str, dict[str, float]]] = {}
     if args.limit:
         by_category = {c: s[: args.limit] for c, s in by_category.items()}
     report_dir = Path(args.report) if args.report else None
@@ -437,6 +446,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for category, items in by_category.items():
             if split is not None:
                 detector = with_category_references(base, split.references[category], transform)
+            if mixed is not None:
+                detector = category_detector(base, name, split.references[category], mixed.train_anomalies[category],
+                                             weak=args.weak, transform=transform, seed=args.seed)
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
@@ -458,6 +470,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if not labels:
                 continue
             accumulator.add(category, labels, scores, maps=maps, masks=masks)
+            if mixed is not None:
+                points.setdefault(name, {})[category] = operating_point(labels, scores)
             if report_dir is not None:
                 with_masks = [i for i, m in enumerate(masks) if m is not None]
                 plot_curves(report_dir / "curves" / name, category, labels, scores,
@@ -471,6 +485,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   **overlay_scale(args))
             accumulator.compute_category(category)
         results[name] = accumulator.compute()
+        if mixed is not None:
+            infos[name].update(train_anomalies=args.train_anomalies, weak=args.weak,
+                               trained_on={c: len(a) for c, a in mixed.train_anomalies.items()})
     if report_dir is not None:
         markdown = write_report(report_dir, results, models=infos)
     else:
@@ -481,9 +498,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         from adapters.report import jsonable
 
-        print(json.dumps(jsonable({n: {"per_category": r[0], "mean": r[1]} for n, r in results.items()}), indent=2))
+        print(json.dumps(jsonable({n: {"per_category": r[0], "mean": r[1], **({"operating_point": points[n]}
+                                                                              if n in points else {})}
+                                   for n, r in results.items()}), indent=2))
     else:
         print(markdown)
+        if points:
+            from model.supervised.evaluation import operating_point_table
+
+            print(operating_point_table(points))
     if skipped:
         print(f"{len({p for p, _ in skipped})} bad samples skipped (listed above)", file=sys.stderr)
     return 0
@@ -598,6 +621,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="k-shot protocol: K normal images per category become references, the rest is "
                           "the test set (see model/kshot.py); 0 = zero-shot (default)")
     evaluate.add_argument("--seed", type=int, default=0, help="which K references are drawn (with --shots)")
+    evaluate.add_argument("--train-anomalies", type=int, metavar="N",
+                          help="mixed supervision (with --shots): N labelled defects per category train a "
+                          "patchcore-head; a fixed defect pool leaves the test set for every N (0: PatchCore "
+                          "itself for --model patchcore); adds the miss rate at 0.5%% false rejects")
+    evaluate.add_argument("--weak", action="store_true",
+                          help="with --train-anomalies: the defects' image labels only, no masks")
     add_model_options(evaluate, several_models=True)
     add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
