@@ -86,6 +86,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
     group.add_argument("--max-bank-rows", type=int,
                        help="patchcore: reduce the memory bank to this many rows by greedy coreset (default 16384; "
                        "0 keeps every row); the neighbour search time is linear in it")
+    group.add_argument("--head", help="patchcore-head: trained head checkpoint (.safetensors; default: untrained, "
+                       "ranks like patchcore)")
 
 
 def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
@@ -112,6 +114,7 @@ def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": explicit.get("image_size"),
         "augment": getattr(args, "augment", None),
         "max_bank_rows": getattr(args, "max_bank_rows", None),
+        "head": getattr(args, "head", None),
         "device": args.device,
         "dtype": args.dtype,
         "references": args.references.split(",") if args.references and "," in args.references else args.references,

@@ -34,13 +34,13 @@ from model.supervised.head import PatchcoreHead
 
 @dataclass
 class HeadTrainingConfig:
-    steps: int = 300
+    steps: int = 100
     batch_size: int = 16
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     synthetic_per_reference: int = 3
     focal_gamma: float = 2.0
-    real_weight: float = 2.0
+    real_weight: float = 6.0
     hidden: int = 32
     kernel: int = 3
     seed: int = 0
