@@ -5,7 +5,7 @@ of every training frame, with the detector's own `embed` and `nearest_neighbor` 
 frames are in the memory bank, so their own distances would be 0; they and the synthetic defects made on them are
 scored leave-one-out, against the bank rows of the other references, as an unseen good frame would be.
 
-Training items (all on the first tap's grid; a cell's target is 1 where any mask pixel in it is set):
+Training items, in this order (all on the first tap's grid; a cell's target is 1 where any mask pixel in it is set):
 - normal frames (the references, leave-one-out): every cell 0, image 0;
 - anomalous frames with a mask: cells from the mask, image 1;
 - anomalous frames with the image label alone (weak): image 1 only, the image logit being the mean of the top-k
@@ -155,6 +155,13 @@ def training_inputs(detector: PatchCoreDetector, references: torch.Tensor, anoma
     parts = [HeadInputs(ref_embeddings, leave_one_out_distances(ref_embeddings, ref_embeddings, list(range(k))),
                         torch.zeros(k), torch.zeros(k, h, w), torch.ones(k, dtype=torch.bool),
                         torch.ones(k, dtype=torch.bool), counts={"normal": k})]
+    images, synthetic_masks, owners = synthetic_defects(references, synthetic_per_reference, seed)
+    if owners:
+        embeddings = embed_images(detector, images)
+        m = len(owners)
+        parts.append(HeadInputs(embeddings, leave_one_out_distances(ref_embeddings, embeddings, owners),
+                                torch.ones(m), cell_targets(synthetic_masks, grid), torch.ones(m, dtype=torch.bool),
+                                torch.zeros(m, dtype=torch.bool), counts={"synthetic": m}))
     if anomalies.shape[0]:
         embeddings = embed_images(detector, anomalies)
         n = anomalies.shape[0]
@@ -168,13 +175,6 @@ def training_inputs(detector: PatchCoreDetector, references: torch.Tensor, anoma
         parts.append(HeadInputs(embeddings, bank_distances(detector, embeddings), torch.zeros(n),
                                 torch.zeros(n, h, w), torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool),
                                 counts={"normal_labelled": n}))
-    images, synthetic_masks, owners = synthetic_defects(references, synthetic_per_reference, seed)
-    if owners:
-        embeddings = embed_images(detector, images)
-        m = len(owners)
-        parts.append(HeadInputs(embeddings, leave_one_out_distances(ref_embeddings, embeddings, owners),
-                                torch.ones(m), cell_targets(synthetic_masks, grid), torch.ones(m, dtype=torch.bool),
-                                torch.zeros(m, dtype=torch.bool), counts={"synthetic": m}))
     return HeadInputs.concat(parts)
 
 
