@@ -294,6 +294,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model.training import TrainingConfig, seed_everything, train_prompts
 
     family = get_family(args.model)
+    if family.fit_samples is not None:  # trains from labelled samples on its own (model/supervised)
+        return fit_family_samples(args, family)
     if not family.trainable:
         raise UsageError(f"--model {args.model} is training-free: nothing to train (trainable: "
                          f"{', '.join(list_models(trainable=True))})")
@@ -345,6 +347,25 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                      f"{s.samples} images, {len(s.skipped)} skipped", flush=True))
     skipped = {path for stats in history for path, _ in stats.skipped}
     print(f"weights written to {args.output} after {len(history)} epochs; {len(skipped)} bad samples skipped")
+    return 0
+
+
+def fit_family_samples(args: argparse.Namespace, family: Any) -> int:
+    from model import create_detector
+    from model.datasets import discover, require_both_classes
+
+    samples = discover(args.data, args.meta, split=args.split)
+    require_both_classes(samples, args.data, "training")
+    options = {**model_options(args, args.model), "references": None}
+    detector = create_detector(args.model, **options, references_later=True)
+    references = args.references.split(",") if args.references and "," in args.references else args.references
+    if isinstance(references, str):
+        from model.fewshot import reference_files
+
+        references = reference_files(references)
+    checkpoint = family.fit_samples(detector, samples, output=args.output, seed=args.seed, references=references,
+                                    metadata={"training_data": str(args.data), "split": args.split})
+    print(f"weights written to {args.output}: {checkpoint.metadata.get('items')}")
     return 0
 
 

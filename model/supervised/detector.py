@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from model.checkpoints import CheckpointError, read_safetensors, write_safetensors
 from model.detector import Prediction
-from model.factory import CheckpointFormat, ModelFamily, register_family
+from model.factory import CheckpointFormat, ModelFamily, imported_later, register_family
 from model.gaussian import gaussian_blur
 from model.patchcore import PatchCoreDetector, clip_to_tf
 from model.patchcore.detector import DEFAULT_IMAGE_SIZE
@@ -207,4 +207,5 @@ register_family(ModelFamily(
     name=NAME, create=create_patchcore_head, clip_backbone=False, needs_references=True,
     summary="PatchCore on EfficientNet-Lite0 plus a head learned from labelled frames (model/supervised/)",
     checkpoint=CheckpointFormat(load=load_head, save=save_head),
+    fit_samples=imported_later("model.supervised.fitting", "fit_samples"),
 ))

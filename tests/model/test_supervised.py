@@ -150,3 +150,43 @@ def test_mixed_split_keeps_one_test_set_for_every_n_and_operating_point() -> Non
     point = operating_point(labels, scores, 0.005)
     assert point["threshold"] == pytest.approx(np.linspace(0, 1, 200)[-2])
     assert point["missed"] == 1 and point["miss_rate"] == 0.25 and point["false_reject_rate"] == 0.005
+
+
+def test_anomalyd_train_fits_a_head_from_a_labelled_folder(scene, tmp_path: Path) -> None:
+    """`anomalyd train --model patchcore-head` on a folder: normals (references + labelled false alarms), defects
+    with masks and one without; the written head catches fresh defects above fresh false alarms."""
+    from PIL import Image
+
+    from daemon.cli import main
+
+    def save(tensor: torch.Tensor, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(to_rgb_array(tensor)).save(path)
+
+    root = tmp_path / "data" / "plate"
+    for i, image in enumerate(scene["references"]):
+        save(image, root / "test" / "good" / f"ref{i}.png")
+    for i, image in enumerate(scene["false_alarms"]):
+        save(image, root / "test" / "good" / f"stripe{i}.png")
+    for i, image in enumerate(scene["defects"]):
+        save(image, root / "test" / "spot" / f"spot{i}.png")
+        if i < 3:  # the last defect carries its image label only
+            mask_path = root / "ground_truth" / "spot" / f"spot{i}_mask.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((scene["masks"][i].numpy() * 255).astype(np.uint8)).save(mask_path)
+    output = tmp_path / "head.safetensors"
+    references = ",".join(str(root / "test" / "good" / f"ref{i}.png") for i in range(6))
+    assert main(["train", "--model", "patchcore-head", "--data", str(tmp_path / "data"), "--output", str(output),
+                 "--image-size", str(SIZE), "--references", references, "--seed", "0", "--device", "cpu"]) == 0
+    checkpoint = HeadCheckpoint.load(output)
+    assert checkpoint.metadata["items"] == {"normal": 6, "synthetic": 18, "anomalous_masked": 3, "anomalous_weak": 1,
+                                            "normal_labelled": 4}
+    detector = create_detector("patchcore-head", head=output, references=scene["references"], image_size=SIZE,
+                               device="cpu")
+    scores = detector.predict(torch.cat([scene["fresh_stripes"], scene["fresh_defects"]])).scores
+    assert float(scores[:6].max()) < float(scores[6:].min())
+
+
+def to_rgb_array(image: torch.Tensor) -> np.ndarray:
+    pixels = image * torch.tensor(OPENAI_STD).view(3, 1, 1) + torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    return (pixels * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
