@@ -63,8 +63,9 @@ def blurred_maps(cells: torch.Tensor) -> np.ndarray:
 
 def metrics_row(labels: np.ndarray, scores: np.ndarray, cells: torch.Tensor | None, masks: list | None) -> dict:
     row = {**image_metrics(labels, scores), **operating_point(labels, scores)}
-    if cells is not None and masks is not None:
-        row.update(pixel_metrics(masks, blurred_maps(cells)))
+    known = [i for i, mask in enumerate(masks or []) if mask is not None]
+    if cells is not None and masks is not None and any(masks[i].any() for i in known):  # a category with masks
+        row.update(pixel_metrics([masks[i] for i in known], blurred_maps(cells[known])))
     return row
 
 
@@ -94,6 +95,7 @@ def run_category(data: Path, category: str, shots: int, seed: int, counts: list[
     rows = []
     row = metrics_row(labels, patchcore_scores.numpy(), distances if pixel else None, masks)
     rows.append({"category": category, "seed": seed, "N": 0, "mode": "patchcore", **row})
+    print(table_line(rows[-1]), flush=True)
     for n in (c for c in counts if c > 0):
         chosen = mixed_split(split.tests, n, seed).train_anomalies[category]
         for weak in (False, True):
@@ -113,7 +115,7 @@ def run_category(data: Path, category: str, shots: int, seed: int, counts: list[
             row = metrics_row(labels, scores, cells, masks)
             rows.append({"category": category, "seed": seed, "N": len(chosen), "mode": "weak" if weak else "masks",
                          "train_s": seconds, **row})
-            print(rows[-1], file=sys.stderr, flush=True)
+            print(table_line(rows[-1]), flush=True)
     return rows
 
 
@@ -128,18 +130,23 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     counts = [int(c) for c in args.anomalies.split(",")]
+    print(HEADER, flush=True)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for category in args.categories.split(","):
             rows += run_category(args.data, category, args.shots, seed, counts, args.pixel)
-    print("| category | seed | N | labels | image AUROC | image AP | AUPRO | missed at 0.5 % FRR | realised FRR |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        aupro = f"{100 * r['aupro']:.1f}" if "aupro" in r else "-"
-        print(f"| {r['category']} | {r['seed']} | {r['N']} | {r['mode']} | {100 * r['image_auroc']:.1f} | "
-              f"{100 * r['image_ap']:.1f} | {aupro} | {int(r['missed'])}/{int(r['defects'])} "
-              f"({100 * r['miss_rate']:.1f} %) | {100 * r['false_reject_rate']:.1f} % |")
     return 0
+
+
+HEADER = ("| category | seed | N | labels | image AUROC | image AP | AUPRO | missed at 0.5 % FRR | realised FRR |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def table_line(r: dict) -> str:
+    aupro = f"{100 * r['aupro']:.1f}" if "aupro" in r else "-"
+    return (f"| {r['category']} | {r['seed']} | {r['N']} | {r['mode']} | {100 * r['image_auroc']:.1f} | "
+            f"{100 * r['image_ap']:.1f} | {aupro} | {int(r['missed'])}/{int(r['defects'])} "
+            f"({100 * r['miss_rate']:.1f} %) | {100 * r['false_reject_rate']:.1f} % |")
 
 
 if __name__ == "__main__":
