@@ -88,6 +88,9 @@ class ModelFamily:
     default_weights: str | None = None  # released weights used when the config names none
     versions_share_backbone: bool = False  # versions differ only in learned weights: a swap reuses the backbone
     clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)
+    # fit_samples(detector, samples, *, output, seed, references, metadata): trains from labelled samples without the
+    # prompt-training loop (`anomalyd train`; e.g. patchcore-head); None: `training` or nothing.
+    fit_samples: Callable[..., Any] | None = None
 
     @property
     def trainable(self) -> bool:
@@ -118,6 +121,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "clip-ac": "model.baselines",
     "winclip": "model.baselines",
     "patchcore": "model.patchcore.detector",
+    "patchcore-head": "model.supervised.detector",
 }
 
 

@@ -86,6 +86,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
     group.add_argument("--max-bank-rows", type=int,
                        help="patchcore: reduce the memory bank to this many rows by greedy coreset (default 16384; "
                        "0 keeps every row); the neighbour search time is linear in it")
+    group.add_argument("--head", help="patchcore-head: trained head checkpoint (.safetensors; default: untrained, "
+                       "ranks like patchcore)")
 
 
 def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
@@ -112,6 +114,7 @@ def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": explicit.get("image_size"),
         "augment": getattr(args, "augment", None),
         "max_bank_rows": getattr(args, "max_bank_rows", None),
+        "head": getattr(args, "head", None),
         "device": args.device,
         "dtype": args.dtype,
         "references": args.references.split(",") if args.references and "," in args.references else args.references,
@@ -291,6 +294,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model.training import TrainingConfig, seed_everything, train_prompts
 
     family = get_family(args.model)
+    if family.fit_samples is not None:  # trains from labelled samples on its own (model/supervised)
+        return fit_family_samples(args, family)
     if not family.trainable:
         raise UsageError(f"--model {args.model} is training-free: nothing to train (trainable: "
                          f"{', '.join(list_models(trainable=True))})")
@@ -342,6 +347,25 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                      f"{s.samples} images, {len(s.skipped)} skipped", flush=True))
     skipped = {path for stats in history for path, _ in stats.skipped}
     print(f"weights written to {args.output} after {len(history)} epochs; {len(skipped)} bad samples skipped")
+    return 0
+
+
+def fit_family_samples(args: argparse.Namespace, family: Any) -> int:
+    from model import create_detector
+    from model.datasets import discover, require_both_classes
+
+    samples = discover(args.data, args.meta, split=args.split)
+    require_both_classes(samples, args.data, "training")
+    options = {**model_options(args, args.model), "references": None}
+    detector = create_detector(args.model, **options, references_later=True)
+    references = args.references.split(",") if args.references and "," in args.references else args.references
+    if isinstance(references, str):
+        from model.fewshot import reference_files
+
+        references = reference_files(references)
+    checkpoint = family.fit_samples(detector, samples, output=args.output, seed=args.seed, references=references,
+                                    metadata={"training_data": str(args.data), "split": args.split})
+    print(f"weights written to {args.output}: {checkpoint.metadata.get('items')}")
     return 0
 
 
@@ -426,6 +450,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = kshot_references(args, samples) if args.shots else None
     if split is not None:
         by_category = split.tests
+    mixed = None
+    if args.train_anomalies is not None:  # mixed supervision (model/supervised/evaluation.py)
+        from model.supervised.evaluation import category_detector, mixed_split
+        from model.supervised.evaluation import operating_point as mixed_operating_point
+
+        if split is None:
+            raise UsageError("--train-anomalies needs --shots K (the normal references the detector trains with)")
+        mixed = mixed_split(split.tests, args.train_anomalies, args.seed)
+        by_category = mixed.tests
+    # model → category → operating point at the empirical 0.5 % FRR quantile of the test normals (trained heads)
+    mixed_points: dict[str, dict[str, dict[str, float]]] = {}
     if args.limit:
         by_category = {c: s[: args.limit] for c, s in by_category.items()}
     report_dir = Path(args.report) if args.report else None
@@ -453,7 +488,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             point = None
             if split is not None:
                 detector = with_category_references(base, split.references[category], transform)
-                point = operating_threshold(detector, split.references[category], args.false_reject_rate)
+                if mixed is None:  # the daemon's rule on the K references (a trained head: mixed_points below)
+                    point = operating_threshold(detector, split.references[category], args.false_reject_rate)
+            if mixed is not None:
+                detector = category_detector(base, name, split.references[category], mixed.train_anomalies[category],
+                                             weak=args.weak, transform=transform, seed=args.seed)
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
@@ -483,6 +522,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     **operating_point(point[0], scaled_scores, labels), "known_good": len(point[2])}
                 point_scores.setdefault(name, {})[category] = {"known_good": point[2], "test": scaled_scores,
                                                                "labels": [int(v) for v in labels]}
+            if mixed is not None:
+                mixed_points.setdefault(name, {})[category] = mixed_operating_point(labels, scores)
             if report_dir is not None:
                 with_masks = [i for i, m in enumerate(masks) if m is not None]
                 plot_curves(report_dir / "curves" / name, category, labels, scores,
@@ -496,6 +537,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   **overlay_scale(args))
             accumulator.compute_category(category)
         results[name] = accumulator.compute()
+        if mixed is not None:
+            infos[name].update(train_anomalies=args.train_anomalies, weak=args.weak,
+                               trained_on={c: len(a) for c, a in mixed.train_anomalies.items()})
     if report_dir is not None:
         markdown = write_report(report_dir, results, models=infos)
         if points:
@@ -511,12 +555,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from adapters.report import jsonable
 
         print(json.dumps(jsonable({n: {"per_category": r[0], "mean": r[1],
-                                       **({"operating_point": points[n]} if n in points else {})}
+                                       **({"operating_point": points[n]} if n in points else {}),
+                                       **({"operating_point": mixed_points[n]} if n in mixed_points else {})}
                                    for n, r in results.items()}), indent=2))
     else:
         from daemon.operating_point import markdown as point_table
 
         print(markdown + "".join("\n" + point_table(n, args.false_reject_rate, p) for n, p in points.items()))
+        if mixed_points:
+            from model.supervised.evaluation import operating_point_table
+
+            print(operating_point_table(mixed_points))
     if skipped:
         print(f"{len({p for p, _ in skipped})} bad samples skipped (listed above)", file=sys.stderr)
     return 0
@@ -634,6 +683,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="k-shot protocol: K normal images per category become references, the rest is "
                           "the test set (see model/kshot.py); 0 = zero-shot (default)")
     evaluate.add_argument("--seed", type=int, default=0, help="which K references are drawn (with --shots)")
+    evaluate.add_argument("--train-anomalies", type=int, metavar="N",
+                          help="mixed supervision (with --shots): N labelled defects per category train a "
+                          "patchcore-head; a fixed defect pool leaves the test set for every N (0: PatchCore "
+                          "itself for --model patchcore); adds the miss rate at 0.5%% false rejects")
+    evaluate.add_argument("--weak", action="store_true",
+                          help="with --train-anomalies: the defects' image labels only, no masks")
     add_model_options(evaluate, several_models=True)
     add_engine_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)

@@ -1,0 +1,153 @@
+"""Mixed supervision on real weights: PatchCore (N = 0) against the learned head (model/supervised) with N labelled
+defects per category, with masks and with image labels only (--weak), on one fixed test set per category.
+
+The splits are those of `anomalyd eval --shots K --train-anomalies N --seed S` (model/kshot.py,
+model/supervised/evaluation.py): K references, a fixed pool of defects out of the test set for every N, N of it
+drawn with the seed. The frozen features of the test set, the references (leave-one-out) and their synthetic
+defects are computed once per category and shared by every row (the CLI recomputes them per run; the numbers are
+the same: `fit_head` and the detector run the same functions). Image AUROC/AP, AUPRO (--pixel) and the miss rate
+at the threshold for 0.5 % false rejects on the test normals (`operating_point`).
+
+    OMP_NUM_THREADS=1 nice -n 19 python bench/supervised_patchcore.py --data ../shared/data/inspection-samples \\
+        --categories magnetic_tile,metal_plate,cubes,hazelnut --shots 16 --anomalies 0,4,16 --seeds 0 --pixel
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.datasets import DatasetError, discover, load_image, load_mask
+from model.gaussian import gaussian_blur
+from model.kshot import kshot_split
+from model.metrics import image_metrics, pixel_metrics
+from model.patchcore import build_patchcore, clip_to_tf
+from model.supervised.evaluation import load_training_frames, mixed_split, operating_point
+from model.supervised.training import (
+    HeadInputs,
+    HeadTrainingConfig,
+    bank_distances,
+    embed_images,
+    train_head,
+    training_inputs,
+)
+
+SIZE = 256
+
+
+@torch.no_grad()
+def test_features(detector, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(embeddings, cell distances, PatchCore image scores) of the test images."""
+    embeddings, distances, scores = [], [], []
+    for start in range(0, images.shape[0], 8):
+        embedding = detector.model.embed(clip_to_tf(images[start:start + 8])).float()
+        cell, where, flat = detector.model.patch_scores(embedding)
+        scores.append(detector.model.image_scores(cell, where, flat))
+        embeddings.append(embedding)
+        distances.append(cell.reshape(embedding.shape[0], *embedding.shape[-2:]))
+    return torch.cat(embeddings), torch.cat(distances), torch.cat(scores)
+
+
+def blurred_maps(cells: torch.Tensor) -> np.ndarray:
+    maps = F.interpolate(cells.unsqueeze(1), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    return gaussian_blur(maps, 4.0, padding="reflect")[:, 0].numpy()
+
+
+def metrics_row(labels: np.ndarray, scores: np.ndarray, cells: torch.Tensor | None, masks: list | None) -> dict:
+    row = {**image_metrics(labels, scores), **operating_point(labels, scores)}
+    known = [i for i, mask in enumerate(masks or []) if mask is not None]
+    if cells is not None and masks is not None and any(masks[i].any() for i in known):  # a category with masks
+        row.update(pixel_metrics([masks[i] for i in known], blurred_maps(cells[known])))
+    return row
+
+
+def run_category(data: Path, category: str, shots: int, seed: int, counts: list[int], pixel: bool) -> list[dict]:
+    samples = [s for s in discover(data, split="test") if s.category == category]
+    try:
+        train = [s for s in discover(data, split="train") if s.category == category]
+    except DatasetError:
+        train = []
+    split = kshot_split(samples, shots, seed, train_samples=train)
+    if category not in split.tests:
+        print(f"{category}: skipped ({split.skipped.get(category)})", file=sys.stderr)
+        return []
+    tests = mixed_split(split.tests, 0, seed).tests[category]
+    detector = build_patchcore(image_size=SIZE)
+    references = torch.stack([load_image(s.path, SIZE, "fast") for s in split.references[category]])
+    detector.set_references(references)
+    images = torch.stack([load_image(s.path, SIZE, "fast") for s in tests])
+    labels = np.array([s.label for s in tests])
+    masks = [load_mask(s, SIZE).numpy() if s.label == 0 or s.has_mask else None for s in tests] if pixel else None
+    embeddings, distances, patchcore_scores = test_features(detector, images)
+    del images
+    config = HeadTrainingConfig(seed=seed)
+    base = training_inputs(detector, references, torch.zeros(0, 3, SIZE, SIZE), torch.zeros(0, SIZE, SIZE),
+                           torch.zeros(0, dtype=torch.bool), synthetic_per_reference=config.synthetic_per_reference,
+                           seed=seed)
+    rows = []
+    row = metrics_row(labels, patchcore_scores.numpy(), distances if pixel else None, masks)
+    rows.append({"category": category, "seed": seed, "N": 0, "mode": "patchcore", **row})
+    print(table_line(rows[-1]), flush=True)
+    for n in (c for c in counts if c > 0):
+        chosen = mixed_split(split.tests, n, seed).train_anomalies[category]
+        for weak in (False, True):
+            frames, frame_masks, has_mask = load_training_frames(chosen, SIZE, "fast", weak=weak)
+            frame_embeddings = embed_images(detector, frames)
+            extra = HeadInputs(frame_embeddings, bank_distances(detector, frame_embeddings), torch.ones(len(chosen)),
+                               F.adaptive_max_pool2d(frame_masks.unsqueeze(1), base.targets.shape[-2:])[:, 0],
+                               has_mask, torch.ones(len(chosen), dtype=torch.bool))
+            started = time.perf_counter()
+            head, d0 = train_head(HeadInputs.concat([base, extra]), config)
+            seconds = time.perf_counter() - started
+            with torch.no_grad():
+                logits = torch.cat([head(embeddings[i:i + 64], distances[i:i + 64] / d0)
+                                    for i in range(0, embeddings.shape[0], 64)])
+                scores = torch.sigmoid(head.image_logits(logits)).numpy()
+                cells = torch.sigmoid(logits) if pixel else None
+            row = metrics_row(labels, scores, cells, masks)
+            rows.append({"category": category, "seed": seed, "N": len(chosen), "mode": "weak" if weak else "masks",
+                         "train_s": seconds, **row})
+            print(table_line(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--categories", default="magnetic_tile,metal_plate,cubes,hazelnut")
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--anomalies", default="0,4,16")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--pixel", action="store_true", help="also pixel AUROC and AUPRO")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    counts = [int(c) for c in args.anomalies.split(",")]
+    print(HEADER, flush=True)
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for category in args.categories.split(","):
+            rows += run_category(args.data, category, args.shots, seed, counts, args.pixel)
+    return 0
+
+
+HEADER = ("| category | seed | N | labels | image AUROC | image AP | AUPRO | missed at 0.5 % FRR | realised FRR |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def table_line(r: dict) -> str:
+    aupro = f"{100 * r['aupro']:.1f}" if "aupro" in r else "-"
+    return (f"| {r['category']} | {r['seed']} | {r['N']} | {r['mode']} | {100 * r['image_auroc']:.1f} | "
+            f"{100 * r['image_ap']:.1f} | {aupro} | {int(r['missed'])}/{int(r['defects'])} "
+            f"({100 * r['miss_rate']:.1f} %) | {100 * r['false_reject_rate']:.1f} % |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""Learning from labelled frames on the real (EfficientNet-Lite0) weights: a head on PatchCore, model
+"patchcore-head".
+
+- `head.py`: the head (a residual on a positive affine map of the PatchCore distance: untrained, it ranks like
+  PatchCore).
+- `training.py`: frozen inputs computed once (PatchCore embedding and distances, leave-one-out for references),
+  synthetic defects, losses (focal + dice on cells, BCE on the top-k image logit), the seeded training loop.
+- `detector.py`: the detector, its safetensors checkpoint, `fit_head`, the family registration.
+- `evaluation.py`: mixed-supervision evaluation (`anomalyd eval --train-anomalies N [--weak]`), operating point.
+"""
+
+from model.supervised.detector import NAME, HeadCheckpoint, PatchcoreHeadDetector, fit_head, load_head
+from model.supervised.head import PatchcoreHead
+from model.supervised.training import HeadTrainingConfig, train_head
+
+__all__ = ["NAME", "HeadCheckpoint", "HeadTrainingConfig", "PatchcoreHead", "PatchcoreHeadDetector", "fit_head",
+           "load_head", "train_head"]

@@ -1,0 +1,211 @@
+"""`patchcore-head`: PatchCore (model/patchcore) plus a head learned from labelled frames, behind the Detector
+protocol, with its safetensors checkpoint; registered as a model family.
+
+The detector holds a `PatchCoreDetector` (backbone, taps, memory bank of the references, nearest-neighbour
+search: all PatchCore's own) and a `PatchcoreHead`. Per frame: PatchCore's embedding and cell distances, then the
+head's cell logits; the map is their sigmoid, upsampled bilinearly to the input and blurred like PatchCore's
+(Gaussian, sigma 4), the image score the sigmoid of the mean of the top-k cell logits. Both are on the daemon's
+0–1 scale already. Without a trained head the head is the untrained one (a monotone function of the distance, see
+head.py), so it ranks like PatchCore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model.checkpoints import CheckpointError, read_safetensors, write_safetensors
+from model.detector import Prediction
+from model.factory import CheckpointFormat, ModelFamily, imported_later, register_family
+from model.gaussian import gaussian_blur
+from model.patchcore import PatchCoreDetector, clip_to_tf
+from model.patchcore.detector import DEFAULT_IMAGE_SIZE
+from model.supervised.head import PatchcoreHead
+from model.supervised.training import HeadTrainingConfig, train_head, training_inputs
+
+NAME = "patchcore-head"
+FORMAT_NAME = "anomalyd-patchcore-head"
+FORMAT_VERSION = 1
+SIGMA = 4.0
+# What a head was trained on top of: a head is refused by a PatchCore of another backbone, taps or size.
+IDENTITY_KEYS = ("backbone", "weights", "taps", "image_size")
+
+
+class HeadCheckpoint:
+    """A trained head: its module, d0 (distance unit) and metadata (PatchCore identity, training summary)."""
+
+    def __init__(self, head: PatchcoreHead, distance_scale: float, metadata: Mapping[str, Any]) -> None:
+        self.head = head
+        self.distance_scale = float(distance_scale)
+        self.metadata = dict(metadata)
+
+    def digest(self) -> str:
+        hasher = hashlib.sha256()
+        for key, tensor in sorted(self.head.state_dict().items()):
+            hasher.update(key.encode())
+            hasher.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+        hasher.update(repr(self.distance_scale).encode())
+        return hasher.hexdigest()[:10]
+
+    def save(self, path: str | Path) -> Path:
+        meta = {**self.metadata, "channels": self.head.channels, "hidden": self.head.hidden,
+                "top_k": self.head.top_k, "kernel": self.head.kernel, "distance_scale": self.distance_scale, "model": NAME}
+        return write_safetensors(path, self.head.state_dict(), FORMAT_NAME, FORMAT_VERSION, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadCheckpoint:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: patchcore-head weights file does not exist")
+        tensors, meta = read_safetensors(path, FORMAT_NAME)
+        if meta.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{path}: not a patchcore-head checkpoint (format {meta.get('format')!r})")
+        try:
+            head = PatchcoreHead(int(meta["channels"]), hidden=int(meta["hidden"]), top_k=int(meta["top_k"]),
+                                 kernel=int(meta.get("kernel", 3)))
+            head.load_state_dict(tensors, strict=True)
+            scale = float(meta["distance_scale"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: patchcore-head checkpoint does not fit ({exc})") from exc
+        return cls(head.eval(), scale, meta)
+
+
+class PatchcoreHeadDetector:
+    """PatchCore's bank and distances, the learned head's map and score (see the module docstring)."""
+
+    name = NAME
+    uses_references = True  # the factory must not wrap it in the CLIP few-shot detector
+
+    def __init__(self, patchcore: PatchCoreDetector, checkpoint: HeadCheckpoint | None = None) -> None:
+        self.patchcore = patchcore
+        self.checkpoint: HeadCheckpoint | None = None
+        self.set_checkpoint(checkpoint)
+
+    # -- what it is ----------------------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.patchcore.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.patchcore.device
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {key: self.patchcore.identity[key] for key in IDENTITY_KEYS}
+
+    @property
+    def version(self) -> str:
+        head = f"h{self.checkpoint.digest()}" if self.checkpoint is not None else "h0"
+        return f"{NAME}-{head}-{self.patchcore.version.removeprefix('patchcore-')}"
+
+    @property
+    def head(self) -> PatchcoreHead | None:
+        return self.checkpoint.head if self.checkpoint is not None else None
+
+    def set_checkpoint(self, checkpoint: HeadCheckpoint | None, origin: str = "head") -> None:
+        """Use a trained head (None: the untrained one, which ranks like PatchCore)."""
+        if checkpoint is not None:
+            for key, expected in self.identity.items():
+                found = str(checkpoint.metadata.get(key))
+                if found != expected:
+                    raise CheckpointError(f"{origin}: the head was trained on PatchCore with {key} {found!r}, "
+                                          f"this detector uses {expected!r}")
+            checkpoint.head.to(self.device).eval()
+        self.checkpoint = checkpoint
+
+    def untrained_checkpoint(self) -> HeadCheckpoint:
+        channels = int(self.patchcore.model.embed(torch.zeros(1, 3, 64, 64, device=self.device)).shape[1])
+        return HeadCheckpoint(PatchcoreHead(channels).to(self.device).eval(), 1.0, self.identity)
+
+    # -- references: PatchCore's own ------------------------------------------------------------------------------
+    def set_references(self, images: torch.Tensor, **options: Any) -> Any:
+        return self.patchcore.set_references(images, **options)
+
+    def load_references(self, references: Any, **options: Any) -> Any:
+        return self.patchcore.load_references(references, **options)
+
+    @property
+    def bank(self) -> Any:
+        return self.patchcore.bank
+
+    # -- inference -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Prediction:
+        size = self.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+            raise ValueError(f"images have shape {tuple(images.shape)}: {NAME} expects (B, 3, {size}, {size})")
+        if self.checkpoint is None:
+            self.checkpoint = self.untrained_checkpoint()
+        if self.patchcore.bank is None:
+            self.patchcore.predict_tf(images[:0])  # raises PatchCore's "no memory bank" error
+        tf = clip_to_tf(images.to(self.device, non_blocking=True).float())
+        embedding = self.patchcore.model.embed(tf).float()
+        batch, _, height, width = embedding.shape
+        distances = self.patchcore.model.patch_scores(embedding)[0].reshape(batch, height, width)
+        head = self.checkpoint.head
+        logits = head(embedding, distances / self.checkpoint.distance_scale)
+        scores = torch.sigmoid(head.image_logits(logits))
+        maps = F.interpolate(torch.sigmoid(logits).unsqueeze(1), size=(size, size), mode="bilinear",
+                             align_corners=False)
+        maps = gaussian_blur(maps, SIGMA, padding="reflect")[:, 0]
+        return Prediction(scores=scores.float(), maps=maps.float().clamp(0, 1))
+
+
+def fit_head(detector: PatchcoreHeadDetector, references: torch.Tensor, anomalies: torch.Tensor,
+             masks: torch.Tensor, has_mask: torch.Tensor, config: HeadTrainingConfig | None = None,
+             metadata: Mapping[str, Any] | None = None, normals: torch.Tensor | None = None) -> HeadCheckpoint:
+    """Train a head for `detector` and use it. `references` (K, 3, S, S) become its bank; `anomalies` (N, 3, S, S)
+    with `masks` (N, S, S) where `has_mask` (N,) is True (else image label only); `normals`: further frames
+    labelled normal (not in the bank: e.g. false alarms an operator labelled). Returns the checkpoint."""
+    config = config or HeadTrainingConfig()
+    detector.set_references(references)
+    inputs = training_inputs(detector.patchcore, references, anomalies, masks, has_mask,
+                             synthetic_per_reference=config.synthetic_per_reference, seed=config.seed,
+                             normals=normals)
+    head, d0 = train_head(inputs, config)
+    summary = {**detector.identity, "training": config.as_dict(), "items": inputs.counts, **(metadata or {})}
+    checkpoint = HeadCheckpoint(head, d0, summary)
+    detector.set_checkpoint(checkpoint)
+    return checkpoint
+
+
+def load_head(path: str | Path) -> HeadCheckpoint:
+    return HeadCheckpoint.load(path)
+
+
+def save_head(module: Any, path: str | Path, metadata: Mapping[str, Any]) -> Path:
+    """CheckpointFormat.save: `module` a HeadCheckpoint (or a bare head, with distance_scale in metadata)."""
+    if isinstance(module, HeadCheckpoint):
+        return module.save(path)
+    return HeadCheckpoint(module, float(metadata.get("distance_scale", 1.0)), metadata).save(path)
+
+
+def create_patchcore_head(*, head: str | Path | None = None, weights: str | Path | None = None,
+                          image_size: int = DEFAULT_IMAGE_SIZE, references: Any = None,
+                          references_cache: str | Path | None = None, references_later: bool = False,
+                          device: torch.device, dtype: torch.dtype, **options: Any) -> PatchcoreHeadDetector:
+    """PatchCore built from the same options as `patchcore` (backbone, weights, taps, augment, ...), plus
+    `head`: a trained head checkpoint (None: the untrained head, ranking like PatchCore)."""
+    from model.factory import get_family
+
+    patchcore = get_family("patchcore").create(weights=weights, image_size=image_size, references=references,
+                                  references_cache=references_cache, references_later=references_later,
+                                  device=device, dtype=dtype, **options)
+    checkpoint = HeadCheckpoint.load(head) if head is not None else None
+    detector = PatchcoreHeadDetector(patchcore)
+    detector.set_checkpoint(checkpoint, str(head))
+    return detector
+
+
+register_family(ModelFamily(
+    name=NAME, create=create_patchcore_head, clip_backbone=False, needs_references=True,
+    summary="PatchCore on EfficientNet-Lite0 plus a head learned from labelled frames (model/supervised/)",
+    checkpoint=CheckpointFormat(load=load_head, save=save_head),
+    fit_samples=imported_later("model.supervised.fitting", "fit_samples"),
+))
