@@ -118,6 +118,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "clip-ac": "model.baselines",
     "winclip": "model.baselines",
     "patchcore": "model.patchcore.detector",
+    "mutual": "model.mutual.detector",
 }
 
 
