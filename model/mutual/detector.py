@@ -8,8 +8,10 @@ bankless `PatchCoreDetector` embeds and maps), the scores are mutual (model/mutu
 - online (`predict`, the daemon's path for one source): each frame against a bounded rolling window of that
   source's recent normal-looking frames (model/mutual/window.py), then offered to the window.
 
-Raw outputs are distances like PatchCore's (not 0-1); the daemon brings them to 0-1 with PatchCore's rule and the
-window's own `distance_scale` (daemon/scale.py). Map = patch scores upsampled (nearest) and blurred (sigma 4), image
+Offline outputs are distances like PatchCore's (not 0-1). Online outputs are those distances divided by the
+window's scale when the frame met it (`MutualWindow.distance_scale`: the exclusion point maps to ln 2; 0 while the
+window is not ready), which the daemon brings to 0-1 with PatchCore's rule, 1 - exp(-x) (daemon/scale.py): the
+window's exclusion point is 0.5, the default threshold. Map = patch scores upsampled (nearest) and blurred (sigma 4), image
 score = mean of the map's top 1 % pixels.
 """
 
@@ -23,15 +25,15 @@ from typing import Any
 import torch
 
 from model.factory import Prediction, register_model
-from model.mutual.scoring import FRACTION, TOP_FRACTION, mutual_patch_scores, top_mean
+from model.mutual.scoring import FRACTION, TOP_FRACTION, WINDOW_FRACTION, mutual_patch_scores, top_mean
 from model.mutual.window import ADMIT_RATIO, MutualWindow, WindowLimits
 from model.patchcore.backbone import DEFAULT_BACKBONE, Tap
 from model.patchcore.detector import DEFAULT_IMAGE_SIZE, PatchCoreDetector, build_patchcore, clip_to_tf
 
 NAME = "mutual"
 # Offline: each image is compared with at most this many others of its set (spread evenly over it); MuSc's
-# aggregation needs a few dozen, and the cost is linear in it (cubes: 188 images x 48 others ≈ 90 s, 1 thread).
-MAX_OTHERS = 48
+# aggregation needs a few dozen, and the cost is linear in it (cubes: 188 images x 32 others ≈ 60 s, 1 thread).
+MAX_OTHERS = 32
 
 
 class MutualDetector:
@@ -41,7 +43,8 @@ class MutualDetector:
     uses_references = True  # the factory must not wrap it in the CLIP few-shot detector
     forks_per_source = True  # the daemon gives every source its own window (`fork`)
 
-    def __init__(self, features: PatchCoreDetector, *, fraction: float = FRACTION, top_fraction: float = TOP_FRACTION,
+    def __init__(self, features: PatchCoreDetector, *, fraction: float = FRACTION,
+                 window_fraction: float = WINDOW_FRACTION, top_fraction: float = TOP_FRACTION,
                  max_others: int | None = MAX_OTHERS, window: WindowLimits = WindowLimits(),
                  admit_ratio: float = ADMIT_RATIO) -> None:
         self.features = features
@@ -49,16 +52,28 @@ class MutualDetector:
         self.device = features.device
         self.image_size = features.image_size
         self.fraction = float(fraction)
+        self.window_fraction = float(window_fraction)
         self.top_fraction = float(top_fraction)
         self.max_others = max_others
         self.limits = window
         self.admit_ratio = float(admit_ratio)
-        self.window = MutualWindow(window, fraction=fraction, admit_ratio=admit_ratio)
+        self.grid = (0, 0)
+        self.window = self._new_window()
         self._lock = threading.Lock()
+
+    def _new_window(self) -> MutualWindow:
+        return MutualWindow(self.limits, fraction=self.window_fraction, admit_ratio=self.admit_ratio,
+                            image_score=self._image_scores)
+
+    def _image_scores(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """(B, P) patch scores → (B,) image scores (mean of the blurred map's top pixels), in chunks."""
+        return torch.cat([self._prediction(patch_scores[i:i + 8].to(self.device), self.grid).scores.cpu()
+                          for i in range(0, patch_scores.shape[0], 8)])
 
     def fork(self) -> MutualDetector:
         """The same model (shared weights) with an empty window of its own."""
-        return MutualDetector(self.features, fraction=self.fraction, top_fraction=self.top_fraction,
+        return MutualDetector(self.features, fraction=self.fraction, window_fraction=self.window_fraction,
+                              top_fraction=self.top_fraction,
                               max_others=self.max_others, window=self.limits, admit_ratio=self.admit_ratio)
 
     @property
@@ -69,8 +84,8 @@ class MutualDetector:
 
     @property
     def distance_scale(self) -> float:
-        """The window's scale (daemon/scale.py); infinite while the window is not ready."""
-        return self.window.distance_scale
+        """d0 of the daemon's 1 - exp(-raw / d0): online outputs are already in units of the window's scale."""
+        return 1.0
 
     # -- shared steps ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -84,7 +99,7 @@ class MutualDetector:
             batch = clip_to_tf(images[start:start + batch_size].to(self.device).float())
             with self.features._autocast():
                 embedding = self.model.embed(batch).float()
-            grid = tuple(embedding.shape[-2:])
+            grid = self.grid = tuple(embedding.shape[-2:])
             parts.append(embedding.permute(0, 2, 3, 1).reshape(embedding.shape[0], -1, embedding.shape[1]))
         return torch.cat(parts), grid
 
@@ -104,19 +119,21 @@ class MutualDetector:
     # -- online --------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Prediction:
-        """Each frame, in order, against the window (then offered to it): raw scores and maps."""
+        """Each frame, in order, against the window (then offered to it): scores and maps in units of the window's
+        scale (see the module docstring)."""
         embeddings, grid = self.embed(images)
         with self._lock:
             rows = []
             for patches in embeddings:
-                rows.append(self.window.patch_scores(patches))
-                prediction = self._prediction(rows[-1][None], grid)
-                self.window.offer(patches, float(prediction.scores[0]), scored=len(self.window) > 0)
+                scores = self.window.patch_scores(patches)
+                scale = self.window.distance_scale  # the window's scale when the frame met it (inf: not judged)
+                self.window.offer(patches, float(self._prediction(scores[None], grid).scores[0]))
+                rows.append(scores / scale)
         return self._prediction(torch.stack(rows), grid)
 
     def reset(self) -> None:
         with self._lock:
-            self.window = MutualWindow(self.limits, fraction=self.fraction, admit_ratio=self.admit_ratio)
+            self.window = self._new_window()
 
 
 def build_mutual(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = None,

@@ -20,7 +20,11 @@ import torch
 
 from model.patchcore.torch_model import MAX_BLOCK_ELEMENTS, nearest_neighbor
 
-FRACTION = 0.3  # MuSc's interval [0, 30 %] of the per-image nearest distances, smallest first
+# The interval [0, FRACTION] of the per-image nearest distances, smallest first. MuSc uses 30 %; on the shared
+# samples, whose test sets are 38-73 % defective, the median (50 %) is better offline (docs/models.md), while the
+# online window, which holds only normal-looking frames, keeps MuSc's 30 %.
+FRACTION = 0.5
+WINDOW_FRACTION = 0.3
 TOP_FRACTION = 0.01  # image score: mean of the top 1 % of the blurred map's pixels
 
 

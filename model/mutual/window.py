@@ -3,31 +3,45 @@
 Each new frame is scored against the window's frames (`scoring.nearest_per_image`, then MuSc's interval
 average over them) and enters the window only when it is not judged anomalous, so a run of bad parts does not
 become the "normal" the next frames are compared with. The window is bounded three ways: at most `max_frames`
-frames, at most `max_bytes` of embeddings (float32), and no frame older than `max_age_s`; the oldest frame leaves
-first. The per-frame cost is linear in the window's size (bench/bench_mutual.py measures it).
+frames, at most `max_bytes` of embeddings and neighbour distances (float32), and no frame older than `max_age_s`;
+the oldest frame leaves first. The per-frame cost is linear in the window's size (bench/bench_mutual.py).
 
-The window also carries its own score scale: the line's normal level is the median raw image score of the frames
-it admitted, and a frame is anomalous when its raw score reaches `admit_ratio` times that level. `distance_scale`
-turns that into the daemon's 0-1 convention (daemon/scale.py, 1 - exp(-raw / d0)): the rule's boundary maps to 0.5.
+The window keeps the nearest-patch distances between its own frames (both ways, (n, n, P)), so it knows each
+frame's leave-one-out score against the others at every step, at the price of a second search per admitted frame:
+
+- the line's normal level is the median of those leave-one-out scores; a frame is anomalous when its score
+  reaches `admit_ratio` times that level (scores of frames met while the window was small are not used, so the
+  cold start does not inflate the level);
+- when the cold start ends (`min_frames` frames in), the frames admitted unjudged that look anomalous against the
+  others are dropped again (once: pruning at every step would shrink the window to its tightest cluster).
+
+`distance_scale` turns the rule into the daemon's 0-1 convention (daemon/scale.py, 1 - exp(-raw / d0)): the
+exclusion point maps to 0.5. Until `min_frames` frames are in, nothing is judged (scale infinite: scores 0).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from model.mutual.scoring import FRACTION, nearest_per_image, smallest_mean
+from model.mutual.scoring import WINDOW_FRACTION, nearest_per_image, smallest_mean
+from model.patchcore.torch_model import nearest_neighbor
 
-# A frame is kept out of the window when its raw image score reaches this multiple of the window's median score
-# (measured on the shared samples: good parts of a category sit within ~1.2x of their median, defective ones from
-# ~1.3x up; docs/models.md).
-ADMIT_RATIO = 1.3
-MIN_FRAMES = 3  # scored frames the window needs before it judges (and keeps out) any frame
+# A frame is kept out of the window when its raw image score reaches this multiple of the window's median
+# leave-one-out score (cubes on the shared samples, colour variants mixed: good frames 0.7-1.5x, defective ones
+# 1.5-2.3x).
+ADMIT_RATIO = 1.5
+MIN_FRAMES = 8  # frames the window needs before it judges (and keeps out) any frame
+
+ImageScore = Callable[[torch.Tensor], torch.Tensor]  # (B, P) patch scores → (B,) image scores
+
+
+def max_score(patch_scores: torch.Tensor) -> torch.Tensor:
+    return patch_scores.amax(dim=1)
 
 
 @dataclass(frozen=True)
@@ -41,93 +55,128 @@ class WindowLimits:
             raise ValueError(f"window limits must be positive: {self}")
 
 
-@dataclass
-class WindowFrame:
-    patches: torch.Tensor  # (P, D)
-    score: float  # raw image score it had when it was admitted (nan: admitted unscored, during the warm-up)
-    added_at: float
-
-
-@dataclass(frozen=True)
-class WindowVerdict:
-    patch_scores: torch.Tensor  # (P,) raw mutual scores; zeros when the window was empty
-    image_score: float  # raw
-    admitted: bool
-    window_frames: int  # frames it was scored against
-
-
 class MutualWindow:
     """A bounded window of normal-looking frames (see the module docstring). Not thread-safe: one per source."""
 
-    def __init__(self, limits: WindowLimits = WindowLimits(), *, fraction: float = FRACTION,
+    def __init__(self, limits: WindowLimits = WindowLimits(), *, fraction: float = WINDOW_FRACTION,
                  admit_ratio: float = ADMIT_RATIO, min_frames: int = MIN_FRAMES,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 image_score: ImageScore = max_score, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.fraction = float(fraction)
         self.admit_ratio = float(admit_ratio)
-        self.min_frames = int(min_frames)
+        self.min_frames = max(2, int(min_frames))
+        self.image_score = image_score
         self.clock = clock
-        self.frames: deque[WindowFrame] = deque()
-        self.excluded = 0  # frames kept out since the start
+        self.frames: list[torch.Tensor] = []  # (P, D) each, oldest first
+        self.added_at: list[float] = []
+        self.distances = torch.empty(0, 0, 0)  # (n, n, P): patch p of frame i → nearest patch of frame j
+        self.own_scores = torch.empty(0)  # (n,) leave-one-out image scores
+        self.excluded = 0  # frames kept out (or dropped again) since the start
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (patches, their (P, n) distances)
 
     def __len__(self) -> int:
         return len(self.frames)
 
     @property
     def nbytes(self) -> int:
-        return sum(f.patches.numel() * f.patches.element_size() for f in self.frames)
-
-    def normal_level(self) -> float | None:
-        """Median raw image score of the admitted, scored frames (None before there are any)."""
-        scores = sorted(f.score for f in self.frames if not math.isnan(f.score))
-        return scores[len(scores) // 2] if scores else None
+        return sum(f.numel() * f.element_size() for f in self.frames) + self.distances.numel() * 4
 
     @property
     def ready(self) -> bool:
-        """Whether enough scored frames give a normal level to judge new frames by."""
-        return sum(not math.isnan(f.score) for f in self.frames) >= min(self.min_frames, self.limits.max_frames)
+        return len(self.frames) >= min(self.min_frames, self.limits.max_frames)
+
+    def normal_level(self) -> float | None:
+        """Median leave-one-out image score of the window's frames (None until the window is ready)."""
+        if not self.ready or self.own_scores.numel() == 0:
+            return None
+        return float(self.own_scores.median())
 
     @property
     def distance_scale(self) -> float:
         """d0 of 1 - exp(-raw / d0) that puts the exclusion point (admit_ratio x normal level) at 0.5; infinite
         (every score 0: not judged) while the window is not ready."""
         level = self.normal_level()
-        return self.admit_ratio * level / math.log(2.0) if self.ready and level else math.inf
+        return self.admit_ratio * level / math.log(2.0) if level else math.inf
 
-    def evict(self, now: float | None = None) -> None:
-        now = self.clock() if now is None else now
-        while self.frames and now - self.frames[0].added_at > self.limits.max_age_s:
-            self.frames.popleft()
-        while len(self.frames) > self.limits.max_frames:
-            self.frames.popleft()
-        while len(self.frames) > 1 and self.nbytes > self.limits.max_bytes:
-            self.frames.popleft()
-
+    # -- scoring ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def patch_scores(self, patches: torch.Tensor) -> torch.Tensor:
         """(P, D) → (P,) raw mutual scores against the window's frames (zeros with an empty window)."""
         if not self.frames:
+            self._last = (patches, patches.new_empty(patches.shape[0], 0))
             return patches.new_zeros(patches.shape[0])
-        distances = nearest_per_image(patches, [f.patches for f in self.frames])
+        distances = nearest_per_image(patches, self.frames)
+        self._last = (patches, distances)
         return smallest_mean(distances, self.fraction)
 
     def judge(self, image_score: float) -> bool:
         """Whether a frame of this raw score is anomalous for the window (False while it is not ready)."""
         level = self.normal_level()
-        return self.ready and level is not None and image_score >= self.admit_ratio * level
+        return level is not None and image_score >= self.admit_ratio * level
 
-    def offer(self, patches: torch.Tensor, image_score: float, *, scored: bool = True) -> bool:
-        """Admit the frame unless it is judged anomalous; returns whether it was admitted."""
+    # -- membership ------------------------------------------------------------------------------------------------
+    def evict(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        while self.frames and now - self.added_at[0] > self.limits.max_age_s:
+            self._drop(0)
+        while len(self.frames) > self.limits.max_frames:
+            self._drop(0)
+        while len(self.frames) > 1 and self.nbytes > self.limits.max_bytes:
+            self._drop(0)
+
+    def _drop(self, index: int) -> None:
+        del self.frames[index], self.added_at[index]
+        keep = [i for i in range(self.distances.shape[0]) if i != index]
+        self.distances = self.distances[keep][:, keep]
+        self._last = None
+
+    @torch.no_grad()
+    def offer(self, patches: torch.Tensor, image_score: float) -> bool:
+        """Admit the frame unless it is judged anomalous (by `image_score`, its raw score against the window);
+        returns whether it was admitted."""
         now = self.clock()
         self.evict(now)
-        if scored and self.judge(image_score):
+        if self.judge(image_score):
             self.excluded += 1
             return False
-        frame_bytes = patches.numel() * patches.element_size()
-        if frame_bytes > self.limits.max_bytes:
-            raise ValueError(f"one frame's embeddings take {frame_bytes} bytes, over the window's limit "
-                             f"{self.limits.max_bytes}")
-        self.frames.append(WindowFrame(patches.detach().float().contiguous(),
-                                       float(image_score) if scored else math.nan, now))
+        was_ready = self.ready
+        cached = self._last is not None and self._last[0] is patches and self._last[1].shape[1] == len(self.frames)
+        patches = patches.detach().float().contiguous()
+        if cached:
+            forward = self._last[1]
+        else:
+            forward = nearest_per_image(patches, self.frames) if self.frames else patches.new_empty(len(patches), 0)
+        n, p = len(self.frames), patches.shape[0]
+        grown = torch.full((n + 1, n + 1, p), math.inf)
+        if n:
+            grown[:n, :n] = self.distances
+            grown[n, :n] = forward.t().cpu()
+            backward = nearest_neighbor(torch.cat(self.frames), patches)[0]  # each window patch → the new frame
+            grown[:n, n] = backward.reshape(n, p).cpu()
+        self.distances = grown
+        self.frames.append(patches)
+        self.added_at.append(now)
+        self._last = None
         self.evict(now)
+        self._rescore(prune=self.ready and not was_ready)
         return True
+
+    def _rescore(self, prune: bool = False) -> None:
+        """Leave-one-out scores of the window's frames; `prune` (once, when the cold start ends): drop those that
+        look anomalous against the others (a defective part among the first frames)."""
+        n = len(self.frames)
+        if n < 2:
+            self.own_scores = torch.zeros(n)
+            return
+        patch = smallest_mean(self.distances.permute(0, 2, 1).reshape(n * self.distances.shape[2], n),
+                              self.fraction).reshape(n, -1)
+        self.own_scores = self.image_score(patch).float().cpu()
+        if not prune:
+            return
+        level = float(self.own_scores.median())
+        outliers = [i for i in range(n) if float(self.own_scores[i]) >= self.admit_ratio * level]
+        for index in reversed(outliers):
+            self._drop(index)
+            self.excluded += 1
+        if outliers:
+            self._rescore()

@@ -53,36 +53,44 @@ def test_max_others_bounds_the_comparisons_and_keeps_the_answer() -> None:
 
 def test_the_window_keeps_anomalous_frames_out_and_stays_within_its_bounds() -> None:
     now = [0.0]
-    window = MutualWindow(WindowLimits(max_frames=6, max_bytes=1 << 20, max_age_s=100.0), min_frames=3,
+    window = MutualWindow(WindowLimits(max_frames=6, max_bytes=1 << 20, max_age_s=100.0), min_frames=4,
                           clock=lambda: now[0])
-    frames = normal_set(12)
+    frames = normal_set(14)
+    broken = frames[0].clone()
+    broken[10] += 8.0
 
     def feed(patches: torch.Tensor) -> tuple[float, bool]:
-        scores = window.patch_scores(patches)
-        score = float(scores.max())
-        return score, window.offer(patches, score, scored=len(window) > 0)
+        now[0] += 1
+        score = float(window.patch_scores(patches).max())
+        return score, window.offer(patches, score)
 
-    for i in range(4):
-        now[0] += 1
-        assert feed(frames[i])[1], "a normal frame during the warm-up is admitted"
-    assert window.ready and math.isfinite(window.distance_scale)
-    broken = frames[4].clone()
-    broken[10] += 8.0
-    for _ in range(5):  # a run of the same broken part: none enters the window, each stays anomalous
-        now[0] += 1
-        score, admitted = feed(broken)
-        assert not admitted and score >= window.admit_ratio * window.normal_level()
-    assert window.excluded == 5 and len(window) == 4
-    for i in range(5, 12):  # normal frames again: admitted, the window keeps its newest max_frames
-        now[0] += 1
+    # cold start: the first frames are admitted unjudged, a broken one among them too ...
+    for patches in (frames[1], broken, frames[2], frames[3]):
+        assert feed(patches)[1]
+    # ... and dropped again when the window becomes ready and sees it against the others
+    assert len(window) == 3 and window.excluded == 1 and not window.ready
+    assert not any(torch.equal(f, broken) for f in window.frames)
+    for i in range(4, 6):
         assert feed(frames[i])[1]
-    assert len(window) == 6
-    assert torch.equal(window.frames[-1].patches, frames[11])
-    # memory bound: a window of 3 frames' bytes holds at most 3
-    small = MutualWindow(WindowLimits(max_frames=50, max_bytes=3 * P * D * 4), clock=lambda: now[0])
+    assert window.ready and math.isfinite(window.distance_scale)
+    level = window.normal_level()
+    for _ in range(5):  # a run of the same broken part: none enters the window, each stays anomalous
+        score, admitted = feed(broken)
+        assert not admitted and score >= window.admit_ratio * level
+    assert window.excluded == 6 and len(window) == 5
+    for i in range(6, 14):  # normal frames again: admitted, the window keeps its newest max_frames
+        assert feed(frames[i])[1]
+    assert len(window) == 6 and torch.equal(window.frames[-1], frames[13])
+    assert window.distances.shape == (6, 6, P)
+    # the kept distances are those a fresh search gives: frame 0 of the window against the others
+    fresh = torch.stack([torch.cdist(window.frames[0], other).amin(1) for other in window.frames[1:]], 1)
+    assert torch.allclose(window.distances[0, 1:].t(), fresh, atol=1e-3)
+    # memory bound: embeddings and distances of at most what max_bytes holds
+    per_frame = P * D * 4
+    small = MutualWindow(WindowLimits(max_frames=50, max_bytes=3 * per_frame + 9 * P * 4), clock=lambda: now[0])
     for i in range(6):
-        small.offer(frames[i], 0.0, scored=False)
-    assert len(small) == 3 and small.nbytes <= 3 * P * D * 4
+        small.offer(frames[i], 0.0)
+    assert len(small) == 3 and small.nbytes <= 3 * per_frame + 9 * P * 4
     # time bound: frames older than max_age_s leave
     now[0] += 101
     window.evict()
