@@ -1,12 +1,13 @@
 """End to end on real data and real weights: a source with `references = "auto"` and no references starts
 inspecting on its first frames with mutual scoring (each frame against a window of its own recent normal-looking
-frames), alerts defects, then an operator approves known-good frames through the API and the source switches to
-PatchCore on them (the new version on its inspections records the switch).
+frames), alerts defects, proposes known-good frames (API and CLI), an operator approves them through the API and the
+source switches to PatchCore on them (the new version on its inspections records the switch).
 Frames: ../shared/data/inspection-samples/cubes (linked, never copied into the repo).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -41,7 +42,7 @@ def _link(files: list[Path], folder: Path, first: int) -> None:
         staged.rename(folder / f"{index:03d}-{file.name}")
 
 
-def test_zero_label_start_then_approved_references_switch_to_patchcore(samples_dir, tmp_path):
+def test_zero_label_start_then_approved_references_switch_to_patchcore(samples_dir, tmp_path, capsys):
     cubes = samples_dir / "cubes" / "test"
     rng = random.Random(5)
     good = sorted((cubes / "good").glob("*.jpg"))
@@ -79,8 +80,6 @@ def test_zero_label_start_then_approved_references_switch_to_patchcore(samples_d
         alerted_bad = sum(rows[f.name].is_anomalous for f in defective[:N_DEFECTIVE])
         alerted_good = sum(rows[f.name].is_anomalous for f in warmup + good[6:N_GOOD])
         print(f"mutual: {alerted_bad}/{N_DEFECTIVE} defective alerted, {alerted_good}/{N_GOOD} good alerted")
-        print("in order (defective, score):", [(k in {f.name for f in defective}, round(r.score, 3))
-                                              for k, r in sorted(rows.items(), key=lambda item: item[1].id)])
         assert alerted_bad >= N_DEFECTIVE // 2
         assert alerted_good <= 4
         # the window kept the alerted frames out and holds only normal-looking ones
@@ -91,8 +90,39 @@ def test_zero_label_start_then_approved_references_switch_to_patchcore(samples_d
         from daemon.app import create_app
 
         client = TestClient(create_app(service.app_state(), routers()))
-        chosen = sorted((r for r in rows.values() if not r.is_anomalous), key=lambda r: r.score)[:4]
-        answer = client.post("/api/sources/cubes/references", json={"inspection_ids": [r.id for r in chosen]},
+        early = client.get("/api/sources/cubes/references/proposal", headers=auth("viewer")).json()
+        assert early["ready"] is False and early["frames"] == []  # fewer than 50 judged frames yet
+        proposal = client.get("/api/sources/cubes/references/proposal", params={"count": 4, "after": 12},
+                              headers=auth("viewer")).json()
+        assert proposal["ready"] is True and len(proposal["frames"]) == 4, proposal
+        by_id = {r.id: name for name, r in rows.items()}
+        chosen = [frame["inspection_id"] for frame in proposal["frames"]]
+        assert not {by_id[i] for i in chosen} & {f.name for f in defective}, "a defective frame was proposed"
+        assert all(rows[by_id[i]].score > 0 and not rows[by_id[i]].is_anomalous for i in chosen)
+        # the CLI proposes the same frames from the same database
+        from daemon.cli import main
+
+        config = tmp_path / "config.toml"
+        config.write_text(f"""
+[model]
+name = "patchcore"
+[[sources]]
+id = "cubes"
+kind = "folder"
+uri = "{tmp_path / 'inbox'}"
+references = "auto"
+[database]
+url = "sqlite:///{tmp_path}/anomalyd.db"
+[storage]
+dir = "{tmp_path / 'artifacts'}"
+[mqtt]
+enabled = false
+""")
+        capsys.readouterr()
+        assert main(["references", "propose", "--config", str(config), "--source", "cubes", "--count", "4",
+                     "--after", "12", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frames"] == proposal["frames"]
+        answer = client.post("/api/sources/cubes/references", json={"inspection_ids": chosen},
                              headers=auth("operator"))
         assert answer.status_code == 201, answer.text
         assert wait_until(lambda: service.pipeline.detector.version_for("cubes").startswith("patchcore-"),
