@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from model.factory import Prediction, register_model
+from model.mutual.drift import DriftWatch
 from model.mutual.scoring import FRACTION, TOP_FRACTION, WINDOW_FRACTION, mutual_patch_scores, top_mean
 from model.mutual.window import ADMIT_RATIO, MutualWindow, WindowLimits
 from model.patchcore.backbone import DEFAULT_BACKBONE, Tap
@@ -59,6 +60,7 @@ class MutualDetector:
         self.admit_ratio = float(admit_ratio)
         self.grid = (0, 0)
         self.window = self._new_window()
+        self.drift = DriftWatch()  # whole-frame change vs defects (model/mutual/drift.py)
         self._lock = threading.Lock()
 
     def _new_window(self) -> MutualWindow:
@@ -127,6 +129,9 @@ class MutualDetector:
             for patches in embeddings:
                 scores = self.window.patch_scores(patches)
                 scale = self.window.distance_scale  # the window's scale when the frame met it (inf: not judged)
+                if self.window.ready:
+                    self.drift.calibrate(self.window.own_patch_scores)
+                    self.drift.update(scores)
                 self.window.offer(patches, float(self._prediction(scores[None], grid).scores[0]))
                 rows.append(scores / scale)
         return self._prediction(torch.stack(rows), grid)
@@ -134,6 +139,7 @@ class MutualDetector:
     def reset(self) -> None:
         with self._lock:
             self.window = self._new_window()
+            self.drift = DriftWatch()
 
 
 def build_mutual(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = None,

@@ -71,6 +71,7 @@ class MutualWindow:
         self.added_at: list[float] = []
         self.distances = torch.empty(0, 0, 0)  # (n, n, P): patch p of frame i → nearest patch of frame j
         self.own_scores = torch.empty(0)  # (n,) leave-one-out image scores
+        self.own_patch_scores = torch.empty(0, 0)  # (n, P) leave-one-out patch scores
         self.excluded = 0  # frames kept out (or dropped again) since the start
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (patches, their (P, n) distances)
 
@@ -166,10 +167,11 @@ class MutualWindow:
         look anomalous against the others (a defective part among the first frames)."""
         n = len(self.frames)
         if n < 2:
-            self.own_scores = torch.zeros(n)
+            self.own_scores, self.own_patch_scores = torch.zeros(n), torch.empty(0, 0)
             return
         patch = smallest_mean(self.distances.permute(0, 2, 1).reshape(n * self.distances.shape[2], n),
                               self.fraction).reshape(n, -1)
+        self.own_patch_scores = patch
         self.own_scores = self.image_score(patch).float().cpu()
         if not prune:
             return
