@@ -24,6 +24,9 @@ alone understate it; `calibration_views`), plus that source's frames labelled no
 They are stored per source **and model version** (table `source_thresholds`; the version a source's frames
 carry includes the reference digest), so a new version or reference set never keeps a stale threshold.
 
+A source with `references = "auto"` and no references yet (or any source under `[model].name = "mutual"`) gets
+a mutual-scoring detector with a window of its own frames instead (daemon/zero_label.py) until references arrive.
+
 Bad input — an empty, missing or unreadable folder, references of mixed size or channel count, a bank of
 another model, `patchcore` without references — is an error naming the value; that source's frames are
 rejected with it (a `rejected_frames` record) while the other sources keep being inspected.
@@ -653,7 +656,8 @@ class ReferenceManager:
         """No references yet on a `references = "auto"` source (or a `mutual` model): mutual scoring on the
         source's own recent frames (daemon/zero_label.py)."""
         try:
-            state.detector = mutual_detector(self.settings, self._base, reference_model_options(self.settings))
+            state.detector = mutual_detector(self.settings, self._base, reference_model_options(self.settings),
+                                             state.source_id)
         except Exception as exc:  # weights missing, bad options: name the value, go on with the other sources
             return self._failed(state, f"source {state.source_id}: zero-label start: {exc}", ())
         state.version, state.error, state.built_at = str(state.detector.version), None, time.time()

@@ -38,10 +38,10 @@ def zero_label(settings: Any, base: Any, source_id: str, files: list) -> bool:
     return not files and cfg is not None and cfg.references == AUTO
 
 
-def mutual_detector(settings: Any, base: Any, options: dict[str, Any]) -> Any:
+def mutual_detector(settings: Any, base: Any, options: dict[str, Any], source_id: str = "") -> Any:
     """A mutual detector with an empty window of its own, on the daemon's 0-1 scale."""
     if getattr(base, "forks_per_source", False):
-        return scaled(getattr(base, "raw", base).fork())
+        return scaled(_labelled(getattr(base, "raw", base).fork(), source_id))
     r = settings.runtime
     key = (str(r.device), str(r.dtype), tuple(sorted((k, str(v)) for k, v in options.items())))
     with _SHARED_LOCK:
@@ -50,7 +50,12 @@ def mutual_detector(settings: Any, base: Any, options: dict[str, Any]) -> Any:
 
             _SHARED[key] = create_detector("mutual", device=r.device, dtype=r.dtype, **options)
         shared = _SHARED[key]
-    return scaled(shared.fork())
+    return scaled(_labelled(shared.fork(), source_id))
+
+
+def _labelled(detector: Any, source_id: str) -> Any:
+    detector.label = f"source {source_id}" if source_id else ""
+    return detector
 
 
 def propose_references(sessions: Any, source_id: str, count: int = PROPOSED, recent: int = PROPOSAL_POOL,

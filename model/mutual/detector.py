@@ -17,6 +17,7 @@ score = mean of the map's top 1 % pixels.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from model.mutual.scoring import FRACTION, TOP_FRACTION, WINDOW_FRACTION, mutual
 from model.mutual.window import ADMIT_RATIO, MutualWindow, WindowLimits
 from model.patchcore.backbone import DEFAULT_BACKBONE, Tap
 from model.patchcore.detector import DEFAULT_IMAGE_SIZE, PatchCoreDetector, build_patchcore, clip_to_tf
+
+log = logging.getLogger("anomalyd.mutual")
 
 NAME = "mutual"
 # Offline: each image is compared with at most this many others of its set (spread evenly over it); MuSc's
@@ -61,6 +64,7 @@ class MutualDetector:
         self.grid = (0, 0)
         self.window = self._new_window()
         self.drift = DriftWatch()  # whole-frame change vs defects (model/mutual/drift.py)
+        self.label = ""  # who this window watches, for the log (the daemon sets "source <id>")
         self._lock = threading.Lock()
 
     def _new_window(self) -> MutualWindow:
@@ -131,7 +135,11 @@ class MutualDetector:
                 scale = self.window.distance_scale  # the window's scale when the frame met it (inf: not judged)
                 if self.window.ready:
                     self.drift.calibrate(self.window.own_patch_scores)
-                    self.drift.update(scores)
+                    event = self.drift.update(scores)
+                    if event is not None:
+                        log.warning("%s: drift: %.0f %% of each frame's patches unmatched since frame %d of the "
+                                    "window's stream (signalled at frame %d); these frames stay out of the window",
+                                    self.label or "mutual", 100 * event.share, event.frame, event.detected_at)
                 self.window.offer(patches, float(self._prediction(scores[None], grid).scores[0]))
                 rows.append(scores / scale)
         return self._prediction(torch.stack(rows), grid)

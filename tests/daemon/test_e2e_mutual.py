@@ -70,10 +70,10 @@ def test_zero_label_start_then_approved_references_switch_to_patchcore(samples_d
         assert version and version.startswith("mutual-efficientnet-lite0"), version
         assert "cubes" not in manager.unavailable
         _link(warmup, tmp_path / "inbox", 0)  # a cold start: no references, no labels
-        assert wait_until(lambda: len(_rows(service)) == len(warmup), timeout=240)
+        assert wait_until(lambda: len(_rows(service)) == len(warmup), timeout=600)
         _link(mixed, tmp_path / "inbox", len(warmup))
         expected = len(warmup) + len(mixed)
-        assert wait_until(lambda: len(_rows(service)) == expected, timeout=300), f"{len(_rows(service))}/{expected}"
+        assert wait_until(lambda: len(_rows(service)) == expected, timeout=600), f"{len(_rows(service))}/{expected}"
         rows = {Path(row.frame_name).name.split("-", 1)[1]: row for row in _rows(service)}
         assert {row.model_version for row in rows.values()} == {version}
         assert all(0.0 <= row.score <= 1.0 for row in rows.values())
@@ -126,11 +126,11 @@ enabled = false
                              headers=auth("operator"))
         assert answer.status_code == 201, answer.text
         assert wait_until(lambda: service.pipeline.detector.version_for("cubes").startswith("patchcore-"),
-                          timeout=240)
+                          timeout=600)
         patchcore_version = service.pipeline.detector.version_for("cubes")
         assert "-k4" in patchcore_version
         _link(later, tmp_path / "inbox", expected)
-        assert wait_until(lambda: len(_rows(service)) == expected + len(later), timeout=240)
+        assert wait_until(lambda: len(_rows(service)) == expected + len(later), timeout=600)
         newest = {Path(r.frame_name).name.split("-", 1)[1]: r for r in _rows(service)[expected:]}
         assert {r.model_version for r in newest.values()} == {patchcore_version}
         assert sum(newest[f.name].is_anomalous for f in later[4:]) >= 1

@@ -21,8 +21,9 @@ def frames(samples_dir: Path, category: str, label: int, count: int) -> list[Pat
     return paths[::max(1, len(paths) // count)][:count]
 
 
-def test_defect_flood_alerts_without_drift_and_a_line_change_drifts_once(samples_dir: Path) -> None:
+def test_defect_flood_alerts_without_drift_and_a_line_change_drifts_once(samples_dir: Path, caplog) -> None:
     detector = create_detector("mutual", device="cpu", window_frames=16)
+    detector.label = "source line1"
     good = frames(samples_dir, "cubes", 0, 22)
     broken = frames(samples_dir, "cubes", 1, 10)
 
@@ -48,3 +49,5 @@ def test_defect_flood_alerts_without_drift_and_a_line_change_drifts_once(samples
     first = detector.drift.frames - len(switched)
     assert event.frame == first and event.detected_at <= first + 5 and event.share > 0.7
     assert detector.window.excluded == excluded + len(switched)  # the new product did not enter the window
+    said = [r.getMessage() for r in caplog.records if "drift" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("source line1: drift") and f"since frame {first} " in said[0]
