@@ -9,9 +9,9 @@ bankless `PatchCoreDetector` embeds and maps), the scores are mutual (model/mutu
   source's recent normal-looking frames (model/mutual/window.py), then offered to the window.
 
 Offline outputs are distances like PatchCore's (not 0-1). Online outputs are those distances divided by the
-window's scale when the frame met it (`MutualWindow.distance_scale`: the exclusion point maps to ln 2; 0 while the
+window's scale when the frame met it (`MutualWindow.distance_scale`: the alert point maps to ln 2; 0 while the
 window is not ready), which the daemon brings to 0-1 with PatchCore's rule, 1 - exp(-x) (daemon/scale.py): the
-window's exclusion point is 0.5, the default threshold. Map = patch scores upsampled (nearest) and blurred (sigma 4), image
+window's alert point is 0.5, the default threshold. Map = patch scores upsampled (nearest) and blurred (sigma 4), image
 score = mean of the map's top 1 % pixels.
 """
 

@@ -9,14 +9,14 @@ the oldest frame leaves first. The per-frame cost is linear in the window's size
 The window keeps the nearest-patch distances between its own frames (both ways, (n, n, P)), so it knows each
 frame's leave-one-out score against the others at every step, at the price of a second search per admitted frame:
 
-- the line's normal level is the median of those leave-one-out scores; a frame is anomalous when its score
-  reaches `admit_ratio` times that level (scores of frames met while the window was small are not used, so the
-  cold start does not inflate the level);
+- the line's normal level is the median of those leave-one-out scores; a frame is alerted when its score
+  reaches `alert_ratio` times that level and kept out of the window from `admit_ratio` (lower) times on (scores of
+  frames met while the window was small are not used, so the cold start does not inflate the level);
 - when the cold start ends (`min_frames` frames in), the frames admitted unjudged that look anomalous against the
   others are dropped again (once: pruning at every step would shrink the window to its tightest cluster).
 
 `distance_scale` turns the rule into the daemon's 0-1 convention (daemon/scale.py, 1 - exp(-raw / d0)): the
-exclusion point maps to 0.5. Until `min_frames` frames are in, nothing is judged (scale infinite: scores 0).
+alert point maps to 0.5. Until `min_frames` frames are in, nothing is judged (scale infinite: scores 0).
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ import torch
 from model.mutual.scoring import WINDOW_FRACTION, nearest_per_image, smallest_mean
 from model.patchcore.torch_model import nearest_neighbor
 
-# A frame is kept out of the window when its raw image score reaches this multiple of the window's median
-# leave-one-out score (cubes on the shared samples, colour variants mixed: good frames 0.7-1.5x, defective ones
-# 1.5-2.3x).
-ADMIT_RATIO = 1.5
+# A frame is alerted (0.5 on the daemon's scale) when its raw image score reaches ALERT_RATIO times the window's
+# median leave-one-out score, and kept out of the window from ADMIT_RATIO times on: stricter, so that defects
+# that stay under the alert point do not enter the window and teach it their look (cubes on the shared samples,
+# colour variants mixed: good frames 0.7-1.5x, defective ones 1.2-2.3x; docs/models.md).
+ALERT_RATIO = 1.5
+ADMIT_RATIO = 1.2
 MIN_FRAMES = 8  # frames the window needs before it judges (and keeps out) any frame
 
 ImageScore = Callable[[torch.Tensor], torch.Tensor]  # (B, P) patch scores → (B,) image scores
@@ -59,11 +61,12 @@ class MutualWindow:
     """A bounded window of normal-looking frames (see the module docstring). Not thread-safe: one per source."""
 
     def __init__(self, limits: WindowLimits = WindowLimits(), *, fraction: float = WINDOW_FRACTION,
-                 admit_ratio: float = ADMIT_RATIO, min_frames: int = MIN_FRAMES,
+                 admit_ratio: float = ADMIT_RATIO, alert_ratio: float = ALERT_RATIO, min_frames: int = MIN_FRAMES,
                  image_score: ImageScore = max_score, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.fraction = float(fraction)
         self.admit_ratio = float(admit_ratio)
+        self.alert_ratio = float(alert_ratio)
         self.min_frames = max(2, int(min_frames))
         self.image_score = image_score
         self.clock = clock
@@ -74,6 +77,7 @@ class MutualWindow:
         self.own_patch_scores = torch.empty(0, 0)  # (n, P) leave-one-out patch scores
         self.excluded = 0  # frames kept out (or dropped again) since the start
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (patches, their (P, n) distances)
+        self._pruned = False  # the cold start's members were checked (once)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -94,10 +98,10 @@ class MutualWindow:
 
     @property
     def distance_scale(self) -> float:
-        """d0 of 1 - exp(-raw / d0) that puts the exclusion point (admit_ratio x normal level) at 0.5; infinite
+        """d0 of 1 - exp(-raw / d0) that puts the alert point (alert_ratio x normal level) at 0.5; infinite
         (every score 0: not judged) while the window is not ready."""
         level = self.normal_level()
-        return self.admit_ratio * level / math.log(2.0) if level else math.inf
+        return self.alert_ratio * level / math.log(2.0) if level else math.inf
 
     # -- scoring ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -159,7 +163,7 @@ class MutualWindow:
         self.added_at.append(now)
         self._last = None
         self.evict(now)
-        self._rescore(prune=self.ready and not was_ready)
+        self._rescore(prune=self.ready and not was_ready and not self._pruned)
         return True
 
     def _rescore(self, prune: bool = False) -> None:
@@ -175,6 +179,7 @@ class MutualWindow:
         self.own_scores = self.image_score(patch).float().cpu()
         if not prune:
             return
+        self._pruned = True
         level = float(self.own_scores.median())
         outliers = [i for i in range(n) if float(self.own_scores[i]) >= self.admit_ratio * level]
         for index in reversed(outliers):
