@@ -144,6 +144,13 @@ class MutualDetector:
                 rows.append(scores / scale)
         return self._prediction(torch.stack(rows), grid)
 
+    def load_references(self, *_: Any, **__: Any) -> None:
+        """It has none to load: a k-shot run (`eval --shots`) is a PatchCore run; say so instead of ignoring them."""
+        raise ValueError("mutual scoring uses no references (each image is scored against the others of its set): "
+                         "drop --shots/--references, or use --model patchcore")
+
+    set_references = load_references
+
     def reset(self) -> None:
         with self._lock:
             self.window = self._new_window()
