@@ -11,7 +11,7 @@ folder (an operator approves the proposal, i.e. adds those frames through `POST 
 swaps it in, like any change of references; the new model version on the inspections records the switch.
 
 Scores are on the daemon's 0-1 scale (daemon/scale.py, rule "mutual"): the window's own scale puts the point where
-it alerts (1.5x the median leave-one-out score of the frames it holds; frames from 1.2x on are kept out of it)
+it alerts (1.5x the median leave-one-out score of the frames it holds; frames from 1.35x on are kept out of it)
 at 0.5, the default `threshold`.
 """
 

@@ -36,7 +36,7 @@ from model.patchcore.torch_model import nearest_neighbor
 # that stay under the alert point do not enter the window and teach it their look (cubes on the shared samples,
 # colour variants mixed: good frames 0.7-1.5x, defective ones 1.2-2.3x; docs/models.md).
 ALERT_RATIO = 1.5
-ADMIT_RATIO = 1.2
+ADMIT_RATIO = 1.35
 MIN_FRAMES = 8  # frames the window needs before it judges (and keeps out) any frame
 
 ImageScore = Callable[[torch.Tensor], torch.Tensor]  # (B, P) patch scores → (B,) image scores
