@@ -25,6 +25,9 @@ version** (table `source_thresholds`; the version a source's frames carry includ
 version or reference set never keeps a stale threshold; a stored one is kept at restart. Every change, pins and the
 labelled-defect guard: daemon/thresholds.py.
 
+A source with `references = "auto"` and no references yet (or any source under `[model].name = "mutual"`) gets
+a mutual-scoring detector with a window of its own frames instead (daemon/zero_label.py) until references arrive.
+
 Bad input — an empty, missing or unreadable folder, references of sizes more than SIZE_TOLERANCE apart per side
 or of mixed channel counts, a bank of another model, `patchcore` without references — is an error naming the
 value. A source with a last good bank keeps inspecting with it (the build is retried with backoff); a source without
@@ -63,6 +66,7 @@ from daemon.known_good import (
 )
 from daemon.scale import scale_outputs, scaled
 from daemon.thresholds import ThresholdTable, labelled_anomalous_frames, load_pins
+from daemon.zero_label import AUTO, mutual_detector, zero_label
 from model.factory import needs_references
 from model.preprocess import IMAGE_SUFFIXES
 
@@ -94,7 +98,7 @@ def _configured(settings: Any, source_id: str) -> Any | None:
 def own_reference_dir(settings: Any, source_id: str) -> Path:
     """Where a source's added references go: its `references` folder, else the managed folder."""
     cfg = _configured(settings, source_id)
-    if cfg is not None and cfg.references:
+    if cfg is not None and cfg.references and cfg.references != AUTO:
         return settings.resolve(cfg.references)
     return settings.resolve(settings.storage.dir) / "references" / source_id
 
@@ -158,7 +162,7 @@ def reference_files(settings: Any, source_id: str, sessions: Any = None, store: 
                     max_references: int = MAX_REFERENCES) -> tuple[list[Path], bool]:
     """(files, configured): the source's reference files, and whether references were asked for at all."""
     cfg = _configured(settings, source_id)
-    own = cfg.references if cfg is not None else None
+    own = cfg.references if cfg is not None and cfg.references != AUTO else None
     files: list[Path] = []
     if own:
         files += _images_in(settings.resolve(own), required=True, what=f"source {source_id}: references")
@@ -551,6 +555,8 @@ class ReferenceManager:
         state.signature = sig
         state.files = files
         state.base_version = base_version
+        if zero_label(self.settings, self._base, source_id, files):
+            return self._start_zero_label(state)
         if not files:
             state.detector, state.version, state.built_at = None, None, time.time()
             if self._needs_references() or configured:
@@ -584,6 +590,20 @@ class ReferenceManager:
                 self.calibrate(source_id)
         except Exception:
             log.exception("source %s: calibration failed; keeping the configured thresholds", source_id)
+        return True
+
+    def _start_zero_label(self, state: SourceState) -> bool:
+        """No references yet on a `references = "auto"` source (or a `mutual` model): mutual scoring on the
+        source's own recent frames (daemon/zero_label.py)."""
+        try:
+            state.detector = mutual_detector(self.settings, self._base, reference_model_options(self.settings),
+                                             state.source_id)
+        except Exception as exc:  # weights missing, bad options: name the value, go on with the other sources
+            return self._failed(state, f"source {state.source_id}: zero-label start: {exc}", ())
+        state.version, state.error, state.built_at = str(state.detector.version), None, time.time()
+        self.unavailable.pop(state.source_id, None)
+        log.info("source %s: no references yet: mutual scoring on its own recent frames (version %s)",
+                 state.source_id, state.version)
         return True
 
     def _files_changed(self, source_id: str, sig: tuple) -> bool:

@@ -10,6 +10,7 @@ or model. Declared ranges (raw → daemon):
 | anomalyclip | 0–1 (softmax) | 0–n_taps (per-tap (p_a + 1 - p_n)/2 summed) | raw / n_taps |
 | adaclip, clip, winclip | 0–1 | 0–1 | unchanged |
 | patchcore | 0–∞ (distance) | 0–∞ (distance) | 1 - exp(-raw / d0), d0 = the bank's own scale |
+| mutual (online) | 0–∞ (distance / window scale) | same | 1 - exp(-raw): the window's exclusion point → 0.5 |
 
 PatchCore's d0 is the detector's `distance_scale` when it declares one (a typical nearest-neighbour distance
 between normal patches of its bank), else 1: the result stays monotone in the distance, and the daemon's
@@ -50,6 +51,10 @@ def _anomalyclip(detector: Any, scores: torch.Tensor, maps: torch.Tensor) -> tup
 def _patchcore(detector: Any, scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = float(getattr(detector, "distance_scale", None) or 1.0)
     return 1.0 - torch.exp(-scores.clamp_min(0) / scale), 1.0 - torch.exp(-maps.clamp_min(0) / scale)
+
+
+# Mutual scoring (model/mutual): distances like PatchCore's, d0 from the source's window (0.5 = its exclusion point).
+SCALES["mutual"] = _patchcore
 
 
 def scale_outputs(detector: Any, scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

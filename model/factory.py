@@ -122,6 +122,7 @@ BUILTIN_FAMILIES: dict[str, str] = {
     "winclip": "model.baselines",
     "patchcore": "model.patchcore.detector",
     "patchcore-head": "model.supervised.detector",
+    "mutual": "model.mutual.detector",
 }
 
 

@@ -55,6 +55,18 @@ def list_references(source_id: str, state: AppState = Depends(get_state),
             "items": admin.list_references(state.settings, source_id, state.sessions, state.store), "bank": info}
 
 
+@router.get("/{source_id}/references/proposal", summary="Known-good candidates of a source that runs mutual scoring")
+def propose_references(source_id: str, count: int = Query(8, ge=1, le=refs.MAX_REFERENCES),
+                       after: int = Query(50, ge=1, description="judged normal-looking frames needed first"),
+                       state: AppState = Depends(get_state),
+                       _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
+    """Approve them by POSTing their inspection ids to /references (daemon/zero_label.py)."""
+    from daemon.zero_label import propose_references as propose
+
+    _known(state, source_id)
+    return propose(sessions_of(state), source_id, count, min_judged=after)
+
+
 @router.post("/{source_id}/references", status_code=status.HTTP_201_CREATED,
              summary="Use the frames of inspections as normal references of their source (operator)")
 async def add_references(source_id: str, body: AddReferences, state: AppState = Depends(get_state),

@@ -421,6 +421,27 @@ def with_category_references(base: Any, references: list, transform: str) -> Any
     return with_references(base, files, transform=load)
 
 
+def set_predictions(detector: Any, batches: Any) -> list[dict[str, Any]]:
+    """The batches of one category, each given its slice of `detector.predict_set` over all of them."""
+    import torch
+
+    from model.factory import Prediction
+
+    batches = list(batches)
+    images = [b["image"] for b in batches if b["image"].shape[0]]
+    if sum(i.shape[0] for i in images) < 2:
+        raise UsageError(f"{detector.name} scores each image against the others of its category: it needs 2 or more")
+    with torch.no_grad():
+        prediction = detector.predict_set(torch.cat(images))
+    start = 0
+    for batch in batches:
+        count = batch["image"].shape[0]
+        batch["prediction"] = Prediction(scores=prediction.scores[start:start + count],
+                                         maps=prediction.maps[start:start + count])
+        start += count
+    return batches
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -496,14 +517,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
-            for batch in tqdm(loader, desc=f"{name} {category}", disable=not show, leave=False):
+            batches = tqdm(loader, desc=f"{name} {category}", disable=not show, leave=False)
+            if hasattr(detector, "predict_set"):  # mutual scoring: each image against the others of its category
+                batches = set_predictions(detector, batches)
+            for batch in batches:
                 for path, message in batch["errors"]:
                     print(f"anomalyd: skipped {path}: {message}", file=sys.stderr)
                 skipped.extend(batch["errors"])
                 if batch["image"].shape[0] == 0:
                     continue
-                with torch.no_grad():
-                    prediction = detector.predict(batch["image"], class_names=[args.class_name or category] * batch["image"].shape[0])
+                if "prediction" in batch:
+                    prediction = batch["prediction"]
+                else:
+                    with torch.no_grad():
+                        prediction = detector.predict(batch["image"], class_names=[args.class_name or category] * batch["image"].shape[0])
                 labels.extend(batch["label"].tolist())
                 scores.extend(prediction.scores.cpu().tolist())
                 batch_maps = prediction.maps.float().cpu().numpy()

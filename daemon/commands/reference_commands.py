@@ -64,6 +64,25 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_references_propose(args: argparse.Namespace) -> int:
+    from daemon.zero_label import propose_references
+
+    settings = _load(args)
+    _source(settings, args.source)
+    with _database(settings) as sessions:
+        proposal = propose_references(sessions, args.source, args.count, min_judged=args.after)
+    if args.json:
+        print(json.dumps(proposal))
+        return 0
+    print(f"source {args.source}: {proposal['message']}")
+    for frame in proposal["frames"]:
+        print(f"  inspection {frame['inspection_id']}  score {frame['score']:.3f}  {frame['frame_name']}")
+    if proposal["frames"]:
+        ids = " ".join(str(f["inspection_id"]) for f in proposal["frames"])
+        print(f"approve: anomalyd references add --source {args.source} {ids}")
+    return 0
+
+
 def cmd_references_remove(args: argparse.Namespace) -> int:
     from daemon import reference_admin as admin
 
@@ -79,7 +98,8 @@ def cmd_references_remove(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("references", help="a source's normal reference images: list, add, remove")
+    parser = subparsers.add_parser("references", help="a source's normal reference images: list, propose, add, "
+                                   "remove")
     commands = parser.add_subparsers(dest="references_command", metavar="ACTION")
     commands.required = True
     listing = commands.add_parser("list", help="the reference images of a source")
@@ -93,6 +113,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("inspections", nargs="+", type=int, metavar="INSPECTION_ID")
     add.add_argument("--json", action="store_true")
     add.set_defaults(func=cmd_references_add)
+    propose = commands.add_parser("propose", help="known-good candidates of a source that runs mutual scoring "
+                                  "(references = \"auto\")")
+    _config_argument(propose)
+    propose.add_argument("--source", required=True, help="the [[sources]] id")
+    propose.add_argument("--count", type=int, default=8)
+    propose.add_argument("--after", type=int, default=50, help="judged normal-looking frames needed first")
+    propose.add_argument("--json", action="store_true")
+    propose.set_defaults(func=cmd_references_propose)
     remove = commands.add_parser("remove", help="remove reference images (by the names `list` shows)")
     _config_argument(remove)
     remove.add_argument("--source", required=True, help="the [[sources]] id")

@@ -1,0 +1,53 @@
+"""Drift watch on real frames and real weights (model/mutual/drift.py through the online `mutual` detector): a flood
+of real defects (every other cube broken) raises alerts and no drift; a change of the line (another product,
+metal plates, on the camera) is signalled once, within a few frames, while its frames are kept out of the window."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import create_detector
+from model.datasets import discover, load_image
+
+pytestmark = [pytest.mark.shared, pytest.mark.slow]
+
+
+def frames(samples_dir: Path, category: str, label: int, count: int) -> list[Path]:
+    paths = sorted(s.path for s in discover(samples_dir, split="test") if s.category == category and s.label == label)
+    return paths[::max(1, len(paths) // count)][:count]
+
+
+def test_defect_flood_alerts_without_drift_and_a_line_change_drifts_once(samples_dir: Path, caplog) -> None:
+    detector = create_detector("mutual", device="cpu", window_frames=16)
+    detector.label = "source line1"
+    good = frames(samples_dir, "cubes", 0, 22)
+    broken = frames(samples_dir, "cubes", 1, 10)
+
+    def feed(paths: list[Path]) -> list[float]:
+        images = torch.stack([load_image(p, detector.image_size, "fast") for p in paths])
+        return [1.0 - math.exp(-float(s)) for s in detector.predict(images).scores]  # the daemon's 0-1 scale
+
+    feed(good[:10])  # cold start
+    assert detector.window.ready
+    flood = [p for pair in zip(good[10:20], broken, strict=True) for p in pair]
+    scores = feed(flood)
+    alerted = [s >= 0.5 for s in scores]
+    assert sum(alerted[1::2]) >= 8, scores  # the broken plates are alerted ...
+    assert sum(alerted[0::2]) <= 1, scores
+    assert detector.drift.events == [], detector.drift.events  # ... and the flood is not taken for a drift
+    excluded = detector.window.excluded
+    switched = frames(samples_dir, "metal_plate", 0, 8)
+    scores = feed(switched)
+    assert all(s >= 0.5 for s in scores), scores  # every frame of the new product looks anomalous ...
+    assert len(detector.drift.events) == 1, detector.drift.events  # ... and one drift names where it began
+    event = detector.drift.events[0]
+    print(f"drift: {event}; new-product scores {[round(s, 2) for s in scores]}")
+    first = detector.drift.frames - len(switched)
+    assert event.frame == first and event.detected_at <= first + 5 and event.share > 0.7
+    assert detector.window.excluded == excluded + len(switched)  # the new product did not enter the window
+    said = [r.getMessage() for r in caplog.records if "drift" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("source line1: drift") and f"since frame {first} " in said[0]
