@@ -55,6 +55,7 @@ class PreparedBank:
     norms: torch.Tensor  # (M,) fp32 squared norms
     rows_t: torch.Tensor  # (D, M) fp32, contiguous
     version: int
+    bf16: bool = False  # whether bf16 candidates were asked for (approx_t is None anyway below MIN_BF16_ROWS)
     mean: torch.Tensor | None = None  # (D,) the bank's mean: the bf16 copy is centred on it
     approx_t: torch.Tensor | None = None  # (D + 4, M padded to ROW_GROUP) bf16: [x̃; 1; 1; N_hi; N_lo]
     max_norm: float = 0.0  # max |x̃| of the centred bf16 rows
@@ -84,12 +85,13 @@ def prepare(bank: torch.Tensor, bank_norms: torch.Tensor | None = None, *, bf16:
     """The cached `PreparedBank` of `bank` (M, D) (built on first use, rebuilt if the bank changed in place)."""
     key, version = id(bank), _version(bank)
     cached = _prepared.get(key)
-    if cached is not None and cached[0]() is bank and cached[1].version == version:
+    if cached is not None and cached[0]() is bank and cached[1].version == version and bf16 in (None, cached[1].bf16):
         return cached[1]
     rows = bank.float().contiguous()
     norms = rows.pow(2).sum(dim=1) if bank_norms is None else bank_norms.float()
     prepared = PreparedBank(rows=rows, norms=norms, rows_t=rows.t().contiguous(), version=version)
     use_bf16 = (rows.device.type == "cpu" and cpu_has_fast_bf16()) if bf16 is None else bf16
+    prepared.bf16 = use_bf16
     if use_bf16 and rows.shape[0] >= MIN_BF16_ROWS:
         mean = rows.double().mean(dim=0).float()
         centred = rows - mean
@@ -136,8 +138,9 @@ def exact_nearest(queries: torch.Tensor, prepared: PreparedBank,
                 better = value < block_best
                 block_best = torch.where(better, value, block_best)
                 block_where = torch.where(better, index + b_start, block_where)
-        best[q_start:q_start + query_block] = block_best.add_(query.pow(2).sum(dim=1)).clamp_min_(0).sqrt_()
         where[q_start:q_start + query_block] = block_where
+        # the distance itself as a difference: |q|² - 2q·x + |x|² loses ~1e-7 |q|² to cancellation
+        best[q_start:q_start + query_block] = (query - prepared.rows[block_where]).pow_(2).sum(dim=1).sqrt_()
     return best, where
 
 
@@ -191,10 +194,11 @@ def _bf16_search(queries: torch.Tensor, prepared: PreparedBank) -> tuple[torch.T
 
 
 def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor | None = None,
-            max_elements: int = EXACT_BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+            max_elements: int = EXACT_BLOCK_ELEMENTS, *, bf16: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distance (N,), index (N,)) of each query row's nearest bank row: exact, by the fastest path here.
-    `max_elements` bounds the fp32 path's distance blocks (the bf16 path holds QUERY_BLOCK x M bf16 values)."""
-    prepared = prepare(bank, bank_norms)
+    `max_elements` bounds the fp32 path's distance blocks (the bf16 path holds QUERY_BLOCK x M bf16 values);
+    `bf16` forces the bf16 candidates on or off for a new bank (default: on CPUs with native bf16)."""
+    prepared = prepare(bank, bank_norms, bf16=bf16)
     queries = queries.float()
     if prepared.approx_t is None or queries.shape[0] == 0:
         return exact_nearest(queries, prepared, max_elements)
@@ -205,8 +209,8 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor 
     return distance, index
 
 
-def last_unproven_share(queries: torch.Tensor, bank: torch.Tensor) -> float:
-    """Share of the queries the bf16 certificate could not prove (searched again exactly); 0 on the fp32 path."""
+def unproven_share(queries: torch.Tensor, bank: torch.Tensor) -> float:
+    """Share of the queries the bf16 certificate cannot prove (searched again in fp32); 0 on the fp32 path."""
     prepared = prepare(bank)
     if prepared.approx_t is None:
         return 0.0
