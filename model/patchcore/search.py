@@ -5,7 +5,7 @@ ties), whichever path runs:
 
 - CPU with native bf16 (AVX512-BF16 or AMX): a bf16 matrix product finds candidates, fp32 re-checks them, and a
   per-query certificate proves that no other row can be nearer; the queries it cannot prove (near-ties within the
-  bf16 rounding, duplicated bank rows) are searched again exactly. See `_bf16_block` for the bound.
+  bf16 rounding, duplicated bank rows) are searched again exactly. See `_bf16_search` for the bound.
 - everywhere else (CUDA, CPUs without bf16, small banks): one fp32 product per block with the bank stored
   transposed (the layout MKL multiplies twice as fast as `bank.t()`) and its squared norms precomputed.
 
@@ -51,7 +51,6 @@ def cpu_has_fast_bf16() -> bool:
 class PreparedBank:
     """A bank in the layouts the search multiplies fastest; built once per bank tensor."""
 
-    rows: torch.Tensor  # (M, D) fp32, the bank itself
     norms: torch.Tensor  # (M,) fp32 squared norms
     rows_t: torch.Tensor  # (D, M) fp32, contiguous
     version: int
@@ -63,7 +62,8 @@ class PreparedBank:
     max_bank_norm: float = 0.0  # max N
 
 
-# id(bank) → (weak reference to the bank, its prepared form); the entry goes when the bank does.
+# id(bank) → (weak reference to the bank, its prepared form); the entry goes when the bank does (the prepared
+# form holds copies only, never the bank itself).
 _prepared: dict[int, tuple[weakref.ref, PreparedBank]] = {}
 
 
@@ -89,7 +89,7 @@ def prepare(bank: torch.Tensor, bank_norms: torch.Tensor | None = None, *, bf16:
         return cached[1]
     rows = bank.float().contiguous()
     norms = rows.pow(2).sum(dim=1) if bank_norms is None else bank_norms.float()
-    prepared = PreparedBank(rows=rows, norms=norms, rows_t=rows.t().contiguous(), version=version)
+    prepared = PreparedBank(norms=norms, rows_t=rows.t().contiguous(), version=version)
     use_bf16 = (rows.device.type == "cpu" and cpu_has_fast_bf16()) if bf16 is None else bf16
     prepared.bf16 = use_bf16
     if use_bf16 and rows.shape[0] >= MIN_BF16_ROWS:
@@ -116,10 +116,10 @@ def prepare(bank: torch.Tensor, bank_norms: torch.Tensor | None = None, *, bf16:
     return prepared
 
 
-def exact_nearest(queries: torch.Tensor, prepared: PreparedBank,
+def exact_nearest(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBank,
                   max_elements: int = EXACT_BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """(distance, index) by fp32 products against the transposed bank, in blocks of queries and bank columns."""
-    n_queries, n_bank = queries.shape[0], prepared.rows.shape[0]
+    n_queries, n_bank = queries.shape[0], rows.shape[0]
     query_block = max(1, min(n_queries, max_elements // max(1, min(n_bank, max_elements))))
     bank_block = max(1, max_elements // query_block)
     best = torch.empty(n_queries, device=queries.device, dtype=torch.float32)
@@ -140,11 +140,12 @@ def exact_nearest(queries: torch.Tensor, prepared: PreparedBank,
                 block_where = torch.where(better, index + b_start, block_where)
         where[q_start:q_start + query_block] = block_where
         # the distance itself as a difference: |q|² - 2q·x + |x|² loses ~1e-7 |q|² to cancellation
-        best[q_start:q_start + query_block] = (query - prepared.rows[block_where]).pow_(2).sum(dim=1).sqrt_()
+        best[q_start:q_start + query_block] = (query - rows[block_where]).pow_(2).sum(dim=1).sqrt_()
     return best, where
 
 
-def _bf16_search(queries: torch.Tensor, prepared: PreparedBank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bf16_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBank,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(distance, index, proven) of each query; `proven[i]` False: query i must be searched again exactly.
 
     With q̃, x̃ the bf16 roundings of the centred q, x and δq = q̃ - q, δx = x̃ - x, the product of
@@ -155,7 +156,7 @@ def _bf16_search(queries: torch.Tensor, prepared: PreparedBank) -> tuple[torch.T
     b = 2|δq|·max|δx|, c: fp32 accumulation and the hi/lo split), so a lower bound of T above that proves e.
     Few, large operations: on a loaded machine every parallel operation waits for its threads.
     """
-    rows, approx_t = prepared.rows, prepared.approx_t
+    approx_t = prepared.approx_t
     n_queries, n_rows, n_padded = queries.shape[0], rows.shape[0], approx_t.shape[1]
     centred = queries - prepared.mean
     rounded = centred.to(torch.bfloat16)
@@ -198,14 +199,14 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor 
     """(distance (N,), index (N,)) of each query row's nearest bank row: exact, by the fastest path here.
     `max_elements` bounds the fp32 path's distance blocks (the bf16 path holds QUERY_BLOCK x M bf16 values);
     `bf16` forces the bf16 candidates on or off for a new bank (default: on CPUs with native bf16)."""
-    prepared = prepare(bank, bank_norms, bf16=bf16)
+    prepared, rows = prepare(bank, bank_norms, bf16=bf16), bank.float()
     queries = queries.float()
     if prepared.approx_t is None or queries.shape[0] == 0:
-        return exact_nearest(queries, prepared, max_elements)
-    distance, index, proven = _bf16_search(queries, prepared)
+        return exact_nearest(queries, rows, prepared, max_elements)
+    distance, index, proven = _bf16_search(queries, rows, prepared)
     unproven = (~proven).nonzero().squeeze(1)
     if unproven.numel():
-        distance[unproven], index[unproven] = exact_nearest(queries[unproven], prepared, max_elements)
+        distance[unproven], index[unproven] = exact_nearest(queries[unproven], rows, prepared, max_elements)
     return distance, index
 
 
@@ -214,4 +215,4 @@ def unproven_share(queries: torch.Tensor, bank: torch.Tensor) -> float:
     prepared = prepare(bank)
     if prepared.approx_t is None:
         return 0.0
-    return float((~_bf16_search(queries.float(), prepared)[2]).float().mean())
+    return float((~_bf16_search(queries.float(), bank.float(), prepared)[2]).float().mean())

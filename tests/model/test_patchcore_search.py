@@ -118,3 +118,19 @@ def test_detector_searches_with_the_fast_path_by_default() -> None:
     scores, _, _ = model.patch_scores(embedding)
     assert ((scores.flatten() - plain).abs() / plain).max() <= TOLERANCE
     assert prediction.scores.shape == (1,)
+
+
+def test_prepared_banks_go_with_their_bank() -> None:
+    """Calibration swaps banks many times: the prepared copies must not keep old banks (and their copies) alive."""
+    import gc
+
+    generator = torch.Generator().manual_seed(5)
+    queries = torch.randn(10, 32, generator=generator)
+    before = len(search._prepared)
+    for _ in range(3):
+        with torch.inference_mode():  # as the daemon's calibration builds them
+            bank = torch.randn(4096, 32, generator=generator)
+            search.nearest(queries, bank, bf16=True)
+    del bank
+    gc.collect()
+    assert len(search._prepared) == before
