@@ -154,17 +154,18 @@ def _bf16_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBa
     rows not re-checked all have rounded v ≥ T (the next value after the candidates in their selection). A row
     with d² ≤ e (e: the best re-checked distance²) would have v ≤ e + 2√e·a + b + c (a = |δq| + max|δx|,
     b = 2|δq|·max|δx|, c: fp32 accumulation and the hi/lo split), so a lower bound of T above that proves e.
-    Few, large operations: on a loaded machine every parallel operation waits for its threads.
     """
     approx_t = prepared.approx_t
     n_queries, n_rows, n_padded = queries.shape[0], rows.shape[0], approx_t.shape[1]
+    # few operations on whole matrices: on a loaded machine each parallel one waits for its threads
     centred = queries - prepared.mean
-    rounded = centred.to(torch.bfloat16)
-    residual = rounded.float() - centred
-    corrected = centred.pow(2).sum(dim=1) + 2.0 * (residual * centred).sum(dim=1)
+    doubled = (centred * -2.0).to(torch.bfloat16)  # -2q̃ (scaling by 2 is exact)
+    q_rounded_norm = torch.linalg.vector_norm(doubled, dim=1, dtype=torch.float32) * 0.5  # |q̃|
+    q_rounding = torch.linalg.vector_norm(doubled.float().mul_(-0.5).sub_(centred), dim=1)  # |δq|
+    corrected = q_rounded_norm.square() - q_rounding.square()  # |q̃|² - |δq|² = |q|² + 2δq·q
     hi, lo = _hi_lo(corrected)
     ones = torch.ones(n_queries, 2, dtype=torch.bfloat16, device=queries.device)
-    augmented = torch.cat((rounded * -2.0, hi.unsqueeze(1), lo.unsqueeze(1), ones), dim=1)  # -2q̃ is exact
+    augmented = torch.cat((doubled, hi.unsqueeze(1), lo.unsqueeze(1), ones), dim=1)
     n_groups = n_padded // ROW_GROUP
     offsets = torch.arange(ROW_GROUP, device=queries.device) * n_groups
     candidates = torch.empty(n_queries, CANDIDATE_ROWS, dtype=torch.long, device=queries.device)
@@ -179,19 +180,19 @@ def _bf16_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBa
         candidates[start:start + QUERY_BLOCK] = members.gather(1, picked[:, :CANDIDATE_ROWS])
         threshold[start:start + QUERY_BLOCK] = torch.minimum(group_values[:, -1], member_values[:, -1])
     # fp32 re-check, as differences (no cancellation); padding rows are never candidates (norm 2^100)
-    squared = (queries.unsqueeze(1) - rows[candidates.clamp_(max=n_rows - 1)]).pow_(2).sum(dim=2)
-    best = squared.amin(dim=1)
-    where = torch.where(squared == best.unsqueeze(1), candidates, n_padded).amin(dim=1)
+    distances = torch.linalg.vector_norm(queries.unsqueeze(1) - rows[candidates.clamp_(max=n_rows - 1)], dim=2)
+    nearest_distance = distances.amin(dim=1)
+    where = torch.where(distances == nearest_distance.unsqueeze(1), candidates, n_padded).amin(dim=1)
+    best = nearest_distance.square()
     # certificate
     lower = threshold.float()
     lower = lower - _BF16_UNIT * 1.01 * lower.abs()
-    q_rounding = residual.norm(dim=1)
     a = q_rounding + prepared.max_rounding
     b = 2.0 * q_rounding * prepared.max_rounding
-    magnitude = 2.0 * rounded.float().norm(dim=1) * prepared.max_norm + corrected.abs() + prepared.max_bank_norm
+    magnitude = 2.0 * q_rounded_norm * prepared.max_norm + corrected.abs() + prepared.max_bank_norm
     c = (approx_t.shape[0] * 2.0 * _FP32_UNIT + 2.0 ** -15) * magnitude + 1e-5 * best
-    proven = lower > best + 2.0 * best.sqrt() * a + b + c
-    return best.sqrt_(), where, proven
+    proven = lower > best + 2.0 * nearest_distance * a + b + c
+    return nearest_distance, where, proven
 
 
 def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor | None = None,
