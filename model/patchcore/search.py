@@ -7,7 +7,7 @@ ties), whichever path runs:
   per-query certificate proves that no other row can be nearer; the queries it cannot prove (near-ties within the
   bf16 rounding, duplicated bank rows) are searched again exactly. See `_bf16_search` for the bound.
 - everywhere else (CUDA, CPUs without bf16, small banks): one fp32 product per block with the bank stored
-  transposed (the layout MKL multiplies twice as fast as `bank.t()`) and its squared norms precomputed.
+  transposed (MKL multiplies it up to twice as fast as `bank.t()` on 2 threads), its squared norms precomputed.
 
 The prepared forms of a bank (centred bf16 copy, transposed fp32 copy) are cached per bank tensor, so swapping
 `model.memory_bank` (as calibration does) needs no call here; an in-place change of the bank is noticed too.
@@ -97,7 +97,7 @@ def prepare(bank: torch.Tensor, bank_norms: torch.Tensor | None = None, *, bf16:
         centred = rows - mean
         rounded = centred.to(torch.bfloat16)
         residual = rounded.float() - centred
-        # first-order rounding correction folded into the norm column (see _bf16_block)
+        # first-order rounding correction folded into the norm column (see _bf16_search)
         corrected = centred.pow(2).sum(dim=1) + 2.0 * (residual * centred).sum(dim=1)
         hi, lo = _hi_lo(corrected)
         n_rows, padded = rows.shape[0], -(-rows.shape[0] // ROW_GROUP) * ROW_GROUP
