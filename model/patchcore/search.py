@@ -5,7 +5,8 @@ ties), whichever path runs:
 
 - CPU with native bf16 (AVX512-BF16 or AMX): a bf16 matrix product finds candidates, fp32 re-checks them, and a
   per-query certificate proves that no other row can be nearer; the queries it cannot prove (near-ties within the
-  bf16 rounding, duplicated bank rows) are searched again exactly. See `_bf16_search` for the bound.
+  bf16 rounding, duplicated bank rows) are searched again exactly. See `_bf16_search` for the bound. Only the
+  product and the group minimum use the configured threads; the small operations around them run on one thread.
 - everywhere else (CUDA, CPUs without bf16, small banks): one fp32 product per block with the bank stored
   transposed (MKL multiplies it up to twice as fast as `bank.t()` on 2 threads), its squared norms precomputed.
 
