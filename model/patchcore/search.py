@@ -5,8 +5,7 @@ ties), whichever path runs:
 
 - CPU with native bf16 (AVX512-BF16 or AMX): a bf16 matrix product finds candidates, fp32 re-checks them, and a
   per-query certificate proves that no other row can be nearer; the queries it cannot prove (near-ties within the
-  bf16 rounding, duplicated bank rows) are searched again exactly. See `_bf16_search` for the bound. Only the
-  product and the group minimum use the configured threads; the small operations around them run on one thread.
+  bf16 rounding, duplicated bank rows) are searched again exactly. See `_bf16_search` for the bound.
 - everywhere else (CUDA, CPUs without bf16, small banks): one fp32 product per block with the bank stored
   transposed (MKL multiplies it up to twice as fast as `bank.t()` on 2 threads), its squared norms precomputed.
 
@@ -16,11 +15,8 @@ The prepared forms of a bank (centred bf16 copy, transposed fp32 copy) are cache
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,10 +171,9 @@ def _bf16_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBa
     candidates = torch.empty(n_queries, CANDIDATE_ROWS, dtype=torch.long, device=queries.device)
     threshold = torch.empty(n_queries, dtype=torch.bfloat16, device=queries.device)
     for start in range(0, n_queries, QUERY_BLOCK):
-        with _all_threads():
-            values = augmented[start:start + QUERY_BLOCK] @ approx_t  # (n, padded) ≈ d², bf16
-            # group g holds the rows g, g + G, g + 2G, ...: the minimum runs over whole contiguous slices
-            group_best = values.view(values.shape[0], ROW_GROUP, n_groups).amin(dim=1)
+        values = augmented[start:start + QUERY_BLOCK] @ approx_t  # (n, padded) ≈ d², bf16
+        # group g holds the rows g, g + G, g + 2G, ...: the minimum runs over whole contiguous slices
+        group_best = values.view(values.shape[0], ROW_GROUP, n_groups).amin(dim=1)
         group_values, groups = group_best.topk(CANDIDATE_GROUPS + 1, dim=1, largest=False)
         members = (groups[:, :CANDIDATE_GROUPS, None] + offsets).flatten(1)
         member_values, picked = values.gather(1, members).topk(CANDIDATE_ROWS + 1, dim=1, largest=False)
@@ -200,38 +195,6 @@ def _bf16_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBa
     return nearest_distance, where, proven
 
 
-_threads_lock = threading.Lock()
-_configured_threads = 0  # the process's thread count while a bf16 search runs single-threaded
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run the bf16 search's many small operations on one thread: with two threads on a loaded machine each of them
-    waits for the second core (50 elementwise operations on 1024 x 152: 160 ms at 2 threads, 28 ms at 1). Only the
-    product and the group minimum (`_all_threads`) use the configured threads. Serialised by a lock, so the
-    configured count is always restored."""
-    global _configured_threads
-    with _threads_lock:
-        _configured_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(_configured_threads)
-
-
-@contextlib.contextmanager
-def _all_threads() -> Iterator[None]:
-    if _configured_threads > 1:
-        torch.set_num_threads(_configured_threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(1)
-    else:
-        yield
-
-
 def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor | None = None,
             max_elements: int = EXACT_BLOCK_ELEMENTS, *, bf16: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distance (N,), index (N,)) of each query row's nearest bank row: exact, by the fastest path here.
@@ -241,8 +204,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor 
     queries = queries.float()
     if prepared.approx_t is None or queries.shape[0] == 0:
         return exact_nearest(queries, rows, prepared, max_elements)
-    with _single_thread():
-        distance, index, proven = _bf16_search(queries, rows, prepared)
+    distance, index, proven = _bf16_search(queries, rows, prepared)
     unproven = (~proven).nonzero().squeeze(1)
     if unproven.numel():
         distance[unproven], index[unproven] = exact_nearest(queries[unproven], rows, prepared, max_elements)

@@ -135,26 +135,3 @@ def test_prepared_banks_go_with_their_bank() -> None:
     gc.collect()
     assert len(search._prepared) == before
 
-
-def test_the_thread_count_is_restored() -> None:
-    """The bf16 path runs its small operations on one thread: the process's setting must come back, also after
-    searches from several threads at once."""
-    import threading
-
-    generator = torch.Generator().manual_seed(6)
-    bank, queries = torch.randn(4096, 32, generator=generator), torch.randn(300, 32, generator=generator)
-    configured = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        results = []
-        workers = [threading.Thread(target=lambda: results.append(search.nearest(queries, bank, bf16=True)))
-                   for _ in range(3)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(timeout=120)
-        assert torch.get_num_threads() == 2
-        assert len(results) == 3 and all(torch.equal(r[1], results[0][1]) for r in results)
-        assert_exact(queries, bank, *results[0])
-    finally:
-        torch.set_num_threads(configured)
