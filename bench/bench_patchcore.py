@@ -3,7 +3,11 @@ of the nearest-neighbour search, and the ratio against anomalib 2.7.0's `Patchco
 same process when anomalib can be imported (it is not a project dependency).
 
     python bench/bench_patchcore.py --threads 2 [--anomalib-path DIR] [--banks full,1638] \
-        [--engines torch,onnxruntime,openvino] [--seconds 9] [--json out.json]
+        [--engines torch,onnxruntime,openvino] [--seconds 9] [--json out.json] [--search-only] [--data DIR]
+
+First the nearest-neighbour search alone: anomalib's `nearest_neighbors` (or, without anomalib, an inline copy of
+it) against ours (`model.patchcore.search.nearest`) on the same patch embeddings, timed in turns, with a parity
+line (max |delta| of the distances, against anomalib and against float64 brute force). Then images/s end to end.
 
 anomalib: `pip install --target DIR anomalib==2.7.0 kornia kornia_rs --no-deps` then `--anomalib-path DIR`.
 anomalib's package `__init__` pulls in Lightning and more; the bench imports only its PatchCore torch model
@@ -20,6 +24,7 @@ import importlib
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.patchcore import build_patchcore, clip_to_tf
+from model.patchcore import build_patchcore, clip_to_tf, search
 from model.patchcore.backbone import lite_weights_file, load_state_file, map_in_order
 
 
@@ -128,6 +133,53 @@ def interleaved(candidates: dict[str, Callable[[torch.Tensor], object]], batches
     return {name: done[name] / spent[name] for name in candidates}
 
 
+def anomalib_search_inline(embedding: torch.Tensor, bank: torch.Tensor, chunk: int = 1024):
+    """anomalib 2.7.0's `PatchcoreModel.nearest_neighbors(embedding, n_neighbors=1)` with its `euclidean_dist`,
+    copied (queries in chunks of its DEFAULT_CHUNK_SIZE 1024): the baseline when anomalib is not installed."""
+    scores, locations = [], []
+    for start in range(0, embedding.shape[0], chunk):
+        x = embedding[start:start + chunk]
+        x_norm = x.pow(2).sum(dim=-1, keepdim=True)
+        y_norm = bank.pow(2).sum(dim=-1, keepdim=True)
+        res = torch.matmul(x, bank.transpose(-2, -1))
+        res.mul_(-2)
+        res.add_(x_norm)
+        res.add_(y_norm.transpose(-2, -1))
+        value, index = res.clamp_min_(0).sqrt_().min(1)
+        scores.append(value)
+        locations.append(index)
+    return torch.cat(scores), torch.cat(locations)
+
+
+def compare_search(baseline: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   bank: torch.Tensor, queries: torch.Tensor, rounds: int) -> dict[str, float]:
+    """The nearest-neighbour search alone, anomalib's against ours (`search.nearest`), on the same queries in
+    the same process, timed in turns; the ratio is the median of the rounds' ratios. Parity against anomalib and
+    against float64 brute force."""
+    ours = search.nearest
+    baseline(queries)
+    ours(queries, bank)  # warm-up: prepares the bank (bf16 copy, transposed copy) once
+    theirs_s, ours_s = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        reference, reference_index = baseline(queries)
+        theirs_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        distance, index = ours(queries, bank)
+        ours_s.append(time.perf_counter() - started)
+    truth = torch.cdist(queries.double(), bank.double()).min(dim=1).values
+    ratios = sorted(t / o for t, o in zip(theirs_s, ours_s, strict=True))
+    return {"queries": queries.shape[0], "anomalib_ms": 1e3 * statistics.median(theirs_s),
+            "ours_ms": 1e3 * statistics.median(ours_s), "ratio": statistics.median(ratios),
+            "ratio_min": ratios[0], "ratio_max": ratios[-1],
+            "max_abs_delta": float((distance - reference).abs().max()),
+            "max_rel_delta": float(((distance - reference).abs() / reference.clamp_min(1e-6)).max()),
+            "max_abs_delta_f64": float((distance.double() - truth).abs().max()),
+            "anomalib_max_abs_delta_f64": float((reference.double() - truth).abs().max()),
+            "same_index": float((index == reference_index).float().mean()),
+            "unproven": search.unproven_share(queries, bank), "load": os.getloadavg()[0]}
+
+
 def parse_banks(text: str) -> list[int | None]:
     """"full,1638" → [None, 1638]: None is the full bank (every reference patch), an int a greedy coreset."""
     return [None if item in ("full", "0") else int(item) for item in text.split(",") if item]
@@ -146,6 +198,12 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--anomalib-path", help="folder where anomalib 2.7.0 (and kornia) are installed")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--search-only", action="store_true",
+                        help="only the nearest-neighbour search against anomalib's (no end-to-end images/s)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the search comparison")
+    parser.add_argument("--data", type=Path,
+                        help="an MVTec-layout category folder: references from train/good, queries from test/*/* "
+                             "(default: smooth random images)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -158,7 +216,14 @@ def main() -> int:
     engines = [e for e in args.engines.split(",") if e]
     anomalib_cls = import_anomalib_patchcore(args.anomalib_path)
     references = images(args.references)
+    test_images: torch.Tensor | None = None
+    if args.data:
+        from model.fewshot import load_reference_images
+
+        references = load_reference_images(sorted((args.data / "train" / "good").glob("*"))[:args.references], 256)
+        test_images = load_reference_images(sorted((args.data / "test").glob("*/*"))[:8], 256)
     rows = []
+    searches = []
     for bank_rows in banks:
         # max_bank_rows=0 keeps every row: the full bank whatever the number of references
         detector = build_patchcore(device="cpu", max_bank_rows=bank_rows or 0)
@@ -169,6 +234,34 @@ def main() -> int:
               f"{time.perf_counter() - started:.1f} s; {args.threads} threads, 256 px", flush=True)
         model = detector.model
         anomalib_model = build_anomalib(anomalib_cls, model.memory_bank) if anomalib_cls else None
+        if anomalib_model is not None:
+            def baseline(queries: torch.Tensor, net=anomalib_model) -> tuple[torch.Tensor, torch.Tensor]:
+                with torch.no_grad():
+                    return net.nearest_neighbors(embedding=queries, n_neighbors=1)
+            baseline_name = "anomalib 2.7.0 PatchcoreModel.nearest_neighbors"
+        else:
+            def baseline(queries: torch.Tensor, bank=model.memory_bank) -> tuple[torch.Tensor, torch.Tensor]:
+                return anomalib_search_inline(queries, bank)
+            baseline_name = "inline copy of anomalib 2.7.0's nearest_neighbors (anomalib not importable)"
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            inputs = test_images[:batch_size] if test_images is not None else images(batch_size)
+            with torch.no_grad():
+                queries = model.flatten(model.embed(clip_to_tf(inputs)))
+            figures = compare_search(baseline, model.memory_bank, queries, args.rounds)
+            figures.update(bank=label, bank_rows=int(bank.rows.shape[0]), batch=batch_size, baseline=baseline_name)
+            searches.append(figures)
+            print(f"{label:14s} search batch {batch_size} ({figures['queries']} patches x {figures['bank_rows']} rows): "
+                  f"{baseline_name}: {figures['anomalib_ms']:.1f} ms, ours {figures['ours_ms']:.1f} ms, "
+                  f"ratio {figures['ratio']:.2f}x (median of {args.rounds} interleaved rounds, "
+                  f"{figures['ratio_min']:.2f}-{figures['ratio_max']:.2f}); load average {figures['load']:.1f}",
+                  flush=True)
+            print(f"{'':14s} parity: max |delta| {figures['max_abs_delta']:.2e} "
+                  f"(max |delta|/distance {figures['max_rel_delta']:.1e}), same row {100 * figures['same_index']:.2f} %; "
+                  f"against float64: ours {figures['max_abs_delta_f64']:.1e}, "
+                  f"anomalib {figures['anomalib_max_abs_delta_f64']:.1e}; "
+                  f"{100 * figures['unproven']:.1f} % of the patches searched again in fp32", flush=True)
+        if args.search_only:
+            continue
         runners = {"torch": detector.predict}
         with tempfile.TemporaryDirectory() as tmp:
             for engine in engines:
@@ -222,8 +315,16 @@ def main() -> int:
         print(f"| {row['bank']} ({row['bank_rows']} rows) | {row['engine']} | {row['batch']} | "
               f"{row['images_per_s']:.1f} | {share} | {row['anomalib_images_per_s'] or ''} | "
               f"{row['vs_anomalib'] or ''} |")
+    if searches:
+        print(f"\n| bank | batch | patches | anomalib search ms | ours ms | x anomalib | max abs delta | "
+              f"load avg |  ({args.threads} threads)")
+        print("|---|---|---|---|---|---|---|---|")
+        for item in searches:
+            print(f"| {item['bank']} ({item['bank_rows']} rows) | {item['batch']} | {item['queries']} | "
+                  f"{item['anomalib_ms']:.1f} | {item['ours_ms']:.1f} | {item['ratio']:.2f} | "
+                  f"{item['max_abs_delta']:.1e} | {item['load']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"threads": args.threads, "rows": rows, "search": searches}, indent=2))
     return 0
 
 

@@ -4,8 +4,8 @@
   padding 1, zeros counted), the coarser taps upsampled bilinearly (align_corners False) to the first tap's grid
   and concatenated → one embedding per patch.
 - Memory bank: the embeddings of every patch of the normal references (or a greedy k-center coreset of them).
-- Patch score: Euclidean distance to the nearest bank row, searched in chunks of bank rows so that memory stays
-  bounded whatever the bank size.
+- Patch score: Euclidean distance to the nearest bank row, searched exactly by `search.nearest` (bf16 candidates
+  proven and re-checked in fp32 on CPUs with native bf16, fp32 elsewhere), in blocks so that memory stays bounded.
 - Image score: anomalib's re-weighting (num_neighbors 9): for the patch with the largest score, the softmax over
   its distances to the bank rows nearest to its own nearest neighbour gives the weight 1 - softmax[0].
 - Map: patch scores upsampled to the input size (nearest), blurred by a Gaussian (sigma 4, kernel 33, reflect).
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.gaussian import gaussian_blur
+from model.patchcore import search
 from model.patchcore.backbone import Tap, TapExtractor
 
 NUM_NEIGHBORS = 9
@@ -150,7 +151,7 @@ class PatchcoreModel(nn.Module):
         if dim != self.memory_bank.shape[1]:
             raise ValueError(f"embedding has {dim} channels, the memory bank {self.memory_bank.shape[1]}")
         flat = self.flatten(embedding)
-        scores, where = nearest_neighbor(flat, self.memory_bank, self.bank_norms, self.max_block_elements)
+        scores, where = search.nearest(flat, self.memory_bank, self.bank_norms, self.max_block_elements)
         return scores.reshape(batch, -1), where.reshape(batch, -1), flat.reshape(batch, height * width, dim)
 
     @torch.no_grad()
