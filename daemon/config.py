@@ -80,7 +80,7 @@ class ModelConfig(_Section):
     # the square input, "fit" (aspect kept) or "tile" (native resolution); a crop, polygons never inspected.
     resize: Literal["squash", "fit", "tile"] = "squash"
     roi: list[int] | None = Field(None, min_length=4, max_length=4)
-    ignore: list[list[list[float]]] = Field(default_factory=list)
+    ignore_polygons: list[list[list[float]]] = Field(default_factory=list)
     tile_overlap: float = Field(0.25, ge=0.0, lt=0.9)
 
     @field_validator("name")

@@ -1,4 +1,4 @@
-"""Per-source frame geometry in the daemon: `[model]` resize/roi/ignore/tile_overlap as the default, each
+"""Per-source frame geometry in the daemon: `[model]` resize/roi/ignore_polygons/tile_overlap as the default, each
 `[[sources]]` entry's own values over it (model/geometry.py does the work).
 
 Only `patchcore` runs on rectangles and builds its bank through the geometry; the CLIP families keep "squash"
@@ -21,14 +21,15 @@ GEOMETRY_MODELS = ("patchcore",)
 def source_geometry(settings: Any, source_id: str | None) -> Geometry:
     """The geometry of `source_id` (its [[sources]] values over [model]'s); [model]'s for an unknown source."""
     m = settings.model
-    values: dict[str, Any] = {"resize": m.resize, "roi": m.roi, "ignore": m.ignore, "tile_overlap": m.tile_overlap}
+    values: dict[str, Any] = {"resize": m.resize, "roi": m.roi, "ignore_polygons": m.ignore_polygons,
+                              "tile_overlap": m.tile_overlap}
     for source in settings.sources:
         if source.id == source_id:
             for key in values:
                 own = getattr(source, key, None)
                 if own is not None:
                     values[key] = own
-    return make_geometry(**values)
+    return make_geometry(values["resize"], values["roi"], values["ignore_polygons"], values["tile_overlap"])
 
 
 def check_geometries(settings: Any) -> None:
@@ -41,8 +42,8 @@ def check_geometries(settings: Any) -> None:
             raise ValueError(f"{where}: {exc}") from None
         if not geometry.plain and settings.model.name not in GEOMETRY_MODELS:
             raise ValueError(
-                f"{where}: resize {geometry.resize!r}, roi and ignore need model {' or '.join(GEOMETRY_MODELS)}; "
-                f"model {settings.model.name!r} takes whole frames squashed (resize = \"squash\", no roi/ignore)")
+                f"{where}: resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(GEOMETRY_MODELS)}; "
+                f"model {settings.model.name!r} takes whole frames squashed (resize = \"squash\", no roi/ignore_polygons)")
 
 
 def geometry_known_good(detector: Any, files: Sequence[Path], limit: int) -> Any:

@@ -264,7 +264,9 @@ class SourceSettings(BaseModel):
     # Frame geometry (model/geometry.py, daemon/geometry.py); None: the [model] value.
     resize: Literal["squash", "fit", "tile"] | None = Field(None, description="default: [model].resize")
     roi: list[int] | None = Field(None, min_length=4, max_length=4, description="[x, y, width, height] in pixels")
-    ignore: list[list[list[float]]] | None = Field(None, description="polygons [[x, y], ...] never inspected")
+    # (not `ignore`: the folder source's `ignore` is its glob patterns)
+    ignore_polygons: list[list[list[float]]] | None = Field(None, description="polygons [[x, y], ...] never "
+                                                                                "inspected; default: [model]'s")
     tile_overlap: float | None = Field(None, ge=0.0, lt=0.9, description="default: [model].tile_overlap")
     # Trigger mode (daemon/trigger.py): inspect the next fresh frame when a PLC asks (OPC UA method or MQTT
     # command) and answer within deadline_ms, else publish the fail-safe result. None: free-running.

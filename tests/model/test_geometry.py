@@ -16,10 +16,13 @@ from model.patchcore import build_patchcore
 
 
 def texture(height: int, width: int, seed: int) -> np.ndarray:
-    """A periodic pattern with a little noise: every patch of it looks like every other."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    gray = 128 + 50 * np.sin(2 * np.pi * x / 24) * np.sin(2 * np.pi * y / 24) + rng.normal(0, 3, (height, width))
+    """Blurred noise: a texture whose patches all look alike, shifted, turned or not (as the calibration's views
+    are), and unlike a dark spot."""
+    import cv2
+
+    noise = np.random.default_rng(seed).normal(0, 1, (height, width)).astype(np.float32)
+    blurred = cv2.GaussianBlur(noise, (0, 0), 3)
+    gray = 128 + 40 * blurred / blurred.std()
     return np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
