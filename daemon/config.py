@@ -77,8 +77,9 @@ class ModelConfig(_Section):
     # slightly different angles; "flip", "rot90", "d4"); unset = none (the parity configuration).
     augment: Literal["none", "flip", "rot90", "d4", "rotate"] | None = None
     # Frame geometry, the default of every [[sources]] entry (model/geometry.py, daemon/geometry.py): "squash" to
-    # the square input, "fit" (aspect kept) or "tile" (native resolution); a crop, polygons never inspected.
-    resize: Literal["squash", "fit", "tile"] = "squash"
+    # the square input, "fit" (aspect kept) or "tile" (native resolution); unset: the model's default (patchcore
+    # on torch: model.geometry.DEFAULT_RESIZE, measured; others: squash); a crop, polygons never inspected.
+    resize: Literal["squash", "fit", "tile"] | None = None
     roi: list[int] | None = Field(None, min_length=4, max_length=4)
     ignore_polygons: list[list[list[float]]] = Field(default_factory=list)
     tile_overlap: float = Field(0.25, ge=0.0, lt=0.9)

@@ -13,15 +13,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from model.geometry import Geometry, GeometryError, frame_inputs, make_geometry, predict_frames
+from model.geometry import (
+    DEFAULT_RESIZE,
+    Geometry,
+    GeometryError,
+    frame_inputs,
+    make_geometry,
+    predict_frames,
+)
 
 GEOMETRY_MODELS = ("patchcore",)
+
+
+def default_resize(model_name: str, engine: str = "torch") -> str:
+    """`resize` when none is set: the measured default for the models that run on any frame shape (PatchCore in
+    PyTorch), "squash" for the others (the CLIP families, exported square graphs)."""
+    return DEFAULT_RESIZE if model_name in GEOMETRY_MODELS and engine == "torch" else "squash"
 
 
 def source_geometry(settings: Any, source_id: str | None) -> Geometry:
     """The geometry of `source_id` (its [[sources]] values over [model]'s); [model]'s for an unknown source."""
     m = settings.model
-    values: dict[str, Any] = {"resize": m.resize, "roi": m.roi, "ignore_polygons": m.ignore_polygons,
+    resize = m.resize or default_resize(m.name, str(getattr(settings.runtime, "engine", "torch")))
+    values: dict[str, Any] = {"resize": resize, "roi": m.roi, "ignore_polygons": m.ignore_polygons,
                               "tile_overlap": m.tile_overlap}
     for source in settings.sources:
         if source.id == source_id:
@@ -44,6 +58,10 @@ def check_geometries(settings: Any) -> None:
             raise ValueError(
                 f"{where}: resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(GEOMETRY_MODELS)}; "
                 f"model {settings.model.name!r} takes whole frames squashed (resize = \"squash\", no roi/ignore_polygons)")
+        engine = str(getattr(settings.runtime, "engine", "torch"))
+        if not geometry.plain and engine != "torch":
+            raise ValueError(f"{where}: resize {geometry.resize!r}, roi and ignore_polygons need [runtime].engine = "
+                             f"\"torch\" (engine {engine!r} runs a fixed square export)")
 
 
 def geometry_known_good(detector: Any, files: Sequence[Path], limit: int) -> Any:

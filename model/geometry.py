@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # NumPy loads on first use: reading the configuration (Geomet
     import numpy as np
 
 RESIZE_MODES = ("squash", "fit", "tile")
+# The daemon's and the command line's resize when none is set, for the models that run on any frame shape
+# (PatchCore): the best on the shared samples, no category worse (docs/models.md, "Frame geometry").
+DEFAULT_RESIZE = "squash"
 DEFAULT_TILE_OVERLAP = 0.25
 DEFAULT_STRIDE = 32
 # The long side of a `fit` input is capped at this many times S (a 20:1 line-scan frame would otherwise make one

@@ -43,12 +43,13 @@ def parse_polygon(text: str) -> list[list[float]]:
     return points
 
 
-def geometry_option(args: argparse.Namespace) -> Any:
-    """The --resize/--roi/--ignore-polygon/--tile-overlap geometry (model/geometry.py)."""
+def geometry_option(args: argparse.Namespace, default_resize: str = "squash") -> Any:
+    """The --resize/--roi/--ignore-polygon/--tile-overlap geometry (model/geometry.py); `default_resize` without
+    --resize (the daemon's default for the model: daemon.geometry.default_resize)."""
     from model.geometry import GeometryError, make_geometry
 
     try:
-        return make_geometry(getattr(args, "resize", None), getattr(args, "roi", None),
+        return make_geometry(getattr(args, "resize", None) or default_resize, getattr(args, "roi", None),
                              getattr(args, "ignore_polygons", None), getattr(args, "tile_overlap", None))
     except GeometryError as exc:
         raise UsageError(str(exc)) from None

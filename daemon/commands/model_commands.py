@@ -13,6 +13,7 @@ from typing import Any
 
 from daemon.cli import UsageError
 from daemon.commands.geometry_options import add_geometry_options, geometry_option
+from daemon.geometry import default_resize
 
 log = logging.getLogger("anomalyd")
 
@@ -117,7 +118,9 @@ def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "references": args.references.split(",") if args.references and "," in args.references else args.references,
-        "geometry": geometry_option(args),
+        # without --resize: the daemon's default for patchcore on torch (daemon/geometry.py), as offline = online
+        "geometry": geometry_option(args, "squash" if getattr(args, "engine", "torch") != "torch"
+                                    else default_resize("patchcore")),
     }
 
 
