@@ -4,9 +4,9 @@ A `Geometry` is a crop (`roi`, frame pixels), polygons never inspected (`ignore`
 - `squash`: the ROI resized to the model's square (S x S), aspect ratio lost (the historical behaviour);
 - `fit`: the aspect ratio kept: the short side goes to S, the long side follows, rounded to the backbone's stride
   (one rectangular input; for models that run on any size, such as PatchCore's CNN);
-- `tile`: the ROI at its native resolution (enlarged only when its short side is below S) cut into S x S tiles
-  overlapping by `tile_overlap`; the tiles' maps are stitched with a Hann (sin²) window, so a tile's border,
-  where its map is least reliable, weighs least.
+- `tile`: the ROI at its native resolution (never enlarged: a side below S is padded by reflection, so every
+  frame's texture keeps one scale) cut into S x S tiles overlapping by `tile_overlap`; the tiles' maps are
+  stitched with a Hann (sin²) window, so a tile's border, where its map is least reliable, weighs least.
 
 `plan_frame` says where each model input comes from, `cut_frame` makes the inputs (RGB uint8), `stitch_maps`
 puts their maps back into a (H, W) map of the frame: zero outside the ROI and on ignored pixels. `predict_frames`
@@ -116,13 +116,15 @@ def make_geometry(resize: str | None = None, roi: Sequence[int] | None = None,
 @dataclass
 class FramePlan:
     """Where a frame's model inputs come from: the ROI (x, y, w, h) of the frame, resized to `scaled` (h, w),
-    cut into inputs of `input_hw` at the `origins` (y, x) of the scaled ROI."""
+    padded (reflected) at the bottom and right to `padded` (tiles of a small frame), cut into inputs of `input_hw`
+    at the `origins` (y, x)."""
 
     frame_hw: tuple[int, int]
     roi: tuple[int, int, int, int]
     scaled: tuple[int, int]
     input_hw: tuple[int, int]
     origins: list[tuple[int, int]] = field(default_factory=list)
+    padded: tuple[int, int] | None = None
 
 
 def _round_to(value: float, stride: int) -> int:
@@ -162,16 +164,17 @@ def plan_frame(frame_hw: tuple[int, int], geometry: Geometry, size: int,
         fh = size if rh <= rw else min(long_cap, _round_to(rh * scale, stride))
         fw = size if rw < rh else min(long_cap, _round_to(rw * scale, stride))
         return FramePlan((height, width), roi, (fh, fw), (fh, fw), [(0, 0)])
-    # tile: native resolution, enlarged when the short side is below S, reduced when it would make too many tiles
-    scale = max(1.0, size / min(rw, rh))
+    # tile: native resolution (padded up to S), reduced only when it would make too many tiles
+    scale = 1.0
     step = size * (1.0 - geometry.tile_overlap)
-    tiles = (max(0.0, rh * scale - size) / step + 1) * (max(0.0, rw * scale - size) / step + 1)
+    tiles = (max(0.0, rh - size) / step + 1) * (max(0.0, rw - size) / step + 1)
     if tiles > MAX_TILES:
-        scale *= float(np.sqrt(MAX_TILES / tiles))
-    sh, sw = max(size, round(rh * scale)), max(size, round(rw * scale))
-    origins = [(y, x) for y in _positions(sh, size, geometry.tile_overlap)
-               for x in _positions(sw, size, geometry.tile_overlap)]
-    return FramePlan((height, width), roi, (sh, sw), (size, size), origins)
+        scale = float(np.sqrt(MAX_TILES / tiles))
+    sh, sw = max(1, round(rh * scale)), max(1, round(rw * scale))
+    ph, pw = max(size, sh), max(size, sw)
+    origins = [(y, x) for y in _positions(ph, size, geometry.tile_overlap)
+               for x in _positions(pw, size, geometry.tile_overlap)]
+    return FramePlan((height, width), roi, (sh, sw), (size, size), origins, padded=(ph, pw))
 
 
 def _resize(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -192,6 +195,9 @@ def cut_frame(rgb: np.ndarray, plan: FramePlan) -> list[np.ndarray]:
 
     x, y, w, h = plan.roi
     scaled = np.ascontiguousarray(_resize(np.ascontiguousarray(rgb[y:y + h, x:x + w]), plan.scaled))
+    if plan.padded is not None and plan.padded != plan.scaled:
+        scaled = np.pad(scaled, ((0, plan.padded[0] - plan.scaled[0]), (0, plan.padded[1] - plan.scaled[1]), (0, 0)),
+                        mode="symmetric")
     th, tw = plan.input_hw
     return [np.ascontiguousarray(scaled[oy:oy + th, ox:ox + tw]) for oy, ox in plan.origins]
 
@@ -227,14 +233,15 @@ def stitch_maps(maps: Sequence[np.ndarray], plan: FramePlan, geometry: Geometry)
     if len(maps) == 1 and len(plan.origins) == 1:
         scaled = np.asarray(maps[0], np.float32)
     else:
-        total = np.zeros(plan.scaled, np.float32)
-        weight = np.zeros(plan.scaled, np.float32)
+        total = np.zeros(plan.padded or plan.scaled, np.float32)
+        weight = np.zeros(plan.padded or plan.scaled, np.float32)
         window = blend_window(*plan.input_hw)
         th, tw = plan.input_hw
         for (oy, ox), tile_map in zip(plan.origins, maps, strict=True):
             total[oy:oy + th, ox:ox + tw] += np.asarray(tile_map, np.float32) * window
             weight[oy:oy + th, ox:ox + tw] += window
         scaled = total / np.maximum(weight, 1e-12)
+    scaled = scaled[:plan.scaled[0], :plan.scaled[1]]  # the reflected padding of a small frame dropped
     x, y, w, h = plan.roi
     roi_map = scaled if scaled.shape == (h, w) else cv2.resize(scaled, (w, h), interpolation=cv2.INTER_LINEAR)
     if plan.roi == (0, 0, plan.frame_hw[1], plan.frame_hw[0]):

@@ -58,8 +58,8 @@ def test_plans_keep_the_aspect_or_tile_at_native_resolution():
     ys, xs = sorted({o[0] for o in tile.origins}), sorted({o[1] for o in tile.origins})
     assert ys[0] == 0 and ys[-1] == 600 - 256 and xs[0] == 0 and xs[-1] == 1800 - 256
     assert all(b - a <= 256 * 0.75 + 1 for a, b in itertools.pairwise(xs))  # overlap at least 25 %
-    small = plan_frame((122, 285), Geometry("tile"), 256)  # short side below S: enlarged to S, then tiled
-    assert small.scaled == (256, 598) and len(small.origins) == 3
+    small = plan_frame((122, 285), Geometry("tile"), 256)  # short side below S: padded (reflected), not enlarged
+    assert small.scaled == (122, 285) and small.padded == (256, 285) and len(small.origins) == 2
     roi = plan_frame((600, 1800), Geometry("fit", roi=(100, 50, 900, 300)), 256)
     assert roi.roi == (100, 50, 900, 300) and roi.input_hw == (256, 768)
 
@@ -113,3 +113,14 @@ def test_patchcore_finds_a_small_defect_in_a_large_frame():
     y, x = np.unravel_index(np.argmax(maps[1]), maps[1].shape)
     assert abs(x - 950) <= 30 and abs(y - 130) <= 30, (x, y)
     assert scores[1] > 1.5 * scores[0]
+
+
+def test_a_frame_smaller_than_a_tile_is_padded_not_enlarged():
+    """magnetic_tile-like frames (122 x 285): tiled at their own scale, the padding's map dropped."""
+    frame = np.full((122, 285, 3), 230, np.uint8)
+    frame[50:60, 200:210] = 0
+    detector = Darkness()
+    _, maps = predict_frames(detector, [frame], Geometry("tile"))
+    assert maps[0].shape == (122, 285) and detector.shapes == [(2, 3, 256, 256)]
+    y, x = np.unravel_index(np.argmax(maps[0]), maps[0].shape)
+    assert 50 <= y < 60 and 200 <= x < 210
