@@ -77,6 +77,13 @@ class ModelConfig(_Section):
     # PatchCore: augmented copies of the references in the bank ("rotate": turned ±10°/±20°, for parts placed at
     # slightly different angles; "flip", "rot90", "d4"); unset = none (the parity configuration).
     augment: Literal["none", "flip", "rot90", "d4", "rotate"] | None = None
+    # Frame geometry, the default of every [[sources]] entry (model/geometry.py, daemon/geometry.py): "squash" to
+    # the square input, "fit" (aspect kept) or "tile" (native resolution); unset: the model's default (patchcore
+    # on torch: model.geometry.DEFAULT_RESIZE, measured; others: squash); a crop, polygons never inspected.
+    resize: Literal["squash", "fit", "tile"] | None = None
+    roi: list[int] | None = Field(None, min_length=4, max_length=4)
+    ignore_polygons: list[list[list[float]]] = Field(default_factory=list)
+    tile_overlap: float = Field(0.25, ge=0.0, lt=0.9)
 
     @field_validator("name")
     @classmethod
@@ -359,6 +366,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"duplicate source id {source.id!r}")
             seen.add(source.id)
         return sources
+
+    @model_validator(mode="after")
+    def _geometry_supported(self) -> Settings:
+        from daemon.geometry import check_geometries
+
+        check_geometries(self)
+        return self
 
     @field_validator("webhooks")
     @classmethod

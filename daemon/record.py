@@ -81,7 +81,7 @@ class FrameRecord:
     ahead: bool = False  # a live or triggered frame: batched and written ahead of a file/queue backlog
     # -- model worker: scored --
     score: float = float("nan")
-    anomaly_map: np.ndarray | None = None  # (S,S) float32 in model input space
+    anomaly_map: np.ndarray | None = None  # (S,S) float32 in model space, or (H,W) in the frame's (a geometry)
     model_version: str = ""
     model_name: str = ""
 

@@ -253,6 +253,9 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         if len(files) == 1 and files[0].suffix == ".safetensors":
             references = str(files[0])
         options = reference_model_options(settings)
+        from daemon.geometry import source_geometry  # the bank is <source id>.safetensors (bank_path)
+
+        options["geometry"] = source_geometry(settings, cache_path.stem if cache_path is not None else None)
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
@@ -342,6 +345,10 @@ def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALI
 
     if len(files) < 2:
         return KnownGoodScores([], [], DEFAULT_DISTANCE_SCALE, 0, 0)
+    if getattr(detector, "geometry", None) is not None and not detector.geometry.plain:
+        from daemon.geometry import geometry_known_good  # fit / tile / ROI: through the same geometry
+
+        return geometry_known_good(detector, files, limit)
     size = int(detector.image_size)
     if embeddings is None:
         embeddings = patchcore_embeddings(detector, files)
@@ -422,7 +429,9 @@ class RoutedDetector:
         return str(getattr(detector if detector is not None else self.base, "version", self.version))
 
     def predict_routed(self, images: Any, class_names: Sequence[str] | None,
-                       source_ids: Sequence[str]) -> tuple[Any, list[str]]:
+                       source_ids: Sequence[str], frames: Sequence[Any] | None = None) -> tuple[Any, list[str]]:
+        """`frames` (the RGB frames at their own size): a source whose detector has a fit/tile/ROI geometry is
+        scored from them (daemon/geometry.py), its maps in the frame's pixels (`maps` is then a list)."""
         import torch
 
         groups: dict[int, tuple[Any, list[int]]] = {}
@@ -430,6 +439,11 @@ class RoutedDetector:
             detector = self.per_source.get(source_id, self.base)
             groups.setdefault(id(detector), (detector, []))[1].append(index)
         versions = [self.version_for(source_id) for source_id in source_ids]
+        if frames is not None and any(not getattr(getattr(d, "geometry", None), "plain", True)
+                                      for d, _ in groups.values()):
+            from daemon.geometry import predict_routed_frames
+
+            return predict_routed_frames(list(groups.values()), images, class_names, frames), versions
         if len(groups) == 1:
             detector = next(iter(groups.values()))[0]
             return detector.predict(images, class_names), versions
@@ -476,6 +490,11 @@ def score_files(detector: Any, files: Sequence[Path], class_name: str | None = N
 
     from model.preprocess import decode_image, fast_transform
 
+    geometry = getattr(detector, "geometry", None)
+    if geometry is not None and not geometry.plain:
+        from daemon.geometry import score_frames
+
+        return score_frames(detector, files, geometry)
     scores: list[float] = []
     maxima: list[float] = []
     size = int(detector.image_size)

@@ -146,15 +146,18 @@ class ModelWorker:
             routed = getattr(detector, "predict_routed", None)  # per-source references (daemon/references.py)
             versions: list[str] | None = None
             with torch.inference_mode():
-                if routed is not None:
+                if routed is not None:  # the frames too: sources with a fit/tile/ROI geometry (daemon/geometry.py)
                     prediction, versions = routed(images, names if any(names) else None,
-                                                  [item.source.id for item in batch])
+                                                  [item.source.id for item in batch],
+                                                  frames=[item.rgb for item in batch])
                 else:
                     prediction = detector.predict(images, class_names=names if any(names) else None)
             scores = prediction.scores.detach().float().cpu().numpy().reshape(-1)
-            maps = prediction.maps.detach().float().cpu().numpy()
-            if scores.shape[0] != len(batch) or maps.shape[0] != len(batch):
-                raise RuntimeError(f"detector returned {scores.shape[0]} scores / {maps.shape[0]} maps "
+            # a list when sources have a geometry: each map in its frame's pixels (the writer keeps it as it is)
+            maps = prediction.maps if isinstance(prediction.maps, list) \
+                else prediction.maps.detach().float().cpu().numpy()
+            if scores.shape[0] != len(batch) or len(maps) != len(batch):
+                raise RuntimeError(f"detector returned {scores.shape[0]} scores / {len(maps)} maps "
                                    f"for a batch of {len(batch)}")
         except Exception as exc:
             log.exception("model failed on a batch of %d frames", len(batch))

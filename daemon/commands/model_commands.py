@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.cli import UsageError
+from daemon.commands.geometry_options import add_geometry_options, geometry_option
+from daemon.geometry import default_resize
 
 log = logging.getLogger("anomalyd")
 
@@ -88,6 +90,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
                        "0 keeps every row); the neighbour search time is linear in it")
     group.add_argument("--head", help="patchcore-head: trained head checkpoint (.safetensors; default: untrained, "
                        "ranks like patchcore)")
+    add_geometry_options(parser)
 
 
 def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
@@ -118,6 +121,9 @@ def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "references": args.references.split(",") if args.references and "," in args.references else args.references,
+        # without --resize: the daemon's default for patchcore on torch (daemon/geometry.py), as offline = online
+        "geometry": geometry_option(args, "squash" if getattr(args, "engine", "torch") != "torch"
+                                    else default_resize("patchcore")),
     }
 
 
@@ -127,6 +133,9 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
     if not get_family(name).clip_backbone:
         return own_backbone_options(args)
+    if not geometry_option(args).plain:
+        raise UsageError(f"--resize/--roi/--ignore-polygon: model {name} takes whole images squashed; the frame "
+                         "geometry needs --model patchcore")
     if args.image_size <= 0 or args.image_size % 14:
         raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of the patch size 14")
     return {
@@ -221,6 +230,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from adapters.report import write_overlay
+    from model.detector import Prediction
     from model.preprocess import ImageDecodeError, decode_image
 
     files = image_files(args.inputs)
@@ -234,11 +244,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.overlays:
         Path(args.overlays).mkdir(parents=True, exist_ok=True)
     batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
+    geometry = getattr(detector, "geometry", None)
+    framed = geometry is not None and not geometry.plain  # maps come back in each image's own pixels
     for batch_files in tqdm(batches, desc="predict", unit="batch", disable=args.json or not sys.stderr.isatty()):
         tensors, sizes, good, decoded = [], [], [], []
         for path in batch_files:
             try:
-                tensor, original, rgb = _load_input(path, size, args.reference_preprocessing)
+                if framed:
+                    rgb = decode_image(path)
+                    tensor, original = torch.empty(0), rgb.shape[:2]
+                else:
+                    tensor, original, rgb = _load_input(path, size, args.reference_preprocessing)
             except ImageDecodeError as exc:
                 errors.append((str(path), str(exc)))
                 print(f"anomalyd: skipped {exc}", file=sys.stderr)
@@ -249,11 +265,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             decoded.append(rgb)
         if not tensors:
             continue
-        prediction = detector.predict(torch.stack(tensors), class_names=class_names * len(tensors) if class_names else None)
-        batch_maps = prediction.maps.float().cpu()
+        if framed:
+            frame_scores, frame_maps = detector.predict_frames(decoded)
+            prediction = Prediction(scores=torch.from_numpy(frame_scores), maps=torch.empty(0))
+            batch_maps = [torch.from_numpy(m) for m in frame_maps]
+        else:
+            prediction = detector.predict(torch.stack(tensors),
+                                          class_names=class_names * len(tensors) if class_names else None)
+            batch_maps = prediction.maps.float().cpu()
         for index, path in enumerate(good):
             amap = batch_maps[index]
-            if args.map_size == "input":
+            if args.map_size == "input" and not framed:
                 amap = F.interpolate(amap[None, None], size=sizes[index], mode="bilinear", align_corners=False)[0, 0]
             score = float(prediction.scores[index])
             scores.append(score)
@@ -517,6 +539,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
+            geometry = getattr(detector, "geometry", None)
+            if geometry is not None and not geometry.plain:  # maps and masks in each image's own pixels
+                from daemon.commands.geometry_options import score_samples
+
+                loader = []
+                for path, message in score_samples(detector, items, args.batch_size, labels, scores, maps, masks,
+                                                   paths):
+                    print(f"anomalyd: skipped {path}: {message}", file=sys.stderr)
+                    skipped.append((path, message))
             batches = tqdm(loader, desc=f"{name} {category}", disable=not show, leave=False)
             if hasattr(detector, "predict_set"):  # mutual scoring: each image against the others of its category
                 batches = set_predictions(detector, batches)

@@ -26,6 +26,7 @@ import torch
 
 from model.bank import SavedBank, references_digest
 from model.factory import Prediction, imported_later, register_model
+from model.geometry import Geometry, frame_inputs, predict_frames
 from model.patchcore.backbone import (
     DEFAULT_BACKBONE,
     LITE_PACKAGES,
@@ -123,7 +124,8 @@ class PatchCoreDetector:
 
     def __init__(self, model: PatchcoreModel, *, backbone: str, weights: str, image_size: int,
                  device: torch.device, dtype: torch.dtype = torch.float32, augment: str = "none",
-                 max_bank_rows: int | None = DEFAULT_MAX_BANK_ROWS, batch_size: int = 8) -> None:
+                 max_bank_rows: int | None = DEFAULT_MAX_BANK_ROWS, batch_size: int = 8,
+                 geometry: Geometry | None = None) -> None:
         if augment not in AUGMENTATIONS:
             raise ValueError(f"reference augmentation {augment!r} is not one of {', '.join(AUGMENTATIONS)}")
         self.model = model.to(device).eval()
@@ -136,6 +138,8 @@ class PatchCoreDetector:
         self.max_bank_rows = max_bank_rows
         self.batch_size = batch_size
         self.bank: PatchcoreBank | None = None
+        # Which pixels of a frame are fed how (model/geometry.py); references go through the same geometry.
+        self.geometry = geometry or Geometry()
 
     # -- identity and version ------------------------------------------------------------------------------------
     @property
@@ -147,12 +151,15 @@ class PatchCoreDetector:
             "weights": self.weights,
             "taps": ",".join(str(t) for t in self.model.taps),
             "image_size": str(self.image_size),
+            "geometry": self.geometry.bank_tag or "squash",
         }
 
     @property
     def version(self) -> str:
         taps = "-".join(str(t) for t in self.model.taps)
         base = f"patchcore-{self.backbone_name}-t{taps}-s{self.image_size}"
+        if self.geometry.tag:  # thresholds are kept per version: another geometry is another scale
+            base += f"-{self.geometry.tag}"
         if self.bank is None:
             return base
         version = f"{base}+ref-{self.bank.digest or 'bank'}-k{self.bank.n_references}"
@@ -165,6 +172,8 @@ class PatchCoreDetector:
 
     # -- references ----------------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor, what: str) -> None:
+        if self.geometry.resize != "squash" and images.ndim == 4 and images.shape[1] == 3:
+            return  # fit / tile inputs: rectangles of the stride, or tiles
         if images.ndim != 4 or images.shape[1] != 3:
             raise _references_error()(
                 f"{what} have shape {tuple(images.shape)}: expected (N, 3, {self.image_size}, {self.image_size}) "
@@ -182,17 +191,21 @@ class PatchCoreDetector:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.no_grad()
-    def build_bank(self, images: torch.Tensor, *, digest: str = "", sources: Sequence[str] = ()) -> PatchcoreBank:
-        """A memory bank from reference images (K, 3, S, S), normalised as the detector's inputs are."""
-        if images.shape[0] == 0:
+    def build_bank(self, images: torch.Tensor | Sequence[torch.Tensor], *, digest: str = "",
+                   sources: Sequence[str] = ()) -> PatchcoreBank:
+        """A memory bank from reference images (K, 3, S, S), normalised as the detector's inputs are; or, with a
+        fit/tile geometry, a list of each reference's inputs (N_i, 3, h_i, w_i) (`model.geometry.frame_inputs`)."""
+        groups = [images] if isinstance(images, torch.Tensor) else list(images)
+        if not groups or sum(g.shape[0] for g in groups) == 0:
             raise _references_error()("no reference images: PatchCore needs at least one known-good image")
-        self._check_images(images, "reference images")
-        views = augment_references(images, self.augment)
         rows = []
-        for start in range(0, views.shape[0], self.batch_size):
-            batch = clip_to_tf(views[start:start + self.batch_size].to(self.device).float())
-            with self._autocast():
-                rows.append(self.model.flatten(self.model.embed(batch)).float())
+        for group in groups:
+            self._check_images(group, "reference images")
+            views = augment_references(group, self.augment)
+            for start in range(0, views.shape[0], self.batch_size):
+                batch = clip_to_tf(views[start:start + self.batch_size].to(self.device).float())
+                with self._autocast():
+                    rows.append(self.model.flatten(self.model.embed(batch)).float())
         bank = torch.cat(rows)
         full_rows = bank.shape[0]
         if self.max_bank_rows and full_rows > self.max_bank_rows:
@@ -201,10 +214,10 @@ class PatchCoreDetector:
             "format": BANK_FORMAT,
             **self.identity,
             "augment": self.augment,
-            "n_references": str(images.shape[0]),
+            "n_references": str(len(groups) if len(groups) > 1 else groups[0].shape[0]),
             "full_rows": str(full_rows),
             "max_bank_rows": str(self.max_bank_rows or 0),
-            "digest": digest or tensor_digest(images),
+            "digest": digest or tensor_digest(torch.cat([g.flatten() for g in groups])),
             "sources": json.dumps([Path(s).name for s in sources]),
         }
         return PatchcoreBank(rows=bank.cpu(), metadata=metadata)
@@ -212,7 +225,7 @@ class PatchCoreDetector:
     def check_bank(self, bank: PatchcoreBank, origin: str) -> None:
         """Raise ReferencesError naming the first value that differs from this detector's."""
         for key, expected in self.identity.items():
-            found = bank.metadata.get(key)
+            found = bank.metadata.get(key, "squash" if key == "geometry" else None)  # banks from before geometry
             if found != expected:
                 raise _references_error()(
                     f"{origin}: the memory bank was built with {key} {found!r}, but the detector uses {expected!r}; "
@@ -224,7 +237,8 @@ class PatchCoreDetector:
         self.model.set_memory_bank(bank.rows)
         self.bank = bank
 
-    def set_references(self, images: torch.Tensor, *, digest: str = "", sources: Sequence[str] = ()) -> PatchcoreBank:
+    def set_references(self, images: torch.Tensor | Sequence[torch.Tensor], *, digest: str = "",
+                       sources: Sequence[str] = ()) -> PatchcoreBank:
         """Build the bank from in-memory reference images (K, 3, S, S) and use it; returns the bank."""
         bank = self.build_bank(images, digest=digest, sources=sources)
         self.set_bank(bank)
@@ -259,7 +273,13 @@ class PatchCoreDetector:
                     self.set_bank(cached, str(cache_path))
                     return cached
                 log.info("rebuilding PatchCore bank %s: the reference files or the bank options changed", cache_path)
-        images = load_reference_images(files, self.image_size, transform)
+        images: torch.Tensor | list[torch.Tensor]
+        if self.geometry.bank_tag:
+            from model.preprocess import decode_image
+
+            images = [frame_inputs(decode_image(f), self.geometry, self.image_size) for f in files]
+        else:
+            images = load_reference_images(files, self.image_size, transform)
         bank = self.build_bank(images, digest=digest, sources=[str(f) for f in files])
         self.set_bank(bank)
         if cache_path is not None:
@@ -283,7 +303,14 @@ class PatchCoreDetector:
         return Prediction(scores=image_scores.float(), maps=maps.float())
 
     @torch.no_grad()
+    def predict_frames(self, frames: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """(raw image scores, maps in each frame's pixels) of RGB uint8 frames of any size, under `geometry`."""
+        return predict_frames(self, frames, self.geometry, batch_size=self.batch_size)
+
+    @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Prediction:
+        if self.geometry.resize != "squash" and images.ndim == 4 and images.shape[1] == 3:
+            return self.predict_tf(clip_to_tf(images.to(self.device, non_blocking=True).float()))
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"images have shape {tuple(images.shape)}: patchcore expects (B, 3, {self.image_size}, "
@@ -296,7 +323,8 @@ def build_patchcore(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | N
                     taps: Sequence[Tap] | str | None = None, image_size: int = DEFAULT_IMAGE_SIZE,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     num_neighbors: int = NUM_NEIGHBORS, augment: str = "none",
-                    max_bank_rows: int | None = DEFAULT_MAX_BANK_ROWS) -> PatchCoreDetector:
+                    max_bank_rows: int | None = DEFAULT_MAX_BANK_ROWS,
+                    geometry: Geometry | None = None) -> PatchCoreDetector:
     """A PatchCore detector without references yet (see `set_references` / `load_references`)."""
     if image_size <= 0 or image_size % 32:
         raise ValueError(f"patchcore image size {image_size}: expected a positive multiple of 32")
@@ -306,7 +334,8 @@ def build_patchcore(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | N
     if weights not in (None, RANDOM_WEIGHTS) and backbone not in LITE_PACKAGES:
         described = Path(weights).name
     return PatchCoreDetector(model, backbone=backbone, weights=described, image_size=image_size,
-                             device=torch.device(device), dtype=dtype, augment=augment, max_bank_rows=max_bank_rows)
+                             device=torch.device(device), dtype=dtype, augment=augment, max_bank_rows=max_bank_rows,
+                             geometry=geometry)
 
 
 # Its own backbones, taps and input size; it scores against a bank of normal references.
@@ -324,6 +353,7 @@ def _create_patchcore(
     augment: str = "none",
     max_bank_rows: int | None = DEFAULT_MAX_BANK_ROWS,
     references_later: bool = False,
+    geometry: Geometry | None = None,
     device: torch.device,
     dtype: torch.dtype,
     **_: Any,
@@ -336,7 +366,7 @@ def _create_patchcore(
         )
     detector = build_patchcore(backbone=str(backbone), weights=weights, taps=taps or layers,
                                image_size=int(image_size), device=device, dtype=dtype, augment=augment,
-                               max_bank_rows=max_bank_rows)
+                               max_bank_rows=max_bank_rows, geometry=geometry)
     if references is None:
         return detector
     if isinstance(references, torch.Tensor):

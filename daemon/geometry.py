@@ -1,0 +1,154 @@
+"""Per-source frame geometry in the daemon: `[model]` resize/roi/ignore_polygons/tile_overlap as the default, each
+`[[sources]]` entry's own values over it (model/geometry.py does the work).
+
+Only `patchcore` runs on rectangles and builds its bank through the geometry; the CLIP families keep "squash"
+with no ROI or ignore polygons, and any other value for them is a configuration error naming the key.
+The calibration of a source with a geometry scores its known-good frames through the same geometry
+(`geometry_known_good`), so thresholds mean what the live frames' scores mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from model.geometry import (
+    DEFAULT_RESIZE,
+    Geometry,
+    GeometryError,
+    frame_inputs,
+    make_geometry,
+    predict_frames,
+)
+
+GEOMETRY_MODELS = ("patchcore",)
+
+
+def default_resize(model_name: str, engine: str = "torch") -> str:
+    """`resize` when none is set: the measured default for the models that run on any frame shape (PatchCore in
+    PyTorch), "squash" for the others (the CLIP families, exported square graphs)."""
+    return DEFAULT_RESIZE if model_name in GEOMETRY_MODELS and engine == "torch" else "squash"
+
+
+def source_geometry(settings: Any, source_id: str | None) -> Geometry:
+    """The geometry of `source_id` (its [[sources]] values over [model]'s); [model]'s for an unknown source."""
+    m = settings.model
+    resize = m.resize or default_resize(m.name, str(getattr(settings.runtime, "engine", "torch")))
+    values: dict[str, Any] = {"resize": resize, "roi": m.roi, "ignore_polygons": m.ignore_polygons,
+                              "tile_overlap": m.tile_overlap}
+    for source in settings.sources:
+        if source.id == source_id:
+            for key in values:
+                own = getattr(source, key, None)
+                if own is not None:
+                    values[key] = own
+    return make_geometry(values["resize"], values["roi"], values["ignore_polygons"], values["tile_overlap"])
+
+
+def check_geometries(settings: Any) -> None:
+    """ValueError naming the entry whose geometry cannot be applied (bad values, or a model without support)."""
+    entries = [("[model]", None)] + [(f"[[sources]] {s.id}", s.id) for s in settings.sources]
+    for where, source_id in entries:
+        try:
+            geometry = source_geometry(settings, source_id)
+        except GeometryError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if not geometry.plain and settings.model.name not in GEOMETRY_MODELS:
+            raise ValueError(
+                f"{where}: resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(GEOMETRY_MODELS)}; "
+                f"model {settings.model.name!r} takes whole frames squashed (resize = \"squash\", no roi/ignore_polygons)")
+        engine = str(getattr(settings.runtime, "engine", "torch"))
+        if not geometry.plain and engine != "torch":
+            raise ValueError(f"{where}: resize {geometry.resize!r}, roi and ignore_polygons need [runtime].engine = "
+                             f"\"torch\" (engine {engine!r} runs a fixed square export)")
+
+
+def geometry_known_good(detector: Any, files: Sequence[Path], limit: int) -> Any:
+    """`daemon.references.patchcore_known_good` for a detector with a geometry: each of up to `limit` references
+    and its calibration views scored through the geometry against a bank of the other references' rows (their
+    inputs cut the same way, augmented as the live bank is); the detector's own bank is restored."""
+    import numpy as np
+    import torch
+
+    from daemon.references import DEFAULT_DISTANCE_SCALE, KnownGoodScores, calibration_views
+    from model.patchcore import augment_references, clip_to_tf
+    from model.preprocess import decode_image
+
+    if len(files) < 2:
+        return KnownGoodScores([], [], DEFAULT_DISTANCE_SCALE, 0, 0)
+    model, geometry, size = detector.model, detector.geometry, int(detector.image_size)
+    frames = [decode_image(f) for f in files]
+    with torch.inference_mode():
+        rows = []
+        for rgb in frames:
+            views = augment_references(frame_inputs(rgb, geometry, size), str(getattr(detector, "augment", "none")))
+            rows.append(torch.cat([model.flatten(model.embed(clip_to_tf(views[i:i + 8].to(detector.device)))).float()
+                                   for i in range(0, views.shape[0], 8)]))
+    saved = (model.memory_bank, model.bank_norms)
+    scores: list[float] = []
+    maxima: list[float] = []
+    own: list[float] = []
+    held_out = min(limit, len(files))
+    n_views = 0
+    try:
+        for index in range(held_out):
+            model.set_memory_bank(torch.cat([r for j, r in enumerate(rows) if j != index]))
+            views = calibration_views(frames[index])
+            n_views += len(views)
+            frame_scores, frame_maps = predict_frames(detector, [frames[index], *views], geometry,
+                                                      batch_size=int(getattr(detector, "batch_size", 8)))
+            own.append(float(frame_scores[0]))
+            scores += [float(s) for s in frame_scores]
+            maxima += [float(m.max()) for m in frame_maps]
+    finally:
+        model.memory_bank, model.bank_norms = saved
+    return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, n_views, own)
+
+
+def score_frames(detector: Any, files: Sequence[Path], geometry: Geometry) -> tuple[list[float], list[float]]:
+    """(image scores, map maxima) of image files through `geometry` (the daemon's scale when `detector` is)."""
+    from model.preprocess import decode_image
+
+    scores: list[float] = []
+    maxima: list[float] = []
+    for start in range(0, len(files), 8):
+        frame_scores, maps = predict_frames(detector, [decode_image(f) for f in files[start:start + 8]], geometry)
+        scores += [float(s) for s in frame_scores]
+        maxima += [float(m.max()) for m in maps]
+    return scores, maxima
+
+
+class FramePredictions:
+    """Scores (B,) and each frame's own map: what `RoutedDetector.predict_routed` returns when a source of the
+    batch has a geometry (the maps differ in size, so they are a list, not one tensor)."""
+
+    def __init__(self, scores: Any, maps: list[Any]) -> None:
+        self.scores = scores
+        self.maps = maps
+
+
+def predict_routed_frames(groups: Sequence[tuple[Any, list[int]]], images: Any, class_names: Sequence[str] | None,
+                          frames: Sequence[Any]) -> FramePredictions:
+    """The batch scored per detector group: through the geometry from the frames (maps in frame pixels) for the
+    detectors that have one, on the square `images` for the others (maps in model space, the writer resizes)."""
+    import torch
+
+    scores = torch.empty(len(frames), dtype=torch.float32)
+    maps: list[Any] = [None] * len(frames)
+    for detector, indices in groups:
+        names = [class_names[i] for i in indices] if class_names else None
+        geometry = getattr(detector, "geometry", None)
+        if geometry is not None and not geometry.plain:
+            frame_scores, frame_maps = predict_frames(detector, [frames[i] for i in indices], geometry,
+                                                      batch_size=int(getattr(detector, "batch_size", 8)),
+                                                      class_names=names)
+            for offset, index in enumerate(indices):
+                scores[index], maps[index] = float(frame_scores[offset]), frame_maps[offset]
+            continue
+        prediction = detector.predict(images[indices], names)
+        group_scores = prediction.scores.detach().float().cpu().reshape(-1)
+        group_maps = prediction.maps.detach().float().cpu().numpy()
+        for offset, index in enumerate(indices):
+            scores[index], maps[index] = group_scores[offset], group_maps[offset]
+    return FramePredictions(scores, maps)

@@ -1,0 +1,126 @@
+"""Frame geometry (model/geometry.py): squash / fit / tile plans, maps stitched back into the frame's own pixels with
+the ROI offset and the ignore polygons applied, and PatchCore on the real EfficientNet-Lite0 weights finding a
+small drawn defect in a large non-square frame at its place."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from model.factory import Prediction
+from model.geometry import Geometry, GeometryError, make_geometry, plan_frame, predict_frames
+from model.patchcore import build_patchcore
+
+
+def texture(height: int, width: int, seed: int) -> np.ndarray:
+    """Blurred noise: a texture whose patches all look alike, shifted, turned or not (as the calibration's views
+    are), and unlike a dark spot."""
+    import cv2
+
+    noise = np.random.default_rng(seed).normal(0, 1, (height, width)).astype(np.float32)
+    blurred = cv2.GaussianBlur(noise, (0, 0), 3)
+    gray = 128 + 40 * blurred / blurred.std()
+    return np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def draw_defect(rgb: np.ndarray, x: int, y: int, radius: int = 12) -> np.ndarray:
+    out = rgb.copy()
+    yy, xx = np.mgrid[0:rgb.shape[0], 0:rgb.shape[1]]
+    out[(xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2] = 10
+    return out
+
+
+class Darkness:
+    """A stand-in detector: its map is how dark each input pixel is (0-1), its score the map's maximum."""
+
+    name, image_size, device = "darkness", 256, torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def predict(self, images: torch.Tensor, class_names=None) -> Prediction:
+        self.shapes.append(tuple(images.shape))
+        maps = (1.0 - (images[:, 0] * 0.26862954 + 0.48145466)).clamp(0, 1)
+        return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
+
+
+def test_plans_keep_the_aspect_or_tile_at_native_resolution():
+    squash = plan_frame((600, 1800), Geometry("squash"), 256)
+    assert squash.input_hw == (256, 256) and len(squash.origins) == 1
+    fit = plan_frame((600, 1800), Geometry("fit"), 256)
+    assert fit.input_hw == (256, 768)  # short side to 256, long side 3x, a multiple of 32
+    assert plan_frame((285, 122), Geometry("fit"), 256).input_hw == (608, 256)  # 2.34 x 256 rounded to 32
+    tile = plan_frame((600, 1800), Geometry("tile", tile_overlap=0.25), 256)
+    assert tile.scaled == (600, 1800) and tile.input_hw == (256, 256)  # native: nothing resized
+    ys, xs = sorted({o[0] for o in tile.origins}), sorted({o[1] for o in tile.origins})
+    assert ys[0] == 0 and ys[-1] == 600 - 256 and xs[0] == 0 and xs[-1] == 1800 - 256
+    assert all(b - a <= 256 * 0.75 + 1 for a, b in itertools.pairwise(xs))  # overlap at least 25 %
+    small = plan_frame((122, 285), Geometry("tile"), 256)  # short side below S: padded (reflected), not enlarged
+    assert small.scaled == (122, 285) and small.padded == (256, 285) and len(small.origins) == 2
+    roi = plan_frame((600, 1800), Geometry("fit", roi=(100, 50, 900, 300)), 256)
+    assert roi.roi == (100, 50, 900, 300) and roi.input_hw == (256, 768)
+
+
+def test_bad_geometry_is_a_clear_error():
+    with pytest.raises(GeometryError, match="resize 'stretch'"):
+        Geometry("stretch")
+    with pytest.raises(GeometryError, match="roi"):
+        make_geometry("fit", roi=[0, 0, 4, 100])
+    with pytest.raises(GeometryError, match="at least 3 points"):
+        make_geometry("fit", ignore=[[[0, 0], [5, 5]]])
+    with pytest.raises(GeometryError, match="outside the 1800x600 frame"):
+        plan_frame((600, 1800), Geometry("fit", roi=(1900, 0, 50, 50)), 256)
+
+
+@pytest.mark.parametrize("resize", ["squash", "fit", "tile"])
+def test_maps_come_back_in_frame_pixels_with_roi_and_ignore(resize):
+    frame = np.full((600, 1800, 3), 230, np.uint8)
+    frame[180:220, 1380:1420] = 0  # the defect, at (1400, 200)
+    frame[380:420, 480:520] = 0  # a dark fixture, ignored
+    frame[10:40, 20:60] = 0  # outside the ROI
+    geometry = make_geometry(resize, roi=[100, 0, 1700, 600],
+                             ignore=[[[450, 350], [550, 350], [550, 450], [450, 450]]])
+    detector = Darkness()
+    scores, maps = predict_frames(detector, [frame], geometry)
+    frame_map = maps[0]
+    assert frame_map.shape == (600, 1800)
+    y, x = np.unravel_index(np.argmax(frame_map), frame_map.shape)
+    assert abs(x - 1400) <= 25 and abs(y - 200) <= 25, (x, y)
+    assert frame_map[:, :100].max() == 0.0  # outside the ROI: not inspected
+    assert frame_map[350:451, 450:551].max() == 0.0  # ignored pixels score 0
+    assert scores[0] == pytest.approx(frame_map.max(), abs=1e-5)
+    if resize == "tile":
+        assert detector.shapes[0][-2:] == (256, 256) and sum(s[0] for s in detector.shapes) > 10  # batched tiles
+
+
+def test_patchcore_finds_a_small_defect_in_a_large_frame():
+    """Real Lite0 weights: references and the inspected frame go through the same tiling; the map's peak is on
+    the 24-pixel defect of a 1200 x 400 frame (2 % of its width)."""
+    geometry = Geometry("tile")
+    detector = build_patchcore(device="cpu", image_size=256, max_bank_rows=4096, geometry=geometry)
+    references = [texture(400, 1200, seed) for seed in (1, 2)]
+    from model.geometry import frame_inputs
+
+    bank = detector.set_references([frame_inputs(r, geometry, 256) for r in references])
+    assert bank.metadata["geometry"] == "tile-o25" and "tile-o25" in detector.version
+    good = texture(400, 1200, 3)
+    bad = draw_defect(good, 950, 130)
+    scores, maps = detector.predict_frames([good, bad])
+    assert maps[1].shape == (400, 1200)
+    y, x = np.unravel_index(np.argmax(maps[1]), maps[1].shape)
+    assert abs(x - 950) <= 30 and abs(y - 130) <= 30, (x, y)
+    assert scores[1] > 1.5 * scores[0]
+
+
+def test_a_frame_smaller_than_a_tile_is_padded_not_enlarged():
+    """magnetic_tile-like frames (122 x 285): tiled at their own scale, the padding's map dropped."""
+    frame = np.full((122, 285, 3), 230, np.uint8)
+    frame[50:60, 200:210] = 0
+    detector = Darkness()
+    _, maps = predict_frames(detector, [frame], Geometry("tile"))
+    assert maps[0].shape == (122, 285) and detector.shapes == [(2, 3, 256, 256)]
+    y, x = np.unravel_index(np.argmax(maps[0]), maps[0].shape)
+    assert 50 <= y < 60 and 200 <= x < 210
