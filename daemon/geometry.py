@@ -71,7 +71,7 @@ def geometry_known_good(detector: Any, files: Sequence[Path], limit: int) -> Any
     import numpy as np
     import torch
 
-    from daemon.references import DEFAULT_DISTANCE_SCALE, KnownGoodScores, calibration_views
+    from daemon.known_good import DEFAULT_DISTANCE_SCALE, KnownGoodScores, calibration_views
     from model.patchcore import augment_references, clip_to_tf
     from model.preprocess import decode_image
 

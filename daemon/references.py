@@ -60,6 +60,7 @@ from daemon.known_good import (
     CALIBRATION_GAIN,
     CALIBRATION_HOLDOUTS,
     CALIBRATION_SHIFT,
+    DEFAULT_DISTANCE_SCALE,
     KnownGoodScores,
     calibration_views,
     leave_one_out_scores,
@@ -73,9 +74,6 @@ from model.preprocess import IMAGE_SUFFIXES
 log = logging.getLogger("anomalyd.references")
 
 MAX_REFERENCES = 16
-# PatchCore's distance scale when it cannot be measured (one reference, a saved bank): a typical leave-one-out
-# image score of EfficientNet-Lite0 at 256 px on the shared samples (cubes: 15-27).
-DEFAULT_DISTANCE_SCALE = 20.0
 LABELLED_NORMALS_FOR_CALIBRATION = 32
 REFERENCE_PREFIX = "ref-"
 REBUILD_BACKOFF_S = 300.0  # the longest wait between retries of a failed bank build with unchanged files

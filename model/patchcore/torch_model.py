@@ -4,7 +4,7 @@
   padding 1, zeros counted), the coarser taps upsampled bilinearly (align_corners False) to the first tap's grid
   and concatenated → one embedding per patch.
 - Memory bank: the embeddings of every patch of the normal references (or a greedy k-center coreset of them).
-- Patch score: Euclidean distance to the nearest bank row, searched exactly by `search.nearest` (bf16 candidates
+- Patch score: Euclidean distance to the nearest bank row, searched exactly by `nearest` (model/patchcore/search.py) (bf16 candidates
   proven and re-checked in fp32 on CPUs with native bf16, fp32 elsewhere), in blocks so that memory stays bounded.
 - Image score: anomalib's re-weighting (num_neighbors 9): for the patch with the largest score, the softmax over
   its distances to the bank rows nearest to its own nearest neighbour gives the weight 1 - softmax[0].
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.gaussian import gaussian_blur
-from model.patchcore import search
 from model.patchcore.backbone import Tap, TapExtractor
+from model.patchcore.search import nearest
 
 NUM_NEIGHBORS = 9
 SIGMA = 4.0
@@ -151,7 +151,7 @@ class PatchcoreModel(nn.Module):
         if dim != self.memory_bank.shape[1]:
             raise ValueError(f"embedding has {dim} channels, the memory bank {self.memory_bank.shape[1]}")
         flat = self.flatten(embedding)
-        scores, where = search.nearest(flat, self.memory_bank, self.bank_norms, self.max_block_elements)
+        scores, where = nearest(flat, self.memory_bank, self.bank_norms, self.max_block_elements)
         return scores.reshape(batch, -1), where.reshape(batch, -1), flat.reshape(batch, height * width, dim)
 
     @torch.no_grad()
