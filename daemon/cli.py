@@ -16,16 +16,17 @@ from collections.abc import Sequence
 
 # Modules that define `register(subparsers)`; each subcommand sets `func` via set_defaults.
 COMMAND_MODULES = (
-    "daemon.commands.model_commands",  # predict, train, eval, weights
+    "daemon.commands.model_commands",  # predict, train, weights
+    "daemon.commands.eval_commands",  # eval
     "daemon.commands.run_commands",  # run, db
-    "daemon.commands.ops_commands",  # defects, label, models, calibrate
+    "daemon.commands.ops_commands",  # defects, label, models
     "daemon.commands.retrain_commands",  # retrain
     "daemon.commands.token_commands",  # tokens
     "daemon.commands.config_commands",  # config check
     "daemon.commands.export_commands",  # export
     "daemon.commands.reference_commands",  # references list|add|remove
     "daemon.commands.stats_commands",  # stats
-    "daemon.commands.threshold_commands",  # thresholds show|history|pin|unpin
+    "daemon.commands.threshold_commands",  # calibrate, thresholds show|history|pin|unpin
 )
 
 # The module that registers each command: a command line that names one builds only that module's parser (the
@@ -33,10 +34,10 @@ COMMAND_MODULES = (
 # tests/daemon/test_cli_startup.py checks this table against what the modules register.
 COMMAND_OWNERS = {
     "predict": "daemon.commands.model_commands", "train": "daemon.commands.model_commands",
-    "eval": "daemon.commands.model_commands", "weights": "daemon.commands.model_commands",
+    "eval": "daemon.commands.eval_commands", "weights": "daemon.commands.model_commands",
     "run": "daemon.commands.run_commands", "db": "daemon.commands.run_commands",
     "defects": "daemon.commands.ops_commands", "label": "daemon.commands.ops_commands",
-    "models": "daemon.commands.ops_commands", "calibrate": "daemon.commands.ops_commands",
+    "models": "daemon.commands.ops_commands", "calibrate": "daemon.commands.threshold_commands",
     "retrain": "daemon.commands.retrain_commands", "tokens": "daemon.commands.token_commands",
     "config": "daemon.commands.config_commands", "export": "daemon.commands.export_commands",
     "references": "daemon.commands.reference_commands", "stats": "daemon.commands.stats_commands",

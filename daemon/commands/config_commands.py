@@ -122,10 +122,10 @@ def reference_findings(settings: Any) -> list[tuple[str, str]]:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from daemon.commands.run_commands import _load
+    from daemon.commands.context import load_settings
     from daemon.config import describe_config_search
 
-    settings = _load(args)  # a file that does not load: exit 2 with every bad key named
+    settings = load_settings(args)  # a file that does not load: exit 2 with every bad key named
     findings = check_settings(settings)
     errors = sum(level == "error" for level, _ in findings)
     if args.json:

@@ -5,58 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from daemon.cli import UsageError
+from daemon.commands.model_options import FORMAT_FOR_ENGINE, export_sources, split_names, torch_detector
 
 log = logging.getLogger("anomalyd")
-
-ENGINE_CHOICES = ("torch", "onnxruntime", "openvino")
-FORMAT_FOR_ENGINE = {"onnxruntime": "onnx", "openvino": "openvino"}
-
-
-def split_names(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
-
-
-def export_sources(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """The source weights an export is made from (their digests go into the manifest)."""
-    from daemon.commands.model_commands import model_options
-
-    options = model_options(args, name)
-    # families with their own backbone (PatchCore) have no backbone_config / prompts, but weights
-    return {key: options.get(key) for key in ("backbone", "backbone_config", "prompts", "weights", "references")}
-
-
-def _torch_detector(args: argparse.Namespace, name: str) -> Any:
-    from daemon.commands.model_commands import model_options
-    from model import create_detector
-
-    options = model_options(args, name)
-    if options["dtype"] != "float32":
-        raise UsageError(f"--dtype {options['dtype']}: exports are float32 (the parity gate compares float32)")
-    options["device"] = "cpu"  # traced on the CPU; the engines run where they run
-    return create_detector(name, **options)
-
-
-def engine_detector_for(args: argparse.Namespace, name: str, class_names: Sequence[str] | None = None) -> Any:
-    """`--export DIR`: that export on `--engine`; else the model from the usual flags, exported into a temporary
-    folder through the parity gate, on `--engine`."""
-    from adapters.export import export_detector, load_export
-
-    engine = None if args.engine == "torch" else args.engine
-    if args.export:
-        sources = export_sources(args, name) if args.prompts else None
-        return load_export(args.export, engine, sources=sources)
-    names = sorted({*(class_names or ()), *([args.class_name] if args.class_name else [])}) or None
-    folder = Path(tempfile.mkdtemp(prefix="anomalyd-export-")) / name
-    log.info("exporting %s for the %s engine into %s", name, engine, folder)
-    export_detector(_torch_detector(args, name), folder, export_format=FORMAT_FOR_ENGINE[engine],
-                    class_names=names, sources=export_sources(args, name), engine=engine)
-    return load_export(folder, engine)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -64,7 +18,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.engine is not None and args.engine not in FORMAT_FOR_ENGINE:
         raise UsageError(f"--engine {args.engine}: the parity gate runs on onnxruntime or openvino")
-    detector = _torch_detector(args, args.model)
+    detector = torch_detector(args, args.model)
     class_names = split_names(args.class_names) or ([args.class_name] if args.class_name else None)
     manifest = export_detector(detector, args.output, export_format=args.format, opset=args.opset,
                                class_names=class_names, check_images=args.check_images or (),
@@ -80,17 +34,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """`--engine` and `--export` for predict and eval."""
-    group = parser.add_argument_group("engine")
-    group.add_argument("--engine", default="torch", choices=ENGINE_CHOICES,
-                       help="inference engine (default %(default)s); onnxruntime/openvino export the model first "
-                       "(through the parity gate) unless --export names an export folder")
-    group.add_argument("--export", type=Path, metavar="DIR", help="an export folder made by `anomalyd export`")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from daemon.commands.model_commands import add_model_options
+    from daemon.commands.model_options import add_model_options
 
     export = subparsers.add_parser("export", help="export a model to ONNX or OpenVINO IR, checked against PyTorch")
     export.add_argument("--output", required=True, type=Path, help="export folder (graph, classes, manifest.json)")

@@ -13,81 +13,35 @@ restored if the edit did not give the expected value).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import getpass
-import json
-import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.commands.run_commands import _load
+from daemon.commands.context import (
+    config_argument,
+    current_user,
+    database,
+    history_database,
+    load_settings,
+    print_json,
+    store,
+    time_window,
+    usage,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from sqlalchemy import Connection
-    from sqlalchemy.orm import Session, sessionmaker
-
-    from adapters.storage import ArtifactStore
-    from daemon.config import Settings
 
 
-
-def _usage(message: str) -> Exception:
-    from daemon.cli import UsageError
-
-    return UsageError(message)
-
-
-def _database(settings: Settings, config: str | None = None) -> contextlib.AbstractContextManager[sessionmaker[Session]]:
-    """A session factory on the configured database, which must exist (only `run` and `db upgrade` create one)."""
-    from daemon.commands.database import existing_database
-
-    return existing_database(settings.database_options(), config)
-
-
-def _history_database(args: argparse.Namespace) -> contextlib.AbstractContextManager[Callable[[], Connection]]:
-    """`_database` for the commands that need nothing but the history (defects, label, models list, stats): the
-    configuration's [database] alone is read, without the validation models, when it plainly can be, and the
-    connections are Core ones (`adapters.db.history` needs no ORM)."""
-    from daemon.commands.database import configured_database, existing_database
-
-    return existing_database(configured_database(args.config), args.config, orm=False)
-
-
-def _print_json(items: Any) -> None:
-    json.dump(items, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-
-
-def _store(settings: Settings) -> ArtifactStore:
-    from adapters.storage import ArtifactStore
-
-    return ArtifactStore(settings.resolve(settings.storage.dir), save_frames=settings.storage.save_frames,
-                         jpeg_quality=settings.storage.jpeg_quality)
+    pass
 
 
 # --- defects -----------------------------------------------------------------------------------------------------
 
 
-def _time_window(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(after, before) from --since / --until (RFC 3339 or a duration back from now); a bad value is a usage error."""
-    from adapters.history_args import HistoryError, parse_when
-
-    try:
-        after = parse_when(args.since, name="--since") if args.since else None
-        before = parse_when(args.until, name="--until") if args.until else None
-    except HistoryError as exc:
-        raise _usage(str(exc)) from None
-    return after, before
-
-
 def cmd_defects(args: argparse.Namespace) -> int:
-    after, before = _time_window(args)
+    after, before = time_window(args)
     if args.limit < 1 or args.limit > 1000:
-        raise _usage(f"--limit must be between 1 and 1000, not {args.limit}")
-    with _history_database(args) as sessions, sessions() as session:
+        raise usage(f"--limit must be between 1 and 1000, not {args.limit}")
+    with history_database(args) as sessions, sessions() as session:
         from adapters.db import InspectionFilter, history  # SQLAlchemy: only once there is a database
 
         filters = InspectionFilter(source=args.source, line=args.line, after=after, before=before,
@@ -95,7 +49,7 @@ def cmd_defects(args: argparse.Namespace) -> int:
         page = history.list_page(session, filters, sort=args.sort, limit=args.limit)
         items = [history.inspection_dict(row, page.labels.get(row.id)) for row in page.rows]
     if args.json:
-        _print_json(items)
+        print_json(items)
         return 0
     _print_table(items)
     return 0
@@ -125,41 +79,34 @@ def cmd_label(args: argparse.Namespace) -> int:
         try:
             mask = Path(args.mask).read_bytes()
         except OSError as exc:
-            raise _usage(f"--mask {args.mask}: cannot read: {exc.strerror or exc}") from None
-    author = args.author or f"cli:{_user()}"
-    with _history_database(args) as sessions:
+            raise usage(f"--mask {args.mask}: cannot read: {exc.strerror or exc}") from None
+    author = args.author or f"cli:{current_user()}"
+    with history_database(args) as sessions:
         from adapters.db import history  # SQLAlchemy: only once there is a database
 
-        store = _store(_load(args)) if mask is not None else None  # a label mask is kept with the artifacts
+        artifacts = store(load_settings(args)) if mask is not None else None  # a label mask is kept with them
         try:
-            row = history.apply_label(sessions, store, args.inspection_id,
+            row = history.apply_label(sessions, artifacts, args.inspection_id,
                                       args.label, author=author, mask=mask, mask_name=f"--mask {args.mask}")
         except history.NotFound as exc:  # a runtime failure (exit 1), not a usage error
             raise RuntimeError(str(exc)) from None
         except history.HistoryError as exc:
-            raise _usage(str(exc)) from None
+            raise usage(str(exc)) from None
     extra = f" with mask {row.mask_path}" if row.mask_path else ""
     print(f"inspection {args.inspection_id} labelled {row.label} by {author}{extra} (label id {row.id})")
     return 0
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"
 
 
 # --- models ------------------------------------------------------------------------------------------------------
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    with _history_database(args) as sessions, sessions() as session:
+    with history_database(args) as sessions, sessions() as session:
         from adapters.db import history  # SQLAlchemy: only once there is a database
 
         items = [history.model_dict(row) for row in history.list_versions(session)]
     if args.json:
-        _print_json(items)
+        print_json(items)
         return 0
     if not items:
         print("(no model versions recorded)")
@@ -174,14 +121,14 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_activate(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = load_settings(args)
     from daemon.versions import UnknownVersionError, VersionRegistry
 
-    with _database(settings, args.config) as sessions:
+    with database(settings, args.config) as sessions:
         try:
             VersionRegistry(sessions).activate(args.version)
         except UnknownVersionError as exc:
-            raise _usage(str(exc)) from None
+            raise usage(str(exc)) from None
     print(f"model version {args.version} is now active (running daemons switch to it within their model watcher's poll interval)")
     return 0
 
@@ -189,99 +136,12 @@ def cmd_models_activate(args: argparse.Namespace) -> int:
 # --- calibrate ---------------------------------------------------------------------------------------------------
 
 
-def _good_images(directory: Path) -> list[Path]:
-    from model.preprocess import IMAGE_SUFFIXES
-
-    if not directory.is_dir():
-        raise _usage(f"--good {directory}: not a directory")
-    files = sorted(path for path in directory.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-    if not files:
-        raise _usage(f"--good {directory}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    return files
-
-
-def _load_tensors(files: list[Path], size: int, reference: bool) -> tuple[Any, list[str]]:
-    """(N,3,S,S) tensor of the decodable files and the problems with the others (named, not fatal)."""
-    import torch
-
-    from model.preprocess import ImageDecodeError, decode_image, fast_transform, open_pil, reference_transform
-
-    tensors, problems = [], []
-    for path in files:
-        try:
-            if reference:
-                tensors.append(reference_transform(open_pil(path), size))
-            else:
-                tensors.append(fast_transform(decode_image(path), size))
-        except (ImageDecodeError, OSError, ValueError) as exc:
-            problems.append(f"{path}: {exc}")
-    if not tensors:
-        raise _usage(f"no decodable known-good image among {len(files)} files: " + "; ".join(problems[:3]))
-    return torch.stack(tensors), problems
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from daemon.commands.threshold_commands import cmd_calibrate as calibrate
-
-    return calibrate(args)
-
-
-_HEADER = re.compile(r"^\s*\[")
-_ID_LINE = re.compile(r"""^\s*id\s*=\s*(["'])(?P<id>[^"']*)\1\s*(#.*)?$""")
-_THRESHOLD_LINE = re.compile(r"^(?P<indent>\s*)threshold\s*=\s*[^#\n]*(?P<comment>#.*)?$")
-
-
-def write_source_threshold(config: Path, source_id: str, threshold: float) -> None:
-    """Set `threshold` in the `[[sources]]` table with `id = source_id` of the TOML file, keeping the rest."""
-    from daemon.config import ConfigError, load_config
-
-    original = config.read_text(encoding="utf-8")
-    lines = original.splitlines(keepends=True)
-    start = None
-    for index, line in enumerate(lines):
-        if line.strip() == "[[sources]]":
-            end = next((j for j in range(index + 1, len(lines)) if _HEADER.match(lines[j])), len(lines))
-            if any((m := _ID_LINE.match(lines[j])) and m.group("id") == source_id for j in range(index + 1, end)):
-                start = index
-                break
-    if start is None:
-        raise RuntimeError(f"{config}: no [[sources]] table with id = {source_id!r} (set by the environment?); "
-                           f"set threshold = {threshold} for it by hand")
-    value = f"threshold = {threshold}"
-    for j in range(start + 1, end):
-        match = _THRESHOLD_LINE.match(lines[j])
-        if match:
-            comment = f"  {match.group('comment')}" if match.group("comment") else ""
-            newline = "\n" if lines[j].endswith("\n") else ""
-            lines[j] = f"{match.group('indent')}{value}{comment}{newline}"
-            break
-    else:
-        id_line = next(j for j in range(start + 1, end) if _ID_LINE.match(lines[j]))
-        if not lines[id_line].endswith("\n"):
-            lines[id_line] += "\n"
-        lines.insert(id_line + 1, value + "\n")
-    config.write_text("".join(lines), encoding="utf-8")
-    try:
-        written = load_config(config).source(source_id).threshold
-    except (ConfigError, KeyError) as exc:
-        config.write_text(original, encoding="utf-8")
-        raise RuntimeError(f"{config}: the edited file did not load ({exc}); left unchanged") from None
-    if abs(written - threshold) > 1e-9:
-        config.write_text(original, encoding="utf-8")
-        raise RuntimeError(f"{config}: threshold for {source_id!r} reads {written} after the edit (an environment "
-                           f"override?); file left unchanged")
-
-
 # --- registration ------------------------------------------------------------------------------------------------
-
-
-def _config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="configuration file (default: $ANOMALYD_CONFIG or ./config.toml)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     defects = subparsers.add_parser("defects", help="query the inspection history (anomalous ones by default)")
-    _config_argument(defects)
+    config_argument(defects)
     defects.add_argument("--source", help="only this source id")
     defects.add_argument("--line", help="only this production line")
     defects.add_argument("--since", help="captured at or after: ISO time (UTC if no offset) or a duration (24h, 7d)")
@@ -295,7 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defects.set_defaults(func=cmd_defects, short_lived=True)
 
     label = subparsers.add_parser("label", help="record operator feedback on an inspection (used by retraining)")
-    _config_argument(label)
+    config_argument(label)
     label.add_argument("inspection_id", type=int, metavar="INSPECTION_ID")
     label.add_argument("label", choices=("normal", "anomalous"))
     label.add_argument("--mask", metavar="FILE", help="defect mask: PNG, BMP or TIFF of the frame's size, "
@@ -307,29 +167,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION")
     models_sub.required = True
     listing = models_sub.add_parser("list", help="versions with status and metrics")
-    _config_argument(listing)
+    config_argument(listing)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_models_list, short_lived=True)
     activate = models_sub.add_parser("activate", help="make VERSION the active model")
-    _config_argument(activate)
+    config_argument(activate)
     activate.add_argument("version", metavar="VERSION")
     activate.set_defaults(func=cmd_models_activate, short_lived=True)
-
-    calibrate_parser = subparsers.add_parser("calibrate", help="per-source threshold from known-good frames")
-    _config_argument(calibrate_parser)
-    calibrate_parser.add_argument("--source", required=True, help="the [[sources]] id")
-    calibrate_parser.add_argument("--good", required=True, metavar="DIR", help="folder of known-good frames")
-    calibrate_parser.add_argument("--method", choices=("quantile", "max"), default="quantile")
-    calibrate_parser.add_argument("--quantile", type=float, default=0.99, help="score quantile (default 0.99)")
-    calibrate_parser.add_argument("--margin", type=float, default=0.0, help="added to the quantile/max")
-    calibrate_parser.add_argument("--write", action="store_true", help="write the threshold into the config file")
-    calibrate_parser.add_argument("--false-reject-rate", type=float, default=None, metavar="RATE",
-                                  help="set both thresholds (image and pixel) for this false-reject rate (e.g. "
-                                       "0.005), stored in the database for the source and the model version")
-    calibrate_parser.add_argument("--confidence", type=float, default=0.5, metavar="P",
-                                  help="with --false-reject-rate: P(realised rate <= target) the bound aims at "
-                                  "(default %(default)s; docs/models.md says how many frames it needs)")
-    calibrate_parser.add_argument("--json", action="store_true")
-    calibrate_parser.add_argument("--detector-factory", metavar="MODULE:CALLABLE", default=None,
-                                  help=argparse.SUPPRESS)  # a callable(settings) -> Detector (tests, plugins)
-    calibrate_parser.set_defaults(func=cmd_calibrate)

@@ -13,15 +13,14 @@ import json
 import sys
 from typing import Any
 
-from daemon.commands.ops_commands import _config_argument, _database, _store, _usage
-from daemon.commands.run_commands import _load
+from daemon.commands.context import config_argument, database, load_settings, store, usage
 
 
 def _source(settings: Any, source_id: str) -> Any:
     try:
         return settings.source(source_id)
     except KeyError:
-        raise _usage(f"--source {source_id!r}: not a [[sources]] id in the configuration "
+        raise usage(f"--source {source_id!r}: not a [[sources]] id in the configuration "
                      f"({', '.join(s.id for s in settings.sources) or 'none configured'})") from None
 
 
@@ -29,10 +28,10 @@ def cmd_references_list(args: argparse.Namespace) -> int:
     from daemon import reference_admin as admin
     from daemon import references as refs
 
-    settings = _load(args)
+    settings = load_settings(args)
     _source(settings, args.source)
-    with _database(settings) as sessions:
-        items = admin.list_references(settings, args.source, sessions, _store(settings))
+    with database(settings) as sessions:
+        items = admin.list_references(settings, args.source, sessions, store(settings))
     if args.json:
         print(json.dumps({"source": args.source, "folder": str(refs.own_reference_dir(settings, args.source)),
                           "items": items}))
@@ -47,13 +46,13 @@ def cmd_references_list(args: argparse.Namespace) -> int:
 def cmd_references_add(args: argparse.Namespace) -> int:
     from daemon import reference_admin as admin
 
-    settings = _load(args)
+    settings = load_settings(args)
     _source(settings, args.source)
-    with _database(settings) as sessions:
+    with database(settings) as sessions:
         try:
-            added, warnings = admin.add_references(settings, sessions, _store(settings), args.source, args.inspections)
+            added, warnings = admin.add_references(settings, sessions, store(settings), args.source, args.inspections)
         except (LookupError, ValueError) as exc:
-            raise _usage(str(exc).strip("'\"")) from None
+            raise usage(str(exc).strip("'\"")) from None
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -67,9 +66,9 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 def cmd_references_propose(args: argparse.Namespace) -> int:
     from daemon.zero_label import propose_references
 
-    settings = _load(args)
+    settings = load_settings(args)
     _source(settings, args.source)
-    with _database(settings) as sessions:
+    with database(settings) as sessions:
         proposal = propose_references(sessions, args.source, args.count, min_judged=args.after)
     if args.json:
         print(json.dumps(proposal))
@@ -86,13 +85,13 @@ def cmd_references_propose(args: argparse.Namespace) -> int:
 def cmd_references_remove(args: argparse.Namespace) -> int:
     from daemon import reference_admin as admin
 
-    settings = _load(args)
+    settings = load_settings(args)
     _source(settings, args.source)
     for name in args.names:
         try:
             path = admin.remove_reference(settings, args.source, name)
         except (LookupError, ValueError) as exc:
-            raise _usage(str(exc).strip("'\"")) from None
+            raise usage(str(exc).strip("'\"")) from None
         print(f"removed {path}")
     return 0
 
@@ -103,26 +102,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="references_command", metavar="ACTION")
     commands.required = True
     listing = commands.add_parser("list", help="the reference images of a source")
-    _config_argument(listing)
+    config_argument(listing)
     listing.add_argument("--source", required=True, help="the [[sources]] id")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_references_list)
     add = commands.add_parser("add", help="use the frames of inspections as references of their source")
-    _config_argument(add)
+    config_argument(add)
     add.add_argument("--source", required=True, help="the [[sources]] id")
     add.add_argument("inspections", nargs="+", type=int, metavar="INSPECTION_ID")
     add.add_argument("--json", action="store_true")
     add.set_defaults(func=cmd_references_add)
     propose = commands.add_parser("propose", help="known-good candidates of a source that runs mutual scoring "
                                   "(references = \"auto\")")
-    _config_argument(propose)
+    config_argument(propose)
     propose.add_argument("--source", required=True, help="the [[sources]] id")
     propose.add_argument("--count", type=int, default=8)
     propose.add_argument("--after", type=int, default=50, help="judged normal-looking frames needed first")
     propose.add_argument("--json", action="store_true")
     propose.set_defaults(func=cmd_references_propose)
     remove = commands.add_parser("remove", help="remove reference images (by the names `list` shows)")
-    _config_argument(remove)
+    config_argument(remove)
     remove.add_argument("--source", required=True, help="the [[sources]] id")
     remove.add_argument("names", nargs="+", metavar="NAME")
     remove.set_defaults(func=cmd_references_remove)

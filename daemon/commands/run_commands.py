@@ -4,58 +4,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
+
+from daemon.commands.context import import_factory, load_settings
 
 log = logging.getLogger("anomalyd")
 
 DEFAULT_CONFIG = "config.toml"
 
 
-def _config_path(value: str | None) -> Path | None:
-    """The config file every command uses (`daemon.config.find_config`: --config, $ANOMALYD_CONFIG,
-    ./config.toml, /etc/anomalyd/config.toml; None: built-in defaults)."""
-    from daemon.config import find_config
-
-    return find_config(value)
-
-
-def _load(args: argparse.Namespace):
-    from daemon.cli import UsageError
-    from daemon.config import ConfigError, load_config
-
-    try:
-        return load_config(_config_path(getattr(args, "config", None)))
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.api import routers
     from daemon.service import Service
 
-    settings = _load(args)
-    factory = _import_factory(args.detector_factory) if args.detector_factory else None
+    settings = load_settings(args)
+    factory = import_factory(args.detector_factory) if args.detector_factory else None
     service = Service(settings, role=args.role, detector_factory=factory, routers=routers())
     return service.run()
-
-
-def _import_factory(spec: str):
-    """`package.module:callable` → the callable (a detector factory taking the Settings; tests, plugins)."""
-    import importlib
-
-    from daemon.cli import UsageError
-
-    module_name, _, attribute = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise UsageError(f"--detector-factory {spec!r}: {exc}") from None
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from adapters.db import current_revision, make_engine, upgrade
 
-    settings = _load(args)
+    settings = load_settings(args)
     engine = make_engine(settings.database_url)
     try:
         before = current_revision(engine)

@@ -7,31 +7,25 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from daemon.commands.ops_commands import (
-    _config_argument,
-    _history_database,
-    _print_json,
-    _time_window,
-    _usage,
-)
+from daemon.commands.context import config_argument, history_database, print_json, time_window, usage
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from adapters.timeutil import duration_seconds
 
-    after, before = _time_window(args)
+    after, before = time_window(args)
     seconds = duration_seconds(args.bucket) if not args.bucket.isdigit() else float(args.bucket)
     if seconds is None or seconds != int(seconds):
-        raise _usage(f"--bucket {args.bucket!r}: expected seconds or a duration like 15m, 1h, 1d")
-    with _history_database(args) as sessions, sessions() as session:
+        raise usage(f"--bucket {args.bucket!r}: expected seconds or a duration like 15m, 1h, 1d")
+    with history_database(args) as sessions, sessions() as session:
         from adapters.db import history  # SQLAlchemy: only once there is a database
 
         try:
             data = history.series(session, after=after, before=before, bucket_s=int(seconds), by=args.by)
         except history.HistoryError as exc:
-            raise _usage(str(exc)) from None
+            raise usage(str(exc)) from None
     if args.json:
-        _print_json(data)
+        print_json(data)
         return 0
     _print_series(data)
     return 0
@@ -63,7 +57,7 @@ def _score(value: float | None) -> str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     stats = subparsers.add_parser("stats", help="inspected, anomalous and rejected per line or source per hour "
                                                 "(the dashboard's numbers)")
-    _config_argument(stats)
+    config_argument(stats)
     stats.add_argument("--since", help="from: ISO time (UTC if no offset) or a duration ago (default 24h before "
                                        "--until)")
     stats.add_argument("--until", help="to: ISO time or a duration ago (default now)")

@@ -15,28 +15,30 @@ import argparse
 import contextlib
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.commands.ops_commands import (
-    _config_argument,
-    _database,
-    _good_images,
-    _load_tensors,
-    _store,
-    _usage,
-    _user,
-    write_source_threshold,
+from daemon.commands.context import (
+    config_argument,
+    config_path,
+    current_user,
+    database,
+    good_images,
+    import_factory,
+    load_settings,
+    load_tensors,
+    store,
+    usage,
 )
-from daemon.commands.run_commands import _config_path, _import_factory, _load
 
 
 def _source(settings: Any, source_id: str) -> Any:
     try:
         return settings.source(source_id)
     except KeyError:
-        raise _usage(f"--source {source_id!r}: not a [[sources]] id in the configuration "
+        raise usage(f"--source {source_id!r}: not a [[sources]] id in the configuration "
                      f"({', '.join(s.id for s in settings.sources) or 'none configured'})") from None
 
 
@@ -53,7 +55,7 @@ def _without_bank_files(files: list[Path], bank_files: list[Path], source_id: st
         print(f"warning: {len(left_out)} of the --good frames are references of source {source_id}'s bank and "
               f"score about 0 against it; left out: {', '.join(str(f) for f in left_out)}", file=sys.stderr)
     if not kept:
-        raise _usage(f"every --good frame is a reference of source {source_id}'s bank: calibrating needs "
+        raise usage(f"every --good frame is a reference of source {source_id}'s bank: calibrating needs "
                      "known-good frames the bank has not seen")
     return kept
 
@@ -65,7 +67,7 @@ def _optional_database(settings: Any) -> Any:
 
     with contextlib.ExitStack() as stack:
         try:
-            sessions = stack.enter_context(_database(settings))
+            sessions = stack.enter_context(database(settings))
         except NoDatabaseError as exc:
             print(f"warning: {exc}; the threshold is not stored", file=sys.stderr)
             sessions = None
@@ -77,14 +79,14 @@ def _source_detector(settings: Any, sessions: Any, source: Any, args: argparse.N
     from daemon import references as refs
     from daemon.service import build_detector
 
-    factory = _import_factory(args.detector_factory) if args.detector_factory else build_detector
-    manager = refs.ReferenceManager(settings, sessions, _store(settings), source_ids=[source.id],
+    factory = import_factory(args.detector_factory) if args.detector_factory else build_detector
+    manager = refs.ReferenceManager(settings, sessions, store(settings), source_ids=[source.id],
                                     auto_calibrate=False)
     routed = manager.route(factory(settings))
     if source.id in routed.per_source:
         detector = routed.per_source[source.id]
     elif source.id in manager.unavailable:
-        raise _usage(manager.unavailable[source.id])
+        raise usage(manager.unavailable[source.id])
     else:
         detector = routed.base
     return detector, routed.version_for(source.id), manager.states[source.id].files
@@ -95,16 +97,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from daemon.references import score_files
     from daemon.thresholds import Calibration, apply_calibration
 
-    settings = _load(args)
+    settings = load_settings(args)
     source = _source(settings, args.source)
     rate = args.false_reject_rate
     if rate is not None and not 0.0 < rate < 1.0:
-        raise _usage(f"--false-reject-rate must be between 0 and 1 (e.g. 0.005), not {rate}")
+        raise usage(f"--false-reject-rate must be between 0 and 1 (e.g. 0.005), not {rate}")
     if not 0.0 < args.quantile <= 1.0:
-        raise _usage(f"--quantile must be in (0, 1], not {args.quantile}")
+        raise usage(f"--quantile must be in (0, 1], not {args.quantile}")
     if not 0.0 < args.confidence < 1.0:
-        raise _usage(f"--confidence must be between 0 and 1, not {args.confidence}")
-    files = _good_images(Path(args.good))
+        raise usage(f"--confidence must be between 0 and 1, not {args.confidence}")
+    files = good_images(Path(args.good))
     class_name = source.class_name or settings.model.class_name
     skipped = 0
     with _optional_database(settings) as sessions:
@@ -122,7 +124,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         else:
             from model.fewshot import calibrate_threshold
 
-            images, problems = _load_tensors(files, int(detector.image_size), settings.model.reference_preprocessing)
+            images, problems = load_tensors(files, int(detector.image_size), settings.model.reference_preprocessing)
             for problem in problems:
                 print(f"skipped {problem}", file=sys.stderr)
             skipped = len(problems)
@@ -136,7 +138,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if sessions is not None:  # explicit: applied to the version the source runs (a restart keeps it)
             threshold, pixel = apply_calibration(sessions, Calibration(
                 source=source.id, model_version=version, threshold=threshold, pixel_threshold=pixel,
-                rule=f"{rule}; --good {args.good}", set_by=f"anomalyd calibrate ({_user()})",
+                rule=f"{rule}; --good {args.good}", set_by=f"anomalyd calibrate ({current_user()})",
                 false_reject_rate=rate, n_good=n, method=f"anomalyd calibrate --good {args.good}"))
     result = {"source": source.id, "model_version": version, "threshold": round(threshold, 6),
               "pixel_threshold": round(pixel, 6), "false_reject_rate": rate, "images": n, "rule": rule,
@@ -144,9 +146,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               "previous": stored.threshold if stored is not None else source.threshold, "written": None,
               "method": args.method if rate is None else "false-reject-rate"}
     if args.write:
-        config = _config_path(args.config)
+        config = config_path(args.config)
         if config is None:
-            raise _usage("--write needs a configuration file (--config)")
+            raise usage("--write needs a configuration file (--config)")
         write_source_threshold(config, source.id, result["threshold"])
         result["written"] = str(config)
     if args.json:
@@ -171,11 +173,11 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     from daemon import thresholds
     from daemon.thresholds import recorded_version, summary
 
-    settings = _load(args)
+    settings = load_settings(args)
     sources = [_source(settings, args.source)] if args.source else list(settings.sources)
     if args.thresholds_command in ("pin", "unpin") and not args.source:
-        raise _usage(f"thresholds {args.thresholds_command} needs --source")
-    with _database(settings) as sessions:
+        raise usage(f"thresholds {args.thresholds_command} needs --source")
+    with database(settings) as sessions:
         if args.thresholds_command == "show":
             items: Any = [summary(settings, sessions, s) for s in sources]
         elif args.thresholds_command == "history":
@@ -183,15 +185,15 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
         elif args.thresholds_command == "pin":
             try:
                 items = thresholds.pin(sessions, args.source, recorded_version(settings, sessions, args.source),
-                                       args.threshold, args.pixel_threshold, set_by=f"cli ({_user()})")
+                                       args.threshold, args.pixel_threshold, set_by=f"cli ({current_user()})")
             except ValueError as exc:
-                raise _usage(str(exc)) from None
+                raise usage(str(exc)) from None
         else:
             try:
                 items = thresholds.unpin(sessions, args.source, recorded_version(settings, sessions, args.source),
-                                         set_by=f"cli ({_user()})")
+                                         set_by=f"cli ({current_user()})")
             except LookupError as exc:
-                raise _usage(str(exc).strip("'\"")) from None
+                raise usage(str(exc).strip("'\"")) from None
     if args.json:
         print(json.dumps(items))
         return 0
@@ -209,6 +211,52 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     return 0
 
 
+_HEADER = re.compile(r"^\s*\[")
+_ID_LINE = re.compile(r"""^\s*id\s*=\s*(["'])(?P<id>[^"']*)\1\s*(#.*)?$""")
+_THRESHOLD_LINE = re.compile(r"^(?P<indent>\s*)threshold\s*=\s*[^#\n]*(?P<comment>#.*)?$")
+
+
+def write_source_threshold(config: Path, source_id: str, threshold: float) -> None:
+    """Set `threshold` in the `[[sources]]` table with `id = source_id` of the TOML file, keeping the rest."""
+    from daemon.config import ConfigError, load_config
+
+    original = config.read_text(encoding="utf-8")
+    lines = original.splitlines(keepends=True)
+    start = None
+    for index, line in enumerate(lines):
+        if line.strip() == "[[sources]]":
+            end = next((j for j in range(index + 1, len(lines)) if _HEADER.match(lines[j])), len(lines))
+            if any((m := _ID_LINE.match(lines[j])) and m.group("id") == source_id for j in range(index + 1, end)):
+                start = index
+                break
+    if start is None:
+        raise RuntimeError(f"{config}: no [[sources]] table with id = {source_id!r} (set by the environment?); "
+                           f"set threshold = {threshold} for it by hand")
+    value = f"threshold = {threshold}"
+    for j in range(start + 1, end):
+        match = _THRESHOLD_LINE.match(lines[j])
+        if match:
+            comment = f"  {match.group('comment')}" if match.group("comment") else ""
+            newline = "\n" if lines[j].endswith("\n") else ""
+            lines[j] = f"{match.group('indent')}{value}{comment}{newline}"
+            break
+    else:
+        id_line = next(j for j in range(start + 1, end) if _ID_LINE.match(lines[j]))
+        if not lines[id_line].endswith("\n"):
+            lines[id_line] += "\n"
+        lines.insert(id_line + 1, value + "\n")
+    config.write_text("".join(lines), encoding="utf-8")
+    try:
+        written = load_config(config).source(source_id).threshold
+    except (ConfigError, KeyError) as exc:
+        config.write_text(original, encoding="utf-8")
+        raise RuntimeError(f"{config}: the edited file did not load ({exc}); left unchanged") from None
+    if abs(written - threshold) > 1e-9:
+        config.write_text(original, encoding="utf-8")
+        raise RuntimeError(f"{config}: threshold for {source_id!r} reads {written} after the edit (an environment "
+                           f"override?); file left unchanged")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("thresholds", help="the thresholds in effect, their history, pin/unpin")
     commands = parser.add_subparsers(dest="thresholds_command", metavar="ACTION")
@@ -218,7 +266,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        ("pin", "fix a source's thresholds (every model version) until unpinned"),
                        ("unpin", "back to the calibrated or configured thresholds")):
         sub = commands.add_parser(name, help=text)
-        _config_argument(sub)
+        config_argument(sub)
         sub.add_argument("--source", required=name in ("pin", "unpin"), help="the [[sources]] id")
         sub.add_argument("--json", action="store_true")
         if name == "history":
@@ -227,3 +275,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             sub.add_argument("threshold", type=float, help="image threshold, 0-1 (the daemon's score scale)")
             sub.add_argument("--pixel-threshold", type=float, default=None, help="default: the image threshold")
         sub.set_defaults(func=cmd_thresholds)
+
+    calibrate_parser = subparsers.add_parser("calibrate", help="per-source threshold from known-good frames")
+    config_argument(calibrate_parser)
+    calibrate_parser.add_argument("--source", required=True, help="the [[sources]] id")
+    calibrate_parser.add_argument("--good", required=True, metavar="DIR", help="folder of known-good frames")
+    calibrate_parser.add_argument("--method", choices=("quantile", "max"), default="quantile")
+    calibrate_parser.add_argument("--quantile", type=float, default=0.99, help="score quantile (default 0.99)")
+    calibrate_parser.add_argument("--margin", type=float, default=0.0, help="added to the quantile/max")
+    calibrate_parser.add_argument("--write", action="store_true", help="write the threshold into the config file")
+    calibrate_parser.add_argument("--false-reject-rate", type=float, default=None, metavar="RATE",
+                                  help="set both thresholds (image and pixel) for this false-reject rate (e.g. "
+                                       "0.005), stored in the database for the source and the model version")
+    calibrate_parser.add_argument("--confidence", type=float, default=0.5, metavar="P",
+                                  help="with --false-reject-rate: P(realised rate <= target) the bound aims at "
+                                  "(default %(default)s; docs/models.md says how many frames it needs)")
+    calibrate_parser.add_argument("--json", action="store_true")
+    calibrate_parser.add_argument("--detector-factory", metavar="MODULE:CALLABLE", default=None,
+                                  help=argparse.SUPPRESS)  # a callable(settings) -> Detector (tests, plugins)
+    calibrate_parser.set_defaults(func=cmd_calibrate)

@@ -12,21 +12,21 @@ from typing import Any
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from daemon.commands.run_commands import _load
+    from daemon.commands.context import load_settings
 
-    return _load(args)
+    return load_settings(args)
 
 
 def cmd_tokens_create(args: argparse.Namespace) -> int:
     from daemon.cli import UsageError
-    from daemon.commands.ops_commands import _user
+    from daemon.commands.context import current_user
     from daemon.tokens import TokenError, store_for
 
     settings = _settings(args)
     if any(token.name == args.name for token in settings.api.tokens):
         raise RuntimeError(f"a token named {args.name!r} is configured in [[api.tokens]] already")
     try:
-        secret, entry = store_for(settings).create(args.name, args.role, created_by=f"cli:{_user()}")
+        secret, entry = store_for(settings).create(args.name, args.role, created_by=f"cli:{current_user()}")
     except TokenError as exc:
         if "exists already" in str(exc):
             raise RuntimeError(str(exc)) from None
