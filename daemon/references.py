@@ -66,7 +66,7 @@ from daemon.known_good import (
     leave_one_out_scores,
 )
 from daemon.scale import scale_outputs, scaled
-from daemon.thresholds import ThresholdTable, labelled_anomalous_frames, load_pins
+from daemon.thresholds import LABELLED_ANOMALIES_FOR_GUARD, ThresholdTable, labelled_frames, load_pins
 from daemon.zero_label import AUTO, mutual_detector, zero_label
 from model.factory import needs_references
 from model.preprocess import IMAGE_SUFFIXES
@@ -125,34 +125,6 @@ def _images_in(folder: Path, *, required: bool, what: str) -> list[Path]:
     return files
 
 
-def labelled_normal_frames(sessions: Any, store: Any, source_id: str, limit: int) -> list[Path]:
-    """Frames of `source_id` whose newest label is normal, newest label first (at most `limit`)."""
-    if sessions is None or store is None or limit <= 0:
-        return []
-    from sqlalchemy import select
-
-    from adapters.db import Inspection
-    from adapters.db.repository import latest_label_subquery
-
-    newest = latest_label_subquery()
-    query = (select(Inspection.frame_path, Inspection.id).where(Inspection.source == source_id,
-                                                                Inspection.frame_path.is_not(None),
-                                                                newest == "normal")
-             .order_by(Inspection.id.desc())
-             .limit(limit))
-    with sessions() as session:
-        rows = session.execute(query).all()
-    files = []
-    for relative, _ in rows:
-        try:
-            path = store.path(relative)
-        except ValueError:
-            continue
-        if path.is_file():
-            files.append(path)
-    return files
-
-
 _CAPPED_LOGGED: set[tuple[str, int]] = set()
 
 
@@ -171,7 +143,7 @@ def reference_files(settings: Any, source_id: str, sessions: Any = None, store: 
                                 what=f"source {source_id}: [model].references")
     from_labels = cfg is not None and cfg.references_from == "labels"
     if from_labels and len(files) < max_references:
-        files += labelled_normal_frames(sessions, store, source_id, max_references - len(files))
+        files += labelled_frames(sessions, store, source_id, "normal", max_references - len(files))
     configured = bool(own or settings.model.references or from_labels)
     if len(files) > max_references and not any(f.suffix == ".safetensors" for f in files):
         # The reference poll re-reads the folders every few seconds: say it once per source and count.
@@ -678,7 +650,7 @@ class ReferenceManager:
         from daemon.thresholds import Calibration, apply_calibration
 
         image, pixel = calibrated_bounds(scores, maxima, rate, what=f"source {source_id}")
-        anomalies = labelled_anomalous_frames(self.sessions, self.store, source_id)
+        anomalies = labelled_frames(self.sessions, self.store, source_id, "anomalous", LABELLED_ANOMALIES_FOR_GUARD)
         anomaly_scores = score_files(state.detector, anomalies, class_name)[0] if anomalies else []
         configured = (float(cfg.threshold), float(cfg.map_threshold)) if cfg is not None else None
         applied = apply_calibration(self.sessions, Calibration(
@@ -713,8 +685,8 @@ class ReferenceManager:
                 scores += s
                 maxima += m
             methods.append(f"leave-one-out on {min(len(images), CALIBRATION_HOLDOUTS)} references")
-        normals = [f for f in labelled_normal_frames(self.sessions, self.store, state.source_id,
-                                                     LABELLED_NORMALS_FOR_CALIBRATION) if f not in set(images)]
+        normals = [f for f in labelled_frames(self.sessions, self.store, state.source_id, "normal",
+                                              LABELLED_NORMALS_FOR_CALIBRATION) if f not in set(images)]
         if normals:
             s, m = score_files(state.detector, normals, class_name)
             scores += s

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("anomalyd.thresholds")
@@ -130,10 +131,10 @@ def load_pins(sessions: Any) -> dict[str, tuple[float, float]]:
                 for source, action, threshold, pixel in session.execute(query) if action == "pinned"}
 
 
-def labelled_anomalous_frames(sessions: Any, store: Any, source_id: str,
-                              limit: int = LABELLED_ANOMALIES_FOR_GUARD) -> list[Any]:
-    """Stored frames of `source_id` whose newest label is anomalous, newest first."""
-    if sessions is None or store is None:
+def labelled_frames(sessions: Any, store: Any, source_id: str, label: str, limit: int) -> list[Path]:
+    """Stored frames of `source_id` whose newest label is `label` ("normal" | "anomalous"), newest first (at most
+    `limit`): labelled normals become references and calibration frames, labelled anomalies hold thresholds."""
+    if sessions is None or store is None or limit <= 0:
         return []
     from sqlalchemy import select
 
@@ -142,7 +143,7 @@ def labelled_anomalous_frames(sessions: Any, store: Any, source_id: str,
 
     newest = latest_label_subquery()
     query = (select(Inspection.frame_path).where(Inspection.source == source_id, Inspection.frame_path.is_not(None),
-                                                 newest == "anomalous")
+                                                 newest == label)
              .order_by(Inspection.id.desc()).limit(limit))
     with sessions() as session:
         relatives = session.scalars(query).all()
