@@ -58,10 +58,13 @@ def sqlite_migration_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to `revision` (idempotent; concurrent calls, in any processes, take turns)."""
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
+    """Apply migrations up to `revision` (idempotent; concurrent calls, in any processes, take turns); returns the
+    revisions before and after, both read in the same turn (the file's first connection included, on SQLite)."""
     with sqlite_migration_lock(engine):
+        before = current_revision(engine)
         command.upgrade(alembic_config(engine), revision)
+        return before, current_revision(engine)
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -23,14 +23,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from adapters.db import current_revision, make_engine, upgrade
+    from adapters.db import make_engine, upgrade
 
     settings = load_settings(args)
     engine = make_engine(settings.database_url)
     try:
-        before = current_revision(engine)
-        upgrade(engine)
-        after = current_revision(engine)
+        before, after = upgrade(engine)
     finally:
         engine.dispose()
     where = engine.url.render_as_string(hide_password=True)
