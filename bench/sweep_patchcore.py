@@ -30,6 +30,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,9 +154,7 @@ def run_geometry(name: str, config: dict, samples, train, shots_list, seeds, out
                 "pixel_auroc": 100 * pixel,
                 "seconds": round(embed_s + time.perf_counter() - started, 1),
             }
-            out.write(json.dumps(row, default=str) + "\n")
-            out.flush()
-            print(json.dumps(row, default=str), flush=True)
+            write_row(out, row)
 
 
 @torch.no_grad()
@@ -212,9 +211,15 @@ def run_config(name: str, config: dict, samples, train, shots_list, seeds, out) 
                 "pixel_auroc": 100 * pixel,
                 "seconds": round(embed_s + time.perf_counter() - started, 1),
             }
-            out.write(json.dumps(row, default=str) + "\n")
-            out.flush()
-            print(json.dumps(row, default=str), flush=True)
+            write_row(out, row)
+
+
+def write_row(out: Any, row: dict[str, Any]) -> None:
+    """One result as a JSON line in the output file (flushed: a long sweep can be read while it runs) and on stdout."""
+    line = json.dumps(row, default=str)
+    out.write(line + "\n")
+    out.flush()
+    print(line, flush=True)
 
 
 def main() -> int:
