@@ -56,6 +56,7 @@ class KnownGoodScores:
     held_out: int
     views: int
     own: list[float] = field(default_factory=list)  # the held-out references' own image scores (no views)
+    own_files: list[str] = field(default_factory=list)  # their file names, in `own`'s order (the UI shows them)
 
     def describe(self) -> str:
         text = f"leave-one-out on {self.held_out} references"

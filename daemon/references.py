@@ -348,10 +348,12 @@ def cached_known_good(settings: Any, detector: Any, files: Sequence[Path], bank:
     if stored is not None:
         known = KnownGoodScores(stored["scores"], stored["maxima"], stored["distance_scale"], stored["held_out"],
                                 stored["views"], stored["own"])
+        known.own_files = [f.name for f in files[:len(known.own)]]
         log.info("source %s: known-good scores of %d references read from %s in %.2f s (unchanged)", bank.stem,
                  len(files), path.name, time.monotonic() - started)
         return known
     known = patchcore_known_good(detector, files)
+    known.own_files = [f.name for f in files[:len(known.own)]]
     cache.save(path, key, {"scores": known.scores, "maxima": known.maxima, "distance_scale": known.distance_scale,
                            "held_out": known.held_out, "views": known.views, "own": known.own})
     log.info("source %s: known-good scores of %d references (%s) computed in %.1f s", bank.stem, len(files),

@@ -12,6 +12,7 @@ from typing import Any
 
 def routers() -> list[Any]:
     """All operator API routers, in the order they are mounted."""
+    from daemon.api.calibration_view import router as calibration_router
     from daemon.api.events import router as events_router
     from daemon.api.inspections import router as inspections_router
     from daemon.api.model_versions import router as models_router
@@ -19,4 +20,5 @@ def routers() -> list[Any]:
     from daemon.api.stats import router as stats_router
     from daemon.api.thresholds import router as thresholds_router
 
-    return [inspections_router, models_router, stats_router, events_router, references_router, thresholds_router]
+    return [inspections_router, models_router, stats_router, events_router, references_router, thresholds_router,
+            calibration_router]
