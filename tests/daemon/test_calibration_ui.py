@@ -1,8 +1,8 @@
 """The UI's references and calibration page in real headless Chromium: reached from a frame's detail view, it shows
 the threshold in effect with its origin (who set it), the histogram of recent frames in three colours, the
 false-reject/miss curve of the labelled frames; a click on a curve point and Pin lands a `pinned` row with that
-threshold in threshold_history (the existing pin path), Unpin another; reference thumbnails, and a recent frame
-added as a reference."""
+threshold in threshold_history (the existing pin path), Unpin another; reference thumbnails, a recent frame added
+as a reference and a reference removed."""
 
 from __future__ import annotations
 
@@ -111,6 +111,15 @@ def test_calibration_page_shows_origin_and_pins_a_curve_point(chromium_path, tmp
             page.locator(f'#cal-recent figure[data-id="{ids["cam1-5"]}"] button.add-ref').click()
             expect(page.locator("#cal-ref-status")).to_contain_text(f"Added inspection {ids['cam1-5']} as ref-")
             expect(page.locator("#cal-references figure")).to_have_count(2)
+            # and remove the first reference (after the browser's confirmation)
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.locator('#cal-references figure[data-name="ref-a.png"] button.remove-ref').click()
+            expect(page.locator("#cal-ref-status")).to_contain_text("Removed ref-a.png")
+            expect(page.locator("#cal-references figure")).to_have_count(1)
+            assert not (folder / "ref-a.png").exists()
+            # an 800 px screen: nothing wider than the window
+            page.set_viewport_size({"width": 800, "height": 1000})
+            assert page.evaluate("document.documentElement.scrollWidth") <= 800
 
             # the source picker: cam2 has no labels, no curve
             page.select_option("#cal-source", "cam2")
