@@ -26,6 +26,7 @@ from sqlalchemy import select
 from adapters.db import Inspection
 from adapters.db.history import inspection_dict
 from adapters.db.repository import latest_label_subquery
+from adapters.db.schema import labels
 from daemon import calibration_curve as curve
 from daemon import reference_admin as admin
 from daemon import references as refs
@@ -61,9 +62,10 @@ def calibration(source_id: str, limit: int = Query(500, ge=1, le=5000, descripti
         window = session.execute(
             select(Inspection.score, label).where(Inspection.source == source_id, Inspection.score.is_not(None))
             .order_by(Inspection.id.desc()).limit(limit)).all()
-        labelled_rows = session.execute(
+        labelled_rows = session.execute(  # from the labels table (small, indexed), not every inspection
             select(Inspection.score, label, Inspection.model_version)
-            .where(Inspection.source == source_id, Inspection.score.is_not(None), label.is_not(None))
+            .where(Inspection.id.in_(select(labels.c.inspection_id)), Inspection.source == source_id,
+                   Inspection.score.is_not(None))
             .order_by(Inspection.id.desc()).limit(labelled)).all()
         frames = session.execute(
             select(Inspection, label).where(Inspection.source == source_id, Inspection.frame_path.is_not(None))
