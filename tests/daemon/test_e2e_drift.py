@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from adapters.db import Inspection, OutboxMessage
 from adapters.timeutil import rfc3339
+from daemon.cli import main
 from daemon.config import load_config
 from daemon.service import Service
 from tests.adapters.test_mqtt import Subscriber
@@ -93,7 +94,7 @@ enabled = false
 
 
 def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retained_drift_event(
-        samples_dir, tmp_path, mosquitto):
+        samples_dir, tmp_path, mosquitto, capsys):
     cubes = sorted((samples_dir / "cubes" / "test" / "good").glob("*.jpg"))[::5][:N_CUBES]
     plates = sorted((samples_dir / "metal_plate" / "test" / "good").glob("*.png"))[:N_PLATES + 2]
     receiver = Receiver()
@@ -170,6 +171,10 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
         assert proposal["ready"] is True, proposal
         chosen = [frame["inspection_id"] for frame in proposal["frames"]]
         assert set(chosen) <= {row.id for row in plate_rows}
+        capsys.readouterr()  # the CLI offers the same frames from the same database
+        assert main(["references", "propose", "--config", str(tmp_path / "config.toml"), "--source", "cubes",
+                     "--count", "3", "--since", event["started_at"], "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frames"] == proposal["frames"]
         answer = client.post("/api/sources/cubes/references", json={"inspection_ids": chosen},
                              headers=auth("operator"))
         assert answer.status_code == 201, answer.text
