@@ -120,7 +120,8 @@ class DriftTracker:
                 started_at = known[1] if known is not None and known[0] == event["frame"] else captured_at
                 opened = _Active(row_id=None, uuid=str(uuid.uuid4()), source=source, line=line,
                                  model_version=model_version, started_at=started_at, detected_at=captured_at,
-                                 frames=int(event["detected_at"]) - int(event["frame"]) + 1, share=float(event["share"]))
+                                 frames=int(event["detected_at"]) - int(event["frame"]) + 1,
+                                 share=float(event["share"]))
                 self.active[source] = opened
                 self._pending.started.append(opened)
                 log.warning("source %s: drift since %s (%d frames, %.0f %% of their patches unmatched): alerts held "

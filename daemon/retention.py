@@ -4,7 +4,8 @@ Policy: an inspection whose frame was captured more than `retention_days` ago is
 and frame files, unless an operator labelled it (normal or anomalous: labels are the operators' flags and the
 retraining data, so labelled inspections, their label masks and artifacts are kept for good). Unlabelled
 anomalous inspections are deleted like the rest (`keep_anomalous=True` keeps them too; not the ones with no
-decision). Rejected-frame records older than the retention are deleted as well. `retention_days` unset (None) disables the job.
+decision). Rejected-frame records older than the retention are deleted as well. `retention_days` unset (None)
+disables the job.
 
 Order, so that no row ever points at a missing file: rows are deleted and committed first, their files after.
 A crash between the two leaves orphan files, which the sweep removes: files the server writes (artifact

@@ -120,7 +120,8 @@ class ResultWriter:
 
     def start(self) -> None:
         try:
-            if self.sessions is not None and self.drift.recover():  # drifts a previous run left open: cleared (the windows start again)
+            # drifts a previous run left open are cleared: the windows start again
+            if self.sessions is not None and self.drift.recover():
                 self.sinks.alerts_committed()
         except Exception:
             log.exception("cannot clear the drifts a previous run left open")
