@@ -146,6 +146,10 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
                              and row.score is not None for row in after)
         plate_alerts = len(subscriber.payloads("/anomaly")) - cube_alerts
         assert plate_alerts == len(before) < N_PLATES
+        with capsys.disabled():
+            print(f"\n{len(undecided)} of {N_CUBES} cube frames no decision (window filling), {cube_alerts} cube alerts; "
+                  f"metal plates: drift signalled at plate {signalled + 1} of {N_PLATES} (share {event['share']}), "
+                  f"{plate_alerts} alerts before it, {len(after)} held back with no decision")
         # retained: a consumer that connects later still learns the source is in drift
         late = Subscriber(mosquitto.port, "anomalyd/line1/cubes/drift")
         try:
