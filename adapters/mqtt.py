@@ -42,16 +42,23 @@ log = logging.getLogger(__name__)
 
 
 def topic(prefix: str, line: str, source: str, kind: str) -> str:
-    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly)."""
+    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly | threshold | drift)."""
     return f"{prefix}/{line}/{source}/{kind}"
 
 
+def verdict(is_anomalous: bool | None) -> str:
+    """`anomalous` | `normal` | `no_decision` (is_anomalous None: the model could not judge the frame)."""
+    return "no_decision" if is_anomalous is None else "anomalous" if is_anomalous else "normal"
+
+
 def inspection_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, source: str, line: str,
-                       score: float, is_anomalous: bool, model_version: str) -> dict[str, Any]:
-    """The contract's per-frame message on `<prefix>/<line>/<source>/inspection`."""
+                       score: float | None, is_anomalous: bool | None, model_version: str) -> dict[str, Any]:
+    """The contract's per-frame message on `<prefix>/<line>/<source>/inspection`, plus `verdict`. A frame with no
+    decision has `is_anomalous` null (and `score` null when there is none), never false."""
     return {
         "id": inspection_id, "frame_id": frame_id, "ts": rfc3339(captured_at), "source": source,
-        "line": line, "score": round(float(score), 6), "is_anomalous": bool(is_anomalous),
+        "line": line, "score": None if score is None else round(float(score), 6),
+        "is_anomalous": None if is_anomalous is None else bool(is_anomalous), "verdict": verdict(is_anomalous),
         "model_version": model_version,
     }
 
@@ -322,7 +329,7 @@ class MqttPublisher:
             rows = pending_outbox(session, limit=room, exclude=set(self._inflight.values()))
             published = []
             for row in rows:
-                info = self._client.publish(row.topic, row.payload, qos=row.qos)
+                info = self._client.publish(row.topic, row.payload, qos=row.qos, retain=bool(row.retain))
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     break
                 self._inflight[info.mid] = row.id

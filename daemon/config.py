@@ -51,6 +51,7 @@ from daemon.config_file import (  # noqa: F401
     resolve_sqlite_url,
 )
 from daemon.config_sources import LoadRequest, build_sources, loading, read_secret_files
+from daemon.mutual_config import MutualConfig
 
 
 class _Section(BaseModel):
@@ -335,6 +336,7 @@ class Settings(BaseSettings):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list)
     opcua: OpcUaConfig = Field(default_factory=OpcUaConfig)
+    mutual: MutualConfig = Field(default_factory=MutualConfig)  # mutual scoring's window (daemon/mutual_config.py)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True, description="the config file's directory")
 
     @classmethod

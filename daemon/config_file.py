@@ -36,7 +36,7 @@ CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # systemd, with LoadCredential=
 DOCKER_SECRETS = Path("/run/secrets")
 # The top-level sections of `daemon.config.Settings` (a test keeps the two the same).
 SECTIONS = ("model", "runtime", "sources", "mqtt", "database", "storage", "api", "retraining", "redis", "webhooks",
-            "opcua")
+            "opcua", "mutual")
 # [database]'s keys and defaults, shared with `daemon.config.DatabaseConfig`.
 DATABASE_DEFAULTS: dict[str, Any] = {"url": "sqlite:///var/anomalyd.db", "url_file": None, "echo": False,
                                      "pool_size": 5}

@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from adapters.sinks.opcua import result_word
 from daemon.metrics import LATENCY_BUCKETS, _CallbackCollector
 from daemon.trigger import TriggerAnswer, TriggerController, TriggerError, TriggerSettings
 
@@ -160,7 +161,7 @@ class Integrations:
                 stats.inspected += 1
                 if row.is_anomalous:
                     stats.ng += 1
-                else:
+                elif row.is_anomalous is False:  # a frame with no decision is neither
                     stats.ok += 1
                 if row.processed_at is not None and row.captured_at is not None:
                     stats.add_time(max(0.0, (_aware(row.processed_at) - _aware(row.captured_at)).total_seconds()
@@ -176,7 +177,7 @@ class Integrations:
             "LastResult.InspectionId": row.id if row is not None else 0,
             "LastResult.PartId": (row.meta or {}).get("part_id") if row is not None and isinstance(row.meta, dict)
             else None,
-            "LastResult.Result": ("NG" if row.is_anomalous else "OK") if row is not None else None,
+            "LastResult.Result": result_word(row.is_anomalous) if row is not None else None,
             "LastResult.Score": row.score if row is not None else None,
             "LastResult.Threshold": row.threshold if row is not None else None,
             "LastResult.RegionCount": len(row.regions or []) if row is not None else 0,

@@ -1,7 +1,7 @@
 """Prometheus metrics of the daemon (one registry per service, so tests can run several in a process).
 
 Names (the contract's list): frames in/dropped/rejected per source, queue depth, batch size, queue / inference /
-end-to-end latency histograms, alerts published / pending; plus the process (`process_*`, `python_*`),
+end-to-end latency histograms, alerts published / pending, a source's drift; plus the process (`process_*`, `python_*`),
 `anomalyd_build_info` and `anomalyd_model_info`. docs/grafana-dashboard.json charts them.
 """
 
@@ -105,6 +105,9 @@ class Metrics:
                                        registry=r)
         self.last_inspected = Gauge("anomalyd_source_last_inspected_timestamp_seconds",
                                     "Unix time of the last inspection written for a source", ["source"], registry=r)
+        self.source_drift = Gauge("anomalyd_source_drift", "1 while a source is in drift (daemon/drift.py)",
+                                  ["source"], registry=r)
+        self.drift_events = Counter("anomalyd_drift_events", "Drifts signalled per source", ["source"], registry=r)
         # The process itself (CPU, memory, file descriptors, start time; Python version and GC) and what runs.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -113,7 +116,7 @@ class Metrics:
                                 ["version", "python"], registry=r)
         self.build_info.labels(package_version(), platform.python_version()).set(1)
         for name in ("frames_in", "frames_rejected", "frames_failed", "inspections", "dead_lettered",
-                     "frames_deduplicated", "last_inspected"):
+                     "frames_deduplicated", "last_inspected", "source_drift", "drift_events"):
             setattr(self, name, _SourceLabelled(getattr(self, name), self.source_label))
 
     def source_label(self, source: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -84,6 +84,7 @@ class FrameRecord:
     anomaly_map: np.ndarray | None = None  # (S,S) float32 in model space, or (H,W) in the frame's (a geometry)
     model_version: str = ""
     model_name: str = ""
+    notes: dict[str, Any] | None = None  # what the detector knew beyond the score (mutual: drift watch)
 
 
 class StageTimes:

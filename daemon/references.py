@@ -422,6 +422,7 @@ class RoutedDetector:
         scores = torch.empty(len(source_ids), dtype=torch.float32)
         maps: torch.Tensor | None = None
         prediction: Any = None
+        notes: list[Any] = [None] * len(source_ids)  # per-frame notes (mutual scoring's drift watch)
         for detector, indices in groups.values():
             names = [class_names[i] for i in indices] if class_names else None
             prediction = detector.predict(images[indices], names)
@@ -430,7 +431,10 @@ class RoutedDetector:
             index = torch.tensor(indices)
             scores[index] = prediction.scores.detach().float().cpu()
             maps[index] = prediction.maps.detach().float().cpu()
-        return type(prediction)(scores=scores, maps=maps), versions
+            for offset, note in enumerate(getattr(prediction, "notes", None) or ()):
+                notes[indices[offset]] = note
+        extra = {"notes": notes} if any(note is not None for note in notes) else {}
+        return type(prediction)(scores=scores, maps=maps, **extra), versions
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Policy: an inspection whose frame was captured more than `retention_days` ago is deleted with its mask, heatmap
 and frame files, unless an operator labelled it (normal or anomalous: labels are the operators' flags and the
 retraining data, so labelled inspections, their label masks and artifacts are kept for good). Unlabelled
-anomalous inspections are deleted like the rest (`keep_anomalous=True` keeps them too). Rejected-frame records
-older than the retention are deleted as well. `retention_days` unset (None) disables the job.
+anomalous inspections are deleted like the rest (`keep_anomalous=True` keeps them too; not the ones with no
+decision). Rejected-frame records older than the retention are deleted as well. `retention_days` unset (None)
+disables the job.
 
 Order, so that no row ever points at a missing file: rows are deleted and committed first, their files after.
 A crash between the two leaves orphan files, which the sweep removes: files the server writes (artifact
@@ -91,8 +92,8 @@ class RetentionJob:
         cutoff = now - timedelta(days=self.retention_days)
         labelled = exists().where(Label.inspection_id == Inspection.id)
         expired = [Inspection.captured_at < cutoff, ~labelled]
-        if self.keep_anomalous:
-            expired.append(Inspection.is_anomalous.is_(False))
+        if self.keep_anomalous:  # frames with no decision (NULL: window filling, drift) age out like normal ones
+            expired.append(or_(Inspection.is_anomalous.is_(False), Inspection.is_anomalous.is_(None)))
         while True:
             with self.sessions() as session, session.begin():
                 rows = session.execute(

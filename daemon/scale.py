@@ -78,7 +78,8 @@ class ScaledDetector:
     def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Any:
         prediction = self.base.predict(images, class_names)
         scores, maps = scale_outputs(self.base, prediction.scores, prediction.maps)
-        return type(prediction)(scores=scores, maps=maps)
+        notes = getattr(prediction, "notes", None)  # per-frame notes (mutual scoring's drift watch) pass through
+        return type(prediction)(scores=scores, maps=maps, **({"notes": notes} if notes is not None else {}))
 
 
 def scaled(detector: Any) -> Any:

@@ -256,7 +256,8 @@ class TriggerController:
                 return
             late = request.answered
             request.answered = True
-        answer = TriggerAnswer(request, "NG" if row.is_anomalous else "OK", late=late, inspection=row,
+        result = "no_decision" if row.is_anomalous is None else "NG" if row.is_anomalous else "OK"
+        answer = TriggerAnswer(request, result, late=late, inspection=row,
                                latency_s=time.monotonic() - request.t0)
         if late:
             log.warning("trigger %s (%s part %s): real result %s came %.0f ms after the deadline; stored",

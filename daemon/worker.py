@@ -153,6 +153,7 @@ class ModelWorker:
                 else:
                     prediction = detector.predict(images, class_names=names if any(names) else None)
             scores = prediction.scores.detach().float().cpu().numpy().reshape(-1)
+            notes = getattr(prediction, "notes", None)  # per frame, or None (a NaN score: no decision)
             # a list when sources have a geometry: each map in its frame's pixels (the writer keeps it as it is)
             maps = prediction.maps if isinstance(prediction.maps, list) \
                 else prediction.maps.detach().float().cpu().numpy()
@@ -177,4 +178,5 @@ class ModelWorker:
             item.timings["scored_at"] = time.monotonic()
             item.score, item.anomaly_map = float(scores[index]), maps[index]
             item.model_version, item.model_name = versions[index] if versions else version, name
+            item.notes = notes[index] if notes is not None and index < len(notes) else None
             self.sink(item)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -35,11 +36,12 @@ from adapters.db.repository import (
     save_inspections,
 )
 from adapters.db.tables import Inspection
-from adapters.mqtt import alert_payload, topic
+from adapters.mqtt import alert_payload, topic, verdict
 from adapters.sinks import CommittedInspection, SinkSet
 from adapters.sources.base import Frame, SourceSettings
 from adapters.storage import ArtifactPaths, ArtifactStore
 from adapters.timeutil import as_utc
+from daemon.drift import DriftTracker
 from daemon.metrics import Metrics
 from daemon.record import FrameRecord, Outcomes, PipelineOptions, StageTimes
 from daemon.results import extract_regions, map_to_frame
@@ -114,8 +116,15 @@ class ResultWriter:
         # (daemon/references.py); the configured ones otherwise.
         self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
         self._threads: list[threading.Thread] = []
+        self.drift = DriftTracker(sessions, prefix=options.mqtt_prefix, metrics=metrics)  # daemon/drift.py
 
     def start(self) -> None:
+        try:
+            # drifts a previous run left open are cleared: the windows start again
+            if self.sessions is not None and self.drift.recover():
+                self.sinks.alerts_committed()
+        except Exception:
+            log.exception("cannot clear the drifts a previous run left open")
         for index in range(self.options.persist_threads):
             thread = threading.Thread(target=self._guard(self._loop, f"writer-{index}"), name=f"writer-{index}",
                                       daemon=True)
@@ -210,10 +219,20 @@ class ResultWriter:
                     self._not_saved(r, single)
                     continue
                 self._finish(r, result, time.monotonic() - t_single)
+            self._publish_drift()
             return
         db_share = (time.monotonic() - t_db) / len(rendered)
         for r, result in zip(rendered, saved, strict=True):
             self._finish(r, result, db_share)
+        self._publish_drift()
+
+    def _publish_drift(self) -> None:
+        """Drifts the batch started, counted or ended: rows and retained outbox messages (daemon/drift.py)."""
+        try:
+            if self.drift.publish():
+                self.sinks.alerts_committed()
+        except Exception:
+            log.exception("cannot record a drift event")
 
     def _conflicting(self, frame: Frame, existing: Inspection, source_id: str) -> bool:
         """A frame_id already inspected with DIFFERENT content (a producer reusing ids): recorded as a rejected
@@ -251,16 +270,25 @@ class ResultWriter:
         key = uuid.uuid4().hex
         captured_at = as_utc(frame.captured_at)
         t_post = time.monotonic()
-        is_anomalous = bool(record.score >= threshold)
+        score: float | None = float(record.score) if math.isfinite(record.score) else None
+        # No decision (never a pass): no score (mutual scoring's window is filling), or a would-be alert while the
+        # source is in drift (daemon/drift.py); `is_anomalous` is then NULL and no alert goes out.
+        no_decision = None if score is not None else \
+            "window filling" if (record.notes or {}).get("decided") is False else "no score"
+        in_drift = self.drift.observe(settings.id, settings.line, record.model_version, record.notes, captured_at)
+        if score is not None and score >= threshold and in_drift:
+            no_decision = "drift"
+            self.drift.suppressed(settings.id)
+        is_anomalous = None if no_decision else bool(score >= threshold)
         paths = self.store.write(key, captured_at, rgb=rgb, anomaly_map=frame_map, mask=mask,
-                                 frame_bytes=frame.data, anomalous=is_anomalous)
+                                 frame_bytes=frame.data, anomalous=is_anomalous is not False)
         t_artifacts = time.monotonic()
         region_dicts = [region.as_dict() for region in regions]
         values = dict(
             uuid=key, frame_id=frame.frame_id, source=settings.id, line=settings.line,
             frame_name=frame.meta.get("stored_name") or frame.name or None,  # where a folder source moves it
             captured_at=captured_at, processed_at=datetime.now(timezone.utc), model_version=record.model_version,
-            score=float(record.score), threshold=threshold, is_anomalous=is_anomalous,
+            score=score, threshold=threshold, is_anomalous=is_anomalous,
             regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame,
             width=width, height=height,
             # the content's hash: a later frame reusing this frame_id with other bytes is a conflict, not a redelivery
@@ -268,6 +296,8 @@ class ResultWriter:
         )
         if frame.meta.get("trigger_id"):  # a triggered frame: the part it inspected (OPC UA / MQTT answers)
             values["meta"] = {"trigger_id": frame.meta["trigger_id"], "part_id": frame.meta.get("part_id")}
+        if no_decision:
+            values["meta"] = {**(values["meta"] or {}), "no_decision": no_decision}
 
         def build_alert(row: Inspection) -> tuple[str, dict[str, Any], int] | None:
             if not row.is_anomalous:
@@ -302,7 +332,7 @@ class ResultWriter:
                 self.sinks.alerts_committed()
             self.sinks.inspection_committed(CommittedInspection(
                 inspection_id=row.id, frame_id=row.frame_id, source=row.source, line=row.line,
-                captured_at=r.values["captured_at"], score=row.score or 0.0, threshold=row.threshold,
+                captured_at=r.values["captured_at"], score=row.score, threshold=row.threshold,
                 is_anomalous=row.is_anomalous, model_version=row.model_version, regions=r.values["regions"],
                 frame_name=row.frame_name))
         done = time.monotonic()
@@ -315,7 +345,7 @@ class ResultWriter:
         self.metrics.persist_latency.observe(done - r.started)
         self.metrics.end_to_end_latency.observe(
             max(0.0, (datetime.now(timezone.utc) - r.values["captured_at"]).total_seconds()))
-        self.metrics.inspections.labels(settings.id, "anomalous" if row.is_anomalous else "normal").inc()
+        self.metrics.inspections.labels(settings.id, verdict(row.is_anomalous)).inc()
         self.metrics.last_inspected.labels(settings.id).set(time.time())
         self.outcomes.inspected()
         if self.on_result is not None:

@@ -18,6 +18,7 @@ at 0.5, the default `threshold`.
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 from typing import Any
 
 from daemon.scale import scaled
@@ -40,9 +41,11 @@ def zero_label(settings: Any, base: Any, source_id: str, files: list) -> bool:
 
 
 def mutual_detector(settings: Any, base: Any, options: dict[str, Any], source_id: str = "") -> Any:
-    """A mutual detector with an empty window of its own, on the daemon's 0-1 scale."""
+    """A mutual detector with an empty window of its own (bounded by `[mutual]`), on the daemon's 0-1 scale."""
+    mutual = getattr(settings, "mutual", None)
+    limits = mutual.limits() if mutual is not None else None
     if getattr(base, "forks_per_source", False):
-        return scaled(_labelled(getattr(base, "raw", base).fork(), source_id))
+        return scaled(_labelled(getattr(base, "raw", base).fork(limits), source_id))
     r = settings.runtime
     key = (str(r.device), str(r.dtype), tuple(sorted((k, str(v)) for k, v in options.items())))
     with _SHARED_LOCK:
@@ -51,7 +54,7 @@ def mutual_detector(settings: Any, base: Any, options: dict[str, Any], source_id
 
             _SHARED[key] = create_detector("mutual", device=r.device, dtype=r.dtype, **options)
         shared = _SHARED[key]
-    return scaled(_labelled(shared.fork(), source_id))
+    return scaled(_labelled(shared.fork(limits), source_id))
 
 
 def _labelled(detector: Any, source_id: str) -> Any:
@@ -60,19 +63,28 @@ def _labelled(detector: Any, source_id: str) -> Any:
 
 
 def propose_references(sessions: Any, source_id: str, count: int = PROPOSED, recent: int = PROPOSAL_POOL,
-                       min_judged: int = PROPOSE_AFTER) -> dict[str, Any]:
+                       min_judged: int = PROPOSE_AFTER, since: datetime | None = None) -> dict[str, Any]:
     """Known-good candidates for a source that runs mutual scoring: among its `recent` newest judged frames
-    (score > 0: past the window's cold start) that were not alerted and have a stored frame, the lower-scoring
+    (a score: past the window's cold start) that were not alerted and have a stored frame, the lower-scoring
     half, and of those `count` spread evenly over time (frames of different moments of the line: diverse).
-    `ready` is False (and `frames` empty) until `min_judged` such frames exist."""
-    from sqlalchemy import select
+    `ready` is False (and `frames` empty) until `min_judged` such frames exist.
+
+    `since` (a drift's start, daemon/drift.py): the frames captured since then instead, the ones held back with no
+    decision during the drift included (they show the line as it is now); ready once `count` exist."""
+    from sqlalchemy import or_, select
 
     from adapters.db import Inspection
 
     query = (select(Inspection.id, Inspection.score, Inspection.captured_at, Inspection.frame_name)
              .where(Inspection.source == source_id, Inspection.model_version.like(f"{MUTUAL_PREFIX}%"),
-                    Inspection.frame_path.is_not(None), Inspection.is_anomalous.is_(False), Inspection.score > 0)
+                    Inspection.frame_path.is_not(None), Inspection.score.is_not(None), Inspection.score > 0)
              .order_by(Inspection.id.desc()).limit(recent))
+    if since is None:
+        query = query.where(Inspection.is_anomalous.is_(False))
+    else:
+        query = query.where(Inspection.captured_at >= since,
+                            or_(Inspection.is_anomalous.is_(False), Inspection.is_anomalous.is_(None)))
+        min_judged = count
     with sessions() as session:
         rows = session.execute(query).all()
     if len(rows) < max(min_judged, count):

@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Prediction:
     scores: torch.Tensor  # (B,) float32 image anomaly scores
     maps: torch.Tensor  # (B, S, S) float32 anomaly maps in model input space
+    # Per image, what a stateful detector knows beyond its score (mutual scoring: its drift watch); None: nothing.
+    # A NaN score means no decision (e.g. mutual scoring's window is still filling): never a pass.
+    notes: list[dict[str, Any]] | None = None
 
 
 @runtime_checkable

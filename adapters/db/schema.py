@@ -30,6 +30,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 
 from adapters.timeutil import utc_now
@@ -76,7 +77,9 @@ def _required(name: str, *args: Any, **kwargs: Any) -> Column:
     return Column(name, *args, nullable=False, **kwargs)
 
 
-# One scored frame (or a frame that failed in the model: `error` set, no score).
+# One scored frame (or a frame that failed in the model: `error` set, no score). `is_anomalous` NULL: a frame the
+# model made no decision on (mutual scoring's window still filling: no score; a would-be alert while the source is
+# in drift: its score kept), recorded as such and never as a pass; `meta.no_decision` says why.
 inspections = Table(
     "inspections", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -90,7 +93,9 @@ inspections = Table(
     _required("model_version", String(255)),
     Column("score", Float),
     _required("threshold", Float),
-    _required("is_anomalous", Boolean, default=False),
+    # NULL: no decision (migration 0006; daemon/drift.py). No column default: the ORM would put it in place of an
+    # explicit None; `Inspection()` without it still starts False (adapters.db.tables).
+    Column("is_anomalous", Boolean),
     _required("regions", JSON, default=list),
     Column("mask_path", Text),
     Column("heatmap_path", Text),
@@ -160,6 +165,8 @@ outbox = Table(
     Column("sent_at", UtcDateTime),
     _required("attempts", Integer, default=0),
     Column("inspection_id", Integer, ForeignKey("inspections.id", ondelete="SET NULL")),
+    # published retained on MQTT (a state such as a source's drift, migration 0006); alerts are not
+    _required("retain", Boolean, default=False, server_default=false()),
     Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),
     Index("ix_outbox_created_at", "created_at"),
     Index("ix_outbox_seq", "seq", unique=True),
@@ -238,4 +245,25 @@ webhook_deliveries = Table(
     _required("settled_at", UtcDateTime, default=utcnow),
     _required("attempts", Integer, default=0),
     Index("ix_webhook_deliveries_webhook_created_at", "webhook", "created_at"),
+)
+
+# A drift of one source (daemon/drift.py, migration 0006): mutual scoring's drift watch saw the whole frame change
+# (a new variant, a moved camera, new light) from `started_at` (the first frame of the excursion) and signalled it at
+# `detected_at`; `cleared_at` when it ended (the frames match the window again, new references, a restart).
+drift_events = Table(
+    "drift_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _required("uuid", String(36), unique=True, default=_new_uuid),  # the message id consumers dedupe on
+    _required("source", String(128)),
+    _required("line", String(128)),
+    _required("model_version", String(255)),
+    _required("started_at", UtcDateTime),
+    _required("detected_at", UtcDateTime),
+    _required("frames", Integer),  # from the start to the signal, both included
+    _required("share", Float),  # mean share of unmatched patches over those frames
+    _required("suppressed", Integer, default=0),  # alerts held back (recorded as no decision) while it lasted
+    Column("cleared_at", UtcDateTime),
+    Column("cleared_reason", Text),
+    _required("created_at", UtcDateTime, default=utcnow),
+    Index("ix_drift_events_source_id", "source", "id"),
 )

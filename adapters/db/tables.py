@@ -38,7 +38,7 @@ class Inspection(Base):
     model_version: Mapped[str]
     score: Mapped[float | None]
     threshold: Mapped[float]
-    is_anomalous: Mapped[bool]
+    is_anomalous: Mapped[bool | None]  # None: no decision (adapters.db.schema)
     regions: Mapped[list[dict[str, Any]]]
     mask_path: Mapped[str | None]
     heatmap_path: Mapped[str | None]
@@ -52,6 +52,12 @@ class Inspection(Base):
 
     def __repr__(self) -> str:
         return f"Inspection(id={self.id}, frame_id={self.frame_id!r}, score={self.score}, anomalous={self.is_anomalous})"
+
+
+@event.listens_for(Inspection, "init")
+def _judged_normal_unless_said(_target: Inspection, _args: tuple, kwargs: dict[str, Any]) -> None:
+    """`Inspection(...)` without `is_anomalous` is a normal frame; an explicit None (no decision) stays NULL."""
+    kwargs.setdefault("is_anomalous", False)
 
 
 class Label(Base):
@@ -111,6 +117,7 @@ class OutboxMessage(Base):
     sent_at: Mapped[datetime | None]
     attempts: Mapped[int]
     inspection_id: Mapped[int | None]
+    retain: Mapped[bool]  # published retained on MQTT (a state, e.g. a source's drift)
 
 
 def next_outbox_seq(connection: Connection) -> int:
@@ -221,3 +228,23 @@ class WebhookDelivery(Base):
     settled_at: Mapped[datetime]
     attempts: Mapped[int]
 
+
+
+class DriftEvent(Base):
+    """A drift of one source (daemon/drift.py): from its start to its end (`cleared_at`)."""
+
+    __table__ = schema.drift_events
+
+    id: Mapped[int]
+    uuid: Mapped[str]
+    source: Mapped[str]
+    line: Mapped[str]
+    model_version: Mapped[str]
+    started_at: Mapped[datetime]
+    detected_at: Mapped[datetime]
+    frames: Mapped[int]
+    share: Mapped[float]
+    suppressed: Mapped[int]
+    cleared_at: Mapped[datetime | None]
+    cleared_reason: Mapped[str | None]
+    created_at: Mapped[datetime]

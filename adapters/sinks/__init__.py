@@ -63,9 +63,9 @@ class CommittedInspection:
     source: str
     line: str
     captured_at: datetime
-    score: float
+    score: float | None  # None: no score (a frame with no decision, e.g. mutual scoring's window filling)
     threshold: float
-    is_anomalous: bool
+    is_anomalous: bool | None  # None: no decision (never a pass)
     model_version: str
     regions: list[dict[str, Any]] = field(default_factory=list)
     frame_name: str | None = None

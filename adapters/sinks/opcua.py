@@ -16,6 +16,11 @@ from adapters.sinks import CommittedInspection, ResultSink, SinkContext, registe
 STATES = {"online": "Ready", "offline": "Disconnected", "disabled": "Disconnected"}
 
 
+def result_word(is_anomalous: bool | None) -> str:
+    """OK | NG | no_decision (the trigger answers' words): a frame with no decision is never OK."""
+    return "no_decision" if is_anomalous is None else "NG" if is_anomalous else "OK"
+
+
 def _not_ready(*_args: Any) -> Any:
     from adapters.opcua import OpcUaCommandError
 
@@ -54,7 +59,7 @@ class OpcUaSink(ResultSink):
     def inspection_committed(self, result: CommittedInspection) -> None:
         self.server.update(result.source, {
             "LastResult.InspectionId": result.inspection_id, "LastResult.PartId": "",
-            "LastResult.Result": "NG" if result.is_anomalous else "OK", "LastResult.IsOk": not result.is_anomalous,
+            "LastResult.Result": result_word(result.is_anomalous), "LastResult.IsOk": result.is_anomalous is False,
             "LastResult.Score": result.score, "LastResult.Threshold": result.threshold,
             "LastResult.RegionCount": len(result.regions or []), "LastResult.ModelVersion": result.model_version,
             "LastResult.Timestamp": result.captured_at, "LastResult.TriggerId": "", "LastResult.FailSafe": False,

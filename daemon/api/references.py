@@ -8,6 +8,7 @@ the source's bank from the new files and swaps it in between two batches (daemon
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
@@ -58,13 +59,26 @@ def list_references(source_id: str, state: AppState = Depends(get_state),
 @router.get("/{source_id}/references/proposal", summary="Known-good candidates of a source that runs mutual scoring")
 def propose_references(source_id: str, count: int = Query(8, ge=1, le=refs.MAX_REFERENCES),
                        after: int = Query(50, ge=1, description="judged normal-looking frames needed first"),
+                       since: datetime | None = Query(None, description="a drift's start: the frames since then"),
                        state: AppState = Depends(get_state),
                        _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
-    """Approve them by POSTing their inspection ids to /references (daemon/zero_label.py)."""
+    """Approve them by POSTing their inspection ids to /references (daemon/zero_label.py). A drift event offers
+    this with `since` = its start (daemon/drift.py)."""
     from daemon.zero_label import propose_references as propose
 
     _known(state, source_id)
-    return propose(sessions_of(state), source_id, count, min_judged=after)
+    return propose(sessions_of(state), source_id, count, min_judged=after, since=since)
+
+
+@router.get("/{source_id}/drift", summary="Whether a source is in drift now, and its drifts, newest first")
+def drift(source_id: str, limit: int = Query(20, ge=1, le=1000), state: AppState = Depends(get_state),
+          _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
+    """Mutual scoring's drift watch as the daemon reported it (daemon/drift.py): a current drift offers the frames
+    since its start as new references (`references_proposal`)."""
+    from daemon.drift import drift_status
+
+    _known(state, source_id)
+    return drift_status(sessions_of(state), source_id, limit)
 
 
 @router.post("/{source_id}/references", status_code=status.HTTP_201_CREATED,

@@ -59,7 +59,7 @@ def _print_table(items: list[dict[str, Any]]) -> None:
     headers = ("id", "captured_at", "source", "line", "score", "threshold", "anomalous", "label", "regions")
     rows = [(str(item["id"]), (item["captured_at"] or "")[:19].replace("T", " "), item["source"], item["line"],
              "-" if item["score"] is None else f"{item['score']:.3f}", f"{item['threshold']:.3f}",
-             "yes" if item["is_anomalous"] else "no", (item["label"] or {}).get("label", "-"),
+             {True: "yes", False: "no"}.get(item["is_anomalous"], "no decision"), (item["label"] or {}).get("label", "-"),
              str(len(item["regions"]))) for item in items]
     widths = [max(len(header), *(len(row[i]) for row in rows)) if rows else len(header)
               for i, header in enumerate(headers)]

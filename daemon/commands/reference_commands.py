@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from daemon.commands.context import config_argument, database, load_settings, store, usage
+from daemon.commands.context import config_argument, database, load_settings, store, time_window, usage
 
 
 def _source(settings: Any, source_id: str) -> Any:
@@ -68,8 +68,10 @@ def cmd_references_propose(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     _source(settings, args.source)
+    args.until = None
+    since, _ = time_window(args)  # a drift's start (its `references_proposal`): the frames since then
     with database(settings) as sessions:
-        proposal = propose_references(sessions, args.source, args.count, min_judged=args.after)
+        proposal = propose_references(sessions, args.source, args.count, min_judged=args.after, since=since)
     if args.json:
         print(json.dumps(proposal))
         return 0
@@ -118,6 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     propose.add_argument("--source", required=True, help="the [[sources]] id")
     propose.add_argument("--count", type=int, default=8)
     propose.add_argument("--after", type=int, default=50, help="judged normal-looking frames needed first")
+    propose.add_argument("--since", help="a drift's start (RFC 3339; its message's started_at): propose among the "
+                         "frames since then, those held back during the drift included")
     propose.add_argument("--json", action="store_true")
     propose.set_defaults(func=cmd_references_propose)
     remove = commands.add_parser("remove", help="remove reference images (by the names `list` shows)")

@@ -9,15 +9,16 @@ bankless `PatchCoreDetector` embeds and maps), the scores are mutual (model/mutu
   source's recent normal-looking frames (model/mutual/window.py), then offered to the window.
 
 Offline outputs are distances like PatchCore's (not 0-1). Online outputs are those distances divided by the
-window's scale when the frame met it (`MutualWindow.distance_scale`: the alert point maps to ln 2; 0 while the
-window is not ready), which the daemon brings to 0-1 with PatchCore's rule, 1 - exp(-x) (daemon/scale.py): the
-window's alert point is 0.5, the default threshold. Map = patch scores upsampled (nearest) and blurred (sigma 4), image
+window's scale when the frame met it (`MutualWindow.distance_scale`: the alert point maps to ln 2; NaN, no
+decision, while the window is not ready), which the daemon brings to 0-1 with PatchCore's rule, 1 - exp(-x)
+(daemon/scale.py): the window's alert point is 0.5, the default threshold. Map = patch scores upsampled (nearest) and blurred (sigma 4), image
 score = mean of the map's top 1 % pixels.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,11 +77,12 @@ class MutualDetector:
         return torch.cat([self._prediction(patch_scores[i:i + 8].to(self.device), self.grid).scores.cpu()
                           for i in range(0, patch_scores.shape[0], 8)])
 
-    def fork(self) -> MutualDetector:
-        """The same model (shared weights) with an empty window of its own."""
+    def fork(self, window: WindowLimits | None = None) -> MutualDetector:
+        """The same model (shared weights) with an empty window of its own (bounded by `window`, else by this
+        detector's limits)."""
         return MutualDetector(self.features, fraction=self.fraction, window_fraction=self.window_fraction,
-                              top_fraction=self.top_fraction,
-                              max_others=self.max_others, window=self.limits, admit_ratio=self.admit_ratio)
+                              top_fraction=self.top_fraction, max_others=self.max_others,
+                              window=window or self.limits, admit_ratio=self.admit_ratio)
 
     @property
     def version(self) -> str:
@@ -126,23 +128,38 @@ class MutualDetector:
     @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Prediction:
         """Each frame, in order, against the window (then offered to it): scores and maps in units of the window's
-        scale (see the module docstring)."""
+        scale (see the module docstring). A frame met while the window is not ready gets a NaN score (no decision:
+        the daemon records it as such, never as a pass). `notes` say, per frame, whether it was decided and what the
+        drift watch saw (`drifting`, the current excursion's first frame, a `drift_event` or `drift_cleared`)."""
         embeddings, grid = self.embed(images)
         with self._lock:
-            rows = []
+            rows, notes = [], []
             for patches in embeddings:
                 scores = self.window.patch_scores(patches)
                 scale = self.window.distance_scale  # the window's scale when the frame met it (inf: not judged)
+                note: dict[str, Any] = {"decided": math.isfinite(scale)}
                 if self.window.ready:
+                    was_drifting = self.drift.drifting
                     self.drift.calibrate(self.window.own_patch_scores)
                     event = self.drift.update(scores)
+                    note.update(drift_index=self.drift.frames - 1, drifting=self.drift.drifting,
+                                excursion_start=self.drift.start)
+                    if was_drifting and not self.drift.drifting:
+                        note["drift_cleared"] = True
                     if event is not None:
+                        note["drift_event"] = {"frame": event.frame, "detected_at": event.detected_at,
+                                               "share": event.share}
                         log.warning("%s: drift: %.0f %% of each frame's patches unmatched since frame %d of the "
                                     "window's stream (signalled at frame %d); these frames stay out of the window",
                                     self.label or "mutual", 100 * event.share, event.frame, event.detected_at)
                 self.window.offer(patches, float(self._prediction(scores[None], grid).scores[0]))
                 rows.append(scores / scale)
-        return self._prediction(torch.stack(rows), grid)
+                notes.append(note)
+        prediction = self._prediction(torch.stack(rows), grid)
+        undecided = torch.tensor([not note["decided"] for note in notes], device=prediction.scores.device)
+        prediction.scores[undecided] = math.nan
+        prediction.notes = notes
+        return prediction
 
     def load_references(self, *_: Any, **__: Any) -> None:
         """It has none to load: a k-shot run (`eval --shots`) is a PatchCore run; say so instead of ignoring them."""
@@ -178,10 +195,19 @@ def _create_mutual(
     image_size: int = DEFAULT_IMAGE_SIZE,
     max_others: int | None = MAX_OTHERS,
     window_frames: int | None = None,
+    window_max_bytes: int | None = None,
+    window_max_age_s: float | None = None,
     device: torch.device,
     dtype: torch.dtype,
     **_: Any,
 ) -> MutualDetector:
-    window = WindowLimits() if window_frames is None else WindowLimits(max_frames=int(window_frames))
+    limits: dict[str, Any] = {}
+    if window_frames is not None:
+        limits["max_frames"] = int(window_frames)
+    if window_max_bytes is not None:
+        limits["max_bytes"] = int(window_max_bytes)
+    if window_max_age_s is not None:
+        limits["max_age_s"] = float(window_max_age_s)
+    window = WindowLimits(**limits)
     return build_mutual(backbone=str(backbone), weights=weights, taps=taps or layers, image_size=int(image_size),
                         device=device, dtype=dtype, max_others=max_others, window=window)

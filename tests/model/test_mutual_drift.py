@@ -27,12 +27,18 @@ def test_defect_flood_alerts_without_drift_and_a_line_change_drifts_once(samples
     good = frames(samples_dir, "cubes", 0, 22)
     broken = frames(samples_dir, "cubes", 1, 10)
 
+    notes: list[dict] = []
+
     def feed(paths: list[Path]) -> list[float]:
         images = torch.stack([load_image(p, detector.image_size, "fast") for p in paths])
-        return [1.0 - math.exp(-float(s)) for s in detector.predict(images).scores]  # the daemon's 0-1 scale
+        prediction = detector.predict(images)
+        notes.extend(prediction.notes)
+        return [1.0 - math.exp(-float(s)) for s in prediction.scores]  # the daemon's 0-1 scale
 
-    feed(good[:10])  # cold start
+    cold = feed(good[:10])  # cold start: the frames that fill the window get no decision (NaN), never a pass
     assert detector.window.ready
+    undecided = [math.isnan(s) for s in cold]
+    assert undecided[:8] == [True] * 8 and [not n["decided"] for n in notes] == undecided
     flood = [p for pair in zip(good[10:20], broken, strict=True) for p in pair]
     scores = feed(flood)
     alerted = [s >= 0.5 for s in scores]
@@ -45,6 +51,9 @@ def test_defect_flood_alerts_without_drift_and_a_line_change_drifts_once(samples
     assert all(s >= 0.5 for s in scores), scores  # every frame of the new product looks anomalous ...
     assert len(detector.drift.events) == 1, detector.drift.events  # ... and one drift names where it began
     event = detector.drift.events[0]
+    signalled = [n for n in notes if "drift_event" in n]  # the daemon learns it from the frame's notes
+    assert len(signalled) == 1 and signalled[0]["drift_event"]["frame"] == event.frame
+    assert signalled[0]["drifting"] and signalled[0]["drift_index"] == event.detected_at
     print(f"drift: {event}; new-product scores {[round(s, 2) for s in scores]}")
     first = detector.drift.frames - len(switched)
     assert event.frame == first and event.detected_at <= first + 5 and event.share > 0.7
