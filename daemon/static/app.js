@@ -41,6 +41,17 @@ async function blobUrl(path) {
 
 function utcText(iso) { return iso ? iso.replace("T", " ").replace(/\.\d+/, "").replace("Z", "") : ""; }
 function score(value) { return value === null || value === undefined ? "–" : value.toFixed(3); }
+// A frame's verdict: anomalous, normal, or no decision (a mutual window still filling, or a drift holding alerts).
+function verdictText(item) {
+  if (item.verdict === "no_decision" || item.is_anomalous === null) return "no decision";
+  return item.is_anomalous ? "anomalous" : "normal";
+}
+
+function verdictClass(item) {
+  if (item.verdict === "no_decision" || item.is_anomalous === null) return "anomalous-undecided";
+  return item.is_anomalous ? "anomalous-yes" : "anomalous-no";
+}
+
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
@@ -135,7 +146,7 @@ function renderHistory(items) {
       el("td", {}, String(item.id)), el("td", {}, utcText(item.captured_at)), el("td", {}, item.source),
       el("td", { class: "file-cell", title: item.frame_name || item.frame_id }, fileName(item.frame_name || item.frame_id)),
       el("td", { class: "low" }, item.line), el("td", {}, score(item.score)),
-      el("td", { class: item.is_anomalous ? "anomalous-yes" : "anomalous-no" }, item.is_anomalous ? "anomalous" : "normal"),
+      el("td", { class: verdictClass(item) }, verdictText(item)),
       el("td", { class: "label-cell" }, labelPill(item.label)));
     if (state.selected === item.id) row.classList.add("selected");
     return row;
@@ -157,7 +168,7 @@ async function openDetail(id) {
   $("#detail").hidden = false;
   $("#detail-title").textContent = `Inspection #${item.id} · ${item.source} / ${item.line}`;
   const facts = [["captured", utcText(item.captured_at) + " UTC"], ["score", `${score(item.score)} (threshold ${score(item.threshold)})`],
-    ["result", item.is_anomalous ? "anomalous" : "normal"], ["model", item.model_version], ["frame", item.frame_name || item.frame_id],
+    ["result", verdictText(item)], ["model", item.model_version], ["frame", item.frame_name || item.frame_id],
     ["regions", String(item.regions.length)]];
   if (item.error) facts.push(["error", item.error]);
   $("#detail-facts").replaceChildren(...facts.flatMap(([key, value]) => [el("dt", {}, key), el("dd", {}, value)]));
