@@ -154,6 +154,14 @@ def reference_files(settings: Any, source_id: str, sessions: Any = None, store: 
     return files, configured
 
 
+def source_signature(settings: Any, source_id: str, files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    """`signature` of the files plus the source's geometry override file (daemon/geometry_overrides.py): setting
+    or resetting a geometry rebuilds the bank as a change of reference files does."""
+    from daemon.geometry_overrides import override_path
+
+    return signature([*files, override_path(settings, source_id)])
+
+
 def signature(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
     """What changes when a reference file is added, removed or rewritten."""
     out = []
@@ -223,9 +231,12 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         if len(files) == 1 and files[0].suffix == ".safetensors":
             references = str(files[0])
         options = reference_model_options(settings)
-        from daemon.geometry import source_geometry  # the bank is <source id>.safetensors (bank_path)
+        from daemon.geometry import source_geometry
+        from daemon.geometry_overrides import effective_geometry  # config, or an operator's override (API/UI)
 
-        options["geometry"] = source_geometry(settings, cache_path.stem if cache_path is not None else None)
+        # the bank is <source id>.safetensors (bank_path); a held-out bank (no path) is [model]'s geometry
+        options["geometry"] = (effective_geometry(settings, cache_path.stem) if cache_path is not None
+                               else source_geometry(settings, None))
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
@@ -533,7 +544,7 @@ class ReferenceManager:
                                                 self.max_references)
         except ReferenceSetupError as exc:
             return self._failed(state, str(exc), ())
-        sig = signature(files)
+        sig = source_signature(self.settings, source_id, files)
         base_version = str(getattr(self._base, "version", ""))
         if state.error is not None and sig == state.signature and state.base_version == base_version \
                 and time.monotonic() < state.retry_at:
@@ -600,7 +611,7 @@ class ReferenceManager:
             files, _ = reference_files(self.settings, source_id, self.sessions, self.store, self.max_references)
         except ReferenceSetupError:
             return False
-        return signature(files) != sig
+        return source_signature(self.settings, source_id, files) != sig
 
     def _failed(self, state: SourceState, message: str, sig: tuple) -> bool:
         """A build failed: keep inspecting with the last good bank when there is one, else the source is
