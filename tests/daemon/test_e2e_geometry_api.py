@@ -1,0 +1,91 @@
+"""End to end (issue 20): a geometry set through the API while the daemon runs `patchcore` (real EfficientNet-Lite0
+weights) takes effect on the next frames: an ignore polygon drawn over a spot makes a defect there pass, while one
+elsewhere still alerts with its box on it; the bank's version carries the new geometry, it was recalibrated, and a
+restarted daemon keeps it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from adapters.db import Inspection, SourceThreshold
+from daemon.api import routers
+from daemon.app import create_app
+from daemon.config import load_config
+from daemon.service import Service
+from tests.daemon.test_api import TOKENS, auth
+from tests.daemon.test_e2e_geometry import _write
+from tests.model.test_geometry import draw_defect, texture
+from tests.waiting import wait_until
+
+HEIGHT, WIDTH = 256, 512
+MASKED, OPEN = (120, 128), (400, 128)  # x, y of the two defects
+POLYGON = [[80, 88], [160, 88], [160, 168], [80, 168]]
+
+
+def _settings(tmp_path: Path):
+    return load_config(None, environ={}, overrides={
+        "model": {"name": "patchcore", "references": str(tmp_path / "references")},
+        "runtime": {"device": "cpu", "max_batch_delay_ms": 20, "shutdown_grace_s": 20, "max_batch_size": 4},
+        "sources": [{"id": "line", "kind": "folder", "uri": str(tmp_path / "inbox"), "settle_s": 0.05,
+                     "poll_interval_s": 0.05, "resize": "fit"}],
+        "mqtt": {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
+        "storage": {"dir": str(tmp_path / "artifacts")},
+        "api": {"enabled": False, "tokens": [{"name": "operator-1", "role": "operator", "token": TOKENS["operator"]}]},
+    })
+
+
+def _inspect(service: Service, tmp_path: Path, name: str, rgb) -> Inspection:
+    _write(tmp_path / "inbox" / name, rgb)
+
+    def row() -> Inspection | None:
+        with service.sessions() as session:
+            return next((r for r in session.scalars(select(Inspection)) if Path(r.frame_name).name == name), None)
+
+    assert wait_until(lambda: row() is not None, timeout=180), f"{name} not inspected"
+    return row()
+
+
+def test_an_ignore_polygon_set_through_the_api_applies_to_the_next_frames_and_a_restart(tmp_path):
+    for seed in (1, 2, 3):
+        _write(tmp_path / "references" / f"good-{seed}.png", texture(HEIGHT, WIDTH, seed))
+    (tmp_path / "inbox").mkdir()
+    service = Service(_settings(tmp_path), serve_http=False)
+    service.start()
+    try:
+        before = service.references.states["line"].version
+        first = _inspect(service, tmp_path, "before.png", draw_defect(texture(HEIGHT, WIDTH, 7), *MASKED, radius=10))
+        assert first.is_anomalous and first.model_version == before  # the spot alerts without the polygon
+
+        client = TestClient(create_app(service.app_state(), routers()))
+        response = client.put("/api/sources/line/geometry", json={"ignore_polygons": [POLYGON]},
+                              headers=auth("operator"))
+        assert response.status_code == 200, response.text
+        assert response.json()["frame"] == {"inspection_id": first.id, "width": WIDTH, "height": HEIGHT,
+                                            "frame_url": f"/api/inspections/{first.id}/frame.jpg",
+                                            "from": "newest inspection"}
+        assert wait_until(lambda: "-ign" in str(service.references.states["line"].version), timeout=180)
+        after = service.references.states["line"].version
+        assert after.startswith(before.split("+")[0] + "-ign")
+        with service.sessions() as session:
+            calibrated = {row.model_version for row in session.scalars(select(SourceThreshold))}
+        assert after in calibrated  # the new version has its own calibration
+
+        masked = _inspect(service, tmp_path, "masked.png", draw_defect(texture(HEIGHT, WIDTH, 8), *MASKED, radius=10))
+        assert masked.model_version == after and not masked.is_anomalous and masked.regions == []
+        both = draw_defect(draw_defect(texture(HEIGHT, WIDTH, 9), *MASKED, radius=10), *OPEN, radius=10)
+        alert = _inspect(service, tmp_path, "open.png", both)
+        assert alert.is_anomalous and alert.regions
+        for region in alert.regions:  # boxes on the open defect only
+            assert region["x"] - 16 <= OPEN[0] <= region["x"] + region["w"] + 16, region
+    finally:
+        service.stop()
+
+    restarted = Service(_settings(tmp_path), serve_http=False)
+    restarted.start()
+    try:
+        assert restarted.references.states["line"].version == after
+    finally:
+        restarted.stop()
