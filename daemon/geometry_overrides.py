@@ -174,9 +174,12 @@ def save_override(settings: Any, source_id: str, changes: dict[str, Any], set_by
 def clear_override(settings: Any, source_id: str, set_by: str) -> dict[str, Any]:
     """Remove a source's override (back to the configuration); LookupError when it has none."""
     path = override_path(settings, source_id)
-    if load_override(settings, source_id) is None:
+    if not path.exists():
         raise LookupError(f"source {source_id} has no geometry override: it runs the configured geometry")
-    before = as_values(effective_geometry(settings, source_id))
+    try:
+        before: dict[str, Any] = as_values(effective_geometry(settings, source_id))
+    except GeometryError as exc:  # an unreadable file, or one the model cannot run: removing it is the way out
+        before = {"error": str(exc)}
     path.unlink()
     event = {"source": source_id, "action": "reset", "set_by": set_by, "set_at": _now(), "before": before,
              "after": as_values(effective_geometry(settings, source_id))}

@@ -194,3 +194,18 @@ def test_a_geometry_change_rebuilds_the_sources_bank_and_a_reset_rebuilds_it_aga
     assert manager.states["cam1"].version == "fake-fit-roi40x30x400x300" and built == ["cam1", "cam1"]
     overrides.clear_override(settings, "cam1", set_by="test")
     assert manager.check() is True and manager.states["cam1"].version == "fake-fit"
+
+
+def test_an_unreadable_override_file_is_named_and_can_be_removed(app):
+    path = overrides.override_path(app.settings, "cam1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json", encoding="utf-8")
+    response = app.client.get("/api/sources/cam1/geometry", headers=auth("viewer"))
+    assert response.status_code == 500 and f"geometry override {path}: cannot read it" in response.json()["detail"]
+    assert "cannot read it" in app.put({"roi": ROI}).json()["detail"]
+    with pytest.raises(overrides.GeometryError, match="cannot read it"):  # the bank build fails naming the file
+        overrides.effective_geometry(app.settings, "cam1")
+    response = app.client.delete("/api/sources/cam1/geometry", headers=auth("operator"))
+    assert response.status_code == 200, response.text
+    assert "cannot read it" in response.json()["change"]["before"]["error"]
+    assert app.get()["geometry"]["resize"] == "fit"
