@@ -1,13 +1,13 @@
-"""End to end (issue 20): a geometry set through the API while the daemon runs `patchcore` (real EfficientNet-Lite0
-weights) takes effect on the next frames: an ignore polygon drawn over a spot makes a defect there pass, while one
-elsewhere still alerts with its box on it; the bank's version carries the new geometry, it was recalibrated, and a
-restarted daemon keeps it."""
+"""End to end (issue 20): an ignore polygon drawn with the mouse in the UI (real headless Chromium) on the newest frame
+while the daemon runs `patchcore` (real EfficientNet-Lite0 weights) takes effect on the next frames: a defect under
+it passes, while one elsewhere still alerts with its box on it; the bank's version carries the new geometry, it was
+recalibrated, and a restarted daemon keeps it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi.testclient import TestClient
+import httpx
 from sqlalchemy import select
 
 from adapters.db import Inspection, SourceThreshold
@@ -17,6 +17,7 @@ from daemon.config import load_config
 from daemon.service import Service
 from tests.daemon.test_api import TOKENS, auth
 from tests.daemon.test_e2e_geometry import _write
+from tests.daemon.test_ui_browser import CHROMIUM_ARGS, Server, chromium_path  # noqa: F401 (fixture)
 from tests.model.test_geometry import draw_defect, texture
 from tests.waiting import wait_until
 
@@ -48,7 +49,38 @@ def _inspect(service: Service, tmp_path: Path, name: str, rgb) -> Inspection:
     return row()
 
 
-def test_an_ignore_polygon_set_through_the_api_applies_to_the_next_frames_and_a_restart(tmp_path):
+def _draw_polygon_in_the_ui(base: str, chromium_path: str, profile: Path) -> None:  # noqa: F811
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1300, "height": 1000})
+        try:
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(base + "/")
+            page.fill("#token", TOKENS["operator"])
+            page.click("#login-form button[type=submit]")
+            page.click(".tab[data-view=geometry]")
+            expect(page.locator("#geo-viewer")).to_have_attribute("data-ready", "true")
+            expect(page.locator('#geo-facts dd[data-key="frame"]')).to_contain_text(f"{WIDTH} × {HEIGHT}")
+            page.click("#geo-mode-polygon")
+            box = page.locator("#geo-overlay").bounding_box()
+            for x, y in POLYGON:
+                page.mouse.click(box["x"] + x * box["width"] / WIDTH, box["y"] + y * box["height"] / HEIGHT)
+            page.keyboard.press("Enter")  # closes the polygon
+            expect(page.locator("#geo-overlay polygon.geo-ignore")).to_have_count(1)
+            page.click("#geo-save")
+            expect(page.locator("#geo-status")).to_contain_text("Saved")
+            assert errors == []
+        finally:
+            context.close()
+
+
+def test_an_ignore_polygon_drawn_in_the_ui_applies_to_the_next_frames_and_a_restart(
+        tmp_path, chromium_path):  # noqa: F811
     for seed in (1, 2, 3):
         _write(tmp_path / "references" / f"good-{seed}.png", texture(HEIGHT, WIDTH, seed))
     (tmp_path / "inbox").mkdir()
@@ -59,13 +91,14 @@ def test_an_ignore_polygon_set_through_the_api_applies_to_the_next_frames_and_a_
         first = _inspect(service, tmp_path, "before.png", draw_defect(texture(HEIGHT, WIDTH, 7), *MASKED, radius=10))
         assert first.is_anomalous and first.model_version == before  # the spot alerts without the polygon
 
-        client = TestClient(create_app(service.app_state(), routers()))
-        response = client.put("/api/sources/line/geometry", json={"ignore_polygons": [POLYGON]},
-                              headers=auth("operator"))
-        assert response.status_code == 200, response.text
-        assert response.json()["frame"] == {"inspection_id": first.id, "width": WIDTH, "height": HEIGHT,
-                                            "frame_url": f"/api/inspections/{first.id}/frame.jpg",
-                                            "from": "newest inspection"}
+        with Server(create_app(service.app_state(), routers())) as server:
+            base = f"http://127.0.0.1:{server.port}"
+            _draw_polygon_in_the_ui(base, chromium_path, tmp_path / "profile")
+            shown = httpx.get(f"{base}/api/sources/line/geometry", headers=auth("operator")).json()
+        assert shown["frame"] == {"inspection_id": first.id, "width": WIDTH, "height": HEIGHT,
+                                  "frame_url": f"/api/inspections/{first.id}/frame.jpg", "from": "newest inspection"}
+        (polygon,) = shown["geometry"]["ignore_polygons"]
+        assert all(abs(p[0] - q[0]) <= 2 and abs(p[1] - q[1]) <= 2 for p, q in zip(polygon, POLYGON, strict=True))
         # the rebuilt detector is swapped in between batches
         assert wait_until(lambda: "-ign" in service.pipeline.detector.version_for("line"), timeout=180)
         after = service.pipeline.detector.version_for("line")
