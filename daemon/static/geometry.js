@@ -28,12 +28,13 @@ function buildGeometryView() {
       button("geo-mode-roi", "Draw ROI", { class: "geo-mode active", "data-mode": "roi" }),
       button("geo-mode-polygon", "Add ignore polygon", { class: "geo-mode", "data-mode": "polygon" }),
       button("geo-close-polygon", "Close polygon"),
+      button("geo-undo", "Undo"),
       button("geo-clear-roi", "Whole frame"),
       button("geo-clear-polygons", "No polygons"),
       button("geo-save", "Save", { class: "primary" }),
       button("geo-reset", "Back to config")),
     el("p", { class: "hint", id: "geo-help" }, "Draw ROI: drag a rectangle on the frame. Add ignore polygon: click its " +
-      "corners, then Close polygon (or Enter). Save applies it: the source's bank is rebuilt and recalibrated."),
+      "corners, then Close polygon (or Enter); Undo takes back the last corner or polygon. Save applies it: the source's bank is rebuilt and recalibrated."),
     el("p", { class: "hint", id: "geo-status", role: "status" }),
     el("div", { class: "geo-viewer", id: "geo-viewer" }, el("img", { id: "geo-frame", alt: "newest frame" }),
       geoNode("svg", { id: "geo-overlay", preserveAspectRatio: "none" })),
@@ -43,6 +44,7 @@ function buildGeometryView() {
   $("#geo-source").addEventListener("change", () => loadGeometry($("#geo-source").value));
   for (const mode of document.querySelectorAll(".geo-mode")) mode.addEventListener("click", () => setMode(mode.dataset.mode));
   $("#geo-close-polygon").addEventListener("click", closePolygon);
+  $("#geo-undo").addEventListener("click", undo);
   $("#geo-clear-roi").addEventListener("click", () => { geo.roi = null; drawOverlay(); });
   $("#geo-clear-polygons").addEventListener("click", () => { geo.polygons = []; geo.pending = []; drawOverlay(); });
   $("#geo-save").addEventListener("click", saveGeometry);
@@ -103,6 +105,12 @@ function closePolygon() {
   geo.polygons.push(geo.pending);
   geo.pending = [];
   geoStatus(`${geo.polygons.length} ignore polygon(s) (not saved yet)`);
+  drawOverlay();
+}
+
+// The last corner of the polygon being drawn, else the last closed polygon.
+function undo() {
+  if (geo.pending.length) geo.pending.pop(); else geo.polygons.pop();
   drawOverlay();
 }
 
