@@ -33,17 +33,30 @@ def default_resize(model_name: str, engine: str = "torch") -> str:
 
 def source_geometry(settings: Any, source_id: str | None) -> Geometry:
     """The geometry of `source_id` (its [[sources]] values over [model]'s); [model]'s for an unknown source."""
+    values = {key: value for key, (value, _) in configured_values(settings, source_id).items()}
+    return make_geometry(values["resize"], values["roi"], values["ignore_polygons"], values["tile_overlap"])
+
+
+GEOMETRY_KEYS = ("resize", "roi", "ignore_polygons", "tile_overlap")
+
+
+def configured_values(settings: Any, source_id: str | None) -> dict[str, tuple[Any, str]]:
+    """Each geometry key of `source_id` as the configuration sets it, with where it comes from: the source's
+    `[[sources]]` entry, `[model]`, or the default."""
     m = settings.model
-    resize = m.resize or default_resize(m.name, str(getattr(settings.runtime, "engine", "torch")))
-    values: dict[str, Any] = {"resize": resize, "roi": m.roi, "ignore_polygons": m.ignore_polygons,
-                              "tile_overlap": m.tile_overlap}
+    values: dict[str, tuple[Any, str]] = {
+        "resize": (m.resize, "[model]") if m.resize else
+        (default_resize(m.name, str(getattr(settings.runtime, "engine", "torch"))), "default"),
+        "roi": (m.roi, "[model]" if m.roi is not None else "default"),
+        "ignore_polygons": (m.ignore_polygons, "[model]" if m.ignore_polygons else "default"),
+        "tile_overlap": (m.tile_overlap, "[model]" if "tile_overlap" in m.model_fields_set else "default")}
     for source in settings.sources:
         if source.id == source_id:
-            for key in values:
+            for key in GEOMETRY_KEYS:
                 own = getattr(source, key, None)
                 if own is not None:
-                    values[key] = own
-    return make_geometry(values["resize"], values["roi"], values["ignore_polygons"], values["tile_overlap"])
+                    values[key] = (own, f"[[sources]] {source_id}")
+    return values
 
 
 def check_geometries(settings: Any) -> None:
@@ -54,14 +67,24 @@ def check_geometries(settings: Any) -> None:
             geometry = source_geometry(settings, source_id)
         except GeometryError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        if not geometry.plain and settings.model.name not in GEOMETRY_MODELS:
-            raise ValueError(
-                f"{where}: resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(GEOMETRY_MODELS)}; "
+        why = unsupported(settings, geometry)
+        if why is not None:
+            raise ValueError(f"{where}: {why}")
+
+
+def unsupported(settings: Any, geometry: Geometry) -> str | None:
+    """Why the model and engine of `settings` cannot run `geometry` (None when they can): only `patchcore` on
+    the torch engine runs anything but whole frames squashed."""
+    if geometry.plain:
+        return None
+    if settings.model.name not in GEOMETRY_MODELS:
+        return (f"resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(GEOMETRY_MODELS)}; "
                 f"model {settings.model.name!r} takes whole frames squashed (resize = \"squash\", no roi/ignore_polygons)")
-        engine = str(getattr(settings.runtime, "engine", "torch"))
-        if not geometry.plain and engine != "torch":
-            raise ValueError(f"{where}: resize {geometry.resize!r}, roi and ignore_polygons need [runtime].engine = "
-                             f"\"torch\" (engine {engine!r} runs a fixed square export)")
+    engine = str(getattr(settings.runtime, "engine", "torch"))
+    if engine != "torch":
+        return (f"resize {geometry.resize!r}, roi and ignore_polygons need [runtime].engine = "
+                f"\"torch\" (engine {engine!r} runs a fixed square export)")
+    return None
 
 
 def geometry_known_good(detector: Any, files: Sequence[Path], limit: int) -> Any:

@@ -20,6 +20,7 @@ from daemon.references import (
     own_reference_dir,
     reference_files,
     shape_mismatch,
+    sizes_may_differ,
 )
 from model.preprocess import IMAGE_SUFFIXES
 
@@ -106,7 +107,7 @@ def _check_added_shapes(settings: Any, sessions: Any, store: Any, source_id: str
             raise ValueError(f"inspection {inspection_id}: {exc}") from None
         if like is None:
             like = shape
-        elif (why := shape_mismatch(shape, like)) is not None:
+        elif (why := shape_mismatch(shape, like, sizes_may_differ(settings, source_id))) is not None:
             raise ValueError(f"inspection {inspection_id}: its frame is {shape[1]}x{shape[0]} with {shape[2]} "
                              f"channel(s), the references of source {source_id} {like[1]}x{like[0]} with "
                              f"{like[2]} ({why}); nothing added")

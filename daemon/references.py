@@ -29,7 +29,7 @@ A source with `references = "auto"` and no references yet (or any source under `
 a mutual-scoring detector with a window of its own frames instead (daemon/zero_label.py) until references arrive.
 
 Bad input — an empty, missing or unreadable folder, references of sizes more than SIZE_TOLERANCE apart per side
-or of mixed channel counts, a bank of another model, `patchcore` without references — is an error naming the
+(any sizes are fine under resize "fit" or "tile" without ROI or ignore polygons) or of mixed channel counts, a bank of another model, `patchcore` without references — is an error naming the
 value. A source with a last good bank keeps inspecting with it (the build is retried with backoff); a source without
 one is unavailable: not ready, with the cause, and its frames go back to their source (inbox, redelivery) while the
 other sources keep being inspected.
@@ -154,6 +154,14 @@ def reference_files(settings: Any, source_id: str, sessions: Any = None, store: 
     return files, configured
 
 
+def source_signature(settings: Any, source_id: str, files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    """`signature` of the files plus the source's geometry override file (daemon/geometry_overrides.py): setting
+    or resetting a geometry rebuilds the bank as a change of reference files does."""
+    from daemon.geometry_overrides import override_path
+
+    return signature([*files, override_path(settings, source_id)])
+
+
 def signature(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
     """What changes when a reference file is added, removed or rewritten."""
     out = []
@@ -179,20 +187,36 @@ def image_shape(path: Path, source_id: str) -> tuple[int, int, int]:
     return image.shape[0], image.shape[1], 1 if image.ndim == 2 else image.shape[2]
 
 
-def shape_mismatch(shape: tuple[int, int, int], like: tuple[int, int, int]) -> str | None:
+def shape_mismatch(shape: tuple[int, int, int], like: tuple[int, int, int], any_size: bool = False) -> str | None:
     """Why a reference of `shape` does not go with references of `like` (None when it does): the same channel
-    count, and each side within SIZE_TOLERANCE of theirs."""
+    count, and each side within SIZE_TOLERANCE of theirs unless `any_size` (`sizes_may_differ`)."""
     if shape[2] != like[2]:
         return f"{shape[2]} channel(s) instead of {like[2]}"
+    if any_size:
+        return None
     for side, (a, b) in (("height", (shape[0], like[0])), ("width", (shape[1], like[1]))):
         if abs(a - b) > SIZE_TOLERANCE * b:
             return f"its {side} {a} px is more than {100 * SIZE_TOLERANCE:g} % from {b} px"
     return None
 
 
-def check_images(files: Sequence[Path], source_id: str) -> tuple[int, int, int] | None:
-    """All references readable, of one channel count and of sizes within SIZE_TOLERANCE of the first one's per
-    side; (height, width, channels) of the first."""
+def sizes_may_differ(settings: Any, source_id: str) -> bool:
+    """Whether a source's references may be of any size: its geometry feeds each frame at its own shape ("fit",
+    "tile") and points at no frame pixels (no ROI, no ignore polygon, which would land elsewhere on a frame of
+    another size). "squash" stretches each size differently, so its references stay within SIZE_TOLERANCE."""
+    from daemon.geometry_overrides import effective_geometry
+    from model.geometry import GeometryError
+
+    try:
+        geometry = effective_geometry(settings, source_id)
+    except GeometryError:
+        return False  # the build says why
+    return geometry.resize in ("fit", "tile") and geometry.roi is None and not geometry.ignore
+
+
+def check_images(files: Sequence[Path], source_id: str, any_size: bool = False) -> tuple[int, int, int] | None:
+    """All references readable, of one channel count and (unless `any_size`) of sizes within SIZE_TOLERANCE of
+    the first one's per side; (height, width, channels) of the first."""
     shape: tuple[int, int, int] | None = None
     first: Path | None = None
     for path in files:
@@ -201,11 +225,12 @@ def check_images(files: Sequence[Path], source_id: str) -> tuple[int, int, int] 
         this = image_shape(path, source_id)
         if shape is None:
             shape, first = this, path
-        elif (why := shape_mismatch(this, shape)) is not None:
+        elif (why := shape_mismatch(this, shape, any_size)) is not None:
             raise ReferenceSetupError(
                 f"source {source_id}: reference {path.name} is {this[1]}x{this[0]} with {this[2]} channel(s), "
                 f"but {first.name if first else '?'} is {shape[1]}x{shape[0]} with {shape[2]} ({why}): references "
-                "of one source must come from one camera setting")
+                "of one source must come from one camera setting (resize = \"fit\" or \"tile\" without roi and "
+                "ignore_polygons takes references of any size)")
     return shape
 
 
@@ -223,9 +248,12 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         if len(files) == 1 and files[0].suffix == ".safetensors":
             references = str(files[0])
         options = reference_model_options(settings)
-        from daemon.geometry import source_geometry  # the bank is <source id>.safetensors (bank_path)
+        from daemon.geometry import source_geometry
+        from daemon.geometry_overrides import effective_geometry  # config, or an operator's override (API/UI)
 
-        options["geometry"] = source_geometry(settings, cache_path.stem if cache_path is not None else None)
+        # the bank is <source id>.safetensors (bank_path); a held-out bank (no path) is [model]'s geometry
+        options["geometry"] = (effective_geometry(settings, cache_path.stem) if cache_path is not None
+                               else source_geometry(settings, None))
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
@@ -539,7 +567,7 @@ class ReferenceManager:
                                                 self.max_references)
         except ReferenceSetupError as exc:
             return self._failed(state, str(exc), ())
-        sig = signature(files)
+        sig = source_signature(self.settings, source_id, files)
         base_version = str(getattr(self._base, "version", ""))
         if state.error is not None and sig == state.signature and state.base_version == base_version \
                 and time.monotonic() < state.retry_at:
@@ -569,7 +597,7 @@ class ReferenceManager:
         log.info("source %s: building the reference bank from %d images%s ...", source_id, len(files),
                  f" ({progress} sources)" if progress else "")
         try:
-            state.shape = check_images(files, source_id)
+            state.shape = check_images(files, source_id, sizes_may_differ(self.settings, source_id))
             detector = self.builder(self._base, files, bank_path(self.settings, source_id))
         except Exception as exc:  # ReferencesError, ReferenceSetupError, decode errors: name the value, go on
             if retry and self._files_changed(source_id, sig):  # a file added/removed during the build
@@ -606,7 +634,7 @@ class ReferenceManager:
             files, _ = reference_files(self.settings, source_id, self.sessions, self.store, self.max_references)
         except ReferenceSetupError:
             return False
-        return signature(files) != sig
+        return source_signature(self.settings, source_id, files) != sig
 
     def _failed(self, state: SourceState, message: str, sig: tuple) -> bool:
         """A build failed: keep inspecting with the last good bank when there is one, else the source is

@@ -14,6 +14,7 @@ def routers() -> list[Any]:
     """All operator API routers, in the order they are mounted."""
     from daemon.api.calibration_view import router as calibration_router
     from daemon.api.events import router as events_router
+    from daemon.api.geometry import router as geometry_router
     from daemon.api.inspections import router as inspections_router
     from daemon.api.model_versions import router as models_router
     from daemon.api.references import router as references_router
@@ -21,4 +22,4 @@ def routers() -> list[Any]:
     from daemon.api.thresholds import router as thresholds_router
 
     return [inspections_router, models_router, stats_router, events_router, references_router, thresholds_router,
-            calibration_router]
+            calibration_router, geometry_router]

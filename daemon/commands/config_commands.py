@@ -98,8 +98,8 @@ def check_settings(settings: Any) -> list[tuple[str, str]]:
 
 def reference_findings(settings: Any) -> list[tuple[str, str]]:
     """Each enabled source's references checked as the daemon checks them before building its bank (folders,
-    readable images, one channel count, sizes within 10 % per side; a model that needs references has some)."""
-    from daemon.references import ReferenceSetupError, check_images, reference_files
+    readable images, one channel count, sizes within 10 % per side unless the geometry takes any size; a model that needs references has some)."""
+    from daemon.references import ReferenceSetupError, check_images, reference_files, sizes_may_differ
     from model.factory import needs_references
 
     findings: list[tuple[str, str]] = []
@@ -108,7 +108,7 @@ def reference_findings(settings: Any) -> list[tuple[str, str]]:
             continue
         try:
             files, _ = reference_files(settings, source.id)
-            shape = check_images(files, source.id)
+            shape = check_images(files, source.id, sizes_may_differ(settings, source.id))
         except ReferenceSetupError as exc:
             findings.append(("error", f"{exc}"))
             continue
