@@ -226,8 +226,17 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         from daemon.geometry import source_geometry  # the bank is <source id>.safetensors (bank_path)
 
         options["geometry"] = source_geometry(settings, cache_path.stem if cache_path is not None else None)
+        if getattr(base, "head", None):  # patchcore-head: the model version's trained head (daemon/head_retraining.py)
+            options["head"] = base.head
+        if name == "patchcore-head":  # the head scores square frames, as it was trained (no fit/tile geometry)
+            options.pop("geometry", None)
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
+        if cache_path is not None and hasattr(detector, "checkpoint"):  # patchcore-head: scored through its head
+            from daemon.head_known_good import head_known_good
+
+            detector.known_good = head_known_good(detector, [f for f in files if f.suffix != ".safetensors"])
+            return scaled(detector)  # already 0-1; not exported to another engine yet
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
             known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
                                       cache_path)
@@ -365,8 +374,9 @@ Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
 class NeedsReferences:
     """The base of a model that only works with references (PatchCore): names and sizes, no predictions."""
 
-    def __init__(self, name: str, version: str, image_size: int, device: Any = "cpu") -> None:
+    def __init__(self, name: str, version: str, image_size: int, device: Any = "cpu", head: str | None = None) -> None:
         self.name, self.version, self.image_size, self.device = name, version, int(image_size), device
+        self.head = head  # patchcore-head: the version's trained head file (None: untrained, ranks like PatchCore)
 
     def predict(self, images: Any, class_names: Any = None) -> Any:
         raise ReferenceSetupError(f"{self.name} needs references: set [[sources]].references or "

@@ -1,0 +1,156 @@
+"""End to end on real weights and real frames: operator labels make `patchcore` better through retraining.
+
+The daemon runs `patchcore` (EfficientNet-Lite0) on 8 good metal_plate references (../shared, linked, never
+copied) and inspects a first batch. Through the HTTP API an operator labels 10 defective frames anomalous (half
+with the dataset's pixel masks, half with the image label only) and the good ones normal, and asks for a retraining
+run (POST /api/retrain). The run trains a patchcore-head, registers it as a candidate version, and the promotion
+gate promotes it because, at the calibrated thresholds, it misses fewer of the held-out labelled defects than the
+running PatchCore without alerting more held-out normals. The model watcher hot-swaps it in; each source gets a
+calibration row and a threshold-history record for the new version; fresh defective frames (never labelled) are
+scored by it above its threshold.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from adapters.db import Inspection, ModelVersion, SourceThreshold, TrainingRun
+from adapters.db.schema import threshold_history
+from daemon.config import load_config
+from daemon.service import Service
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.shared]
+
+ADMIN = "e2e-admin-token"
+SOURCE = "plates"
+SIZE = 128  # small frames: the whole test is about a minute on two busy cores
+
+
+def _link(files: list[Path], folder: Path, prefix: str = "") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        (folder / f"{prefix}{file.name}").symlink_to(file.resolve())
+
+
+def _plates(samples_dir: Path) -> tuple[list[Path], list[Path], Path]:
+    root = samples_dir / "metal_plate"
+    good = sorted((root / "test" / "good").glob("*.png"))
+    defective = sorted((root / "test" / "defect").glob("*.png"))
+    rng = random.Random(21)
+    rng.shuffle(good)
+    rng.shuffle(defective)
+    return good, defective, root / "ground_truth" / "defect"
+
+
+def _settings(tmp_path: Path):
+    return load_config(None, environ={}, overrides={
+        "model": {"name": "patchcore", "references": str(tmp_path / "references"), "image_size": SIZE},
+        "runtime": {"device": "cpu", "max_batch_delay_ms": 20, "shutdown_grace_s": 20, "max_batch_size": 8},
+        "sources": [{"id": SOURCE, "kind": "folder", "uri": str(tmp_path / "inbox"), "line": "press",
+                     "settle_s": 0.05, "poll_interval_s": 0.05}],
+        "retraining": {"promotion": "auto", "holdout_fraction": 0.3, "threads": 1, "seed": 3},
+        "mqtt": {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
+        "storage": {"dir": str(tmp_path / "artifacts")},
+        "api": {"enabled": False, "tokens": [{"name": "admin", "role": "admin", "token": ADMIN}]},
+    })
+
+
+def test_labels_retrain_a_head_that_the_gate_promotes(samples_dir, tmp_path):
+    from daemon.api import routers
+    from daemon.app import create_app
+
+    good, defective, masks = _plates(samples_dir)
+    references, normals = good[:8], good[8:12]
+    labelled, fresh = defective[:10], defective[10:16]
+    fresh_good = good[12:20]  # never labelled: false alarms before and after
+    _link(references, tmp_path / "references")
+    (tmp_path / "inbox").mkdir()
+    service = Service(_settings(tmp_path), serve_http=False)
+    started = time.monotonic()
+    service.start()
+    try:
+        first_version = service.references.states[SOURCE].version
+        assert first_version.startswith("patchcore-")
+        _link(normals + labelled + fresh + fresh_good, tmp_path / "inbox")
+
+        def rows() -> dict[str, Inspection]:
+            with service.sessions() as session:
+                return {Path(r.frame_name).name: r for r in session.scalars(select(Inspection))}
+
+        assert wait_until(lambda: len(rows()) == 28, timeout=120), f"{len(rows())} of 28 inspected"
+        before = rows()
+        client = TestClient(create_app(service.app_state(), routers()))
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        for index, frame in enumerate(labelled):
+            row = before[frame.name]
+            if index % 2 == 0:  # pixel supervision: the dataset's mask
+                mask = (masks / f"{frame.stem}_mask.png").read_bytes()
+                response = client.post(f"/api/inspections/{row.id}/label", data={"label": "anomalous"},
+                                       files={"mask": ("mask.png", io.BytesIO(mask), "image/png")}, headers=headers)
+            else:  # weak supervision: the image label alone
+                response = client.post(f"/api/inspections/{row.id}/label", json={"label": "anomalous"},
+                                       headers=headers)
+            assert response.status_code == 201, response.text
+        for frame in normals:
+            response = client.post(f"/api/inspections/{before[frame.name].id}/label", json={"label": "normal"},
+                                   headers=headers)
+            assert response.status_code == 201, response.text
+
+        response = client.post("/api/retrain", headers=headers)
+        assert response.status_code == 202, response.text
+        run_id = response.json()["run_id"]
+        assert service.retrainer.wait(timeout=300)
+        with service.sessions() as session:
+            run = session.get(TrainingRun, run_id)
+            assert run.status == "succeeded", run.log
+            candidate = session.scalars(select(ModelVersion).where(ModelVersion.version == run.candidate_version)).one()
+        assert candidate.kind == "patchcore-head" and Path(candidate.prompts_path).is_file()
+        assert run.promoted and candidate.status == "active", run.log
+        point = candidate.metrics["operating_point"]
+        print(f"held-out operating point: candidate {point['candidate']}, active {point['active']}")
+        assert point["candidate"]["defects"] >= 2
+        # promoted because it catches more of the held-out labelled defects, with no more false alarms
+        assert point["candidate"]["missed"] < point["active"]["missed"]
+        assert point["candidate"]["false_alarms"] <= point["active"]["false_alarms"]
+        runs = client.get("/api/models", headers=headers).json()["runs"]
+        assert runs[0]["id"] == run_id and runs[0]["promoted"] and runs[0]["status"] == "succeeded"
+
+        # hot swap: the source's detector is rebuilt on the head and calibrated for the new version
+        assert wait_until(lambda: str(service.references.states[SOURCE].version).startswith("patchcore-head-"),
+                          timeout=120)
+        new_version = service.references.states[SOURCE].version
+        with service.sessions() as session:
+            calibration = session.scalars(select(SourceThreshold).where(
+                SourceThreshold.source == SOURCE, SourceThreshold.model_version == new_version)).one()
+            history = session.execute(select(threshold_history).where(
+                threshold_history.c.model_version == new_version)).all()
+        assert 0 < calibration.threshold < 1 and [h.action for h in history] == ["applied"]
+
+        _link(fresh + fresh_good, tmp_path / "inbox", prefix="again-")
+        assert wait_until(lambda: len(rows()) == 42, timeout=120), f"{len(rows())} of 42 inspected"
+        after = rows()
+        old = [before[f.name] for f in fresh]
+        new = [after[f"again-{f.name}"] for f in fresh]
+        assert all(r.model_version == new_version and r.threshold == pytest.approx(calibration.threshold) for r in new)
+        print(f"fresh defects alerted: {sum(r.is_anomalous for r in old)}/{len(old)} by {first_version}, "
+              f"{sum(r.is_anomalous for r in new)}/{len(new)} by {new_version}; scores "
+              f"{[round(r.score, 3) for r in new]} vs threshold {calibration.threshold:.3f}; "
+              f"{time.monotonic() - started:.0f} s")
+        old_good = [before[f.name] for f in fresh_good]
+        new_good = [after[f"again-{f.name}"] for f in fresh_good]
+        print(f"fresh good frames alerted: {sum(r.is_anomalous for r in old_good)}/{len(old_good)} before, "
+              f"{sum(r.is_anomalous for r in new_good)}/{len(new_good)} after; scores "
+              f"{[round(r.score, 4) for r in new_good]}")
+        assert sum(r.score >= r.threshold for r in new) > sum(r.is_anomalous for r in old)
+        assert sum(r.is_anomalous for r in new) >= len(new) - 1
+        assert sum(r.is_anomalous for r in new_good) <= sum(r.is_anomalous for r in old_good)
+    finally:
+        service.stop()
