@@ -236,6 +236,7 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
             from daemon.head_known_good import head_known_good
 
             detector.known_good = head_known_good(detector, [f for f in files if f.suffix != ".safetensors"])
+            detector.threshold_floor = True  # calibrate: at least the head's decision boundary (head_known_good.py)
             return scaled(detector)  # already 0-1; not exported to another engine yet
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
             known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
@@ -660,6 +661,10 @@ class ReferenceManager:
         from daemon.thresholds import Calibration, apply_calibration
 
         image, pixel = calibrated_bounds(scores, maxima, rate, what=f"source {source_id}")
+        if getattr(state.detector, "threshold_floor", False):  # patchcore-head
+            from daemon.head_known_good import floored
+
+            image, pixel = floored(image), floored(pixel)
         anomalies = labelled_frames(self.sessions, self.store, source_id, "anomalous", LABELLED_ANOMALIES_FOR_GUARD)
         anomaly_scores = score_files(state.detector, anomalies, class_name)[0] if anomalies else []
         configured = (float(cfg.threshold), float(cfg.map_threshold)) if cfg is not None else None
