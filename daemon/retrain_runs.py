@@ -3,12 +3,15 @@ run registers no version, so its reason is only here (the `failed: ...` line of 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
-from adapters.db.tables import TrainingRun
+from adapters.db.schema import training_runs  # Core: `anomalyd models list` does not load the ORM
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+    from sqlalchemy.orm import Session
 
 
 def failure_reason(log_text: str | None) -> str | None:
@@ -33,5 +36,5 @@ def run_view(row: Any) -> dict[str, Any]:
 
 def recent_runs(session: Session | Connection, limit: int = 10) -> list[dict[str, Any]]:
     """The newest `limit` runs, newest first (an ORM session or a Core connection: the history commands')."""
-    table = TrainingRun.__table__
-    return [run_view(row) for row in session.execute(select(table).order_by(table.c.id.desc()).limit(limit))]
+    query = select(training_runs).order_by(training_runs.c.id.desc()).limit(limit)
+    return [run_view(row) for row in session.execute(query)]
