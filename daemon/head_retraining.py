@@ -5,7 +5,8 @@ The run itself is the retrainer's (daemon/retraining.py: the `training_runs` row
 process, the promotion gate of daemon/promotion.py, the version registry); this module gives it what differs for a
 head:
 - `HeadTrainingSet`, the training set: the labelled frames (latest label per inspection, masks where drawn),
-  the same held-out split by uuid hash, and per source its reference files (the ones its bank is built from), in a
+  the same held-out split by uuid hash except that labelled false alarms always train, and per source its reference
+  files (the ones its bank is built from), in a
   job for `python -m daemon.head_retraining_job`; refused with the number needed while fewer than
   `MIN_LABELLED_DEFECTS` frames are labelled anomalous;
 - `make_retrainer`: a `Retrainer` with that training set when the configured model is patchcore or patchcore-head
@@ -30,7 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.repository import active_model_version
-from daemon.retraining import Retrainer, RetrainError, collect_labelled_frames, split_holdout
+from daemon.retraining import LabelledFrame, Retrainer, RetrainError, collect_labelled_frames, split_holdout
 
 if TYPE_CHECKING:
     from daemon.app import AppState
@@ -110,6 +111,22 @@ class HeadTrainingSet:
             out[source_id] = [str(f) for f in files if f.suffix != ".safetensors"]
         return out
 
+    def _false_alarms_train(self, train: list[LabelledFrame], holdout: list[LabelledFrame]
+                            ) -> tuple[list[LabelledFrame], list[LabelledFrame]]:
+        """Labelled false alarms (labelled normal, alerted when inspected) always train: the operator's correction
+        must be learned, not only judged. The gate judges on the other held-out frames."""
+        normals = [f.inspection_id for f in holdout if f.label == 0]
+        if not normals:
+            return train, holdout
+        from adapters.db.tables import Inspection
+
+        with self.sessions() as session:
+            alerted = set(session.scalars(select(Inspection.id).where(Inspection.id.in_(normals),
+                                                                      Inspection.is_anomalous.is_(True))))
+        moved = [f for f in holdout if f.inspection_id in alerted]
+        return (sorted(train + moved, key=lambda f: f.inspection_id),
+                [f for f in holdout if f.inspection_id not in alerted])
+
     def build(self, run_id: int, run_dir: Path, note: Callable[[str], None]) -> tuple[dict[str, Any], dict]:
         """The job spec (written to `run_dir/job.json`) and the data counts; RetrainError when there is too
         little to train on or to evaluate."""
@@ -135,6 +152,7 @@ class HeadTrainingSet:
                                "more references: a head is trained on its source's PatchCore bank; add references")
         frames = [f for f in frames if f.category in usable]
         train, holdout = split_holdout(frames, cfg.holdout_fraction)
+        train, holdout = self._false_alarms_train(train, holdout)
         if not any(f.label for f in train) or not any(f.label for f in holdout):
             raise RetrainError(f"{sum(f.label for f in frames)} labelled defect(s) of sources with references: "
                                f"need at least {MIN_LABELLED_DEFECTS} (some train, some are held out to judge)")

@@ -232,7 +232,7 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
             options.pop("geometry", None)
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
-        if cache_path is not None and hasattr(detector, "checkpoint"):  # patchcore-head: scored through its head
+        if cache_path is not None and name == "patchcore-head":  # scored through its head
             from daemon.head_known_good import head_known_good
 
             detector.known_good = head_known_good(detector, [f for f in files if f.suffix != ".safetensors"])

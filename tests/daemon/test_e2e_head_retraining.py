@@ -7,7 +7,8 @@ run (POST /api/retrain). The run trains a patchcore-head, registers it as a cand
 gate promotes it because, at the calibrated thresholds, it misses fewer of the held-out labelled defects than the
 running PatchCore without alerting more held-out normals. The model watcher hot-swaps it in; each source gets a
 calibration row and a threshold-history record for the new version; fresh defective frames (never labelled) are
-scored by it above its threshold.
+scored by it above its threshold. The good frames it now alerts are labelled normal, a second run is promoted, and
+sent again they pass.
 """
 
 from __future__ import annotations
@@ -164,7 +165,34 @@ def test_labels_retrain_a_head_that_the_gate_promotes(samples_dir, tmp_path):
         # measured 3 and 4 of 5 (the held-out split, by the inspections' random uuids, varies the training set)
         assert sum(r.is_anomalous and r.score >= r.threshold for r in new) >= 2
         # The head's price, measured: 2 of these 8 good frames alert at its threshold (0.5, its decision
-        # boundary), 0 before; labelled normal, they train the next run (the loop this test does not close yet).
+        # boundary), 0 before; labelled normal, they train the next run (labelled false alarms always train).
         assert sum(r.is_anomalous for r in new_good) <= 3
+
+        # The loop closed: the false alarms are labelled normal, a second run trains on them; sent again, they pass.
+        false_alarms = [r for r in new_good if r.is_anomalous]
+        for row in false_alarms:
+            response = client.post(f"/api/inspections/{row.id}/label", json={"label": "normal"}, headers=headers)
+            assert response.status_code == 201, response.text
+        response = client.post("/api/retrain", headers=headers)
+        assert response.status_code == 202, response.text
+        assert service.retrainer.wait(timeout=300)
+        with service.sessions() as session:
+            second = session.get(TrainingRun, response.json()["run_id"])
+        print(f"second run: {second.status}, promoted {second.promoted}: {(second.metrics or {}).get('reason')}")
+        assert second.status == "succeeded" and second.promoted, second.log
+        assert wait_until(lambda: service.references.states[SOURCE].version not in (first_version, new_version),
+                          timeout=120)
+        third_version = service.references.states[SOURCE].version
+        names = [Path(r.frame_name).name.removeprefix("again-") for r in false_alarms]
+        _link([f for f in fresh_good if f.name in names] + fresh, tmp_path / "inbox", prefix="third-")
+        third = len(rows()) + len(names) + len(fresh)
+        assert wait_until(lambda: len(rows()) == third, timeout=120), f"{len(rows())} of {third} inspected"
+        final = rows()
+        again = [final[f"third-{name}"] for name in names]
+        again_fresh = [final[f"third-{f.name}"] for f in fresh]
+        print(f"labelled false alarms alerted by {third_version}: {sum(r.is_anomalous for r in again)}/{len(again)}; "
+              f"fresh defects {sum(r.is_anomalous for r in again_fresh)}/{len(again_fresh)}; "
+              f"{time.monotonic() - started:.0f} s")
+        assert all(r.model_version == third_version for r in again) and not any(r.is_anomalous for r in again)
     finally:
         service.stop()
