@@ -90,9 +90,11 @@ class HeadTrainingSet:
         self.artifacts_root = settings.resolve(settings.storage.dir)
 
     def image_size(self) -> int:
+        """The daemon's PatchCore size ([model].image_size), whatever [retraining].image_size says: a head only
+        fits the PatchCore it was trained on."""
         from daemon.references import reference_model_options
 
-        return int(self.config.image_size or reference_model_options(self.settings).get("image_size", 256))
+        return int(reference_model_options(self.settings).get("image_size", 256))
 
     def device(self) -> str:
         return str(self.config.device or self.settings.runtime.device)
