@@ -185,7 +185,9 @@ class ApiConfig(_Section):
 
 
 class RetrainingConfig(_Section):
-    """Prompt retraining from operator labels (daemon/retraining.py).
+    """Retraining from operator labels (daemon/retraining.py): a patchcore-head for `patchcore` / `patchcore-head`
+    (daemon/head_retraining.py: its steps are fixed; epochs, batch_size, learning_rate, min_anomalous and synthetic
+    are the CLIP families'), new prompts (and heads) for the CLIP families.
 
     schedule: a 5-field cron expression in the host's local time ("0 3 * * *") or an interval ("6h", "30m",
     "every 2d"). A scheduled run starts only with at least `min_new_labels` labels since the last completed run.

@@ -55,6 +55,18 @@ def promotion_decision(candidate: dict[str, Any] | None, active: dict[str, Any] 
     return passes, f"{metric} {cand:.4f} vs active {act:.4f} (better, tolerance {tolerance:g})"
 
 
+def operating_point_decision(point: dict[str, Any], reason: str) -> tuple[bool, str]:
+    """The second half of the gate when the job measured both models at their calibrated thresholds (a head's
+    run): the candidate must not miss more held-out defects, nor alert more held-out normals, than the active."""
+    cand, act = point.get("candidate") or {}, point.get("active") or {}
+    text = (f"{reason}; at the calibrated thresholds it misses {cand.get('missed')} of {cand.get('defects')} "
+            f"held-out defects (active {act.get('missed')}) and alerts {cand.get('false_alarms')} of "
+            f"{cand.get('normals')} held-out normals (active {act.get('false_alarms')})")
+    worse = (int(cand.get("missed", 0)) > int(act.get("missed", 0))
+             or int(cand.get("false_alarms", 0)) > int(act.get("false_alarms", 0)))
+    return not worse, text
+
+
 def _number(value: Any) -> float | None:
     try:
         number = float(value)
@@ -82,6 +94,8 @@ class Promotion:
             note(f"the active model could not be evaluated: {result['active_error']}")
         passes, reason = promotion_decision(candidate, active, rule=cfg.rule, metric=cfg.metric,
                                             tolerance=cfg.tolerance)
+        if passes and cfg.rule != "always" and result.get("operating_point"):
+            passes, reason = operating_point_decision(result["operating_point"], reason)
         version = spec["version"]
         target = registry.version_file(self.settings, version)
         shutil.move(spec["output"], target)
@@ -89,7 +103,8 @@ class Promotion:
                    "active_version": (spec.get("active") or {}).get("version"), "rule": cfg.rule,
                    "metric": cfg.metric, "tolerance": cfg.tolerance, "passes": passes, "reason": reason,
                    "run_id": spec["run_id"], "data": outcome.metrics.get("data"),
-                   "synthetic_holdout": result.get("synthetic_holdout"), "history": result.get("history")}
+                   "synthetic_holdout": result.get("synthetic_holdout"), "history": result.get("history"),
+                   "operating_point": result.get("operating_point")}
         promote = passes and cfg.promotion == "auto"
         status = "candidate" if passes else "retired"
         with self.sessions() as session, session.begin():

@@ -254,8 +254,18 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         # the bank is <source id>.safetensors (bank_path); a held-out bank (no path) is [model]'s geometry
         options["geometry"] = (effective_geometry(settings, cache_path.stem) if cache_path is not None
                                else source_geometry(settings, None))
+        if getattr(base, "head", None):  # patchcore-head: the model version's trained head (daemon/head_retraining.py)
+            options["head"] = base.head
+        if name == "patchcore-head":  # the head scores square frames, as it was trained (no fit/tile geometry)
+            options.pop("geometry", None)
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
+        if cache_path is not None and name == "patchcore-head":  # scored through its head
+            from daemon.head_known_good import head_known_good
+
+            detector.known_good = head_known_good(detector, [f for f in files if f.suffix != ".safetensors"])
+            detector.threshold_floor = True  # calibrate: at least the head's decision boundary (head_known_good.py)
+            return scaled(detector)  # already 0-1; not exported to another engine yet
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
             known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
                                       cache_path)
@@ -395,8 +405,9 @@ Builder = Callable[[Any, Any, Sequence[Path], Path | None], Any]
 class NeedsReferences:
     """The base of a model that only works with references (PatchCore): names and sizes, no predictions."""
 
-    def __init__(self, name: str, version: str, image_size: int, device: Any = "cpu") -> None:
+    def __init__(self, name: str, version: str, image_size: int, device: Any = "cpu", head: str | None = None) -> None:
         self.name, self.version, self.image_size, self.device = name, version, int(image_size), device
+        self.head = head  # patchcore-head: the version's trained head file (None: untrained, ranks like PatchCore)
 
     def predict(self, images: Any, class_names: Any = None) -> Any:
         raise ReferenceSetupError(f"{self.name} needs references: set [[sources]].references or "
@@ -684,6 +695,10 @@ class ReferenceManager:
         from daemon.thresholds import Calibration, apply_calibration
 
         image, pixel = calibrated_bounds(scores, maxima, rate, what=f"source {source_id}")
+        if getattr(state.detector, "threshold_floor", False):  # patchcore-head
+            from daemon.head_known_good import floored
+
+            image, pixel = floored(image), floored(pixel)
         anomalies = labelled_frames(self.sessions, self.store, source_id, "anomalous", LABELLED_ANOMALIES_FOR_GUARD)
         anomaly_scores = score_files(state.detector, anomalies, class_name)[0] if anomalies else []
         configured = (float(cfg.threshold), float(cfg.map_threshold)) if cfg is not None else None

@@ -39,7 +39,8 @@ class JobSupervisor:
         if self.cancelled.is_set():
             return -1, ""
         log_path = run_dir / "job.log"
-        command = [sys.executable, "-m", "daemon.retraining_job", str(run_dir / "job.json")]
+        module = str(spec.get("job_module") or "daemon.retraining_job")  # a head: daemon.head_retraining_job
+        command = [sys.executable, "-m", module, str(run_dir / "job.json")]
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

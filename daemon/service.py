@@ -238,13 +238,14 @@ class Service:
 
     def _start_background_jobs(self) -> None:
         """The active-model watcher, the retrainer, the retraining scheduler (when enabled) and retention."""
-        from daemon.retraining import Retrainer, RetrainingScheduler
+        from daemon.head_retraining import make_retrainer
+        from daemon.retraining import RetrainingScheduler
         from daemon.versions import ModelWatcher
 
         self.models = ModelWatcher(self.settings, self.sessions, current=self._current_detector,
                                    swap=self.swap_detector)
         self.models.start()
-        self.retrainer = Retrainer(self.settings, self.sessions, on_activated=self.models.check)
+        self.retrainer = make_retrainer(self.settings, self.sessions, on_activated=self.models.check)
         interrupted = self.retrainer.recover_interrupted()
         if interrupted:
             log.warning("%d retraining run(s) interrupted by the last stop marked failed", interrupted)

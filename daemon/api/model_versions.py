@@ -1,7 +1,8 @@
 """`/api/models` (viewer): model versions with their metrics; activation and retraining (admin).
 
 Activation and retraining are the version registry's (`daemon.versions.VersionRegistry`) and the retrainer's
-(`daemon.retraining.request_retrain`); this module only exposes them over HTTP.
+(`daemon.head_retraining.request_retrain`: a patchcore-head for patchcore, the CLIP families' prompts otherwise);
+this module only exposes them over HTTP. The listing carries the recent retraining runs too (daemon/retrain_runs.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from fastapi.responses import JSONResponse
 from adapters.db import history
 from daemon.api.inspections import sessions_of
 from daemon.app import AppState, get_state, require_role
-from daemon.retraining import RetrainBusyError, request_retrain
+from daemon.head_retraining import refusal, request_retrain
+from daemon.retrain_runs import recent_runs
+from daemon.retraining import RetrainBusyError
 from daemon.versions import ModelVersionError, UnknownVersionError
 
 router = APIRouter(prefix="/api", tags=["models"])
@@ -24,8 +27,11 @@ router = APIRouter(prefix="/api", tags=["models"])
 
 @router.get("/models", summary="Model versions (newest first) with their metrics and status")
 def list_models(state: AppState = Depends(get_state), _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
+    """The versions, and the recent retraining runs (a failed run has no version: its reason is here)."""
     with sessions_of(state)() as session:
-        return {"items": [history.model_dict(row) for row in history.list_versions(session)], "next_cursor": None}
+        return jsonable_encoder({"items": [history.model_dict(row) for row in history.list_versions(session)],
+                                 "next_cursor": None,
+                                 "runs": recent_runs(session)})
 
 
 @router.post("/models/{version}/activate", summary="Make a model version the active one (admin)")
@@ -42,19 +48,9 @@ async def activate(version: str, state: AppState = Depends(get_state),
     return JSONResponse(history.model_dict(result))
 
 
-def cannot_learn(model_name: str) -> str | None:
-    """Why retraining `model_name` is refused (a family with nothing to learn), else None."""
-    from model.factory import get_family, list_models
-
-    if get_family(model_name).trainable:
-        return None
-    return (f"[model].name {model_name!r} has nothing to learn (it is built from its references; add or remove "
-            f"references instead); retraining trains {' or '.join(list_models(trainable=True))}")
-
-
 @router.post("/retrain", status_code=status.HTTP_202_ACCEPTED, summary="Ask for a retraining run now (admin)")
 async def retrain(state: AppState = Depends(get_state), _: str = Depends(require_role("admin"))) -> JSONResponse:
-    why = cannot_learn(state.settings.model.name)
+    why = await run_in_threadpool(refusal, state.settings, sessions_of(state))
     if why is not None:  # refused up front, not a run that fails at once
         raise HTTPException(status.HTTP_409_CONFLICT, why)
     try:

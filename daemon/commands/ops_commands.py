@@ -103,20 +103,28 @@ def cmd_label(args: argparse.Namespace) -> int:
 def cmd_models_list(args: argparse.Namespace) -> int:
     with history_database(args) as sessions, sessions() as session:
         from adapters.db import history  # SQLAlchemy: only once there is a database
+        from daemon.retrain_runs import recent_runs
 
         items = [history.model_dict(row) for row in history.list_versions(session)]
+        runs = recent_runs(session, limit=5)
     if args.json:
         print_json(items)
         return 0
     if not items:
         print("(no model versions recorded)")
-        return 0
     for item in items:
         metrics = ", ".join(f"{key}={value:.4g}" if isinstance(value, int | float) else f"{key}={value}"
                             for key, value in sorted((item["metrics"] or {}).items())
                             if not isinstance(value, dict | list))
         print(f"{item['version']:<32} {item['status']:<9} {item['kind']:<11} {(item['created_at'] or '')[:19]}  "
               f"{metrics}".rstrip())
+    if runs:  # a failed run registers no version: its reason shows here
+        print("recent retraining runs:")
+        for run in runs:
+            candidate = f" candidate {run['candidate_version']}" if run["candidate_version"] else ""
+            promoted = " (promoted)" if run["promoted"] else ""
+            print(f"  run #{run['id']} {run['status']:<9} {str(run['started_at'] or '')[:19]}{candidate}{promoted}"
+                  f"{': ' + run['reason'] if run['reason'] else ''}")
     return 0
 
 

@@ -91,16 +91,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         else:
             _print_status(status)
         return 0
-    from daemon.api.model_versions import cannot_learn
+    from daemon.head_retraining import make_retrainer, refusal
 
-    why = cannot_learn(settings.model.name)
+    why = refusal(settings, sessions)
     if why is not None:
         from daemon.cli import UsageError
 
         raise UsageError(why)
     from tqdm.auto import tqdm
-
-    from daemon.retraining import Retrainer
 
     bar = None
 
@@ -117,7 +115,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             else:
                 bar.set_postfix(evaluated=event["model"])
 
-    outcome = Retrainer(settings, sessions).run(trigger="cli", progress=progress)
+    outcome = make_retrainer(settings, sessions).run(trigger="cli", progress=progress)
     if bar is not None:
         bar.close()
     if args.json:

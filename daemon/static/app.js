@@ -358,6 +358,11 @@ async function loadModels() {
       el("td", {}, utcText(model.created_at)), el("td", { class: "low" }, utcText(model.activated_at)),
       el("td", {}, model.status === "active" ? "" : el("button", { type: "button", onclick: () => activate(model.version) }, "Activate")))));
     if (!data.items.length) $("#models tbody").append(el("tr", {}, el("td", { colspan: "7", class: "hint" }, "No model versions recorded yet.")));
+    // a failed run registers no version: its reason is only in the runs
+    $("#model-runs tbody").replaceChildren(...(data.runs || []).map((run) => el("tr", { class: `run-${run.status}` },
+      el("td", {}, `#${run.id}`), el("td", {}, run.status), el("td", {}, utcText(run.started_at)),
+      el("td", {}, run.candidate_version || "–"),
+      el("td", { class: "wrap" }, `${run.promoted ? "promoted · " : ""}${run.reason || ""}`))));
   } catch (error) { if (error.message !== "unauthorised") showError(`Cannot load the models: ${error.message}`); }
 }
 
