@@ -29,11 +29,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--admit-ratio", type=float, help="the window's admission ratio (default: the window's)")
+    parser.add_argument("--frames", type=int, default=0, help="only the first N shuffled frames (0: all)")
+    parser.add_argument("--dump", type=Path, help="a JSON file of every frame's score, label and window state")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     samples = sorted((s for s in discover(args.data, split="test") if s.category == args.category),
                      key=lambda s: str(s.path))
     random.Random(args.seed).shuffle(samples)
+    if args.frames:
+        samples = samples[:args.frames]
+    dumped: list[dict] = []
     detector = create_detector("mutual", device="cpu")
     if args.admit_ratio:
         detector.admit_ratio = detector.window.admit_ratio = args.admit_ratio
@@ -44,10 +49,16 @@ def main() -> int:
         kind = "defective" if sample.label else "good"
         counts[kind] += 1
         counts[f"{kind} alerted"] += int(alerted)
+        dumped.append({"frame": sample.path.name, "label": int(sample.label), "score": 1.0 - math.exp(-score),
+                       "window": len(detector.window), "level": detector.window.normal_level()})
         if index in (50, 100, len(samples)):
             print(f"{args.category} seed {args.seed}, first {index} frames: {counts}; window {len(detector.window)} "
                   f"frames, {detector.window.excluded} kept out, drift events {len(detector.drift.events)}",
                   flush=True)
+    if args.dump:
+        import json
+
+        args.dump.write_text(json.dumps(dumped) + "\n")
     return 0
 
 
