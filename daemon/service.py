@@ -270,12 +270,13 @@ class Service:
         if self.references is None:
             ids = [source.id for source in self.sources] or [cfg.id for cfg in self.settings.sources]
             self.references = ReferenceManager(self.settings, self.sessions, self.store, source_ids=ids)
-            if self.publisher is not None:  # every threshold change, retained (daemon/thresholds.py)
-                from daemon.thresholds import mqtt_listener
+            if self.sessions is not None:  # every threshold change, retained, to MQTT and webhooks (outbox)
+                from daemon.thresholds import outbox_listener
 
                 lines = {cfg.id: cfg.line for cfg in self.settings.sources}
-                self.references.listeners.append(mqtt_listener(self.publisher, self.settings.mqtt.prefix,
-                                                               lambda source: lines.get(source, "default")))
+                self.references.listeners.append(outbox_listener(
+                    self.sessions, self.settings.mqtt.prefix, lambda source: lines.get(source, "default"),
+                    lambda: self.sinks.alerts_committed()))
         return self.references.route(detector)
 
     def _stop_background_jobs(self) -> None:

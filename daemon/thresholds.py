@@ -11,7 +11,7 @@ known-good and labelled-anomalous frames behind it, who or what set it (`daemon`
 - `pinned` / `unpinned`: an operator fixed a value for the source, whatever the model version, until unpinned.
   Pins survive restarts and recalibrations; the newest pin/unpin row of a source says whether it is pinned.
 
-Each row is also logged (`anomalyd.thresholds`) and handed to the listeners (the daemon publishes it retained on
+Each row is also logged (`anomalyd.thresholds`) and handed to the listeners (the daemon puts it in the outbox, retained on
 MQTT `<prefix>/<line>/<source>/threshold`).
 """
 
@@ -163,12 +163,28 @@ def missed(scores: Sequence[float], threshold: float) -> int:
     return sum(1 for score in scores if score < threshold)
 
 
-def mqtt_listener(publisher: Any, prefix: str, line_of: Callable[[str], str]) -> Listener:
-    """Publish each change retained on `<prefix>/<line>/<source>/threshold`."""
+def threshold_payload(event: dict[str, Any], line: str) -> dict[str, Any]:
+    """The message of one change: the history row (its id as `change_id`), `event` "threshold", the source's line
+    and a fresh `id` consumers dedupe on, as on every outbox message."""
+    import uuid
+
+    return {**event, "change_id": event["id"], "id": str(uuid.uuid4()), "event": "threshold", "line": line}
+
+
+def outbox_listener(sessions: Any, prefix: str, line_of: Callable[[str], str], wake: Callable[[], None],
+                    qos: int = 1) -> Listener:
+    """Each change as a retained message on `<prefix>/<line>/<source>/threshold` through the outbox, so MQTT and
+    every webhook (event `threshold`) get it with the outbox's delivery guarantee and in order with the alerts."""
+    from adapters.db import OutboxMessage
+    from adapters.mqtt import topic
 
     def publish(event: dict[str, Any]) -> None:
-        topic = f"{prefix}/{line_of(event['source'])}/{event['source']}/threshold"
-        publisher.publish_retained(topic, json.dumps(event))
+        line = line_of(event["source"])
+        payload = threshold_payload(event, line)
+        with sessions() as session, session.begin():
+            session.add(OutboxMessage(id=payload["id"], topic=topic(prefix, line, event["source"], "threshold"),
+                                      payload=json.dumps(payload, separators=(",", ":")), qos=qos, retain=True))
+        wake()
 
     return publish
 
