@@ -105,6 +105,9 @@ class Metrics:
                                        registry=r)
         self.last_inspected = Gauge("anomalyd_source_last_inspected_timestamp_seconds",
                                     "Unix time of the last inspection written for a source", ["source"], registry=r)
+        self.source_ready = Gauge("anomalyd_source_ready", "1 when a source can be inspected now, 0 while it has no "
+                                  "usable reference bank (its frames wait; daemon/source_availability.py)",
+                                  ["source"], registry=r)
         self.source_drift = Gauge("anomalyd_source_drift", "1 while a source is in drift (daemon/drift.py)",
                                   ["source"], registry=r)
         self.drift_events = Counter("anomalyd_drift_events", "Drifts signalled per source", ["source"], registry=r)

@@ -27,6 +27,7 @@ from daemon.config import Settings
 from daemon.health import database_write_problem, source_problem, storage_problem
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
+from daemon.source_availability import AvailabilityBoard, published_status
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -228,7 +229,9 @@ class Service:
             self.integrations.start()
         for source in self.sources:
             # retained from the start: a source that never comes up says offline
-            self.sinks.source_status(source.line, source.id, str(_status(source)))
+            self.sinks.source_status(source.line, source.id, self._published(source, str(_status(source))))
+            if self.references is not None and source.id not in self.references.unavailable:
+                self.metrics.source_ready.labels(source.id).set(1.0)
             source.start()
             if str(_status(source)) == "disabled":
                 self.sinks.source_status(source.line, source.id, "disabled")
@@ -270,6 +273,7 @@ class Service:
         if self.references is None:
             ids = [source.id for source in self.sources] or [cfg.id for cfg in self.settings.sources]
             self.references = ReferenceManager(self.settings, self.sessions, self.store, source_ids=ids)
+            self.references.unavailable = AvailabilityBoard(self._on_availability)  # daemon/source_availability.py
             if self.sessions is not None:  # every threshold change, retained, to MQTT and webhooks (outbox)
                 from daemon.thresholds import outbox_listener
 
@@ -328,7 +332,17 @@ class Service:
             return recorded_frame_ids(session, source_id, prefix)
 
     def _on_source_status(self, source: FrameSource, status: SourceStatus) -> None:
-        self.sinks.source_status(source.line, source.id, str(getattr(status, "value", status)))
+        self.sinks.source_status(source.line, source.id, self._published(source, str(getattr(status, "value", status))))
+
+    def _published(self, source: FrameSource, status: str) -> str:
+        return published_status(status, source.id, self.references.unavailable if self.references else {})
+
+    def _on_availability(self, source_id: str, cause: str | None) -> None:
+        """A source's reference bank became unusable (cause) or usable again (None)."""
+        self.metrics.source_ready.labels(source_id).set(0.0 if cause else 1.0)
+        for source in self.sources:
+            if source.id == source_id and self.sinks:
+                self.sinks.source_status(source.line, source.id, self._published(source, _status(source)))
 
     def _start_capture_forwarding(self) -> None:
         """--role capture: frames go to the Redis stream that GPU workers read."""

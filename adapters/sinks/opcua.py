@@ -13,7 +13,7 @@ from typing import Any
 
 from adapters.sinks import CommittedInspection, ResultSink, SinkContext, register_sink
 
-STATES = {"online": "Ready", "offline": "Disconnected", "disabled": "Disconnected"}
+STATES = {"online": "Ready", "offline": "Disconnected", "disabled": "Disconnected", "unavailable": "Error"}
 
 
 def result_word(is_anomalous: bool | None) -> str:

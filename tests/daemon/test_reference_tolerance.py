@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from daemon.api import routers
 from daemon.app import create_app
+from tests.adapters.test_mqtt import Subscriber
 from tests.daemon.test_api import auth
 from tests.daemon.test_references import _rows, _service, _settings, _texture, _write
 from tests.model.golden import tiny_backbone
@@ -54,7 +55,8 @@ def test_references_a_few_pixels_apart_make_one_bank_and_a_far_off_frame_is_refu
         service.stop()
 
 
-def test_failed_rebuild_keeps_the_last_good_bank_and_a_source_without_one_is_not_ready(tmp_path, backbone, caplog):
+def test_failed_rebuild_keeps_the_last_good_bank_and_a_source_without_one_is_not_ready(tmp_path, backbone, caplog,
+                                                                                       mosquitto):
     refs = tmp_path / "refs"
     for index in range(3):
         _write(refs / f"ref{index}.png", _texture(100 + index))
@@ -63,7 +65,9 @@ def test_failed_rebuild_keeps_the_last_good_bank_and_a_source_without_one_is_not
     for source in ("cam", "new"):
         (tmp_path / source).mkdir()
     settings = _settings(tmp_path, [{"id": "cam", "references": str(refs)},
-                                    {"id": "new", "references": str(empty)}])
+                                    {"id": "new", "references": str(empty)}],
+                         mqtt={"host": "127.0.0.1", "port": mosquitto.port, "client_id": f"tol-{tmp_path.name[-8:]}"})
+    statuses = Subscriber(mosquitto.port, "anomalyd/default/+/status")
     service = _service(settings, backbone)
     service.start()
     try:
@@ -73,6 +77,12 @@ def test_failed_rebuild_keeps_the_last_good_bank_and_a_source_without_one_is_not
         client = TestClient(create_app(service.app_state(), routers()))
         ready = client.get("/api/health/ready")
         assert ready.status_code == 503 and any("refs-empty" in c for c in ready.json()["details"]["causes"])
+        # ... and says so everywhere else: the retained MQTT status and the metric
+        assert statuses.wait_for(lambda: statuses.texts("anomalyd/default/new/status")[-1:] == ["unavailable"]
+                                 and statuses.texts("anomalyd/default/cam/status")[-1:] == ["online"])
+        metrics = service.metrics.render().decode()
+        assert 'anomalyd_source_ready{source="new"} 0.0' in metrics
+        assert 'anomalyd_source_ready{source="cam"} 1.0' in metrics
         _write(tmp_path / "new" / "waiting.png", _texture(9))
         # A broken file in cam's references: the rebuild fails, cam keeps its last good bank.
         caplog.set_level(logging.INFO, logger="anomalyd.references")
@@ -96,8 +106,11 @@ def test_failed_rebuild_keeps_the_last_good_bank_and_a_source_without_one_is_not
         manager.wake()
         assert wait_until(lambda: any(r.source == "new" for r in _rows(service)), timeout=60)
         assert client.get("/api/health/ready").status_code == 200
+        assert statuses.wait_for(lambda: statuses.texts("anomalyd/default/new/status")[-1:] == ["online"])
+        assert 'anomalyd_source_ready{source="new"} 1.0' in service.metrics.render().decode()
     finally:
         service.stop()
+        statuses.close()
 
 
 def test_config_check_checks_references_as_the_daemon_does(tmp_path, capsys):

@@ -50,14 +50,14 @@ def _write(path: Path, image: np.ndarray) -> Path:
     return path
 
 
-def _settings(tmp_path: Path, sources: list[dict], **model):
+def _settings(tmp_path: Path, sources: list[dict], mqtt: dict | None = None, **model):
     tokens = [{"name": role, "role": role, "token": token} for role, token in TOKENS.items()]
     return load_config(None, environ={}, overrides={
         "model": {"name": "clip", "image_size": SIZE, **model},
         "runtime": {"device": "cpu", "max_batch_size": 4, "max_batch_delay_ms": 5, "shutdown_grace_s": 10},
         "sources": [{"kind": "folder", "settle_s": 0.02, "poll_interval_s": 0.05, "threshold": 0.5,
                      "uri": str(tmp_path / s["id"]), **s} for s in sources],
-        "mqtt": {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
+        "mqtt": mqtt or {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
         "storage": {"dir": str(tmp_path / "artifacts")}, "api": {"enabled": False, "tokens": tokens},
     })
 
