@@ -65,7 +65,7 @@ def check_geometries(settings: Any) -> None:
 
 
 def geometry_known_good(detector: Any, files: Sequence[Path], limit: int) -> Any:
-    """`daemon.references.patchcore_known_good` for a detector with a geometry: each of up to `limit` references
+    """`daemon.reference_bank.patchcore_known_good` for a detector with a geometry: each of up to `limit` references
     and its calibration views scored through the geometry against a bank of the other references' rows (their
     inputs cut the same way, augmented as the live bank is); the detector's own bank is restored."""
     import numpy as np

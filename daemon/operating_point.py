@@ -25,7 +25,7 @@ def daemon_threshold(detector: Any, reference_files: Sequence[Path], rate: float
     import torch
 
     from daemon.calibration import calibrated_bounds
-    from daemon.references import patchcore_known_good
+    from daemon.reference_bank import patchcore_known_good
     from daemon.scale import scale_outputs
 
     if not getattr(detector, "uses_references", False) or len(reference_files) < 2:
