@@ -4,7 +4,7 @@ scores frames (`score_files`).
 
 `default_builder` puts the few-shot wrapper (`model.fewshot.with_references`) on the shared base of a model that
 takes references on top (the CLIP families), and builds a model that scores only against references
-(`ModelFamily.needs_references`, e.g. PatchCore) on the source's own bank, with its geometry and distance scale.
+(`Capabilities.needs_references`, e.g. PatchCore) on the source's own bank, with its geometry and distance scale.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class TrainingSetBuilder:
         from model.factory import get_family
 
         named = [replace(f, category=by_source.get(f.category) or default or f.category) for f in frames]
-        if get_family(kind).needs_class_name:
+        if get_family(kind).caps.needs_class_name:
             missing = sorted({f.category for f in frames if not (by_source.get(f.category) or default)})
             if missing:
                 raise RetrainError(f"{kind} needs the object class of each frame: set class_name on source(s) "

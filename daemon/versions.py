@@ -173,7 +173,7 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
 
     m, r = settings.model, settings.runtime
     backbone: Any = None
-    if get_family(row.kind).versions_share_backbone and getattr(current, "name", None) == row.kind:
+    if get_family(row.kind).caps.versions_share_backbone and getattr(current, "name", None) == row.kind:
         backbone = _shared_backbone(current)
     backbone = backbone or settings.backbone_file()
     if row.prompts_path and not Path(row.prompts_path).is_file():

@@ -61,6 +61,7 @@ def with_category_references(base: Any, references: list, transform: str) -> Any
     """`base` with the category's references: PatchCore builds its memory bank, the CLIP models are wrapped by
     the few-shot detector (model/fewshot.py)."""
     from model.dataset_loading import load_image
+    from model.factory import capabilities_of
     from model.fewshot import with_references
 
     files = [sample.path for sample in references]
@@ -68,7 +69,7 @@ def with_category_references(base: Any, references: list, transform: str) -> Any
     def load(path: Path, size: int):
         return load_image(path, size, transform)
 
-    if getattr(base, "uses_references", False):
+    if capabilities_of(base).uses_references:  # its own bank (PatchCore)
         base.load_references(files, transform=load)
         return base
     return with_references(base, files, transform=load)
