@@ -196,7 +196,7 @@ def required_weights(model: str, backbone: str | Path | None, prompts: str | Pat
 
     family = get_family(model)  # a family without a CLIP backbone (PatchCore's CNNs) needs nothing from open_clip
     needed: list[WeightFile] = []
-    if backbone and family.clip_backbone and is_named_backbone(backbone):
+    if backbone and family.caps.clip_backbone and is_named_backbone(backbone):
         needed.append(backbone_weights(str(backbone), tag))
     if prompts is None:
         prompts = family.default_weights

@@ -38,7 +38,7 @@ def build(name: str):
     if name not in list_models():
         raise SystemExit(f"unknown bench model {name!r} (not registered in this version)")
     options: dict = {}
-    if get_family(name).needs_references:  # e.g. patchcore: its memory bank from a few normals
+    if get_family(name).caps.needs_references:  # e.g. patchcore: its memory bank from a few normals
         references = sorted((SAMPLES / "bottle" / "test" / "good").glob("*.*"))[:4]
         options["references"] = [str(p) for p in references]
     return create_detector(name, device="cpu", **options)  # the family's own defaults (patchcore: 256 px)

@@ -78,7 +78,7 @@ def build_bench_detector(name: str, backbone, image_size: int, layers, device: t
     family = get_family(name)
     if family.training is not None and family.wrap is not None:  # the family's fresh start, as retraining builds it
         module = family.training.build(backbone, None, layers=layers, image_size=image_size)
-        options = {"class_name": "object"} if family.needs_class_name else {}
+        options = {"class_name": "object"} if family.caps.needs_class_name else {}
         return family.wrap(module, device=device, dtype=torch.float32, version="bench", **options)
     return create_detector(name, backbone=backbone, image_size=image_size, device=device)
 
@@ -159,7 +159,7 @@ def main() -> None:
             if names == ["all"]:  # every registered family that runs on this CLIP backbone
                 from model import get_family, list_models
 
-                names = [name for name in list_models() if get_family(name).clip_backbone]
+                names = [name for name in list_models() if get_family(name).caps.clip_backbone]
             time_models(names, backbone, args, layers, device, sync, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -30,7 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon import references as refs
+from daemon.calibration import quantile_thresholds
+from daemon.known_good import CALIBRATION_HOLDOUTS, DEFAULT_DISTANCE_SCALE, leave_one_out_scores
+from daemon.reference_bank import patchcore_embeddings, patchcore_known_good
 from model.datasets import DatasetError, discover
 from model.kshot import kshot_split
 from model.patchcore import build_patchcore, clip_to_tf, greedy_coreset
@@ -85,7 +87,7 @@ def cases(args, detector, cache: Path):
                     case = torch.load(file, weights_only=True)
                 else:
                     started = time.perf_counter()
-                    embeddings = refs.patchcore_embeddings(detector, references)
+                    embeddings = patchcore_embeddings(detector, references)
                     raw, maxima = live_scores(detector, live_bank(detector, embeddings), [s.path for s in tests])
                     case = {"embeddings": [e.half() for e in embeddings], "raw": torch.from_numpy(raw),
                             "maxima": torch.from_numpy(maxima),
@@ -119,24 +121,24 @@ def _scaled(values, d0: float) -> list[float]:
 @rule("current")
 def current(detector, case, rate):
     """Before this change: leave-one-out on up to 8 references, d0 = their median, `upper_bound` on the 0-1 scale."""
-    raw, maxima = refs.leave_one_out_scores(detector.model, case["embeddings"], detector.image_size)
-    d0 = float(np.median(raw)) if raw else refs.DEFAULT_DISTANCE_SCALE
-    return d0, refs.quantile_thresholds(_scaled(raw, d0), _scaled(maxima, d0), rate)[0]
+    raw, maxima = leave_one_out_scores(detector.model, case["embeddings"], detector.image_size)
+    d0 = float(np.median(raw)) if raw else DEFAULT_DISTANCE_SCALE
+    return d0, quantile_thresholds(_scaled(raw, d0), _scaled(maxima, d0), rate)[0]
 
 
 @rule("daemon")
 def daemon(detector, case, rate):
     """The daemon's rule (daemon/references.py): held-out references and their shifted/turned/exposed views
     (`patchcore_known_good`), d0 = median of the references' own scores, `quantile_thresholds` on the 0-1 scale."""
-    known = refs.patchcore_known_good(detector, case["references"], embeddings=case["embeddings"])
+    known = patchcore_known_good(detector, case["references"], embeddings=case["embeddings"])
     d0 = known.distance_scale
-    return d0, refs.quantile_thresholds(_scaled(known.scores, d0), _scaled(known.maxima, d0), rate)[0]
+    return d0, quantile_thresholds(_scaled(known.scores, d0), _scaled(known.maxima, d0), rate)[0]
 
 
-def _loo(detector, case, limit: int = refs.CALIBRATION_HOLDOUTS):
+def _loo(detector, case, limit: int = CALIBRATION_HOLDOUTS):
     key = f"loo{limit}"
     if key not in case:
-        case[key] = refs.leave_one_out_scores(detector.model, case["embeddings"], detector.image_size, limit)
+        case[key] = leave_one_out_scores(detector.model, case["embeddings"], detector.image_size, limit)
     return case[key]
 
 
@@ -145,14 +147,14 @@ def loo_all(detector, case, rate):
     """Every reference held out once (not only 8)."""
     raw, maxima = _loo(detector, case, 10_000)
     d0 = float(np.median(raw))
-    return d0, refs.quantile_thresholds(_scaled(raw, d0), _scaled(maxima, d0), rate)[0]
+    return d0, quantile_thresholds(_scaled(raw, d0), _scaled(maxima, d0), rate)[0]
 
 
 def _floor(factor: float) -> Rule:
     def floor_rule(detector, case, rate):
         raw, maxima = _loo(detector, case)
         d0 = float(np.median(raw))
-        threshold = refs.quantile_thresholds(_scaled(raw, d0), _scaled(maxima, d0), rate)[0]
+        threshold = quantile_thresholds(_scaled(raw, d0), _scaled(maxima, d0), rate)[0]
         return d0, max(threshold, 1 - np.exp(-factor))
     floor_rule.__doc__ = f"current, at least {factor} d0 (raw)"
     return floor_rule
@@ -210,7 +212,7 @@ def _perturbed(detector, case, shift: float, gain: float, degrees: float = 0.0):
     model, size = detector.model, detector.image_size
     flats = [model.flatten(e) for e in case["embeddings"]]
     scores, maxima = [], []
-    for held_out, path in enumerate(case["references"][:refs.CALIBRATION_HOLDOUTS]):
+    for held_out, path in enumerate(case["references"][:CALIBRATION_HOLDOUTS]):
         model.set_memory_bank(torch.cat([f for j, f in enumerate(flats) if j != held_out]))
         views = torch.stack(perturbed_views(path, size, shift, gain, degrees))
         embedding = model.embed(clip_to_tf(views))
@@ -226,7 +228,7 @@ def _perturb_rule(shift: float, gain: float, degrees: float = 0.0) -> Rule:
         raw, maxima = _loo(detector, case)
         d0 = float(np.median(raw))
         p_raw, p_max = _perturbed(detector, case, shift, gain, degrees)
-        return d0, refs.quantile_thresholds(_scaled(raw + p_raw, d0), _scaled(maxima + p_max, d0), rate)[0]
+        return d0, quantile_thresholds(_scaled(raw + p_raw, d0), _scaled(maxima + p_max, d0), rate)[0]
     return perturb_rule
 
 

@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import create_detector
-from model.datasets import discover, load_image
+from model.dataset_loading import load_image
+from model.datasets import discover
 
 
 def main() -> int:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.datasets import DatasetError, discover, load_image, load_mask
+from model.dataset_loading import load_image, load_mask
+from model.datasets import DatasetError, discover
 from model.gaussian import gaussian_blur
 from model.kshot import kshot_split
 from model.metrics import image_metrics, pixel_metrics

@@ -38,7 +38,8 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.datasets import DatasetError, discover, load_image, load_mask
+from model.dataset_loading import load_image, load_mask
+from model.datasets import DatasetError, discover
 from model.kshot import kshot_split
 from model.patchcore import augment_references, build_patchcore, clip_to_tf, greedy_coreset
 from model.patchcore.torch_model import squared_norms

@@ -419,7 +419,7 @@ class Settings(BaseSettings):
         from model.factory import get_family
 
         value = self.resolve_model_value(self.model.backbone)
-        if not value or not get_family(self.model.name).clip_backbone:  # e.g. PatchCore's CNN: not open_clip's
+        if not value or not get_family(self.model.name).caps.clip_backbone:  # e.g. PatchCore's CNN: not open_clip's
             return value
         return local_backbone(value)
 

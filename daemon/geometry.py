@@ -1,8 +1,9 @@
 """Per-source frame geometry in the daemon: `[model]` resize/roi/ignore_polygons/tile_overlap as the default, each
 `[[sources]]` entry's own values over it (model/geometry.py does the work).
 
-Only `patchcore` runs on rectangles and builds its bank through the geometry; the CLIP families keep "squash"
-with no ROI or ignore polygons, and any other value for them is a configuration error naming the key.
+Only a family that declares `supports_geometry` (model/factory.py: `Capabilities`; PatchCore) runs on rectangles and
+builds its bank through the geometry; the others (the CLIP families) keep "squash" with no ROI or ignore polygons,
+and any other value for them is a configuration error naming the key.
 The calibration of a source with a geometry scores its known-good frames through the same geometry
 (`geometry_known_good`), so thresholds mean what the live frames' scores mean.
 """
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from model.factory import capabilities, models_that
 from model.geometry import (
     DEFAULT_RESIZE,
     Geometry,
@@ -22,13 +24,19 @@ from model.geometry import (
     predict_frames,
 )
 
-GEOMETRY_MODELS = ("patchcore",)
+
+def supports_geometry(model_name: str) -> bool:
+    """Whether the model runs on any frame shape (its declared capability; False for a name no family has)."""
+    try:
+        return capabilities(model_name).supports_geometry
+    except ValueError:
+        return False
 
 
 def default_resize(model_name: str, engine: str = "torch") -> str:
-    """`resize` when none is set: the measured default for the models that run on any frame shape (PatchCore in
-    PyTorch), "squash" for the others (the CLIP families, exported square graphs)."""
-    return DEFAULT_RESIZE if model_name in GEOMETRY_MODELS and engine == "torch" else "squash"
+    """`resize` when none is set: the measured default for the models that run on any frame shape (in PyTorch),
+    "squash" for the others (the CLIP families, exported square graphs)."""
+    return DEFAULT_RESIZE if supports_geometry(model_name) and engine == "torch" else "squash"
 
 
 def source_geometry(settings: Any, source_id: str | None) -> Geometry:
@@ -73,12 +81,13 @@ def check_geometries(settings: Any) -> None:
 
 
 def unsupported(settings: Any, geometry: Geometry) -> str | None:
-    """Why the model and engine of `settings` cannot run `geometry` (None when they can): only `patchcore` on
-    the torch engine runs anything but whole frames squashed."""
+    """Why the model and engine of `settings` cannot run `geometry` (None when they can): only a family that
+    declares `supports_geometry`, on the torch engine, runs anything but whole frames squashed."""
     if geometry.plain:
         return None
-    if settings.model.name not in GEOMETRY_MODELS:
-        return (f"resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(GEOMETRY_MODELS)}; "
+    if not supports_geometry(settings.model.name):
+        able = models_that(lambda c: c.supports_geometry)
+        return (f"resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(able)}; "
                 f"model {settings.model.name!r} takes whole frames squashed (resize = \"squash\", no roi/ignore_polygons)")
     engine = str(getattr(settings.runtime, "engine", "torch"))
     if engine != "torch":
@@ -88,7 +97,7 @@ def unsupported(settings: Any, geometry: Geometry) -> str | None:
 
 
 def geometry_known_good(detector: Any, files: Sequence[Path], limit: int) -> Any:
-    """`daemon.references.patchcore_known_good` for a detector with a geometry: each of up to `limit` references
+    """`daemon.reference_bank.patchcore_known_good` for a detector with a geometry: each of up to `limit` references
     and its calibration views scored through the geometry against a bank of the other references' rows (their
     inputs cut the same way, augmented as the live bank is); the detector's own bank is restored."""
     import numpy as np

@@ -7,9 +7,10 @@ Each file holds only the keys an operator set, with who set them and when; a key
 configuration. Every change (set, reset) is appended to `<[storage].dir>/geometry/history.jsonl` with the values
 before and after, who and when, and logged. A file is written atomically (temporary file and rename).
 
-The daemon's reference manager counts the file in the source's reference signature (daemon/references.py): a new
-or removed file rebuilds the source's bank through the new geometry and recalibrates, as a change of reference
-files does; the geometry is part of the model version, so thresholds are kept per geometry.
+The daemon's reference manager counts the file in the source's reference signature (daemon/reference_files.py,
+`source_signature`): a new or removed file rebuilds the source's bank through the new geometry and recalibrates,
+as a change of reference files does; the geometry is part of the model version, so thresholds are kept per
+geometry.
 """
 
 from __future__ import annotations

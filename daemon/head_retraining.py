@@ -31,7 +31,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db.repository import active_model_version
-from daemon.retraining import LabelledFrame, Retrainer, RetrainError, collect_labelled_frames, split_holdout
+from daemon.retraining import Retrainer
+from daemon.training_set import LabelledFrame, RetrainError, collect_labelled_frames, split_holdout
 
 if TYPE_CHECKING:
     from daemon.app import AppState
@@ -92,7 +93,7 @@ class HeadTrainingSet:
     def image_size(self) -> int:
         """The daemon's PatchCore size ([model].image_size), whatever [retraining].image_size says: a head only
         fits the PatchCore it was trained on."""
-        from daemon.references import reference_model_options
+        from daemon.reference_bank import reference_model_options
 
         return int(reference_model_options(self.settings).get("image_size", 256))
 
@@ -101,7 +102,7 @@ class HeadTrainingSet:
 
     def _references(self, source_ids: set[str]) -> dict[str, list[str]]:
         from adapters.storage import ArtifactStore
-        from daemon.references import ReferenceSetupError, reference_files
+        from daemon.reference_files import ReferenceSetupError, reference_files
 
         store = ArtifactStore(self.artifacts_root)
         out: dict[str, list[str]] = {}
@@ -132,7 +133,7 @@ class HeadTrainingSet:
     def build(self, run_id: int, run_dir: Path, note: Callable[[str], None]) -> tuple[dict[str, Any], dict]:
         """The job spec (written to `run_dir/job.json`) and the data counts; RetrainError when there is too
         little to train on or to evaluate."""
-        from daemon.references import reference_model_options
+        from daemon.reference_bank import reference_model_options
 
         cfg = self.config
         with self.sessions() as session:

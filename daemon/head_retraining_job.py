@@ -40,7 +40,7 @@ def _by_source(items: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def _images(paths: Sequence[str | Path], size: int) -> Any:
     import torch
 
-    from model.datasets import load_image
+    from model.dataset_loading import load_image
 
     return torch.stack([load_image(Path(p), size, "fast") for p in paths]) if paths else \
         torch.zeros(0, 3, size, size)
@@ -104,7 +104,7 @@ def _evaluate_source(model: str, detector: Any, source: str, references: list[Pa
 
     size = detector.image_size
     if model == "patchcore":
-        from daemon.references import patchcore_known_good
+        from daemon.reference_bank import patchcore_known_good
 
         known = patchcore_known_good(detector.patchcore, references)
         scale = known.distance_scale
@@ -137,7 +137,7 @@ def evaluate(detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, 
     docstring)."""
     import numpy as np
 
-    from model.datasets import load_mask
+    from model.dataset_loading import load_mask
     from model.metrics import MetricAccumulator
     from model.supervised.detector import HeadCheckpoint
 

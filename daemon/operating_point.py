@@ -25,10 +25,11 @@ def daemon_threshold(detector: Any, reference_files: Sequence[Path], rate: float
     import torch
 
     from daemon.calibration import calibrated_bounds
-    from daemon.references import patchcore_known_good
+    from daemon.reference_bank import patchcore_known_good
     from daemon.scale import scale_outputs
+    from model.factory import capabilities_of
 
-    if not getattr(detector, "uses_references", False) or len(reference_files) < 2:
+    if not capabilities_of(detector).uses_references or len(reference_files) < 2:
         return None
     known = patchcore_known_good(detector, list(reference_files))
     detector.distance_scale = known.distance_scale

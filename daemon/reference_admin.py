@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.references import (
+from daemon.reference_files import (
     REFERENCE_PREFIX,
     ReferenceSetupError,
-    _images_in,
     image_shape,
+    images_in,
     own_reference_dir,
     reference_files,
     shape_mismatch,
@@ -32,7 +32,7 @@ def list_references(settings: Any, source_id: str, sessions: Any = None, store: 
     try:
         files, _ = reference_files(settings, source_id, sessions, store, max_references=10_000)
     except ReferenceSetupError:
-        files = _images_in(own_reference_dir(settings, source_id), required=False, what="references")
+        files = images_in(own_reference_dir(settings, source_id), required=False, what="references")
     own = own_reference_dir(settings, source_id).resolve()
     out = []
     for path in files:

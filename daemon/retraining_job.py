@@ -44,7 +44,7 @@ def training_set(spec: dict[str, Any]) -> Any:
     """Labelled frames, plus synthetic defects on the normal ones when the job says so."""
     from torch.utils.data import ConcatDataset
 
-    from model.datasets import InspectionDataset
+    from model.dataset_loading import InspectionDataset
     from model.synthetic import SyntheticAnomalies
 
     size, transform = spec["model"]["image_size"], spec["model"]["transform"]
@@ -66,7 +66,7 @@ def holdout_set(spec: dict[str, Any]) -> tuple[Any, int]:
     (deterministic), so the image metrics are defined. Returns (dataset, number of synthetic items)."""
     from torch.utils.data import ConcatDataset
 
-    from model.datasets import InspectionDataset
+    from model.dataset_loading import InspectionDataset
     from model.synthetic import SyntheticAnomalies
 
     size, transform = spec["model"]["image_size"], spec["model"]["transform"]
@@ -85,7 +85,7 @@ def evaluate(detector: Any, dataset: Any, batch_size: int) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from model.datasets import collate_samples
+    from model.dataset_loading import collate_samples
     from model.metrics import MetricAccumulator
 
     accumulator = MetricAccumulator()

@@ -1,20 +1,20 @@
 """The daemon's score scale: every model's image score and anomaly map brought to 0–1 before thresholds apply.
 
 The model code keeps each family's raw outputs (the golden parity tests and `anomalyd predict` reproduce the
-official numbers); the daemon wraps the detector it runs in `ScaledDetector`, which applies the family's
-declared scale, so `threshold`, `pixel_threshold`, regions, masks and heatmap colours mean the same with any taps
-or model. Declared ranges (raw → daemon):
+official numbers); the daemon wraps the detector it runs in `ScaledDetector`, which applies the scale the family
+declares (`Capabilities.score_scale`, model/factory.py), so `threshold`, `pixel_threshold`, regions, masks and heatmap
+colours mean the same with any taps or model. The declared kinds (raw → daemon):
 
-| family | raw image score | raw map | daemon map |
-|---|---|---|---|
-| anomalyclip | 0–1 (softmax) | 0–n_taps (per-tap (p_a + 1 - p_n)/2 summed) | raw / n_taps |
-| adaclip, clip, winclip | 0–1 | 0–1 | unchanged |
-| patchcore | 0–∞ (distance) | 0–∞ (distance) | 1 - exp(-raw / d0), d0 = the bank's own scale |
-| mutual (online) | 0–∞ (distance / window scale) | same | 1 - exp(-raw): the window's exclusion point → 0.5 |
+| score_scale | raw image score | raw map | daemon map | families today |
+|---|---|---|---|---|
+| unit | 0–1 | 0–1 | unchanged | adaclip, clip, clip-ac, winclip, patchcore-head |
+| per_tap | 0–1 (softmax) | 0–n_taps (per-tap (p_a + 1 - p_n)/2 summed) | raw / n_taps | anomalyclip |
+| distance | 0–∞ (distance) | 0–∞ (distance) | 1 - exp(-raw / d0) | patchcore; mutual (d0: its window's scale) |
 
-PatchCore's d0 is the detector's `distance_scale` when it declares one (a typical nearest-neighbour distance
-between normal patches of its bank), else 1: the result stays monotone in the distance, and the daemon's
-calibration (daemon/references.py) puts the thresholds where the target false-reject rate is.
+d0 is the detector's `distance_scale` when it declares one (PatchCore: a typical nearest-neighbour distance between
+normal patches of its bank; mutual scoring: its window's exclusion point, which lands on 0.5), else 1: the result
+stays monotone in the distance, and the daemon's calibration (daemon/references.py) puts the thresholds where the
+target false-reject rate is.
 """
 
 from __future__ import annotations
@@ -24,17 +24,10 @@ from typing import Any
 
 import torch
 
-# family → (image score, map) → scaled (image score, map)
+from model.factory import ScoreScale, capabilities_of
+
+# (detector, image score, map) → scaled (image score, map), per declared score_scale kind
 ScaleRule = Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-SCALES: dict[str, ScaleRule] = {}
-
-
-def register_scale(family: str) -> Callable[[ScaleRule], ScaleRule]:
-    def decorator(rule: ScaleRule) -> ScaleRule:
-        SCALES[family] = rule
-        return rule
-
-    return decorator
 
 
 def _taps(detector: Any) -> int:
@@ -42,24 +35,21 @@ def _taps(detector: Any) -> int:
     return max(1, len(tuple(layers)))
 
 
-@register_scale("anomalyclip")
-def _anomalyclip(detector: Any, scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_tap(detector: Any, scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, maps / _taps(detector)
 
 
-@register_scale("patchcore")
-def _patchcore(detector: Any, scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _distance(detector: Any, scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = float(getattr(detector, "distance_scale", None) or 1.0)
     return 1.0 - torch.exp(-scores.clamp_min(0) / scale), 1.0 - torch.exp(-maps.clamp_min(0) / scale)
 
 
-# Mutual scoring (model/mutual): distances like PatchCore's, d0 from the source's window (0.5 = its exclusion point).
-SCALES["mutual"] = _patchcore
+SCALES: dict[ScoreScale, ScaleRule] = {"per_tap": _per_tap, "distance": _distance}  # "unit": unchanged
 
 
 def scale_outputs(detector: Any, scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The family's declared 0–1 scale applied to raw outputs (families without a rule are already 0–1)."""
-    rule = SCALES.get(str(getattr(detector, "name", "")))
+    """The family's declared 0–1 scale applied to raw outputs ("unit", and detectors of no family: unchanged)."""
+    rule = SCALES.get(capabilities_of(detector).score_scale)
     return rule(detector, scores, maps) if rule is not None else (scores, maps)
 
 

@@ -2,7 +2,7 @@
 
 A light module: loading the configuration validates the schedule and the metric, and every operator command loads
 the configuration, so nothing here imports SQLAlchemy (daemon.retraining does); croniter (a few tens of ms) is
-imported only to check a cron expression. `daemon.retraining` re-exports these names.
+imported only to check a cron expression.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def build_detector(settings: Settings) -> DetectorLike:
     from model.factory import needs_references
 
     if needs_references(m.name):  # its detectors are built per source, on each source's references
-        from daemon.references import reference_model_options
+        from daemon.reference_bank import reference_model_options
 
         options = reference_model_options(settings)
         backbone = Path(str(options.get("backbone", "default"))).stem

@@ -171,11 +171,11 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
     """The detector of a registered version with the [model]/[runtime] settings; shares `current`'s backbone."""
     from model import create_detector, get_family
 
-    if get_family(row.kind).needs_references:  # patchcore / patchcore-head: built per source on its references
+    if get_family(row.kind).caps.needs_references:  # patchcore / patchcore-head: built per source on its references
         return reference_version_base(settings, row)
     m, r = settings.model, settings.runtime
     backbone: Any = None
-    if get_family(row.kind).versions_share_backbone and getattr(current, "name", None) == row.kind:
+    if get_family(row.kind).caps.versions_share_backbone and getattr(current, "name", None) == row.kind:
         backbone = _shared_backbone(current)
     backbone = backbone or settings.backbone_file()
     if row.prompts_path and not Path(row.prompts_path).is_file():
@@ -198,7 +198,8 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
 def reference_version_base(settings: Settings, row: ModelVersion) -> Any:
     """The base of a version of a model built on references (daemon/references.py builds each source's detector
     from it): its name, the registry's version name and, for patchcore-head, its trained head file."""
-    from daemon.references import NeedsReferences, reference_model_options
+    from daemon.reference_bank import reference_model_options
+    from daemon.references import NeedsReferences
 
     if row.prompts_path and not Path(row.prompts_path).is_file():
         raise ModelVersionError(f"model version {row.version!r}: its weights file {row.prompts_path} is missing")

@@ -11,25 +11,33 @@ retraining, the CLI and the config never switch on a model name:
   loss, the official optimiser defaults);
 - `exporter`: its export graph (`exporter(detector, class_names) -> model.export.ExportGraph`; None: it cannot be
   exported);
-- `default_taps`, `activation`, `needs_class_name`, `needs_references`, `default_weights`,
-  `versions_share_backbone`.
+- `capabilities`: what it can do (`Capabilities`: needs / takes references, frame geometry, score scale, class
+  name, backbone kind); the daemon asks these and never compares a family's name;
+- `default_taps`, `activation`, `default_weights`.
+
+`ModelFamily.trainable` (retraining and `anomalyd train` through the prompt-training loop), `learns_from_labels`
+(that, or its own `fit_samples`) and `exportable` follow from what the family registers.
 
 Adding a family: write `model/<family>/` (module, detector on `model.detector.TorchDetector`, checkpoint I/O,
 training target), then in its `family.py`
 
-    register_family(ModelFamily(name="myfamily", create=create_myfamily, training=TrainingSpec(...), ...))
+    register_family(ModelFamily(name="myfamily", create=create_myfamily, training=TrainingSpec(...),
+                                capabilities=Capabilities(...), ...))
 
-and import it from `model/__init__.py` (a test or plug-in may register one at run time the same way). A bare
-builder is enough for a training-free model: `@register_model("name")` on `create(device=, dtype=, **options)`.
+(a test or plug-in registers one at run time the same way). A bare builder is enough for a training-free model:
+`@register_model("name", capabilities=Capabilities(...))` on `create(device=, dtype=, **options)`. A family built
+into anomalyd is also listed in `BUILTIN_FAMILIES` with its module and capabilities, so the configuration lists
+the names and checks what they can do (the frame geometry, say) without importing torch or the model code; its
+module then registers without repeating them.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # this module imports no torch: the config lists the model names without loading any model
     import torch
@@ -38,6 +46,36 @@ if TYPE_CHECKING:  # this module imports no torch: the config lists the model na
     from model.detector import Detector
 
 ModelBuilder = Callable[..., "Detector"]
+
+# How a family's raw outputs come to the daemon's 0–1 scale (daemon/scale.py): "unit" already 0–1; "per_tap" an image
+# score in 0–1 and a map summed over the taps (divided by their number); "distance" 0–∞ distances, 1 - exp(-raw / d0)
+# with d0 the detector's `distance_scale` (its bank's or window's typical normal distance).
+ScoreScale = Literal["unit", "per_tap", "distance"]
+SCORE_SCALES: tuple[ScoreScale, ...] = ("unit", "per_tap", "distance")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model family can do, declared once with its registration. The daemon, the CLI and the adapters ask
+    these and never compare a family's name."""
+
+    # It scores only against normal references (a memory bank): the daemon builds one detector per source on that
+    # source's references, and a source without references cannot be inspected.
+    needs_references: bool = False
+    # It takes references itself (its bank, or its own window of frames): never wrapped in the CLIP few-shot
+    # detector (`model.fewshot.with_references`), and its known-good scores come from its own references.
+    uses_references: bool = False
+    # It runs on any frame shape in PyTorch: resize "fit"/"tile"/"pad", ROI and ignore polygons (model/geometry.py);
+    # the others take whole frames squashed to a square.
+    supports_geometry: bool = False
+    score_scale: ScoreScale = "unit"
+    needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
+    clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)
+    versions_share_backbone: bool = False  # versions differ only in learned weights: a swap reuses the backbone
+
+    def __post_init__(self) -> None:
+        if self.score_scale not in SCORE_SCALES:
+            raise ValueError(f"score_scale {self.score_scale!r}: expected one of {', '.join(SCORE_SCALES)}")
 
 
 @dataclass(frozen=True)
@@ -82,19 +120,31 @@ class ModelFamily:
     default_taps: Callable[[int], tuple[int, ...]] | None = None  # vision blocks for a tower of n blocks
     # The backbone activation its weights need: "gelu" (nn.GELU), "quick_gelu", or None (the backbone's own).
     activation: str | None = None
-    needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
-    # It scores only against normal references (a memory bank): the daemon builds one detector per source.
-    needs_references: bool = False
     default_weights: str | None = None  # released weights used when the config names none
-    versions_share_backbone: bool = False  # versions differ only in learned weights: a swap reuses the backbone
-    clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)
+    # None: a built-in family's declared in BUILTIN_FAMILIES, else the defaults (register_family fills it in).
+    capabilities: Capabilities | None = None
     # fit_samples(detector, samples, *, output, seed, references, metadata): trains from labelled samples without the
     # prompt-training loop (`anomalyd train`; e.g. patchcore-head); None: `training` or nothing.
     fit_samples: Callable[..., Any] | None = None
 
     @property
+    def caps(self) -> Capabilities:
+        """Its capabilities (filled in at registration)."""
+        return self.capabilities if self.capabilities is not None else declared_capabilities(self.name)
+
+    @property
     def trainable(self) -> bool:
+        """It trains through the prompt-training loop: the daemon's retraining and `anomalyd train`."""
         return self.training is not None
+
+    @property
+    def learns_from_labels(self) -> bool:
+        """It learns from labelled frames at all (through the training loop or its own `fit_samples`)."""
+        return self.training is not None or self.fit_samples is not None
+
+    @property
+    def exportable(self) -> bool:
+        return self.exporter is not None
 
     def backbone_options(self) -> dict[str, Any]:
         """`load_backbone` keyword arguments for this family's activation."""
@@ -112,31 +162,77 @@ def imported_later(module: str, attribute: str) -> Callable[..., Any]:
     return call
 
 
+@dataclass(frozen=True)
+class BuiltinFamily:
+    """A family built into anomalyd: the module that registers it (imported on first use) and its capabilities."""
+
+    module: str
+    capabilities: Capabilities = Capabilities()
+
+
 MODEL_REGISTRY: dict[str, ModelFamily] = {}
-# Where the built-in families register themselves: imported on first use, so listing names loads no model code.
-BUILTIN_FAMILIES: dict[str, str] = {
-    "anomalyclip": "model.anomalyclip.family",
-    "adaclip": "model.adaclip.family",
-    "clip": "model.baselines",
-    "clip-ac": "model.baselines",
-    "winclip": "model.baselines",
-    "patchcore": "model.patchcore.detector",
-    "patchcore-head": "model.supervised.detector",
-    "mutual": "model.mutual.detector",
+# Where the built-in families register themselves (imported on first use, so listing names loads no model code) and
+# what they can do (read without importing them: the configuration's checks load no torch).
+_OWN_BACKBONE = {"clip_backbone": False}  # its own CNN backbones, taps and input size (model/patchcore/backbone.py)
+BUILTIN_FAMILIES: dict[str, BuiltinFamily] = {
+    "anomalyclip": BuiltinFamily("model.anomalyclip.family",
+                                 Capabilities(score_scale="per_tap", versions_share_backbone=True)),
+    "adaclip": BuiltinFamily("model.adaclip.family", Capabilities(needs_class_name=True)),
+    "clip": BuiltinFamily("model.baselines"),
+    "clip-ac": BuiltinFamily("model.baselines"),
+    "winclip": BuiltinFamily("model.baselines"),
+    "patchcore": BuiltinFamily("model.patchcore.detector", Capabilities(
+        needs_references=True, uses_references=True, supports_geometry=True, score_scale="distance",
+        **_OWN_BACKBONE)),
+    "patchcore-head": BuiltinFamily("model.supervised.detector", Capabilities(
+        needs_references=True, uses_references=True, **_OWN_BACKBONE)),
+    "mutual": BuiltinFamily("model.mutual.detector", Capabilities(
+        uses_references=True, score_scale="distance", **_OWN_BACKBONE)),
 }
 
 
 def _load_builtin(name: str | None = None) -> None:
     """Import the module of the built-in family `name` (None: of every built-in family) so it registers."""
-    for family, module in BUILTIN_FAMILIES.items():
+    for family, builtin in BUILTIN_FAMILIES.items():
         if (name is None or family == name) and family not in MODEL_REGISTRY:
-            importlib.import_module(module)
+            importlib.import_module(builtin.module)
+
+
+def declared_capabilities(name: str) -> Capabilities:
+    """The capabilities BUILTIN_FAMILIES declares for `name` (the defaults for a family not built in)."""
+    builtin = BUILTIN_FAMILIES.get(name)
+    return builtin.capabilities if builtin is not None else Capabilities()
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Register (or replace) a family under its name."""
+    """Register (or replace) a family under its name; without capabilities of its own it gets the declared ones."""
+    if family.capabilities is None:
+        family = replace(family, capabilities=declared_capabilities(family.name))
     MODEL_REGISTRY[family.name] = family
     return family
+
+
+def capabilities(name: str) -> Capabilities:
+    """What the model `name` can do, without loading a built-in family's code; ValueError for an unknown name."""
+    if name in MODEL_REGISTRY:
+        return MODEL_REGISTRY[name].caps
+    if name in BUILTIN_FAMILIES:
+        return BUILTIN_FAMILIES[name].capabilities
+    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}")
+
+
+def capabilities_of(detector: Any) -> Capabilities:
+    """The capabilities of a detector's family, by its `name` (the defaults for a detector of no registered family,
+    e.g. a test's stand-in)."""
+    try:
+        return capabilities(str(getattr(detector, "name", "")))
+    except ValueError:
+        return Capabilities()
+
+
+def models_that(predicate: Callable[[Capabilities], bool]) -> list[str]:
+    """The model names whose capabilities satisfy `predicate` (built-in ones without loading them)."""
+    return [name for name in list_models() if predicate(capabilities(name))]
 
 
 def register_model(name: str, **spec: Any) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -173,7 +269,7 @@ def get_family(name: str) -> ModelFamily:
 def needs_references(name: str) -> bool:
     """Whether the model `name` scores only against normal references (False for a name no family has)."""
     try:
-        return get_family(name).needs_references
+        return capabilities(name).needs_references
     except ValueError:
         return False
 
@@ -202,7 +298,7 @@ def create_detector(
     family = get_family(name)
     options = {k: v for k, v in options.items() if v is not None}
     detector = family.create(device=resolve_device(device), dtype=resolve_dtype(dtype), **options)
-    if options.get("references") is not None and not getattr(detector, "uses_references", False):
+    if options.get("references") is not None and not family.caps.uses_references:
         # Few-shot normal references (WinCLIP+ style) work on top of any model.
         from model.fewshot import with_references
 

@@ -12,7 +12,7 @@ exactly. A draw that changes too little (a patch pasted onto a look-alike area) 
 saturated patch is used, so an anomalous item always has a non-empty mask.
 
 `SyntheticAnomalies` is a Dataset over normal samples (or in-memory RGB arrays) returning the same items as
-`model.datasets.InspectionDataset`; it is deterministic given (seed, epoch, index).
+`model.dataset_loading.InspectionDataset`; it is deterministic given (seed, epoch, index).
 """
 
 from __future__ import annotations
@@ -27,14 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from model.datasets import (
-    Sample,
-    SampleError,
-    TransformName,
-    check_transform,
-    error_item,
-    load_image,
-)
+from model.dataset_loading import TransformName, check_transform, error_item, load_image
+from model.datasets import Sample, SampleError
 from model.preprocess import OPENAI_MEAN, OPENAI_STD, fast_transform, reference_transform
 
 KINDS = ("cutpaste", "noise")

@@ -94,7 +94,7 @@ def resume_path(output: Path) -> Path:
 
 
 def _collate(batch):
-    from model.datasets import collate_samples
+    from model.dataset_loading import collate_samples
 
     return collate_samples(batch)
 
@@ -111,7 +111,7 @@ def train_prompts(
     metadata: Mapping[str, Any] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> list[EpochStats]:
-    """Train the learned parts of `model` on `dataset` (items as `model.datasets.InspectionDataset` gives them).
+    """Train the learned parts of `model` on `dataset` (items as `model.dataset_loading.InspectionDataset` gives them).
 
     Bad samples are reported in the epoch stats and skipped; images without a pixel mask train the global loss only.
     Returns the stats of every epoch (those of earlier runs included when resuming).

@@ -29,12 +29,13 @@ from adapters.db.repository import latest_label_subquery
 from adapters.db.schema import labels
 from daemon import calibration_curve as curve
 from daemon import reference_admin as admin
-from daemon import references as refs
 from daemon import thresholds
 from daemon.api.inspections import sessions_of
 from daemon.api.references import _known, _source_ids
 from daemon.api.thresholds import _source, _version
 from daemon.app import AppState, get_state, require_role
+from daemon.known_good import CALIBRATION_HOLDOUTS
+from daemon.reference_files import own_reference_dir
 
 router = APIRouter(prefix="/api/sources", tags=["calibration"])
 
@@ -155,8 +156,8 @@ def _references(state: AppState, source_id: str) -> dict[str, Any]:
                       "thumbnail_url": f"/api/sources/{source_id}/references/{item['name']}/thumbnail"})
     manager = state.references
     bank = manager.states[source_id].as_dict() if manager is not None and source_id in manager.states else None
-    return {"folder": str(refs.own_reference_dir(state.settings, source_id)), "bank": bank, "items": items,
-            "held_out_at_most": refs.CALIBRATION_HOLDOUTS}
+    return {"folder": str(own_reference_dir(state.settings, source_id)), "bank": bank, "items": items,
+            "held_out_at_most": CALIBRATION_HOLDOUTS}
 
 
 def leave_one_out_scores(state: AppState, source_id: str) -> dict[str, float]:

@@ -63,7 +63,7 @@ def frame_of(state: AppState, source_id: str) -> dict[str, Any] | None:
     manager = state.references
     shape = manager.states[source_id].shape if manager is not None and source_id in manager.states else None
     if shape is None:
-        from daemon.references import ReferenceSetupError, image_shape, reference_files
+        from daemon.reference_files import ReferenceSetupError, image_shape, reference_files
 
         try:
             files, _ = reference_files(state.settings, source_id)

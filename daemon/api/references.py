@@ -19,9 +19,11 @@ from sqlalchemy import select
 from adapters.db import Inspection
 from adapters.db.repository import latest_label_subquery
 from daemon import reference_admin as admin
-from daemon import references as refs
+from daemon import reference_files as refs
 from daemon.api.inspections import sessions_of
 from daemon.app import AppState, get_state, require_role
+from daemon.calibration import load_thresholds
+from daemon.references import ReferenceManager
 
 router = APIRouter(prefix="/api/sources", tags=["references"])
 
@@ -42,7 +44,7 @@ def _known(state: AppState, source_id: str) -> str:
     return source_id
 
 
-def _manager(state: AppState) -> refs.ReferenceManager | None:
+def _manager(state: AppState) -> ReferenceManager | None:
     return state.references
 
 
@@ -141,7 +143,7 @@ def thresholds_in_effect(state: AppState, source_id: str, recorded_version: str 
                          fallback: float = 0.5) -> dict[str, Any]:
     """The image and pixel thresholds a source runs with: calibrated for its model version (the running detector's,
     else `recorded_version`, the newest one recorded) when stored, else configured, else `fallback`.
-    `stored` is `refs.load_thresholds`' answer when the caller already has it (one query for many sources)."""
+    `stored` is `load_thresholds`' answer when the caller already has it (one query for many sources)."""
     cfg = next((c for c in state.settings.sources if c.id == source_id), None)
     threshold = cfg.threshold if cfg is not None else fallback
     pixel = cfg.map_threshold if cfg is not None else threshold
@@ -151,7 +153,7 @@ def thresholds_in_effect(state: AppState, source_id: str, recorded_version: str 
         version = detector.version_for(source_id) if hasattr(detector, "version_for") else str(detector.version)
     if version is not None and state.sessions is not None:
         if stored is None:
-            stored = refs.load_thresholds(state.sessions)
+            stored = load_thresholds(state.sessions)
         if (source_id, version) in stored:
             (threshold, pixel), calibrated = stored[(source_id, version)], True
     pinned = state.references is not None and source_id in state.references.thresholds.pins

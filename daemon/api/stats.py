@@ -12,7 +12,7 @@ from adapters.db import history
 from daemon.api.inspections import sessions_of, utc_query_time
 from daemon.api.references import thresholds_in_effect
 from daemon.app import AppState, get_state, require_role
-from daemon.references import load_thresholds
+from daemon.calibration import load_thresholds
 
 router = APIRouter(prefix="/api", tags=["stats"])
 

@@ -98,8 +98,9 @@ def check_settings(settings: Any) -> list[tuple[str, str]]:
 
 def reference_findings(settings: Any) -> list[tuple[str, str]]:
     """Each enabled source's references checked as the daemon checks them before building its bank (folders,
-    readable images, one channel count, sizes within 10 % per side unless the geometry takes any size; a model that needs references has some)."""
-    from daemon.references import ReferenceSetupError, check_images, reference_files, sizes_may_differ
+    readable images, one channel count, sizes within 10 % per side unless the geometry takes any size; a model
+    that needs references has some)."""
+    from daemon.reference_files import ReferenceSetupError, check_images, reference_files, sizes_may_differ
     from model.factory import needs_references
 
     findings: list[tuple[str, str]] = []

@@ -60,7 +60,8 @@ def kshot_references(args: argparse.Namespace, samples: list) -> Any:
 def with_category_references(base: Any, references: list, transform: str) -> Any:
     """`base` with the category's references: PatchCore builds its memory bank, the CLIP models are wrapped by
     the few-shot detector (model/fewshot.py)."""
-    from model.datasets import load_image
+    from model.dataset_loading import load_image
+    from model.factory import capabilities_of
     from model.fewshot import with_references
 
     files = [sample.path for sample in references]
@@ -68,7 +69,7 @@ def with_category_references(base: Any, references: list, transform: str) -> Any
     def load(path: Path, size: int):
         return load_image(path, size, transform)
 
-    if getattr(base, "uses_references", False):
+    if capabilities_of(base).uses_references:  # its own bank (PatchCore)
         base.load_references(files, transform=load)
         return base
     return with_references(base, files, transform=load)
@@ -103,7 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from adapters.report import plot_curves, write_overlay, write_report
     from model import create_detector
-    from model.datasets import InspectionDataset, collate_samples, discover
+    from model.dataset_loading import InspectionDataset, collate_samples
+    from model.datasets import discover
     from model.metrics import MetricAccumulator
     from model.preprocess import decode_image
 

@@ -111,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from torch.utils.data import ConcatDataset
 
     from model import get_family, list_models, load_backbone, resolve_device
-    from model.datasets import InspectionDataset, discover
+    from model.dataset_loading import InspectionDataset
+    from model.datasets import discover
     from model.synthetic import SyntheticAnomalies
     from model.training import TrainingConfig, seed_everything, train_prompts
 
@@ -138,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
              sum(s.has_mask for s in anomalous), ", plus synthetic defects on the normals" if use_synthetic else "")
     datasets = [InspectionDataset(samples, image_size=args.image_size)] if anomalous else []
     if datasets and args.mosaic:
-        from model.datasets import MosaicDataset
+        from model.dataset_loading import MosaicDataset
 
         datasets[0] = MosaicDataset(datasets[0], probability=args.mosaic, seed=args.seed)
     if use_synthetic:

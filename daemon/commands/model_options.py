@@ -13,7 +13,8 @@ from typing import Any
 
 from daemon.cli import UsageError
 from daemon.commands.geometry_options import add_geometry_options, geometry_option
-from daemon.geometry import default_resize
+from model.factory import models_that
+from model.geometry import DEFAULT_RESIZE
 
 log = logging.getLogger("anomalyd")
 
@@ -40,8 +41,8 @@ class _RegisteredModels:
 MODEL_NAMES = _RegisteredModels()
 
 
-# The CLIP models' CLI defaults; a family with its own backbones (`clip_backbone=False`, e.g. patchcore) takes its
-# own defaults unless these are changed.
+# The CLIP models' CLI defaults; a family with its own backbones (`Capabilities.clip_backbone=False`, e.g.
+# patchcore) takes its own defaults unless these are changed.
 CLIP_CLI_DEFAULTS = {"backbone": "ViT-L-14-336", "layers": (24,), "image_size": 518}
 
 
@@ -123,9 +124,10 @@ def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "references": args.references.split(",") if args.references and "," in args.references else args.references,
-        # without --resize: the daemon's default for patchcore on torch (daemon/geometry.py), as offline = online
+        # without --resize: the measured default of the frame geometry on torch (model/geometry.py), as the daemon
+        # uses for a family that supports it (daemon/geometry.py: default_resize)
         "geometry": geometry_option(args, "squash" if getattr(args, "engine", "torch") != "torch"
-                                    else default_resize("patchcore")),
+                                    else DEFAULT_RESIZE),
     }
 
 
@@ -133,11 +135,12 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from adapters.weights import resolve_prompts
     from model.factory import get_family
 
-    if not get_family(name).clip_backbone:
+    if not get_family(name).caps.clip_backbone:
         return own_backbone_options(args)
     if not geometry_option(args).plain:
+        able = " or ".join(f"--model {m}" for m in models_that(lambda c: c.supports_geometry))
         raise UsageError(f"--resize/--roi/--ignore-polygon: model {name} takes whole images squashed; the frame "
-                         "geometry needs --model patchcore")
+                         f"geometry needs {able}")
     if args.image_size <= 0 or args.image_size % 14:
         raise UsageError(f"--image-size {args.image_size}: expected a positive multiple of the patch size 14")
     return {
@@ -161,7 +164,7 @@ def _cached_backbone(backbone: str, pretrained: str | None, model: str) -> str:
     from adapters.weights import BACKBONE_TAG, WeightsError, backbone_weights, is_named_backbone
     from model.factory import get_family
 
-    if pretrained != BACKBONE_TAG or not get_family(model).clip_backbone or not is_named_backbone(backbone):
+    if pretrained != BACKBONE_TAG or not get_family(model).caps.clip_backbone or not is_named_backbone(backbone):
         return backbone
     try:
         found = backbone_weights(backbone, pretrained).found()

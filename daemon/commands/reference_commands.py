@@ -26,7 +26,7 @@ def _source(settings: Any, source_id: str) -> Any:
 
 def cmd_references_list(args: argparse.Namespace) -> int:
     from daemon import reference_admin as admin
-    from daemon import references as refs
+    from daemon import reference_files as refs
 
     settings = load_settings(args)
     _source(settings, args.source)

@@ -39,7 +39,8 @@ def _sessions(settings: Any, config: str | None = None) -> Any:
 
 def _status(settings: Any, sessions: Any) -> dict[str, Any]:
     from adapters.db.repository import active_model_version
-    from daemon.retraining import last_completed_run, new_labels_since_last_run, parse_schedule, training_runs
+    from daemon.retraining import last_completed_run, new_labels_since_last_run, training_runs
+    from daemon.schedule import parse_schedule
 
     cfg = settings.retraining
     schedule = parse_schedule(cfg.schedule)

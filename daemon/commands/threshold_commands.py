@@ -76,12 +76,12 @@ def _optional_database(settings: Any) -> Any:
 
 def _source_detector(settings: Any, sessions: Any, source: Any, args: argparse.Namespace) -> tuple[Any, str, list]:
     """(detector on the daemon's scale, model version, reference files) of the source, as the daemon runs it."""
-    from daemon import references as refs
+    from daemon.references import ReferenceManager
     from daemon.service import build_detector
 
     factory = import_factory(args.detector_factory) if args.detector_factory else build_detector
-    manager = refs.ReferenceManager(settings, sessions, store(settings), source_ids=[source.id],
-                                    auto_calibrate=False)
+    manager = ReferenceManager(settings, sessions, store(settings), source_ids=[source.id],
+                               auto_calibrate=False)
     routed = manager.route(factory(settings))
     if source.id in routed.per_source:
         detector = routed.per_source[source.id]
@@ -94,7 +94,7 @@ def _source_detector(settings: Any, sessions: Any, source: Any, args: argparse.N
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from daemon import calibration
-    from daemon.references import score_files
+    from daemon.reference_bank import score_files
     from daemon.thresholds import Calibration, apply_calibration
 
     settings = load_settings(args)

@@ -159,5 +159,4 @@ FAMILY = register_family(ModelFamily(
     default_taps=default_taps,
     # AdaCLIP's released weights were trained on a tower built with nn.GELU; new training keeps that.
     activation="gelu",
-    needs_class_name=True,
-))
+))  # capabilities (class-aware prompts: needs_class_name): model.factory.BUILTIN_FAMILIES

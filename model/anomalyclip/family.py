@@ -106,5 +106,4 @@ FAMILY = register_family(ModelFamily(
     exporter=imported_later("model.export", "anomalyclip_graph"),
     default_taps=lambda n_layers: (n_layers,),
     default_weights="anomalyclip-visa",
-    versions_share_backbone=True,
-))
+))  # capabilities: model.factory.BUILTIN_FAMILIES

@@ -45,7 +45,6 @@ class MutualDetector:
     """Zero-shot mutual scoring on PatchCore's features (see the module docstring)."""
 
     name = NAME
-    uses_references = True  # the factory must not wrap it in the CLIP few-shot detector
     forks_per_source = True  # the daemon gives every source its own window (`fork`)
 
     def __init__(self, features: PatchCoreDetector, *, fraction: float = FRACTION,
@@ -185,7 +184,8 @@ def build_mutual(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None
 
 
 # PatchCore's backbones, taps and input size; no references (each source forks its own window in the daemon).
-@register_model(NAME, clip_backbone=False, summary="zero-shot mutual scoring (MuSc) on PatchCore's features")
+# (its capabilities: model.factory.BUILTIN_FAMILIES)
+@register_model(NAME, summary="zero-shot mutual scoring (MuSc) on PatchCore's features")
 def _create_mutual(
     *,
     backbone: str = DEFAULT_BACKBONE,

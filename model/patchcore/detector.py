@@ -120,7 +120,6 @@ class PatchCoreDetector:
     """PatchCore (see model/patchcore/torch_model.py) with a memory bank of normal references."""
 
     name = NAME
-    uses_references = True  # the factory must not wrap it in the CLIP few-shot detector
 
     def __init__(self, model: PatchcoreModel, *, backbone: str, weights: str, image_size: int,
                  device: torch.device, dtype: torch.dtype = torch.float32, augment: str = "none",
@@ -338,9 +337,9 @@ def build_patchcore(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | N
                              geometry=geometry)
 
 
-# Its own backbones, taps and input size; it scores against a bank of normal references.
-@register_model(NAME, clip_backbone=False, needs_references=True,
-                exporter=imported_later("model.export", "patchcore_graph"))
+# Its own backbones, taps and input size; it scores against a bank of normal references, on any frame shape, in
+# distances (its capabilities: model.factory.BUILTIN_FAMILIES).
+@register_model(NAME, exporter=imported_later("model.export", "patchcore_graph"))
 def _create_patchcore(
     *,
     backbone: str = DEFAULT_BACKBONE,

@@ -79,7 +79,6 @@ class PatchcoreHeadDetector:
     """PatchCore's bank and distances, the learned head's map and score (see the module docstring)."""
 
     name = NAME
-    uses_references = True  # the factory must not wrap it in the CLIP few-shot detector
 
     def __init__(self, patchcore: PatchCoreDetector, checkpoint: HeadCheckpoint | None = None) -> None:
         self.patchcore = patchcore
@@ -204,7 +203,7 @@ def create_patchcore_head(*, head: str | Path | None = None, weights: str | Path
 
 
 register_family(ModelFamily(
-    name=NAME, create=create_patchcore_head, clip_backbone=False, needs_references=True,
+    name=NAME, create=create_patchcore_head,  # capabilities: model.factory.BUILTIN_FAMILIES
     summary="PatchCore on EfficientNet-Lite0 plus a head learned from labelled frames (model/supervised/)",
     checkpoint=CheckpointFormat(load=load_head, save=save_head),
     fit_samples=imported_later("model.supervised.fitting", "fit_samples"),

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.datasets import Sample, TransformName, load_image, load_mask
+from model.dataset_loading import TransformName, load_image, load_mask
+from model.datasets import Sample
 
 POOL_SIZE = 16
 POOL_SEED = 0

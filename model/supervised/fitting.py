@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from model.datasets import DatasetError, Sample, TransformName, load_image
+from model.dataset_loading import TransformName, load_image
+from model.datasets import DatasetError, Sample
 from model.supervised.detector import HeadCheckpoint, PatchcoreHeadDetector, fit_head
 from model.supervised.evaluation import load_training_frames
 from model.supervised.training import HeadTrainingConfig

@@ -16,7 +16,7 @@ from daemon.api import routers
 from daemon.app import AppState, create_app
 from daemon.config import load_config
 from daemon.metrics import Metrics
-from daemon.references import own_reference_dir
+from daemon.reference_files import own_reference_dir
 from tests.daemon.test_api import TOKENS
 from tests.daemon.test_ui_browser import CHROMIUM_ARGS, Server, chromium_path, seed  # noqa: F401 (fixture)
 

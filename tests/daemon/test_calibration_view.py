@@ -26,7 +26,7 @@ from daemon.app import AppState, create_app
 from daemon.config import load_config
 from daemon.known_good import KnownGoodScores
 from daemon.metrics import Metrics
-from daemon.references import own_reference_dir
+from daemon.reference_files import own_reference_dir
 from tests.adapters.test_db import create_pg_database
 from tests.daemon.test_api import T0, TOKENS, auth
 
@@ -262,7 +262,7 @@ def test_known_good_scores_read_back_from_the_cache_name_their_files(tmp_path, m
     """A restart reads the known-good scores back (daemon/known_good_cache.py): their held-out references are named
     from the files of that build, so the page's leave-one-out scores stay on the right thumbnails."""
     from daemon import known_good_cache
-    from daemon.references import cached_known_good
+    from daemon.reference_bank import cached_known_good
 
     stored = {"scores": [3.0, 3.5, 4.0], "maxima": [5.0, 5.5, 6.0], "distance_scale": 3.5, "held_out": 2, "views": 1,
               "own": [3.0, 4.0]}

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from daemon import references as refs
+from daemon.calibration import quantile_thresholds
+from daemon.known_good import calibration_views, leave_one_out_scores
+from daemon.reference_bank import patchcore_embeddings, patchcore_known_good
 from daemon.scale import scale_outputs
 from model.patchcore import build_patchcore, clip_to_tf
 from model.preprocess import fast_transform
@@ -30,7 +32,7 @@ def _where(image: np.ndarray) -> tuple[float, float]:
 
 
 def test_calibration_views_shift_turn_and_expose():
-    views = refs.calibration_views(_dot(70, 50), shift=0.02, degrees=5.0, gain=0.05)
+    views = calibration_views(_dot(70, 50), shift=0.02, degrees=5.0, gain=0.05)
     assert len(views) == 8 and all(v.shape == (100, 100, 3) and v.dtype == np.uint8 for v in views)
     # 2 % of 100 px each way along each axis
     assert [_where(v) for v in views[:4]] == [pytest.approx(p, abs=0.01) for p in ((72, 50), (68, 50), (70, 52),
@@ -41,7 +43,7 @@ def test_calibration_views_shift_turn_and_expose():
     assert y1 == pytest.approx(50 - 20 * np.sin(np.radians(5)), abs=0.3)
     assert y2 == pytest.approx(50 + 20 * np.sin(np.radians(5)), abs=0.3)
     grey = np.full((10, 10, 3), 100, np.uint8)
-    bright, dark = refs.calibration_views(grey)[6:]
+    bright, dark = calibration_views(grey)[6:]
     assert int(bright[0, 0, 0]) == 105 and int(dark[0, 0, 0]) == 95
 
 
@@ -65,15 +67,15 @@ def test_known_good_scores_hold_out_views_and_keep_d0(tmp_path, detector):
     for i, (dx, dy) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
         files.append(tmp_path / f"ref{i}.png")
         assert cv2.imwrite(str(files[-1]), cv2.cvtColor(_texture(dx, dy, i), cv2.COLOR_RGB2BGR))
-    known = refs.patchcore_known_good(detector, files, limit=3)
+    known = patchcore_known_good(detector, files, limit=3)
     assert (known.held_out, known.views) == (3, 24) and len(known.scores) == len(known.maxima) == 27
-    own, own_maxima = refs.leave_one_out_scores(detector.model, refs.patchcore_embeddings(detector, files), SIZE, 3)
+    own, own_maxima = leave_one_out_scores(detector.model, patchcore_embeddings(detector, files), SIZE, 3)
     # d0 is the references' own median: the (higher) view scores do not move the scale
     assert known.distance_scale == pytest.approx(float(np.median(own)))
     assert known.scores[0::9] == pytest.approx(own) and known.maxima[0::9] == pytest.approx(own_maxima)
     # a view of reference 0 scores as it would against the bank of references 1-3, computed directly
-    view = fast_transform(refs.calibration_views(_texture(0, 0, 0))[0], SIZE)[None]
-    embeddings = refs.patchcore_embeddings(detector, files)
+    view = fast_transform(calibration_views(_texture(0, 0, 0))[0], SIZE)[None]
+    embeddings = patchcore_embeddings(detector, files)
     detector.model.set_memory_bank(torch.cat([detector.model.flatten(e) for e in embeddings[1:]]))
     embedding = detector.model.embed(clip_to_tf(view))
     patch, where, flat = detector.model.patch_scores(embedding)
@@ -93,13 +95,13 @@ def test_threshold_from_views_passes_shifted_live_frames_that_leave_one_out_reje
         files.append(tmp_path / f"ref{i}.png")
         assert cv2.imwrite(str(files[-1]), cv2.cvtColor(_texture(dx, dy, i), cv2.COLOR_RGB2BGR))
     detector.load_references(files)
-    known = refs.patchcore_known_good(detector, files)
+    known = patchcore_known_good(detector, files)
     detector.distance_scale = known.distance_scale
     held_out = known.held_out
 
     def thresholds(scores, maxima):
         s, m = scale_outputs(detector, torch.tensor(scores), torch.tensor(maxima))
-        return refs.quantile_thresholds(s.tolist(), m.tolist(), 0.005)[0]
+        return quantile_thresholds(s.tolist(), m.tolist(), 0.005)[0]
 
     only_references = thresholds(known.scores[::9][:held_out], known.maxima[::9][:held_out])
     with_views = thresholds(known.scores, known.maxima)

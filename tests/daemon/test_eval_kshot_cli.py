@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from daemon.cli import main
 from model import create_detector
-from model.datasets import discover, load_image, load_mask
+from model.dataset_loading import load_image, load_mask
+from model.datasets import discover
 from model.kshot import kshot_split
 
 CATEGORY = "bottle"  # 13 test images after the pool is held out: fast on 2 cores

@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from daemon.cli import main
 from model import create_detector
-from model.datasets import discover, load_image
+from model.dataset_loading import load_image
+from model.datasets import discover
 from model.kshot import kshot_split
 from model.supervised import HeadTrainingConfig, PatchcoreHeadDetector, fit_head
 from model.supervised.evaluation import load_training_frames, mixed_split, operating_point

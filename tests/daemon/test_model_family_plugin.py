@@ -22,6 +22,7 @@ from daemon.service import Service
 from model import create_detector, get_family, list_models
 from model.detector import TorchDetector
 from model.factory import (
+    Capabilities,
     CheckpointFormat,
     ModelFamily,
     TrainingSpec,
@@ -98,7 +99,8 @@ def _save(model: nn.Module, path: str | Path, metadata: Mapping[str, Any]) -> Pa
 def toy_family():
     family = register_family(ModelFamily(
         name=TOY, create=create_toy, summary="brightness as anomaly score (test family)",
-        clip_backbone=False,  # no open_clip backbone: nothing for the daemon to look for in the weights cache
+        # no open_clip backbone: nothing for the daemon to look for in the weights cache
+        capabilities=Capabilities(clip_backbone=False),
         checkpoint=CheckpointFormat(load=lambda p: torch.load(p, weights_only=True), save=_save),
         training=TrainingSpec(build=lambda backbone, weights, **_: BrightnessModule(), target=ToyTarget,
                               model_type=BrightnessModule, defaults={"epochs": 3, "learning_rate": 0.5}),

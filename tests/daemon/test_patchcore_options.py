@@ -9,11 +9,8 @@ import numpy as np
 from PIL import Image
 
 from daemon.config import load_config
-from daemon.references import (
-    NeedsReferences,
-    default_builder,
-    reference_model_options,
-)
+from daemon.reference_bank import default_builder, reference_model_options
+from daemon.references import NeedsReferences
 
 
 def _references(folder: Path, count: int = 3) -> list[Path]:

@@ -14,7 +14,8 @@ from sqlalchemy import select
 from adapters.db import Inspection
 from daemon import geometry_overrides as overrides
 from daemon.config import load_config
-from daemon.references import ReferenceManager, sizes_may_differ
+from daemon.reference_files import sizes_may_differ
+from daemon.references import ReferenceManager
 from daemon.service import Service
 from tests.daemon.test_e2e_geometry import _write
 from tests.model.test_geometry import draw_defect, texture

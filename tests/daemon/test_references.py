@@ -192,7 +192,7 @@ def test_daemon_builds_banks_per_source_rejects_bad_ones_and_swaps_rebuilds(tmp_
 
 
 def test_references_api_cli_and_labels(tmp_path, backbone, capsys):
-    from daemon import references as refs
+    from daemon import reference_files as refs
     from daemon.api import routers
     from daemon.app import create_app
     from daemon.cli import main

@@ -31,17 +31,10 @@ from adapters.db import (
 from adapters.storage import ArtifactStore
 from daemon import versions as registry
 from daemon.config import ConfigError, load_config
-from daemon.retraining import (
-    COMPARABLE_METRICS,
-    LabelledFrame,
-    Retrainer,
-    RetrainingScheduler,
-    new_labels_since_last_run,
-    parse_schedule,
-    promotion_decision,
-    request_retrain,
-    split_holdout,
-)
+from daemon.promotion import promotion_decision
+from daemon.retraining import Retrainer, RetrainingScheduler, new_labels_since_last_run, request_retrain
+from daemon.schedule import COMPARABLE_METRICS, parse_schedule
+from daemon.training_set import LabelledFrame, split_holdout
 from model.datasets import load_meta
 from tests.waiting import wait_until
 

@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
+from model.dataset_loading import load_mask
 from model.datasets import (
     DatasetError,
     SampleError,
     discover,
     is_mask_file,
-    load_mask,
     require_both_classes,
     scan_folder,
 )

@@ -13,17 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model.datasets import (
-    DatasetError,
-    InspectionDataset,
-    Sample,
-    SampleError,
-    collate_samples,
-    discover,
-    load_meta,
-    load_sample,
-    scan_folder,
-)
+from model.dataset_loading import InspectionDataset, collate_samples, load_sample
+from model.datasets import DatasetError, Sample, SampleError, discover, load_meta, scan_folder
 
 # (normal, anomalous) per category of the test split, from inspection-samples/README.md
 EXPECTED_TEST_COUNTS = {

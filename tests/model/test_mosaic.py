@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.datasets import InspectionDataset, MosaicDataset, Sample
+from model.dataset_loading import InspectionDataset, MosaicDataset
+from model.datasets import Sample
 
 
 def _samples(tmp_path: Path) -> list[Sample]:

@@ -17,7 +17,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from model import create_detector
-from model.datasets import discover, load_image
+from model.dataset_loading import load_image
+from model.datasets import discover
 from tests.model.test_patchcore_accuracy import subsample
 
 PER_LABEL = 24

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from model import create_detector
-from model.datasets import discover, load_image
+from model.dataset_loading import load_image
+from model.datasets import discover
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 

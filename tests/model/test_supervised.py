@@ -72,7 +72,7 @@ def head_detector() -> PatchcoreHeadDetector:
 
 def test_registered_family_and_untrained_head_ranks_like_patchcore(scene) -> None:
     family = get_family("patchcore-head")
-    assert family.needs_references and not family.clip_backbone and family.checkpoint is not None
+    assert family.caps.needs_references and not family.caps.clip_backbone and family.checkpoint is not None
     detector = head_detector()
     detector.set_references(scene["references"])
     images = torch.cat([scene["fresh_normals"], scene["fresh_stripes"], scene["fresh_defects"]])

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.datasets import InspectionDataset, Sample, collate_samples
+from model.dataset_loading import InspectionDataset, collate_samples
+from model.datasets import Sample
 from model.synthetic import CHANGE_THRESHOLD, KINDS, SyntheticAnomalies, make_synthetic_anomaly
 
 

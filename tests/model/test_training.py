@@ -9,7 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from model import build_anomalyclip, load_prompts
 from model.anomalyclip.loss import glocal_loss
-from model.datasets import collate_samples, discover
+from model.dataset_loading import collate_samples
+from model.datasets import discover
 from model.synthetic import SyntheticAnomalies
 from model.training import TrainingConfig, seed_everything, train_prompts
 from tests.model import golden
