@@ -57,6 +57,12 @@ function buildCalibrationPage() {
         el("p", { class: "hint cal-legend" }, el("span", { class: "swatch normal" }), " labelled normal ",
           el("span", { class: "swatch anomalous" }), " labelled anomalous ", el("span", { class: "swatch unlabelled" }),
           " unlabelled · solid line: threshold in effect · dashed: the chosen point"))),
+    el("section", { class: "cal-card cal-wide", id: "cal-proposal", hidden: "" },  // proposal.js
+      el("h3", {}, "Proposed references ", el("span", { id: "cal-proposal-caption", class: "hint" })),
+      el("p", { id: "cal-drift", class: "cal-drift" }),
+      el("div", { id: "cal-proposed", class: "thumbs" }),
+      el("p", {}, el("button", { type: "button", id: "cal-approve", hidden: "" }, "Approve"), " ",
+        el("span", { id: "cal-proposal-status", class: "hint" }))),
     el("section", { class: "cal-card cal-wide" },
       el("h3", {}, "References ", el("span", { id: "cal-ref-caption", class: "hint" })),
       el("div", { id: "cal-references", class: "thumbs" }),
@@ -102,6 +108,7 @@ async function loadCalibration() {
     drawCurve(data);
     drawCalHistogram(data);
     await renderReferences(data);
+    await renderProposal(data);
     $("#cal-status").textContent = `model version ${data.model_version || "?"}`;
   } catch (error) {
     if (ticket !== calState.loading) return;
