@@ -97,8 +97,12 @@ def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
         boxed = [bool(by_name[f.name].regions) for f in bad_frames if by_name[f.name].is_anomalous]
         assert sum(boxed) >= 0.75 * len(boxed), boxed
         with service.sessions() as session:
-            alerts = session.scalars(select(OutboxMessage)).all()
+            messages = session.scalars(select(OutboxMessage)).all()
+        alerts = [m for m in messages if m.topic.endswith("/anomaly")]
         assert len(alerts) == sum(alerted_bad) + sum(alerted_good)
+        # besides the alerts, the calibration's threshold change (retained, daemon/thresholds.py)
+        changes = [m for m in messages if m.topic.endswith("/threshold")]
+        assert len(changes) == 1 and changes[0].retain and len(messages) == len(alerts) + 1
         if os.environ.get("ANOMALYD_WRITE_SCREENSHOT") == "1":  # docs/ui.png: a real detection in the UI
             worst = max((by_name[f.name] for f in bad_frames), key=lambda row: row.score)
             label_normal = [by_name[f.name].id for f in good_frames[:6]]
