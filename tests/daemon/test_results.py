@@ -67,4 +67,9 @@ def test_payloads_have_the_contract_keys():
     assert alert["heatmap_url"] == "/api/inspections/7/heatmap.jpg"
     event = inspection_payload(inspection_id=7, frame_id="f", captured_at=ts, source="s", line="l", score=0.1,
                                is_anomalous=False, model_version="v1")
-    assert set(event) == {"id", "frame_id", "ts", "source", "line", "score", "is_anomalous", "model_version"}
+    assert set(event) == {"id", "frame_id", "ts", "source", "line", "score", "is_anomalous", "verdict",
+                          "model_version"}
+    assert event["verdict"] == "normal"
+    undecided = inspection_payload(inspection_id=8, frame_id="g", captured_at=ts, source="s", line="l", score=None,
+                                   is_anomalous=None, model_version="mutual-v1")  # a window-filling frame
+    assert (undecided["verdict"], undecided["is_anomalous"], undecided["score"]) == ("no_decision", None, None)
