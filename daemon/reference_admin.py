@@ -46,10 +46,11 @@ def list_references(settings: Any, source_id: str, sessions: Any = None, store: 
 
 
 def add_references(settings: Any, sessions: Any, store: Any, source_id: str,
-                   inspection_ids: Sequence[int]) -> tuple[list[dict[str, Any]], list[str]]:
+                   inspection_ids: Sequence[int], by: str = "api") -> tuple[list[dict[str, Any]], list[str]]:
     """Copy the frames of inspections of `source_id` into its reference folder under server-chosen names.
 
     Returns (added files, warnings); a frame that was itself found or labelled anomalous is added with a warning.
+    The change is recorded with `by` (daemon/reference_history.py).
     Raises LookupError for an unknown inspection, ValueError for one of another source or without a frame.
     """
     from adapters.db import Inspection
@@ -86,6 +87,10 @@ def add_references(settings: Any, sessions: Any, store: Any, source_id: str,
         added.append({"name": name, "inspection_id": inspection_id, "folder": str(target)})
     for warning in warnings:
         log.warning("source %s: %s", source_id, warning)
+    from daemon.reference_history import record
+
+    record(settings, source_id, "added", [item["name"] for item in added], by,
+           [item["inspection_id"] for item in added])
     return added, warnings
 
 
@@ -113,8 +118,8 @@ def _check_added_shapes(settings: Any, sessions: Any, store: Any, source_id: str
                              f"{like[2]} ({why}); nothing added")
 
 
-def remove_reference(settings: Any, source_id: str, name: str) -> Path:
-    """Delete one reference file of the source's own folder (by its name, never a path)."""
+def remove_reference(settings: Any, source_id: str, name: str, by: str = "api") -> Path:
+    """Delete one reference file of the source's own folder (by its name, never a path); recorded with `by`."""
     if not name or "/" in name or "\\" in name or name.startswith(".") or Path(name).suffix.lower() \
             not in IMAGE_SUFFIXES:
         raise ValueError(f"{name!r} is not a reference file name")
@@ -122,4 +127,7 @@ def remove_reference(settings: Any, source_id: str, name: str) -> Path:
     if not path.is_file():
         raise LookupError(f"source {source_id} has no reference {name!r}")
     path.unlink()
+    from daemon.reference_history import record
+
+    record(settings, source_id, "removed", [name], by)
     return path

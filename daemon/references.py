@@ -64,7 +64,7 @@ from daemon.reference_files import (
 from daemon.routing import RoutedDetector
 from daemon.scale import scale_outputs
 from daemon.thresholds import LABELLED_ANOMALIES_FOR_GUARD, ThresholdTable, labelled_frames, load_pins
-from daemon.zero_label import mutual_detector, zero_label
+from daemon.zero_label import MUTUAL_PREFIX, mutual_detector, zero_label
 from model.factory import needs_references
 
 log = logging.getLogger("anomalyd.references")
@@ -395,11 +395,27 @@ class ReferenceManager:
                 return False
             changed = False
             for source_id in self.source_ids:
+                self._auto_accept(source_id)
                 changed |= self._build(source_id)
             self.refresh_thresholds()
             if changed and self._swap is not None:
                 self._swap(self._routed())
             return changed
+
+    def _auto_accept(self, source_id: str) -> None:
+        """`[mutual] auto_accept`: a zero-label source approves its own proposal (daemon/auto_accept.py); the
+        new files are then built like an operator's approval."""
+        mutual, state = getattr(self.settings, "mutual", None), self.states.get(source_id)
+        if (mutual is None or not mutual.auto_accept or state is None or self.sessions is None or self.store is None
+                or not str(state.version or "").startswith(MUTUAL_PREFIX)
+                or getattr(self._base, "forks_per_source", False)):  # [model].name = "mutual": nothing to switch to
+            return
+        from daemon.auto_accept import accept_proposal
+
+        try:
+            accept_proposal(self.settings, self.sessions, self.store, source_id)
+        except Exception:  # a frame gone (retention), a size mismatch: keep mutual scoring, say why, try again later
+            log.exception("source %s: [mutual] auto_accept could not approve the proposal", source_id)
 
     def status(self) -> dict[str, Any]:
         return {sid: st.as_dict() for sid, st in self.states.items()}

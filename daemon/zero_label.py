@@ -27,7 +27,7 @@ AUTO = "auto"
 MUTUAL_PREFIX = "mutual-"  # the versions mutual detectors give their inspections
 PROPOSED = 8  # references proposed at once
 PROPOSAL_POOL = 200  # newest judged frames a proposal picks from
-PROPOSE_AFTER = 50  # judged normal-looking frames before anything is proposed
+PROPOSE_AFTER = 50  # judged normal-looking frames before anything is proposed (default of [mutual] propose_after)
 _SHARED: dict[tuple, Any] = {}  # (device, dtype, options) → the mutual model whose weights every source shares
 _SHARED_LOCK = threading.Lock()
 

@@ -59,8 +59,11 @@ def list_references(source_id: str, state: AppState = Depends(get_state),
 
 
 @router.get("/{source_id}/references/proposal", summary="Known-good candidates of a source that runs mutual scoring")
-def propose_references(source_id: str, count: int = Query(8, ge=1, le=refs.MAX_REFERENCES),
-                       after: int = Query(50, ge=1, description="judged normal-looking frames needed first"),
+def propose_references(source_id: str,
+                       count: int | None = Query(None, ge=1, le=refs.MAX_REFERENCES,
+                                                 description="frames proposed (default: [mutual] propose_count)"),
+                       after: int | None = Query(None, ge=1, description="judged normal-looking frames needed first "
+                                                 "(default: [mutual] propose_after)"),
                        since: datetime | None = Query(None, description="a drift's start: the frames since then"),
                        state: AppState = Depends(get_state),
                        _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
@@ -69,7 +72,20 @@ def propose_references(source_id: str, count: int = Query(8, ge=1, le=refs.MAX_R
     from daemon.zero_label import propose_references as propose
 
     _known(state, source_id)
-    return propose(sessions_of(state), source_id, count, min_judged=after, since=since)
+    mutual = state.settings.mutual
+    return propose(sessions_of(state), source_id, count or mutual.propose_count,
+                   min_judged=after or mutual.propose_after, since=since)
+
+
+@router.get("/{source_id}/references/history", summary="Who added or removed a source's references, and when")
+def reference_history(source_id: str, limit: int = Query(50, ge=1, le=1000), state: AppState = Depends(get_state),
+                      _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
+    """Newest first: `at`, `action` (added | removed), `names`, `inspection_ids`, `by` (`api:<token>`,
+    `cli:<user>`, `daemon:auto_accept`); daemon/reference_history.py."""
+    from daemon.reference_history import history
+
+    _known(state, source_id)
+    return {"source": source_id, "items": history(state.settings, source_id, limit)}
 
 
 @router.get("/{source_id}/drift", summary="Whether a source is in drift now, and its drifts, newest first")
@@ -86,13 +102,13 @@ def drift(source_id: str, limit: int = Query(20, ge=1, le=1000), state: AppState
 @router.post("/{source_id}/references", status_code=status.HTTP_201_CREATED,
              summary="Use the frames of inspections as normal references of their source (operator)")
 async def add_references(source_id: str, body: AddReferences, state: AppState = Depends(get_state),
-                         _: str = Depends(require_role("operator"))) -> dict[str, Any]:
+                         token: str = Depends(require_role("operator"))) -> dict[str, Any]:
     _known(state, source_id)
     if state.store is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no artifact store in this role")
     try:
         added, warnings = await run_in_threadpool(admin.add_references, state.settings, sessions_of(state),
-                                                  state.store, source_id, body.inspection_ids)
+                                                  state.store, source_id, body.inspection_ids, f"api:{token}")
     except LookupError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
     except ValueError as exc:
@@ -106,12 +122,12 @@ async def add_references(source_id: str, body: AddReferences, state: AppState = 
 @router.delete("/{source_id}/references", summary="Remove reference images of a source by name (operator)")
 def remove_references(source_id: str, name: list[str] = Query(..., min_length=1),
                       state: AppState = Depends(get_state),
-                      _: str = Depends(require_role("operator"))) -> dict[str, Any]:
+                      token: str = Depends(require_role("operator"))) -> dict[str, Any]:
     _known(state, source_id)
     removed = []
     for item in name:
         try:
-            admin.remove_reference(state.settings, source_id, item)
+            admin.remove_reference(state.settings, source_id, item, f"api:{token}")
         except LookupError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
         except ValueError as exc:

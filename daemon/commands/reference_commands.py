@@ -13,7 +13,15 @@ import json
 import sys
 from typing import Any
 
-from daemon.commands.context import config_argument, database, load_settings, store, time_window, usage
+from daemon.commands.context import (
+    config_argument,
+    current_user,
+    database,
+    load_settings,
+    store,
+    time_window,
+    usage,
+)
 
 
 def _source(settings: Any, source_id: str) -> Any:
@@ -50,7 +58,8 @@ def cmd_references_add(args: argparse.Namespace) -> int:
     _source(settings, args.source)
     with database(settings) as sessions:
         try:
-            added, warnings = admin.add_references(settings, sessions, store(settings), args.source, args.inspections)
+            added, warnings = admin.add_references(settings, sessions, store(settings), args.source, args.inspections,
+                                                   f"cli:{current_user()}")
         except (LookupError, ValueError) as exc:
             raise usage(str(exc).strip("'\"")) from None
     for warning in warnings:
@@ -71,7 +80,8 @@ def cmd_references_propose(args: argparse.Namespace) -> int:
     args.until = None
     since, _ = time_window(args)  # a drift's start (its `references_proposal`): the frames since then
     with database(settings) as sessions:
-        proposal = propose_references(sessions, args.source, args.count, min_judged=args.after, since=since)
+        proposal = propose_references(sessions, args.source, args.count or settings.mutual.propose_count,
+                                      min_judged=args.after or settings.mutual.propose_after, since=since)
     if args.json:
         print(json.dumps(proposal))
         return 0
@@ -91,7 +101,7 @@ def cmd_references_remove(args: argparse.Namespace) -> int:
     _source(settings, args.source)
     for name in args.names:
         try:
-            path = admin.remove_reference(settings, args.source, name)
+            path = admin.remove_reference(settings, args.source, name, f"cli:{current_user()}")
         except (LookupError, ValueError) as exc:
             raise usage(str(exc).strip("'\"")) from None
         print(f"removed {path}")
@@ -118,8 +128,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   "(references = \"auto\")")
     config_argument(propose)
     propose.add_argument("--source", required=True, help="the [[sources]] id")
-    propose.add_argument("--count", type=int, default=8)
-    propose.add_argument("--after", type=int, default=50, help="judged normal-looking frames needed first")
+    propose.add_argument("--count", type=int, help="frames proposed (default: [mutual] propose_count, 8)")
+    propose.add_argument("--after", type=int,
+                         help="judged normal-looking frames needed first (default: [mutual] propose_after, 50)")
     propose.add_argument("--since", help="a drift's start (RFC 3339; its message's started_at): propose among the "
                          "frames since then, those held back during the drift included")
     propose.add_argument("--json", action="store_true")
