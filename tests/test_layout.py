@@ -13,7 +13,7 @@ import import_cycles  # noqa: E402
 
 MAX_LINES = 500
 # Over the limit, to be split by the work that owns them now (issue #22); nothing may join this list.
-OVER_LIMIT_FOR_NOW = {"daemon/service.py", "daemon/config.py"}
+OVER_LIMIT_FOR_NOW = {"daemon/service.py"}
 LAYER = {"model": 0, "adapters": 1, "daemon": 2, "migrations": 2}
 
 
