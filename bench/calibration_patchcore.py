@@ -3,7 +3,7 @@
 For each category of a meta.json dataset, K shots and seed, the K references are those of
 `anomalyd eval --shots K --seed S` (model/kshot.py). The live bank is built from them as the daemon builds it, the
 image threshold is calibrated from the references alone with a calibration rule at a target false-reject rate (the
-rule "daemon" runs the functions the daemon runs: `daemon.references.patchcore_known_good` and
+rule "daemon" runs the functions the daemon runs: `model.patchcore.known_good.patchcore_known_good` and
 `quantile_thresholds`, the bound `anomalyd calibrate` shares; "current" is the rule before it), and the test set is scored against the live bank on the daemon's 0–1 scale: the realised false-reject rate
 is the share of test normals at or above the threshold, the miss rate the share of test anomalies below it (image
 level, as the daemon alerts: score >= threshold). Pooled rows sum the counts over categories, shots and seeds.
@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daemon.calibration import quantile_thresholds
-from daemon.known_good import CALIBRATION_HOLDOUTS, DEFAULT_DISTANCE_SCALE, leave_one_out_scores
-from daemon.reference_bank import patchcore_embeddings, patchcore_known_good
 from model.datasets import DatasetError, discover
+from model.known_good import CALIBRATION_HOLDOUTS, DEFAULT_DISTANCE_SCALE
 from model.kshot import kshot_split
 from model.patchcore import build_patchcore, clip_to_tf, greedy_coreset
+from model.patchcore.known_good import leave_one_out_scores, patchcore_embeddings, patchcore_known_good
 from model.preprocess import decode_image, fast_transform
 
 

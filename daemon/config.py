@@ -30,8 +30,11 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from adapters.mqtt_settings import MqttSettings
+from adapters.opcua_settings import OpcUaConfig
 from adapters.sources.base import SourceSettings
 from adapters.sources.registry import validate_source_entry
+from adapters.sources.settings import RedisConfig
+from adapters.webhook_settings import WebhookConfig
 
 # Finding the file, and the fast read of [database]: in config_file (no pydantic there; the operator commands
 # read [database] through it alone). Re-exported: callers import them from here.
@@ -233,85 +236,6 @@ class RetrainingConfig(_Section):
         if value not in COMPARABLE_METRICS:
             raise ValueError(f"metric must be one of {', '.join(COMPARABLE_METRICS)}")
         return value
-
-
-class RedisConfig(_Section):
-    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    url_file: str | None = None
-    stream: str = "anomalyd:frames"
-    group: str = "anomalyd-workers"
-    consumer: str | None = None
-    maxlen: int | None = Field(10_000, ge=1)
-
-
-class WebhookConfig(_Section):
-    """One `[[webhooks]]` table: alerts (and trigger answers) POSTed as JSON with the outbox's guarantee
-    (adapters/sinks/webhook.py)."""
-
-    url: str = Field(min_length=1)
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="default: derived from the url")
-    secret: SecretStr | None = None
-    secret_file: str | None = None
-    sources: list[str] | None = None  # None: every source
-    lines: list[str] | None = None
-    anomalous_only: bool = True
-    timeout_s: float = Field(5.0, gt=0, le=300)
-    # Private, loopback and link-local destinations are refused unless allowed: a webhook must not become a
-    # way to reach the plant's internal services from the config file or the environment.
-    allow_private: bool = False
-    backoff_max_s: float = Field(60.0, gt=0)
-
-    @model_validator(mode="after")
-    def _safe_destination(self) -> WebhookConfig:
-        from adapters.webhooks import check_destination
-
-        check_destination(self.url, allow_private=self.allow_private)
-        return self
-
-    @property
-    def key(self) -> str:
-        """The name delivery state is stored under (stable across restarts and reordering)."""
-        return self.name or "webhook-" + hashlib.sha256(self.url.encode()).hexdigest()[:10]
-
-
-class OpcUaUser(_Section):
-    name: str = Field(min_length=1)
-    password: SecretStr | None = None
-    password_file: str | None = None
-    password_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    role: Literal["viewer", "operator"] = "operator"
-
-    @model_validator(mode="after")
-    def _one_password(self) -> OpcUaUser:
-        if self.password is None and self.password_sha256 is None:
-            raise ValueError(f"opcua user {self.name!r}: give password, password_file or password_sha256")
-        return self
-
-
-class OpcUaConfig(_Section):
-    """The OPC UA server (adapters/opcua.py), modelled on OPC 40100-1 (Machine Vision) concepts."""
-
-    enabled: bool = False
-    endpoint: str = Field("opc.tcp://127.0.0.1:4840/anomalyd", pattern=r"^opc\.tcp://")
-    namespace: str = "urn:anomalyd:machine-vision"
-    allow_anonymous: bool = False
-    users: list[OpcUaUser] = Field(default_factory=list)
-    certificate: str | None = None  # PEM/DER server certificate; with private_key enables Sign/SignAndEncrypt
-    private_key: str | None = None
-    security: list[Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]] = Field(
-        default_factory=lambda: ["None"])
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "WARNING", description="asyncua's own loggers (at INFO its start alone writes about a thousand lines)")
-
-    @model_validator(mode="after")
-    def _usable(self) -> OpcUaConfig:
-        if self.enabled and not self.allow_anonymous and not self.users:
-            raise ValueError("[opcua] enabled without users and allow_anonymous = false: nobody could connect")
-        if (self.certificate is None) != (self.private_key is None):
-            raise ValueError("[opcua] certificate and private_key go together")
-        if any(mode != "None" for mode in self.security) and self.certificate is None:
-            raise ValueError("[opcua] signed/encrypted security needs certificate and private_key")
-        return self
 
 
 class Settings(BaseSettings):

@@ -4,8 +4,8 @@
 Only a family that declares `supports_geometry` (model/factory.py: `Capabilities`; PatchCore) runs on rectangles and
 builds its bank through the geometry; the others (the CLIP families) keep "squash" with no ROI or ignore polygons,
 and any other value for them is a configuration error naming the key.
-The calibration of a source with a geometry scores its known-good frames through the same geometry
-(`geometry_known_good`), so thresholds mean what the live frames' scores mean.
+The calibration of a source with a geometry scores its known-good frames through the same geometry (PatchCore's
+`geometry_known_good`, model/patchcore/known_good.py), so thresholds mean what the live frames' scores mean.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from model.geometry import (
     DEFAULT_RESIZE,
     Geometry,
     GeometryError,
-    frame_inputs,
     make_geometry,
     predict_frames,
 )
@@ -94,48 +93,6 @@ def unsupported(settings: Any, geometry: Geometry) -> str | None:
         return (f"resize {geometry.resize!r}, roi and ignore_polygons need [runtime].engine = "
                 f"\"torch\" (engine {engine!r} runs a fixed square export)")
     return None
-
-
-def geometry_known_good(detector: Any, files: Sequence[Path], limit: int) -> Any:
-    """`daemon.reference_bank.patchcore_known_good` for a detector with a geometry: each of up to `limit` references
-    and its calibration views scored through the geometry against a bank of the other references' rows (their
-    inputs cut the same way, augmented as the live bank is); the detector's own bank is restored."""
-    import numpy as np
-    import torch
-
-    from daemon.known_good import DEFAULT_DISTANCE_SCALE, KnownGoodScores, calibration_views
-    from model.patchcore import augment_references, clip_to_tf
-    from model.preprocess import decode_image
-
-    if len(files) < 2:
-        return KnownGoodScores([], [], DEFAULT_DISTANCE_SCALE, 0, 0)
-    model, geometry, size = detector.model, detector.geometry, int(detector.image_size)
-    frames = [decode_image(f) for f in files]
-    with torch.inference_mode():
-        rows = []
-        for rgb in frames:
-            views = augment_references(frame_inputs(rgb, geometry, size), str(getattr(detector, "augment", "none")))
-            rows.append(torch.cat([model.flatten(model.embed(clip_to_tf(views[i:i + 8].to(detector.device)))).float()
-                                   for i in range(0, views.shape[0], 8)]))
-    saved = (model.memory_bank, model.bank_norms)
-    scores: list[float] = []
-    maxima: list[float] = []
-    own: list[float] = []
-    held_out = min(limit, len(files))
-    n_views = 0
-    try:
-        for index in range(held_out):
-            model.set_memory_bank(torch.cat([r for j, r in enumerate(rows) if j != index]))
-            views = calibration_views(frames[index])
-            n_views += len(views)
-            frame_scores, frame_maps = predict_frames(detector, [frames[index], *views], geometry,
-                                                      batch_size=int(getattr(detector, "batch_size", 8)))
-            own.append(float(frame_scores[0]))
-            scores += [float(s) for s in frame_scores]
-            maxima += [float(m.max()) for m in frame_maps]
-    finally:
-        model.memory_bank, model.bank_norms = saved
-    return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, n_views, own)
 
 
 def score_frames(detector: Any, files: Sequence[Path], geometry: Geometry) -> tuple[list[float], list[float]]:

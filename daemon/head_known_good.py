@@ -1,5 +1,5 @@
 """Known-good scores of a `patchcore-head` source detector for its calibration: like PatchCore's
-(daemon/known_good.py), each held-out reference and its calibration views scored against a bank of the other
+(model/patchcore/known_good.py), each held-out reference and its calibration views scored against a bank of the other
 references, but through the head, so on the head's own 0–1 scale. The head was trained with the references scored
 the same way (leave-one-out), so these are the scores an unseen good frame gets.
 
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from daemon.calibration import Bound
-from daemon.known_good import CALIBRATION_HOLDOUTS, DEFAULT_DISTANCE_SCALE, KnownGoodScores, calibration_views
+from model.known_good import CALIBRATION_HOLDOUTS, DEFAULT_DISTANCE_SCALE, KnownGoodScores, calibration_views
 
 HEAD_THRESHOLD_FLOOR = 0.5
 

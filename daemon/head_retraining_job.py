@@ -104,9 +104,10 @@ def _evaluate_source(model: str, detector: Any, source: str, references: list[Pa
 
     size = detector.image_size
     if model == "patchcore":
-        from daemon.reference_bank import patchcore_known_good
+        from model.factory import known_good_of
+        from model.known_good import CALIBRATION_HOLDOUTS
 
-        known = patchcore_known_good(detector.patchcore, references)
+        known = known_good_of(detector.patchcore)(detector.patchcore, references, CALIBRATION_HOLDOUTS)
         scale = known.distance_scale
         import torch
 

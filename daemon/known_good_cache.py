@@ -1,7 +1,8 @@
-"""Calibration views survive restarts: a source's PatchCore known-good scores (daemon/references.py,
-`patchcore_known_good`: leave-one-out of the references and their shifted/turned/exposed views, the costly part of
-a start) are stored next to its bank as `<source id>.known-good.json`, keyed by a digest of the detector's version
-(the backbone, taps, input size and the reference files' names and contents, bank options), the view parameters
+"""Calibration views survive restarts: a source's known-good scores (its family's `known_good` hook, for PatchCore
+model/patchcore/known_good.py: leave-one-out of the references and their shifted/turned/exposed views, the costly
+part of a start) are stored next to its bank as `<source id>.known-good.json`, keyed by a digest of the
+detector's version (the backbone, taps, input size and the reference files' names and contents, bank options), the
+view parameters
 and the source's and [model]'s geometry settings. A restart with unchanged references reads them back instead of
 recomputing; anything else in the key changing recomputes them.
 """

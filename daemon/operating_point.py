@@ -1,11 +1,11 @@
 """`anomalyd eval --shots K`'s operating point: the false-reject and miss rates on the test set at the threshold
 the daemon's own rule derives from the K references alone (daemon/references.py + daemon/calibration.py).
 
-Per category: PatchCore's known-good scores of the references (leave-one-out and calibration views,
-`patchcore_known_good`), on the daemon's 0–1 scale with the d0 they give, through `calibrated_bounds` at the
-target rate; the test images' scores on the same scale; alert = score >= threshold. Families other than PatchCore
-are calibrated by the daemon with leave-one-out banks of the few-shot wrapper, which eval does not rebuild: their
-operating point is reported as n/a.
+Per category: the known-good scores of the references from the family's `known_good` hook (PatchCore's:
+leave-one-out and calibration views, model/patchcore/known_good.py), on the daemon's 0–1 scale with the d0 they
+give, through `calibrated_bounds` at the target rate; the test images' scores on the same scale; alert = score >=
+threshold. Families without that hook are calibrated by the daemon with leave-one-out banks of the few-shot wrapper,
+which eval does not rebuild: their operating point is reported as n/a.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ def daemon_threshold(detector: Any, reference_files: Sequence[Path], rate: float
     import torch
 
     from daemon.calibration import calibrated_bounds
-    from daemon.reference_bank import patchcore_known_good
     from daemon.scale import scale_outputs
-    from model.factory import capabilities_of
+    from model.factory import known_good_of
+    from model.known_good import CALIBRATION_HOLDOUTS
 
-    if not capabilities_of(detector).uses_references or len(reference_files) < 2:
+    known_good = known_good_of(detector)  # the family's hook (PatchCore: model/patchcore/known_good.py)
+    if known_good is None or len(reference_files) < 2:
         return None
-    known = patchcore_known_good(detector, list(reference_files))
+    known = known_good(detector, list(reference_files), CALIBRATION_HOLDOUTS)
     detector.distance_scale = known.distance_scale
     scores, maxima = scale_outputs(detector, torch.tensor(known.scores), torch.tensor(known.maxima))
     image, _ = calibrated_bounds(scores.tolist(), maxima.tolist(), rate)

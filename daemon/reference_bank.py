@@ -1,6 +1,6 @@
 """A source's reference detector: built from its reference files, with the known-good scores its calibration
-reads (held-out references and their perturbed views, `daemon/known_good.py`), and images scored the way the daemon
-scores frames (`score_files`).
+reads (held-out references and their perturbed views, from its family's `known_good` hook), and images scored the
+way the daemon scores frames (`score_files`).
 
 `default_builder` puts the few-shot wrapper (`model.fewshot.with_references`) on the shared base of a model that
 takes references on top (the CLIP families), and builds a model that scores only against references
@@ -15,20 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from daemon.known_good import (
+from daemon.scale import scaled
+from model.factory import capabilities, known_good_of, needs_references
+from model.known_good import (
     CALIBRATION_DEGREES,
     CALIBRATION_GAIN,
     CALIBRATION_HOLDOUTS,
     CALIBRATION_SHIFT,
-    DEFAULT_DISTANCE_SCALE,
     KnownGoodScores,
-    calibration_views,
-    leave_one_out_scores,
 )
-from daemon.scale import scaled
-from model.factory import capabilities, needs_references
 
 log = logging.getLogger("anomalyd.references")
 
@@ -66,8 +61,9 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
             known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
                                       cache_path)
-            detector.known_good = known  # raw scores of held-out references and their views, for the calibration
-            detector.distance_scale = known.distance_scale
+            if known is not None:
+                detector.known_good = known  # raw scores of held-out references and their views, for the calibration
+                detector.distance_scale = known.distance_scale
         if getattr(r, "engine", "torch") != "torch":
             detector = _on_engine(settings, detector)
         return scaled(detector)
@@ -108,70 +104,10 @@ def reference_model_options(settings: Any) -> dict[str, Any]:
     return options
 
 
-def patchcore_embeddings(detector: Any, files: Sequence[Path]) -> list[Any]:
-    """PatchCore patch embeddings (1, D, h, w) of image files through the daemon's preprocessing."""
-    import torch
-
-    from model.patchcore import clip_to_tf
-    from model.preprocess import decode_image, fast_transform
-
-    size = int(detector.image_size)
-    with torch.inference_mode():
-        return [detector.model.embed(clip_to_tf(fast_transform(decode_image(f), size)[None].to(detector.device)
-                                                .float())).float() for f in files]
-
-
-def patchcore_bank_rows(detector: Any, files: Sequence[Path], embeddings: Sequence[Any]) -> list[Any]:
-    """Per reference the memory-bank rows it gives the live bank: its patches, with its augmented views when the
-    detector augments references ([model].augment)."""
-    import torch
-
-    from model.patchcore import augment_references, clip_to_tf
-    from model.preprocess import decode_image, fast_transform
-
-    model, augment = detector.model, str(getattr(detector, "augment", "none"))
-    if augment == "none":
-        return [model.flatten(e) for e in embeddings]
-    size = int(detector.image_size)
-    with torch.inference_mode():
-        return [model.flatten(model.embed(clip_to_tf(augment_references(
-            fast_transform(decode_image(f), size)[None].to(detector.device).float(), augment))).float())
-            for f in files]
-
-
-def patchcore_known_good(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS,
-                         embeddings: Sequence[Any] | None = None) -> KnownGoodScores:
-    """Leave-one-out scores of up to `limit` references and of their calibration views (`calibration_views`):
-    one embedding pass over the references instead of a bank per held-out one. `embeddings` (one per file, as
-    `patchcore_embeddings` gives) saves that pass when the caller has them. Empty with fewer than two files."""
-    import torch
-
-    from model.preprocess import decode_image, fast_transform
-
-    if len(files) < 2:
-        return KnownGoodScores([], [], DEFAULT_DISTANCE_SCALE, 0, 0)
-    if getattr(detector, "geometry", None) is not None and not detector.geometry.plain:
-        from daemon.geometry import geometry_known_good  # fit / tile / ROI: through the same geometry
-
-        return geometry_known_good(detector, files, limit)
-    size = int(detector.image_size)
-    if embeddings is None:
-        embeddings = patchcore_embeddings(detector, files)
-    held_out = min(limit, len(files))
-    # the bank holds the other references as the live bank does: with their augmented views
-    rows = patchcore_bank_rows(detector, files, embeddings)
-    views = [torch.stack([fast_transform(v, size) for v in calibration_views(decode_image(f))])
-             for f in files[:held_out]]
-    scores, maxima = leave_one_out_scores(detector.model, embeddings, size, limit, views, rows)
-    # per held-out reference its own score comes first, then its views' scores
-    firsts = np.cumsum([0] + [1 + len(v) for v in views[:-1]])
-    own = [scores[i] for i in firsts]
-    return KnownGoodScores(scores, maxima, float(np.median(own)), held_out, sum(len(v) for v in views), own)
-
-
-def cached_known_good(settings: Any, detector: Any, files: Sequence[Path], bank: Path) -> KnownGoodScores:
-    """`patchcore_known_good`, read back from the source's cache when its key is unchanged (daemon/known_good_cache.py),
-    with the time it took logged."""
+def cached_known_good(settings: Any, detector: Any, files: Sequence[Path], bank: Path) -> KnownGoodScores | None:
+    """The detector family's known-good scores (its `known_good` hook, e.g. model/patchcore/known_good.py), read
+    back from the source's cache when its key is unchanged (daemon/known_good_cache.py), with the time it took
+    logged. None for a family with no such hook."""
     from daemon import known_good_cache as cache
 
     started = time.monotonic()
@@ -187,7 +123,10 @@ def cached_known_good(settings: Any, detector: Any, files: Sequence[Path], bank:
         log.info("source %s: known-good scores of %d references read from %s in %.2f s (unchanged)", bank.stem,
                  len(files), path.name, time.monotonic() - started)
         return known
-    known = patchcore_known_good(detector, files)
+    compute = known_good_of(detector)
+    if compute is None:
+        return None
+    known = compute(detector, files, CALIBRATION_HOLDOUTS)
     known.own_files = [f.name for f in files[:len(known.own)]]
     cache.save(path, key, {"scores": known.scores, "maxima": known.maxima, "distance_scale": known.distance_scale,
                            "held_out": known.held_out, "views": known.views, "own": known.own})

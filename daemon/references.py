@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 from daemon.calibration import calibrated_bounds, load_thresholds, stored_threshold
-from daemon.known_good import CALIBRATION_HOLDOUTS
 from daemon.reference_bank import Builder, default_builder, reference_model_options, score_files
 from daemon.reference_files import (
     MAX_REFERENCES,
@@ -66,6 +65,7 @@ from daemon.scale import scale_outputs
 from daemon.thresholds import LABELLED_ANOMALIES_FOR_GUARD, ThresholdTable, labelled_frames, load_pins
 from daemon.zero_label import MUTUAL_PREFIX, mutual_detector, zero_label
 from model.factory import needs_references
+from model.known_good import CALIBRATION_HOLDOUTS
 
 log = logging.getLogger("anomalyd.references")
 

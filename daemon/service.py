@@ -6,14 +6,14 @@ stop reading → the pipeline drains what they queued and finishes the batch in 
 while the broker is reachable → source statuses `offline` and `stopped` on `<prefix>/available` → HTTP server.
 
 Readiness: model loaded, database reachable, every pipeline thread alive; the broker state is reported, not
-required (alerts wait in the outbox).
+required (alerts wait in the outbox). Its assembly is daemon/readiness.py; the HTTP server's thread is
+daemon/http_server.py.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,9 +24,10 @@ from adapters.sinks import SinkContext, SinkSet, build_sinks
 from adapters.sources.base import SourceSettings, SourceStatus
 from adapters.sources.source import FrameSource
 from daemon.config import Settings
-from daemon.health import database_write_problem, source_problem, storage_problem
+from daemon.http_server import ApiServer
 from daemon.metrics import Metrics
 from daemon.pipeline import Pipeline, PipelineOptions
+from daemon.readiness import assess_readiness, source_status
 from daemon.source_availability import AvailabilityBoard, published_status
 
 if TYPE_CHECKING:
@@ -72,42 +73,6 @@ def build_detector(settings: Settings) -> DetectorLike:
     )
 
 
-class _ApiServer:
-    """uvicorn in a thread on a socket we bind ourselves (port 0 → any free port, known before serving)."""
-
-    def __init__(self, app: Any, host: str, port: int) -> None:
-        import uvicorn
-
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # the service owns the signals
-        self.thread = threading.Thread(target=self._serve, name="http", daemon=True)
-        self.crashed: BaseException | None = None
-
-    def _serve(self) -> None:
-        try:
-            self.server.run(sockets=[self.sock])
-        except BaseException as exc:
-            self.crashed = exc
-            log.exception("HTTP server crashed")
-
-    def start(self) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self.sock.close()
-
-
 class Service:
     """The whole daemon in one object (tests run it in-process).
 
@@ -143,7 +108,7 @@ class Service:
         self.sinks = SinkSet()
         self.pipeline: Pipeline | None = None
         self.sources: list[FrameSource] = []
-        self.api: _ApiServer | None = None
+        self.api: ApiServer | None = None
         self.http_port: int | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
@@ -229,11 +194,11 @@ class Service:
             self.integrations.start()
         for source in self.sources:
             # retained from the start: a source that never comes up says offline
-            self.sinks.source_status(source.line, source.id, self._published(source, str(_status(source))))
+            self.sinks.source_status(source.line, source.id, self._published(source, source_status(source)))
             if self.references is not None and source.id not in self.references.unavailable:
                 self.metrics.source_ready.labels(source.id).set(1.0)
             source.start()
-            if str(_status(source)) == "disabled":
+            if source_status(source) == "disabled":
                 self.sinks.source_status(source.line, source.id, "disabled")
         if self.serve_http:
             self._start_http()
@@ -342,7 +307,7 @@ class Service:
         self.metrics.source_ready.labels(source_id).set(0.0 if cause else 1.0)
         for source in self.sources:
             if source.id == source_id and self.sinks:
-                self.sinks.source_status(source.line, source.id, self._published(source, _status(source)))
+                self.sinks.source_status(source.line, source.id, self._published(source, source_status(source)))
 
     def _start_capture_forwarding(self) -> None:
         """--role capture: frames go to the Redis stream that GPU workers read."""
@@ -388,7 +353,7 @@ class Service:
         from daemon.tokens import bootstrap_admin_token
 
         host, port = self.settings.api.host_port
-        self.api = _ApiServer(create_app(self.app_state(), self._routers), host, port)
+        self.api = ApiServer(create_app(self.app_state(), self._routers), host, port)
         self.api.start()
         self.http_port = self.api.port
         log.info("HTTP API on http://%s:%d", host if ":" not in host else f"[{host}]", self.api.port)
@@ -397,72 +362,13 @@ class Service:
     # --- health -------------------------------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        details: dict[str, Any] = {"role": self.role}
-        ok = True
-        if self.role != "capture":
-            details["model"] = {"loaded": self.pipeline is not None,
-                                "name": getattr(self._current_detector(), "name", None),
-                                "version": getattr(self._current_detector(), "version", None)}
-            ok &= self.pipeline is not None
-            if self.models is not None and self.models.last_error:
-                details["model"]["error"] = self.models.last_error  # still inspecting with the previous one
-            if self.references is not None:  # a source without a usable bank is not ready (its frames wait)
-                details["references"] = self.references.status()
-                missing = list(self.references.unavailable.values())
-                if missing:
-                    ok = False
-                    details["reference_problems"] = missing
-            try:
-                from adapters.db import count_pending_outbox, ping
-
-                ping(self.engine)
-                with self.sessions() as session:
-                    pending = count_pending_outbox(session)
-                details["database"] = {"reachable": True, "outbox_pending": pending}
-                self.metrics.alerts_pending.set(pending)
-            except Exception as exc:
-                ok = False
-                details["database"] = {"reachable": False, "error": str(exc).splitlines()[0][:300]}
-            else:
-                write_problem = database_write_problem(self.engine)
-                details["database"]["writable"] = write_problem is None
-                if write_problem is not None:
-                    ok = False
-                    details["database"]["error"] = write_problem
-            if self.store is not None:
-                storage = storage_problem(self.store.root)
-                details["storage"] = {"writable": storage is None, **({"error": storage} if storage else {})}
-                ok &= storage is None
-        if self.pipeline is not None:
-            healthy, problems = self.pipeline.healthy()
-            ok &= healthy
-            details["pipeline"] = {"healthy": healthy, "problems": problems, "processed": self.pipeline.processed,
-                                   "rejected": self.pipeline.rejected, "failed": self.pipeline.failed}
-        if self.integrations is not None:
-            ok &= self.integrations.readiness(details)
-        for sink in self.sinks:
-            details[sink.name] = sink.health()
-            if sink.problem() is not None:
-                ok = False
-        details.setdefault("mqtt", {"enabled": False})
-        details["sources"] = {source.id: str(_status(source)) for source in self.sources}
-        if not self._stop_requested.is_set():
-            dead = [problem for problem in map(source_problem, self.sources) if problem is not None]
-            if dead:
-                ok = False
-                details["source_problems"] = dead
-        problems = [*(details.get("pipeline", {}).get("problems") or []), *details.get("source_problems", []),
-                    *details.get("reference_problems", []),
-                    *([details["database"]["error"]] if details.get("database", {}).get("error") else []),
-                    *([details["storage"]["error"]] if details.get("storage", {}).get("error") else [])]
-        if problems:
-            details["causes"] = problems  # every reason it is not ready, in one list
-        if self.api is not None and self.api.crashed is not None:
-            ok = False
-        if self._stop_requested.is_set():
-            ok = False
-            details["stopping"] = True
-        return bool(ok), details
+        """(ready, details) over every part this role runs (daemon/readiness.py)."""
+        return assess_readiness(
+            role=self.role, detector=self._current_detector(), pipeline=self.pipeline, models=self.models,
+            references=self.references, engine=self.engine, sessions=self.sessions, store=self.store,
+            integrations=self.integrations, sinks=self.sinks, sources=self.sources, metrics=self.metrics,
+            http_crashed=self.api is not None and self.api.crashed is not None,
+            stopping=self._stop_requested.is_set())
 
     def _current_detector(self) -> DetectorLike | None:
         detector = self.pipeline.detector if self.pipeline is not None else self._detector
@@ -543,7 +449,7 @@ class Service:
         if self.sinks:
             self.sinks.flush(max(0.2, deadline - time.monotonic() - 1.0))  # each sink logs what is left
             for source in self.sources:
-                if str(_status(source)) != "disabled":
+                if source_status(source) != "disabled":
                     self.sinks.source_status(source.line, source.id, "offline")
             self.sinks.stop(timeout=max(0.2, min(2.0, deadline - time.monotonic())))
         if self.api is not None:
@@ -553,7 +459,3 @@ class Service:
         log.info("anomalyd stopped")
         return clean
 
-
-def _status(source: FrameSource) -> str:
-    status = getattr(source, "status", "")
-    return str(getattr(status, "value", status))

@@ -13,6 +13,9 @@ retraining, the CLI and the config never switch on a model name:
   exported);
 - `capabilities`: what it can do (`Capabilities`: needs / takes references, frame geometry, score scale, class
   name, backbone kind); the daemon asks these and never compares a family's name;
+- `known_good`: for a family that scores against references, the known-good scores its calibration reads
+  (`known_good(detector, files, limit) -> model.known_good.KnownGoodScores`: held-out references and their
+  calibration views, each against a bank of the others; e.g. model/patchcore/known_good.py);
 - `default_taps`, `activation`, `default_weights`.
 
 `ModelFamily.trainable` (retraining and `anomalyd train` through the prompt-training loop), `learns_from_labels`
@@ -126,6 +129,9 @@ class ModelFamily:
     # fit_samples(detector, samples, *, output, seed, references, metadata): trains from labelled samples without the
     # prompt-training loop (`anomalyd train`; e.g. patchcore-head); None: `training` or nothing.
     fit_samples: Callable[..., Any] | None = None
+    # known_good(detector, files, limit): raw scores of held-out references and their calibration views
+    # (model.known_good.KnownGoodScores) that the daemon calibrates a source's thresholds from; None: it has none.
+    known_good: Callable[..., Any] | None = None
 
     @property
     def caps(self) -> Capabilities:
@@ -228,6 +234,16 @@ def capabilities_of(detector: Any) -> Capabilities:
         return capabilities(str(getattr(detector, "name", "")))
     except ValueError:
         return Capabilities()
+
+
+def known_good_of(detector: Any) -> Callable[..., Any] | None:
+    """The `known_good` hook of a detector's family, by its `name` (None: the family has none, or the detector
+    belongs to no registered family)."""
+    name = str(getattr(detector, "name", ""))
+    try:
+        return get_family(name).known_good
+    except ValueError:
+        return None
 
 
 def models_that(predicate: Callable[[Capabilities], bool]) -> list[str]:

@@ -2,7 +2,7 @@
 source's `LastResult`, status changes its `SystemState`; the daemon binds the methods (trigger, model selection,
 counter reset) and adds what only it knows (trigger answers, counters, Busy) through `server.update`.
 
-Configured by `[opcua]` (`daemon.config.OpcUaConfig`, off by default); it reads `[[sources]]` for the address
+Configured by `[opcua]` (`adapters.opcua_settings.OpcUaConfig`, off by default); it reads `[[sources]]` for the address
 space, so it registers for the whole configuration.
 """
 

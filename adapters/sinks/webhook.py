@@ -1,7 +1,7 @@
 """The webhook sink: the outbox (alerts, trigger answers) POSTed to every `[[webhooks]]` URL with the outbox's
 delivery guarantee, per-URL delivery state in the database and an HMAC-SHA256 signature (adapters/webhooks.py).
 
-Configured by the `[[webhooks]]` tables (`daemon.config.WebhookConfig`); no table, no sink.
+Configured by the `[[webhooks]]` tables (`adapters.webhook_settings.WebhookConfig`); no table, no sink.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class WebhookSink(ResultSink):
 
 
 def targets_from_config(webhooks: Sequence[Any]) -> list[WebhookTarget]:
-    """`[[webhooks]]` tables (daemon.config.WebhookConfig) → relay targets."""
+    """`[[webhooks]]` tables (adapters.webhook_settings.WebhookConfig) → relay targets."""
     return [WebhookTarget(name=w.key, url=w.url, secret=w.secret.get_secret_value() if w.secret else None,
                           sources=w.sources, lines=w.lines, anomalous_only=w.anomalous_only, timeout_s=w.timeout_s,
                           allow_private=w.allow_private, backoff_max_s=w.backoff_max_s) for w in webhooks]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from adapters.sources.base import DEFAULT_MAX_BYTES, SourceSettings, resolve_path_uri
 
@@ -33,6 +33,20 @@ class CaptureSettings(SourceSettings):
 
     def resolved(self, base_dir: Path) -> CaptureSettings:
         return resolve_path_uri(self, base_dir) if self.kind == "video" else self  # type: ignore[return-value]
+
+
+class RedisConfig(BaseModel):
+    """The `[redis]` section: the stream that capture hosts write frames to (`RedisFrameWriter`) and `kind =
+    "redis"` sources read, with its consumer group; a source's own url/stream/group override it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    url_file: str | None = None
+    stream: str = "anomalyd:frames"
+    group: str = "anomalyd-workers"
+    consumer: str | None = None
+    maxlen: int | None = Field(10_000, ge=1)
 
 
 class RedisSourceSettings(SourceSettings):

@@ -34,8 +34,8 @@ from daemon.api.inspections import sessions_of
 from daemon.api.references import _known, _source_ids
 from daemon.api.thresholds import _source, _version
 from daemon.app import AppState, get_state, require_role
-from daemon.known_good import CALIBRATION_HOLDOUTS
 from daemon.reference_files import own_reference_dir
+from model.known_good import CALIBRATION_HOLDOUTS
 
 router = APIRouter(prefix="/api/sources", tags=["calibration"])
 
@@ -163,7 +163,7 @@ def _references(state: AppState, source_id: str) -> dict[str, Any]:
 def leave_one_out_scores(state: AppState, source_id: str) -> dict[str, float]:
     """Reference file name → its score against a bank of the other references, on the daemon's 0–1 scale, for the
     references the running bank held out when it was built (PatchCore: the first CALIBRATION_HOLDOUTS files,
-    daemon/known_good.py). Empty without a running bank or for a family that keeps none."""
+    model/known_good.py). Empty without a running bank or for a family that keeps none."""
     manager = state.references
     source = manager.states.get(source_id) if manager is not None else None
     detector = getattr(source, "detector", None)

@@ -4,6 +4,8 @@
 - `torch_model.py`: the torch model (embedding, memory bank, chunked nearest neighbour, scores, maps).
 - `coreset.py`: the deterministic greedy k-center coreset.
 - `detector.py`: the glue: Detector protocol, references → bank (files, tensors, saved banks), registration.
+- `known_good.py`: the known-good scores the daemon calibrates from (its `known_good` hook): leave-one-out of the
+  references and their calibration views, through the frame geometry when there is one.
 """
 
 from model.patchcore.backbone import (

@@ -24,9 +24,9 @@ from daemon import thresholds
 from daemon.api import routers
 from daemon.app import AppState, create_app
 from daemon.config import load_config
-from daemon.known_good import KnownGoodScores
 from daemon.metrics import Metrics
 from daemon.reference_files import own_reference_dir
+from model.known_good import KnownGoodScores
 from tests.adapters.test_db import create_pg_database
 from tests.daemon.test_api import T0, TOKENS, auth
 

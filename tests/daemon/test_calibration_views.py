@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from daemon.calibration import quantile_thresholds
-from daemon.known_good import calibration_views, leave_one_out_scores
-from daemon.reference_bank import patchcore_embeddings, patchcore_known_good
 from daemon.scale import scale_outputs
+from model.known_good import calibration_views
 from model.patchcore import build_patchcore, clip_to_tf
+from model.patchcore.known_good import leave_one_out_scores, patchcore_embeddings, patchcore_known_good
 from model.preprocess import fast_transform
 
 SIZE = 64

@@ -110,3 +110,40 @@ def test_retraining_a_family_without_training_is_refused_with_the_reason(declare
     assert retrainer.triggers == []
     with env.sessions() as session:
         assert session.scalars(select(TrainingRun)).all() == []
+
+
+def test_known_good_scores_come_from_the_hook_the_family_registers(tmp_path):
+    """The calibration's known-good scores come from the family's `known_good` hook (PatchCore's maths live in
+    model/patchcore/known_good.py, never in daemon/): computed once through it, cached, read back on a restart; a
+    family without the hook has none, and eval reports no operating point for it."""
+    from daemon.operating_point import daemon_threshold
+    from daemon.reference_bank import cached_known_good
+    from model.known_good import CALIBRATION_HOLDOUTS, KnownGoodScores
+
+    calls = []
+
+    def toy_known_good(detector, files, limit):
+        calls.append(([f.name for f in files], limit))
+        return KnownGoodScores([1.0, 2.5, 3.0], [4.0, 5.0, 6.0], 2.0, 2, 1, [1.0, 3.0])
+
+    register_family(ModelFamily(name=TOY, create=create_toy, known_good=toy_known_good, capabilities=Capabilities(
+        clip_backbone=False, needs_references=True, uses_references=True)))
+    try:
+        settings, detector = _settings(tmp_path), _toy_detector()
+        files = [tmp_path / "ref-b.png", tmp_path / "ref-a.png", tmp_path / "ref-c.png"]
+        bank = tmp_path / "cam.safetensors"
+        known = cached_known_good(settings, detector, files, bank)
+        assert calls == [(["ref-b.png", "ref-a.png", "ref-c.png"], CALIBRATION_HOLDOUTS)]
+        assert (known.scores, known.distance_scale, known.own_files) == ([1.0, 2.5, 3.0], 2.0, ["ref-b.png", "ref-a.png"])
+        again = cached_known_good(settings, detector, files, bank)  # the restart: read back, the hook not called
+        assert len(calls) == 1 and (again.scores, again.own, again.own_files) == (known.scores, known.own,
+                                                                                  known.own_files)
+        threshold = daemon_threshold(detector, files, 0.5)
+        assert threshold is not None and len(calls) == 2 and threshold[2] == [1.0, 2.5, 3.0]
+
+        register_family(ModelFamily(name=TOY, create=create_toy, capabilities=Capabilities(
+            clip_backbone=False, needs_references=True, uses_references=True)))
+        assert cached_known_good(settings, detector, files, tmp_path / "other.safetensors") is None
+        assert daemon_threshold(detector, files, 0.5) is None and len(calls) == 2
+    finally:
+        unregister_model(TOY)
