@@ -86,9 +86,10 @@ def test_auto_accept_approves_the_proposal_and_switches_to_patchcore(samples_dir
         later = [good[len(first)], defective[0]]
         _feed(later, tmp_path / "inbox", len(first))
         assert wait_until(lambda: len(_rows(service)) == len(first) + 2, timeout=600)
-        newest = _rows(service)[-2:]
-        assert {row.model_version for row in newest} == {version}
-        assert newest[1].score > newest[0].score  # the defect above the good part
+        newest = {Path(row.frame_name).name.split("-", 1)[1]: row for row in _rows(service)[-2:]}
+        assert {row.model_version for row in newest.values()} == {version}
+        good_row, defect_row = newest[f"good-{later[0].name}"], newest[f"abnormal-{later[1].name}"]
+        assert defect_row.score > good_row.score  # the defect above the good part
         # nothing approved twice: the source runs PatchCore now
         manager.check()
         assert len(client.get("/api/sources/cubes/references/history", headers=auth("viewer")).json()["items"]) == 1
