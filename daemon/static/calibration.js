@@ -108,7 +108,9 @@ async function loadCalibration() {
     drawCurve(data);
     drawCalHistogram(data);
     await renderReferences(data);
-    await renderProposal(data);
+    if (ticket !== calState.loading) return;
+    await renderProposal(data, ticket);
+    if (ticket !== calState.loading) return;
     $("#cal-status").textContent = `model version ${data.model_version || "?"}`;
   } catch (error) {
     if (ticket !== calState.loading) return;

@@ -4,7 +4,8 @@
 // which switches the source to PatchCore on them. Uses calibration.js's calState, calPath, thumb and loadCalibration.
 "use strict";
 
-async function renderProposal(data) {
+// `ticket`: calibration.js's load this belongs to; a newer load (another source picked) wins, so nothing stale is drawn.
+async function renderProposal(data, ticket) {
   const card = $("#cal-proposal");
   const mutual = (data.model_version || "").startsWith("mutual-");
   let drift = null;
@@ -13,6 +14,7 @@ async function renderProposal(data) {
   } catch (error) {
     drift = null;  // a family without a drift watch: nothing to show
   }
+  if (ticket !== calState.loading) return;
   const drifting = Boolean(drift && drift.drifting && drift.current);
   card.hidden = !(mutual || drifting);
   if (card.hidden) return;
@@ -28,6 +30,7 @@ async function renderProposal(data) {
     if (error.message !== "unauthorised") showError(`Cannot load the proposed references: ${error.message}`);
     return;
   }
+  if (ticket !== calState.loading) return;
   $("#cal-proposal-caption").textContent = proposal.message || "";
   const frames = proposal.frames || [];
   $("#cal-proposed").replaceChildren(...frames.map((frame) => el("figure", { class: "thumb", "data-id": frame.inspection_id },
