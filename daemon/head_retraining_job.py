@@ -16,16 +16,13 @@ no database: it reads the job file and writes result.json; progress goes to stdo
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.retraining_job import emit
-from model.atomic import atomic_write_text
+from daemon.retraining_job import emit, job_main
 
 log = logging.getLogger("anomalyd.head_retraining_job")
 
@@ -228,28 +225,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m daemon.head_retraining_job JOB.json", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
-    try:
-        os.nice(int(spec.get("nice") or 0))  # inspection keeps priority over training
-    except OSError as exc:
-        log.warning("cannot lower the priority: %s", exc)
-    result = run(spec)
-    atomic_write_text(Path(spec["result"]), json.dumps(result, indent=1, default=_json_default))
-    emit({"event": "done"})
-    return 0
-
-
-def _json_default(value: Any) -> Any:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
+    return job_main(argv, run, "daemon.head_retraining_job")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +193,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(argv, run, "daemon.retraining_job")
+
+
+def job_main(argv: Sequence[str] | None, run_job: Callable[[dict[str, Any]], dict[str, Any]], module: str) -> int:
+    """A training job process (`python -m MODULE JOB.json`): lowered priority, `run_job(spec)`, the result file
+    written atomically, a `done` event. Shared by the CLIP job and the head job (daemon/head_retraining_job.py)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m daemon.retraining_job JOB.json", file=sys.stderr)
+        print(f"usage: python -m {module} JOB.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -204,9 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.nice(int(spec.get("nice") or 0))  # inspection keeps priority over training
     except OSError as exc:
         log.warning("cannot lower the priority: %s", exc)
-    result = run(spec)
-    target = Path(spec["result"])
-    atomic_write_text(target, json.dumps(result, indent=1, default=_json_default))
+    result = run_job(spec)
+    atomic_write_text(Path(spec["result"]), json.dumps(result, indent=1, default=_json_default))
     emit({"event": "done"})
     return 0
 

@@ -13,25 +13,19 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
 
-from adapters.db import Inspection
 from daemon.api import routers
 from daemon.app import create_app
 from daemon.config import load_config
 from daemon.reference_files import own_reference_dir
 from daemon.service import Service
 from tests.daemon.test_api import TOKENS, auth
+from tests.daemon.test_e2e_mutual import _rows
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
 WINDOW, AFTER, COUNT = 16, 10, 4
-
-
-def _rows(service: Service) -> list[Inspection]:
-    with service.sessions() as session:
-        return list(session.scalars(select(Inspection).order_by(Inspection.id)))
 
 
 def _feed(files: list[Path], inbox: Path, first: int) -> None:
