@@ -40,10 +40,10 @@ from sqlalchemy import select, update
 from adapters.db.tables import DriftEvent, OutboxMessage
 from adapters.mqtt import topic
 from adapters.timeutil import rfc3339, utc_now
+from daemon.zero_label import MUTUAL_PREFIX
 
 log = logging.getLogger("anomalyd.drift")
 
-MUTUAL_PREFIX = "mutual-"  # the versions mutual detectors give their inspections (daemon/zero_label.py)
 
 
 @dataclass

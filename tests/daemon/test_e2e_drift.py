@@ -22,13 +22,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from adapters.db import Inspection, OutboxMessage
+from adapters.db import OutboxMessage
 from adapters.timeutil import rfc3339
 from daemon.cli import main
 from daemon.config import load_config
 from daemon.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.daemon.test_api import TOKENS, auth
+from tests.daemon.test_e2e_mutual import _rows
 from tests.waiting import wait_until
 from tests.webhook_receiver import Receiver
 
@@ -36,11 +37,6 @@ pytestmark = [pytest.mark.services, pytest.mark.shared]
 
 WINDOW = 16
 N_CUBES, N_PLATES = 16, 10
-
-
-def _rows(service: Service) -> list[Inspection]:
-    with service.sessions() as session:
-        return list(session.scalars(select(Inspection).order_by(Inspection.id)))
 
 
 def _feed(files: list[Path], inbox: Path, first: int) -> None:
