@@ -1,10 +1,18 @@
-"""MQTT: availability and status (retained), per-frame inspection messages, and the outbox relay for alerts.
+"""MQTT: availability and status (retained), per-frame inspection messages, and the outbox relay.
 
-Alerts are rows in the `outbox` table until the broker acknowledges them: a relay thread publishes unsent rows
-at QoS 1 and marks a row sent only when its PUBACK arrives (paho's `on_publish` with the message id). After a
-reconnect, everything not yet acknowledged is published again (consumers dedupe on the alert `id`), so neither
-a broker outage nor a daemon restart loses an alert. The client connects asynchronously and reconnects with
-back-off, so an absent broker never blocks or stops inspection.
+The outbox (adapters/db/outbox.py) holds neutral events (adapters/events.py); `mqtt_message` is this sink's
+formatter: the topic `<prefix>/<line>/<source>/<kind>`, the contract's JSON payload, the QoS and whether it is
+retained. MQTT's place in the outbox is its cursor (`sink_cursors` row `mqtt`): every row up to it is acknowledged.
+
+Delivery (the relay thread): rows after the cursor are published in `seq` order at QoS 1, up to `max_inflight` at a
+time, on one connection (the broker forwards one client's QoS 1 messages in the order it sent them). PUBACKs may
+come back in any order; the cursor moves to just below the oldest row still waiting for its PUBACK, so it never
+passes a row the broker did not take, and is saved with each batch of PUBACKs. After a reconnect (or a restart)
+everything after the cursor is published again, in order: a row whose PUBACK was lost, or that was acknowledged
+while an older one was not, reaches a subscriber twice (QoS 1 is at least once), with the same `id`, on which
+consumers dedupe. So every event leaves exactly once per connection and in `seq` order, and none is skipped; the
+`id` makes the repeats after a broken connection harmless. The client connects asynchronously and reconnects
+with back-off, so an absent broker never blocks or stops inspection.
 
 paho-mqtt 2 callbacks run on paho's network thread while it holds its own locks; they only set flags and push
 message ids onto a queue, and all bookkeeping happens on the relay thread (no lock ordering to get wrong).
@@ -31,7 +39,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db.repository import add_outbox_attempts, count_pending_outbox, mark_outbox_sent, pending_outbox
+from adapters.db.outbox import MQTT_SINK, count_pending_outbox, outbox_after, set_sink_cursor, sink_cursor
+from adapters.events import (
+    DRIFT,
+    LEGACY_MQTT,
+    THRESHOLD,
+    OutboxEvent,
+    alert_message,
+    contract_message,
+    inspection_body,
+)
 from adapters.mqtt_settings import MqttSettings, TlsSettings  # noqa: F401  (re-exported: the public names)
 from adapters.timeutil import rfc3339
 
@@ -67,20 +84,34 @@ def alert_payload(*, inspection_id: int, frame_id: str, captured_at: datetime, s
                   score: float, threshold: float, model_version: str, regions: list[dict[str, Any]],
                   alert_id: str | None = None) -> dict[str, Any]:
     """The contract's alert on `<prefix>/<line>/<source>/anomaly`; `id` is what consumers dedupe on."""
-    return {
-        "id": alert_id or str(uuid.uuid4()),
-        "inspection_id": inspection_id,
-        "frame_id": frame_id,
-        "ts": rfc3339(captured_at),
-        "source": source,
-        "line": line,
-        "score": round(float(score), 6),
-        "threshold": float(threshold),
-        "model_version": model_version,
-        "regions": regions,
-        "mask_url": f"/api/inspections/{inspection_id}/mask.png",
-        "heatmap_url": f"/api/inspections/{inspection_id}/heatmap.jpg",
-    }
+    return alert_message(alert_id or str(uuid.uuid4()), inspection_body(
+        inspection_id=inspection_id, frame_id=frame_id, captured_at=captured_at, source=source, line=line,
+        score=score, threshold=threshold, model_version=model_version, regions=regions))
+
+
+@dataclass(frozen=True)
+class MqttMessage:
+    topic: str
+    payload: str
+    qos: int
+    retain: bool
+
+
+RETAINED_EVENTS = (THRESHOLD, DRIFT)  # states (like `/status`): published retained, at QoS 1
+
+
+def mqtt_message(event: OutboxEvent, prefix: str, qos: int) -> MqttMessage:
+    """MQTT's formatter: the message of one outbox event under `prefix`; `qos` is the `[mqtt] qos` of alerts and
+    trigger results (a state is QoS 1 and retained). A row from before migration 0007 is published as stored."""
+    if event.event_type == LEGACY_MQTT:
+        body = event.body
+        return MqttMessage(str(body["topic"]), str(body["payload"]), int(body.get("qos", 1)),
+                           bool(body.get("retain", False)))
+    kind, document, text = contract_message(event)
+    assert document is not None  # the neutral types always give an object
+    retained = event.event_type in RETAINED_EVENTS
+    return MqttMessage(topic(prefix, str(document["line"]), str(document["source"]), kind), text,
+                       1 if retained else qos, retained)
 
 
 @dataclass
@@ -112,7 +143,10 @@ class MqttPublisher:
         self.state = MqttState()
         self.available_topic = f"{settings.prefix}/available"
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._inflight: dict[int, str] = {}  # mid → outbox id; relay thread only
+        self._inflight: dict[int, int] = {}  # mid → outbox seq; relay thread only
+        self._cursor: int | None = None  # saved in sink_cursors: every row up to it is acknowledged
+        self._acknowledged_upto = 0  # every row up to it is acknowledged (saved at the next pass when it moved)
+        self._published_upto = 0  # the last seq published on this connection
         self._connection_epoch = 0  # bumped by on_connect; the relay resets in-flight state when it changes
         self._seen_epoch = 0
         self._wake = threading.Event()
@@ -313,47 +347,53 @@ class MqttPublisher:
             raise
 
     def _relay_once(self) -> None:
+        if self._cursor is None:
+            with self.sessions() as session:
+                self._cursor = sink_cursor(session, MQTT_SINK) or 0
+            self._acknowledged_upto = self._published_upto = self._cursor
         if self._confirm_acks():
             self._check_outbox.set()  # room in flight again, and flush() waits for the count
         if self._seen_epoch != self._connection_epoch:
-            # New connection: anything unacknowledged from before is published again (dedupe on id downstream).
+            # New connection: everything after the cursor is published again, in order (dedupe on id downstream).
             self._seen_epoch = self._connection_epoch
             self._inflight.clear()
+            self._published_upto = self._acknowledged_upto
         if not self.state.connected or not self._check_outbox.is_set():
             return
         self._check_outbox.clear()
         room = self.settings.max_inflight - len(self._inflight)
         if room <= 0:
             return
-        with self.sessions() as session, session.begin():
-            rows = pending_outbox(session, limit=room, exclude=set(self._inflight.values()))
-            published = []
-            for row in rows:
-                info = self._client.publish(row.topic, row.payload, qos=row.qos, retain=bool(row.retain))
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    break
-                self._inflight[info.mid] = row.id
-                published.append(row.id)
-            add_outbox_attempts(session, published)
-        if not rows and not self._inflight:
+        with self.sessions() as session:
+            events = outbox_after(session, self._published_upto, limit=room)
+        for event in events:
+            message = mqtt_message(event, self.settings.prefix, self.settings.qos)
+            info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break  # disconnected meanwhile: published again after the reconnect
+            self._inflight[info.mid] = event.seq
+            self._published_upto = event.seq
+        if not events and not self._inflight:
             self._idle.set()
 
     def _confirm_acks(self) -> bool:
-        """Mark acknowledged alerts sent; True when any of ours was acknowledged."""
-        done: list[str] = []
+        """Move the cursor past the acknowledged rows (up to the oldest one still waiting); True when any of ours
+        was acknowledged."""
+        acknowledged = 0
         while True:
             try:
                 mid = self._acks.get_nowait()
             except queue.Empty:
                 break
-            outbox_id = self._inflight.pop(mid, None)
-            if outbox_id is not None:
-                done.append(outbox_id)
-        if not done:
-            return False
-        with self.sessions() as session, session.begin():
-            marked = mark_outbox_sent(session, done)
-        self.state.alerts_published += marked
-        if self.on_alerts_sent is not None and marked:
-            self.on_alerts_sent(marked)
-        return True
+            if self._inflight.pop(mid, None) is not None:
+                acknowledged += 1
+        if acknowledged:
+            self._acknowledged_upto = min(self._inflight.values()) - 1 if self._inflight else self._published_upto
+            self.state.alerts_published += acknowledged
+            if self.on_alerts_sent is not None:
+                self.on_alerts_sent(acknowledged)
+        if self._cursor is not None and self._acknowledged_upto > self._cursor:
+            with self.sessions() as session, session.begin():  # raises while the database is away: next pass
+                set_sink_cursor(session, MQTT_SINK, self._acknowledged_upto)
+            self._cursor = self._acknowledged_upto
+        return acknowledged > 0

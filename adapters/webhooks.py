@@ -1,20 +1,23 @@
-"""Webhooks: outbox messages (alerts, trigger results) POSTed as JSON to configured URLs, with the outbox's
-delivery guarantee.
+"""Webhooks: outbox events (alerts, trigger results, drifts, threshold changes) POSTed as JSON to configured URLs,
+with the outbox's delivery guarantee.
 
-Every message a sink must see is an `outbox` row written in the same transaction as its inspection (or, for a
-trigger's fail-safe answer, on its own). The MQTT relay marks rows sent when the broker acknowledges them; this
-relay keeps its own state per webhook in the database, so a receiver outage or a daemon restart loses nothing:
+Every event a sink must see is an `outbox` row (a neutral event, adapters/events.py) written in the same
+transaction as what it reports. `webhook_request` is this sink's formatter: the body is the contract's JSON
+message (the same document MQTT publishes, ../shared/spec/interfaces.md), the headers name the event and sign the
+body. Each webhook keeps its own place in the outbox, in the database, so a receiver outage or a daemon restart
+loses nothing and one slow receiver holds back no other sink:
 
-- `webhook_endpoints.settled_until`: every outbox row created before it is delivered to the webhook or filtered
-  out. A webhook seen for the first time starts at its registration (it gets messages from then on).
-- `webhook_deliveries`: the rows after that cursor already settled (delivered on a 2xx, or skipped by the
-  filters). The relay scans rows from the cursor that have no delivery row, oldest first, and POSTs them one by
-  one; a failure stops that webhook (order is kept) and retries with capped exponential backoff. The cursor moves
-  up to the oldest unsettled row, and never nearer than `SETTLE_MARGIN` to now (a row committed late by another
-  writer with an older `created_at` is still found), and delivery rows behind it are pruned.
+- its cursor (`sink_cursors` row `webhook:<name>`): every outbox row up to it is delivered to the webhook (a 2xx
+  came back) or filtered out by its filters. A webhook seen for the first time (or whose URL changed) starts at
+  the newest row: it gets the events from then on.
+- The relay POSTs the rows after the cursor one by one in `seq` order (seq order is commit order,
+  adapters.db.tables.next_outbox_seq) and moves the cursor past each row in one transaction with the webhook's
+  counters once the 2xx came back; a failure stops that webhook (order is kept) and retries the same row with
+  capped exponential backoff.
 
-A delivery is recorded only after the 2xx, so a crash between the two sends that message again: receivers
-deduplicate on the payload `id` (the `X-Anomalyd-Id` header), as MQTT consumers do.
+The cursor moves only after the 2xx, so a crash between the two sends that message again: receivers deduplicate
+on the payload `id` (the `X-Anomalyd-Id` header), as MQTT consumers do. Otherwise each event leaves once per
+webhook, in `seq` order.
 
 Destinations (unless a target has `allow_private`): public internet addresses only (`not is_global` is refused,
 so carrier-grade NAT and its cloud metadata address too); the host is resolved once per POST, checked, and the
@@ -31,28 +34,34 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
-from sqlalchemy import and_, delete, exists, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.db.tables import OutboxMessage, WebhookDelivery, WebhookEndpoint, utcnow
+from adapters.db.outbox import (
+    last_outbox_seq,
+    outbox_after,
+    reset_sink_cursor,
+    set_sink_cursor,
+    sink_cursor,
+    webhook_sink,
+)
+from adapters.db.tables import WebhookEndpoint, utcnow
+from adapters.events import OutboxEvent, contract_message
 from adapters.redact import url_origin
 
 log = logging.getLogger(__name__)
 
-SETTLE_MARGIN = timedelta(seconds=60)
 SIGNATURE_HEADER = "X-Anomalyd-Signature"
 
 
@@ -163,6 +172,31 @@ def sign(secret: str, body: bytes) -> str:
 def verify(secret: str, body: bytes, header: str) -> bool:
     """Receivers' check (constant time)."""
     return hmac.compare_digest(sign(secret, body), header or "")
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """What one outbox event is POSTed as: the event name, the JSON document (for the filters; {} when the body
+    is not an object), the body bytes and the headers (Host and the connection come later)."""
+
+    event: str
+    document: dict[str, Any]
+    body: bytes
+    headers: dict[str, str]
+
+
+def webhook_request(event: OutboxEvent, secret: str | None, now: datetime | None = None) -> WebhookRequest:
+    """The webhook sink's formatter: the contract's message of `event` as the body, `X-Anomalyd-Id` (the message
+    id), `X-Anomalyd-Event` (`anomaly` | `result` | `drift` | `threshold`), `X-Anomalyd-Timestamp` and, with a
+    secret, `X-Anomalyd-Signature` over the exact body."""
+    kind, document, text = contract_message(event)
+    body = text.encode()
+    headers = {"Content-Type": "application/json", "User-Agent": "anomalyd-webhook/1",
+               "X-Anomalyd-Id": event.id, "X-Anomalyd-Event": kind,
+               "X-Anomalyd-Timestamp": (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")}
+    if secret:
+        headers[SIGNATURE_HEADER] = sign(secret, body)
+    return WebhookRequest(kind, document or {}, body, headers)
 
 
 @dataclass
@@ -276,21 +310,26 @@ class WebhookRelay:
         return self._idle_for >= wanted
 
     def _register(self) -> None:
-        """A row per target; a new target (or one whose url changed) starts from now."""
+        """A row and a cursor per target; a new target (or one whose url changed) starts at the newest row."""
         now = utcnow()
         with self.sessions() as session, session.begin():
+            newest = last_outbox_seq(session)
             for target in self.targets:
+                sink = webhook_sink(target.name)
                 row = session.get(WebhookEndpoint, target.name)
                 if row is None:
-                    session.add(WebhookEndpoint(name=target.name, url=target.url, registered_at=now,
-                                                settled_until=now, delivered=0, failures=0))
+                    session.add(WebhookEndpoint(name=target.name, url=target.url, registered_at=now, delivered=0,
+                                                failures=0))
+                    reset_sink_cursor(session, sink, newest)
                     log.info("webhook %s (%s) registered: alerts from now on are delivered to it",
                              target.name, url_origin(target.url))
                 elif row.url != target.url:
                     log.warning("webhook %s: url changed from %s to %s; delivering from now on",
                                 target.name, url_origin(row.url), url_origin(target.url))
-                    row.url, row.registered_at, row.settled_until = target.url, now, now
-                    session.execute(delete(WebhookDelivery).where(WebhookDelivery.webhook == target.name))
+                    row.url, row.registered_at = target.url, now
+                    reset_sink_cursor(session, sink, newest)
+                elif sink_cursor(session, sink) is None:
+                    reset_sink_cursor(session, sink, newest)
 
     # --- relay --------------------------------------------------------------------------------------------------
 
@@ -340,66 +379,52 @@ class WebhookRelay:
         return more_now, waiting
 
     def _deliver(self, target: WebhookTarget, state: WebhookState) -> bool:
+        """POST the rows after the target's cursor in order until one fails; True when there may be more now."""
         with self.sessions() as session:
-            endpoint = session.get(WebhookEndpoint, target.name)
-            if endpoint is None:  # registered at start; recreated if someone deleted it
-                self._register()
-                return True
-            settled_until = endpoint.settled_until
-            settled = exists().where(and_(WebhookDelivery.webhook == target.name,
-                                          WebhookDelivery.outbox_id == OutboxMessage.id))
-            rows = session.scalars(
-                select(OutboxMessage).where(OutboxMessage.created_at >= settled_until, ~settled)
-                .order_by(OutboxMessage.seq).limit(self.batch)).all()
-            messages = [(row.id, row.topic, row.payload, row.created_at) for row in rows]
-        state.pending = len(messages)
-        oldest_unsettled: datetime | None = None
-        for index, (outbox_id, topic, payload_text, created_at) in enumerate(messages):
+            cursor = sink_cursor(session, webhook_sink(target.name))
+            if cursor is None or session.get(WebhookEndpoint, target.name) is None:  # deleted: registered again
+                cursor = None
+            else:
+                events = outbox_after(session, cursor, limit=self.batch)
+        if cursor is None:
+            self._register()
+            return True
+        state.pending = len(events)
+        for index, event in enumerate(events):
             if self._stopping.is_set():
-                oldest_unsettled = created_at
-                break
-            event = topic.rsplit("/", 1)[-1]
-            try:
-                payload = json.loads(payload_text)
-            except ValueError:
-                payload = {}
-            if not isinstance(payload, dict) or not target.wants(payload, event):
-                self._settle(target.name, outbox_id, created_at, "skipped", 0)
+                return False
+            request = webhook_request(event, target.secret)
+            if not target.wants(request.document, request.event):
+                self._settle(target.name, event.seq, delivered=False)
                 state.skipped += 1
-                state.pending = len(messages) - index - 1
+                state.pending = len(events) - index - 1
                 continue
-            error = self._post(target, outbox_id, event, payload_text.encode())
+            error = self._post(target, request)
             if error is not None:
                 self._failed(target, state, error)
-                oldest_unsettled = created_at
-                break
-            self._settle(target.name, outbox_id, created_at, "delivered", state.consecutive_failures + 1)
+                return False
+            self._settle(target.name, event.seq, delivered=True)
             state.delivered += 1
             state.consecutive_failures = 0
             state.last_error = None
             state.last_success = time.time()
-            state.pending = len(messages) - index - 1
+            state.pending = len(events) - index - 1
             if self.on_delivered is not None:
                 self.on_delivered(target.name, 1)
-        self._advance(target.name, oldest_unsettled, settled_until)
-        return len(messages) >= self.batch and oldest_unsettled is None
+        return len(events) >= self.batch
 
-    def _post(self, target: WebhookTarget, outbox_id: str, event: str, body: bytes) -> str | None:
+    def _post(self, target: WebhookTarget, request: WebhookRequest) -> str | None:
         """None on a 2xx, else what went wrong."""
         try:
             destination = pinned_destination(target.url, allow_private=target.allow_private)
         except WebhookConfigError as exc:
             return f"refused: {exc}"
-        headers = {"Content-Type": "application/json", "User-Agent": "anomalyd-webhook/1",
-                   "X-Anomalyd-Id": outbox_id, "X-Anomalyd-Event": event,
-                   "X-Anomalyd-Timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        headers = dict(request.headers)
         if destination.host_header is not None:
             headers["Host"] = destination.host_header
         extensions = {"sni_hostname": destination.sni_hostname} if destination.sni_hostname else None
-        if target.secret:
-            headers[SIGNATURE_HEADER] = sign(target.secret, body)
         try:
-            response = self._clients[target.name].post(destination.url, content=body, headers=headers,
+            response = self._clients[target.name].post(destination.url, content=request.body, headers=headers,
                                                        extensions=extensions)
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
@@ -423,30 +448,16 @@ class WebhookRelay:
                 endpoint.last_error = error
                 endpoint.last_attempt_at = utcnow()
 
-    def _settle(self, name: str, outbox_id: str, created_at: datetime, status: str, attempts: int) -> None:
+    def _settle(self, name: str, seq: int, *, delivered: bool) -> None:
+        """The row `seq` is done for this webhook (delivered, or filtered out): its cursor moves past it."""
         with self.sessions() as session, session.begin():
-            session.add(WebhookDelivery(webhook=name, outbox_id=outbox_id, status=status, created_at=created_at,
-                                        attempts=attempts))
-            if status == "delivered":
+            set_sink_cursor(session, webhook_sink(name), seq)
+            if delivered:
                 endpoint = session.get(WebhookEndpoint, name)
                 if endpoint is not None:
                     now = utcnow()
                     endpoint.delivered += 1
                     endpoint.last_attempt_at = endpoint.last_success_at = now
-
-    def _advance(self, name: str, oldest_unsettled: datetime | None, settled_until: datetime) -> None:
-        """Move the cursor to the oldest unsettled row, never nearer than SETTLE_MARGIN to now; prune behind."""
-        limit = utcnow() - SETTLE_MARGIN
-        target = limit if oldest_unsettled is None else min(limit, _aware(oldest_unsettled))
-        if target <= _aware(settled_until):
-            return
-        with self.sessions() as session, session.begin():
-            endpoint = session.get(WebhookEndpoint, name)
-            if endpoint is None:
-                return
-            endpoint.settled_until = target
-            session.execute(delete(WebhookDelivery).where(WebhookDelivery.webhook == name,
-                                                          WebhookDelivery.created_at < target))
 
     # --- state --------------------------------------------------------------------------------------------------
 
@@ -464,6 +475,3 @@ class WebhookRelay:
             }
         return out
 
-
-def _aware(when: datetime) -> datetime:
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when

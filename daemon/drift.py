@@ -27,7 +27,6 @@ their alerts went out.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
@@ -37,8 +36,9 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from adapters.db.tables import DriftEvent, OutboxMessage
-from adapters.mqtt import topic
+from adapters.db.outbox import add_event
+from adapters.db.tables import DriftEvent, lock_outbox
+from adapters.events import DRIFT, without_id
 from adapters.timeutil import rfc3339, utc_now
 from daemon.zero_label import MUTUAL_PREFIX
 
@@ -90,10 +90,8 @@ def drift_payload(event: _Active | Any, state: str, *, cleared_at: datetime | No
 class DriftTracker:
     """Per-source drift state between the detector's notes and the database (see the module docstring)."""
 
-    def __init__(self, sessions: Any, *, prefix: str, metrics: Any = None, qos: int = 1) -> None:
+    def __init__(self, sessions: Any, *, metrics: Any = None) -> None:
         self.sessions = sessions
-        self.prefix = prefix
-        self.qos = qos
         self.metrics = metrics
         self.active: dict[str, _Active] = {}
         self._starts: dict[str, tuple[int, datetime]] = {}  # source → (watch index, capture time) of the excursion
@@ -159,6 +157,7 @@ class DriftTracker:
         now = utc_now()
         messages = 0
         with self.sessions() as session, session.begin():
+            lock_outbox(session.connection())  # before the drift rows: one lock order with the other writers
             for active in pending.started:
                 row = DriftEvent(uuid=active.uuid, source=active.source, line=active.line,
                                  model_version=active.model_version[:255], started_at=active.started_at,
@@ -196,6 +195,7 @@ class DriftTracker:
         were added to the outbox."""
         now = utc_now()
         with self.sessions() as session, session.begin():
+            lock_outbox(session.connection())
             rows = session.scalars(select(DriftEvent).where(DriftEvent.cleared_at.is_(None))).all()
             reason = "the daemon restarted: the source's window starts again"
             for row in rows:
@@ -206,8 +206,8 @@ class DriftTracker:
         return bool(rows)
 
     def _outbox(self, session: Any, event: Any, payload: dict[str, Any]) -> None:
-        session.add(OutboxMessage(id=payload["id"], topic=topic(self.prefix, event.line, event.source, "drift"),
-                                  payload=json.dumps(payload, separators=(",", ":")), qos=self.qos, retain=True))
+        """A `drift` event: the message's fields (MQTT publishes it retained on `<prefix>/<line>/<source>/drift`)."""
+        add_event(session, DRIFT, without_id(payload), event_id=payload["id"])
 
     def _count(self, source: str, *, started: bool) -> None:
         if self.metrics is None:

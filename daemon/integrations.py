@@ -198,7 +198,8 @@ class Integrations:
 
     def _answer(self, answer: TriggerAnswer) -> None:
         """A trigger's answer: an outbox row (MQTT + webhooks), OPC UA, metrics."""
-        from adapters.db import OutboxMessage
+        from adapters.db.outbox import add_event
+        from adapters.events import RESULT, without_id
 
         request = answer.request
         kind = "late" if answer.late else "fail_safe" if answer.fail_safe else "result"
@@ -208,13 +209,10 @@ class Integrations:
         if answer.fail_safe and answer.reason == "deadline missed":
             with self._lock:
                 self.stats.setdefault(request.source_id, SourceStats()).deadline_missed += 1
-        payload = answer.payload()
-        topic = f"{self.settings.mqtt.prefix}/{request.line}/{request.source_id}/result"
-        sessions = self.service.sessions
-        with sessions() as session, session.begin():
-            session.add(OutboxMessage(id=payload["id"], topic=topic, payload=json.dumps(payload, separators=(",", ":")),
-                                      qos=self.settings.mqtt.qos,
-                                      inspection_id=answer.inspection.id if answer.inspection is not None else None))
+        payload = answer.payload()  # a `result` event: the answer's fields (MQTT: `<prefix>/<line>/<source>/result`)
+        with self.service.sessions() as session, session.begin():
+            add_event(session, RESULT, without_id(payload), event_id=payload["id"],
+                      inspection_id=answer.inspection.id if answer.inspection is not None else None)
         self.service.sinks.alerts_committed()  # MQTT and webhooks deliver it from the outbox
         if self.opcua is not None:
             if not answer.late:  # the PLC's answer stays what it was told; the late row still counts

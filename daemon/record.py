@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapters.mqtt_settings import MqttSettings
 from adapters.sources.base import Frame, SourceSettings
 from daemon.config import RuntimeConfig
 from daemon.dead_letter import DeadLetters, resource_fault
@@ -42,8 +41,6 @@ class PipelineOptions:
     persist_threads: int = _RUNTIME.persist_threads
     persist_batch: int = 32  # results stored per transaction, at most
     min_region_area: int = 1
-    mqtt_prefix: str = MqttSettings.model_fields["prefix"].default  # the outbox rows' topics ([mqtt] prefix and qos)
-    alert_qos: int = MqttSettings.model_fields["qos"].default
     reference_preprocessing: bool = False
     max_attempts: int = _RUNTIME.max_attempts  # a frame failing this many times is dead-lettered (daemon/dead_letter.py)
     # readiness names a resource fault this long after the last frame failed on it
@@ -59,7 +56,7 @@ class PipelineOptions:
         return cls(
             max_batch_size=runtime.max_batch_size, max_batch_delay_s=runtime.max_batch_delay_ms / 1000,
             queue_size=runtime.queue_size, decode_threads=runtime.decode_threads,
-            persist_threads=runtime.persist_threads, mqtt_prefix=settings.mqtt.prefix, alert_qos=settings.mqtt.qos,
+            persist_threads=runtime.persist_threads,
             reference_preprocessing=settings.model.reference_preprocessing, max_pixels=runtime.max_pixels,
             decode_budget_bytes=runtime.decode_budget_mb << 20, max_attempts=runtime.max_attempts,
             live_share=runtime.live_share, resource_backoff_s=runtime.resource_backoff_s,

@@ -244,8 +244,7 @@ class Service:
 
                 lines = {cfg.id: cfg.line for cfg in self.settings.sources}
                 self.references.listeners.append(outbox_listener(
-                    self.sessions, self.settings.mqtt.prefix, lambda source: lines.get(source, "default"),
-                    lambda: self.sinks.alerts_committed()))
+                    self.sessions, lambda source: lines.get(source, "default"), lambda: self.sinks.alerts_committed()))
         return self.references.route(detector)
 
     def _stop_background_jobs(self) -> None:

@@ -17,7 +17,6 @@ MQTT `<prefix>/<line>/<source>/threshold`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -163,27 +162,16 @@ def missed(scores: Sequence[float], threshold: float) -> int:
     return sum(1 for score in scores if score < threshold)
 
 
-def threshold_payload(event: dict[str, Any], line: str) -> dict[str, Any]:
-    """The message of one change: the history row (its id as `change_id`), `event` "threshold", the source's line
-    and a fresh `id` consumers dedupe on, as on every outbox message."""
-    import uuid
-
-    return {**event, "change_id": event["id"], "id": str(uuid.uuid4()), "event": "threshold", "line": line}
-
-
-def outbox_listener(sessions: Any, prefix: str, line_of: Callable[[str], str], wake: Callable[[], None],
-                    qos: int = 1) -> Listener:
-    """Each change as a retained message on `<prefix>/<line>/<source>/threshold` through the outbox, so MQTT and
-    every webhook (event `threshold`) get it with the outbox's delivery guarantee and in order with the alerts."""
-    from adapters.db import OutboxMessage
-    from adapters.mqtt import topic
+def outbox_listener(sessions: Any, line_of: Callable[[str], str], wake: Callable[[], None]) -> Listener:
+    """Each change as a `threshold` event in the outbox, so MQTT (retained, on `<prefix>/<line>/<source>/threshold`)
+    and every webhook (event `threshold`) get it with the outbox's delivery guarantee and in order with the alerts;
+    each sink formats its own message (adapters.mqtt.mqtt_message, adapters.webhooks.webhook_request)."""
+    from adapters.db.outbox import add_event
+    from adapters.events import THRESHOLD, threshold_body
 
     def publish(event: dict[str, Any]) -> None:
-        line = line_of(event["source"])
-        payload = threshold_payload(event, line)
         with sessions() as session, session.begin():
-            session.add(OutboxMessage(id=payload["id"], topic=topic(prefix, line, event["source"], "threshold"),
-                                      payload=json.dumps(payload, separators=(",", ":")), qos=qos, retain=True))
+            add_event(session, THRESHOLD, threshold_body(event, line_of(event["source"])))
         wake()
 
     return publish

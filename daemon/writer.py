@@ -36,7 +36,8 @@ from adapters.db.repository import (
     save_inspections,
 )
 from adapters.db.tables import Inspection
-from adapters.mqtt import alert_payload, topic, verdict
+from adapters.events import INSPECTION, inspection_body
+from adapters.mqtt import verdict
 from adapters.sinks import CommittedInspection, SinkSet
 from adapters.sources.base import Frame, SourceSettings
 from adapters.storage import ArtifactPaths, ArtifactStore
@@ -50,7 +51,7 @@ log = logging.getLogger("daemon.pipeline")
 
 _STOP = object()
 
-AlertBuilder = Callable[[Inspection], "tuple[str, dict[str, Any], int] | None"]
+AlertBuilder = Callable[[Inspection], "tuple[str, dict[str, Any]] | None"]
 
 
 @dataclass
@@ -116,7 +117,7 @@ class ResultWriter:
         # (daemon/references.py); the configured ones otherwise.
         self.thresholds: dict[tuple[str, str], tuple[float, float]] = {}
         self._threads: list[threading.Thread] = []
-        self.drift = DriftTracker(sessions, prefix=options.mqtt_prefix, metrics=metrics)  # daemon/drift.py
+        self.drift = DriftTracker(sessions, metrics=metrics)  # daemon/drift.py
 
     def start(self) -> None:
         try:
@@ -299,14 +300,14 @@ class ResultWriter:
         if no_decision:
             values["meta"] = {**(values["meta"] or {}), "no_decision": no_decision}
 
-        def build_alert(row: Inspection) -> tuple[str, dict[str, Any], int] | None:
+        def build_alert(row: Inspection) -> tuple[str, dict[str, Any]] | None:
+            """An anomalous frame's outbox event (adapters/events.py): what happened, not how a sink shows it."""
             if not row.is_anomalous:
                 return None
-            payload = alert_payload(
+            return INSPECTION, inspection_body(
                 inspection_id=row.id, frame_id=row.frame_id, captured_at=captured_at, source=row.source,
                 line=row.line, score=row.score or 0.0, threshold=threshold, model_version=row.model_version,
-                regions=region_dicts)
-            return topic(self.options.mqtt_prefix, row.line, row.source, "anomaly"), payload, self.options.alert_qos
+                regions=region_dicts, mask_path=paths.mask, heatmap_path=paths.heatmap, frame_path=paths.frame)
 
         self.stage_times.add("postprocess", t_post - started)
         self.stage_times.add("artifacts", t_artifacts - t_post)

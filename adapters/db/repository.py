@@ -1,31 +1,32 @@
 """Repository functions: the only place that writes the daemon's rows.
 
 Every function takes a `Session` (the caller owns the transaction) except `save_inspection(s)`, which own their
-transaction because writing a result is exactly one: the inspection row plus, when anomalous, its outbox alert.
+transaction because writing a result is exactly one: the inspection row plus, when anomalous, its outbox alert (an `inspection` event,
+adapters/events.py). The outbox's own functions (events, the sinks' cursors) are in adapters/db/outbox.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from adapters.db.outbox import add_event
 from adapters.db.queries import (  # noqa: F401  (the history filters: Core, shared with adapters.db.history)
     InspectionFilter,
     inspection_filter_clauses,
     latest_label_subquery,
 )
-from adapters.db.tables import Inspection, Label, ModelVersion, OutboxMessage, RejectedFrame, utcnow
+from adapters.db.tables import Inspection, Label, ModelVersion, OutboxMessage, RejectedFrame
 
-# Builds the alert for a flushed inspection (its id is known): (topic, payload dict, qos), or None for no alert.
-AlertBuilder = Callable[[Inspection], "tuple[str, dict[str, Any], int] | None"]
+# Builds the alert of a flushed inspection (its id is known): (event type, neutral body) of its outbox event
+# (adapters/events.py), or None for no alert.
+AlertBuilder = Callable[[Inspection], "tuple[str, dict[str, Any]] | None"]
 
 
 @dataclass
@@ -121,15 +122,12 @@ def alert_for_inspection(session: Session, inspection_id: int) -> OutboxMessage 
 
 
 def _add_alert(session: Session, inspection: Inspection, alert: AlertBuilder | None) -> OutboxMessage | None:
-    """The outbox row of a flushed inspection's alert (added to the session), or None when it raises none."""
+    """The outbox event of a flushed inspection's alert (added to the session), or None when it raises none."""
     built = alert(inspection) if alert is not None else None
     if built is None:
         return None
-    topic, payload, qos = built
-    message = OutboxMessage(id=str(payload["id"]), topic=topic, payload=json.dumps(payload, separators=(",", ":")),
-                            qos=qos, inspection_id=inspection.id)
-    session.add(message)
-    return message
+    event_type, body = built
+    return add_event(session, event_type, body, inspection_id=inspection.id)
 
 
 def save_inspection(
@@ -209,42 +207,6 @@ def record_rejected(
         row = RejectedFrame(source=source, frame_id=frame_id, name=name, reason=reason[:4000])
         session.add(row)
     return row, True
-
-
-# --- outbox ------------------------------------------------------------------------------------------------------
-
-
-def pending_outbox(session: Session, limit: int = 100, exclude: Iterable[str] = ()) -> Sequence[OutboxMessage]:
-    """Unsent messages in delivery order (`seq`), skipping ids already in flight."""
-    query = select(OutboxMessage).where(OutboxMessage.sent_at.is_(None))
-    excluded = list(exclude)
-    if excluded:
-        query = query.where(OutboxMessage.id.not_in(excluded))
-    return session.scalars(query.order_by(OutboxMessage.seq).limit(limit)).all()
-
-
-def count_pending_outbox(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at.is_(None))) or 0
-
-
-def mark_outbox_sent(session: Session, ids: Iterable[str], when: datetime | None = None) -> int:
-    ids = list(ids)
-    if not ids:
-        return 0
-    result = session.execute(
-        update(OutboxMessage)
-        .where(OutboxMessage.id.in_(ids), OutboxMessage.sent_at.is_(None))
-        .values(sent_at=when or utcnow())
-    )
-    return result.rowcount or 0
-
-
-def add_outbox_attempts(session: Session, ids: Iterable[str]) -> None:
-    ids = list(ids)
-    if ids:
-        session.execute(
-            update(OutboxMessage).where(OutboxMessage.id.in_(ids)).values(attempts=OutboxMessage.attempts + 1)
-        )
 
 
 # --- queries for the operator API and CLI --------------------------------------------------------------------------

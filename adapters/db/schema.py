@@ -30,7 +30,6 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
-    false,
 )
 
 from adapters.timeutil import utc_now
@@ -149,27 +148,32 @@ training_runs = Table(
 )
 
 # The outbox's delivery order on PostgreSQL (several writers); SQLite numbers rows under its write lock
-# (adapters.db.tables numbers every new row before its INSERT).
+# (adapters.db.tables numbers every new row before its INSERT, under a lock that makes seq order commit order).
 outbox_sequence = Sequence("outbox_seq", metadata=metadata)
 
-# An MQTT message waiting for the broker's acknowledgement; `id` is the alert id consumers dedupe on, `seq` the
-# order every sink delivers in (a timestamp is no order: hundreds of rows share one in a batch's transaction).
+# What happened, once, for every sink (migration 0007): a neutral event (`event_type` + a sink-independent JSON
+# `body`, see adapters/events.py), numbered by `seq`, the order every sink delivers in. Each sink formats its own
+# message from it (MQTT topic + payload, webhook body + headers) and keeps its own cursor in `sink_cursors`.
+# `id` is the message id consumers dedupe on (the alert id).
 outbox = Table(
     "outbox", metadata,
     Column("id", String(36), primary_key=True, default=_new_uuid),
     _required("seq", BigInteger),
-    _required("topic", Text),
-    _required("payload", Text),  # JSON text, published as is
-    _required("qos", Integer, default=1),
+    _required("event_type", String(32)),  # inspection | threshold | drift | result | mqtt (rows before 0007)
+    _required("body", JSON),
     _required("created_at", UtcDateTime, default=utcnow),
-    Column("sent_at", UtcDateTime),
-    _required("attempts", Integer, default=0),
     Column("inspection_id", Integer, ForeignKey("inspections.id", ondelete="SET NULL")),
-    # published retained on MQTT (a state such as a source's drift, migration 0006); alerts are not
-    _required("retain", Boolean, default=False, server_default=false()),
-    Index("ix_outbox_sent_at_created_at", "sent_at", "created_at"),
     Index("ix_outbox_created_at", "created_at"),
     Index("ix_outbox_seq", "seq", unique=True),
+)
+
+# Per sink (`mqtt`, `webhook:<name>`, ...): every outbox row up to `seq` is delivered to it (or filtered out by it);
+# it delivers the rows after, in `seq` order (migration 0007).
+sink_cursors = Table(
+    "sink_cursors", metadata,
+    Column("sink", String(160), primary_key=True),
+    _required("seq", BigInteger, default=0),
+    _required("updated_at", UtcDateTime, default=utcnow),
 )
 
 # A frame that could not be inspected (undecodable, empty, ...), with the reason.
@@ -221,30 +225,18 @@ threshold_history = Table(
     Index("ix_threshold_history_source_id", "source", "id"),
 )
 
-# Delivery state of one configured webhook (by its name).
+# One configured webhook (by its name) and its counters; where it is in the outbox is its `sink_cursors` row
+# (`webhook:<name>`).
 webhook_endpoints = Table(
     "webhook_endpoints", metadata,
     Column("name", String(128), primary_key=True),
     _required("url", Text),
     _required("registered_at", UtcDateTime, default=utcnow),
-    _required("settled_until", UtcDateTime, default=utcnow),
     _required("delivered", Integer, default=0),
     _required("failures", Integer, default=0),
     Column("last_error", Text),
     Column("last_attempt_at", UtcDateTime),
     Column("last_success_at", UtcDateTime),
-)
-
-# One outbox row settled for one webhook: `delivered` (a 2xx came back) or `skipped` (filtered out).
-webhook_deliveries = Table(
-    "webhook_deliveries", metadata,
-    Column("webhook", String(128), primary_key=True),
-    Column("outbox_id", String(36), primary_key=True),
-    _required("status", String(16)),  # delivered | skipped
-    _required("created_at", UtcDateTime),  # the outbox row's, for pruning
-    _required("settled_at", UtcDateTime, default=utcnow),
-    _required("attempts", Integer, default=0),
-    Index("ix_webhook_deliveries_webhook_created_at", "webhook", "created_at"),
 )
 
 # A drift of one source (daemon/drift.py, migration 0006): mutual scoring's drift watch saw the whole frame change

@@ -17,6 +17,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, relationship
 from adapters.db import schema
 from adapters.db.schema import NAMING_CONVENTION, UtcDateTime, utcnow  # noqa: F401  (imported from here too)
 
+# pg_advisory_xact_lock key of the outbox numbering (any constant no other code uses: "anomalyd" in ASCII hex)
+OUTBOX_LOCK_KEY = 0x616E6F6D616C7964
+
 
 class Base(DeclarativeBase):
     metadata = schema.metadata
@@ -104,29 +107,55 @@ class TrainingRun(Base):
 
 
 class OutboxMessage(Base):
-    """An MQTT message waiting for the broker's acknowledgement; `id` is the alert id consumers dedupe on."""
+    """One neutral event waiting for the sinks (adapters/events.py): `event_type` and its sink-independent `body`;
+    `id` is the message id consumers dedupe on, `seq` the delivery order (each sink's cursor: `SinkCursor`)."""
 
     __table__ = schema.outbox
 
     id: Mapped[str]
     seq: Mapped[int]  # delivery order: numbered on insert (`next_outbox_seq`)
-    topic: Mapped[str]
-    payload: Mapped[str]  # JSON text, published as is
-    qos: Mapped[int]
+    event_type: Mapped[str]  # inspection | threshold | drift | result | mqtt (a row written before migration 0007)
+    body: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
-    sent_at: Mapped[datetime | None]
-    attempts: Mapped[int]
     inspection_id: Mapped[int | None]
-    retain: Mapped[bool]  # published retained on MQTT (a state, e.g. a source's drift)
+
+
+class SinkCursor(Base):
+    """Where one sink is in the outbox: every row up to `seq` is delivered to it (or filtered out by it)."""
+
+    __table__ = schema.sink_cursors
+
+    sink: Mapped[str]  # mqtt | webhook:<name> | ...
+    seq: Mapped[int]
+    updated_at: Mapped[datetime]
+
+
+def lock_outbox(connection: Connection) -> None:
+    """Take the outbox's numbering lock for the rest of the transaction of `connection` (once per transaction).
+
+    A transaction that writes outbox rows and also updates other rows (a drift's) takes it first, so that every
+    transaction takes its locks in one order (this one, then rows): no deadlock with a writer that holds it.
+    """
+    transaction = connection.get_transaction()
+    if connection.info.get("outbox_lock") is transaction:
+        return
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": OUTBOX_LOCK_KEY})
+    else:
+        connection.execute(text("UPDATE outbox SET seq = seq WHERE 0 = 1"))  # takes SQLite's write lock
+    connection.info["outbox_lock"] = transaction
 
 
 def next_outbox_seq(connection: Connection) -> int:
-    """The next outbox sequence number, in the transaction of `connection`.
+    """The next outbox sequence number, in the transaction of `connection`; seq order is commit order.
 
-    PostgreSQL: the `outbox_seq` sequence (any number of writers). SQLite: one more than the largest number,
-    read once the transaction holds SQLite's write lock (a no-op UPDATE takes it), so that two writers cannot
-    read the same largest number; rows numbered in the same transaction count on from the last one.
+    Every sink keeps one cursor (the last seq it delivered), so a row must never become visible after a row with a
+    higher seq: the transaction that numbers a row holds a lock until it commits (`lock_outbox`), and the next
+    writer numbers its rows only after that. PostgreSQL: a transaction-level advisory lock, then the `outbox_seq`
+    sequence (a rolled back transaction leaves a gap, which no cursor waits for). SQLite: its write lock, then one
+    more than the largest number; rows numbered in the same transaction count on from the last one.
     """
+    lock_outbox(connection)
     if connection.dialect.name == "postgresql":
         return int(connection.scalar(schema.outbox_sequence.next_value()))
     transaction = connection.get_transaction()
@@ -134,7 +163,6 @@ def next_outbox_seq(connection: Connection) -> int:
     if numbered is not None and numbered[0] is transaction:
         value = numbered[1] + 1
     else:
-        connection.execute(text("UPDATE outbox SET seq = seq WHERE 0 = 1"))  # takes the write lock first
         value = int(connection.scalar(select(func.coalesce(func.max(schema.outbox.c.seq), 0)))) + 1
     connection.info["outbox_seq"] = (transaction, value)
     return value
@@ -200,34 +228,19 @@ class ThresholdChange(Base):
 
 
 class WebhookEndpoint(Base):
-    """Delivery state of one configured webhook (by its name): the outbox rows created before `settled_until`
-    are all delivered to it or filtered out; later ones are settled when a `webhook_deliveries` row says so."""
+    """One configured webhook (by its name) and its counters; its place in the outbox is the `SinkCursor`
+    `webhook:<name>`."""
 
     __table__ = schema.webhook_endpoints
 
     name: Mapped[str]
     url: Mapped[str]
     registered_at: Mapped[datetime]
-    settled_until: Mapped[datetime]
     delivered: Mapped[int]
     failures: Mapped[int]
     last_error: Mapped[str | None]
     last_attempt_at: Mapped[datetime | None]
     last_success_at: Mapped[datetime | None]
-
-
-class WebhookDelivery(Base):
-    """One outbox row settled for one webhook: `delivered` (a 2xx came back) or `skipped` (filtered out)."""
-
-    __table__ = schema.webhook_deliveries
-
-    webhook: Mapped[str]
-    outbox_id: Mapped[str]
-    status: Mapped[str]  # delivered | skipped
-    created_at: Mapped[datetime]  # the outbox row's, for pruning
-    settled_at: Mapped[datetime]
-    attempts: Mapped[int]
-
 
 
 class DriftEvent(Base):

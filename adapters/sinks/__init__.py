@@ -1,4 +1,4 @@
-"""Result sinks: where committed results, alerts and source statuses go (MQTT today; webhooks, OPC UA next).
+"""Result sinks: where committed results, alerts and source statuses go (MQTT, webhooks, OPC UA).
 
 The contract (`ResultSink`), as the daemon calls it:
 
@@ -9,12 +9,13 @@ The contract (`ResultSink`), as the daemon calls it:
   and must not raise for a delivery problem (the `SinkSet` logs and swallows what it does raise, so one sink never
   stops the others or the writer).
 - Alerts keep the outbox guarantee. The writer stores each alert in the `outbox` table in the same transaction
-  as its inspection (the row's `id` is the alert id consumers dedupe on), then calls `alerts_committed()`. A sink
-  that delivers alerts reads the rows it has not delivered yet, sends them and marks them delivered only once the
-  receiver acknowledged them (see `adapters.mqtt.MqttPublisher`'s relay): neither a receiver outage nor a daemon
-  restart loses one. Today the outbox has one delivery state (`sent_at`), owned by MQTT; a second
-  alert-delivering sink adds its own delivery state by migration (e.g. an `outbox_deliveries(outbox_id, sink,
-  sent_at)` table) and a relay like MQTT's.
+  as its inspection, as a neutral event (adapters/events.py: `event_type` and a sink-independent `body`; the
+  row's `id` is the message id consumers dedupe on), then calls `alerts_committed()`; threshold changes, drifts
+  and trigger answers are outbox events too. A sink that delivers them has its own formatter (a function in its
+  adapter module: `adapters.mqtt.mqtt_message`, `adapters.webhooks.webhook_request`) and its own cursor in
+  `sink_cursors` (adapters/db/outbox.py: the last `seq` delivered to it): it reads the rows after its cursor in
+  `seq` order (commit order), sends them and moves the cursor only once the receiver acknowledged them, so
+  neither a receiver outage nor a daemon restart loses one, and no sink waits for another.
 - `source_status(line, source_id, status)`: a source went online / offline / disabled (from the sources' threads).
 - Lifecycle: `start()` must not block on the receiver; `flush(timeout)` waits for pending alerts at shutdown;
   `stop(timeout)`; `pending()` counts undelivered alerts; `health()` is the sink's part of `/readyz`

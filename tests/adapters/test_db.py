@@ -20,13 +20,15 @@ from adapters.db import (
     list_inspections,
     make_engine,
     make_session_factory,
-    mark_outbox_sent,
     pending_outbox,
     record_rejected,
     save_inspection,
     save_inspections,
+    set_sink_cursor,
+    sink_cursor,
     upgrade,
 )
+from adapters.events import inspection_body
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
@@ -60,7 +62,9 @@ def make_inspection(frame_id: str, score: float = 0.9, anomalous: bool = True, s
 def alert_builder(row: Inspection):
     if not row.is_anomalous:
         return None
-    return "anomalyd/l1/cam/anomaly", {"id": str(uuid.uuid4()), "inspection_id": row.id}, 1
+    return "inspection", inspection_body(inspection_id=row.id, frame_id=row.frame_id, captured_at=row.captured_at,
+                                         source=row.source, line=row.line, score=row.score, threshold=row.threshold,
+                                         model_version=row.model_version, regions=row.regions)
 
 
 def test_migrations_create_tables_and_reach_head(engine):
@@ -115,7 +119,7 @@ def test_batch_save_matches_single_saves(engine):
     assert [s.created for s in saved] == [False, True, True, False]
     assert saved[0].inspection.id == earlier.inspection.id and saved[0].alert.id == earlier.alert.id
     assert saved[3].inspection.id == saved[1].inspection.id and saved[3].alert.id == saved[1].alert.id
-    assert saved[1].alert.payload and f'"inspection_id":{saved[1].inspection.id}' in saved[1].alert.payload
+    assert saved[1].alert.event_type == "inspection" and saved[1].alert.body["inspection_id"] == saved[1].inspection.id
     assert saved[2].alert is None
     with sessions() as session:
         scores = dict(session.execute(select(Inspection.frame_id, Inspection.score)).all())
@@ -131,17 +135,21 @@ def test_batch_save_matches_single_saves(engine):
         assert session.scalar(select(func.count()).select_from(Inspection)) == 3
 
 
-def test_outbox_pending_and_sent(engine):
+def test_outbox_pending_per_sink_cursor(engine):
     sessions = make_session_factory(engine)
     ids = [save_inspection(sessions, make_inspection(f"o{i}"), alert_builder).alert.id for i in range(3)]
     with sessions() as session, session.begin():
         pending = pending_outbox(session, limit=10)
         assert [row.id for row in pending] == ids  # oldest first
-        assert [row.id for row in pending_outbox(session, exclude=[ids[0]])] == ids[1:]
-        assert mark_outbox_sent(session, ids[:2]) == 2
-        assert mark_outbox_sent(session, ids[:1]) == 0  # already sent
+        seqs = [row.seq for row in pending]
+        assert seqs == sorted(seqs) and sink_cursor(session, "mqtt") == 0  # the migration starts it
+        set_sink_cursor(session, "mqtt", seqs[1])
+    with sessions() as session, session.begin():
+        assert [row.id for row in pending_outbox(session)] == ids[2:]
+        assert count_pending_outbox(session) == 1 and count_pending_outbox(session, sink="webhook:x") == 3
+        set_sink_cursor(session, "mqtt", seqs[0])  # never moves back
     with sessions() as session:
-        assert count_pending_outbox(session) == 1
+        assert sink_cursor(session, "mqtt") == seqs[1]
 
 
 def test_rejected_frames_and_queries(engine):

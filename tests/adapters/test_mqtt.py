@@ -13,8 +13,17 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
-from adapters.db import Inspection, OutboxMessage, make_engine, make_session_factory, save_inspection, upgrade
-from adapters.mqtt import MqttPublisher, MqttSettings, alert_payload, topic
+from adapters.db import (
+    Inspection,
+    OutboxMessage,
+    make_engine,
+    make_session_factory,
+    save_inspection,
+    sink_cursor,
+    upgrade,
+)
+from adapters.events import INSPECTION, inspection_body
+from adapters.mqtt import MqttPublisher, MqttSettings
 from tests.services import Mosquitto, free_port
 
 pytestmark = pytest.mark.services
@@ -79,17 +88,18 @@ def add_alert(sessions, n: int) -> str:
                      model_version="v1", score=0.9, threshold=0.5, is_anomalous=True, regions=[])
 
     def build(r):
-        payload = alert_payload(inspection_id=r.id, frame_id=r.frame_id, captured_at=captured, source="cam",
-                                line="l1", score=0.9, threshold=0.5, model_version="v1",
-                                regions=[{"x": 1, "y": 2, "w": 3, "h": 4, "area": 12, "peak": 0.95}])
-        return topic("anomalyd", "l1", "cam", "anomaly"), payload, 1
+        return INSPECTION, inspection_body(
+            inspection_id=r.id, frame_id=r.frame_id, captured_at=captured, source="cam", line="l1", score=0.9,
+            threshold=0.5, model_version="v1", regions=[{"x": 1, "y": 2, "w": 3, "h": 4, "area": 12, "peak": 0.95}])
 
     return save_inspection(sessions, row, build).alert.id
 
 
 def sent_count(sessions) -> int:
+    """Rows MQTT's cursor is past: acknowledged by the broker."""
     with sessions() as session:
-        return len(session.scalars(select(OutboxMessage).where(OutboxMessage.sent_at.is_not(None))).all())
+        cursor = sink_cursor(session, "mqtt") or 0
+        return len(session.scalars(select(OutboxMessage).where(OutboxMessage.seq <= cursor)).all())
 
 
 def test_alert_is_published_with_contract_payload_and_marked_sent(mosquitto, sessions):

@@ -7,7 +7,6 @@ The ids are chosen to sort against their commit order, and all rows share one `c
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from alembic import command
 
 from adapters.db import OutboxMessage, make_engine, make_session_factory, pending_outbox, upgrade
 from adapters.db.migrate import alembic_config
+from adapters.events import INSPECTION, inspection_body
 from adapters.mqtt import MqttPublisher, MqttSettings
 from adapters.webhooks import WebhookRelay, WebhookTarget
 from tests.adapters.test_mqtt import Subscriber
@@ -35,8 +35,9 @@ def add_alerts_in_one_transaction(sessions, count: int = COUNT, *, tag: str = ""
     ids = [f"{count - index:06d}{tag}-{uuid.uuid4().hex[:8]}" for index in range(count)]
     with sessions() as session, session.begin():
         for alert_id in ids:
-            session.add(OutboxMessage(id=alert_id, topic="anomalyd/line1/cam1/anomaly", created_at=same_time,
-                                      payload=json.dumps({"id": alert_id, "source": "cam1", "line": "line1"}), qos=1))
+            session.add(OutboxMessage(id=alert_id, event_type=INSPECTION, created_at=same_time, body=inspection_body(
+                inspection_id=1, frame_id="f", captured_at=same_time, source="cam1", line="line1", score=0.9,
+                threshold=0.5, model_version="v1", regions=[])))
     return ids
 
 

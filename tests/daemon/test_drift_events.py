@@ -10,7 +10,9 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import select
 
+from adapters.db.outbox import as_event
 from adapters.db.tables import DriftEvent, OutboxMessage
+from adapters.mqtt import MqttMessage, mqtt_message
 from daemon.drift import DriftTracker, drift_status
 from daemon.metrics import Metrics
 
@@ -23,10 +25,13 @@ def feed(tracker: DriftTracker, notes: list[dict], first: int = 0, version: str 
             for i, note in enumerate(notes)]
 
 
-def messages(sessions) -> list[tuple[OutboxMessage, dict]]:
+def messages(sessions, prefix: str = "anomalyd") -> list[tuple[MqttMessage, dict]]:
+    """The outbox's events as MQTT publishes them (its formatter), with their payloads."""
     with sessions() as session:
         rows = session.scalars(select(OutboxMessage).order_by(OutboxMessage.seq)).all()
-    return [(row, json.loads(row.payload)) for row in rows]
+        assert {row.event_type for row in rows} <= {"drift"}
+        rendered = [mqtt_message(as_event(row), prefix, 0) for row in rows]
+    return [(message, json.loads(message.payload)) for message in rendered]
 
 
 def quiet(index: int) -> dict:
@@ -39,7 +44,7 @@ def excursion(index: int, start: int, **more) -> dict:
 
 def test_a_drift_is_one_retained_message_from_its_first_frame_until_the_frames_match_again(sqlite_sessions):
     metrics = Metrics()
-    tracker = DriftTracker(sqlite_sessions, prefix="anomalyd", metrics=metrics)
+    tracker = DriftTracker(sqlite_sessions, metrics=metrics)
     assert feed(tracker, [quiet(0), quiet(1)]) == [False, False]
     signal = {"frame": 2, "detected_at": 4, "share": 0.9}
     in_drift = feed(tracker, [excursion(2, 2), excursion(3, 2),
@@ -69,7 +74,7 @@ def test_a_drift_is_one_retained_message_from_its_first_frame_until_the_frames_m
 
 
 def test_new_references_end_a_drift_and_a_restart_closes_one_left_open(sqlite_sessions):
-    tracker = DriftTracker(sqlite_sessions, prefix="p")
+    tracker = DriftTracker(sqlite_sessions)
     signal = {"frame": 0, "detected_at": 1, "share": 0.8}
     feed(tracker, [excursion(0, 0), excursion(1, 0, drifting=True, drift_event=signal)])
     tracker.publish()
@@ -83,7 +88,7 @@ def test_new_references_end_a_drift_and_a_restart_closes_one_left_open(sqlite_se
                                                                                  "detected_at": 4})], first=3)
     tracker.publish()
     assert drift_status(sqlite_sessions, "cam1")["drifting"] is True
-    restarted = DriftTracker(sqlite_sessions, prefix="p")
+    restarted = DriftTracker(sqlite_sessions)
     assert restarted.recover() is True
     last_row, last = messages(sqlite_sessions)[-1]
     assert last_row.retain and last["state"] == "cleared" and "restarted" in last["reason"]

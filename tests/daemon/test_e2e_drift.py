@@ -23,6 +23,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from adapters.db import OutboxMessage
+from adapters.db.outbox import as_event
+from adapters.mqtt import mqtt_message
 from adapters.timeutil import rfc3339
 from daemon.cli import main
 from daemon.config import load_config
@@ -188,8 +190,9 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
         assert client.get("/api/sources/cubes/drift", headers=auth("viewer")).json()["drifting"] is False
         assert 'anomalyd_source_drift{source="cubes"} 0.0' in service.metrics.render().decode()
         with service.sessions() as session:
-            retained = session.scalars(select(OutboxMessage).where(OutboxMessage.topic.endswith("/drift"))).all()
-        assert len(retained) == 2 and all(message.retain for message in retained)
+            drifts = session.scalars(select(OutboxMessage).where(OutboxMessage.event_type == "drift")).all()
+            retained = [mqtt_message(as_event(row), "anomalyd", 0) for row in drifts]
+        assert len(retained) == 2 and all(message.retain and message.topic.endswith("/drift") for message in retained)
     finally:
         service.stop()
         subscriber.close()

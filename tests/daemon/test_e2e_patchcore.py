@@ -14,6 +14,8 @@ import pytest
 from sqlalchemy import select
 
 from adapters.db import Inspection, OutboxMessage, SourceThreshold
+from adapters.db.outbox import as_event
+from adapters.mqtt import mqtt_message
 from daemon.config import load_config
 from daemon.service import Service
 from tests.waiting import wait_until
@@ -98,11 +100,12 @@ def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
         assert sum(boxed) >= 0.75 * len(boxed), boxed
         with service.sessions() as session:
             messages = session.scalars(select(OutboxMessage)).all()
-        alerts = [m for m in messages if m.topic.endswith("/anomaly")]
+        alerts = [m for m in messages if m.event_type == "inspection"]
         assert len(alerts) == sum(alerted_bad) + sum(alerted_good)
         # besides the alerts, the calibration's threshold change (retained, daemon/thresholds.py)
-        changes = [m for m in messages if m.topic.endswith("/threshold")]
-        assert len(changes) == 1 and changes[0].retain and len(messages) == len(alerts) + 1
+        changes = [m for m in messages if m.event_type == "threshold"]
+        assert len(changes) == 1 and len(messages) == len(alerts) + 1
+        assert mqtt_message(as_event(changes[0]), "anomalyd", 0).retain
         if os.environ.get("ANOMALYD_WRITE_SCREENSHOT") == "1":  # docs/ui.png: a real detection in the UI
             worst = max((by_name[f.name] for f in bad_frames), key=lambda row: row.score)
             label_normal = [by_name[f.name].id for f in good_frames[:6]]

@@ -17,6 +17,8 @@ import pytest
 from sqlalchemy import select
 
 from adapters.db import Inspection, OutboxMessage
+from adapters.db.outbox import as_event
+from adapters.events import contract_message
 from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
 from adapters.webhooks import SIGNATURE_HEADER, verify
 from daemon.config import ConfigError, load_config
@@ -147,9 +149,9 @@ def rows(service: Service, source: str) -> list[Inspection]:
 
 def result_messages(service: Service) -> list[dict]:
     with service.sessions() as session:
-        found = session.scalars(select(OutboxMessage).where(OutboxMessage.topic.like("%/result"))
-                                .order_by(OutboxMessage.created_at)).all()
-        return [json.loads(row.payload) for row in found]
+        found = session.scalars(select(OutboxMessage).where(OutboxMessage.event_type == "result")
+                                .order_by(OutboxMessage.seq)).all()
+        return [json.loads(contract_message(as_event(row))[2]) for row in found]
 
 
 def test_mqtt_trigger_round_trip_ahead_of_free_running_and_bad_input(tmp_path, mosquitto):
@@ -423,7 +425,7 @@ backoff_max_s = 0.3
     try:
         assert service.integrations.webhooks.flush(30)
         with service.sessions() as session:
-            alert_ids = set(session.scalars(select(OutboxMessage.id).where(OutboxMessage.topic.like("%/anomaly"))))
+            alert_ids = set(session.scalars(select(OutboxMessage.id).where(OutboxMessage.event_type == "inspection")))
         ids = receiver.ids()
         assert len(alert_ids) == 12 and set(ids) == alert_ids and len(ids) == len(set(ids))
         for headers, body in receiver.bodies():

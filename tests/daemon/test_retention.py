@@ -50,7 +50,7 @@ def add(sessions, store, days_ago: float, *, anomalous=False, label=None, label_
         session.add(row)
         session.flush()
         if anomalous:
-            session.add(OutboxMessage(topic="t", payload="{}", inspection_id=row.id))
+            session.add(OutboxMessage(event_type="inspection", body={}, inspection_id=row.id))
         if label:
             mask_path = store_label_mask(store, b"\x89PNG fake", when) if label_mask else None
             session.add(Label(inspection_id=row.id, label=label, author="op", mask_path=mask_path))
