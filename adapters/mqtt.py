@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 
 def topic(prefix: str, line: str, source: str, kind: str) -> str:
-    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly | threshold | drift)."""
+    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly | result | threshold | drift)."""
     return f"{prefix}/{line}/{source}/{kind}"
 
 
