@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def topic(prefix: str, line: str, source: str, kind: str) -> str:
-    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly | threshold | drift)."""
+    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly | threshold | drift | geometry)."""
     return f"{prefix}/{line}/{source}/{kind}"
 
 
