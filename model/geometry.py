@@ -173,10 +173,14 @@ def plan_frame(frame_hw: tuple[int, int], geometry: Geometry, size: int,
     tiles = (max(0.0, rh - size) / step + 1) * (max(0.0, rw - size) / step + 1)
     if tiles > MAX_TILES:
         scale = float(np.sqrt(MAX_TILES / tiles))
-    sh, sw = max(1, round(rh * scale)), max(1, round(rw * scale))
-    ph, pw = max(size, sh), max(size, sw)
-    origins = [(y, x) for y in _positions(ph, size, geometry.tile_overlap)
-               for x in _positions(pw, size, geometry.tile_overlap)]
+    while True:  # the estimate above counts fractional tiles: shrink a little more until whole ones fit too
+        sh, sw = max(1, round(rh * scale)), max(1, round(rw * scale))
+        ph, pw = max(size, sh), max(size, sw)
+        ys, xs = _positions(ph, size, geometry.tile_overlap), _positions(pw, size, geometry.tile_overlap)
+        if len(ys) * len(xs) <= MAX_TILES:
+            break
+        scale *= 0.97
+    origins = [(y, x) for y in ys for x in xs]
     return FramePlan((height, width), roi, (sh, sw), (size, size), origins, padded=(ph, pw))
 
 

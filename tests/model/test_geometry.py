@@ -162,3 +162,11 @@ def test_tiles_held_at_once_stay_bounded_whatever_the_batch_of_frames(monkeypatc
         alone_scores, alone_maps = predict_frames(Darkness(), [rgb], Geometry("tile"))
         assert scores[index] == pytest.approx(alone_scores[0])
         np.testing.assert_allclose(maps[index], alone_maps[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(2829, 4243), (3000, 4000), (7000, 7000), (600, 40000)])
+def test_a_frame_of_any_size_is_at_most_max_tiles(hw):
+    from model.geometry import MAX_TILES
+
+    plan = plan_frame(hw, Geometry("tile"), 256)
+    assert MAX_TILES - 40 <= len(plan.origins) <= MAX_TILES, len(plan.origins)
