@@ -133,10 +133,10 @@ def set_geometry(source_id: str, body: GeometryChange, state: AppState = Depends
         event = overrides.save_override(state.settings, source_id, changes, set_by=f"api:{token}")
     except GeometryError as exc:
         raise HTTPException(422, f"source {source_id}: {exc}") from None
-    geometry_events.announce(state.sessions, state.settings, event)
+    announced = geometry_events.announce(state.sessions, state.settings, event)
     if state.references is not None:
         state.references.wake()  # the bank is rebuilt through the new geometry now, not at the next poll
-    return {**_summary(state, source_id), "change": event}
+    return {**_summary(state, source_id), "change": event, "announced": announced is not None}
 
 
 @router.delete("/sources/{source_id}/geometry", summary="Drop a source's geometry override: back to config (operator)")
@@ -149,7 +149,7 @@ def reset_geometry(source_id: str, state: AppState = Depends(get_state),
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
     except GeometryError as exc:
         raise HTTPException(422, f"source {source_id}: {exc}") from None
-    geometry_events.announce(state.sessions, state.settings, event)
+    announced = geometry_events.announce(state.sessions, state.settings, event)
     if state.references is not None:
         state.references.wake()
-    return {**_summary(state, source_id), "change": event}
+    return {**_summary(state, source_id), "change": event, "announced": announced is not None}

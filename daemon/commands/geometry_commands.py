@@ -9,12 +9,18 @@ the change through the outbox (retained MQTT `<prefix>/<line>/<source>/geometry`
 daemon/geometry_events.py). The daemon notices the file at its next reference poll (seconds), rebuilds the source's
 bank through the new geometry and recalibrates. The values are checked as the API checks them: a degenerate ROI or
 polygon, one outside the source's newest frame, or a geometry the model cannot run is a usage error, nothing saved.
+
+With `--api URL` they go to a running daemon's HTTP API instead (`/api/sources/{id}/geometry`,
+from another host too), with the operator token in `$ANOMALYD_TOKEN` or `--token-file` (never on the command line,
+where `ps` shows it); the change is then recorded as `api:<token name>` and announced by the daemon.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from daemon.commands.context import config_argument, current_user, database, load_settings, usage
@@ -82,6 +88,8 @@ def cmd_geometry(args: argparse.Namespace) -> int:
     from daemon import geometry_overrides as overrides
     from model.geometry import GeometryError
 
+    if args.api:
+        return _through_api(args, args.api.rstrip("/"))
     settings = load_settings(args)
     action = args.geometry_command
     if action == "show":
@@ -158,6 +166,69 @@ def _change(args: argparse.Namespace, settings: Any, source_id: str) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise usage(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+    else:
+        token = os.environ.get("ANOMALYD_TOKEN", "").strip()
+    if not token:
+        raise usage("--api needs an API token (operator for set/reset): put it in $ANOMALYD_TOKEN or a file given "
+                    "with --token-file")
+    return token
+
+
+def _through_api(args: argparse.Namespace, base: str) -> int:
+    """The same actions on a running daemon's HTTP API; its refusals (4xx) are usage errors with its reason."""
+    import httpx
+
+    action = args.geometry_command
+    if action == "show" and not args.source:
+        method, path, body = "GET", "/api/geometry", None
+    elif action == "show":
+        method, path, body = "GET", f"/api/sources/{args.source}/geometry", None
+    elif action == "history":
+        method, path, body = "GET", f"/api/sources/{args.source}/geometry/history?limit={args.limit}", None
+    elif action == "set":
+        method, path, body = "PUT", f"/api/sources/{args.source}/geometry", _changes(args)
+    else:
+        method, path, body = "DELETE", f"/api/sources/{args.source}/geometry", None
+    try:
+        response = httpx.request(method, base + path, json=body, timeout=30,
+                                 headers={"Authorization": f"Bearer {_token(args)}"})
+    except httpx.HTTPError as exc:
+        raise RuntimeError(f"cannot reach the daemon's API at {base}: {exc}") from None
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {"detail": response.text[:200]}
+    if response.status_code >= 400:
+        detail = answer.get("detail") if isinstance(answer, dict) else answer
+        reason = detail if isinstance(detail, str) else json.dumps(detail)
+        if response.status_code >= 500:
+            raise RuntimeError(f"{base}: {response.status_code}: {reason}")
+        raise usage(f"{base}: {response.status_code}: {reason}")
+    if action in ("set", "reset"):
+        change = answer.pop("change")
+        answer = {"change": change, "announced": answer.pop("announced", None), "summary": answer}
+    if args.json:
+        print(json.dumps(answer))
+    elif action in ("set", "reset"):
+        print(f"source {args.source}: geometry {action} by {answer['change']['set_by']} through {base}: "
+              f"{_describe(answer['change']['after'])}")
+    elif action == "history":
+        for event in answer["items"]:
+            print(f"{event['set_at']}  {event['action']} by {event['set_by']}: {json.dumps(event.get('after'))}")
+    elif args.source:
+        _print_summary(answer)
+    else:
+        for item in answer["items"]:
+            print(f"source {item['source']}: {_describe(item['geometry']) if 'geometry' in item else item['error']}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("geometry", help="a source's frame geometry (ROI, ignore polygons, resize): "
                                    "show, history, set, reset")
@@ -171,6 +242,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         config_argument(sub)
         sub.add_argument("--source", required=name != "show", help="the [[sources]] id")
         sub.add_argument("--json", action="store_true")
+        sub.add_argument("--api", metavar="URL", help="a running daemon's HTTP API (e.g. http://line-pc:8080): "
+                         "act through it, with the token in $ANOMALYD_TOKEN or --token-file")
+        sub.add_argument("--token-file", metavar="FILE", help="with --api: a file holding the API token")
         if name == "history":
             sub.add_argument("--limit", type=int, default=50)
         if name == "set":

@@ -13,11 +13,13 @@ from pathlib import Path
 import cv2
 import pytest
 
+from daemon.api import routers
 from daemon.cli import main
 from daemon.commands.context import current_user
 from daemon.config import load_config
 from daemon.service import Service
 from tests.adapters.test_mqtt import Subscriber
+from tests.daemon.test_api import TOKENS
 from tests.daemon.test_restart_cache import _texture
 from tests.waiting import wait_until
 from tests.webhook_receiver import Receiver
@@ -67,7 +69,9 @@ url = "sqlite:///{tmp_path}/anomalyd.db"
 dir = "{tmp_path / 'artifacts'}"
 
 [api]
-enabled = false
+bind = "127.0.0.1:0"
+tokens = [{{name = "operator-1", role = "operator", token = "{TOKENS['operator']}"}},
+          {{name = "viewer-1", role = "viewer", token = "{TOKENS['viewer']}"}}]
 """, encoding="utf-8")
     return path
 
@@ -77,7 +81,8 @@ def _cli(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_cli_change_rebuilds_the_bank_and_is_a_retained_mqtt_message_and_webhook_event(tmp_path, mosquitto, capsys):
+def test_cli_change_rebuilds_the_bank_and_is_a_retained_mqtt_message_and_webhook_event(tmp_path, mosquitto, capsys,
+                                                                                     monkeypatch):
     (tmp_path / "refs").mkdir()
     for index in range(4):
         assert cv2.imwrite(str(tmp_path / "refs" / f"ref{index}.png"), _texture(100 + index))  # 128 x 128
@@ -85,7 +90,7 @@ def test_cli_change_rebuilds_the_bank_and_is_a_retained_mqtt_message_and_webhook
     receiver = Receiver()
     subscriber = Subscriber(mosquitto.port, TOPIC)
     config = str(_config(tmp_path, mosquitto.port, receiver.url))
-    service = Service(load_config(Path(config)), serve_http=False)
+    service = Service(load_config(Path(config)), routers=routers())
     service.start()
     try:
         before = service.references.states["cam"].version
@@ -133,23 +138,46 @@ def test_cli_change_rebuilds_the_bank_and_is_a_retained_mqtt_message_and_webhook
         assert [(e["action"], e["set_by"]) for e in history] == [("reset", who), ("set", who)]
         assert wait_until(lambda: service.references.states["cam"].version == before, timeout=120)
 
-        # 5. the webhook got both, in order, with the ids MQTT consumers dedupe on (an anomalous-only target too)
+        # 5. the same through the running daemon's HTTP API (--api, the token from the environment)
+        api = f"http://127.0.0.1:{service.http_port}"
+        with pytest.raises(SystemExit):
+            main(["geometry", "set", "--api", api, "--source", "cam", "--resize", "tile"])
+        assert "needs an API token" in capsys.readouterr().err
+        monkeypatch.setenv("ANOMALYD_TOKEN", TOKENS["viewer"])
+        with pytest.raises(SystemExit):
+            main(["geometry", "set", "--api", api, "--source", "cam", "--resize", "tile"])
+        assert "403" in capsys.readouterr().err
+        monkeypatch.setenv("ANOMALYD_TOKEN", TOKENS["operator"])
+        with pytest.raises(SystemExit):
+            main(["geometry", "set", "--api", api, "--source", "cam", "--roi", "100,100,64,64"])
+        assert "reaches outside the 128x128 frame" in capsys.readouterr().err
+        remote = _cli(capsys, "set", "--api", api, "--source", "cam", "--resize", "tile")
+        assert remote["announced"] and remote["change"]["set_by"] == "api:operator-1"
+        assert remote["summary"]["geometry"]["resize"] == "tile"
+        assert subscriber.wait_for(lambda: len(subscriber.payloads("/geometry")) == 3, timeout=60)
+        api_message = subscriber.payloads("/geometry")[2]
+        assert (api_message["action"], api_message["set_by"]) == ("set", "api:operator-1")
+        assert api_message["geometry"]["resize"] == "tile"
+        assert _cli(capsys, "show", "--api", api, "--source", "cam")["origins"]["resize"] == "override"
+        assert wait_until(lambda: "-tile-" in (service.references.states["cam"].version or ""), timeout=120)
+
+        # 6. the webhook got them all, in order, with the ids MQTT consumers dedupe on (an anomalous-only target too)
         def hooked() -> list[dict]:
             return [json.loads(body) for headers, body in receiver.bodies()
                     if headers.get("x-anomalyd-event") == "geometry"]
 
-        assert wait_until(lambda: len(hooked()) == 2, timeout=60), hooked()
-        assert [event["id"] for event in hooked()] == [set_message["id"], reset_message["id"]]
+        assert wait_until(lambda: len(hooked()) == 3, timeout=60), hooked()
+        assert [event["id"] for event in hooked()] == [set_message["id"], reset_message["id"], api_message["id"]]
 
-        # 6. retained: a consumer that connects later learns the geometry in effect
+        # 7. retained: a consumer that connects later learns the geometry in effect
         late = Subscriber(mosquitto.port, TOPIC)
         try:
             assert late.wait_for(lambda: late.messages, timeout=30)
             _, payload, retained = late.messages[-1]
-            assert retained and json.loads(payload)["id"] == reset_message["id"]
+            assert retained and json.loads(payload)["id"] == api_message["id"]
         finally:
             late.close()
-        assert len(subscriber.payloads("/geometry")) == 2  # the refused changes sent nothing
+        assert len(subscriber.payloads("/geometry")) == 3  # the refused changes sent nothing
     finally:
         service.stop()
         subscriber.close()
