@@ -41,7 +41,10 @@ def _roi(text: str) -> list[int]:
 
 def _polygon(text: str) -> list[list[float]]:
     """--ignore 'X,Y X,Y X,Y' (points apart by spaces or semicolons)."""
-    return parse_polygon(";".join(text.replace(";", " ").split()))
+    try:
+        return parse_polygon(";".join(text.replace(";", " ").split()))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least 3 points 'X,Y X,Y X,Y'") from None
 
 
 def frame_hw(settings: Any, sessions: Any, source_id: str) -> tuple[int, int] | None:
