@@ -26,7 +26,7 @@ from tests.webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.services]
 
-TOPIC = "anomalyd/line1/cam/geometry"
+TOPIC = "anomalyd/line20/cam20/geometry"  # a line and source of its own: the broker keeps retained messages
 
 
 def _config(tmp_path: Path, port: int, hook: str) -> Path:
@@ -43,10 +43,10 @@ max_batch_delay_ms = 5
 shutdown_grace_s = 10
 
 [[sources]]
-id = "cam"
+id = "cam20"
 kind = "folder"
-uri = "{tmp_path / 'cam'}"
-line = "line1"
+uri = "{tmp_path / 'cam20'}"
+line = "line20"
 settle_s = 0.02
 poll_interval_s = 0.05
 references = "{tmp_path / 'refs'}"
@@ -86,18 +86,18 @@ def test_cli_change_rebuilds_the_bank_and_is_a_retained_mqtt_message_and_webhook
     (tmp_path / "refs").mkdir()
     for index in range(4):
         assert cv2.imwrite(str(tmp_path / "refs" / f"ref{index}.png"), _texture(100 + index))  # 128 x 128
-    (tmp_path / "cam").mkdir()
+    (tmp_path / "cam20").mkdir()
     receiver = Receiver()
     subscriber = Subscriber(mosquitto.port, TOPIC)
     config = str(_config(tmp_path, mosquitto.port, receiver.url))
     service = Service(load_config(Path(config)), routers=routers())
     service.start()
     try:
-        before = service.references.states["cam"].version
+        before = service.references.states["cam20"].version
         assert before and "-roi" not in before
 
         # 1. an operator sets an ROI and an ignore polygon from the command line
-        answer = _cli(capsys, "set", "--config", config, "--source", "cam", "--roi", "8,8,112,112",
+        answer = _cli(capsys, "set", "--config", config, "--source", "cam20", "--roi", "8,8,112,112",
                       "--ignore", "8,8 40,8 40,40", "--resize", "fit")
         who = f"cli:{current_user()}"
         assert answer["announced"] and answer["change"]["set_by"] == who
@@ -107,59 +107,59 @@ def test_cli_change_rebuilds_the_bank_and_is_a_retained_mqtt_message_and_webhook
         assert subscriber.wait_for(lambda: subscriber.payloads("/geometry"), timeout=60), "no geometry message"
         set_message = subscriber.payloads("/geometry")[0]
         assert (set_message["event"], set_message["action"], set_message["set_by"]) == ("geometry", "set", who)
-        assert set_message["source"] == "cam" and set_message["line"] == "line1"
+        assert set_message["source"] == "cam20" and set_message["line"] == "line20"
         assert set_message["geometry"] == answer["summary"]["geometry"]
         assert set_message["before"]["roi"] is None and set_message["before"]["resize"] == "squash"
 
         # 2. the running daemon rebuilds the source's bank through it
-        assert wait_until(lambda: "-roi8x8x112x112" in (service.references.states["cam"].version or ""),
-                          timeout=120), service.references.states["cam"].as_dict()
-        assert "-fit-" in service.references.states["cam"].version
+        assert wait_until(lambda: "-roi8x8x112x112" in (service.references.states["cam20"].version or ""),
+                          timeout=120), service.references.states["cam20"].as_dict()
+        assert "-fit-" in service.references.states["cam20"].version
 
         # 3. what it cannot take is refused with the reason: nothing saved, nothing announced
         with pytest.raises(SystemExit) as refused:
-            main(["geometry", "set", "--config", config, "--source", "cam", "--roi", "100,100,64,64"])
+            main(["geometry", "set", "--config", config, "--source", "cam20", "--roi", "100,100,64,64"])
         assert refused.value.code == 2
         assert "reaches outside the 128x128 frame" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             main(["geometry", "set", "--config", config, "--source", "nope", "--resize", "tile"])
         assert "not a [[sources]] id" in capsys.readouterr().err
-        shown = _cli(capsys, "show", "--config", config, "--source", "cam")["items"][0]
+        shown = _cli(capsys, "show", "--config", config, "--source", "cam20")["items"][0]
         assert shown["geometry"]["roi"] == [8, 8, 112, 112] and shown["origins"]["roi"] == "override"
 
         # 4. back to the configuration
-        reset = _cli(capsys, "reset", "--config", config, "--source", "cam")
+        reset = _cli(capsys, "reset", "--config", config, "--source", "cam20")
         assert reset["change"]["action"] == "reset" and reset["summary"]["override"] is None
         assert subscriber.wait_for(lambda: len(subscriber.payloads("/geometry")) == 2, timeout=60)
         reset_message = subscriber.payloads("/geometry")[1]
         assert reset_message["action"] == "reset" and reset_message["geometry"]["roi"] is None
         assert reset_message["id"] != set_message["id"]
-        history = _cli(capsys, "history", "--config", config, "--source", "cam")["items"]
+        history = _cli(capsys, "history", "--config", config, "--source", "cam20")["items"]
         assert [(e["action"], e["set_by"]) for e in history] == [("reset", who), ("set", who)]
-        assert wait_until(lambda: service.references.states["cam"].version == before, timeout=120)
+        assert wait_until(lambda: service.references.states["cam20"].version == before, timeout=120)
 
         # 5. the same through the running daemon's HTTP API (--api, the token from the environment)
         api = f"http://127.0.0.1:{service.http_port}"
         with pytest.raises(SystemExit):
-            main(["geometry", "set", "--api", api, "--source", "cam", "--resize", "tile"])
+            main(["geometry", "set", "--api", api, "--source", "cam20", "--resize", "tile"])
         assert "needs an API token" in capsys.readouterr().err
         monkeypatch.setenv("ANOMALYD_TOKEN", TOKENS["viewer"])
         with pytest.raises(SystemExit):
-            main(["geometry", "set", "--api", api, "--source", "cam", "--resize", "tile"])
+            main(["geometry", "set", "--api", api, "--source", "cam20", "--resize", "tile"])
         assert "403" in capsys.readouterr().err
         monkeypatch.setenv("ANOMALYD_TOKEN", TOKENS["operator"])
         with pytest.raises(SystemExit):
-            main(["geometry", "set", "--api", api, "--source", "cam", "--roi", "100,100,64,64"])
+            main(["geometry", "set", "--api", api, "--source", "cam20", "--roi", "100,100,64,64"])
         assert "reaches outside the 128x128 frame" in capsys.readouterr().err
-        remote = _cli(capsys, "set", "--api", api, "--source", "cam", "--resize", "tile")
+        remote = _cli(capsys, "set", "--api", api, "--source", "cam20", "--resize", "tile")
         assert remote["announced"] and remote["change"]["set_by"] == "api:operator-1"
         assert remote["summary"]["geometry"]["resize"] == "tile"
         assert subscriber.wait_for(lambda: len(subscriber.payloads("/geometry")) == 3, timeout=60)
         api_message = subscriber.payloads("/geometry")[2]
         assert (api_message["action"], api_message["set_by"]) == ("set", "api:operator-1")
         assert api_message["geometry"]["resize"] == "tile"
-        assert _cli(capsys, "show", "--api", api, "--source", "cam")["origins"]["resize"] == "override"
-        assert wait_until(lambda: "-tile-" in (service.references.states["cam"].version or ""), timeout=120)
+        assert _cli(capsys, "show", "--api", api, "--source", "cam20")["origins"]["resize"] == "override"
+        assert wait_until(lambda: "-tile-" in (service.references.states["cam20"].version or ""), timeout=120)
 
         # 6. the webhook got them all, in order, with the ids MQTT consumers dedupe on (an anomalous-only target too)
         def hooked() -> list[dict]:
