@@ -11,6 +11,8 @@ HTTP headers or OPC UA nodes. Each sink formats its own message from the event (
   daemon reports it, daemon/thresholds.py).
 - `drift`: a source's drift started or ended (daemon/drift.py): `state`, `drift_id`, `source`, `line`, ...
 - `result`: a trigger's answer (daemon/trigger.py): `trigger_id`, `part_id`, `source`, `line`, `result`, ...
+- `geometry`: a change of a source's frame geometry (daemon/geometry_events.py): `event`, `source`, `line`,
+  `action`, `set_by`, `set_at`, `geometry`, `before`, `after`.
 - `mqtt`: a row written before the outbox was neutral (migration 0007): `topic`, `payload` (the JSON text, as
   published then), `qos`, `retain`. Every sink still delivers it: MQTT as it was, webhooks as they did.
 
@@ -32,11 +34,12 @@ INSPECTION = "inspection"
 THRESHOLD = "threshold"
 DRIFT = "drift"
 RESULT = "result"
+GEOMETRY = "geometry"
 LEGACY_MQTT = "mqtt"
-EVENT_TYPES = (INSPECTION, THRESHOLD, DRIFT, RESULT, LEGACY_MQTT)
+EVENT_TYPES = (INSPECTION, THRESHOLD, DRIFT, RESULT, GEOMETRY, LEGACY_MQTT)
 
 # The contract's message kind (the MQTT topic's last level, the webhook's `X-Anomalyd-Event`) of each event type.
-MESSAGE_KIND = {INSPECTION: "anomaly", THRESHOLD: "threshold", DRIFT: "drift", RESULT: "result"}
+MESSAGE_KIND = {INSPECTION: "anomaly", THRESHOLD: "threshold", DRIFT: "drift", RESULT: "result", GEOMETRY: "geometry"}
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def contract_message(event: OutboxEvent) -> tuple[str, dict[str, Any] | None, st
         document = alert_message(event.id, body)
     elif event.event_type == THRESHOLD:
         document = threshold_message(event.id, body)
-    elif event.event_type in (DRIFT, RESULT):
+    elif event.event_type in (DRIFT, RESULT, GEOMETRY):
         document = {"id": event.id, **body}
     else:
         raise ValueError(f"unknown outbox event type {event.event_type!r} (outbox row {event.id})")

@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from adapters.db.outbox import MQTT_SINK, count_pending_outbox, outbox_after, set_sink_cursor, sink_cursor
 from adapters.events import (
     DRIFT,
+    GEOMETRY,
     LEGACY_MQTT,
     THRESHOLD,
     OutboxEvent,
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 
 def topic(prefix: str, line: str, source: str, kind: str) -> str:
-    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly | result | threshold | drift)."""
+    """`<prefix>/<line>/<source>/<kind>` (kind: status | inspection | anomaly | result | threshold | drift | geometry)."""
     return f"{prefix}/{line}/{source}/{kind}"
 
 
@@ -97,7 +98,7 @@ class MqttMessage:
     retain: bool
 
 
-RETAINED_EVENTS = (THRESHOLD, DRIFT)  # states (like `/status`): published retained, at QoS 1
+RETAINED_EVENTS = (THRESHOLD, DRIFT, GEOMETRY)  # states (like `/status`): published retained, at QoS 1
 
 
 def mqtt_message(event: OutboxEvent, prefix: str, qos: int) -> MqttMessage:

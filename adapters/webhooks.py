@@ -26,7 +26,7 @@ that changes between the check and the connection (rebinding) is never used. Log
 as `scheme://host:port` only (`adapters.redact.url_origin`): Slack, Discord and Teams keep the secret in the path.
 
 Each POST carries `X-Anomalyd-Signature: sha256=<hex HMAC-SHA256 of the raw body with the shared secret>` (when
-a secret is configured), `X-Anomalyd-Id`, `X-Anomalyd-Event` (`anomaly` | `result` | `drift` | `threshold`) and `X-Anomalyd-Timestamp`.
+a secret is configured), `X-Anomalyd-Id`, `X-Anomalyd-Event` (`anomaly` | `result` | `drift` | `threshold` | `geometry`) and `X-Anomalyd-Timestamp`.
 """
 
 from __future__ import annotations
@@ -223,9 +223,9 @@ class WebhookTarget:
 
 
 def is_alarm(payload: dict[str, Any], event: str) -> bool:
-    """An alert, a source's drift (its start and its end), a change of a source's threshold, or a trigger result
-    that is not OK (NG, no decision or a fail-safe answer)."""
-    if event in ("anomaly", "drift", "threshold"):
+    """An alert, a source's drift (its start and its end), a change of a source's threshold or geometry, or a
+    trigger result that is not OK (NG, no decision or a fail-safe answer)."""
+    if event in ("anomaly", "drift", "threshold", "geometry"):
         return True
     if "result" in payload:
         return payload["result"] != "OK"

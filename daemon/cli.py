@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "daemon.commands.reference_commands",  # references list|add|remove
     "daemon.commands.stats_commands",  # stats
     "daemon.commands.threshold_commands",  # calibrate, thresholds show|history|pin|unpin
+    "daemon.commands.geometry_commands",  # geometry show|history|set|reset
 )
 
 # The module that registers each command: a command line that names one builds only that module's parser (the
@@ -41,7 +42,7 @@ COMMAND_OWNERS = {
     "retrain": "daemon.commands.retrain_commands", "tokens": "daemon.commands.token_commands",
     "config": "daemon.commands.config_commands", "export": "daemon.commands.export_commands",
     "references": "daemon.commands.reference_commands", "stats": "daemon.commands.stats_commands",
-    "thresholds": "daemon.commands.threshold_commands",
+    "thresholds": "daemon.commands.threshold_commands", "geometry": "daemon.commands.geometry_commands",
 }
 
 

@@ -37,6 +37,9 @@ MAX_FIT_ASPECT = 8
 # The tiles of one frame at most (a 100 MP frame at S = 256 would be ~2000 tiles): beyond it the frame is scaled
 # down before tiling, so the cost per frame stays bounded whatever the camera.
 MAX_TILES = 256
+# The model inputs cut and held at once by `predict_frames` (two frames of MAX_TILES tiles): with MAX_TILES this
+# bounds the tiles in memory (~100 MB of uint8 inputs, ~130 MB of their maps at S = 256) whatever the batch of frames.
+MAX_PENDING_INPUTS = 2 * MAX_TILES
 
 Polygon = tuple[tuple[float, float], ...]
 
@@ -170,10 +173,14 @@ def plan_frame(frame_hw: tuple[int, int], geometry: Geometry, size: int,
     tiles = (max(0.0, rh - size) / step + 1) * (max(0.0, rw - size) / step + 1)
     if tiles > MAX_TILES:
         scale = float(np.sqrt(MAX_TILES / tiles))
-    sh, sw = max(1, round(rh * scale)), max(1, round(rw * scale))
-    ph, pw = max(size, sh), max(size, sw)
-    origins = [(y, x) for y in _positions(ph, size, geometry.tile_overlap)
-               for x in _positions(pw, size, geometry.tile_overlap)]
+    while True:  # the estimate above counts fractional tiles: shrink a little more until whole ones fit too
+        sh, sw = max(1, round(rh * scale)), max(1, round(rw * scale))
+        ph, pw = max(size, sh), max(size, sw)
+        ys, xs = _positions(ph, size, geometry.tile_overlap), _positions(pw, size, geometry.tile_overlap)
+        if len(ys) * len(xs) <= MAX_TILES:
+            break
+        scale *= 0.97
+    origins = [(y, x) for y in ys for x in xs]
     return FramePlan((height, width), roi, (sh, sw), (size, size), origins, padded=(ph, pw))
 
 
@@ -270,27 +277,64 @@ def frame_inputs(rgb: np.ndarray, geometry: Geometry, size: int, stride: int = D
     return normalised_inputs(cut_frame(rgb, plan_frame(rgb.shape[:2], geometry, size, stride)))
 
 
+def input_groups(plans: Sequence[FramePlan], max_inputs: int) -> list[range]:
+    """Consecutive frames whose inputs together stay within `max_inputs` (a frame with more is a group alone): the
+    frames of one group are cut, batched and stitched before the next group is cut."""
+    groups, start, pending = [], 0, 0
+    for index, plan in enumerate(plans):
+        count = len(plan.origins)
+        if index > start and pending + count > max_inputs:
+            groups.append(range(start, index))
+            start, pending = index, 0
+        pending += count
+    if start < len(plans):
+        groups.append(range(start, len(plans)))
+    return groups
+
+
 def predict_frames(detector: Any, frames: Sequence[np.ndarray], geometry: Geometry, *, size: int | None = None,
-                   stride: int = DEFAULT_STRIDE, batch_size: int = 8,
+                   stride: int = DEFAULT_STRIDE, batch_size: int = 8, max_inputs: int = MAX_PENDING_INPUTS,
                    class_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """(image scores (B,), maps [(H, W) of each frame]) of RGB frames of any size under `geometry`.
 
-    The inputs of all frames are batched by shape. A frame's score is the detector's image score when the frame
-    is one input and nothing is ignored; else (tiles, ignore polygons) the maximum of its stitched map, so an
-    ignored pixel never raises it.
+    The inputs of consecutive frames, up to `max_inputs` of them at a time (`input_groups`), are batched by shape,
+    `batch_size` inputs per model call: memory stays bounded however many frames of however many tiles come in.
+    A frame's score is the detector's image score when the frame is one input and nothing is ignored; else (tiles,
+    ignore polygons) the maximum of its stitched map, so an ignored pixel never raises it.
     """
     import numpy as np
-    import torch
 
     size = int(size or detector.image_size)
     plans = [plan_frame(rgb.shape[:2], geometry, size, stride) for rgb in frames]
-    inputs = [(index, tile) for index, (rgb, plan) in enumerate(zip(frames, plans, strict=True))
-              for tile in cut_frame(rgb, plan)]
+    frame_scores = np.zeros(len(frames), np.float32)
+    frame_maps: list[np.ndarray] = []
+    for group in input_groups(plans, max_inputs):
+        scores, maps = _predict_inputs(detector, [(i, frames[i], plans[i]) for i in group], batch_size, class_names)
+        position = 0
+        for index in group:
+            plan = plans[index]
+            count = len(plan.origins)
+            frame_map = stitch_maps(maps[position:position + count], plan, geometry)
+            single = count == 1 and not geometry.ignore
+            frame_scores[index] = scores[position] if single else float(frame_map.max())
+            frame_maps.append(frame_map)
+            position += count
+    return frame_scores, frame_maps
+
+
+def _predict_inputs(detector: Any, frames: Sequence[tuple[int, np.ndarray, FramePlan]], batch_size: int,
+                    class_names: Sequence[str] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(scores, maps) of every model input of `frames` ((index, rgb, plan)), in frame then input order; the inputs
+    of equal shape are batched together whichever frame they come from."""
+    import numpy as np
+    import torch
+
+    inputs = [(index, tile) for index, rgb, plan in frames for tile in cut_frame(rgb, plan)]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for position, (_, tile) in enumerate(inputs):
         by_shape.setdefault(tile.shape, []).append(position)
     scores = np.zeros(len(inputs), np.float32)
-    maps: list[np.ndarray | None] = [None] * len(inputs)
+    maps: list[Any] = [None] * len(inputs)
     for positions in by_shape.values():
         for start in range(0, len(positions), batch_size):
             chunk = positions[start:start + batch_size]
@@ -302,14 +346,4 @@ def predict_frames(detector: Any, frames: Sequence[np.ndarray], geometry: Geomet
             chunk_maps = prediction.maps.detach().float().cpu().numpy()
             for offset, p in enumerate(chunk):
                 scores[p], maps[p] = chunk_scores[offset], chunk_maps[offset]
-    frame_scores = np.zeros(len(frames), np.float32)
-    frame_maps: list[np.ndarray] = []
-    position = 0
-    for index, plan in enumerate(plans):
-        count = len(plan.origins)
-        frame_map = stitch_maps([m for m in maps[position:position + count] if m is not None], plan, geometry)
-        single = count == 1 and not geometry.ignore
-        frame_scores[index] = scores[position] if single else float(frame_map.max())
-        frame_maps.append(frame_map)
-        position += count
-    return frame_scores, frame_maps
+    return scores, maps

@@ -7,7 +7,9 @@ frame it is checked against (the source's newest inspected frame, else its first
 `"roi": null` inspects the whole frame, `"ignore_polygons": []` ignores nothing); DELETE (operator) goes back to
 the configuration. A degenerate ROI or polygon, one outside the frame, or a geometry the model family cannot run
 is 422 with the reason. Changes are kept in `<[storage].dir>/geometry/` and survive restarts; the running daemon
-rebuilds the source's bank through the new geometry and recalibrates (daemon/geometry_overrides.py).
+rebuilds the source's bank through the new geometry and recalibrates (daemon/geometry_overrides.py). Each change
+is also announced: retained on MQTT `<prefix>/<line>/<source>/geometry`, webhook event `geometry`
+(daemon/geometry_events.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from adapters.db import Inspection
+from daemon import geometry_events
 from daemon import geometry_overrides as overrides
 from daemon.api.references import _known
 from daemon.app import AppState, get_state, require_role
@@ -130,9 +133,10 @@ def set_geometry(source_id: str, body: GeometryChange, state: AppState = Depends
         event = overrides.save_override(state.settings, source_id, changes, set_by=f"api:{token}")
     except GeometryError as exc:
         raise HTTPException(422, f"source {source_id}: {exc}") from None
+    announced = geometry_events.announce(state.sessions, state.settings, event)
     if state.references is not None:
         state.references.wake()  # the bank is rebuilt through the new geometry now, not at the next poll
-    return {**_summary(state, source_id), "change": event}
+    return {**_summary(state, source_id), "change": event, "announced": announced is not None}
 
 
 @router.delete("/sources/{source_id}/geometry", summary="Drop a source's geometry override: back to config (operator)")
@@ -145,6 +149,7 @@ def reset_geometry(source_id: str, state: AppState = Depends(get_state),
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc).strip("'\"")) from None
     except GeometryError as exc:
         raise HTTPException(422, f"source {source_id}: {exc}") from None
+    announced = geometry_events.announce(state.sessions, state.settings, event)
     if state.references is not None:
         state.references.wake()
-    return {**_summary(state, source_id), "change": event}
+    return {**_summary(state, source_id), "change": event, "announced": announced is not None}

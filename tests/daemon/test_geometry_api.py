@@ -4,6 +4,7 @@ what builds the bank; the reference manager rebuilds a source's bank when its ge
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -209,3 +210,26 @@ def test_an_unreadable_override_file_is_named_and_can_be_removed(app):
     assert response.status_code == 200, response.text
     assert "cannot read it" in response.json()["change"]["before"]["error"]
     assert app.get()["geometry"]["resize"] == "fit"
+
+
+def test_each_change_through_the_api_is_a_retained_outbox_message_and_a_refused_one_none(app):
+    from sqlalchemy import select
+
+    from adapters.db import OutboxMessage
+
+    def messages() -> list[OutboxMessage]:
+        with app.sessions() as session:
+            return list(session.scalars(select(OutboxMessage).order_by(OutboxMessage.seq)))
+
+    assert app.put({"roi": [600, 0, 100, 100]}).status_code == 422  # outside the 640x480 frame
+    assert messages() == []
+    assert app.put({"roi": ROI, "ignore_polygons": [POLYGON]}).status_code == 200
+    assert app.client.delete("/api/sources/cam1/geometry", headers=auth("operator")).status_code == 200
+    set_row, reset_row = messages()
+    assert set_row.topic == reset_row.topic == "anomalyd/default/cam1/geometry"
+    assert set_row.retain and reset_row.retain
+    payload = json.loads(set_row.payload)
+    assert (payload["event"], payload["action"], payload["set_by"], payload["line"]) == (
+        "geometry", "set", "api:operator-1", "default")
+    assert payload["geometry"]["roi"] == ROI and payload["id"] == set_row.id
+    assert json.loads(reset_row.payload)["geometry"]["roi"] is None

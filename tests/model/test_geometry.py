@@ -124,3 +124,49 @@ def test_a_frame_smaller_than_a_tile_is_padded_not_enlarged():
     assert maps[0].shape == (122, 285) and detector.shapes == [(2, 3, 256, 256)]
     y, x = np.unravel_index(np.argmax(maps[0]), maps[0].shape)
     assert 50 <= y < 60 and 200 <= x < 210
+
+
+def test_tiles_held_at_once_stay_bounded_whatever_the_batch_of_frames(monkeypatch):
+    """Many large tiled frames in one call: the inputs cut and not yet stitched never exceed `max_inputs` (the
+    memory bound), small frames still share model batches, and the maps are those of frames run one by one."""
+    import model.geometry as geometry_module
+
+    frames = [draw_defect(texture(700, 1000, seed), 100 + 100 * seed, 300) for seed in range(5)]
+    per_frame = len(plan_frame((700, 1000), Geometry("tile"), 256).origins)
+    assert per_frame == 20
+    frames += [draw_defect(texture(256, 256, 9 + seed), 128, 128) for seed in range(3)]  # 1 tile each
+    held, peak = [0], [0]
+    cut, stitch = geometry_module.cut_frame, geometry_module.stitch_maps
+
+    def counting_cut(rgb, plan):
+        held[0] += len(plan.origins)
+        peak[0] = max(peak[0], held[0])
+        return cut(rgb, plan)
+
+    def counting_stitch(maps, plan, geometry):
+        held[0] -= len(plan.origins)
+        return stitch(maps, plan, geometry)
+
+    monkeypatch.setattr(geometry_module, "cut_frame", counting_cut)
+    monkeypatch.setattr(geometry_module, "stitch_maps", counting_stitch)
+    detector = Darkness()
+    scores, maps = predict_frames(detector, frames, Geometry("tile"), max_inputs=40, batch_size=8)
+    assert peak[0] == 40 and held[0] == 0  # two 20-tile frames at a time, never all 103 tiles
+    assert max(shape[0] for shape in detector.shapes) == 8
+    # tiles of different frames share model calls: 40 + 40 + (20 + 3) inputs in 5 + 5 + 3, not 5 x 3 + 3 calls
+    assert len(detector.shapes) == 13
+
+    monkeypatch.setattr(geometry_module, "cut_frame", cut)
+    monkeypatch.setattr(geometry_module, "stitch_maps", stitch)
+    for index, rgb in enumerate(frames):
+        alone_scores, alone_maps = predict_frames(Darkness(), [rgb], Geometry("tile"))
+        assert scores[index] == pytest.approx(alone_scores[0])
+        np.testing.assert_allclose(maps[index], alone_maps[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(2829, 4243), (3000, 4000), (7000, 7000), (600, 40000)])
+def test_a_frame_of_any_size_is_at_most_max_tiles(hw):
+    from model.geometry import MAX_TILES
+
+    plan = plan_frame(hw, Geometry("tile"), 256)
+    assert MAX_TILES - 40 <= len(plan.origins) <= MAX_TILES, len(plan.origins)
