@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.detector import Prediction
 from model.export import AuxInput, ExportError, ExportGraph, adaclip_token_ids, export_graph
-from model.factory import Prediction
 
 log = logging.getLogger(__name__)
 

@@ -167,7 +167,7 @@ def main() -> None:
                          "Run it on a GPU machine; --cpu-smoke checks every path at CPU size, --device cpu times "
                          "the full sizes on the CPU anyway.")
 
-    from model.factory import resolve_device
+    from model.detector import resolve_device
 
     started = time.monotonic()
     device = resolve_device(args.device)

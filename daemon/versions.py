@@ -197,14 +197,14 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
 
 def reference_version_base(settings: Settings, row: ModelVersion) -> Any:
     """The base of a version of a model built on references (daemon/references.py builds each source's detector
-    from it): its name, the registry's version name and, for patchcore-head, its trained head file."""
+    from it): its name, the registry's version name and its learned weights file (a trained head), if any."""
     from daemon.reference_bank import reference_model_options
     from daemon.references import NeedsReferences
 
     if row.prompts_path and not Path(row.prompts_path).is_file():
         raise ModelVersionError(f"model version {row.version!r}: its weights file {row.prompts_path} is missing")
     size = int(reference_model_options(settings).get("image_size", 256))
-    return NeedsReferences(row.kind, row.version, size, head=row.prompts_path)
+    return NeedsReferences(row.kind, row.version, size, weights=row.prompts_path)
 
 
 def _warm_up(detector: Any) -> None:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from model.bank import SavedBank, references_digest
-from model.factory import Prediction, imported_later, register_model
+from model.detector import Prediction
+from model.factory import imported_later, register_model
 from model.geometry import Geometry, frame_inputs, predict_frames
 from model.patchcore.backbone import (
     DEFAULT_BACKBONE,
