@@ -95,7 +95,7 @@ def onnx_session(model, image_size: int, folder: Path, device: torch.device):
     providers = [p for p in wanted if p in available] + ["CPUExecutionProvider"]
     if device.type == "cuda" and len(providers) == 1:
         return None, f"no GPU execution provider in onnxruntime ({', '.join(available)}): onnxruntime-gpu needed"
-    from model.export import AnomalyCLIPGraph
+    from model.anomalyclip.export import AnomalyCLIPGraph
 
     graph = AnomalyCLIPGraph(model.to("cpu").float()).eval()
     path = folder / "anomalyclip.onnx"

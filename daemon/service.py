@@ -156,11 +156,16 @@ class Service:
         if self.role == "capture":
             self._start_capture_forwarding()
         else:
-            detector = self._detector if self._detector is not None else self._detector_factory(s)
-            if self.sessions is not None:
+            if self.sessions is None:
+                detector = self._detector if self._detector is not None else self._detector_factory(s)
+            elif self._detector is not None:
                 from daemon.versions import startup_detector
 
-                detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
+                detector = startup_detector(s, self.sessions, self._detector)  # registers it / the active one
+            else:  # built once: the configured model registered, then the registry's active version built
+                from daemon.versions import start_detector
+
+                detector = start_detector(s, self.sessions, self._detector_factory)
             from daemon.references import NeedsReferences
 
             if s.runtime.engine != "torch" and not isinstance(detector, NeedsReferences):

@@ -12,17 +12,22 @@ retraining, the CLI and the config never switch on a model name:
 - `exporter`: its export graph (`exporter(detector, class_names) -> model.export.ExportGraph`; None: it cannot be
   exported);
 - `capabilities`: what it can do (`Capabilities`: needs / takes references, frame geometry, score scale, class
-  name, backbone kind); the daemon asks these and never compares a family's name;
+  name, backbone kind, which family its labels retrain, its threshold floor); the daemon asks these and never
+  compares a family's name;
 - `known_good`: for a family that scores against references, the known-good scores its calibration reads
   (`known_good(detector, files, limit) -> model.known_good.KnownGoodScores`: held-out references and their
   calibration views, each against a bank of the others; e.g. model/patchcore/known_good.py);
-- `default_taps`, `activation`, `default_weights`.
+- `export_class_row`: the per-class graph input of a class an export does not hold (AdaCLIP's token ids);
+- `version_of`: the version name `create` gives, read without building the model (the daemon then builds one
+  detector at start, the registry's active version);
+- `default_taps`, `activation`, `default_weights`;
+- `module`: where it registers (from `create`'s module), so a training process can import a plug-in's family.
 
 `ModelFamily.trainable` (retraining and `anomalyd train` through the prompt-training loop), `learns_from_labels`
 (that, or its own `fit_samples`) and `exportable` follow from what the family registers.
 
 Adding a family: write `model/<family>/` (module, detector on `model.detector.TorchDetector`, checkpoint I/O,
-training target), then in its `family.py`
+training target, export graph, known-good scores), then in its `family.py`
 
     register_family(ModelFamily(name="myfamily", create=create_myfamily, training=TrainingSpec(...),
                                 capabilities=Capabilities(...), ...))
@@ -141,6 +146,10 @@ class ModelFamily:
     # export_class_row(class_name, details): the per-class graph input of a class an export does not hold, made
     # from the export's `details` (AdaCLIP: the prompt token ids); None: only the exported classes run.
     export_class_row: Callable[[str, Mapping[str, Any]], Any] | None = None
+    # version_of(**options): the version name `create` gives these options, read without building the model (its
+    # weights file's metadata or digest), so the daemon builds its detector once, from the registry's active
+    # version; None (or a None result): it must be built to be named.
+    version_of: Callable[..., str | None] | None = None
     # The module that registers it: a training process (daemon/retraining_job.py) imports it to find a family that
     # is not built in (a plug-in's, a test's). Filled in at registration from `create`'s module.
     module: str = ""
