@@ -158,14 +158,15 @@ class Service:
         else:
             if self.sessions is None:
                 detector = self._detector if self._detector is not None else self._detector_factory(s)
-            elif self._detector is not None:
-                from daemon.versions import startup_detector
+            elif self._detector is not None or self._detector_factory is not build_detector:
+                from daemon.versions import startup_detector  # a given detector or factory: its own version
 
-                detector = startup_detector(s, self.sessions, self._detector)  # registers it / the active one
+                built = self._detector if self._detector is not None else self._detector_factory(s)
+                detector = startup_detector(s, self.sessions, built)  # registers it / the active one
             else:  # built once: the configured model registered, then the registry's active version built
                 from daemon.versions import start_detector
 
-                detector = start_detector(s, self.sessions, self._detector_factory)
+                detector = start_detector(s, self.sessions, build_detector)
             from daemon.references import NeedsReferences
 
             if s.runtime.engine != "torch" and not isinstance(detector, NeedsReferences):
