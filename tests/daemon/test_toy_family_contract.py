@@ -111,6 +111,14 @@ def toy_known_good(detector: BankDetector, files: Sequence[Path], limit: int) ->
     return KnownGoodScores(scores, maxima, 1.0, len(scores), 0, list(scores))
 
 
+asked_versions: list[str] = []  # the versions the daemon asked the family's known_good hook about
+
+
+def known_good_hook(detector: BankDetector, files: Sequence[Path], limit: int) -> KnownGoodScores:
+    asked_versions.append(str(detector.version))
+    return toy_known_good(detector, files, limit)
+
+
 class ToyExportModule(nn.Module):
     def __init__(self, module: BankModule) -> None:
         super().__init__()
@@ -162,7 +170,7 @@ register_family(ModelFamily(
     checkpoint=CheckpointFormat(load=load_file, save=_save),
     training=TrainingSpec(build=lambda backbone, weights, **_: _built(weights), target=ToyTarget,
                           model_type=BankModule, defaults={"epochs": 2, "learning_rate": 0.5}),
-    exporter=toy_graph, known_good=toy_known_good,
+    exporter=toy_graph, known_good=known_good_hook,
 ))
 
 
@@ -249,7 +257,7 @@ def test_a_toy_family_gets_references_calibration_export_and_retraining_through_
             change = session.scalars(select(ThresholdChange).where(ThresholdChange.source == "inbox")).first()
         assert change is not None and change.model_version == detector.version
         assert change.threshold == pytest.approx(expected, abs=1e-6) and change.threshold != 0.99
-        assert "leave-one-out on 4 references" in (change.rule or "")
+        assert "leave-one-out on 4 references" in (change.rule or "") and asked_versions == [detector.version]
 
         frames = {f"dark-{i}.png": 40 + 5 * i for i in range(4)} | {f"bright-{i}.png": 230 + 5 * i for i in range(4)}
         _drop(tmp_path, frames)
@@ -274,7 +282,7 @@ def test_a_toy_family_gets_references_calibration_export_and_retraining_through_
         assert version.kind == TOY and version.status == "active" and run.status == "succeeded"
         assert "epoch 2/2" in run.log
         trained = load_file(version.prompts_path)
-        assert float(trained["gain"]) != 2.0  # the labels moved the learned weights
+        assert float(trained["gain"]) > 2.0  # brighter than the bank is anomalous: the labels raise the gain
         assert wait_until(lambda: (service.references.states["inbox"].detector is not None
                                    and service.references.states["inbox"].detector.version != detector.version), 60)
         swapped = service.references.states["inbox"].detector
@@ -286,7 +294,25 @@ def test_a_toy_family_gets_references_calibration_export_and_retraining_through_
                     ThresholdChange.model_version == swapped.version)).first()
 
         assert wait_until(lambda: recalibrated() is not None, 30), _changes(service)
-        assert "leave-one-out on 4 references" in recalibrated().rule
+        assert type(swapped.base).__name__ == "ExportedDetector"  # the new version exported through the gate too
+        trained_toy = create_toy(device=torch.device("cpu"), dtype=torch.float32, references=refs,
+                                 prompts=version.prompts_path)
+        known = toy_known_good(trained_toy, refs, 8)
+        # its known-good frames now include the frames labelled normal (daemon/references.py)
+        normals = trained_toy.predict(_images([tmp_path / "inbox" / "processed" / n for n in frames
+                                               if n.startswith("dark")]))
+        expected = calibrated_bounds(known.scores + normals.scores.tolist(),
+                                     known.maxima + normals.maps.flatten(1).amax(1).tolist(), 0.2, what="toy")[0]
+        assert recalibrated().threshold == pytest.approx(expected.value, abs=1e-4), _changes(service)
+        assert "leave-one-out on 4 references" in recalibrated().rule and "4 labelled normals" in recalibrated().rule
+        assert asked_versions == [detector.version, swapped.version]
+
+        _drop(tmp_path, {"late.png": 200})  # inspected by the promoted version
+        assert wait_until(lambda: service.pipeline.processed >= len(frames) + 1, 60)
+        with service.sessions() as session:
+            late = session.scalars(select(Inspection).where(Inspection.frame_name.like("%late.png"))).one()
+        score = trained_toy.predict(_images([tmp_path / "inbox" / "processed" / "late.png"])).scores[0]
+        assert late.model_version == swapped.version and late.score == pytest.approx(float(score), abs=1e-4)
     finally:
         service.stop()
 
