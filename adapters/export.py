@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.export import AuxInput, ExportError, ExportGraph, adaclip_token_ids, export_graph
-from model.factory import Prediction
+from model.detector import Prediction
+from model.export import AuxInput, ExportError, ExportGraph, export_graph
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +153,24 @@ class ExportedDetector:
                 self.per_class = {key: table[key] for key in table.files}
         self._run = _runner(engine, folder / manifest["files"]["graph"], threads)
 
+    @property
+    def class_row(self) -> Callable[[str, Mapping[str, Any]], Any] | None:
+        """The family's `export_class_row` (None: only the exported classes run, or no such family here)."""
+        if self.aux_name is None:
+            return None
+        from model.factory import get_family
+
+        try:
+            return get_family(self.name).export_class_row
+        except ValueError:
+            return None
+
     def _aux_rows(self, class_names: Sequence[str]) -> np.ndarray:
         rows = []
         for name in class_names:
-            if name not in self.per_class and self.aux_name == "token_ids":
-                # AdaCLIP's class input is token ids: a new class only needs the tokenizer.
-                length = int(self.manifest["details"]["token_length"])
-                self.per_class[name] = adaclip_token_ids(name, length).numpy()
+            if name not in self.per_class and self.class_row is not None:
+                # The family makes the input of a class the export does not hold (AdaCLIP: token ids).
+                self.per_class[name] = np.asarray(self.class_row(name, self.manifest.get("details") or {}))
             if name not in self.per_class:
                 raise ExportError(
                     f"class name {name!r} is not in this export (it holds {sorted(self.per_class)}): export again "

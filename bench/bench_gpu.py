@@ -95,7 +95,7 @@ def onnx_session(model, image_size: int, folder: Path, device: torch.device):
     providers = [p for p in wanted if p in available] + ["CPUExecutionProvider"]
     if device.type == "cuda" and len(providers) == 1:
         return None, f"no GPU execution provider in onnxruntime ({', '.join(available)}): onnxruntime-gpu needed"
-    from model.export import AnomalyCLIPGraph
+    from model.anomalyclip.export import AnomalyCLIPGraph
 
     graph = AnomalyCLIPGraph(model.to("cpu").float()).eval()
     path = folder / "anomalyclip.onnx"
@@ -167,7 +167,7 @@ def main() -> None:
                          "Run it on a GPU machine; --cpu-smoke checks every path at CPU size, --device cpu times "
                          "the full sizes on the CPU anyway.")
 
-    from model.factory import resolve_device
+    from model.detector import resolve_device
 
     started = time.monotonic()
     device = resolve_device(args.device)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from model import build_anomalyclip, load_backbone
-from model.factory import resolve_device
+from model.detector import resolve_device
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "golden" / "anomalyclip"
 

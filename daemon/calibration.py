@@ -44,6 +44,15 @@ class Bound:
     extrapolated: bool
 
 
+def floored(bound: Bound, floor: float | None) -> Bound:
+    """`bound` raised to `floor` (a family's decision boundary, `Capabilities.threshold_floor`) when below it, the
+    rule saying so; unchanged when the family declares no floor."""
+    if floor is None or bound.value >= floor:
+        return bound
+    return Bound(floor, f"{bound.rule}; raised from {bound.value:.4g} to the model's decision boundary {floor:g} "
+                 "(its known-good frames are frames it learned from)", bound.n, bound.needed, bound.extrapolated)
+
+
 def good_frames_needed(rate: float, confidence: float = DEFAULT_CONFIDENCE) -> int:
     """Known-good frames for a distribution-free bound: the smallest n with P(FRR(max of n) > rate) <= 1 - conf."""
     if not 0.0 < rate < 1.0:

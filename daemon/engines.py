@@ -47,7 +47,7 @@ def with_engine(settings: Any, detector: Any) -> Any:
         try:
             loaded = load_export(folder, engine, image_size=size, version=version)
             held = set(read_manifest(folder).get("classes") or [])
-            if loaded.aux_name != "text_features" or set(classes) <= held:
+            if loaded.aux_name is None or loaded.class_row is not None or set(classes) <= held:  # none missing
                 log.info("engine %s: using the export in %s", engine, folder)
                 return loaded
             log.info("engine %s: export %s lacks classes %s; exporting again", engine, folder,

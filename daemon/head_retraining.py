@@ -1,5 +1,6 @@
-"""Retraining on the real weights: operator labels train a `patchcore-head` (model/supervised/) for a daemon that
-runs `patchcore` or `patchcore-head`.
+"""Retraining a family fitted on each source's references: operator labels train the family that the configured
+one declares (`Capabilities.retrains_as`, e.g. a PatchCore daemon's labels train a head, model/supervised/) when that
+family learns from labels by its own `fit_samples` on its sources' references.
 
 The run itself is the retrainer's (daemon/retraining.py: the `training_runs` row, one run at a time, the job
 process, the promotion gate of daemon/promotion.py, the version registry); this module gives it what differs for a
@@ -9,11 +10,11 @@ head:
   files (the ones its bank is built from), in a
   job for `python -m daemon.head_retraining_job`; refused with the number needed while fewer than
   `MIN_LABELLED_DEFECTS` frames are labelled anomalous;
-- `make_retrainer`: a `Retrainer` with that training set when the configured model is patchcore or patchcore-head
-  (the daemon, `POST /api/retrain` and `anomalyd retrain --now` use it);
+- `make_retrainer`: a `Retrainer` with that training set when the configured model retrains such a family
+  (`learns_on_references`; the daemon, `POST /api/retrain` and `anomalyd retrain --now` use it);
 - `refusal`: why a retraining request is refused up front (409 / exit 2), or None.
 
-The candidate is a version of kind `patchcore-head` whose weights file is the head. Activated (by the gate with
+The candidate is a version of the trained family (kind) whose weights file is what it learned (a head). Activated (by the gate with
 `promotion = "auto"`, or `anomalyd models activate`), the model watcher builds its base (daemon/versions.py:
 `reference_version_base`), the reference manager rebuilds each source's detector with the head and calibrates it:
 a new (source, version) threshold row and its threshold-history record (daemon/references.py).
@@ -38,15 +39,28 @@ if TYPE_CHECKING:
     from daemon.app import AppState
     from daemon.config import Settings
 
-HEAD_FAMILY = "patchcore-head"
-HEAD_MODELS = ("patchcore", HEAD_FAMILY)  # configured models whose retraining trains a head
 MIN_LABELLED_DEFECTS = 4  # one held out, three to train at least
 HEAD_STEPS = 100  # the head's optimiser steps (model/supervised/training.py: seconds on one core)
 SYNTHETIC_PER_REFERENCE = 3
 
 
-def learns_head(model_name: str) -> bool:
-    return model_name in HEAD_MODELS
+def learns_on_references(model_name: str) -> bool:
+    """Retraining `model_name` trains a family that learns from labels on its sources' references (its own
+    `fit_samples`, not the prompt-training loop), e.g. a head for PatchCore."""
+    from model.factory import retraining_family
+
+    try:
+        family = retraining_family(model_name)
+    except ValueError:
+        return False
+    return family.training is None and family.fit_samples is not None and family.caps.needs_references
+
+
+def trained_family(model_name: str) -> str:
+    """The name of the family whose version retraining `model_name` produces."""
+    from model.factory import retraining_family
+
+    return retraining_family(model_name).name
 
 
 def labelled_counts(session: Session) -> dict[str, int]:
@@ -61,24 +75,25 @@ def labelled_counts(session: Session) -> dict[str, int]:
 
 def refusal(settings: Settings, sessions: sessionmaker[Session] | None) -> str | None:
     """Why retraining the configured model is refused before any run starts (None: it may start)."""
-    from model.factory import get_family, list_models
+    from model.factory import capabilities, get_family, list_models
 
     name = settings.model.name
-    if learns_head(name):
+    if learns_on_references(name):
         if sessions is None:
             return None
         with sessions() as session:
             defects = labelled_counts(session)["anomalous"]
         if defects < MIN_LABELLED_DEFECTS:
-            return (f"retraining {name!r} trains a {HEAD_FAMILY} from labelled defects: {defects} frame(s) labelled "
+            return (f"retraining {name!r} trains a {trained_family(name)} from labelled defects: {defects} frame(s) "
+                    "labelled "
                     f"anomalous, at least {MIN_LABELLED_DEFECTS} needed (label {MIN_LABELLED_DEFECTS - defects} "
                     "more defective frames; masks help but are optional)")
         return None
     if get_family(name).trainable:
         return None
+    others = [f"a {capabilities(n).retrains_as} for {n}" for n in list_models() if capabilities(n).retrains_as]
     return (f"[model].name {name!r} has nothing to learn (it is built from its references; add or remove "
-            f"references instead); retraining trains {' or '.join(list_models(trainable=True))}, or a "
-            f"{HEAD_FAMILY} for patchcore")
+            f"references instead); retraining trains {', '.join([*list_models(trainable=True), *others])}")
 
 
 class HeadTrainingSet:
@@ -136,6 +151,7 @@ class HeadTrainingSet:
         from daemon.reference_bank import reference_model_options
 
         cfg = self.config
+        family = trained_family(self.settings.model.name)
         with self.sessions() as session:
             frames, problems = collect_labelled_frames(session, self.artifacts_root)
             active = active_model_version(session)
@@ -143,7 +159,7 @@ class HeadTrainingSet:
             note(f"skipped: {problem}")
         defects = sum(f.label for f in frames)
         if defects < MIN_LABELLED_DEFECTS:
-            raise RetrainError(f"{defects} labelled defective frame(s) with a stored frame: a {HEAD_FAMILY} needs at "
+            raise RetrainError(f"{defects} labelled defective frame(s) with a stored frame: a {family} needs at "
                                f"least {MIN_LABELLED_DEFECTS}; label more defective frames")
         references = self._references({f.category for f in frames})
         usable = {s for s, files in references.items() if len(files) >= 2}
@@ -168,14 +184,14 @@ class HeadTrainingSet:
              f"masks, plus synthetic defects on the references), {len(holdout)} held out; sources "
              f"{', '.join(sorted(usable))}")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        version = f"{HEAD_FAMILY}-{stamp}-r{run_id}"
+        version = f"{family}-{stamp}-r{run_id}"
         options = reference_model_options(self.settings)
         options["image_size"] = self.image_size()
         options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
         spec = {
             "run_id": run_id, "version": version, "job_module": "daemon.head_retraining_job",
             "output": str(run_dir / "work" / "head.safetensors"), "result": str(run_dir / "result.json"),
-            "model": {"kind": HEAD_FAMILY, "image_size": options["image_size"], "options": options},
+            "model": {"kind": family, "image_size": options["image_size"], "options": options},
             "sources": {s: references[s] for s in sorted(usable)},
             "active": ({"version": active.version, "kind": active.kind, "prompts": active.prompts_path}
                        if active is not None else None),
@@ -193,9 +209,10 @@ class HeadTrainingSet:
 
 def make_retrainer(settings: Settings, sessions: sessionmaker[Session], *,
                    on_activated: Callable[[], Any] | None = None) -> Retrainer:
-    """The retrainer for the configured model: a head's training set for patchcore / patchcore-head."""
+    """The retrainer for the configured model: the references-based training set when it retrains a family fitted
+    on its sources' references (`learns_on_references`), the prompt-training one otherwise."""
     retrainer = Retrainer(settings, sessions, on_activated=on_activated)
-    if learns_head(settings.model.name):
+    if learns_on_references(settings.model.name):
         retrainer.training_set = HeadTrainingSet(settings, sessions)  # type: ignore[assignment]
     return retrainer
 

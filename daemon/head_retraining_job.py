@@ -1,5 +1,6 @@
-"""The patchcore-head retraining process: `python -m daemon.head_retraining_job JOB.json`, started by the
-retrainer (daemon/head_retraining.py builds the job) through `daemon.retrain_supervisor.JobSupervisor`.
+"""The head retraining process: `python -m daemon.head_retraining_job JOB.json`, started by the retrainer
+(daemon/head_retraining.py builds the job, its model kind the trained family's) through
+`daemon.retrain_supervisor.JobSupervisor`.
 
 It lowers its priority, then per source with labelled frames: builds PatchCore's bank from that source's references
 and computes the frozen training items (model/supervised/training.py: the references leave-one-out as normals,
@@ -79,53 +80,45 @@ def training_items(detector: Any, spec: dict[str, Any]) -> Any:
     return HeadInputs.concat(parts)
 
 
-def _scores(detector: Any, paths: Sequence[str | Path], size: int, raw_scale: float | None) -> tuple[list, list]:
-    """(image scores, maps) on the daemon's 0–1 scale: the head's own, or PatchCore's 1 - exp(-raw / d0)."""
+def _scores(detector: Any, paths: Sequence[str | Path], size: int) -> tuple[list, list]:
+    """(image scores, maps) on the daemon's 0–1 scale (the family's declared rule, daemon/scale.py)."""
     import torch
+
+    from daemon.scale import scale_outputs
 
     if not paths:
         return [], []
     with torch.inference_mode():
         prediction = detector.predict(_images(paths, size))
-    scores, maps = prediction.scores.float().cpu(), prediction.maps.float().cpu()
-    if raw_scale is not None:
-        scores, maps = 1 - torch.exp(-scores.clamp_min(0) / raw_scale), 1 - torch.exp(-maps.clamp_min(0) / raw_scale)
+    scores, maps = scale_outputs(detector, prediction.scores.float().cpu(), prediction.maps.float().cpu())
     return scores.tolist(), [m.numpy() for m in maps]
 
 
 def _evaluate_source(model: str, detector: Any, source: str, references: list[Path], holdout: list[dict],
                      train_normals: list[str], rate: float) -> dict[str, Any]:
-    """One model on one source's held-out frames: scores, maps, its calibrated threshold and the known-good
-    own scores (the stand-in normals)."""
-    from daemon.calibration import calibrated_bounds
+    """One model ("base": the bank the head sits on, or "head") on one source's held-out frames: scores, maps, its
+    calibrated threshold and the known-good own scores (the stand-in normals), all as the daemon computes them for
+    that model's family: its `known_good` hook, its score scale, its threshold floor."""
+    import torch
+
+    from daemon.calibration import calibrated_bounds, floored
+    from daemon.scale import scale_outputs
+    from model.factory import capabilities_of, known_good_of
+    from model.known_good import CALIBRATION_HOLDOUTS
 
     size = detector.image_size
-    if model == "patchcore":
-        from model.factory import known_good_of
-        from model.known_good import CALIBRATION_HOLDOUTS
-
-        known = known_good_of(detector.patchcore)(detector.patchcore, references, CALIBRATION_HOLDOUTS)
-        scale = known.distance_scale
-        import torch
-
-        good = 1 - torch.exp(-torch.tensor(known.scores) / scale)
-        good_max = 1 - torch.exp(-torch.tensor(known.maxima) / scale)
-        own = (1 - torch.exp(-torch.tensor(known.own) / scale)).tolist()
-        good_scores, good_maxima, scorer = good.tolist(), good_max.tolist(), detector.patchcore
-    else:
-        from daemon.head_known_good import head_known_good
-
-        known = head_known_good(detector, references)
-        scale, good_scores, good_maxima, own, scorer = None, known.scores, known.maxima, known.own, detector
-    normal_scores, normal_maps = _scores(scorer, train_normals, size, scale)
-    good_scores += normal_scores
-    good_maxima += [float(m.max()) for m in normal_maps]
+    scorer = detector.patchcore if model == "base" else detector
+    known = known_good_of(scorer)(scorer, references, CALIBRATION_HOLDOUTS)
+    scorer.distance_scale = known.distance_scale  # as daemon/reference_bank.py sets it on a source's detector
+    good, good_max = scale_outputs(scorer, torch.tensor(known.scores), torch.tensor(known.maxima))
+    own = scale_outputs(scorer, torch.tensor(known.own), torch.tensor(known.own))[0].tolist()
+    normal_scores, normal_maps = _scores(scorer, train_normals, size)
+    good_scores = good.tolist() + normal_scores
+    good_maxima = good_max.tolist() + [float(m.max()) for m in normal_maps]
     image, pixel = calibrated_bounds(good_scores, good_maxima, rate, what=f"source {source} ({model})")
-    if model == "head":  # as the daemon calibrates a head (daemon/head_known_good.py)
-        from daemon.head_known_good import floored
-
-        image, pixel = floored(image), floored(pixel)
-    scores, maps = _scores(scorer, [i["path"] for i in holdout], size, scale)
+    floor = capabilities_of(scorer).threshold_floor  # as the daemon calibrates it (daemon/references.py)
+    image, pixel = floored(image, floor), floored(pixel, floor)
+    scores, maps = _scores(scorer, [i["path"] for i in holdout], size)
     return {"threshold": image.value, "pixel_threshold": pixel.value, "scores": scores, "maps": maps, "own": own,
             "known_good": len(good_scores)}
 
@@ -141,10 +134,10 @@ def evaluate(detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, 
 
     active = spec.get("active") or {}
     models: dict[str, Any] = {"candidate": checkpoint}
-    if active.get("kind") == "patchcore-head" and active.get("prompts"):
+    if active.get("kind") == spec["model"]["kind"] and active.get("prompts"):  # an earlier head is active
         models["active"] = HeadCheckpoint.load(active["prompts"])
-    else:  # the configured PatchCore (or nothing active yet: PatchCore is what the daemon runs then)
-        models["active"] = "patchcore"
+    else:  # the configured base model (or nothing active yet: the base is what the daemon runs then)
+        models["active"] = None
     rate = float(spec["false_reject_rate"])
     train_normals = {s: [i["path"] for i in items if not i["label"]] for s, items in _by_source(spec["train"]).items()}
     results: dict[str, Any] = {}
@@ -158,8 +151,8 @@ def evaluate(detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, 
         for source, holdout in sorted(per_source.items()):
             references = [Path(p) for p in spec["sources"][source]]
             detector.set_references(_images(references, detector.image_size))
-            detector.set_checkpoint(None if model == "patchcore" else model)
-            out = _evaluate_source("patchcore" if model == "patchcore" else "head", detector, source, references,
+            detector.set_checkpoint(model)
+            out = _evaluate_source("base" if model is None else "head", detector, source, references,
                                    holdout, train_normals.get(source, []), rate)
             labels = [int(i["label"]) for i in holdout]
             masks = [load_mask(s, detector.image_size).numpy() if s.label else None for s in _samples(holdout)]
@@ -202,7 +195,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in spec["model"]["options"].items() if v is not None}
     if "layers" in options:
         options["layers"] = tuple(options["layers"])
-    detector = create_detector("patchcore-head", device=resolve_device(spec.get("device") or "auto"),
+    detector = create_detector(spec["model"]["kind"], device=resolve_device(spec.get("device") or "auto"),
                                dtype="float32", references_later=True, **options)
     inputs = training_items(detector, spec)
     config = HeadTrainingConfig(steps=int(t["steps"]), seed=int(t["seed"]),

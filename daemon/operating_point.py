@@ -24,9 +24,9 @@ def daemon_threshold(detector: Any, reference_files: Sequence[Path], rate: float
     calibrate so."""
     import torch
 
-    from daemon.calibration import calibrated_bounds
+    from daemon.calibration import calibrated_bounds, floored
     from daemon.scale import scale_outputs
-    from model.factory import known_good_of
+    from model.factory import capabilities_of, known_good_of
     from model.known_good import CALIBRATION_HOLDOUTS
 
     known_good = known_good_of(detector)  # the family's hook (PatchCore: model/patchcore/known_good.py)
@@ -36,6 +36,7 @@ def daemon_threshold(detector: Any, reference_files: Sequence[Path], rate: float
     detector.distance_scale = known.distance_scale
     scores, maxima = scale_outputs(detector, torch.tensor(known.scores), torch.tensor(known.maxima))
     image, _ = calibrated_bounds(scores.tolist(), maxima.tolist(), rate)
+    image = floored(image, capabilities_of(detector).threshold_floor)  # e.g. a head's decision boundary
     return image.value, image.rule, scores.tolist()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.scale import scaled
-from model.factory import capabilities, known_good_of, needs_references
+from model.factory import capabilities, get_family, known_good_of, needs_references
 from model.known_good import (
     CALIBRATION_DEGREES,
     CALIBRATION_GAIN,
@@ -27,7 +27,6 @@ from model.known_good import (
 
 log = logging.getLogger("anomalyd.references")
 
-HEAD_FAMILY = "patchcore-head"  # its known-good scores go through its head (daemon/head_known_good.py)
 
 def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path: Path | None) -> Any:
     """A detector for one source: the few-shot wrapper on the (scaled) base, or PatchCore on its own bank."""
@@ -48,23 +47,17 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
             # held-out bank (no path) gets [model]'s geometry
             options["geometry"] = (effective_geometry(settings, cache_path.stem) if cache_path is not None
                                    else source_geometry(settings, None))
-        if getattr(base, "head", None):  # patchcore-head: the model version's trained head (daemon/head_retraining.py)
-            options["head"] = base.head
+        if base.weights:  # the model version's learned weights (e.g. a trained head: daemon/head_retraining.py)
+            options["prompts"] = base.weights
         detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
                                    references_cache=str(cache_path) if cache_path else None, **options)
-        if cache_path is not None and name == HEAD_FAMILY:  # scored through its head (no capability says so)
-            from daemon.head_known_good import head_known_good
-
-            detector.known_good = head_known_good(detector, [f for f in files if f.suffix != ".safetensors"])
-            detector.threshold_floor = True  # calibrate: at least the head's decision boundary (head_known_good.py)
-            return scaled(detector)  # already 0-1; not exported to another engine yet
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/scale.py)
             known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
                                       cache_path)
             if known is not None:
                 detector.known_good = known  # raw scores of held-out references and their views, for the calibration
                 detector.distance_scale = known.distance_scale
-        if getattr(r, "engine", "torch") != "torch":
+        if getattr(r, "engine", "torch") != "torch" and get_family(name).exportable:  # the others stay on torch
             detector = _on_engine(settings, detector)
         return scaled(detector)
     from model.fewshot import with_references

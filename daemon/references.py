@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.calibration import calibrated_bounds, load_thresholds, stored_threshold
+from daemon.calibration import calibrated_bounds, floored, load_thresholds, stored_threshold
 from daemon.reference_bank import Builder, default_builder, reference_model_options, score_files
 from daemon.reference_files import (
     MAX_REFERENCES,
@@ -64,7 +64,7 @@ from daemon.routing import RoutedDetector
 from daemon.scale import scale_outputs
 from daemon.thresholds import LABELLED_ANOMALIES_FOR_GUARD, ThresholdTable, labelled_frames, load_pins
 from daemon.zero_label import MUTUAL_PREFIX, mutual_detector, zero_label
-from model.factory import needs_references
+from model.factory import capabilities_of, needs_references
 from model.known_good import CALIBRATION_HOLDOUTS
 
 log = logging.getLogger("anomalyd.references")
@@ -76,9 +76,10 @@ REBUILD_BACKOFF_S = 300.0  # the longest wait between retries of a failed bank b
 class NeedsReferences:
     """The base of a model that only works with references (PatchCore): names and sizes, no predictions."""
 
-    def __init__(self, name: str, version: str, image_size: int, device: Any = "cpu", head: str | None = None) -> None:
+    def __init__(self, name: str, version: str, image_size: int, device: Any = "cpu",
+                 weights: str | None = None) -> None:
         self.name, self.version, self.image_size, self.device = name, version, int(image_size), device
-        self.head = head  # patchcore-head: the version's trained head file (None: untrained, ranks like PatchCore)
+        self.weights = weights  # the version's learned weights file (a trained head), passed on as `prompts`
 
     def predict(self, images: Any, class_names: Any = None) -> Any:
         raise ReferenceSetupError(f"{self.name} needs references: set [[sources]].references or "
@@ -279,10 +280,8 @@ class ReferenceManager:
         from daemon.thresholds import Calibration, apply_calibration
 
         image, pixel = calibrated_bounds(scores, maxima, rate, what=f"source {source_id}")
-        if getattr(state.detector, "threshold_floor", False):  # patchcore-head
-            from daemon.head_known_good import floored
-
-            image, pixel = floored(image), floored(pixel)
+        floor = capabilities_of(state.detector).threshold_floor  # e.g. a head's decision boundary
+        image, pixel = floored(image, floor), floored(pixel, floor)
         anomalies = labelled_frames(self.sessions, self.store, source_id, "anomalous", LABELLED_ANOMALIES_FOR_GUARD)
         anomaly_scores = score_files(state.detector, anomalies, class_name)[0] if anomalies else []
         configured = (float(cfg.threshold), float(cfg.map_threshold)) if cfg is not None else None

@@ -111,6 +111,13 @@ def evaluate(detector: Any, dataset: Any, batch_size: int) -> dict[str, Any]:
     return metrics
 
 
+def _family(spec_model: dict[str, Any]) -> Any:
+    """The job's family: built in, or registered by its module (a plug-in's), which this process imports first."""
+    from model.factory import family_from
+
+    return family_from(spec_model["kind"], spec_model.get("family_module") or "")
+
+
 def _build(kind: str, spec_model: dict[str, Any], backbone: Any, weights: str | None) -> Any:
     """The model to train or evaluate: `weights` (a version's file) loaded, or a fresh start when None."""
     from model.factory import get_family
@@ -131,7 +138,7 @@ def _active_detector(spec: dict[str, Any], backbone: Any, device: Any) -> Any:
     from model import create_detector
 
     active, m = spec["active"], spec["model"]
-    kind = m.get("kind", "anomalyclip")
+    kind = m["kind"]
     if active["kind"] == kind and active.get("prompts"):  # same model: reuse the loaded backbone
         return _detector(kind, _build(kind, m, backbone, active["prompts"]), device, active["version"])
     return create_detector(active["kind"], backbone=m["backbone"], backbone_config=m["backbone_config"],
@@ -142,21 +149,24 @@ def _active_detector(spec: dict[str, Any], backbone: Any, device: Any) -> Any:
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from model import get_family, load_backbone, resolve_device
+    from model import load_backbone, resolve_device
     from model.training import TrainingConfig, train_prompts
 
     m, t = spec["model"], spec["training"]
-    kind = m.get("kind", "anomalyclip")
+    family = _family(m)
+    kind = family.name
     torch.set_num_threads(int(spec.get("threads") or 1))
     device = resolve_device(spec.get("device") or "auto")
     emit({"event": "start", "version": spec["version"], "epochs": t["epochs"], "steps": t["epochs"] + 2})
     # The family's activation (AdaCLIP's weights are trained on a tower built with nn.GELU, as its released ones).
-    backbone = load_backbone(m["backbone"], config=m.get("backbone_config"), **get_family(kind).backbone_options())
+    # A family with its own backbone (`clip_backbone` False) builds it itself.
+    backbone = (load_backbone(m["backbone"], config=m.get("backbone_config"), **family.backbone_options())
+                if family.caps.clip_backbone else None)
     model = _build(kind, m, backbone, m.get("init_prompts"))
     config = TrainingConfig.for_model(kind, epochs=t["epochs"], batch_size=t["batch_size"],
                                       learning_rate=t["learning_rate"], seed=t["seed"])
     class_names = sorted({str(item.get("category") or "object") for item in spec["train"]})
-    metadata = {"version": spec["version"], "model": kind, "backbone": backbone.name,
+    metadata = {"version": spec["version"], "model": kind, "backbone": getattr(backbone, "name", None),
                 "layers": list(m["layers"]), "image_size": m["image_size"],
                 "training_data": f"operator labels, retraining run {spec['run_id']}", "class_names": class_names,
                 "init_prompts": m.get("init_prompts"), "synthetic": bool(spec.get("synthetic")),

@@ -156,11 +156,17 @@ class Service:
         if self.role == "capture":
             self._start_capture_forwarding()
         else:
-            detector = self._detector if self._detector is not None else self._detector_factory(s)
-            if self.sessions is not None:
-                from daemon.versions import startup_detector
+            if self.sessions is None:
+                detector = self._detector if self._detector is not None else self._detector_factory(s)
+            elif self._detector is not None or self._detector_factory is not build_detector:
+                from daemon.versions import startup_detector  # a given detector or factory: its own version
 
-                detector = startup_detector(s, self.sessions, detector)  # registers it / the registry's active one
+                built = self._detector if self._detector is not None else self._detector_factory(s)
+                detector = startup_detector(s, self.sessions, built)  # registers it / the active one
+            else:  # built once: the configured model registered, then the registry's active version built
+                from daemon.versions import start_detector
+
+                detector = start_detector(s, self.sessions, build_detector)
             from daemon.references import NeedsReferences
 
             if s.runtime.engine != "torch" and not isinstance(detector, NeedsReferences):

@@ -169,7 +169,8 @@ class TrainingSetBuilder:
         spec = {
             "run_id": run_id, "version": version,
             "output": str(run_dir / "work" / "prompts.safetensors"), "result": str(run_dir / "result.json"),
-            "model": {"kind": m.name, "backbone": self.settings.backbone_file(),
+            "model": {"kind": m.name, "family_module": get_family(m.name).module,
+                      "backbone": self.settings.backbone_file(),
                       "backbone_config": self.settings.resolve_model_value(m.backbone_config),
                       "layers": list(m.layers), "image_size": self.image_size(), "init_prompts": init_prompts,
                       "transform": "reference" if m.reference_preprocessing else "fast"},

@@ -197,14 +197,14 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
 
 def reference_version_base(settings: Settings, row: ModelVersion) -> Any:
     """The base of a version of a model built on references (daemon/references.py builds each source's detector
-    from it): its name, the registry's version name and, for patchcore-head, its trained head file."""
+    from it): its name, the registry's version name and its learned weights file (a trained head), if any."""
     from daemon.reference_bank import reference_model_options
     from daemon.references import NeedsReferences
 
     if row.prompts_path and not Path(row.prompts_path).is_file():
         raise ModelVersionError(f"model version {row.version!r}: its weights file {row.prompts_path} is missing")
     size = int(reference_model_options(settings).get("image_size", 256))
-    return NeedsReferences(row.kind, row.version, size, head=row.prompts_path)
+    return NeedsReferences(row.kind, row.version, size, weights=row.prompts_path)
 
 
 def _warm_up(detector: Any) -> None:
@@ -256,19 +256,70 @@ def _register_configured(settings: Settings, sessions: sessionmaker[Session], ve
         return None if active.version == version else active
 
 
+def _register_or_join(settings: Settings, sessions: sessionmaker[Session], version: str,
+                      kind: str) -> ModelVersion | None:
+    """`_register_configured`, once more when another worker sharing this database registered the same version
+    between our read and our insert."""
+    try:
+        return _register_configured(settings, sessions, version, kind)
+    except (VersionExistsError, IntegrityError):
+        return _register_configured(settings, sessions, version, kind)
+
+
+def configured_version(settings: Any) -> str | None:
+    """The version name of the [model] section's model, read without building it (its family's `version_of`: the
+    weights file's metadata or digest); None when its family must build it to name it, or cannot read it now (the
+    build then says why)."""
+    from model.factory import get_family
+
+    m = settings.model
+    try:
+        version_of = get_family(m.name).version_of
+        if version_of is None:
+            return None
+        version = version_of(prompts=settings.prompts_file(), backbone=settings.resolve_model_value(m.backbone),
+                             image_size=m.image_size, class_name=m.class_name)
+    except Exception:
+        return None
+    return str(version) if version else None
+
+
+def start_detector(
+    settings: Any,
+    sessions: sessionmaker[Session],
+    factory: Callable[[Any], Any],
+    build: Callable[[Any, ModelVersion, Any], Any] = build_version_detector,
+) -> Any:
+    """The detector the daemon starts with, built once: the configured model is registered under the version its
+    family names without building it (`configured_version`), then the registry's active version is built: the
+    configured model by `factory(settings)`, another version by `build` (a failing one: the configured model, as
+    `startup_detector`). A family that must be built to be named goes through `startup_detector`."""
+    version = configured_version(settings)
+    if version is None:
+        return startup_detector(settings, sessions, factory(settings), build)
+    wanted = _register_or_join(settings, sessions, version, settings.model.name)
+    if wanted is None:
+        return factory(settings)
+    try:
+        chosen = build(settings, wanted, None)
+    except Exception as exc:
+        log.error("cannot load the active model version %s (%s); running the configured %s instead",
+                  wanted.version, exc, version)
+        return factory(settings)
+    log.info("running the registry's active model version %s (the configured model is %s)", wanted.version, version)
+    return chosen
+
+
 def startup_detector(
     settings: Any,
     sessions: sessionmaker[Session],
     detector: Any,
     build: Callable[[Any, ModelVersion, Any], Any] = build_version_detector,
 ) -> Any:
-    """Register the configured model on first use and return the detector the daemon should start with."""
+    """Register the configured model (built: `detector`) on first use and return the detector the daemon should
+    start with: `detector`, or the registry's active version built sharing its backbone where it can."""
     version, kind = str(detector.version), str(getattr(detector, "name", "unknown"))
-    try:
-        wanted = _register_configured(settings, sessions, version, kind)
-    except (VersionExistsError, IntegrityError):
-        # Another worker sharing this database registered the same version between our read and our insert.
-        wanted = _register_configured(settings, sessions, version, kind)
+    wanted = _register_or_join(settings, sessions, version, kind)
     if wanted is None:
         return detector
     try:

@@ -416,10 +416,10 @@ def create_winclip(
 
 register_family(ModelFamily(name="clip", create=create_clip,
                             summary="CLIP zero-shot: two prompts per class (training-free)",
-                            exporter=imported_later("model.export", "clip_graph")))
+                            exporter=imported_later("model.baselines_export", "clip_graph")))
 register_family(ModelFamily(name="clip-ac", create=create_clip_ac,
                             summary="CLIP with WinCLIP's compositional prompt ensemble (training-free)",
-                            exporter=imported_later("model.export", "clip_graph")))
+                            exporter=imported_later("model.baselines_export", "clip_graph")))
 register_family(ModelFamily(name="winclip", create=create_winclip,
                             summary="WinCLIP (CVPR 2023) zero-shot: sliding-window CLIP embeddings (training-free)",
-                            exporter=imported_later("model.export", "winclip_graph")))
+                            exporter=imported_later("model.baselines_export", "winclip_graph")))

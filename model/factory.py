@@ -12,17 +12,22 @@ retraining, the CLI and the config never switch on a model name:
 - `exporter`: its export graph (`exporter(detector, class_names) -> model.export.ExportGraph`; None: it cannot be
   exported);
 - `capabilities`: what it can do (`Capabilities`: needs / takes references, frame geometry, score scale, class
-  name, backbone kind); the daemon asks these and never compares a family's name;
+  name, backbone kind, which family its labels retrain, its threshold floor); the daemon asks these and never
+  compares a family's name;
 - `known_good`: for a family that scores against references, the known-good scores its calibration reads
   (`known_good(detector, files, limit) -> model.known_good.KnownGoodScores`: held-out references and their
   calibration views, each against a bank of the others; e.g. model/patchcore/known_good.py);
-- `default_taps`, `activation`, `default_weights`.
+- `export_class_row`: the per-class graph input of a class an export does not hold (AdaCLIP's token ids);
+- `version_of`: the version name `create` gives, read without building the model (the daemon then builds one
+  detector at start, the registry's active version);
+- `default_taps`, `activation`, `default_weights`;
+- `module`: where it registers (from `create`'s module), so a training process can import a plug-in's family.
 
 `ModelFamily.trainable` (retraining and `anomalyd train` through the prompt-training loop), `learns_from_labels`
 (that, or its own `fit_samples`) and `exportable` follow from what the family registers.
 
 Adding a family: write `model/<family>/` (module, detector on `model.detector.TorchDetector`, checkpoint I/O,
-training target), then in its `family.py`
+training target, export graph, known-good scores), then in its `family.py`
 
     register_family(ModelFamily(name="myfamily", create=create_myfamily, training=TrainingSpec(...),
                                 capabilities=Capabilities(...), ...))
@@ -75,6 +80,12 @@ class Capabilities:
     needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
     clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)
     versions_share_backbone: bool = False  # versions differ only in learned weights: a swap reuses the backbone
+    # Operator labels train a version of this family (None: of itself, when it trains), e.g. a PatchCore daemon's
+    # retraining trains a patchcore-head; the daemon's retraining reads the trained family's declaration.
+    retrains_as: str | None = None
+    # Its calibrated threshold is at least this (its decision boundary): its known-good frames are frames it learned
+    # as normal, so they understate an unseen good frame's score (model/supervised/known_good.py). None: no floor.
+    threshold_floor: float | None = None
 
     def __post_init__(self) -> None:
         if self.score_scale not in SCORE_SCALES:
@@ -132,6 +143,16 @@ class ModelFamily:
     # known_good(detector, files, limit): raw scores of held-out references and their calibration views
     # (model.known_good.KnownGoodScores) that the daemon calibrates a source's thresholds from; None: it has none.
     known_good: Callable[..., Any] | None = None
+    # export_class_row(class_name, details): the per-class graph input of a class an export does not hold, made
+    # from the export's `details` (AdaCLIP: the prompt token ids); None: only the exported classes run.
+    export_class_row: Callable[[str, Mapping[str, Any]], Any] | None = None
+    # version_of(**options): the version name `create` gives these options, read without building the model (its
+    # weights file's metadata or digest), so the daemon builds its detector once, from the registry's active
+    # version; None (or a None result): it must be built to be named.
+    version_of: Callable[..., str | None] | None = None
+    # The module that registers it: a training process (daemon/retraining_job.py) imports it to find a family that
+    # is not built in (a plug-in's, a test's). Filled in at registration from `create`'s module.
+    module: str = ""
 
     @property
     def caps(self) -> Capabilities:
@@ -189,9 +210,9 @@ BUILTIN_FAMILIES: dict[str, BuiltinFamily] = {
     "winclip": BuiltinFamily("model.baselines"),
     "patchcore": BuiltinFamily("model.patchcore.detector", Capabilities(
         needs_references=True, uses_references=True, supports_geometry=True, score_scale="distance",
-        **_OWN_BACKBONE)),
+        retrains_as="patchcore-head", **_OWN_BACKBONE)),
     "patchcore-head": BuiltinFamily("model.supervised.detector", Capabilities(
-        needs_references=True, uses_references=True, **_OWN_BACKBONE)),
+        needs_references=True, uses_references=True, threshold_floor=0.5, **_OWN_BACKBONE)),
     "mutual": BuiltinFamily("model.mutual.detector", Capabilities(
         uses_references=True, score_scale="distance", **_OWN_BACKBONE)),
 }
@@ -214,6 +235,8 @@ def register_family(family: ModelFamily) -> ModelFamily:
     """Register (or replace) a family under its name; without capabilities of its own it gets the declared ones."""
     if family.capabilities is None:
         family = replace(family, capabilities=declared_capabilities(family.name))
+    if not family.module:
+        family = replace(family, module=str(getattr(family.create, "__module__", "") or ""))
     MODEL_REGISTRY[family.name] = family
     return family
 
@@ -282,6 +305,19 @@ def get_family(name: str) -> ModelFamily:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}") from None
 
 
+def family_from(name: str, module: str = "") -> ModelFamily:
+    """The family `name`, importing `module` first (the module that registers it) when it is neither registered
+    nor built in: a training process finds a plug-in's family this way."""
+    if name not in MODEL_REGISTRY and name not in BUILTIN_FAMILIES and module:
+        importlib.import_module(module)
+    return get_family(name)
+
+
+def retraining_family(name: str) -> ModelFamily:
+    """The family whose version operator labels train for a daemon running `name` (`Capabilities.retrains_as`)."""
+    return get_family(capabilities(name).retrains_as or name)
+
+
 def needs_references(name: str) -> bool:
     """Whether the model `name` scores only against normal references (False for a name no family has)."""
     try:
@@ -320,16 +356,3 @@ def create_detector(
 
         detector = with_references(detector, options["references"], cache_path=options.get("references_cache"))
     return detector
-
-
-_MOVED = {  # names this module offered before the families got their own packages, and where they live now
-    **dict.fromkeys(("DTYPES", "Detector", "Prediction", "file_digest", "resolve_device", "resolve_dtype"),
-                    "model.detector"),
-    **dict.fromkeys(("AnomalyCLIPDetector", "build_anomalyclip"), "model.anomalyclip.family"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

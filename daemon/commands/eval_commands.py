@@ -79,7 +79,7 @@ def set_predictions(detector: Any, batches: Any) -> list[dict[str, Any]]:
     """The batches of one category, each given its slice of `detector.predict_set` over all of them."""
     import torch
 
-    from model.factory import Prediction
+    from model.detector import Prediction
 
     batches = list(batches)
     images = [b["image"] for b in batches if b["image"].shape[0]]

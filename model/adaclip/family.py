@@ -138,9 +138,17 @@ def create_adaclip(
                      checkpoint.shape["n_taps"])
     model = build_adaclip(backbone, checkpoint, taps=taps, image_size=image_size, use_hsf=hsf,
                           k_clusters=k_clusters)
+    return AdaCLIPDetector(model, device=device, dtype=dtype, version=_version(checkpoint, hsf), class_name=class_name)
+
+
+def _version(checkpoint: AdaCLIPCheckpoint, hsf: bool) -> str:
     digest = file_digest(checkpoint.path) if checkpoint.path is not None else "memory"
-    version = checkpoint.metadata.get("version") or f"adaclip-{digest}{'-hsf' if hsf else ''}"
-    return AdaCLIPDetector(model, device=device, dtype=dtype, version=str(version), class_name=class_name)
+    return str(checkpoint.metadata.get("version") or f"adaclip-{digest}{'-hsf' if hsf else ''}")
+
+
+def adaclip_version(*, prompts: str | Path | None = None, hsf: bool = False, **_: Any) -> str | None:
+    """The version `create_adaclip` gives these weights, from the weights file alone (no backbone)."""
+    return _version(load_adaclip_checkpoint(prompts), hsf) if prompts is not None else None
 
 
 def _save(model: AdaCLIP, path: str | Path, metadata: Mapping[str, Any]) -> Path:
@@ -155,8 +163,10 @@ FAMILY = register_family(ModelFamily(
     checkpoint=CheckpointFormat(load=load_adaclip_checkpoint, save=_save),
     training=TrainingSpec(build=build_for_training, target=AdaCLIPTarget, model_type=AdaCLIP,
                           defaults=TRAINING_DEFAULTS),
-    exporter=imported_later("model.export", "adaclip_graph"),
+    exporter=imported_later("model.adaclip.export", "adaclip_graph"),
+    export_class_row=imported_later("model.adaclip.export", "export_class_row"),
     default_taps=default_taps,
     # AdaCLIP's released weights were trained on a tower built with nn.GELU; new training keeps that.
     activation="gelu",
+    version_of=adaclip_version,
 ))  # capabilities (class-aware prompts: needs_class_name): model.factory.BUILTIN_FAMILIES

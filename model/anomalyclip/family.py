@@ -86,9 +86,17 @@ def create_anomalyclip(
     if not isinstance(backbone, ClipBackbone):
         backbone = load_backbone(backbone, config=backbone_config, pretrained=pretrained)
     model = build_anomalyclip(backbone, checkpoint, layers=layers, image_size=image_size)
+    return AnomalyCLIPDetector(model, device=device, dtype=dtype, version=_version(checkpoint))
+
+
+def _version(checkpoint: PromptCheckpoint) -> str:
     digest = file_digest(checkpoint.path) if checkpoint.path is not None else "memory"
-    version = checkpoint.metadata.get("version") or f"anomalyclip-{digest}"
-    return AnomalyCLIPDetector(model, device=device, dtype=dtype, version=str(version))
+    return str(checkpoint.metadata.get("version") or f"anomalyclip-{digest}")
+
+
+def anomalyclip_version(*, prompts: str | Path | None = None, **_: Any) -> str | None:
+    """The version `create_anomalyclip` gives these prompts, from the prompts file alone (no backbone)."""
+    return _version(load_prompts(prompts)) if prompts is not None else None
 
 
 def _save(model: AnomalyCLIP, path: str | Path, metadata: Mapping[str, Any]) -> Path:
@@ -103,7 +111,8 @@ FAMILY = register_family(ModelFamily(
     checkpoint=CheckpointFormat(load=load_prompts, save=_save, import_weights=import_prompts),
     training=TrainingSpec(build=build_for_training, target=AnomalyCLIPTarget, model_type=AnomalyCLIP,
                           defaults=TRAINING_DEFAULTS),
-    exporter=imported_later("model.export", "anomalyclip_graph"),
+    exporter=imported_later("model.anomalyclip.export", "anomalyclip_graph"),
     default_taps=lambda n_layers: (n_layers,),
     default_weights="anomalyclip-visa",
+    version_of=anomalyclip_version,
 ))  # capabilities: model.factory.BUILTIN_FAMILIES

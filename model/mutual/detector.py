@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from model.factory import Prediction, register_model
+from model.detector import Prediction
+from model.factory import register_model
 from model.mutual.drift import DriftWatch
 from model.mutual.scoring import FRACTION, TOP_FRACTION, WINDOW_FRACTION, mutual_patch_scores, top_mean
 from model.mutual.window import ADMIT_RATIO, MutualWindow, WindowLimits

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from model.bank import SavedBank, references_digest
-from model.factory import Prediction, imported_later, register_model
+from model.detector import Prediction
+from model.factory import imported_later, register_model
 from model.geometry import Geometry, frame_inputs, predict_frames
 from model.patchcore.backbone import (
     DEFAULT_BACKBONE,
@@ -339,7 +340,7 @@ def build_patchcore(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | N
 
 # Its own backbones, taps and input size; it scores against a bank of normal references, on any frame shape, in
 # distances (its capabilities: model.factory.BUILTIN_FAMILIES).
-@register_model(NAME, exporter=imported_later("model.export", "patchcore_graph"),
+@register_model(NAME, exporter=imported_later("model.patchcore.export", "patchcore_graph"),
                 known_good=imported_later("model.patchcore.known_good", "patchcore_known_good"))
 def _create_patchcore(
     *,

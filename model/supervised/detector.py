@@ -185,12 +185,14 @@ def save_head(module: Any, path: str | Path, metadata: Mapping[str, Any]) -> Pat
     return HeadCheckpoint(module, float(metadata.get("distance_scale", 1.0)), metadata).save(path)
 
 
-def create_patchcore_head(*, head: str | Path | None = None, weights: str | Path | None = None,
+def create_patchcore_head(*, head: str | Path | None = None, prompts: str | Path | None = None, weights: str | Path | None = None,
                           image_size: int = DEFAULT_IMAGE_SIZE, references: Any = None,
                           references_cache: str | Path | None = None, references_later: bool = False,
                           device: torch.device, dtype: torch.dtype, **options: Any) -> PatchcoreHeadDetector:
     """PatchCore built from the same options as `patchcore` (backbone, weights, taps, augment, ...), plus
-    `head`: a trained head checkpoint (None: the untrained head, ranking like PatchCore)."""
+    `head`: a trained head checkpoint (None: the untrained head, ranking like PatchCore); `prompts`, a model
+    version's weights file as the daemon passes it to every family, is the same."""
+    head = head if head is not None else prompts
     from model.factory import get_family
 
     patchcore = get_family("patchcore").create(weights=weights, image_size=image_size, references=references,
@@ -207,4 +209,5 @@ register_family(ModelFamily(
     summary="PatchCore on EfficientNet-Lite0 plus a head learned from labelled frames (model/supervised/)",
     checkpoint=CheckpointFormat(load=load_head, save=save_head),
     fit_samples=imported_later("model.supervised.fitting", "fit_samples"),
+    known_good=imported_later("model.supervised.known_good", "head_known_good"),
 ))

@@ -147,3 +147,27 @@ def test_known_good_scores_come_from_the_hook_the_family_registers(tmp_path):
         assert daemon_threshold(detector, files, 0.5) is None and len(calls) == 2
     finally:
         unregister_model(TOY)
+
+
+def test_threshold_floor_follows_the_declaration(tmp_path):
+    """A family whose known-good frames are frames it learned from declares its decision boundary as the floor of
+    its calibrated threshold (the head's 0.5); the rule says it was raised. Without the declaration, no floor."""
+    from daemon.operating_point import daemon_threshold
+    from model.known_good import KnownGoodScores
+
+    def low_known_good(detector, files, limit):
+        return KnownGoodScores([0.01, 0.02, 0.03], [0.02, 0.03, 0.04], 1.0, 3, 0, [0.01, 0.02, 0.03])
+
+    files = [tmp_path / f"ref-{i}.png" for i in range(3)]
+    try:
+        for floor in (0.5, None):
+            register_family(ModelFamily(name=TOY, create=create_toy, known_good=low_known_good, capabilities=Capabilities(
+                clip_backbone=False, needs_references=True, uses_references=True, threshold_floor=floor)))
+            value, rule, scores = daemon_threshold(_toy_detector(), files, 0.5)
+            assert scores == pytest.approx([0.01, 0.02, 0.03])
+            if floor is None:
+                assert value < 0.1 and "raised" not in rule
+            else:
+                assert value == 0.5 and "raised from" in rule and "decision boundary 0.5" in rule
+    finally:
+        unregister_model(TOY)

@@ -30,12 +30,12 @@ def test_a_head_version_builds_a_reference_base_carrying_its_head(sqlite_env, tm
 
     base = build_version_detector(settings, row)
     assert isinstance(base, NeedsReferences)
-    assert (base.name, base.version, base.image_size, base.head) == ("patchcore-head", "patchcore-head-r1", 160,
+    assert (base.name, base.version, base.image_size, base.weights) == ("patchcore-head", "patchcore-head-r1", 160,
                                                                      str(head))
     # rollback: the PatchCore version again, without a head
     previous = rollback(sqlite_env.sessions)
     base = build_version_detector(settings, previous)
-    assert (base.name, base.version, base.head) == ("patchcore", "patchcore-efficientnet-lite0-s160", None)
+    assert (base.name, base.version, base.weights) == ("patchcore", "patchcore-efficientnet-lite0-s160", None)
 
     head.unlink()  # a version whose head file is gone is refused, naming it
     with pytest.raises(ModelVersionError, match=r"head\.safetensors is missing"):

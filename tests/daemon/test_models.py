@@ -199,6 +199,46 @@ def test_startup_runs_the_registrys_active_version(tmp_path, golden_dir):
         engine.dispose()
 
 
+def test_startup_builds_one_detector_the_active_versions(tmp_path, golden_dir):
+    """The daemon's start builds one detector: the configured model is named from its prompts file alone
+    (`ModelFamily.version_of`), registered, and only the registry's active version is built."""
+    from daemon.service import build_detector
+
+    settings = load_config(write_config(tmp_path, golden_dir), environ={})
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    built = []
+
+    def factory(s):
+        built.append("configured")
+        return build_detector(s)
+
+    def build(s, row, current):
+        built.append(row.version)
+        return registry.build_version_detector(s, row, current)
+
+    try:
+        first = registry.start_detector(settings, sessions, factory, build)
+        assert built == ["configured"] and first.version == registry.configured_version(settings)
+        with sessions() as session:
+            assert registry.active_model_version(session).version == first.version
+        with sessions() as session, session.begin():
+            registry.register_version(session, version="promoted", kind="anomalyclip",
+                                      prompts_path=_perturbed_prompts(settings, golden_dir, "promoted"))
+        registry.activate_version(sessions, "promoted")
+        built.clear()
+        chosen = registry.start_detector(settings, sessions, factory, build)  # a restart: the promoted version only
+        assert built == ["promoted"] and chosen.version == "promoted"
+        with sessions() as session, session.begin():
+            registry.get_version(session, "promoted").prompts_path = str(tmp_path / "gone.safetensors")
+        built.clear()
+        fallback = registry.start_detector(settings, sessions, factory, build)  # it cannot load: the configured one
+        assert built == ["promoted", "configured"] and fallback.version == first.version
+    finally:
+        engine.dispose()
+
+
 def test_two_workers_registering_the_same_model_at_once(sessions, tmp_path, golden_dir, monkeypatch):
     """Two workers start against one database: the other one registers (and activates) the configured version
     while this one is copying its prompts. This one must start with it, not fail."""

@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 import model.baselines  # noqa: F401  (registers the training-free models)
 from model import fewshot
-from model.factory import Prediction, create_detector
+from model.detector import Prediction
+from model.factory import create_detector
 from model.fewshot import (
     FewShotDetector,
     PatchFeatureExtractor,

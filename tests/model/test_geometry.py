@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.factory import Prediction
+from model.detector import Prediction
 from model.geometry import Geometry, GeometryError, make_geometry, plan_frame, predict_frames
 from model.patchcore import build_patchcore
 

@@ -1,13 +1,16 @@
-"""Known-good scores of a `patchcore-head` source detector for its calibration: like PatchCore's
-(model/patchcore/known_good.py), each held-out reference and its calibration views scored against a bank of the other
-references, but through the head, so on the head's own 0–1 scale. The head was trained with the references scored
-the same way (leave-one-out), so these are the scores an unseen good frame gets.
+"""Known-good scores of a `patchcore-head` source detector for its calibration (the family's `known_good` hook,
+model/known_good.py): like PatchCore's (model/patchcore/known_good.py), each held-out reference and its calibration
+views scored against a bank of the other references, but through the head, so on the head's own 0–1 scale. The head
+was trained with the references scored the same way (leave-one-out), so these are the scores an unseen good frame
+gets.
 
 Those known-good frames are frames the head learned as normal (the references, the frames labelled normal), so
 they understate how high an unseen good frame scores: measured on metal_plate (8 references, 128 px), they put
 the threshold near 0.0001 while 10 of 40 unseen good frames scored above it. The head's threshold is therefore at
-least `HEAD_THRESHOLD_FLOOR`, its trained decision boundary (class-balanced BCE); the rule in the threshold history
-says so. A good frame that still alerts is what a labelled false alarm and the next retraining fix."""
+least its trained decision boundary (class-balanced BCE), which the family declares as
+`Capabilities.threshold_floor` (model/factory.py; daemon/calibration.py applies it with `floored`); the rule in the
+threshold history says so. A good frame that still alerts is what a labelled false alarm and the next retraining
+fix."""
 
 from __future__ import annotations
 
@@ -17,18 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.calibration import Bound
 from model.known_good import CALIBRATION_HOLDOUTS, DEFAULT_DISTANCE_SCALE, KnownGoodScores, calibration_views
-
-HEAD_THRESHOLD_FLOOR = 0.5
-
-
-def floored(bound: Bound, floor: float = HEAD_THRESHOLD_FLOOR) -> Bound:
-    """`bound` raised to `floor` (the head's decision boundary) when below it, the rule saying so."""
-    if bound.value >= floor:
-        return bound
-    return Bound(floor, f"{bound.rule}; raised from {bound.value:.4g} to the head's decision boundary {floor:g} "
-                 "(its known-good frames are frames it learned from)", bound.n, bound.needed, bound.extrapolated)
 
 
 def _rows(detector: Any, files: Sequence[Path]) -> list[Any]:
