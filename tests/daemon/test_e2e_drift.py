@@ -9,7 +9,7 @@ source under mutual scoring with `[mutual] window_frames` set, a real Mosquitto,
 - the operator approves them (POST …/references): the source runs PatchCore on them and a second retained message
   says the drift is over;
 - on PatchCore, the line changes back (metal plates → cubes): the reference drift watch makes it one drift event
-  again, the frames after the signal held back.
+  again, the frames after the signal held back; approving the cubes it offers ends it.
 Frames: ../shared/data/inspection-samples (copied into tmp_path, never into the repo).
 """
 
@@ -213,6 +213,27 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
         with capsys.disabled():
             print(f"PatchCore on plates, cubes again: drift signalled at cube {signalled + 1} of {len(cubes_again)} "
                   f"(share {again['share']}), {signalled} alerts before it")
+
+        # 5. Re-approval: the drift offers the cubes scored by PatchCore; approving them ends it. (The plates are
+        # removed first: their frames are 512 px, the cubes' 640x480, and one source's references share a size.)
+        proposal = client.get(f"{again['references_proposal']}&count=3", headers=auth("viewer")).json()
+        assert proposal["ready"] is True, proposal
+        chosen = [frame["inspection_id"] for frame in proposal["frames"]]
+        assert set(chosen) <= {row.id for row in back}
+        names = [item["name"] for item in client.get("/api/sources/cubes/references",
+                                                     headers=auth("viewer")).json()["items"]]
+        assert client.delete("/api/sources/cubes/references", params={"name": names},
+                             headers=auth("operator")).status_code == 200
+        answer = client.post("/api/sources/cubes/references", json={"inspection_ids": chosen},
+                             headers=auth("operator"))
+        assert answer.status_code == 201, answer.text
+        assert wait_until(lambda: service.pipeline.detector.version_for("cubes").startswith("patchcore-")
+                          and service.pipeline.detector.version_for("cubes") != patchcore, timeout=600)
+        _feed(cubes_again[:1], tmp_path / "inbox", N_CUBES + N_PLATES + 2 + len(cubes_again))
+        assert subscriber.wait_for(lambda: len(subscriber.payloads("/drift")) == 4, timeout=120)
+        ended = subscriber.payloads("/drift")[3]
+        assert ended["state"] == "cleared" and ended["drift_id"] == again["drift_id"]
+        assert "new references" in ended["reason"]
     finally:
         service.stop()
         subscriber.close()
