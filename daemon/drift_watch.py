@@ -4,9 +4,10 @@ source left mutual scoring (daemon/zero_label.py) or started with references.
 Mutual scoring watches its own window (model/mutual/drift.py). A PatchCore source has no window, but the same
 statistic applies to its map: the share of a frame's map above the normal level, fed to the same CUSUM
 (`DriftWatch`; its own constants, below; every frame counts, alerted or not: the threshold lives in the writer).
-The normal level is the median map maximum of the source's known-good frames the bank has not seen (its held-out references and their calibration views, `known_good.maxima`, computed
-at build for the calibration anyway): the highest point of a typical normal frame, so a normal live frame has
-almost nothing above it, a defect its own area, and a change of the whole frame most of it. The routed detector
+The normal level is the median map maximum of the source's known-good frames the bank has not seen (its held-out
+references and their calibration views, `known_good.maxima`, computed at build for the calibration anyway): the
+highest point of a typical normal frame, so a normal live frame has almost nothing above it, a defect its own area,
+and a change of the whole frame most of it. The routed detector
 (daemon/routing.py) adds the watch's per-frame notes to the source's predictions; the result writer turns them
 into drift events (daemon/drift.py) exactly as for mutual scoring.
 
