@@ -7,9 +7,9 @@ statistic applies to its map: the share of a frame's map above the normal level,
 The normal level is the median map maximum of the source's known-good frames the bank has not seen (its held-out
 references and their calibration views, `known_good.maxima`, computed at build for the calibration anyway): the
 highest point of a typical normal frame, so a normal live frame has almost nothing above it, a defect its own area,
-and a change of the whole frame most of it. The routed detector
-(daemon/routing.py) adds the watch's per-frame notes to the source's predictions; the result writer turns them
-into drift events (daemon/drift.py) exactly as for mutual scoring.
+and a change of the whole frame most of it. The routed detector (daemon/routing.py) adds the watch's per-frame
+notes to the source's predictions; the result writer turns them into drift events (daemon/drift.py) exactly as for
+mutual scoring.
 
 A source without held-out known-good scores (fewer than two references, a bank file alone, a patchcore-head whose
 scores go through its head) or with a fit/tile/ROI geometry (maps in each frame's pixels) is not watched.
