@@ -4,7 +4,8 @@ What is implemented of OPC 40100-1's concepts, as plain objects and variables (n
 information model types, which would need its NodeSet):
 
 - a vision system per source (`Objects/anomalyd/Sources/<source>`), with its system state as text
-  (`SystemState`: Ready | Busy | Error | Disconnected; 40100's state machine is not modelled);
+  (`SystemState`: Ready | Busy | Error | Disconnected; 40100's state machine is not modelled) and whether the line
+  has drifted (`Drift`, with `DriftStartedAt`: the start of the open drift, 1970-01-01 when there is none);
 - result management as the last result of that source (`LastResult`: InspectionId, PartId, Result
   OK | NG | no_decision, IsOk, Score, Threshold, RegionCount, ModelVersion, Timestamp, TriggerId, FailSafe, Late);
 - counters (`Counters`: Inspected, OK, NG, Rejected, DeadlineMissed, Errors) and processing-time statistics
@@ -56,7 +57,9 @@ COUNTER_VARS: dict[str, ua.VariantType] = {name: ua.VariantType.Int64 for name i
 TIME_VARS: dict[str, ua.VariantType] = {name: ua.VariantType.Double for name in ("MinMs", "MeanMs", "MaxMs")}
 SOURCE_VARS: dict[str, ua.VariantType] = {"SystemState": ua.VariantType.String, "Line": ua.VariantType.String,
                                           "TriggerMode": ua.VariantType.String,
-                                          "LastError": ua.VariantType.String}
+                                          "LastError": ua.VariantType.String,
+                                          # the source's drift (daemon/drift.py): True from the event to its end
+                                          "Drift": ua.VariantType.Boolean, "DriftStartedAt": ua.VariantType.DateTime}
 GROUPS: dict[str, dict[str, ua.VariantType]] = {"": SOURCE_VARS, "LastResult": LAST_RESULT_VARS,
                                                 "Counters": COUNTER_VARS, "ProcessingTime": TIME_VARS}
 # A handler's refusal (daemon.trigger.TriggerError codes) → the status code the OPC UA client sees.

@@ -2,8 +2,9 @@
 
 Mutual scoring's drift watch (model/mutual/drift.py) tells a changed line (a new variant, a moved camera, new
 light: almost every patch of every frame unmatched) from a defect flood (a region of each part) and notes, per
-frame, what it saw (`Prediction.notes`). The result writer hands every scored frame to `DriftTracker.observe`
-(before its row is written) and calls `publish` after each batch's commit:
+frame, what it saw (`Prediction.notes`); a source scored against references (PatchCore) gets the same notes from
+the same test on its map (daemon/drift_watch.py). The result writer hands every scored frame to
+`DriftTracker.observe` (before its row is written) and calls `publish` after each batch's commit:
 
 - **Start.** The frame on which the watch signals opens a `drift_events` row: `started_at` is the capture time of
   the first frame of the excursion (the first frame whose unmatched share pushed the CUSUM above 0),
@@ -15,13 +16,15 @@ frame, what it saw (`Prediction.notes`). The result writer hands every scored fr
   `meta.no_decision = "drift"`, its score kept) and raises no alert: the frames are judged against a line that is
   no longer there, so their alerts would be hundreds of copies of the one message that matters. The count
   (`suppressed`) is on the row and in the cleared message. A frame that still matches the window is recorded
-  normal. A defect flood is not hidden: it does not make a drift (the watch's allowance), so its alerts go out.
-- **End.** When the watch's sum falls back to 0 (the frames match the window again), when the source's frames are
-  scored by another model version (new references approved: PatchCore), or at the next start of the daemon (the
-  window starts again), the row gets `cleared_at` and the reason, and a second retained message says so.
+  normal. A defect flood is not hidden: it does not make a drift (its good parts set the watch back), so its
+  alerts go out.
+- **End.** When the watch's sum falls back to 0 (the frames match the window or the references again), when the
+  source's frames are scored by another model version than the drift's (new references approved), or at the next
+  start of the daemon (the window starts again), the row gets `cleared_at` and the reason, and a second retained
+  message says so.
 
 Metrics: `anomalyd_source_drift{source}` (1 while in drift), `anomalyd_drift_events_total{source}`.
-The frames of the excursion before the signal (4-5 with the watch's defaults) were judged before anyone knew:
+The frames of the excursion before the signal (3-10 with the watches' defaults) were judged before anyone knew:
 their alerts went out.
 """
 
@@ -106,7 +109,7 @@ class DriftTracker:
         notes = notes or {}
         with self._lock:
             active = self.active.get(source)
-            if active is not None and not model_version.startswith(MUTUAL_PREFIX):
+            if active is not None and model_version != active.model_version:
                 self._clear(source, f"the source is scored by {model_version} now (new references)")
                 return False
             index, start = notes.get("drift_index"), notes.get("excursion_start")
@@ -127,7 +130,8 @@ class DriftTracker:
                             opened.frames, 100 * opened.share, proposal_url(source, started_at))
                 return True
             if notes.get("drift_cleared") and active is not None:
-                self._clear(source, "the frames match the window again")
+                what = "window" if active.model_version.startswith(MUTUAL_PREFIX) else "references"
+                self._clear(source, f"the frames match the {what} again")
                 return False
             return source in self.active and bool(notes.get("drifting", True))
 

@@ -1,6 +1,7 @@
 """The detector the model worker runs when sources have references of their own: `RoutedDetector` sends each
 frame of a batch to its source's detector (daemon/references.py builds them) and answers on the daemon's 0–1
-scale (daemon/scale.py); a source with a fit/tile/ROI geometry is scored from its frames (daemon/geometry.py).
+scale (daemon/scale.py); a source with a fit/tile/ROI geometry is scored from its frames (daemon/geometry.py). A
+source's reference detector (PatchCore) adds its drift watch's per-frame notes (daemon/drift_watch.py).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from daemon.drift_watch import with_drift_notes
 from daemon.scale import scaled
 
 
@@ -52,16 +54,22 @@ class RoutedDetector:
             from daemon.geometry import predict_routed_frames
 
             return predict_routed_frames(list(groups.values()), images, class_names, frames), versions
+        watched = {id(d) for d in self.per_source.values()}  # a source's own detector: its drift watch
+
+        def predict(detector: Any, batch: Any, names: Sequence[str] | None) -> Any:
+            prediction = detector.predict(batch, names)
+            return with_drift_notes(detector, prediction) if id(detector) in watched else prediction
+
         if len(groups) == 1:
             detector = next(iter(groups.values()))[0]
-            return detector.predict(images, class_names), versions
+            return predict(detector, images, class_names), versions
         scores = torch.empty(len(source_ids), dtype=torch.float32)
         maps: torch.Tensor | None = None
         prediction: Any = None
-        notes: list[Any] = [None] * len(source_ids)  # per-frame notes (mutual scoring's drift watch)
+        notes: list[Any] = [None] * len(source_ids)  # per-frame notes (the drift watches)
         for detector, indices in groups.values():
             names = [class_names[i] for i in indices] if class_names else None
-            prediction = detector.predict(images[indices], names)
+            prediction = predict(detector, images[indices], names)
             if maps is None:
                 maps = torch.empty((len(source_ids), *prediction.maps.shape[1:]), dtype=torch.float32)
             index = torch.tensor(indices)

@@ -69,18 +69,19 @@ def propose_references(sessions: Any, source_id: str, count: int = PROPOSED, rec
     half, and of those `count` spread evenly over time (frames of different moments of the line: diverse).
     `ready` is False (and `frames` empty) until `min_judged` such frames exist.
 
-    `since` (a drift's start, daemon/drift.py): the frames captured since then instead, the ones held back with no
-    decision during the drift included (they show the line as it is now); ready once `count` exist."""
+    `since` (a drift's start, daemon/drift.py): the frames captured since then instead, whatever scored them
+    (mutual scoring or, for a source on references, PatchCore), the ones held back with no decision during the
+    drift included (they show the line as it is now); ready once `count` exist."""
     from sqlalchemy import or_, select
 
     from adapters.db import Inspection
 
     query = (select(Inspection.id, Inspection.score, Inspection.captured_at, Inspection.frame_name)
-             .where(Inspection.source == source_id, Inspection.model_version.like(f"{MUTUAL_PREFIX}%"),
+             .where(Inspection.source == source_id,
                     Inspection.frame_path.is_not(None), Inspection.score.is_not(None), Inspection.score > 0)
              .order_by(Inspection.id.desc()).limit(recent))
     if since is None:
-        query = query.where(Inspection.is_anomalous.is_(False))
+        query = query.where(Inspection.model_version.like(f"{MUTUAL_PREFIX}%"), Inspection.is_anomalous.is_(False))
     else:
         query = query.where(Inspection.captured_at >= since,
                             or_(Inspection.is_anomalous.is_(False), Inspection.is_anomalous.is_(None)))

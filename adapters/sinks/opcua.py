@@ -2,6 +2,10 @@
 source's `LastResult`, status changes its `SystemState`; the daemon binds the methods (trigger, model selection,
 counter reset) and adds what only it knows (trigger answers, counters, Busy) through `server.update`.
 
+A source's drift (daemon/drift.py) becomes its `Drift` and `DriftStartedAt`: a drift's start and end are committed
+rows of `drift_events` and outbox messages, after which the writer calls `alerts_committed`; the sink then reads
+the open drifts on a thread of its own (never on the writer's) and writes what changed.
+
 Configured by `[opcua]` (`adapters.opcua_settings.OpcUaConfig`, off by default); it reads `[[sources]]` for the address
 space, so it registers for the whole configuration.
 """
@@ -9,10 +13,16 @@ space, so it registers for the whole configuration.
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
+from datetime import datetime, timezone
 from typing import Any
 
 from adapters.sinks import CommittedInspection, ResultSink, SinkContext, register_sink
 
+log = logging.getLogger(__name__)
+
+NO_DRIFT = datetime(1970, 1, 1, tzinfo=timezone.utc)  # DriftStartedAt while a source is not in drift
 STATES = {"online": "Ready", "offline": "Disconnected", "disabled": "Disconnected", "unavailable": "Error"}
 
 
@@ -46,6 +56,11 @@ class OpcUaSink(ResultSink):
         sources = [OpcUaSource(cfg.id, cfg.line, getattr(cfg, "trigger", None)) for cfg in settings.sources]
         self.handlers = OpcUaHandlers(trigger=_not_ready, select_model=_not_ready, reset_counters=_not_ready)
         self.server = OpcUaServer(server_settings, sources, self.handlers)
+        self.sessions = context.sessions
+        self._drift_shown: dict[str, datetime] = {}  # source → start of the drift shown as open
+        self._drift_wake = threading.Event()
+        self._drift_stop = threading.Event()
+        self._drift_thread: threading.Thread | None = None
 
     def bind(self, handlers: Any) -> None:
         """The daemon's side of the methods (until then a call is refused: still starting)."""
@@ -55,6 +70,44 @@ class OpcUaSink(ResultSink):
 
     def start(self) -> None:
         self.server.start(timeout=None)  # building the address space takes seconds: never block the daemon
+        if self.sessions is not None:
+            self._drift_wake.set()  # a drift still open from before shows at once
+            self._drift_thread = threading.Thread(target=self._drift_loop, name="opcua-drift", daemon=True)
+            self._drift_thread.start()
+
+    def alerts_committed(self) -> None:
+        self._drift_wake.set()  # a drift may have started or ended (its row and message were just committed)
+
+    def _drift_loop(self) -> None:
+        while not self._drift_stop.is_set():
+            self._drift_wake.wait()
+            self._drift_wake.clear()
+            if self._drift_stop.is_set():
+                return
+            try:
+                self.refresh_drift()
+            except Exception as exc:  # a database outage: the next commit tries again
+                log.warning("OPC UA: cannot read the open drifts: %s", str(exc).splitlines()[0][:200])
+
+    def refresh_drift(self) -> None:
+        """`Drift` / `DriftStartedAt` of every source whose drift state differs from what the server shows."""
+        from sqlalchemy import select
+
+        from adapters.db.tables import DriftEvent
+
+        with self.sessions() as session:
+            rows = session.execute(select(DriftEvent.source, DriftEvent.started_at)
+                                   .where(DriftEvent.cleared_at.is_(None))).all()
+        open_now = {row.source: row.started_at for row in rows}
+        for source in set(open_now) | set(self._drift_shown):
+            started = open_now.get(source)
+            if self._drift_shown.get(source) == started:
+                continue
+            self.server.update(source, {"Drift": started is not None, "DriftStartedAt": started or NO_DRIFT})
+            if started is None:
+                self._drift_shown.pop(source, None)
+            else:
+                self._drift_shown[source] = started
 
     def inspection_committed(self, result: CommittedInspection) -> None:
         self.server.update(result.source, {
@@ -80,6 +133,10 @@ class OpcUaSink(ResultSink):
         return None
 
     def stop(self, timeout: float = 2.0) -> None:
+        self._drift_stop.set()
+        self._drift_wake.set()
+        if self._drift_thread is not None:
+            self._drift_thread.join(timeout)
         self.server.stop(timeout)
 
 

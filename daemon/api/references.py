@@ -91,8 +91,9 @@ def reference_history(source_id: str, limit: int = Query(50, ge=1, le=1000), sta
 @router.get("/{source_id}/drift", summary="Whether a source is in drift now, and its drifts, newest first")
 def drift(source_id: str, limit: int = Query(20, ge=1, le=1000), state: AppState = Depends(get_state),
           _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
-    """Mutual scoring's drift watch as the daemon reported it (daemon/drift.py): a current drift offers the frames
-    since its start as new references (`references_proposal`)."""
+    """The source's drift watch (mutual scoring's, or PatchCore's on its references: daemon/drift_watch.py) as the
+    daemon reported it (daemon/drift.py): a current drift offers the frames since its start as new references
+    (`references_proposal`)."""
     from daemon.drift import drift_status
 
     _known(state, source_id)

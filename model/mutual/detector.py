@@ -138,21 +138,18 @@ class MutualDetector:
                 scores = self.window.patch_scores(patches)
                 scale = self.window.distance_scale  # the window's scale when the frame met it (inf: not judged)
                 note: dict[str, Any] = {"decided": math.isfinite(scale)}
+                image_score = float(self._prediction(scores[None], grid).scores[0])
                 if self.window.ready:
-                    was_drifting = self.drift.drifting
                     self.drift.calibrate(self.window.own_patch_scores)
-                    event = self.drift.update(scores)
-                    note.update(drift_index=self.drift.frames - 1, drifting=self.drift.drifting,
-                                excursion_start=self.drift.start)
-                    if was_drifting and not self.drift.drifting:
-                        note["drift_cleared"] = True
-                    if event is not None:
-                        note["drift_event"] = {"frame": event.frame, "detected_at": event.detected_at,
-                                               "share": event.share}
+                    level = self.window.normal_level()
+                    alerted = level is not None and image_score >= self.window.alert_ratio * level
+                    note.update(self.drift.note(scores, alerted))
+                    if "drift_event" in note:
+                        event = self.drift.events[-1]
                         log.warning("%s: drift: %.0f %% of each frame's patches unmatched since frame %d of the "
                                     "window's stream (signalled at frame %d); these frames stay out of the window",
                                     self.label or "mutual", 100 * event.share, event.frame, event.detected_at)
-                self.window.offer(patches, float(self._prediction(scores[None], grid).scores[0]))
+                self.window.offer(patches, image_score)
                 rows.append(scores / scale)
                 notes.append(note)
         prediction = self._prediction(torch.stack(rows), grid)

@@ -7,7 +7,9 @@ source under mutual scoring with `[mutual] window_frames` set, a real Mosquitto,
   the webhook; the frames after it that would alert are recorded with no decision and raise no alert; the source
   is in drift in the API and the metrics; the message's proposal offers the new product's frames;
 - the operator approves them (POST …/references): the source runs PatchCore on them and a second retained message
-  says the drift is over.
+  says the drift is over;
+- on PatchCore, the line changes back (metal plates → cubes): the reference drift watch makes it one drift event
+  again, the frames after the signal held back; approving the cubes it offers ends it.
 Frames: ../shared/data/inspection-samples (copied into tmp_path, never into the repo).
 """
 
@@ -95,6 +97,7 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
         samples_dir, tmp_path, mosquitto, capsys):
     cubes = sorted((samples_dir / "cubes" / "test" / "good").glob("*.jpg"))[::5][:N_CUBES]
     plates = sorted((samples_dir / "metal_plate" / "test" / "good").glob("*.png"))[:N_PLATES + 2]
+    cubes_again = sorted((samples_dir / "cubes" / "test" / "good").glob("*.jpg"))[1::5][:6]
     receiver = Receiver()
     subscriber = Subscriber(mosquitto.port, "anomalyd/line1/cubes/#")
     settings = load_config(_config(tmp_path, mosquitto.port, receiver.url), environ={})
@@ -193,6 +196,47 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
             drifts = session.scalars(select(OutboxMessage).where(OutboxMessage.event_type == "drift")).all()
             retained = [mqtt_message(as_event(row), "anomalyd", 0) for row in drifts]
         assert len(retained) == 2 and all(message.retain and message.topic.endswith("/drift") for message in retained)
+
+        # 4. On PatchCore now (the plates as references): the line changes back to cubes, and the source's
+        # reference drift watch (daemon/drift_watch.py) makes it one drift event again.
+        patchcore = service.pipeline.detector.version_for("cubes")
+        seen = len(_rows(service))
+        alerts = len(subscriber.payloads("/anomaly"))
+        _feed(cubes_again, tmp_path / "inbox", N_CUBES + N_PLATES + 2)
+        assert wait_until(lambda: len(_rows(service)) == seen + len(cubes_again), timeout=600)
+        assert subscriber.wait_for(lambda: len(subscriber.payloads("/drift")) == 3, timeout=60), "no PatchCore drift"
+        again = subscriber.payloads("/drift")[2]
+        back = _rows(service)[seen:]
+        assert all(row.model_version == patchcore for row in back)
+        assert again["state"] == "drifting" and again["model_version"] == patchcore
+        assert again["started_at"] == rfc3339(back[0].captured_at) and again["share"] > 0.2  # allowance: 0.1
+        signalled = next(i for i, r in enumerate(back) if rfc3339(r.captured_at) == again["detected_at"])
+        assert 2 <= signalled <= 4 and all(row.meta["no_decision"] == "drift" for row in back[signalled:])
+        assert len(subscriber.payloads("/anomaly")) - alerts == signalled  # only those before the signal
+        with capsys.disabled():
+            print(f"PatchCore on plates, cubes again: drift signalled at cube {signalled + 1} of {len(cubes_again)} "
+                  f"(share {again['share']}), {signalled} alerts before it")
+
+        # 5. Re-approval: the drift offers the cubes scored by PatchCore; approving them ends it. (The plates are
+        # removed first: their frames are 512 px, the cubes' 640x480, and one source's references share a size.)
+        proposal = client.get(f"{again['references_proposal']}&count=3", headers=auth("viewer")).json()
+        assert proposal["ready"] is True, proposal
+        chosen = [frame["inspection_id"] for frame in proposal["frames"]]
+        assert set(chosen) <= {row.id for row in back}
+        names = [item["name"] for item in client.get("/api/sources/cubes/references",
+                                                     headers=auth("viewer")).json()["items"]]
+        assert client.delete("/api/sources/cubes/references", params={"name": names},
+                             headers=auth("operator")).status_code == 200
+        answer = client.post("/api/sources/cubes/references", json={"inspection_ids": chosen},
+                             headers=auth("operator"))
+        assert answer.status_code == 201, answer.text
+        assert wait_until(lambda: service.pipeline.detector.version_for("cubes").startswith("patchcore-")
+                          and service.pipeline.detector.version_for("cubes") != patchcore, timeout=600)
+        _feed(cubes_again[:1], tmp_path / "inbox", N_CUBES + N_PLATES + 2 + len(cubes_again))
+        assert subscriber.wait_for(lambda: len(subscriber.payloads("/drift")) == 4, timeout=120)
+        ended = subscriber.payloads("/drift")[3]
+        assert ended["state"] == "cleared" and ended["drift_id"] == again["drift_id"]
+        assert "new references" in ended["reason"]
     finally:
         service.stop()
         subscriber.close()
