@@ -62,7 +62,7 @@ def read_until(port: int, expected: dict, timeout: float = 30) -> dict:
 
 def test_drift_and_its_start_are_source_variables_from_the_event_to_its_end(sqlite_sessions):
     port = free_port()
-    tracker = DriftTracker(sqlite_sessions, prefix="anomalyd")
+    tracker = DriftTracker(sqlite_sessions)
     sink = sink_for(sqlite_sessions, port)
     sink.start()
     try:

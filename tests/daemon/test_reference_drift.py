@@ -83,7 +83,7 @@ def test_only_a_source_detector_with_held_out_known_good_maps_is_watched():
 
 
 def test_a_reference_drift_ends_when_the_frames_match_again_or_other_references_arrive(sqlite_sessions):
-    tracker = DriftTracker(sqlite_sessions, prefix="p")
+    tracker = DriftTracker(sqlite_sessions)
     routed = RoutedDetector(HotMaps(known_good=False), {"cam": HotMaps()})
     clock = iter(T0 + timedelta(seconds=i) for i in range(100))
     held = [tracker.observe("cam", "l1", VERSION, note, next(clock)) for note in run(routed, [0.0, 0.8, 0.8, 0.8])]
