@@ -1,0 +1,63 @@
+"""Single-threaded workers for the candidate search: `split_rows(function, queries, *args)`.
+
+The candidate search is ~15 short operations per block of queries. Run with PyTorch's intra-op threads, each of
+them is a parallel region whose threads meet at a barrier; on a loaded machine (other processes on the same cores)
+every barrier waits for a descheduled thread, and the search is then no faster on 2 threads than on 1. Here each of
+`torch.get_num_threads()` persistent threads searches a contiguous share of the queries with one OpenMP thread of its
+own (set with `omp_set_num_threads`, which is per calling thread; the process-wide setting is not touched), so the
+threads never wait on each other until the end. Where the OpenMP runtime cannot be reached (another build), the
+function runs as is, on the intra-op threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+MIN_ROWS_PER_WORKER = 256  # below this a share is too small to pay for the hand-over
+_local = threading.local()
+
+
+@functools.cache
+def _openmp() -> ctypes.CDLL | None:
+    """The OpenMP runtime PyTorch is linked with (torch/lib/libgomp.so.1), or None."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if path.is_file():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:
+                return None
+    return None
+
+
+def _single_threaded() -> None:
+    torch.get_num_threads()  # PyTorch's lazy per-thread set-up first, else it would reset the count below
+    _openmp().omp_set_num_threads(1)
+    _local.worker = True
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="patchcore-search", initializer=_single_threaded)
+
+
+def split_rows(function: Callable[..., tuple[torch.Tensor, ...]], queries: torch.Tensor, *args,
+               ) -> tuple[torch.Tensor, ...]:
+    """`function(queries, *args)` (a tuple of tensors whose first dimension follows the queries' rows), the rows
+    split across single-threaded workers when there are enough of them, the results concatenated."""
+    workers = min(torch.get_num_threads(), queries.shape[0] // MIN_ROWS_PER_WORKER)
+    if workers < 2 or getattr(_local, "worker", False) or queries.device.type != "cpu" or _openmp() is None:
+        return function(queries, *args)
+    shares = queries.tensor_split(workers)
+    futures = [_pool(workers).submit(function, share, *args) for share in shares]
+    results = [future.result() for future in futures]
+    return tuple(torch.cat(parts) for parts in zip(*results, strict=True))
