@@ -246,3 +246,12 @@ def test_split_across_workers_gives_the_same_answer() -> None:
     for a, b in zip(split, whole, strict=True):
         assert torch.equal(a, b)
     assert_exact(queries, bank, *search.nearest(queries, bank))
+    with torch.inference_mode():  # as the daemon calls it: inference tensors handed to the workers
+        frozen_bank, frozen_queries = bank.clone(), queries.clone()
+        torch.set_num_threads(2)
+        try:
+            distance, index = search.nearest(frozen_queries, frozen_bank, candidates="int8")
+        finally:
+            torch.set_num_threads(threads)
+    assert search.prepare(frozen_bank).int8 is not None
+    assert_exact(queries, bank, distance, index)
