@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,8 @@ def _single_threaded() -> None:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per thread count and process (a forked child has the parent's pool object but not its threads)."""
     return ThreadPoolExecutor(workers, thread_name_prefix="patchcore-search", initializer=_single_threaded)
 
 
@@ -67,7 +69,7 @@ def split_rows(function: Callable[..., tuple[torch.Tensor, ...]], queries: torch
         return function(queries, *args)
     shares = queries.tensor_split(max(n_shares, workers if parallel else 1))
     if parallel:
-        futures = [_pool(workers).submit(function, share, *args) for share in shares]
+        futures = [_pool(workers, os.getpid()).submit(function, share, *args) for share in shares]
         results = [future.result() for future in futures]
     else:
         results = [function(share, *args) for share in shares]
