@@ -121,8 +121,9 @@ def prepare(bank: torch.Tensor, bank_norms: torch.Tensor | None = None, *, bf16:
     norms = rows.pow(2).sum(dim=1) if bank_norms is None else bank_norms.float()
     prepared = PreparedBank(norms=norms, rows_t=rows.t().contiguous(), version=version)
     prepared.mode = default_candidates(rows.device) if mode is None else mode
-    if prepared.mode == "int8" and rows.shape[0] >= MIN_INT8_ROWS:
-        prepared.int8 = prepare_int8(rows)
+    if prepared.mode == "int8" and rows.shape[0] >= MIN_INT8_ROWS and rows.device.type == "cpu" \
+            and bool(torch.isfinite(rows).all()):  # a non-finite bank is searched in fp32 (no int8 scale fits it)
+        prepared.int8 = prepare_int8(rows)  # None where the norms would need too many digit columns
     if prepared.mode == "bf16" and rows.shape[0] >= MIN_BF16_ROWS:
         mean = rows.double().mean(dim=0).float()
         centred = rows - mean

@@ -68,8 +68,9 @@ class Int8Bank:
     n_rows: int  # M (positions ≥ M are copies of row 0)
 
 
-def prepare_int8(rows: torch.Tensor) -> Int8Bank:
-    """The int8 form of `rows` (M, D) fp32 (M ≥ GROUP · (CANDIDATE_GROUPS + 1))."""
+def prepare_int8(rows: torch.Tensor) -> Int8Bank | None:
+    """The int8 form of `rows` (M, D) finite fp32 on the CPU (M ≥ GROUP · (CANDIDATE_GROUPS + 1)), or None when the
+    rows' norms spread so far that folding them in would add more than D/8 columns (then another path is used)."""
     n_rows, dim = rows.shape
     centred = rows.double() - rows.double().mean(dim=0)
     generator = torch.Generator().manual_seed(dim)  # fixed: the same bank gives the same int8 form
@@ -85,6 +86,8 @@ def prepare_int8(rows: torch.Tensor) -> Int8Bank:
     coarse_total = torch.div(-half + 63, 127, rounding_mode="floor")
     fine = -half - 127 * coarse_total
     n_coarse = max(1, -(-int(coarse_total.abs().max()) // _INT8_MAX))
+    if n_coarse > max(4, dim // 8):
+        return None
     digits = torch.empty(n_rows, n_coarse + 1, dtype=torch.int64)
     remaining = coarse_total.clone()
     for column in range(n_coarse):

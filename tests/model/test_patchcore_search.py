@@ -255,3 +255,19 @@ def test_split_across_workers_gives_the_same_answer() -> None:
             torch.set_num_threads(threads)
     assert search.prepare(frozen_bank).int8 is not None
     assert_exact(queries, bank, distance, index)
+
+
+@pytest.mark.skipif(not search_int8.int8_product_works(), reason="torch._int_mm does not run here")
+def test_int8_is_not_used_where_it_cannot_fit() -> None:
+    """A bank with a non-finite value is searched in fp32; one whose norms span 5 decades stays exact."""
+    generator = torch.Generator().manual_seed(7)
+    queries = torch.randn(300, 32, generator=generator)
+    broken = torch.randn(4096, 32, generator=generator)
+    broken[5, 3] = float("nan")
+    assert search.prepare(broken, candidates="int8").int8 is None
+    distance, index = search.nearest(queries, broken, candidates="int8")
+    plain, plain_index = nearest_neighbor(queries, broken)
+    assert torch.equal(index, plain_index)
+    assert torch.allclose(distance, plain, rtol=TOLERANCE, equal_nan=True)
+    spread = torch.randn(4096, 32, generator=generator) * torch.logspace(-3, 2, 4096).unsqueeze(1)
+    assert_exact(queries, spread, *search.nearest(queries, spread, candidates="int8"))
