@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 GROUP = 16  # bank rows per group
-CANDIDATE_GROUPS = 16
+CANDIDATE_GROUPS = 15  # top-16 (15 + the next) runs ~1.7x faster than top-17 in torch.topk on CPU
 RECHECK = 8  # rows re-checked in fp32 per query
 RECHECK_WIDE = 64  # rows re-checked for the queries RECHECK does not prove
 QUERY_BLOCK = 256  # queries per int8 product: its int32 output is read back while still in cache
