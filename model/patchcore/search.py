@@ -9,7 +9,8 @@ ties), whichever path runs:
 - CPU with native bf16 (AVX512-BF16 or AMX) and no int8 product: a bf16 matrix product finds candidates, fp32
   re-checks them, and a per-query certificate proves that no other row can be nearer. See `_bf16_search`.
 - On both candidate paths the queries the certificate cannot prove (near-ties within the rounding, duplicated bank
-  rows) are searched again exactly.
+  rows) are searched again in fp32 with a certificate of its own, and where even that cannot order the rows, in
+  float64 (`_certified_fallback`).
 - everywhere else (CUDA, CPUs without bf16, small banks): one fp32 product per block with the bank stored
   transposed (MKL multiplies it up to twice as fast as `bank.t()` on 2 threads), its squared norms precomputed.
 
@@ -43,6 +44,7 @@ CANDIDATE_MODES = ("int8", "bf16", "fp32")
 EXACT_BLOCK_ELEMENTS = 1 << 22
 _BF16_UNIT = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
 _FP32_UNIT = 2.0 ** -24
+FALLBACK_ROWS = 32  # rows the fallback re-checks per unproven query
 _PAD_NORM = 2.0 ** 100  # squared norm of the padding rows: never a candidate
 
 
@@ -227,6 +229,42 @@ def _bf16_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBa
     return nearest_distance, where, proven
 
 
+def _certified_fallback(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBank, max_elements: int,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries a candidate certificate could not prove (near-ties, duplicated rows): the FALLBACK_ROWS lowest
+    fp32 values of |x|² - 2q·x re-checked as differences, proven by the fp32 dot-product error bound
+    γ_D·(|x|² + 2|q||x|); the rest (rows closer than fp32's cancellation) by float64 brute force."""
+    n_queries, n_rows = queries.shape[0], rows.shape[0]
+    width = min(FALLBACK_ROWS, n_rows)
+    query_block = max(1, min(n_queries, max_elements // n_rows))
+    values = torch.empty(n_queries, min(width + 1, n_rows))
+    picked = torch.empty(n_queries, values.shape[1], dtype=torch.int64)
+    for start in range(0, n_queries, query_block):
+        partial = torch.addmm(prepared.norms, queries[start:start + query_block], prepared.rows_t, alpha=-2.0)
+        values[start:start + query_block], picked[start:start + query_block] = partial.topk(
+            values.shape[1], dim=1, largest=False)
+    chosen = picked[:, :width]
+    gathered = rows.index_select(0, chosen.flatten()).view(n_queries, width, rows.shape[1])
+    distances = torch.linalg.vector_norm(queries.unsqueeze(1) - gathered, dim=2)
+    distance = distances.amin(dim=1)
+    index = torch.where(distances == distance.unsqueeze(1), chosen, n_rows).amin(dim=1)
+    if n_rows > width:
+        gamma = 2.0 * (rows.shape[1] + 2) * _FP32_UNIT
+        max_norm = float(prepared.norms.max())
+        query_norm = torch.linalg.vector_norm(queries, dim=1).double()
+        error = gamma * (2.0 * max_norm + 2.0 * query_norm * max_norm ** 0.5)  # |x|² and 2q·x, each fp32
+        lower = values[:, -1].double() - error + query_norm.square()
+        unproven = (lower <= distance.double().square() * (1.0 + 1e-5) + 1e-12).nonzero().squeeze(1)
+        rows64 = rows.double() if unproven.numel() else None
+        for start in range(0, unproven.numel(), query_block):  # float64 brute force, as differences
+            which = unproven[start:start + query_block]
+            exact = torch.cdist(queries[which].double(), rows64, compute_mode="donot_use_mm_for_euclid_dist")
+            lowest = exact.min(dim=1, keepdim=True).values
+            index[which] = torch.where(exact == lowest, torch.arange(n_rows), n_rows).amin(dim=1)
+            distance[which] = torch.linalg.vector_norm(queries[which] - rows.index_select(0, index[which]), dim=1)
+    return distance, index
+
+
 def _candidate_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBank,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if prepared.int8 is not None:
@@ -248,7 +286,7 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor 
     distance, index, proven = _candidate_search(queries, rows, prepared)
     unproven = (~proven).nonzero().squeeze(1)
     if unproven.numel():
-        distance[unproven], index[unproven] = exact_nearest(queries[unproven], rows, prepared, max_elements)
+        distance[unproven], index[unproven] = _certified_fallback(queries[unproven], rows, prepared, max_elements)
     return distance, index
 
 

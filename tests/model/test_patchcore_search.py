@@ -271,3 +271,19 @@ def test_int8_is_not_used_where_it_cannot_fit() -> None:
     assert torch.allclose(distance, plain, rtol=TOLERANCE, equal_nan=True)
     spread = torch.randn(4096, 32, generator=generator) * torch.logspace(-3, 2, 4096).unsqueeze(1)
     assert_exact(queries, spread, *search.nearest(queries, spread, candidates="int8"))
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_rows_closer_than_fp32_cancellation_are_still_ordered(mode: str) -> None:
+    """Clusters of 64 rows 1e-3 wide, 40 from the origin: neither certificate nor fp32's |x|² - 2q·x can order them
+    (its cancellation is ~1e-4 of d²); the fallback proves what it can and searches the rest in float64."""
+    available(mode)
+    generator = torch.Generator().manual_seed(8)
+    centres = torch.randn(64, 64, generator=generator) * 5
+    bank = centres.repeat_interleave(64, 0) + 1e-3 * torch.randn(4096, 64, generator=generator)
+    pick = torch.randint(0, 4096, (300,), generator=generator)
+    queries = bank[pick] + torch.randn(300, 64, generator=generator) * torch.logspace(-6, -3, 300).unsqueeze(1)
+    distance, index = search.nearest(queries, bank, candidates=mode)
+    best, where = truth(queries, bank)
+    assert (distance.double() - best).abs().max() <= 1e-6
+    assert torch.equal(index, where)
