@@ -254,7 +254,7 @@ def _certified_fallback(queries: torch.Tensor, rows: torch.Tensor, prepared: Pre
         query_norm = torch.linalg.vector_norm(queries, dim=1).double()
         error = gamma * (2.0 * max_norm + 2.0 * query_norm * max_norm ** 0.5)  # |x|² and 2q·x, each fp32
         lower = values[:, -1].double() - error + query_norm.square()
-        unproven = (lower <= distance.double().square() * (1.0 + 1e-5) + 1e-12).nonzero().squeeze(1)
+        unproven = (lower <= distance.double().square() * (1.0 + 1e-4) + 1e-12).nonzero().squeeze(1)
         rows64 = rows.double() if unproven.numel() else None
         for start in range(0, unproven.numel(), query_block):  # float64 brute force, as differences
             which = unproven[start:start + query_block]
