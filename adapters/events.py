@@ -8,10 +8,10 @@ HTTP headers or OPC UA nodes. Each sink formats its own message from the event (
   `source`, `line`, `verdict`, `score`, `threshold`, `model_version`, `regions`, `artifacts` (the stored files:
   `mask`, `heatmap`, `frame`, relative to the data directory, and the API's `mask_url`, `heatmap_url`).
 - `threshold`: a change of a source's thresholds: `line` and `change` (the `threshold_history` row as the
-  daemon reports it, daemon/thresholds.py).
-- `drift`: a source's drift started or ended (daemon/drift.py): `state`, `drift_id`, `source`, `line`, ...
-- `result`: a trigger's answer (daemon/trigger.py): `trigger_id`, `part_id`, `source`, `line`, `result`, ...
-- `geometry`: a change of a source's frame geometry (daemon/geometry_events.py): `event`, `source`, `line`,
+  daemon reports it, daemon/references/thresholds.py).
+- `drift`: a source's drift started or ended (daemon/zero_label/drift.py): `state`, `drift_id`, `source`, `line`, ...
+- `result`: a trigger's answer (daemon/plant/trigger.py): `trigger_id`, `part_id`, `source`, `line`, `result`, ...
+- `geometry`: a change of a source's frame geometry (daemon/references/geometry_events.py): `event`, `source`, `line`,
   `action`, `set_by`, `set_at`, `geometry`, `before`, `after`.
 - `mqtt`: a row written before the outbox was neutral (migration 0007): `topic`, `payload` (the JSON text, as
   published then), `qos`, `retain`. Every sink still delivers it: MQTT as it was, webhooks as they did.

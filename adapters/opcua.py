@@ -58,11 +58,11 @@ TIME_VARS: dict[str, ua.VariantType] = {name: ua.VariantType.Double for name in 
 SOURCE_VARS: dict[str, ua.VariantType] = {"SystemState": ua.VariantType.String, "Line": ua.VariantType.String,
                                           "TriggerMode": ua.VariantType.String,
                                           "LastError": ua.VariantType.String,
-                                          # the source's drift (daemon/drift.py): True from the event to its end
+                                          # the source's drift (daemon/zero_label/drift.py): True from the event to its end
                                           "Drift": ua.VariantType.Boolean, "DriftStartedAt": ua.VariantType.DateTime}
 GROUPS: dict[str, dict[str, ua.VariantType]] = {"": SOURCE_VARS, "LastResult": LAST_RESULT_VARS,
                                                 "Counters": COUNTER_VARS, "ProcessingTime": TIME_VARS}
-# A handler's refusal (daemon.trigger.TriggerError codes) → the status code the OPC UA client sees.
+# A handler's refusal (daemon.plant.trigger.TriggerError codes) → the status code the OPC UA client sees.
 ERROR_STATUS = {
     "bad_part_id": ua.StatusCodes.BadInvalidArgument, "busy": ua.StatusCodes.BadTooManyOperations,
     "not_triggered": ua.StatusCodes.BadInvalidState, "wrong_channel": ua.StatusCodes.BadInvalidState,

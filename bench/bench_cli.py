@@ -50,7 +50,7 @@ def make_plant(directory: Path, tree: Path) -> Path:
 import sys
 from datetime import datetime, timedelta, timezone
 from adapters.db import Inspection, make_engine, make_session_factory, upgrade
-from daemon.config import load_config
+from daemon.config.settings import load_config
 engine = make_engine(load_config(sys.argv[1], environ={}).database_url)
 upgrade(engine)
 t0 = datetime.now(timezone.utc) - timedelta(days=1)

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.db import Inspection
 from adapters.sources import build_source
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "golden" / "anomalyclip"
 

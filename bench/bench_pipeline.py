@@ -37,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 
 
 @dataclass
@@ -181,7 +181,7 @@ class _PacedSource:
 def single_thread_costs(jpegs: list[bytes], image_size: int, threshold: float = 0.5) -> dict[str, float]:
     """Milliseconds per frame of each step, one thread, nothing else running: the CPU floor of a frame."""
     from adapters.storage import ArtifactStore
-    from daemon.results import extract_regions, map_to_frame
+    from daemon.frames.results import extract_regions, map_to_frame
     from model.preprocess import decode_image, fast_transform
 
     seconds: dict[str, float] = {}

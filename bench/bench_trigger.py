@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "golden" / "anomalyclip"
 

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.calibration import quantile_thresholds
+from daemon.references.calibration import quantile_thresholds
 from model.datasets import DatasetError, discover
 from model.known_good import CALIBRATION_HOLDOUTS, DEFAULT_DISTANCE_SCALE
 from model.kshot import kshot_split
@@ -128,7 +128,7 @@ def current(detector, case, rate):
 
 @rule("daemon")
 def daemon(detector, case, rate):
-    """The daemon's rule (daemon/references.py): held-out references and their shifted/turned/exposed views
+    """The daemon's rule (daemon/references/manager.py): held-out references and their shifted/turned/exposed views
     (`patchcore_known_good`), d0 = median of the references' own scores, `quantile_thresholds` on the 0-1 scale."""
     known = patchcore_known_good(detector, case["references"], embeddings=case["embeddings"])
     d0 = known.distance_scale

@@ -9,7 +9,7 @@ Two paths, each as the daemon runs it without the daemon around it:
   colour's good frames first);
 - `patchcore`: a source on PatchCore with `--references` of those good frames (the bank, the known-good scores
   and the calibrated threshold as the daemon's reference manager builds them; the drift watch of
-  daemon/drift_watch.py on its maps).
+  daemon/detectors/drift_watch.py on its maps).
 The daemon's result writer decides per frame what is alerted and what is held back (`DriftTracker.observe`).
 
 `--floods metal_plate` adds that category's defect floods (every other plate broken, then every plate), each path
@@ -40,10 +40,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.calibration import calibrated_bounds
-from daemon.drift import DriftTracker
-from daemon.drift_watch import ATTRIBUTE, with_drift_notes
-from daemon.scale import scale_outputs, scaled
+from daemon.detectors.drift_watch import ATTRIBUTE, with_drift_notes
+from daemon.detectors.scale import scale_outputs, scaled
+from daemon.references.calibration import calibrated_bounds
+from daemon.zero_label.drift import DriftTracker
 from model import create_detector
 from model.preprocess import decode_image, fast_transform
 

@@ -53,7 +53,7 @@ def main() -> int:
         kind = "defective" if sample.label else "good"
         counts[kind] += 1
         counts[f"{kind} alerted"] += int(alerted)
-        # the daemon records an alert during a drift with no decision and sends none (daemon/drift.py)
+        # the daemon records an alert during a drift with no decision and sends none (daemon/zero_label/drift.py)
         counts[f"{kind} held back (drift)"] += int(alerted and bool(note.get("drifting")))
         dumped.append({"frame": sample.path.name, "label": int(sample.label), "score": 1.0 - math.exp(-score),
                        "window": len(detector.window), "level": detector.window.normal_level()})

@@ -77,7 +77,7 @@ def command_named(argv: Sequence[str]) -> str | None:
 
 def split_config_option(argv: Sequence[str]) -> tuple[list[str], str | None]:
     """`--config X` / `--config=X` taken out wherever it stands (before or after the command and its action),
-    so every command finds its configuration the same way (`daemon.config.find_config`)."""
+    so every command finds its configuration the same way (`daemon.config.settings.find_config`)."""
     rest: list[str] = []
     config = None
     items = list(argv)

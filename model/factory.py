@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # this module imports no torch: the config lists the model na
 
 ModelBuilder = Callable[..., "Detector"]
 
-# How a family's raw outputs come to the daemon's 0–1 scale (daemon/scale.py): "unit" already 0–1; "per_tap" an image
+# How a family's raw outputs come to the daemon's 0–1 scale (daemon/detectors/scale.py): "unit" already 0–1; "per_tap" an image
 # score in 0–1 and a map summed over the taps (divided by their number); "distance" 0–∞ distances, 1 - exp(-raw / d0)
 # with d0 the detector's `distance_scale` (its bank's or window's typical normal distance).
 ScoreScale = Literal["unit", "per_tap", "distance"]
@@ -150,7 +150,7 @@ class ModelFamily:
     # weights file's metadata or digest), so the daemon builds its detector once, from the registry's active
     # version; None (or a None result): it must be built to be named.
     version_of: Callable[..., str | None] | None = None
-    # The module that registers it: a training process (daemon/retraining_job.py) imports it to find a family that
+    # The module that registers it: a training process (daemon/learning/retraining_job.py) imports it to find a family that
     # is not built in (a plug-in's, a test's). Filled in at registration from `create`'s module.
     module: str = ""
 

@@ -1,7 +1,7 @@
 """Known-good frames for a source's calibration, family-neutral: the lightly perturbed views of held-out references
 (`calibration_views`) and the scores a family gives them (`KnownGoodScores`). A family that keeps references
 computes its own through its `ModelFamily.known_good` hook (PatchCore: model/patchcore/known_good.py); the daemon
-caches them (daemon/known_good_cache.py) and bounds the threshold from them (daemon/calibration.py).
+caches them (daemon/references/known_good_cache.py) and bounds the threshold from them (daemon/references/calibration.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ DEFAULT_DISTANCE_SCALE = 20.0
 class KnownGoodScores:
     """Raw scores of known-good frames the bank has not seen: held-out references (each against a bank of the
     others) and their calibration views. `distance_scale` is the median of the held-out references' own image
-    scores (d0 of daemon/scale.py; the views do not move it)."""
+    scores (d0 of daemon/detectors/scale.py; the views do not move it)."""
 
     scores: list[float]
     maxima: list[float]

@@ -92,7 +92,7 @@ inspections = Table(
     _required("model_version", String(255)),
     Column("score", Float),
     _required("threshold", Float),
-    # NULL: no decision (migration 0006; daemon/drift.py). No column default: the ORM would put it in place of an
+    # NULL: no decision (migration 0006; daemon/zero_label/drift.py). No column default: the ORM would put it in place of an
     # explicit None; `Inspection()` without it still starts False (adapters.db.tables).
     Column("is_anomalous", Boolean),
     _required("regions", JSON, default=list),
@@ -189,7 +189,7 @@ rejected_frames = Table(
     Index("ix_rejected_frames_frame_id", "frame_id"),
 )
 
-# Calibrated thresholds of one source for one model version (daemon/references.py, `anomalyd calibrate`).
+# Calibrated thresholds of one source for one model version (daemon/references/manager.py, `anomalyd calibrate`).
 source_thresholds = Table(
     "source_thresholds", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -204,7 +204,7 @@ source_thresholds = Table(
     UniqueConstraint("source", "model_version", name="uq_source_thresholds_source_version"),
 )
 
-# Every change of a source's thresholds (daemon/thresholds.py): calibrated, applied, proposed (not applied because
+# Every change of a source's thresholds (daemon/references/thresholds.py): calibrated, applied, proposed (not applied because
 # it would miss more labelled defects), pinned and unpinned by an operator; the newest pin/unpin row says whether
 # the source is pinned. Migration 0005.
 threshold_history = Table(
@@ -239,7 +239,7 @@ webhook_endpoints = Table(
     Column("last_success_at", UtcDateTime),
 )
 
-# A drift of one source (daemon/drift.py, migration 0006): mutual scoring's drift watch saw the whole frame change
+# A drift of one source (daemon/zero_label/drift.py, migration 0006): mutual scoring's drift watch saw the whole frame change
 # (a new variant, a moved camera, new light) from `started_at` (the first frame of the excursion) and signalled it at
 # `detected_at`; `cleared_at` when it ended (the frames match the window again, new references, a restart).
 drift_events = Table(

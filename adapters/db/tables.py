@@ -188,7 +188,7 @@ class RejectedFrame(Base):
 
 
 class SourceThreshold(Base):
-    """Calibrated thresholds of one source for one model version (daemon/references.py, `anomalyd calibrate`).
+    """Calibrated thresholds of one source for one model version (daemon/references/manager.py, `anomalyd calibrate`).
 
     Keyed by version so that activating another version (or another reference set, which is part of the
     version a source's frames are scored with) never keeps a stale threshold.
@@ -208,7 +208,7 @@ class SourceThreshold(Base):
 
 
 class ThresholdChange(Base):
-    """One change of a source's thresholds (daemon/thresholds.py): applied, proposed, pinned or unpinned."""
+    """One change of a source's thresholds (daemon/references/thresholds.py): applied, proposed, pinned or unpinned."""
 
     __table__ = schema.threshold_history
 
@@ -244,7 +244,7 @@ class WebhookEndpoint(Base):
 
 
 class DriftEvent(Base):
-    """A drift of one source (daemon/drift.py): from its start to its end (`cleared_at`)."""
+    """A drift of one source (daemon/zero_label/drift.py): from its start to its end (`cleared_at`)."""
 
     __table__ = schema.drift_events
 

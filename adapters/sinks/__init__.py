@@ -33,7 +33,7 @@ Adding a sink is one module plus its registration::
         return WebhookSink(section, context) if section.enabled else None
 
 `section` names the configuration section the sink reads (`Settings.<section>`, a pydantic model the sink module
-defines and `daemon/config.py` declares as a field). The built-in sinks' modules are imported on the first
+defines and `daemon/config/settings.py` declares as a field). The built-in sinks' modules are imported on the first
 `sink_kinds()` call.
 """
 

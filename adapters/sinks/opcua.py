@@ -2,7 +2,7 @@
 source's `LastResult`, status changes its `SystemState`; the daemon binds the methods (trigger, model selection,
 counter reset) and adds what only it knows (trigger answers, counters, Busy) through `server.update`.
 
-A source's drift (daemon/drift.py) becomes its `Drift` and `DriftStartedAt`: a drift's start and end are committed
+A source's drift (daemon/zero_label/drift.py) becomes its `Drift` and `DriftStartedAt`: a drift's start and end are committed
 rows of `drift_events` and outbox messages, after which the writer calls `alerts_committed`; the sink then reads
 the open drifts on a thread of its own (never on the writer's) and writes what changed.
 

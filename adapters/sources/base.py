@@ -257,14 +257,14 @@ class SourceSettings(BaseModel):
     queue_size: int | None = Field(None, ge=1, description="default: [runtime].queue_size")
     references: str | None = Field(None, description="folder of known-good frames; default [model].references")
     references_from: Literal["labels"] | None = Field(None, description="labelled-normal frames become references")
-    # Frame geometry (model/geometry.py, daemon/geometry.py); None: the [model] value.
+    # Frame geometry (model/geometry.py, daemon/config/geometry.py); None: the [model] value.
     resize: Literal["squash", "fit", "tile"] | None = Field(None, description="default: [model].resize")
     roi: list[int] | None = Field(None, min_length=4, max_length=4, description="[x, y, width, height] in pixels")
     # (not `ignore`: the folder source's `ignore` is its glob patterns)
     ignore_polygons: list[list[list[float]]] | None = Field(None, description="polygons [[x, y], ...] never "
                                                                                 "inspected; default: [model]'s")
     tile_overlap: float | None = Field(None, ge=0.0, lt=0.9, description="default: [model].tile_overlap")
-    # Trigger mode (daemon/trigger.py): inspect the next fresh frame when a PLC asks (OPC UA method or MQTT
+    # Trigger mode (daemon/plant/trigger.py): inspect the next fresh frame when a PLC asks (OPC UA method or MQTT
     # command) and answer within deadline_ms, else publish the fail-safe result. None: free-running.
     trigger: Literal["opcua", "mqtt"] | None = None
     deadline_ms: float | None = Field(None, gt=0, le=600_000)

@@ -1,6 +1,6 @@
 """The operator HTTP API: inspections history, artifacts, labels, models, retraining, stats, live events.
 
-`routers()` returns the FastAPI routers that `daemon.app.create_app` mounts (`anomalyd run` passes them to the
+`routers()` returns the FastAPI routers that `daemon.api.app.create_app` mounts (`anomalyd run` passes them to the
 Service). The queries behind them live in `adapters.db.history`, shared with the operator CLI, which is why this
 package imports FastAPI only inside `routers()`.
 """

@@ -4,7 +4,7 @@
 - `GET /api/sources/{id}/calibration`: the threshold in effect with its origin (the history row that set it:
   rule, who, when; pinned or not) and the newest changes; the score histogram of the source's recent frames by
   newest label; the false-reject rate against the miss rate over every threshold, from the scores its labelled
-  frames were given (daemon/calibration_curve.py), and the point of the threshold in effect; its reference files
+  frames were given (daemon/references/calibration_curve.py), and the point of the threshold in effect; its reference files
   with their leave-one-out scores where the running bank has them; its newest stored frames, to add as references;
 - `GET /api/sources/{id}/references/{name}/thumbnail`: a small JPEG of one reference file.
 
@@ -27,14 +27,14 @@ from adapters.db import Inspection
 from adapters.db.history import inspection_dict
 from adapters.db.repository import latest_label_subquery
 from adapters.db.schema import labels
-from daemon import calibration_curve as curve
-from daemon import reference_admin as admin
-from daemon import thresholds
+from daemon.api.app import AppState, get_state, require_role
 from daemon.api.inspections import sessions_of
 from daemon.api.references import _known, _source_ids
 from daemon.api.thresholds import _source, _version
-from daemon.app import AppState, get_state, require_role
-from daemon.reference_files import own_reference_dir
+from daemon.references import admin as admin
+from daemon.references import calibration_curve as curve
+from daemon.references import thresholds
+from daemon.references.files import own_reference_dir
 from model.known_good import CALIBRATION_HOLDOUTS
 
 router = APIRouter(prefix="/api/sources", tags=["calibration"])
@@ -173,7 +173,7 @@ def leave_one_out_scores(state: AppState, source_id: str) -> dict[str, float]:
         return {}
     import torch
 
-    from daemon.scale import scale_outputs
+    from daemon.detectors.scale import scale_outputs
 
     raw = torch.tensor(own, dtype=torch.float32)
     scaled = scale_outputs(detector, raw, raw)[0].tolist()

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db import Inspection, history
 from adapters.db.history import MAX_ID
+from daemon.api.app import AppState, get_state, require_role
 from daemon.api.inspections import sessions_of
-from daemon.app import AppState, get_state, require_role
 
 router = APIRouter(prefix="/api", tags=["events"])
 

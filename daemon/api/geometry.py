@@ -7,9 +7,9 @@ frame it is checked against (the source's newest inspected frame, else its first
 `"roi": null` inspects the whole frame, `"ignore_polygons": []` ignores nothing); DELETE (operator) goes back to
 the configuration. A degenerate ROI or polygon, one outside the frame, or a geometry the model family cannot run
 is 422 with the reason. Changes are kept in `<[storage].dir>/geometry/` and survive restarts; the running daemon
-rebuilds the source's bank through the new geometry and recalibrates (daemon/geometry_overrides.py). Each change
+rebuilds the source's bank through the new geometry and recalibrates (daemon/references/geometry_overrides.py). Each change
 is also announced: retained on MQTT `<prefix>/<line>/<source>/geometry`, webhook event `geometry`
-(daemon/geometry_events.py).
+(daemon/references/geometry_events.py).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from adapters.db import Inspection
-from daemon import geometry_events
-from daemon import geometry_overrides as overrides
+from daemon.api.app import AppState, get_state, require_role
 from daemon.api.references import _known
-from daemon.app import AppState, get_state, require_role
+from daemon.references import geometry_events
+from daemon.references import geometry_overrides as overrides
 from model.geometry import GeometryError
 
 router = APIRouter(prefix="/api", tags=["geometry"])
@@ -66,7 +66,7 @@ def frame_of(state: AppState, source_id: str) -> dict[str, Any] | None:
     manager = state.references
     shape = manager.states[source_id].shape if manager is not None and source_id in manager.states else None
     if shape is None:
-        from daemon.reference_files import ReferenceSetupError, image_shape, reference_files
+        from daemon.references.files import ReferenceSetupError, image_shape, reference_files
 
         try:
             files, _ = reference_files(state.settings, source_id)

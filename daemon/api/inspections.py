@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.db import InspectionFilter, history
 from adapters.timeutil import as_utc
-from daemon.app import AppState, get_state, require_role
+from daemon.api.app import AppState, get_state, require_role
 
 router = APIRouter(prefix="/api/inspections", tags=["inspections"])
 

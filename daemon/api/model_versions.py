@@ -1,8 +1,8 @@
 """`/api/models` (viewer): model versions with their metrics; activation and retraining (admin).
 
-Activation and retraining are the version registry's (`daemon.versions.VersionRegistry`) and the retrainer's
-(`daemon.head_retraining.request_retrain`: a patchcore-head for patchcore, the CLIP families' prompts otherwise);
-this module only exposes them over HTTP. The listing carries the recent retraining runs too (daemon/retrain_runs.py).
+Activation and retraining are the version registry's (`daemon.learning.versions.VersionRegistry`) and the retrainer's
+(`daemon.learning.head_retraining.request_retrain`: a patchcore-head for patchcore, the CLIP families' prompts otherwise);
+this module only exposes them over HTTP. The listing carries the recent retraining runs too (daemon/learning/runs.py).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from adapters.db import history
+from daemon.api.app import AppState, get_state, require_role
 from daemon.api.inspections import sessions_of
-from daemon.app import AppState, get_state, require_role
-from daemon.head_retraining import refusal, request_retrain
-from daemon.retrain_runs import recent_runs
-from daemon.retraining import RetrainBusyError
-from daemon.versions import ModelVersionError, UnknownVersionError
+from daemon.learning.head_retraining import refusal, request_retrain
+from daemon.learning.retraining import RetrainBusyError
+from daemon.learning.runs import recent_runs
+from daemon.learning.versions import ModelVersionError, UnknownVersionError
 
 router = APIRouter(prefix="/api", tags=["models"])
 

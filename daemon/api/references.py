@@ -3,7 +3,7 @@
 GET lists the reference files (viewer); POST `{"inspection_ids": [..]}` copies those inspections' frames into the
 source's reference folder under server-chosen names (operator; a frame that was found or labelled anomalous is
 added with a warning); DELETE `?name=ref-..` removes files of that folder (operator). The running daemon rebuilds
-the source's bank from the new files and swaps it in between two batches (daemon/references.py).
+the source's bank from the new files and swaps it in between two batches (daemon/references/manager.py).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from sqlalchemy import select
 
 from adapters.db import Inspection
 from adapters.db.repository import latest_label_subquery
-from daemon import reference_admin as admin
-from daemon import reference_files as refs
+from daemon.api.app import AppState, get_state, require_role
 from daemon.api.inspections import sessions_of
-from daemon.app import AppState, get_state, require_role
-from daemon.calibration import load_thresholds
-from daemon.references import ReferenceManager
+from daemon.references import admin as admin
+from daemon.references import files as refs
+from daemon.references.calibration import load_thresholds
+from daemon.references.manager import ReferenceManager
 
 router = APIRouter(prefix="/api/sources", tags=["references"])
 
@@ -67,9 +67,9 @@ def propose_references(source_id: str,
                        since: datetime | None = Query(None, description="a drift's start: the frames since then"),
                        state: AppState = Depends(get_state),
                        _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
-    """Approve them by POSTing their inspection ids to /references (daemon/zero_label.py). A drift event offers
-    this with `since` = its start (daemon/drift.py)."""
-    from daemon.zero_label import propose_references as propose
+    """Approve them by POSTing their inspection ids to /references (daemon/zero_label/start.py). A drift event offers
+    this with `since` = its start (daemon/zero_label/drift.py)."""
+    from daemon.zero_label.start import propose_references as propose
 
     _known(state, source_id)
     mutual = state.settings.mutual
@@ -81,8 +81,8 @@ def propose_references(source_id: str,
 def reference_history(source_id: str, limit: int = Query(50, ge=1, le=1000), state: AppState = Depends(get_state),
                       _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
     """Newest first: `at`, `action` (added | removed), `names`, `inspection_ids`, `by` (`api:<token>`,
-    `cli:<user>`, `daemon:auto_accept`); daemon/reference_history.py."""
-    from daemon.reference_history import history
+    `cli:<user>`, `daemon:auto_accept`); daemon/references/history.py."""
+    from daemon.references.history import history
 
     _known(state, source_id)
     return {"source": source_id, "items": history(state.settings, source_id, limit)}
@@ -91,10 +91,10 @@ def reference_history(source_id: str, limit: int = Query(50, ge=1, le=1000), sta
 @router.get("/{source_id}/drift", summary="Whether a source is in drift now, and its drifts, newest first")
 def drift(source_id: str, limit: int = Query(20, ge=1, le=1000), state: AppState = Depends(get_state),
           _: str = Depends(require_role("viewer"))) -> dict[str, Any]:
-    """The source's drift watch (mutual scoring's, or PatchCore's on its references: daemon/drift_watch.py) as the
-    daemon reported it (daemon/drift.py): a current drift offers the frames since its start as new references
+    """The source's drift watch (mutual scoring's, or PatchCore's on its references: daemon/detectors/drift_watch.py) as the
+    daemon reported it (daemon/zero_label/drift.py): a current drift offers the frames since its start as new references
     (`references_proposal`)."""
-    from daemon.drift import drift_status
+    from daemon.zero_label.drift import drift_status
 
     _known(state, source_id)
     return drift_status(sessions_of(state), source_id, limit)
@@ -174,7 +174,7 @@ def thresholds_in_effect(state: AppState, source_id: str, recorded_version: str 
         if (source_id, version) in stored:
             (threshold, pixel), calibrated = stored[(source_id, version)], True
     pinned = state.references is not None and source_id in state.references.thresholds.pins
-    if pinned:  # an operator's pin wins over every version's calibration (daemon/thresholds.py)
+    if pinned:  # an operator's pin wins over every version's calibration (daemon/references/thresholds.py)
         threshold, pixel = state.references.thresholds.pins[source_id]
     return {"model_version": version, "threshold": threshold, "pixel_threshold": pixel, "calibrated": calibrated,
             "pinned": pinned}

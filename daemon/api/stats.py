@@ -9,10 +9,10 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from adapters.db import history
+from daemon.api.app import AppState, get_state, require_role
 from daemon.api.inspections import sessions_of, utc_query_time
 from daemon.api.references import thresholds_in_effect
-from daemon.app import AppState, get_state, require_role
-from daemon.calibration import load_thresholds
+from daemon.references.calibration import load_thresholds
 
 router = APIRouter(prefix="/api", tags=["stats"])
 

@@ -3,7 +3,7 @@
 GET (viewer) the thresholds in effect (pinned, calibrated for the version the source runs, or configured) with the
 last change; GET `/history` (viewer) every change, newest first; PUT `/pin` `{"threshold": x, "pixel_threshold": y}`
 (operator) fixes them for every model version until DELETE `/pin` (operator). Each change is a history row, a log
-line and a retained MQTT message (daemon/thresholds.py); the running daemon uses a pin from the next batch on.
+line and a retained MQTT message (daemon/references/thresholds.py); the running daemon uses a pin from the next batch on.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
-from daemon import thresholds
+from daemon.api.app import AppState, get_state, require_role
 from daemon.api.inspections import sessions_of
 from daemon.api.references import _known
-from daemon.app import AppState, get_state, require_role
+from daemon.references import thresholds
 
 router = APIRouter(prefix="/api/sources", tags=["thresholds"])
 

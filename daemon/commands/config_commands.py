@@ -87,7 +87,7 @@ def check_settings(settings: Any) -> list[tuple[str, str]]:
     level = "ok" if storage.is_dir() or _writable_place(storage) else "error"
     findings.append((level, f"artifacts under {storage}" + ("" if level == "ok" else " cannot be created")))
     if settings.api.enabled and not settings.api.tokens:
-        from daemon.tokens import stored_tokens, tokens_file
+        from daemon.api.tokens import stored_tokens, tokens_file
 
         stored = stored_tokens(settings)
         findings.append(("ok" if stored else "warning",
@@ -100,7 +100,7 @@ def reference_findings(settings: Any) -> list[tuple[str, str]]:
     """Each enabled source's references checked as the daemon checks them before building its bank (folders,
     readable images, one channel count, sizes within 10 % per side unless the geometry takes any size; a model
     that needs references has some)."""
-    from daemon.reference_files import ReferenceSetupError, check_images, reference_files, sizes_may_differ
+    from daemon.references.files import ReferenceSetupError, check_images, reference_files, sizes_may_differ
     from model.factory import needs_references
 
     findings: list[tuple[str, str]] = []
@@ -124,7 +124,7 @@ def reference_findings(settings: Any) -> list[tuple[str, str]]:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from daemon.commands.context import load_settings
-    from daemon.config import describe_config_search
+    from daemon.config.settings import describe_config_search
 
     settings = load_settings(args)  # a file that does not load: exit 2 with every bad key named
     findings = check_settings(settings)

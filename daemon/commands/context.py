@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from adapters.storage import ArtifactStore
-    from daemon.config import Settings
+    from daemon.config.settings import Settings
 
 
 def usage(message: str) -> Exception:
@@ -34,9 +34,9 @@ def usage(message: str) -> Exception:
 
 
 def config_path(value: str | None) -> Path | None:
-    """The config file every command uses (`daemon.config.find_config`: --config, $ANOMALYD_CONFIG,
+    """The config file every command uses (`daemon.config.settings.find_config`: --config, $ANOMALYD_CONFIG,
     ./config.toml, /etc/anomalyd/config.toml; None: built-in defaults)."""
-    from daemon.config import find_config
+    from daemon.config.settings import find_config
 
     return find_config(value)
 
@@ -44,7 +44,7 @@ def config_path(value: str | None) -> Path | None:
 
 def load_settings(args: argparse.Namespace):
     from daemon.cli import UsageError
-    from daemon.config import ConfigError, load_config
+    from daemon.config.settings import ConfigError, load_config
 
     try:
         return load_config(config_path(getattr(args, "config", None)))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 if TYPE_CHECKING:
-    from daemon.config_file import DatabaseOptions
+    from daemon.config.file import DatabaseOptions
 
 
 class NoDatabaseError(RuntimeError):
@@ -85,13 +85,13 @@ def configured_database(config: str | None) -> DatabaseOptions:
     the rest of the file when it plainly can be (`config_file.database_options`: no pydantic, a third of the
     start-up of `anomalyd defects`); otherwise the whole file is validated and its errors are the usage error."""
     from daemon.cli import UsageError
-    from daemon.config_file import ConfigError, database_options, find_config, read_config_data
+    from daemon.config.file import ConfigError, database_options, find_config, read_config_data
 
     path = find_config(config)
     try:
         options = database_options(read_config_data(path))
         if options is None:
-            from daemon.config import load_config
+            from daemon.config.settings import load_config
 
             options = load_config(path).database_options()
     except ConfigError as exc:
@@ -104,7 +104,7 @@ def existing_database(database: DatabaseOptions, config: str | None = None, *, o
     """A session factory on the configured database (`configured_database`, or `Settings.database_options()`),
     which must already exist; the engine is disposed after. `orm=False`: Core connections instead of ORM sessions
     (`engine.connect`; enough for `adapters.db.history`, and no `sqlalchemy.orm` import)."""
-    from daemon.config_file import describe_config_search
+    from daemon.config.file import describe_config_search
 
     url = database.url
     path = sqlite_file(url)

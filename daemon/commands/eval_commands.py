@@ -27,7 +27,7 @@ def operating_threshold(detector: Any, references: list, rate: float) -> tuple[f
     """The threshold the daemon's rule derives from these references alone (None: not measured)."""
     if rate <= 0:
         return None
-    from daemon.operating_point import daemon_threshold
+    from daemon.references.operating_point import daemon_threshold
 
     return daemon_threshold(detector, [sample.path for sample in references], rate)
 
@@ -146,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     transform = "reference" if args.reference_preprocessing else "fast"
     show = sys.stderr.isatty()
     skipped: list[tuple[str, str]] = []
-    points: dict[str, dict[str, Any]] = {}  # model → category → operating point (daemon/operating_point.py)
+    points: dict[str, dict[str, Any]] = {}  # model → category → operating point (daemon/references/operating_point.py)
     point_scores: dict[str, dict[str, Any]] = {}  # the scores behind them (report folder only)
     for name in models:
         if split is None:
@@ -206,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 continue
             accumulator.add(category, labels, scores, maps=maps, masks=masks)
             if point is not None:
-                from daemon.operating_point import on_daemon_scale, operating_point
+                from daemon.references.operating_point import on_daemon_scale, operating_point
 
                 scaled_scores = on_daemon_scale(detector, scores)
                 points.setdefault(name, {})[category] = {
@@ -234,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if report_dir is not None:
         markdown = write_report(report_dir, results, models=infos)
         if points:
-            from daemon.operating_point import write_json
+            from daemon.references.operating_point import write_json
 
             write_json(report_dir / "operating_point.json", args.false_reject_rate, points, point_scores)
     else:
@@ -250,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                        **({"operating_point": mixed_points[n]} if n in mixed_points else {})}
                                    for n, r in results.items()}), indent=2))
     else:
-        from daemon.operating_point import markdown as point_table
+        from daemon.references.operating_point import markdown as point_table
 
         print(markdown + "".join("\n" + point_table(n, args.false_reject_rate, p) for n, p in points.items()))
         if mixed_points:

@@ -4,9 +4,9 @@ Geometry tab set it.
 
 Like the other operator commands (`references add`, `thresholds pin`), these work on the configuration's storage
 folder and database, which the running daemon shares: `set` and `reset` write `<[storage].dir>/geometry/<source>.json`
-with who changed it (`cli:<user>`) and a line of its `history.jsonl` (daemon/geometry_overrides.py), and announce
+with who changed it (`cli:<user>`) and a line of its `history.jsonl` (daemon/references/geometry_overrides.py), and announce
 the change through the outbox (retained MQTT `<prefix>/<line>/<source>/geometry`, webhook event `geometry`;
-daemon/geometry_events.py). The daemon notices the file at its next reference poll (seconds), rebuilds the source's
+daemon/references/geometry_events.py). The daemon notices the file at its next reference poll (seconds), rebuilds the source's
 bank through the new geometry and recalibrates. The values are checked as the API checks them: a degenerate ROI or
 polygon, one outside the source's newest frame, or a geometry the model cannot run is a usage error, nothing saved.
 
@@ -53,7 +53,7 @@ def frame_hw(settings: Any, sessions: Any, source_id: str) -> tuple[int, int] | 
     from sqlalchemy import select
 
     from adapters.db import Inspection
-    from daemon.reference_files import ReferenceSetupError, image_shape, reference_files
+    from daemon.references.files import ReferenceSetupError, image_shape, reference_files
 
     with sessions() as session:
         row = session.execute(
@@ -88,7 +88,7 @@ def _print_summary(shown: dict[str, Any]) -> None:
 
 
 def cmd_geometry(args: argparse.Namespace) -> int:
-    from daemon import geometry_overrides as overrides
+    from daemon.references import geometry_overrides as overrides
     from model.geometry import GeometryError
 
     if args.api:
@@ -140,8 +140,8 @@ def _changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _change(args: argparse.Namespace, settings: Any, source_id: str) -> int:
-    from daemon import geometry_events
-    from daemon import geometry_overrides as overrides
+    from daemon.references import geometry_events
+    from daemon.references import geometry_overrides as overrides
     from model.geometry import GeometryError
 
     set_by = f"cli:{current_user()}"

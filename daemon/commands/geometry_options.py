@@ -45,7 +45,7 @@ def parse_polygon(text: str) -> list[list[float]]:
 
 def geometry_option(args: argparse.Namespace, default_resize: str = "squash") -> Any:
     """The --resize/--roi/--ignore-polygon/--tile-overlap geometry (model/geometry.py); `default_resize` without
-    --resize (the daemon's default for the model: daemon.geometry.default_resize)."""
+    --resize (the daemon's default for the model: daemon.config.geometry.default_resize)."""
     from model.geometry import GeometryError, make_geometry
 
     try:

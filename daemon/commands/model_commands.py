@@ -215,7 +215,7 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
         wanted = ([("backbone", args.backbone)] if args.backbone else []) + [("prompts", n) for n in args.prompts or ()]
         origin = "the command line"
     else:
-        from daemon.config import ConfigError, describe_config_search, find_config, load_config
+        from daemon.config.settings import ConfigError, describe_config_search, find_config, load_config
 
         try:
             settings = load_config(find_config(args.config))

@@ -125,7 +125,7 @@ def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "references": args.references.split(",") if args.references and "," in args.references else args.references,
         # without --resize: the measured default of the frame geometry on torch (model/geometry.py), as the daemon
-        # uses for a family that supports it (daemon/geometry.py: default_resize)
+        # uses for a family that supports it (daemon/config/geometry.py: default_resize)
         "geometry": geometry_option(args, "squash" if getattr(args, "engine", "torch") != "torch"
                                     else DEFAULT_RESIZE),
     }

@@ -103,7 +103,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 def cmd_models_list(args: argparse.Namespace) -> int:
     with history_database(args) as sessions, sessions() as session:
         from adapters.db import history  # SQLAlchemy: only once there is a database
-        from daemon.retrain_runs import recent_runs
+        from daemon.learning.runs import recent_runs
 
         items = [history.model_dict(row) for row in history.list_versions(session)]
         runs = recent_runs(session, limit=5)
@@ -130,7 +130,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def cmd_models_activate(args: argparse.Namespace) -> int:
     settings = load_settings(args)
-    from daemon.versions import UnknownVersionError, VersionRegistry
+    from daemon.learning.versions import UnknownVersionError, VersionRegistry
 
     with database(settings, args.config) as sessions:
         try:

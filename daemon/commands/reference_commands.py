@@ -33,8 +33,8 @@ def _source(settings: Any, source_id: str) -> Any:
 
 
 def cmd_references_list(args: argparse.Namespace) -> int:
-    from daemon import reference_admin as admin
-    from daemon import reference_files as refs
+    from daemon.references import admin as admin
+    from daemon.references import files as refs
 
     settings = load_settings(args)
     _source(settings, args.source)
@@ -52,7 +52,7 @@ def cmd_references_list(args: argparse.Namespace) -> int:
 
 
 def cmd_references_add(args: argparse.Namespace) -> int:
-    from daemon import reference_admin as admin
+    from daemon.references import admin as admin
 
     settings = load_settings(args)
     _source(settings, args.source)
@@ -73,7 +73,7 @@ def cmd_references_add(args: argparse.Namespace) -> int:
 
 
 def cmd_references_propose(args: argparse.Namespace) -> int:
-    from daemon.zero_label import propose_references
+    from daemon.zero_label.start import propose_references
 
     settings = load_settings(args)
     _source(settings, args.source)
@@ -95,7 +95,7 @@ def cmd_references_propose(args: argparse.Namespace) -> int:
 
 
 def cmd_references_remove(args: argparse.Namespace) -> int:
-    from daemon import reference_admin as admin
+    from daemon.references import admin as admin
 
     settings = load_settings(args)
     _source(settings, args.source)

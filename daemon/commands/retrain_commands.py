@@ -19,9 +19,9 @@ DEFAULT_CONFIG = "config.toml"
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    """The configuration found by `daemon.config.find_config` (the same rule for every command)."""
+    """The configuration found by `daemon.config.settings.find_config` (the same rule for every command)."""
     from daemon.cli import UsageError
-    from daemon.config import ConfigError, find_config, load_config
+    from daemon.config.settings import ConfigError, find_config, load_config
 
     try:
         return load_config(find_config(args.config))
@@ -39,8 +39,8 @@ def _sessions(settings: Any, config: str | None = None) -> Any:
 
 def _status(settings: Any, sessions: Any) -> dict[str, Any]:
     from adapters.db.repository import active_model_version
-    from daemon.retraining import last_completed_run, new_labels_since_last_run, training_runs
-    from daemon.schedule import parse_schedule
+    from daemon.config.schedule import parse_schedule
+    from daemon.learning.retraining import last_completed_run, new_labels_since_last_run, training_runs
 
     cfg = settings.retraining
     schedule = parse_schedule(cfg.schedule)
@@ -92,7 +92,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         else:
             _print_status(status)
         return 0
-    from daemon.head_retraining import make_retrainer, refusal
+    from daemon.learning.head_retraining import make_retrainer, refusal
 
     why = refusal(settings, sessions)
     if why is not None:

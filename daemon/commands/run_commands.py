@@ -14,7 +14,7 @@ DEFAULT_CONFIG = "config.toml"
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.api import routers
-    from daemon.service import Service
+    from daemon.process.service import Service
 
     settings = load_settings(args)
     factory = import_factory(args.detector_factory) if args.detector_factory else None

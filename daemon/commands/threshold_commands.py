@@ -4,7 +4,7 @@ show|history|pin|unpin` (what is in effect, every change, and an operator's fixe
 `calibrate` scores the `--good` frames with the detector the source runs (its own reference bank included), leaves
 out the files of that bank (a reference scores about 0 against its own bank; a WARNING names them), and stores the
 thresholds for the model version the source runs: a running daemon uses them within seconds, a restart keeps them.
-With `--false-reject-rate R` both thresholds come from the bound of daemon/calibration.py; without it the image
+With `--false-reject-rate R` both thresholds come from the bound of daemon/references/calibration.py; without it the image
 threshold is the `--method` quantile/max plus `--margin` (`model.fewshot.calibrate_threshold`). `--write` also
 writes the image threshold into the config file. Every stored value is a `threshold_history` row.
 """
@@ -76,8 +76,8 @@ def _optional_database(settings: Any) -> Any:
 
 def _source_detector(settings: Any, sessions: Any, source: Any, args: argparse.Namespace) -> tuple[Any, str, list]:
     """(detector on the daemon's scale, model version, reference files) of the source, as the daemon runs it."""
-    from daemon.references import ReferenceManager
-    from daemon.service import build_detector
+    from daemon.process.service import build_detector
+    from daemon.references.manager import ReferenceManager
 
     factory = import_factory(args.detector_factory) if args.detector_factory else build_detector
     manager = ReferenceManager(settings, sessions, store(settings), source_ids=[source.id],
@@ -93,9 +93,9 @@ def _source_detector(settings: Any, sessions: Any, source: Any, args: argparse.N
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from daemon import calibration
-    from daemon.reference_bank import score_files
-    from daemon.thresholds import Calibration, apply_calibration
+    from daemon.references import calibration
+    from daemon.references.bank import score_files
+    from daemon.references.thresholds import Calibration, apply_calibration
 
     settings = load_settings(args)
     source = _source(settings, args.source)
@@ -170,8 +170,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_thresholds(args: argparse.Namespace) -> int:
-    from daemon import thresholds
-    from daemon.thresholds import recorded_version, summary
+    from daemon.references import thresholds
+    from daemon.references.thresholds import recorded_version, summary
 
     settings = load_settings(args)
     sources = [_source(settings, args.source)] if args.source else list(settings.sources)
@@ -218,7 +218,7 @@ _THRESHOLD_LINE = re.compile(r"^(?P<indent>\s*)threshold\s*=\s*[^#\n]*(?P<commen
 
 def write_source_threshold(config: Path, source_id: str, threshold: float) -> None:
     """Set `threshold` in the `[[sources]]` table with `id = source_id` of the TOML file, keeping the rest."""
-    from daemon.config import ConfigError, load_config
+    from daemon.config.settings import ConfigError, load_config
 
     original = config.read_text(encoding="utf-8")
     lines = original.splitlines(keepends=True)

@@ -18,9 +18,9 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_tokens_create(args: argparse.Namespace) -> int:
+    from daemon.api.tokens import TokenError, store_for
     from daemon.cli import UsageError
     from daemon.commands.context import current_user
-    from daemon.tokens import TokenError, store_for
 
     settings = _settings(args)
     if any(token.name == args.name for token in settings.api.tokens):
@@ -41,7 +41,7 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_list(args: argparse.Namespace) -> int:
-    from daemon.tokens import store_for
+    from daemon.api.tokens import store_for
 
     settings = _settings(args)
     store = store_for(settings)
@@ -64,7 +64,7 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    from daemon.tokens import TokenError, store_for
+    from daemon.api.tokens import TokenError, store_for
 
     settings = _settings(args)
     if any(token.name == args.name for token in settings.api.tokens):

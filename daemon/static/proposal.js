@@ -1,6 +1,6 @@
 // The Calibration page's "Proposed references" card (issue 23): a source that starts with no references (mutual
 // scoring, `references = "auto"`) or that is in drift gets known-good candidates from its own frames
-// (GET /api/sources/{id}/references/proposal, daemon/zero_label.py); one click approves them (POST .../references),
+// (GET /api/sources/{id}/references/proposal, daemon/zero_label/start.py); one click approves them (POST .../references),
 // which switches the source to PatchCore on them. Uses calibration.js's calState, calPath, thumb and loadCalibration.
 "use strict";
 

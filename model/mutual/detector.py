@@ -11,7 +11,7 @@ bankless `PatchCoreDetector` embeds and maps), the scores are mutual (model/mutu
 Offline outputs are distances like PatchCore's (not 0-1). Online outputs are those distances divided by the
 window's scale when the frame met it (`MutualWindow.distance_scale`: the alert point maps to ln 2; NaN, no
 decision, while the window is not ready), which the daemon brings to 0-1 with PatchCore's rule, 1 - exp(-x)
-(daemon/scale.py): the window's alert point is 0.5, the default threshold. Map = patch scores upsampled (nearest) and blurred (sigma 4), image
+(daemon/detectors/scale.py): the window's alert point is 0.5, the default threshold. Map = patch scores upsampled (nearest) and blurred (sigma 4), image
 score = mean of the map's top 1 % pixels.
 """
 

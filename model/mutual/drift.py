@@ -94,7 +94,7 @@ class DriftWatch:
         return event
 
     def note(self, patch_scores: torch.Tensor, alerted: bool | None = None) -> dict[str, Any]:
-        """`update`, told as the per-frame note the daemon reads (`Prediction.notes`, daemon/drift.py): the frame's
+        """`update`, told as the per-frame note the daemon reads (`Prediction.notes`, daemon/zero_label/drift.py): the frame's
         index, its unmatched share, whether the watch is in drift, the excursion's first frame, a `drift_event` when
         this frame signals one, `drift_cleared` when this frame ends one."""
         was_drifting = self.drifting

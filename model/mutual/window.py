@@ -15,7 +15,7 @@ frame's leave-one-out score against the others at every step, at the price of a 
 - when the cold start ends (`min_frames` frames in), the frames admitted unjudged that look anomalous against the
   others are dropped again (once: pruning at every step would shrink the window to its tightest cluster).
 
-`distance_scale` turns the rule into the daemon's 0-1 convention (daemon/scale.py, 1 - exp(-raw / d0)): the
+`distance_scale` turns the rule into the daemon's 0-1 convention (daemon/detectors/scale.py, 1 - exp(-raw / d0)): the
 alert point maps to 0.5. Until `min_frames` frames are in, nothing is judged (scale infinite: scores 0).
 """
 

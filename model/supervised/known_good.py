@@ -8,7 +8,7 @@ Those known-good frames are frames the head learned as normal (the references, t
 they understate how high an unseen good frame scores: measured on metal_plate (8 references, 128 px), they put
 the threshold near 0.0001 while 10 of 40 unseen good frames scored above it. The head's threshold is therefore at
 least its trained decision boundary (class-balanced BCE), which the family declares as
-`Capabilities.threshold_floor` (model/factory.py; daemon/calibration.py applies it with `floored`); the rule in the
+`Capabilities.threshold_floor` (model/factory.py; daemon/references/calibration.py applies it with `floored`); the rule in the
 threshold history says so. A good frame that still alerts is what a labelled false alarm and the next retraining
 fix."""
 

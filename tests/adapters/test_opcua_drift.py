@@ -1,4 +1,4 @@
-"""A source's drift on OPC UA, read by a real asyncua client: the daemon's drift record (daemon/drift.py, from the
+"""A source's drift on OPC UA, read by a real asyncua client: the daemon's drift record (daemon/zero_label/drift.py, from the
 drift watch's per-frame notes, no model) commits a drift, the OPC UA sink is told as the writer tells it
 (`alerts_committed`), and the source's `Drift` / `DriftStartedAt` show it until it ends; the other source stays
 out of drift; a drift left open in the database shows as soon as the server starts."""
@@ -15,7 +15,7 @@ import pytest
 from adapters.opcua_settings import OpcUaConfig
 from adapters.sinks import SinkContext
 from adapters.sinks.opcua import NO_DRIFT, OpcUaSink
-from daemon.drift import DriftTracker
+from daemon.zero_label.drift import DriftTracker
 from tests.services import free_port
 from tests.waiting import wait_until
 

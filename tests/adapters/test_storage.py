@@ -84,7 +84,7 @@ def test_paths_cannot_escape_and_a_removed_day_folder_is_made_again(tmp_path):
     rgb, anomaly_map, mask = frame_and_map()
     old = store.write("old", datetime(2026, 1, 1, tzinfo=timezone.utc), rgb=rgb, anomaly_map=anomaly_map, mask=mask)
     new = store.write("new", WHEN, rgb=rgb, anomaly_map=anomaly_map, mask=mask)
-    shutil.rmtree(store.path(old.frame).parent)  # what retention (daemon/retention.py) does to an emptied day
+    shutil.rmtree(store.path(old.frame).parent)  # what retention (daemon/process/retention.py) does to an emptied day
     assert not any(store.path(p).exists() for p in old.all()) and all(store.path(p).exists() for p in new.all())
     late = store.write("late", datetime(2026, 1, 1, tzinfo=timezone.utc), rgb=rgb, anomaly_map=anomaly_map, mask=mask)
     assert all(store.path(p).is_file() for p in late.all())  # the purged day's folder is made again

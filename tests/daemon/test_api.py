@@ -28,9 +28,9 @@ from adapters.db import (
 )
 from adapters.storage import ArtifactStore
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.config import load_config
-from daemon.metrics import Metrics
+from daemon.api.app import AppState, create_app
+from daemon.config.settings import load_config
+from daemon.telemetry.metrics import Metrics
 from tests.adapters.test_db import create_pg_database
 
 TOKENS = {"viewer": "view-secret", "operator": "op-secret", "admin": "admin-secret"}
@@ -519,14 +519,14 @@ def test_events_wait_for_rows_inserted_later(sqlite_env, monkeypatch):
 
 
 class FakeRetrainer:
-    """Stands in for daemon.retraining.Retrainer (a real run trains a model in a subprocess)."""
+    """Stands in for daemon.learning.retraining.Retrainer (a real run trains a model in a subprocess)."""
 
     def __init__(self) -> None:
         self.triggers: list[str] = []
 
     def start_in_background(self, trigger: str = "api") -> int:
         if self.triggers:
-            from daemon.retraining import RetrainBusyError
+            from daemon.learning.retraining import RetrainBusyError
 
             raise RetrainBusyError("a retraining run is already in progress")
         self.triggers.append(trigger)
@@ -547,7 +547,7 @@ def test_daemon_serves_api_and_ui(tmp_path):
     """The Service (what `anomalyd run` starts) serves the operator API and the UI on its HTTP port."""
     import httpx
 
-    from daemon.service import Service
+    from daemon.process.service import Service
     from tests.daemon.test_pipeline import ConstantDetector
 
     settings = load_config(None, environ={}, overrides={

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from daemon.batcher import BatcherClosed, DynamicBatcher
+from daemon.frames.batcher import BatcherClosed, DynamicBatcher
 
 
 def test_full_batch_is_returned_without_waiting_for_the_delay():

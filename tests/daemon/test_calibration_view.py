@@ -20,12 +20,12 @@ from PIL import Image
 
 from adapters.db import Inspection, Label, SourceThreshold, make_engine, make_session_factory, upgrade
 from adapters.storage import ArtifactStore
-from daemon import thresholds
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.config import load_config
-from daemon.metrics import Metrics
-from daemon.reference_files import own_reference_dir
+from daemon.api.app import AppState, create_app
+from daemon.config.settings import load_config
+from daemon.references import thresholds
+from daemon.references.files import own_reference_dir
+from daemon.telemetry.metrics import Metrics
 from model.known_good import KnownGoodScores
 from tests.adapters.test_db import create_pg_database
 from tests.daemon.test_api import T0, TOKENS, auth
@@ -209,7 +209,7 @@ def test_running_patchcore_daemon_gives_leave_one_out_scores_and_takes_a_pin(tmp
     """A real daemon (PatchCore, EfficientNet-Lite0 weights at 64 px, 4 synthetic references): the page's answer
     carries each held-out reference's leave-one-out score on the 0–1 scale and the daemon's calibration as the
     origin; a pin made the page's way is what the next frame is judged with."""
-    from daemon.service import Service
+    from daemon.process.service import Service
     from tests.daemon.test_restart_cache import _inspected, _texture
 
     refs = tmp_path / "refs"
@@ -259,10 +259,10 @@ def test_running_patchcore_daemon_gives_leave_one_out_scores_and_takes_a_pin(tmp
 
 
 def test_known_good_scores_read_back_from_the_cache_name_their_files(tmp_path, monkeypatch):
-    """A restart reads the known-good scores back (daemon/known_good_cache.py): their held-out references are named
+    """A restart reads the known-good scores back (daemon/references/known_good_cache.py): their held-out references are named
     from the files of that build, so the page's leave-one-out scores stay on the right thumbnails."""
-    from daemon import known_good_cache
-    from daemon.reference_bank import cached_known_good
+    from daemon.references import known_good_cache
+    from daemon.references.bank import cached_known_good
 
     stored = {"scores": [3.0, 3.5, 4.0], "maxima": [5.0, 5.5, 6.0], "distance_scale": 3.5, "held_out": 2, "views": 1,
               "own": [3.0, 4.0]}

@@ -1,4 +1,4 @@
-"""The PatchCore calibration rule (daemon/references.py): held-out references plus lightly perturbed views of them
+"""The PatchCore calibration rule (daemon/references/manager.py): held-out references plus lightly perturbed views of them
 (shifted, turned, exposed), d0 from the references' own scores only, and a threshold a shifted live frame passes.
 Real EfficientNet-Lite0 weights (a normal dependency) at 64 px on synthetic textures: fast, no ../shared."""
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.calibration import quantile_thresholds
-from daemon.scale import scale_outputs
+from daemon.detectors.scale import scale_outputs
+from daemon.references.calibration import quantile_thresholds
 from model.known_good import calibration_views
 from model.patchcore import build_patchcore, clip_to_tf
 from model.patchcore.known_good import leave_one_out_scores, patchcore_embeddings, patchcore_known_good

@@ -18,8 +18,8 @@ from adapters.sources import parse_source_settings
 from adapters.sources.base import Frame
 from adapters.sources.redis_stream import RedisFrameWriter, RedisStreamSource
 from adapters.timeutil import utc_now
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector
 from tests.waiting import wait_until
 

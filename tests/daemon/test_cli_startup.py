@@ -2,7 +2,7 @@
 
 Each one runs in a fresh interpreter, the way an operator runs it, and the test asserts on `sys.modules` and the
 output: no torch, numpy, OpenCV, PIL, FastAPI, uvicorn, Alembic or retraining code; no pydantic (nor
-pydantic-settings) for the history commands (they read [database] plainly: daemon.config_file) and no SQLAlchemy ORM; no SQLAlchemy on
+pydantic-settings) for the history commands (they read [database] plainly: daemon.config.file) and no SQLAlchemy ORM; no SQLAlchemy on
 the "no database at ..." path; only the command's own module of `daemon/commands/`; no Alembic log lines. And the
 parser built for one command parses, helps and fails exactly like the whole one.
 """
@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # Never needed to read the history, label, list models and tokens, or say that there is no database.
 HEAVY = ("torch", "torchvision", "open_clip", "numpy", "cv2", "PIL", "sklearn", "fastapi", "starlette", "uvicorn",
          "pydantic_settings", "dotenv",
-         "alembic", "prometheus_client", "paho", "redis", "asyncua", "httpx", "daemon.retraining",
-         "daemon.service", "daemon.pipeline", "daemon.commands.model_commands", "daemon.commands.export_commands",
+         "alembic", "prometheus_client", "paho", "redis", "asyncua", "httpx", "daemon.learning.retraining",
+         "daemon.process.service", "daemon.frames.pipeline", "daemon.commands.model_commands", "daemon.commands.export_commands",
          "daemon.commands.reference_commands", "daemon.commands.config_commands")
 
-# What validating the whole configuration (daemon.config.Settings, a pydantic-settings BaseSettings) loads: the
+# What validating the whole configuration (daemon.config.settings.Settings, a pydantic-settings BaseSettings) loads: the
 # commands that need more than [database] (retrain, tokens) load it; the history commands never do.
 SETTINGS = ("pydantic", "pydantic_settings", "dotenv")
 
@@ -77,7 +77,7 @@ def plant(tmp_path) -> Path:
     from datetime import datetime, timezone
 
     from adapters.db import Inspection, make_engine, make_session_factory, upgrade
-    from daemon.config import load_config
+    from daemon.config.settings import load_config
 
     engine = make_engine(load_config(config, environ={}).database_url)
     upgrade(engine)
@@ -114,7 +114,7 @@ def test_operator_commands_load_only_what_they_need(plant):
         assert entry["code"] == 0, entry
         if entry["argv"][0] == "tokens":  # the token commands validate the configuration and open no database
             assert set(entry["loaded"]) <= {"sqlalchemy", *SETTINGS}, entry
-        else:  # the history commands read [database] without the validation models (daemon.config_file) and
+        else:  # the history commands read [database] without the validation models (daemon.config.file) and
             # the history with SQLAlchemy Core (adapters.db.history), not the ORM
             assert entry["loaded"] == ["sqlalchemy"], entry  # (the probe sees imports: SQLAlchemy is there)
     assert report[-1]["code"] == 2 and "--limit" in report[-1]["err"]  # a usage error, still nothing heavy
@@ -172,7 +172,7 @@ def test_command_named():
 def test_config_sections_keep_their_case_insensitive_names(tmp_path):
     """Section names match case-insensitively (pydantic-settings' TOML source), and an unknown key is still an
     error naming it."""
-    from daemon.config import ConfigError, load_config
+    from daemon.config.settings import ConfigError, load_config
 
     path = tmp_path / "config.toml"
     path.write_text('[MQTT]\nhost = "broker.plant"\n[Runtime]\nmax_batch_size = 3\n')

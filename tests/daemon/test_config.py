@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError, load_config
+from daemon.config.settings import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,7 +103,7 @@ def test_missing_file_and_bad_toml(tmp_path):
 
 def test_other_anomalyd_variables_are_not_configuration(tmp_path):
     """ANOMALYD_CACHE and friends configure other parts of the tool; only <SECTION>__<KEY> names are config."""
-    from daemon.config import ConfigError, load_config
+    from daemon.config.settings import ConfigError, load_config
 
     settings = load_config(None, environ={"ANOMALYD_CACHE": "/tmp/x", "ANOMALYD_CONFIG": "c.toml",
                                           "ANOMALYD_MQTT__PORT": "1999"})
@@ -114,8 +114,8 @@ def test_other_anomalyd_variables_are_not_configuration(tmp_path):
 
 def test_pipeline_options_default_to_the_configuration_defaults():
     """One source of truth: the pipeline's own defaults are what an empty config gives (decode budget included)."""
-    from daemon.config import load_config
-    from daemon.record import PipelineOptions
+    from daemon.config.settings import load_config
+    from daemon.frames.record import PipelineOptions
 
     assert PipelineOptions() == PipelineOptions.from_settings(load_config(None, environ={}))
     assert PipelineOptions().decode_budget_bytes == 512 << 20

@@ -1,5 +1,5 @@
-"""The operator commands' plain reading of [database] (`daemon.config_file.database_options`, no pydantic) against
-the validated configuration (`daemon.config.load_config`): same database whenever it answers, and every mistake
+"""The operator commands' plain reading of [database] (`daemon.config.file.database_options`, no pydantic) against
+the validated configuration (`daemon.config.settings.load_config`): same database whenever it answers, and every mistake
 it cannot judge left to the full validation and its messages."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import DatabaseConfig, Settings, load_config
-from daemon.config_file import (
+from daemon.config.file import (
     DATABASE_DEFAULTS,
     SECTIONS,
     ConfigError,
@@ -20,6 +19,7 @@ from daemon.config_file import (
     database_options,
     read_config_data,
 )
+from daemon.config.settings import DatabaseConfig, Settings, load_config
 from tests.daemon.test_ops_cli import run
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.config import ConfigError, load_config
+from daemon.config.settings import ConfigError, load_config
 from tests.daemon.test_ops_cli import run
 
 

@@ -27,9 +27,9 @@ from adapters.db import (
 )
 from adapters.storage import ArtifactStore
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.config import load_config
-from daemon.metrics import Metrics
+from daemon.api.app import AppState, create_app
+from daemon.config.settings import load_config
+from daemon.telemetry.metrics import Metrics
 from tests.daemon.test_api import TOKENS
 from tests.daemon.test_ui_browser import (  # noqa: F401 (chromium_path is a fixture)
     CHROMIUM_ARGS,

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import select
 
 from adapters.db import Inspection, make_engine, make_session_factory
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector
 from tests.waiting import wait_until
 

@@ -7,9 +7,9 @@ import re
 from fastapi.testclient import TestClient
 
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.config import load_config
-from daemon.metrics import Metrics
+from daemon.api.app import AppState, create_app
+from daemon.config.settings import load_config
+from daemon.telemetry.metrics import Metrics
 
 
 def test_docs_page_loads_only_local_assets():

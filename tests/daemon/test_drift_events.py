@@ -1,4 +1,4 @@
-"""The daemon's drift record (daemon/drift.py) from the drift watch's per-frame notes, without a model: the drift's
+"""The daemon's drift record (daemon/zero_label/drift.py) from the drift watch's per-frame notes, without a model: the drift's
 start time is its first frame's, would-be alerts are counted while it lasts, it ends when the frames match again or
 the source gets other references, and a drift left open by a stopped daemon is closed at the next start. Each
 state is one retained outbox message (MQTT and webhooks deliver it; tests/daemon/test_e2e_drift.py end to end)."""
@@ -13,8 +13,8 @@ from sqlalchemy import select
 from adapters.db.outbox import as_event
 from adapters.db.tables import DriftEvent, OutboxMessage
 from adapters.mqtt import MqttMessage, mqtt_message
-from daemon.drift import DriftTracker, drift_status
-from daemon.metrics import Metrics
+from daemon.telemetry.metrics import Metrics
+from daemon.zero_label.drift import DriftTracker, drift_status
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
 VERSION = "mutual-efficientnet-lite0-t4-10-s256-w32-r1.35"

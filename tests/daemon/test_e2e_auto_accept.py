@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from daemon.api import routers
-from daemon.app import create_app
-from daemon.config import load_config
-from daemon.reference_files import own_reference_dir
-from daemon.service import Service
+from daemon.api.app import create_app
+from daemon.config.settings import load_config
+from daemon.process.service import Service
+from daemon.references.files import own_reference_dir
 from tests.daemon.test_api import TOKENS, auth
 from tests.daemon.test_e2e_mutual import _rows
 from tests.waiting import wait_until

@@ -29,8 +29,8 @@ from adapters.db.outbox import as_event
 from adapters.mqtt import mqtt_message
 from adapters.timeutil import rfc3339
 from daemon.cli import main
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.daemon.test_api import TOKENS, auth
 from tests.daemon.test_e2e_mutual import _rows
@@ -105,7 +105,7 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
     service.start()
     try:
         from daemon.api import routers
-        from daemon.app import create_app
+        from daemon.api.app import create_app
 
         client = TestClient(create_app(service.app_state(), routers()))
         version = service.references.states["cubes"].version
@@ -198,7 +198,7 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
         assert len(retained) == 2 and all(message.retain and message.topic.endswith("/drift") for message in retained)
 
         # 4. On PatchCore now (the plates as references): the line changes back to cubes, and the source's
-        # reference drift watch (daemon/drift_watch.py) makes it one drift event again.
+        # reference drift watch (daemon/detectors/drift_watch.py) makes it one drift event again.
         patchcore = service.pipeline.detector.version_for("cubes")
         seen = len(_rows(service))
         alerts = len(subscriber.payloads("/anomaly"))

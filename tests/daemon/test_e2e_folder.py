@@ -28,8 +28,8 @@ from adapters.db import (
     make_engine,
     make_session_factory,
 )
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.daemon.test_pipeline import BrightnessDetector
 from tests.waiting import wait_until

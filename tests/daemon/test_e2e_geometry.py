@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import select
 
 from adapters.db import Inspection, SourceThreshold
-from daemon.config import ConfigError, load_config
-from daemon.service import Service
+from daemon.config.settings import ConfigError, load_config
+from daemon.process.service import Service
 from tests.model.test_geometry import draw_defect, texture
 from tests.waiting import wait_until
 

@@ -12,9 +12,9 @@ from sqlalchemy import select
 
 from adapters.db import Inspection, SourceThreshold
 from daemon.api import routers
-from daemon.app import create_app
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.api.app import create_app
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.daemon.test_api import TOKENS, auth
 from tests.daemon.test_e2e_geometry import _write
 from tests.daemon.test_ui_browser import CHROMIUM_ARGS, Server, chromium_path  # noqa: F401 (fixture)

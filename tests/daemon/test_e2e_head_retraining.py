@@ -24,8 +24,8 @@ from sqlalchemy import select
 
 from adapters.db import Inspection, ModelVersion, SourceThreshold, TrainingRun
 from adapters.db.schema import threshold_history
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.shared]
@@ -67,7 +67,7 @@ def _settings(tmp_path: Path):
 
 def test_labels_retrain_a_head_that_the_gate_promotes(samples_dir, tmp_path):
     from daemon.api import routers
-    from daemon.app import create_app
+    from daemon.api.app import create_app
 
     good, defective, masks = _plates(samples_dir)
     references, normals = good[:8], good[8:12]

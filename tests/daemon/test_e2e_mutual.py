@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from adapters.db import Inspection
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.daemon.test_api import TOKENS, auth
 from tests.waiting import wait_until
 
@@ -91,7 +91,7 @@ def test_zero_label_start_then_approved_references_switch_to_patchcore(samples_d
         assert window.excluded >= alerted_bad and len(window) <= window.limits.max_frames
         # Approval: the operator picks the lowest-scoring good-looking frames as references through the API.
         from daemon.api import routers
-        from daemon.app import create_app
+        from daemon.api.app import create_app
 
         client = TestClient(create_app(service.app_state(), routers()))
         early = client.get("/api/sources/cubes/references/proposal", headers=auth("viewer")).json()

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from adapters.db import Inspection, OutboxMessage, SourceThreshold
 from adapters.db.outbox import as_event
 from adapters.mqtt import mqtt_message
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.shared]
@@ -102,7 +102,7 @@ def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
             messages = session.scalars(select(OutboxMessage)).all()
         alerts = [m for m in messages if m.event_type == "inspection"]
         assert len(alerts) == sum(alerted_bad) + sum(alerted_good)
-        # besides the alerts, the calibration's threshold change (retained, daemon/thresholds.py)
+        # besides the alerts, the calibration's threshold change (retained, daemon/references/thresholds.py)
         changes = [m for m in messages if m.event_type == "threshold"]
         assert len(changes) == 1 and len(messages) == len(alerts) + 1
         assert mqtt_message(as_event(changes[0]), "anomalyd", 0).retain
@@ -120,7 +120,7 @@ def _screenshot(service, settings, inspection_id: int, normal_ids: list[int], an
 
     from adapters.db import Label
     from daemon.api import routers
-    from daemon.app import create_app
+    from daemon.api.app import create_app
     from tests.daemon.test_ui_browser import CHROMIUM_ARGS, CHROMIUM_CANDIDATES, REPO, Server, wait_js
 
     with service.sessions() as session, session.begin():

@@ -15,9 +15,9 @@ from sqlalchemy import select
 
 from adapters.db import Inspection
 from adapters.export import ExportedDetector, read_manifest
-from daemon import versions as registry
-from daemon.config import load_config
-from daemon.service import Service, build_detector
+from daemon.config.settings import load_config
+from daemon.learning import versions as registry
+from daemon.process.service import Service, build_detector
 from model.preprocess import fast_transform
 from tests.daemon.test_models import _perturbed_prompts
 from tests.daemon.test_retraining import small_rgb

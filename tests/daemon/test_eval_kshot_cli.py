@@ -80,7 +80,7 @@ def test_patchcore_eval_without_shots_says_it_needs_references(samples_dir: Path
 @pytest.mark.slow
 def test_kshot_eval_reports_the_operating_point_of_the_daemons_rule(samples_dir: Path, tmp_path, capsys) -> None:
     """FRR achieved and miss rate at the threshold the daemon's rule derives from the K references alone."""
-    from daemon.calibration import frr_bound
+    from daemon.references.calibration import frr_bound
 
     report = tmp_path / "report"
     assert _eval(samples_dir, "--shots", "3", "--seed", "0", "--json", "--report", str(report), "--overlays", "0",

@@ -21,8 +21,8 @@ from adapters.db.outbox import as_event
 from adapters.events import contract_message
 from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceStatus
 from adapters.webhooks import SIGNATURE_HEADER, verify
-from daemon.config import ConfigError, load_config
-from daemon.service import Service
+from daemon.config.settings import ConfigError, load_config
+from daemon.process.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.daemon.test_pipeline import BrightnessDetector, MemorySource
 from tests.services import Mosquitto, free_port

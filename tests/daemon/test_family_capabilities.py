@@ -12,10 +12,10 @@ import torch
 from sqlalchemy import select
 
 from adapters.db import TrainingRun
-from daemon.config import ConfigError, load_config
-from daemon.geometry import default_resize, source_geometry
-from daemon.references import NeedsReferences, ReferenceManager
-from daemon.scale import scale_outputs
+from daemon.config.geometry import default_resize, source_geometry
+from daemon.config.settings import ConfigError, load_config
+from daemon.detectors.scale import scale_outputs
+from daemon.references.manager import NeedsReferences, ReferenceManager
 from model.factory import Capabilities, ModelFamily, capabilities, register_family, unregister_model
 from model.geometry import DEFAULT_RESIZE
 from tests.daemon.test_api import FakeRetrainer, auth, sqlite_env  # noqa: F401  (the fixture)
@@ -116,8 +116,8 @@ def test_known_good_scores_come_from_the_hook_the_family_registers(tmp_path):
     """The calibration's known-good scores come from the family's `known_good` hook (PatchCore's maths live in
     model/patchcore/known_good.py, never in daemon/): computed once through it, cached, read back on a restart; a
     family without the hook has none, and eval reports no operating point for it."""
-    from daemon.operating_point import daemon_threshold
-    from daemon.reference_bank import cached_known_good
+    from daemon.references.bank import cached_known_good
+    from daemon.references.operating_point import daemon_threshold
     from model.known_good import CALIBRATION_HOLDOUTS, KnownGoodScores
 
     calls = []
@@ -152,7 +152,7 @@ def test_known_good_scores_come_from_the_hook_the_family_registers(tmp_path):
 def test_threshold_floor_follows_the_declaration(tmp_path):
     """A family whose known-good frames are frames it learned from declares its decision boundary as the floor of
     its calibrated threshold (the head's 0.5); the rule says it was raised. Without the declaration, no floor."""
-    from daemon.operating_point import daemon_threshold
+    from daemon.references.operating_point import daemon_threshold
     from model.known_good import KnownGoodScores
 
     def low_known_good(detector, files, limit):

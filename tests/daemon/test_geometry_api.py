@@ -14,12 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adapters.db import Inspection, make_engine, make_session_factory, upgrade
-from daemon import geometry_overrides as overrides
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.config import load_config
-from daemon.metrics import Metrics
-from daemon.references import ReferenceManager
+from daemon.api.app import AppState, create_app
+from daemon.config.settings import load_config
+from daemon.references import geometry_overrides as overrides
+from daemon.references.manager import ReferenceManager
+from daemon.telemetry.metrics import Metrics
 from tests.daemon.test_api import TOKENS, auth
 
 FRAME_W, FRAME_H = 640, 480
@@ -111,7 +111,7 @@ def test_put_sets_records_and_survives_a_restart(app):
     history = app.client.get("/api/sources/cam1/geometry/history", headers=auth("viewer")).json()["items"]
     assert [(e["action"], e["after"]["roi"], e["set_by"]) for e in history] == [
         ("set", None, "api:operator-1"), ("set", ROI, "api:operator-1")]
-    # what builds the bank sees it (daemon/references.py default_builder)
+    # what builds the bank sees it (daemon/references/manager.py default_builder)
     geometry = overrides.effective_geometry(app.settings, "cam1")
     assert geometry.resize == "tile" and geometry.roi is None and len(geometry.ignore) == 1
     assert overrides.effective_geometry(app.settings, "cam2").resize == "squash"  # the other source is untouched

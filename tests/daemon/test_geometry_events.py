@@ -16,8 +16,8 @@ import pytest
 from daemon.api import routers
 from daemon.cli import main
 from daemon.commands.context import current_user
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.daemon.test_api import TOKENS
 from tests.daemon.test_restart_cache import _texture

@@ -8,11 +8,11 @@ import httpx
 
 from adapters.db import make_engine, make_session_factory, upgrade
 from adapters.storage import ArtifactStore
-from daemon import geometry_overrides as overrides
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.config import load_config
-from daemon.metrics import Metrics
+from daemon.api.app import AppState, create_app
+from daemon.config.settings import load_config
+from daemon.references import geometry_overrides as overrides
+from daemon.telemetry.metrics import Metrics
 from tests.daemon.test_api import TOKENS
 from tests.daemon.test_ui_browser import CHROMIUM_ARGS, Server, chromium_path, seed  # noqa: F401 (fixture)
 

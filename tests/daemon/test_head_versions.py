@@ -1,19 +1,19 @@
 """A patchcore-head model version in the registry: what the model watcher (and a restart) builds from it, and
-rollback to PatchCore. The per-source detectors are built from this base by daemon/references.py."""
+rollback to PatchCore. The per-source detectors are built from this base by daemon/references/manager.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from daemon.config import load_config
-from daemon.references import NeedsReferences
-from daemon.versions import (
+from daemon.config.settings import load_config
+from daemon.learning.versions import (
     ModelVersionError,
     activate_version,
     build_version_detector,
     register_version,
     rollback,
 )
+from daemon.references.manager import NeedsReferences
 from tests.daemon.test_api import sqlite_env  # noqa: F401  (the fixture)
 
 

@@ -23,11 +23,11 @@ from adapters.sources.base import FrameQueue, SourceCounters
 from adapters.sources.registry import unregister_source_kind
 from adapters.storage import ArtifactStore
 from adapters.timeutil import utc_now
-from daemon.batcher import DynamicBatcher
-from daemon.budget import ByteBudget
-from daemon.config import load_config
-from daemon.pipeline import Pipeline, PipelineOptions
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.frames.batcher import DynamicBatcher
+from daemon.frames.budget import ByteBudget
+from daemon.frames.pipeline import Pipeline, PipelineOptions
+from daemon.process.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector, MemorySource, png
 from tests.waiting import wait_until
 

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from torch import nn
 
 from adapters.db import Inspection, make_engine, make_session_factory
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from model import create_detector, get_family, list_models
 from model.detector import TorchDetector
 from model.factory import (

@@ -17,9 +17,9 @@ import torch
 from sqlalchemy import create_engine, select, text
 
 from adapters.db import Inspection, ModelVersion, RejectedFrame, make_engine, make_session_factory, upgrade
-from daemon import versions as registry
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.learning import versions as registry
+from daemon.process.service import Service
 from tests.daemon.test_retraining import small_rgb, write_config
 
 
@@ -181,7 +181,7 @@ def test_startup_runs_the_registrys_active_version(tmp_path, golden_dir):
     upgrade(engine)
     sessions = make_session_factory(engine)
     try:
-        from daemon.service import build_detector
+        from daemon.process.service import build_detector
 
         configured = build_detector(settings)
         assert registry.startup_detector(settings, sessions, configured) is configured
@@ -202,7 +202,7 @@ def test_startup_runs_the_registrys_active_version(tmp_path, golden_dir):
 def test_startup_builds_one_detector_the_active_versions(tmp_path, golden_dir):
     """The daemon's start builds one detector: the configured model is named from its prompts file alone
     (`ModelFamily.version_of`), registered, and only the registry's active version is built."""
-    from daemon.service import build_detector
+    from daemon.process.service import build_detector
 
     settings = load_config(write_config(tmp_path, golden_dir), environ={})
     engine = make_engine(settings.database_url)

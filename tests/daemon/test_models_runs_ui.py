@@ -6,8 +6,8 @@ from __future__ import annotations
 from adapters.db import TrainingRun, make_engine, make_session_factory, upgrade
 from adapters.storage import ArtifactStore
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.metrics import Metrics
+from daemon.api.app import AppState, create_app
+from daemon.telemetry.metrics import Metrics
 from tests.daemon.test_api import TOKENS, make_settings
 from tests.daemon.test_ui_browser import CHROMIUM_ARGS, Server, chromium_path  # noqa: F401  (the fixture)
 

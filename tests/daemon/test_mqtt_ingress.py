@@ -15,8 +15,8 @@ from sqlalchemy import select
 from adapters.db import Inspection, ModelVersion
 from adapters.mqtt_commands import sign_command
 from adapters.sources import build_source
-from daemon.config import ConfigError, load_config
-from daemon.service import Service
+from daemon.config.settings import ConfigError, load_config
+from daemon.process.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.adapters.test_sources_mqtt import Publisher, wait_online
 from tests.daemon.test_pipeline import BrightnessDetector, png

@@ -1,10 +1,10 @@
-"""`[mutual]`: the window of mutual scoring as a config key (daemon/mutual_config.py), checked like every section."""
+"""`[mutual]`: the window of mutual scoring as a config key (daemon/config/mutual.py), checked like every section."""
 
 from __future__ import annotations
 
 import pytest
 
-from daemon.config import ConfigError, load_config
+from daemon.config.settings import ConfigError, load_config
 
 
 def test_mutual_window_keys_reach_the_window_limits_and_bad_ones_are_named(tmp_path):

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 
 from daemon.api import routers
-from daemon.config import load_config
-from daemon.service import Service
-from daemon.systemd import SystemdNotifier
+from daemon.config.settings import load_config
+from daemon.process.service import Service
+from daemon.telemetry.systemd import SystemdNotifier
 from tests.conftest import REPO_ROOT, require
 from tests.daemon.test_pipeline import BrightnessDetector
 from tests.daemon.test_tokens import write_config

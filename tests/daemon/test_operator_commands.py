@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config_file as config_module  # where the config search lives
 from daemon.cli import main, split_config_option
-from daemon.config import find_config
+from daemon.config import file as config_module  # where the config search lives
+from daemon.config.settings import find_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from adapters.db import Inspection, Label, ModelVersion, make_engine, make_session_factory, upgrade
 from daemon.cli import main
-from daemon.config import load_config
+from daemon.config.settings import load_config
 from tests.daemon.test_pipeline import BrightnessDetector
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from daemon.config import load_config
-from daemon.reference_bank import default_builder, reference_model_options
-from daemon.references import NeedsReferences
+from daemon.config.settings import load_config
+from daemon.references.bank import default_builder, reference_model_options
+from daemon.references.manager import NeedsReferences
 
 
 def _references(folder: Path, count: int = 3) -> list[Path]:

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from adapters.db import Inspection, OutboxMessage, RejectedFrame
 from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceSettings, SourceStatus
 from adapters.storage import ArtifactStore
-from daemon.pipeline import Pipeline, PipelineOptions
+from daemon.frames.pipeline import Pipeline, PipelineOptions
 
 
 @dataclass
@@ -170,7 +170,7 @@ def test_failed_batch_transaction_falls_back_to_one_per_frame(db, tmp_path, monk
     """A batch whose transaction fails (e.g. another writer took one frame_id) is stored frame by frame."""
     from sqlalchemy.exc import IntegrityError
 
-    import daemon.writer as pipeline_module  # the result writer stores the batches
+    import daemon.frames.writer as pipeline_module  # the result writer stores the batches
 
     batches: list[int] = []
 

@@ -25,8 +25,8 @@ from adapters.sources import (
 )
 from adapters.sources.registry import unregister_source_kind
 from adapters.timeutil import utc_now
-from daemon.config import ConfigError, load_config
-from daemon.service import Service
+from daemon.config.settings import ConfigError, load_config
+from daemon.process.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector
 from tests.waiting import wait_until
 

@@ -15,11 +15,11 @@ from adapters.db.tables import DriftEvent
 from adapters.storage import ArtifactStore
 from adapters.timeutil import utc_now
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.config import load_config
-from daemon.metrics import Metrics
-from daemon.reference_files import own_reference_dir
-from daemon.zero_label import propose_references
+from daemon.api.app import AppState, create_app
+from daemon.config.settings import load_config
+from daemon.references.files import own_reference_dir
+from daemon.telemetry.metrics import Metrics
+from daemon.zero_label.start import propose_references
 from tests.daemon.test_api import TOKENS
 from tests.daemon.test_ui_browser import CHROMIUM_ARGS, Server, chromium_path  # noqa: F401 (fixture)
 

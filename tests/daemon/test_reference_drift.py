@@ -1,4 +1,4 @@
-"""The drift watch of a source on references (daemon/drift_watch.py through daemon/routing.py), without a model:
+"""The drift watch of a source on references (daemon/detectors/drift_watch.py through daemon/detectors/routing.py), without a model:
 a detector whose maps are hot where the test says. A sustained change of most of the frame is one drift event from
 the frame where it began; a defect flood (a hot region on every other frame) and single odd frames are not; the
 notes reach the daemon's drift record as mutual scoring's do, and a PatchCore drift ends when the frames match the
@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from daemon.drift import DriftTracker
-from daemon.routing import RoutedDetector
+from daemon.detectors.routing import RoutedDetector
+from daemon.zero_label.drift import DriftTracker
 from model.detector import Prediction
 from model.mutual.drift import DriftWatch
 

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from adapters.db import Inspection
-from daemon import geometry_overrides as overrides
-from daemon.config import load_config
-from daemon.reference_files import sizes_may_differ
-from daemon.references import ReferenceManager
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
+from daemon.references import geometry_overrides as overrides
+from daemon.references.files import sizes_may_differ
+from daemon.references.manager import ReferenceManager
 from tests.daemon.test_e2e_geometry import _write
 from tests.model.test_geometry import draw_defect, texture
 from tests.waiting import wait_until

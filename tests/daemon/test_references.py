@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from adapters.db import Inspection, Label, RejectedFrame, SourceThreshold
-from daemon.config import ConfigError, load_config
-from daemon.results import extract_regions, map_to_frame
-from daemon.scale import scaled
+from daemon.config.settings import ConfigError, load_config
+from daemon.detectors.scale import scaled
+from daemon.frames.results import extract_regions, map_to_frame
 from tests.daemon.test_api import TOKENS, auth
 from tests.model.golden import tiny_backbone
 from tests.waiting import wait_until
@@ -100,7 +100,7 @@ def test_four_tap_anomalyclip_map_no_longer_floods_the_frame(backbone, golden_di
 
 
 def _service(settings, backbone):
-    from daemon.service import Service
+    from daemon.process.service import Service
     from model import create_detector
 
     def factory(_settings):
@@ -192,10 +192,10 @@ def test_daemon_builds_banks_per_source_rejects_bad_ones_and_swaps_rebuilds(tmp_
 
 
 def test_references_api_cli_and_labels(tmp_path, backbone, capsys):
-    from daemon import reference_files as refs
     from daemon.api import routers
-    from daemon.app import create_app
+    from daemon.api.app import create_app
     from daemon.cli import main
+    from daemon.references import files as refs
 
     settings = _settings(tmp_path, [{"id": "cam", "references_from": "labels", "threshold": 0.99},
                                     {"id": "other", "threshold": 0.99}])

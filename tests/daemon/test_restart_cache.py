@@ -1,5 +1,5 @@
 """Fast restarts (issue 19): a restart with unchanged references reads the calibration views' known-good scores back
-(daemon/known_good_cache.py) and keeps the stored calibration instead of recomputing them; changed references
+(daemon/references/known_good_cache.py) and keeps the stored calibration instead of recomputing them; changed references
 recompute. PatchCore on real EfficientNet-Lite0 weights at 64 px, synthetic textures, SQLite; the start times are
 logged, not asserted (a loaded 2-core box)."""
 
@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import select
 
 from adapters.db import Inspection
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.waiting import wait_until
 
 log = logging.getLogger(__name__)

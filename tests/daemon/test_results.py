@@ -8,7 +8,7 @@ import numpy as np
 
 from adapters.mqtt import alert_payload, inspection_payload
 from adapters.timeutil import rfc3339
-from daemon.results import extract_regions, map_to_frame
+from daemon.frames.results import extract_regions, map_to_frame
 
 
 def test_two_components_with_boxes_area_and_peak():

@@ -22,7 +22,7 @@ from adapters.db import (
 )
 from adapters.db.history import store_label_mask
 from adapters.storage import ArtifactStore
-from daemon.retention import RetentionJob
+from daemon.process.retention import RetentionJob
 from tests.adapters.test_db import create_pg_database
 
 NOW = datetime(2024, 6, 30, 12, 0, tzinfo=timezone.utc)
@@ -148,8 +148,8 @@ def test_background_thread_runs_and_stops(db):
 
 
 def test_the_daemon_runs_retention_when_configured(tmp_path):
-    from daemon.config import load_config
-    from daemon.service import Service
+    from daemon.config.settings import load_config
+    from daemon.process.service import Service
     from tests.daemon.test_pipeline import ConstantDetector
 
     config = tmp_path / "config.toml"

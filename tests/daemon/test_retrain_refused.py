@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from adapters.db import TrainingRun
-from daemon.head_retraining import MIN_LABELLED_DEFECTS, make_retrainer
+from daemon.learning.head_retraining import MIN_LABELLED_DEFECTS, make_retrainer
 from tests.daemon.test_api import FakeRetrainer, auth, sqlite_env  # noqa: F401  (the fixture)
 
 

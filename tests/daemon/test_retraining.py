@@ -29,12 +29,17 @@ from adapters.db import (
     upgrade,
 )
 from adapters.storage import ArtifactStore
-from daemon import versions as registry
-from daemon.config import ConfigError, load_config
-from daemon.promotion import promotion_decision
-from daemon.retraining import Retrainer, RetrainingScheduler, new_labels_since_last_run, request_retrain
-from daemon.schedule import COMPARABLE_METRICS, parse_schedule
-from daemon.training_set import LabelledFrame, split_holdout
+from daemon.config.schedule import COMPARABLE_METRICS, parse_schedule
+from daemon.config.settings import ConfigError, load_config
+from daemon.learning import versions as registry
+from daemon.learning.promotion import promotion_decision
+from daemon.learning.retraining import (
+    Retrainer,
+    RetrainingScheduler,
+    new_labels_since_last_run,
+    request_retrain,
+)
+from daemon.learning.training_set import LabelledFrame, split_holdout
 from model.datasets import load_meta
 from tests.waiting import wait_until
 
@@ -125,7 +130,7 @@ def seed_labelled(settings, sessions, samples_dir: Path, normals: int, defects: 
 
 def register_initial(settings, sessions):
     """What the daemon does at start: the configured tiny model registered as the active version."""
-    from daemon.service import build_detector
+    from daemon.process.service import build_detector
 
     detector = build_detector(settings)
     assert registry.startup_detector(settings, sessions, detector) is detector
@@ -310,7 +315,7 @@ def test_retraining_promotes_then_rejects_by_rule(tmp_path, golden_dir, samples_
 
 
 def test_busy_runs_are_refused(tmp_path, golden_dir):
-    from daemon.retraining import RetrainBusyError
+    from daemon.learning.retraining import RetrainBusyError
 
     settings = load_config(write_config(tmp_path, golden_dir), environ={})
     engine, sessions = open_db(settings)
@@ -332,7 +337,7 @@ def test_busy_runs_are_refused(tmp_path, golden_dir):
 
 
 def test_daemon_stop_cancels_a_run_in_progress(tmp_path, golden_dir, samples_dir):
-    from daemon.service import Service
+    from daemon.process.service import Service
 
     settings = load_config(write_config(tmp_path, golden_dir, epochs=50), environ={})
     engine, sessions = open_db(settings)

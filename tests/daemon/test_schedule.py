@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from croniter import croniter
 
-from daemon.schedule import parse_schedule
+from daemon.config.schedule import parse_schedule
 
 
 @pytest.mark.parametrize("expression", ["0 3 * * *", "*/15 * * * *", "0 0 1-5/2 * 1-5", "5,35 8-17 * 1,6 0"])

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from daemon.api import routers
-from daemon.app import create_app
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.api.app import create_app
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.adapters.test_mqtt import Subscriber
 from tests.daemon.test_api import TOKENS, auth
 from tests.daemon.test_restart_cache import _texture

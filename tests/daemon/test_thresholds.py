@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from daemon.api import routers
-from daemon.app import create_app
+from daemon.api.app import create_app
 from daemon.cli import main
 from tests.daemon.test_api import auth
 from tests.daemon.test_references import SIZE, _rows, _service, _settings, _texture, _write

@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from daemon.api import routers
-from daemon.app import STATIC_DIR
+from daemon.api.app import STATIC_DIR
 from daemon.cli import main
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector
 
 

@@ -26,10 +26,10 @@ from torch import nn
 from adapters.db import Inspection, ModelVersion, TrainingRun
 from adapters.db.repository import add_label
 from adapters.db.tables import ThresholdChange
-from daemon.calibration import calibrated_bounds
-from daemon.config import load_config
-from daemon.head_retraining import make_retrainer
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.learning.head_retraining import make_retrainer
+from daemon.process.service import Service
+from daemon.references.calibration import calibrated_bounds
 from model.detector import TorchDetector, file_digest
 from model.export import DEFAULT_TOLERANCE, ExportGraph
 from model.factory import (
@@ -298,7 +298,7 @@ def test_a_toy_family_gets_references_calibration_export_and_retraining_through_
         trained_toy = create_toy(device=torch.device("cpu"), dtype=torch.float32, references=refs,
                                  prompts=version.prompts_path)
         known = toy_known_good(trained_toy, refs, 8)
-        # its known-good frames now include the frames labelled normal (daemon/references.py)
+        # its known-good frames now include the frames labelled normal (daemon/references/manager.py)
         normals = trained_toy.predict(_images([tmp_path / "inbox" / "processed" / n for n in frames
                                                if n.startswith("dark")]))
         expected = calibrated_bounds(known.scores + normals.scores.tolist(),

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from adapters.sources.base import Frame
-from daemon.batcher import DynamicBatcher
-from daemon.trigger import TriggerController, TriggerError, TriggerSettings
+from daemon.frames.batcher import DynamicBatcher
+from daemon.plant.trigger import TriggerController, TriggerError, TriggerSettings
 from tests.waiting import wait_until
 
 

@@ -25,8 +25,8 @@ from sqlalchemy import select
 from adapters.db import Inspection, Label, ModelVersion, make_engine, make_session_factory, upgrade
 from adapters.storage import ArtifactStore
 from daemon.api import routers
-from daemon.app import AppState, create_app
-from daemon.metrics import Metrics
+from daemon.api.app import AppState, create_app
+from daemon.telemetry.metrics import Metrics
 from tests.conftest import require
 from tests.daemon.test_api import TOKENS, make_settings
 

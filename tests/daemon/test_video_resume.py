@@ -8,8 +8,8 @@ import numpy as np
 from sqlalchemy import func, select
 
 from adapters.db import Inspection
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector
 from tests.waiting import wait_until
 

@@ -14,7 +14,7 @@ import pytest
 
 from adapters import weights
 from daemon.cli import main
-from daemon.config import load_config
+from daemon.config.settings import load_config
 
 FAKE_URL = "https://weights.example.invalid/tiny-clip/open_clip_pytorch_model.bin"
 
@@ -99,7 +99,7 @@ def test_fetch_gets_only_what_the_config_needs_then_the_daemon_loads_it_offline(
     assert main(["weights", "fetch", "--if-missing", "--config", str(config)]) == 0  # `make run`'s first step
     assert "already in the cache" in capsys.readouterr().out
 
-    from daemon.service import build_detector
+    from daemon.process.service import build_detector
 
     detector = build_detector(load_config(config, environ={}))
     assert detector.model.backbone.name == str(cached)
@@ -110,7 +110,7 @@ def test_fetch_gets_only_what_the_config_needs_then_the_daemon_loads_it_offline(
 def test_offline_error_names_each_missing_file_its_url_and_place(tmp_path, golden_dir, cache, monkeypatch):
     config = write_config(tmp_path, golden_dir, None)  # AnomalyCLIP's default: the released VisA prompts
     no_network(monkeypatch)
-    from daemon.service import build_detector
+    from daemon.process.service import build_detector
 
     with pytest.raises(weights.WeightsError) as raised:
         build_detector(load_config(config, environ={}))

@@ -13,7 +13,7 @@ import model.preprocess  # noqa: F401 - imported here, not by the first frame's 
 from adapters.db import Inspection, RejectedFrame
 from adapters.sources.base import Frame, FrameQueue, SourceCounters, SourceSettings, SourceStatus
 from adapters.storage import ArtifactStore
-from daemon.pipeline import Pipeline, PipelineOptions
+from daemon.frames.pipeline import Pipeline, PipelineOptions
 
 
 def make_pipeline(sessions, tmp_path: Path, sources: list[Any], detector, **options) -> Pipeline:

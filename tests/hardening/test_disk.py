@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import adapters.storage as storage_module
-import daemon.pipeline as pipeline_module
+import daemon.frames.pipeline as pipeline_module
 import model.atomic as atomic_module
 from adapters.storage import ArtifactStore
 from tests.daemon.test_pipeline import ConstantDetector, png
@@ -44,7 +44,7 @@ def test_case11_repeated_identical_errors_are_logged_once_per_interval_with_a_co
     source = RedeliveringSource(limit=1)
     pipeline = make_pipeline(sqlite_sessions, tmp_path, [source], ConstantDetector(0.1), max_attempts=100)
     monkeypatch.setattr(atomic_module.os, "replace", full_disk_replace)  # the artifact store writes through model.atomic
-    caplog.set_level(logging.WARNING, logger="daemon.pipeline")
+    caplog.set_level(logging.WARNING, logger="daemon.frames.pipeline")
     pipeline.start()
     try:
         for index in range(30):
@@ -64,9 +64,9 @@ def test_case11_repeated_identical_errors_are_logged_once_per_interval_with_a_co
 
 
 def test_case12_orphan_artifacts_are_swept_at_start_with_retention_off(tmp_path, monkeypatch):
-    from daemon import service as service_module
-    from daemon.config import load_config
-    from daemon.service import Service
+    from daemon.config.settings import load_config
+    from daemon.process import service as service_module
+    from daemon.process.service import Service
 
     monkeypatch.setattr(service_module, "ORPHAN_SWEEP_DELAY_S", 0.05)
     config = tmp_path / "config.toml"

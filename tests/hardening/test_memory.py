@@ -109,7 +109,7 @@ def test_the_decode_budget_holds_each_decode_at_its_peak(sqlite_sessions, tmp_pa
     import threading
 
     import model.preprocess as preprocess
-    from daemon.budget import frame_peak_bytes
+    from daemon.frames.budget import frame_peak_bytes
     from tests.daemon.test_pipeline import ConstantDetector
     from tests.hardening.helpers import RedeliveringSource, make_pipeline
     from tests.waiting import wait_until

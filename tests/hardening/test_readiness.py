@@ -11,8 +11,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from daemon.config import load_config
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.process.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector, png
 from tests.waiting import wait_until
 

@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 
 import adapters.storage as storage_module
 from adapters.db import Inspection, RejectedFrame
-from daemon.config import load_config
-from daemon.dead_letter import resource_fault
-from daemon.service import Service
+from daemon.config.settings import load_config
+from daemon.frames.dead_letter import resource_fault
+from daemon.process.service import Service
 from tests.daemon.test_pipeline import BrightnessDetector, png
 from tests.waiting import wait_until
 
@@ -131,7 +131,7 @@ def test_a_full_artifacts_disk_is_waited_out_and_no_valid_frame_is_dead_lettered
 
 
 def test_readiness_recovers_without_new_frames_once_the_hold_passes():
-    from daemon.health import ResourceFaults
+    from daemon.telemetry.health import ResourceFaults
 
     clock = [0.0]
     faults = ResourceFaults(hold_s=30, clock=lambda: clock[0])

@@ -1,0 +1,225 @@
+"""The head retraining process: `python -m daemon.learning.head_retraining_job JOB.json`, started by the retrainer
+(daemon/learning/head_retraining.py builds the job, its model kind the trained family's) through
+`daemon.learning.supervisor.JobSupervisor`.
+
+It lowers its priority, then per source with labelled frames: builds PatchCore's bank from that source's references
+and computes the frozen training items (model/supervised/training.py: the references leave-one-out as normals,
+synthetic defects on them, the labelled defects with their masks or image labels, the frames labelled normal,
+false alarms included); trains one head on all of them; saves it (safetensors) to the job's output. Then it scores
+the candidate and the active model (PatchCore itself, or the active head) on the held-out labelled frames, each
+source against its own bank, and measures both at their calibrated operating point: a threshold from each model's
+known-good frames (held-out references and their calibration views, plus the training frames labelled normal) at
+`false_reject_rate`, the way the daemon calibrates a new version (daemon/references/manager.py), and the held-out defects
+missed and normals alerted at it. When no labelled normal is held out, the held-out references' own leave-one-out
+scores stand in as the normals of the image metrics (said in the result). Like daemon/learning/retraining_job.py it touches
+no database: it reads the job file and writes result.json; progress goes to stdout as JSON lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon.learning.retraining_job import emit, job_main
+
+log = logging.getLogger("anomalyd.head_retraining_job")
+
+
+def _by_source(items: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(str(item["category"]), []).append(item)
+    return groups
+
+
+def _images(paths: Sequence[str | Path], size: int) -> Any:
+    import torch
+
+    from model.dataset_loading import load_image
+
+    return torch.stack([load_image(Path(p), size, "fast") for p in paths]) if paths else \
+        torch.zeros(0, 3, size, size)
+
+
+def _samples(items: list[dict[str, Any]]) -> list[Any]:
+    from model.datasets import Sample
+
+    return [Sample(path=Path(i["path"]), category=str(i["category"]), defect="labelled" if i["label"] else "good",
+                   label=int(i["label"]), mask_path=Path(i["mask"]) if i.get("mask") else None,
+                   has_mask=bool(i.get("mask")) or not i["label"]) for i in items]
+
+
+def training_items(detector: Any, spec: dict[str, Any]) -> Any:
+    """The frozen training items of every source with references and labelled training frames, concatenated."""
+    from model.supervised.evaluation import load_training_frames
+    from model.supervised.training import HeadInputs, training_inputs
+
+    size, t = detector.image_size, spec["training"]
+    parts = []
+    for source, items in sorted(_by_source(spec["train"]).items()):
+        references = spec["sources"].get(source) or []
+        if len(references) < 2:
+            log.warning("source %s: %d reference(s); its labelled frames cannot train (need 2)", source,
+                        len(references))
+            continue
+        in_bank = {Path(p).resolve() for p in references}
+        samples = [s for s in _samples(items) if s.path.resolve() not in in_bank]  # the bank's own would score 0
+        refs = _images(references, size)
+        anomalies, masks, has_mask = load_training_frames([s for s in samples if s.label], size, "fast", weak=False)
+        normals = [s.path for s in samples if not s.label]
+        detector.set_references(refs)
+        parts.append(training_inputs(detector.patchcore, refs, anomalies, masks, has_mask,
+                                     synthetic_per_reference=int(t["synthetic_per_reference"]), seed=int(t["seed"]),
+                                     normals=_images(normals, size) if normals else None))
+        log.info("source %s: %d references, %d labelled training frames", source, len(references), len(samples))
+    if not parts:
+        raise RuntimeError("no source has both references (2 or more) and labelled training frames")
+    return HeadInputs.concat(parts)
+
+
+def _scores(detector: Any, paths: Sequence[str | Path], size: int) -> tuple[list, list]:
+    """(image scores, maps) on the daemon's 0–1 scale (the family's declared rule, daemon/detectors/scale.py)."""
+    import torch
+
+    from daemon.detectors.scale import scale_outputs
+
+    if not paths:
+        return [], []
+    with torch.inference_mode():
+        prediction = detector.predict(_images(paths, size))
+    scores, maps = scale_outputs(detector, prediction.scores.float().cpu(), prediction.maps.float().cpu())
+    return scores.tolist(), [m.numpy() for m in maps]
+
+
+def _evaluate_source(model: str, detector: Any, source: str, references: list[Path], holdout: list[dict],
+                     train_normals: list[str], rate: float) -> dict[str, Any]:
+    """One model ("base": the bank the head sits on, or "head") on one source's held-out frames: scores, maps, its
+    calibrated threshold and the known-good own scores (the stand-in normals), all as the daemon computes them for
+    that model's family: its `known_good` hook, its score scale, its threshold floor."""
+    import torch
+
+    from daemon.detectors.scale import scale_outputs
+    from daemon.references.calibration import calibrated_bounds, floored
+    from model.factory import capabilities_of, known_good_of
+    from model.known_good import CALIBRATION_HOLDOUTS
+
+    size = detector.image_size
+    scorer = detector.patchcore if model == "base" else detector
+    known = known_good_of(scorer)(scorer, references, CALIBRATION_HOLDOUTS)
+    scorer.distance_scale = known.distance_scale  # as daemon/references/bank.py sets it on a source's detector
+    good, good_max = scale_outputs(scorer, torch.tensor(known.scores), torch.tensor(known.maxima))
+    own = scale_outputs(scorer, torch.tensor(known.own), torch.tensor(known.own))[0].tolist()
+    normal_scores, normal_maps = _scores(scorer, train_normals, size)
+    good_scores = good.tolist() + normal_scores
+    good_maxima = good_max.tolist() + [float(m.max()) for m in normal_maps]
+    image, pixel = calibrated_bounds(good_scores, good_maxima, rate, what=f"source {source} ({model})")
+    floor = capabilities_of(scorer).threshold_floor  # as the daemon calibrates it (daemon/references/manager.py)
+    image, pixel = floored(image, floor), floored(pixel, floor)
+    scores, maps = _scores(scorer, [i["path"] for i in holdout], size)
+    return {"threshold": image.value, "pixel_threshold": pixel.value, "scores": scores, "maps": maps, "own": own,
+            "known_good": len(good_scores)}
+
+
+def evaluate(detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """Per model ("candidate", "active"): held-out image/pixel metrics and the operating point (see the module
+    docstring)."""
+    import numpy as np
+
+    from model.dataset_loading import load_mask
+    from model.metrics import MetricAccumulator
+    from model.supervised.detector import HeadCheckpoint
+
+    active = spec.get("active") or {}
+    models: dict[str, Any] = {"candidate": checkpoint}
+    if active.get("kind") == spec["model"]["kind"] and active.get("prompts"):  # an earlier head is active
+        models["active"] = HeadCheckpoint.load(active["prompts"])
+    else:  # the configured base model (or nothing active yet: the base is what the daemon runs then)
+        models["active"] = None
+    rate = float(spec["false_reject_rate"])
+    train_normals = {s: [i["path"] for i in items if not i["label"]] for s, items in _by_source(spec["train"]).items()}
+    results: dict[str, Any] = {}
+    per_source = {s: items for s, items in _by_source(spec["holdout"]).items() if len(spec["sources"].get(s) or []) >= 2}
+    if not per_source:
+        raise RuntimeError("no held-out labelled frame of a source with references")
+    for name, model in models.items():
+        accumulator = MetricAccumulator()
+        point = {"missed": 0, "defects": 0, "false_alarms": 0, "normals": 0, "thresholds": {},
+                 "normals_from_references": 0}
+        for source, holdout in sorted(per_source.items()):
+            references = [Path(p) for p in spec["sources"][source]]
+            detector.set_references(_images(references, detector.image_size))
+            detector.set_checkpoint(model)
+            out = _evaluate_source("base" if model is None else "head", detector, source, references,
+                                   holdout, train_normals.get(source, []), rate)
+            labels = [int(i["label"]) for i in holdout]
+            masks = [load_mask(s, detector.image_size).numpy() if s.label else None for s in _samples(holdout)]
+            maps = out["maps"]
+            scores = list(out["scores"])
+            if not any(label == 0 for label in labels):  # no held-out labelled normal: the references stand in
+                labels += [0] * len(out["own"])
+                scores += out["own"]
+                maps = maps + [np.zeros_like(maps[0]) for _ in out["own"]]
+                masks += [None] * len(out["own"])
+                point["normals_from_references"] += len(out["own"])
+            accumulator.add("holdout", np.asarray(labels), np.asarray(scores, dtype=np.float64),
+                            maps=np.stack(maps), masks=masks)
+            threshold = out["threshold"]
+            point["thresholds"][source] = threshold
+            for item, score in zip(holdout, out["scores"], strict=True):
+                if item["label"]:
+                    point["defects"] += 1
+                    point["missed"] += int(score < threshold)  # alert = score >= threshold (daemon/references/thresholds.py)
+                else:
+                    point["normals"] += 1
+                    point["false_alarms"] += int(score >= threshold)
+        metrics = dict(accumulator.compute_category("holdout"))
+        metrics.update({"missed": point["missed"], "false_alarms": point["false_alarms"]})
+        results[name] = {"metrics": metrics, "operating_point": point}
+        emit({"event": "evaluated", "model": name})
+    return results
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from model import create_detector, resolve_device
+    from model.supervised.detector import HeadCheckpoint
+    from model.supervised.training import HeadTrainingConfig, train_head
+
+    torch.set_num_threads(int(spec.get("threads") or 1))
+    t = spec["training"]
+    emit({"event": "start", "version": spec["version"], "epochs": 1, "steps": 3})
+    options = {k: v for k, v in spec["model"]["options"].items() if v is not None}
+    if "layers" in options:
+        options["layers"] = tuple(options["layers"])
+    detector = create_detector(spec["model"]["kind"], device=resolve_device(spec.get("device") or "auto"),
+                               dtype="float32", references_later=True, **options)
+    inputs = training_items(detector, spec)
+    config = HeadTrainingConfig(steps=int(t["steps"]), seed=int(t["seed"]),
+                                synthetic_per_reference=int(t["synthetic_per_reference"]))
+    head, d0 = train_head(inputs, config)
+    metadata = {**detector.identity, "version": spec["version"], "training": config.as_dict(), "items": inputs.counts,
+                "training_data": f"operator labels, retraining run {spec['run_id']}",
+                "sources": sorted(spec["sources"])}
+    checkpoint = HeadCheckpoint(head, d0, metadata)
+    emit({"event": "epoch", "epoch": 1, "epochs": 1, "loss": 0.0, "items": inputs.counts})
+    output = Path(spec["output"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(output)
+    evaluated = evaluate(detector, checkpoint, spec)
+    return {"version": spec["version"], "synthetic_holdout": 0, "items": inputs.counts,
+            "history": [{"epoch": 1, "steps": config.steps, "items": inputs.counts}],
+            "candidate": evaluated["candidate"]["metrics"], "active": evaluated["active"]["metrics"],
+            "active_error": None,
+            "operating_point": {name: value["operating_point"] for name, value in evaluated.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(argv, run, "daemon.learning.head_retraining_job")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
