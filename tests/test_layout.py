@@ -13,6 +13,9 @@ import import_cycles  # noqa: E402
 
 MAX_LINES = 500
 LAYER = {"model": 0, "adapters": 1, "daemon": 2, "migrations": 2}
+# daemon's packages by concern (daemon/__init__.py): each imports only packages of a lower rank
+DAEMON_RANK = {"config": 0, "telemetry": 1, "detectors": 1, "zero_label": 2, "frames": 3, "references": 3,
+               "learning": 4, "plant": 5, "api": 5, "process": 6, "commands": 7, "cli": 7, "__init__": 7}
 
 
 def test_the_checker_finds_a_cycle_through_a_function_level_import_but_not_a_type_checking_one(tmp_path):
@@ -40,6 +43,30 @@ def test_imports_point_inward():
                if LAYER[target.split(".")[0]] > LAYER[source.split(".")[0]]
                or (source.startswith("migrations") and target.startswith("daemon"))]
     assert outward == []
+
+
+def _daemon_package(module: str) -> str:
+    return module.split(".")[1] if module.count(".") >= 1 else "__init__"
+
+
+def test_daemon_is_packages_by_concern_each_with_its_docstring():
+    flat = sorted(path.name for path in (ROOT / "daemon").glob("*.py") if path.stem not in ("__init__", "cli"))
+    assert flat == []
+    packages = {path.parent.name for path in (ROOT / "daemon").glob("*/__init__.py")}
+    assert packages == set(DAEMON_RANK) - {"cli", "__init__"}
+    undocumented = [name for name in packages
+                    if "Owns:" not in (ROOT / "daemon" / name / "__init__.py").read_text(encoding="utf-8")]
+    assert undocumented == []
+
+
+def test_daemon_packages_import_only_lower_ranks():
+    graph = import_cycles.import_graph(import_cycles.modules())
+    upward = [f"{source} -> {target}" for source, targets in graph.items() if source.startswith("daemon.")
+              for target in targets if target.startswith("daemon.")
+              and _daemon_package(source) != _daemon_package(target)
+              and DAEMON_RANK[_daemon_package(target)] >= DAEMON_RANK[_daemon_package(source)]
+              and not (_daemon_package(source) == "commands" and _daemon_package(target) == "cli")]
+    assert upward == []
 
 
 def test_no_module_over_500_lines():

@@ -1,8 +1,12 @@
-"""The operator HTTP API: inspections history, artifacts, labels, models, retraining, stats, live events.
+"""The HTTP surface: the FastAPI app (health, metrics, the operator UI in daemon/static), its server thread, API
+tokens, and the operator routers: inspections history, artifacts, labels, models, retraining, references and
+calibration, thresholds, geometry, stats, live events.
 
-`routers()` returns the FastAPI routers that `daemon.api.app.create_app` mounts (`anomalyd run` passes them to the
-Service). The queries behind them live in `adapters.db.history`, shared with the operator CLI, which is why this
-package imports FastAPI only inside `routers()`.
+Owns: app.py (`create_app`), server.py, tokens.py, guards.py (roles) and one module per router. `routers()` returns
+the routers that `create_app` mounts (`anomalyd run` passes them to the Service); the queries behind them live in
+`adapters.db.history`, shared with the operator CLI, which is why this package imports FastAPI only inside
+`routers()`. May import: model, adapters, daemon.config, daemon.telemetry, daemon.detectors, daemon.zero_label,
+daemon.references, daemon.learning.
 """
 
 from __future__ import annotations
