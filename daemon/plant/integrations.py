@@ -1,81 +1,65 @@
-"""Factory integration around the pipeline: trigger mode, the OPC UA methods and counters, MQTT command topics.
+"""Factory integration around the pipeline: trigger mode, the OPC UA methods, counters and states, MQTT commands.
 
 One object the service creates and calls at a few points (attach before the pipeline starts, start, each committed
-result, readiness, stop), so the wiring stays out of `daemon/process/service.py`:
+result, readiness, stop), so the wiring stays out of `daemon/process/service.py`. It sees the service only through
+`ServiceParts`, the few parts it needs:
 
 - `TriggerController` (daemon/plant/trigger.py) for `[[sources]]` with `trigger = "opcua" | "mqtt"`; each answer (the
   real result, the fail-safe on a deadline miss, a late result) becomes an `outbox` row on
   `<prefix>/<line>/<source>/result` and the sinks are told (`alerts_committed`): the MQTT and webhook sinks
   deliver it with the outbox's guarantee, and the OPC UA sink's server shows it.
 - The webhook and OPC UA sinks are result sinks (adapters/sinks/webhook.py, adapters/sinks/opcua.py) built by the
-  service with the others; here the OPC UA methods are bound to the daemon and its counters kept (since start or
-  reset; values only from committed rows and answers, so OPC UA never shows a result the database does not have).
-- MQTT commands (`[mqtt].commands`): `<prefix>/<line>/<source>/trigger/set` with a JSON part id (a string, an
-  integer, or `{"part_id": ...}`) answered on `.../trigger/status`; `<prefix>/models/activate/set` with
-  `{"version": "..."}` (or a JSON string) answered on `<prefix>/models/activate/status`. Commands go through a
-  bounded queue: a flood is answered `busy`, never queued without limit. Each command must pass
-  `[mqtt].command_guard`: signed with `command_secret` (default, adapters/mqtt_commands.py; else answered
-  `unauthorized`), or `"broker"`: the broker's authentication and ACLs decide who may publish.
+  service with the others; here the OPC UA methods are bound to the daemon, its counters kept
+  (daemon/plant/counters.py) and its system states refreshed.
+- MQTT commands (`[mqtt].commands`): daemon/plant/mqtt_commands.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import timezone
-from typing import Any
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any, Protocol
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from adapters.sinks.opcua import result_word
+from daemon.plant.counters import PlantCounters, SourceStats, aware
+from daemon.plant.mqtt_commands import MqttCommands
 from daemon.plant.trigger import TriggerAnswer, TriggerController, TriggerError, TriggerSettings
-from daemon.telemetry.metrics import LATENCY_BUCKETS, _CallbackCollector
+from daemon.telemetry.metrics import LATENCY_BUCKETS, Metrics, _CallbackCollector
 
 log = logging.getLogger("anomalyd.integrations")
 
-COMMAND_QUEUE_SIZE = 64
 
 
-@dataclass
-class SourceStats:
-    """Per-source counters for OPC UA (since start or the last reset)."""
+class ServiceParts(Protocol):
+    """What `Integrations` uses of the service (daemon.process.service.Service)."""
 
-    inspected: int = 0
-    ok: int = 0
-    ng: int = 0
-    deadline_missed: int = 0
-    times_ms: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # min, sum, max, count
-    baseline: dict[str, float] = field(default_factory=dict)  # rejected/errors at the last reset
+    settings: Any  # daemon.config.settings.Settings
+    metrics: Metrics
+    sinks: Any  # adapters.sinks.SinkSet
+    sessions: Any  # SQLAlchemy sessionmaker, None on a capture host
+    pipeline: Any  # daemon.frames.pipeline.Pipeline, once built
+    sources: Sequence[Any]  # adapters.sources.FrameSource
+    models: Any  # daemon.learning.versions.ModelWatcher, once started
 
-    def add_time(self, ms: float) -> None:
-        t = self.times_ms
-        t[0] = ms if t[3] == 0 else min(t[0], ms)
-        t[1] += ms
-        t[2] = max(t[2], ms)
-        t[3] += 1
-
-    def processing(self) -> dict[str, float]:
-        t = self.times_ms
-        return {"ProcessingTime.MinMs": t[0], "ProcessingTime.MeanMs": t[1] / t[3] if t[3] else 0.0,
-                "ProcessingTime.MaxMs": t[2]}
+    @property
+    def publisher(self) -> Any: ...  # adapters.mqtt.MqttPublisher when the MQTT sink is on
 
 
 class Integrations:
-    def __init__(self, service: Any) -> None:
+    """Triggers, OPC UA and MQTT commands of one service."""
+
+    def __init__(self, service: ServiceParts) -> None:
         self.service = service
         self.settings = service.settings
         self.metrics = service.metrics
         self.triggers: TriggerController | None = None
-        self.stats: dict[str, SourceStats] = {cfg.id: SourceStats() for cfg in self.settings.sources}
-        self._lock = threading.Lock()
-        self._commands: queue.Queue[tuple[str, str, bytes]] = queue.Queue(maxsize=COMMAND_QUEUE_SIZE)
-        self._verifier: Any = None  # adapters.mqtt_commands.CommandVerifier with command_guard = "hmac"
-        self._command_thread: threading.Thread | None = None
+        self.counters = PlantCounters([cfg.id for cfg in self.settings.sources], service.metrics.registry)
+        self.commands: MqttCommands | None = None
         self._stopping = threading.Event()
         self._status_thread: threading.Thread | None = None
         r = self.metrics.registry
@@ -85,6 +69,10 @@ class Integrations:
                                        registry=r)
         self.trigger_latency = Histogram("anomalyd_trigger_latency_seconds", "From the trigger to its answer",
                                          ["source"], buckets=LATENCY_BUCKETS, registry=r)
+
+    @property
+    def stats(self) -> dict[str, SourceStats]:
+        return self.counters.stats
 
     @property
     def opcua(self) -> Any:
@@ -134,19 +122,8 @@ class Integrations:
                 self.opcua.update("", {"ActiveModelVersion": str(getattr(detector, "version", ""))})
         publisher = self.service.publisher
         if publisher is not None and s.mqtt.commands:
-            prefix = s.mqtt.prefix
-            if s.mqtt.command_guard == "hmac" and s.mqtt.command_secret is not None:
-                from adapters.mqtt_commands import CommandVerifier
-
-                self._verifier = CommandVerifier(s.mqtt.command_secret.get_secret_value(), s.mqtt.command_max_age_s)
-            if "trigger" in s.mqtt.commands:
-                publisher.subscribe(f"{prefix}/+/+/trigger/set", self._enqueue_command("trigger"))
-            if "activate" in s.mqtt.commands:
-                publisher.subscribe(f"{prefix}/models/activate/set", self._enqueue_command("activate"))
-            self._command_thread = threading.Thread(target=self._run_commands, name="mqtt-commands", daemon=True)
-            self._command_thread.start()
-            log.info("MQTT command topics enabled: %s (guard: %s)", ", ".join(s.mqtt.commands),
-                     "signed (HMAC)" if self._verifier is not None else "the broker's ACLs")
+            self.commands = MqttCommands(s, publisher, trigger=self.trigger, activate=self.activate)
+            self.commands.start()
         if self.opcua is not None:
             self._status_thread = threading.Thread(target=self._refresh_states, name="opcua-states", daemon=True)
             self._status_thread.start()
@@ -156,16 +133,7 @@ class Integrations:
     def on_result(self, row: Any, created: bool) -> None:
         """A committed inspection (writer thread): counters, trigger answers, OPC UA, webhooks."""
         if created:
-            stats = self.stats.setdefault(row.source, SourceStats())
-            with self._lock:
-                stats.inspected += 1
-                if row.is_anomalous:
-                    stats.ng += 1
-                elif row.is_anomalous is False:  # a frame with no decision is neither
-                    stats.ok += 1
-                if row.processed_at is not None and row.captured_at is not None:
-                    stats.add_time(max(0.0, (_aware(row.processed_at) - _aware(row.captured_at)).total_seconds()
-                                       * 1000))
+            self.counters.committed(row)
             if self.opcua is not None:  # the sink shows the row itself; a triggered one through its answer
                 self._publish_counters(row.source)
         if self.triggers is not None:
@@ -182,7 +150,7 @@ class Integrations:
             "LastResult.Threshold": row.threshold if row is not None else None,
             "LastResult.RegionCount": len(row.regions or []) if row is not None else 0,
             "LastResult.ModelVersion": row.model_version if row is not None else None,
-            "LastResult.Timestamp": _aware(row.captured_at) if row is not None else None,
+            "LastResult.Timestamp": aware(row.captured_at) if row is not None else None,
             "LastResult.TriggerId": None, "LastResult.FailSafe": False, "LastResult.Late": False,
         }
         if answer is not None:
@@ -190,8 +158,6 @@ class Integrations:
                            "LastResult.TriggerId": answer.request.id, "LastResult.FailSafe": answer.fail_safe,
                            "LastResult.Late": answer.late})
             if row is None:
-                from datetime import datetime
-
                 values["LastResult.Timestamp"] = datetime.now(timezone.utc)
         values["LastResult.IsOk"] = values["LastResult.Result"] == "OK"
         return values
@@ -207,8 +173,7 @@ class Integrations:
         if not answer.late:
             self.trigger_latency.labels(request.source_id).observe(answer.latency_s)
         if answer.fail_safe and answer.reason == "deadline missed":
-            with self._lock:
-                self.stats.setdefault(request.source_id, SourceStats()).deadline_missed += 1
+            self.counters.deadline_missed(request.source_id)
         payload = answer.payload()  # a `result` event: the answer's fields (MQTT: `<prefix>/<line>/<source>/result`)
         with self.service.sessions() as session, session.begin():
             add_event(session, RESULT, without_id(payload), event_id=payload["id"],
@@ -221,39 +186,15 @@ class Integrations:
 
     # --- counters -----------------------------------------------------------------------------------------------
 
-    def _sample(self, name: str, source_id: str) -> float:
-        registry = self.metrics.registry
-        if name == "errors":
-            total = 0.0
-            for family in registry.collect():
-                if family.name == "anomalyd_frames_failed":
-                    total += sum(s.value for s in family.samples
-                                 if s.name.endswith("_total") and s.labels.get("source") == source_id)
-            return total
-        return registry.get_sample_value("anomalyd_frames_rejected_total", {"source": source_id}) or 0.0
-
-    def counters(self, source_id: str) -> dict[str, Any]:
-        stats = self.stats.setdefault(source_id, SourceStats())
-        with self._lock:
-            values = {"Counters.Inspected": stats.inspected, "Counters.OK": stats.ok, "Counters.NG": stats.ng,
-                      "Counters.DeadlineMissed": stats.deadline_missed, **stats.processing()}
-            baseline = dict(stats.baseline)
-        for name in ("rejected", "errors"):
-            values[f"Counters.{name.capitalize()}"] = self._sample(name, source_id) - baseline.get(name, 0.0)
-        return values
-
     def _publish_counters(self, source_id: str) -> None:
         if self.opcua is not None:
-            self.opcua.update(source_id, self.counters(source_id))
+            self.opcua.update(source_id, self.counters.values(source_id))
 
     def reset_counters(self, source_id: str) -> None:
         from adapters.opcua import OpcUaCommandError
 
-        if source_id not in self.stats:
+        if not self.counters.reset(source_id):
             raise OpcUaCommandError("unknown_source", f"no source {source_id!r}")
-        baseline = {name: self._sample(name, source_id) for name in ("rejected", "errors")}
-        with self._lock:
-            self.stats[source_id] = SourceStats(baseline=baseline)
         log.info("counters of %s reset", source_id)
         self._publish_counters(source_id)
 
@@ -323,71 +264,6 @@ class Integrations:
         except Exception as exc:
             raise OpcUaCommandError("error", str(exc)) from exc
 
-    def _enqueue_command(self, kind: str) -> Any:
-        def handle(topic: str, payload: bytes) -> None:  # paho's thread: hand over only
-            try:
-                self._commands.put_nowait((kind, topic, payload))
-            except queue.Full:
-                log.warning("MQTT command flood: %s on %s refused (queue of %d full)", kind, topic,
-                            COMMAND_QUEUE_SIZE)
-                self._reply(kind, topic, {"status": "error", "error": "busy",
-                                          "message": "too many commands waiting; try again"})
-        return handle
-
-    def _run_commands(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                kind, topic, payload = self._commands.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                reply = self._command(kind, topic, payload)
-            except Exception as exc:  # never let one command stop the others
-                log.exception("MQTT command %s on %s failed", kind, topic)
-                reply = {"status": "error", "error": "error", "message": str(exc)[:300]}
-            self._reply(kind, topic, reply)
-
-    def _command(self, kind: str, topic: str, payload: bytes) -> dict[str, Any]:
-        if self._verifier is not None:
-            from adapters.mqtt_commands import CommandRefused
-
-            try:
-                payload = self._verifier.open(topic, payload)
-            except CommandRefused as exc:
-                log.warning("MQTT command %s on %s refused: %s", kind, topic, exc)
-                return {"status": "error", "error": "unauthorized", "message": str(exc)}
-        try:
-            body = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return {"status": "error", "error": "bad_payload", "message": "the payload must be JSON"}
-        if kind == "activate":
-            version = body.get("version") if isinstance(body, dict) else body
-            if not isinstance(version, str) or not version:
-                return {"status": "error", "error": "bad_payload", "message": 'expected {"version": "..."}'}
-            try:
-                return {"status": "ok", "version": self.activate(version)}
-            except ValueError as exc:
-                return {"status": "error", "error": "unknown_version", "message": str(exc), "version": version}
-        parts = topic.split("/")
-        line, source_id = parts[-4], parts[-3]
-        part_id = body.get("part_id") if isinstance(body, dict) else body
-        configured = {cfg.id: cfg.line for cfg in self.settings.sources}
-        if configured.get(source_id, line) != line:
-            return {"status": "error", "error": "unknown_source", "part_id": _echo(part_id),
-                    "message": f"source {source_id!r} is on line {configured[source_id]!r}, not {line!r}"}
-        try:
-            trigger_id = self.trigger(source_id, part_id, "mqtt")
-        except TriggerError as exc:
-            return {**exc.as_dict(), "part_id": _echo(part_id)}
-        return {"status": "accepted", "trigger_id": trigger_id, "part_id": str(part_id)}
-
-    def _reply(self, kind: str, topic: str, reply: dict[str, Any]) -> None:
-        publisher = self.service.publisher
-        if publisher is None:
-            return
-        status_topic = topic[: -len("/set")] + "/status"
-        publisher.publish_reply(status_topic, json.dumps(reply, separators=(",", ":")))
-
     # --- health, metrics, stop ------------------------------------------------------------------------------------
 
     def readiness(self, details: dict[str, Any]) -> bool:
@@ -438,8 +314,8 @@ class Integrations:
         """After the pipeline drained: flush the webhooks (bounded), stop the servers and threads."""
         self._stopping.set()
         self.stop_triggers()
-        if self._command_thread is not None:
-            self._command_thread.join(1.0)
+        if self.commands is not None:
+            self.commands.stop()
 
 
 def _source_state(source: Any, pipeline_healthy: bool, triggers: TriggerController | None) -> str:
@@ -451,11 +327,3 @@ def _source_state(source: Any, pipeline_healthy: bool, triggers: TriggerControll
     if triggers is not None and triggers.is_triggered(source.id) and triggers.pending(source.id):
         return "Busy"
     return "Ready"
-
-
-def _echo(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool) or value is None else str(value)[:200]
-
-
-def _aware(when: Any) -> Any:
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when

@@ -27,6 +27,7 @@ from daemon.api.server import ApiServer
 from daemon.config.settings import Settings
 from daemon.frames.pipeline import Pipeline, PipelineOptions
 from daemon.plant.source_availability import AvailabilityBoard, published_status
+from daemon.process.background import BackgroundJobs
 from daemon.process.readiness import assess_readiness, source_status
 from daemon.telemetry.metrics import Metrics
 
@@ -36,17 +37,15 @@ if TYPE_CHECKING:
     from adapters.mqtt import MqttPublisher
     from daemon.api.app import AppState
     from daemon.frames.worker import DetectorLike
-    from daemon.learning.retraining import Retrainer, RetrainingScheduler
+    from daemon.learning.retraining import Retrainer
     from daemon.learning.versions import ModelWatcher
     from daemon.plant.integrations import Integrations
-    from daemon.process.retention import RetentionJob
+    from daemon.process.capture import CaptureForwarder
     from daemon.references.manager import ReferenceManager
 
 log = logging.getLogger("anomalyd.service")
 
 ROLES = ("all", "worker", "capture")
-RETENTION_INTERVAL_S = 3600.0
-ORPHAN_SWEEP_DELAY_S = 5.0  # the first orphan sweep, soon after start (files left by a SIGKILL)
 
 
 def build_detector(settings: Settings) -> DetectorLike:
@@ -112,15 +111,19 @@ class Service:
         self.http_port: int | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
-        self._capture_threads: list[threading.Thread] = []
+        self._capture: CaptureForwarder | None = None  # --role capture
         self._errors: list[str] = []
-        self.models: ModelWatcher | None = None  # hot-swaps to the registry's active version
-        self.retrainer: Retrainer | None = None  # runs from the API / the scheduler
-        self.retraining: RetrainingScheduler | None = None  # when [retraining].enabled
-        self.retention: RetentionJob | None = None  # when [storage].retention_days is set
-        self.orphan_sweeper: RetentionJob | None = None  # only sweeps orphan files, when retention is off
+        self.jobs = BackgroundJobs()  # model watcher, retrainer and schedule, retention
         self.integrations: Integrations | None = None  # triggers, webhooks, OPC UA, commands
         self.references: ReferenceManager | None = None  # per-source references, calibration
+
+    @property
+    def models(self) -> ModelWatcher | None:
+        return self.jobs.models
+
+    @property
+    def retrainer(self) -> Retrainer | None:
+        return self.jobs.retrainer
 
     @property
     def publisher(self) -> MqttPublisher | None:
@@ -154,7 +157,10 @@ class Service:
         self.sources = self._build_sources()
         self.metrics.add_source_collector(lambda: self.sources)
         if self.role == "capture":
-            self._start_capture_forwarding()
+            from daemon.process.capture import CaptureForwarder
+
+            self._capture = CaptureForwarder(s, self.metrics, self._stop_requested)
+            self._capture.start(self.sources)
         else:
             if self.sessions is None:
                 detector = self._detector if self._detector is not None else self._detector_factory(s)
@@ -198,7 +204,7 @@ class Service:
             self.pipeline.start()
             if self.references is not None:
                 self.references.start(swap=self.pipeline.swap_detector)
-            self._start_background_jobs()
+            self.jobs.start(s, self.sessions, self.store, current=self._current_detector, swap=self.swap_detector)
             self.integrations.start()
         for source in self.sources:
             # retained from the start: a source that never comes up says offline
@@ -211,33 +217,6 @@ class Service:
         if self.serve_http:
             self._start_http()
         log.info("anomalyd running (role %s, %d sources)", self.role, len(self.sources))
-
-    def _start_background_jobs(self) -> None:
-        """The active-model watcher, the retrainer, the retraining scheduler (when enabled) and retention."""
-        from daemon.learning.head_retraining import make_retrainer
-        from daemon.learning.retraining import RetrainingScheduler
-        from daemon.learning.versions import ModelWatcher
-
-        self.models = ModelWatcher(self.settings, self.sessions, current=self._current_detector,
-                                   swap=self.swap_detector)
-        self.models.start()
-        self.retrainer = make_retrainer(self.settings, self.sessions, on_activated=self.models.check)
-        interrupted = self.retrainer.recover_interrupted()
-        if interrupted:
-            log.warning("%d retraining run(s) interrupted by the last stop marked failed", interrupted)
-        if self.settings.retraining.enabled:
-            self.retraining = RetrainingScheduler(self.retrainer)
-            self.retraining.start()
-        if self.settings.storage.retention_days:  # 0 = keep forever
-            from daemon.process.retention import RetentionJob
-
-            self.retention = RetentionJob.from_settings(self.settings, self.sessions, self.store)
-            self.retention.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
-        else:  # rows kept forever, but files a SIGKILL left without a row are still swept, at start and hourly
-            from daemon.process.retention import RetentionJob
-
-            self.orphan_sweeper = RetentionJob(self.sessions, self.store, None)
-            self.orphan_sweeper.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=ORPHAN_SWEEP_DELAY_S)
 
     def _route_references(self, detector: Any) -> Any:
         """Per-source references and the daemon's 0–1 score scale (daemon/references/manager.py, daemon/detectors/scale.py)."""
@@ -254,20 +233,6 @@ class Service:
                 self.references.listeners.append(outbox_listener(
                     self.sessions, lambda source: lines.get(source, "default"), lambda: self.sinks.alerts_committed()))
         return self.references.route(detector)
-
-    def _stop_background_jobs(self) -> None:
-        if self.references is not None:
-            self.references.stop()
-        if self.retention is not None:
-            self.retention.stop()
-        if self.orphan_sweeper is not None:
-            self.orphan_sweeper.stop()
-        if self.retraining is not None:
-            self.retraining.stop()
-        elif self.retrainer is not None:
-            self.retrainer.cancel()
-        if self.models is not None:
-            self.models.stop()
 
     def _source_settings(self) -> dict[str, SourceSettings]:
         default_class = self.settings.model.class_name
@@ -315,36 +280,6 @@ class Service:
         for source in self.sources:
             if source.id == source_id and self.sinks:
                 self.sinks.source_status(source.line, source.id, self._published(source, source_status(source)))
-
-    def _start_capture_forwarding(self) -> None:
-        """--role capture: frames go to the Redis stream that GPU workers read."""
-        from adapters.sources.redis_stream import RedisFrameWriter
-
-        s = self.settings
-        writer = RedisFrameWriter(s.redis.url.get_secret_value(), s.redis.stream, maxlen=s.redis.maxlen)
-
-        def forward(source: FrameSource) -> None:
-            while not self._stop_requested.is_set() or len(source.queue):
-                frame = source.queue.get(timeout=0.2)
-                if frame is None:
-                    continue
-                try:
-                    writer.append_frame(frame)
-                except ValueError as exc:
-                    log.warning("cannot forward frame %s: %s", frame.name or frame.frame_id, exc)
-                    frame.done(True)
-                except Exception:
-                    log.exception("cannot forward frame %s to Redis", frame.frame_id)
-                    frame.done(False)
-                    time.sleep(1.0)
-                else:
-                    frame.done(True)
-                    self.metrics.frames_in.labels(source.id).inc()
-
-        for source in self.sources:
-            thread = threading.Thread(target=forward, args=(source,), name=f"forward-{source.id}", daemon=True)
-            thread.start()
-            self._capture_threads.append(thread)
 
     def app_state(self) -> AppState:
         """What the HTTP API may use of this daemon."""
@@ -431,7 +366,9 @@ class Service:
         deadline = time.monotonic() + grace
         clean = True
         try:
-            self._stop_background_jobs()
+            if self.references is not None:
+                self.references.stop()
+            self.jobs.stop()
         except Exception:
             log.exception("cannot stop the model watcher / retraining / retention")
         per_source = max(0.5, min(5.0, grace / 4 / max(1, len(self.sources))))
@@ -440,8 +377,8 @@ class Service:
                 source.stop(timeout=per_source)
             except Exception:
                 log.exception("source %s failed to stop", source.id)
-        for thread in self._capture_threads:
-            thread.join(max(0.1, deadline - time.monotonic() - 1))
+        if self._capture is not None:
+            self._capture.join(deadline)
         if self.pipeline is not None:
             # Keep a quarter of the grace (at most 5 s) for the outbox flush and the goodbye messages.
             reserve = min(5.0, grace / 4)

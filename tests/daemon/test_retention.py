@@ -159,10 +159,10 @@ def test_the_daemon_runs_retention_when_configured(tmp_path):
         service = Service(load_config(config, environ={}), detector=ConstantDetector(), sources=[])
         service.start()
         try:
-            assert (service.retention is not None) is expected
+            assert (service.jobs.retention is not None) is expected
             if expected:
-                assert service.retention.retention_days == 7
+                assert service.jobs.retention.retention_days == 7
         finally:
             service.stop()
         if expected:
-            assert service.retention._stop.is_set()
+            assert service.jobs.retention._stop.is_set()

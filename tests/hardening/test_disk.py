@@ -65,10 +65,10 @@ def test_case11_repeated_identical_errors_are_logged_once_per_interval_with_a_co
 
 def test_case12_orphan_artifacts_are_swept_at_start_with_retention_off(tmp_path, monkeypatch):
     from daemon.config.settings import load_config
-    from daemon.process import service as service_module
+    from daemon.process import background
     from daemon.process.service import Service
 
-    monkeypatch.setattr(service_module, "ORPHAN_SWEEP_DELAY_S", 0.05)
+    monkeypatch.setattr(background, "ORPHAN_SWEEP_DELAY_S", 0.05)
     config = tmp_path / "config.toml"
     config.write_text('[mqtt]\nenabled = false\n[api]\nenabled = false\n[storage]\ndir = "art"\n'
                       "retention_days = 0\n")
@@ -83,9 +83,9 @@ def test_case12_orphan_artifacts_are_swept_at_start_with_retention_off(tmp_path,
     service = Service(load_config(config, environ={}), detector=ConstantDetector(), sources=[])
     service.start()
     try:
-        assert service.retention is None and service.orphan_sweeper is not None
+        assert service.jobs.retention is None and service.jobs.orphan_sweeper is not None
         assert wait_until(lambda: not orphan.exists(), 30)
-        assert service.orphan_sweeper.last_result.orphans_deleted == 1
+        assert service.jobs.orphan_sweeper.last_result.orphans_deleted == 1
     finally:
         service.stop()
     assert fresh.exists()
