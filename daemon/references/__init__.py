@@ -4,6 +4,6 @@ labelled-defect guard), runtime geometry overrides, and operator management of a
 
 Owns: manager.py (`ReferenceManager`: build, rebuild, calibrate, swap), files.py, bank.py, admin.py, history.py,
 auto_accept.py, calibration.py, calibration_curve.py, operating_point.py, thresholds.py, known_good_cache.py,
-head_known_good.py, geometry_overrides.py. May import: model, adapters, daemon.config, daemon.detectors,
-daemon.zero_label.
+geometry_overrides.py, geometry_events.py (each geometry change through the outbox). May import: model, adapters,
+daemon.config, daemon.detectors, daemon.zero_label.
 """
