@@ -86,6 +86,10 @@ class Capabilities:
     # Its calibrated threshold is at least this (its decision boundary): its known-good frames are frames it learned
     # as normal, so they understate an unseen good frame's score (model/supervised/known_good.py). None: no floor.
     threshold_floor: float | None = None
+    # It needs no references: each source's frames are scored against that source's own recent frames (a window per
+    # source, the detector's `fork(limits)`). The daemon's zero-label start (`references = "auto"`) runs the first such
+    # family until a source has references; as `[model].name` it inspects every source that way.
+    scores_own_frames: bool = False
 
     def __post_init__(self) -> None:
         if self.score_scale not in SCORE_SCALES:
@@ -214,7 +218,7 @@ BUILTIN_FAMILIES: dict[str, BuiltinFamily] = {
     "patchcore-head": BuiltinFamily("model.supervised.detector", Capabilities(
         needs_references=True, uses_references=True, threshold_floor=0.5, **_OWN_BACKBONE)),
     "mutual": BuiltinFamily("model.mutual.detector", Capabilities(
-        uses_references=True, score_scale="distance", **_OWN_BACKBONE)),
+        uses_references=True, score_scale="distance", scores_own_frames=True, **_OWN_BACKBONE)),
 }
 
 
@@ -272,6 +276,14 @@ def known_good_of(detector: Any) -> Callable[..., Any] | None:
 def models_that(predicate: Callable[[Capabilities], bool]) -> list[str]:
     """The model names whose capabilities satisfy `predicate` (built-in ones without loading them)."""
     return [name for name in list_models() if predicate(capabilities(name))]
+
+
+def zero_label_family() -> str:
+    """The family the daemon's zero-label start runs: the first that scores a source's frames against its own."""
+    found = models_that(lambda caps: caps.scores_own_frames)
+    if not found:
+        raise ValueError("no registered model family scores frames against their own source's frames")
+    return found[0]
 
 
 def register_model(name: str, **spec: Any) -> Callable[[ModelBuilder], ModelBuilder]:

@@ -68,7 +68,7 @@ from daemon.references.thresholds import (
     labelled_frames,
     load_pins,
 )
-from daemon.zero_label.start import MUTUAL_PREFIX, mutual_detector, zero_label
+from daemon.zero_label.start import mutual_detector, scores_own_frames, version_prefix, zero_label
 from model.factory import capabilities_of, needs_references
 from model.known_good import CALIBRATION_HOLDOUTS
 
@@ -411,8 +411,8 @@ class ReferenceManager:
         new files are then built like an operator's approval."""
         mutual, state = getattr(self.settings, "mutual", None), self.states.get(source_id)
         if (mutual is None or not mutual.auto_accept or state is None or self.sessions is None or self.store is None
-                or not str(state.version or "").startswith(MUTUAL_PREFIX)
-                or getattr(self._base, "forks_per_source", False)):  # [model].name = "mutual": nothing to switch to
+                or not str(state.version or "").startswith(version_prefix())
+                or scores_own_frames(self._base)):  # [model].name = "mutual": nothing to switch to
             return
         from daemon.references.auto_accept import accept_proposal
 

@@ -43,7 +43,7 @@ from adapters.db.outbox import add_event
 from adapters.db.tables import DriftEvent, lock_outbox
 from adapters.events import DRIFT, without_id
 from adapters.timeutil import rfc3339, utc_now
-from daemon.zero_label.start import MUTUAL_PREFIX
+from daemon.zero_label.start import version_prefix
 
 log = logging.getLogger("anomalyd.drift")
 
@@ -130,7 +130,7 @@ class DriftTracker:
                             opened.frames, 100 * opened.share, proposal_url(source, started_at))
                 return True
             if notes.get("drift_cleared") and active is not None:
-                what = "window" if active.model_version.startswith(MUTUAL_PREFIX) else "references"
+                what = "window" if active.model_version.startswith(version_prefix()) else "references"
                 self._clear(source, f"the frames match the {what} again")
                 return False
             return source in self.active and bool(notes.get("drifting", True))

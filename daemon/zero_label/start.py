@@ -24,7 +24,6 @@ from typing import Any
 from daemon.detectors.scale import scaled
 
 AUTO = "auto"
-MUTUAL_PREFIX = "mutual-"  # the versions mutual detectors give their inspections
 PROPOSED = 8  # references proposed at once
 PROPOSAL_POOL = 200  # newest judged frames a proposal picks from
 PROPOSE_AFTER = 50  # judged normal-looking frames before anything is proposed (default of [mutual] propose_after)
@@ -32,9 +31,23 @@ _SHARED: dict[tuple, Any] = {}  # (device, dtype, options) → the mutual model 
 _SHARED_LOCK = threading.Lock()
 
 
+def version_prefix() -> str:
+    """What the versions of the zero-label family's detectors start with (their inspections' `model_version`)."""
+    from model.factory import zero_label_family
+
+    return f"{zero_label_family()}-"
+
+
+def scores_own_frames(detector: Any) -> bool:
+    """Whether `detector` (the configured model) is itself a zero-label family: every source, references or not."""
+    from model.factory import capabilities_of
+
+    return capabilities_of(getattr(detector, "raw", detector)).scores_own_frames
+
+
 def zero_label(settings: Any, base: Any, source_id: str, files: list) -> bool:
     """Whether `source_id` is inspected by mutual scoring now."""
-    if getattr(base, "forks_per_source", False):  # [model].name = "mutual": every source, references or not
+    if scores_own_frames(base):  # e.g. [model].name = "mutual": every source, references or not
         return True
     cfg = next((s for s in settings.sources if s.id == source_id), None)
     return not files and cfg is not None and cfg.references == AUTO
@@ -44,15 +57,16 @@ def mutual_detector(settings: Any, base: Any, options: dict[str, Any], source_id
     """A mutual detector with an empty window of its own (bounded by `[mutual]`), on the daemon's 0-1 scale."""
     mutual = getattr(settings, "mutual", None)
     limits = mutual.limits() if mutual is not None else None
-    if getattr(base, "forks_per_source", False):
+    if scores_own_frames(base):
         return scaled(_labelled(getattr(base, "raw", base).fork(limits), source_id))
     r = settings.runtime
     key = (str(r.device), str(r.dtype), tuple(sorted((k, str(v)) for k, v in options.items())))
     with _SHARED_LOCK:
         if key not in _SHARED:
             from model import create_detector
+            from model.factory import zero_label_family
 
-            _SHARED[key] = create_detector("mutual", device=r.device, dtype=r.dtype, **options)
+            _SHARED[key] = create_detector(zero_label_family(), device=r.device, dtype=r.dtype, **options)
         shared = _SHARED[key]
     return scaled(_labelled(shared.fork(limits), source_id))
 
@@ -81,7 +95,7 @@ def propose_references(sessions: Any, source_id: str, count: int = PROPOSED, rec
                     Inspection.frame_path.is_not(None), Inspection.score.is_not(None), Inspection.score > 0)
              .order_by(Inspection.id.desc()).limit(recent))
     if since is None:
-        query = query.where(Inspection.model_version.like(f"{MUTUAL_PREFIX}%"), Inspection.is_anomalous.is_(False))
+        query = query.where(Inspection.model_version.like(f"{version_prefix()}%"), Inspection.is_anomalous.is_(False))
     else:
         query = query.where(Inspection.captured_at >= since,
                             or_(Inspection.is_anomalous.is_(False), Inspection.is_anomalous.is_(None)))

@@ -46,7 +46,6 @@ class MutualDetector:
     """Zero-shot mutual scoring on PatchCore's features (see the module docstring)."""
 
     name = NAME
-    forks_per_source = True  # the daemon gives every source its own window (`fork`)
 
     def __init__(self, features: PatchCoreDetector, *, fraction: float = FRACTION,
                  window_fraction: float = WINDOW_FRACTION, top_fraction: float = TOP_FRACTION,
