@@ -108,7 +108,7 @@ class HeadTrainingSet:
     def image_size(self) -> int:
         """The daemon's PatchCore size ([model].image_size), whatever [retraining].image_size says: a head only
         fits the PatchCore it was trained on."""
-        from daemon.references.bank import reference_model_options
+        from daemon.config.model_options import reference_model_options
 
         return int(reference_model_options(self.settings).get("image_size", 256))
 
@@ -148,7 +148,7 @@ class HeadTrainingSet:
     def build(self, run_id: int, run_dir: Path, note: Callable[[str], None]) -> tuple[dict[str, Any], dict]:
         """The job spec (written to `run_dir/job.json`) and the data counts; RetrainError when there is too
         little to train on or to evaluate."""
-        from daemon.references.bank import reference_model_options
+        from daemon.config.model_options import reference_model_options
 
         cfg = self.config
         family = trained_family(self.settings.model.name)

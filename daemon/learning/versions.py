@@ -173,18 +173,15 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
 
     if get_family(row.kind).caps.needs_references:  # patchcore / patchcore-head: built per source on its references
         return reference_version_base(settings, row)
-    m, r = settings.model, settings.runtime
+    from daemon.config.model_options import clip_model_options
+
     backbone: Any = None
     if get_family(row.kind).caps.versions_share_backbone and getattr(current, "name", None) == row.kind:
         backbone = _shared_backbone(current)
     backbone = backbone or settings.backbone_file()
     if row.prompts_path and not Path(row.prompts_path).is_file():
         raise ModelVersionError(f"model version {row.version!r}: its weights file {row.prompts_path} is missing")
-    detector = create_detector(
-        row.kind, backbone=backbone, backbone_config=settings.resolve_model_value(m.backbone_config),
-        prompts=row.prompts_path, layers=tuple(m.layers), image_size=m.image_size, device=r.device, dtype=r.dtype,
-        class_name=m.class_name,
-    )
+    detector = create_detector(row.kind, **clip_model_options(settings, backbone=backbone, prompts=row.prompts_path))
     if str(detector.version) != row.version:  # rows must carry the registry's name for the version
         detector.version = row.version
     _warm_up(detector)
@@ -198,7 +195,7 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
 def reference_version_base(settings: Settings, row: ModelVersion) -> Any:
     """The base of a version of a model built on references (daemon/references/manager.py builds each source's detector
     from it): its name, the registry's version name and its learned weights file (a trained head), if any."""
-    from daemon.references.bank import reference_model_options
+    from daemon.config.model_options import reference_model_options
     from daemon.references.manager import NeedsReferences
 
     if row.prompts_path and not Path(row.prompts_path).is_file():

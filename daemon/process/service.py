@@ -50,26 +50,20 @@ ROLES = ("all", "worker", "capture")
 
 def build_detector(settings: Settings) -> DetectorLike:
     """The detector from [model] + [runtime] (imports torch and the model code only here)."""
-    from model import create_detector
-
-    m, r = settings.model, settings.runtime
+    from daemon.config.model_options import clip_model_options, reference_model_options
     from daemon.references.manager import NeedsReferences
+    from model import create_detector
     from model.factory import needs_references
 
+    m = settings.model
     if needs_references(m.name):  # its detectors are built per source, on each source's references
-        from daemon.references.bank import reference_model_options
-
         options = reference_model_options(settings)
         backbone = Path(str(options.get("backbone", "default"))).stem
         size = int(options.get("image_size", 256))
         return NeedsReferences(m.name, f"{m.name}-{backbone}-s{size}", size)
     settings.check_weights()  # every missing weights file named at once, with its URL and place
-    return create_detector(
-        m.name, backbone=settings.backbone_file(),
-        backbone_config=settings.resolve_model_value(m.backbone_config),
-        prompts=settings.prompts_file(), layers=tuple(m.layers), image_size=m.image_size,
-        device=r.device, dtype=r.dtype, class_name=m.class_name,
-    )
+    return create_detector(m.name, **clip_model_options(settings, backbone=settings.backbone_file(),
+                                                        prompts=settings.prompts_file()))
 
 
 class Service:

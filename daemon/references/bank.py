@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from daemon.config.model_options import reference_model_options, runtime_options
 from daemon.detectors.scale import scaled
 from model.factory import capabilities, get_family, known_good_of, needs_references
 from model.known_good import (
@@ -34,7 +35,6 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
     if needs_references(name):
         from model import create_detector
 
-        r = settings.runtime
         references: Any = [str(f) for f in files]
         if len(files) == 1 and files[0].suffix == ".safetensors":
             references = str(files[0])
@@ -49,15 +49,15 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
                                    else source_geometry(settings, None))
         if base.weights:  # the model version's learned weights (e.g. a trained head: daemon/learning/head_retraining.py)
             options["prompts"] = base.weights
-        detector = create_detector(name, device=r.device, dtype=r.dtype, references=references,
-                                   references_cache=str(cache_path) if cache_path else None, **options)
+        detector = create_detector(name, references=references, references_cache=str(cache_path) if cache_path else None,
+                                   **options, **runtime_options(settings))
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/detectors/scale.py)
             known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
                                       cache_path)
             if known is not None:
                 detector.known_good = known  # raw scores of held-out references and their views, for the calibration
                 detector.distance_scale = known.distance_scale
-        if getattr(r, "engine", "torch") != "torch" and get_family(name).exportable:  # the others stay on torch
+        if getattr(settings.runtime, "engine", "torch") != "torch" and get_family(name).exportable:  # others: torch
             detector = _on_engine(settings, detector)
         return scaled(detector)
     from model.fewshot import with_references
@@ -76,25 +76,6 @@ def _on_engine(settings: Any, detector: Any) -> Any:
         if hasattr(detector, name):
             setattr(exported, name, getattr(detector, name))
     return exported
-
-
-def reference_model_options(settings: Any) -> dict[str, Any]:
-    """[model] options for a model built on references only (PatchCore): the keys the config file sets (the
-    [model] defaults are the CLIP models', e.g. backbone ViT-L-14-336 and image size 518)."""
-    m = settings.model
-    given = m.model_fields_set
-    options: dict[str, Any] = {}
-    if "backbone" in given:
-        options["backbone"] = settings.resolve_model_value(m.backbone)
-    if "layers" in given:
-        options["layers"] = tuple(m.layers)
-    if "image_size" in given:
-        options["image_size"] = m.image_size
-    if m.max_bank_rows is not None:
-        options["max_bank_rows"] = m.max_bank_rows
-    if m.augment is not None:
-        options["augment"] = m.augment
-    return options
 
 
 def cached_known_good(settings: Any, detector: Any, files: Sequence[Path], bank: Path) -> KnownGoodScores | None:

@@ -48,9 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.config.model_options import reference_model_options
 from daemon.detectors.routing import RoutedDetector
 from daemon.detectors.scale import scale_outputs
-from daemon.references.bank import Builder, default_builder, reference_model_options, score_files
+from daemon.references.bank import Builder, default_builder, score_files
 from daemon.references.calibration import calibrated_bounds, floored, load_thresholds, stored_threshold
 from daemon.references.files import (
     MAX_REFERENCES,

@@ -63,10 +63,11 @@ def mutual_detector(settings: Any, base: Any, options: dict[str, Any], source_id
     key = (str(r.device), str(r.dtype), tuple(sorted((k, str(v)) for k, v in options.items())))
     with _SHARED_LOCK:
         if key not in _SHARED:
+            from daemon.config.model_options import runtime_options
             from model import create_detector
             from model.factory import zero_label_family
 
-            _SHARED[key] = create_detector(zero_label_family(), device=r.device, dtype=r.dtype, **options)
+            _SHARED[key] = create_detector(zero_label_family(), **options, **runtime_options(settings))
         shared = _SHARED[key]
     return scaled(_labelled(shared.fork(limits), source_id))
 

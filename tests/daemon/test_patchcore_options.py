@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from daemon.config.model_options import reference_model_options
 from daemon.config.settings import load_config
-from daemon.references.bank import default_builder, reference_model_options
+from daemon.references.bank import default_builder
 from daemon.references.manager import NeedsReferences
 
 
