@@ -105,7 +105,7 @@ def fit_features(detector, tests, pixel: bool, cache: Path | None) -> tuple:
         for sample in tests[start:start + 16]:
             rgb = decode_image(sample.path)
             frames.append(frame_inputs(rgb, detector.geometry, SIZE)[0])
-            wanted = pixel and (sample.label == 0 or sample.has_mask)
+            wanted = sample.label == 0 or sample.has_mask  # cached whatever --pixel says
             masks.append(load_frame_mask(sample, detector.geometry, SIZE, rgb.shape[:2]).numpy() if wanted else None)
         embeddings += embed_frames(detector, frames)
     distances = frame_bank_distances(detector, embeddings)
@@ -149,10 +149,12 @@ def run_category_fit(data: Path, category: str, shots: int, seed: int, counts: l
     references = [load_frame(s.path, geometry, SIZE) for s in split.references[category]]
     detector.set_references([r.unsqueeze(0) for r in references])
     labels = np.array([s.label for s in tests])
-    cache = cache_dir / f"{category}-{resize}-k{shots}-s{seed}-p{int(pixel)}.pt" if cache_dir else None
+    cache = cache_dir / f"{category}-{resize}-k{shots}-s{seed}.pt" if cache_dir else None
     embeddings, distances, patchcore_scores, masks = fit_features(detector, tests, pixel, cache)
+    masks = masks if pixel else None
     base, _ = frame_training_inputs(detector, references, [], [], torch.zeros(0, dtype=torch.bool),
-                                    synthetic_per_reference=config.synthetic_per_reference, seed=seed)
+                                    synthetic_per_reference=config.synthetic_per_reference, seed=seed,
+                                    thin_per_reference=config.thin_per_reference)
     rows = []
     row = metrics_row_frames(labels, patchcore_scores.numpy(), distances if pixel else None, masks)
     rows.append({"category": category, "seed": seed, "N": 0, "mode": f"patchcore {resize}", **row})
@@ -256,8 +258,10 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, help="fit: keep the test frames' frozen features in this folder")
     parser.add_argument("--steps", type=int, help="training steps (default: HeadTrainingConfig's)")
     parser.add_argument("--synthetic", type=int, help="synthetic defects per reference (default: the config's)")
+    parser.add_argument("--thin", type=int, help="thin crack-like synthetic defects per reference (default 0)")
     args = parser.parse_args()
-    overrides = {k: v for k, v in (("steps", args.steps), ("synthetic_per_reference", args.synthetic))
+    overrides = {k: v for k, v in (("steps", args.steps), ("synthetic_per_reference", args.synthetic),
+                                            ("thin_per_reference", args.thin))
                  if v is not None}
     config = HeadTrainingConfig(**overrides)
     torch.set_num_threads(1)

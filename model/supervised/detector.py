@@ -185,7 +185,7 @@ def fit_head(detector: PatchcoreHeadDetector, references: torch.Tensor | Sequenc
     ((3, h, w) inputs, (h, w) masks: model/supervised/frames.py cuts them)."""
     config = config or HeadTrainingConfig()
     geometry = detector.geometry
-    if geometry.resize == "squash":
+    if geometry.resize == "squash" and not config.thin_per_reference:
         if not isinstance(references, torch.Tensor):  # frames cut through an ROI: all S x S
             references, anomalies, masks, normals = (
                 None if v is None else v if isinstance(v, torch.Tensor) else _stacked(v, like)
@@ -204,7 +204,8 @@ def fit_head(detector: PatchcoreHeadDetector, references: torch.Tensor | Sequenc
         buckets, counts = frame_training_inputs(
             detector.patchcore, reference_frames, frames_of(anomalies), list(masks), has_mask,
             synthetic_per_reference=config.synthetic_per_reference, seed=config.seed,
-            normals=frames_of(normals) if normals is not None else None)
+            normals=frames_of(normals) if normals is not None else None,
+            thin_per_reference=config.thin_per_reference)
     head, d0 = train_head(buckets, config)
     summary = {**detector.identity, "geometry": geometry.bank_tag or "squash", "training": config.as_dict(),
                "items": counts, **(metadata or {})}

@@ -141,6 +141,52 @@ def frame_synthetic_defects(references: Sequence[torch.Tensor], per_reference: i
     return images, masks, owners
 
 
+def thin_crack(rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A thin crack-like defect: a random polyline (3-7 segments, a random walk in direction, 15-60 % of the short
+    side long, 1-3 px wide) darkened or lightened by 35-75 %; mask: where the image changed by the synthetic
+    change threshold or more. Thin lines are the defect shape the cut-paste and noise blobs never make."""
+    import cv2
+
+    from model.synthetic import CHANGE_THRESHOLD
+
+    height, width = rgb.shape[:2]
+    length = rng.uniform(0.15, 0.6) * min(height, width)
+    segments = int(rng.integers(3, 8))
+    point = np.array([rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height])
+    angle = rng.uniform(0, 2 * np.pi)
+    points = [point.copy()]
+    for _ in range(segments):
+        angle += rng.normal(0, 0.6)
+        point = point + length / segments * np.array([np.cos(angle), np.sin(angle)])
+        points.append(np.clip(point, 0, [width - 1, height - 1]))
+    line = np.zeros((height, width), np.float32)
+    cv2.polylines(line, [np.round(np.array(points)).astype(np.int32)], False, 1.0, int(rng.integers(1, 4)),
+                  cv2.LINE_AA)
+    strength = rng.uniform(0.35, 0.75) * line[..., None]
+    target = 255.0 if rng.random() < 0.25 else 0.0  # cracks are mostly dark
+    changed = np.clip(rgb * (1 - strength) + target * strength + 0.5, 0, 255).astype(np.uint8)
+    mask = (np.abs(changed.astype(np.int16) - rgb.astype(np.int16)).max(axis=2) >= CHANGE_THRESHOLD)
+    return np.where(mask[..., None], changed, rgb), mask.astype(np.uint8)
+
+
+def frame_thin_defects(references: Sequence[torch.Tensor], per_reference: int, seed: int
+                       ) -> tuple[Frames, Frames, list[int]]:
+    """(inputs, masks, owner reference) of `per_reference` thin cracks (`thin_crack`) on each reference."""
+    from model.preprocess import normalise_pixels
+
+    rgbs = [to_rgb(r.unsqueeze(0))[0] for r in references]
+    images, masks, owners = [], [], []
+    for epoch in range(per_reference if rgbs else 0):
+        for index, rgb in enumerate(rgbs):
+            anomalous, mask = thin_crack(rgb, np.random.default_rng([seed, 7919, epoch, index]))
+            if not mask.any():
+                continue
+            images.append(normalise_pixels(torch.from_numpy(anomalous).unsqueeze(0))[0])
+            masks.append(torch.from_numpy(mask.astype(np.float32)))
+            owners.append(index)
+    return images, masks, owners
+
+
 def frame_targets(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(h_in, w_in) {0,1} mask → (h, w) cell targets: 1 where any pixel of the cell is set."""
     return torch.nn.functional.adaptive_max_pool2d(mask.float()[None, None], grid)[0, 0]
@@ -161,7 +207,8 @@ def group_items(embeddings: Sequence[torch.Tensor], distances: Sequence[torch.Te
 def frame_training_inputs(detector: PatchCoreDetector, references: Sequence[torch.Tensor],
                           anomalies: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], has_mask: torch.Tensor,
                           *, synthetic_per_reference: int, seed: int,
-                          normals: Sequence[torch.Tensor] | None = None) -> tuple[list[HeadInputs], dict[str, int]]:
+                          normals: Sequence[torch.Tensor] | None = None, thin_per_reference: int = 0
+                          ) -> tuple[list[HeadInputs], dict[str, int]]:
     """`training.training_inputs` for frames of their own shapes: (one HeadInputs per grid shape, item counts).
     The detector's bank holds `references`."""
     ref_embeddings = embed_frames(detector, references)
@@ -172,6 +219,8 @@ def frame_training_inputs(detector: PatchCoreDetector, references: Sequence[torc
     masked, real = [True] * k, [True] * k
     counts = {"normal": k}
     images, synthetic_masks, owners = frame_synthetic_defects(references, synthetic_per_reference, seed)
+    thin_images, thin_masks, thin_owners = frame_thin_defects(references, thin_per_reference, seed)
+    images, synthetic_masks, owners = images + thin_images, synthetic_masks + thin_masks, owners + thin_owners
     if owners:
         synthetic = embed_frames(detector, images)
         embeddings += synthetic

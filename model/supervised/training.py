@@ -39,6 +39,8 @@ class HeadTrainingConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     synthetic_per_reference: int = 3
+    # thin crack-like synthetic defects per reference (model/supervised/frames.py: thin_crack); 0: none
+    thin_per_reference: int = 0
     focal_gamma: float = 2.0
     real_weight: float = 6.0
     hidden: int = 32

@@ -140,3 +140,16 @@ def test_eval_resize_fit_evaluates_the_head_on_fit(samples_dir: Path, tmp_path: 
     auroc = roc_auc_score([s.label for s in tests], scores)
     assert printed["image_auroc"] == pytest.approx(auroc, abs=1e-6)
     assert printed["n_images"] == len(tests)
+
+
+def test_thin_crack_changes_only_a_thin_line_and_masks_it() -> None:
+    from model.supervised.frames import thin_crack
+
+    rgb = np.full((96, 160, 3), 120, np.uint8)
+    for seed in range(6):
+        out, mask = thin_crack(rgb, np.random.default_rng(seed))
+        changed = np.abs(out.astype(int) - rgb.astype(int)).max(axis=2) > 0
+        assert mask.any() and np.array_equal(changed, mask.astype(bool))  # outside the mask: the input exactly
+        assert mask.mean() < 0.05  # a thin line, not a blob
+        rows, cols = np.nonzero(mask)
+        assert max(np.ptp(rows), np.ptp(cols)) >= 0.1 * 96  # long: at least a tenth of the short side
