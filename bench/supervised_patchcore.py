@@ -94,7 +94,7 @@ def fit_features(detector, tests, pixel: bool, cache: Path | None) -> tuple:
     """(embeddings, cell distances, PatchCore image scores, masks) of the test frames on the detector's geometry,
     each frame its own shape (read from `cache` when it holds them)."""
     if cache is not None and cache.is_file():
-        return torch.load(cache)
+        return torch.load(cache, weights_only=False)  # this script's own cache (NumPy masks in it)
     from model.geometry import frame_inputs
     from model.preprocess import decode_image
     from model.supervised.frames import embed_frames, frame_bank_distances, load_frame_mask

@@ -125,6 +125,10 @@ class PatchcoreHeadDetector:
                 if found != expected:
                     raise CheckpointError(f"{origin}: the head was trained on PatchCore with {key} {found!r}, "
                                           f"this detector uses {expected!r}")
+            trained = str(checkpoint.metadata.get("geometry", "squash")).split("-")[0]  # heads from before: squash
+            if trained != self.geometry.resize:
+                raise CheckpointError(f"{origin}: the head was trained on resize {trained!r} frames, this detector "
+                                      f"uses resize {self.geometry.resize!r}")
             checkpoint.head.to(self.device).eval()
         self.checkpoint = checkpoint
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import create_detector
+from model.checkpoints import CheckpointError
 from model.datasets import discover
 from model.geometry import GeometryError, make_geometry
 from model.preprocess import decode_image
@@ -68,6 +69,9 @@ def test_head_trains_and_predicts_on_fit_frames_of_their_own_sizes(tiles: dict[s
     checkpoint = fit_head(detector, references, images, masks, has_mask, FAST)
     assert checkpoint.metadata["geometry"] == "fit"
     assert checkpoint.metadata["items"]["anomalous_masked"] == 3
+    squash = create_detector("patchcore-head", references_later=True, image_size=SIZE, device="cpu")
+    with pytest.raises(CheckpointError, match="trained on resize 'fit' frames, this detector uses resize 'squash'"):
+        squash.set_checkpoint(checkpoint)
 
     frames = [decode_image(s.path) for s in tiles["normals"] + tiles["defects"]]
     scores, maps = detector.predict_frames(frames)
