@@ -120,7 +120,8 @@ def fit_features(detector, tests, pixel: bool, cache: Path | None) -> tuple:
 
 
 def run_category_fit(data: Path, category: str, shots: int, seed: int, counts: list[int], pixel: bool,
-                     resize: str, cache_dir: Path | None, config: HeadTrainingConfig) -> list[dict]:
+                     resize: str, cache_dir: Path | None, config: HeadTrainingConfig,
+                     train_seed: int | None = None) -> list[dict]:
     """`run_category` on a fit geometry: frames of their own shapes, masks cut like them; AUPRO on the inputs'
     grids (the CLI's is in each image's own pixels)."""
     from model.geometry import make_geometry
@@ -128,7 +129,7 @@ def run_category_fit(data: Path, category: str, shots: int, seed: int, counts: l
         embed_frames,
         frame_bank_distances,
         frame_targets,
-        frame_training_inputs,
+        frame_training_items,
         group_items,
         load_frame,
         load_training_frames_geometry,
@@ -152,9 +153,10 @@ def run_category_fit(data: Path, category: str, shots: int, seed: int, counts: l
     cache = cache_dir / f"{category}-{resize}-k{shots}-s{seed}.pt" if cache_dir else None
     embeddings, distances, patchcore_scores, masks = fit_features(detector, tests, pixel, cache)
     masks = masks if pixel else None
-    base, _ = frame_training_inputs(detector, references, [], [], torch.zeros(0, dtype=torch.bool),
-                                    synthetic_per_reference=config.synthetic_per_reference, seed=seed,
-                                    thin_per_reference=config.thin_per_reference)
+    train_seed = seed if train_seed is None else train_seed  # synthetic defects and mini-batches
+    base, _ = frame_training_items(detector, references, [], [], torch.zeros(0, dtype=torch.bool),
+                                   synthetic_per_reference=config.synthetic_per_reference, seed=train_seed,
+                                   thin_per_reference=config.thin_per_reference)
     rows = []
     row = metrics_row_frames(labels, patchcore_scores.numpy(), distances if pixel else None, masks)
     rows.append({"category": category, "seed": seed, "N": 0, "mode": f"patchcore {resize}", **row})
@@ -164,11 +166,13 @@ def run_category_fit(data: Path, category: str, shots: int, seed: int, counts: l
         for weak in (False, True):
             frames, frame_masks, has_mask = load_training_frames_geometry(chosen, geometry, SIZE, weak=weak)
             found = embed_frames(detector, frames)
-            extra = group_items(found, frame_bank_distances(detector, found), [1.0] * len(found),
-                                [frame_targets(m, tuple(e.shape[-2:])) for m, e in zip(frame_masks, found, strict=True)],
-                                [bool(m) for m in has_mask], [True] * len(found))
+            extra = (found, frame_bank_distances(detector, found), [1.0] * len(found),
+                     [frame_targets(m, tuple(e.shape[-2:])) for m, e in zip(frame_masks, found, strict=True)],
+                     [bool(m) for m in has_mask], [True] * len(found))
+            # grouped after joining, so the items are in fit_head's order (the mini-batches draw by position)
+            items = group_items(*(a + b for a, b in zip(base, extra, strict=True)))
             started = time.perf_counter()
-            head, d0 = train_head(base + extra, HeadTrainingConfig(**{**config.as_dict(), "seed": seed}))
+            head, d0 = train_head(items, HeadTrainingConfig(**{**config.as_dict(), "seed": train_seed}))
             seconds = time.perf_counter() - started
             logits = grid_logits(head, embeddings, distances, d0)
             with torch.no_grad():
@@ -259,6 +263,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="training steps (default: HeadTrainingConfig's)")
     parser.add_argument("--synthetic", type=int, help="synthetic defects per reference (default: the config's)")
     parser.add_argument("--thin", type=int, help="thin crack-like synthetic defects per reference (default 0)")
+    parser.add_argument("--train-seed", type=int, help="seed of the head's training only (synthetic defects, "
+                        "mini-batches); the split keeps --seeds (default: the same seed)")
     args = parser.parse_args()
     overrides = {k: v for k, v in (("steps", args.steps), ("synthetic_per_reference", args.synthetic),
                                             ("thin_per_reference", args.thin))
@@ -270,11 +276,11 @@ def main() -> int:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for category in args.categories.split(","):
-            if args.resize == "squash" and not overrides:
+            if args.resize == "squash" and not overrides and args.train_seed is None:
                 rows += run_category(args.data, category, args.shots, seed, counts, args.pixel)
             else:
                 rows += run_category_fit(args.data, category, args.shots, seed, counts, args.pixel, args.resize,
-                                         args.cache, config)
+                                         args.cache, config, args.train_seed)
     return 0
 
 

@@ -211,6 +211,22 @@ def frame_training_inputs(detector: PatchCoreDetector, references: Sequence[torc
                           ) -> tuple[list[HeadInputs], dict[str, int]]:
     """`training.training_inputs` for frames of their own shapes: (one HeadInputs per grid shape, item counts).
     The detector's bank holds `references`."""
+    items, counts = frame_training_items(detector, references, anomalies, masks, has_mask,
+                                         synthetic_per_reference=synthetic_per_reference, seed=seed,
+                                         normals=normals, thin_per_reference=thin_per_reference)
+    return group_items(*items), counts
+
+
+FrameItems = tuple[list, list, list, list, list, list]  # embeddings, distances, labels, targets, has_mask, real
+
+
+def frame_training_items(detector: PatchCoreDetector, references: Sequence[torch.Tensor],
+                         anomalies: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], has_mask: torch.Tensor,
+                         *, synthetic_per_reference: int, seed: int,
+                         normals: Sequence[torch.Tensor] | None = None, thin_per_reference: int = 0
+                         ) -> tuple[FrameItems, dict[str, int]]:
+    """The items of `frame_training_inputs` as flat lists, in training order (references, synthetic defects,
+    labelled defects, labelled normals), before they are grouped by grid shape."""
     ref_embeddings = embed_frames(detector, references)
     k = len(ref_embeddings)
     embeddings = list(ref_embeddings)
@@ -248,7 +264,7 @@ def frame_training_inputs(detector: PatchCoreDetector, references: Sequence[torc
         masked += [True] * len(found)
         real += [True] * len(found)
         counts["normal_labelled"] = len(found)
-    return group_items(embeddings, distances, labels, targets, masked, real), counts
+    return (embeddings, distances, labels, targets, masked, real), counts
 
 
 def frames_of(images: torch.Tensor | Sequence[torch.Tensor]) -> Frames:
