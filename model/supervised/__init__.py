@@ -6,6 +6,8 @@
 - `training.py`: frozen inputs computed once (PatchCore embedding and distances, leave-one-out for references),
   synthetic defects, losses (focal + dice on cells, BCE on the top-k image logit), the seeded training loop.
 - `detector.py`: the detector, its safetensors checkpoint, `fit_head`, the family registration.
+- `frames.py`: the head on the fit geometry (frames of their own shapes, masks cut like them, one item set per grid
+  shape), optional thin crack-like synthetic defects.
 - `evaluation.py`: mixed-supervision evaluation (`anomalyd eval --train-anomalies N [--weak]`), operating point.
 """
 

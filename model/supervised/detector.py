@@ -23,6 +23,7 @@ from model.checkpoints import CheckpointError, read_safetensors, write_safetenso
 from model.detector import Prediction
 from model.factory import CheckpointFormat, ModelFamily, imported_later, register_family
 from model.gaussian import gaussian_blur
+from model.geometry import Geometry, predict_frames
 from model.patchcore import PatchCoreDetector, clip_to_tf
 from model.patchcore.detector import DEFAULT_IMAGE_SIZE
 from model.supervised.head import PatchcoreHead
@@ -104,6 +105,15 @@ class PatchcoreHeadDetector:
         return f"{NAME}-{head}-{self.patchcore.version.removeprefix('patchcore-')}"
 
     @property
+    def geometry(self) -> Geometry:
+        """PatchCore's frame geometry: the head scores the same inputs (squash, or fit with each frame's shape)."""
+        return self.patchcore.geometry
+
+    @property
+    def batch_size(self) -> int:
+        return self.patchcore.batch_size
+
+    @property
     def head(self) -> PatchcoreHead | None:
         return self.checkpoint.head if self.checkpoint is not None else None
 
@@ -115,6 +125,10 @@ class PatchcoreHeadDetector:
                 if found != expected:
                     raise CheckpointError(f"{origin}: the head was trained on PatchCore with {key} {found!r}, "
                                           f"this detector uses {expected!r}")
+            trained = str(checkpoint.metadata.get("geometry", "squash")).split("-")[0]  # heads from before: squash
+            if trained != self.geometry.resize:
+                raise CheckpointError(f"{origin}: the head was trained on resize {trained!r} frames, this detector "
+                                      f"uses resize {self.geometry.resize!r}")
             checkpoint.head.to(self.device).eval()
         self.checkpoint = checkpoint
 
@@ -137,7 +151,8 @@ class PatchcoreHeadDetector:
     @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: Sequence[str] | None = None) -> Prediction:
         size = self.image_size
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+        any_shape = self.geometry.resize != "squash"  # fit: each frame's own (stride-rounded) shape
+        if images.ndim != 4 or images.shape[1] != 3 or (images.shape[-2:] != (size, size) and not any_shape):
             raise ValueError(f"images have shape {tuple(images.shape)}: {NAME} expects (B, 3, {size}, {size})")
         if self.checkpoint is None:
             self.checkpoint = self.untrained_checkpoint()
@@ -150,28 +165,62 @@ class PatchcoreHeadDetector:
         head = self.checkpoint.head
         logits = head(embedding, distances / self.checkpoint.distance_scale)
         scores = torch.sigmoid(head.image_logits(logits))
-        maps = F.interpolate(torch.sigmoid(logits).unsqueeze(1), size=(size, size), mode="bilinear",
+        maps = F.interpolate(torch.sigmoid(logits).unsqueeze(1), size=tuple(images.shape[-2:]), mode="bilinear",
                              align_corners=False)
         maps = gaussian_blur(maps, SIGMA, padding="reflect")[:, 0]
         return Prediction(scores=scores.float(), maps=maps.float().clamp(0, 1))
 
+    @torch.no_grad()
+    def predict_frames(self, frames: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """(image scores, maps in each frame's own pixels) of RGB uint8 frames of any size, under the geometry."""
+        return predict_frames(self, frames, self.geometry, batch_size=self.batch_size)
 
-def fit_head(detector: PatchcoreHeadDetector, references: torch.Tensor, anomalies: torch.Tensor,
-             masks: torch.Tensor, has_mask: torch.Tensor, config: HeadTrainingConfig | None = None,
-             metadata: Mapping[str, Any] | None = None, normals: torch.Tensor | None = None) -> HeadCheckpoint:
+
+def fit_head(detector: PatchcoreHeadDetector, references: torch.Tensor | Sequence[torch.Tensor],
+             anomalies: torch.Tensor | Sequence[torch.Tensor], masks: torch.Tensor | Sequence[torch.Tensor],
+             has_mask: torch.Tensor, config: HeadTrainingConfig | None = None,
+             metadata: Mapping[str, Any] | None = None,
+             normals: torch.Tensor | Sequence[torch.Tensor] | None = None) -> HeadCheckpoint:
     """Train a head for `detector` and use it. `references` (K, 3, S, S) become its bank; `anomalies` (N, 3, S, S)
     with `masks` (N, S, S) where `has_mask` (N,) is True (else image label only); `normals`: further frames
-    labelled normal (not in the bank: e.g. false alarms an operator labelled). Returns the checkpoint."""
+    labelled normal (not in the bank: e.g. false alarms an operator labelled). Returns the checkpoint.
+
+    With a fit geometry (the detector's PatchCore), each of them is a list of frames of their own shapes
+    ((3, h, w) inputs, (h, w) masks: model/supervised/frames.py cuts them)."""
     config = config or HeadTrainingConfig()
-    detector.set_references(references)
-    inputs = training_inputs(detector.patchcore, references, anomalies, masks, has_mask,
-                             synthetic_per_reference=config.synthetic_per_reference, seed=config.seed,
-                             normals=normals)
-    head, d0 = train_head(inputs, config)
-    summary = {**detector.identity, "training": config.as_dict(), "items": inputs.counts, **(metadata or {})}
+    geometry = detector.geometry
+    if geometry.resize == "squash" and not config.thin_per_reference:
+        if not isinstance(references, torch.Tensor):  # frames cut through an ROI: all S x S
+            references, anomalies, masks, normals = (
+                None if v is None else v if isinstance(v, torch.Tensor) else _stacked(v, like)
+                for v, like in ((references, (3,)), (anomalies, (3,)), (masks, ()), (normals, (3,))))
+        detector.set_references(references)
+        inputs = training_inputs(detector.patchcore, references, anomalies, masks, has_mask,
+                                 synthetic_per_reference=config.synthetic_per_reference, seed=config.seed,
+                                 normals=normals)
+        buckets, counts = inputs, inputs.counts
+    else:
+        from model.supervised.frames import check_geometry, frame_training_inputs, frames_of
+
+        check_geometry(geometry)
+        reference_frames = frames_of(references)
+        detector.set_references([frame.unsqueeze(0) for frame in reference_frames])
+        buckets, counts = frame_training_inputs(
+            detector.patchcore, reference_frames, frames_of(anomalies), list(masks), has_mask,
+            synthetic_per_reference=config.synthetic_per_reference, seed=config.seed,
+            normals=frames_of(normals) if normals is not None else None,
+            thin_per_reference=config.thin_per_reference)
+    head, d0 = train_head(buckets, config)
+    summary = {**detector.identity, "geometry": geometry.bank_tag or "squash", "training": config.as_dict(),
+               "items": counts, **(metadata or {})}
     checkpoint = HeadCheckpoint(head, d0, summary)
     detector.set_checkpoint(checkpoint)
     return checkpoint
+
+
+def _stacked(frames: Sequence[torch.Tensor], channels: tuple[int, ...]) -> torch.Tensor:
+    frames = [f[0] if f.ndim == len(channels) + 3 else f for f in frames]
+    return torch.stack(frames) if frames else torch.zeros(0, *channels, 1, 1)
 
 
 def load_head(path: str | Path) -> HeadCheckpoint:

@@ -111,7 +111,13 @@ def category_detector(base: object, model_name: str, references: Sequence[Sample
         return base
     detector = base if isinstance(base, PatchcoreHeadDetector) else PatchcoreHeadDetector(base)  # type: ignore[arg-type]
     size = detector.image_size
-    reference_images = torch.stack([load_image(s.path, size, transform) for s in references])
-    images, masks, has_mask = load_training_frames(anomalies, size, transform, weak=weak)
+    if detector.geometry.plain:
+        reference_images = torch.stack([load_image(s.path, size, transform) for s in references])
+        images, masks, has_mask = load_training_frames(anomalies, size, transform, weak=weak)
+    else:  # fit / ROI: each frame cut as PatchCore's geometry cuts it, its mask the same way
+        from model.supervised.frames import load_frame, load_training_frames_geometry
+
+        reference_images = [load_frame(s.path, detector.geometry, size) for s in references]
+        images, masks, has_mask = load_training_frames_geometry(anomalies, detector.geometry, size, weak=weak)
     fit_head(detector, reference_images, images, masks, has_mask, HeadTrainingConfig(seed=seed))
     return detector

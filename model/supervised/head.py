@@ -11,6 +11,8 @@ move it away from that only where they show PatchCore wrong. Everything runs on 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,9 +48,11 @@ class PatchcoreHead(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(()))
         self.offset = nn.Parameter(torch.tensor(INITIAL_OFFSET))
 
-    def set_feature_statistics(self, embeddings: torch.Tensor) -> None:
-        """Standardise with the per-channel mean/std of `embeddings` (N, D, h, w) (normal frames)."""
-        flat = embeddings.transpose(0, 1).reshape(self.channels, -1).float()
+    def set_feature_statistics(self, embeddings: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Standardise with the per-channel mean/std of `embeddings` (N, D, h, w) (normal frames), or of several
+        such tensors of different grids (fit geometry)."""
+        groups = [embeddings] if isinstance(embeddings, torch.Tensor) else list(embeddings)
+        flat = torch.cat([e.transpose(0, 1).reshape(self.channels, -1).float() for e in groups], 1)
         self.feature_mean.copy_(flat.mean(1))
         self.feature_std.copy_(flat.std(1).clamp_min(1e-6))
 

@@ -39,6 +39,8 @@ class HeadTrainingConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     synthetic_per_reference: int = 3
+    # thin crack-like synthetic defects per reference (model/supervised/frames.py: thin_crack); 0: none
+    thin_per_reference: int = 0
     focal_gamma: float = 2.0
     real_weight: float = 6.0
     hidden: int = 32
@@ -178,9 +180,10 @@ def training_inputs(detector: PatchCoreDetector, references: torch.Tensor, anoma
     return HeadInputs.concat(parts)
 
 
-def distance_scale(inputs: HeadInputs) -> float:
+def distance_scale(inputs: HeadInputs | Sequence[HeadInputs]) -> float:
     """d0: the median leave-one-out cell distance of the normal frames (the unit of the head's distance input)."""
-    normal = inputs.distances[(inputs.labels == 0) & inputs.real]
+    buckets = [inputs] if isinstance(inputs, HeadInputs) else list(inputs)
+    normal = torch.cat([b.distances[(b.labels == 0) & b.real].flatten() for b in buckets])
     value = float(normal.median()) if normal.numel() else 1.0
     return value if math.isfinite(value) and value > 0 else 1.0
 
@@ -192,47 +195,84 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> tor
     return (1 - p_true).pow(gamma) * bce
 
 
-def head_loss(head: PatchcoreHead, embeddings: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
-              targets: torch.Tensor, has_mask: torch.Tensor, weights: torch.Tensor, gamma: float) -> torch.Tensor:
+def loss_terms(head: PatchcoreHead, embeddings: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
+               targets: torch.Tensor, has_mask: torch.Tensor, weights: torch.Tensor, gamma: float
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-item (loss, weight) pairs of one batch of one grid: [image BCE, cell focal (masked items), dice (masked
+    items with a defect)]; `combine_terms` turns those of one or more grids into the loss."""
     logits = head(embeddings, z)
     image = F.binary_cross_entropy_with_logits(head.image_logits(logits), labels, reduction="none")
-    loss = (weights * image).sum() / weights.sum()
+    terms = [(image, weights)]
+    empty = logits.new_zeros(0)
+    focal, focal_weights, dice, dice_weights = empty, empty, empty, empty
     if bool(has_mask.any()):
         cell_logits, cell_targets_, cell_weights = logits[has_mask], targets[has_mask], weights[has_mask]
-        focal = focal_loss(cell_logits, cell_targets_, gamma).flatten(1).mean(1)
-        loss = loss + 10.0 * (cell_weights * focal).sum() / cell_weights.sum()
+        focal, focal_weights = focal_loss(cell_logits, cell_targets_, gamma).flatten(1).mean(1), cell_weights
         positive = cell_targets_.flatten(1).sum(1) > 0
         if bool(positive.any()):
             probs = torch.sigmoid(cell_logits[positive]).flatten(1)
             truth = cell_targets_[positive].flatten(1)
             dice = 1 - (2 * (probs * truth).sum(1) + 1) / (probs.sum(1) + truth.sum(1) + 1)
-            loss = loss + (cell_weights[positive] * dice).sum() / cell_weights[positive].sum()
+            dice_weights = cell_weights[positive]
+    return [*terms, (focal, focal_weights), (dice, dice_weights)]
+
+
+def combine_terms(groups: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    """The loss: weighted image BCE + 10 x weighted focal + weighted dice over all items of all grids."""
+    loss = torch.zeros(())
+    for position, factor in ((0, 1.0), (1, 10.0), (2, 1.0)):
+        values = torch.cat([g[position][0] for g in groups])
+        weights = torch.cat([g[position][1] for g in groups])
+        if values.numel():
+            term = (weights * values).sum() / weights.sum()
+            loss = term if position == 0 else loss + factor * term
     return loss
 
 
-def train_head(inputs: HeadInputs, config: HeadTrainingConfig | None = None) -> tuple[PatchcoreHead, float]:
-    """(trained head, d0) from precomputed items; deterministic given `config.seed`."""
+def head_loss(head: PatchcoreHead, embeddings: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
+              targets: torch.Tensor, has_mask: torch.Tensor, weights: torch.Tensor, gamma: float) -> torch.Tensor:
+    return combine_terms([loss_terms(head, embeddings, z, labels, targets, has_mask, weights, gamma)])
+
+
+def train_head(inputs: HeadInputs | Sequence[HeadInputs], config: HeadTrainingConfig | None = None
+               ) -> tuple[PatchcoreHead, float]:
+    """(trained head, d0) from precomputed items, one HeadInputs per grid shape (fit geometry: frames of several
+    shapes); deterministic given `config.seed`."""
     config = config or HeadTrainingConfig()
     torch.manual_seed(config.seed)
-    d0 = distance_scale(inputs)
-    head = PatchcoreHead(inputs.embeddings.shape[1], hidden=config.hidden, kernel=config.kernel)
-    normal = (inputs.labels == 0) & inputs.real
-    head.set_feature_statistics(inputs.embeddings[normal] if bool(normal.any()) else inputs.embeddings)
-    z = inputs.distances / d0
-    weights = torch.where(inputs.real, torch.tensor(config.real_weight), torch.tensor(1.0))
+    buckets = [inputs] if isinstance(inputs, HeadInputs) else [b for b in inputs if b.labels.numel()]
+    labels = torch.cat([b.labels for b in buckets])
+    real = torch.cat([b.real for b in buckets])
+    d0 = distance_scale(buckets)
+    head = PatchcoreHead(buckets[0].embeddings.shape[1], hidden=config.hidden, kernel=config.kernel)
+    normals = [b.embeddings[(b.labels == 0) & b.real] for b in buckets]
+    normals = [e for e in normals if e.shape[0]]
+    head.set_feature_statistics(normals[0] if len(normals) == 1 else normals if normals
+                                else [b.embeddings for b in buckets])
+    zs = [b.distances / d0 for b in buckets]
+    weights = torch.where(real, torch.tensor(config.real_weight), torch.tensor(1.0))
     # Balance the classes: the two labels weigh the same in total.
     for label in (0.0, 1.0):
-        chosen = inputs.labels == label
+        chosen = labels == label
         if bool(chosen.any()):
             weights[chosen] = weights[chosen] / weights[chosen].sum() * (weights.sum() / 2)
+    starts = torch.tensor([0] + [b.labels.shape[0] for b in buckets]).cumsum(0)
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    n = inputs.labels.shape[0]
+    n = labels.shape[0]
     head.train()
     for _ in range(config.steps):
         batch = torch.randperm(n, generator=generator)[:config.batch_size]
-        loss = head_loss(head, inputs.embeddings[batch], z[batch], inputs.labels[batch], inputs.targets[batch],
-                         inputs.has_mask[batch], weights[batch], config.focal_gamma)
+        groups = []
+        for index, bucket in enumerate(buckets):
+            chosen = batch[(batch >= starts[index]) & (batch < starts[index + 1])]
+            if chosen.numel() == 0:
+                continue
+            local = chosen - starts[index]
+            groups.append(loss_terms(head, bucket.embeddings[local], zs[index][local], bucket.labels[local],
+                                     bucket.targets[local], bucket.has_mask[local], weights[chosen],
+                                     config.focal_gamma))
+        loss = combine_terms(groups)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
