@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from model.factory import capabilities_of
 from model.mutual.drift import DriftWatch
 
 ATTRIBUTE = "reference_drift_watch"  # where a source's detector keeps its watch (one per built detector)
@@ -54,7 +55,7 @@ def normal_map_level(detector: Any) -> float | None:
     known = getattr(detector, "known_good", None)
     maxima = [float(m) for m in getattr(known, "maxima", None) or () if math.isfinite(float(m))]
     scale = getattr(detector, "distance_scale", None)
-    if len(maxima) < 2 or not scale or getattr(detector, "threshold_floor", False):
+    if len(maxima) < 2 or not scale or capabilities_of(detector).threshold_floor is not None:
         return None
     return 1.0 - math.exp(-statistics.median(maxima) / float(scale))  # raw distance → 0-1 (daemon/detectors/scale.py)
 

@@ -12,12 +12,14 @@ the same test on its map (daemon/detectors/drift_watch.py). The result writer ha
   QoS 1 and **retained** (a state, like `/status` and `/threshold`), so MQTT (the outbox relay) and every
   webhook (`X-Anomalyd-Event: drift`) get it with the outbox's delivery guarantee. It offers the frames since the
   start as new references: `references_proposal` is `GET /api/sources/<id>/references/proposal?since=<start>`.
-- **While it lasts** a frame that would have alerted is recorded with **no decision** (`is_anomalous` NULL,
+- **While it lasts**, on a source on mutual scoring, a frame that would have alerted is recorded with **no decision** (`is_anomalous` NULL,
   `meta.no_decision = "drift"`, its score kept) and raises no alert: the frames are judged against a line that is
   no longer there, so their alerts would be hundreds of copies of the one message that matters. The count
   (`suppressed`) is on the row and in the cleared message. A frame that still matches the window is recorded
   normal. A defect flood is not hidden: it does not make a drift (its good parts set the watch back), so its
-  alerts go out.
+  alerts go out. A source scored against references reports its drift but keeps alerting (`_holds_alerts`): its
+  references are curated, so a frame far from them is alerted whatever the cause, and a run of large defects the
+  watch takes for a change must never be hidden.
 - **End.** When the watch's sum falls back to 0 (the frames match the window or the references again), when the
   source's frames are scored by another model version than the drift's (new references approved), or at the next
   start of the daemon (the window starts again), the row gets `cleared_at` and the reason, and a second retained
@@ -90,6 +92,14 @@ def drift_payload(event: _Active | Any, state: str, *, cleared_at: datetime | No
     }
 
 
+def _holds_alerts(active: _Active) -> bool:
+    """Whether a drift holds its source's alerts back: on mutual scoring, whose window judges each frame against the
+    line as it was, every frame of a changed line would alert. A source scored against references keeps alerting:
+    its references are curated, so a frame far from them is alerted whatever the cause, and a run of defects that
+    the watch takes for a change (a flood of large defects) must never be hidden."""
+    return active.model_version.startswith(version_prefix())
+
+
 class DriftTracker:
     """Per-source drift state between the detector's notes and the database (see the module docstring)."""
 
@@ -104,8 +114,9 @@ class DriftTracker:
     # -- before the commit (writer thread, per frame) -------------------------------------------------------------
     def observe(self, source: str, line: str, model_version: str, notes: dict[str, Any] | None,
                 captured_at: datetime) -> bool:
-        """Account one scored frame; True when its source is in drift for this frame (a would-be alert is then
-        recorded with no decision: call `suppressed`)."""
+        """Account one scored frame; True when its source is in drift for this frame and its alerts are held back
+        (a would-be alert is then recorded with no decision: call `suppressed`). Only a source on mutual scoring
+        holds alerts back: one scored against references keeps alerting through its drift (`_holds_alerts`)."""
         notes = notes or {}
         with self._lock:
             active = self.active.get(source)
@@ -125,15 +136,16 @@ class DriftTracker:
                                  share=float(event["share"]))
                 self.active[source] = opened
                 self._pending.started.append(opened)
-                log.warning("source %s: drift since %s (%d frames, %.0f %% of their patches unmatched): alerts held "
-                            "back until it ends; new references offered at %s", source, rfc3339(started_at),
-                            opened.frames, 100 * opened.share, proposal_url(source, started_at))
-                return True
+                log.warning("source %s: drift since %s (%d frames, %.0f %% of their patches unmatched): %s; new "
+                            "references offered at %s", source, rfc3339(started_at), opened.frames, 100 * opened.share,
+                            "alerts held back until it ends" if _holds_alerts(opened) else "its alerts still go out",
+                            proposal_url(source, started_at))
+                return _holds_alerts(opened)
             if notes.get("drift_cleared") and active is not None:
                 what = "window" if active.model_version.startswith(version_prefix()) else "references"
                 self._clear(source, f"the frames match the {what} again")
                 return False
-            return source in self.active and bool(notes.get("drifting", True))
+            return active is not None and _holds_alerts(active) and bool(notes.get("drifting", True))
 
     def suppressed(self, source: str) -> None:
         """A would-be alert of `source` was recorded with no decision (the source is in drift)."""

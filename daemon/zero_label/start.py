@@ -85,9 +85,10 @@ def propose_references(sessions: Any, source_id: str, count: int = PROPOSED, rec
     `ready` is False (and `frames` empty) until `min_judged` such frames exist.
 
     `since` (a drift's start, daemon/zero_label/drift.py): the frames captured since then instead, whatever scored them
-    (mutual scoring or, for a source on references, PatchCore), the ones held back with no decision during the
-    drift included (they show the line as it is now); ready once `count` exist."""
-    from sqlalchemy import or_, select
+    (mutual scoring or, for a source on references, PatchCore) and whatever their verdict: they show the line as it
+    is now (held back with no decision on mutual scoring, alerted against the old references on PatchCore); the
+    lower-scoring half of them, for an operator to approve; ready once `count` exist."""
+    from sqlalchemy import select
 
     from adapters.db import Inspection
 
@@ -98,8 +99,7 @@ def propose_references(sessions: Any, source_id: str, count: int = PROPOSED, rec
     if since is None:
         query = query.where(Inspection.model_version.like(f"{version_prefix()}%"), Inspection.is_anomalous.is_(False))
     else:
-        query = query.where(Inspection.captured_at >= since,
-                            or_(Inspection.is_anomalous.is_(False), Inspection.is_anomalous.is_(None)))
+        query = query.where(Inspection.captured_at >= since)
         min_judged = count
     with sessions() as session:
         rows = session.execute(query).all()

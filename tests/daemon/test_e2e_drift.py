@@ -211,11 +211,13 @@ def test_window_filling_frames_have_no_decision_and_a_line_change_is_one_retaine
         assert again["state"] == "drifting" and again["model_version"] == patchcore
         assert again["started_at"] == rfc3339(back[0].captured_at) and again["share"] > 0.2  # allowance: 0.1
         signalled = next(i for i, r in enumerate(back) if rfc3339(r.captured_at) == again["detected_at"])
-        assert 2 <= signalled <= 4 and all(row.meta["no_decision"] == "drift" for row in back[signalled:])
-        assert len(subscriber.payloads("/anomaly")) - alerts == signalled  # only those before the signal
+        # on references the drift is reported, and every frame keeps its decision: nothing is held back
+        assert 2 <= signalled <= 4 and all(row.is_anomalous is not None for row in back)
+        alerted = sum(bool(row.is_anomalous) for row in back)
+        assert subscriber.wait_for(lambda: len(subscriber.payloads("/anomaly")) - alerts == alerted, timeout=60)
         with capsys.disabled():
             print(f"PatchCore on plates, cubes again: drift signalled at cube {signalled + 1} of {len(cubes_again)} "
-                  f"(share {again['share']}), {signalled} alerts before it")
+                  f"(share {again['share']}), {alerted} of {len(back)} cubes alerted (none held back)")
 
         # 5. Re-approval: the drift offers the cubes scored by PatchCore; approving them ends it. (The plates are
         # removed first: their frames are 512 px, the cubes' 640x480, and one source's references share a size.)
