@@ -123,6 +123,26 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class LabelLearning:
+    """How a family built on references learns from operator labels in the daemon's retraining (its own fit, not
+    the prompt-training loop; daemon/learning/head_retraining_job.py). Each callable takes a detector of the family
+    built with `references_later=True`.
+
+    source_inputs(detector, references, labelled, *, synthetic_per_reference, seed): one source's frozen training
+    items (its bank on `references` (paths), its labelled frames (`model.datasets.Sample`) scored by it);
+    fit(detector, parts, *, steps, seed, synthetic_per_reference, metadata) -> (weights, what trained them);
+    weights.save(path) writes them, load(path) reads them back;
+    scorer(detector, weights | None): the detector scoring as the model with those weights does (None: the base
+    model the labels improve on, e.g. PatchCore itself).
+    """
+
+    source_inputs: Callable[..., Any]
+    fit: Callable[..., Any]
+    load: Callable[[str | Path], Any]
+    scorer: Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """Everything anomalyd asks of a model family (see the module docstring)."""
 
@@ -144,6 +164,8 @@ class ModelFamily:
     # fit_samples(detector, samples, *, output, seed, references, metadata): trains from labelled samples without the
     # prompt-training loop (`anomalyd train`; e.g. patchcore-head); None: `training` or nothing.
     fit_samples: Callable[..., Any] | None = None
+    # The daemon's retraining of a family built on references from operator labels (e.g. patchcore-head).
+    label_learning: LabelLearning | None = None
     # known_good(detector, files, limit): raw scores of held-out references and their calibration views
     # (model.known_good.KnownGoodScores) that the daemon calibrates a source's thresholds from; None: it has none.
     known_good: Callable[..., Any] | None = None

@@ -1,12 +1,13 @@
-"""The head retraining process: `python -m daemon.learning.head_retraining_job JOB.json`, started by the retrainer
-(daemon/learning/head_retraining.py builds the job, its model kind the trained family's) through
-`daemon.learning.supervisor.JobSupervisor`.
+"""The retraining process of a family built on references: `python -m daemon.learning.head_retraining_job JOB.json`,
+started by the retrainer (daemon/learning/head_retraining.py builds the job, its model kind the trained family's)
+through `daemon.learning.supervisor.JobSupervisor`. What the family does is its `LabelLearning` (model/factory.py;
+patchcore-head's: model/supervised/label_learning.py); this process only runs it and judges the result.
 
-It lowers its priority, then per source with labelled frames: builds PatchCore's bank from that source's references
-and computes the frozen training items (model/supervised/training.py: the references leave-one-out as normals,
-synthetic defects on them, the labelled defects with their masks or image labels, the frames labelled normal,
-false alarms included); trains one head on all of them; saves it (safetensors) to the job's output. Then it scores
-the candidate and the active model (PatchCore itself, or the active head) on the held-out labelled frames, each
+It lowers its priority, then per source with labelled frames asks the family for that source's frozen training
+items (its bank on the source's references; for a head: the references leave-one-out as normals, synthetic defects
+on them, the labelled defects with their masks or image labels, the frames labelled normal, false alarms included);
+has the family fit one model on all of them; saves it to the job's output. Then it scores
+the candidate and the active model (the base the labels improve on, or the active trained one) on the held-out labelled frames, each
 source against its own bank, and measures both at their calibrated operating point: a threshold from each model's
 known-good frames (held-out references and their calibration views, plus the training frames labelled normal) at
 `false_reject_rate`, the way the daemon calibrates a new version (daemon/references/manager.py), and the held-out defects
@@ -52,12 +53,9 @@ def _samples(items: list[dict[str, Any]]) -> list[Any]:
                    has_mask=bool(i.get("mask")) or not i["label"]) for i in items]
 
 
-def training_items(detector: Any, spec: dict[str, Any]) -> Any:
-    """The frozen training items of every source with references and labelled training frames, concatenated."""
-    from model.supervised.evaluation import load_training_frames
-    from model.supervised.training import HeadInputs, training_inputs
-
-    size, t = detector.image_size, spec["training"]
+def training_parts(learning: Any, detector: Any, spec: dict[str, Any]) -> list[Any]:
+    """The family's frozen training items of every source with references and labelled training frames."""
+    t = spec["training"]
     parts = []
     for source, items in sorted(_by_source(spec["train"]).items()):
         references = spec["sources"].get(source) or []
@@ -67,17 +65,13 @@ def training_items(detector: Any, spec: dict[str, Any]) -> Any:
             continue
         in_bank = {Path(p).resolve() for p in references}
         samples = [s for s in _samples(items) if s.path.resolve() not in in_bank]  # the bank's own would score 0
-        refs = _images(references, size)
-        anomalies, masks, has_mask = load_training_frames([s for s in samples if s.label], size, "fast", weak=False)
-        normals = [s.path for s in samples if not s.label]
-        detector.set_references(refs)
-        parts.append(training_inputs(detector.patchcore, refs, anomalies, masks, has_mask,
-                                     synthetic_per_reference=int(t["synthetic_per_reference"]), seed=int(t["seed"]),
-                                     normals=_images(normals, size) if normals else None))
+        parts.append(learning.source_inputs(detector, [Path(p) for p in references], samples,
+                                            synthetic_per_reference=int(t["synthetic_per_reference"]),
+                                            seed=int(t["seed"])))
         log.info("source %s: %d references, %d labelled training frames", source, len(references), len(samples))
     if not parts:
         raise RuntimeError("no source has both references (2 or more) and labelled training frames")
-    return HeadInputs.concat(parts)
+    return parts
 
 
 def _scores(detector: Any, paths: Sequence[str | Path], size: int) -> tuple[list, list]:
@@ -94,9 +88,9 @@ def _scores(detector: Any, paths: Sequence[str | Path], size: int) -> tuple[list
     return scores.tolist(), [m.numpy() for m in maps]
 
 
-def _evaluate_source(model: str, detector: Any, source: str, references: list[Path], holdout: list[dict],
+def _evaluate_source(scorer: Any, source: str, references: list[Path], holdout: list[dict],
                      train_normals: list[str], rate: float) -> dict[str, Any]:
-    """One model ("base": the bank the head sits on, or "head") on one source's held-out frames: scores, maps, its
+    """One model (`scorer`: the family's base or a trained model) on one source's held-out frames: scores, maps, its
     calibrated threshold and the known-good own scores (the stand-in normals), all as the daemon computes them for
     that model's family: its `known_good` hook, its score scale, its threshold floor."""
     import torch
@@ -106,8 +100,7 @@ def _evaluate_source(model: str, detector: Any, source: str, references: list[Pa
     from model.factory import capabilities_of, known_good_of
     from model.known_good import CALIBRATION_HOLDOUTS
 
-    size = detector.image_size
-    scorer = detector.patchcore if model == "base" else detector
+    size = scorer.image_size
     known = known_good_of(scorer)(scorer, references, CALIBRATION_HOLDOUTS)
     scorer.distance_scale = known.distance_scale  # as daemon/references/bank.py sets it on a source's detector
     good, good_max = scale_outputs(scorer, torch.tensor(known.scores), torch.tensor(known.maxima))
@@ -115,7 +108,7 @@ def _evaluate_source(model: str, detector: Any, source: str, references: list[Pa
     normal_scores, normal_maps = _scores(scorer, train_normals, size)
     good_scores = good.tolist() + normal_scores
     good_maxima = good_max.tolist() + [float(m.max()) for m in normal_maps]
-    image, pixel = calibrated_bounds(good_scores, good_maxima, rate, what=f"source {source} ({model})")
+    image, pixel = calibrated_bounds(good_scores, good_maxima, rate, what=f"source {source} ({scorer.name})")
     floor = capabilities_of(scorer).threshold_floor  # as the daemon calibrates it (daemon/references/manager.py)
     image, pixel = floored(image, floor), floored(pixel, floor)
     scores, maps = _scores(scorer, [i["path"] for i in holdout], size)
@@ -123,19 +116,18 @@ def _evaluate_source(model: str, detector: Any, source: str, references: list[Pa
             "known_good": len(good_scores)}
 
 
-def evaluate(detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, Any]:
+def evaluate(learning: Any, detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, Any]:
     """Per model ("candidate", "active"): held-out image/pixel metrics and the operating point (see the module
     docstring)."""
     import numpy as np
 
     from model.dataset_loading import load_mask
     from model.metrics import MetricAccumulator
-    from model.supervised.detector import HeadCheckpoint
 
     active = spec.get("active") or {}
     models: dict[str, Any] = {"candidate": checkpoint}
-    if active.get("kind") == spec["model"]["kind"] and active.get("prompts"):  # an earlier head is active
-        models["active"] = HeadCheckpoint.load(active["prompts"])
+    if active.get("kind") == spec["model"]["kind"] and active.get("prompts"):  # an earlier trained model is active
+        models["active"] = learning.load(active["prompts"])
     else:  # the configured base model (or nothing active yet: the base is what the daemon runs then)
         models["active"] = None
     rate = float(spec["false_reject_rate"])
@@ -151,9 +143,8 @@ def evaluate(detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, 
         for source, holdout in sorted(per_source.items()):
             references = [Path(p) for p in spec["sources"][source]]
             detector.set_references(_images(references, detector.image_size))
-            detector.set_checkpoint(model)
-            out = _evaluate_source("base" if model is None else "head", detector, source, references,
-                                   holdout, train_normals.get(source, []), rate)
+            out = _evaluate_source(learning.scorer(detector, model), source, references, holdout,
+                                   train_normals.get(source, []), rate)
             labels = [int(i["label"]) for i in holdout]
             masks = [load_mask(s, detector.image_size).numpy() if s.label else None for s in _samples(holdout)]
             maps = out["maps"]
@@ -185,9 +176,7 @@ def evaluate(detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from model import create_detector, resolve_device
-    from model.supervised.detector import HeadCheckpoint
-    from model.supervised.training import HeadTrainingConfig, train_head
+    from model import create_detector, get_family, resolve_device
 
     torch.set_num_threads(int(spec.get("threads") or 1))
     t = spec["training"]
@@ -195,23 +184,26 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in spec["model"]["options"].items() if v is not None}
     if "layers" in options:
         options["layers"] = tuple(options["layers"])
-    detector = create_detector(spec["model"]["kind"], device=resolve_device(spec.get("device") or "auto"),
+    kind = spec["model"]["kind"]
+    learning = get_family(kind).label_learning
+    if learning is None:
+        raise RuntimeError(f"model {kind!r} does not learn from labelled frames on references")
+    detector = create_detector(kind, device=resolve_device(spec.get("device") or "auto"),
                                dtype="float32", references_later=True, **options)
-    inputs = training_items(detector, spec)
-    config = HeadTrainingConfig(steps=int(t["steps"]), seed=int(t["seed"]),
-                                synthetic_per_reference=int(t["synthetic_per_reference"]))
-    head, d0 = train_head(inputs, config)
-    metadata = {**detector.identity, "version": spec["version"], "training": config.as_dict(), "items": inputs.counts,
-                "training_data": f"operator labels, retraining run {spec['run_id']}",
-                "sources": sorted(spec["sources"])}
-    checkpoint = HeadCheckpoint(head, d0, metadata)
-    emit({"event": "epoch", "epoch": 1, "epochs": 1, "loss": 0.0, "items": inputs.counts})
+    parts = training_parts(learning, detector, spec)
+    checkpoint, trained = learning.fit(
+        detector, parts, steps=int(t["steps"]), seed=int(t["seed"]),
+        synthetic_per_reference=int(t["synthetic_per_reference"]),
+        metadata={"version": spec["version"], "training_data": f"operator labels, retraining run {spec['run_id']}",
+                  "sources": sorted(spec["sources"])})
+    items = trained["items"]
+    emit({"event": "epoch", "epoch": 1, "epochs": 1, "loss": 0.0, "items": items})
     output = Path(spec["output"])
     output.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(output)
-    evaluated = evaluate(detector, checkpoint, spec)
-    return {"version": spec["version"], "synthetic_holdout": 0, "items": inputs.counts,
-            "history": [{"epoch": 1, "steps": config.steps, "items": inputs.counts}],
+    evaluated = evaluate(learning, detector, checkpoint, spec)
+    return {"version": spec["version"], "synthetic_holdout": 0, "items": items,
+            "history": [{"epoch": 1, "steps": trained["training"]["steps"], "items": items}],
             "candidate": evaluated["candidate"]["metrics"], "active": evaluated["active"]["metrics"],
             "active_error": None,
             "operating_point": {name: value["operating_point"] for name, value in evaluated.items()}}

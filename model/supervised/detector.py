@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from model.checkpoints import CheckpointError, read_safetensors, write_safetensors
 from model.detector import Prediction
-from model.factory import CheckpointFormat, ModelFamily, imported_later, register_family
+from model.factory import CheckpointFormat, LabelLearning, ModelFamily, imported_later, register_family
 from model.gaussian import gaussian_blur
 from model.geometry import Geometry, predict_frames
 from model.patchcore import PatchCoreDetector, clip_to_tf
@@ -259,4 +259,8 @@ register_family(ModelFamily(
     checkpoint=CheckpointFormat(load=load_head, save=save_head),
     fit_samples=imported_later("model.supervised.fitting", "fit_samples"),
     known_good=imported_later("model.supervised.known_good", "head_known_good"),
+    label_learning=LabelLearning(
+        source_inputs=imported_later("model.supervised.label_learning", "source_inputs"),
+        fit=imported_later("model.supervised.label_learning", "fit"), load=HeadCheckpoint.load,
+        scorer=imported_later("model.supervised.label_learning", "scorer")),
 ))
