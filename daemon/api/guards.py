@@ -78,6 +78,7 @@ class SecurityHeaders:
             return
         path = scope.get("path", "")
         ui = path in _UI_PATHS or path.startswith("/static/")
+        api = path.startswith("/api/")
 
         async def with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -86,6 +87,10 @@ class SecurityHeaders:
                             (b"referrer-policy", b"no-referrer")]
                 if ui:
                     headers.append((b"content-security-policy", UI_CSP.encode()))
+                # API answers are the daemon's state now (and carry tokens' data): no browser or proxy keeps a copy;
+                # routes that serve immutable files set their own
+                if api and not any(name.lower() == b"cache-control" for name, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": headers}
             await send(message)
 

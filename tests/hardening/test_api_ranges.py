@@ -73,3 +73,5 @@ def test_case14_ui_security_headers(env):  # noqa: F811
     assert script.headers["x-content-type-options"] == "nosniff" and "content-security-policy" in script.headers
     api = env.client.get("/api/inspections", headers=auth("viewer"))
     assert api.headers["x-frame-options"] == "DENY"
+    # the daemon's state now: never stored by a browser or proxy
+    assert api.headers["cache-control"] == "no-store"
