@@ -216,6 +216,8 @@ def test_each_change_through_the_api_is_a_retained_outbox_message_and_a_refused_
     from sqlalchemy import select
 
     from adapters.db import OutboxMessage
+    from adapters.db.outbox import as_event
+    from adapters.mqtt import mqtt_message
 
     def messages() -> list[OutboxMessage]:
         with app.sessions() as session:
@@ -226,10 +228,13 @@ def test_each_change_through_the_api_is_a_retained_outbox_message_and_a_refused_
     assert app.put({"roi": ROI, "ignore_polygons": [POLYGON]}).status_code == 200
     assert app.client.delete("/api/sources/cam1/geometry", headers=auth("operator")).status_code == 200
     set_row, reset_row = messages()
-    assert set_row.topic == reset_row.topic == "anomalyd/default/cam1/geometry"
-    assert set_row.retain and reset_row.retain
-    payload = json.loads(set_row.payload)
+    assert set_row.event_type == reset_row.event_type == "geometry"
+    # what MQTT makes of them (adapters.mqtt.mqtt_message): a retained state on the source's geometry topic
+    set_message, reset_message = (mqtt_message(as_event(row), "anomalyd", 0) for row in (set_row, reset_row))
+    assert set_message.topic == reset_message.topic == "anomalyd/default/cam1/geometry"
+    assert set_message.retain and reset_message.retain and set_message.qos == 1
+    payload = json.loads(set_message.payload)
     assert (payload["event"], payload["action"], payload["set_by"], payload["line"]) == (
         "geometry", "set", "api:operator-1", "default")
     assert payload["geometry"]["roi"] == ROI and payload["id"] == set_row.id
-    assert json.loads(reset_row.payload)["geometry"]["roi"] is None
+    assert json.loads(reset_message.payload)["geometry"]["roi"] is None
