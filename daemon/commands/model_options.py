@@ -135,7 +135,11 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from adapters.weights import resolve_prompts
     from model.factory import get_family
 
-    if not get_family(name).caps.clip_backbone:
+    caps = get_family(name).caps
+    if not caps.clip_backbone:
+        if getattr(args, "resize", None) == "tile" and not caps.supports_tile:
+            raise UsageError(f"--resize tile: model {name} is trained on one input per frame (a tile of a defective "
+                             "frame need not show the defect); use --resize fit or squash")
         return own_backbone_options(args)
     if not geometry_option(args).plain:
         able = " or ".join(f"--model {m}" for m in models_that(lambda c: c.supports_geometry))

@@ -129,6 +129,28 @@ class HeadTrainingSet:
             out[source_id] = [str(f) for f in files if f.suffix != ".safetensors"]
         return out
 
+    def _geometries(self, family: str, sources: set[str]) -> dict[str, dict[str, Any]]:
+        """Each source's effective frame geometry (config or an operator's override) when the trained family runs
+        on it ({} when it takes squashed frames); RetrainError when the sources differ in resize mode (one head
+        is trained for one mode) or the mode is one the family cannot train on."""
+        from daemon.config.geometry import supports_geometry
+        from daemon.references.geometry_overrides import effective_geometry
+        from model.factory import capabilities
+
+        if not supports_geometry(family):
+            return {}
+        try:
+            geometries = {s: effective_geometry(self.settings, s) for s in sorted(sources)}
+        except ValueError as exc:
+            raise RetrainError(str(exc)) from None
+        modes = {s: g.resize for s, g in geometries.items()}
+        if len(set(modes.values())) > 1:
+            raise RetrainError("sources differ in resize (" + ", ".join(f"{s}: {m}" for s, m in modes.items()) +
+                               f"): a {family} is trained for one resize mode; set the same resize on them")
+        if "tile" in modes.values() and not capabilities(family).supports_tile:
+            raise RetrainError(f"resize \"tile\": a {family} is trained on one input per frame; use \"fit\"")
+        return {s: g.as_dict() for s, g in geometries.items()}
+
     def _false_alarms_train(self, train: list[LabelledFrame], holdout: list[LabelledFrame]
                             ) -> tuple[list[LabelledFrame], list[LabelledFrame]]:
         """Labelled false alarms (labelled normal, alerted when inspected) always train: the operator's correction
@@ -170,6 +192,7 @@ class HeadTrainingSet:
             raise RetrainError(f"no source of the labelled frames ({', '.join(sorted(references)) or 'none'}) has 2 or "
                                "more references: a head is trained on its source's PatchCore bank; add references")
         frames = [f for f in frames if f.category in usable]
+        geometries = self._geometries(family, usable)
         train, holdout = split_holdout(frames, cfg.holdout_fraction)
         train, holdout = self._false_alarms_train(train, holdout)
         if not any(f.label for f in train) or not any(f.label for f in holdout):
@@ -193,6 +216,7 @@ class HeadTrainingSet:
             "output": str(run_dir / "work" / "head.safetensors"), "result": str(run_dir / "result.json"),
             "model": {"kind": family, "image_size": options["image_size"], "options": options},
             "sources": {s: references[s] for s in sorted(usable)},
+            "geometry": geometries,  # each source's as the daemon runs it: train and judge on the same inputs
             "active": ({"version": active.version, "kind": active.kind, "prompts": active.prompts_path}
                        if active is not None else None),
             "train": [f.as_job_item() for f in train], "holdout": [f.as_job_item() for f in holdout],

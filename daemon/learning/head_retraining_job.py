@@ -53,6 +53,18 @@ def _samples(items: list[dict[str, Any]]) -> list[Any]:
                    has_mask=bool(i.get("mask")) or not i["label"]) for i in items]
 
 
+def use_source_geometry(detector: Any, spec: dict[str, Any], source: str) -> Any:
+    """Put the source's frame geometry (the job's `geometry`, as the daemon runs that source; none: squash) on the
+    detector, so its bank, training items and scores are cut as the source's frames are; returns it."""
+    from model.geometry import make_geometry
+
+    values = (spec.get("geometry") or {}).get(source)
+    geometry = make_geometry() if not values else make_geometry(
+        values["resize"], values.get("roi"), values.get("ignore"), values.get("tile_overlap"))
+    detector.geometry = geometry
+    return geometry
+
+
 def training_parts(learning: Any, detector: Any, spec: dict[str, Any]) -> list[Any]:
     """The family's frozen training items of every source with references and labelled training frames."""
     t = spec["training"]
@@ -65,6 +77,7 @@ def training_parts(learning: Any, detector: Any, spec: dict[str, Any]) -> list[A
             continue
         in_bank = {Path(p).resolve() for p in references}
         samples = [s for s in _samples(items) if s.path.resolve() not in in_bank]  # the bank's own would score 0
+        use_source_geometry(detector, spec, source)
         parts.append(learning.source_inputs(detector, [Path(p) for p in references], samples,
                                             synthetic_per_reference=int(t["synthetic_per_reference"]),
                                             seed=int(t["seed"])))
@@ -75,17 +88,37 @@ def training_parts(learning: Any, detector: Any, spec: dict[str, Any]) -> list[A
 
 
 def _scores(detector: Any, paths: Sequence[str | Path], size: int) -> tuple[list, list]:
-    """(image scores, maps) on the daemon's 0–1 scale (the family's declared rule, daemon/detectors/scale.py)."""
+    """(image scores, maps) on the daemon's 0–1 scale (the family's declared rule, daemon/detectors/scale.py); with
+    a geometry, scored through it as the daemon scores the source's frames (maps in each frame's own pixels)."""
     import torch
 
     from daemon.detectors.scale import scale_outputs
 
     if not paths:
         return [], []
+    geometry = getattr(detector, "geometry", None)
+    if geometry is not None and not geometry.plain:
+        from model.geometry import predict_frames
+        from model.preprocess import decode_image
+
+        raw_scores, raw_maps = predict_frames(detector, [decode_image(p) for p in paths], geometry,
+                                              batch_size=int(getattr(detector, "batch_size", 8)))
+        scores = scale_outputs(detector, torch.as_tensor(raw_scores).float(), torch.zeros(len(paths), 1, 1))[0]
+        maps = [scale_outputs(detector, torch.zeros(1), torch.as_tensor(m).float()[None])[1][0].numpy()
+                for m in raw_maps]
+        return scores.tolist(), maps
     with torch.inference_mode():
         prediction = detector.predict(_images(paths, size))
     scores, maps = scale_outputs(detector, prediction.scores.float().cpu(), prediction.maps.float().cpu())
     return scores.tolist(), [m.numpy() for m in maps]
+
+
+def _square(maps: list[Any], size: int) -> list[Any]:
+    """Maps in frame pixels at the model size (the held-out metrics compare them with square masks)."""
+    import cv2
+
+    return [m if m.shape == (size, size) else cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR)
+            for m in maps]
 
 
 def _evaluate_source(scorer: Any, source: str, references: list[Path], holdout: list[dict],
@@ -142,12 +175,15 @@ def evaluate(learning: Any, detector: Any, checkpoint: Any, spec: dict[str, Any]
                  "normals_from_references": 0}
         for source, holdout in sorted(per_source.items()):
             references = [Path(p) for p in spec["sources"][source]]
-            detector.set_references(_images(references, detector.image_size))
+            if use_source_geometry(detector, spec, source).plain:
+                detector.set_references(_images(references, detector.image_size))
+            else:
+                detector.load_references([str(p) for p in references])
             out = _evaluate_source(learning.scorer(detector, model), source, references, holdout,
                                    train_normals.get(source, []), rate)
             labels = [int(i["label"]) for i in holdout]
             masks = [load_mask(s, detector.image_size).numpy() if s.label else None for s in _samples(holdout)]
-            maps = out["maps"]
+            maps = _square(out["maps"], detector.image_size)
             scores = list(out["scores"])
             if not any(label == 0 for label in labels):  # no held-out labelled normal: the references stand in
                 labels += [0] * len(out["own"])

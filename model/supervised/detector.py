@@ -109,6 +109,10 @@ class PatchcoreHeadDetector:
         """PatchCore's frame geometry: the head scores the same inputs (squash, or fit with each frame's shape)."""
         return self.patchcore.geometry
 
+    @geometry.setter
+    def geometry(self, geometry: Geometry) -> None:
+        self.patchcore.geometry = geometry
+
     @property
     def batch_size(self) -> int:
         return self.patchcore.batch_size

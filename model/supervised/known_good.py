@@ -43,6 +43,18 @@ def _rows(detector: Any, files: Sequence[Path]) -> list[Any]:
     return rows
 
 
+class _HeadThroughPatchcore:
+    """The head detector as PatchCore's `geometry_known_good` reads one: PatchCore's model (bank rows, embeddings),
+    geometry and options, the head's predictions."""
+
+    def __init__(self, detector: Any) -> None:
+        patchcore = detector.patchcore
+        self.model, self.geometry, self.image_size = patchcore.model, patchcore.geometry, patchcore.image_size
+        self.device, self.batch_size = patchcore.device, patchcore.batch_size
+        self.augment = getattr(patchcore, "augment", "none")
+        self.predict = detector.predict
+
+
 def head_known_good(detector: Any, files: Sequence[Path], limit: int = CALIBRATION_HOLDOUTS) -> KnownGoodScores:
     """Scores and map maxima (0–1) of up to `limit` held-out references and their calibration views, each against
     a bank of the other references; the detector's own bank is restored. Empty with fewer than two files."""
@@ -52,6 +64,10 @@ def head_known_good(detector: Any, files: Sequence[Path], limit: int = CALIBRATI
 
     if len(files) < 2:
         return KnownGoodScores([], [], DEFAULT_DISTANCE_SCALE, 0, 0)
+    if not detector.geometry.plain:  # fit / ROI / ignore polygons: through the same geometry, as PatchCore's
+        from model.patchcore.known_good import geometry_known_good
+
+        return geometry_known_good(_HeadThroughPatchcore(detector), files, limit)
     model = detector.patchcore.model
     size = int(detector.image_size)
     rows = _rows(detector, files)

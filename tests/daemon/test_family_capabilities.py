@@ -61,7 +61,7 @@ def test_frame_geometry_follows_supports_geometry(declare, tmp_path):
 
     declare(supports_geometry=False)
     assert default_resize(TOY) == "squash"
-    with pytest.raises(ConfigError, match=rf"\[model\]: resize .* need model patchcore; model '{TOY}' takes whole "
+    with pytest.raises(ConfigError, match=rf"\[model\]: resize .* need model patchcore or patchcore-head; model '{TOY}' takes whole "
                                           "frames squashed"):
         _settings(tmp_path, roi=[4, 4, 28, 28])
 

@@ -155,7 +155,7 @@ def test_a_family_that_runs_whole_frames_refuses_a_geometry(tmp_path):
     try:
         response = app.put({"resize": "fit"})
         assert response.status_code == 422
-        assert "need model patchcore; model 'anomalyclip' takes whole frames squashed" in response.json()["detail"]
+        assert "need model patchcore or patchcore-head; model 'anomalyclip' takes whole frames squashed" in response.json()["detail"]
         assert "need model patchcore" in app.put({"roi": ROI}).json()["detail"]
         assert app.put({"resize": "squash"}).status_code == 200  # what it runs anyway is fine
         assert app.get()["supported"] is False

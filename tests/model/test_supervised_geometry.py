@@ -157,3 +157,34 @@ def test_thin_crack_changes_only_a_thin_line_and_masks_it() -> None:
         assert mask.mean() < 0.05  # a thin line, not a blob
         rows, cols = np.nonzero(mask)
         assert max(np.ptp(rows), np.ptp(cols)) >= 0.1 * 96  # long: at least a tenth of the short side
+
+
+@pytest.mark.shared
+def test_train_resize_fit_trains_a_fit_head(samples_dir: Path, tmp_path: Path, capsys) -> None:
+    """`anomalyd train --model patchcore-head --resize fit`: the head trains on each frame at its own aspect ratio
+    (the checkpoint records fit), a fit detector takes it and scores frames of their own sizes; a squash detector
+    refuses it, and `--resize tile` is a usage error naming the option."""
+    from daemon.cli import main
+
+    data = mini_category(samples_dir, tmp_path / "data", normals=6, defects=3)
+    output = tmp_path / "head.safetensors"
+    common = ["train", "--model", "patchcore-head", "--data", str(data), "--image-size", str(SIZE),
+              "--seed", "0", "--device", "cpu"]
+    assert main([*common, "--output", str(output), "--resize", "fit"]) == 0
+    from model.supervised.detector import HeadCheckpoint
+
+    checkpoint = HeadCheckpoint.load(output)
+    assert checkpoint.metadata["geometry"] == "fit"
+    assert checkpoint.metadata["items"]["anomalous_masked"] == 3
+    good = sorted((data / "magnetic_tile" / "test" / "good").iterdir())
+    detector = create_detector("patchcore-head", head=output, references=[str(p) for p in good[:4]],
+                               image_size=SIZE, device="cpu", geometry=make_geometry("fit"))
+    frames = [decode_image(p) for p in sorted((data / "magnetic_tile" / "test" / "crack").iterdir())]
+    scores, maps = detector.predict_frames(frames)
+    assert [m.shape for m in maps] == [f.shape[:2] for f in frames] and np.all((scores >= 0) & (scores <= 1))
+    with pytest.raises(CheckpointError, match="trained on resize 'fit'"):
+        create_detector("patchcore-head", head=output, references_later=True, image_size=SIZE, device="cpu")
+    with pytest.raises(SystemExit) as exited:
+        main([*common, "--output", str(tmp_path / "tile.safetensors"), "--resize", "tile"])
+    assert exited.value.code == 2 and "--resize tile: model patchcore-head" in capsys.readouterr().err
+    assert not (tmp_path / "tile.safetensors").exists()
