@@ -9,7 +9,6 @@ error naming the key."""
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import time
@@ -23,6 +22,7 @@ from sqlalchemy import select
 from adapters.db import Inspection, ModelVersion, TrainingRun
 from daemon.config.settings import ConfigError, load_config
 from daemon.process.service import Service
+from tests.daemon.test_e2e_head_retraining import label_through_api
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.shared]
@@ -103,20 +103,9 @@ def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tm
         before = rows()
         client = TestClient(create_app(service.app_state(), routers()))
         headers = {"Authorization": f"Bearer {ADMIN}"}
-        for index, frame in enumerate(defective[:N_DEFECTIVE]):
-            row = before[frame.name]
-            if index % 2 == 0:  # pixel supervision: the dataset's mask, in the frame's own pixels
-                mask = (masks / frame.parent.name / f"{frame.stem}_mask.png").read_bytes()
-                response = client.post(f"/api/inspections/{row.id}/label", data={"label": "anomalous"},
-                                       files={"mask": ("mask.png", io.BytesIO(mask), "image/png")}, headers=headers)
-            else:  # weak supervision: the image label alone
-                response = client.post(f"/api/inspections/{row.id}/label", json={"label": "anomalous"},
-                                       headers=headers)
-            assert response.status_code == 201, response.text
-        for frame in normals:
-            response = client.post(f"/api/inspections/{before[frame.name].id}/label", json={"label": "normal"},
-                                   headers=headers)
-            assert response.status_code == 201, response.text
+        # the dataset's masks are in the frames' own pixels
+        label_through_api(client, headers, before, defective[:N_DEFECTIVE], normals,
+                          lambda frame: masks / frame.parent.name / f"{frame.stem}_mask.png")
 
         response = client.post("/api/retrain", headers=headers)
         assert response.status_code == 202, response.text

@@ -42,6 +42,25 @@ def _link(files: list[Path], folder: Path, prefix: str = "") -> None:
         (folder / f"{prefix}{file.name}").symlink_to(file.resolve())
 
 
+def label_through_api(client: TestClient, headers: dict, rows: dict, defective: list[Path], normals: list[Path],
+                      mask_of) -> None:
+    """Label frames the way an operator does: every other defect with its mask (pixel supervision, `mask_of(frame)`
+    the dataset's mask file), the others by their image label alone, and `normals` as normal."""
+    for index, frame in enumerate(defective):
+        row = rows[frame.name]
+        if index % 2 == 0:
+            mask = mask_of(frame).read_bytes()
+            response = client.post(f"/api/inspections/{row.id}/label", data={"label": "anomalous"},
+                                   files={"mask": ("mask.png", io.BytesIO(mask), "image/png")}, headers=headers)
+        else:
+            response = client.post(f"/api/inspections/{row.id}/label", json={"label": "anomalous"}, headers=headers)
+        assert response.status_code == 201, response.text
+    for frame in normals:
+        response = client.post(f"/api/inspections/{rows[frame.name].id}/label", json={"label": "normal"},
+                               headers=headers)
+        assert response.status_code == 201, response.text
+
+
 def _plates(samples_dir: Path) -> tuple[list[Path], list[Path], Path]:
     root = samples_dir / "metal_plate"
     good = sorted((root / "test" / "good").glob("*.png"))
@@ -100,20 +119,7 @@ def test_labels_retrain_a_head_that_the_gate_promotes(samples_dir, tmp_path):
         labelled, fresh = missed[0::2], missed[1::2]
         client = TestClient(create_app(service.app_state(), routers()))
         headers = {"Authorization": f"Bearer {ADMIN}"}
-        for index, frame in enumerate(labelled):
-            row = before[frame.name]
-            if index % 2 == 0:  # pixel supervision: the dataset's mask
-                mask = (masks / f"{frame.stem}_mask.png").read_bytes()
-                response = client.post(f"/api/inspections/{row.id}/label", data={"label": "anomalous"},
-                                       files={"mask": ("mask.png", io.BytesIO(mask), "image/png")}, headers=headers)
-            else:  # weak supervision: the image label alone
-                response = client.post(f"/api/inspections/{row.id}/label", json={"label": "anomalous"},
-                                       headers=headers)
-            assert response.status_code == 201, response.text
-        for frame in normals:
-            response = client.post(f"/api/inspections/{before[frame.name].id}/label", json={"label": "normal"},
-                                   headers=headers)
-            assert response.status_code == 201, response.text
+        label_through_api(client, headers, before, labelled, normals, lambda frame: masks / f"{frame.stem}_mask.png")
 
         response = client.post("/api/retrain", headers=headers)
         assert response.status_code == 202, response.text
