@@ -7,12 +7,13 @@ the frame's creation to its committed row. 10% of the frames are anomalous (aler
 
     python bench/bench_pipeline.py [--frames 1000] [--image-size 518] [--batch 8]
     python bench/bench_pipeline.py --detector tiny --frames 160 --batch 16   # (b): the tiny CLIP from ../shared
+    python bench/bench_pipeline.py --detector patchcore --frames 200 --image-size 256   # real Lite0, full bank
     python bench/bench_pipeline.py --source redis      # frames from a Redis Stream consumer group instead
     python bench/bench_pipeline.py --artifacts anomalous --stage-costs   # mask/heatmap only for anomalous frames;
                                                        # first the single-thread cost of each step
     python bench/bench_pipeline.py --content noise     # noise frames (JPEG's worst case) instead of sample photos
 
-With `--detector tiny` the model's own time on the same frames (preprocessed tensors, batches of --batch, no
+With `--detector tiny` or `patchcore` the model's own time on the same frames (preprocessed tensors, batches of --batch, no
 pipeline) is measured in the same process before and after the pipeline run, and the pipeline's overhead is
 reported against the mean of the two (this machine's speed drifts by several percent within minutes).
 """
@@ -75,6 +76,15 @@ def tiny_detector(image_size: int):
     return create_detector("anomalyclip", backbone=TINY / "tiny_clip_openai_fp16.safetensors",
                            backbone_config=TINY / "tiny-clip-24L.json",
                            prompts=TINY / "prompts_official_format.pth", image_size=image_size, device="cpu")
+
+
+def patchcore_detector(references: int = 16):
+    """PatchCore on the real EfficientNet-Lite0 weights with a full bank of `references` good hazelnut images from
+    ../shared (16: 16384 rows), scored with the daemon's exact search."""
+    from model import create_detector
+
+    good = sorted((SAMPLES / "hazelnut" / "train" / "good").glob("*"))[:references]
+    return create_detector("patchcore", references=[str(path) for path in good], device="cpu")
 
 
 def model_only_seconds(detector, jpegs: list[bytes], batch: int) -> float:
@@ -143,7 +153,10 @@ after = "delete"
 
 def config_text(root: Path, args, mqtt_port: int | None, redis_url: str | None = None) -> str:
     mqtt = f'host = "127.0.0.1"\nport = {mqtt_port}' if mqtt_port else "enabled = false"
-    return f"""
+    # patchcore: the daemon builds and calibrates the bank itself, as on a line (its time is start-up)
+    model = (f'[model]\nname = "patchcore"\nreferences = "{SAMPLES / "hazelnut" / "train" / "good"}"\n'
+             if args.detector == "patchcore" else "")
+    return f"""{model}
 [runtime]
 max_batch_size = {args.batch}
 max_batch_delay_ms = 10
@@ -230,8 +243,9 @@ def main() -> int:
     parser.add_argument("--content", choices=("samples", "noise"), default=None,
                         help="frame content: inspection-sample photos (default when ../shared is there) or "
                              "uniform noise (the worst case for JPEG size and decoding)")
-    parser.add_argument("--detector", choices=("constant", "tiny"), default="constant",
-                        help="constant: the pipeline's own cost; tiny: the tiny CLIP, to see what the pipeline adds")
+    parser.add_argument("--detector", choices=("constant", "tiny", "patchcore"), default="constant",
+                        help="constant: the pipeline's own cost; tiny: the tiny CLIP, patchcore: the real Lite0 "
+                             "weights on a full 16-reference bank, to see what the pipeline adds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
@@ -243,8 +257,9 @@ def main() -> int:
         print("single-thread cost per frame: " + ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in costs.items())
               + f"; total {sum(costs.values()):.2f} ms")
     model_seconds = None
-    if args.detector == "tiny":
-        make_detector = lambda: tiny_detector(args.image_size)  # noqa: E731
+    if args.detector in ("tiny", "patchcore"):
+        built = tiny_detector(args.image_size) if args.detector == "tiny" else patchcore_detector()
+        make_detector = lambda: built  # noqa: E731
         model_seconds = model_only_seconds(make_detector(), jpegs, args.batch)
         print(f"model alone: {args.frames} frames in {model_seconds:.2f} s "
               f"({args.frames / model_seconds:.1f} frames/s, batch {args.batch})")
@@ -282,7 +297,7 @@ def main() -> int:
             (root / "config.toml").write_text(config_text(root, args, broker.port if broker else None,
                                                           redis_server.url if redis_server else None))
             settings = load_config(root / "config.toml", environ={})
-            service = Service(settings, detector=make_detector())
+            service = Service(settings, detector=None if args.detector == "patchcore" else make_detector())
             started = time.monotonic()
             service.start()
             first_done = None
@@ -306,7 +321,8 @@ def main() -> int:
             if model_seconds is not None:
                 # The model alone again, after the pipeline: this machine's speed drifts, and the mean of the
                 # two keeps a drift from reading as pipeline overhead.
-                after = model_only_seconds(service.pipeline.detector, jpegs, args.batch)
+                after = model_only_seconds(make_detector() if args.detector == "patchcore" else service.pipeline.detector,
+                                           jpegs, args.batch)
                 print(f"model alone, after the pipeline run: {after:.2f} s")
                 mean = (model_seconds + after) / 2
                 print(f"  pipeline adds {100 * (wall / mean - 1):.1f}% over the model's own time "
