@@ -72,7 +72,21 @@ def test_a_sustained_whole_frame_change_is_one_event_a_defect_flood_and_odd_fram
     assert all(n["drifting"] for n in notes[index:])
     assert "reference_drift_watch" in vars(detector)  # one watch per source detector, kept across swaps
     rebuilt = RoutedDetector(HotMaps(known_good=False), {"cam": detector})
-    assert run(rebuilt, [normal])[0]["drift_cleared"] is True
+    # one matching frame does not end it (hysteresis), three in a row do
+    ends = run(rebuilt, [normal, changed, normal, normal, normal])
+    assert [n["drifting"] for n in ends] == [True, True, True, True, False]
+    assert [n.get("drift_cleared", False) for n in ends] == [False, False, False, False, True]
+    assert not any("drift_event" in n for n in ends)  # still the one drift
+
+
+def test_a_stream_alternating_products_is_one_drift_not_one_every_few_frames():
+    routed = RoutedDetector(HotMaps(known_good=False), {"cam": HotMaps()})
+    other, own = 0.8, 0.0
+    notes = run(routed, [own] * 4 + [other, other, other, own] * 12)
+    events = [n for n in notes if "drift_event" in n]
+    cleared = [n for n in notes if n.get("drift_cleared")]
+    assert len(events) == 1 and cleared == [], (len(events), len(cleared))
+    assert all(n["drifting"] for n in notes[notes.index(events[0]):])
 
 
 def test_only_a_source_detector_with_held_out_known_good_maps_is_watched():
@@ -90,6 +104,9 @@ def test_a_reference_drift_ends_when_the_frames_match_again_or_other_references_
     # the drift opens on the 4th frame, and a source on references holds none of its alerts back
     assert held == [False, False, False, False] and "cam" in tracker.active
     assert tracker.active["cam"].started_at == T0 + timedelta(seconds=1)
+    for note in run(routed, [0.0, 0.0]):
+        tracker.observe("cam", "l1", VERSION, note, next(clock))
+    assert "cam" in tracker.active  # two matching frames are not yet the end
     tracker.observe("cam", "l1", VERSION, run(routed, [0.0])[0], next(clock))
     assert "cam" not in tracker.active
     assert tracker._pending.cleared[-1][1] == "the frames match the references again"
