@@ -221,7 +221,10 @@ class Service:
             self.references = ReferenceManager(self.settings, self.sessions, self.store, source_ids=ids)
             self.references.unavailable = AvailabilityBoard(self._on_availability)  # daemon/plant/source_availability.py
             if self.sessions is not None:  # every threshold change, retained, to MQTT and webhooks (outbox)
+                from daemon.references.geometry_events import announce_config_changes
                 from daemon.references.thresholds import outbox_listener
+
+                announce_config_changes(self.sessions, self.settings, ids)  # an edited [[sources]] geometry
 
                 lines = {cfg.id: cfg.line for cfg in self.settings.sources}
                 self.references.listeners.append(outbox_listener(

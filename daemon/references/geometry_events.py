@@ -3,8 +3,8 @@
 threshold changes are (daemon/references/thresholds.py `outbox_listener`), so it has the outbox's delivery guarantee and
 comes in order with the alerts.
 
-The change is announced by what makes it (the API's PUT/DELETE `.../geometry`, the UI through it, and `anomalyd
-geometry set|reset`), right after the override file and its `history.jsonl` line are written
+The change is announced by what makes it (the API's PUT/DELETE `.../geometry`, the UI through it, `anomalyd
+geometry set|reset`, and the daemon's start for an edit of config.toml: `announce_config_changes`), right after the override file and its `history.jsonl` line are written
 (daemon/references/geometry_overrides.py); the daemon then rebuilds the source's bank through the new geometry.
 """
 
@@ -53,3 +53,18 @@ def announce(sessions: Any, settings: Any, event: dict[str, Any]) -> dict[str, A
                   event["action"], event["set_by"], str(exc).splitlines()[0][:200])
         return None
     return payload
+
+
+def announce_config_changes(sessions: Any, settings: Any, source_ids: list[str]) -> list[dict[str, Any]]:
+    """At the daemon's start: record and announce each source whose geometry config.toml changed since it last ran
+    (daemon/references/geometry_overrides.py `config_changes`); the events."""
+    from daemon.references.geometry_overrides import config_changes
+
+    try:
+        events = config_changes(settings, source_ids)
+    except OSError as exc:  # the storage folder is not writable: the daemon runs, the change is not on record
+        log.error("geometry changes in the configuration are not recorded: %s", exc)
+        return []
+    for event in events:
+        announce(sessions, settings, event)
+    return events

@@ -4,7 +4,8 @@
 Where it is kept: `<[storage].dir>/geometry/<source id>.json`, next to the managed references and the banks (the
 API and the daemon share that folder already: the API writes references there, the daemon builds banks from it).
 Each file holds only the keys an operator set, with who set them and when; a key not in it comes from the
-configuration. Every change (set, reset) is appended to `<[storage].dir>/geometry/history.jsonl` with the values
+configuration. Every change (set, reset, and an edit of config.toml seen at the next start: `config_changes`) is
+appended to `<[storage].dir>/geometry/history.jsonl` with the values
 before and after, who and when, and logged. A file is written atomically (temporary file and rename).
 
 The daemon's reference manager counts the file in the source's reference signature (daemon/references/files.py,
@@ -146,11 +147,56 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _seen_path(settings: Any) -> Path:
+    """The geometry each source ran with when last started or changed (to tell an edit of config.toml)."""
+    return overrides_dir(settings) / "in_effect.json"
+
+
+def _load_seen(settings: Any) -> dict[str, Any]:
+    try:
+        data = json.loads(_seen_path(settings).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(settings: Any, source_id: str, values: dict[str, Any]) -> None:
+    seen = _load_seen(settings)
+    seen[source_id] = values
+    _write_json(_seen_path(settings), seen)
+
+
+def config_changes(settings: Any, source_ids: list[str], set_by: str = "config.toml") -> list[dict[str, Any]]:
+    """The geometry changes made by editing the configuration since the last start: for each source whose geometry
+    in effect differs from the one it last ran with, a history event (action "config"), recorded as the API's are.
+    A source seen for the first time is remembered, not announced; one whose geometry cannot be built is skipped
+    (its bank build reports why)."""
+    seen = _load_seen(settings)
+    events = []
+    for source_id in source_ids:
+        try:
+            after = as_values(effective_geometry(settings, source_id))
+        except GeometryError:
+            continue
+        before = seen.get(source_id)
+        if before is not None and before != after:
+            event = {"source": source_id, "action": "config", "set_by": set_by, "set_at": _now(), "before": before,
+                     "after": after}
+            _record(settings, event)
+            events.append(event)
+        elif before is not None:
+            continue
+        _remember(settings, source_id, after)
+    return events
+
+
 def _record(settings: Any, event: dict[str, Any]) -> None:
     path = overrides_dir(settings) / "history.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as history_file:
         history_file.write(json.dumps(event) + "\n")
+    if isinstance(event.get("after"), dict) and "error" not in event["after"]:
+        _remember(settings, event["source"], event["after"])
     log.warning("source %s: geometry %s by %s: %s (was %s); its bank is rebuilt and recalibrated", event["source"],
                 event["action"], event["set_by"], event["after"], event["before"])
 

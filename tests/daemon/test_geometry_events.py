@@ -182,3 +182,45 @@ def test_cli_change_rebuilds_the_bank_and_is_a_retained_mqtt_message_and_webhook
         service.stop()
         subscriber.close()
         receiver.stop()
+
+
+def test_a_geometry_edited_in_config_toml_is_recorded_and_announced_at_the_next_start(tmp_path, mosquitto, capsys):
+    (tmp_path / "refs").mkdir()
+    for index in range(4):
+        assert cv2.imwrite(str(tmp_path / "refs" / f"ref{index}.png"), _texture(200 + index))
+    (tmp_path / "cam20").mkdir()
+    receiver = Receiver()
+    topic = "anomalyd/line20/cam20/geometry"
+    subscriber = Subscriber(mosquitto.port, topic)
+    config = _config(tmp_path, mosquitto.port, receiver.url)
+    try:
+        service = Service(load_config(config), routers=routers())
+        service.start()  # the first start: the geometry in effect is remembered, nothing announced
+        service.stop()
+        text = config.read_text(encoding="utf-8")
+        config.write_text(text.replace('line = "line20"\n', 'line = "line20"\nroi = [16, 16, 96, 96]\n'),
+                          encoding="utf-8")
+        service = Service(load_config(config), routers=routers())
+        service.start()
+        try:
+            def edits() -> list[dict]:
+                return [m for m in subscriber.payloads("/geometry") if m["action"] == "config"]
+
+            assert subscriber.wait_for(edits, timeout=60), subscriber.payloads("/geometry")
+            message = edits()[-1]
+            assert message["set_by"] == "config.toml" and message["source"] == "cam20"
+            assert message["before"]["roi"] is None and message["geometry"]["roi"] == [16, 16, 96, 96]
+            assert wait_until(lambda: "-roi16x16x96x96" in (service.references.states["cam20"].version or ""),
+                              timeout=120), service.references.states["cam20"].as_dict()
+        finally:
+            service.stop()
+        history = _cli(capsys, "history", "--config", str(config), "--source", "cam20")["items"]
+        assert [(e["action"], e["set_by"]) for e in history] == [("config", "config.toml")]
+        service = Service(load_config(config), routers=routers())
+        service.start()  # unchanged since: no second event
+        service.stop()
+        assert len(_cli(capsys, "history", "--config", str(config), "--source", "cam20")["items"]) == 1
+        assert len([m for m in subscriber.payloads("/geometry") if m["action"] == "config"]) == 1
+    finally:
+        subscriber.close()
+        receiver.stop()
