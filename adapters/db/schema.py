@@ -176,6 +176,16 @@ sink_cursors = Table(
     _required("updated_at", UtcDateTime, default=utcnow),
 )
 
+# The OPC UA sink's `ResetCounters` per source (migration 0008): its counters count the inspections after
+# `inspection_id` and the trigger answers after outbox row `seq`, so they survive a restart (adapters/opcua_view.py).
+opcua_counter_resets = Table(
+    "opcua_counter_resets", metadata,
+    Column("source", String(128), primary_key=True),
+    _required("inspection_id", BigInteger, default=0),
+    _required("seq", BigInteger, default=0),
+    _required("reset_at", UtcDateTime, default=utcnow),
+)
+
 # A frame that could not be inspected (undecodable, empty, ...), with the reason.
 rejected_frames = Table(
     "rejected_frames", metadata,

@@ -70,6 +70,7 @@ class CommittedInspection:
     model_version: str
     regions: list[dict[str, Any]] = field(default_factory=list)
     frame_name: str | None = None
+    processed_at: datetime | None = None  # when its result was ready (capture → result: OPC UA's ProcessingTime)
 
 
 @dataclass(frozen=True)
