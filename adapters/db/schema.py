@@ -167,8 +167,8 @@ outbox = Table(
     Index("ix_outbox_seq", "seq", unique=True),
 )
 
-# Per sink (`mqtt`, `webhook:<name>`, ...): every outbox row up to `seq` is delivered to it (or filtered out by it);
-# it delivers the rows after, in `seq` order (migration 0007).
+# Per sink (`mqtt`, `webhook:<name>`, `opcua`): every outbox row up to `seq` is delivered to it (or filtered out or
+# applied by it); it delivers the rows after, in `seq` order (migration 0007).
 sink_cursors = Table(
     "sink_cursors", metadata,
     Column("sink", String(160), primary_key=True),

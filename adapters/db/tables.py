@@ -125,7 +125,7 @@ class SinkCursor(Base):
 
     __table__ = schema.sink_cursors
 
-    sink: Mapped[str]  # mqtt | webhook:<name> | ...
+    sink: Mapped[str]  # mqtt | webhook:<name> | opcua
     seq: Mapped[int]
     updated_at: Mapped[datetime]
 
