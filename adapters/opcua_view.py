@@ -233,19 +233,20 @@ class OpcUaView:
             changed = True
         return body.get("source") if changed else None
 
-    def reset(self, session: Session, source_id: str, seq: int) -> bool:
-        """`ResetCounters`: store the marks (in the caller's transaction) and start the counters again."""
-        view = self.sources.get(source_id)
-        if view is None:
-            return False
+    def store_reset(self, session: Session, source_id: str, seq: int) -> None:
+        """`ResetCounters` of a known source, in the caller's transaction: from now on count the inspections after
+        the last one counted and the answers after outbox row `seq` (the cursor); `reset` once it is committed."""
         mark = session.get(OpcUaCounterReset, source_id)
         if mark is None:
             mark = OpcUaCounterReset(source=source_id)
             session.add(mark)
-        mark.inspection_id, mark.seq, mark.reset_at = view.counted_max, seq, utcnow()
+        mark.inspection_id, mark.seq, mark.reset_at = self.sources[source_id].counted_max, seq, utcnow()
+
+    def reset(self, source_id: str, seq: int) -> None:
+        """Start a known source's counters again (its last result and drift stay)."""
+        view = self.sources[source_id]
         self.sources[source_id] = SourceView(last=view.last, drift=view.drift, restored_upto=view.restored_upto,
                                              counted_max=view.counted_max, reset_seq=seq)
-        return True
 
 
 def _deadline_missed(body: dict[str, Any]) -> bool:

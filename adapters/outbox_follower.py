@@ -96,8 +96,7 @@ class OutboxFollower:
                 self._wake.clear()
         except BaseException as exc:
             self.crashed = exc
-            log.exception("%s: outbox follower crashed", self.sink)
-            raise
+            log.exception("%s: outbox follower crashed", self.sink)  # the thread ends; problem() says why
 
     def _open(self) -> None:
         """The cursor (at the newest row the first time) and the sink's state as of it, in one session."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from adapters.db.outbox import OPCUA_SINK
 from adapters.events import RESULT, OutboxEvent
-from adapters.opcua_view import NO_DRIFT, OpcUaView, SourceView, result_word
+from adapters.opcua_view import NO_DRIFT, OpcUaView, result_word
 from adapters.outbox_follower import OutboxFollower
 from adapters.sinks import CommittedInspection, ResultSink, SinkContext, register_sink
 
@@ -154,19 +154,16 @@ class OpcUaSink(ResultSink):
         RuntimeError while the counters are not restored yet (the database is unreachable at start)."""
         if source_id not in self.view.sources:
             return False
-        if self.follower is None:
-            with self._lock:
-                view = self.view.sources[source_id]
-                self.view.sources[source_id] = SourceView(last=view.last, drift=view.drift)
-                self._publish(source_id)
-            return True
         with self._lock:
-            cursor = self.follower.cursor
-            if cursor is None:
-                raise RuntimeError("the OPC UA counters are not restored yet (is the database reachable?)")
-            assert self.sessions is not None
-            with self.sessions() as session, session.begin():
-                self.view.reset(session, source_id, cursor)
+            cursor = 0
+            if self.follower is not None:  # stored first: a reset the database does not have does not happen
+                assert self.sessions is not None
+                if self.follower.cursor is None:
+                    raise RuntimeError("the OPC UA counters are not restored yet (is the database reachable?)")
+                cursor = self.follower.cursor
+                with self.sessions() as session, session.begin():
+                    self.view.store_reset(session, source_id, cursor)
+            self.view.reset(source_id, cursor)
             self._publish(source_id)
         return True
 
