@@ -2,7 +2,8 @@
 
 The daemon stores each event as an `event_type` and a sink-independent JSON `body`; it knows nothing of topics,
 HTTP headers or OPC UA nodes. Each sink formats its own message from the event (`adapters.mqtt.mqtt_message`,
-`adapters.webhooks.webhook_request`) and keeps its own cursor (`sink_cursors`). The event types and their bodies:
+`adapters.webhooks.webhook_request`; OPC UA its variables, `adapters.opcua_view.OpcUaView.event`) and keeps its own
+cursor (`sink_cursors`). The event types and their bodies:
 
 - `inspection`: an anomalous inspection (an alert): `inspection_id`, `frame_id`, `captured_at` (RFC 3339),
   `source`, `line`, `verdict`, `score`, `threshold`, `model_version`, `regions`, `artifacts` (the stored files:

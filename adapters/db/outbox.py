@@ -18,6 +18,7 @@ from adapters.db.tables import OutboxMessage, SinkCursor, utcnow
 from adapters.events import EVENT_TYPES, OutboxEvent
 
 MQTT_SINK = "mqtt"
+OPCUA_SINK = "opcua"  # the OPC UA sink (adapters/sinks/opcua.py): every row up to its cursor is shown
 
 
 def webhook_sink(name: str) -> str:

@@ -167,13 +167,23 @@ outbox = Table(
     Index("ix_outbox_seq", "seq", unique=True),
 )
 
-# Per sink (`mqtt`, `webhook:<name>`, ...): every outbox row up to `seq` is delivered to it (or filtered out by it);
-# it delivers the rows after, in `seq` order (migration 0007).
+# Per sink (`mqtt`, `webhook:<name>`, `opcua`): every outbox row up to `seq` is delivered to it (or filtered out or
+# applied by it); it delivers the rows after, in `seq` order (migration 0007).
 sink_cursors = Table(
     "sink_cursors", metadata,
     Column("sink", String(160), primary_key=True),
     _required("seq", BigInteger, default=0),
     _required("updated_at", UtcDateTime, default=utcnow),
+)
+
+# The OPC UA sink's `ResetCounters` per source (migration 0008): its counters count the inspections after
+# `inspection_id` and the trigger answers after outbox row `seq`, so they survive a restart (adapters/opcua_view.py).
+opcua_counter_resets = Table(
+    "opcua_counter_resets", metadata,
+    Column("source", String(128), primary_key=True),
+    _required("inspection_id", BigInteger, default=0),
+    _required("seq", BigInteger, default=0),
+    _required("reset_at", UtcDateTime, default=utcnow),
 )
 
 # A frame that could not be inspected (undecodable, empty, ...), with the reason.

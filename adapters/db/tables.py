@@ -125,9 +125,20 @@ class SinkCursor(Base):
 
     __table__ = schema.sink_cursors
 
-    sink: Mapped[str]  # mqtt | webhook:<name> | ...
+    sink: Mapped[str]  # mqtt | webhook:<name> | opcua
     seq: Mapped[int]
     updated_at: Mapped[datetime]
+
+
+class OpcUaCounterReset(Base):
+    """A source's last `ResetCounters` on OPC UA: its counters count what came after these marks."""
+
+    __table__ = schema.opcua_counter_resets
+
+    source: Mapped[str]
+    inspection_id: Mapped[int]  # inspections with a higher id count
+    seq: Mapped[int]  # trigger answers (outbox rows) with a higher seq count
+    reset_at: Mapped[datetime]
 
 
 def lock_outbox(connection: Connection) -> None:

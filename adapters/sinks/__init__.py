@@ -15,7 +15,9 @@ The contract (`ResultSink`), as the daemon calls it:
   adapter module: `adapters.mqtt.mqtt_message`, `adapters.webhooks.webhook_request`) and its own cursor in
   `sink_cursors` (adapters/db/outbox.py: the last `seq` delivered to it): it reads the rows after its cursor in
   `seq` order (commit order), sends them and moves the cursor only once the receiver acknowledged them, so
-  neither a receiver outage nor a daemon restart loses one, and no sink waits for another.
+  neither a receiver outage nor a daemon restart loses one, and no sink waits for another. A sink that shows the
+  events itself (OPC UA) follows the outbox with `adapters.outbox_follower.OutboxFollower`: its state restored as
+  of its cursor at start, each row applied, the cursor moved past it.
 - `source_status(line, source_id, status)`: a source went online / offline / disabled (from the sources' threads).
 - Lifecycle: `start()` must not block on the receiver; `flush(timeout)` waits for pending alerts at shutdown;
   `stop(timeout)`; `pending()` counts undelivered alerts; `health()` is the sink's part of `/readyz`
@@ -70,6 +72,7 @@ class CommittedInspection:
     model_version: str
     regions: list[dict[str, Any]] = field(default_factory=list)
     frame_name: str | None = None
+    processed_at: datetime | None = None  # when its result was ready (capture → result: OPC UA's ProcessingTime)
 
 
 @dataclass(frozen=True)

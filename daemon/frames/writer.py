@@ -335,7 +335,7 @@ class ResultWriter:
                 inspection_id=row.id, frame_id=row.frame_id, source=row.source, line=row.line,
                 captured_at=r.values["captured_at"], score=row.score, threshold=row.threshold,
                 is_anomalous=row.is_anomalous, model_version=row.model_version, regions=r.values["regions"],
-                frame_name=row.frame_name))
+                frame_name=row.frame_name, processed_at=r.values["processed_at"]))
         done = time.monotonic()
         self.stage_times.add("database", db_seconds)
         self.stage_times.add("publish", done - t_publish)

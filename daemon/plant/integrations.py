@@ -7,10 +7,11 @@ result, readiness, stop), so the wiring stays out of `daemon/process/service.py`
 - `TriggerController` (daemon/plant/trigger.py) for `[[sources]]` with `trigger = "opcua" | "mqtt"`; each answer (the
   real result, the fail-safe on a deadline miss, a late result) becomes an `outbox` row on
   `<prefix>/<line>/<source>/result` and the sinks are told (`alerts_committed`): the MQTT and webhook sinks
-  deliver it with the outbox's guarantee, and the OPC UA sink's server shows it.
+  deliver it with the outbox's guarantee, and the OPC UA sink shows it (its `LastResult`, `DeadlineMissed`) from
+  the outbox too, with its own cursor (adapters/sinks/opcua.py).
 - The webhook and OPC UA sinks are result sinks (adapters/sinks/webhook.py, adapters/sinks/opcua.py) built by the
-  service with the others; here the OPC UA methods are bound to the daemon, its counters kept
-  (daemon/plant/counters.py) and its system states refreshed.
+  service with the others; here the OPC UA methods are bound to the daemon, its rejected/failed frame counters
+  kept (daemon/plant/counters.py) and its system states refreshed.
 - MQTT commands (`[mqtt].commands`): daemon/plant/mqtt_commands.py.
 """
 
@@ -19,14 +20,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from adapters.sinks.opcua import result_word
-from daemon.plant.counters import PlantCounters, SourceStats, aware
+from daemon.plant.counters import PlantCounters
 from daemon.plant.mqtt_commands import MqttCommands
 from daemon.plant.trigger import TriggerAnswer, TriggerController, TriggerError, TriggerSettings
 from daemon.telemetry.metrics import LATENCY_BUCKETS, Metrics, _CallbackCollector
@@ -69,10 +68,6 @@ class Integrations:
                                        registry=r)
         self.trigger_latency = Histogram("anomalyd_trigger_latency_seconds", "From the trigger to its answer",
                                          ["source"], buckets=LATENCY_BUCKETS, registry=r)
-
-    @property
-    def stats(self) -> dict[str, SourceStats]:
-        return self.counters.stats
 
     @property
     def opcua(self) -> Any:
@@ -131,39 +126,12 @@ class Integrations:
     # --- committed results ----------------------------------------------------------------------------------------
 
     def on_result(self, row: Any, created: bool) -> None:
-        """A committed inspection (writer thread): counters, trigger answers, OPC UA, webhooks."""
-        if created:
-            self.counters.committed(row)
-            if self.opcua is not None:  # the sink shows the row itself; a triggered one through its answer
-                self._publish_counters(row.source)
+        """A committed inspection (writer thread): the trigger answers (the OPC UA sink counts it itself)."""
         if self.triggers is not None:
             self.triggers.committed(row)
 
-    @staticmethod
-    def _row_values(row: Any, answer: TriggerAnswer | None) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "LastResult.InspectionId": row.id if row is not None else 0,
-            "LastResult.PartId": (row.meta or {}).get("part_id") if row is not None and isinstance(row.meta, dict)
-            else None,
-            "LastResult.Result": result_word(row.is_anomalous) if row is not None else None,
-            "LastResult.Score": row.score if row is not None else None,
-            "LastResult.Threshold": row.threshold if row is not None else None,
-            "LastResult.RegionCount": len(row.regions or []) if row is not None else 0,
-            "LastResult.ModelVersion": row.model_version if row is not None else None,
-            "LastResult.Timestamp": aware(row.captured_at) if row is not None else None,
-            "LastResult.TriggerId": None, "LastResult.FailSafe": False, "LastResult.Late": False,
-        }
-        if answer is not None:
-            values.update({"LastResult.PartId": answer.request.part_id, "LastResult.Result": answer.result,
-                           "LastResult.TriggerId": answer.request.id, "LastResult.FailSafe": answer.fail_safe,
-                           "LastResult.Late": answer.late})
-            if row is None:
-                values["LastResult.Timestamp"] = datetime.now(timezone.utc)
-        values["LastResult.IsOk"] = values["LastResult.Result"] == "OK"
-        return values
-
     def _answer(self, answer: TriggerAnswer) -> None:
-        """A trigger's answer: an outbox row (MQTT + webhooks), OPC UA, metrics."""
+        """A trigger's answer: an outbox row (MQTT, webhooks and OPC UA show it from there), metrics."""
         from adapters.db.outbox import add_event
         from adapters.events import RESULT, without_id
 
@@ -172,17 +140,11 @@ class Integrations:
         self.trigger_answers.labels(request.source_id, answer.result, kind).inc()
         if not answer.late:
             self.trigger_latency.labels(request.source_id).observe(answer.latency_s)
-        if answer.fail_safe and answer.reason == "deadline missed":
-            self.counters.deadline_missed(request.source_id)
         payload = answer.payload()  # a `result` event: the answer's fields (MQTT: `<prefix>/<line>/<source>/result`)
         with self.service.sessions() as session, session.begin():
             add_event(session, RESULT, without_id(payload), event_id=payload["id"],
                       inspection_id=answer.inspection.id if answer.inspection is not None else None)
-        self.service.sinks.alerts_committed()  # MQTT and webhooks deliver it from the outbox
-        if self.opcua is not None:
-            if not answer.late:  # the PLC's answer stays what it was told; the late row still counts
-                self.opcua.update(request.source_id, self._row_values(answer.inspection, answer))
-            self._publish_counters(request.source_id)
+        self.service.sinks.alerts_committed()  # every sink takes it from the outbox, after its cursor
 
     # --- counters -----------------------------------------------------------------------------------------------
 
@@ -191,9 +153,15 @@ class Integrations:
             self.opcua.update(source_id, self.counters.values(source_id))
 
     def reset_counters(self, source_id: str) -> None:
+        """`ResetCounters`: the sink's counters (stored: a restart keeps the reset) and the rejected/failed ones."""
         from adapters.opcua import OpcUaCommandError
 
-        if not self.counters.reset(source_id):
+        sink = self.service.sinks.get("opcua")
+        try:
+            known = sink.reset_counters(source_id) if sink is not None else source_id in self.counters.baselines
+        except Exception as exc:  # the database is unreachable: nothing was reset
+            raise OpcUaCommandError("error", f"cannot reset the counters of {source_id!r}: {exc}") from exc
+        if not known or not self.counters.reset(source_id):
             raise OpcUaCommandError("unknown_source", f"no source {source_id!r}")
         log.info("counters of %s reset", source_id)
         self._publish_counters(source_id)
@@ -201,10 +169,15 @@ class Integrations:
     def _refresh_states(self) -> None:
         """System state per source for OPC UA: Disconnected | Error | Busy | Ready (twice a second)."""
         last: dict[str, str] = {}
+        shown_counts: dict[str, dict[str, Any]] = {}
         while True:
             try:
                 healthy = self.service.pipeline.healthy()[0] if self.service.pipeline is not None else False
                 for source in self.service.sources:
+                    counts = self.counters.values(source.id)  # rejected and failed frames: metrics, not commits
+                    if shown_counts.get(source.id) != counts:
+                        shown_counts[source.id] = counts
+                        self.opcua.update(source.id, counts)
                     state = _source_state(source, healthy, self.triggers)
                     if last.get(source.id) != state:
                         last[source.id] = state
@@ -231,7 +204,7 @@ class Integrations:
         try:
             return self.triggers.request(source_id, part_id, channel).id
         except TriggerError as exc:
-            known = source_id in self.stats
+            known = source_id in self.counters.baselines
             self.trigger_refused.labels(source_id if known else "unknown", exc.code).inc()
             log.warning("trigger for %r via %s refused: %s", source_id, channel, exc.message)
             raise

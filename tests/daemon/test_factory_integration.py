@@ -229,7 +229,7 @@ def test_deadline_miss_answers_fail_safe_and_the_late_row_still_lands(tmp_path):
         assert late["late"] is True and late["result"] == "OK" and late["latency_ms"] > 150
         row = rows(service, "press")[0]
         assert row.id == late["inspection_id"] and row.meta == {"trigger_id": trigger_id, "part_id": "P-9"}
-        assert service.integrations.stats["press"].deadline_missed == 1
+        assert service.integrations.triggers.counts("press")["deadline_missed"] == 1
         metrics = service.metrics.render().decode()
         assert 'anomalyd_trigger_deadline_missed_total{source="press"} 1.0' in metrics
         assert 'anomalyd_trigger_answers_total{kind="fail_safe",result="no_decision",source="press"} 1.0' in metrics
