@@ -261,6 +261,7 @@ register_family(ModelFamily(
     name=NAME, create=create_patchcore_head,  # capabilities: model.factory.BUILTIN_FAMILIES
     summary="PatchCore on EfficientNet-Lite0 plus a head learned from labelled frames (model/supervised/)",
     checkpoint=CheckpointFormat(load=load_head, save=save_head),
+    exporter=imported_later("model.supervised.export", "patchcore_head_graph"),
     fit_samples=imported_later("model.supervised.fitting", "fit_samples"),
     known_good=imported_later("model.supervised.known_good", "head_known_good"),
     label_learning=LabelLearning(
