@@ -59,20 +59,19 @@ def patchcore_head_graph(detector: Any, class_names: Sequence[str]) -> ExportGra
                           "square graph (resize \"squash\"); run this geometry on the torch engine")
     patchcore.model.to("cpu").float().eval()
     patchcore.device = torch.device("cpu")
-    version = str(detector.version)  # before the untrained head is made: "h0", as the daemon names it
-    # Not set on the detector: its version would change. The untrained head's output does not depend on its
-    # random layers (the last convolution is zero), so PyTorch's lazily made one gives the same scores.
+    # The untrained head's output does not depend on its random layers (the last convolution is zero), so this one
+    # and the one PyTorch makes on its first predict give the same scores.
     checkpoint = detector.checkpoint or detector.untrained_checkpoint()
+    trained = not checkpoint.metadata.get("untrained")
     head, bank = checkpoint.head.to("cpu").float().eval(), patchcore.bank
     return ExportGraph(
-        module=PatchcoreHeadGraph(detector, checkpoint), model=NAME, version=version,
+        module=PatchcoreHeadGraph(detector, checkpoint), model=NAME, version=str(detector.version),
         image_size=int(detector.image_size), backbone=str(patchcore.backbone_name),
         taps=[str(t) for t in patchcore.model.taps],
         tolerance=dict(HEAD_TOLERANCE),
         details={"weights": str(patchcore.weights), "bank_rows": int(bank.rows.shape[0]),
                  "n_references": bank.n_references, "bank_digest": bank.digest,
-                 "head_digest": checkpoint.digest() if detector.checkpoint is not None else "h0",
-                 "trained": "training" in checkpoint.metadata,
+                 "head_digest": checkpoint.digest() if trained else "h0", "trained": trained,
                  "distance_scale": checkpoint.distance_scale, "top_k": head.top_k, "hidden": head.hidden,
                  "kernel": head.kernel, "sigma": SIGMA},
     )

@@ -94,6 +94,8 @@ def test_untrained_head_exports_and_ranks_like_patchcore(samples_dir, tmp_path):
     images = load(good[30:33] + defective[30:33])
     found = load_export(tmp_path / "h0", image_size=SIZE).predict(images)
     np.testing.assert_allclose(found.scores, detector.predict(images).scores, atol=1e-4, rtol=0)
+    # the untrained head PyTorch made on its first predict keeps the name: the daemon's export and thresholds too
+    assert detector.version == manifest["version"]
     patchcore = detector.patchcore.predict(images)
     # an increasing function of PatchCore's distance cell by cell: the maps' maxima rank frames alike
     assert np.argsort(found.maps.flatten(1).amax(1).numpy()).tolist() == \
