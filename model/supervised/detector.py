@@ -101,7 +101,10 @@ class PatchcoreHeadDetector:
 
     @property
     def version(self) -> str:
-        head = f"h{self.checkpoint.digest()}" if self.checkpoint is not None else "h0"
+        # "h0": no head, or the untrained one (made on the first predict; its random layers do not change its
+        # output, so they must not change the version: thresholds and exports are kept per version)
+        trained = self.checkpoint is not None and not self.checkpoint.metadata.get("untrained")
+        head = f"h{self.checkpoint.digest()}" if trained else "h0"
         return f"{NAME}-{head}-{self.patchcore.version.removeprefix('patchcore-')}"
 
     @property
@@ -138,7 +141,7 @@ class PatchcoreHeadDetector:
 
     def untrained_checkpoint(self) -> HeadCheckpoint:
         channels = int(self.patchcore.model.embed(torch.zeros(1, 3, 64, 64, device=self.device)).shape[1])
-        return HeadCheckpoint(PatchcoreHead(channels).to(self.device).eval(), 1.0, self.identity)
+        return HeadCheckpoint(PatchcoreHead(channels).to(self.device).eval(), 1.0, {**self.identity, "untrained": True})
 
     # -- references: PatchCore's own ------------------------------------------------------------------------------
     def set_references(self, images: torch.Tensor, **options: Any) -> Any:
@@ -261,6 +264,7 @@ register_family(ModelFamily(
     name=NAME, create=create_patchcore_head,  # capabilities: model.factory.BUILTIN_FAMILIES
     summary="PatchCore on EfficientNet-Lite0 plus a head learned from labelled frames (model/supervised/)",
     checkpoint=CheckpointFormat(load=load_head, save=save_head),
+    exporter=imported_later("model.supervised.export", "patchcore_head_graph"),
     fit_samples=imported_later("model.supervised.fitting", "fit_samples"),
     known_good=imported_later("model.supervised.known_good", "head_known_good"),
     label_learning=LabelLearning(
