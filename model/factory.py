@@ -146,6 +146,21 @@ class LabelLearning:
 
 
 @dataclass(frozen=True)
+class ReleasedWeights:
+    """Learned weights a family's authors published under a name (`--prompts NAME`, `[model].prompts`): where
+    `anomalyd weights fetch` downloads them from (adapters/weights.py, the only code that reaches the network) and
+    how a downloaded file is checked."""
+
+    name: str
+    url: str
+    trained_on: str = ""
+    use_for: str = ""
+    sha256: str | None = None  # the file's digest, when known: a download that differs is refused
+    # check(path) -> what is wrong with a downloaded file (None: nothing); a file it cannot read raises.
+    check: Callable[[Path], str | None] | None = None
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """Everything anomalyd asks of a model family (see the module docstring)."""
 
@@ -179,6 +194,12 @@ class ModelFamily:
     # weights file's metadata or digest), so the daemon builds its detector once, from the registry's active
     # version; None (or a None result): it must be built to be named.
     version_of: Callable[..., str | None] | None = None
+    # window_limits(max_frames=, max_bytes=, max_age_s=): the bounds of the per-source window its `fork(limits)` takes,
+    # for a family that scores a source's frames against its own (`scores_own_frames`; the daemon's `[mutual]`
+    # section); None: its fork takes its own defaults.
+    window_limits: Callable[..., Any] | None = None
+    # The weights its authors released, by name (None: a built-in family's declared in BUILTIN_FAMILIES, else none).
+    released_weights: tuple[ReleasedWeights, ...] | None = None
     # The module that registers it: a training process (daemon/learning/retraining_job.py) imports it to find a family that
     # is not built in (a plug-in's, a test's). Filled in at registration from `create`'s module.
     module: str = ""
@@ -224,15 +245,23 @@ class BuiltinFamily:
 
     module: str
     capabilities: Capabilities = Capabilities()
+    released_weights: tuple[ReleasedWeights, ...] = ()
 
 
 MODEL_REGISTRY: dict[str, ModelFamily] = {}
 # Where the built-in families register themselves (imported on first use, so listing names loads no model code) and
 # what they can do (read without importing them: the configuration's checks load no torch).
 _OWN_BACKBONE = {"clip_backbone": False}  # its own CNN backbones, taps and input size (model/patchcore/backbone.py)
+_ANOMALYCLIP_RELEASES = "https://raw.githubusercontent.com/zqhang/AnomalyCLIP/main/checkpoints"
+_ANOMALYCLIP_CHECK = imported_later("model.anomalyclip.checkpoint", "released_prompts_problem")
 BUILTIN_FAMILIES: dict[str, BuiltinFamily] = {
     "anomalyclip": BuiltinFamily("model.anomalyclip.family",
-                                 Capabilities(score_scale="per_tap", versions_share_backbone=True)),
+                                 Capabilities(score_scale="per_tap", versions_share_backbone=True), (
+        ReleasedWeights("anomalyclip-visa", f"{_ANOMALYCLIP_RELEASES}/9_12_4_multiscale_visa/epoch_15.pth", "VisA",
+                        "MVTec AD and other industrial data (the paper's protocol for MVTec AD)",
+                        check=_ANOMALYCLIP_CHECK),
+        ReleasedWeights("anomalyclip-mvtec", f"{_ANOMALYCLIP_RELEASES}/9_12_4_multiscale/epoch_15.pth", "MVTec AD",
+                        "VisA, MPDD, BTAD and other industrial data", check=_ANOMALYCLIP_CHECK))),
     "adaclip": BuiltinFamily("model.adaclip.family", Capabilities(needs_class_name=True)),
     "clip": BuiltinFamily("model.baselines"),
     "clip-ac": BuiltinFamily("model.baselines"),
@@ -265,6 +294,9 @@ def register_family(family: ModelFamily) -> ModelFamily:
     """Register (or replace) a family under its name; without capabilities of its own it gets the declared ones."""
     if family.capabilities is None:
         family = replace(family, capabilities=declared_capabilities(family.name))
+    if family.released_weights is None:
+        builtin = BUILTIN_FAMILIES.get(family.name)
+        family = replace(family, released_weights=builtin.released_weights if builtin is not None else ())
     if not family.module:
         family = replace(family, module=str(getattr(family.create, "__module__", "") or ""))
     MODEL_REGISTRY[family.name] = family
@@ -297,6 +329,14 @@ def known_good_of(detector: Any) -> Callable[..., Any] | None:
         return get_family(name).known_good
     except ValueError:
         return None
+
+
+def released_weights() -> dict[str, ReleasedWeights]:
+    """Every family's released weights by name: built-in ones as declared (no model code loaded), then those of
+    the registered families."""
+    found = {w.name: w for builtin in BUILTIN_FAMILIES.values() for w in builtin.released_weights}
+    found.update({w.name: w for family in MODEL_REGISTRY.values() for w in family.released_weights or ()})
+    return found
 
 
 def models_that(predicate: Callable[[Capabilities], bool]) -> list[str]:
