@@ -136,13 +136,18 @@ class LabelLearning:
     fit(detector, parts, *, steps, seed, synthetic_per_reference, metadata) -> (weights, what trained them);
     weights.save(path) writes them, load(path) reads them back;
     scorer(detector, weights | None): the detector scoring as the model with those weights does (None: the base
-    model the labels improve on, e.g. PatchCore itself).
+    model the labels improve on, e.g. PatchCore itself);
+    few_shot(base, references, anomalies, *, weak, transform, seed): `anomalyd eval --train-anomalies`'s detector of
+    one category, trained on its K normal references and N labelled defects (`model.datasets.Sample`s; `weak`:
+    image labels only, their masks unused) on `base` (a detector of the evaluated model, built with
+    `references_later=True`); None: the family cannot be evaluated that way.
     """
 
     source_inputs: Callable[..., Any]
     fit: Callable[..., Any]
     load: Callable[[str | Path], Any]
     scorer: Callable[[Any, Any], Any]
+    few_shot: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
