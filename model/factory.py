@@ -18,6 +18,10 @@ retraining, the CLI and the config never switch on a model name:
   (`known_good(detector, files, limit) -> model.known_good.KnownGoodScores`: held-out references and their
   calibration views, each against a bank of the others; e.g. model/patchcore/known_good.py);
 - `export_class_row`: the per-class graph input of a class an export does not hold (AdaCLIP's token ids);
+- `promotion_metrics` (and `LabelLearning.promotion_metrics`): what a retraining run measures the candidate and
+  the active model on (defaults: model/promotion.py); the daemon's gate only decides on those numbers;
+- `released_weights`: the learned weights its authors published (name, URL, digest, check), which
+  `anomalyd weights fetch` downloads; `window_limits`: the per-source window a family scoring its own frames forks;
 - `version_of`: the version name `create` gives, read without building the model (the daemon then builds one
   detector at start, the registry's active version);
 - `default_taps`, `activation`, `default_weights`;
@@ -140,7 +144,11 @@ class LabelLearning:
     few_shot(base, references, anomalies, *, weak, transform, seed): `anomalyd eval --train-anomalies`'s detector of
     one category, trained on its K normal references and N labelled defects (`model.datasets.Sample`s; `weak`:
     image labels only, their masks unused) on `base` (a detector of the evaluated model, built with
-    `references_later=True`); None: the family cannot be evaluated that way.
+    `references_later=True`); None: the family cannot be evaluated that way;
+    promotion_metrics(learning, detector, models, sources, *, rate, rules, on_evaluated): the held-out metrics and
+    operating point of each model the retraining compares (candidate, active); None: the default,
+    `model.promotion.reference_holdout_metrics` (each source against its own bank, thresholds calibrated as the
+    daemon does). The daemon's gate (daemon/learning/promotion.py) only decides on them.
     """
 
     source_inputs: Callable[..., Any]
@@ -148,6 +156,7 @@ class LabelLearning:
     load: Callable[[str | Path], Any]
     scorer: Callable[[Any, Any], Any]
     few_shot: Callable[..., Any] | None = None
+    promotion_metrics: Callable[..., dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,10 @@ class ModelFamily:
     # for a family that scores a source's frames against its own (`scores_own_frames`; the daemon's `[mutual]`
     # section); None: its fork takes its own defaults.
     window_limits: Callable[..., Any] | None = None
+    # promotion_metrics(detector, holdout, *, batch_size): the held-out metrics a retraining run compares its candidate
+    # and the active model on (`[retraining].metric` names one; daemon/learning/retraining_job.py); None: the default,
+    # `model.promotion.holdout_metrics` (image and pixel metrics of its predictions). The decision is the daemon's.
+    promotion_metrics: Callable[..., dict[str, Any]] | None = None
     # The weights its authors released, by name (None: a built-in family's declared in BUILTIN_FAMILIES, else none).
     released_weights: tuple[ReleasedWeights, ...] | None = None
     # The module that registers it: a training process (daemon/learning/retraining_job.py) imports it to find a family that
