@@ -206,7 +206,12 @@ class ModelFamily:
     export_class_row: Callable[[str, Mapping[str, Any]], Any] | None = None
     # version_of(**options): the version name `create` gives these options, read without building the model (its
     # weights file's metadata or digest), so the daemon builds its detector once, from the registry's active
-    # version; None (or a None result): it must be built to be named.
+    # version; None (or a None result): it must be built to be named. Built-in: anomalyclip, adaclip (their weights
+    # file), clip/clip-ac/winclip (the backbone file's digest). Not needed by a family built on references
+    # (`needs_references`: patchcore, patchcore-head): the daemon's start builds no model for it, a stand-in names
+    # the version (daemon/process/service.py: `build_detector`) and each source's detector is built on its bank. Not
+    # declared by mutual: it has no weights of its own to version (no training, no weights file), so the registry
+    # holds no other version of it to build instead, and its version names resolved taps read from its backbone.
     version_of: Callable[..., str | None] | None = None
     # window_limits(max_frames=, max_bytes=, max_age_s=): the bounds of the per-source window its `fork(limits)` takes,
     # for a family that scores a source's frames against its own (`scores_own_frames`; the daemon's `[mutual]`
@@ -267,6 +272,7 @@ class BuiltinFamily:
 
 
 MODEL_REGISTRY: dict[str, ModelFamily] = {}
+DEFAULT_MODEL = "anomalyclip"  # `[model].name` and `anomalyd eval --model` when none is given
 # Where the built-in families register themselves (imported on first use, so listing names loads no model code) and
 # what they can do (read without importing them: the configuration's checks load no torch).
 _OWN_BACKBONE = {"clip_backbone": False}  # its own CNN backbones, taps and input size (model/patchcore/backbone.py)
@@ -432,7 +438,7 @@ def family_of(module: nn.Module) -> ModelFamily:
 
 
 def create_detector(
-    name: str = "anomalyclip",
+    name: str = DEFAULT_MODEL,
     *,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "float32",

@@ -119,6 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model import create_detector
     from model.dataset_loading import InspectionDataset, collate_samples
     from model.datasets import discover
+    from model.factory import DEFAULT_MODEL
     from model.metrics import MetricAccumulator
     from model.preprocess import decode_image
 
@@ -153,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit:
         by_category = {c: s[: args.limit] for c, s in by_category.items()}
     report_dir = Path(args.report) if args.report else None
-    models = args.models or ["anomalyclip"]
+    models = args.models or [DEFAULT_MODEL]
     results: dict[str, Any] = {}
     infos: dict[str, Any] = {}
     transform = "reference" if args.reference_preprocessing else "fast"
