@@ -20,6 +20,7 @@ daemon.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,20 +32,17 @@ import torch
 from model.datasets import Sample
 from model.geometry import Geometry
 
-log_name = "anomalyd.promotion"
+log = logging.getLogger("anomalyd.promotion")
 
 
 def holdout_metrics(detector: Any, holdout: Any, *, batch_size: int) -> dict[str, Any]:
     """Image and pixel metrics of `detector` over the held-out dataset (`model.dataset_loading` items), one group;
     `skipped`: the frames that could not be read. RuntimeError when none could."""
-    import logging
-
     from torch.utils.data import DataLoader
 
     from model.dataset_loading import collate_samples
     from model.metrics import MetricAccumulator
 
-    log = logging.getLogger(log_name)
     accumulator = MetricAccumulator()
     skipped = 0
     seen = 0
