@@ -1,12 +1,14 @@
-"""Downloading and locating weights: the CLIP backbone (through open_clip's cache) and the released AnomalyCLIP
-prompt checkpoints. This is the only module that reaches the network for weights; the model package never does.
+"""Downloading and locating weights: the CLIP backbone (through open_clip's cache) and the learned weights a model
+family released (`ModelFamily.released_weights` in model/factory.py: name, URL, digest, check; AnomalyCLIP's
+prompts, say). This is the only module that reaches the network for weights; the model package never does.
 
-Named prompts (`--prompts anomalyclip-visa`) resolve to files in the cache directory:
+Named weights (`--prompts anomalyclip-visa`) resolve to files in the cache directory:
 `$ANOMALYD_CACHE` or `$XDG_CACHE_HOME/anomalyd` or `~/.cache/anomalyd`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -14,33 +16,21 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.factory import ReleasedWeights
 
 log = logging.getLogger(__name__)
 
-_RELEASES = "https://raw.githubusercontent.com/zqhang/AnomalyCLIP/main/checkpoints"
-
-
-@dataclass(frozen=True)
-class ReleasedPrompts:
-    name: str
-    url: str
-    trained_on: str
-    use_for: str
-
-
-RELEASED_PROMPTS = {
-    p.name: p
-    for p in (
-        ReleasedPrompts("anomalyclip-visa", f"{_RELEASES}/9_12_4_multiscale_visa/epoch_15.pth", "VisA",
-                        "MVTec AD and other industrial data (the paper's protocol for MVTec AD)"),
-        ReleasedPrompts("anomalyclip-mvtec", f"{_RELEASES}/9_12_4_multiscale/epoch_15.pth", "MVTec AD",
-                        "VisA, MPDD, BTAD and other industrial data"),
-    )
-}
-DEFAULT_PROMPTS = "anomalyclip-visa"
 BACKBONE_NAME, BACKBONE_TAG = "ViT-L-14-336", "openai"
-# Shapes the released ViT-L/14@336 prompts must have: n_ctx 12, depth 9, deep length 4, text width 768.
-EXPECTED_PROMPT_SHAPE = {"n_ctx": 12, "depth": 9, "deep_length": 4, "width": 768}
+
+
+def released() -> dict[str, ReleasedWeights]:
+    """Every family's released weights by name (`model.factory.released_weights`; no model code loaded)."""
+    from model.factory import released_weights
+
+    return released_weights()
 
 
 class WeightsError(RuntimeError):
@@ -67,13 +57,14 @@ def resolve_prompts(value: str | Path | None) -> Path | None:
     if value is None or str(value) == "":
         return None
     path = Path(value).expanduser()
-    if path.exists() or str(value) not in RELEASED_PROMPTS:
+    known = released()
+    if path.exists() or str(value) not in known:
         return path
     cached = prompts_path(str(value))
     if not cached.is_file():
         raise WeightsError(
             f"prompts {value!r} are not downloaded yet: run `anomalyd weights fetch` (or download "
-            f"{RELEASED_PROMPTS[str(value)].url} by hand and save it as {cached})"
+            f"{known[str(value)].url} by hand and save it as {cached})"
         )
     return cached
 
@@ -101,22 +92,33 @@ def download(url: str, target: Path, *, timeout: float = 60.0, progress: bool = 
     return target
 
 
-def check_prompts(path: Path) -> dict[str, int]:
-    from model.anomalyclip.checkpoint import load_prompts
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    shape = load_prompts(path).learner_shape
-    if shape != EXPECTED_PROMPT_SHAPE:
-        raise WeightsError(f"{path}: prompt shapes {shape} are not the released ViT-L/14@336 ones {EXPECTED_PROMPT_SHAPE}")
-    return shape
+
+def check_released(item: ReleasedWeights, path: Path) -> None:
+    """WeightsError when `path` is not the released weights `item` (its digest, when declared; its family's check)."""
+    if item.sha256 and (found := file_sha256(path)) != item.sha256.lower():
+        raise WeightsError(f"{path}: sha256 {found} is not that of the released {item.name} ({item.sha256}); delete "
+                           f"it and run `anomalyd weights fetch` again")
+    problem = item.check(path) if item.check is not None else None
+    if problem:
+        raise WeightsError(problem)
 
 
 def fetch_prompts(name: str, *, force: bool = False, progress: bool = True) -> Path:
-    if name not in RELEASED_PROMPTS:
-        raise WeightsError(f"unknown released prompts {name!r}: expected one of {', '.join(RELEASED_PROMPTS)}")
+    """Download the released weights `name` (any family's) into the cache and check them."""
+    known = released()
+    if name not in known:
+        raise WeightsError(f"unknown released prompts {name!r}: expected one of {', '.join(known)}")
     target = prompts_path(name)
     if force or not target.is_file():
-        download(RELEASED_PROMPTS[name].url, target, progress=progress)
-    check_prompts(target)
+        download(known[name].url, target, progress=progress)
+    check_released(known[name], target)
     return target
 
 
@@ -184,14 +186,15 @@ def backbone_weights(name: str, tag: str = BACKBONE_TAG) -> WeightFile:
 
 def prompts_weights(name: str) -> WeightFile:
     target = prompts_path(name)
-    return WeightFile(what=f"released prompts {name}", urls=(RELEASED_PROMPTS[name].url,), path=target,
+    return WeightFile(what=f"released prompts {name}", urls=(released()[name].url,), path=target,
                       accepted=(target,))
 
 
 def required_weights(model: str, backbone: str | Path | None, prompts: str | Path | None,
                      tag: str = BACKBONE_TAG) -> list[WeightFile]:
     """The downloadable files a model configuration needs, and nothing else: the named CLIP backbone (not a
-    local file) and released prompts named by the configuration (AnomalyCLIP's default when it names none)."""
+    local file) and released weights named by the configuration (the family's `default_weights` when it names
+    none)."""
     from model.factory import get_family
 
     family = get_family(model)  # a family without a CLIP backbone (PatchCore's CNNs) needs nothing from open_clip
@@ -200,7 +203,7 @@ def required_weights(model: str, backbone: str | Path | None, prompts: str | Pat
         needed.append(backbone_weights(str(backbone), tag))
     if prompts is None:
         prompts = family.default_weights
-    if prompts is not None and str(prompts) in RELEASED_PROMPTS and not Path(prompts).expanduser().exists():
+    if prompts is not None and str(prompts) in released() and not Path(prompts).expanduser().exists():
         needed.append(prompts_weights(str(prompts)))
     return needed
 
@@ -277,8 +280,6 @@ def clear_partial_downloads() -> None:
 
 
 __all__ = [
-    "DEFAULT_PROMPTS",
-    "RELEASED_PROMPTS",
     "WeightFile",
     "WeightsError",
     "cache_dir",
@@ -287,6 +288,7 @@ __all__ = [
     "fetch_backbone",
     "fetch_prompts",
     "local_backbone",
+    "released",
     "required_weights",
     "resolve_prompts",
 ]

@@ -2,7 +2,7 @@
 defects per category, with masks and with image labels only (--weak), on one fixed test set per category.
 
 The splits are those of `anomalyd eval --shots K --train-anomalies N --seed S` (model/kshot.py,
-model/supervised/evaluation.py): K references, a fixed pool of defects out of the test set for every N, N of it
+model/mixed_supervision.py): K references, a fixed pool of defects out of the test set for every N, N of it
 drawn with the seed. The frozen features of the test set, the references (leave-one-out) and their synthetic
 defects are computed once per category and shared by every row (the CLI recomputes them per run; the numbers are
 the same: `fit_head` and the detector run the same functions). Image AUROC/AP, AUPRO (--pixel) and the miss rate
@@ -34,8 +34,9 @@ from model.datasets import DatasetError, discover
 from model.gaussian import gaussian_blur
 from model.kshot import kshot_split
 from model.metrics import image_metrics, pixel_metrics
+from model.mixed_supervision import mixed_split, operating_point
 from model.patchcore import build_patchcore, clip_to_tf
-from model.supervised.evaluation import load_training_frames, mixed_split, operating_point
+from model.supervised.evaluation import load_training_frames
 from model.supervised.training import (
     HeadInputs,
     HeadTrainingConfig,

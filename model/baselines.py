@@ -20,7 +20,7 @@ Deviations from the papers are listed in docs/models.md.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,11 +343,7 @@ def backbone_tag(backbone: str | Path | ClipBackbone, loaded: ClipBackbone) -> s
     file's stem plus a digest of its content."""
     if isinstance(backbone, ClipBackbone):
         return Path(loaded.name).name
-    path = Path(backbone)
-    if path.is_file():
-        stat = path.stat()
-        return f"{path.stem}-{_cached_digest(str(path), stat.st_size, stat.st_mtime_ns)}"
-    return loaded.name
+    return file_backbone_tag(backbone) or loaded.name
 
 
 def _resolve_backbone(backbone: str | Path | ClipBackbone, backbone_config: str | Path | None,
@@ -414,12 +410,41 @@ def create_winclip(
                             class_name=class_name)
 
 
+def file_backbone_tag(backbone: Any) -> str | None:
+    """`backbone_tag` of a weights file, read without loading it (None: a name or a loaded backbone)."""
+    if backbone is None or isinstance(backbone, ClipBackbone) or not Path(backbone).is_file():
+        return None
+    path = Path(backbone)
+    stat = path.stat()
+    return f"{path.stem}-{_cached_digest(str(path), stat.st_size, stat.st_mtime_ns)}"
+
+
+def baseline_version(name: str) -> Callable[..., str | None]:
+    """`ModelFamily.version_of` of a baseline: the version `create` gives, from the backbone file's digest alone (the
+    daemon passes a file; an open_clip name is only named once loaded: None)."""
+
+    def version_of(*, backbone: Any = None, image_size: int | None = None, scales: Sequence[int] | None = None,
+                   **_: Any) -> str | None:
+        tag = file_backbone_tag(backbone)
+        if tag is None:
+            return None
+        if name == "winclip":
+            size = int(image_size or 518)
+            return f"winclip-{tag}-{size}-w{'x'.join(str(int(s)) for s in (scales or (2, 3)))}"
+        return f"{name}-{tag}-{int(image_size or 518)}"
+
+    return version_of
+
+
 register_family(ModelFamily(name="clip", create=create_clip,
                             summary="CLIP zero-shot: two prompts per class (training-free)",
-                            exporter=imported_later("model.baselines_export", "clip_graph")))
+                            exporter=imported_later("model.baselines_export", "clip_graph"),
+                            version_of=baseline_version("clip")))
 register_family(ModelFamily(name="clip-ac", create=create_clip_ac,
                             summary="CLIP with WinCLIP's compositional prompt ensemble (training-free)",
-                            exporter=imported_later("model.baselines_export", "clip_graph")))
+                            exporter=imported_later("model.baselines_export", "clip_graph"),
+                            version_of=baseline_version("clip-ac")))
 register_family(ModelFamily(name="winclip", create=create_winclip,
                             summary="WinCLIP (CVPR 2023) zero-shot: sliding-window CLIP embeddings (training-free)",
-                            exporter=imported_later("model.baselines_export", "winclip_graph")))
+                            exporter=imported_later("model.baselines_export", "winclip_graph"),
+                            version_of=baseline_version("winclip")))

@@ -18,6 +18,10 @@ retraining, the CLI and the config never switch on a model name:
   (`known_good(detector, files, limit) -> model.known_good.KnownGoodScores`: held-out references and their
   calibration views, each against a bank of the others; e.g. model/patchcore/known_good.py);
 - `export_class_row`: the per-class graph input of a class an export does not hold (AdaCLIP's token ids);
+- `promotion_metrics` (and `LabelLearning.promotion_metrics`): what a retraining run measures the candidate and
+  the active model on (defaults: model/promotion.py); the daemon's gate only decides on those numbers;
+- `released_weights`: the learned weights its authors published (name, URL, digest, check), which
+  `anomalyd weights fetch` downloads; `window_limits`: the per-source window a family scoring its own frames forks;
 - `version_of`: the version name `create` gives, read without building the model (the daemon then builds one
   detector at start, the registry's active version);
 - `default_taps`, `activation`, `default_weights`;
@@ -136,13 +140,38 @@ class LabelLearning:
     fit(detector, parts, *, steps, seed, synthetic_per_reference, metadata) -> (weights, what trained them);
     weights.save(path) writes them, load(path) reads them back;
     scorer(detector, weights | None): the detector scoring as the model with those weights does (None: the base
-    model the labels improve on, e.g. PatchCore itself).
+    model the labels improve on, e.g. PatchCore itself);
+    few_shot(base, references, anomalies, *, weak, transform, seed): `anomalyd eval --train-anomalies`'s detector of
+    one category, trained on its K normal references and N labelled defects (`model.datasets.Sample`s; `weak`:
+    image labels only, their masks unused) on `base` (a detector of the evaluated model, built with
+    `references_later=True`); None: the family cannot be evaluated that way;
+    promotion_metrics(learning, detector, models, sources, *, rate, rules, on_evaluated): the held-out metrics and
+    operating point of each model the retraining compares (candidate, active); None: the default,
+    `model.promotion.reference_holdout_metrics` (each source against its own bank, thresholds calibrated as the
+    daemon does). The daemon's gate (daemon/learning/promotion.py) only decides on them.
     """
 
     source_inputs: Callable[..., Any]
     fit: Callable[..., Any]
     load: Callable[[str | Path], Any]
     scorer: Callable[[Any, Any], Any]
+    few_shot: Callable[..., Any] | None = None
+    promotion_metrics: Callable[..., dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class ReleasedWeights:
+    """Learned weights a family's authors published under a name (`--prompts NAME`, `[model].prompts`): where
+    `anomalyd weights fetch` downloads them from (adapters/weights.py, the only code that reaches the network) and
+    how a downloaded file is checked."""
+
+    name: str
+    url: str
+    trained_on: str = ""
+    use_for: str = ""
+    sha256: str | None = None  # the file's digest, when known: a download that differs is refused
+    # check(path) -> what is wrong with a downloaded file (None: nothing); a file it cannot read raises.
+    check: Callable[[Path], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -177,8 +206,23 @@ class ModelFamily:
     export_class_row: Callable[[str, Mapping[str, Any]], Any] | None = None
     # version_of(**options): the version name `create` gives these options, read without building the model (its
     # weights file's metadata or digest), so the daemon builds its detector once, from the registry's active
-    # version; None (or a None result): it must be built to be named.
+    # version; None (or a None result): it must be built to be named. Built-in: anomalyclip, adaclip (their weights
+    # file), clip/clip-ac/winclip (the backbone file's digest). Not needed by a family built on references
+    # (`needs_references`: patchcore, patchcore-head): the daemon's start builds no model for it, a stand-in names
+    # the version (daemon/process/service.py: `build_detector`) and each source's detector is built on its bank. Not
+    # declared by mutual: it has no weights of its own to version (no training, no weights file), so the registry
+    # holds no other version of it to build instead, and its version names resolved taps read from its backbone.
     version_of: Callable[..., str | None] | None = None
+    # window_limits(max_frames=, max_bytes=, max_age_s=): the bounds of the per-source window its `fork(limits)` takes,
+    # for a family that scores a source's frames against its own (`scores_own_frames`; the daemon's `[mutual]`
+    # section); None: its fork takes its own defaults.
+    window_limits: Callable[..., Any] | None = None
+    # promotion_metrics(detector, holdout, *, batch_size): the held-out metrics a retraining run compares its candidate
+    # and the active model on (`[retraining].metric` names one; daemon/learning/retraining_job.py); None: the default,
+    # `model.promotion.holdout_metrics` (image and pixel metrics of its predictions). The decision is the daemon's.
+    promotion_metrics: Callable[..., dict[str, Any]] | None = None
+    # The weights its authors released, by name (None: a built-in family's declared in BUILTIN_FAMILIES, else none).
+    released_weights: tuple[ReleasedWeights, ...] | None = None
     # The module that registers it: a training process (daemon/learning/retraining_job.py) imports it to find a family that
     # is not built in (a plug-in's, a test's). Filled in at registration from `create`'s module.
     module: str = ""
@@ -224,15 +268,24 @@ class BuiltinFamily:
 
     module: str
     capabilities: Capabilities = Capabilities()
+    released_weights: tuple[ReleasedWeights, ...] = ()
 
 
 MODEL_REGISTRY: dict[str, ModelFamily] = {}
+DEFAULT_MODEL = "anomalyclip"  # `[model].name` and `anomalyd eval --model` when none is given
 # Where the built-in families register themselves (imported on first use, so listing names loads no model code) and
 # what they can do (read without importing them: the configuration's checks load no torch).
 _OWN_BACKBONE = {"clip_backbone": False}  # its own CNN backbones, taps and input size (model/patchcore/backbone.py)
+_ANOMALYCLIP_RELEASES = "https://raw.githubusercontent.com/zqhang/AnomalyCLIP/main/checkpoints"
+_ANOMALYCLIP_CHECK = imported_later("model.anomalyclip.checkpoint", "released_prompts_problem")
 BUILTIN_FAMILIES: dict[str, BuiltinFamily] = {
     "anomalyclip": BuiltinFamily("model.anomalyclip.family",
-                                 Capabilities(score_scale="per_tap", versions_share_backbone=True)),
+                                 Capabilities(score_scale="per_tap", versions_share_backbone=True), (
+        ReleasedWeights("anomalyclip-visa", f"{_ANOMALYCLIP_RELEASES}/9_12_4_multiscale_visa/epoch_15.pth", "VisA",
+                        "MVTec AD and other industrial data (the paper's protocol for MVTec AD)",
+                        check=_ANOMALYCLIP_CHECK),
+        ReleasedWeights("anomalyclip-mvtec", f"{_ANOMALYCLIP_RELEASES}/9_12_4_multiscale/epoch_15.pth", "MVTec AD",
+                        "VisA, MPDD, BTAD and other industrial data", check=_ANOMALYCLIP_CHECK))),
     "adaclip": BuiltinFamily("model.adaclip.family", Capabilities(needs_class_name=True)),
     "clip": BuiltinFamily("model.baselines"),
     "clip-ac": BuiltinFamily("model.baselines"),
@@ -265,6 +318,9 @@ def register_family(family: ModelFamily) -> ModelFamily:
     """Register (or replace) a family under its name; without capabilities of its own it gets the declared ones."""
     if family.capabilities is None:
         family = replace(family, capabilities=declared_capabilities(family.name))
+    if family.released_weights is None:
+        builtin = BUILTIN_FAMILIES.get(family.name)
+        family = replace(family, released_weights=builtin.released_weights if builtin is not None else ())
     if not family.module:
         family = replace(family, module=str(getattr(family.create, "__module__", "") or ""))
     MODEL_REGISTRY[family.name] = family
@@ -297,6 +353,14 @@ def known_good_of(detector: Any) -> Callable[..., Any] | None:
         return get_family(name).known_good
     except ValueError:
         return None
+
+
+def released_weights() -> dict[str, ReleasedWeights]:
+    """Every family's released weights by name: built-in ones as declared (no model code loaded), then those of
+    the registered families."""
+    found = {w.name: w for builtin in BUILTIN_FAMILIES.values() for w in builtin.released_weights}
+    found.update({w.name: w for family in MODEL_REGISTRY.values() for w in family.released_weights or ()})
+    return found
 
 
 def models_that(predicate: Callable[[Capabilities], bool]) -> list[str]:
@@ -374,7 +438,7 @@ def family_of(module: nn.Module) -> ModelFamily:
 
 
 def create_detector(
-    name: str = "anomalyclip",
+    name: str = DEFAULT_MODEL,
     *,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "float32",

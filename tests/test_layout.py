@@ -75,3 +75,39 @@ def test_no_module_over_500_lines():
     long = {str(path.relative_to(ROOT)): count for path in files
             if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def family_units(root: Path = ROOT) -> set[str]:
+    """The model code of each family: the `model/` package (or top-level module) holding a module that registers a
+    family (`register_family(` / `@register_model(`), and a top-level module named after it (`model.baselines` and
+    `model.baselines_export`). model/factory.py, the registry itself, is none."""
+    units = set()
+    for path in sorted((root / "model").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if path.name != "factory.py" and ("register_family(ModelFamily" in text or "@register_model(" in text):
+            units.add("model." + path.relative_to(root / "model").with_suffix("").parts[0])
+    top_level = {f"model.{path.stem}" for path in (root / "model").glob("*.py")}
+    return units | {module for module in top_level for unit in units if module.startswith(unit + "_")}
+
+
+def test_daemon_and_adapters_import_no_family_code():
+    """Issue #22: the daemon and the adapters reach a family only through its contract (model/factory.py) and the
+    neutral model modules (model.detector, model.geometry, model.datasets, model.drift, model.promotion, ...), never
+    a family's own package."""
+    units = family_units()
+    assert {"model.anomalyclip", "model.adaclip", "model.baselines", "model.baselines_export", "model.patchcore",
+            "model.supervised", "model.mutual"} <= units
+    graph = import_cycles.import_graph(import_cycles.modules())
+    found = [f"{source} -> {target}" for source, targets in graph.items()
+             if source.split(".")[0] in ("daemon", "adapters") for target in targets
+             if any(target == unit or target.startswith(unit + ".") for unit in units)]
+    assert found == []
+
+
+def test_the_family_import_check_finds_a_family_import(tmp_path):
+    (tmp_path / "model" / "toyfam").mkdir(parents=True)
+    (tmp_path / "model" / "__init__.py").write_text("")
+    (tmp_path / "model" / "toyfam" / "__init__.py").write_text("")
+    (tmp_path / "model" / "toyfam" / "family.py").write_text("register_family(ModelFamily(name='toy'))\n")
+    (tmp_path / "model" / "neutral.py").write_text("")
+    assert family_units(tmp_path) == {"model.toyfam"}

@@ -96,6 +96,19 @@ def set_predictions(detector: Any, batches: Any) -> list[dict[str, Any]]:
     return batches
 
 
+def labelled_training(name: str) -> tuple[str, Any]:
+    """(the trained family's name, its `LabelLearning.few_shot`) for `--train-anomalies` on the model `name`: the
+    family its labels train (`Capabilities.retrains_as`, or itself); UsageError when that one has no such hook."""
+    from model.factory import retraining_family
+
+    family = retraining_family(name)
+    learning = family.label_learning
+    if learning is None or learning.few_shot is None:
+        raise UsageError(f"--train-anomalies: model {name!r} does not learn from labelled defects on its references "
+                         f"(its labels train {family.name!r}, which has no few-shot training)")
+    return family.name, learning.few_shot
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -106,6 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model import create_detector
     from model.dataset_loading import InspectionDataset, collate_samples
     from model.datasets import discover
+    from model.factory import DEFAULT_MODEL
     from model.metrics import MetricAccumulator
     from model.preprocess import decode_image
 
@@ -127,9 +141,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if split is not None:
         by_category = split.tests
     mixed = None
-    if args.train_anomalies is not None:  # mixed supervision (model/supervised/evaluation.py)
-        from model.supervised.evaluation import category_detector, mixed_split
-        from model.supervised.evaluation import operating_point as mixed_operating_point
+    if args.train_anomalies is not None:  # mixed supervision (model/mixed_supervision.py)
+        from model.mixed_supervision import mixed_split
+        from model.mixed_supervision import operating_point as mixed_operating_point
 
         if split is None:
             raise UsageError("--train-anomalies needs --shots K (the normal references the detector trains with)")
@@ -140,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit:
         by_category = {c: s[: args.limit] for c, s in by_category.items()}
     report_dir = Path(args.report) if args.report else None
-    models = args.models or ["anomalyclip"]
+    models = args.models or [DEFAULT_MODEL]
     results: dict[str, Any] = {}
     infos: dict[str, Any] = {}
     transform = "reference" if args.reference_preprocessing else "fast"
@@ -149,6 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     points: dict[str, dict[str, Any]] = {}  # model → category → operating point (daemon/references/operating_point.py)
     point_scores: dict[str, dict[str, Any]] = {}  # the scores behind them (report folder only)
     for name in models:
+        few_shot = labelled_training(name) if mixed is not None else None
         if split is None:
             detector = build_detector(args, name, class_names=sorted(by_category))
         else:  # k-shot: the torch model, given each category's references below
@@ -166,9 +181,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 detector = with_category_references(base, split.references[category], transform)
                 if mixed is None:  # the daemon's rule on the K references (a trained head: mixed_points below)
                     point = operating_threshold(detector, split.references[category], args.false_reject_rate)
-            if mixed is not None:
-                detector = category_detector(base, name, split.references[category], mixed.train_anomalies[category],
-                                             weak=args.weak, transform=transform, seed=args.seed)
+            if few_shot is not None and (mixed.train_anomalies[category] or few_shot[0] == name):
+                # a model whose labels train another family (PatchCore's a head) is itself without labelled defects
+                detector = few_shot[1](base, split.references[category], mixed.train_anomalies[category],
+                                       weak=args.weak, transform=transform, seed=args.seed)
             loader = DataLoader(InspectionDataset(items, image_size=detector.image_size, transform=transform),
                                 batch_size=args.batch_size, collate_fn=collate_samples, num_workers=args.workers)
             labels, scores, maps, masks, paths = [], [], [], [], []
@@ -254,7 +270,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         print(markdown + "".join("\n" + point_table(n, args.false_reject_rate, p) for n, p in points.items()))
         if mixed_points:
-            from model.supervised.evaluation import operating_point_table
+            from model.mixed_supervision import operating_point_table
 
             print(operating_point_table(mixed_points))
     if skipped:

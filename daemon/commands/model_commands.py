@@ -199,19 +199,20 @@ def fit_family_samples(args: argparse.Namespace, family: Any) -> int:
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
     """The weights the configured model needs (or those named on the command line), and nothing else."""
     from adapters.weights import (
-        RELEASED_PROMPTS,
         backbone_weights,
         fetch_backbone,
         fetch_prompts,
         prompts_weights,
+        released,
         required_weights,
     )
 
     backbone_config = None
     if args.backbone or args.prompts:  # named on the command line: exactly these
-        unknown = [name for name in args.prompts or () if name not in RELEASED_PROMPTS]
+        known = released()
+        unknown = [name for name in args.prompts or () if name not in known]
         if unknown:
-            raise UsageError(f"--prompts {unknown[0]!r}: not a released name ({', '.join(RELEASED_PROMPTS)})")
+            raise UsageError(f"--prompts {unknown[0]!r}: not a released name ({', '.join(known)})")
         wanted = ([("backbone", args.backbone)] if args.backbone else []) + [("prompts", n) for n in args.prompts or ()]
         origin = "the command line"
     else:

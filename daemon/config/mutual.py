@@ -1,5 +1,5 @@
 """`[mutual]`: the online window of mutual scoring (zero-label sources, `references = "auto"`, and every source
-under `[model].name = "mutual"`; daemon/zero_label/start.py, model/mutual/window.py).
+under `[model].name = "mutual"`; daemon/zero_label/start.py; the zero-label family's window, e.g. model/mutual/window.py).
 
     [mutual]
     window_frames = 32       # recent normal-looking frames each new frame is scored against
@@ -30,9 +30,13 @@ class MutualConfig(BaseModel):
     propose_count: int = Field(8, ge=2, le=256)
     auto_accept: bool = False
 
-    def limits(self) -> Any:
-        """The window's bounds as model/mutual takes them (`WindowLimits`)."""
-        from model.mutual.window import WindowLimits
+    def limits(self, family: str | None = None) -> Any:
+        """The window's bounds as `family`'s `fork` takes them (its `ModelFamily.window_limits`; default family: the
+        zero-label one, `model.factory.zero_label_family()`); None when it declares no such hook (its defaults).
+        Imports the family on use: the config itself loads no model code."""
+        from model.factory import get_family, zero_label_family
 
-        return WindowLimits(max_frames=self.window_frames, max_bytes=self.window_max_mb << 20,
-                            max_age_s=self.window_max_age_s)
+        make = get_family(family or zero_label_family()).window_limits
+        if make is None:
+            return None
+        return make(max_frames=self.window_frames, max_bytes=self.window_max_mb << 20, max_age_s=self.window_max_age_s)

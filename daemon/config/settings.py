@@ -55,6 +55,7 @@ from daemon.config.file import (  # noqa: F401
 )
 from daemon.config.mutual import MutualConfig
 from daemon.config.sources import LoadRequest, build_sources, loading, read_secret_files
+from model.factory import DEFAULT_MODEL
 
 
 class _Section(BaseModel):
@@ -62,7 +63,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = "anomalyclip"  # a registered model family (model.list_models(); listing them loads no torch)
+    name: str = DEFAULT_MODEL  # a registered model family (model.list_models(); listing them loads no torch)
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
     prompts: str | None = None

@@ -1,7 +1,7 @@
 """The drift watch of a source scored against references (PatchCore), so a line change is still one event after the
 source left mutual scoring (daemon/zero_label/start.py) or started with references.
 
-Mutual scoring watches its own window (model/mutual/drift.py). A PatchCore source has no window, but the same
+Mutual scoring watches its own window (model/drift.py). A PatchCore source has no window, but the same
 statistic applies to its map: the share of a frame's map above the normal level, fed to the same CUSUM
 (`DriftWatch`; its own constants, below; every frame counts, alerted or not: the threshold lives in the writer).
 The normal level is the median map maximum of the source's known-good frames the bank has not seen (its held-out
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from model.drift import DriftWatch
 from model.factory import capabilities_of
-from model.mutual.drift import DriftWatch
 
 ATTRIBUTE = "reference_drift_watch"  # where a source's detector keeps its watch (one per built detector)
 # The level is a normal frame's maximum, so a normal frame has ~0 % above it (mutual's level: ~5 %); a frame adds to

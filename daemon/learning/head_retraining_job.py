@@ -6,14 +6,12 @@ patchcore-head's: model/supervised/label_learning.py); this process only runs it
 It lowers its priority, then per source with labelled frames asks the family for that source's frozen training
 items (its bank on the source's references; for a head: the references leave-one-out as normals, synthetic defects
 on them, the labelled defects with their masks or image labels, the frames labelled normal, false alarms included);
-has the family fit one model on all of them; saves it to the job's output. Then it scores
-the candidate and the active model (the base the labels improve on, or the active trained one) on the held-out labelled frames, each
-source against its own bank, and measures both at their calibrated operating point: a threshold from each model's
-known-good frames (held-out references and their calibration views, plus the training frames labelled normal) at
-`false_reject_rate`, the way the daemon calibrates a new version (daemon/references/manager.py), and the held-out defects
-missed and normals alerted at it. When no labelled normal is held out, the held-out references' own leave-one-out
-scores stand in as the normals of the image metrics (said in the result). Like daemon/learning/retraining_job.py it touches
-no database: it reads the job file and writes result.json; progress goes to stdout as JSON lines.
+has the family fit one model on all of them; saves it to the job's output. Then the family measures the candidate
+and the active model (the base the labels improve on, or the active trained one) on the held-out labelled frames
+(`LabelLearning.promotion_metrics`; by default model/promotion.py's `reference_holdout_metrics`: each source against
+its own bank, each model at its calibrated operating point), under the daemon's score scale and threshold rule,
+which this job hands it (`DaemonRules`). Like daemon/learning/retraining_job.py it touches no database: it reads the
+job file and writes result.json; progress goes to stdout as JSON lines.
 """
 
 from __future__ import annotations
@@ -36,15 +34,6 @@ def _by_source(items: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
-def _images(paths: Sequence[str | Path], size: int) -> Any:
-    import torch
-
-    from model.dataset_loading import load_image
-
-    return torch.stack([load_image(Path(p), size, "fast") for p in paths]) if paths else \
-        torch.zeros(0, 3, size, size)
-
-
 def _samples(items: list[dict[str, Any]]) -> list[Any]:
     from model.datasets import Sample
 
@@ -53,16 +42,20 @@ def _samples(items: list[dict[str, Any]]) -> list[Any]:
                    has_mask=bool(i.get("mask")) or not i["label"]) for i in items]
 
 
-def use_source_geometry(detector: Any, spec: dict[str, Any], source: str) -> Any:
-    """Put the source's frame geometry (the job's `geometry`, as the daemon runs that source; none: squash) on the
-    detector, so its bank, training items and scores are cut as the source's frames are; returns it."""
+def source_geometry(spec: dict[str, Any], source: str) -> Any:
+    """The source's frame geometry (the job's `geometry`, as the daemon runs that source; none: squash)."""
     from model.geometry import make_geometry
 
     values = (spec.get("geometry") or {}).get(source)
-    geometry = make_geometry() if not values else make_geometry(
+    return make_geometry() if not values else make_geometry(
         values["resize"], values.get("roi"), values.get("ignore"), values.get("tile_overlap"))
-    detector.geometry = geometry
-    return geometry
+
+
+def use_source_geometry(detector: Any, spec: dict[str, Any], source: str) -> Any:
+    """Put the source's frame geometry on the detector, so its bank, training items and scores are cut as the
+    source's frames are; returns it."""
+    detector.geometry = source_geometry(spec, source)
+    return detector.geometry
 
 
 def training_parts(learning: Any, detector: Any, spec: dict[str, Any]) -> list[Any]:
@@ -87,75 +80,24 @@ def training_parts(learning: Any, detector: Any, spec: dict[str, Any]) -> list[A
     return parts
 
 
-def _scores(detector: Any, paths: Sequence[str | Path], size: int) -> tuple[list, list]:
-    """(image scores, maps) on the daemon's 0–1 scale (the family's declared rule, daemon/detectors/scale.py); with
-    a geometry, scored through it as the daemon scores the source's frames (maps in each frame's own pixels)."""
-    import torch
-
-    from daemon.detectors.scale import scale_outputs
-
-    if not paths:
-        return [], []
-    geometry = getattr(detector, "geometry", None)
-    if geometry is not None and not geometry.plain:
-        from model.geometry import predict_frames
-        from model.preprocess import decode_image
-
-        raw_scores, raw_maps = predict_frames(detector, [decode_image(p) for p in paths], geometry,
-                                              batch_size=int(getattr(detector, "batch_size", 8)))
-        scores = scale_outputs(detector, torch.as_tensor(raw_scores).float(), torch.zeros(len(paths), 1, 1))[0]
-        maps = [scale_outputs(detector, torch.zeros(1), torch.as_tensor(m).float()[None])[1][0].numpy()
-                for m in raw_maps]
-        return scores.tolist(), maps
-    with torch.inference_mode():
-        prediction = detector.predict(_images(paths, size))
-    scores, maps = scale_outputs(detector, prediction.scores.float().cpu(), prediction.maps.float().cpu())
-    return scores.tolist(), [m.numpy() for m in maps]
-
-
-def _square(maps: list[Any], size: int) -> list[Any]:
-    """Maps in frame pixels at the model size (the held-out metrics compare them with square masks)."""
-    import cv2
-
-    return [m if m.shape == (size, size) else cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR)
-            for m in maps]
-
-
-def _evaluate_source(scorer: Any, source: str, references: list[Path], holdout: list[dict],
-                     train_normals: list[str], rate: float) -> dict[str, Any]:
-    """One model (`scorer`: the family's base or a trained model) on one source's held-out frames: scores, maps, its
-    calibrated threshold and the known-good own scores (the stand-in normals), all as the daemon computes them for
-    that model's family: its `known_good` hook, its score scale, its threshold floor."""
-    import torch
-
-    from daemon.detectors.scale import scale_outputs
+def calibrated_thresholds(scorer: Any, scores: Sequence[float], maxima: Sequence[float], rate: float,
+                          what: str) -> tuple[float, float]:
+    """(image, pixel) thresholds of a model from its known-good scores, as the daemon calibrates a new version
+    (daemon/references/manager.py): the false-reject bound, floored at the family's `threshold_floor`."""
     from daemon.references.calibration import calibrated_bounds, floored
-    from model.factory import capabilities_of, known_good_of
-    from model.known_good import CALIBRATION_HOLDOUTS
+    from model.factory import capabilities_of
 
-    size = scorer.image_size
-    known = known_good_of(scorer)(scorer, references, CALIBRATION_HOLDOUTS)
-    scorer.distance_scale = known.distance_scale  # as daemon/references/bank.py sets it on a source's detector
-    good, good_max = scale_outputs(scorer, torch.tensor(known.scores), torch.tensor(known.maxima))
-    own = scale_outputs(scorer, torch.tensor(known.own), torch.tensor(known.own))[0].tolist()
-    normal_scores, normal_maps = _scores(scorer, train_normals, size)
-    good_scores = good.tolist() + normal_scores
-    good_maxima = good_max.tolist() + [float(m.max()) for m in normal_maps]
-    image, pixel = calibrated_bounds(good_scores, good_maxima, rate, what=f"source {source} ({scorer.name})")
-    floor = capabilities_of(scorer).threshold_floor  # as the daemon calibrates it (daemon/references/manager.py)
-    image, pixel = floored(image, floor), floored(pixel, floor)
-    scores, maps = _scores(scorer, [i["path"] for i in holdout], size)
-    return {"threshold": image.value, "pixel_threshold": pixel.value, "scores": scores, "maps": maps, "own": own,
-            "known_good": len(good_scores)}
+    image, pixel = calibrated_bounds(scores, maxima, rate, what=what)
+    floor = capabilities_of(scorer).threshold_floor
+    return floored(image, floor).value, floored(pixel, floor).value
 
 
 def evaluate(learning: Any, detector: Any, checkpoint: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    """Per model ("candidate", "active"): held-out image/pixel metrics and the operating point (see the module
-    docstring)."""
-    import numpy as np
-
-    from model.dataset_loading import load_mask
-    from model.metrics import MetricAccumulator
+    """Per model ("candidate", "active"): the family's held-out metrics and operating point
+    (`LabelLearning.promotion_metrics`, by default model/promotion.py's `reference_holdout_metrics`) under the
+    daemon's score scale and threshold rule; the gate (daemon/learning/promotion.py) decides on them."""
+    from daemon.detectors.scale import scale_outputs
+    from model.promotion import DaemonRules, SourceHoldout, reference_holdout_metrics
 
     active = spec.get("active") or {}
     models: dict[str, Any] = {"candidate": checkpoint}
@@ -163,50 +105,17 @@ def evaluate(learning: Any, detector: Any, checkpoint: Any, spec: dict[str, Any]
         models["active"] = learning.load(active["prompts"])
     else:  # the configured base model (or nothing active yet: the base is what the daemon runs then)
         models["active"] = None
-    rate = float(spec["false_reject_rate"])
-    train_normals = {s: [i["path"] for i in items if not i["label"]] for s, items in _by_source(spec["train"]).items()}
-    results: dict[str, Any] = {}
-    per_source = {s: items for s, items in _by_source(spec["holdout"]).items() if len(spec["sources"].get(s) or []) >= 2}
-    if not per_source:
+    train_normals = {s: [Path(i["path"]) for i in items if not i["label"]]
+                     for s, items in _by_source(spec["train"]).items()}
+    sources = {s: SourceHoldout(references=[Path(p) for p in spec["sources"][s]], holdout=_samples(items),
+                                train_normals=train_normals.get(s, []), geometry=source_geometry(spec, s))
+               for s, items in _by_source(spec["holdout"]).items() if len(spec["sources"].get(s) or []) >= 2}
+    if not sources:
         raise RuntimeError("no held-out labelled frame of a source with references")
-    for name, model in models.items():
-        accumulator = MetricAccumulator()
-        point = {"missed": 0, "defects": 0, "false_alarms": 0, "normals": 0, "thresholds": {},
-                 "normals_from_references": 0}
-        for source, holdout in sorted(per_source.items()):
-            references = [Path(p) for p in spec["sources"][source]]
-            if use_source_geometry(detector, spec, source).plain:
-                detector.set_references(_images(references, detector.image_size))
-            else:
-                detector.load_references([str(p) for p in references])
-            out = _evaluate_source(learning.scorer(detector, model), source, references, holdout,
-                                   train_normals.get(source, []), rate)
-            labels = [int(i["label"]) for i in holdout]
-            masks = [load_mask(s, detector.image_size).numpy() if s.label else None for s in _samples(holdout)]
-            maps = _square(out["maps"], detector.image_size)
-            scores = list(out["scores"])
-            if not any(label == 0 for label in labels):  # no held-out labelled normal: the references stand in
-                labels += [0] * len(out["own"])
-                scores += out["own"]
-                maps = maps + [np.zeros_like(maps[0]) for _ in out["own"]]
-                masks += [None] * len(out["own"])
-                point["normals_from_references"] += len(out["own"])
-            accumulator.add("holdout", np.asarray(labels), np.asarray(scores, dtype=np.float64),
-                            maps=np.stack(maps), masks=masks)
-            threshold = out["threshold"]
-            point["thresholds"][source] = threshold
-            for item, score in zip(holdout, out["scores"], strict=True):
-                if item["label"]:
-                    point["defects"] += 1
-                    point["missed"] += int(score < threshold)  # alert = score >= threshold (daemon/references/thresholds.py)
-                else:
-                    point["normals"] += 1
-                    point["false_alarms"] += int(score >= threshold)
-        metrics = dict(accumulator.compute_category("holdout"))
-        metrics.update({"missed": point["missed"], "false_alarms": point["false_alarms"]})
-        results[name] = {"metrics": metrics, "operating_point": point}
-        emit({"event": "evaluated", "model": name})
-    return results
+    measure = learning.promotion_metrics or reference_holdout_metrics
+    return measure(learning, detector, models, sources, rate=float(spec["false_reject_rate"]),
+                   rules=DaemonRules(scale=scale_outputs, threshold=calibrated_thresholds),
+                   on_evaluated=lambda name: emit({"event": "evaluated", "model": name}))
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

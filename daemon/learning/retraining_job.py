@@ -1,8 +1,9 @@
 """The retraining process: `python -m daemon.learning.retraining_job JOB.json`, started by `daemon.learning.retraining.Retrainer`.
 
 It lowers its own priority (`nice`), trains the job's model (AnomalyCLIP prompts, or AdaCLIP prompts and heads) on
-its training frames (fine-tuning the active version's weights when it is of the same model), then scores the
-candidate and the active model on the held-out frames and writes `result.json`. It touches no database:
+its training frames (fine-tuning the active version's weights when it is of the same model), then measures the
+candidate and the active model on the held-out frames (the family's `promotion_metrics`, by default
+model/promotion.py's `holdout_metrics`) and writes `result.json`. It touches no database:
 everything it needs is in the job file, and everything it produces is files, so the daemon records the outcome.
 Progress goes to stdout as JSON lines (`{"event": "start"|"epoch"|"evaluated"|"done", ...}`), the log to stderr.
 """
@@ -80,35 +81,12 @@ def holdout_set(spec: dict[str, Any]) -> tuple[Any, int]:
     return ConcatDataset([real, synthetic]), len(normals)
 
 
-def evaluate(detector: Any, dataset: Any, batch_size: int) -> dict[str, Any]:
-    """Image and pixel metrics of `detector` over `dataset` (one group: the held-out frames)."""
-    import torch
-    from torch.utils.data import DataLoader
+def holdout_metrics(family: Any, detector: Any, dataset: Any, batch_size: int) -> dict[str, Any]:
+    """The family's held-out metrics of `detector` (`ModelFamily.promotion_metrics`; default: image and pixel
+    metrics of its predictions, model/promotion.py); the gate (daemon/learning/promotion.py) decides on them."""
+    from model.promotion import holdout_metrics as default
 
-    from model.dataset_loading import collate_samples
-    from model.metrics import MetricAccumulator
-
-    accumulator = MetricAccumulator()
-    skipped = 0
-    seen = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples):
-        for path, message in batch["errors"]:
-            log.warning("held-out frame skipped: %s: %s", path, message)
-        skipped += len(batch["errors"])
-        if batch["image"].shape[0] == 0:
-            continue
-        with torch.inference_mode():
-            prediction = detector.predict(batch["image"], list(batch["category"]))
-        maps = prediction.maps.float().cpu().numpy()
-        masks = [batch["mask"][i].numpy() if batch["has_mask"][i] else None for i in range(maps.shape[0])]
-        accumulator.add("holdout", batch["label"].numpy(), prediction.scores.float().cpu().numpy(), maps=maps,
-                        masks=masks)
-        seen += maps.shape[0]
-    if not seen:
-        raise RuntimeError("no held-out frame could be read")
-    metrics = dict(accumulator.compute_category("holdout"))
-    metrics["skipped"] = skipped
-    return metrics
+    return (family.promotion_metrics or default)(detector, dataset, batch_size=batch_size)
 
 
 def _family(spec_model: dict[str, Any]) -> Any:
@@ -187,12 +165,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "version": spec["version"], "synthetic_holdout": synthetic_count,
         "history": [{"epoch": h.epoch, "loss": h.loss, "image_loss": h.image_loss, "local_loss": h.local_loss,
                      "samples": h.samples, "skipped": len(h.skipped)} for h in history],
-        "candidate": evaluate(candidate, holdout, t["batch_size"]), "active": None, "active_error": None,
+        "candidate": holdout_metrics(family, candidate, holdout, t["batch_size"]), "active": None,
+        "active_error": None,
     }
     emit({"event": "evaluated", "model": "candidate"})
     if spec.get("active"):
         try:
-            result["active"] = evaluate(_active_detector(spec, backbone, device), holdout, t["batch_size"])
+            result["active"] = holdout_metrics(family, _active_detector(spec, backbone, device), holdout,
+                                               t["batch_size"])
         except Exception as exc:
             log.exception("cannot evaluate the active model %s", spec["active"].get("version"))
             result["active_error"] = f"{type(exc).__name__}: {exc}"

@@ -274,7 +274,8 @@ def configured_version(settings: Any) -> str | None:
         version_of = get_family(m.name).version_of
         if version_of is None:
             return None
-        version = version_of(prompts=settings.prompts_file(), backbone=settings.resolve_model_value(m.backbone),
+        # the options `build_detector` (daemon/process/service.py) creates it with: the backbone as the file it loads
+        version = version_of(prompts=settings.prompts_file(), backbone=settings.backbone_file(),
                              image_size=m.image_size, class_name=m.class_name)
     except Exception:
         return None

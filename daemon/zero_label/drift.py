@@ -1,6 +1,6 @@
 """A source's drift as the daemon reports it: one event per drift, on MQTT, webhooks, metrics and the API.
 
-Mutual scoring's drift watch (model/mutual/drift.py) tells a changed line (a new variant, a moved camera, new
+Mutual scoring's drift watch (model/drift.py) tells a changed line (a new variant, a moved camera, new
 light: almost every patch of every frame unmatched) from a defect flood (a region of each part) and notes, per
 frame, what it saw (`Prediction.notes`); a source scored against references (PatchCore) gets the same notes from
 the same test on its map (daemon/detectors/drift_watch.py). The result writer hands every scored frame to

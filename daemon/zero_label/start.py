@@ -56,9 +56,11 @@ def zero_label(settings: Any, base: Any, source_id: str, files: list) -> bool:
 def mutual_detector(settings: Any, base: Any, options: dict[str, Any], source_id: str = "") -> Any:
     """A mutual detector with an empty window of its own (bounded by `[mutual]`), on the daemon's 0-1 scale."""
     mutual = getattr(settings, "mutual", None)
-    limits = mutual.limits() if mutual is not None else None
     if scores_own_frames(base):
-        return scaled(_labelled(getattr(base, "raw", base).fork(limits), source_id))
+        raw = getattr(base, "raw", base)
+        limits = mutual.limits(str(raw.name)) if mutual is not None else None
+        return scaled(_labelled(raw.fork(limits), source_id))
+    limits = mutual.limits() if mutual is not None else None
     r = settings.runtime
     key = (str(r.device), str(r.dtype), tuple(sorted((k, str(v)) for k, v in options.items())))
     with _SHARED_LOCK:

@@ -19,6 +19,9 @@ import torch
 
 from model.checkpoints import CheckpointError, read_safetensors, save_torch, write_safetensors
 
+# Shapes the released ViT-L/14@336 prompts (model.factory: their `ReleasedWeights`) have: n_ctx 12, depth 9, deep
+# length 4, text width 768.
+RELEASED_PROMPT_SHAPE = {"n_ctx": 12, "depth": 9, "deep_length": 4, "width": 768}
 FORMAT_NAME = "anomalyd-prompts"
 FORMAT_VERSION = 1
 _PREFIX = "prompt_learner."
@@ -68,6 +71,15 @@ def load_prompts(path: str | Path) -> PromptCheckpoint:
         raise CheckpointError(f"{path}: expected the official format {{'prompt_learner': ...}}, found {keys}")
     state = {k: v for k, v in obj["prompt_learner"].items() if isinstance(v, torch.Tensor)}
     return PromptCheckpoint(state=state, metadata={"source": str(path)}, format="official", path=path)
+
+
+def released_prompts_problem(path: str | Path) -> str | None:
+    """What is wrong with a downloaded file of the released prompts (None: it is them); `ReleasedWeights.check`.
+    A file that cannot be read at all raises CheckpointError."""
+    shape = load_prompts(path).learner_shape
+    if shape != RELEASED_PROMPT_SHAPE:
+        return f"{path}: prompt shapes {shape} are not the released ViT-L/14@336 ones {RELEASED_PROMPT_SHAPE}"
+    return None
 
 
 def save_official(path: str | Path, state: Mapping[str, torch.Tensor]) -> Path:

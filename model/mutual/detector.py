@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from model.detector import Prediction
+from model.drift import DriftWatch
 from model.factory import register_model
-from model.mutual.drift import DriftWatch
 from model.mutual.scoring import FRACTION, TOP_FRACTION, WINDOW_FRACTION, mutual_patch_scores, top_mean
 from model.mutual.window import ADMIT_RATIO, MutualWindow, WindowLimits
 from model.patchcore.backbone import DEFAULT_BACKBONE, Tap
@@ -63,7 +63,7 @@ class MutualDetector:
         self.admit_ratio = float(admit_ratio)
         self.grid = (0, 0)
         self.window = self._new_window()
-        self.drift = DriftWatch()  # whole-frame change vs defects (model/mutual/drift.py)
+        self.drift = DriftWatch()  # whole-frame change vs defects (model/drift.py)
         self.label = ""  # who this window watches, for the log (the daemon sets "source <id>")
         self._lock = threading.Lock()
 
@@ -182,7 +182,8 @@ def build_mutual(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | None
 
 # PatchCore's backbones, taps and input size; no references (each source forks its own window in the daemon).
 # (its capabilities: model.factory.BUILTIN_FAMILIES)
-@register_model(NAME, summary="zero-shot mutual scoring (MuSc) on PatchCore's features")
+@register_model(NAME, summary="zero-shot mutual scoring (MuSc) on PatchCore's features",
+                window_limits=WindowLimits)
 def _create_mutual(
     *,
     backbone: str = DEFAULT_BACKBONE,

@@ -270,5 +270,6 @@ register_family(ModelFamily(
     label_learning=LabelLearning(
         source_inputs=imported_later("model.supervised.label_learning", "source_inputs"),
         fit=imported_later("model.supervised.label_learning", "fit"), load=HeadCheckpoint.load,
-        scorer=imported_later("model.supervised.label_learning", "scorer")),
+        scorer=imported_later("model.supervised.label_learning", "scorer"),
+        few_shot=imported_later("model.supervised.evaluation", "category_detector")),
 ))

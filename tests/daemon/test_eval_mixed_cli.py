@@ -17,8 +17,9 @@ from model import create_detector
 from model.dataset_loading import load_image
 from model.datasets import discover
 from model.kshot import kshot_split
+from model.mixed_supervision import mixed_split, operating_point
 from model.supervised import HeadTrainingConfig, PatchcoreHeadDetector, fit_head
-from model.supervised.evaluation import load_training_frames, mixed_split, operating_point
+from model.supervised.evaluation import load_training_frames
 
 CATEGORY = "bottle"
 SHOTS, SEED, N = 1, 1, 2
@@ -65,3 +66,14 @@ def test_train_anomalies_without_shots_is_a_usage_error(samples_dir: Path, capsy
               "--train-anomalies", "4"])
     assert exc.value.code == 2
     assert "--train-anomalies needs --shots K" in capsys.readouterr().err
+
+
+@pytest.mark.shared
+def test_train_anomalies_on_a_family_without_few_shot_training_is_a_usage_error(samples_dir: Path, capsys) -> None:
+    """The labelled training is the trained family's `LabelLearning.few_shot` (model/factory.py): a family without
+    one is refused by name before any model is built."""
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--data", str(samples_dir), "--model", "winclip", "--categories", CATEGORY, "--device", "cpu",
+              "--shots", str(SHOTS), "--train-anomalies", "2"])
+    assert exc.value.code == 2
+    assert "--train-anomalies: model 'winclip' does not learn from labelled defects" in capsys.readouterr().err

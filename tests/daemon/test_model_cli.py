@@ -113,8 +113,11 @@ def test_weights_fetch_offline_says_what_to_download_and_where(tmp_path, monkeyp
     from tests.services import free_port
 
     monkeypatch.setenv("ANOMALYD_CACHE", str(tmp_path / "cache"))
-    unreachable = weights.ReleasedPrompts("anomalyclip-visa", f"http://127.0.0.1:{free_port()}/epoch_15.pth", "VisA", "")
-    monkeypatch.setitem(weights.RELEASED_PROMPTS, "anomalyclip-visa", unreachable)
+    from dataclasses import replace
+
+    known = weights.released()
+    unreachable = replace(known["anomalyclip-visa"], url=f"http://127.0.0.1:{free_port()}/epoch_15.pth")
+    monkeypatch.setattr(weights, "released", lambda: {**known, "anomalyclip-visa": unreachable})
     code = main(["weights", "fetch", "--skip-backbone", "--prompts", "anomalyclip-visa"])
     err = capsys.readouterr().err
     assert code == 1

@@ -263,3 +263,17 @@ def test_two_workers_registering_the_same_model_at_once(sessions, tmp_path, gold
     with sessions() as session:
         versions = registry.list_versions(session)
     assert [(v.version, v.status) for v in versions] == [("anomalyclip-shared", "active")]
+
+
+@pytest.mark.parametrize("name", ["clip", "winclip"])
+def test_a_baseline_is_named_without_building_so_the_daemon_builds_it_once(tmp_path, golden_dir, name):
+    """The CLIP baselines declare `version_of` (the backbone file's digest): the configured version is known before
+    any build, and it is the version the build gives."""
+    from daemon.process.service import build_detector
+
+    config = write_config(tmp_path, golden_dir)
+    config.write_text(config.read_text().replace("[model]\n", f'[model]\nname = "{name}"\n', 1))
+    settings = load_config(config, environ={})
+    named = registry.configured_version(settings)
+    assert named is not None and named.startswith(f"{name}-tiny_clip_openai_fp16-")
+    assert build_detector(settings).version == named

@@ -15,7 +15,7 @@ import torch
 from daemon.detectors.routing import RoutedDetector
 from daemon.zero_label.drift import DriftTracker
 from model.detector import Prediction
-from model.mutual.drift import DriftWatch
+from model.drift import DriftWatch
 
 T0 = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)
 VERSION = "patchcore-efficientnet-lite0-t4-10-s256+ref-abc-k8"

@@ -2,7 +2,8 @@
 the daemon's own code paths, its references (a bank built from a source's reference files), its calibration (a
 threshold calibrated from its `known_good` hook and recorded in the threshold history), its export (ONNX through
 the generic export path and its parity gate, `[runtime].engine = "onnxruntime"`) and its retraining (operator labels
-→ the retraining process → a candidate version, promoted, hot-swapped and calibrated again).
+→ the retraining process → a candidate version measured by its `promotion_metrics`, promoted, hot-swapped and
+calibrated again).
 
 The family registers when this module is imported: the retraining process (a separate Python process) imports it
 the way it imports a plug-in's family, from the module the registration names (`ModelFamily.module`).
@@ -164,13 +165,20 @@ def _save(model: nn.Module, path: str | Path, metadata: Mapping[str, Any]) -> Pa
     return Path(path)
 
 
+def toy_promotion_metrics(detector: Any, holdout: Any, *, batch_size: int) -> dict[str, Any]:
+    """The toy's own held-out measures on top of the default ones: the retraining records what the family measures."""
+    from model.promotion import holdout_metrics
+
+    return {**holdout_metrics(detector, holdout, batch_size=batch_size), "toy_frames": len(holdout)}
+
+
 register_family(ModelFamily(
     name=TOY, create=create_toy, wrap=wrap_toy, summary="brightness against the references' mean (test family)",
     capabilities=Capabilities(needs_references=True, uses_references=True, clip_backbone=False),
     checkpoint=CheckpointFormat(load=load_file, save=_save),
     training=TrainingSpec(build=lambda backbone, weights, **_: _built(weights), target=ToyTarget,
                           model_type=BankModule, defaults={"epochs": 2, "learning_rate": 0.5}),
-    exporter=toy_graph, known_good=known_good_hook,
+    exporter=toy_graph, known_good=known_good_hook, promotion_metrics=toy_promotion_metrics,
 ))
 
 
@@ -281,6 +289,8 @@ def test_a_toy_family_gets_references_calibration_export_and_retraining_through_
             run = session.scalars(select(TrainingRun)).one()
         assert version.kind == TOY and version.status == "active" and run.status == "succeeded"
         assert "epoch 2/2" in run.log
+        assert version.metrics["holdout"]["toy_frames"] >= 1  # measured by the family's `promotion_metrics` hook
+        assert "image_auroc" in version.metrics["holdout"]
         trained = load_file(version.prompts_path)
         assert float(trained["gain"]) > 2.0  # brighter than the bank is anomalous: the labels raise the gain
         assert wait_until(lambda: (service.references.states["inbox"].detector is not None

@@ -117,7 +117,7 @@ def test_offline_error_names_each_missing_file_its_url_and_place(tmp_path, golde
     message = str(raised.value)
     assert FAKE_URL in message
     assert f"put it at {cache / 'open_clip' / 'tiny-clip' / 'openai' / 'open_clip_pytorch_model.bin'}" in message
-    assert weights.RELEASED_PROMPTS["anomalyclip-visa"].url in message
+    assert weights.released()["anomalyclip-visa"].url in message
     assert f"put it at {cache / 'prompts' / 'anomalyclip-visa.pth'}" in message
     assert "anomalyclip-mvtec" not in message and "make demo" in message
 
@@ -140,3 +140,36 @@ def test_required_weights_follow_the_config(tmp_path, monkeypatch):
     assert backbone.urls[0].startswith("https://huggingface.co/timm/vit_large_patch14_clip_336.openai/resolve/main/")
     assert backbone.urls[-1].endswith("/ViT-L-14-336px.pt")
     assert backbone.path == tmp_path / "open_clip" / "ViT-L-14-336" / "openai" / "open_clip_pytorch_model.bin"
+
+
+def test_released_weights_are_a_family_declaration_checked_by_digest_and_by_the_family(tmp_path, golden_dir, cache,
+                                                                                      monkeypatch, capsys):
+    """`weights fetch --prompts NAME` downloads any family's declared `ReleasedWeights` (model/factory.py), refuses a
+    file whose sha256 differs, and reports the family's own check (AnomalyCLIP's: the released prompt shapes)."""
+    import hashlib
+
+    from model.factory import ReleasedWeights, register_model, unregister_model
+
+    good, url = b"toy weights", "https://weights.example.invalid/toy.bin"
+    release = ReleasedWeights("toy-released", url, sha256=hashlib.sha256(good).hexdigest(),
+                              check=lambda path: None if path.read_bytes() == good else f"{path}: not toy weights")
+    register_model("toy-released-family", released_weights=(release,))(lambda **_: None)
+    try:
+        assert weights.released()["toy-released"] is release
+        serve(monkeypatch, {url: good})
+        assert main(["weights", "fetch", "--skip-backbone", "--prompts", "toy-released"]) == 0
+        assert (cache / "prompts" / "toy-released.pth").read_bytes() == good
+        serve(monkeypatch, {url: b"something else"})
+        assert main(["weights", "fetch", "--force", "--skip-backbone", "--prompts", "toy-released"]) == 1
+        assert f"is not that of the released toy-released ({release.sha256})" in capsys.readouterr().err
+    finally:
+        unregister_model("toy-released-family")
+    assert "toy-released" not in weights.released()
+    with pytest.raises(SystemExit) as usage:  # a usage error now
+        main(["weights", "fetch", "--skip-backbone", "--prompts", "toy-released"])
+    assert usage.value.code == 2 and "not a released name (anomalyclip-visa, anomalyclip-mvtec)" in capsys.readouterr().err
+
+    tiny_prompts = (golden_dir / "prompts_official_format.pth").read_bytes()  # the tiny CLIP's: not the released shapes
+    serve(monkeypatch, {weights.released()["anomalyclip-visa"].url: tiny_prompts})
+    assert main(["weights", "fetch", "--skip-backbone", "--prompts", "anomalyclip-visa"]) == 1
+    assert "are not the released ViT-L/14@336 ones" in capsys.readouterr().err

@@ -169,3 +169,19 @@ def test_bad_sizes_are_named(backbone):
     detector = create_detector("clip", backbone=backbone, image_size=SIZE, device="cpu")
     with pytest.raises(ValueError, match=r"expects \(B, 3, 224, 224\)"):
         detector.predict(torch.zeros(1, 3, 112, 112))
+
+
+@pytest.mark.parametrize("name", ["clip", "clip-ac", "winclip"])
+def test_version_of_names_the_version_create_gives_without_building(golden_dir, name):
+    """`ModelFamily.version_of` (the daemon builds its detector once, daemon/learning/versions.py): from the backbone
+    file's digest alone, the version `create` gives; an open_clip name or a loaded backbone: None (build to name)."""
+    from model.factory import get_family
+
+    weights, config = golden_dir / "tiny_clip_openai_fp16.safetensors", golden_dir / "tiny-clip-24L.json"
+    size = WINCLIP_SIZE if name == "winclip" else SIZE
+    version_of = get_family(name).version_of
+    named = version_of(backbone=str(weights), image_size=size, prompts=None, class_name=None)
+    built = create_detector(name, backbone=str(weights), backbone_config=str(config), image_size=size, device="cpu")
+    assert named == built.version and named.startswith(f"{name}-tiny_clip_openai_fp16-")
+    assert version_of(backbone="ViT-L-14-336", image_size=size) is None
+    assert version_of(backbone=tiny_backbone(golden_dir), image_size=size) is None

@@ -1,4 +1,4 @@
-"""Drift watch on real frames and real weights (model/mutual/drift.py through the online `mutual` detector): a flood
+"""Drift watch on real frames and real weights (model/drift.py through the online `mutual` detector): a flood
 of real defects (every other cube broken) raises alerts and no drift; a change of the line (another product,
 metal plates, on the camera) is signalled once, within a few frames, while its frames are kept out of the window."""
 

@@ -16,9 +16,9 @@ import torch
 from model import create_detector
 from model.checkpoints import CheckpointError
 from model.factory import get_family
+from model.mixed_supervision import mixed_split, operating_point
 from model.preprocess import OPENAI_MEAN, OPENAI_STD
 from model.supervised import HeadCheckpoint, HeadTrainingConfig, PatchcoreHeadDetector, fit_head
-from model.supervised.evaluation import mixed_split, operating_point
 
 SIZE = 64
 FAST = HeadTrainingConfig(steps=60, synthetic_per_reference=1)

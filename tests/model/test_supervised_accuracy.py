@@ -19,8 +19,9 @@ from model import create_detector
 from model.dataset_loading import load_image
 from model.datasets import discover
 from model.kshot import kshot_split
+from model.mixed_supervision import mixed_split
 from model.supervised import HeadTrainingConfig, PatchcoreHeadDetector, fit_head
-from model.supervised.evaluation import load_training_frames, mixed_split
+from model.supervised.evaluation import load_training_frames
 from tests.model.test_patchcore_accuracy import subsample
 
 CATEGORY = "metal_plate"

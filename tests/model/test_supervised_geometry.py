@@ -123,7 +123,7 @@ def test_eval_resize_fit_evaluates_the_head_on_fit(samples_dir: Path, tmp_path: 
 
     from daemon.cli import main
     from model.kshot import kshot_split
-    from model.supervised.evaluation import mixed_split
+    from model.mixed_supervision import mixed_split
 
     data = mini_category(samples_dir, tmp_path / "data", 10, 8)
     assert main(["eval", "--data", str(data), "--model", "patchcore", "--categories", "magnetic_tile",

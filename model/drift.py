@@ -1,5 +1,9 @@
 """Drift watch: tell a changed line (new variant, moved camera, new lighting) from a flood of real defects.
 
+Plain statistics on per-patch scores, no family's maths: mutual scoring feeds it its window's patch scores
+(model/mutual/detector.py) and the daemon's reference drift watch a reference detector's 0-1 maps
+(daemon/detectors/drift_watch.py).
+
 Both make many frames score high. They differ in where and how often: a defect, even a large one, leaves most of
 the part as it was, so most of the frame's patches still find a close match among the normal frames and only a
 region scores high, and in a defect flood normal parts keep coming between the broken ones; after a change of the
