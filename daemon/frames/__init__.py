@@ -1,4 +1,4 @@
-"""The frame path: source queues → intake (decode pool, byte budget) → `DynamicBatcher` → model worker →
+"""The frame path: source queues → intake threads (each takes and decodes, byte budget) → `DynamicBatcher` → model worker →
 result writer (artifacts, one database transaction with its outbox rows), with dead letters for frames that keep
 failing.
 

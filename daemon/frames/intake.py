@@ -1,7 +1,10 @@
-"""Intake and preparation: frames from the source queues (fair round-robin) → decode pool → `DynamicBatcher`.
+"""Intake and preparation: frames from the source queues (fair round-robin) → decoded → `DynamicBatcher`.
 
 Each frame becomes a `FrameRecord` with its source's post-processing settings, its RGB array and the pixels resized
-for the model, made on the decode threads so the model worker never decodes. A frame that cannot be decoded goes to
+for the model, made on the intake threads so the model worker never decodes. The frames of free-running sources
+(files, queues, streams) are taken and decoded by the same thread: `decode_threads` intake threads share one fair
+round-robin cursor over the source queues, each decoding what it takes, so such a frame changes thread once between
+its source and the model worker (no dispatcher thread handing it to a decode pool). A frame that cannot be decoded goes to
 `reject(frame, settings, reason)` (a rejected row); an internal error hands it back to its source. The number of
 frames between intake and batcher is bounded, and so are the decoded bytes in flight (`ByteBudget`, from each
 frame's header before decoding), so back-pressure reaches the source queues.
@@ -90,12 +93,13 @@ class Intake:
         self.stage_times = stage_times
         self.on_queued = on_queued
         self._guard = guard
-        self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
-        self._decode_slots = threading.BoundedSemaphore(decode_threads * 2)
+        self._intake_threads = max(1, int(decode_threads))
+        self._turn_lock = threading.Lock()  # the round-robin cursor the intake threads share
+        self._next_turn = 0
         self.max_pixels = max_pixels
         self.decode_budget = ByteBudget(decode_budget_bytes)
         self.triggers: TriggerController | None = None  # set before start
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._trigger_thread: threading.Thread | None = None
         self._live_thread: threading.Thread | None = None
         self._live_decoders: ThreadPoolExecutor | None = None  # made when there are live sources
@@ -116,9 +120,13 @@ class Intake:
         return [s for s in self.sources if not self._is_triggered(s) and getattr(s.queue, "policy", "all") == "latest"]
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._guard(self._loop, "intake"), name="intake", daemon=True)
-        self._thread.start()
         live = self._live_sources()
+        free_running = [s for s in self.sources if not self._is_triggered(s) and s not in live]
+        self._threads = [threading.Thread(target=self._guard(lambda: self._loop(free_running), "intake"),
+                                          name=f"intake-{index}", daemon=True)
+                         for index in range(self._intake_threads)]
+        for thread in self._threads:
+            thread.start()
         if live:  # its own thread and decoders: a backlog waiting for the batcher never holds a camera frame back
             self._live_decoders = ThreadPoolExecutor(self._live_decode_threads, thread_name_prefix="live-decode")
             self._live_thread = threading.Thread(target=self._guard(lambda: self._live_loop(live), "live-intake"),
@@ -134,8 +142,9 @@ class Intake:
 
     def problems(self) -> list[str]:
         problems = []
-        if self._thread is not None and not self._thread.is_alive():
-            problems.append("intake thread is not running")
+        dead = [thread.name for thread in self._threads if not thread.is_alive()]
+        if dead:
+            problems.append(f"intake thread{'s' if len(dead) > 1 else ''} {', '.join(dead)} not running")
         if self._trigger_thread is not None and not self._trigger_thread.is_alive():
             problems.append("trigger intake thread is not running")
         if self._live_thread is not None and not self._live_thread.is_alive():
@@ -145,11 +154,11 @@ class Intake:
     def drain(self, timeout: float) -> bool:
         """Take what the (stopped) sources queued and prepare it; True when the intake finished within `timeout`
         (else it is aborted and what is still queued stays in the source queues). The decode pool is shut down
-        after its last frame went to the batcher."""
+        after its last frame went to the batcher; each intake thread ends once the queues are empty."""
         self._draining.set()
         finished = True
         deadline = time.monotonic() + timeout
-        for thread in (self._thread, self._live_thread):
+        for thread in (*self._threads, self._live_thread):
             if thread is None:
                 continue
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -157,35 +166,43 @@ class Intake:
                 finished = False
                 self._abort.set()
                 thread.join(1.0)
-        self._decoders.shutdown(wait=True)
+        if self._trigger_thread is not None:
+            self._trigger_thread.join(max(0.0, min(2.0, deadline - time.monotonic())))
         if self._live_decoders is not None:
             self._live_decoders.shutdown(wait=True)
         return finished
 
-    def _loop(self) -> None:
-        """Fair round-robin over the free-running sources' queues (the live ones have `_live_loop`)."""
-        live = self._live_sources()
-        free_running = [s for s in self.sources if not self._is_triggered(s) and s not in live]
+    def _take_turn(self, free_running: list[FrameSource]) -> tuple[Frame, FrameSource] | None:
+        """The next frame in fair round-robin over the free-running sources' queues (shared by the intake threads:
+        each source in turn, starting after the one served last), None when all are empty."""
+        with self._turn_lock:
+            count = len(free_running)
+            for offset in range(count):
+                index = (self._next_turn + offset) % count
+                frame = free_running[index].queue.get(timeout=0)
+                if frame is not None:
+                    self._next_turn = (index + 1) % count
+                    return frame, free_running[index]
+        return None
+
+    def _loop(self, free_running: list[FrameSource]) -> None:
+        """One intake thread: take the next frame (fair round-robin, `_take_turn`) and decode it here (the live
+        sources have `_live_loop`, the triggered ones `_trigger_loop`)."""
         single = len(free_running) == 1
         while not self._abort.is_set():
-            took = False
-            for source in free_running:
-                frame = source.queue.get(timeout=0.05 if single else 0)
-                if frame is None:
-                    continue
-                took = True
-                self._submit(frame, source)
-                if self._abort.is_set():
-                    break
-            if not took:
-                if self._draining.is_set() and all(len(source.queue) == 0 for source in free_running):
-                    if self._trigger_thread is not None:
-                        self._trigger_thread.join(2.0)
-                    return
-                if not free_running:
-                    time.sleep(0.05)
-                elif not single:
-                    time.sleep(0.002)
+            turn = self._take_turn(free_running)
+            if turn is None and single:  # one source: wait on its queue rather than poll it
+                frame = free_running[0].queue.get(timeout=0.05)
+                turn = (frame, free_running[0]) if frame is not None else None
+            if turn is not None:
+                self._submit(*turn)
+                continue
+            if self._draining.is_set() and all(len(source.queue) == 0 for source in free_running):
+                break
+            if not free_running:
+                time.sleep(0.05)
+            elif not single:
+                time.sleep(0.002)
         self.on_queued()
 
     def _live_loop(self, live: list[FrameSource]) -> None:
@@ -271,12 +288,7 @@ class Intake:
                 self._live_done_decoding()
                 frame.done(False)
             return
-        self._decode_slots.acquire()
-        try:
-            self._decoders.submit(self._prepare, frame, settings, t_in)
-        except RuntimeError:  # executor shut down: give the frame back
-            self._decode_slots.release()
-            frame.done(False)
+        self._prepare(frame, settings, t_in)  # on this intake thread: no hand-off to a decode pool
 
     def _live_done_decoding(self) -> None:
         with self._live_lock:
@@ -336,11 +348,8 @@ class Intake:
             log.exception("cannot prepare frame %s (%s)", frame.frame_id, frame.name)
             self.outcomes.fail([frame], settings.id, "decode", exc)
         finally:
-            if live:
-                if in_live_decode:
-                    self._live_done_decoding()
-            elif not priority:  # triggered frames are prepared on the trigger thread, without a decode slot
-                self._decode_slots.release()
+            if live and in_live_decode:
+                self._live_done_decoding()
 
 
 def as_rgb8(image: np.ndarray, name: str) -> np.ndarray:
