@@ -62,7 +62,8 @@ def reference_resize(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 class Intake:
-    """The intake thread and the decode pool. `start()`; `drain(timeout)` at shutdown (sources already stopped)."""
+    """The intake threads (and the live sources' decoders). `start()`; `drain(timeout)` at shutdown (sources already
+    stopped)."""
 
     def __init__(
         self,
@@ -153,7 +154,7 @@ class Intake:
 
     def drain(self, timeout: float) -> bool:
         """Take what the (stopped) sources queued and prepare it; True when the intake finished within `timeout`
-        (else it is aborted and what is still queued stays in the source queues). The decode pool is shut down
+        (else it is aborted and what is still queued stays in the source queues). The live decoders are shut down
         after its last frame went to the batcher; each intake thread ends once the queues are empty."""
         self._draining.set()
         finished = True

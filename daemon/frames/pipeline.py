@@ -1,4 +1,4 @@
-"""The inspection pipeline: sources → intake (decode pool) → DynamicBatcher → model worker → result writers.
+"""The inspection pipeline: sources → intake threads (take + decode) → DynamicBatcher → model worker → result writers.
 
     source queues ──(fair round-robin intake)──► decode/preprocess threads ──► DynamicBatcher
         ──► ModelWorker (detector.predict) ──► results queue ──► writer threads:
