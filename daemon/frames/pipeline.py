@@ -1,6 +1,6 @@
 """The inspection pipeline: sources → intake threads (take + decode) → DynamicBatcher → model worker → result writers.
 
-    source queues ──(fair round-robin intake)──► decode/preprocess threads ──► DynamicBatcher
+    source queues ──► intake threads (fair round-robin; each decodes/preprocesses what it took) ──► DynamicBatcher
         ──► ModelWorker (detector.predict) ──► results queue ──► writer threads:
             map at frame size, regions, artifacts (files first), one DB transaction (inspection + outbox alert),
             frame.done(True), then the result sinks (per-frame MQTT message, alert relay wake-up)
