@@ -17,6 +17,7 @@ from typing import Any
 
 from daemon.config.model_options import reference_model_options, runtime_options
 from daemon.detectors.scale import scaled
+from model.checkpoints import CheckpointError
 from model.factory import capabilities, get_family, known_good_of, needs_references
 from model.known_good import (
     CALIBRATION_DEGREES,
@@ -49,8 +50,22 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
                                    else source_geometry(settings, None))
         if base.weights:  # the model version's learned weights (e.g. a trained head: daemon/learning/head_retraining.py)
             options["prompts"] = base.weights
-        detector = create_detector(name, references=references, references_cache=str(cache_path) if cache_path else None,
-                                   **options, **runtime_options(settings))
+        build = dict(references=references, references_cache=str(cache_path) if cache_path else None,
+                     **runtime_options(settings))
+        try:
+            detector = create_detector(name, **options, **build)
+        except CheckpointError as exc:
+            if not base.weights or cache_path is None:
+                raise
+            # The version's weights were learned on another geometry than the source runs now (an operator changed
+            # its resize): the source goes on with the family's base model on its references, recalibrated as its
+            # own version, rather than stopping the line; the next retraining learns weights for it.
+            del options["prompts"]
+            detector = create_detector(name, **options, **build)
+            detector.weights_mismatch = (f"the active version's learned weights do not fit this source ({exc}); it "
+                                         f"runs {detector.version} (the base model on its references) until labels "
+                                         "retrain the version for it")
+            log.warning("source %s: %s", cache_path.stem, detector.weights_mismatch)
         if cache_path is not None:  # the source's own detector: its distance scale (daemon/detectors/scale.py)
             known = cached_known_good(settings, detector, [f for f in files if f.suffix != ".safetensors"],
                                       cache_path)
@@ -72,7 +87,7 @@ def _on_engine(settings: Any, detector: Any) -> Any:
     from daemon.detectors.engines import with_engine
 
     exported = with_engine(settings, detector)
-    for name in ("known_good", "distance_scale", "bank"):
+    for name in ("known_good", "distance_scale", "bank", "weights_mismatch"):
         if hasattr(detector, name):
             setattr(exported, name, getattr(detector, name))
     return exported

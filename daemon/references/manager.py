@@ -102,6 +102,7 @@ class SourceState:
     detector: Any = None
     version: str | None = None
     error: str | None = None
+    warning: str | None = None  # it runs, but not as configured (e.g. without the version's weights): why
     built_at: float | None = None
     shape: tuple[int, int, int] | None = None
     base_version: str | None = None
@@ -110,7 +111,7 @@ class SourceState:
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source_id, "references": len(self.files), "version": self.version,
-                "error": self.error, "image_shape": list(self.shape) if self.shape else None,
+                "error": self.error, "warning": self.warning, "image_shape": list(self.shape) if self.shape else None,
                 "ready": self.detector is not None or self.error is None}
 
 
@@ -206,6 +207,7 @@ class ReferenceManager:
                 return self._build(source_id, progress, retry=False)
             return self._failed(state, str(exc) if str(source_id) in str(exc) else f"source {source_id}: {exc}", sig)
         state.detector, state.version = detector, str(getattr(detector, "version", ""))
+        state.warning = getattr(detector, "weights_mismatch", None)
         state.error, state.built_at, state.failures = None, time.time(), 0
         self.unavailable.pop(source_id, None)
         log.info("source %s: reference bank of %d images ready in %.1f s (version %s)", source_id, len(files),

@@ -285,7 +285,7 @@ async function renderReferences(data) {
   for (const url of calState.urls.splice(0)) URL.revokeObjectURL(url);
   const refs = data.references;
   const bank = refs.bank;
-  $("#cal-ref-caption").textContent = `${refs.items.length} files` + (bank ? ` · bank ${bank.version || "not built"}${bank.error ? `: ${bank.error}` : ""}` : "") +
+  $("#cal-ref-caption").textContent = `${refs.items.length} files` + (bank ? ` · bank ${bank.version || "not built"}${bank.error ? `: ${bank.error}` : ""}${bank.warning ? ` · ${bank.warning}` : ""}` : "") +
     ` · leave-one-out: the file's score against a bank of the others (PatchCore, the first ${refs.held_out_at_most} files)`;
   $("#cal-references").replaceChildren(...refs.items.map((item) => {
     const loo = item.leave_one_out_score;

@@ -161,7 +161,7 @@ function showSummary(shown) {
     ["ignore polygons", `${shown.geometry.ignore_polygons.length} (${shown.origins.ignore_polygons})`],
     ["frame", shown.frame ? `${shown.frame.width} × ${shown.frame.height} (${shown.frame.from})` : "no frame yet"]];
   if (shown.override) facts.push(["set here", `by ${shown.override.set_by} at ${utcText(shown.override.set_at)}`]);
-  if (shown.bank) facts.push(["bank", `${shown.bank.version || "–"}${shown.bank.error ? ` · ${shown.bank.error}` : ""}`]);
+  if (shown.bank) facts.push(["bank", `${shown.bank.version || "–"}${shown.bank.error ? ` · ${shown.bank.error}` : ""}${shown.bank.warning ? ` · ${shown.bank.warning}` : ""}`]);
   if (!shown.supported) facts.push(["note", "this model family inspects whole frames squashed: only resize squash, no ROI or polygons"]);
   $("#geo-facts").replaceChildren(...facts.flatMap(([key, value]) => [el("dt", {}, key), el("dd", { "data-key": key }, value)]));
   $("#geo-facts").dataset.origin = shown.origins.roi;
