@@ -53,8 +53,9 @@ def zero_label(settings: Any, base: Any, source_id: str, files: list) -> bool:
     return not files and cfg is not None and cfg.references == AUTO
 
 
-def mutual_detector(settings: Any, base: Any, options: dict[str, Any], source_id: str = "") -> Any:
-    """A mutual detector with an empty window of its own (bounded by `[mutual]`), on the daemon's 0-1 scale."""
+def zero_label_detector(settings: Any, base: Any, options: dict[str, Any], source_id: str = "") -> Any:
+    """The zero-label family's detector (`model.factory.zero_label_family()`) with an empty window of its own
+    (bounded by `[mutual]`), on the daemon's 0-1 scale."""
     mutual = getattr(settings, "mutual", None)
     if scores_own_frames(base):
         raw = getattr(base, "raw", base)

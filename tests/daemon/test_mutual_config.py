@@ -26,7 +26,7 @@ def test_mutual_window_keys_reach_the_window_limits_and_bad_ones_are_named(tmp_p
 def test_a_configured_family_that_scores_its_own_frames_forks_with_its_own_window_limits(tmp_path):
     """`[model].name` a family that scores its own frames: each source forks the configured detector with `[mutual]`'s
     bounds as that family's `window_limits` hook makes them (daemon/zero_label/start.py)."""
-    from daemon.zero_label.start import mutual_detector
+    from daemon.zero_label.start import zero_label_detector
     from model.mutual.window import WindowLimits
 
     config = tmp_path / "config.toml"
@@ -41,7 +41,7 @@ def test_a_configured_family_that_scores_its_own_frames_forks_with_its_own_windo
             forked.append(limits)
             return type("Forked", (), {"name": "mutual"})()
 
-    detector = mutual_detector(settings, Configured(), {}, "line-1")
+    detector = zero_label_detector(settings, Configured(), {}, "line-1")
     assert forked == [WindowLimits(max_frames=12, max_bytes=8 << 20, max_age_s=3600.0)]
     assert detector.label == "source line-1"
 
