@@ -62,6 +62,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """`[model]`: the family and the options every family takes; any further key is an option of the family's own
+    (its options dataclass, model/options.py: e.g. `max_bank_rows`), checked against its declaration."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: str = "anomalyclip"  # a registered model family (model.list_models(); listing them loads no torch)
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
@@ -75,12 +80,6 @@ class ModelConfig(_Section):
     # Target false-reject rate the daemon calibrates both thresholds to, per source and model version, on
     # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
     false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
-    # PatchCore: memory-bank rows kept per source (a greedy coreset above it; 0 keeps every row). The neighbour
-    # search is linear in it; unset = the family's default (16384: every row of 16 references at 256 px).
-    max_bank_rows: int | None = Field(None, ge=0)
-    # PatchCore: augmented copies of the references in the bank ("rotate": turned ±10°/±20°, for parts placed at
-    # slightly different angles; "flip", "rot90", "d4"); unset = none (the parity configuration).
-    augment: Literal["none", "flip", "rot90", "d4", "rotate"] | None = None
     # Frame geometry, the default of every [[sources]] entry (model/geometry.py, daemon/config/geometry.py): "squash" to
     # the square input, "fit" (aspect kept) or "tile" (native resolution); unset: the model's default (patchcore
     # on torch: model.geometry.DEFAULT_RESIZE, measured; others: squash); a crop, polygons never inspected.
@@ -97,6 +96,20 @@ class ModelConfig(_Section):
         if value not in list_models():
             raise ValueError(f"unknown model {value!r}: expected one of {', '.join(list_models())}")
         return value
+
+    @model_validator(mode="after")
+    def _family_options(self) -> ModelConfig:
+        if self.__pydantic_extra__:
+            from model.factory import options_of
+            from model.options import check_options
+
+            self.__pydantic_extra__.update(check_options(self.name, options_of(self.name), self.__pydantic_extra__,
+                                                         common=False, where="[model] "))
+        return self
+
+    def family_options(self) -> dict[str, Any]:
+        """The family's own options this `[model]` sets."""
+        return dict(self.__pydantic_extra__ or {})
 
 
 class RuntimeConfig(_Section):
