@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from adapters.mqtt_settings import MqttSettings
@@ -99,12 +100,18 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _family_options(self) -> ModelConfig:
+        """Each further key: an own option of the family, checked (and converted from text) by its declaration;
+        a refused one is a `family_option` error naming the key (format_validation_error)."""
         if self.__pydantic_extra__:
             from model.factory import options_of
-            from model.options import check_options
+            from model.options import OptionsError, check_options
 
-            self.__pydantic_extra__.update(check_options(self.name, options_of(self.name), self.__pydantic_extra__,
-                                                         common=False, where="[model] "))
+            schema = options_of(self.name)
+            for key, value in self.__pydantic_extra__.items():
+                try:
+                    self.__pydantic_extra__[key] = check_options(self.name, schema, {key: value}, common=False)[key]
+                except OptionsError as exc:
+                    raise PydanticCustomError("family_option", "{message}", {"key": key, "message": str(exc)}) from None
         return self
 
     def family_options(self) -> dict[str, Any]:
@@ -412,7 +419,10 @@ def format_validation_error(exc: ValidationError, request: LoadRequest) -> str:
         loc = tuple(error["loc"])
         where = _location(loc)
         origin = request.origin_of(loc) if loc else request.origin()
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "family_option":  # loc: the section; the key is in the context
+            loc = (*loc, error["ctx"]["key"])
+            lines.append(f"{request.origin_of(loc)}: {_location(loc)}: {error['ctx']['message']}")
+        elif error["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key {where}")
         elif not loc and error["type"] == "value_error":  # a whole-configuration check: its message names the key
             lines.append(f"{origin}: {error['ctx']['error']}")

@@ -150,11 +150,14 @@ def test_model_section_sets_the_family_options_through_the_one_builder(toy, tmp_
                                      "ANOMALYD_DATABASE__URL": f"sqlite:///{tmp_path}/a.db",
                                      "ANOMALYD_MQTT__ENABLED": "false"})
     assert family_model_options(env) == {"window": 16, "sharpen": True}
+    with pytest.raises(ConfigError, match=r"environment variable ANOMALYD_MODEL__WINDOW: \[model\]\.window: model "
+                       r"'toy-optioned' option 'window': 0 is below its minimum 1"):
+        load_config(None, environ={"ANOMALYD_MODEL__NAME": TOY, "ANOMALYD_MODEL__WINDOW": "0"})
 
     config = tmp_path / "config.toml"
     config.write_text(f'[model]\nname = "{TOY}"\ngian = 2.0\n')
-    with pytest.raises(ConfigError, match=r"\[model\] option 'gian': model 'toy-optioned' has no such option \(its "
-                       r"own options: gain, mode, sharpen, window\)"):
+    with pytest.raises(ConfigError, match=r"config.toml: \[model\]\.gian: option 'gian': model 'toy-optioned' has no "
+                       r"such option \(its own options: gain, mode, sharpen, window\)"):
         load_config(config, environ={})
     config.write_text(f'[model]\nname = "{TOY}"\nmode = "median"\n')
     with pytest.raises(ConfigError, match=r"option 'mode': 'median' is not one of 'mean', 'max'"):
