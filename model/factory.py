@@ -4,8 +4,11 @@ Each family (anomalyclip, adaclip, the clip/clip-ac/winclip baselines, ...) live
 and registers a `ModelFamily` here that declares everything the rest of anomalyd asks of it, so training,
 retraining, the CLI and the config never switch on a model name:
 
-- `create`: the builder, `create(device=, dtype=, **options) -> Detector` (options a family does not use are
-  ignored by it, so it must accept `**_`);
+- `create`: the builder, `create(device=, dtype=, **options) -> Detector` (it takes the common options it uses
+  and ignores the others, so it must accept `**_`);
+- `options`: its own options, a frozen dataclass (model/options.py: each with its type, default, one line of help
+  and the CLI flag that sets it): `create_detector` refuses an option neither common nor declared, the CLI adds
+  the flags, and `[model]` takes the keys, without either naming the family;
 - `checkpoint`: its weights file format (`load`, `save`, and `import_weights` for the version registry);
 - `training`: whether and how it trains (`TrainingSpec`: fresh/loaded module, training target with optimiser and
   loss, the official optimiser defaults);
@@ -33,14 +36,15 @@ retraining, the CLI and the config never switch on a model name:
 Adding a family: write `model/<family>/` (module, detector on `model.detector.TorchDetector`, checkpoint I/O,
 training target, export graph, known-good scores), then in its `family.py`
 
-    register_family(ModelFamily(name="myfamily", create=create_myfamily, training=TrainingSpec(...),
-                                capabilities=Capabilities(...), ...))
+    register_family(ModelFamily(name="myfamily", create=create_myfamily, options=MyFamilyOptions,
+                                training=TrainingSpec(...), capabilities=Capabilities(...), ...))
 
 (a test or plug-in registers one at run time the same way). A bare builder is enough for a training-free model:
 `@register_model("name", capabilities=Capabilities(...))` on `create(device=, dtype=, **options)`. A family built
-into anomalyd is also listed in `BUILTIN_FAMILIES` with its module and capabilities, so the configuration lists
-the names and checks what they can do (the frame geometry, say) without importing torch or the model code; its
-module then registers without repeating them.
+into anomalyd is also listed in `BUILTIN_FAMILIES` with its module, capabilities and options dataclass (in a
+torch-free module, e.g. model/patchcore/options.py), so the configuration lists the names, checks what they can do
+(the frame geometry, say) and reads their options, and the CLI adds their flags, without importing torch or the
+model code; its module then registers without repeating them.
 """
 
 from __future__ import annotations
@@ -223,6 +227,9 @@ class ModelFamily:
     promotion_metrics: Callable[..., dict[str, Any]] | None = None
     # The weights its authors released, by name (None: a built-in family's declared in BUILTIN_FAMILIES, else none).
     released_weights: tuple[ReleasedWeights, ...] | None = None
+    # Its own options, a frozen dataclass (model/options.py); None: a built-in family's in BUILTIN_FAMILIES, else
+    # none beyond the common ones (model.options.COMMON_OPTIONS).
+    options: type | None = None
     # The module that registers it: a training process (daemon/learning/retraining_job.py) imports it to find a family that
     # is not built in (a plug-in's, a test's). Filled in at registration from `create`'s module.
     module: str = ""
@@ -264,11 +271,13 @@ def imported_later(module: str, attribute: str) -> Callable[..., Any]:
 
 @dataclass(frozen=True)
 class BuiltinFamily:
-    """A family built into anomalyd: the module that registers it (imported on first use) and its capabilities."""
+    """A family built into anomalyd: the module that registers it (imported on first use), its capabilities and
+    its options dataclass ("module:Class" of a torch-free module; "": none beyond the common options)."""
 
     module: str
     capabilities: Capabilities = Capabilities()
     released_weights: tuple[ReleasedWeights, ...] = ()
+    options: str = ""
 
 
 MODEL_REGISTRY: dict[str, ModelFamily] = {}
@@ -286,18 +295,20 @@ BUILTIN_FAMILIES: dict[str, BuiltinFamily] = {
                         check=_ANOMALYCLIP_CHECK),
         ReleasedWeights("anomalyclip-mvtec", f"{_ANOMALYCLIP_RELEASES}/9_12_4_multiscale/epoch_15.pth", "MVTec AD",
                         "VisA, MPDD, BTAD and other industrial data", check=_ANOMALYCLIP_CHECK))),
-    "adaclip": BuiltinFamily("model.adaclip.family", Capabilities(needs_class_name=True)),
-    "clip": BuiltinFamily("model.baselines"),
-    "clip-ac": BuiltinFamily("model.baselines"),
-    "winclip": BuiltinFamily("model.baselines"),
+    "adaclip": BuiltinFamily("model.adaclip.family", Capabilities(needs_class_name=True),
+                             options="model.adaclip.options:AdaCLIPOptions"),
+    "clip": BuiltinFamily("model.baselines", options="model.baselines_options:ClipOptions"),
+    "clip-ac": BuiltinFamily("model.baselines", options="model.baselines_options:ClipAcOptions"),
+    "winclip": BuiltinFamily("model.baselines", options="model.baselines_options:WinclipOptions"),
     "patchcore": BuiltinFamily("model.patchcore.detector", Capabilities(
         needs_references=True, uses_references=True, supports_geometry=True, score_scale="distance",
-        retrains_as="patchcore-head", **_OWN_BACKBONE)),
+        retrains_as="patchcore-head", **_OWN_BACKBONE), options="model.patchcore.options:PatchcoreOptions"),
     "patchcore-head": BuiltinFamily("model.supervised.detector", Capabilities(
         needs_references=True, uses_references=True, supports_geometry=True, supports_tile=False,
-        threshold_floor=0.5, **_OWN_BACKBONE)),
+        threshold_floor=0.5, **_OWN_BACKBONE), options="model.supervised.options:PatchcoreHeadOptions"),
     "mutual": BuiltinFamily("model.mutual.detector", Capabilities(
-        uses_references=True, score_scale="distance", scores_own_frames=True, **_OWN_BACKBONE)),
+        uses_references=True, score_scale="distance", scores_own_frames=True, **_OWN_BACKBONE),
+        options="model.mutual.options:MutualOptions"),
 }
 
 
@@ -314,13 +325,35 @@ def declared_capabilities(name: str) -> Capabilities:
     return builtin.capabilities if builtin is not None else Capabilities()
 
 
+def declared_options(name: str) -> type | None:
+    """The options dataclass BUILTIN_FAMILIES names for `name`, imported from its torch-free module (None: none)."""
+    builtin = BUILTIN_FAMILIES.get(name)
+    if builtin is None or not builtin.options:
+        return None
+    module, _, attribute = builtin.options.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def options_of(name: str) -> type | None:
+    """The options dataclass of the family `name` (None: only the common options), without loading a built-in
+    family's code; ValueError for an unknown name."""
+    if name in MODEL_REGISTRY:
+        return MODEL_REGISTRY[name].options
+    if name in BUILTIN_FAMILIES:
+        return declared_options(name)
+    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(list_models())}")
+
+
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Register (or replace) a family under its name; without capabilities of its own it gets the declared ones."""
+    """Register (or replace) a family under its name; without capabilities (options) of its own it gets the
+    declared ones."""
     if family.capabilities is None:
         family = replace(family, capabilities=declared_capabilities(family.name))
     if family.released_weights is None:
         builtin = BUILTIN_FAMILIES.get(family.name)
         family = replace(family, released_weights=builtin.released_weights if builtin is not None else ())
+    if family.options is None and family.name in BUILTIN_FAMILIES:
+        family = replace(family, options=declared_options(family.name))
     if not family.module:
         family = replace(family, module=str(getattr(family.create, "__module__", "") or ""))
     MODEL_REGISTRY[family.name] = family
@@ -444,13 +477,16 @@ def create_detector(
     dtype: str | torch.dtype = "float32",
     **options: Any,
 ) -> Detector:
-    """Build a detector by model name. Options: backbone, backbone_config, pretrained, prompts, layers,
-    image_size, class_name, hsf, references (+ references_cache: where the reference bank is kept); options a
-    model does not use are ignored by it."""
+    """Build a detector by model name. Options: the common ones (model.options.COMMON_OPTIONS: backbone,
+    backbone_config, pretrained, prompts, layers, image_size, class_name, references (+ references_cache: where the
+    reference bank is kept), ...; a model ignores those it does not use) and the family's own (`ModelFamily.options`,
+    checked against their declaration); any other option raises model.options.OptionsError (a ValueError) naming
+    the family and what it takes. None values count as not given."""
     from model.detector import resolve_device, resolve_dtype
+    from model.options import check_options
 
     family = get_family(name)
-    options = {k: v for k, v in options.items() if v is not None}
+    options = check_options(name, family.options, {k: v for k, v in options.items() if v is not None})
     detector = family.create(device=resolve_device(device), dtype=resolve_dtype(dtype), **options)
     if options.get("references") is not None and not family.caps.uses_references:
         # Few-shot normal references (WinCLIP+ style) work on top of any model.

@@ -12,7 +12,10 @@ from daemon.cli import UsageError
 
 
 def add_geometry_options(parser: argparse.ArgumentParser) -> None:
-    geometry = parser.add_argument_group("frame geometry (patchcore; as [model] / [[sources]] resize, roi, "
+    from model.factory import models_that
+
+    able = ", ".join(models_that(lambda caps: caps.supports_geometry))  # read without loading the families
+    geometry = parser.add_argument_group(f"frame geometry ({able}; as [model] / [[sources]] resize, roi, "
                                          "ignore_polygons, tile_overlap)")
     geometry.add_argument("--resize", choices=("squash", "fit", "tile"),
                           help="squash to the square input (default), fit (aspect kept, short side to the input "

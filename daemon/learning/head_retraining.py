@@ -208,7 +208,7 @@ class HeadTrainingSet:
              f"{', '.join(sorted(usable))}")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         version = f"{family}-{stamp}-r{run_id}"
-        options = reference_model_options(self.settings)
+        options = reference_model_options(self.settings, family)
         options["image_size"] = self.image_size()
         options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
         spec = {

@@ -181,7 +181,8 @@ def build_version_detector(settings: Settings, row: ModelVersion, current: Any =
     backbone = backbone or settings.backbone_file()
     if row.prompts_path and not Path(row.prompts_path).is_file():
         raise ModelVersionError(f"model version {row.version!r}: its weights file {row.prompts_path} is missing")
-    detector = create_detector(row.kind, **clip_model_options(settings, backbone=backbone, prompts=row.prompts_path))
+    options = clip_model_options(settings, backbone=backbone, prompts=row.prompts_path, family=row.kind)
+    detector = create_detector(row.kind, **options)
     if str(detector.version) != row.version:  # rows must carry the registry's name for the version
         detector.version = row.version
     _warm_up(detector)

@@ -39,7 +39,7 @@ def default_builder(settings: Any, base: Any, files: Sequence[Path], cache_path:
         references: Any = [str(f) for f in files]
         if len(files) == 1 and files[0].suffix == ".safetensors":
             references = str(files[0])
-        options = reference_model_options(settings)
+        options = reference_model_options(settings, name)
         if capabilities(name).supports_geometry:  # PatchCore, a head (trained on that resize mode); others: squares
             from daemon.config.geometry import source_geometry
             from daemon.references.geometry_overrides import effective_geometry

@@ -70,7 +70,7 @@ from daemon.references.thresholds import (
     load_pins,
 )
 from daemon.zero_label.start import scores_own_frames, version_prefix, zero_label, zero_label_detector
-from model.factory import capabilities_of, needs_references
+from model.factory import capabilities_of, needs_references, zero_label_family
 from model.known_good import CALIBRATION_HOLDOUTS
 
 log = logging.getLogger("anomalyd.references")
@@ -223,8 +223,8 @@ class ReferenceManager:
         """No references yet on a `references = "auto"` source (or a `mutual` model): mutual scoring on the
         source's own recent frames (daemon/zero_label/start.py)."""
         try:
-            state.detector = zero_label_detector(self.settings, self._base, reference_model_options(self.settings),
-                                             state.source_id)
+            options = reference_model_options(self.settings, zero_label_family())
+            state.detector = zero_label_detector(self.settings, self._base, options, state.source_id)
         except Exception as exc:  # weights missing, bad options: name the value, go on with the other sources
             return self._failed(state, f"source {state.source_id}: zero-label start: {exc}", ())
         state.version, state.error, state.built_at = str(state.detector.version), None, time.time()

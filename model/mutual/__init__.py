@@ -5,9 +5,11 @@
 - `detector.py`: the Detector (offline `predict_set`, online `predict`), registration.
 """
 
-from model.mutual.detector import MutualDetector, build_mutual
-from model.mutual.scoring import mutual_patch_scores, nearest_per_image, smallest_mean, top_mean
-from model.mutual.window import MutualWindow, WindowLimits
+from model.lazy import lazy_package
 
-__all__ = ["MutualDetector", "MutualWindow", "WindowLimits", "build_mutual", "mutual_patch_scores",
-           "nearest_per_image", "smallest_mean", "top_mean"]
+# imported on first use: options.py (torch-free) loads without the model code
+__all__ = lazy_package(__name__, {
+    "model.mutual.detector": ("MutualDetector", "build_mutual"),
+    "model.mutual.scoring": ("mutual_patch_scores", "nearest_per_image", "smallest_mean", "top_mean"),
+    "model.mutual.window": ("MutualWindow", "WindowLimits"),
+})

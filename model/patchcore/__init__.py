@@ -11,35 +11,16 @@
   references and their calibration views, through the frame geometry when there is one.
 """
 
-from model.patchcore.backbone import (
-    DEFAULT_BACKBONE,
-    LITE_PACKAGES,
-    BackboneError,
-    TapExtractor,
-    build_timm_backbone,
-)
-from model.patchcore.coreset import greedy_coreset
-from model.patchcore.detector import (
-    PatchcoreBank,
-    PatchCoreDetector,
-    augment_references,
-    build_patchcore,
-    clip_to_tf,
-)
-from model.patchcore.torch_model import PatchcoreModel, nearest_neighbor
+from model.lazy import lazy_package
 
-__all__ = [
-    "DEFAULT_BACKBONE",
-    "LITE_PACKAGES",
-    "BackboneError",
-    "PatchCoreDetector",
-    "PatchcoreBank",
-    "PatchcoreModel",
-    "TapExtractor",
-    "augment_references",
-    "build_patchcore",
-    "build_timm_backbone",
-    "clip_to_tf",
-    "greedy_coreset",
-    "nearest_neighbor",
-]
+# imported on first use: options.py (torch-free) loads without the model code
+__all__ = lazy_package(__name__, {
+    "model.patchcore.backbone": (
+        "DEFAULT_BACKBONE", "LITE_PACKAGES", "BackboneError", "TapExtractor", "build_timm_backbone",
+    ),
+    "model.patchcore.coreset": ("greedy_coreset",),
+    "model.patchcore.detector": (
+        "PatchcoreBank", "PatchCoreDetector", "augment_references", "build_patchcore", "clip_to_tf",
+    ),
+    "model.patchcore.torch_model": ("PatchcoreModel", "nearest_neighbor"),
+})

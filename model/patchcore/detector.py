@@ -38,6 +38,7 @@ from model.patchcore.backbone import (
     parse_taps,
 )
 from model.patchcore.coreset import greedy_coreset
+from model.patchcore.options import AUGMENTATIONS, DEFAULT_MAX_BANK_ROWS
 from model.patchcore.rotation import rotated_views
 from model.patchcore.torch_model import NUM_NEIGHBORS, PatchcoreModel
 from model.preprocess import OPENAI_MEAN, OPENAI_STD
@@ -48,9 +49,6 @@ NAME = "patchcore"
 DEFAULT_IMAGE_SIZE = 256
 BANK_FORMAT = "anomalyd-patchcore-bank/1"
 MAX_REFERENCES = 512
-# Above this many bank rows the bank is reduced by the greedy coreset (the neighbour search is linear in it).
-DEFAULT_MAX_BANK_ROWS = 16384
-AUGMENTATIONS = ("none", "flip", "rot90", "d4", "rotate")
 
 
 class PatchcoreReferencesError(ValueError):

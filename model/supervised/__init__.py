@@ -11,9 +11,11 @@
 - `evaluation.py`: mixed-supervision evaluation (`anomalyd eval --train-anomalies N [--weak]`), operating point.
 """
 
-from model.supervised.detector import NAME, HeadCheckpoint, PatchcoreHeadDetector, fit_head, load_head
-from model.supervised.head import PatchcoreHead
-from model.supervised.training import HeadTrainingConfig, train_head
+from model.lazy import lazy_package
 
-__all__ = ["NAME", "HeadCheckpoint", "HeadTrainingConfig", "PatchcoreHead", "PatchcoreHeadDetector", "fit_head",
-           "load_head", "train_head"]
+# imported on first use: options.py (torch-free) loads without the model code
+__all__ = lazy_package(__name__, {
+    "model.supervised.detector": ("NAME", "HeadCheckpoint", "PatchcoreHeadDetector", "fit_head", "load_head"),
+    "model.supervised.head": ("PatchcoreHead",),
+    "model.supervised.training": ("HeadTrainingConfig", "train_head"),
+})
