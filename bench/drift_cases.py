@@ -78,7 +78,7 @@ Step = Callable[[torch.Tensor], tuple[float, dict[str, Any] | None, str]]  # ima
 
 def run_stream(step: Step, threshold: float, before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[str, Any]:
     """Feeds `before` then `after`; what the daemon's writer would have done with each frame after the switch."""
-    tracker = DriftTracker(None, prefix="bench")
+    tracker = DriftTracker(None)
     clock = datetime(2026, 1, 1, tzinfo=timezone.utc)
     result: dict[str, Any] = {"fired": False, "frames_to_event": None, "alerts_before_event": 0,
                               "held_back": 0, "alerts_after_event": 0, "alerts_before_switch": 0, "shares": []}
