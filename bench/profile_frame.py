@@ -17,7 +17,8 @@ Then the whole `predict_frames` call is timed on its own (the frames/s the bench
 run `--rounds` times; the medians are printed (one JSON line per stage and a summary). `--levers` also builds the
 baseline (the code before issue 24's levers: BatchNorm not folded, the map by convolution), profiles it in
 alternate rounds in the same process, and prints each stage's median ratio (now / baseline) and the max |delta|
-of the frame's map and score between the two (each with its own bank, built from the same references).
+of the frame's map and score between the two (each with its own bank, built from the same references), then times
+whole `predict_frames` calls of `--batch` frames (one model batch) of both in alternate rounds.
 
     python bench/profile_frame.py --size 671x447 --threads 2 --rounds 30 --levers
 """
@@ -57,6 +58,21 @@ def real_bank_detector(references: int, geometry: Geometry, *, baseline: bool = 
         detector.model = PatchcoreModel(TapExtractor(net, detector.model.taps)).eval()
     detector.set_references(images)
     return detector
+
+
+def convolution_maps(detector) -> None:
+    """Make `detector.predict_tf` draw its maps by `anomaly_maps` (the convolution), as before issue 24's levers."""
+    from model.detector import Prediction
+
+    model = detector.model
+
+    def predict_tf(images: torch.Tensor) -> Prediction:
+        embedding = model.embed(images.float())
+        scores, where, flat = model.patch_scores(embedding)
+        return Prediction(scores=model.image_scores(scores, where, flat),
+                          maps=model.anomaly_maps(scores, tuple(embedding.shape[-2:]), tuple(images.shape[-2:])))
+
+    detector.predict_tf = predict_tf
 
 
 def profile_once(detector, rgb, *, baseline: bool = False) -> tuple[dict[str, float], np.ndarray, float]:
@@ -103,6 +119,9 @@ def main() -> int:
     parser.add_argument("--references", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8,
+                        help="with --levers: also time whole predict_frames calls of this many frames (one batch, "
+                             "as bench_geometry.py --frames N), now against the baseline in alternate rounds")
     parser.add_argument("--levers", action="store_true",
                         help="also profile the baseline (BatchNorm not folded, map by convolution) in alternate "
                              "rounds; print each stage's median ratio now / baseline and the max |delta| of maps "
@@ -144,6 +163,18 @@ def main() -> int:
         summary["max_abs_delta_map"] = float(np.abs(now_map - base_map).max())
         summary["abs_delta_score"] = abs(now_score - base_score)
         summary["map_max"] = float(base_map.max())
+        convolution_maps(baseline)
+        frames = [frame(args.size, seed) for seed in range(args.batch)]
+        timed: dict[str, list[float]] = {"now": [], "baseline": []}
+        for _ in range(max(3, args.rounds // 4)):
+            for name, candidate in (("now", detector), ("baseline", baseline)):
+                started = time.perf_counter()
+                predict_frames(candidate, frames, candidate.geometry)
+                timed[name].append(args.batch / (time.perf_counter() - started))
+        summary[f"batch{args.batch}_frames_per_s_median"] = round(statistics.median(timed["now"]), 2)
+        summary[f"batch{args.batch}_baseline_frames_per_s_median"] = round(statistics.median(timed["baseline"]), 2)
+        summary[f"batch{args.batch}_speedup_median"] = round(statistics.median(
+            a / b for a, b in zip(timed["now"], timed["baseline"], strict=True)), 3)
     print(json.dumps(summary))
     return 0
 

@@ -2,8 +2,8 @@
 
 The backbone is frozen and BatchNorm runs on its running statistics, so each BatchNorm is an affine map per channel
 that can be folded into the preceding convolution's weights and bias (computed in float64, stored in float32):
-one pass over the activations fewer per layer. On Lite0 at batch 1 that is ~25 % of the CNN's time on 2 CPU threads
-(bench/profile_frame.py --levers). The features equal the unfolded net's to fp32 rounding (~2e-6 of their size;
+one pass over the activations fewer per layer. On Lite0 at batch 1 the CNN took 0.78-0.82x its unfolded time on 2 CPU
+threads (bench/profile_frame.py --levers). The features equal the unfolded net's to fp32 rounding (~2e-6 of their size;
 tests/model/test_patchcore_speed.py), well inside the golden parity tolerance (1e-4 of each tap's maximum).
 Folded: timm's EfficientNet(-Lite) stem and blocks and ResNet stems, blocks and downsample branches; any other
 layer is left as it is (still correct, only not faster).

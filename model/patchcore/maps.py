@@ -3,10 +3,10 @@
 `PatchcoreModel.anomaly_maps` upsamples the (h, w) patch scores to the input's (H, W) (nearest) and blurs them
 (Gaussian, torch's reflect padding): a 2-D convolution pass over H x W pixels per map, 33 taps each way at sigma 4.
 Every step is linear and acts on each axis alone, so the map is A·S·Bᵀ with A (H, h) and B (W, w) the same steps
-applied to the rows of an identity: a (256, 32) matrix instead of a padded 288 x 288 convolution, ~15x fewer
-operations (measured in bench/profile_frame.py). The matrices are built once per shape by running the very
+applied to the rows of an identity: a (256, 32) matrix instead of a padded 288 x 288 convolution, 0.09-0.1x
+the time (bench/profile_frame.py --levers). The matrices are built once per shape by running the very
 functions `anomaly_maps` runs (so the two cannot drift apart) and cached; the values equal the convolution's up to
-fp32 rounding (tests/model/test_patchcore_maps.py: max |Δ| ≤ 1e-5 relative). Exported graphs and traces keep the
+fp32 rounding (tests/model/test_patchcore_speed.py: max |Δ| ≤ 1e-5 relative). Exported graphs and traces keep the
 convolution (`anomaly_maps`), which needs no constant per shape.
 """
 
