@@ -38,6 +38,8 @@ from model.patchcore.backbone import (
     parse_taps,
 )
 from model.patchcore.coreset import greedy_coreset
+from model.patchcore.fold import fold_batchnorm
+from model.patchcore.maps import upsampled_blurred
 from model.patchcore.options import AUGMENTATIONS, DEFAULT_MAX_BANK_ROWS
 from model.patchcore.rotation import rotated_views
 from model.patchcore.torch_model import NUM_NEIGHBORS, PatchcoreModel
@@ -297,7 +299,8 @@ class PatchCoreDetector:
             embedding = self.model.embed(images)
         scores, where, flat = self.model.patch_scores(embedding.float())
         image_scores = self.model.image_scores(scores, where, flat)
-        maps = self.model.anomaly_maps(scores, tuple(embedding.shape[-2:]), tuple(images.shape[-2:]))
+        # the map as two small matrix products (model/patchcore/maps.py), equal to `anomaly_maps` to fp32 rounding
+        maps = upsampled_blurred(scores, tuple(embedding.shape[-2:]), tuple(images.shape[-2:]), self.model.sigma)
         return Prediction(scores=image_scores.float(), maps=maps.float())
 
     @torch.no_grad()
@@ -327,6 +330,7 @@ def build_patchcore(*, backbone: str = DEFAULT_BACKBONE, weights: str | Path | N
     if image_size <= 0 or image_size % 32:
         raise ValueError(f"patchcore image size {image_size}: expected a positive multiple of 32")
     net, described = build_timm_backbone(backbone, weights)
+    fold_batchnorm(net)  # frozen: BatchNorm is an affine map per channel, folded into its convolution (fold.py)
     extractor = TapExtractor(net, parse_taps(taps, backbone, net))
     model = PatchcoreModel(extractor, num_neighbors=num_neighbors)
     if weights not in (None, RANDOM_WEIGHTS) and backbone not in LITE_PACKAGES:
