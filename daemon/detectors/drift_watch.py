@@ -31,13 +31,16 @@ ATTRIBUTE = "reference_drift_watch"  # where a source's detector keeps its watch
 # the sum above 10 %, at most 0.25 (so at least 3 frames), and the sum signals at 0.6 (measured: docs/models.md,
 # bench/drift_cases.py).
 EXPECTED, ALLOWANCE, LIMIT, CAP = 0.0, 0.10, 0.6, 0.35
+# A drift ends after 3 normal-looking frames in a row, not 1: it holds no alert back here, so the hysteresis costs
+# nothing, and a stream alternating products against one product's references is one drift, not one every 3-4 frames.
+END_AFTER = 3
 
 
 class ReferenceDriftWatch:
     """Page's CUSUM on the share of each frame's 0-1 map above `level` (the normal level on the daemon's scale)."""
 
     def __init__(self, level: float) -> None:
-        self.watch = DriftWatch(expected=EXPECTED, allowance=ALLOWANCE, limit=LIMIT, cap=CAP)
+        self.watch = DriftWatch(expected=EXPECTED, allowance=ALLOWANCE, limit=LIMIT, cap=CAP, end_after=END_AFTER)
         self.watch.level = float(level)
 
     @property

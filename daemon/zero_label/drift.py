@@ -20,8 +20,8 @@ the same test on its map (daemon/detectors/drift_watch.py). The result writer ha
   alerts go out. A source scored against references reports its drift but keeps alerting (`_holds_alerts`): its
   references are curated, so a frame far from them is alerted whatever the cause, and a run of large defects the
   watch takes for a change must never be hidden.
-- **End.** When the watch has seen 3 normal-looking frames in a row (the frames match the window or the references
-  again; `END_AFTER` in the watch, so one matching frame on a mixed stream does not end it), when the
+- **End.** When the watch sees normal-looking frames again (the frames match the window: one frame; or the
+  references: 3 in a row, `END_AFTER` in daemon/detectors/drift_watch.py, so a mixed stream is one drift), when the
   source's frames are scored by another model version than the drift's (new references approved), or at the next
   start of the daemon (the window starts again), the row gets `cleared_at` and the reason, and a second retained
   message says so.
