@@ -142,7 +142,7 @@ class LabelLearning:
     source_inputs(detector, references, labelled, *, synthetic_per_reference, seed): one source's frozen training
     items (its bank on `references` (paths), its labelled frames (`model.datasets.Sample`) scored by it);
     fit(detector, parts, *, steps, seed, synthetic_per_reference, metadata) -> (weights, what trained them);
-    weights.save(path) writes them, load(path) reads them back;
+    weights.save(path) writes them (one file; per resize mode, if so), load(path) reads them back;
     scorer(detector, weights | None): the detector scoring as the model with those weights does (None: the base
     model the labels improve on, e.g. PatchCore itself);
     few_shot(base, references, anomalies, *, weak, transform, seed): `anomalyd eval --train-anomalies`'s detector of

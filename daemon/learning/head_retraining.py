@@ -9,7 +9,10 @@ head:
   the same held-out split by uuid hash except that labelled false alarms always train, and per source its reference
   files (the ones its bank is built from), in a
   job for `python -m daemon.learning.head_retraining_job`; refused with the number needed while fewer than
-  `MIN_LABELLED_DEFECTS` frames are labelled anomalous;
+  `MIN_LABELLED_DEFECTS` frames are labelled anomalous; learned weights fit one resize mode, so sources of
+  different modes (`squash`, `fit`) are grouped by mode and the family learns weights per mode (one file holding
+  them all), a mode with fewer labelled defects learning none (its sources keep the base model, said in the run's
+  log), split into train and held-out per mode;
 - `make_retrainer`: a `Retrainer` with that training set when the configured model retrains such a family
   (`learns_on_references`; the daemon, `POST /api/retrain` and `anomalyd retrain --now` use it);
 - `refusal`: why a retraining request is refused up front (409 / exit 2), or None.
@@ -131,8 +134,8 @@ class HeadTrainingSet:
 
     def _geometries(self, family: str, sources: set[str]) -> dict[str, dict[str, Any]]:
         """Each source's effective frame geometry (config or an operator's override) when the trained family runs
-        on it ({} when it takes squashed frames); RetrainError when the sources differ in resize mode (one head
-        is trained for one mode) or the mode is one the family cannot train on."""
+        on it ({} when it takes squashed frames); RetrainError when a source's mode is one the family cannot train
+        on. Sources of different resize modes are fine: the family learns weights per mode (`_by_mode`)."""
         from daemon.config.geometry import supports_geometry
         from daemon.references.geometry_overrides import effective_geometry
         from model.factory import capabilities
@@ -143,13 +146,41 @@ class HeadTrainingSet:
             geometries = {s: effective_geometry(self.settings, s) for s in sorted(sources)}
         except ValueError as exc:
             raise RetrainError(str(exc)) from None
-        modes = {s: g.resize for s, g in geometries.items()}
-        if len(set(modes.values())) > 1:
-            raise RetrainError("sources differ in resize (" + ", ".join(f"{s}: {m}" for s, m in modes.items()) +
-                               f"): a {family} is trained for one resize mode; set the same resize on them")
-        if "tile" in modes.values() and not capabilities(family).supports_tile:
-            raise RetrainError(f"resize \"tile\": a {family} is trained on one input per frame; use \"fit\"")
+        tiled = sorted(s for s, g in geometries.items() if g.resize == "tile")
+        if tiled and not capabilities(family).supports_tile:
+            raise RetrainError(f"resize \"tile\" (source {', '.join(tiled)}): a {family} is trained on one input "
+                               "per frame; use \"fit\"")
         return {s: g.as_dict() for s, g in geometries.items()}
+
+    @staticmethod
+    def _by_mode(frames: list[LabelledFrame], geometries: dict[str, dict[str, Any]], family: str,
+                 note: Callable[[str], None]) -> tuple[list[LabelledFrame], dict[str, list[str]]]:
+        """(the frames of the resize modes with enough labelled defects, {mode: its sources}). Learned weights fit
+        one resize mode, so the family learns them per mode; a mode with fewer than MIN_LABELLED_DEFECTS learns
+        none and its sources keep the base model (said in the run's log). RetrainError when no mode has enough."""
+        modes: dict[str, list[str]] = {}
+        for source in sorted({f.category for f in frames}):
+            modes.setdefault(str((geometries.get(source) or {}).get("resize", "squash")), []).append(source)
+        kept: dict[str, list[str]] = {}
+        short: list[str] = []
+        for mode, sources in sorted(modes.items()):
+            defects = sum(f.label for f in frames if f.category in sources)
+            if defects >= MIN_LABELLED_DEFECTS:
+                kept[mode] = sources
+                continue
+            short.append(f"resize {mode} (sources {', '.join(sources)}): {defects}")
+            note(f"resize {mode}: {defects} labelled defective frame(s) of sources {', '.join(sources)}, a {family} "
+                 f"needs at least {MIN_LABELLED_DEFECTS}: no weights are learned for this mode, its sources keep "
+                 "the base model")
+        if not kept:
+            raise RetrainError(f"labelled defective frames per resize mode ({'; '.join(short)}): a {family} learns "
+                               f"per resize mode and needs at least {MIN_LABELLED_DEFECTS} of one; label more "
+                               "defective frames")
+        if len(kept) > 1:
+            note("sources differ in resize: one set of weights per mode (" +
+                 "; ".join(f"{m}: {', '.join(s)}" for m, s in kept.items()) + ")")
+        sources_kept = {s for sources in kept.values() for s in sources}
+        return [f for f in frames if f.category in sources_kept], kept
 
     def _false_alarms_train(self, train: list[LabelledFrame], holdout: list[LabelledFrame]
                             ) -> tuple[list[LabelledFrame], list[LabelledFrame]]:
@@ -193,8 +224,17 @@ class HeadTrainingSet:
                                "more references: a head is trained on its source's PatchCore bank; add references")
         frames = [f for f in frames if f.category in usable]
         geometries = self._geometries(family, usable)
-        train, holdout = split_holdout(frames, cfg.holdout_fraction)
-        train, holdout = self._false_alarms_train(train, holdout)
+        frames, modes = self._by_mode(frames, geometries, family, note)
+        usable = {s for sources in modes.values() for s in sources}
+        geometries = {s: g for s, g in geometries.items() if s in usable}
+        train, holdout = [], []
+        for sources in modes.values():  # split per mode: each mode's weights train on some, are judged on others
+            mode_train, mode_holdout = split_holdout([f for f in frames if f.category in sources],
+                                                     cfg.holdout_fraction)
+            train += mode_train
+            holdout += mode_holdout
+        train, holdout = self._false_alarms_train(sorted(train, key=lambda f: f.inspection_id),
+                                                  sorted(holdout, key=lambda f: f.inspection_id))
         if not any(f.label for f in train) or not any(f.label for f in holdout):
             raise RetrainError(f"{sum(f.label for f in frames)} labelled defect(s) of sources with references: "
                                f"need at least {MIN_LABELLED_DEFECTS} (some train, some are held out to judge)")
@@ -202,7 +242,7 @@ class HeadTrainingSet:
                   "train_anomalous": sum(f.label for f in train),
                   "train_with_mask": sum(f.mask is not None for f in train), "holdout": len(holdout),
                   "holdout_anomalous": sum(f.label for f in holdout), "synthetic_train": True,
-                  "sources": sorted(usable)}
+                  "sources": sorted(usable), "modes": modes}
         note(f"{len(train)} training frames ({counts['train_anomalous']} defects, {counts['train_with_mask']} with "
              f"masks, plus synthetic defects on the references), {len(holdout)} held out; sources "
              f"{', '.join(sorted(usable))}")

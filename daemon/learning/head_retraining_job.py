@@ -6,7 +6,8 @@ patchcore-head's: model/supervised/label_learning.py); this process only runs it
 It lowers its priority, then per source with labelled frames asks the family for that source's frozen training
 items (its bank on the source's references; for a head: the references leave-one-out as normals, synthetic defects
 on them, the labelled defects with their masks or image labels, the frames labelled normal, false alarms included);
-has the family fit one model on all of them; saves it to the job's output. Then the family measures the candidate
+has the family fit its weights on all of them (per resize mode, when the sources differ in it: the family
+tags its items with their mode); saves them to the job's output. Then the family measures the candidate
 and the active model (the base the labels improve on, or the active trained one) on the held-out labelled frames
 (`LabelLearning.promotion_metrics`; by default model/promotion.py's `reference_holdout_metrics`: each source against
 its own bank, each model at its calibrated operating point), under the daemon's score scale and threshold rule,

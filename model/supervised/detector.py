@@ -1,5 +1,5 @@
 """`patchcore-head`: PatchCore (model/patchcore) plus a head learned from labelled frames, behind the Detector
-protocol, with its safetensors checkpoint; registered as a model family.
+protocol (its safetensors checkpoint: checkpoint.py); registered as a model family.
 
 The detector holds a `PatchCoreDetector` (backbone, taps, memory bank of the references, nearest-neighbour
 search: all PatchCore's own) and a `PatchcoreHead`. Per frame: PatchCore's embedding and cell distances, then the
@@ -11,7 +11,6 @@ head.py), so it ranks like PatchCore.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,61 +18,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.checkpoints import CheckpointError, read_safetensors, write_safetensors
+from model.checkpoints import CheckpointError
 from model.detector import Prediction
 from model.factory import CheckpointFormat, LabelLearning, ModelFamily, imported_later, register_family
 from model.gaussian import gaussian_blur
 from model.geometry import Geometry, predict_frames
 from model.patchcore import PatchCoreDetector, clip_to_tf
 from model.patchcore.detector import DEFAULT_IMAGE_SIZE
+from model.supervised.checkpoint import NAME, HeadCheckpoint
 from model.supervised.head import PatchcoreHead
 from model.supervised.training import HeadTrainingConfig, train_head, training_inputs
 
-NAME = "patchcore-head"
-FORMAT_NAME = "anomalyd-patchcore-head"
-FORMAT_VERSION = 1
 SIGMA = 4.0
 # What a head was trained on top of: a head is refused by a PatchCore of another backbone, taps or size.
 IDENTITY_KEYS = ("backbone", "weights", "taps", "image_size")
-
-
-class HeadCheckpoint:
-    """A trained head: its module, d0 (distance unit) and metadata (PatchCore identity, training summary)."""
-
-    def __init__(self, head: PatchcoreHead, distance_scale: float, metadata: Mapping[str, Any]) -> None:
-        self.head = head
-        self.distance_scale = float(distance_scale)
-        self.metadata = dict(metadata)
-
-    def digest(self) -> str:
-        hasher = hashlib.sha256()
-        for key, tensor in sorted(self.head.state_dict().items()):
-            hasher.update(key.encode())
-            hasher.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-        hasher.update(repr(self.distance_scale).encode())
-        return hasher.hexdigest()[:10]
-
-    def save(self, path: str | Path) -> Path:
-        meta = {**self.metadata, "channels": self.head.channels, "hidden": self.head.hidden,
-                "top_k": self.head.top_k, "kernel": self.head.kernel, "distance_scale": self.distance_scale, "model": NAME}
-        return write_safetensors(path, self.head.state_dict(), FORMAT_NAME, FORMAT_VERSION, meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> HeadCheckpoint:
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: patchcore-head weights file does not exist")
-        tensors, meta = read_safetensors(path, FORMAT_NAME)
-        if meta.get("format") != FORMAT_NAME:
-            raise CheckpointError(f"{path}: not a patchcore-head checkpoint (format {meta.get('format')!r})")
-        try:
-            head = PatchcoreHead(int(meta["channels"]), hidden=int(meta["hidden"]), top_k=int(meta["top_k"]),
-                                 kernel=int(meta.get("kernel", 3)))
-            head.load_state_dict(tensors, strict=True)
-            scale = float(meta["distance_scale"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: patchcore-head checkpoint does not fit ({exc})") from exc
-        return cls(head.eval(), scale, meta)
 
 
 class PatchcoreHeadDetector:
@@ -246,16 +204,21 @@ def create_patchcore_head(*, head: str | Path | None = None, prompts: str | Path
                           references_cache: str | Path | None = None, references_later: bool = False,
                           device: torch.device, dtype: torch.dtype, **options: Any) -> PatchcoreHeadDetector:
     """PatchCore built from the same options as `patchcore` (backbone, weights, taps, augment, ...), plus
-    `head`: a trained head checkpoint (None: the untrained head, ranking like PatchCore); `prompts`, a model
-    version's weights file as the daemon passes it to every family, is the same."""
+    `head`: a trained head checkpoint, or a version's file of one head per resize mode (the head of this detector's
+    geometry is used; model/supervised/head_set.py) (None: the untrained head, ranking like PatchCore); `prompts`,
+    a model version's weights file as the daemon passes it to every family, is the same."""
     head = head if head is not None else prompts
     from model.factory import get_family
 
     patchcore = get_family("patchcore").create(weights=weights, image_size=image_size, references=references,
                                   references_cache=references_cache, references_later=references_later,
                                   device=device, dtype=dtype, **options)
-    checkpoint = HeadCheckpoint.load(head) if head is not None else None
     detector = PatchcoreHeadDetector(patchcore)
+    checkpoint = None
+    if head is not None:  # a version's file may hold one head per resize mode: this detector's mode's
+        from model.supervised.head_set import version_head
+
+        checkpoint = version_head(head, detector.geometry.resize, str(head))
     detector.set_checkpoint(checkpoint, str(head))
     return detector
 
@@ -269,7 +232,8 @@ register_family(ModelFamily(
     known_good=imported_later("model.supervised.known_good", "head_known_good"),
     label_learning=LabelLearning(
         source_inputs=imported_later("model.supervised.label_learning", "source_inputs"),
-        fit=imported_later("model.supervised.label_learning", "fit"), load=HeadCheckpoint.load,
+        fit=imported_later("model.supervised.label_learning", "fit"),
+        load=imported_later("model.supervised.head_set", "load_heads"),
         scorer=imported_later("model.supervised.label_learning", "scorer"),
         few_shot=imported_later("model.supervised.evaluation", "category_detector")),
 ))
