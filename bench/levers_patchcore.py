@@ -7,7 +7,7 @@ top-k mean, anomalib's re-weighting, a global Mahalanobis score of pooled featur
         --threads 1 --photometric none --out levers.jsonl
 
 Image AUROC is given overall and per defect type (that type against the normals); pixel AUROC at the model size
-(the squashed masks, as `sweep_patchcore.py` without `resize`), overall and per defect type (that type's images and
+(the squashed masks, as `sweep_patchcore.py` without `resize`; on every `--pixel-stride`th pixel), overall and per defect type (that type's images and
 the normals). Combined scores are z-scored against the references' own leave-one-out scores (no test statistics).
 """
 
@@ -88,6 +88,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evals", default="refs,refs+flips,refs-std,refs+flips-std",
                         help="bank variants: refs / refs+flips, '-std' for per-channel feature standardisation")
+    parser.add_argument("--pixel-stride", type=int, default=4,
+                        help="pixel AUROC on every Nth pixel of each axis (1: every pixel, 16x slower than 4)")
     parser.add_argument("--no-global", action="store_true", help="skip the global Mahalanobis score (slow)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/levers-cache"))
     parser.add_argument("--out", type=Path, required=True)
@@ -116,8 +118,9 @@ def main() -> int:
     print(f"embedded in {time.perf_counter() - started:.0f} s", flush=True)
     labels = np.array([s.label for s in tests])
     defects = np.array([s.defect for s in tests])
-    # pixel AUROC on every 4th pixel of each axis (the maps are blurred by sigma >= 2 px: a close estimate, 16x faster)
-    masks = np.stack([load_mask(s, size).numpy()[::4, ::4] > 0.5 for s in tests])
+    # pixel AUROC on every Nth pixel of each axis (the maps are blurred by sigma >= 2 px: a close estimate, faster)
+    stride = args.pixel_stride
+    masks = np.stack([load_mask(s, size).numpy()[::stride, ::stride] > 0.5 for s in tests])
     k = len(refs)
     grid = tuple(test_emb.shape[-2:])
     dim = test_emb.shape[1]
@@ -148,7 +151,7 @@ def main() -> int:
         for sigma in (2.0, 4.0, 8.0):
             maps = F.interpolate(scores.reshape(-1, 1, *grid), size=(size, size), mode="nearest")
             maps = gaussian_blur(maps, sigma, padding="reflect")[:, 0].numpy()
-            results[f"pixel_s{sigma:g}"] = maps[:, ::4, ::4]
+            results[f"pixel_s{sigma:g}"] = maps[:, ::stride, ::stride]
             if sigma == 4.0:
                 full_maps = maps
         maps = results["pixel_s4"]
@@ -191,6 +194,9 @@ def main() -> int:
             row[f"image_{score_name}"] = round(auroc(labels, values), 1)
         for pixel_name in ("pixel_s2", "pixel_s4", "pixel_s8"):
             row[pixel_name] = round(auroc(masks.reshape(-1), results[pixel_name].reshape(-1)), 1)
+        # each map less its own median (a per-frame offset removed; the image score is unchanged)
+        centred = maps - np.median(maps.reshape(len(tests), -1), 1)[:, None, None]
+        row["pixel_s4_median_centred"] = round(auroc(masks.reshape(-1), centred.reshape(-1)), 1)
         per_defect = {}
         for defect in sorted(set(defects) - {"good"}):
             pick = (defects == defect) | (defects == "good")
