@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
-from adapters.db import Inspection, ModelVersion, TrainingRun
+from adapters.db import Inspection
 from daemon.config.settings import ConfigError, load_config
 from daemon.process.service import Service
-from tests.daemon.test_e2e_head_retraining import label_through_api
+from tests.daemon.test_e2e_head_retraining import label_through_api, retrain_through_api
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.shared]
@@ -107,13 +107,7 @@ def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tm
         label_through_api(client, headers, before, defective[:N_DEFECTIVE], normals,
                           lambda frame: masks / frame.parent.name / f"{frame.stem}_mask.png")
 
-        response = client.post("/api/retrain", headers=headers)
-        assert response.status_code == 202, response.text
-        assert service.retrainer.wait(timeout=300)
-        with service.sessions() as session:
-            run = session.get(TrainingRun, response.json()["run_id"])
-            assert run.status == "succeeded", run.log
-            candidate = session.scalars(select(ModelVersion).where(ModelVersion.version == run.candidate_version)).one()
+        run, candidate = retrain_through_api(client, headers, service)
         point = candidate.metrics["operating_point"]
         print(f"held-out operating point: candidate {point['candidate']}, active {point['active']}")
         assert candidate.kind == "patchcore-head" and run.promoted and candidate.status == "active", run.log

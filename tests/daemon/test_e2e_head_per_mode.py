@@ -16,12 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from adapters.db import Inspection, ModelVersion, TrainingRun
+from adapters.db import Inspection
 from daemon.config.settings import load_config
 from daemon.learning.head_retraining import MIN_LABELLED_DEFECTS, HeadTrainingSet
 from daemon.learning.training_set import LabelledFrame, RetrainError
 from daemon.process.service import Service
-from tests.daemon.test_e2e_head_retraining import _link, _plates, label_through_api
+from tests.daemon.test_e2e_head_retraining import _link, _plates, label_through_api, retrain_through_api
 from tests.waiting import wait_until
 
 ADMIN = "e2e-admin-token"
@@ -74,13 +74,7 @@ def test_sources_of_two_resize_modes_get_one_head_each_from_one_run(samples_dir,
         for bad, normal in frames.values():
             label_through_api(client, headers, before, bad, normal, lambda frame: masks / f"{frame.stem}_mask.png")
 
-        response = client.post("/api/retrain", headers=headers)
-        assert response.status_code == 202, response.text
-        assert service.retrainer.wait(timeout=300)
-        with service.sessions() as session:
-            run = session.get(TrainingRun, response.json()["run_id"])
-            assert run.status == "succeeded", run.log
-            candidate = session.scalars(select(ModelVersion).where(ModelVersion.version == run.candidate_version)).one()
+        run, candidate = retrain_through_api(client, headers, service)
         assert candidate.kind == "patchcore-head" and run.promoted and candidate.status == "active", run.log
         assert "one set of weights per mode (fit: fitted; squash: squashed)" in run.log
         # the job trained and judged each source on its own geometry, held-out frames of both

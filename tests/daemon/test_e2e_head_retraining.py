@@ -61,6 +61,18 @@ def label_through_api(client: TestClient, headers: dict, rows: dict, defective: 
         assert response.status_code == 201, response.text
 
 
+def retrain_through_api(client: TestClient, headers: dict, service) -> tuple[TrainingRun, ModelVersion]:
+    """POST /api/retrain as an operator does, wait for the run, and return it (succeeded) with its candidate."""
+    response = client.post("/api/retrain", headers=headers)
+    assert response.status_code == 202, response.text
+    assert service.retrainer.wait(timeout=300)
+    with service.sessions() as session:
+        run = session.get(TrainingRun, response.json()["run_id"])
+        assert run.status == "succeeded", run.log
+        candidate = session.scalars(select(ModelVersion).where(ModelVersion.version == run.candidate_version)).one()
+    return run, candidate
+
+
 def _plates(samples_dir: Path) -> tuple[list[Path], list[Path], Path]:
     root = samples_dir / "metal_plate"
     good = sorted((root / "test" / "good").glob("*.png"))
@@ -121,14 +133,7 @@ def test_labels_retrain_a_head_that_the_gate_promotes(samples_dir, tmp_path):
         headers = {"Authorization": f"Bearer {ADMIN}"}
         label_through_api(client, headers, before, labelled, normals, lambda frame: masks / f"{frame.stem}_mask.png")
 
-        response = client.post("/api/retrain", headers=headers)
-        assert response.status_code == 202, response.text
-        run_id = response.json()["run_id"]
-        assert service.retrainer.wait(timeout=300)
-        with service.sessions() as session:
-            run = session.get(TrainingRun, run_id)
-            assert run.status == "succeeded", run.log
-            candidate = session.scalars(select(ModelVersion).where(ModelVersion.version == run.candidate_version)).one()
+        run, candidate = retrain_through_api(client, headers, service)
         assert candidate.kind == "patchcore-head" and Path(candidate.prompts_path).is_file()
         assert run.promoted and candidate.status == "active", run.log
         point = candidate.metrics["operating_point"]
@@ -138,7 +143,7 @@ def test_labels_retrain_a_head_that_the_gate_promotes(samples_dir, tmp_path):
         assert point["candidate"]["missed"] < point["active"]["missed"]
         assert point["candidate"]["false_alarms"] <= point["active"]["false_alarms"]
         runs = client.get("/api/models", headers=headers).json()["runs"]
-        assert runs[0]["id"] == run_id and runs[0]["promoted"] and runs[0]["status"] == "succeeded"
+        assert runs[0]["id"] == run.id and runs[0]["promoted"] and runs[0]["status"] == "succeeded"
 
         # hot swap: the source's detector is rebuilt on the head and calibrated for the new version
         assert wait_until(lambda: str(service.references.states[SOURCE].version).startswith("patchcore-head-"),
