@@ -182,11 +182,10 @@ def config_changes(settings: Any, source_ids: list[str], set_by: str = "config.t
         if before is not None and before != after:
             event = {"source": source_id, "action": "config", "set_by": set_by, "set_at": _now(), "before": before,
                      "after": after}
-            _record(settings, event)
+            _record(settings, event)  # remembers it too
             events.append(event)
-        elif before is not None:
-            continue
-        _remember(settings, source_id, after)
+        elif before is None:
+            _remember(settings, source_id, after)
     return events
 
 
