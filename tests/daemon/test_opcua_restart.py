@@ -77,8 +77,10 @@ def test_a_restarted_daemon_shows_the_same_counters_and_results_and_counts_on(tm
             belt.push(f"f{index}", image=np.full((24, 32, 3), value, np.uint8))
         belt.wait_acks(3)
         trigger_id = service.integrations.trigger("press", "P-7", "opcua")
+        # the variables are read one by one: wait until the answer and its inspection's count are both in view
         before = read_until(port, lambda seen: seen["belt"]["Counters.Inspected"] == 3
-                            and seen["press"]["LastResult.TriggerId"] == trigger_id)
+                            and seen["press"]["LastResult.TriggerId"] == trigger_id
+                            and seen["press"]["Counters.Inspected"] == 1)
         assert wait_until(lambda: cursor_at_newest(service), 30)
     finally:
         service.stop()
