@@ -139,8 +139,10 @@ def test_labels_retrain_a_head_that_the_gate_promotes(samples_dir, tmp_path):
         point = candidate.metrics["operating_point"]
         print(f"held-out operating point: candidate {point['candidate']}, active {point['active']}")
         assert point["candidate"]["defects"] == point["active"]["missed"] >= 1  # every held-out one was missed
-        # promoted because it catches more of the held-out labelled defects, with no more false alarms
-        assert point["candidate"]["missed"] < point["active"]["missed"]
+        # promoted: at the operating point it misses no more held-out labelled defects, with no more false alarms (the
+        # gate's rule; with 2-3 held-out defects, drawn by the inspections' random uuids, a tie happens). That the
+        # labels taught it something is asserted below, on fresh frames of the defects it missed before.
+        assert point["candidate"]["missed"] <= point["active"]["missed"]
         assert point["candidate"]["false_alarms"] <= point["active"]["false_alarms"]
         runs = client.get("/api/models", headers=headers).json()["runs"]
         assert runs[0]["id"] == run.id and runs[0]["promoted"] and runs[0]["status"] == "succeeded"
