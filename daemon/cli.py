@@ -11,6 +11,7 @@ import argparse
 import gc
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -126,6 +127,11 @@ def _main(argv: Sequence[str] | None, gc_was_enabled: bool) -> int:
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
+        # The CPU runtime of CNN trunks for every command ([runtime].cnn; `anomalyd run` applies its config's value
+        # again at start), so offline figures come from the daemon's own runtime.
+        from adapters.cnn_runtime import choose as choose_cnn_runtime
+
+        choose_cnn_runtime(os.environ.get("ANOMALYD_RUNTIME__CNN", "auto"))
         return int(args.func(args) or 0)
     except UsageError as exc:
         parser.error(str(exc))  # exits 2

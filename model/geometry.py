@@ -7,6 +7,9 @@ A `Geometry` is a crop (`roi`, frame pixels), polygons never inspected (`ignore`
 - `tile`: the ROI at its native resolution (never enlarged: a side below S is padded by reflection, so every
   frame's texture keeps one scale) cut into S x S tiles overlapping by `tile_overlap`; the tiles' maps are
   stitched with a Hann (sin²) window, so a tile's border, where its map is least reliable, weighs least.
+  `tile_size` (frame pixels) makes each tile cover that many frame pixels instead of S: the ROI is first scaled
+  by S / tile_size, so fewer, coarser tiles (e.g. the short side of a long part: 4 tiles of a 500 x 1263 frame
+  instead of 21) trade resolution for speed.
 
 `plan_frame` says where each model input comes from, `cut_frame` makes the inputs (RGB uint8), `stitch_maps`
 puts their maps back into a (H, W) map of the frame: zero outside the ROI and on ignored pixels. `predict_frames`
@@ -40,6 +43,7 @@ MAX_TILES = 256
 # The model inputs cut and held at once by `predict_frames` (two frames of MAX_TILES tiles): with MAX_TILES this
 # bounds the tiles in memory (~100 MB of uint8 inputs, ~130 MB of their maps at S = 256) whatever the batch of frames.
 MAX_PENDING_INPUTS = 2 * MAX_TILES
+MIN_TILE_SIZE, MAX_TILE_SIZE = 32, 16384  # `tile_size` bounds, frame pixels
 
 Polygon = tuple[tuple[float, float], ...]
 
@@ -56,6 +60,7 @@ class Geometry:
     roi: tuple[int, int, int, int] | None = None  # x, y, width, height in frame pixels
     ignore: tuple[Polygon, ...] = ()  # polygons [(x, y), ...] in frame pixels
     tile_overlap: float = DEFAULT_TILE_OVERLAP
+    tile_size: int | None = None  # frame pixels per tile side; None: the model's input size (native resolution)
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
@@ -75,6 +80,11 @@ class Geometry:
         object.__setattr__(self, "ignore", tuple(polygons))
         if not 0.0 <= float(self.tile_overlap) < 0.9:
             raise GeometryError(f"tile_overlap {self.tile_overlap}: expected a fraction in [0, 0.9)")
+        if self.tile_size is not None:
+            if not MIN_TILE_SIZE <= int(self.tile_size) <= MAX_TILE_SIZE:
+                raise GeometryError(f"tile_size {self.tile_size}: expected frame pixels from {MIN_TILE_SIZE} to "
+                                    f"{MAX_TILE_SIZE}")
+            object.__setattr__(self, "tile_size", int(self.tile_size))
 
     @property
     def plain(self) -> bool:
@@ -88,7 +98,7 @@ class Geometry:
             return ""
         tag = self.resize
         if self.resize == "tile":
-            tag += f"-o{round(self.tile_overlap * 100)}"
+            tag += f"-o{round(self.tile_overlap * 100)}" + (f"-t{self.tile_size}" if self.tile_size else "")
         if self.roi is not None:
             tag += "-roi" + "x".join(str(v) for v in self.roi)
         return tag
@@ -103,17 +113,21 @@ class Geometry:
         return tag
 
     def as_dict(self) -> dict[str, Any]:
-        return {"resize": self.resize, "roi": list(self.roi) if self.roi else None,
-                "ignore": [[list(p) for p in polygon] for polygon in self.ignore], "tile_overlap": self.tile_overlap}
+        values = {"resize": self.resize, "roi": list(self.roi) if self.roi else None,
+                  "ignore": [[list(p) for p in polygon] for polygon in self.ignore], "tile_overlap": self.tile_overlap}
+        if self.tile_size is not None:  # only when set: a geometry recorded before the key existed stays equal
+            values["tile_size"] = self.tile_size
+        return values
 
 
 def make_geometry(resize: str | None = None, roi: Sequence[int] | None = None,
                   ignore: Sequence[Sequence[Sequence[float]]] | None = None,
-                  tile_overlap: float | None = None) -> Geometry:
+                  tile_overlap: float | None = None, tile_size: int | None = None) -> Geometry:
     """A Geometry from loose values (config, CLI); None means the default."""
     return Geometry(resize=resize or "squash", roi=tuple(roi) if roi else None,  # type: ignore[arg-type]
                     ignore=tuple(tuple(tuple(p) for p in polygon) for polygon in (ignore or ())),  # type: ignore
-                    tile_overlap=DEFAULT_TILE_OVERLAP if tile_overlap is None else float(tile_overlap))
+                    tile_overlap=DEFAULT_TILE_OVERLAP if tile_overlap is None else float(tile_overlap),
+                    tile_size=None if tile_size is None else int(tile_size))
 
 
 @dataclass
@@ -167,12 +181,12 @@ def plan_frame(frame_hw: tuple[int, int], geometry: Geometry, size: int,
         fh = size if rh <= rw else min(long_cap, _round_to(rh * scale, stride))
         fw = size if rw < rh else min(long_cap, _round_to(rw * scale, stride))
         return FramePlan((height, width), roi, (fh, fw), (fh, fw), [(0, 0)])
-    # tile: native resolution (padded up to S), reduced only when it would make too many tiles
-    scale = 1.0
+    # tile: native resolution (or S / tile_size of it; padded up to S), reduced only when it would make too many tiles
+    scale = 1.0 if geometry.tile_size is None else size / geometry.tile_size
+    rh, rw = rh * scale, rw * scale
     step = size * (1.0 - geometry.tile_overlap)
     tiles = (max(0.0, rh - size) / step + 1) * (max(0.0, rw - size) / step + 1)
-    if tiles > MAX_TILES:
-        scale = float(np.sqrt(MAX_TILES / tiles))
+    scale = float(np.sqrt(MAX_TILES / tiles)) if tiles > MAX_TILES else 1.0
     while True:  # the estimate above counts fractional tiles: shrink a little more until whole ones fit too
         sh, sw = max(1, round(rh * scale)), max(1, round(rw * scale))
         ph, pw = max(size, sh), max(size, sw)

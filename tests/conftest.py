@@ -95,3 +95,13 @@ def sqlite_sessions(tmp_path):
     upgrade(engine)
     yield make_session_factory(engine)
     engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _cnn_trunks_on_pytorch_after_each_test():
+    """The CLI and the daemon choose a process-wide CPU runtime for CNN trunks (model/runtime.py); a test that ran
+    one in-process must not leave it to the next."""
+    yield
+    from model.runtime import use_trunk_compiler
+
+    use_trunk_compiler(None)

@@ -264,6 +264,7 @@ class SourceSettings(BaseModel):
     ignore_polygons: list[list[list[float]]] | None = Field(None, description="polygons [[x, y], ...] never "
                                                                                 "inspected; default: [model]'s")
     tile_overlap: float | None = Field(None, ge=0.0, lt=0.9, description="default: [model].tile_overlap")
+    tile_size: int | None = Field(None, ge=32, le=16384, description="frame pixels per tile; default: [model]'s")
     # Trigger mode (daemon/plant/trigger.py): inspect the next fresh frame when a PLC asks (OPC UA method or MQTT
     # command) and answer within deadline_ms, else publish the fail-safe result. None: free-running.
     trigger: Literal["opcua", "mqtt"] | None = None

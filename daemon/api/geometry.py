@@ -41,6 +41,7 @@ class GeometryChange(BaseModel):
     roi: list[int] | None = Field(None, min_length=4, max_length=4, description="[x, y, width, height]; null: all")
     ignore_polygons: list[Annotated[list[Point], Field(max_length=256)]] | None = Field(None, max_length=64)
     tile_overlap: float | None = Field(None, ge=0.0, lt=0.9)
+    tile_size: int | None = Field(None, ge=32, le=16384, description="frame pixels per tile; null: native resolution")
 
 
 def _configured(state: AppState, source_id: str) -> str:
@@ -125,7 +126,7 @@ def set_geometry(source_id: str, body: GeometryChange, state: AppState = Depends
         if key in changes and changes[key] is None:
             del changes[key]
     if not changes:
-        raise HTTPException(422, "nothing to set: give resize, roi, ignore_polygons or tile_overlap")
+        raise HTTPException(422, "nothing to set: give resize, roi, ignore_polygons, tile_overlap or tile_size")
     frame = frame_of(state, source_id)
     try:
         overrides.check_override(state.settings, source_id, changes,

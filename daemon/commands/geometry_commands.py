@@ -1,5 +1,5 @@
 """`anomalyd geometry show|history|set|reset` (issue 20): a source's frame geometry (`resize`, `roi`,
-`ignore_polygons`, `tile_overlap`) from the command line, as the API's `/api/sources/{id}/geometry` and the UI's
+`ignore_polygons`, `tile_overlap`, `tile_size`) from the command line, as the API's `/api/sources/{id}/geometry` and the UI's
 Geometry tab set it.
 
 Like the other operator commands (`references add`, `thresholds pin`), these work on the configuration's storage
@@ -74,7 +74,8 @@ def _describe(values: dict[str, Any]) -> str:
     roi = values.get("roi")
     polygons = values.get("ignore_polygons") or []
     return (f"resize {values['resize']}, roi {'x,y,w,h = ' + ','.join(map(str, roi)) if roi else 'the whole frame'}, "
-            f"{len(polygons)} ignore polygon(s), tile_overlap {values['tile_overlap']:g}")
+            f"{len(polygons)} ignore polygon(s), tile_overlap {values['tile_overlap']:g}"
+            + (f", tile_size {values['tile_size']} px" if values.get("tile_size") else ""))
 
 
 def _print_summary(shown: dict[str, Any]) -> None:
@@ -134,8 +135,10 @@ def _changes(args: argparse.Namespace) -> dict[str, Any]:
         changes["ignore_polygons"] = args.ignore
     if args.tile_overlap is not None:
         changes["tile_overlap"] = args.tile_overlap
+    if args.tile_size is not None:  # 0: back to native resolution
+        changes["tile_size"] = args.tile_size or None
     if not changes:
-        raise usage("nothing to set: give --resize, --roi, --ignore (or --no-ignore) or --tile-overlap")
+        raise usage("nothing to set: give --resize, --roi, --ignore (or --no-ignore), --tile-overlap or --tile-size")
     return changes
 
 
@@ -259,4 +262,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "polygons)")
             sub.add_argument("--no-ignore", action="store_true", help="no ignore polygons")
             sub.add_argument("--tile-overlap", type=float, help="fraction of a tile its neighbours overlap")
+            sub.add_argument("--tile-size", type=int, metavar="PIXELS", help="frame pixels each tile covers; 0: "
+                             "native resolution (the model's input size)")
         sub.set_defaults(func=cmd_geometry)

@@ -16,7 +16,7 @@ def add_geometry_options(parser: argparse.ArgumentParser) -> None:
 
     able = ", ".join(models_that(lambda caps: caps.supports_geometry))  # read without loading the families
     geometry = parser.add_argument_group(f"frame geometry ({able}; as [model] / [[sources]] resize, roi, "
-                                         "ignore_polygons, tile_overlap)")
+                                         "ignore_polygons, tile_overlap, tile_size)")
     geometry.add_argument("--resize", choices=("squash", "fit", "tile"),
                           help="squash to the square input (default), fit (aspect kept, short side to the input "
                           "size) or tile (native resolution, overlapping tiles)")
@@ -24,6 +24,8 @@ def add_geometry_options(parser: argparse.ArgumentParser) -> None:
     geometry.add_argument("--ignore-polygon", dest="ignore_polygons", type=parse_polygon, action="append",
                           metavar="X,Y;X,Y;X,Y...", help="pixels never inspected (repeatable)")
     geometry.add_argument("--tile-overlap", type=float, help="fraction of a tile its neighbours overlap (0.25)")
+    geometry.add_argument("--tile-size", type=int, help="frame pixels each tile covers (default: the model's input "
+                          "size, i.e. native resolution; larger: fewer, coarser tiles)")
 
 
 def parse_roi(text: str) -> list[int]:
@@ -53,7 +55,8 @@ def geometry_option(args: argparse.Namespace, default_resize: str = "squash") ->
 
     try:
         return make_geometry(getattr(args, "resize", None) or default_resize, getattr(args, "roi", None),
-                             getattr(args, "ignore_polygons", None), getattr(args, "tile_overlap", None))
+                             getattr(args, "ignore_polygons", None), getattr(args, "tile_overlap", None),
+                             getattr(args, "tile_size", None))
     except GeometryError as exc:
         raise UsageError(str(exc)) from None
 

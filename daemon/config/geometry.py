@@ -41,10 +41,11 @@ def default_resize(model_name: str, engine: str = "torch") -> str:
 def source_geometry(settings: Any, source_id: str | None) -> Geometry:
     """The geometry of `source_id` (its [[sources]] values over [model]'s); [model]'s for an unknown source."""
     values = {key: value for key, (value, _) in configured_values(settings, source_id).items()}
-    return make_geometry(values["resize"], values["roi"], values["ignore_polygons"], values["tile_overlap"])
+    return make_geometry(values["resize"], values["roi"], values["ignore_polygons"], values["tile_overlap"],
+                         values["tile_size"])
 
 
-GEOMETRY_KEYS = ("resize", "roi", "ignore_polygons", "tile_overlap")
+GEOMETRY_KEYS = ("resize", "roi", "ignore_polygons", "tile_overlap", "tile_size")
 
 
 def configured_values(settings: Any, source_id: str | None) -> dict[str, tuple[Any, str]]:
@@ -56,7 +57,8 @@ def configured_values(settings: Any, source_id: str | None) -> dict[str, tuple[A
         (default_resize(m.name, str(getattr(settings.runtime, "engine", "torch"))), "default"),
         "roi": (m.roi, "[model]" if m.roi is not None else "default"),
         "ignore_polygons": (m.ignore_polygons, "[model]" if m.ignore_polygons else "default"),
-        "tile_overlap": (m.tile_overlap, "[model]" if "tile_overlap" in m.model_fields_set else "default")}
+        "tile_overlap": (m.tile_overlap, "[model]" if "tile_overlap" in m.model_fields_set else "default"),
+        "tile_size": (m.tile_size, "[model]" if m.tile_size is not None else "default")}
     for source in settings.sources:
         if source.id == source_id:
             for key in GEOMETRY_KEYS:

@@ -89,6 +89,8 @@ class ModelConfig(_Section):
     roi: list[int] | None = Field(None, min_length=4, max_length=4)
     ignore_polygons: list[list[list[float]]] = Field(default_factory=list)
     tile_overlap: float = Field(0.25, ge=0.0, lt=0.9)
+    # frame pixels each tile covers (resize = "tile"); None: the model's input size, i.e. native resolution
+    tile_size: int | None = Field(None, ge=32, le=16384)
 
     @field_validator("name")
     @classmethod
@@ -141,6 +143,9 @@ class RuntimeConfig(_Section):
     # goes to the backlog, so neither starves (daemon/frames/batcher.py).
     live_share: float = Field(0.5, gt=0, lt=1)
     engine: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    # Where a frozen CNN trunk (PatchCore's backbone) runs on the CPU when engine = "torch": "auto" is ONNX Runtime
+    # when installed (~2x faster, parity-gated at start, adapters/cnn_runtime.py), else PyTorch.
+    cnn: Literal["auto", "torch", "onnxruntime"] = "auto"
     export_dir: str | None = Field(None, description="a prebuilt export for the engine; default: exported through "
                                    "the parity gate at start and on each model swap, under <[storage].dir>/exports")
 

@@ -49,7 +49,8 @@ def source_geometry(spec: dict[str, Any], source: str) -> Any:
 
     values = (spec.get("geometry") or {}).get(source)
     return make_geometry() if not values else make_geometry(
-        values["resize"], values.get("roi"), values.get("ignore"), values.get("tile_overlap"))
+        values["resize"], values.get("roi"), values.get("ignore"), values.get("tile_overlap"),
+        values.get("tile_size"))
 
 
 def use_source_geometry(detector: Any, spec: dict[str, Any], source: str) -> Any:

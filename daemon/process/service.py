@@ -169,8 +169,11 @@ class Service:
                 from daemon.learning.versions import start_detector
 
                 detector = start_detector(s, self.sessions, build_detector)
+            from adapters.cnn_runtime import choose as choose_cnn_runtime
             from daemon.references.manager import NeedsReferences
 
+            log.info("CNN trunks run on %s on the CPU ([runtime].cnn = %s)", choose_cnn_runtime(s.runtime.cnn),
+                     s.runtime.cnn)
             if s.runtime.engine != "torch" and not isinstance(detector, NeedsReferences):
                 # ONNX Runtime / OpenVINO: export (parity-checked) and run that; a model built on references
                 # only (PatchCore) is exported per source, with its bank (daemon/references/manager.py)

@@ -1,5 +1,5 @@
-"""Frame geometry set at runtime (the API and the UI): a source's `resize`, `roi`, `ignore_polygons` and
-`tile_overlap` over what config.toml says, kept until reset.
+"""Frame geometry set at runtime (the API and the UI): a source's `resize`, `roi`, `ignore_polygons`,
+`tile_overlap` and `tile_size` over what config.toml says, kept until reset.
 
 Where it is kept: `<[storage].dir>/geometry/<source id>.json`, next to the managed references and the banks (the
 API and the daemon share that folder already: the API writes references there, the daemon builds banks from it).
@@ -70,14 +70,15 @@ def effective_values(settings: Any, source_id: str) -> dict[str, tuple[Any, str]
 
 
 def _geometry(values: dict[str, Any]) -> Geometry:
-    return make_geometry(values["resize"], values["roi"], values["ignore_polygons"], values["tile_overlap"])
+    return make_geometry(values["resize"], values["roi"], values["ignore_polygons"], values["tile_overlap"],
+                         values.get("tile_size"))
 
 
 def as_values(geometry: Geometry) -> dict[str, Any]:
     """A geometry under the configuration's keys (what the API shows and takes)."""
     return {"resize": geometry.resize, "roi": list(geometry.roi) if geometry.roi else None,
             "ignore_polygons": [[list(p) for p in polygon] for polygon in geometry.ignore],
-            "tile_overlap": geometry.tile_overlap}
+            "tile_overlap": geometry.tile_overlap, "tile_size": geometry.tile_size}
 
 
 def effective_geometry(settings: Any, source_id: str) -> Geometry:
@@ -179,6 +180,8 @@ def config_changes(settings: Any, source_ids: list[str], set_by: str = "config.t
         except GeometryError:
             continue
         before = seen.get(source_id)
+        if isinstance(before, dict):  # remembered before tile_size existed: it ran native, as tile_size null does
+            before = {"tile_size": None, **before}
         if before is not None and before != after:
             event = {"source": source_id, "action": "config", "set_by": set_by, "set_at": _now(), "before": before,
                      "after": after}

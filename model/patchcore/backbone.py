@@ -14,12 +14,16 @@ block over all stages of an EfficientNet-like `blocks` stack) or as module names
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from model.runtime import TrunkCompiler, TrunkRunner, trunk_compiler
 
 # backbone name → (PyPI package, import module, timm architecture)
 LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
@@ -186,6 +190,8 @@ class TapExtractor(nn.Module):
         self._outputs: dict[int, torch.Tensor] = {}
         for index, module in enumerate(self._tap_modules):
             module.register_forward_hook(self._hook(index, module is self._last))
+        self._runner: TrunkRunner | None = None
+        self._runner_from: TrunkCompiler | None = None
 
     def _hook(self, index: int, last: bool):
         def record(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -199,7 +205,31 @@ class TapExtractor(nn.Module):
     def tap_names(self) -> list[str]:
         return [f"blocks.{t}" if isinstance(t, int) else t for t in self.taps]
 
+    def graph(self) -> nn.Module:
+        """A hook-free copy returning the tap outputs as a tuple, for tracing and export. It runs the whole network;
+        an exporter's dead-code elimination drops what lies past the last tap."""
+        names = {id(module): name for name, module in self.model.named_modules()}
+        twin = copy.deepcopy(self.model)
+        for module in twin.modules():
+            module._forward_hooks.clear()
+        twin_modules = dict(twin.named_modules())
+        return _TapGraph(twin, [twin_modules[names[id(m)]] for m in self._tap_modules], self.channels_last).eval()
+
+    def _cpu_runner(self, images: torch.Tensor) -> TrunkRunner | None:
+        """The registered CPU runtime's runner for this trunk (model/runtime.py), made on first use; None: PyTorch.
+        Only for inference on float32 CPU inputs: training, tracing, CUDA and reduced precision stay on PyTorch."""
+        compiler = trunk_compiler()
+        if (compiler is None or images.device.type != "cpu" or images.dtype != torch.float32
+                or torch.is_grad_enabled() or torch.jit.is_tracing()):  # an export traces the PyTorch trunk
+            return None
+        if self._runner_from is not compiler:
+            self._runner, self._runner_from = compiler(self), compiler
+        return self._runner
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        runner = self._cpu_runner(images)
+        if runner is not None:
+            return list(runner(images))
         self._outputs = {}
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -209,6 +239,26 @@ class TapExtractor(nn.Module):
         if len(outputs) != len(self._tap_modules):
             raise BackboneError(f"taps {list(self.taps)}: only {len(outputs)} of them ran in the forward pass")
         return [outputs[i] for i in range(len(self._tap_modules))]
+
+
+class _TapGraph(nn.Module):
+    def __init__(self, model: nn.Module, tap_modules: Sequence[nn.Module], channels_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.channels_last = channels_last
+        self._outputs: dict[int, torch.Tensor] = {}
+        for index, module in enumerate(tap_modules):
+            module.register_forward_hook(functools.partial(self._record, index))
+        self._count = len(tap_modules)
+
+    def _record(self, index: int, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        self._outputs[index] = output
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._outputs = {}
+        self.model(images.contiguous(memory_format=torch.channels_last) if self.channels_last else images)
+        outputs, self._outputs = self._outputs, {}
+        return tuple(outputs[i] for i in range(self._count))
 
 
 def parse_taps(taps: Sequence[Tap] | str | None, backbone: str, model: nn.Module) -> tuple[Tap, ...]:

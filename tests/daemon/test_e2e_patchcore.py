@@ -67,6 +67,12 @@ def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
     service = Service(settings, serve_http=False)
     service.start()
     try:
+        # the default CPU runtime of the CNN trunk ([runtime].cnn = "auto"): ONNX Runtime, through its parity gate
+        from adapters import cnn_runtime
+        from model.runtime import trunk_compiler
+
+        assert settings.runtime.cnn == "auto" and trunk_compiler() is cnn_runtime.onnxruntime_trunk
+        assert any(isinstance(r, cnn_runtime.OnnxTrunk) for r in cnn_runtime._runners.values())
         manager = service.references
         version = manager.states["cubes"].version
         assert version and version.startswith("patchcore-efficientnet-lite0") and f"-k{N_REFERENCES}" in version

@@ -79,9 +79,10 @@ POLYGON = [[100.0, 100.0], [200.0, 100.0], [150.0, 180.0]]
 
 def test_get_shows_values_with_their_origin_and_the_frame(app):
     shown = app.get()
-    assert shown["geometry"] == {"resize": "fit", "roi": None, "ignore_polygons": [], "tile_overlap": 0.25}
+    assert shown["geometry"] == {"resize": "fit", "roi": None, "ignore_polygons": [], "tile_overlap": 0.25,
+                                 "tile_size": None}
     assert shown["origins"] == {"resize": "[[sources]] cam1", "roi": "default", "ignore_polygons": "default",
-                                "tile_overlap": "default"}
+                                "tile_overlap": "default", "tile_size": "default"}
     assert shown["override"] is None and shown["last_change"] is None
     assert shown["frame"]["width"] == FRAME_W and shown["frame"]["height"] == FRAME_H
     assert app.get("cam2")["origins"]["resize"] == "default"
@@ -96,9 +97,10 @@ def test_put_sets_records_and_survives_a_restart(app):
     response = app.put({"roi": ROI, "ignore_polygons": [POLYGON], "resize": "tile"})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["geometry"] == {"resize": "tile", "roi": ROI, "ignore_polygons": [POLYGON], "tile_overlap": 0.25}
+    assert body["geometry"] == {"resize": "tile", "roi": ROI, "ignore_polygons": [POLYGON], "tile_overlap": 0.25,
+                                 "tile_size": None}
     assert body["origins"] == {"resize": "override", "roi": "override", "ignore_polygons": "override",
-                               "tile_overlap": "default"}
+                               "tile_overlap": "default", "tile_size": "default"}
     assert body["override"]["set_by"] == "api:operator-1" and body["override"]["set_at"].endswith("Z")
     assert body["change"]["before"]["resize"] == "fit" and body["change"]["after"]["roi"] == ROI
 
@@ -106,7 +108,8 @@ def test_put_sets_records_and_survives_a_restart(app):
     assert app.put({"roi": None}).status_code == 200
     app.restart()
     shown = app.get()
-    assert shown["geometry"] == {"resize": "tile", "roi": None, "ignore_polygons": [POLYGON], "tile_overlap": 0.25}
+    assert shown["geometry"] == {"resize": "tile", "roi": None, "ignore_polygons": [POLYGON], "tile_overlap": 0.25,
+                                 "tile_size": None}
     assert shown["last_change"]["action"] == "set" and shown["last_change"]["after"]["roi"] is None
     history = app.client.get("/api/sources/cam1/geometry/history", headers=auth("viewer")).json()["items"]
     assert [(e["action"], e["after"]["roi"], e["set_by"]) for e in history] == [
@@ -145,9 +148,20 @@ def test_bad_geometry_is_422_with_the_reason_and_changes_nothing(app, body, reas
 
 
 def test_malformed_body_is_422(app):
-    for body in ({"roi": [1, 2, 3]}, {"resize": "stretch"}, {"tile_overlap": 0.95}, {"colour": "red"},
+    for body in ({"roi": [1, 2, 3]}, {"resize": "stretch"}, {"tile_overlap": 0.95}, {"colour": "red"}, {"tile_size": 8},
                  {"ignore_polygons": [[[1, 2, 3], [4, 5], [6, 7]]]}):
         assert app.put(body).status_code == 422, body
+
+
+def test_tile_size_is_set_and_reset_to_native_resolution(app):
+    """Coarser tiles for a long part: what builds the bank sees them (its tag changes), and null goes back."""
+    response = app.put({"resize": "tile", "tile_size": 500})
+    assert response.status_code == 200, response.text
+    assert response.json()["geometry"]["tile_size"] == 500 and response.json()["origins"]["tile_size"] == "override"
+    assert overrides.effective_geometry(app.settings, "cam1").bank_tag == "tile-o25-t500"
+    assert app.put({"tile_size": None}).status_code == 200
+    assert app.get()["geometry"]["tile_size"] is None
+    assert overrides.effective_geometry(app.settings, "cam1").bank_tag == "tile-o25"
 
 
 def test_a_family_that_runs_whole_frames_refuses_a_geometry(tmp_path):

@@ -103,7 +103,7 @@ def test_cli_change_rebuilds_the_bank_and_is_a_retained_mqtt_message_and_webhook
         assert answer["announced"] and answer["change"]["set_by"] == who
         assert answer["summary"]["geometry"] == {"resize": "fit", "roi": [8, 8, 112, 112],
                                                  "ignore_polygons": [[[8.0, 8.0], [40.0, 8.0], [40.0, 40.0]]],
-                                                 "tile_overlap": 0.25}
+                                                 "tile_overlap": 0.25, "tile_size": None}
         assert subscriber.wait_for(lambda: subscriber.payloads("/geometry"), timeout=60), "no geometry message"
         set_message = subscriber.payloads("/geometry")[0]
         assert (set_message["event"], set_message["action"], set_message["set_by"]) == ("geometry", "set", who)

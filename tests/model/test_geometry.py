@@ -115,6 +115,25 @@ def test_patchcore_finds_a_small_defect_in_a_large_frame():
     assert scores[1] > 1.5 * scores[0]
 
 
+def test_tile_size_cuts_fewer_coarser_tiles_and_maps_come_back_in_frame_pixels():
+    """A long part of 500 x 1263 tiled by its short side (`tile_size = 500`): 4 tiles instead of 21, each 500
+    frame pixels resized to the model's 256, and the map of a defect drawn near the far end back at its place."""
+    assert len(plan_frame((500, 1263), Geometry("tile"), 256).origins) == 21
+    plan = plan_frame((500, 1263), Geometry("tile", tile_size=500), 256)
+    assert plan.scaled == (256, 647) and plan.input_hw == (256, 256) and len(plan.origins) == 4
+    assert Geometry("tile", tile_size=500).bank_tag == "tile-o25-t500" and Geometry("tile").bank_tag == "tile-o25"
+    assert Geometry("tile", tile_size=500).as_dict()["tile_size"] == 500 and "tile_size" not in Geometry().as_dict()
+    frame = np.full((500, 1263, 3), 230, np.uint8)
+    frame[300:320, 1100:1120] = 0
+    detector = Darkness()
+    _, maps = predict_frames(detector, [frame], Geometry("tile", tile_size=500))
+    assert maps[0].shape == (500, 1263) and detector.shapes == [(4, 3, 256, 256)]
+    y, x = np.unravel_index(np.argmax(maps[0]), maps[0].shape)
+    assert 295 <= y < 325 and 1095 <= x < 1125, (x, y)
+    with pytest.raises(GeometryError, match="tile_size 8"):
+        Geometry("tile", tile_size=8)
+
+
 def test_a_frame_smaller_than_a_tile_is_padded_not_enlarged():
     """magnetic_tile-like frames (122 x 285): tiled at their own scale, the padding's map dropped."""
     frame = np.full((122, 285, 3), 230, np.uint8)
