@@ -247,6 +247,10 @@ def main() -> int:
                         help="constant: the pipeline's own cost; tiny: the tiny CLIP, patchcore: the real Lite0 "
                              "weights on a full 16-reference bank, to see what the pipeline adds")
     args = parser.parse_args()
+    from adapters.cnn_runtime import choose as choose_cnn_runtime
+
+    # the daemon's CPU runtime of the CNN trunk for the model-alone timings too ([runtime].cnn's default)
+    choose_cnn_runtime("auto")
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
     content = args.content or ("samples" if SAMPLES.is_dir() else "noise")
