@@ -25,6 +25,8 @@ function buildGeometryView() {
       el("label", {}, "Resize ", el("select", { id: "geo-resize" },
         el("option", { value: "" }, "keep"), el("option", { value: "squash" }, "squash"),
         el("option", { value: "fit" }, "fit"), el("option", { value: "tile" }, "tile"))),
+      el("label", { title: "tile mode: frame pixels each tile covers; empty keeps it, 0 = native resolution (the model's input size)" },
+        "Tile size ", el("input", { id: "geo-tile-size", type: "number", min: "0", max: "16384", step: "1", placeholder: "keep", size: "6" }), " px"),
       button("geo-mode-roi", "Draw ROI", { class: "geo-mode active", "data-mode": "roi" }),
       button("geo-mode-polygon", "Add ignore polygon", { class: "geo-mode", "data-mode": "polygon" }),
       button("geo-close-polygon", "Close polygon"),
@@ -156,9 +158,11 @@ function showSummary(shown) {
   geo.polygons = shown.geometry.ignore_polygons.map((polygon) => polygon.map((p) => p.map(Math.round)));
   geo.pending = [];
   $("#geo-resize").value = "";
+  $("#geo-tile-size").value = "";
   const origin = (key) => `${JSON.stringify(shown.geometry[key])} (${shown.origins[key]})`;
   const facts = [["resize", origin("resize")], ["roi", origin("roi")],
     ["ignore polygons", `${shown.geometry.ignore_polygons.length} (${shown.origins.ignore_polygons})`],
+    ["tile size", `${shown.geometry.tile_size ? `${shown.geometry.tile_size} px` : "native"} (${shown.origins.tile_size})`],
     ["frame", shown.frame ? `${shown.frame.width} × ${shown.frame.height} (${shown.frame.from})` : "no frame yet"]];
   if (shown.override) facts.push(["set here", `by ${shown.override.set_by} at ${utcText(shown.override.set_at)}`]);
   if (shown.bank) facts.push(["bank", `${shown.bank.version || "–"}${shown.bank.error ? ` · ${shown.bank.error}` : ""}${shown.bank.warning ? ` · ${shown.bank.warning}` : ""}`]);
@@ -205,13 +209,16 @@ async function loadGeometryHistory() {
   const history = await apiJson(geoPath("/history?limit=5"));
   $("#geo-history").replaceChildren(...history.items.map((event) => el("li", { "data-action": event.action },
     `${utcText(event.set_at)} ${event.action} by ${event.set_by}: resize ${event.after.resize}, roi ` +
-    `${JSON.stringify(event.after.roi)}, ${event.after.ignore_polygons.length} ignore polygon(s)`)));
+    `${JSON.stringify(event.after.roi)}, ${event.after.ignore_polygons.length} ignore polygon(s)` +
+    (event.after.tile_size ? `, tiles of ${event.after.tile_size} px` : ""))));
 }
 
 async function saveGeometry() {
   if (geo.pending.length >= 3) closePolygon();
   const body = { roi: geo.roi, ignore_polygons: geo.polygons };
   if ($("#geo-resize").value) body.resize = $("#geo-resize").value;
+  const tileSize = $("#geo-tile-size").value.trim();
+  if (tileSize !== "") body.tile_size = Number(tileSize) > 0 ? Math.round(Number(tileSize)) : null;
   geoStatus("saving…");
   try {
     const shown = await apiJson(geoPath(), { method: "PUT", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });

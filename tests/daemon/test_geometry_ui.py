@@ -76,8 +76,10 @@ def test_draw_roi_and_ignore_polygon_on_the_newest_frame_and_save(chromium_path,
             page.click("#geo-close-polygon")
             expect(page.locator("#geo-overlay polygon.geo-ignore")).to_have_count(1)
             page.select_option("#geo-resize", "tile")
+            page.fill("#geo-tile-size", "160")  # coarser tiles: each covers 160 frame pixels
             page.click("#geo-save")
             expect(page.locator("#geo-status")).to_contain_text("Saved")
+            expect(page.locator('#geo-facts dd[data-key="tile size"]')).to_contain_text("160 px (override)")
             expect(page.locator('#geo-facts dd[data-key="roi"]')).to_contain_text("(override)")
             expect(page.locator("#geo-history li")).to_have_count(1)
             expect(page.locator("#geo-history li").first).to_contain_text("set by api:operator-1")
@@ -101,6 +103,6 @@ def test_draw_roi_and_ignore_polygon_on_the_newest_frame_and_save(chromium_path,
     assert shown["geometry"]["resize"] == "tile" and shown["override"]["set_by"] == "api:operator-1"
     assert shown["frame"]["inspection_id"] == max(v for k, v in ids.items() if k.startswith("cam1"))
     geometry = overrides.effective_geometry(settings, "cam1")  # what the bank is built with from now on
-    assert geometry.resize == "tile" and list(geometry.roi) == roi
+    assert geometry.resize == "tile" and list(geometry.roi) == roi and geometry.tile_size == 160
     engine.dispose()
     assert errors == []
