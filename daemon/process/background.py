@@ -28,6 +28,8 @@ class BackgroundJobs:
         self.retraining: RetrainingScheduler | None = None  # when [retraining].enabled
         self.retention: RetentionJob | None = None  # when [storage].retention_days is set
         self.orphan_sweeper: RetentionJob | None = None  # only sweeps orphan files, when retention is off
+        self._settings: Any = None
+        self._geometry_requests: list[str] = []  # sources that asked before the retrainer existed
 
     def start(self, settings: Any, sessions: Any, store: Any, *, current: Callable[[], Any],
               swap: Callable[[Any], threading.Event]) -> None:
@@ -36,6 +38,7 @@ class BackgroundJobs:
         from daemon.learning.versions import ModelWatcher
         from daemon.process.retention import RetentionJob
 
+        self._settings = settings
         self.models = ModelWatcher(settings, sessions, current=current, swap=swap)
         self.models.start()
         self.retrainer = make_retrainer(settings, sessions, on_activated=self.models.check)
@@ -45,12 +48,38 @@ class BackgroundJobs:
         if settings.retraining.enabled:
             self.retraining = RetrainingScheduler(self.retrainer)
             self.retraining.start()
+        for source_id in self._geometry_requests:  # a geometry change found while the service started
+            self.retrain_for_geometry(source_id)
+        self._geometry_requests.clear()
         if settings.storage.retention_days:  # 0 = keep forever
             self.retention = RetentionJob.from_settings(settings, sessions, store)
             self.retention.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=60.0)
         else:  # rows kept forever, but files a SIGKILL left without a row are still swept, at start and hourly
             self.orphan_sweeper = RetentionJob(sessions, store, None)
             self.orphan_sweeper.start(interval_s=RETENTION_INTERVAL_S, initial_delay_s=ORPHAN_SWEEP_DELAY_S)
+
+    def retrain_for_geometry(self, source_id: str) -> None:
+        """A source runs without the active version's learned weights (they were trained on another geometry): with
+        `[retraining].enabled`, a run now (trigger "geometry") learns weights for its geometry from the stored
+        labels, rather than waiting for the schedule. The run and its gate are the usual ones; a run already in
+        progress, or one refused (too few labels of that geometry), is recorded and logged as any run."""
+        from daemon.learning.retraining import RetrainBusyError
+
+        if self._settings is None:
+            self._geometry_requests.append(source_id)
+            return
+        if not self._settings.retraining.enabled or self.retrainer is None:
+            log.info("source %s: runs without the active version's learned weights; [retraining] is off, so they "
+                     "are learned for its geometry by the next run you start", source_id)
+            return
+        try:
+            run_id = self.retrainer.start_in_background(trigger="geometry")
+        except RetrainBusyError as exc:
+            log.warning("source %s: geometry changed, no retraining started (%s); the next run learns it",
+                        source_id, exc)
+            return
+        log.warning("source %s: geometry changed under a trained version: retraining run #%d started for it",
+                    source_id, run_id)
 
     def stop(self) -> None:
         if self.retention is not None:

@@ -223,6 +223,7 @@ class Service:
             ids = [source.id for source in self.sources] or [cfg.id for cfg in self.settings.sources]
             self.references = ReferenceManager(self.settings, self.sessions, self.store, source_ids=ids)
             self.references.unavailable = AvailabilityBoard(self._on_availability)  # daemon/plant/source_availability.py
+            self.references.weights_mismatch_listeners.append(self.jobs.retrain_for_geometry)
             if self.sessions is not None:  # every threshold change, retained, to MQTT and webhooks (outbox)
                 from daemon.references.geometry_events import announce_config_changes
                 from daemon.references.thresholds import outbox_listener

@@ -132,6 +132,9 @@ class ReferenceManager:
         self.states: dict[str, SourceState] = {sid: SourceState(sid) for sid in self.source_ids}
         self.thresholds: ThresholdTable = ThresholdTable()  # the result writer reads it; pins answer first
         self.listeners: list[Any] = []  # told of every threshold change (daemon/references/thresholds.py), once
+        # told (source id) when a source starts running without the active version's learned weights, which do not
+        # fit its geometry any more (the service asks the retrainer for a run that learns them)
+        self.weights_mismatch_listeners: list[Callable[[str], Any]] = []
         self._history_seen: int | None = None  # the newest threshold_history id announced
         self.unavailable: dict[str, str] = {}
         self._base: Any = None
@@ -207,7 +210,14 @@ class ReferenceManager:
                 return self._build(source_id, progress, retry=False)
             return self._failed(state, str(exc) if str(source_id) in str(exc) else f"source {source_id}: {exc}", sig)
         state.detector, state.version = detector, str(getattr(detector, "version", ""))
+        newly_mismatched = getattr(detector, "weights_mismatch", None) and not state.warning
         state.warning = getattr(detector, "weights_mismatch", None)
+        if newly_mismatched:
+            for listener in self.weights_mismatch_listeners:
+                try:
+                    listener(source_id)
+                except Exception:
+                    log.exception("source %s: a weights-mismatch listener failed", source_id)
         state.error, state.built_at, state.failures = None, time.time(), 0
         self.unavailable.pop(source_id, None)
         log.info("source %s: reference bank of %d images ready in %.1f s (version %s)", source_id, len(files),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from adapters.db import Inspection
+from adapters.db import Inspection, TrainingRun
 from daemon.config.settings import load_config
 from daemon.learning.versions import activate_version, register_version
 from daemon.process.service import Service
@@ -40,6 +40,8 @@ def test_a_resize_change_the_active_head_does_not_fit_keeps_the_source_inspectin
                      "settle_s": 0.05, "poll_interval_s": 0.05}],
         "mqtt": {"enabled": False}, "database": {"url": f"sqlite:///{tmp_path}/anomalyd.db"},
         "storage": {"dir": str(tmp_path / "artifacts")}, "api": {"enabled": False},
+        # the schedule's runs need 50 new labels: the only run here is the one the geometry change asks for
+        "retraining": {"enabled": True, "schedule": "0 3 * * *"},
     })
     head_file = tmp_path / "versions" / "head.safetensors"
     head_file.parent.mkdir()
@@ -66,6 +68,16 @@ def test_a_resize_change_the_active_head_does_not_fit_keeps_the_source_inspectin
         assert state["version"] != trained_version and SOURCE not in service.references.unavailable
         ready, checks = service.readiness()
         assert ready, checks  # it inspects, so health says ready; the state says what it runs and why
+
+        # [retraining] is on: the change asks for a run that learns weights for the new geometry at once. With no
+        # labelled frames it is refused, with the reason, like any run (a labelled history trains the fit head).
+        def geometry_runs() -> list[TrainingRun]:
+            with service.sessions() as session:
+                return [r for r in session.scalars(select(TrainingRun)) if (r.params or {}).get("trigger") == "geometry"]
+
+        assert wait_until(lambda: [r.status for r in geometry_runs()] == ["failed"], timeout=120), \
+            [(r.status, r.log) for r in geometry_runs()]
+        assert "labelled defective frame(s)" in geometry_runs()[0].log, geometry_runs()[0].log
 
         _link(frames, tmp_path / "inbox")
 
