@@ -22,9 +22,10 @@ import logging
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # `choose` runs at every command's start: torch is imported only when a trunk is compiled
+    import torch
 
 log = logging.getLogger("anomalyd.cnn_runtime")
 
@@ -46,6 +47,8 @@ class OnnxTrunk:
         self.parity = parity
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        import torch
+
         pixels = images.detach().contiguous().numpy()
         return [torch.from_numpy(o) for o in self.session.run(self.output_names, {"images": pixels})]
 
@@ -60,6 +63,7 @@ def _key(extractor: Any) -> str:
 
 def _session(graph: torch.nn.Module, n_outputs: int, threads: int) -> tuple[Any, list[str]]:
     import onnxruntime as ort
+    import torch
 
     names = [f"tap{i}" for i in range(n_outputs)]
     buffer = io.BytesIO()
@@ -79,6 +83,8 @@ def _session(graph: torch.nn.Module, n_outputs: int, threads: int) -> tuple[Any,
 
 
 def _build(extractor: Any) -> OnnxTrunk | None:
+    import torch
+
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
