@@ -127,6 +127,22 @@ def onnxruntime_trunk(extractor: Any) -> OnnxTrunk | None:
         return _runners[key]
 
 
+def in_effect() -> str:
+    """What runs the CNN trunks of this process, for health: "torch", "onnxruntime", "onnxruntime (not compiled
+    yet)" or "torch (ONNX Runtime refused: ...)" when a trunk failed its export or gate."""
+    from model.runtime import trunk_compiler
+
+    if trunk_compiler() is not onnxruntime_trunk:
+        return "torch"
+    with _lock:
+        runners = list(_runners.values())
+    if not runners:
+        return "onnxruntime (not compiled yet)"
+    if any(runner is None for runner in runners):
+        return "torch (ONNX Runtime refused a trunk: export or parity gate failed, see the log)"
+    return "onnxruntime"
+
+
 def choose(name: str) -> str:
     """Make `name` ("auto", "torch", "onnxruntime") the process's CPU runtime for CNN trunks; returns the one in
     effect. "auto" is ONNX Runtime when it is installed, else PyTorch; "onnxruntime" without it is an error."""

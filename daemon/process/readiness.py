@@ -72,8 +72,10 @@ def assess_readiness(
     details: dict[str, Any] = {"role": role}
     ok = True
     if role != "capture":
+        from adapters.cnn_runtime import in_effect as cnn_runtime_in_effect
+
         details["model"] = {"loaded": pipeline is not None, "name": getattr(detector, "name", None),
-                            "version": getattr(detector, "version", None)}
+                            "version": getattr(detector, "version", None), "cnn_runtime": cnn_runtime_in_effect()}
         ok &= pipeline is not None
         if models is not None and models.last_error:
             details["model"]["error"] = models.last_error  # still inspecting with the previous one

@@ -65,10 +65,11 @@ def test_a_trunk_failing_the_parity_gate_stays_on_pytorch(samples_dir, monkeypat
         got, _ = _predict(detector, frames, Geometry("squash"))
     assert detector.model.extractor._runner is None
     assert "stays on PyTorch" in caplog.text
+    assert cnn_runtime.in_effect().startswith("torch (ONNX Runtime refused")  # what health shows
     assert np.array_equal(got, want)
 
 
 def test_choosing_the_runtime():
-    assert cnn_runtime.choose("torch") == "torch" and trunk_compiler() is None
+    assert cnn_runtime.choose("torch") == "torch" and trunk_compiler() is None and cnn_runtime.in_effect() == "torch"
     with pytest.raises(ValueError, match="expected one of auto, torch, onnxruntime"):
         cnn_runtime.choose("tensorrt")

@@ -73,6 +73,7 @@ def test_patchcore_daemon_alerts_real_defects(samples_dir, tmp_path):
 
         assert settings.runtime.cnn == "auto" and trunk_compiler() is cnn_runtime.onnxruntime_trunk
         assert any(isinstance(r, cnn_runtime.OnnxTrunk) for r in cnn_runtime._runners.values())
+        assert service.readiness()[1]["model"]["cnn_runtime"] == "onnxruntime"  # health says what runs it
         manager = service.references
         version = manager.states["cubes"].version
         assert version and version.startswith("patchcore-efficientnet-lite0") and f"-k{N_REFERENCES}" in version
