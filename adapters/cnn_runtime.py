@@ -45,12 +45,18 @@ class OnnxTrunk:
         self.session = session
         self.output_names = list(output_names)
         self.parity = parity
+        self.failed: str | None = None  # why a run raised (its extractor went back to PyTorch): health shows it
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         import torch
 
         pixels = images.detach().contiguous().numpy()
-        return [torch.from_numpy(o) for o in self.session.run(self.output_names, {"images": pixels})]
+        try:
+            outputs = self.session.run(self.output_names, {"images": pixels})
+        except Exception as exc:
+            self.failed = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise
+        return [torch.from_numpy(o) for o in outputs]
 
 
 def _key(extractor: Any) -> str:
@@ -140,6 +146,9 @@ def in_effect() -> str:
         return "onnxruntime (not compiled yet)"
     if any(runner is None for runner in runners):
         return "torch (ONNX Runtime refused a trunk: export or parity gate failed, see the log)"
+    failed = next((runner.failed for runner in runners if runner.failed), None)
+    if failed:
+        return f"torch (ONNX Runtime failed at run time: {failed})"
     return "onnxruntime"
 
 

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import functools
 import importlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from model.runtime import TrunkCompiler, TrunkRunner, trunk_compiler
+
+log = logging.getLogger("anomalyd.backbone")
 
 # backbone name → (PyPI package, import module, timm architecture)
 LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
@@ -229,7 +232,12 @@ class TapExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         runner = self._cpu_runner(images)
         if runner is not None:
-            return list(runner(images))
+            try:
+                return list(runner(images))
+            except Exception as exc:  # a runtime's fault must not stop inspection: PyTorch from now on
+                log.warning("CNN trunk %s: its CPU runtime failed (%s); running on PyTorch from now on",
+                            "+".join(self.tap_names), exc)
+                self._runner = None
         self._outputs = {}
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

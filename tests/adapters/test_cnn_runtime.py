@@ -69,6 +69,29 @@ def test_a_trunk_failing_the_parity_gate_stays_on_pytorch(samples_dir, monkeypat
     assert np.array_equal(got, want)
 
 
+def test_a_runtime_failing_at_run_time_falls_back_to_pytorch(samples_dir, monkeypatch, caplog):
+    """A fault of ONNX Runtime while inspecting (not caught by the gate) must not stop the line."""
+    detector, frames = _hazelnut(samples_dir, "squash")
+    use_trunk_compiler(None)
+    want, _ = _predict(detector, frames, Geometry("squash"))
+    monkeypatch.setattr(cnn_runtime, "_runners", {})
+    cnn_runtime.choose("onnxruntime")
+    _predict(detector, frames[:1], Geometry("squash"))  # compiled, through its gate
+    runner = detector.model.extractor._runner
+    assert isinstance(runner, cnn_runtime.OnnxTrunk) and cnn_runtime.in_effect() == "onnxruntime"
+
+    class Broken:
+        def run(self, *_args):
+            raise RuntimeError("out of arena memory")
+
+    monkeypatch.setattr(runner, "session", Broken())
+    with caplog.at_level(logging.WARNING, logger="anomalyd.backbone"):
+        got, _ = _predict(detector, frames, Geometry("squash"))
+    assert "running on PyTorch from now on" in caplog.text
+    assert np.array_equal(got, want) and detector.model.extractor._runner is None
+    assert cnn_runtime.in_effect() == "torch (ONNX Runtime failed at run time: out of arena memory)"
+
+
 def test_choosing_the_runtime():
     assert cnn_runtime.choose("torch") == "torch" and trunk_compiler() is None and cnn_runtime.in_effect() == "torch"
     with pytest.raises(ValueError, match="expected one of auto, torch, onnxruntime"):
