@@ -163,7 +163,10 @@ def test_answers_reach_last_result_in_seq_order_and_the_cursor_follows(sqlite_se
         assert cursor_of(sqlite_sessions) == 0  # created at the newest row (an empty outbox) on the first start
         for part in ("P1", "P2", "P3", "P4", "P5"):
             line.triggered(part, anomalous=part == "P3")
-        seen = read_until(port, "press", {"LastResult.TriggerId": "t-P5"})
+        # variables are read one by one while they change: wait until the last answer and its inspection's count are
+        # both in view (a count that never reaches 5 still fails below)
+        seen = read_until(port, "press", {"LastResult.TriggerId": "t-P5", "Counters.Inspected": 5,
+                                                 "Counters.NG": 1, "Counters.OK": 4})
         assert seen["LastResult.PartId"] == "P5" and seen["LastResult.Result"] == "OK"
         assert seen["Counters.Inspected"] == 5 and seen["Counters.NG"] == 1 and seen["Counters.OK"] == 4
         # every answer was applied once, in seq order, each after its inspection (shown with an empty part id)
