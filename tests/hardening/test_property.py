@@ -76,8 +76,12 @@ def test_folder_source_survives_random_files(folder_pipeline, sqlite_sessions, i
         name = f"{next(_counter):05d}_".encode() + raw_name
         if any(fnmatch.fnmatch(os.fsdecode(name), pattern) for pattern in IGNORED_PATTERNS):
             continue
-        with open(os.path.join(os.fsencode(inbox), name), "wb") as handle:
+        # written under an ignored name and renamed: with settle_s = 0 the source could otherwise read the file
+        # between its creation and its write (empty: rejected and moved, where a truncated image stays in place)
+        final = os.path.join(os.fsencode(inbox), name)
+        with open(final + b".part", "wb") as handle:
             handle.write(data)
+        os.replace(final + b".part", final)
         written.add(name)
         if missing_part(data) is not None:
             incomplete.add(name)
