@@ -263,6 +263,7 @@ class HeadTrainingSet:
             "training": {"epochs": 1, "steps": HEAD_STEPS, "seed": cfg.seed,
                          "synthetic_per_reference": SYNTHETIC_PER_REFERENCE},
             "false_reject_rate": float(self.settings.model.false_reject_rate or 0.005),
+            "cnn_runtime": self.settings.runtime.cnn,  # the job embeds frames with the daemon's CPU trunk runtime
             "device": self.device(), "nice": cfg.nice, "threads": cfg.threads or max(1, (os.cpu_count() or 2) // 2),
         }
         import json

@@ -126,6 +126,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from model import create_detector, get_family, resolve_device
 
     torch.set_num_threads(int(spec.get("threads") or 1))
+    # Frozen CPU features (references, labelled frames, the held-out judging) on the daemon's own trunk runtime:
+    # as fast as inspection, and the scores the daemon will see. Training, and CUDA, stay on PyTorch.
+    from adapters.cnn_runtime import choose as choose_cnn_runtime
+
+    cnn = str(spec.get("cnn_runtime") or "auto")
+    log.info("CNN trunks run on %s on the CPU ([runtime].cnn = %s)", choose_cnn_runtime(cnn), cnn)
     t = spec["training"]
     emit({"event": "start", "version": spec["version"], "epochs": 1, "steps": 3})
     options = {k: v for k, v in spec["model"]["options"].items() if v is not None}

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from adapters.db import Inspection, ModelVersion, SourceThreshold, TrainingRun
 from adapters.db.schema import threshold_history
 from daemon.config.settings import load_config
+from daemon.learning.versions import models_dir
 from daemon.process.service import Service
 from tests.waiting import wait_until
 
@@ -136,6 +137,9 @@ def test_labels_retrain_a_head_that_the_gate_promotes(samples_dir, tmp_path):
         run, candidate = retrain_through_api(client, headers, service)
         assert candidate.kind == "patchcore-head" and Path(candidate.prompts_path).is_file()
         assert run.promoted and candidate.status == "active", run.log
+        # the job embedded its frames on the daemon's CPU trunk runtime (its default, auto: ONNX Runtime)
+        job_log = (models_dir(service.settings) / "runs" / str(run.id) / "job.log").read_text(encoding="utf-8")
+        assert "CNN trunks run on onnxruntime" in job_log, job_log[-2000:]
         point = candidate.metrics["operating_point"]
         print(f"held-out operating point: candidate {point['candidate']}, active {point['active']}")
         assert point["candidate"]["defects"] == point["active"]["missed"] >= 1  # every held-out one was missed
