@@ -19,6 +19,7 @@ at the threshold for 0.5 % false rejects on the test normals (`operating_point`)
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from model.datasets import DatasetError, discover
 from model.gaussian import gaussian_blur
 from model.kshot import kshot_split
 from model.metrics import image_metrics, pixel_metrics
-from model.mixed_supervision import mixed_split, operating_point
+from model.mixed_supervision import POOL_SIZE, mixed_split, operating_point
 from model.patchcore import build_patchcore, clip_to_tf
 from model.supervised.evaluation import load_training_frames
 from model.supervised.training import (
@@ -200,7 +201,8 @@ def metrics_row_frames(labels: np.ndarray, scores: np.ndarray, cells: list | Non
     return row
 
 
-def run_category(data: Path, category: str, shots: int, seed: int, counts: list[int], pixel: bool) -> list[dict]:
+def run_category(data: Path, category: str, shots: int, seed: int, counts: list[int], pixel: bool,
+                 pool: int = POOL_SIZE, extra_references: int = 0, overrides: dict | None = None) -> list[dict]:
     samples = [s for s in discover(data, split="test") if s.category == category]
     try:
         train = [s for s in discover(data, split="train") if s.category == category]
@@ -210,16 +212,24 @@ def run_category(data: Path, category: str, shots: int, seed: int, counts: list[
     if category not in split.tests:
         print(f"{category}: skipped ({split.skipped.get(category)})", file=sys.stderr)
         return []
-    tests = mixed_split(split.tests, 0, seed).tests[category]
+    tests = mixed_split(split.tests, 0, seed, pool).tests[category]
+    reference_samples = list(split.references[category])
+    if extra_references:
+        # a ceiling study: more normal references, taken out of the test normals (seeded), never scored
+        goods = [s for s in tests if s.label == 0]
+        random.Random(seed).shuffle(goods)
+        moved = {s.path for s in goods[:extra_references]}
+        reference_samples += goods[:extra_references]
+        tests = [s for s in tests if s.path not in moved]
     detector = build_patchcore(image_size=SIZE)
-    references = torch.stack([load_image(s.path, SIZE, "fast") for s in split.references[category]])
+    references = torch.stack([load_image(s.path, SIZE, "fast") for s in reference_samples])
     detector.set_references(references)
     images = torch.stack([load_image(s.path, SIZE, "fast") for s in tests])
     labels = np.array([s.label for s in tests])
     masks = [load_mask(s, SIZE).numpy() if s.label == 0 or s.has_mask else None for s in tests] if pixel else None
     embeddings, distances, patchcore_scores = test_features(detector, images)
     del images
-    config = HeadTrainingConfig(seed=seed)
+    config = HeadTrainingConfig(seed=seed, **(overrides or {}))
     base = training_inputs(detector, references, torch.zeros(0, 3, SIZE, SIZE), torch.zeros(0, SIZE, SIZE),
                            torch.zeros(0, dtype=torch.bool), synthetic_per_reference=config.synthetic_per_reference,
                            seed=seed)
@@ -228,7 +238,7 @@ def run_category(data: Path, category: str, shots: int, seed: int, counts: list[
     rows.append({"category": category, "seed": seed, "N": 0, "mode": "patchcore", **row})
     print(table_line(rows[-1]), flush=True)
     for n in (c for c in counts if c > 0):
-        chosen = mixed_split(split.tests, n, seed).train_anomalies[category]
+        chosen = mixed_split(split.tests, n, seed, pool).train_anomalies[category]
         for weak in (False, True):
             frames, frame_masks, has_mask = load_training_frames(chosen, SIZE, "fast", weak=weak)
             frame_embeddings = embed_images(detector, frames)
@@ -264,6 +274,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="training steps (default: HeadTrainingConfig's)")
     parser.add_argument("--synthetic", type=int, help="synthetic defects per reference (default: the config's)")
     parser.add_argument("--thin", type=int, help="thin crack-like synthetic defects per reference (default 0)")
+    parser.add_argument("--pool", type=int, default=POOL_SIZE,
+                        help="defects held out of the test set to train from (a learning-curve study; default: "
+                        "the eval's pool, min(16, half))")
+    parser.add_argument("--extra-references", type=int, default=0,
+                        help="a ceiling study: also take this many test normals as references (squash only)")
     parser.add_argument("--train-seed", type=int, help="seed of the head's training only (synthetic defects, "
                         "mini-batches); the split keeps --seeds (default: the same seed)")
     args = parser.parse_args()
@@ -277,20 +292,22 @@ def main() -> int:
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for category in args.categories.split(","):
-            if args.resize == "squash" and not overrides and args.train_seed is None:
-                rows += run_category(args.data, category, args.shots, seed, counts, args.pixel)
+            study = args.pool != POOL_SIZE or args.extra_references > 0
+            if args.resize == "squash" and (study or not overrides) and args.train_seed is None:
+                rows += run_category(args.data, category, args.shots, seed, counts, args.pixel, args.pool,
+                                     args.extra_references, overrides)
             else:
                 rows += run_category_fit(args.data, category, args.shots, seed, counts, args.pixel, args.resize,
                                          args.cache, config, args.train_seed)
     return 0
 
 
-HEADER = ("| category | seed | N | labels | image AUROC | image AP | AUPRO | missed at 0.5 % FRR | realised FRR |\n"
+HEADER = ("| category | seed | N | labels | image AUROC | image AP | pixel AUROC / AUPRO | missed at 0.5 % FRR | realised FRR |\n"
           "|---|---|---|---|---|---|---|---|---|")
 
 
 def table_line(r: dict) -> str:
-    aupro = f"{100 * r['aupro']:.1f}" if "aupro" in r else "-"
+    aupro = f"{100 * r['pixel_auroc']:.1f} / {100 * r['aupro']:.1f}" if "aupro" in r else "-"
     return (f"| {r['category']} | {r['seed']} | {r['N']} | {r['mode']} | {100 * r['image_auroc']:.1f} | "
             f"{100 * r['image_ap']:.1f} | {aupro} | {int(r['missed'])}/{int(r['defects'])} "
             f"({100 * r['miss_rate']:.1f} %) | {100 * r['false_reject_rate']:.1f} % |")

@@ -258,7 +258,7 @@ class SourceSettings(BaseModel):
     references: str | None = Field(None, description="folder of known-good frames; default [model].references")
     references_from: Literal["labels"] | None = Field(None, description="labelled-normal frames become references")
     # Frame geometry (model/geometry.py, daemon/config/geometry.py); None: the [model] value.
-    resize: Literal["squash", "fit", "tile"] | None = Field(None, description="default: [model].resize")
+    resize: Literal["squash", "fit", "tile", "auto"] | None = Field(None, description="default: [model].resize")
     roi: list[int] | None = Field(None, min_length=4, max_length=4, description="[x, y, width, height] in pixels")
     # (not `ignore`: the folder source's `ignore` is its glob patterns)
     ignore_polygons: list[list[list[float]]] | None = Field(None, description="polygons [[x, y], ...] never "

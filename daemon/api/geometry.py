@@ -37,7 +37,7 @@ class GeometryChange(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    resize: Literal["squash", "fit", "tile"] | None = None
+    resize: Literal["squash", "fit", "tile", "auto"] | None = None
     roi: list[int] | None = Field(None, min_length=4, max_length=4, description="[x, y, width, height]; null: all")
     ignore_polygons: list[Annotated[list[Point], Field(max_length=256)]] | None = Field(None, max_length=64)
     tile_overlap: float | None = Field(None, ge=0.0, lt=0.9)

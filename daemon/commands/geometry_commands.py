@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.commands.context import config_argument, current_user, database, load_settings, usage
-from daemon.commands.geometry_options import parse_polygon, parse_roi
+from daemon.commands.geometry_options import RESIZE_MODES, parse_polygon, parse_roi
 
 
 def _source(settings: Any, source_id: str) -> str:
@@ -254,7 +254,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "history":
             sub.add_argument("--limit", type=int, default=50)
         if name == "set":
-            sub.add_argument("--resize", choices=("squash", "fit", "tile"))
+            sub.add_argument("--resize", choices=RESIZE_MODES)
             sub.add_argument("--roi", type=_roi, metavar="X,Y,W,H", help="inspect only this rectangle of the frame, in frame "
                              "pixels; `full`: the whole frame")
             sub.add_argument("--ignore", type=_polygon, action="append", metavar="'X,Y X,Y X,Y ...'",

@@ -10,6 +10,9 @@ from typing import Any
 
 from daemon.cli import UsageError
 
+# model/geometry.py's RESIZE_MODES, spelled here so parsing the command line imports no model code
+RESIZE_MODES = ("squash", "fit", "tile", "auto")
+
 
 def add_geometry_options(parser: argparse.ArgumentParser) -> None:
     from model.factory import models_that
@@ -17,9 +20,10 @@ def add_geometry_options(parser: argparse.ArgumentParser) -> None:
     able = ", ".join(models_that(lambda caps: caps.supports_geometry))  # read without loading the families
     geometry = parser.add_argument_group(f"frame geometry ({able}; as [model] / [[sources]] resize, roi, "
                                          "ignore_polygons, tile_overlap, tile_size)")
-    geometry.add_argument("--resize", choices=("squash", "fit", "tile"),
+    geometry.add_argument("--resize", choices=RESIZE_MODES,
                           help="squash to the square input (default), fit (aspect kept, short side to the input "
-                          "size) or tile (native resolution, overlapping tiles)")
+                          "size), tile (native resolution, overlapping tiles) or auto (tiles of the short side for "
+                          "long frames, 2:1 and at least twice the input size; squash for the others)")
     geometry.add_argument("--roi", type=parse_roi, help="X,Y,W,H: inspect only this rectangle of each image")
     geometry.add_argument("--ignore-polygon", dest="ignore_polygons", type=parse_polygon, action="append",
                           metavar="X,Y;X,Y;X,Y...", help="pixels never inspected (repeatable)")

@@ -90,8 +90,8 @@ def unsupported(settings: Any, geometry: Geometry) -> str | None:
         able = models_that(lambda c: c.supports_geometry)
         return (f"resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(able)}; "
                 f"model {settings.model.name!r} takes whole frames squashed (resize = \"squash\", no roi/ignore_polygons)")
-    if geometry.resize == "tile":
-        why = _refuses_tile(settings)
+    if geometry.may_tile:
+        why = _refuses_tile(settings, geometry.resize)
         if why is not None:
             return why
     engine = str(getattr(settings.runtime, "engine", "torch"))
@@ -101,8 +101,8 @@ def unsupported(settings: Any, geometry: Geometry) -> str | None:
     return None
 
 
-def _refuses_tile(settings: Any) -> str | None:
-    """Why resize "tile" cannot run: the model, or the family its enabled retraining trains (a head for PatchCore),
+def _refuses_tile(settings: Any, resize: str = "tile") -> str | None:
+    """Why resize "tile" (or "auto", which tiles long frames) cannot run: the model, or the family its enabled retraining trains (a head for PatchCore),
     does not run tiles (`Capabilities.supports_tile`); None when both do."""
     name = str(settings.model.name)
     families = [name]
@@ -121,8 +121,9 @@ def _refuses_tile(settings: Any) -> str | None:
             continue
         if not tiles:
             via = "" if family == name else f" (its [retraining] trains a {family})"
-            return (f"resize = \"tile\" is not supported by model {family!r}{via}: it is trained on one input per "
-                    "frame (a tile of a defective frame need not show the defect); use resize = \"fit\" or \"squash\"")
+            return (f"resize = \"{resize}\" is not supported by model {family!r}{via}: it is trained on one input "
+                    "per frame (a tile of a defective frame need not show the defect); use resize = \"fit\" or "
+                    "\"squash\"")
     return None
 
 

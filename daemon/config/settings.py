@@ -85,7 +85,7 @@ class ModelConfig(_Section):
     # Frame geometry, the default of every [[sources]] entry (model/geometry.py, daemon/config/geometry.py): "squash" to
     # the square input, "fit" (aspect kept) or "tile" (native resolution); unset: the model's default (patchcore
     # on torch: model.geometry.DEFAULT_RESIZE, measured; others: squash); a crop, polygons never inspected.
-    resize: Literal["squash", "fit", "tile"] | None = None
+    resize: Literal["squash", "fit", "tile", "auto"] | None = None
     roi: list[int] | None = Field(None, min_length=4, max_length=4)
     ignore_polygons: list[list[list[float]]] = Field(default_factory=list)
     tile_overlap: float = Field(0.25, ge=0.0, lt=0.9)

@@ -146,10 +146,11 @@ class HeadTrainingSet:
             geometries = {s: effective_geometry(self.settings, s) for s in sorted(sources)}
         except ValueError as exc:
             raise RetrainError(str(exc)) from None
-        tiled = sorted(s for s, g in geometries.items() if g.resize == "tile")
+        tiled = sorted(s for s, g in geometries.items() if g.may_tile)
         if tiled and not capabilities(family).supports_tile:
-            raise RetrainError(f"resize \"tile\" (source {', '.join(tiled)}): a {family} is trained on one input "
-                               "per frame; use \"fit\"")
+            modes = "/".join(sorted({geometries[s].resize for s in tiled}))
+            raise RetrainError(f"resize \"{modes}\" (source {', '.join(tiled)}): a {family} is trained on one "
+                               "input per frame; use \"fit\"")
         return {s: g.as_dict() for s, g in geometries.items()}
 
     @staticmethod

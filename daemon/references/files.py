@@ -158,7 +158,7 @@ def sizes_may_differ(settings: Any, source_id: str) -> bool:
         geometry = effective_geometry(settings, source_id)
     except GeometryError:
         return False  # the build says why
-    return geometry.resize in ("fit", "tile") and geometry.roi is None and not geometry.ignore
+    return geometry.resize in ("fit", "tile", "auto") and geometry.roi is None and not geometry.ignore
 
 
 def check_images(files: Sequence[Path], source_id: str, any_size: bool = False) -> tuple[int, int, int] | None:

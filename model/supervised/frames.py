@@ -26,9 +26,9 @@ Frames = list[torch.Tensor]  # normalised model inputs (3, h, w), each of its ow
 
 
 def check_geometry(geometry: Geometry) -> None:
-    if geometry.resize == "tile":
-        raise GeometryError("patchcore-head trains on one input per frame: resize squash or fit, not tile (a tile "
-                            "of a defective frame need not show the defect)")
+    if geometry.may_tile:
+        raise GeometryError(f"patchcore-head trains on one input per frame: resize squash or fit, not "
+                            f"{geometry.resize} (a tile of a defective frame need not show the defect)")
 
 
 def load_frame(path: str | Path, geometry: Geometry, size: int) -> torch.Tensor:

@@ -143,13 +143,16 @@ def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tm
         service.stop()
 
 
-def test_tile_with_a_head_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"resize = \"tile\" is not supported by model 'patchcore-head'"):
-        load_config(None, environ={}, overrides={"model": {"name": "patchcore-head", "resize": "tile"}})
+@pytest.mark.parametrize("resize", ["tile", "auto"])  # auto tiles long frames
+def test_tile_with_a_head_is_a_config_error(resize: str):
+    with pytest.raises(ConfigError, match=rf"resize = \"{resize}\" is not supported by model 'patchcore-head'"):
+        load_config(None, environ={}, overrides={"model": {"name": "patchcore-head", "resize": resize}})
     # a PatchCore daemon whose retraining trains a head: refused too, naming why
-    with pytest.raises(ConfigError, match=r"resize = \"tile\".*its \[retraining\] trains a patchcore-head"):
+    with pytest.raises(ConfigError, match=rf"resize = \"{resize}\".*its \[retraining\] trains a patchcore-head"):
         load_config(None, environ={}, overrides={"model": {"name": "patchcore"}, "retraining": {"enabled": True},
                                                  "sources": [{"id": "a", "kind": "folder", "uri": "/tmp/x",
-                                                              "resize": "tile"}]})
+                                                              "resize": resize}]})
+    # without retraining, PatchCore runs it
+    assert load_config(None, environ={}, overrides={"model": {"name": "patchcore", "resize": resize}})
     # fit is accepted for the head
     assert load_config(None, environ={}, overrides={"model": {"name": "patchcore-head", "resize": "fit"}})

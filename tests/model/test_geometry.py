@@ -64,6 +64,25 @@ def test_plans_keep_the_aspect_or_tile_at_native_resolution():
     assert roi.roi == (100, 50, 900, 300) and roi.input_hw == (256, 768)
 
 
+def test_auto_tiles_long_frames_at_their_short_side_and_squashes_the_others():
+    auto = Geometry("auto")
+    # the long part: tiles of its short side, exactly what tile with tile_size = 500 cuts
+    long_part = plan_frame((500, 1263), auto, 256)
+    assert long_part == plan_frame((500, 1263), Geometry("tile", tile_size=500), 256)
+    assert long_part.scaled == (256, 647) and len(long_part.origins) == 4
+    assert plan_frame((1263, 500), auto, 256).scaled == (647, 256)  # upright too
+    # near-square frames, and long ones too small to lose detail to squashing, are squashed
+    for hw in [(512, 512), (480, 640), (2048, 2448), (285, 122), (200, 450)]:
+        assert plan_frame(hw, auto, 256) == plan_frame(hw, Geometry("squash"), 256), hw
+    # the rule looks at the ROI, not the frame; tile_size, when set, sizes the tiles
+    roi = Geometry("auto", roi=(0, 100, 1800, 600))
+    assert plan_frame((1000, 2000), roi, 256) == plan_frame((1000, 2000), Geometry("tile", roi=(0, 100, 1800, 600),
+                                                                                    tile_size=600), 256)
+    assert plan_frame((500, 1263), Geometry("auto", tile_size=250), 256).scaled == (512, 1293)
+    assert auto.may_tile and Geometry("tile").may_tile and not Geometry("fit").may_tile
+    assert auto.bank_tag == "auto-o25" and not auto.plain
+
+
 def test_bad_geometry_is_a_clear_error():
     with pytest.raises(GeometryError, match="resize 'stretch'"):
         Geometry("stretch")

@@ -187,4 +187,7 @@ def test_train_resize_fit_trains_a_fit_head(samples_dir: Path, tmp_path: Path, c
     with pytest.raises(SystemExit) as exited:
         main([*common, "--output", str(tmp_path / "tile.safetensors"), "--resize", "tile"])
     assert exited.value.code == 2 and "--resize tile: model patchcore-head" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # auto tiles long frames: refused alike
+        main([*common, "--output", str(tmp_path / "tile.safetensors"), "--resize", "auto"])
+    assert exited.value.code == 2 and "--resize auto: model patchcore-head" in capsys.readouterr().err
     assert not (tmp_path / "tile.safetensors").exists()
