@@ -26,7 +26,7 @@ function buildGeometryView() {
         el("option", { value: "" }, "keep"), el("option", { value: "squash" }, "squash"),
         el("option", { value: "fit" }, "fit"), el("option", { value: "tile" }, "tile"),
         el("option", { value: "auto" }, "auto (tiles for long frames)"))),
-      el("label", { title: "tile mode: frame pixels each tile covers; empty keeps it, 0 = native resolution (the model's input size)" },
+      el("label", { title: "tile and auto modes: frame pixels each tile covers; empty keeps it, 0 = native resolution (auto: the short side of a long frame)" },
         "Tile size ", el("input", { id: "geo-tile-size", type: "number", min: "0", max: "16384", step: "1", placeholder: "keep", size: "6" }), " px"),
       button("geo-mode-roi", "Draw ROI", { class: "geo-mode active", "data-mode": "roi" }),
       button("geo-mode-polygon", "Add ignore polygon", { class: "geo-mode", "data-mode": "polygon" }),
@@ -163,7 +163,8 @@ function showSummary(shown) {
   const origin = (key) => `${JSON.stringify(shown.geometry[key])} (${shown.origins[key]})`;
   const facts = [["resize", origin("resize")], ["roi", origin("roi")],
     ["ignore polygons", `${shown.geometry.ignore_polygons.length} (${shown.origins.ignore_polygons})`],
-    ["tile size", `${shown.geometry.tile_size ? `${shown.geometry.tile_size} px` : "native"} (${shown.origins.tile_size})`],
+    ["tile size", `${shown.geometry.tile_size ? `${shown.geometry.tile_size} px`
+      : shown.geometry.resize === "auto" ? "the short side of a long frame" : "native"} (${shown.origins.tile_size})`],
     ["frame", shown.frame ? `${shown.frame.width} × ${shown.frame.height} (${shown.frame.from})` : "no frame yet"]];
   if (shown.override) facts.push(["set here", `by ${shown.override.set_by} at ${utcText(shown.override.set_at)}`]);
   if (shown.bank) facts.push(["bank", `${shown.bank.version || "–"}${shown.bank.error ? ` · ${shown.bank.error}` : ""}${shown.bank.warning ? ` · ${shown.bank.warning}` : ""}`]);
