@@ -102,8 +102,8 @@ def unsupported(settings: Any, geometry: Geometry) -> str | None:
 
 
 def _refuses_tile(settings: Any, resize: str = "tile") -> str | None:
-    """Why resize "tile" (or "auto", which tiles long frames) cannot run: the model, or the family its enabled retraining trains (a head for PatchCore),
-    does not run tiles (`Capabilities.supports_tile`); None when both do."""
+    """Why resize "tile" (or "auto", which tiles long frames) cannot run: the model, or the family its enabled
+    retraining trains (a head for PatchCore), does not run tiles (`Capabilities.supports_tile`); None when both do."""
     name = str(settings.model.name)
     families = [name]
     retraining = getattr(settings, "retraining", None)

@@ -83,7 +83,8 @@ class ModelConfig(_Section):
     # leave-one-out reference scores / labelled-normal frames; 0 keeps the configured thresholds.
     false_reject_rate: float = Field(0.005, ge=0.0, lt=1.0)
     # Frame geometry, the default of every [[sources]] entry (model/geometry.py, daemon/config/geometry.py): "squash" to
-    # the square input, "fit" (aspect kept) or "tile" (native resolution); unset: the model's default (patchcore
+    # the square input, "fit" (aspect kept), "tile" (native resolution) or "auto" (tiles of the short side for long
+    # frames, squash for the others); unset: the model's default (patchcore
     # on torch: model.geometry.DEFAULT_RESIZE, measured; others: squash); a crop, polygons never inspected.
     resize: Literal["squash", "fit", "tile", "auto"] | None = None
     roi: list[int] | None = Field(None, min_length=4, max_length=4)
