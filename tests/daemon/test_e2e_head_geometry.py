@@ -114,10 +114,17 @@ def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tm
         # the job trained and judged the source on its own geometry
         job = json.loads((tmp_path / "artifacts" / "models" / "runs" / str(run.id) / "job.json").read_text())
         assert job["geometry"][SOURCE]["resize"] == "fit"
-        # judged through it, at the calibrated thresholds: measured in 10 runs (the split varies), the head missed
-        # 1/11, 5/15, 4/8, 6/15, 3/7, 3/5, 1/2, 16/17, 8/11 and 9/9 held-out defects where PatchCore missed 11, 15,
-        # 8, 15, 7, 5, 2, 16, 10 and 9 of them
-        assert point["candidate"]["defects"] >= 2 and point["candidate"]["missed"] <= point["active"]["missed"]
+        # judged through it, both models at their own calibrated thresholds for the source, on the same held-out
+        # defects and normals. Who wins is not asserted: the split follows the inspections' random uuids and holds
+        # 2-17 defects (measured in 11 runs, the head missed 1/11, 5/15, 4/8, 6/15, 3/7, 3/5, 1/2, 16/17, 8/11, 9/9
+        # and 12/12 where PatchCore missed 11, 15, 8, 15, 7, 5, 2, 16, 10, 9 and 11), which is why this test's rule
+        # is "always"; the gain on a fixed split is measured in docs/models.md
+        candidate_point, active_point = point["candidate"], point["active"]
+        assert candidate_point["defects"] == active_point["defects"] >= 2
+        assert candidate_point["normals"] == active_point["normals"]
+        assert set(candidate_point["thresholds"]) == set(active_point["thresholds"]) == {SOURCE}
+        assert 0.5 <= candidate_point["thresholds"][SOURCE] < 1.0  # the head's threshold floor is its boundary
+        assert 0 <= candidate_point["missed"] <= candidate_point["defects"]
         # trained on the fit geometry: the checkpoint says so, and a squash detector would refuse it
         assert HeadCheckpoint.load(candidate.prompts_path).metadata["geometry"] == "fit"
 
