@@ -84,8 +84,8 @@ class Capabilities:
     # It runs on any frame shape in PyTorch: resize "fit"/"tile"/"pad", ROI and ignore polygons (model/geometry.py);
     # the others take whole frames squashed to a square.
     supports_geometry: bool = False
-    # With supports_geometry: it also runs resize "tile". A head trained on frame labels does not: a tile of a
-    # defective frame need not show the defect, so the frame's label would be wrong on it.
+    # With supports_geometry: it also runs resize "tile" (and "auto", which tiles long frames). A family trained on
+    # frame labels declares it only when it labels tiles itself (patchcore-head: model/supervised/frames.py).
     supports_tile: bool = True
     score_scale: ScoreScale = "unit"
     needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
@@ -304,7 +304,7 @@ BUILTIN_FAMILIES: dict[str, BuiltinFamily] = {
         needs_references=True, uses_references=True, supports_geometry=True, score_scale="distance",
         retrains_as="patchcore-head", **_OWN_BACKBONE), options="model.patchcore.options:PatchcoreOptions"),
     "patchcore-head": BuiltinFamily("model.supervised.detector", Capabilities(
-        needs_references=True, uses_references=True, supports_geometry=True, supports_tile=False,
+        needs_references=True, uses_references=True, supports_geometry=True,
         threshold_floor=0.5, **_OWN_BACKBONE), options="model.supervised.options:PatchcoreHeadOptions"),
     "mutual": BuiltinFamily("model.mutual.detector", Capabilities(
         uses_references=True, score_scale="distance", scores_own_frames=True, **_OWN_BACKBONE),

@@ -165,11 +165,10 @@ def fit_head(detector: PatchcoreHeadDetector, references: torch.Tensor | Sequenc
                                  normals=normals)
         buckets, counts = inputs, inputs.counts
     else:
-        from model.supervised.frames import check_geometry, frame_training_inputs, frames_of
+        from model.supervised.frames import as_batches, frame_training_inputs, frames_of
 
-        check_geometry(geometry)
         reference_frames = frames_of(references)
-        detector.set_references([frame.unsqueeze(0) for frame in reference_frames])
+        detector.set_references(as_batches(reference_frames))
         buckets, counts = frame_training_inputs(
             detector.patchcore, reference_frames, frames_of(anomalies), list(masks), has_mask,
             synthetic_per_reference=config.synthetic_per_reference, seed=config.seed,

@@ -5,8 +5,14 @@ Each frame is one model input of its own shape, so the frozen training items are
 shape (`train_head` draws its mini-batches over all of them). Everything else is the square path's
 (model/supervised/training.py): references scored leave-one-out, labelled defects with their masks cut and
 resized exactly as their frames are, labelled normals, synthetic defects made on the references' own (rectangular)
-inputs. Tiles are not supported: a tile of a defective frame need not show the defect, so the frame's label would
-be wrong on it.
+inputs.
+
+Under "tile" (and "auto" on a long frame) a frame is several inputs, (T, 3, S, S), and its mask (T, S, S) is cut as
+the frame is. A tile of a defective frame need not show the defect, so a frame's label does not pass to its tiles
+as it stands: with a mask each tile is labelled by its own part of the mask (a tile without a masked pixel trains as
+normal); with the image label only, the frame's most anomalous tile under PatchCore (the largest cell distance)
+trains as the defect and its other tiles are left out (multiple-instance learning, max instance); every tile of a
+normal frame is normal. References are scored leave-one-out by frame: all of a reference's tiles leave the bank.
 """
 
 from __future__ import annotations
@@ -18,25 +24,22 @@ import numpy as np
 import torch
 
 from model.datasets import Sample
-from model.geometry import Geometry, GeometryError, frame_inputs, plan_frame
+from model.geometry import Geometry, frame_inputs, plan_frame
 from model.patchcore import PatchCoreDetector, PatchcoreModel, clip_to_tf, nearest_neighbor
 from model.supervised.training import HeadInputs, to_rgb
 
 Frames = list[torch.Tensor]  # normalised model inputs (3, h, w), each of its own shape
 
 
-def check_geometry(geometry: Geometry) -> None:
-    if geometry.may_tile:
-        raise GeometryError(f"patchcore-head trains on one input per frame: resize squash or fit, not "
-                            f"{geometry.resize} (a tile of a defective frame need not show the defect)")
-
-
 def load_frame(path: str | Path, geometry: Geometry, size: int) -> torch.Tensor:
-    """The frame's model input (3, h, w) under `geometry` (one input: squash or fit, with its ROI)."""
+    """The frame's model input (3, h, w) under `geometry`, or its tiles (T, 3, S, S) when it is cut into several."""
     from model.preprocess import decode_image
 
-    check_geometry(geometry)
-    return frame_inputs(decode_image(path), geometry, size)[0]
+    return one_or_tiles(frame_inputs(decode_image(path), geometry, size))
+
+
+def one_or_tiles(inputs: torch.Tensor) -> torch.Tensor:
+    return inputs[0] if inputs.shape[0] == 1 else inputs
 
 
 def load_frame_mask(sample: Sample, geometry: Geometry, size: int, frame_hw: tuple[int, int]) -> torch.Tensor:
@@ -46,7 +49,8 @@ def load_frame_mask(sample: Sample, geometry: Geometry, size: int, frame_hw: tup
 
     plan = plan_frame(frame_hw, geometry, size)
     if sample.label == 0 or not sample.has_mask or sample.mask_path is None:
-        return torch.zeros(plan.input_hw, dtype=torch.float32)
+        zeros = torch.zeros((len(plan.origins), *plan.input_hw), dtype=torch.float32)
+        return one_or_tiles(zeros)
     array = np.asarray(Image.open(sample.mask_path).convert("L"))
     if array.shape != tuple(frame_hw):
         raise ValueError(f"{sample.mask_path}: mask is {array.shape[1]}x{array.shape[0]} but its image "
@@ -54,22 +58,27 @@ def load_frame_mask(sample: Sample, geometry: Geometry, size: int, frame_hw: tup
     x, y, w, h = plan.roi
     binary = Image.fromarray((array[y:y + h, x:x + w] > 0).astype(np.uint8) * 255, mode="L")
     resized = np.asarray(binary.resize((plan.scaled[1], plan.scaled[0]), Image.Resampling.BILINEAR), np.float32)
-    return torch.from_numpy((resized / 255.0 > 0.5).astype(np.float32))
+    scaled = (resized / 255.0 > 0.5).astype(np.float32)
+    if plan.padded is not None and plan.padded != plan.scaled:  # as `cut_frame` pads the frame
+        scaled = np.pad(scaled, ((0, plan.padded[0] - plan.scaled[0]), (0, plan.padded[1] - plan.scaled[1])),
+                        mode="symmetric")
+    th, tw = plan.input_hw
+    return one_or_tiles(torch.from_numpy(np.stack([scaled[oy:oy + th, ox:ox + tw] for oy, ox in plan.origins])))
 
 
 def load_training_frames_geometry(samples: Sequence[Sample], geometry: Geometry, size: int, *, weak: bool
                                   ) -> tuple[Frames, Frames, torch.Tensor]:
-    """(inputs [(3, h, w)], masks [(h, w)], has_mask (N,)) of labelled defective samples; `weak`: no masks."""
+    """(inputs [(3, h, w) or tiles (T, 3, S, S)], masks [(h, w) or (T, S, S)], has_mask (N,)) of labelled
+    defective samples; `weak`: no masks."""
     from model.preprocess import decode_image
 
-    check_geometry(geometry)
     images, masks = [], []
     has_mask = torch.tensor([(not weak) and s.has_mask for s in samples], dtype=torch.bool)
     for sample, masked in zip(samples, has_mask, strict=True):
         rgb = decode_image(sample.path)
-        images.append(frame_inputs(rgb, geometry, size)[0])
+        images.append(one_or_tiles(frame_inputs(rgb, geometry, size)))
         masks.append(load_frame_mask(sample, geometry, size, rgb.shape[:2]) if bool(masked)
-                     else torch.zeros(images[-1].shape[-2:]))
+                     else torch.zeros(images[-1].shape[:-3] + images[-1].shape[-2:]))
     return images, masks, has_mask
 
 
@@ -99,12 +108,16 @@ def frame_bank_distances(detector: PatchCoreDetector, embeddings: Sequence[torch
 
 @torch.no_grad()
 def frame_leave_one_out(reference_embeddings: Sequence[torch.Tensor], embeddings: Sequence[torch.Tensor],
-                        owners: Sequence[int]) -> Frames:
-    """(h, w) per embedding: its cells' distances to the rows of every reference but `owners[i]`."""
+                        owners: Sequence[int], groups: Sequence[int] | None = None) -> Frames:
+    """(h, w) per embedding: its cells' distances to the rows of every reference but those of `owners[i]`: the
+    reference embeddings whose `groups` entry (their frame, when a frame is several tiles; default: each its own)
+    is the owner."""
     rows = [PatchcoreModel.flatten(e.unsqueeze(0)) for e in reference_embeddings]
+    groups = list(range(len(rows))) if groups is None else list(groups)
     out: list[torch.Tensor | None] = [None] * len(embeddings)
     for owner in sorted(set(owners)):
-        bank = torch.cat([r for j, r in enumerate(rows) if j != owner]) if len(rows) > 1 else rows[0]
+        others = [r for r, group in zip(rows, groups, strict=True) if group != owner]
+        bank = torch.cat(others) if others else rows[0]
         which = [i for i, o in enumerate(owners) if o == owner]
         queries = torch.cat([PatchcoreModel.flatten(embeddings[i].unsqueeze(0)) for i in which])
         distances, _ = nearest_neighbor(queries, bank)
@@ -226,51 +239,91 @@ def frame_training_items(detector: PatchCoreDetector, references: Sequence[torch
                          normals: Sequence[torch.Tensor] | None = None, thin_per_reference: int = 0
                          ) -> tuple[FrameItems, dict[str, int]]:
     """The items of `frame_training_inputs` as flat lists, in training order (references, synthetic defects,
-    labelled defects, labelled normals), before they are grouped by grid shape."""
-    ref_embeddings = embed_frames(detector, references)
+    labelled defects, labelled normals), before they are grouped by grid shape. A frame of several inputs (tiles,
+    (T, 3, S, S)) gives one item per tile, labelled as the module docstring says."""
+    reference_inputs, reference_frames = expand(references)
+    ref_embeddings = embed_frames(detector, reference_inputs)
     k = len(ref_embeddings)
     embeddings = list(ref_embeddings)
-    distances = frame_leave_one_out(ref_embeddings, ref_embeddings, list(range(k)))
+    distances = frame_leave_one_out(ref_embeddings, ref_embeddings, reference_frames, reference_frames)
     labels, targets = [0.0] * k, [torch.zeros(e.shape[-2:]) for e in ref_embeddings]
     masked, real = [True] * k, [True] * k
     counts = {"normal": k}
-    images, synthetic_masks, owners = frame_synthetic_defects(references, synthetic_per_reference, seed)
-    thin_images, thin_masks, thin_owners = frame_thin_defects(references, thin_per_reference, seed)
+    images, synthetic_masks, owners = frame_synthetic_defects(reference_inputs, synthetic_per_reference, seed)
+    thin_images, thin_masks, thin_owners = frame_thin_defects(reference_inputs, thin_per_reference, seed)
     images, synthetic_masks, owners = images + thin_images, synthetic_masks + thin_masks, owners + thin_owners
     if owners:
         synthetic = embed_frames(detector, images)
         embeddings += synthetic
-        distances += frame_leave_one_out(ref_embeddings, synthetic, owners)
+        distances += frame_leave_one_out(ref_embeddings, synthetic, [reference_frames[o] for o in owners],
+                                         reference_frames)
         labels += [1.0] * len(owners)
         targets += [frame_targets(m, tuple(e.shape[-2:])) for m, e in zip(synthetic_masks, synthetic, strict=True)]
         masked += [True] * len(owners)
         real += [False] * len(owners)
         counts["synthetic"] = len(owners)
     if len(anomalies):
-        found = embed_frames(detector, anomalies)
-        embeddings += found
-        distances += frame_bank_distances(detector, found)
-        labels += [1.0] * len(found)
-        targets += [frame_targets(m, tuple(e.shape[-2:])) for m, e in zip(masks, found, strict=True)]
-        masked += [bool(m) for m in has_mask]
-        real += [True] * len(found)
+        inputs, frames = expand(anomalies)
+        tile_masks, _ = expand(masks, like=anomalies)
+        found = embed_frames(detector, inputs)
+        found_distances = frame_bank_distances(detector, found)
+        tiled = len(inputs) > len(anomalies)
+        # image label only, on a tiled frame: its most anomalous tile under PatchCore is the defect (max instance)
+        strongest: dict[int, int] = {}
+        for i, frame in enumerate(frames):
+            if frame not in strongest or found_distances[i].max() > found_distances[strongest[frame]].max():
+                strongest[frame] = i
+        defect_tiles = 0
+        for i, frame in enumerate(frames):
+            with_mask = bool(has_mask[frame])
+            if tiled and not with_mask and strongest[frame] != i:
+                continue
+            label = float(bool(tile_masks[i].any())) if tiled and with_mask else 1.0
+            defect_tiles += int(label)
+            embeddings.append(found[i])
+            distances.append(found_distances[i])
+            labels.append(label)
+            targets.append(frame_targets(tile_masks[i], tuple(found[i].shape[-2:])))
+            masked.append(with_mask)
+            real.append(True)
         counts.update(anomalous_masked=int(has_mask.sum()), anomalous_weak=int((~has_mask.bool()).sum()))
+        if tiled:
+            counts["anomalous_tiles"] = defect_tiles
     if normals:
-        found = embed_frames(detector, normals)
+        inputs, _ = expand(normals)
+        found = embed_frames(detector, inputs)
         embeddings += found
         distances += frame_bank_distances(detector, found)
         labels += [0.0] * len(found)
         targets += [torch.zeros(e.shape[-2:]) for e in found]
         masked += [True] * len(found)
         real += [True] * len(found)
-        counts["normal_labelled"] = len(found)
+        counts["normal_labelled"] = len(normals)
     return (embeddings, distances, labels, targets, masked, real), counts
 
 
+def expand(frames: Sequence[torch.Tensor], like: Sequence[torch.Tensor] | None = None) -> tuple[Frames, list[int]]:
+    """Frames of one input (3, h, w) or of several tiles (T, 3, S, S) → (one entry per input, the index of the frame
+    each came from). With `like` (the frames), their masks (h, w) / (T, S, S) are split the same way."""
+    inputs, owners = [], []
+    for index, frame in enumerate(frames):
+        shape_of = like[index] if like is not None else frame
+        parts = list(frame) if shape_of.ndim == 4 else [frame]
+        inputs += parts
+        owners += [index] * len(parts)
+    return inputs, owners
+
+
+def as_batches(frames: Sequence[torch.Tensor]) -> Frames:
+    """Each frame's inputs as one (N, 3, h, w) batch, as PatchCore's `set_references` takes a geometry's frames."""
+    return [frame if frame.ndim == 4 else frame.unsqueeze(0) for frame in frames]
+
+
 def frames_of(images: torch.Tensor | Sequence[torch.Tensor]) -> Frames:
-    """A (N, 3, h, w) batch or a list of (3, h, w) / (1, 3, h, w) inputs → a list of (3, h, w)."""
-    return [image[0] if image.ndim == 4 else image for image in images]
+    """A (N, 3, h, w) batch or a list of (3, h, w) / (1, 3, h, w) inputs → a list of (3, h, w); a frame of several
+    tiles (T, 3, S, S) stays one entry."""
+    return [image[0] if image.ndim == 4 and image.shape[0] == 1 else image for image in images]
 
 
-__all__ = ["check_geometry", "embed_frames", "frame_training_inputs", "frames_of", "load_frame",
+__all__ = ["as_batches", "embed_frames", "expand", "frame_training_inputs", "frames_of", "load_frame",
            "load_frame_mask", "load_training_frames_geometry"]

@@ -61,12 +61,17 @@ def _source_items(detector: PatchcoreHeadDetector, references: Sequence[Path], l
         return [training_inputs(detector.patchcore, refs, anomalies, masks, has_mask,
                                 synthetic_per_reference=synthetic_per_reference, seed=seed,
                                 normals=images(normals, size) if normals else None)]
-    from model.supervised.frames import frame_training_inputs, load_frame, load_training_frames_geometry
+    from model.supervised.frames import (
+        as_batches,
+        frame_training_inputs,
+        load_frame,
+        load_training_frames_geometry,
+    )
 
     geometry = detector.geometry
     reference_frames = [load_frame(p, geometry, size) for p in references]
     frames, masks, has_mask = load_training_frames_geometry(anomalous, geometry, size, weak=False)
-    detector.set_references([frame.unsqueeze(0) for frame in reference_frames])
+    detector.set_references(as_batches(reference_frames))
     buckets, counts = frame_training_inputs(
         detector.patchcore, reference_frames, frames, masks, has_mask,
         synthetic_per_reference=synthetic_per_reference, seed=seed,

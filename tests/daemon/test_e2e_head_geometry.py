@@ -2,10 +2,10 @@
 ../shared, linked, never copied: its frames have hundreds of different sizes and aspect ratios) retrains a
 patchcore-head on its own geometry. Labels arrive through the HTTP API (defects with masks and without, good frames
 labelled normal); the retraining job trains and judges on the frames cut as the daemon cuts them (each frame's own
-shape, the masks cut the same way); the head is promoted (rule "always": see _settings) and misses no more
-held-out defects than PatchCore at the calibrated thresholds (in most runs far fewer); it is built for the source with that geometry, and
-its inspections come back through it with maps in the frame's own pixels. `tile` with a head is a configuration
-error naming the key."""
+shape, the masks cut the same way); the head is promoted (rule "always": see _settings) after both models were
+judged on the same held-out frames at their calibrated thresholds (in most runs it misses far fewer); it is built
+for the source with that geometry, and its inspections come back through it with maps in the frame's own pixels.
+`tile` and `auto` with a head are accepted (the head's tiles: tests/model/test_supervised_tile.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from adapters.db import Inspection
-from daemon.config.settings import ConfigError, load_config
+from daemon.config.settings import load_config
 from daemon.process.service import Service
 from tests.daemon.test_e2e_head_retraining import label_through_api, retrain_through_api
 from tests.waiting import wait_until
@@ -60,12 +60,12 @@ def _link(files: list[Path], folder: Path, prefix: str = "") -> None:
         (folder / f"{prefix}{file.name}").symlink_to(file.resolve())
 
 
-def _settings(tmp_path: Path, **model):
+def _settings(tmp_path: Path, resize: str = "fit", **model):
     return load_config(None, environ={}, overrides={
         "model": {"name": "patchcore", "references": str(tmp_path / "references"), "image_size": SIZE, **model},
         "runtime": {"device": "cpu", "max_batch_delay_ms": 20, "shutdown_grace_s": 20, "max_batch_size": 8},
         "sources": [{"id": SOURCE, "kind": "folder", "uri": str(tmp_path / "inbox"), "settle_s": 0.05,
-                     "poll_interval_s": 0.05, "resize": "fit"}],
+                     "poll_interval_s": 0.05, "resize": resize}],
         # rule "always": the held-out split follows the inspections' random uuids, and on a few held-out frames of
         # a hard category the strict gate passed 5 runs of 7 (it refused on one extra false alarm or AUROC); what
         # the gate proves on real labels is tests/daemon/test_e2e_head_retraining.py's, here the geometry, and the
@@ -77,7 +77,9 @@ def _settings(tmp_path: Path, **model):
     })
 
 
-def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tmp_path):
+# auto: at 128 px, the frames of 2:1 and 256 px or more are tiles of their short side, the others squashed
+@pytest.mark.parametrize("resize", ["fit", "auto"])
+def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tmp_path, resize):
     from daemon.api import routers
     from daemon.api.app import create_app
     from model.supervised.detector import HeadCheckpoint
@@ -86,12 +88,12 @@ def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tm
     references, normals, fresh_good = good[:8], good[8:18], good[18:22]  # held-out normals judge the gate
     _link(references, tmp_path / "references")
     (tmp_path / "inbox").mkdir()
-    service = Service(_settings(tmp_path), serve_http=False)
+    service = Service(_settings(tmp_path, resize), serve_http=False)
     started = time.monotonic()
     service.start()
     try:
         first_version = service.references.states[SOURCE].version
-        assert first_version.startswith("patchcore-") and "-fit" in first_version, first_version
+        assert first_version.startswith("patchcore-") and f"-{resize}" in first_version, first_version
         _link(normals + defective[:N_DEFECTIVE], tmp_path / "inbox")
 
         def rows() -> dict[str, Inspection]:
@@ -113,7 +115,7 @@ def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tm
         assert candidate.kind == "patchcore-head" and run.promoted and candidate.status == "active", run.log
         # the job trained and judged the source on its own geometry
         job = json.loads((tmp_path / "artifacts" / "models" / "runs" / str(run.id) / "job.json").read_text())
-        assert job["geometry"][SOURCE]["resize"] == "fit"
+        assert job["geometry"][SOURCE]["resize"] == resize
         # judged through it, both models at their own calibrated thresholds for the source, on the same held-out
         # defects and normals. Who wins is not asserted: the split follows the inspections' random uuids and holds
         # 2-17 defects (measured in 11 runs, the head missed 1/11, 5/15, 4/8, 6/15, 3/7, 3/5, 1/2, 16/17, 8/11, 9/9
@@ -125,14 +127,14 @@ def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tm
         assert set(candidate_point["thresholds"]) == set(active_point["thresholds"]) == {SOURCE}
         assert 0.5 <= candidate_point["thresholds"][SOURCE] < 1.0  # the head's threshold floor is its boundary
         assert 0 <= candidate_point["missed"] <= candidate_point["defects"]
-        # trained on the fit geometry: the checkpoint says so, and a squash detector would refuse it
-        assert HeadCheckpoint.load(candidate.prompts_path).metadata["geometry"] == "fit"
+        # trained on the source's geometry: the checkpoint says so, and a squash detector would refuse it
+        assert HeadCheckpoint.load(candidate.prompts_path).metadata["geometry"].split("-")[0] == resize
 
-        # hot swap: the source's head is built with the source's geometry (its version carries the fit tag)
+        # hot swap: the source's head is built with the source's geometry (its version carries its tag)
         assert wait_until(lambda: str(service.references.states[SOURCE].version).startswith("patchcore-head-"),
                           timeout=120)
         head_version = service.references.states[SOURCE].version
-        assert "-fit" in head_version, head_version
+        assert f"-{resize}" in head_version, head_version
         fresh = defective[N_DEFECTIVE:N_DEFECTIVE + 4] + fresh_good
         _link(fresh, tmp_path / "inbox", prefix="again-")
         assert wait_until(lambda: len(rows()) == first + len(fresh), timeout=120)
@@ -145,21 +147,18 @@ def test_fit_source_retrains_and_runs_a_head_on_its_own_geometry(samples_dir, tm
             assert Image.open(artifacts / row.heatmap_path).size == (width, height)  # the map in frame pixels
             assert 0.0 <= row.score <= 1.0
         scores = {name: round(r.score, 3) for name, r in after.items() if name.startswith("again-")}
-        print(f"head on fit: {scores}; {time.monotonic() - started:.0f} s")
+        print(f"head on {resize}: {scores}; {time.monotonic() - started:.0f} s")
     finally:
         service.stop()
 
 
 @pytest.mark.parametrize("resize", ["tile", "auto"])  # auto tiles long frames
-def test_tile_with_a_head_is_a_config_error(resize: str):
-    with pytest.raises(ConfigError, match=rf"resize = \"{resize}\" is not supported by model 'patchcore-head'"):
-        load_config(None, environ={}, overrides={"model": {"name": "patchcore-head", "resize": resize}})
-    # a PatchCore daemon whose retraining trains a head: refused too, naming why
-    with pytest.raises(ConfigError, match=rf"resize = \"{resize}\".*its \[retraining\] trains a patchcore-head"):
-        load_config(None, environ={}, overrides={"model": {"name": "patchcore"}, "retraining": {"enabled": True},
-                                                 "sources": [{"id": "a", "kind": "folder", "uri": "/tmp/x",
-                                                              "resize": resize}]})
-    # without retraining, PatchCore runs it
-    assert load_config(None, environ={}, overrides={"model": {"name": "patchcore", "resize": resize}})
+def test_tile_with_a_head_is_accepted(resize: str):
+    """A head labels tiles itself (model/supervised/frames.py), so tile and auto run with it, and with a PatchCore
+    daemon whose retraining trains one."""
+    assert load_config(None, environ={}, overrides={"model": {"name": "patchcore-head", "resize": resize}})
+    assert load_config(None, environ={}, overrides={
+        "model": {"name": "patchcore"}, "retraining": {"enabled": True},
+        "sources": [{"id": "a", "kind": "folder", "uri": "/tmp/x", "resize": resize}]})
     # fit is accepted for the head
     assert load_config(None, environ={}, overrides={"model": {"name": "patchcore-head", "resize": "fit"}})

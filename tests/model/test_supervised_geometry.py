@@ -13,7 +13,7 @@ import torch
 from model import create_detector
 from model.checkpoints import CheckpointError
 from model.datasets import discover
-from model.geometry import GeometryError, make_geometry
+from model.geometry import make_geometry
 from model.preprocess import decode_image
 from model.supervised import HeadTrainingConfig, PatchcoreHeadDetector, fit_head
 from model.supervised.frames import frame_training_inputs, load_frame, load_training_frames_geometry
@@ -90,14 +90,6 @@ def test_head_trains_and_predicts_on_fit_frames_of_their_own_sizes(tiles: dict[s
     assert square.maps.shape[-2:] == references[0].shape[-2:]
 
 
-def test_tile_geometry_is_refused_with_a_clear_error() -> None:
-    detector = create_detector("patchcore-head", references_later=True, image_size=64, device="cpu",
-                               geometry=make_geometry("tile"))
-    frames = [torch.zeros(3, 64, 64), torch.zeros(3, 64, 64)]
-    with pytest.raises(GeometryError, match="squash or fit, not tile"):
-        fit_head(detector, frames, [], [], torch.zeros(0, dtype=torch.bool), FAST)
-
-
 def mini_category(samples_dir: Path, root: Path, normals: int, defects: int) -> Path:
     """A dataset folder of links to the first magnetic_tile frames (by name): good ones and cracks with masks."""
     source = samples_dir / "magnetic_tile"
@@ -163,7 +155,7 @@ def test_thin_crack_changes_only_a_thin_line_and_masks_it() -> None:
 def test_train_resize_fit_trains_a_fit_head(samples_dir: Path, tmp_path: Path, capsys) -> None:
     """`anomalyd train --model patchcore-head --resize fit`: the head trains on each frame at its own aspect ratio
     (the checkpoint records fit), a fit detector takes it and scores frames of their own sizes; a squash detector
-    refuses it, and `--resize tile` is a usage error naming the option."""
+    refuses it (tiles: tests/model/test_supervised_tile.py)."""
     from daemon.cli import main
 
     data = mini_category(samples_dir, tmp_path / "data", normals=6, defects=3)
@@ -184,10 +176,4 @@ def test_train_resize_fit_trains_a_fit_head(samples_dir: Path, tmp_path: Path, c
     assert [m.shape for m in maps] == [f.shape[:2] for f in frames] and np.all((scores >= 0) & (scores <= 1))
     with pytest.raises(CheckpointError, match="trained on resize 'fit'"):
         create_detector("patchcore-head", head=output, references_later=True, image_size=SIZE, device="cpu")
-    with pytest.raises(SystemExit) as exited:
-        main([*common, "--output", str(tmp_path / "tile.safetensors"), "--resize", "tile"])
-    assert exited.value.code == 2 and "--resize tile: model patchcore-head" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exited:  # auto tiles long frames: refused alike
-        main([*common, "--output", str(tmp_path / "tile.safetensors"), "--resize", "auto"])
-    assert exited.value.code == 2 and "--resize auto: model patchcore-head" in capsys.readouterr().err
-    assert not (tmp_path / "tile.safetensors").exists()
+
