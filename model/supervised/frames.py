@@ -39,6 +39,7 @@ def load_frame(path: str | Path, geometry: Geometry, size: int) -> torch.Tensor:
 
 
 def one_or_tiles(inputs: torch.Tensor) -> torch.Tensor:
+    """A frame's (N, ...) inputs or masks: the one entry when N is 1 (squash, fit), else all N (tiles)."""
     return inputs[0] if inputs.shape[0] == 1 else inputs
 
 
