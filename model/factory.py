@@ -84,9 +84,6 @@ class Capabilities:
     # It runs on any frame shape in PyTorch: resize "fit"/"tile"/"pad", ROI and ignore polygons (model/geometry.py);
     # the others take whole frames squashed to a square.
     supports_geometry: bool = False
-    # With supports_geometry: it also runs resize "tile" (and "auto", which tiles long frames). A family trained on
-    # frame labels declares it only when it labels tiles itself (patchcore-head: model/supervised/frames.py).
-    supports_tile: bool = True
     score_scale: ScoreScale = "unit"
     needs_class_name: bool = False  # its text prompts name the object, so it cannot run or train without one
     clip_backbone: bool = True  # takes the common CLIP options (--backbone an open_clip name, --layers, 518 px)

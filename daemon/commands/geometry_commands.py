@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.commands.context import config_argument, current_user, database, load_settings, usage
-from daemon.commands.geometry_options import RESIZE_MODES, parse_polygon, parse_roi
+from daemon.commands.geometry_options import parse_polygon, parse_roi
 
 
 def _source(settings: Any, source_id: str) -> str:
@@ -236,6 +236,8 @@ def _through_api(args: argparse.Namespace, base: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from model.geometry import RESIZE_MODES
+
     parser = subparsers.add_parser("geometry", help="a source's frame geometry (ROI, ignore polygons, resize): "
                                    "show, history, set, reset")
     commands = parser.add_subparsers(dest="geometry_command", metavar="ACTION")

@@ -10,12 +10,10 @@ from typing import Any
 
 from daemon.cli import UsageError
 
-# model/geometry.py's RESIZE_MODES, spelled here so parsing the command line imports no model code
-RESIZE_MODES = ("squash", "fit", "tile", "auto")
-
 
 def add_geometry_options(parser: argparse.ArgumentParser) -> None:
     from model.factory import models_that
+    from model.geometry import RESIZE_MODES
 
     able = ", ".join(models_that(lambda caps: caps.supports_geometry))  # read without loading the families
     geometry = parser.add_argument_group(f"frame geometry ({able}; as [model] / [[sources]] resize, roi, "

@@ -177,9 +177,6 @@ def model_options(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
     caps = get_family(name).caps
     if not caps.clip_backbone:
-        if getattr(args, "resize", None) in ("tile", "auto") and not caps.supports_tile:
-            raise UsageError(f"--resize {args.resize}: model {name} is trained on one input per frame (a tile of a "
-                             "defective frame need not show the defect); use --resize fit or squash")
         return {**own_backbone_options(args), **family_options(args, name)}
     if not geometry_option(args).plain:
         able = " or ".join(f"--model {m}" for m in models_that(lambda c: c.supports_geometry))

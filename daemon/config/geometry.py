@@ -90,40 +90,10 @@ def unsupported(settings: Any, geometry: Geometry) -> str | None:
         able = models_that(lambda c: c.supports_geometry)
         return (f"resize {geometry.resize!r}, roi and ignore_polygons need model {' or '.join(able)}; "
                 f"model {settings.model.name!r} takes whole frames squashed (resize = \"squash\", no roi/ignore_polygons)")
-    if geometry.may_tile:
-        why = _refuses_tile(settings, geometry.resize)
-        if why is not None:
-            return why
     engine = str(getattr(settings.runtime, "engine", "torch"))
     if engine != "torch":
         return (f"resize {geometry.resize!r}, roi and ignore_polygons need [runtime].engine = "
                 f"\"torch\" (engine {engine!r} runs a fixed square export)")
-    return None
-
-
-def _refuses_tile(settings: Any, resize: str = "tile") -> str | None:
-    """Why resize "tile" (or "auto", which tiles long frames) cannot run: the model, or the family its enabled
-    retraining trains (a head for PatchCore), does not run tiles (`Capabilities.supports_tile`); None when both do."""
-    name = str(settings.model.name)
-    families = [name]
-    retraining = getattr(settings, "retraining", None)
-    if retraining is not None and getattr(retraining, "enabled", False):
-        try:
-            trained = capabilities(name).retrains_as
-        except ValueError:
-            trained = None
-        if trained:
-            families.append(trained)
-    for family in families:
-        try:
-            tiles = capabilities(family).supports_tile
-        except ValueError:
-            continue
-        if not tiles:
-            via = "" if family == name else f" (its [retraining] trains a {family})"
-            return (f"resize = \"{resize}\" is not supported by model {family!r}{via}: it is trained on one input "
-                    "per frame (a tile of a defective frame need not show the defect); use resize = \"fit\" or "
-                    "\"squash\"")
     return None
 
 

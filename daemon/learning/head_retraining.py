@@ -134,11 +134,10 @@ class HeadTrainingSet:
 
     def _geometries(self, family: str, sources: set[str]) -> dict[str, dict[str, Any]]:
         """Each source's effective frame geometry (config or an operator's override) when the trained family runs
-        on it ({} when it takes squashed frames); RetrainError when a source's mode is one the family cannot train
-        on. Sources of different resize modes are fine: the family learns weights per mode (`_by_mode`)."""
+        on it ({} when it takes squashed frames); RetrainError naming a source's geometry that cannot be applied.
+        Sources of different resize modes are fine: the family learns weights per mode (`_by_mode`)."""
         from daemon.config.geometry import supports_geometry
         from daemon.references.geometry_overrides import effective_geometry
-        from model.factory import capabilities
 
         if not supports_geometry(family):
             return {}
@@ -146,11 +145,6 @@ class HeadTrainingSet:
             geometries = {s: effective_geometry(self.settings, s) for s in sorted(sources)}
         except ValueError as exc:
             raise RetrainError(str(exc)) from None
-        tiled = sorted(s for s, g in geometries.items() if g.may_tile)
-        if tiled and not capabilities(family).supports_tile:
-            modes = "/".join(sorted({geometries[s].resize for s in tiled}))
-            raise RetrainError(f"resize \"{modes}\" (source {', '.join(tiled)}): a {family} is trained on one "
-                               "input per frame; use \"fit\"")
         return {s: g.as_dict() for s, g in geometries.items()}
 
     @staticmethod
